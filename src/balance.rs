@@ -1,0 +1,243 @@
+//! Backend selection. `LoadView` is one core's picture of every backend (its own exact in-flight
+//! counts, the latest counts other cores reported, health); `Balancer` applies the configured
+//! strategy to it. Both are per-core and never shared: other cores' counts arrive as messages.
+
+use std::cell::{Cell, RefCell};
+
+use crate::config::Strategy;
+
+pub struct LoadView {
+    core: usize,
+    cores: usize,
+    /// `counts[backend * cores + core]`: in-flight requests of `core` on `backend`.
+    counts: Vec<Cell<u32>>,
+    totals: Vec<Cell<u32>>,
+    up: Vec<Cell<bool>>,
+}
+
+impl LoadView {
+    pub fn new(core: usize, cores: usize, backends: usize) -> Self {
+        LoadView {
+            core,
+            cores,
+            counts: (0..backends * cores).map(|_| Cell::new(0)).collect(),
+            totals: (0..backends).map(|_| Cell::new(0)).collect(),
+            up: (0..backends).map(|_| Cell::new(true)).collect(),
+        }
+    }
+
+    pub fn backends(&self) -> usize {
+        self.totals.len()
+    }
+
+    /// In-flight requests on `backend` across all cores, as far as this core knows.
+    pub fn load(&self, backend: usize) -> u32 {
+        self.totals[backend].get()
+    }
+
+    pub fn own(&self, backend: usize) -> u32 {
+        self.counts[backend * self.cores + self.core].get()
+    }
+
+    pub fn own_counts(&self) -> Vec<u32> {
+        (0..self.backends()).map(|b| self.own(b)).collect()
+    }
+
+    pub fn is_up(&self, backend: usize) -> bool {
+        self.up[backend].get()
+    }
+
+    pub fn set_up(&self, backend: usize, up: bool) {
+        if let Some(c) = self.up.get(backend) {
+            c.set(up);
+        }
+    }
+
+    /// Records `core`'s absolute count for `backend`; returns false for an unknown index.
+    pub fn set(&self, core: usize, backend: usize, in_flight: u32) -> bool {
+        if core >= self.cores || backend >= self.backends() {
+            return false;
+        }
+        let cell = &self.counts[backend * self.cores + core];
+        let total = &self.totals[backend];
+        total.set(total.get() - cell.get() + in_flight);
+        cell.set(in_flight);
+        true
+    }
+
+    /// Adjusts this core's own count and returns the new value (to broadcast).
+    pub fn add_own(&self, backend: usize, delta: i32) -> u32 {
+        let v = self.own(backend).saturating_add_signed(delta);
+        self.set(self.core, backend, v);
+        v
+    }
+}
+
+pub struct Balancer {
+    strategy: Strategy,
+    weights: Vec<u32>,
+    next: Cell<usize>,
+    /// Smooth weighted round robin state (nginx's `current_weight`).
+    current: RefCell<Vec<i64>>,
+}
+
+impl Balancer {
+    pub fn new(strategy: Strategy, weights: Vec<u32>) -> Self {
+        let n = weights.len();
+        Balancer {
+            strategy,
+            weights,
+            // Cores start at different offsets so they don't all hit backend 0 first.
+            next: Cell::new(fastrand::usize(..n.max(1))),
+            current: RefCell::new(vec![0; n]),
+        }
+    }
+
+    /// Picks one backend among those for which `eligible` is true.
+    pub fn pick(&self, view: &LoadView, eligible: impl Fn(usize) -> bool) -> Option<usize> {
+        match self.strategy {
+            Strategy::RoundRobin => self.round_robin(&eligible),
+            Strategy::WeightedRoundRobin => self.smooth_weighted(&eligible),
+            Strategy::LeastConnections => self.least_connections(view, &eligible),
+        }
+    }
+
+    fn round_robin(&self, eligible: &impl Fn(usize) -> bool) -> Option<usize> {
+        let n = self.weights.len();
+        let start = self.next.get();
+        for i in 0..n {
+            let b = (start + i) % n;
+            if eligible(b) {
+                self.next.set((b + 1) % n);
+                return Some(b);
+            }
+        }
+        None
+    }
+
+    /// Each pick adds every eligible backend's weight to its current value, takes the largest and
+    /// subtracts the total from it: weights 5:1 give a a a b a a ... interleaved, never bursts.
+    fn smooth_weighted(&self, eligible: &impl Fn(usize) -> bool) -> Option<usize> {
+        let mut current = self.current.borrow_mut();
+        let mut total = 0i64;
+        let mut best: Option<usize> = None;
+        for (b, w) in self.weights.iter().enumerate() {
+            if !eligible(b) {
+                continue;
+            }
+            let w = i64::from(*w);
+            current[b] += w;
+            total += w;
+            if best.is_none_or(|x| current[b] > current[x]) {
+                best = Some(b);
+            }
+        }
+        let b = best?;
+        current[b] -= total;
+        Some(b)
+    }
+
+    /// Lowest in-flight/weight across all cores; ties broken uniformly at random so that cores
+    /// picking at the same moment spread out instead of herding onto one backend.
+    fn least_connections(
+        &self,
+        view: &LoadView,
+        eligible: &impl Fn(usize) -> bool,
+    ) -> Option<usize> {
+        let mut best: Option<(usize, u64, u64)> = None; // (backend, load, weight)
+        let mut ties = 0u32;
+        for (b, w) in self.weights.iter().enumerate() {
+            if !eligible(b) {
+                continue;
+            }
+            let load = u64::from(view.load(b));
+            let w = u64::from(*w).max(1);
+            match best {
+                None => {
+                    best = Some((b, load, w));
+                    ties = 1;
+                }
+                Some((_, bl, bw)) => {
+                    // load/w < bl/bw without division.
+                    let lhs = load * bw;
+                    let rhs = bl * w;
+                    if lhs < rhs {
+                        best = Some((b, load, w));
+                        ties = 1;
+                    } else if lhs == rhs {
+                        ties += 1;
+                        if fastrand::u32(..ties) == 0 {
+                            best = Some((b, load, w));
+                        }
+                    }
+                }
+            }
+        }
+        best.map(|(b, _, _)| b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smooth_weighted_interleaves_exactly() {
+        let b = Balancer::new(Strategy::WeightedRoundRobin, vec![5, 1]);
+        let view = LoadView::new(0, 1, 2);
+        let picks: Vec<usize> = (0..12).map(|_| b.pick(&view, |_| true).unwrap()).collect();
+        assert_eq!(picks.iter().filter(|&&p| p == 0).count(), 10);
+        // Never more than 5 in a row for the heavy one, and the light one is spread out.
+        assert_eq!(picks[..6].iter().filter(|&&p| p == 1).count(), 1);
+        assert_eq!(picks[6..].iter().filter(|&&p| p == 1).count(), 1);
+    }
+
+    #[test]
+    fn round_robin_skips_ineligible() {
+        let b = Balancer::new(Strategy::RoundRobin, vec![1, 1, 1]);
+        let view = LoadView::new(0, 1, 3);
+        let picks: Vec<usize> = (0..6).map(|_| b.pick(&view, |i| i != 1).unwrap()).collect();
+        assert!(!picks.contains(&1));
+        assert_eq!(picks.iter().filter(|&&p| p == 0).count(), 3);
+        assert_eq!(b.pick(&view, |_| false), None);
+    }
+
+    #[test]
+    fn least_connections_uses_all_cores_and_weights() {
+        let view = LoadView::new(0, 2, 2);
+        view.set(1, 0, 3); // another core holds 3 on backend 0
+        view.add_own(1, 1);
+        let b = Balancer::new(Strategy::LeastConnections, vec![1, 1]);
+        for _ in 0..10 {
+            assert_eq!(b.pick(&view, |_| true), Some(1));
+        }
+        // With weight 4, backend 0 at 3 in flight (0.75) beats backend 1 at 1 (1.0).
+        let b = Balancer::new(Strategy::LeastConnections, vec![4, 1]);
+        assert_eq!(b.pick(&view, |_| true), Some(0));
+    }
+
+    #[test]
+    fn least_connections_breaks_ties_randomly() {
+        let view = LoadView::new(0, 1, 3);
+        let b = Balancer::new(Strategy::LeastConnections, vec![1, 1, 1]);
+        let mut seen = [0; 3];
+        for _ in 0..300 {
+            seen[b.pick(&view, |_| true).unwrap()] += 1;
+        }
+        assert!(seen.iter().all(|&n| n > 50), "{seen:?}");
+    }
+
+    #[test]
+    fn load_view_totals_follow_absolute_updates() {
+        let view = LoadView::new(0, 3, 1);
+        view.set(1, 0, 5);
+        view.set(2, 0, 2);
+        view.add_own(0, 1);
+        assert_eq!(view.load(0), 8);
+        view.set(1, 0, 0);
+        assert_eq!(view.load(0), 3);
+        view.add_own(0, -1);
+        assert_eq!(view.load(0), 2);
+        assert!(!view.set(7, 0, 1));
+    }
+}

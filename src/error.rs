@@ -1,0 +1,160 @@
+//! The one error taxonomy of the request path. Every failure the proxy itself produces is a
+//! `ProxyError`; its status, OpenAI-style body, whether another backend may be tried, and whether
+//! the client connection must be closed are data here, not decisions scattered through the code.
+
+use std::fmt::Write;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("request head larger than {0} bytes")]
+    HeadTooLarge(usize),
+    #[error("request body larger than {0} bytes")]
+    BodyTooLarge(u64),
+    #[error("timed out reading the request")]
+    RequestReadTimeout,
+    #[error("the model `{0}` does not exist")]
+    UnknownModel(String),
+    #[error("no route for {0}")]
+    NotFound(String),
+    #[error("no healthy backend available")]
+    NoHealthyBackend,
+    #[error("server is shutting down")]
+    Draining,
+    #[error("upstream connect failed: {0}")]
+    UpstreamConnect(std::io::Error),
+    #[error("upstream connect timed out")]
+    UpstreamConnectTimeout,
+    /// The connection failed before any response byte arrived (reset, EOF, write error).
+    #[error("upstream closed the connection before responding: {0}")]
+    UpstreamClosed(String),
+    #[error("upstream did not respond within {0:?}")]
+    FirstByteTimeout(std::time::Duration),
+    #[error("upstream sent an invalid response: {0}")]
+    UpstreamProtocol(String),
+    /// Every backend tried answered 502/503 and no other was left.
+    #[error("upstream answered {0}")]
+    UpstreamStatus(u16),
+    #[error("request exceeded the total time limit")]
+    RequestTimeout,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ProxyError {
+    pub fn status(&self) -> u16 {
+        use ProxyError::*;
+        match self {
+            BadRequest(_) => 400,
+            HeadTooLarge(_) => 431,
+            BodyTooLarge(_) => 413,
+            RequestReadTimeout => 408,
+            UnknownModel(_) | NotFound(_) => 404,
+            NoHealthyBackend | Draining => 503,
+            UpstreamConnect(_) | UpstreamClosed(_) | UpstreamProtocol(_) | UpstreamStatus(_) => 502,
+            UpstreamConnectTimeout | FirstByteTimeout(_) | RequestTimeout => 504,
+            Internal(_) => 500,
+        }
+    }
+
+    /// OpenAI's `error.type`.
+    pub fn kind(&self) -> &'static str {
+        use ProxyError::*;
+        match self {
+            BadRequest(_) | HeadTooLarge(_) | BodyTooLarge(_) | RequestReadTimeout
+            | UnknownModel(_) | NotFound(_) => "invalid_request_error",
+            NoHealthyBackend | Draining => "service_unavailable",
+            _ => "server_error",
+        }
+    }
+
+    /// OpenAI's `error.code`, stable for clients and tests.
+    pub fn code(&self) -> &'static str {
+        use ProxyError::*;
+        match self {
+            BadRequest(_) => "bad_request",
+            HeadTooLarge(_) => "headers_too_large",
+            BodyTooLarge(_) => "body_too_large",
+            RequestReadTimeout => "request_timeout",
+            UnknownModel(_) => "model_not_found",
+            NotFound(_) => "not_found",
+            NoHealthyBackend => "no_healthy_backend",
+            Draining => "shutting_down",
+            UpstreamConnect(_) => "upstream_connect_error",
+            UpstreamConnectTimeout => "upstream_connect_timeout",
+            UpstreamClosed(_) => "upstream_closed",
+            FirstByteTimeout(_) => "upstream_timeout",
+            UpstreamProtocol(_) => "upstream_protocol_error",
+            UpstreamStatus(_) => "upstream_unavailable",
+            RequestTimeout => "request_timeout",
+            Internal(_) => "internal_error",
+        }
+    }
+
+    /// May the request be sent to another backend? Only failures where the backend cannot have
+    /// started work we would bill twice for, or that tell us it is not working at all.
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::UpstreamConnect(_)
+                | ProxyError::UpstreamConnectTimeout
+                | ProxyError::UpstreamClosed(_)
+        )
+    }
+
+    /// Does this error mean the backend is unreachable (passive health signal)?
+    pub fn backend_unreachable(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::UpstreamConnect(_) | ProxyError::UpstreamConnectTimeout
+        )
+    }
+
+    /// Errors in the request framing leave the connection in an unknown state: close it.
+    pub fn closes_connection(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::BadRequest(_)
+                | ProxyError::HeadTooLarge(_)
+                | ProxyError::BodyTooLarge(_)
+                | ProxyError::RequestReadTimeout
+        )
+    }
+
+    /// `{"error": {"message", "type", "code"}}`.
+    pub fn body(&self) -> Vec<u8> {
+        error_body(&self.to_string(), self.kind(), self.code())
+    }
+}
+
+pub fn error_body(message: &str, kind: &str, code: &str) -> Vec<u8> {
+    let v = serde_json::json!({
+        "error": { "message": message, "type": kind, "code": code, "param": null }
+    });
+    let mut s = v.to_string();
+    let _ = s.write_char('\n');
+    s.into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_is_openai_shaped_and_escaped() {
+        let e = ProxyError::UnknownModel("x\"y".into());
+        assert_eq!(e.status(), 404);
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(v["error"]["code"], "model_not_found");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert!(v["error"]["message"].as_str().unwrap().contains("x\"y"));
+    }
+
+    #[test]
+    fn retry_rules() {
+        assert!(ProxyError::UpstreamConnectTimeout.retryable());
+        assert!(!ProxyError::FirstByteTimeout(std::time::Duration::from_secs(1)).retryable());
+        assert!(!ProxyError::BadRequest("x".into()).retryable());
+    }
+}

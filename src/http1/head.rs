@@ -1,0 +1,371 @@
+//! Request and response heads parsed with `httparse`, kept as ranges into the bytes they came from
+//! so no header is copied. Body framing is decided here, strictly: anything a smuggling attack
+//! could exploit (both Content-Length and Transfer-Encoding, conflicting lengths, unknown codings)
+//! is an error, never a guess.
+
+use std::ops::Range;
+
+use bytes::Bytes;
+
+/// Most heads seen in practice have < 30 headers; more than this is abuse.
+pub const MAX_HEADERS: usize = 100;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HeadError {
+    #[error("malformed HTTP head: {0}")]
+    Malformed(&'static str),
+    #[error("too many headers (more than {MAX_HEADERS})")]
+    TooManyHeaders,
+    #[error("conflicting or invalid body framing: {0}")]
+    Framing(&'static str),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFraming {
+    /// No body at all.
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Response only: the body runs until the peer closes.
+    UntilClose,
+}
+
+pub enum ParseStatus {
+    Complete(Head),
+    /// Need more bytes; nothing consumed.
+    Partial,
+}
+
+/// A parsed head. `raw` holds exactly the head bytes (through the blank line).
+#[derive(Debug, Clone)]
+pub struct Head {
+    raw: Bytes,
+    /// Request: method; response: reason phrase.
+    first: Range<usize>,
+    /// Request: target; response: empty.
+    target: Range<usize>,
+    /// Response status (0 for requests).
+    pub status: u16,
+    /// Minor version: 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub version: u8,
+    headers: Vec<(Range<usize>, Range<usize>)>,
+}
+
+fn offset(base: &[u8], part: &[u8]) -> Range<usize> {
+    let start = part.as_ptr() as usize - base.as_ptr() as usize;
+    start..start + part.len()
+}
+
+impl Head {
+    /// Parses a request head from the front of `buf`. On success the head's bytes are split off
+    /// `buf` (the caller keeps what follows: body or the next pipelined request).
+    pub fn parse_request(buf: &mut bytes::BytesMut) -> Result<ParseStatus, HeadError> {
+        let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut storage);
+        let len = match req.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return Ok(ParseStatus::Partial),
+            Err(e) => return Err(map_err(e)),
+        };
+        let base: &[u8] = &buf[..];
+        let method = offset(base, req.method.unwrap_or("").as_bytes());
+        let target = offset(base, req.path.unwrap_or("").as_bytes());
+        let version = req.version.unwrap_or(1);
+        let headers = req
+            .headers
+            .iter()
+            .map(|h| (offset(base, h.name.as_bytes()), offset(base, h.value)))
+            .collect();
+        let raw = buf.split_to(len).freeze();
+        Ok(ParseStatus::Complete(Head {
+            raw,
+            first: method,
+            target,
+            status: 0,
+            version,
+            headers,
+        }))
+    }
+
+    /// Parses a response head from the front of `buf`, splitting it off on success.
+    pub fn parse_response(buf: &mut bytes::BytesMut) -> Result<ParseStatus, HeadError> {
+        let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut res = httparse::Response::new(&mut storage);
+        let len = match res.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return Ok(ParseStatus::Partial),
+            Err(e) => return Err(map_err(e)),
+        };
+        let base: &[u8] = &buf[..];
+        let reason = offset(base, res.reason.unwrap_or("").as_bytes());
+        let status = res.code.unwrap_or(0);
+        let version = res.version.unwrap_or(1);
+        let headers = res
+            .headers
+            .iter()
+            .map(|h| (offset(base, h.name.as_bytes()), offset(base, h.value)))
+            .collect();
+        let raw = buf.split_to(len).freeze();
+        Ok(ParseStatus::Complete(Head {
+            raw,
+            first: reason,
+            target: 0..0,
+            status,
+            version,
+            headers,
+        }))
+    }
+
+    fn str_at(&self, r: &Range<usize>) -> &str {
+        // httparse only accepts token/visible ASCII for method, target and reason.
+        std::str::from_utf8(&self.raw[r.clone()]).unwrap_or("")
+    }
+
+    pub fn method(&self) -> &str {
+        self.str_at(&self.first)
+    }
+
+    pub fn target(&self) -> &str {
+        self.str_at(&self.target)
+    }
+
+    /// The request path without the query string.
+    pub fn path(&self) -> &str {
+        let t = self.target();
+        t.split_once('?').map_or(t, |(p, _)| p)
+    }
+
+    pub fn reason(&self) -> &str {
+        self.str_at(&self.first)
+    }
+
+    pub fn raw_len(&self) -> usize {
+        self.raw.len()
+    }
+
+    pub fn headers(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.headers
+            .iter()
+            .map(move |(n, v)| (self.str_at(n), &self.raw[v.clone()]))
+    }
+
+    pub fn header_count(&self) -> usize {
+        self.headers.len()
+    }
+
+    /// First value of a header (case-insensitive name).
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    }
+
+    pub fn header_str(&self, name: &str) -> Option<&str> {
+        self.header(name).and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    /// True when some `Connection` header lists `token`.
+    pub fn connection_has(&self, token: &str) -> bool {
+        self.headers()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
+            .any(|(_, v)| {
+                v.split(|b| *b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+            })
+    }
+
+    /// Whether the peer wants the connection kept open after this message.
+    pub fn keep_alive(&self) -> bool {
+        if self.version == 0 {
+            self.connection_has("keep-alive")
+        } else {
+            !self.connection_has("close")
+        }
+    }
+
+    /// Request body framing per RFC 9112 §6.3, rejecting every ambiguous form.
+    pub fn request_framing(&self) -> Result<BodyFraming, HeadError> {
+        match self.framing_headers()? {
+            Some(f) => Ok(f),
+            None => Ok(BodyFraming::Empty),
+        }
+    }
+
+    /// Response body framing; `request_method` and the status decide bodiless responses.
+    pub fn response_framing(&self, request_method: &str) -> Result<BodyFraming, HeadError> {
+        if request_method.eq_ignore_ascii_case("HEAD")
+            || (100..200).contains(&self.status)
+            || self.status == 204
+            || self.status == 304
+        {
+            return Ok(BodyFraming::Empty);
+        }
+        match self.framing_headers()? {
+            Some(f) => Ok(f),
+            None => Ok(BodyFraming::UntilClose),
+        }
+    }
+
+    fn framing_headers(&self) -> Result<Option<BodyFraming>, HeadError> {
+        let mut length: Option<u64> = None;
+        let mut chunked = false;
+        let mut saw_te = false;
+        for (name, value) in self.headers() {
+            if name.eq_ignore_ascii_case("content-length") {
+                // A list ("5, 5") or repeated header must agree exactly; anything else is smuggling.
+                for part in value.split(|b| *b == b',') {
+                    let n = parse_length(part.trim_ascii())
+                        .ok_or(HeadError::Framing("invalid Content-Length"))?;
+                    if length.is_some_and(|l| l != n) {
+                        return Err(HeadError::Framing("conflicting Content-Length values"));
+                    }
+                    length = Some(n);
+                }
+            } else if name.eq_ignore_ascii_case("transfer-encoding") {
+                saw_te = true;
+                let codings: Vec<&[u8]> = value
+                    .split(|b| *b == b',')
+                    .map(|t| t.trim_ascii())
+                    .filter(|t| !t.is_empty())
+                    .collect();
+                // Only "chunked", once, is understood; anything else cannot be framed safely.
+                if chunked || codings.len() != 1 || !codings[0].eq_ignore_ascii_case(b"chunked") {
+                    return Err(HeadError::Framing("unsupported Transfer-Encoding"));
+                }
+                chunked = true;
+            }
+        }
+        if saw_te && length.is_some() {
+            return Err(HeadError::Framing(
+                "both Content-Length and Transfer-Encoding",
+            ));
+        }
+        if chunked {
+            if self.version == 0 {
+                return Err(HeadError::Framing("Transfer-Encoding in HTTP/1.0"));
+            }
+            return Ok(Some(BodyFraming::Chunked));
+        }
+        Ok(length.map(|n| {
+            if n == 0 {
+                BodyFraming::Empty
+            } else {
+                BodyFraming::Length(n)
+            }
+        }))
+    }
+}
+
+fn parse_length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+fn map_err(e: httparse::Error) -> HeadError {
+    match e {
+        httparse::Error::TooManyHeaders => HeadError::TooManyHeaders,
+        httparse::Error::HeaderName => HeadError::Malformed("invalid header name"),
+        httparse::Error::HeaderValue => HeadError::Malformed("invalid header value"),
+        httparse::Error::NewLine => HeadError::Malformed("invalid line ending"),
+        httparse::Error::Status => HeadError::Malformed("invalid status"),
+        httparse::Error::Token => HeadError::Malformed("invalid token"),
+        httparse::Error::Version => HeadError::Malformed("invalid HTTP version"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BytesMut;
+
+    fn req(s: &str) -> Result<Head, HeadError> {
+        let mut b = BytesMut::from(s.as_bytes());
+        match Head::parse_request(&mut b)? {
+            ParseStatus::Complete(h) => Ok(h),
+            ParseStatus::Partial => panic!("partial"),
+        }
+    }
+
+    #[test]
+    fn parses_request_and_leaves_the_rest() {
+        let mut b = BytesMut::from(
+            &b"POST /v1/chat?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n{}GET"[..],
+        );
+        let ParseStatus::Complete(h) = Head::parse_request(&mut b).unwrap() else {
+            panic!()
+        };
+        assert_eq!(h.method(), "POST");
+        assert_eq!(h.target(), "/v1/chat?x=1");
+        assert_eq!(h.path(), "/v1/chat");
+        assert_eq!(h.header_str("host"), Some("a"));
+        assert_eq!(h.request_framing().unwrap(), BodyFraming::Length(2));
+        assert_eq!(&b[..], b"{}GET");
+    }
+
+    #[test]
+    fn partial_head_consumes_nothing() {
+        let mut b = BytesMut::from(&b"GET / HTTP/1.1\r\nHost"[..]);
+        assert!(matches!(
+            Head::parse_request(&mut b).unwrap(),
+            ParseStatus::Partial
+        ));
+        assert_eq!(b.len(), 20);
+    }
+
+    #[test]
+    fn rejects_smuggling_shapes() {
+        let both = "POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(req(both).unwrap().request_framing().is_err());
+        let dup = "POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n";
+        assert!(req(dup).unwrap().request_framing().is_err());
+        let same = "POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n";
+        assert_eq!(
+            req(same).unwrap().request_framing().unwrap(),
+            BodyFraming::Length(3)
+        );
+        let bad = "POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\n";
+        assert!(req(bad).unwrap().request_framing().is_err());
+        let gzip = "POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n";
+        assert!(req(gzip).unwrap().request_framing().is_err());
+        let twice =
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(req(twice).unwrap().request_framing().is_err());
+        // obs-fold is rejected by the parser itself.
+        assert!(req("GET / HTTP/1.1\r\nX-A: 1\r\n  folded\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn response_framing_by_method_and_status() {
+        let mut b = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"[..]);
+        let ParseStatus::Complete(h) = Head::parse_response(&mut b).unwrap() else {
+            panic!()
+        };
+        assert_eq!(h.status, 200);
+        assert_eq!(h.response_framing("HEAD").unwrap(), BodyFraming::Empty);
+        assert_eq!(h.response_framing("GET").unwrap(), BodyFraming::Length(5));
+        let mut b = BytesMut::from(&b"HTTP/1.1 200 OK\r\n\r\n"[..]);
+        let ParseStatus::Complete(h) = Head::parse_response(&mut b).unwrap() else {
+            panic!()
+        };
+        assert_eq!(h.response_framing("GET").unwrap(), BodyFraming::UntilClose);
+        let mut b = BytesMut::from(&b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n"[..]);
+        let ParseStatus::Complete(h) = Head::parse_response(&mut b).unwrap() else {
+            panic!()
+        };
+        assert_eq!(h.response_framing("GET").unwrap(), BodyFraming::Empty);
+    }
+
+    #[test]
+    fn keep_alive_rules() {
+        assert!(req("GET / HTTP/1.1\r\n\r\n").unwrap().keep_alive());
+        assert!(!req("GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .unwrap()
+            .keep_alive());
+        assert!(!req("GET / HTTP/1.0\r\n\r\n").unwrap().keep_alive());
+        assert!(req("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
+            .unwrap()
+            .keep_alive());
+    }
+}

@@ -1,0 +1,23 @@
+//! Socket helpers shared by the downstream and upstream sides.
+
+use bytes::BytesMut;
+use monoio::buf::SliceMut;
+use monoio::io::AsyncReadRent;
+
+/// Grows the buffer so a read has room for a typical burst (an LLM response chunk or a request
+/// head) without a second syscall.
+const READ_RESERVE: usize = 8 * 1024;
+
+/// Reads once, appending to `buf`. Returns the number of bytes read (0 = EOF).
+pub async fn read_more<R: AsyncReadRent>(
+    io: &mut R,
+    mut buf: BytesMut,
+) -> (std::io::Result<usize>, BytesMut) {
+    if buf.capacity() - buf.len() < READ_RESERVE / 2 {
+        buf.reserve(READ_RESERVE);
+    }
+    let len = buf.len();
+    let cap = buf.capacity();
+    let (res, slice) = io.read(SliceMut::new(buf, len, cap)).await;
+    (res, slice.into_inner())
+}

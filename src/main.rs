@@ -1,0 +1,242 @@
+//! CLI → config → start threads → wait for signals → drain → exit.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use llmproxy::config::{self, Config};
+use llmproxy::{logging, mock, runtime};
+
+/// Thread-per-core io_uring reverse proxy for self-hosted LLM inference servers
+/// (vLLM, TGI, SGLang, llama.cpp, any OpenAI-compatible server).
+#[derive(Parser)]
+#[command(
+    name = "llmproxy",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(flatten)]
+    run: RunArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Configuration file (YAML).
+    #[arg(short, long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Worker threads (one event loop each). Default: CPUs available to the process.
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
+    /// Pin one worker per listed CPU, e.g. `0-3,8`.
+    #[arg(long, value_name = "LIST")]
+    cpus: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a configuration file and exit (0 = valid, 1 = errors printed).
+    Check {
+        #[arg(short, long, value_name = "PATH")]
+        config: PathBuf,
+    },
+    /// Run the whole system on loopback: two simulated backends and the proxy.
+    Demo {
+        /// Proxy port on 127.0.0.1.
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        #[arg(long, value_name = "N")]
+        workers: Option<usize>,
+    },
+    /// Run a simulated OpenAI-compatible backend (for tests, demos and benchmarks).
+    MockBackend {
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// Delay before the first token.
+        #[arg(long, default_value_t = 0)]
+        ttft_ms: u64,
+        /// Delay between tokens.
+        #[arg(long, default_value_t = 0)]
+        token_delay_ms: u64,
+        /// Completion tokens when a request sets no max_tokens.
+        #[arg(long, default_value_t = 16)]
+        tokens: u32,
+        /// Model name it reports.
+        #[arg(long, default_value = "mock-model")]
+        model: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Check { config }) => check(&config),
+        Some(Command::Demo { port, workers }) => demo(port, workers),
+        Some(Command::MockBackend {
+            port,
+            ttft_ms,
+            token_delay_ms,
+            tokens,
+            model,
+        }) => mock::run(mock::MockOptions {
+            port,
+            ttft: Duration::from_millis(ttft_ms),
+            token_delay: Duration::from_millis(token_delay_ms),
+            tokens,
+            model,
+            ..mock::MockOptions::default()
+        })
+        .map(|()| ExitCode::SUCCESS),
+        None => run(cli.run),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            log::error!("{e:#}");
+            log::logger().flush();
+            eprintln!("llmproxy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    match Config::load(path) {
+        Ok(cfg) => {
+            if let Err(e) = runtime::worker_plan(&cfg) {
+                eprintln!("{}: {e}", path.display());
+                return Ok(ExitCode::FAILURE);
+            }
+            println!(
+                "{}: ok ({} backends, strategy {:?})",
+                path.display(),
+                cfg.backends.len(),
+                cfg.strategy
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("{}: invalid configuration", path.display());
+            for line in e.to_string().lines() {
+                eprintln!("  {line}");
+            }
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn apply_overrides(
+    cfg: &mut Config,
+    workers: Option<usize>,
+    cpus: Option<String>,
+) -> anyhow::Result<()> {
+    if let Some(list) = cpus {
+        cfg.cpus = Some(config::parse_cpu_list(&list).map_err(|e| anyhow::anyhow!("--cpus: {e}"))?);
+        cfg.workers = 0;
+    }
+    if let Some(n) = workers {
+        if n == 0 {
+            anyhow::bail!("--workers must be at least 1");
+        }
+        cfg.workers = n;
+    }
+    Ok(())
+}
+
+fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let Some(path) = args.config else {
+        anyhow::bail!("--config PATH is required (or try `llmproxy demo`; see --help)");
+    };
+    let mut cfg = Config::load(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    apply_overrides(&mut cfg, args.workers, args.cpus)?;
+    logging::init(cfg.logging.level, cfg.logging.format);
+    serve(cfg)
+}
+
+fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
+    let grace = cfg.shutdown_grace;
+    // Registered before any thread starts so every thread inherits the mask-free default and the
+    // main thread is the one that sees SIGTERM/SIGINT.
+    let mut signals = Signals::new([SIGTERM, SIGINT]).context("installing signal handlers")?;
+    let running = runtime::start(cfg)?;
+    log::info!(
+        "llmproxy {} listening on {} ({} workers, {} driver){}",
+        env!("CARGO_PKG_VERSION"),
+        running.addr,
+        running.shared.inflight.len(),
+        running.driver,
+        running
+            .admin_addr
+            .map(|a| format!(", admin on {a}"))
+            .unwrap_or_default()
+    );
+    if running.driver == "epoll" {
+        log::warn!(
+            "io_uring is unavailable (seccomp or kernel); running on epoll, which costs throughput"
+        );
+    }
+    let signal = signals.forever().next().unwrap_or(SIGTERM);
+    log::info!(
+        "received {}; draining (grace {:?})",
+        if signal == SIGINT {
+            "SIGINT"
+        } else {
+            "SIGTERM"
+        },
+        grace
+    );
+    running.begin_drain();
+    let drained = running.wait_drained(grace);
+    running.stop_health();
+    if drained {
+        log::info!("drained; exiting");
+    } else {
+        log::warn!(
+            "grace period over with {} requests still in flight; exiting",
+            running.shared.total_inflight()
+        );
+    }
+    log::logger().flush();
+    Ok(ExitCode::SUCCESS)
+}
+
+fn demo(port: u16, workers: Option<usize>) -> anyhow::Result<ExitCode> {
+    let mut backends = Vec::new();
+    for _ in 0..2 {
+        let handle = mock::spawn(mock::MockOptions {
+            ttft: Duration::from_millis(150),
+            token_delay: Duration::from_millis(40),
+            ..mock::MockOptions::default()
+        })
+        .context("starting a simulated backend")?;
+        backends.push(format!("http://{}", handle.addr));
+    }
+    let listen: SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut cfg = Config::with_backends(listen, &backends)?;
+    cfg.health_check.interval = Duration::from_secs(2);
+    cfg.shutdown_grace = Duration::from_secs(5);
+    cfg.logging.format = config::LogFormat::Text;
+    apply_overrides(&mut cfg, workers, None)?;
+    logging::init(cfg.logging.level, cfg.logging.format);
+    let base = format!("http://127.0.0.1:{port}");
+    println!(
+        "llmproxy demo: simulated backends at {}",
+        backends.join(", ")
+    );
+    println!("proxy on {base}; try (Ctrl-C to stop):\n");
+    println!(
+        "  curl -N {base}/v1/chat/completions -H 'content-type: application/json' \\\n    -d '{{\"model\":\"mock-model\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"Hello there\"}}]}}'\n"
+    );
+    println!("  curl {base}/health\n");
+    println!("  curl {base}/metrics\n");
+    serve(cfg)
+}

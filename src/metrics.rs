@@ -1,0 +1,273 @@
+//! Prometheus metrics. The registry is process-wide; each core records into its own local
+//! counters and histograms and folds them into the shared ones on its tick, so the request path
+//! touches no shared cache line. Label values come only from config (backend URLs, configured
+//! model names), never from raw client input, so cardinality is bounded.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::local::LocalHistogram;
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::balance::LoadView;
+use crate::config::Config;
+
+/// Model label for a model no backend is configured for.
+pub const OTHER: &str = "other";
+/// Backend/model label when there was none (answered locally, or no `model` in the body).
+pub const NONE: &str = "none";
+
+/// LLM latencies span a 1 ms cache hit to a 10 minute generation.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0, 600.0,
+];
+
+pub struct Metrics {
+    pub registry: Registry,
+    requests_total: IntCounterVec,
+    latency_ms: HistogramVec,
+    duration_seconds: HistogramVec,
+    retries_total: IntCounterVec,
+    backend_up: IntGaugeVec,
+    backend_inflight: IntGaugeVec,
+    pub connections_active: IntGauge,
+    pub requests_inflight: IntGauge,
+    pub backends: Vec<String>,
+    pub models: Vec<String>,
+}
+
+impl Metrics {
+    pub fn new(cfg: &Config, workers: usize, driver: &str) -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let requests_total = IntCounterVec::new(
+            Opts::new("llmproxy_requests_total", "Requests answered, by status"),
+            &["status", "backend", "model"],
+        )?;
+        let ms_buckets: Vec<f64> = SECONDS_BUCKETS.iter().map(|s| s * 1000.0).collect();
+        let latency_ms = HistogramVec::new(
+            HistogramOpts::new("llmproxy_latency_ms", "Request latency in milliseconds")
+                .buckets(ms_buckets),
+            &["backend", "model"],
+        )?;
+        let duration_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "llmproxy_request_duration_seconds",
+                "Request duration from head received to last byte sent",
+            )
+            .buckets(SECONDS_BUCKETS.to_vec()),
+            &["backend", "model"],
+        )?;
+        let retries_total = IntCounterVec::new(
+            Opts::new(
+                "llmproxy_upstream_retries_total",
+                "Attempts that failed before the client saw a byte and were retried",
+            ),
+            &["backend"],
+        )?;
+        let backend_up = IntGaugeVec::new(
+            Opts::new("llmproxy_backend_up", "1 when the backend is healthy"),
+            &["backend"],
+        )?;
+        let backend_inflight = IntGaugeVec::new(
+            Opts::new(
+                "llmproxy_backend_inflight",
+                "In-flight requests per backend across all cores",
+            ),
+            &["backend"],
+        )?;
+        let connections_active =
+            IntGauge::new("llmproxy_connections_active", "Open client connections")?;
+        let requests_inflight =
+            IntGauge::new("llmproxy_requests_inflight", "Requests being processed")?;
+        let workers_gauge = IntGauge::new("llmproxy_workers", "Worker threads (cores)")?;
+        workers_gauge.set(workers as i64);
+        let build_info = IntGaugeVec::new(
+            Opts::new("llmproxy_build_info", "Build and runtime information"),
+            &["version", "driver"],
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), driver])
+            .set(1);
+        registry.register(Box::new(requests_total.clone()))?;
+        registry.register(Box::new(latency_ms.clone()))?;
+        registry.register(Box::new(duration_seconds.clone()))?;
+        registry.register(Box::new(retries_total.clone()))?;
+        registry.register(Box::new(backend_up.clone()))?;
+        registry.register(Box::new(backend_inflight.clone()))?;
+        registry.register(Box::new(connections_active.clone()))?;
+        registry.register(Box::new(requests_inflight.clone()))?;
+        registry.register(Box::new(workers_gauge))?;
+        registry.register(Box::new(build_info))?;
+        let backends: Vec<String> = cfg.backends.iter().map(|b| b.url.clone()).collect();
+        for b in &backends {
+            backend_up.with_label_values(&[b]).set(1);
+            backend_inflight.with_label_values(&[b]).set(0);
+        }
+        Ok(Metrics {
+            registry,
+            requests_total,
+            latency_ms,
+            duration_seconds,
+            retries_total,
+            backend_up,
+            backend_inflight,
+            connections_active,
+            requests_inflight,
+            backends,
+            models: configured_models(cfg),
+        })
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 * 1024);
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+
+    fn backend_label(&self, b: Option<usize>) -> &str {
+        b.and_then(|i| self.backends.get(i))
+            .map_or(NONE, String::as_str)
+    }
+}
+
+/// Every model name that appears in some backend's `models` list, sorted and deduplicated.
+pub fn configured_models(cfg: &Config) -> Vec<String> {
+    let mut models: Vec<String> = cfg
+        .backends
+        .iter()
+        .flat_map(|b| b.models.iter().flatten().cloned())
+        .collect();
+    models.sort();
+    models.dedup();
+    models
+}
+
+/// Index into `Metrics::models`, `OTHER_IDX` or `NONE_IDX`.
+type ModelIdx = u16;
+const OTHER_IDX: ModelIdx = u16::MAX;
+const NONE_IDX: ModelIdx = u16::MAX - 1;
+const NO_BACKEND: u16 = u16::MAX;
+
+struct Histos {
+    ms: LocalHistogram,
+    seconds: LocalHistogram,
+}
+
+/// One core's not-yet-flushed observations.
+pub struct LocalMetrics {
+    global: Arc<Metrics>,
+    requests: RefCell<HashMap<(u16, u16, ModelIdx), u64>>,
+    latency: RefCell<HashMap<(u16, ModelIdx), Histos>>,
+    retries: RefCell<Vec<u64>>,
+}
+
+impl LocalMetrics {
+    pub fn new(global: Arc<Metrics>, cfg: &Config) -> Self {
+        LocalMetrics {
+            requests: RefCell::new(HashMap::new()),
+            latency: RefCell::new(HashMap::new()),
+            retries: RefCell::new(vec![0; cfg.backends.len()]),
+            global,
+        }
+    }
+
+    pub fn model_index(&self, model: Option<&str>) -> ModelIdx {
+        match model {
+            None => NONE_IDX,
+            Some(m) => self
+                .global
+                .models
+                .binary_search_by(|x| x.as_str().cmp(m))
+                .map_or(OTHER_IDX, |i| i as ModelIdx),
+        }
+    }
+
+    pub fn request(&self, status: u16, backend: Option<usize>, model: ModelIdx, elapsed: Duration) {
+        let b = backend.map_or(NO_BACKEND, |b| b as u16);
+        *self
+            .requests
+            .borrow_mut()
+            .entry((status, b, model))
+            .or_insert(0) += 1;
+        if backend.is_some() {
+            let mut lat = self.latency.borrow_mut();
+            let h = lat.entry((b, model)).or_insert_with(|| {
+                let labels = [self.global.backend_label(backend), self.model_label(model)];
+                Histos {
+                    ms: self.global.latency_ms.with_label_values(&labels).local(),
+                    seconds: self
+                        .global
+                        .duration_seconds
+                        .with_label_values(&labels)
+                        .local(),
+                }
+            });
+            let secs = elapsed.as_secs_f64();
+            h.ms.observe(secs * 1000.0);
+            h.seconds.observe(secs);
+        }
+    }
+
+    pub fn retry(&self, backend: usize) {
+        if let Some(c) = self.retries.borrow_mut().get_mut(backend) {
+            *c += 1;
+        }
+    }
+
+    fn model_label(&self, m: ModelIdx) -> &str {
+        match m {
+            OTHER_IDX => OTHER,
+            NONE_IDX => NONE,
+            i => self
+                .global
+                .models
+                .get(usize::from(i))
+                .map_or(OTHER, String::as_str),
+        }
+    }
+
+    /// Folds local observations into the shared registry. Core 0 also publishes the backend
+    /// gauges from its cross-core view.
+    pub fn flush(&self, view: &LoadView, publish_backends: bool) {
+        let g = &self.global;
+        for ((status, b, m), n) in self.requests.borrow_mut().drain() {
+            let backend = if b == NO_BACKEND {
+                None
+            } else {
+                Some(usize::from(b))
+            };
+            let status = status.to_string();
+            g.requests_total
+                .with_label_values(&[&status, g.backend_label(backend), self.model_label(m)])
+                .inc_by(n);
+        }
+        for h in self.latency.borrow().values() {
+            h.ms.flush();
+            h.seconds.flush();
+        }
+        for (b, n) in self.retries.borrow_mut().iter_mut().enumerate() {
+            if *n > 0 {
+                g.retries_total
+                    .with_label_values(&[g.backend_label(Some(b))])
+                    .inc_by(*n);
+                *n = 0;
+            }
+        }
+        if publish_backends {
+            for (i, name) in g.backends.iter().enumerate() {
+                g.backend_up
+                    .with_label_values(&[name])
+                    .set(i64::from(view.is_up(i)));
+                g.backend_inflight
+                    .with_label_values(&[name])
+                    .set(i64::from(view.load(i)));
+            }
+        }
+    }
+}

@@ -1,0 +1,693 @@
+//! One request end to end: answer locally or route → pick → send upstream → stream the response
+//! back → account. Upstream failures before the client saw a byte may be retried on another
+//! backend; after that, never. While the upstream works, the client socket is watched: a client
+//! that goes away drops the upstream connection at once, which is what stops the GPU.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::net::IpAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use monoio::buf::SliceMut;
+use monoio::io::{
+    AsyncWriteRentExt, CancelableAsyncReadRent, Canceller, OwnedReadHalf, OwnedWriteHalf,
+};
+use monoio::net::TcpStream;
+
+use crate::config::Backend;
+use crate::error::ProxyError;
+use crate::http1::head::{BodyFraming, Head};
+use crate::http1::headers::forwardable;
+use crate::http1::io::read_more;
+use crate::http1::{write, ChunkedDecoder};
+use crate::openai;
+use crate::route::Local;
+use crate::server::Downstream;
+use crate::upstream::{self, UpConn};
+use crate::worker::Worker;
+
+/// How a proxied exchange ended, for logs, metrics and (later) usage events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    ClientAborted,
+    UpstreamError,
+    Timeout,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::ClientAborted => "client_aborted",
+            Outcome::UpstreamError => "upstream_error",
+            Outcome::Timeout => "timeout",
+        }
+    }
+}
+
+/// The result of a response that was (at least partly) sent to the client.
+struct Sent {
+    status: u16,
+    outcome: Outcome,
+    /// The client connection must be closed afterwards.
+    close: bool,
+}
+
+/// Per-request facts shared by the steps below.
+struct Exchange<'a> {
+    head: &'a Head,
+    body: &'a [u8],
+    request_id: &'a str,
+    client_ip: IpAddr,
+    /// The client connection closes after this response.
+    close: bool,
+    /// Set once the response head went to the client: from then on no retry, no error page.
+    head_sent: Cell<bool>,
+    status: Cell<u16>,
+    backend: Cell<Option<usize>>,
+}
+
+/// Handles one complete request; returns whether the connection may serve another.
+pub async fn handle(
+    w: &Rc<Worker>,
+    d: &mut Downstream,
+    head: Head,
+    body: Bytes,
+    received: Instant,
+) -> bool {
+    let request_id = head
+        .header_str("x-request-id")
+        .filter(|v| valid_request_id(v))
+        .map(str::to_owned)
+        .unwrap_or_else(|| w.next_request_id());
+    let close = !head.keep_alive() || w.shared.draining();
+    let cfg = w.config();
+    let metrics_here = cfg.admin_listen.is_none() || d.admin;
+
+    if let Some(local) = w
+        .shared
+        .routes
+        .local(head.method(), head.path(), metrics_here)
+    {
+        let (status, ctype, payload) = local_response(w, local);
+        let keep = respond(d, status, ctype, payload, &request_id, close, &head).await;
+        access_log(
+            w,
+            &head,
+            &request_id,
+            None,
+            status,
+            None,
+            received,
+            Outcome::Ok,
+            d,
+        );
+        return keep;
+    }
+    if d.admin {
+        let e = ProxyError::NotFound(head.path().to_string());
+        return fail(w, d, &head, &request_id, e, None, received, close).await;
+    }
+    let info = match openai::inspect(head.method(), head.path(), &body) {
+        Ok(info) => info,
+        Err(e) => return fail(w, d, &head, &request_id, e, None, received, true).await,
+    };
+    let model_idx = w.metrics.model_index(info.model.as_deref());
+    let mask = match w.shared.routes.backends_for(info.model.as_deref()) {
+        Ok(mask) => mask,
+        Err(e) => {
+            return fail(
+                w,
+                d,
+                &head,
+                &request_id,
+                e,
+                info.model.as_deref(),
+                received,
+                close,
+            )
+            .await
+        }
+    };
+
+    let x = Exchange {
+        head: &head,
+        body: &body,
+        request_id: &request_id,
+        client_ip: d.peer.ip(),
+        close,
+        head_sent: Cell::new(false),
+        status: Cell::new(0),
+        backend: Cell::new(None),
+    };
+    let Downstream { rd, wr, buf, .. } = d;
+    let forward = monoio::time::timeout(cfg.timeouts.request, forward(w, &x, mask, wr));
+    let result = watch_client(rd, buf, forward).await;
+    let (status, outcome, keep) = match result {
+        None => (x.status.get(), Outcome::ClientAborted, false),
+        Some(Ok(Ok(sent))) => (sent.status, sent.outcome, !sent.close),
+        Some(Ok(Err(e))) => {
+            let close = close || e.closes_connection();
+            let keep = error_response(d, &e, &request_id, close, &head).await;
+            log::warn!(
+                "request {request_id} {} {}: {e}",
+                head.method(),
+                head.path()
+            );
+            (e.status(), Outcome::UpstreamError, keep)
+        }
+        Some(Err(_elapsed)) if !x.head_sent.get() => {
+            let e = ProxyError::RequestTimeout;
+            error_response(d, &e, &request_id, true, &head).await;
+            (e.status(), Outcome::Timeout, false)
+        }
+        Some(Err(_elapsed)) => (x.status.get(), Outcome::Timeout, false),
+    };
+    let elapsed = received.elapsed();
+    w.metrics
+        .request(status, x.backend.get(), model_idx, elapsed);
+    access_log(
+        w,
+        &head,
+        &request_id,
+        info.model.as_deref(),
+        status,
+        x.backend.get(),
+        received,
+        outcome,
+        d,
+    );
+    keep
+}
+
+/// Tries backends until one answers (or attempts run out), then relays its response.
+async fn forward(
+    w: &Rc<Worker>,
+    x: &Exchange<'_>,
+    mask: &[bool],
+    wr: &mut OwnedWriteHalf<TcpStream>,
+) -> Result<Sent, ProxyError> {
+    let cfg = w.config();
+    let attempts = cfg.retry.attempts;
+    let mut tried = vec![false; mask.len()];
+    let mut last_err: Option<ProxyError> = None;
+    for attempt in 0..=attempts {
+        w.drain_inbox();
+        let eligible = |i: usize| mask[i] && !tried[i] && w.view.is_up(i);
+        let Some(b) = w.balancer.pick(&w.view, eligible) else {
+            break;
+        };
+        tried[b] = true;
+        x.backend.set(Some(b));
+        let _in_flight = w.begin(b);
+        let backend = &cfg.backends[b];
+        let request = upstream_request(x, backend);
+        match send(w, b, request).await {
+            Ok((conn, resp)) => {
+                let more = (0..mask.len()).any(|i| mask[i] && !tried[i] && w.view.is_up(i));
+                if matches!(resp.status, 502 | 503) && attempt < attempts && more {
+                    log::warn!(
+                        "request {}: backend {} answered {}; trying another",
+                        x.request_id,
+                        backend.url,
+                        resp.status
+                    );
+                    w.metrics.retry(b);
+                    last_err = Some(ProxyError::UpstreamStatus(resp.status));
+                    continue;
+                }
+                return relay(w, x, b, conn, resp, wr).await;
+            }
+            Err(e) => {
+                log::warn!("request {}: backend {}: {e}", x.request_id, backend.url);
+                if e.backend_unreachable() {
+                    w.report_unreachable(b);
+                }
+                if !e.retryable() {
+                    return Err(e);
+                }
+                w.metrics.retry(b);
+                last_err = Some(e);
+            }
+        }
+    }
+    Err(last_err.unwrap_or(ProxyError::NoHealthyBackend))
+}
+
+/// Sends the request on a pooled connection (or a new one) and waits for the response head. A
+/// pooled connection that fails before any response byte may simply have been closed by the
+/// backend while idle: the request is sent once more on a fresh connection.
+async fn send(w: &Worker, backend: usize, request: Vec<u8>) -> Result<(UpConn, Head), ProxyError> {
+    let t = &w.config().timeouts;
+    let addr = w.shared.backend_addrs[backend];
+    let mut conn = match w.pool.take(backend) {
+        Some(c) => c,
+        None => upstream::connect(addr, t.connect).await?,
+    };
+    let (res, request) = conn.exchange(request, t.first_byte).await;
+    match res {
+        Ok(head) => Ok((conn, head)),
+        Err(ProxyError::UpstreamClosed(why)) if conn.reused => {
+            log::debug!("pooled connection to backend {backend} was stale ({why}); reconnecting");
+            drop(conn);
+            let mut fresh = upstream::connect(addr, t.connect).await?;
+            let (res, _) = fresh.exchange(request, t.first_byte).await;
+            res.map(|head| (fresh, head))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn upstream_request(x: &Exchange<'_>, backend: &Backend) -> Vec<u8> {
+    let head = x.head;
+    let mut out = Vec::with_capacity(head.raw_len() + x.body.len() + 256);
+    out.extend_from_slice(head.method().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(backend.base_path.as_bytes());
+    out.extend_from_slice(head.target().as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    write::header(&mut out, "host", backend.authority.as_bytes());
+    for (name, value) in forwardable(head, &["host", "x-forwarded-for", "x-request-id"]) {
+        write::header(&mut out, name, value);
+    }
+    let ip = x.client_ip.to_string();
+    match head.header("x-forwarded-for") {
+        Some(prev) if !prev.is_empty() => {
+            let mut v = prev.to_vec();
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(ip.as_bytes());
+            write::header(&mut out, "x-forwarded-for", &v);
+        }
+        _ => write::header(&mut out, "x-forwarded-for", ip.as_bytes()),
+    }
+    write::header(&mut out, "x-request-id", x.request_id.as_bytes());
+    if !x.body.is_empty() || matches!(head.method(), "POST" | "PUT" | "PATCH") {
+        write::header_num(&mut out, "content-length", x.body.len() as u64);
+    }
+    write::end_head(&mut out);
+    out.extend_from_slice(x.body);
+    out
+}
+
+/// Streams the backend's response to the client as it arrives: the head at once, then every
+/// upstream read as one downstream write (re-framed as one chunk when chunked).
+async fn relay(
+    w: &Worker,
+    x: &Exchange<'_>,
+    backend: usize,
+    mut conn: UpConn,
+    resp: Head,
+    wr: &mut OwnedWriteHalf<TcpStream>,
+) -> Result<Sent, ProxyError> {
+    let t = &w.config().timeouts;
+    let method = x.head.method();
+    let framing = resp
+        .response_framing(method)
+        .map_err(|e| ProxyError::UpstreamProtocol(e.to_string()))?;
+    let client_11 = x.head.version == 1;
+    let chunked_out = matches!(framing, BodyFraming::Chunked | BodyFraming::UntilClose);
+    // An HTTP/1.0 client cannot take chunks: its body ends with the connection.
+    let close = x.close || (chunked_out && !client_11);
+    let mut reusable = resp.keep_alive() && framing != BodyFraming::UntilClose;
+    let status = resp.status;
+    x.status.set(status);
+
+    let mut out = Vec::with_capacity(1024 + conn.buf.len());
+    write::status_line(&mut out, status, resp.reason());
+    for (name, value) in forwardable(&resp, &["x-request-id"]) {
+        write::header(&mut out, name, value);
+    }
+    write::header(&mut out, "x-request-id", x.request_id.as_bytes());
+    match framing {
+        BodyFraming::Empty if method == "HEAD" => {
+            if let Some(len) = resp.header("content-length") {
+                write::header(&mut out, "content-length", len);
+            }
+        }
+        BodyFraming::Empty if status == 204 || status == 304 || status < 200 => {}
+        BodyFraming::Empty => write::header_num(&mut out, "content-length", 0),
+        BodyFraming::Length(n) => write::header_num(&mut out, "content-length", n),
+        BodyFraming::Chunked | BodyFraming::UntilClose if client_11 => {
+            write::header(&mut out, "transfer-encoding", b"chunked")
+        }
+        BodyFraming::Chunked | BodyFraming::UntilClose => {}
+    }
+    if close {
+        write::header(&mut out, "connection", b"close");
+    } else if !client_11 {
+        write::header(&mut out, "connection", b"keep-alive");
+    }
+    write::end_head(&mut out);
+
+    let sent = |outcome: Outcome, close: bool| Sent {
+        status,
+        outcome,
+        close,
+    };
+    let reframe = chunked_out && client_11;
+    let mut decoder = (framing == BodyFraming::Chunked).then(ChunkedDecoder::new);
+    let mut left = match framing {
+        BodyFraming::Length(n) => n,
+        _ => 0,
+    };
+    let mut finished = matches!(framing, BodyFraming::Empty);
+    let mut first = true;
+    loop {
+        // Move whatever body bytes are buffered into `out`, framed for the client.
+        if !finished {
+            match framing {
+                BodyFraming::Length(_) => {
+                    let take = (conn.buf.len() as u64).min(left) as usize;
+                    out.extend_from_slice(&conn.buf.split_to(take));
+                    left -= take as u64;
+                    finished = left == 0;
+                }
+                BodyFraming::Chunked => {
+                    let Some(dec) = decoder.as_mut() else {
+                        return Err(ProxyError::Internal("chunked decoder missing".into()));
+                    };
+                    let res = dec.decode(&conn.buf, |data| write::chunk(&mut out, data));
+                    match res {
+                        Ok(consumed) => {
+                            let _ = conn.buf.split_to(consumed);
+                            finished = dec.is_done();
+                        }
+                        Err(e) if first => return Err(ProxyError::UpstreamProtocol(e.to_string())),
+                        Err(e) => {
+                            log::warn!("request {}: bad chunking from upstream: {e}", x.request_id);
+                            return Ok(sent(Outcome::UpstreamError, true));
+                        }
+                    }
+                }
+                BodyFraming::UntilClose => {
+                    let data = conn.buf.split();
+                    if reframe {
+                        write::chunk(&mut out, &data);
+                    } else {
+                        out.extend_from_slice(&data);
+                    }
+                }
+                BodyFraming::Empty => {}
+            }
+            if finished && reframe {
+                out.extend_from_slice(write::LAST_CHUNK);
+            }
+        }
+        if !out.is_empty() || first {
+            let (ok, buf) = write_client(wr, out, t.write).await;
+            out = buf;
+            out.clear();
+            if first {
+                first = false;
+                x.head_sent.set(true);
+            }
+            if !ok {
+                return Ok(sent(Outcome::ClientAborted, true));
+            }
+        }
+        if finished {
+            break;
+        }
+        let buf = std::mem::take(&mut conn.buf);
+        match monoio::time::timeout(t.idle, read_more(&mut conn.io, buf)).await {
+            Ok((Ok(n), buf)) => {
+                conn.buf = buf;
+                if n == 0 {
+                    if framing == BodyFraming::UntilClose {
+                        if reframe {
+                            out.extend_from_slice(write::LAST_CHUNK);
+                            let (ok, _) = write_client(wr, out, t.write).await;
+                            if !ok {
+                                return Ok(sent(Outcome::ClientAborted, true));
+                            }
+                        }
+                        return Ok(sent(Outcome::Ok, close));
+                    }
+                    log::warn!("request {}: upstream closed mid-body", x.request_id);
+                    return Ok(sent(Outcome::UpstreamError, true));
+                }
+            }
+            Ok((Err(e), _)) => {
+                log::warn!("request {}: upstream read failed: {e}", x.request_id);
+                return Ok(sent(Outcome::UpstreamError, true));
+            }
+            Err(_) => {
+                log::warn!(
+                    "request {}: upstream idle for {:?}; aborting",
+                    x.request_id,
+                    t.idle
+                );
+                return Ok(sent(Outcome::Timeout, true));
+            }
+        }
+    }
+    if !conn.buf.is_empty() {
+        // Bytes after the end of the body: the backend is confused; don't reuse it.
+        reusable = false;
+    }
+    if reusable {
+        w.pool.put(backend, conn);
+    }
+    Ok(sent(Outcome::Ok, close))
+}
+
+/// Writes to the client under the write timeout; false when the client is gone or too slow
+/// (the buffer is lost with a cancelled write, so a fresh one is handed back then).
+async fn write_client(
+    wr: &mut OwnedWriteHalf<TcpStream>,
+    buf: Vec<u8>,
+    timeout: Duration,
+) -> (bool, Vec<u8>) {
+    match monoio::time::timeout(timeout, wr.write_all(buf)).await {
+        Ok((res, buf)) => (res.is_ok(), buf),
+        Err(_) => (false, Vec::new()),
+    }
+}
+
+/// Runs `fut` while watching the client socket. EOF or an error on the socket means the client
+/// went away: `fut` is dropped (cancelling the upstream exchange) and `None` returned. Bytes that
+/// arrive meanwhile (a pipelined request) are kept in `buf`, never lost: the read is cancelled
+/// and awaited rather than dropped.
+async fn watch_client<F: Future>(
+    rd: &mut OwnedReadHalf<TcpStream>,
+    buf: &mut BytesMut,
+    fut: F,
+) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    let canceller = Canceller::new();
+    let mut b = std::mem::take(buf);
+    if b.capacity() - b.len() < 1024 {
+        b.reserve(4 * 1024);
+    }
+    let (len, cap) = (b.len(), b.capacity());
+    let read = rd.cancelable_read(SliceMut::new(b, len, cap), canceller.handle());
+    let mut read = std::pin::pin!(read);
+    monoio::select! {
+        out = &mut fut => {
+            let _ = canceller.cancel();
+            let (_, slice) = read.await;
+            *buf = slice.into_inner();
+            Some(out)
+        }
+        (res, slice) = &mut read => {
+            *buf = slice.into_inner();
+            match res {
+                Ok(n) if n > 0 => Some(fut.await),
+                _ => None,
+            }
+        }
+    }
+}
+
+fn valid_request_id(v: &str) -> bool {
+    !v.is_empty() && v.len() <= 200 && v.bytes().all(|b| b.is_ascii_graphic())
+}
+
+fn local_response(w: &Worker, local: Local) -> (u16, &'static str, Vec<u8>) {
+    match local {
+        Local::Health => {
+            w.drain_inbox();
+            let draining = w.shared.draining();
+            let cfg = w.config();
+            let backends: Vec<serde_json::Value> = cfg
+                .backends
+                .iter()
+                .enumerate()
+                .map(|(i, b)| {
+                    serde_json::json!({
+                        "url": b.url,
+                        "up": w.view.is_up(i),
+                        "inflight": w.view.load(i),
+                    })
+                })
+                .collect();
+            let any_up = (0..cfg.backends.len()).any(|i| w.view.is_up(i));
+            let (status, state) = match (draining, any_up) {
+                (true, _) => (503, "draining"),
+                (false, false) => (503, "unavailable"),
+                (false, true) => (200, "ok"),
+            };
+            let body = serde_json::json!({"status": state, "backends": backends});
+            (status, "application/json", body.to_string().into_bytes())
+        }
+        Local::Metrics => {
+            // This core's view is the freshest at hand; other cores flush on their tick.
+            w.drain_inbox();
+            w.metrics.flush(&w.view, true);
+            let g = &w.shared.metrics;
+            let sum = |v: &[crate::worker::PaddedCount]| -> i64 {
+                v.iter()
+                    .map(|c| c.0.load(std::sync::atomic::Ordering::Relaxed) as i64)
+                    .sum()
+            };
+            g.connections_active.set(sum(&w.shared.connections));
+            g.requests_inflight.set(sum(&w.shared.inflight));
+            (200, "text/plain; version=0.0.4", g.encode())
+        }
+        Local::Models => (200, "application/json", w.shared.routes.models_body()),
+    }
+}
+
+/// Writes a complete small response; returns whether the connection stays open.
+async fn respond(
+    d: &mut Downstream,
+    status: u16,
+    content_type: &str,
+    body: Vec<u8>,
+    request_id: &str,
+    close: bool,
+    head: &Head,
+) -> bool {
+    let mut out = Vec::with_capacity(256 + body.len());
+    write::status_line(&mut out, status, "");
+    write::header(&mut out, "content-type", content_type.as_bytes());
+    write::header_num(&mut out, "content-length", body.len() as u64);
+    write::header(&mut out, "x-request-id", request_id.as_bytes());
+    if close {
+        write::header(&mut out, "connection", b"close");
+    } else if head.version == 0 {
+        write::header(&mut out, "connection", b"keep-alive");
+    }
+    write::end_head(&mut out);
+    if head.method() != "HEAD" {
+        out.extend_from_slice(&body);
+    }
+    let (res, _) = d.wr.write_all(out).await;
+    res.is_ok() && !close
+}
+
+async fn error_response(
+    d: &mut Downstream,
+    e: &ProxyError,
+    request_id: &str,
+    close: bool,
+    head: &Head,
+) -> bool {
+    respond(
+        d,
+        e.status(),
+        "application/json",
+        e.body(),
+        request_id,
+        close,
+        head,
+    )
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn fail(
+    w: &Worker,
+    d: &mut Downstream,
+    head: &Head,
+    request_id: &str,
+    e: ProxyError,
+    model: Option<&str>,
+    received: Instant,
+    close: bool,
+) -> bool {
+    log::info!(
+        "request {request_id} {} {}: {e}",
+        head.method(),
+        head.path()
+    );
+    let close = close || e.closes_connection();
+    let keep = error_response(d, &e, request_id, close, head).await;
+    let idx = w.metrics.model_index(model);
+    w.metrics.request(e.status(), None, idx, received.elapsed());
+    access_log(
+        w,
+        head,
+        request_id,
+        model,
+        e.status(),
+        None,
+        received,
+        Outcome::Ok,
+        d,
+    );
+    keep
+}
+
+/// Answers a request that could not even be read completely (bad head, limits, timeouts); the
+/// connection is always closed afterwards.
+pub async fn reject(w: &Worker, d: &mut Downstream, e: &ProxyError, head: Option<&Head>) {
+    let request_id = head
+        .and_then(|h| h.header_str("x-request-id"))
+        .filter(|v| valid_request_id(v))
+        .map(str::to_owned)
+        .unwrap_or_else(|| w.next_request_id());
+    let body = e.body();
+    let mut out = Vec::with_capacity(256 + body.len());
+    write::status_line(&mut out, e.status(), "");
+    write::header(&mut out, "content-type", b"application/json");
+    write::header_num(&mut out, "content-length", body.len() as u64);
+    write::header(&mut out, "x-request-id", request_id.as_bytes());
+    write::header(&mut out, "connection", b"close");
+    write::end_head(&mut out);
+    out.extend_from_slice(&body);
+    let _ = d.wr.write_all(out).await;
+    w.metrics.request(
+        e.status(),
+        None,
+        w.metrics.model_index(None),
+        Duration::ZERO,
+    );
+}
+
+#[allow(clippy::too_many_arguments)]
+fn access_log(
+    w: &Worker,
+    head: &Head,
+    request_id: &str,
+    model: Option<&str>,
+    status: u16,
+    backend: Option<usize>,
+    received: Instant,
+    outcome: Outcome,
+    d: &Downstream,
+) {
+    if !w.config().logging.access_log
+        || !log::log_enabled!(target: crate::logging::ACCESS, log::Level::Info)
+    {
+        return;
+    }
+    let backend = backend
+        .and_then(|b| w.config().backends.get(b))
+        .map(|b| b.url.as_str());
+    let line = serde_json::json!({
+        "request_id": request_id,
+        "method": head.method(),
+        "path": head.path(),
+        "model": model,
+        "backend": backend,
+        "status": status,
+        "duration_ms": received.elapsed().as_secs_f64() * 1000.0,
+        "outcome": outcome.as_str(),
+        "client": d.peer.to_string(),
+    });
+    log::info!(target: crate::logging::ACCESS, "{line}");
+}

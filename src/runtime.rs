@@ -1,0 +1,269 @@
+//! Starting the data plane: one OS thread per worker, each with its own monoio runtime
+//! (io_uring, or epoll where io_uring is unavailable), its own SO_REUSEPORT listener and its own
+//! `Worker` state; plus the health thread. Listeners are bound here, before any thread starts, so
+//! that a port of 0 resolves to one real port shared by every worker and bind errors surface as
+//! startup errors.
+
+use std::net::{SocketAddr, TcpListener as StdListener, ToSocketAddrs};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::config::Config;
+use crate::control::Broadcast;
+use crate::metrics::Metrics;
+use crate::route::RouteTable;
+use crate::server;
+use crate::worker::{PaddedCount, Shared, Worker};
+
+/// How often each core drains its inbox, flushes metrics and expires pooled connections.
+const TICK: Duration = Duration::from_millis(100);
+
+pub struct Running {
+    pub addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
+    pub shared: Arc<Shared>,
+    pub driver: &'static str,
+    stop_health: Arc<AtomicBool>,
+}
+
+impl Running {
+    /// Stops accepting and answers /health with 503; in-flight work continues.
+    pub fn begin_drain(&self) {
+        self.shared.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits until no request is in flight or `grace` passes; returns whether it drained fully.
+    pub fn wait_drained(&self, grace: Duration) -> bool {
+        let deadline = std::time::Instant::now() + grace;
+        loop {
+            if self.shared.total_inflight() == 0 {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn stop_health(&self) {
+        self.stop_health.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Worker count: explicit CPUs, else explicit count, else the CPUs this process may use
+/// (affinity mask and cgroup quota, as `available_parallelism` reports them).
+pub fn worker_plan(cfg: &Config) -> anyhow::Result<(usize, Option<Vec<usize>>)> {
+    if let Some(cpus) = &cfg.cpus {
+        let allowed = allowed_cpus()?;
+        for c in cpus {
+            if !allowed.contains(c) {
+                bail!(
+                    "cpus: CPU {c} is not available to this process (allowed: {})",
+                    format_cpus(&allowed)
+                );
+            }
+        }
+        if cfg.workers != 0 && cfg.workers != cpus.len() {
+            bail!(
+                "workers ({}) and cpus ({} CPUs) disagree: one worker runs per listed CPU",
+                cfg.workers,
+                cpus.len()
+            );
+        }
+        return Ok((cpus.len(), Some(cpus.clone())));
+    }
+    let n = if cfg.workers > 0 {
+        cfg.workers
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    };
+    Ok((n, None))
+}
+
+fn allowed_cpus() -> anyhow::Result<Vec<usize>> {
+    // SAFETY-free path: read the affinity list the kernel publishes for this process.
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .ok_or_else(|| anyhow!("no Cpus_allowed_list in /proc/self/status"))?;
+    crate::config::parse_cpu_list(list.trim()).map_err(|e| anyhow!("Cpus_allowed_list: {e}"))
+}
+
+fn format_cpus(cpus: &[usize]) -> String {
+    cpus.iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<StdListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
+/// Binds one listener per worker on the same port. The first bind fixes the port (so `:0`
+/// works); the others join it with SO_REUSEPORT and the kernel spreads connections over them.
+fn bind_all(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<StdListener>> {
+    let first = bind(addr, true).with_context(|| format!("binding {addr}"))?;
+    let actual = first.local_addr()?;
+    let mut all = vec![first];
+    for _ in 1..n {
+        all.push(bind(actual, true).with_context(|| format!("binding {actual}"))?);
+    }
+    Ok(all)
+}
+
+pub fn resolve_backends(cfg: &Config) -> anyhow::Result<Vec<SocketAddr>> {
+    cfg.backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            (b.host.as_str(), b.port)
+                .to_socket_addrs()
+                .with_context(|| format!("backends[{i}].url: cannot resolve {}", b.host))?
+                .next()
+                .ok_or_else(|| anyhow!("backends[{i}].url: {} has no address", b.host))
+        })
+        .collect()
+}
+
+pub fn start(cfg: Config) -> anyhow::Result<Running> {
+    let (workers, cpus) = worker_plan(&cfg)?;
+    let backend_addrs = resolve_backends(&cfg)?;
+    let listeners = bind_all(cfg.listen, workers)?;
+    let addr = listeners[0].local_addr()?;
+    let admin = match cfg.admin_listen {
+        Some(a) => Some(bind(a, false).with_context(|| format!("binding admin_listen {a}"))?),
+        None => None,
+    };
+    let admin_addr = admin.as_ref().map(|l| l.local_addr()).transpose()?;
+    let driver = if monoio::utils::detect_uring() {
+        "io_uring"
+    } else {
+        "epoll"
+    };
+    let cfg = Arc::new(cfg);
+    let metrics = Arc::new(
+        Metrics::new(&cfg, workers, driver).map_err(|e| anyhow!("metrics registry: {e}"))?,
+    );
+    let shared = Arc::new(Shared {
+        routes: RouteTable::new(&cfg),
+        config: cfg.clone(),
+        backend_addrs,
+        draining: AtomicBool::new(false),
+        inflight: (0..workers).map(|_| PaddedCount::default()).collect(),
+        connections: (0..workers).map(|_| PaddedCount::default()).collect(),
+        metrics,
+    });
+    let (broadcast, inboxes) = Broadcast::new(workers);
+    let (health_tx, health_rx) = crossbeam_channel::bounded(1024);
+    let stop_health = Arc::new(AtomicBool::new(false));
+    crate::health::spawn(
+        cfg.clone(),
+        broadcast.clone(),
+        health_rx,
+        stop_health.clone(),
+    )
+    .context("starting the health thread")?;
+
+    let mut admin = admin;
+    let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), String>>(workers);
+    for (id, (listener, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
+        let shared = shared.clone();
+        let broadcast = broadcast.clone();
+        let health_tx = health_tx.clone();
+        let cpu = cpus.as_ref().map(|c| c[id]);
+        let admin_listener = if id == 0 { admin.take() } else { None };
+        let ready = ready_tx.clone();
+        std::thread::Builder::new()
+            .name(format!("llmproxy-core-{id}"))
+            .spawn(move || {
+                if let Some(cpu) = cpu {
+                    if let Err(e) = monoio::utils::bind_to_cpu_set([cpu]) {
+                        let _ = ready.send(Err(format!("core {id}: pinning to CPU {cpu}: {e:?}")));
+                        return;
+                    }
+                }
+                let rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+                    .with_entries(4096)
+                    .enable_timer()
+                    .build();
+                let mut rt = match rt {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready.send(Err(format!("core {id}: runtime: {e}")));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let setup = || -> std::io::Result<_> {
+                        let main = monoio::net::TcpListener::from_std(listener)?;
+                        let admin = admin_listener
+                            .map(monoio::net::TcpListener::from_std)
+                            .transpose()?;
+                        Ok((main, admin))
+                    };
+                    let (main, admin) = match setup() {
+                        Ok(l) => l,
+                        Err(e) => {
+                            let _ = ready.send(Err(format!("core {id}: listener: {e}")));
+                            return;
+                        }
+                    };
+                    let legacy = monoio::utils::is_legacy();
+                    log::info!(
+                        "core {id} running on {}{}",
+                        if legacy { "epoll" } else { "io_uring" },
+                        cpu.map(|c| format!(", pinned to CPU {c}"))
+                            .unwrap_or_default()
+                    );
+                    let worker = Rc::new(Worker::new(id, shared, inbox, broadcast, health_tx));
+                    let _ = ready.send(Ok(()));
+                    let ticker = worker.clone();
+                    monoio::spawn(async move {
+                        loop {
+                            monoio::time::sleep(TICK).await;
+                            ticker.tick();
+                        }
+                    });
+                    if let Some(admin) = admin {
+                        monoio::spawn(server::accept_loop(worker.clone(), admin, true));
+                    }
+                    server::accept_loop(worker, main, false).await;
+                    // Connections keep being served until the process exits after the drain.
+                    std::future::pending::<()>().await;
+                });
+            })
+            .context("spawning a worker thread")?;
+    }
+    drop(ready_tx);
+    for _ in 0..workers {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => bail!(e),
+            Err(_) => bail!("a worker thread exited during startup"),
+        }
+    }
+    Ok(Running {
+        addr,
+        admin_addr,
+        shared,
+        driver,
+        stop_health,
+    })
+}

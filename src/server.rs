@@ -1,0 +1,236 @@
+//! The downstream side: the accept loop and one HTTP/1.1 connection loop per client. It reads a
+//! request head under the header timeout (idle keep-alive timeout between requests), enforces the
+//! head and body limits before reading a body, answers `Expect: 100-continue`, reads the body and
+//! hands the complete request to `proxy`. Pipelined requests are answered in order because the
+//! loop only reads the next head once the previous response is written.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use monoio::io::{AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
+use monoio::net::{TcpListener, TcpStream};
+
+use crate::error::ProxyError;
+use crate::http1::head::{BodyFraming, Head, HeadError, ParseStatus};
+use crate::http1::io::read_more;
+use crate::http1::ChunkedDecoder;
+use crate::proxy;
+use crate::worker::Worker;
+
+pub struct Downstream {
+    pub rd: OwnedReadHalf<TcpStream>,
+    pub wr: OwnedWriteHalf<TcpStream>,
+    /// Bytes read from the client and not yet consumed (start of the next request).
+    pub buf: BytesMut,
+    pub peer: SocketAddr,
+    /// Accepted on the admin listener.
+    pub admin: bool,
+}
+
+/// How often an accept loop checks whether the process is draining.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
+
+pub async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, admin: bool) {
+    loop {
+        let accepted = monoio::select! {
+            r = listener.accept() => Some(r),
+            _ = wait_for_drain(&worker) => None,
+        };
+        let Some(accepted) = accepted else {
+            log::debug!("core {}: draining, listener closed", worker.id);
+            return;
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let open: usize = worker
+                    .shared
+                    .connections
+                    .iter()
+                    .map(|c| c.0.load(Ordering::Relaxed))
+                    .sum();
+                if open >= worker.config().limits.max_connections {
+                    log::warn!("connection from {peer} refused: limits.max_connections reached");
+                    drop(stream);
+                    continue;
+                }
+                monoio::spawn(serve(worker.clone(), stream, peer, admin));
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning on a full fd table.
+                log::warn!("accept failed: {e}");
+                monoio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+async fn wait_for_drain(worker: &Worker) {
+    while !worker.shared.draining() {
+        monoio::time::sleep(DRAIN_POLL).await;
+    }
+}
+
+async fn serve(worker: Rc<Worker>, stream: TcpStream, peer: SocketAddr, admin: bool) {
+    let _conn = worker.connection_guard();
+    let _ = stream.set_nodelay(true);
+    let (rd, wr) = stream.into_split();
+    let mut d = Downstream {
+        rd,
+        wr,
+        buf: BytesMut::with_capacity(8 * 1024),
+        peer,
+        admin,
+    };
+    loop {
+        let head = match read_head(&worker, &mut d).await {
+            Ok(Some(head)) => head,
+            Ok(None) => return,
+            Err(e) => {
+                log::info!("client {peer}: {e}; closing");
+                proxy::reject(&worker, &mut d, &e, None).await;
+                return;
+            }
+        };
+        let received = Instant::now();
+        let _in_flight = worker.request_guard();
+        let body = match read_body(&worker, &mut d, &head).await {
+            Ok(body) => body,
+            Err(e) => {
+                log::info!("client {peer} {} {}: {e}", head.method(), head.path());
+                proxy::reject(&worker, &mut d, &e, Some(&head)).await;
+                return;
+            }
+        };
+        if !proxy::handle(&worker, &mut d, head, body, received).await {
+            return;
+        }
+    }
+}
+
+/// Reads one request head. `Ok(None)` means the client closed (or idled out) between requests.
+async fn read_head(worker: &Worker, d: &mut Downstream) -> Result<Option<Head>, ProxyError> {
+    let cfg = worker.config();
+    let max = cfg.limits.max_header_bytes;
+    let mut head_deadline: Option<Instant> = None;
+    loop {
+        if !d.buf.is_empty() {
+            match Head::parse_request(&mut d.buf) {
+                Ok(ParseStatus::Complete(head)) => {
+                    if head.raw_len() > max {
+                        return Err(ProxyError::HeadTooLarge(max));
+                    }
+                    if !head.target().starts_with('/') {
+                        return Err(ProxyError::BadRequest(
+                            "request target must be an absolute path".into(),
+                        ));
+                    }
+                    return Ok(Some(head));
+                }
+                Ok(ParseStatus::Partial) if d.buf.len() > max => {
+                    return Err(ProxyError::HeadTooLarge(max))
+                }
+                Ok(ParseStatus::Partial) => {}
+                Err(HeadError::TooManyHeaders) => return Err(ProxyError::HeadTooLarge(max)),
+                Err(e) => return Err(ProxyError::BadRequest(e.to_string())),
+            }
+        }
+        // Between requests the keep-alive timeout applies; once a head has started, the header
+        // timeout bounds the whole head (slowloris).
+        let wait = match head_deadline {
+            None if d.buf.is_empty() => cfg.timeouts.keepalive,
+            None => {
+                let deadline = Instant::now() + cfg.timeouts.header;
+                head_deadline = Some(deadline);
+                cfg.timeouts.header
+            }
+            Some(deadline) => deadline.saturating_duration_since(Instant::now()),
+        };
+        let buf = std::mem::take(&mut d.buf);
+        let started = !buf.is_empty();
+        match monoio::time::timeout(wait, read_more(&mut d.rd, buf)).await {
+            Ok((Ok(0), buf)) | Ok((Err(_), buf)) => {
+                d.buf = buf;
+                return Ok(None);
+            }
+            Ok((Ok(_), buf)) => {
+                d.buf = buf;
+                if head_deadline.is_none() {
+                    head_deadline = Some(Instant::now() + cfg.timeouts.header);
+                }
+            }
+            Err(_) if started => return Err(ProxyError::RequestReadTimeout),
+            Err(_) => return Ok(None),
+        }
+    }
+}
+
+async fn read_body(worker: &Worker, d: &mut Downstream, head: &Head) -> Result<Bytes, ProxyError> {
+    let cfg = worker.config();
+    let max = cfg.limits.max_body_bytes;
+    let framing = head
+        .request_framing()
+        .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+    if let BodyFraming::Length(n) = framing {
+        // Refuse before reading a byte of it.
+        if n > max {
+            return Err(ProxyError::BodyTooLarge(max));
+        }
+    }
+    if framing != BodyFraming::Empty
+        && head
+            .header("expect")
+            .is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue"))
+        && d.buf.is_empty()
+    {
+        let (res, _) = d.wr.write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..]).await;
+        res.map_err(|e| ProxyError::BadRequest(format!("client gone: {e}")))?;
+    }
+    match framing {
+        BodyFraming::Empty | BodyFraming::UntilClose => Ok(Bytes::new()),
+        BodyFraming::Length(n) => {
+            let n = usize::try_from(n).map_err(|_| ProxyError::BodyTooLarge(max))?;
+            while d.buf.len() < n {
+                read_some(worker, d).await?;
+            }
+            Ok(d.buf.split_to(n).freeze())
+        }
+        BodyFraming::Chunked => {
+            let mut dec = ChunkedDecoder::new();
+            let mut body = Vec::new();
+            loop {
+                let consumed = dec
+                    .decode(&d.buf, |data| body.extend_from_slice(data))
+                    .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+                let _ = d.buf.split_to(consumed);
+                if body.len() as u64 > max {
+                    return Err(ProxyError::BodyTooLarge(max));
+                }
+                if dec.is_done() {
+                    return Ok(Bytes::from(body));
+                }
+                read_some(worker, d).await?;
+            }
+        }
+    }
+}
+
+/// One read of request-body bytes; the header timeout bounds each wait.
+async fn read_some(worker: &Worker, d: &mut Downstream) -> Result<(), ProxyError> {
+    let buf = std::mem::take(&mut d.buf);
+    match monoio::time::timeout(worker.config().timeouts.header, read_more(&mut d.rd, buf)).await {
+        Ok((Ok(n), buf)) if n > 0 => {
+            d.buf = buf;
+            Ok(())
+        }
+        Ok((_, buf)) => {
+            d.buf = buf;
+            Err(ProxyError::BadRequest(
+                "connection closed before the request body was complete".into(),
+            ))
+        }
+        Err(_) => Err(ProxyError::RequestReadTimeout),
+    }
+}

@@ -1,0 +1,197 @@
+//! Connections to backends: a per-core keep-alive pool, connect with timeout, sending a request
+//! and reading the response head under the first-byte timeout. A connection goes back to the
+//! pool only when its response was read completely and nothing went wrong; anything that timed
+//! out or failed is dropped, which also tells the backend to stop generating.
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use monoio::io::AsyncWriteRentExt;
+use monoio::net::TcpStream;
+
+use crate::error::ProxyError;
+use crate::http1::head::{Head, ParseStatus};
+use crate::http1::io::read_more;
+
+/// Upper bound for a response head from a backend; real ones are a few hundred bytes.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+pub struct UpConn {
+    pub io: TcpStream,
+    /// Bytes read from the backend and not yet relayed.
+    pub buf: BytesMut,
+    /// Came from the pool (so a failure before the first byte may just mean it went stale).
+    pub reused: bool,
+    /// The backend's own `Keep-Alive: timeout=N`, if it announced one.
+    pub keepalive_hint: Option<Duration>,
+}
+
+struct Idle {
+    conn: UpConn,
+    expires: Instant,
+}
+
+/// Idle connections per backend, owned by one core.
+pub struct Pool {
+    idle: RefCell<Vec<Vec<Idle>>>,
+    max_idle: usize,
+    idle_timeout: Duration,
+}
+
+impl Pool {
+    pub fn new(backends: usize, max_idle: usize, idle_timeout: Duration) -> Self {
+        Pool {
+            idle: RefCell::new((0..backends).map(|_| Vec::new()).collect()),
+            max_idle,
+            idle_timeout,
+        }
+    }
+
+    /// The most recently used live connection (LIFO keeps few connections warm).
+    pub fn take(&self, backend: usize) -> Option<UpConn> {
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.get_mut(backend)?;
+        let now = Instant::now();
+        while let Some(i) = list.pop() {
+            if i.expires > now {
+                let mut conn = i.conn;
+                conn.reused = true;
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    pub fn put(&self, backend: usize, mut conn: UpConn) {
+        if self.max_idle == 0 || !conn.buf.is_empty() {
+            return;
+        }
+        // Expire a second before the backend would, so we never send into its close.
+        let ttl = match conn.keepalive_hint {
+            Some(h) => self
+                .idle_timeout
+                .min(h.saturating_sub(Duration::from_secs(1))),
+            None => self.idle_timeout,
+        };
+        if ttl.is_zero() {
+            return;
+        }
+        conn.buf.clear();
+        let mut idle = self.idle.borrow_mut();
+        let Some(list) = idle.get_mut(backend) else {
+            return;
+        };
+        if list.len() >= self.max_idle {
+            list.remove(0);
+        }
+        list.push(Idle {
+            conn,
+            expires: Instant::now() + ttl,
+        });
+    }
+
+    /// Drops expired connections; called on the core's tick.
+    pub fn prune(&self) {
+        let now = Instant::now();
+        for list in self.idle.borrow_mut().iter_mut() {
+            list.retain(|i| i.expires > now);
+        }
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.idle.borrow().iter().map(Vec::len).sum()
+    }
+}
+
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<UpConn, ProxyError> {
+    let io = match monoio::time::timeout(timeout, TcpStream::connect_addr(addr)).await {
+        Ok(Ok(io)) => io,
+        Ok(Err(e)) => return Err(ProxyError::UpstreamConnect(e)),
+        Err(_) => return Err(ProxyError::UpstreamConnectTimeout),
+    };
+    // Tokens are tiny writes; Nagle would hold them back.
+    let _ = io.set_nodelay(true);
+    Ok(UpConn {
+        io,
+        buf: BytesMut::with_capacity(16 * 1024),
+        reused: false,
+        keepalive_hint: None,
+    })
+}
+
+impl UpConn {
+    /// Writes the whole request, then waits for the response head. Informational (1xx) heads
+    /// other than 101 are skipped.
+    /// The request buffer is handed back so a retry can resend it without rebuilding it.
+    pub async fn exchange(
+        &mut self,
+        request: Vec<u8>,
+        first_byte: Duration,
+    ) -> (Result<Head, ProxyError>, Vec<u8>) {
+        let (res, request) = self.io.write_all(request).await;
+        if let Err(e) = res {
+            return (Err(ProxyError::UpstreamClosed(e.to_string())), request);
+        }
+        let head = match monoio::time::timeout(first_byte, self.read_head()).await {
+            Ok(r) => r,
+            Err(_) => Err(ProxyError::FirstByteTimeout(first_byte)),
+        };
+        (head, request)
+    }
+
+    async fn read_head(&mut self) -> Result<Head, ProxyError> {
+        let mut received_any = false;
+        loop {
+            if !self.buf.is_empty() {
+                match Head::parse_response(&mut self.buf) {
+                    Ok(ParseStatus::Complete(head)) => {
+                        if (100..200).contains(&head.status) && head.status != 101 {
+                            continue;
+                        }
+                        self.keepalive_hint = keepalive_timeout(&head);
+                        return Ok(head);
+                    }
+                    Ok(ParseStatus::Partial) => {
+                        if self.buf.len() > MAX_RESPONSE_HEAD {
+                            return Err(ProxyError::UpstreamProtocol(
+                                "response head too large".into(),
+                            ));
+                        }
+                    }
+                    Err(e) => return Err(ProxyError::UpstreamProtocol(e.to_string())),
+                }
+            }
+            let buf = std::mem::take(&mut self.buf);
+            let (res, buf) = read_more(&mut self.io, buf).await;
+            self.buf = buf;
+            match res {
+                Ok(0) if !received_any => {
+                    return Err(ProxyError::UpstreamClosed("connection closed".into()))
+                }
+                Ok(0) => {
+                    return Err(ProxyError::UpstreamProtocol(
+                        "connection closed inside the response head".into(),
+                    ))
+                }
+                Ok(_) => received_any = true,
+                Err(e) if !received_any => return Err(ProxyError::UpstreamClosed(e.to_string())),
+                Err(e) => return Err(ProxyError::UpstreamProtocol(e.to_string())),
+            }
+        }
+    }
+}
+
+/// `Keep-Alive: timeout=5, max=100` → 5 s.
+fn keepalive_timeout(head: &Head) -> Option<Duration> {
+    let v = head.header_str("keep-alive")?;
+    v.split(',').find_map(|p| {
+        let (k, v) = p.split_once('=')?;
+        if k.trim().eq_ignore_ascii_case("timeout") {
+            v.trim().parse::<u64>().ok().map(Duration::from_secs)
+        } else {
+            None
+        }
+    })
+}

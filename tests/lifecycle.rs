@@ -1,0 +1,271 @@
+//! The binary as an operator meets it: CLI, config checking, workers and drivers, metrics,
+//! graceful shutdown and the embedded demo.
+
+mod common;
+
+use std::io::Read;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+#[test]
+fn help_and_version() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for word in [
+        "--config",
+        "--workers",
+        "--cpus",
+        "check",
+        "demo",
+        "mock-backend",
+    ] {
+        assert!(help.contains(word), "--help mentions {word}");
+    }
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn check_validates_and_names_the_path() {
+    let dir = temp_dir("check");
+    let good = dir.join("good.yaml");
+    std::fs::write(
+        &good,
+        "listen: \":8080\"\nbackends:\n  - url: \"http://vllm-0:8000\"\n    weight: 5\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let bad = dir.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "listen: \":8080\"\nbackends:\n  - url: \"http://a:8000\"\n  - url: \"ftp://b\"\n    weight: 0\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("backends[1].url"), "{err}");
+    assert!(err.contains("backends[1].weight"), "{err}");
+
+    let typo = dir.join("typo.yaml");
+    std::fs::write(
+        &typo,
+        "listen: \":8080\"\nbackends:\n  - url: \"http://a:8000\"\n    wieght: 2\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&typo)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("backends[0]") && err.contains("wieght"),
+        "{err}"
+    );
+
+    let empty = dir.join("empty.yaml");
+    std::fs::write(&empty, "listen: \":8080\"\nbackends: []\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&empty)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("backends"));
+
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/llmproxy.example.yaml");
+    let out = Command::new(BIN)
+        .args(["check", "--config", example])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the example config is valid: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn invalid_cpu_list_is_a_startup_error() {
+    let dir = temp_dir("cpus");
+    let cfg = dir.join("c.yaml");
+    std::fs::write(
+        &cfg,
+        "listen: \"127.0.0.1:0\"\nbackends:\n  - url: \"http://127.0.0.1:9\"\n",
+    )
+    .unwrap();
+    for cpus in ["9999", "1-0", "x"] {
+        let out = Command::new(BIN)
+            .arg("--config")
+            .arg(&cfg)
+            .args(["--cpus", cpus])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "--cpus {cpus} must fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("cpu") || err.contains("CPU"), "{err}");
+    }
+}
+
+#[test]
+fn workers_are_pinned_and_each_logs_its_driver() {
+    let mock = Mock::start();
+    let proxy = Proxy::start(&config(&[mock.url()], ""), &["--workers", "2"]);
+    proxy
+        .proc
+        .wait_for_line("core 0 running on io_uring", Duration::from_secs(5));
+    proxy
+        .proc
+        .wait_for_line("core 1 running on io_uring", Duration::from_secs(5));
+    drop(proxy);
+    let proxy = Proxy::start(&config(&[mock.url()], ""), &["--cpus", "0"]);
+    proxy
+        .proc
+        .wait_for_line("pinned to CPU 0", Duration::from_secs(5));
+    let proxy = Proxy::start_env(
+        &config(&[mock.url()], ""),
+        &[],
+        &[("MONOIO_FORCE_LEGACY_DRIVER", "1")],
+    );
+    proxy
+        .proc
+        .wait_for_line("core 0 running on epoll", Duration::from_secs(5));
+    assert_eq!(
+        post_json(
+            proxy.addr,
+            "/v1/chat/completions",
+            &chat_body(false, 1),
+            &[]
+        )
+        .status,
+        200
+    );
+}
+
+#[test]
+fn metrics_count_requests_with_bounded_labels() {
+    let mock = Mock::start();
+    let yaml = format!(
+        "listen: \"127.0.0.1:0\"\nworkers: 2\nbackends:\n  - url: \"{}\"\n    models: [\"mock-model\"]\n",
+        mock.url()
+    );
+    let proxy = Proxy::start(&yaml, &[]);
+    for _ in 0..3 {
+        assert_eq!(
+            post_json(
+                proxy.addr,
+                "/v1/chat/completions",
+                &chat_body(false, 1),
+                &[]
+            )
+            .status,
+            200
+        );
+    }
+    let r = post_json(
+        proxy.addr,
+        "/v1/chat/completions",
+        r#"{"model":"random-client-junk"}"#,
+        &[],
+    );
+    assert_eq!(r.status, 404);
+    // Local metrics are flushed on each core's tick.
+    std::thread::sleep(Duration::from_millis(300));
+    let m = get(proxy.addr, "/metrics");
+    assert_eq!(m.status, 200);
+    let text = m.text();
+    let line = format!(
+        "llmproxy_requests_total{{backend=\"{}\",model=\"mock-model\",status=\"200\"}} 3",
+        mock.url()
+    );
+    assert!(text.contains(&line), "missing {line} in\n{text}");
+    assert!(text.contains("model=\"other\",status=\"404\""), "{text}");
+    assert!(!text.contains("random-client-junk"));
+    assert!(text.contains("llmproxy_latency_ms_bucket"));
+    assert!(text.contains("llmproxy_backend_up"));
+    assert!(text.contains("llmproxy_build_info"));
+}
+
+#[test]
+fn sigterm_drains_running_streams_then_exits_zero() {
+    let mock = Mock::start_with(&["--token-delay-ms", "100"]);
+    let mut proxy = Proxy::start(&config(&[mock.url()], "shutdown_grace: 10s\n"), &[]);
+    // A keep-alive connection opened before the signal, to ask /health during the drain.
+    let mut probe = Client::connect(proxy.addr);
+    probe.send(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(probe.read_response().status, 200);
+
+    let mut stream = Client::connect(proxy.addr);
+    stream.send(post_raw("/v1/chat/completions", &chat_body(true, 10), &[], false).as_bytes());
+    let mut first = [0u8; 512];
+    assert!(stream.stream.read(&mut first).unwrap() > 0);
+    let t0 = Instant::now();
+    proxy.proc.signal(libc::SIGTERM);
+    probe.send(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n");
+    let h = probe.read_response();
+    assert_eq!(h.status, 503);
+    assert_eq!(h.json()["status"], "draining");
+    // The stream finishes completely.
+    let mut rest = Vec::new();
+    stream.stream.read_to_end(&mut rest).unwrap();
+    let text = String::from_utf8_lossy(&rest);
+    assert!(text.contains("[DONE]"), "stream completed: {text}");
+    assert!(text.ends_with("0\r\n\r\n"));
+    assert_eq!(proxy.proc.wait_exit(Duration::from_secs(5)), Some(0));
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert!(proxy.proc.output().contains("drained"));
+}
+
+#[test]
+fn demo_runs_with_nothing_else() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["demo", "--port", &port.to_string()]);
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    let demo = DemoGuard(child);
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    assert!(eventually(Duration::from_secs(10), || {
+        std::net::TcpStream::connect(addr).is_ok()
+    }));
+    let r = post_json(addr, "/v1/chat/completions", &chat_body(true, 3), &[]);
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("[DONE]"));
+    assert_eq!(get(addr, "/health").status, 200);
+    assert!(get(addr, "/metrics")
+        .text()
+        .contains("llmproxy_requests_total"));
+    drop(demo);
+}
+
+struct DemoGuard(std::process::Child);
+impl Drop for DemoGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
