@@ -78,6 +78,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Panics are contained per connection; make them visible in the structured log.
+    std::panic::set_hook(Box::new(|info| log::error!("panic: {info}")));
     let result = match cli.command {
         Some(Command::Check { config }) => check(&config),
         Some(Command::Demo { port, workers }) => demo(port, workers),

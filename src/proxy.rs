@@ -83,6 +83,11 @@ pub async fn handle(
         .filter(|v| valid_request_id(v))
         .map(str::to_owned)
         .unwrap_or_else(|| w.next_request_id());
+    // Debug builds only: lets the test suite prove a panic stays inside its connection.
+    #[cfg(debug_assertions)]
+    if head.header("x-llmproxy-debug-panic").is_some() {
+        panic!("panic requested by x-llmproxy-debug-panic");
+    }
     let close = !head.keep_alive() || w.shared.draining();
     let cfg = w.config();
     let metrics_here = cfg.admin_listen.is_none() || d.admin;
@@ -486,6 +491,9 @@ async fn watch_client<F: Future>(
     let read = rd.cancelable_read(SliceMut::new(b, len, cap), canceller.handle());
     let mut read = std::pin::pin!(read);
     monoio::select! {
+        // The exchange first: a client that closes right after reading the last byte has
+        // completed, not aborted (and its upstream connection goes back to the pool).
+        biased;
         out = &mut fut => {
             let _ = canceller.cancel();
             let (_, slice) = read.await;

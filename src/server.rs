@@ -4,9 +4,13 @@
 //! hands the complete request to `proxy`. Pipelined requests are answered in order because the
 //! loop only reads the next head once the previous response is written.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -56,12 +60,36 @@ pub async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, admin: bool)
                     drop(stream);
                     continue;
                 }
-                monoio::spawn(serve(worker.clone(), stream, peer, admin));
+                monoio::spawn(Contained(Box::pin(serve(
+                    worker.clone(),
+                    stream,
+                    peer,
+                    admin,
+                ))));
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning on a full fd table.
                 log::warn!("accept failed: {e}");
                 monoio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+/// Keeps a panic in one connection's task from unwinding through the runtime, which would take
+/// the whole core (and every connection on it) down: monoio does not catch task panics itself.
+/// The panicking connection is dropped, which releases its guards and closes its sockets.
+struct Contained<F>(Pin<Box<F>>);
+
+impl<F: Future<Output = ()>> Future for Contained<F> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| self.0.as_mut().poll(cx))) {
+            Ok(poll) => poll,
+            Err(_) => {
+                log::error!("a connection task panicked; that connection was closed");
+                Poll::Ready(())
             }
         }
     }

@@ -164,6 +164,38 @@ fn malformed_and_smuggling_requests_get_400_and_close() {
 }
 
 #[test]
+fn a_panic_in_one_request_does_not_take_down_the_core() {
+    let (_mock, proxy) = proxy_with("");
+    let mut held = Client::connect(proxy.addr);
+    held.send(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(held.read_response().status, 200);
+    let mut c = Client::connect(proxy.addr);
+    c.send(b"GET /health HTTP/1.1\r\nHost: t\r\nx-llmproxy-debug-panic: 1\r\n\r\n");
+    assert!(
+        c.is_closed(Duration::from_secs(5)),
+        "the panicking connection is closed"
+    );
+    // The same (only) core still serves new and existing connections.
+    assert_eq!(get(proxy.addr, "/health").status, 200);
+    held.send(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(held.read_response().status, 200);
+    proxy.proc.wait_for_line("panicked", Duration::from_secs(2));
+}
+
+#[test]
+fn head_requests_are_proxied_without_a_body() {
+    let (_mock, proxy) = proxy_with("");
+    let mut c = Client::connect(proxy.addr);
+    c.send(b"HEAD /v1/models HTTP/1.1\r\nHost: t\r\n\r\n");
+    let r = c.read_response_for(true);
+    assert!(r.status > 0);
+    c.send(b"GET /v1/models HTTP/1.1\r\nHost: t\r\n\r\n");
+    let r = c.read_response();
+    assert_eq!(r.status, 200, "connection still in sync after HEAD");
+    assert_eq!(r.json()["data"][0]["id"], "mock-model");
+}
+
+#[test]
 fn slowloris_head_is_cut_by_the_header_timeout() {
     let (_mock, proxy) = proxy_with("timeouts: { header: 300ms }\n");
     let mut c = Client::connect(proxy.addr);

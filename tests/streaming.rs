@@ -307,6 +307,8 @@ fn upstream_connections_are_reused() {
         post_json(proxy.addr, "/v1/chat/completions", &body, &[]).status,
         200
     );
+    // Let the health thread's startup probe (its own connection) land before counting.
+    std::thread::sleep(Duration::from_millis(300));
     let before = mock.stat("connections");
     for _ in 0..20 {
         assert_eq!(
