@@ -1,21 +1,36 @@
-//! The YAML configuration: schema, defaults, `${VAR}` expansion and validation. Parsing goes
-//! through private "raw" serde structs that reject unknown keys; validation then collects every
-//! problem as `path: reason` lines (never just the first) and produces the typed `Config` the
-//! rest of the program reads. Nothing here touches the network except resolving `listen`.
+//! Configuration: the YAML schema, its defaults, `${VAR}` expansion and validation.
+//!
+//! This module owns turning text into a [`Config`] that the rest of the proxy can trust: every key
+//! has a default, unknown keys are errors, and every problem is reported as `path: reason` with
+//! all problems of a file listed at once, so an operator fixes a config in one pass.
+//!
+//! It must not touch the network beyond resolving `listen`/`admin_listen`: backend hostnames are
+//! resolved by `runtime` when the proxy starts, so `llmproxy check` works on any machine. It keeps
+//! no global state.
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::collections::HashMap;
+use std::env::VarError;
+use std::fmt;
+use std::net::{Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::path::Path;
 use std::time::Duration;
 
+use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
+use serde_yaml::Value;
 
-#[derive(Debug, Clone)]
+/// The validated configuration of one proxy instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// `None`: admin endpoints are served on `listen`.
     pub admin_listen: Option<SocketAddr>,
+    /// 0 = one worker per CPU available to the process.
     pub workers: usize,
+    /// CPUs to pin workers to, one worker each; `None` = no pinning.
     pub cpus: Option<Vec<usize>>,
     pub shutdown_grace: Duration,
+    /// Never empty; URLs are unique.
     pub backends: Vec<Backend>,
     pub strategy: Strategy,
     pub health_check: HealthCheck,
@@ -27,35 +42,47 @@ pub struct Config {
     pub logging: Logging,
 }
 
-#[derive(Debug, Clone)]
+/// One upstream inference server.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Backend {
-    /// Normalised `http://host:port[/base]`, used for display and as the metrics label.
+    /// Normalised `http://host:port[/base]`, no trailing slash; the backend's identity in metrics
+    /// labels, logs and usage events.
     pub url: String,
+    /// Lower-cased host name or IP address, without brackets for IPv6.
     pub host: String,
     pub port: u16,
-    /// The `Host` header value sent upstream.
+    /// The `Host` header value: `host:port`, IPv6 in brackets.
     pub authority: String,
-    /// Prefix prepended to proxied paths ("" or "/prefix").
+    /// `""` or `/prefix` without trailing slash; prepended to every proxied path.
     pub base_path: String,
+    /// At least 1.
     pub weight: u32,
-    /// `None` serves any model.
+    /// `None` = serves any model; otherwise a non-empty list of non-empty names.
     pub models: Option<Vec<String>>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+/// How a backend is picked among the healthy ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Strategy {
     RoundRobin,
     WeightedRoundRobin,
+    #[default]
     LeastConnections,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "a mapping")]
 pub struct HealthCheck {
+    #[serde(deserialize_with = "de_duration")]
     pub interval: Duration,
+    /// Starts with `/`; appended to the backend's base path.
     pub path: String,
+    #[serde(deserialize_with = "de_duration")]
     pub timeout: Duration,
+    /// Consecutive failed probes before a backend is marked down; at least 1.
     pub unhealthy_threshold: u32,
+    /// Consecutive good probes before a down backend is marked up; at least 1.
     pub healthy_threshold: u32,
 }
 
@@ -63,7 +90,7 @@ impl Default for HealthCheck {
     fn default() -> Self {
         HealthCheck {
             interval: Duration::from_secs(10),
-            path: "/health".into(),
+            path: "/health".to_string(),
             timeout: Duration::from_secs(2),
             unhealthy_threshold: 2,
             healthy_threshold: 1,
@@ -71,14 +98,23 @@ impl Default for HealthCheck {
     }
 }
 
-#[derive(Debug, Clone)]
+/// All non-zero.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "a mapping")]
 pub struct Timeouts {
+    #[serde(deserialize_with = "de_duration")]
     pub connect: Duration,
+    #[serde(deserialize_with = "de_duration")]
     pub header: Duration,
+    #[serde(deserialize_with = "de_duration")]
     pub first_byte: Duration,
+    #[serde(deserialize_with = "de_duration")]
     pub idle: Duration,
+    #[serde(deserialize_with = "de_duration")]
     pub request: Duration,
+    #[serde(deserialize_with = "de_duration")]
     pub keepalive: Duration,
+    #[serde(deserialize_with = "de_duration")]
     pub write: Duration,
 }
 
@@ -96,9 +132,13 @@ impl Default for Timeouts {
     }
 }
 
-#[derive(Debug, Clone)]
+/// All non-zero.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "a mapping")]
 pub struct Limits {
+    #[serde(deserialize_with = "de_size")]
     pub max_body_bytes: u64,
+    #[serde(deserialize_with = "de_size_usize")]
     pub max_header_bytes: usize,
     pub max_connections: usize,
 }
@@ -113,9 +153,10 @@ impl Default for Limits {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "a mapping")]
 pub struct Retry {
-    /// Extra attempts on another backend.
+    /// Extra attempts on another backend, only before the client saw a byte.
     pub attempts: u32,
 }
 
@@ -125,9 +166,13 @@ impl Default for Retry {
     }
 }
 
-#[derive(Debug, Clone)]
+/// Per core.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "a mapping")]
 pub struct Pool {
+    /// 0 disables pooling.
     pub max_idle_per_backend: usize,
+    #[serde(deserialize_with = "de_duration")]
     pub idle_timeout: Duration,
 }
 
@@ -140,10 +185,13 @@ impl Default for Pool {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "a mapping")]
 pub struct UsageHook {
     pub enabled: bool,
+    /// An http(s) URL; always `Some` when `enabled`.
     pub url: Option<String>,
+    #[serde(deserialize_with = "de_duration")]
     pub timeout: Duration,
     /// Retries after the first attempt.
     pub retry: u32,
@@ -160,15 +208,10 @@ impl Default for UsageHook {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LogFormat {
-    Json,
-    Text,
-}
-
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "a mapping")]
 pub struct Logging {
+    #[serde(deserialize_with = "de_level")]
     pub level: log::LevelFilter,
     pub format: LogFormat,
     pub access_log: bool,
@@ -184,6 +227,14 @@ impl Default for Logging {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Json,
+    Text,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: {source}")]
@@ -191,116 +242,16 @@ pub enum ConfigError {
         path: String,
         source: std::io::Error,
     },
+    /// One `path: reason` line per problem.
     #[error("{}", .0.join("\n"))]
     Invalid(Vec<String>),
 }
 
-// ---- raw serde layer: strings as written, unknown keys rejected --------------------------------
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawConfig {
-    listen: Option<String>,
-    admin_listen: Option<String>,
-    workers: usize,
-    cpus: Option<String>,
-    shutdown_grace: Option<String>,
-    backends: Vec<RawBackend>,
-    strategy: Option<Strategy>,
-    health_check: RawHealthCheck,
-    timeouts: RawTimeouts,
-    limits: RawLimits,
-    retry: RawRetry,
-    pool: RawPool,
-    usage_hook: RawUsageHook,
-    logging: RawLogging,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawBackend {
-    url: String,
-    #[serde(default = "one")]
-    weight: u32,
-    #[serde(default)]
-    models: Option<Vec<String>>,
-}
-
-fn one() -> u32 {
-    1
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawHealthCheck {
-    interval: Option<String>,
-    path: Option<String>,
-    timeout: Option<String>,
-    unhealthy_threshold: Option<u32>,
-    healthy_threshold: Option<u32>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawTimeouts {
-    connect: Option<String>,
-    header: Option<String>,
-    first_byte: Option<String>,
-    idle: Option<String>,
-    request: Option<String>,
-    keepalive: Option<String>,
-    write: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawLimits {
-    max_body_bytes: Option<Size>,
-    max_header_bytes: Option<Size>,
-    max_connections: Option<usize>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawRetry {
-    attempts: Option<u32>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawPool {
-    max_idle_per_backend: Option<usize>,
-    idle_timeout: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawUsageHook {
-    enabled: Option<bool>,
-    url: Option<String>,
-    timeout: Option<String>,
-    retry: Option<u32>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawLogging {
-    level: Option<String>,
-    format: Option<LogFormat>,
-    access_log: Option<bool>,
-}
-
-/// A size written as bytes (`1048576`) or with a unit (`64KiB`, `10MiB`, `1GB`).
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Size {
-    Bytes(u64),
-    Text(String),
-}
-
-// ---- loading ------------------------------------------------------------------------------------
-
 impl Config {
+    pub fn from_yaml_str(text: &str) -> Result<Config, ConfigError> {
+        from_yaml_with_env(text, &|name| std::env::var(name))
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
             path: path.display().to_string(),
@@ -309,35 +260,16 @@ impl Config {
         Config::from_yaml_str(&text)
     }
 
-    pub fn from_yaml_str(text: &str) -> Result<Config, ConfigError> {
-        let mut value: serde_yaml::Value = serde_yaml::from_str(text)
-            .map_err(|e| ConfigError::Invalid(vec![format!("invalid YAML: {e}")]))?;
-        if value.is_null() {
-            value = serde_yaml::Value::Mapping(Default::default());
-        }
-        let mut errors = Vec::new();
-        expand_env(&mut value, &mut String::new(), &mut errors);
-        if !errors.is_empty() {
-            return Err(ConfigError::Invalid(errors));
-        }
-        let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
-            let path = e.path().to_string();
-            let path = if path == "." { "config".into() } else { path };
-            ConfigError::Invalid(vec![format!("{path}: {}", e.into_inner())])
-        })?;
-        validate(raw)
-    }
-
-    /// Defaults for everything, with these backends (the demo and tests use it).
+    /// A config with defaults for everything and these backend URLs (used by the `demo` command
+    /// and tests); validates the URLs.
     pub fn with_backends(listen: SocketAddr, urls: &[String]) -> Result<Config, ConfigError> {
         let raw = RawConfig {
-            listen: Some(listen.to_string()),
+            listen: listen.to_string(),
             backends: urls
                 .iter()
-                .map(|u| RawBackend {
-                    url: u.clone(),
-                    weight: 1,
-                    models: None,
+                .map(|url| RawBackend {
+                    url: url.clone(),
+                    ..RawBackend::default()
                 })
                 .collect(),
             ..RawConfig::default()
@@ -346,434 +278,625 @@ impl Config {
     }
 }
 
-/// Replaces `${VAR}` in every string scalar; a missing variable is an error at that path.
-fn expand_env(v: &mut serde_yaml::Value, path: &mut String, errors: &mut Vec<String>) {
-    match v {
-        serde_yaml::Value::String(s) if s.contains("${") => {
-            let mut out = String::with_capacity(s.len());
-            let mut rest = s.as_str();
-            while let Some(start) = rest.find("${") {
-                out.push_str(&rest[..start]);
-                let after = &rest[start + 2..];
-                let Some(end) = after.find('}') else {
-                    errors.push(format!("{}: unterminated ${{ in {s:?}", display_path(path)));
-                    return;
-                };
-                let name = &after[..end];
-                match std::env::var(name) {
-                    Ok(val) => out.push_str(&val),
-                    Err(_) => errors.push(format!(
-                        "{}: environment variable {name} is not set",
-                        display_path(path)
-                    )),
-                }
-                rest = &after[end + 1..];
-            }
-            out.push_str(rest);
-            *s = out;
+/// `"0-3,8"` -> `[0, 1, 2, 3, 8]`, in the order given.
+pub fn parse_cpu_list(s: &str) -> Result<Vec<usize>, String> {
+    // libc's cpu_set_t holds this many CPUs; pinning beyond it would index out of bounds.
+    const MAX_CPUS: usize = 1024;
+    if s.trim().is_empty() {
+        return Err("empty CPU list".to_string());
+    }
+    let number = |t: &str| -> Result<usize, String> {
+        let t = t.trim();
+        let n = parse_digits(t).ok_or_else(|| format!("invalid CPU number \"{t}\""))?;
+        if n >= MAX_CPUS {
+            return Err(format!("CPU {n} is out of range (0-{})", MAX_CPUS - 1));
         }
-        serde_yaml::Value::Sequence(items) => {
+        Ok(n)
+    };
+    let mut cpus = Vec::new();
+    for item in s.split(',') {
+        let item = item.trim();
+        if item.is_empty() {
+            return Err(format!("empty item in CPU list \"{s}\""));
+        }
+        let (lo, hi) = match item.split_once('-') {
+            Some((a, b)) => (number(a)?, number(b)?),
+            None => {
+                let n = number(item)?;
+                (n, n)
+            }
+        };
+        if lo > hi {
+            return Err(format!("reversed range \"{item}\""));
+        }
+        for cpu in lo..=hi {
+            if cpus.contains(&cpu) {
+                return Err(format!("CPU {cpu} is listed twice"));
+            }
+            cpus.push(cpu);
+        }
+    }
+    Ok(cpus)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading pipeline: YAML text -> Value -> ${VAR} expansion -> raw structs -> validated Config.
+
+type EnvLookup<'a> = &'a dyn Fn(&str) -> Result<String, VarError>;
+
+/// The environment is a parameter so tests never mutate the process environment.
+fn from_yaml_with_env(text: &str, env: EnvLookup) -> Result<Config, ConfigError> {
+    let mut value: Value = serde_yaml::from_str(text)
+        .map_err(|e| ConfigError::Invalid(vec![format!("invalid YAML: {e}")]))?;
+    // An empty file is a config with nothing set; report what is missing, not a type error.
+    if value.is_null() {
+        value = Value::Mapping(Default::default());
+    }
+    value
+        .apply_merge()
+        .map_err(|e| ConfigError::Invalid(vec![format!("invalid YAML: {e}")]))?;
+
+    let mut errors = Vec::new();
+    expand_env(&mut value, &mut String::new(), env, &mut errors);
+    if !errors.is_empty() {
+        return Err(ConfigError::Invalid(errors));
+    }
+
+    let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        ConfigError::Invalid(vec![if path == "." {
+            format!("config: {inner}")
+        } else {
+            format!("{path}: {inner}")
+        }])
+    })?;
+    validate(raw)
+}
+
+/// Replaces `${VAR}` in every string value (not in keys), recording `path: reason` per failure.
+fn expand_env(value: &mut Value, path: &mut String, env: EnvLookup, errors: &mut Vec<String>) {
+    match value {
+        Value::String(s) => match substitute_env(s, env) {
+            Ok(Some(expanded)) => *s = expanded,
+            Ok(None) => {}
+            Err(reason) => {
+                let at = if path.is_empty() { "config" } else { path };
+                errors.push(format!("{at}: {reason}"));
+            }
+        },
+        Value::Sequence(items) => {
             for (i, item) in items.iter_mut().enumerate() {
                 let len = path.len();
                 path.push_str(&format!("[{i}]"));
-                expand_env(item, path, errors);
+                expand_env(item, path, env, errors);
                 path.truncate(len);
             }
         }
-        serde_yaml::Value::Mapping(map) => {
-            for (k, item) in map.iter_mut() {
+        Value::Mapping(map) => {
+            for (key, item) in map.iter_mut() {
                 let len = path.len();
                 if !path.is_empty() {
                     path.push('.');
                 }
-                path.push_str(k.as_str().unwrap_or("?"));
-                expand_env(item, path, errors);
+                match key {
+                    Value::String(k) => path.push_str(k),
+                    other => {
+                        path.push_str(serde_yaml::to_string(other).unwrap_or_default().trim_end())
+                    }
+                }
+                expand_env(item, path, env, errors);
                 path.truncate(len);
             }
         }
-        _ => {}
+        Value::Tagged(tagged) => expand_env(&mut tagged.value, path, env, errors),
+        Value::Null | Value::Bool(_) | Value::Number(_) => {}
     }
 }
 
-fn display_path(p: &str) -> &str {
-    if p.is_empty() {
-        "config"
-    } else {
-        p
+/// `Ok(None)` when `s` has no reference, so untouched strings are not reallocated.
+fn substitute_env(s: &str, env: EnvLookup) -> Result<Option<String>, String> {
+    if !s.contains("${") {
+        return Ok(None);
     }
-}
-
-/// Collects problems as `path: reason` lines.
-#[derive(Default)]
-struct Problems(Vec<String>);
-
-impl Problems {
-    fn add(&mut self, path: impl std::fmt::Display, why: impl std::fmt::Display) {
-        self.0.push(format!("{path}: {why}"));
-    }
-
-    /// A required-positive duration with a default.
-    fn duration(&mut self, path: &str, v: &Option<String>, default: Duration) -> Duration {
-        match v {
-            None => default,
-            Some(s) => match parse_duration(s) {
-                Ok(d) if d.is_zero() => {
-                    self.add(path, "must be greater than zero");
-                    default
-                }
-                Ok(d) => d,
-                Err(e) => {
-                    self.add(path, e);
-                    default
-                }
-            },
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| "unterminated \"${\" (expected ${NAME})".to_string())?;
+        let name = &after[..end];
+        let valid_name = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid_name {
+            return Err(format!("invalid environment variable name \"{name}\""));
         }
-    }
-
-    fn size(&mut self, path: &str, v: &Option<Size>, default: u64) -> u64 {
-        match v {
-            None => default,
-            Some(Size::Bytes(0)) => {
-                self.add(path, "must be greater than zero");
-                default
+        match env(name) {
+            Ok(v) => out.push_str(&v),
+            Err(VarError::NotPresent) => {
+                return Err(format!("environment variable {name} is not set"))
             }
-            Some(Size::Bytes(n)) => *n,
-            Some(Size::Text(s)) => match parse_size(s) {
-                Ok(0) => {
-                    self.add(path, "must be greater than zero");
-                    default
-                }
-                Ok(n) => n,
-                Err(e) => {
-                    self.add(path, e);
-                    default
-                }
-            },
+            Err(VarError::NotUnicode(_)) => {
+                return Err(format!("environment variable {name} is not valid UTF-8"))
+            }
         }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(Some(out))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw forms of the parts whose YAML shape differs from the validated one. Sections whose YAML
+// shape is already final deserialize straight into their public types and are checked below.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "a mapping of config keys")]
+struct RawConfig {
+    listen: String,
+    admin_listen: Option<String>,
+    workers: usize,
+    cpus: Option<CpuSpec>,
+    #[serde(deserialize_with = "de_duration")]
+    shutdown_grace: Duration,
+    backends: Vec<RawBackend>,
+    strategy: Strategy,
+    health_check: HealthCheck,
+    timeouts: Timeouts,
+    limits: Limits,
+    retry: Retry,
+    pool: Pool,
+    usage_hook: UsageHook,
+    logging: Logging,
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        RawConfig {
+            listen: ":8080".to_string(),
+            admin_listen: None,
+            workers: 0,
+            cpus: None,
+            shutdown_grace: Duration::from_secs(30),
+            backends: Vec::new(),
+            strategy: Strategy::default(),
+            health_check: HealthCheck::default(),
+            timeouts: Timeouts::default(),
+            limits: Limits::default(),
+            retry: Retry::default(),
+            pool: Pool::default(),
+            usage_hook: UsageHook::default(),
+            logging: Logging::default(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "a mapping with url, weight, models"
+)]
+struct RawBackend {
+    url: String,
+    weight: u32,
+    models: Option<Vec<String>>,
+}
+
+impl Default for RawBackend {
+    fn default() -> Self {
+        RawBackend {
+            url: String::new(),
+            weight: 1,
+            models: None,
+        }
+    }
+}
+
+/// `cpus: 3` is as natural to write as `cpus: "3"`; both mean CPU 3.
+struct CpuSpec(String);
+
+impl<'de> Deserialize<'de> for CpuSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = CpuSpec;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a CPU list such as \"0-3,8\"")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<CpuSpec, E> {
+                Ok(CpuSpec(v.to_string()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<CpuSpec, E> {
+                Ok(CpuSpec(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
 fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
-    let mut p = Problems::default();
+    let mut errors: Vec<String> = Vec::new();
+    let mut err = |path: &str, reason: String| errors.push(format!("{path}: {reason}"));
 
-    let listen = match parse_listen(raw.listen.as_deref().unwrap_or(":8080")) {
-        Ok(a) => Some(a),
-        Err(e) => {
-            p.add("listen", e);
-            None
-        }
-    };
+    let listen = parse_listen(&raw.listen).map_err(|e| err("listen", e)).ok();
     let admin_listen = match raw.admin_listen.as_deref().map(str::trim) {
         None | Some("") => None,
-        Some(s) => match parse_listen(s) {
-            Ok(a) => Some(a),
-            Err(e) => {
-                p.add("admin_listen", e);
-                None
-            }
-        },
+        Some(s) => parse_listen(s).map_err(|e| err("admin_listen", e)).ok(),
     };
-    let cpus = match raw.cpus.as_deref().map(str::trim) {
+    if let (Some(l), Some(a)) = (listen, admin_listen) {
+        if l == a && l.port() != 0 {
+            err("admin_listen", format!("must differ from listen ({l})"));
+        }
+    }
+
+    let cpus = match raw.cpus.as_ref().map(|c| c.0.trim()) {
         None | Some("") => None,
-        Some(s) => match parse_cpu_list(s) {
-            Ok(c) => Some(c),
-            Err(e) => {
-                p.add("cpus", e);
-                None
-            }
-        },
+        Some(s) => parse_cpu_list(s).map_err(|e| err("cpus", e)).ok(),
     };
-    let shutdown_grace = p.duration(
-        "shutdown_grace",
-        &raw.shutdown_grace,
-        Duration::from_secs(30),
-    );
+    if let Some(cpus) = &cpus {
+        if raw.workers != 0 && raw.workers != cpus.len() {
+            err(
+                "workers",
+                format!(
+                    "{} workers but cpus lists {} CPUs (one worker per CPU); set workers: 0 or make them agree",
+                    raw.workers,
+                    cpus.len()
+                ),
+            );
+        }
+    }
 
     if raw.backends.is_empty() {
-        p.add("backends", "at least one backend is required");
+        err("backends", "at least one backend is required".to_string());
     }
     let mut backends = Vec::with_capacity(raw.backends.len());
-    for (i, b) in raw.backends.iter().enumerate() {
-        let parsed = match parse_backend_url(&b.url) {
-            Ok(u) => Some(u),
-            Err(e) => {
-                p.add(format!("backends[{i}].url"), e);
-                None
-            }
-        };
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for (i, b) in raw.backends.into_iter().enumerate() {
+        let at = format!("backends[{i}]");
         if b.weight == 0 {
-            p.add(format!("backends[{i}].weight"), "must be at least 1");
+            err(&format!("{at}.weight"), "must be at least 1".to_string());
         }
         if let Some(models) = &b.models {
             if models.is_empty() {
-                p.add(
-                    format!("backends[{i}].models"),
-                    "must not be empty (omit it to serve any model)",
+                err(
+                    &format!("{at}.models"),
+                    "must list at least one model (omit the key to serve any model)".to_string(),
                 );
             }
-            if models.iter().any(|m| m.trim().is_empty()) {
-                p.add(
-                    format!("backends[{i}].models"),
-                    "model names must not be empty",
-                );
+            for (j, m) in models.iter().enumerate() {
+                if m.trim().is_empty() {
+                    err(
+                        &format!("{at}.models[{j}]"),
+                        "model name must not be empty".to_string(),
+                    );
+                } else if models[..j].contains(m) {
+                    err(
+                        &format!("{at}.models[{j}]"),
+                        format!("duplicate model \"{m}\""),
+                    );
+                }
             }
         }
-        if let Some(u) = parsed {
-            if backends.iter().any(|x: &Backend| x.url == u.url) {
-                p.add(
-                    format!("backends[{i}].url"),
-                    format!("duplicate backend {}", u.url),
-                );
+        let url = match parse_http_url(&b.url, UrlUse::Backend) {
+            Ok(u) => u,
+            Err(e) => {
+                err(&format!("{at}.url"), e);
+                continue;
             }
-            backends.push(Backend {
-                weight: b.weight.max(1),
-                models: b.models.clone(),
-                ..u
-            });
+        };
+        let normalised = format!("http://{}{}", url.authority, url.base_path);
+        if let Some(first) = seen.get(&normalised) {
+            err(
+                &format!("{at}.url"),
+                format!("duplicate of backends[{first}] ({normalised})"),
+            );
+            continue;
         }
+        seen.insert(normalised.clone(), i);
+        backends.push(Backend {
+            url: normalised,
+            host: url.host,
+            port: url.port,
+            authority: url.authority,
+            base_path: url.base_path,
+            weight: b.weight,
+            models: b.models,
+        });
     }
 
     let hc = &raw.health_check;
-    let d = HealthCheck::default();
-    let health_check = HealthCheck {
-        interval: p.duration("health_check.interval", &hc.interval, d.interval),
-        path: hc.path.clone().unwrap_or(d.path),
-        timeout: p.duration("health_check.timeout", &hc.timeout, d.timeout),
-        unhealthy_threshold: hc.unhealthy_threshold.unwrap_or(d.unhealthy_threshold),
-        healthy_threshold: hc.healthy_threshold.unwrap_or(d.healthy_threshold),
-    };
-    if !health_check.path.starts_with('/') {
-        p.add("health_check.path", "must start with '/'");
+    if !hc.path.starts_with('/') {
+        err(
+            "health_check.path",
+            format!("must start with '/', got \"{}\"", hc.path),
+        );
     }
-    if health_check.unhealthy_threshold == 0 {
-        p.add("health_check.unhealthy_threshold", "must be at least 1");
+    if hc.path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        err(
+            "health_check.path",
+            "must not contain whitespace".to_string(),
+        );
     }
-    if health_check.healthy_threshold == 0 {
-        p.add("health_check.healthy_threshold", "must be at least 1");
+    if hc.unhealthy_threshold == 0 {
+        err(
+            "health_check.unhealthy_threshold",
+            "must be at least 1".to_string(),
+        );
+    }
+    if hc.healthy_threshold == 0 {
+        err(
+            "health_check.healthy_threshold",
+            "must be at least 1".to_string(),
+        );
     }
 
     let t = &raw.timeouts;
-    let d = Timeouts::default();
-    let timeouts = Timeouts {
-        connect: p.duration("timeouts.connect", &t.connect, d.connect),
-        header: p.duration("timeouts.header", &t.header, d.header),
-        first_byte: p.duration("timeouts.first_byte", &t.first_byte, d.first_byte),
-        idle: p.duration("timeouts.idle", &t.idle, d.idle),
-        request: p.duration("timeouts.request", &t.request, d.request),
-        keepalive: p.duration("timeouts.keepalive", &t.keepalive, d.keepalive),
-        write: p.duration("timeouts.write", &t.write, d.write),
-    };
-
-    let d = Limits::default();
-    let max_header = p.size(
-        "limits.max_header_bytes",
-        &raw.limits.max_header_bytes,
-        d.max_header_bytes as u64,
-    );
-    let limits = Limits {
-        max_body_bytes: p.size(
-            "limits.max_body_bytes",
-            &raw.limits.max_body_bytes,
-            d.max_body_bytes,
-        ),
-        max_header_bytes: usize::try_from(max_header).unwrap_or(usize::MAX),
-        max_connections: raw.limits.max_connections.unwrap_or(d.max_connections),
-    };
-    if limits.max_connections == 0 {
-        p.add("limits.max_connections", "must be at least 1");
-    }
-    if limits.max_header_bytes < 1024 {
-        p.add("limits.max_header_bytes", "must be at least 1KiB");
+    // shutdown_grace may be zero: it means "stop at once", which is a legitimate choice.
+    for (path, d) in [
+        ("health_check.interval", hc.interval),
+        ("health_check.timeout", hc.timeout),
+        ("timeouts.connect", t.connect),
+        ("timeouts.header", t.header),
+        ("timeouts.first_byte", t.first_byte),
+        ("timeouts.idle", t.idle),
+        ("timeouts.request", t.request),
+        ("timeouts.keepalive", t.keepalive),
+        ("timeouts.write", t.write),
+        ("pool.idle_timeout", raw.pool.idle_timeout),
+        ("usage_hook.timeout", raw.usage_hook.timeout),
+    ] {
+        if d.is_zero() {
+            err(path, "must be greater than zero".to_string());
+        }
     }
 
-    let retry = Retry {
-        attempts: raw.retry.attempts.unwrap_or(Retry::default().attempts),
-    };
-    let d = Pool::default();
-    let pool = Pool {
-        max_idle_per_backend: raw
-            .pool
-            .max_idle_per_backend
-            .unwrap_or(d.max_idle_per_backend),
-        idle_timeout: p.duration("pool.idle_timeout", &raw.pool.idle_timeout, d.idle_timeout),
-    };
+    let l = &raw.limits;
+    for (path, zero) in [
+        ("limits.max_body_bytes", l.max_body_bytes == 0),
+        ("limits.max_header_bytes", l.max_header_bytes == 0),
+        ("limits.max_connections", l.max_connections == 0),
+    ] {
+        if zero {
+            err(path, "must be greater than zero".to_string());
+        }
+    }
 
-    let u = &raw.usage_hook;
-    let d = UsageHook::default();
-    let usage_hook = UsageHook {
-        enabled: u.enabled.unwrap_or(d.enabled),
-        url: u.url.clone().filter(|s| !s.trim().is_empty()),
-        timeout: p.duration("usage_hook.timeout", &u.timeout, d.timeout),
-        retry: u.retry.unwrap_or(d.retry),
-    };
-    match (&usage_hook.url, usage_hook.enabled) {
-        (None, true) => p.add("usage_hook.url", "required when usage_hook.enabled is true"),
-        (Some(url), _) => {
-            if let Err(e) = check_webhook_url(url) {
-                p.add("usage_hook.url", e);
+    let mut usage_hook = raw.usage_hook;
+    usage_hook.url = usage_hook
+        .url
+        .map(|u| u.trim().to_string())
+        .filter(|u| !u.is_empty());
+    match &usage_hook.url {
+        Some(url) => {
+            // Checked even when disabled: a bad URL left in place bites when someone enables it.
+            if let Err(e) = parse_http_url(url, UrlUse::Webhook) {
+                err("usage_hook.url", e);
             }
         }
-        (None, false) => {}
+        None if usage_hook.enabled => {
+            err(
+                "usage_hook.url",
+                "is required when usage_hook.enabled is true".to_string(),
+            );
+        }
+        None => {}
     }
 
-    let d = Logging::default();
-    let level = match raw.logging.level.as_deref() {
-        None => d.level,
-        Some(s) => match s.trim().to_ascii_lowercase().parse::<log::LevelFilter>() {
-            Ok(l) => l,
-            Err(_) => {
-                p.add(
-                    "logging.level",
-                    format!(
-                        "unknown level {s:?} (expected off, error, warn, info, debug or trace)"
-                    ),
-                );
-                d.level
-            }
-        },
-    };
-    let logging = Logging {
-        level,
-        format: raw.logging.format.unwrap_or(d.format),
-        access_log: raw.logging.access_log.unwrap_or(d.access_log),
-    };
-
-    match (p.0.is_empty(), listen) {
-        (true, Some(listen)) => Ok(Config {
+    match (listen, errors.is_empty()) {
+        (Some(listen), true) => Ok(Config {
             listen,
             admin_listen,
             workers: raw.workers,
             cpus,
-            shutdown_grace,
+            shutdown_grace: raw.shutdown_grace,
             backends,
-            strategy: raw.strategy.unwrap_or(Strategy::LeastConnections),
-            health_check,
-            timeouts,
-            limits,
-            retry,
-            pool,
+            strategy: raw.strategy,
+            health_check: raw.health_check,
+            timeouts: raw.timeouts,
+            limits: raw.limits,
+            retry: raw.retry,
+            pool: raw.pool,
             usage_hook,
-            logging,
+            logging: raw.logging,
         }),
-        _ => Err(ConfigError::Invalid(p.0)),
+        _ => Err(ConfigError::Invalid(errors)),
     }
 }
 
-/// `:8080` → all interfaces; `host:port` resolved; `[v6]:port`.
+// ---------------------------------------------------------------------------------------------
+// Value parsers.
+
+/// `":PORT"` (all interfaces), `"HOST:PORT"`, `"[v6]:PORT"`; a host name resolves to its first
+/// address.
 fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     let s = s.trim();
-    let full = if let Some(port) = s.strip_prefix(':') {
-        format!("0.0.0.0:{port}")
-    } else {
-        s.to_string()
-    };
-    if let Ok(a) = full.parse::<SocketAddr>() {
-        return Ok(a);
+    if s.is_empty() {
+        return Err("must not be empty; use \":PORT\" or \"HOST:PORT\"".to_string());
     }
-    full.to_socket_addrs()
-        .map_err(|e| format!("invalid address {s:?}: {e}"))?
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("\"{s}\" has no port; use \":PORT\" or \"HOST:PORT\""))?;
+    let port = parse_digits(port)
+        .and_then(|p| u16::try_from(p).ok())
+        .ok_or_else(|| format!("invalid port \"{port}\" in \"{s}\" (0-65535)"))?;
+    if host.is_empty() {
+        return Ok(SocketAddr::from(([0, 0, 0, 0], port)));
+    }
+    if host.starts_with('[') {
+        return Err(format!("invalid IPv6 address in \"{s}\""));
+    }
+    if host.contains(':') {
+        return Err(format!(
+            "IPv6 addresses must be in brackets, e.g. \"[::1]:{port}\""
+        ));
+    }
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve \"{host}\": {e}"))?
         .next()
-        .ok_or_else(|| format!("{s:?} resolves to no address"))
+        .ok_or_else(|| format!("\"{host}\" resolved to no address"))
 }
 
-fn parse_backend_url(url: &str) -> Result<Backend, String> {
-    let url = url.trim();
-    let rest = if let Some(r) = url.strip_prefix("http://") {
-        r
-    } else if url.starts_with("https://") {
-        return Err(
-            "TLS upstreams are not supported; terminate TLS in front or use http://".into(),
-        );
-    } else {
-        return Err(format!("{url:?} must start with http://"));
-    };
-    if rest.contains('?') || rest.contains('#') {
-        return Err("query strings and fragments are not allowed".into());
+#[derive(Clone, Copy, PartialEq)]
+enum UrlUse {
+    Backend,
+    Webhook,
+}
+
+struct HttpUrl {
+    host: String,
+    port: u16,
+    authority: String,
+    base_path: String,
+}
+
+fn parse_http_url(s: &str, usage: UrlUse) -> Result<HttpUrl, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("is required (e.g. \"http://10.0.0.5:8000\")".to_string());
     }
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, ""),
-    };
-    if authority.contains('@') {
-        return Err("credentials in the URL are not supported (use api_key)".into());
-    }
-    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        let (h, after) = v6.split_once(']').ok_or("unterminated IPv6 address")?;
-        let port = match after.strip_prefix(':') {
-            Some(p) => Some(p),
-            None if after.is_empty() => None,
-            None => return Err("garbage after the IPv6 address".into()),
-        };
-        (h.to_string(), port)
-    } else {
-        match authority.rsplit_once(':') {
-            Some((h, p)) => (h.to_string(), Some(p)),
-            None => (authority.to_string(), None),
+    let (scheme, rest) = s
+        .split_once("://")
+        .ok_or_else(|| format!("\"{s}\" has no scheme; expected http://HOST[:PORT][/PATH]"))?;
+    let default_port = match (scheme.to_ascii_lowercase().as_str(), usage) {
+        ("http", _) => 80,
+        ("https", UrlUse::Webhook) => 443,
+        ("https", UrlUse::Backend) => {
+            return Err(
+                "TLS upstreams are not supported; terminate TLS in front or use http://"
+                    .to_string(),
+            )
+        }
+        (_, UrlUse::Backend) => {
+            return Err(format!(
+                "unsupported scheme \"{scheme}\"; only http:// is supported"
+            ))
+        }
+        (_, UrlUse::Webhook) => {
+            return Err(format!(
+                "unsupported scheme \"{scheme}\"; only http:// and https:// are supported"
+            ))
         }
     };
-    if host.is_empty() {
-        return Err("missing host".into());
+    if rest.contains('#') {
+        return Err("fragments (#...) are not allowed".to_string());
     }
-    if !host
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':'))
-    {
-        return Err(format!("invalid host {host:?}"));
+    let (authority, tail) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let path = match tail.split_once('?') {
+        Some(_) if usage == UrlUse::Backend => {
+            return Err("query strings (?...) are not allowed in a backend URL".to_string());
+        }
+        Some((path, _)) => path,
+        None => tail,
+    };
+    if path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("path must not contain whitespace".to_string());
     }
-    let port: u16 = match port {
-        None => 80,
-        Some(p) => match p.parse::<u16>() {
-            Ok(0) | Err(_) => return Err(format!("invalid port {p:?}")),
-            Ok(n) => n,
-        },
+    if authority.contains('@') {
+        return Err("credentials in the URL are not supported".to_string());
+    }
+
+    let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
+        let (h, after) = bracketed
+            .split_once(']')
+            .ok_or_else(|| "unclosed '[' in host".to_string())?;
+        if h.parse::<Ipv6Addr>().is_err() {
+            return Err(format!("invalid IPv6 address \"{h}\""));
+        }
+        let port = match after {
+            "" => None,
+            a => Some(
+                a.strip_prefix(':')
+                    .ok_or_else(|| format!("unexpected \"{a}\" after IPv6 address"))?,
+            ),
+        };
+        (h.to_ascii_lowercase(), port)
+    } else {
+        let (h, port) = match authority.split_once(':') {
+            Some((_, p)) if p.contains(':') => {
+                return Err("IPv6 addresses must be in brackets, e.g. http://[::1]:8000".into())
+            }
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        };
+        if h.is_empty() {
+            return Err("missing host".to_string());
+        }
+        if !h
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+        {
+            return Err(format!("invalid host \"{h}\""));
+        }
+        (h.to_ascii_lowercase(), port)
+    };
+    let port = match port {
+        None => default_port,
+        Some(p) => parse_digits(p)
+            .and_then(|n| u16::try_from(n).ok())
+            .filter(|&n| n != 0)
+            .ok_or_else(|| format!("invalid port \"{p}\" (1-65535)"))?,
     };
     let authority = if host.contains(':') {
         format!("[{host}]:{port}")
     } else {
         format!("{host}:{port}")
     };
-    let base_path = path.trim_end_matches('/').to_string();
-    Ok(Backend {
-        url: format!("http://{authority}{base_path}"),
+    Ok(HttpUrl {
         host,
         port,
         authority,
-        base_path,
-        weight: 1,
-        models: None,
+        base_path: path.trim_end_matches('/').to_string(),
     })
 }
 
-fn check_webhook_url(url: &str) -> Result<(), String> {
-    let rest = url
-        .strip_prefix("http://")
-        .or_else(|| url.strip_prefix("https://"))
-        .ok_or_else(|| format!("{url:?} must be an http:// or https:// URL"))?;
-    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
-    if host.is_empty() {
-        return Err("missing host".into());
+/// Digits only: `str::parse` would also take a leading `+`, which no config value means.
+fn parse_digits(s: &str) -> Option<usize> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
     }
-    Ok(())
+    s.parse().ok()
 }
 
-/// Human durations: `250ms`, `10s`, `30m`, `1h`. A bare number is ambiguous and refused.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    if !s.is_empty() && s.chars().all(|c| c.is_ascii_digit()) {
-        return Err(format!("{s:?} needs a unit, e.g. \"{s}s\" or \"{s}ms\""));
+/// A human duration (`250ms`, `10s`, `30m`, `1h`); a bare number is refused because its unit
+/// would be a guess.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "duration \"{t}\" needs a unit, e.g. \"{t}s\" or \"{t}ms\""
+        ));
     }
-    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))
+    humantime::parse_duration(t).map_err(|e| {
+        format!("invalid duration \"{t}\": {e} (use e.g. \"250ms\", \"10s\", \"30m\", \"1h\")")
+    })
 }
 
-/// `512`, `64KiB`, `10MiB`, `1GiB`; `KB`/`MB`/`GB` are decimal, `K`/`M`/`G` binary.
-pub fn parse_size(s: &str) -> Result<u64, String> {
+/// Bytes with an optional unit: `KiB`/`MiB`/`GiB` and `K`/`M`/`G` are binary, `KB`/`MB`/`GB`
+/// decimal (units are case-insensitive).
+fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid size {s:?} (e.g. 512, 64KiB, 10MiB)"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+    let usage = "expected bytes with an optional unit, e.g. 512, \"64KiB\", \"10MiB\", \"1GiB\"";
+    if num.is_empty() {
+        return Err(format!("invalid size \"{t}\": {usage}"));
+    }
+    if unit.starts_with('.') {
+        return Err(format!(
+            "invalid size \"{t}\": fractions are not supported; use a smaller unit"
+        ));
+    }
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kib" => 1 << 10,
         "m" | "mib" => 1 << 20,
@@ -781,63 +904,173 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "kb" => 1_000,
         "mb" => 1_000_000,
         "gb" => 1_000_000_000,
-        _ => return Err(format!("unknown size unit in {s:?} (use KiB, MiB or GiB)")),
+        other => {
+            return Err(format!(
+                "invalid size \"{t}\": unknown unit \"{other}\"; {usage}"
+            ))
+        }
     };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size {s:?} is too large"))
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(multiplier))
+        .ok_or_else(|| format!("size \"{t}\" is too large"))
 }
 
-/// `"0-3,8"` → `[0, 1, 2, 3, 8]`.
-pub fn parse_cpu_list(s: &str) -> Result<Vec<usize>, String> {
-    let mut cpus = Vec::new();
-    for item in s.split(',') {
-        let item = item.trim();
-        if item.is_empty() {
-            return Err(format!("empty item in CPU list {s:?}"));
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    struct V;
+    impl Visitor<'_> for V {
+        type Value = Duration;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a duration with a unit, e.g. \"10s\" or \"250ms\"")
         }
-        let num = |x: &str| {
-            x.trim()
-                .parse::<usize>()
-                .map_err(|_| format!("invalid CPU number {x:?} in {s:?}"))
-        };
-        let (lo, hi) = match item.split_once('-') {
-            Some((a, b)) => (num(a)?, num(b)?),
-            None => {
-                let n = num(item)?;
-                (n, n)
-            }
-        };
-        if lo > hi {
-            return Err(format!("reversed CPU range {item:?}"));
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Duration, E> {
+            parse_duration(v).map_err(E::custom)
         }
-        if hi > 4095 {
-            return Err(format!("CPU {hi} is out of range"));
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Duration, E> {
+            self.visit_str(&v.to_string())
         }
-        for c in lo..=hi {
-            if cpus.contains(&c) {
-                return Err(format!("CPU {c} listed twice"));
-            }
-            cpus.push(c);
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Duration, E> {
+            Err(E::custom(format!(
+                "duration {v} needs a unit and must not be negative"
+            )))
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Duration, E> {
+            Err(E::custom(format!(
+                "duration {v} needs a unit, e.g. \"{v}s\" → \"1500ms\""
+            )))
         }
     }
-    Ok(cpus)
+    d.deserialize_any(V)
+}
+
+fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    struct V;
+    impl Visitor<'_> for V {
+        type Value = u64;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a size such as 512, \"64KiB\" or \"10MiB\"")
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<u64, E> {
+            parse_size(v).map_err(E::custom)
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<u64, E> {
+            Ok(v)
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<u64, E> {
+            u64::try_from(v).map_err(|_| E::custom(format!("size {v} must not be negative")))
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<u64, E> {
+            Err(E::custom(format!(
+                "size {v}: fractions are not supported; use a smaller unit"
+            )))
+        }
+    }
+    d.deserialize_any(V)
+}
+
+fn de_size_usize<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let n = de_size(d)?;
+    usize::try_from(n).map_err(|_| de::Error::custom(format!("size {n} is too large")))
+}
+
+fn de_level<'de, D: Deserializer<'de>>(d: D) -> Result<log::LevelFilter, D::Error> {
+    let s = String::deserialize(d)?;
+    s.trim().parse().map_err(|_| {
+        de::Error::custom(format!(
+            "unknown log level \"{s}\", expected one of off, error, warn, info, debug, trace"
+        ))
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn errors(yaml: &str) -> String {
-        match Config::from_yaml_str(yaml) {
-            Ok(_) => panic!("expected errors for:\n{yaml}"),
-            Err(e) => e.to_string(),
+    const MINIMAL: &str = "backends: [{ url: \"http://127.0.0.1:8000\" }]\n";
+
+    fn parse(yaml: &str) -> Result<Config, ConfigError> {
+        from_yaml_with_env(yaml, &|name| match name {
+            "BILLING_URL" => Ok("https://billing.example.com/usage".to_string()),
+            "BACKEND_HOST" => Ok("vllm-7".to_string()),
+            "EMPTY" => Ok(String::new()),
+            _ => Err(VarError::NotPresent),
+        })
+    }
+
+    fn ok(yaml: &str) -> Config {
+        match parse(yaml) {
+            Ok(c) => c,
+            Err(e) => panic!("expected a valid config, got:\n{e}\n--- yaml:\n{yaml}"),
         }
     }
 
+    fn errors(yaml: &str) -> Vec<String> {
+        match parse(yaml) {
+            Ok(c) => panic!("expected errors, got {c:?}"),
+            Err(ConfigError::Invalid(lines)) => lines,
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+
+    /// Asserts that some error line starts with `path: ` and contains `needle`.
+    #[track_caller]
+    fn assert_error(yaml: &str, path: &str, needle: &str) {
+        let errs = errors(yaml);
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with(&format!("{path}: ")) && e.contains(needle)),
+            "no error at {path} containing {needle:?}; got {errs:#?}"
+        );
+    }
+
+    fn with_backend(extra: &str) -> String {
+        format!("{MINIMAL}{extra}")
+    }
+
     #[test]
-    fn seed_config_and_defaults() {
-        let c = Config::from_yaml_str(
-            r#"
+    fn defaults() {
+        let c = ok(MINIMAL);
+        assert_eq!(c.listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(c.admin_listen, None);
+        assert_eq!(c.workers, 0);
+        assert_eq!(c.cpus, None);
+        assert_eq!(c.shutdown_grace, Duration::from_secs(30));
+        assert_eq!(c.strategy, Strategy::LeastConnections);
+        assert_eq!(c.health_check, HealthCheck::default());
+        assert_eq!(c.health_check.interval, Duration::from_secs(10));
+        assert_eq!(c.health_check.path, "/health");
+        assert_eq!(c.health_check.timeout, Duration::from_secs(2));
+        assert_eq!(c.health_check.unhealthy_threshold, 2);
+        assert_eq!(c.health_check.healthy_threshold, 1);
+        let t = &c.timeouts;
+        assert_eq!(t.connect, Duration::from_secs(2));
+        assert_eq!(t.header, Duration::from_secs(10));
+        assert_eq!(t.first_byte, Duration::from_secs(60));
+        assert_eq!(t.idle, Duration::from_secs(60));
+        assert_eq!(t.request, Duration::from_secs(1800));
+        assert_eq!(t.keepalive, Duration::from_secs(75));
+        assert_eq!(t.write, Duration::from_secs(30));
+        assert_eq!(c.limits.max_body_bytes, 10 * 1024 * 1024);
+        assert_eq!(c.limits.max_header_bytes, 64 * 1024);
+        assert_eq!(c.limits.max_connections, 100_000);
+        assert_eq!(c.retry.attempts, 2);
+        assert_eq!(c.pool.max_idle_per_backend, 64);
+        assert_eq!(c.pool.idle_timeout, Duration::from_secs(60));
+        assert!(!c.usage_hook.enabled);
+        assert_eq!(c.usage_hook.url, None);
+        assert_eq!(c.usage_hook.timeout, Duration::from_secs(1));
+        assert_eq!(c.usage_hook.retry, 2);
+        assert_eq!(c.logging.level, log::LevelFilter::Info);
+        assert_eq!(c.logging.format, LogFormat::Json);
+        assert!(c.logging.access_log);
+        let b = &c.backends[0];
+        assert_eq!(b.weight, 1);
+        assert_eq!(b.models, None);
+    }
+
+    #[test]
+    fn seed_style_config() {
+        let c = ok(r#"
 listen: ":8080"
 backends:
   - url: "http://vllm-0:8000"
@@ -845,130 +1078,700 @@ backends:
 strategy: least_connections
 health_check: { interval: 10s, path: /health, timeout: 2s }
 usage_hook: { enabled: true, url: "https://billing.example.com/llm-usage", timeout: 1s, retry: 2 }
-"#,
-        )
-        .unwrap();
-        assert_eq!(c.listen, "0.0.0.0:8080".parse().unwrap());
-        assert_eq!(c.backends[0].authority, "vllm-0:8000");
-        assert_eq!(c.backends[0].weight, 5);
-        assert_eq!(c.strategy, Strategy::LeastConnections);
-        assert_eq!(c.timeouts.request, Duration::from_secs(1800));
-        assert_eq!(c.limits.max_body_bytes, 10 << 20);
-        assert_eq!(c.retry.attempts, 2);
-        assert!(c.usage_hook.enabled);
-        assert_eq!(c.logging.format, LogFormat::Json);
-    }
-
-    #[test]
-    fn example_file_parses() {
-        let c = Config::from_yaml_str(include_str!("../config/llmproxy.example.yaml")).unwrap();
-        assert!(!c.backends.is_empty());
-    }
-
-    #[test]
-    fn every_problem_is_reported_with_its_path() {
-        let e = errors(
-            r#"
-listen: "nonsense"
-backends:
-  - url: "https://secure:443"
-  - url: "http://a:8000"
-    weight: 0
-    models: []
-  - url: "http://a:8000"
-health_check: { path: health, unhealthy_threshold: 0 }
-timeouts: { connect: 0s, idle: "10" }
-usage_hook: { enabled: true }
-logging: { level: loud }
-cpus: "3-1"
-"#,
+"#);
+        assert_eq!(c.listen.port(), 8080);
+        assert_eq!(
+            c.backends,
+            vec![Backend {
+                url: "http://vllm-0:8000".into(),
+                host: "vllm-0".into(),
+                port: 8000,
+                authority: "vllm-0:8000".into(),
+                base_path: String::new(),
+                weight: 5,
+                models: None,
+            }]
         );
-        for needle in [
-            "listen:",
-            "backends[0].url: TLS upstreams are not supported",
-            "backends[1].weight: must be at least 1",
-            "backends[1].models",
-            "backends[2].url: duplicate",
-            "health_check.path",
-            "health_check.unhealthy_threshold",
-            "timeouts.connect: must be greater than zero",
-            "timeouts.idle: \"10\" needs a unit",
-            "usage_hook.url: required",
-            "logging.level",
-            "cpus: reversed",
-        ] {
-            assert!(e.contains(needle), "missing {needle:?} in:\n{e}");
+        assert_eq!(c.strategy, Strategy::LeastConnections);
+        assert!(c.usage_hook.enabled);
+        assert_eq!(
+            c.usage_hook.url.as_deref(),
+            Some("https://billing.example.com/llm-usage")
+        );
+        assert_eq!(c.usage_hook.retry, 2);
+    }
+
+    #[test]
+    fn example_file_parses_and_matches_defaults() {
+        let c = match Config::from_yaml_str(include_str!("../config/llmproxy.example.yaml")) {
+            Ok(c) => c,
+            Err(e) => panic!("example config is invalid:\n{e}"),
+        };
+        let defaults = ok(MINIMAL);
+        // The example documents the defaults, so apart from its backend it must equal them.
+        assert_eq!(c.listen, defaults.listen);
+        assert_eq!(c.admin_listen, defaults.admin_listen);
+        assert_eq!(c.workers, defaults.workers);
+        assert_eq!(c.cpus, defaults.cpus);
+        assert_eq!(c.shutdown_grace, defaults.shutdown_grace);
+        assert_eq!(c.strategy, defaults.strategy);
+        assert_eq!(c.health_check, defaults.health_check);
+        assert_eq!(c.timeouts, defaults.timeouts);
+        assert_eq!(c.limits, defaults.limits);
+        assert_eq!(c.retry, defaults.retry);
+        assert_eq!(c.pool, defaults.pool);
+        assert_eq!(c.usage_hook, defaults.usage_hook);
+        assert_eq!(c.logging, defaults.logging);
+        assert_eq!(c.backends.len(), 1);
+        assert_eq!(c.backends[0].weight, 1);
+    }
+
+    #[test]
+    fn full_config() {
+        let c = ok(r#"
+listen: "127.0.0.1:0"
+admin_listen: "127.0.0.1:9901"
+workers: 2
+cpus: "0,1"
+shutdown_grace: 0s
+backends:
+  - url: "HTTP://VLLM-0:8000/v1/"
+    weight: 3
+    models: ["llama-3-8b", "mistral"]
+  - url: "http://[::1]/"
+strategy: weighted_round_robin
+health_check: { interval: 250ms, path: /ready, timeout: 100ms, unhealthy_threshold: 3, healthy_threshold: 2 }
+timeouts: { connect: 1s, header: 2s, first_byte: 3s, idle: 4s, request: 1h, keepalive: 5s, write: 6s }
+limits: { max_body_bytes: 1MB, max_header_bytes: 8K, max_connections: 10 }
+retry: { attempts: 0 }
+pool: { max_idle_per_backend: 0, idle_timeout: 1m }
+usage_hook: { enabled: false, url: "http://sink:9000/hook?token=abc", timeout: 500ms, retry: 0 }
+logging: { level: DEBUG, format: text, access_log: false }
+"#);
+        assert_eq!(c.listen, "127.0.0.1:0".parse().unwrap());
+        assert_eq!(c.admin_listen, Some("127.0.0.1:9901".parse().unwrap()));
+        assert_eq!(c.workers, 2);
+        assert_eq!(c.cpus, Some(vec![0, 1]));
+        assert_eq!(c.shutdown_grace, Duration::ZERO);
+        let b = &c.backends[0];
+        assert_eq!(b.url, "http://vllm-0:8000/v1");
+        assert_eq!(b.host, "vllm-0");
+        assert_eq!(b.authority, "vllm-0:8000");
+        assert_eq!(b.base_path, "/v1");
+        assert_eq!(
+            b.models.as_deref(),
+            Some(&["llama-3-8b".to_string(), "mistral".to_string()][..])
+        );
+        let b = &c.backends[1];
+        assert_eq!(b.url, "http://[::1]:80");
+        assert_eq!(b.host, "::1");
+        assert_eq!(b.port, 80);
+        assert_eq!(b.authority, "[::1]:80");
+        assert_eq!(b.base_path, "");
+        assert_eq!(c.strategy, Strategy::WeightedRoundRobin);
+        assert_eq!(c.health_check.interval, Duration::from_millis(250));
+        assert_eq!(c.health_check.path, "/ready");
+        assert_eq!(c.timeouts.request, Duration::from_secs(3600));
+        assert_eq!(c.limits.max_body_bytes, 1_000_000);
+        assert_eq!(c.limits.max_header_bytes, 8192);
+        assert_eq!(c.retry.attempts, 0);
+        assert_eq!(c.pool.idle_timeout, Duration::from_secs(60));
+        assert_eq!(
+            c.usage_hook.url.as_deref(),
+            Some("http://sink:9000/hook?token=abc")
+        );
+        assert_eq!(c.logging.level, log::LevelFilter::Debug);
+        assert_eq!(c.logging.format, LogFormat::Text);
+        assert!(!c.logging.access_log);
+    }
+
+    #[test]
+    fn empty_document_reports_missing_backends() {
+        for yaml in ["", "{}", "# only a comment\n"] {
+            assert_eq!(
+                errors(yaml),
+                vec!["backends: at least one backend is required"]
+            );
         }
     }
 
     #[test]
-    fn unknown_keys_and_bad_types_name_the_path() {
-        let e = errors("backends:\n  - url: \"http://a:1\"\n    wieght: 2\n");
-        assert!(e.contains("backends[0]") && e.contains("wieght"), "{e}");
-        let e = errors("backends:\n  - url: \"http://a:1\"\nstrategy: fastest\n");
-        assert!(e.contains("strategy") && e.contains("round_robin"), "{e}");
-        let e = errors("backends:\n  - url: \"http://a:1\"\ntimeouts: { conect: 1s }\n");
-        assert!(e.contains("timeouts") && e.contains("conect"), "{e}");
-        let e = errors("backends: []\n");
-        assert!(
-            e.contains("backends: at least one backend is required"),
-            "{e}"
+    fn yaml_syntax_error() {
+        let errs = errors("backends: [\n");
+        assert!(errs[0].starts_with("invalid YAML: "), "{errs:?}");
+        assert!(errors("a: 1\na: 2\n")[0].contains("duplicate entry"));
+        assert_eq!(
+            errors("- a\n"),
+            vec!["config: invalid type: sequence, expected a mapping of config keys"]
         );
-        let e = errors("listen: \":8080\"\n");
-        assert!(e.contains("backends: at least one"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_name_their_path() {
+        assert_error(
+            "backends:\n  - url: http://a:1\n  - url: http://b:1\n    wieght: 2\n",
+            "backends[1].wieght",
+            "unknown field `wieght`, expected one of",
+        );
+        assert_error(
+            &with_backend("routing: {}\n"),
+            "routing",
+            "unknown field `routing`",
+        );
+        assert_error(
+            &with_backend("timeouts: { conect: 1s }\n"),
+            "timeouts.conect",
+            "unknown field",
+        );
+    }
+
+    #[test]
+    fn type_errors_name_their_path() {
+        assert_error(&with_backend("workers: many\n"), "workers", "invalid type");
+        assert_error(
+            &with_backend("retry: { attempts: -1 }\n"),
+            "retry.attempts",
+            "invalid value",
+        );
+        assert_error(
+            &with_backend("health_check: 5\n"),
+            "health_check",
+            "invalid type: integer `5`, expected a mapping",
+        );
+        assert_error(
+            "backends: [{ url: http://a:1, weight: x }]\n",
+            "backends[0].weight",
+            "invalid type",
+        );
+    }
+
+    #[test]
+    fn unknown_strategy_lists_allowed_values() {
+        assert_error(
+            &with_backend("strategy: random\n"),
+            "strategy",
+            "unknown variant `random`, expected one of `round_robin`, `weighted_round_robin`, `least_connections`",
+        );
+        for (name, s) in [
+            ("round_robin", Strategy::RoundRobin),
+            ("weighted_round_robin", Strategy::WeightedRoundRobin),
+            ("least_connections", Strategy::LeastConnections),
+        ] {
+            assert_eq!(
+                ok(&with_backend(&format!("strategy: {name}\n"))).strategy,
+                s
+            );
+        }
+    }
+
+    #[test]
+    fn backend_url_errors() {
+        let cases = [
+            (
+                "https://a:8000",
+                "TLS upstreams are not supported; terminate TLS in front or use http://",
+            ),
+            ("ftp://a:8000", "unsupported scheme \"ftp\""),
+            ("a:8000", "has no scheme"),
+            ("http://", "missing host"),
+            ("http://:8000", "missing host"),
+            ("http:///v1", "missing host"),
+            ("http://a:0", "invalid port \"0\""),
+            ("http://a:65536", "invalid port"),
+            ("http://a:", "invalid port \"\""),
+            ("http://a:80x", "invalid port"),
+            ("http://a:8000/v1?x=1", "query strings"),
+            ("http://a:8000/#frag", "fragments"),
+            ("http://user:pw@a:8000", "credentials"),
+            ("http://::1:8000", "must be in brackets"),
+            ("http://[::1:8000", "unclosed"),
+            ("http://[zz]:8000", "invalid IPv6 address"),
+            ("http://a b:8000", "invalid host"),
+            ("", "is required"),
+        ];
+        for (url, needle) in cases {
+            assert_error(
+                &format!("backends: [{{ url: \"{url}\" }}]\n"),
+                "backends[0].url",
+                needle,
+            );
+        }
+    }
+
+    #[test]
+    fn backend_url_normalisation() {
+        let c = ok("backends:\n  - url: http://Host.Example:8000//\n  - url: \" http://b \"\n");
+        assert_eq!(c.backends[0].url, "http://host.example:8000");
+        assert_eq!(c.backends[0].base_path, "");
+        assert_eq!(c.backends[1].url, "http://b:80");
+        assert_eq!(c.backends[1].authority, "b:80");
+    }
+
+    #[test]
+    fn backend_field_errors() {
+        assert_error(
+            "backends: [{ url: http://a:1, weight: 0 }]\n",
+            "backends[0].weight",
+            "at least 1",
+        );
+        assert_error(
+            "backends: [{ url: http://a:1, models: [] }]\n",
+            "backends[0].models",
+            "at least one model",
+        );
+        assert_error(
+            "backends: [{ url: http://a:1, models: [x, \" \"] }]\n",
+            "backends[0].models[1]",
+            "must not be empty",
+        );
+        assert_error(
+            "backends: [{ url: http://a:1, models: [x, x] }]\n",
+            "backends[0].models[1]",
+            "duplicate model",
+        );
+        assert_error(
+            "backends:\n  - url: http://a:1\n  - url: http://b:1\n  - url: http://A:1/\n",
+            "backends[2].url",
+            "duplicate of backends[0] (http://a:1)",
+        );
+        assert_error(
+            "backends: []\n",
+            "backends",
+            "at least one backend is required",
+        );
+    }
+
+    #[test]
+    fn all_problems_are_reported_at_once() {
+        let errs = errors(
+            r#"
+listen: "nope"
+backends:
+  - url: https://a
+    weight: 0
+health_check: { path: health, unhealthy_threshold: 0, healthy_threshold: 0 }
+timeouts: { connect: 0s }
+usage_hook: { enabled: true }
+cpus: "3-1"
+"#,
+        );
+        for path in [
+            "listen",
+            "backends[0].url",
+            "backends[0].weight",
+            "health_check.path",
+            "health_check.unhealthy_threshold",
+            "health_check.healthy_threshold",
+            "timeouts.connect",
+            "usage_hook.url",
+            "cpus",
+        ] {
+            assert!(
+                errs.iter().any(|e| e.starts_with(&format!("{path}: "))),
+                "missing {path} in {errs:#?}"
+            );
+        }
+        assert_eq!(errs.len(), 9, "{errs:#?}");
+        let display = ConfigError::Invalid(errs.clone()).to_string();
+        assert_eq!(display.lines().count(), errs.len());
+    }
+
+    #[test]
+    fn health_check_errors() {
+        assert_error(
+            &with_backend("health_check: { path: health }\n"),
+            "health_check.path",
+            "must start with '/'",
+        );
+        assert_error(
+            &with_backend("health_check: { unhealthy_threshold: 0 }\n"),
+            "health_check.unhealthy_threshold",
+            "at least 1",
+        );
+        assert_error(
+            &with_backend("health_check: { healthy_threshold: 0 }\n"),
+            "health_check.healthy_threshold",
+            "at least 1",
+        );
+        assert_error(
+            &with_backend("health_check: { interval: 0s }\n"),
+            "health_check.interval",
+            "greater than zero",
+        );
+        assert_error(
+            &with_backend("health_check: { timeout: 0ms }\n"),
+            "health_check.timeout",
+            "greater than zero",
+        );
+    }
+
+    #[test]
+    fn zero_durations_and_limits_are_rejected() {
+        for key in [
+            "connect",
+            "header",
+            "first_byte",
+            "idle",
+            "request",
+            "keepalive",
+            "write",
+        ] {
+            assert_error(
+                &with_backend(&format!("timeouts: {{ {key}: 0s }}\n")),
+                &format!("timeouts.{key}"),
+                "must be greater than zero",
+            );
+        }
+        assert_error(
+            &with_backend("pool: { idle_timeout: 0s }\n"),
+            "pool.idle_timeout",
+            "greater than zero",
+        );
+        assert_error(
+            &with_backend("usage_hook: { timeout: 0s }\n"),
+            "usage_hook.timeout",
+            "greater than zero",
+        );
+        for key in ["max_body_bytes", "max_header_bytes", "max_connections"] {
+            assert_error(
+                &with_backend(&format!("limits: {{ {key}: 0 }}\n")),
+                &format!("limits.{key}"),
+                "must be greater than zero",
+            );
+        }
+    }
+
+    #[test]
+    fn usage_hook_errors() {
+        assert_error(
+            &with_backend("usage_hook: { enabled: true }\n"),
+            "usage_hook.url",
+            "is required",
+        );
+        assert_error(
+            &with_backend("usage_hook: { enabled: true, url: \"\" }\n"),
+            "usage_hook.url",
+            "is required",
+        );
+        assert_error(
+            &with_backend("usage_hook: { enabled: true, url: \"ftp://x/y\" }\n"),
+            "usage_hook.url",
+            "only http:// and https://",
+        );
+        assert_error(
+            &with_backend("usage_hook: { enabled: true, url: \"billing\" }\n"),
+            "usage_hook.url",
+            "no scheme",
+        );
+        assert_error(
+            &with_backend("usage_hook: { url: \"http:///x\" }\n"),
+            "usage_hook.url",
+            "missing host",
+        );
+        let c = ok(&with_backend("usage_hook: { url: \"\" }\n"));
+        assert_eq!(c.usage_hook.url, None);
+    }
+
+    #[test]
+    fn logging_level() {
+        for (s, level) in [
+            ("off", log::LevelFilter::Off),
+            ("error", log::LevelFilter::Error),
+            ("warn", log::LevelFilter::Warn),
+            ("info", log::LevelFilter::Info),
+            ("debug", log::LevelFilter::Debug),
+            ("trace", log::LevelFilter::Trace),
+        ] {
+            assert_eq!(
+                ok(&with_backend(&format!("logging: {{ level: {s} }}\n")))
+                    .logging
+                    .level,
+                level
+            );
+        }
+        assert_error(
+            &with_backend("logging: { level: verbose }\n"),
+            "logging.level",
+            "expected one of off, error, warn, info, debug, trace",
+        );
+        assert_error(
+            &with_backend("logging: { format: xml }\n"),
+            "logging.format",
+            "unknown variant `xml`, expected `json` or `text`",
+        );
+    }
+
+    #[test]
+    fn listen_addresses() {
+        let listen = |s: &str| ok(&with_backend(&format!("listen: \"{s}\"\n"))).listen;
+        assert_eq!(listen(":9000"), "0.0.0.0:9000".parse().unwrap());
+        assert_eq!(listen("127.0.0.1:0"), "127.0.0.1:0".parse().unwrap());
+        assert_eq!(listen("[::1]:8080"), "[::1]:8080".parse().unwrap());
+        let local = listen("localhost:8080");
+        assert!(local.ip().is_loopback() && local.port() == 8080, "{local}");
+
+        for (s, needle) in [
+            ("8080", "has no port"),
+            ("", "must not be empty"),
+            (":http", "invalid port"),
+            (":70000", "invalid port"),
+            ("::1:8080", "must be in brackets"),
+            ("[::zz]:8080", "invalid IPv6"),
+            ("no-such-host.invalid:80", "cannot resolve"),
+        ] {
+            assert_error(
+                &with_backend(&format!("listen: \"{s}\"\n")),
+                "listen",
+                needle,
+            );
+        }
+    }
+
+    #[test]
+    fn admin_listen() {
+        let c = ok(&with_backend("admin_listen: \"127.0.0.1:9901\"\n"));
+        assert_eq!(c.admin_listen, Some("127.0.0.1:9901".parse().unwrap()));
+        assert_eq!(ok(&with_backend("admin_listen: \"\"\n")).admin_listen, None);
+        assert_eq!(ok(&with_backend("admin_listen:\n")).admin_listen, None);
+        assert_error(
+            &with_backend("admin_listen: \"9901\"\n"),
+            "admin_listen",
+            "has no port",
+        );
+        assert_error(
+            &with_backend("admin_listen: \":8080\"\n"),
+            "admin_listen",
+            "must differ from listen",
+        );
+    }
+
+    #[test]
+    fn cpus_and_workers() {
+        assert_eq!(
+            ok(&with_backend("cpus: \"0-2,5\"\n")).cpus,
+            Some(vec![0, 1, 2, 5])
+        );
+        assert_eq!(ok(&with_backend("cpus: 3\n")).cpus, Some(vec![3]));
+        assert_eq!(ok(&with_backend("cpus: \"\"\n")).cpus, None);
+        assert_eq!(
+            ok(&with_backend("workers: 2\ncpus: \"4-5\"\n")).cpus,
+            Some(vec![4, 5])
+        );
+        assert_error(&with_backend("cpus: \"0,,1\"\n"), "cpus", "empty item");
+        assert_error(
+            &with_backend("workers: 3\ncpus: \"0-1\"\n"),
+            "workers",
+            "3 workers but cpus lists 2 CPUs",
+        );
+    }
+
+    #[test]
+    fn cpu_list_parsing() {
+        assert_eq!(parse_cpu_list("0-3,8"), Ok(vec![0, 1, 2, 3, 8]));
+        assert_eq!(parse_cpu_list("7"), Ok(vec![7]));
+        assert_eq!(parse_cpu_list(" 2 - 3 , 0 "), Ok(vec![2, 3, 0]));
+        assert_eq!(parse_cpu_list("5-5"), Ok(vec![5]));
+        for (s, needle) in [
+            ("", "empty CPU list"),
+            ("0,", "empty item"),
+            (",0", "empty item"),
+            ("a", "invalid CPU number \"a\""),
+            ("+1", "invalid CPU number"),
+            ("-1", "invalid CPU number \"\""),
+            ("1-", "invalid CPU number \"\""),
+            ("1-2-3", "invalid CPU number \"2-3\""),
+            ("3-1", "reversed range \"3-1\""),
+            ("0-2,1", "CPU 1 is listed twice"),
+            ("1,1", "listed twice"),
+            ("4096", "out of range"),
+        ] {
+            match parse_cpu_list(s) {
+                Ok(v) => panic!("{s:?} parsed as {v:?}"),
+                Err(e) => assert!(e.contains(needle), "{s:?}: {e:?} lacks {needle:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert!(parse_duration("10").unwrap_err().contains("needs a unit"));
+        assert!(parse_duration("ten seconds")
+            .unwrap_err()
+            .contains("invalid duration"));
+        assert!(parse_duration("").is_err());
+
+        assert_error(
+            &with_backend("timeouts: { connect: 5 }\n"),
+            "timeouts.connect",
+            "needs a unit",
+        );
+        assert_error(
+            &with_backend("timeouts: { connect: \"5\" }\n"),
+            "timeouts.connect",
+            "needs a unit",
+        );
+        assert_error(
+            &with_backend("timeouts: { connect: 1.5 }\n"),
+            "timeouts.connect",
+            "needs a unit",
+        );
+        assert_error(
+            &with_backend("timeouts: { connect: -1 }\n"),
+            "timeouts.connect",
+            "needs a unit",
+        );
+        assert_error(
+            &with_backend("shutdown_grace: soon\n"),
+            "shutdown_grace",
+            "invalid duration",
+        );
+        assert_error(
+            &with_backend("pool: { idle_timeout: 5x }\n"),
+            "pool.idle_timeout",
+            "invalid duration",
+        );
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("64KiB"), Ok(64 * 1024));
+        assert_eq!(parse_size("10MiB"), Ok(10 << 20));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("2KB"), Ok(2_000));
+        assert_eq!(parse_size("3MB"), Ok(3_000_000));
+        assert_eq!(parse_size("1GB"), Ok(1_000_000_000));
+        assert_eq!(parse_size("4K"), Ok(4096));
+        assert_eq!(parse_size("2M"), Ok(2 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("16 kib"), Ok(16 << 10));
+        assert_eq!(parse_size("100B"), Ok(100));
+        assert!(parse_size("MiB").unwrap_err().contains("invalid size"));
+        assert!(parse_size("10XB").unwrap_err().contains("unknown unit"));
+        assert!(parse_size("1.5MiB").unwrap_err().contains("fractions"));
+        assert!(parse_size("99999999999GiB")
+            .unwrap_err()
+            .contains("too large"));
+
+        let c = ok(&with_backend(
+            "limits: { max_body_bytes: 2048, max_header_bytes: \"1KiB\" }\n",
+        ));
+        assert_eq!(c.limits.max_body_bytes, 2048);
+        assert_eq!(c.limits.max_header_bytes, 1024);
+        assert_error(
+            &with_backend("limits: { max_body_bytes: 10Mb/s }\n"),
+            "limits.max_body_bytes",
+            "unknown unit",
+        );
+        assert_error(
+            &with_backend("limits: { max_header_bytes: -5 }\n"),
+            "limits.max_header_bytes",
+            "negative",
+        );
+        assert_error(
+            &with_backend("limits: { max_body_bytes: 0.5 }\n"),
+            "limits.max_body_bytes",
+            "fractions",
+        );
     }
 
     #[test]
     fn env_substitution() {
-        std::env::set_var("LLMPROXY_TEST_HOST", "10.1.2.3");
-        let c =
-            Config::from_yaml_str("backends:\n  - url: \"http://${LLMPROXY_TEST_HOST}:8000\"\n")
-                .unwrap();
-        assert_eq!(c.backends[0].host, "10.1.2.3");
-        let e = errors("backends:\n  - url: \"http://${LLMPROXY_NOPE_NOT_SET}:8000\"\n");
+        let c = ok(r#"
+backends:
+  - url: "http://${BACKEND_HOST}:8000"
+usage_hook: { enabled: true, url: "${BILLING_URL}${EMPTY}" }
+health_check: { path: "/h$x{" }
+"#);
+        assert_eq!(c.backends[0].url, "http://vllm-7:8000");
+        assert_eq!(
+            c.usage_hook.url.as_deref(),
+            Some("https://billing.example.com/usage")
+        );
+        // A lone `$` or `{` is literal text.
+        assert_eq!(c.health_check.path, "/h$x{");
+
+        let errs = errors(
+            "backends:\n  - url: \"http://${NOPE_A}:1\"\nusage_hook:\n  url: \"${NOPE_B}\"\n  enabled: true\n",
+        );
+        assert_eq!(
+            errs,
+            vec![
+                "backends[0].url: environment variable NOPE_A is not set",
+                "usage_hook.url: environment variable NOPE_B is not set",
+            ]
+        );
+        assert_error(
+            &with_backend("usage_hook: { url: \"${BILLING_URL\" }\n"),
+            "usage_hook.url",
+            "unterminated",
+        );
+        assert_error(
+            &with_backend("usage_hook: { url: \"${1X}\" }\n"),
+            "usage_hook.url",
+            "invalid environment variable name",
+        );
+        assert_error(
+            &with_backend("usage_hook: { url: \"${}\" }\n"),
+            "usage_hook.url",
+            "invalid environment variable name",
+        );
+    }
+
+    #[test]
+    fn env_substitution_uses_the_process_environment() {
+        let e = Config::from_yaml_str(
+            "backends: [{ url: \"${LLMPROXY_TEST_SURELY_UNSET_VARIABLE}\" }]\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "backends[0].url: environment variable LLMPROXY_TEST_SURELY_UNSET_VARIABLE is not set"
+        );
+    }
+
+    #[test]
+    fn with_backends_builds_a_default_config() {
+        let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let urls = vec![
+            "http://127.0.0.1:9001".to_string(),
+            "http://127.0.0.1:9002/".to_string(),
+        ];
+        let c = Config::with_backends(listen, &urls).unwrap();
+        assert_eq!(c.listen, listen);
+        assert_eq!(c.backends.len(), 2);
+        assert_eq!(c.backends[1].url, "http://127.0.0.1:9002");
+        assert_eq!(c.timeouts, Timeouts::default());
+
+        let bad = vec!["https://x".to_string()];
+        match Config::with_backends(listen, &bad) {
+            Err(ConfigError::Invalid(e)) => {
+                assert!(e[0].starts_with("backends[0].url: TLS"), "{e:?}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(Config::with_backends(listen, &[]).is_err());
+    }
+
+    #[test]
+    fn load_reports_io_errors_with_the_path() {
+        let e = Config::load(Path::new("/nonexistent/llmproxy.yaml")).unwrap_err();
+        assert!(matches!(e, ConfigError::Io { .. }));
         assert!(
-            e.contains("backends[0].url: environment variable LLMPROXY_NOPE_NOT_SET is not set"),
+            e.to_string().starts_with("/nonexistent/llmproxy.yaml: "),
             "{e}"
         );
     }
 
     #[test]
-    fn urls_are_normalised() {
-        let b = parse_backend_url("http://h:9000/v1-prefix/").unwrap();
-        assert_eq!(
-            (b.host.as_str(), b.port, b.base_path.as_str()),
-            ("h", 9000, "/v1-prefix")
-        );
-        assert_eq!(b.url, "http://h:9000/v1-prefix");
-        let b = parse_backend_url("http://[::1]:8000").unwrap();
-        assert_eq!(b.authority, "[::1]:8000");
-        assert_eq!(parse_backend_url("http://h").unwrap().port, 80);
-        assert!(parse_backend_url("http://:80").is_err());
-        assert!(parse_backend_url("http://h:0").is_err());
-        assert!(parse_backend_url("http://h:1?x=1").is_err());
-        assert!(parse_backend_url("h:1").is_err());
-    }
-
-    #[test]
-    fn durations_sizes_cpus() {
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_duration("30m").unwrap(), Duration::from_secs(1800));
-        assert!(parse_duration("10").is_err());
-        assert!(parse_duration("soon").is_err());
-        assert_eq!(parse_size("64KiB").unwrap(), 65536);
-        assert_eq!(parse_size("10MiB").unwrap(), 10 << 20);
-        assert_eq!(parse_size("1GB").unwrap(), 1_000_000_000);
-        assert_eq!(parse_size("512").unwrap(), 512);
-        assert!(parse_size("12XB").is_err());
-        assert_eq!(parse_cpu_list("0-3,8").unwrap(), vec![0, 1, 2, 3, 8]);
-        assert!(parse_cpu_list("1,,2").is_err());
-        assert!(parse_cpu_list("1,1").is_err());
-        assert!(parse_cpu_list("a").is_err());
-        let c = Config::from_yaml_str(
-            "backends:\n  - url: \"http://a:1\"\nlimits: { max_body_bytes: 1KiB, max_header_bytes: 4096 }\n",
-        )
-        .unwrap();
-        assert_eq!(c.limits.max_body_bytes, 1024);
-        assert_eq!(c.limits.max_header_bytes, 4096);
+    fn yaml_merge_keys() {
+        let c = ok("backends:\n  - &b { url: \"http://a:1\", weight: 4 }\n  - { <<: *b, url: \"http://b:1\" }\n");
+        assert_eq!(c.backends[1].weight, 4);
+        assert_eq!(c.backends[1].url, "http://b:1");
     }
 }
