@@ -38,6 +38,7 @@ pub struct Config {
     pub limits: Limits,
     pub retry: Retry,
     pub pool: Pool,
+    pub usage: Usage,
     pub usage_hook: UsageHook,
     pub logging: Logging,
 }
@@ -195,6 +196,32 @@ pub struct UsageHook {
     pub timeout: Duration,
     /// Retries after the first attempt.
     pub retry: u32,
+    /// `batch`: `{"events": [...]}` per POST; `single`: one event object per POST (the seed's).
+    pub format: HookFormat,
+    /// Most events in one batch.
+    pub batch_max: usize,
+    /// A batch is sent once its oldest event is this old, even if not full.
+    #[serde(deserialize_with = "de_duration")]
+    pub flush_interval: Duration,
+    /// Durable on-disk log of events; `None` keeps undelivered events in memory only.
+    pub spool_dir: Option<String>,
+    #[serde(deserialize_with = "de_size")]
+    pub spool_max_bytes: u64,
+    /// How often appended events are fsynced (what a crash can lose at most).
+    #[serde(deserialize_with = "de_duration")]
+    pub spool_fsync: Duration,
+    /// HMAC-SHA256 key for the `X-Llmproxy-Signature` header.
+    pub secret: Option<String>,
+    /// Extra headers on every POST (e.g. Authorization).
+    pub headers: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HookFormat {
+    #[default]
+    Batch,
+    Single,
 }
 
 impl Default for UsageHook {
@@ -204,6 +231,55 @@ impl Default for UsageHook {
             url: None,
             timeout: Duration::from_secs(1),
             retry: 2,
+            format: HookFormat::Batch,
+            batch_max: 100,
+            flush_interval: Duration::from_secs(1),
+            spool_dir: None,
+            spool_max_bytes: 1 << 30,
+            spool_fsync: Duration::from_secs(1),
+            secret: None,
+            headers: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+/// What the proxy does with token usage (extraction happens always).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "a mapping")]
+pub struct Usage {
+    /// Ask streaming backends for usage (`stream_options.include_usage`) when the client did not,
+    /// and remove the extra usage chunk from what the client receives.
+    pub inject_include_usage: bool,
+    pub identity: Identity,
+    /// Also write each usage event as a log line.
+    pub log: bool,
+}
+
+impl Default for Usage {
+    fn default() -> Self {
+        Usage {
+            inject_include_usage: true,
+            identity: Identity::default(),
+            log: false,
+        }
+    }
+}
+
+/// Where a request's tenant comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "a mapping")]
+pub struct Identity {
+    /// Header carrying the user id ("" = none).
+    pub user_header: String,
+    /// Top-level body field carrying the user id ("" = none); the header wins.
+    pub user_body_field: String,
+}
+
+impl Default for Identity {
+    fn default() -> Self {
+        Identity {
+            user_header: "x-user-id".into(),
+            user_body_field: "user".into(),
         }
     }
 }
@@ -448,6 +524,7 @@ struct RawConfig {
     limits: Limits,
     retry: Retry,
     pool: Pool,
+    usage: Usage,
     usage_hook: UsageHook,
     logging: Logging,
 }
@@ -467,6 +544,7 @@ impl Default for RawConfig {
             limits: Limits::default(),
             retry: Retry::default(),
             pool: Pool::default(),
+            usage: Usage::default(),
             usage_hook: UsageHook::default(),
             logging: Logging::default(),
         }
@@ -647,6 +725,8 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         ("timeouts.write", t.write),
         ("pool.idle_timeout", raw.pool.idle_timeout),
         ("usage_hook.timeout", raw.usage_hook.timeout),
+        ("usage_hook.flush_interval", raw.usage_hook.flush_interval),
+        ("usage_hook.spool_fsync", raw.usage_hook.spool_fsync),
     ] {
         if d.is_zero() {
             err(path, "must be greater than zero".to_string());
@@ -685,6 +765,30 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         None => {}
     }
 
+    if usage_hook.batch_max == 0 {
+        err("usage_hook.batch_max", "must be at least 1".to_string());
+    }
+    if usage_hook.spool_max_bytes == 0 {
+        err(
+            "usage_hook.spool_max_bytes",
+            "must be greater than zero".to_string(),
+        );
+    }
+    usage_hook.spool_dir = usage_hook.spool_dir.filter(|d| !d.trim().is_empty());
+    usage_hook.secret = usage_hook.secret.filter(|s| !s.is_empty());
+    for name in usage_hook.headers.keys() {
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
+        {
+            err(
+                &format!("usage_hook.headers.{name}"),
+                "is not a valid header name".to_string(),
+            );
+        }
+    }
+
     match (listen, errors.is_empty()) {
         (Some(listen), true) => Ok(Config {
             listen,
@@ -699,6 +803,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             limits: raw.limits,
             retry: raw.retry,
             pool: raw.pool,
+            usage: raw.usage,
             usage_hook,
             logging: raw.logging,
         }),

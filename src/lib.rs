@@ -19,4 +19,5 @@ pub mod route;
 pub mod runtime;
 pub mod server;
 pub mod upstream;
+pub mod usage;
 pub mod worker;

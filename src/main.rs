@@ -169,7 +169,7 @@ fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
     // Registered before any thread starts so every thread inherits the mask-free default and the
     // main thread is the one that sees SIGTERM/SIGINT.
     let mut signals = Signals::new([SIGTERM, SIGINT]).context("installing signal handlers")?;
-    let running = runtime::start(cfg)?;
+    let mut running = runtime::start(cfg)?;
     log::info!(
         "llmproxy {} listening on {} ({} workers, {} driver){}",
         env!("CARGO_PKG_VERSION"),
@@ -196,9 +196,15 @@ fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
         },
         grace
     );
+    let started = std::time::Instant::now();
     running.begin_drain();
     let drained = running.wait_drained(grace);
     running.stop_health();
+    // Cores push their last events on their next tick; then usage gets what is left of the grace
+    // period (at least a moment) to reach the webhook. Undelivered events stay in the spool.
+    std::thread::sleep(Duration::from_millis(150));
+    let deadline = (started + grace).max(std::time::Instant::now() + Duration::from_secs(2));
+    running.flush_usage(deadline);
     if drained {
         log::info!("drained; exiting");
     } else {

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use prometheus::local::LocalHistogram;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::balance::LoadView;
@@ -38,6 +38,12 @@ pub struct Metrics {
     backend_inflight: IntGaugeVec,
     pub connections_active: IntGauge,
     pub requests_inflight: IntGauge,
+    ttft_seconds: HistogramVec,
+    tokens_total: IntCounterVec,
+    /// Usage events by what happened to them (delivered, retried, spooled, dead_lettered, dropped).
+    pub usage_events: IntCounterVec,
+    pub usage_spool_bytes: IntGauge,
+    pub usage_delivery_seconds: Histogram,
     pub backends: Vec<String>,
     pub models: Vec<String>,
 }
@@ -85,6 +91,45 @@ impl Metrics {
             IntGauge::new("llmproxy_connections_active", "Open client connections")?;
         let requests_inflight =
             IntGauge::new("llmproxy_requests_inflight", "Requests being processed")?;
+        let ttft_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "llmproxy_time_to_first_token_seconds",
+                "Time from request received to the first response body byte sent (streams)",
+            )
+            .buckets(SECONDS_BUCKETS.to_vec()),
+            &["backend", "model"],
+        )?;
+        let tokens_total = IntCounterVec::new(
+            Opts::new("llmproxy_tokens_total", "Tokens reported by backends"),
+            &["type", "model"],
+        )?;
+        let usage_events = IntCounterVec::new(
+            Opts::new(
+                "llmproxy_usage_events_total",
+                "Usage events by outcome: spooled, delivered, retried, dead_lettered, dropped",
+            ),
+            &["outcome"],
+        )?;
+        for o in [
+            "spooled",
+            "delivered",
+            "retried",
+            "dead_lettered",
+            "dropped",
+        ] {
+            usage_events.with_label_values(&[o]);
+        }
+        let usage_spool_bytes = IntGauge::new(
+            "llmproxy_usage_spool_bytes",
+            "Bytes of usage events waiting for delivery",
+        )?;
+        let usage_delivery_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "llmproxy_usage_delivery_seconds",
+                "Time to deliver one batch of usage events (successful POSTs)",
+            )
+            .buckets(SECONDS_BUCKETS.to_vec()),
+        )?;
         let workers_gauge = IntGauge::new("llmproxy_workers", "Worker threads (cores)")?;
         workers_gauge.set(workers as i64);
         let build_info = IntGaugeVec::new(
@@ -103,6 +148,11 @@ impl Metrics {
         registry.register(Box::new(connections_active.clone()))?;
         registry.register(Box::new(requests_inflight.clone()))?;
         registry.register(Box::new(workers_gauge))?;
+        registry.register(Box::new(ttft_seconds.clone()))?;
+        registry.register(Box::new(tokens_total.clone()))?;
+        registry.register(Box::new(usage_events.clone()))?;
+        registry.register(Box::new(usage_spool_bytes.clone()))?;
+        registry.register(Box::new(usage_delivery_seconds.clone()))?;
         registry.register(Box::new(build_info))?;
         let backends: Vec<String> = cfg.backends.iter().map(|b| b.url.clone()).collect();
         for b in &backends {
@@ -119,6 +169,11 @@ impl Metrics {
             backend_inflight,
             connections_active,
             requests_inflight,
+            ttft_seconds,
+            tokens_total,
+            usage_events,
+            usage_spool_bytes,
+            usage_delivery_seconds,
             backends,
             models: configured_models(cfg),
         })
@@ -149,7 +204,7 @@ pub fn configured_models(cfg: &Config) -> Vec<String> {
 }
 
 /// Index into `Metrics::models`, `OTHER_IDX` or `NONE_IDX`.
-type ModelIdx = u16;
+pub type ModelIdx = u16;
 const OTHER_IDX: ModelIdx = u16::MAX;
 const NONE_IDX: ModelIdx = u16::MAX - 1;
 const NO_BACKEND: u16 = u16::MAX;
@@ -157,7 +212,11 @@ const NO_BACKEND: u16 = u16::MAX;
 struct Histos {
     ms: LocalHistogram,
     seconds: LocalHistogram,
+    ttft: LocalHistogram,
 }
+
+/// Token counts by type, in the order of `TOKEN_TYPES`.
+const TOKEN_TYPES: [&str; 4] = ["prompt", "completion", "cached", "reasoning"];
 
 /// One core's not-yet-flushed observations.
 pub struct LocalMetrics {
@@ -165,6 +224,7 @@ pub struct LocalMetrics {
     requests: RefCell<HashMap<(u16, u16, ModelIdx), u64>>,
     latency: RefCell<HashMap<(u16, ModelIdx), Histos>>,
     retries: RefCell<Vec<u64>>,
+    tokens: RefCell<HashMap<ModelIdx, [u64; 4]>>,
 }
 
 impl LocalMetrics {
@@ -173,6 +233,7 @@ impl LocalMetrics {
             requests: RefCell::new(HashMap::new()),
             latency: RefCell::new(HashMap::new()),
             retries: RefCell::new(vec![0; cfg.backends.len()]),
+            tokens: RefCell::new(HashMap::new()),
             global,
         }
     }
@@ -188,7 +249,14 @@ impl LocalMetrics {
         }
     }
 
-    pub fn request(&self, status: u16, backend: Option<usize>, model: ModelIdx, elapsed: Duration) {
+    pub fn request(
+        &self,
+        status: u16,
+        backend: Option<usize>,
+        model: ModelIdx,
+        elapsed: Duration,
+        ttft: Option<Duration>,
+    ) {
         let b = backend.map_or(NO_BACKEND, |b| b as u16);
         *self
             .requests
@@ -206,12 +274,26 @@ impl LocalMetrics {
                         .duration_seconds
                         .with_label_values(&labels)
                         .local(),
+                    ttft: self.global.ttft_seconds.with_label_values(&labels).local(),
                 }
             });
             let secs = elapsed.as_secs_f64();
             h.ms.observe(secs * 1000.0);
             h.seconds.observe(secs);
+            if let Some(t) = ttft {
+                h.ttft.observe(t.as_secs_f64());
+            }
         }
+    }
+
+    /// Tokens of one finished request.
+    pub fn tokens(&self, model: ModelIdx, u: &crate::usage::Usage) {
+        let mut t = self.tokens.borrow_mut();
+        let e = t.entry(model).or_insert([0; 4]);
+        e[0] += u.prompt_tokens;
+        e[1] += u.completion_tokens;
+        e[2] += u.cached_tokens.unwrap_or(0);
+        e[3] += u.reasoning_tokens.unwrap_or(0);
     }
 
     pub fn retry(&self, backend: usize) {
@@ -250,6 +332,16 @@ impl LocalMetrics {
         for h in self.latency.borrow().values() {
             h.ms.flush();
             h.seconds.flush();
+            h.ttft.flush();
+        }
+        for (m, counts) in self.tokens.borrow_mut().drain() {
+            for (kind, n) in TOKEN_TYPES.iter().zip(counts) {
+                if n > 0 {
+                    g.tokens_total
+                        .with_label_values(&[kind, self.model_label(m)])
+                        .inc_by(n);
+                }
+            }
         }
         for (b, n) in self.retries.borrow_mut().iter_mut().enumerate() {
             if *n > 0 {

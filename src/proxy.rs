@@ -3,7 +3,7 @@
 //! backend; after that, never. While the upstream works, the client socket is watched: a client
 //! that goes away drops the upstream connection at once, which is what stops the GPU.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::net::IpAddr;
 use std::rc::Rc;
@@ -22,10 +22,12 @@ use crate::http1::head::{BodyFraming, Head};
 use crate::http1::headers::forwardable;
 use crate::http1::io::read_more;
 use crate::http1::{write, ChunkedDecoder};
-use crate::openai;
+use crate::logging::ACCESS;
+use crate::openai::{self, RequestInfo};
 use crate::route::Local;
 use crate::server::Downstream;
 use crate::upstream::{self, UpConn};
+use crate::usage::{self, Kind as UsageKind, Tap, Usage, UsageEvent};
 use crate::worker::Worker;
 
 /// How a proxied exchange ended, for logs, metrics and (later) usage events.
@@ -59,7 +61,10 @@ struct Sent {
 /// Per-request facts shared by the steps below.
 struct Exchange<'a> {
     head: &'a Head,
+    /// The body sent upstream (the client's, or with `include_usage` injected).
     body: &'a [u8],
+    /// The proxy added `include_usage`, so the usage-only event is removed from the stream.
+    injected: bool,
     request_id: &'a str,
     client_ip: IpAddr,
     /// The client connection closes after this response.
@@ -68,6 +73,11 @@ struct Exchange<'a> {
     head_sent: Cell<bool>,
     status: Cell<u16>,
     backend: Cell<Option<usize>>,
+    /// When the first response body byte went to the client.
+    first_byte: Cell<Option<Instant>>,
+    /// Watches the response for usage; outside the relay future so that an aborted request
+    /// still reports what arrived before the abort.
+    tap: RefCell<Tap>,
 }
 
 /// Handles one complete request; returns whether the connection may serve another.
@@ -99,16 +109,20 @@ pub async fn handle(
     {
         let (status, ctype, payload) = local_response(w, local);
         let keep = respond(d, status, ctype, payload, &request_id, close, &head).await;
-        access_log(
+        account(
             w,
-            &head,
-            &request_id,
-            None,
-            status,
-            None,
-            received,
-            Outcome::Ok,
             d,
+            Done {
+                head: &head,
+                request_id: &request_id,
+                info: None,
+                status,
+                backend: None,
+                outcome: Outcome::Ok,
+                received,
+                first_byte: None,
+                usage: None,
+            },
         );
         return keep;
     }
@@ -116,37 +130,37 @@ pub async fn handle(
         let e = ProxyError::NotFound(head.path().to_string());
         return fail(w, d, &head, &request_id, e, None, received, close).await;
     }
-    let info = match openai::inspect(head.method(), head.path(), &body) {
+    let info = match openai::inspect(
+        head.method(),
+        head.path(),
+        &body,
+        &cfg.usage.identity.user_body_field,
+    ) {
         Ok(info) => info,
         Err(e) => return fail(w, d, &head, &request_id, e, None, received, true).await,
     };
-    let model_idx = w.metrics.model_index(info.model.as_deref());
     let mask = match w.shared.routes.backends_for(info.model.as_deref()) {
         Ok(mask) => mask,
-        Err(e) => {
-            return fail(
-                w,
-                d,
-                &head,
-                &request_id,
-                e,
-                info.model.as_deref(),
-                received,
-                close,
-            )
-            .await
-        }
+        Err(e) => return fail(w, d, &head, &request_id, e, Some(&info), received, close).await,
     };
 
+    let injected = if cfg.usage.inject_include_usage {
+        openai::inject_include_usage(head.path(), &body, &info)
+    } else {
+        None
+    };
     let x = Exchange {
         head: &head,
-        body: &body,
+        body: injected.as_deref().unwrap_or(&body),
+        injected: injected.is_some(),
         request_id: &request_id,
         client_ip: d.peer.ip(),
         close,
         head_sent: Cell::new(false),
         status: Cell::new(0),
         backend: Cell::new(None),
+        first_byte: Cell::new(None),
+        tap: RefCell::new(Tap::new(UsageKind::None)),
     };
     let Downstream { rd, wr, buf, .. } = d;
     let forward = monoio::time::timeout(cfg.timeouts.request, forward(w, &x, mask, wr));
@@ -171,19 +185,21 @@ pub async fn handle(
         }
         Some(Err(_elapsed)) => (x.status.get(), Outcome::Timeout, false),
     };
-    let elapsed = received.elapsed();
-    w.metrics
-        .request(status, x.backend.get(), model_idx, elapsed);
-    access_log(
+    let usage = x.tap.borrow().usage();
+    account(
         w,
-        &head,
-        &request_id,
-        info.model.as_deref(),
-        status,
-        x.backend.get(),
-        received,
-        outcome,
         d,
+        Done {
+            head: &head,
+            request_id: &request_id,
+            info: Some(&info),
+            status,
+            backend: x.backend.get(),
+            outcome,
+            received,
+            first_byte: x.first_byte.get(),
+            usage,
+        },
     );
     keep
 }
@@ -313,12 +329,37 @@ async fn relay(
         .response_framing(method)
         .map_err(|e| ProxyError::UpstreamProtocol(e.to_string()))?;
     let client_11 = x.head.version == 1;
-    let chunked_out = matches!(framing, BodyFraming::Chunked | BodyFraming::UntilClose);
+    let status = resp.status;
+    x.status.set(status);
+    let event_stream = resp
+        .header("content-type")
+        .is_some_and(|v| v.starts_with(b"text/event-stream"));
+    let mut kind = openai::response_kind(x.head.path(), status, event_stream, x.injected);
+    if matches!(kind, UsageKind::OpenAiSse { strip: true }) && !client_11 {
+        // An HTTP/1.0 client with a fixed-length body cannot have an event removed; it is rare
+        // enough to let it see the usage chunk rather than buffer the whole stream.
+        if let BodyFraming::Length(_) = framing {
+            kind = UsageKind::OpenAiSse { strip: false };
+        }
+    }
+    {
+        let mut tap = x.tap.borrow_mut();
+        *tap = Tap::new(kind);
+        if kind == UsageKind::TgiJson {
+            let num = |h: &str| {
+                resp.header_str(h)
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            };
+            tap.set_header_counts(num("x-prompt-tokens"), num("x-generated-tokens"));
+        }
+    }
+    let holds_back = x.tap.borrow().holds_back();
+    // Re-framed as chunks: anything not fixed-length, and fixed-length bodies that may shrink.
+    let chunked_out = matches!(framing, BodyFraming::Chunked | BodyFraming::UntilClose)
+        || (holds_back && matches!(framing, BodyFraming::Length(_)));
     // An HTTP/1.0 client cannot take chunks: its body ends with the connection.
     let close = x.close || (chunked_out && !client_11);
     let mut reusable = resp.keep_alive() && framing != BodyFraming::UntilClose;
-    let status = resp.status;
-    x.status.set(status);
 
     let mut out = Vec::with_capacity(1024 + conn.buf.len());
     write::status_line(&mut out, status, resp.reason());
@@ -334,11 +375,9 @@ async fn relay(
         }
         BodyFraming::Empty if status == 204 || status == 304 || status < 200 => {}
         BodyFraming::Empty => write::header_num(&mut out, "content-length", 0),
-        BodyFraming::Length(n) => write::header_num(&mut out, "content-length", n),
-        BodyFraming::Chunked | BodyFraming::UntilClose if client_11 => {
-            write::header(&mut out, "transfer-encoding", b"chunked")
-        }
-        BodyFraming::Chunked | BodyFraming::UntilClose => {}
+        _ if chunked_out && client_11 => write::header(&mut out, "transfer-encoding", b"chunked"),
+        BodyFraming::Length(n) if !chunked_out => write::header_num(&mut out, "content-length", n),
+        _ => {}
     }
     if close {
         write::header(&mut out, "connection", b"close");
@@ -346,6 +385,7 @@ async fn relay(
         write::header(&mut out, "connection", b"keep-alive");
     }
     write::end_head(&mut out);
+    let head_len = out.len();
 
     let sent = |outcome: Outcome, close: bool| Sent {
         status,
@@ -361,12 +401,21 @@ async fn relay(
     let mut finished = matches!(framing, BodyFraming::Empty);
     let mut first = true;
     loop {
-        // Move whatever body bytes are buffered into `out`, framed for the client.
+        // Move whatever body bytes are buffered into `out`, framed for the client, through the
+        // usage tap.
         if !finished {
+            let mut tap = x.tap.borrow_mut();
+            let mut emit = |data: &[u8]| {
+                if reframe {
+                    write::chunk(&mut out, data);
+                } else {
+                    out.extend_from_slice(data);
+                }
+            };
             match framing {
                 BodyFraming::Length(_) => {
                     let take = (conn.buf.len() as u64).min(left) as usize;
-                    out.extend_from_slice(&conn.buf.split_to(take));
+                    tap.feed(&conn.buf.split_to(take), &mut emit);
                     left -= take as u64;
                     finished = left == 0;
                 }
@@ -374,7 +423,7 @@ async fn relay(
                     let Some(dec) = decoder.as_mut() else {
                         return Err(ProxyError::Internal("chunked decoder missing".into()));
                     };
-                    let res = dec.decode(&conn.buf, |data| write::chunk(&mut out, data));
+                    let res = dec.decode(&conn.buf, |data| tap.feed(data, &mut emit));
                     match res {
                         Ok(consumed) => {
                             let _ = conn.buf.split_to(consumed);
@@ -389,22 +438,25 @@ async fn relay(
                 }
                 BodyFraming::UntilClose => {
                     let data = conn.buf.split();
-                    if reframe {
-                        write::chunk(&mut out, &data);
-                    } else {
-                        out.extend_from_slice(&data);
-                    }
+                    tap.feed(&data, &mut emit);
                 }
                 BodyFraming::Empty => {}
             }
-            if finished && reframe {
-                out.extend_from_slice(write::LAST_CHUNK);
+            if finished {
+                tap.finish(&mut emit);
+                if reframe {
+                    out.extend_from_slice(write::LAST_CHUNK);
+                }
             }
         }
         if !out.is_empty() || first {
+            let carries_body = !first || out.len() > head_len;
             let (ok, buf) = write_client(wr, out, t.write).await;
             out = buf;
             out.clear();
+            if ok && carries_body && x.first_byte.get().is_none() {
+                x.first_byte.set(Some(Instant::now()));
+            }
             if first {
                 first = false;
                 x.head_sent.set(true);
@@ -422,8 +474,17 @@ async fn relay(
                 conn.buf = buf;
                 if n == 0 {
                     if framing == BodyFraming::UntilClose {
+                        x.tap.borrow_mut().finish(&mut |data: &[u8]| {
+                            if reframe {
+                                write::chunk(&mut out, data);
+                            } else {
+                                out.extend_from_slice(data);
+                            }
+                        });
                         if reframe {
                             out.extend_from_slice(write::LAST_CHUNK);
+                        }
+                        if !out.is_empty() {
                             let (ok, _) = write_client(wr, out, t.write).await;
                             if !ok {
                                 return Ok(sent(Outcome::ClientAborted, true));
@@ -613,7 +674,7 @@ async fn fail(
     head: &Head,
     request_id: &str,
     e: ProxyError,
-    model: Option<&str>,
+    info: Option<&RequestInfo>,
     received: Instant,
     close: bool,
 ) -> bool {
@@ -624,18 +685,20 @@ async fn fail(
     );
     let close = close || e.closes_connection();
     let keep = error_response(d, &e, request_id, close, head).await;
-    let idx = w.metrics.model_index(model);
-    w.metrics.request(e.status(), None, idx, received.elapsed());
-    access_log(
+    account(
         w,
-        head,
-        request_id,
-        model,
-        e.status(),
-        None,
-        received,
-        Outcome::Ok,
         d,
+        Done {
+            head,
+            request_id,
+            info,
+            status: e.status(),
+            backend: None,
+            outcome: Outcome::Ok,
+            received,
+            first_byte: None,
+            usage: None,
+        },
     );
     keep
 }
@@ -663,39 +726,113 @@ pub async fn reject(w: &Worker, d: &mut Downstream, e: &ProxyError, head: Option
         None,
         w.metrics.model_index(None),
         Duration::ZERO,
+        None,
     );
 }
 
-#[allow(clippy::too_many_arguments)]
-fn access_log(
-    w: &Worker,
-    head: &Head,
-    request_id: &str,
-    model: Option<&str>,
+/// Everything known about a request once it is over.
+struct Done<'a> {
+    head: &'a Head,
+    request_id: &'a str,
+    info: Option<&'a RequestInfo>,
     status: u16,
     backend: Option<usize>,
-    received: Instant,
     outcome: Outcome,
-    d: &Downstream,
-) {
-    if !w.config().logging.access_log
-        || !log::log_enabled!(target: crate::logging::ACCESS, log::Level::Info)
-    {
+    received: Instant,
+    first_byte: Option<Instant>,
+    usage: Option<Usage>,
+}
+
+/// The one place a finished request is accounted for: metrics, the access log line and — for
+/// inference endpoints — the usage event.
+fn account(w: &Worker, d: &Downstream, f: Done<'_>) {
+    let cfg = w.config();
+    let elapsed = f.received.elapsed();
+    let model = f.info.and_then(|i| i.model.as_deref());
+    let is_stream = f.info.is_some_and(|i| i.stream);
+    let ttft = f.first_byte.map(|t| t.duration_since(f.received));
+    let model_idx = w.metrics.model_index(model);
+    w.metrics.request(
+        f.status,
+        f.backend,
+        model_idx,
+        elapsed,
+        ttft.filter(|_| is_stream),
+    );
+    if let Some(u) = &f.usage {
+        w.metrics.tokens(model_idx, u);
+    }
+    let backend_url = f
+        .backend
+        .and_then(|b| cfg.backends.get(b))
+        .map(|b| b.url.as_str());
+    let head = f.head;
+    let metered = openai::is_json_route(head.method(), head.path());
+    let key_id = if metered {
+        usage::client_key(head).map(usage::key_id)
+    } else {
+        None
+    };
+    if cfg.logging.access_log && log::log_enabled!(target: ACCESS, log::Level::Info) {
+        let u = f.usage.unwrap_or_default();
+        let line = serde_json::json!({
+            "request_id": f.request_id,
+            "method": head.method(),
+            "path": head.path(),
+            "model": model,
+            "backend": backend_url,
+            "status": f.status,
+            "duration_ms": elapsed.as_secs_f64() * 1000.0,
+            "ttft_ms": ttft.map(|t| t.as_secs_f64() * 1000.0),
+            "prompt_tokens": u.prompt_tokens,
+            "completion_tokens": u.completion_tokens,
+            "outcome": f.outcome.as_str(),
+            "key_id": key_id,
+            "client": d.peer.to_string(),
+        });
+        log::info!(target: ACCESS, "{line}");
+    }
+    if !metered {
         return;
     }
-    let backend = backend
-        .and_then(|b| w.config().backends.get(b))
-        .map(|b| b.url.as_str());
-    let line = serde_json::json!({
-        "request_id": request_id,
-        "method": head.method(),
-        "path": head.path(),
-        "model": model,
-        "backend": backend,
-        "status": status,
-        "duration_ms": received.elapsed().as_secs_f64() * 1000.0,
-        "outcome": outcome.as_str(),
-        "client": d.peer.to_string(),
-    });
-    log::info!(target: crate::logging::ACCESS, "{line}");
+    let identity = &cfg.usage.identity;
+    let user_id = (!identity.user_header.is_empty())
+        .then(|| head.header_str(&identity.user_header))
+        .flatten()
+        .map(str::to_owned)
+        .or_else(|| f.info.and_then(|i| i.user.clone()));
+    let u = f.usage.unwrap_or_default();
+    let event = UsageEvent {
+        event_id: usage::new_event_id(),
+        request_id: f.request_id.to_string(),
+        timestamp: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+        model: model.map(str::to_owned),
+        endpoint: head.path().to_string(),
+        backend_url: backend_url.map(str::to_owned),
+        is_stream,
+        prompt_tokens: u.prompt_tokens,
+        completion_tokens: u.completion_tokens,
+        total_tokens: u.total_tokens,
+        cached_tokens: u.cached_tokens,
+        reasoning_tokens: u.reasoning_tokens,
+        status: f.status,
+        outcome: f.outcome.as_str().to_string(),
+        latency_ms: elapsed.as_millis() as u64,
+        ttft_ms: ttft.map(|t| t.as_millis() as u64),
+        user_id,
+        key_id,
+    };
+    if let Err(ev) = w.usage.send(event) {
+        w.shared
+            .metrics
+            .usage_events
+            .with_label_values(&["dropped"])
+            .inc();
+        log::error!(
+            "usage event dropped (channel and overflow full): request {} model {:?} tokens {}",
+            ev.request_id,
+            ev.model,
+            ev.total_tokens
+        );
+    }
 }

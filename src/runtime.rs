@@ -18,6 +18,7 @@ use crate::control::Broadcast;
 use crate::metrics::Metrics;
 use crate::route::RouteTable;
 use crate::server;
+use crate::usage::deliver::Delivery;
 use crate::worker::{PaddedCount, Shared, Worker};
 
 /// How often each core drains its inbox, flushes metrics and expires pooled connections.
@@ -29,6 +30,7 @@ pub struct Running {
     pub shared: Arc<Shared>,
     pub driver: &'static str,
     stop_health: Arc<AtomicBool>,
+    delivery: Option<Delivery>,
 }
 
 impl Running {
@@ -53,6 +55,13 @@ impl Running {
 
     pub fn stop_health(&self) {
         self.stop_health.store(true, Ordering::Relaxed);
+    }
+
+    /// Flushes usage events: channel → spool → delivery attempts until `deadline`.
+    pub fn flush_usage(&mut self, deadline: std::time::Instant) {
+        if let Some(d) = self.delivery.take() {
+            d.shutdown(deadline);
+        }
     }
 }
 
@@ -172,6 +181,14 @@ pub fn start(cfg: Config) -> anyhow::Result<Running> {
     });
     let (broadcast, inboxes) = Broadcast::new(workers);
     let (health_tx, health_rx) = crossbeam_channel::bounded(1024);
+    let (usage_tx, usage_rx) = crossbeam_channel::bounded(crate::usage::CHANNEL_CAPACITY);
+    let delivery = Delivery::start(
+        &cfg.usage_hook,
+        &cfg.usage,
+        usage_rx,
+        shared.metrics.clone(),
+    )
+    .context("starting usage delivery")?;
     let stop_health = Arc::new(AtomicBool::new(false));
     crate::health::spawn(
         cfg.clone(),
@@ -187,6 +204,7 @@ pub fn start(cfg: Config) -> anyhow::Result<Running> {
         let shared = shared.clone();
         let broadcast = broadcast.clone();
         let health_tx = health_tx.clone();
+        let usage_tx = usage_tx.clone();
         let cpu = cpus.as_ref().map(|c| c[id]);
         let admin_listener = if id == 0 { admin.take() } else { None };
         let ready = ready_tx.clone();
@@ -232,7 +250,9 @@ pub fn start(cfg: Config) -> anyhow::Result<Running> {
                         cpu.map(|c| format!(", pinned to CPU {c}"))
                             .unwrap_or_default()
                     );
-                    let worker = Rc::new(Worker::new(id, shared, inbox, broadcast, health_tx));
+                    let worker = Rc::new(Worker::new(
+                        id, shared, inbox, broadcast, health_tx, usage_tx,
+                    ));
                     let _ = ready.send(Ok(()));
                     let ticker = worker.clone();
                     monoio::spawn(async move {
@@ -259,11 +279,13 @@ pub fn start(cfg: Config) -> anyhow::Result<Running> {
             Err(_) => bail!("a worker thread exited during startup"),
         }
     }
+    drop(usage_tx);
     Ok(Running {
         addr,
         admin_addr,
         shared,
         driver,
         stop_health,
+        delivery: Some(delivery),
     })
 }

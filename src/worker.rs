@@ -18,6 +18,7 @@ use crate::control::{Broadcast, ControlMsg, HealthReport};
 use crate::metrics::{LocalMetrics, Metrics};
 use crate::route::RouteTable;
 use crate::upstream::Pool;
+use crate::usage::{CoreSender, UsageEvent};
 
 /// A counter on its own cache line, so cores updating their own never contend.
 #[repr(align(128))]
@@ -57,6 +58,7 @@ pub struct Worker {
     pub balancer: Balancer,
     pub pool: Pool,
     pub metrics: LocalMetrics,
+    pub usage: CoreSender,
     inbox: Receiver<ControlMsg>,
     peers: Broadcast,
     health_tx: Sender<HealthReport>,
@@ -72,6 +74,7 @@ impl Worker {
         inbox: Receiver<ControlMsg>,
         peers: Broadcast,
         health_tx: Sender<HealthReport>,
+        usage_tx: Sender<UsageEvent>,
     ) -> Self {
         let cfg = &shared.config;
         let n = cfg.backends.len();
@@ -82,6 +85,7 @@ impl Worker {
             balancer: Balancer::new(cfg.strategy, weights),
             pool: Pool::new(n, cfg.pool.max_idle_per_backend, cfg.pool.idle_timeout),
             metrics: LocalMetrics::new(shared.metrics.clone(), cfg),
+            usage: CoreSender::new(usage_tx),
             shared,
             inbox,
             peers,
@@ -136,6 +140,7 @@ impl Worker {
             );
         }
         self.pool.prune();
+        self.usage.tick();
         self.metrics.flush(&self.view, self.id == 0);
     }
 

@@ -1,0 +1,502 @@
+//! Token usage read off responses as they stream past, without holding the stream back.
+//!
+//! `Tap` sits between the upstream body decoder and the client framing: every piece of body data
+//! goes through `feed`, which forwards it (via `emit`) and watches it for usage. For SSE it splits
+//! events incrementally (an event may span reads, a read may hold many events) and takes usage
+//! from any event that carries a non-null one — the last wins, because vLLM, TGI, SGLang and
+//! llama.cpp differ in which chunk carries it. When the proxy injected `include_usage` itself, the
+//! usage-only event (`"choices": []`) is removed so the client sees the stream it asked for; only
+//! then are partial events held until complete. Non-streaming JSON bodies are parsed once at the
+//! end. Events without a `"usage"` (or with `"usage": null`) are never JSON-parsed.
+
+use serde::de::IgnoredAny;
+use serde::{Deserialize, Serialize};
+
+/// Non-streaming bodies larger than this are relayed but not parsed for usage (an embeddings
+/// response of that size is pathological; its usage is then reported as unknown, and logged).
+const MAX_JSON_BODY: usize = 8 << 20;
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cached_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_tokens: Option<u64>,
+}
+
+/// What kind of response body the tap is looking at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Nothing to extract (errors, unknown endpoints).
+    None,
+    /// OpenAI-style JSON with a top-level `usage`.
+    OpenAiJson,
+    /// OpenAI-style SSE; `strip` removes the usage-only event the proxy asked for.
+    OpenAiSse { strip: bool },
+    /// TGI `/generate`: `details.generated_tokens` (and the `x-*-tokens` headers).
+    TgiJson,
+    /// TGI `/generate_stream`: the final event's `details`.
+    TgiSse,
+}
+
+#[derive(Deserialize)]
+struct UsageJson {
+    #[serde(default, alias = "input_tokens")]
+    prompt_tokens: Option<u64>,
+    #[serde(default, alias = "output_tokens")]
+    completion_tokens: Option<u64>,
+    #[serde(default)]
+    total_tokens: Option<u64>,
+    #[serde(default, alias = "input_tokens_details")]
+    prompt_tokens_details: Option<PromptDetails>,
+    #[serde(default, alias = "output_tokens_details")]
+    completion_tokens_details: Option<CompletionDetails>,
+}
+
+#[derive(Deserialize)]
+struct PromptDetails {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct CompletionDetails {
+    #[serde(default)]
+    reasoning_tokens: Option<u64>,
+}
+
+impl From<UsageJson> for Usage {
+    fn from(u: UsageJson) -> Usage {
+        let prompt = u.prompt_tokens.unwrap_or(0);
+        let completion = u.completion_tokens.unwrap_or(0);
+        Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: u.total_tokens.unwrap_or(prompt + completion),
+            cached_tokens: u.prompt_tokens_details.and_then(|d| d.cached_tokens),
+            reasoning_tokens: u.completion_tokens_details.and_then(|d| d.reasoning_tokens),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct OpenAiChunk {
+    #[serde(default)]
+    usage: Option<UsageJson>,
+    #[serde(default)]
+    choices: Option<Vec<IgnoredAny>>,
+}
+
+#[derive(Deserialize)]
+struct TgiBody {
+    #[serde(default)]
+    details: Option<TgiDetails>,
+}
+
+#[derive(Deserialize)]
+struct TgiDetails {
+    #[serde(default)]
+    generated_tokens: Option<u64>,
+    #[serde(default)]
+    input_length: Option<u64>,
+    #[serde(default)]
+    prefill: Option<Vec<IgnoredAny>>,
+}
+
+/// Where a tap forwards the bytes that go on to the client.
+type Emit<'a> = &'a mut dyn FnMut(&[u8]);
+
+pub struct Tap {
+    kind: Kind,
+    /// SSE: bytes of an event not yet complete. JSON: the body so far.
+    pending: Vec<u8>,
+    too_big: bool,
+    usage: Option<Usage>,
+    /// TGI's `x-prompt-tokens` / `x-generated-tokens` response headers.
+    header_prompt: Option<u64>,
+    header_completion: Option<u64>,
+    /// Number of SSE events seen (for inter-token accounting by the caller).
+    events: u64,
+}
+
+impl Tap {
+    pub fn new(kind: Kind) -> Tap {
+        Tap {
+            kind,
+            pending: Vec::new(),
+            too_big: false,
+            usage: None,
+            header_prompt: None,
+            header_completion: None,
+            events: 0,
+        }
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// TGI reports token counts in response headers; they complete what the body says.
+    pub fn set_header_counts(&mut self, prompt: Option<u64>, completion: Option<u64>) {
+        self.header_prompt = prompt;
+        self.header_completion = completion;
+    }
+
+    /// Whether this tap may hold bytes back (only when it removes events).
+    pub fn holds_back(&self) -> bool {
+        matches!(self.kind, Kind::OpenAiSse { strip: true })
+    }
+
+    pub fn events(&self) -> u64 {
+        self.events
+    }
+
+    /// Forwards `data` through `emit` (possibly minus a removed event) and watches it for usage.
+    pub fn feed(&mut self, data: &[u8], emit: &mut dyn FnMut(&[u8])) {
+        match self.kind {
+            Kind::None => emit(data),
+            Kind::OpenAiJson | Kind::TgiJson => {
+                emit(data);
+                if !self.too_big {
+                    if self.pending.len() + data.len() > MAX_JSON_BODY {
+                        self.too_big = true;
+                        self.pending = Vec::new();
+                    } else {
+                        self.pending.extend_from_slice(data);
+                    }
+                }
+            }
+            Kind::OpenAiSse { strip: true } => self.scan(data, Some(emit)),
+            Kind::OpenAiSse { strip: false } | Kind::TgiSse => {
+                emit(data);
+                self.scan(data, None);
+            }
+        }
+    }
+
+    /// End of body: flushes anything held back and parses a JSON body.
+    pub fn finish(&mut self, emit: &mut dyn FnMut(&[u8])) {
+        match self.kind {
+            Kind::OpenAiJson | Kind::TgiJson => {
+                if self.too_big {
+                    log::warn!("response body over {MAX_JSON_BODY} bytes: usage not extracted");
+                } else {
+                    let body = std::mem::take(&mut self.pending);
+                    self.parse_json_body(&body);
+                }
+            }
+            Kind::OpenAiSse { .. } | Kind::TgiSse => {
+                // A final event without its blank line still counts (some servers end that way).
+                let rest = std::mem::take(&mut self.pending);
+                if !rest.is_empty() {
+                    let removed = self.on_event(&rest);
+                    if self.holds_back() && !removed {
+                        emit(&rest);
+                    }
+                }
+            }
+            Kind::None => {}
+        }
+    }
+
+    /// Usage as known now (the final answer once the body ended).
+    pub fn usage(&self) -> Option<Usage> {
+        let mut u = self.usage;
+        if self.header_prompt.is_some() || self.header_completion.is_some() {
+            let base = u.unwrap_or_default();
+            let prompt = self.header_prompt.unwrap_or(base.prompt_tokens);
+            let completion = self.header_completion.unwrap_or(base.completion_tokens);
+            u = Some(Usage {
+                prompt_tokens: prompt,
+                completion_tokens: completion,
+                total_tokens: prompt + completion,
+                ..base
+            });
+        }
+        u
+    }
+
+    /// Splits complete events out of `pending + data`; with `emit`, forwards all but removed
+    /// events and keeps the incomplete tail; without, only watches.
+    fn scan(&mut self, data: &[u8], mut emit: Option<Emit<'_>>) {
+        let joined;
+        let buf: &[u8] = if self.pending.is_empty() {
+            data
+        } else {
+            self.pending.extend_from_slice(data);
+            joined = std::mem::take(&mut self.pending);
+            &joined
+        };
+        let mut start = 0;
+        let mut run_start = 0;
+        while let Some(end) = event_end(buf, start) {
+            let event = &buf[start..end];
+            if self.on_event(event) {
+                if let Some(emit) = emit.as_deref_mut() {
+                    if run_start < start {
+                        emit(&buf[run_start..start]);
+                    }
+                }
+                run_start = end;
+            }
+            start = end;
+        }
+        if let Some(emit) = emit {
+            if run_start < start {
+                emit(&buf[run_start..start]);
+            }
+        }
+        self.pending = buf[start..].to_vec();
+    }
+
+    /// Looks at one complete event; returns true when it must be removed from the stream.
+    fn on_event(&mut self, event: &[u8]) -> bool {
+        self.events += 1;
+        let mut data_lines = event
+            .split(|b| *b == b'\n')
+            .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+            .filter_map(|l| l.strip_prefix(b"data:"))
+            .map(|l| l.strip_prefix(b" ").unwrap_or(l));
+        let Some(first) = data_lines.next() else {
+            return false;
+        };
+        let joined;
+        let payload: &[u8] = match data_lines.next() {
+            None => first,
+            Some(second) => {
+                let mut v = first.to_vec();
+                v.push(b'\n');
+                v.extend_from_slice(second);
+                for more in data_lines {
+                    v.push(b'\n');
+                    v.extend_from_slice(more);
+                }
+                joined = v;
+                &joined
+            }
+        };
+        match self.kind {
+            Kind::OpenAiSse { strip } => {
+                if !has_non_null(payload, b"\"usage\"") {
+                    return false;
+                }
+                let Ok(chunk) = serde_json::from_slice::<OpenAiChunk>(payload) else {
+                    return false;
+                };
+                let usage_only = chunk.choices.as_ref().is_some_and(Vec::is_empty);
+                match chunk.usage {
+                    Some(u) => {
+                        self.usage = Some(u.into());
+                        strip && usage_only
+                    }
+                    None => false,
+                }
+            }
+            Kind::TgiSse => {
+                if has_non_null(payload, b"\"details\"") {
+                    if let Ok(body) = serde_json::from_slice::<TgiBody>(payload) {
+                        self.take_tgi(body);
+                    }
+                }
+                false
+            }
+            _ => false,
+        }
+    }
+
+    fn parse_json_body(&mut self, body: &[u8]) {
+        match self.kind {
+            Kind::OpenAiJson => {
+                if let Ok(chunk) = serde_json::from_slice::<OpenAiChunk>(body) {
+                    if let Some(u) = chunk.usage {
+                        self.usage = Some(u.into());
+                    }
+                }
+            }
+            Kind::TgiJson => {
+                // TGI answers a list when given a list of inputs; take the first object's view.
+                if let Ok(body) = serde_json::from_slice::<TgiBody>(body) {
+                    self.take_tgi(body);
+                } else if let Ok(mut list) = serde_json::from_slice::<Vec<TgiBody>>(body) {
+                    if !list.is_empty() {
+                        let first = list.swap_remove(0);
+                        self.take_tgi(first);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn take_tgi(&mut self, body: TgiBody) {
+        if let Some(d) = body.details {
+            let prompt = d
+                .input_length
+                .or_else(|| d.prefill.map(|p| p.len() as u64))
+                .unwrap_or(0);
+            let completion = d.generated_tokens.unwrap_or(0);
+            self.usage = Some(Usage {
+                prompt_tokens: prompt,
+                completion_tokens: completion,
+                total_tokens: prompt + completion,
+                cached_tokens: None,
+                reasoning_tokens: None,
+            });
+        }
+    }
+}
+
+/// Index just past the blank line that ends the event starting at `from`, if complete.
+fn event_end(buf: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
+    while let Some(p) = memchr::memchr(b'\n', &buf[i..]) {
+        let nl = i + p;
+        match buf.get(nl + 1) {
+            Some(b'\n') => return Some(nl + 2),
+            Some(b'\r') if buf.get(nl + 2) == Some(&b'\n') => return Some(nl + 3),
+            Some(_) => i = nl + 1,
+            None => return None,
+        }
+    }
+    None
+}
+
+/// True when `key` occurs followed by a value other than `null` — the cheap test that spares
+/// a JSON parse for the ordinary token chunk (`"usage": null` on vLLM/OpenAI chunks).
+fn has_non_null(payload: &[u8], key: &[u8]) -> bool {
+    let finder = memchr::memmem::find_iter(payload, key);
+    for pos in finder {
+        let rest = &payload[pos + key.len()..];
+        let rest = rest.trim_ascii_start();
+        let Some(rest) = rest.strip_prefix(b":") else {
+            continue;
+        };
+        if !rest.trim_ascii_start().starts_with(b"null") {
+            return true;
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(kind: Kind, parts: &[&[u8]]) -> (Vec<u8>, Option<Usage>) {
+        let mut tap = Tap::new(kind);
+        let mut out = Vec::new();
+        for p in parts {
+            tap.feed(p, &mut |d| out.extend_from_slice(d));
+        }
+        tap.finish(&mut |d| out.extend_from_slice(d));
+        (out, tap.usage())
+    }
+
+    const STREAM: &str = concat!(
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"}}],\"usage\":null}\n\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"length\"}],\"usage\":null}\n\n",
+        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2,\"total_tokens\":9,",
+        "\"prompt_tokens_details\":{\"cached_tokens\":3},\"completion_tokens_details\":{\"reasoning_tokens\":1}}}\n\n",
+        "data: [DONE]\n\n"
+    );
+
+    #[test]
+    fn sse_usage_at_every_split_point() {
+        let b = STREAM.as_bytes();
+        for cut in 0..b.len() {
+            let (out, u) = run(Kind::OpenAiSse { strip: false }, &[&b[..cut], &b[cut..]]);
+            assert_eq!(out, b, "observe mode forwards everything, cut {cut}");
+            let u = u.expect("usage");
+            assert_eq!(
+                (u.prompt_tokens, u.completion_tokens, u.total_tokens),
+                (7, 2, 9)
+            );
+            assert_eq!(u.cached_tokens, Some(3));
+            assert_eq!(u.reasoning_tokens, Some(1));
+        }
+    }
+
+    #[test]
+    fn strip_removes_only_the_usage_only_event() {
+        let b = STREAM.as_bytes();
+        let start = STREAM.find("data: {\"choices\":[],").unwrap();
+        let end = STREAM.find("data: [DONE]").unwrap();
+        let mut expected = b[..start].to_vec();
+        expected.extend_from_slice(&b[end..]);
+        for cut in 0..b.len() {
+            let (out, u) = run(Kind::OpenAiSse { strip: true }, &[&b[..cut], &b[cut..]]);
+            assert_eq!(
+                String::from_utf8_lossy(&out),
+                String::from_utf8_lossy(&expected),
+                "cut {cut}"
+            );
+            assert_eq!(u.unwrap().total_tokens, 9);
+        }
+        // Byte by byte too.
+        let parts: Vec<&[u8]> = b.chunks(1).collect();
+        let (out, _) = run(Kind::OpenAiSse { strip: true }, &parts);
+        assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn usage_on_a_chunk_with_choices_is_kept_and_counted() {
+        // llama.cpp / some servers: usage on the finish chunk, which must not be removed.
+        let s = "data: {\"choices\":[{\"index\":0,\"delta\":{}}],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":5}}\r\n\r\ndata: [DONE]\r\n\r\n";
+        let (out, u) = run(Kind::OpenAiSse { strip: true }, &[s.as_bytes()]);
+        assert_eq!(out, s.as_bytes());
+        assert_eq!(u.unwrap().total_tokens, 6);
+    }
+
+    #[test]
+    fn last_usage_wins_and_null_is_skipped() {
+        let s = "data: {\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1}}\n\ndata: {\"usage\": null}\n\ndata: {\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":4}}\n\n";
+        let (_, u) = run(Kind::OpenAiSse { strip: false }, &[s.as_bytes()]);
+        assert_eq!(u.unwrap().completion_tokens, 4);
+        assert!(!has_non_null(b"{\"usage\" :  null}", b"\"usage\""));
+        assert!(has_non_null(b"{\"usage\":{}}", b"\"usage\""));
+    }
+
+    #[test]
+    fn json_bodies() {
+        let body = br#"{"id":"x","choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":4,"completion_tokens":6,"total_tokens":10}}"#;
+        let (out, u) = run(Kind::OpenAiJson, &[&body[..20], &body[20..]]);
+        assert_eq!(out, body);
+        assert_eq!(u.unwrap().total_tokens, 10);
+        let responses = br#"{"usage":{"input_tokens":3,"output_tokens":2,"output_tokens_details":{"reasoning_tokens":1}}}"#;
+        let (_, u) = run(Kind::OpenAiJson, &[responses]);
+        let u = u.unwrap();
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens, u.total_tokens),
+            (3, 2, 5)
+        );
+        assert_eq!(u.reasoning_tokens, Some(1));
+        let (_, u) = run(Kind::OpenAiJson, &[b"not json"]);
+        assert_eq!(u, None);
+    }
+
+    #[test]
+    fn tgi_bodies_events_and_headers() {
+        let (_, u) = run(
+            Kind::TgiJson,
+            &[br#"{"generated_text":"x","details":{"finish_reason":"length","generated_tokens":5}}"#],
+        );
+        assert_eq!(u.unwrap().completion_tokens, 5);
+        let mut tap = Tap::new(Kind::TgiJson);
+        tap.set_header_counts(Some(9), Some(5));
+        tap.feed(br#"{"generated_text":"x"}"#, &mut |_| {});
+        tap.finish(&mut |_| {});
+        let u = tap.usage().unwrap();
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens, u.total_tokens),
+            (9, 5, 14)
+        );
+        let s = "data:{\"index\":1,\"token\":{\"id\":1},\"generated_text\":null,\"details\":null}\n\ndata:{\"index\":2,\"token\":{\"id\":2},\"generated_text\":\"ab\",\"details\":{\"finish_reason\":\"length\",\"generated_tokens\":2,\"input_length\":3}}\n\n";
+        let (out, u) = run(Kind::TgiSse, &[s.as_bytes()]);
+        assert_eq!(out, s.as_bytes());
+        let u = u.unwrap();
+        assert_eq!((u.prompt_tokens, u.completion_tokens), (3, 2));
+    }
+}

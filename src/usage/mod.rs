@@ -1,0 +1,198 @@
+//! Usage metering: one `UsageEvent` per finished inference request, streaming or not, aborted or
+//! not. Cores build events and hand them to `CoreSender`, which never blocks: a bounded channel,
+//! then a small per-core overflow retried on the tick, and only beyond that a counted drop.
+//! Events are serialised, spooled and delivered off the cores by `deliver`.
+
+pub mod deliver;
+pub mod extract;
+pub mod spool;
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+
+use crossbeam_channel::{Sender, TrySendError};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub use extract::{Kind, Tap, Usage};
+
+/// Capacity of the channel from all cores to the usage thread.
+pub const CHANNEL_CAPACITY: usize = 64 * 1024;
+/// Events a core keeps itself while the channel is full, before it counts drops.
+const OVERFLOW_MAX: usize = 16 * 1024;
+
+/// The billing contract (DESIGN.md §5). Field names follow the seed's webhook payload; its raw
+/// `api_key` is replaced by `key_id`, a hash that cannot be turned back into the key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageEvent {
+    pub event_id: String,
+    pub request_id: String,
+    pub timestamp: String,
+    pub model: Option<String>,
+    pub endpoint: String,
+    pub backend_url: Option<String>,
+    pub is_stream: bool,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_tokens: Option<u64>,
+    pub status: u16,
+    pub outcome: String,
+    pub latency_ms: u64,
+    pub ttft_ms: Option<u64>,
+    pub user_id: Option<String>,
+    pub key_id: Option<String>,
+}
+
+/// A short, stable, non-reversible name for an API key: `key-` + 16 hex digits of SHA-256.
+pub fn key_id(raw_key: &str) -> String {
+    let digest = Sha256::digest(raw_key.as_bytes());
+    let mut s = String::with_capacity(20);
+    s.push_str("key-");
+    for b in &digest[..8] {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+/// The API key a client presented (`Authorization: Bearer …` or `x-api-key`).
+pub fn client_key(head: &crate::http1::Head) -> Option<&str> {
+    if let Some(v) = head.header_str("authorization") {
+        let v = v.trim();
+        if v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ") {
+            return Some(v[7..].trim());
+        }
+    }
+    head.header_str("x-api-key").map(str::trim)
+}
+
+/// A random 128-bit id, hex encoded: the idempotency key of one event.
+pub fn new_event_id() -> String {
+    format!("{:032x}", fastrand::u128(..))
+}
+
+/// One core's way out for events.
+pub struct CoreSender {
+    tx: Sender<UsageEvent>,
+    overflow: RefCell<VecDeque<UsageEvent>>,
+    dropped: Cell<u64>,
+}
+
+impl CoreSender {
+    pub fn new(tx: Sender<UsageEvent>) -> Self {
+        CoreSender {
+            tx,
+            overflow: RefCell::new(VecDeque::new()),
+            dropped: Cell::new(0),
+        }
+    }
+
+    /// Never blocks. Order is kept: once something waits in the overflow, new events queue
+    /// behind it.
+    pub fn send(&self, ev: UsageEvent) -> Result<(), Box<UsageEvent>> {
+        let mut overflow = self.overflow.borrow_mut();
+        if overflow.is_empty() {
+            match self.tx.try_send(ev) {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Full(ev)) | Err(TrySendError::Disconnected(ev)) => {
+                    if overflow.len() < OVERFLOW_MAX {
+                        overflow.push_back(ev);
+                        return Ok(());
+                    }
+                    self.dropped.set(self.dropped.get() + 1);
+                    return Err(Box::new(ev));
+                }
+            }
+        }
+        if overflow.len() < OVERFLOW_MAX {
+            overflow.push_back(ev);
+            Ok(())
+        } else {
+            self.dropped.set(self.dropped.get() + 1);
+            Err(Box::new(ev))
+        }
+    }
+
+    /// Moves what waits in the overflow into the channel, as far as it has room.
+    pub fn tick(&self) {
+        let mut overflow = self.overflow.borrow_mut();
+        while let Some(ev) = overflow.pop_front() {
+            match self.tx.try_send(ev) {
+                Ok(()) => {}
+                Err(TrySendError::Full(ev)) | Err(TrySendError::Disconnected(ev)) => {
+                    overflow.push_front(ev);
+                    break;
+                }
+            }
+        }
+    }
+
+    pub fn backlog(&self) -> usize {
+        self.overflow.borrow().len()
+    }
+
+    /// Events this core had to drop (both channel and overflow full).
+    pub fn dropped(&self) -> u64 {
+        self.dropped.get()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(n: u64) -> UsageEvent {
+        UsageEvent {
+            event_id: new_event_id(),
+            request_id: n.to_string(),
+            timestamp: String::new(),
+            model: None,
+            endpoint: "/v1/chat/completions".into(),
+            backend_url: None,
+            is_stream: false,
+            prompt_tokens: n,
+            completion_tokens: 0,
+            total_tokens: n,
+            cached_tokens: None,
+            reasoning_tokens: None,
+            status: 200,
+            outcome: "ok".into(),
+            latency_ms: 0,
+            ttft_ms: None,
+            user_id: None,
+            key_id: None,
+        }
+    }
+
+    #[test]
+    fn overflow_keeps_order_and_drains_on_tick() {
+        let (tx, rx) = crossbeam_channel::bounded(2);
+        let s = CoreSender::new(tx);
+        for n in 0..5 {
+            s.send(ev(n)).unwrap();
+        }
+        assert_eq!(s.backlog(), 3);
+        let got: Vec<u64> = rx.try_iter().map(|e| e.prompt_tokens).collect();
+        assert_eq!(got, vec![0, 1]);
+        s.tick();
+        s.send(ev(5)).unwrap();
+        let got: Vec<u64> = rx.try_iter().map(|e| e.prompt_tokens).collect();
+        assert_eq!(got, vec![2, 3]);
+        s.tick();
+        let got: Vec<u64> = rx.try_iter().map(|e| e.prompt_tokens).collect();
+        assert_eq!(got, vec![4, 5]);
+        assert_eq!(s.dropped(), 0);
+    }
+
+    #[test]
+    fn key_ids_are_stable_and_do_not_contain_the_key() {
+        let a = key_id("sk-secret-123");
+        assert_eq!(a, key_id("sk-secret-123"));
+        assert_ne!(a, key_id("sk-secret-124"));
+        assert!(!a.contains("secret"));
+        assert_eq!(a.len(), 20);
+    }
+}

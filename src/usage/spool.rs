@@ -1,0 +1,535 @@
+//! Where undelivered usage events wait: in memory, or — with `usage_hook.spool_dir` — in an
+//! append-only on-disk log that survives webhook outages of any length (up to `spool_max_bytes`),
+//! restarts and crashes (losing at most the last `spool_fsync` interval).
+//!
+//! Disk layout: `seg-<seq>.log` files of one JSON event per line, and `cursor`, which records how
+//! far delivery has been acknowledged (and the end of the batch in flight, so that after a crash
+//! the same batch is re-sent whole, under the same idempotency key). Fully delivered segments are
+//! deleted. A new segment is started on every open, so a line torn by a crash is never appended to.
+
+use std::collections::VecDeque;
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Segments rotate at this size so delivered data can be deleted while the spool is in use.
+const SEGMENT_BYTES: u64 = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool is full ({0} bytes pending)")]
+    Full(u64),
+    #[error("spool I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A position in the disk log: segment and byte offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Pos {
+    seq: u64,
+    offset: u64,
+}
+
+/// Events read for one delivery attempt, and where the spool stands after them.
+#[derive(Debug)]
+pub struct Batch {
+    pub lines: Vec<String>,
+    end: End,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum End {
+    Memory(usize),
+    Disk(Pos),
+}
+
+pub enum Spool {
+    Memory(MemorySpool),
+    Disk(DiskSpool),
+}
+
+impl Spool {
+    pub fn memory(max_bytes: u64) -> Spool {
+        Spool::Memory(MemorySpool {
+            lines: VecDeque::new(),
+            bytes: 0,
+            max_bytes,
+        })
+    }
+
+    pub fn open_disk(
+        dir: &Path,
+        max_bytes: u64,
+        fsync_every: Duration,
+    ) -> Result<Spool, SpoolError> {
+        DiskSpool::open(dir, max_bytes, fsync_every).map(Spool::Disk)
+    }
+
+    pub fn append(&mut self, line: &str) -> Result<(), SpoolError> {
+        match self {
+            Spool::Memory(m) => m.append(line),
+            Spool::Disk(d) => d.append(line),
+        }
+    }
+
+    /// Up to `max` of the oldest undelivered events (without removing them).
+    pub fn peek(&mut self, max: usize) -> Result<Batch, SpoolError> {
+        match self {
+            Spool::Memory(m) => Ok(m.peek(max)),
+            Spool::Disk(d) => d.peek(max),
+        }
+    }
+
+    /// Records that a batch is being sent (disk: persisted, so a restart re-sends it whole).
+    pub fn begin(&mut self, batch: &Batch) -> Result<(), SpoolError> {
+        match (self, batch.end) {
+            (Spool::Disk(d), End::Disk(end)) => d.write_cursor(Some(end)),
+            _ => Ok(()),
+        }
+    }
+
+    /// The batch was acknowledged (or dead-lettered): forget it.
+    pub fn commit(&mut self, batch: &Batch) -> Result<(), SpoolError> {
+        match (self, batch.end) {
+            (Spool::Memory(m), End::Memory(n)) => {
+                m.commit(n);
+                Ok(())
+            }
+            (Spool::Disk(d), End::Disk(end)) => d.commit(end),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn pending_bytes(&self) -> u64 {
+        match self {
+            Spool::Memory(m) => m.bytes,
+            Spool::Disk(d) => d.pending_bytes(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending_bytes() == 0
+    }
+
+    /// Makes appended events durable now (disk), e.g. on the fsync interval or at shutdown.
+    pub fn sync(&mut self) -> Result<(), SpoolError> {
+        match self {
+            Spool::Memory(_) => Ok(()),
+            Spool::Disk(d) => d.sync(),
+        }
+    }
+
+    pub fn sync_if_due(&mut self) -> Result<(), SpoolError> {
+        match self {
+            Spool::Memory(_) => Ok(()),
+            Spool::Disk(d) if d.dirty && d.last_sync.elapsed() >= d.fsync_every => d.sync(),
+            Spool::Disk(_) => Ok(()),
+        }
+    }
+
+    /// Where permanently rejected events are written (disk spools only).
+    pub fn dead_letter(&mut self, lines: &[String]) -> Result<Option<PathBuf>, SpoolError> {
+        match self {
+            Spool::Memory(_) => Ok(None),
+            Spool::Disk(d) => {
+                let path = d.dir.join("dead-letter.jsonl");
+                let mut f = OpenOptions::new().create(true).append(true).open(&path)?;
+                let mut buf = String::new();
+                for l in lines {
+                    buf.push_str(l);
+                    buf.push('\n');
+                }
+                f.write_all(buf.as_bytes())?;
+                f.sync_data()?;
+                Ok(Some(path))
+            }
+        }
+    }
+}
+
+pub struct MemorySpool {
+    lines: VecDeque<String>,
+    bytes: u64,
+    max_bytes: u64,
+}
+
+impl MemorySpool {
+    fn append(&mut self, line: &str) -> Result<(), SpoolError> {
+        let len = line.len() as u64 + 1;
+        if self.bytes + len > self.max_bytes {
+            return Err(SpoolError::Full(self.bytes));
+        }
+        self.bytes += len;
+        self.lines.push_back(line.to_string());
+        Ok(())
+    }
+
+    fn peek(&self, max: usize) -> Batch {
+        let lines: Vec<String> = self.lines.iter().take(max).cloned().collect();
+        let n = lines.len();
+        Batch {
+            lines,
+            end: End::Memory(n),
+        }
+    }
+
+    fn commit(&mut self, n: usize) {
+        for _ in 0..n {
+            if let Some(l) = self.lines.pop_front() {
+                self.bytes -= l.len() as u64 + 1;
+            }
+        }
+    }
+}
+
+pub struct DiskSpool {
+    dir: PathBuf,
+    /// Existing segments, oldest first, with their sizes.
+    segments: VecDeque<(u64, u64)>,
+    writer: File,
+    /// Delivered up to here.
+    read: Pos,
+    /// End of the batch that was in flight when the process last stopped (re-sent whole first).
+    replay_end: Option<Pos>,
+    max_bytes: u64,
+    fsync_every: Duration,
+    last_sync: Instant,
+    dirty: bool,
+}
+
+fn seg_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("seg-{seq:016}.log"))
+}
+
+impl DiskSpool {
+    fn open(dir: &Path, max_bytes: u64, fsync_every: Duration) -> Result<DiskSpool, SpoolError> {
+        fs::create_dir_all(dir)?;
+        let mut seqs: Vec<u64> = fs::read_dir(dir)?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                name.strip_prefix("seg-")?
+                    .strip_suffix(".log")?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .collect();
+        seqs.sort_unstable();
+        let (read, replay_end) = read_cursor(dir)?;
+        let mut read = read.unwrap_or(Pos {
+            seq: seqs.first().copied().unwrap_or(1),
+            offset: 0,
+        });
+        // Segments before the cursor were delivered but not yet deleted.
+        for s in seqs.iter().filter(|s| **s < read.seq) {
+            let _ = fs::remove_file(seg_path(dir, *s));
+        }
+        seqs.retain(|s| *s >= read.seq);
+        if seqs.first().is_some_and(|s| *s > read.seq) || seqs.is_empty() {
+            read = Pos {
+                seq: seqs.first().copied().unwrap_or(read.seq),
+                offset: 0,
+            };
+        }
+        let mut segments = VecDeque::new();
+        for s in &seqs {
+            let len = fs::metadata(seg_path(dir, *s))?.len();
+            segments.push_back((*s, len));
+        }
+        let next = seqs.last().map_or(read.seq.max(1), |s| s + 1);
+        let writer = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(seg_path(dir, next))?;
+        segments.push_back((next, 0));
+        sync_dir(dir);
+        let spool = DiskSpool {
+            dir: dir.to_path_buf(),
+            segments,
+            writer,
+            read,
+            replay_end,
+            max_bytes,
+            fsync_every,
+            last_sync: Instant::now(),
+            dirty: false,
+        };
+        Ok(spool)
+    }
+
+    fn writer_seq(&self) -> u64 {
+        self.segments.back().map_or(0, |s| s.0)
+    }
+
+    fn pending_bytes(&self) -> u64 {
+        let total: u64 = self.segments.iter().map(|s| s.1).sum();
+        let done = match self.segments.front() {
+            Some((seq, _)) if *seq == self.read.seq => self.read.offset,
+            _ => 0,
+        };
+        total.saturating_sub(done)
+    }
+
+    fn append(&mut self, line: &str) -> Result<(), SpoolError> {
+        let len = line.len() as u64 + 1;
+        let pending = self.pending_bytes();
+        if pending + len > self.max_bytes {
+            return Err(SpoolError::Full(pending));
+        }
+        if self.segments.back().is_some_and(|s| s.1 >= SEGMENT_BYTES) {
+            self.sync()?;
+            let next = self.writer_seq() + 1;
+            self.writer = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(seg_path(&self.dir, next))?;
+            self.segments.push_back((next, 0));
+            sync_dir(&self.dir);
+        }
+        let mut buf = Vec::with_capacity(line.len() + 1);
+        buf.extend_from_slice(line.as_bytes());
+        buf.push(b'\n');
+        // One write per line: a crash tears at most the last line, which replay skips.
+        self.writer.write_all(&buf)?;
+        if let Some(last) = self.segments.back_mut() {
+            last.1 += len;
+        }
+        self.dirty = true;
+        if self.last_sync.elapsed() >= self.fsync_every {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), SpoolError> {
+        if self.dirty {
+            self.writer.sync_data()?;
+            self.dirty = false;
+        }
+        self.last_sync = Instant::now();
+        Ok(())
+    }
+
+    fn peek(&mut self, max: usize) -> Result<Batch, SpoolError> {
+        let limit = self.replay_end;
+        let mut lines = Vec::new();
+        let mut pos = self.read;
+        let writer = self.writer_seq();
+        'segments: for (seq, size) in self.segments.clone() {
+            if seq < pos.seq {
+                continue;
+            }
+            if seq > pos.seq {
+                pos = Pos { seq, offset: 0 };
+            }
+            if pos.offset >= size {
+                continue;
+            }
+            let mut f = File::open(seg_path(&self.dir, seq))?;
+            f.seek(SeekFrom::Start(pos.offset))?;
+            let mut reader = BufReader::new(f).take(size - pos.offset);
+            let mut line = String::new();
+            loop {
+                if limit.is_some_and(|l| pos >= l) || (limit.is_none() && lines.len() >= max) {
+                    break 'segments;
+                }
+                line.clear();
+                let n = reader.read_line(&mut line)?;
+                if n == 0 {
+                    break;
+                }
+                if !line.ends_with('\n') {
+                    // A line torn by a crash (only possible in an old segment): skip the rest.
+                    if seq != writer {
+                        log::warn!("usage spool: skipping a torn line in segment {seq}");
+                        pos.offset = size;
+                    }
+                    break;
+                }
+                pos.offset += n as u64;
+                let text = line.trim_end();
+                if serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() {
+                    lines.push(text.to_string());
+                } else {
+                    log::warn!("usage spool: skipping an unreadable line in segment {seq}");
+                }
+            }
+        }
+        Ok(Batch {
+            lines,
+            end: End::Disk(pos),
+        })
+    }
+
+    fn commit(&mut self, end: Pos) -> Result<(), SpoolError> {
+        self.read = end;
+        if self.replay_end.is_some_and(|r| end >= r) {
+            self.replay_end = None;
+        }
+        self.write_cursor(None)?;
+        // Delete segments that are entirely delivered (never the one being written).
+        let writer = self.writer_seq();
+        while let Some(&(seq, size)) = self.segments.front() {
+            let done = seq < self.read.seq || (seq == self.read.seq && self.read.offset >= size);
+            if seq == writer || !done {
+                break;
+            }
+            let _ = fs::remove_file(seg_path(&self.dir, seq));
+            self.segments.pop_front();
+            if self.read.seq == seq {
+                if let Some(&(next, _)) = self.segments.front() {
+                    self.read = Pos {
+                        seq: next,
+                        offset: 0,
+                    };
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `cursor`: "seq offset" of the delivered position, plus "seq offset" of the batch in flight.
+    fn write_cursor(&mut self, inflight: Option<Pos>) -> Result<(), SpoolError> {
+        let mut text = format!("{} {}", self.read.seq, self.read.offset);
+        if let Some(p) = inflight {
+            text.push_str(&format!(" {} {}", p.seq, p.offset));
+        }
+        text.push('\n');
+        let tmp = self.dir.join("cursor.tmp");
+        {
+            let mut f = File::create(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_data()?;
+        }
+        fs::rename(&tmp, self.dir.join("cursor"))?;
+        Ok(())
+    }
+}
+
+fn read_cursor(dir: &Path) -> Result<(Option<Pos>, Option<Pos>), SpoolError> {
+    let text = match fs::read_to_string(dir.join("cursor")) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((None, None)),
+        Err(e) => return Err(e.into()),
+    };
+    let nums: Vec<u64> = text
+        .split_whitespace()
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    let pos = |i: usize| {
+        nums.get(i)
+            .zip(nums.get(i + 1))
+            .map(|(&seq, &offset)| Pos { seq, offset })
+    };
+    Ok((pos(0), pos(2)))
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+use std::io::Read as _;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("llmproxy-spool-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    fn line(n: usize) -> String {
+        format!("{{\"event_id\":\"e{n}\"}}")
+    }
+
+    #[test]
+    fn memory_spool_bounds_and_commits() {
+        let mut s = Spool::memory(64);
+        for n in 0..3 {
+            s.append(&line(n)).unwrap();
+        }
+        assert!(matches!(
+            s.append(&"x".repeat(100)),
+            Err(SpoolError::Full(_))
+        ));
+        let b = s.peek(2).unwrap();
+        assert_eq!(b.lines, vec![line(0), line(1)]);
+        s.commit(&b).unwrap();
+        assert_eq!(s.peek(10).unwrap().lines, vec![line(2)]);
+    }
+
+    #[test]
+    fn disk_spool_survives_reopen_and_resends_the_inflight_batch_whole() {
+        let d = dir("reopen");
+        let mut s = Spool::open_disk(&d, 1 << 20, Duration::from_secs(1)).unwrap();
+        for n in 0..5 {
+            s.append(&line(n)).unwrap();
+        }
+        let b = s.peek(2).unwrap();
+        s.commit(&b).unwrap();
+        let inflight = s.peek(2).unwrap();
+        assert_eq!(inflight.lines, vec![line(2), line(3)]);
+        s.begin(&inflight).unwrap();
+        s.sync().unwrap();
+        drop(s); // "crash" with a batch in flight
+        let mut s = Spool::open_disk(&d, 1 << 20, Duration::from_secs(1)).unwrap();
+        s.append(&line(5)).unwrap();
+        // The first batch after the restart is exactly the one that was in flight.
+        let again = s.peek(10).unwrap();
+        assert_eq!(again.lines, vec![line(2), line(3)]);
+        s.commit(&again).unwrap();
+        let rest = s.peek(10).unwrap();
+        assert_eq!(rest.lines, vec![line(4), line(5)]);
+        s.commit(&rest).unwrap();
+        assert!(s.is_empty());
+        // Delivered segments are gone; only the one being written remains.
+        let segs = fs::read_dir(&d)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("seg-")
+            })
+            .count();
+        assert_eq!(segs, 1);
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn disk_spool_skips_torn_lines_and_respects_its_bound() {
+        let d = dir("torn");
+        let mut s = Spool::open_disk(&d, 200, Duration::from_secs(1)).unwrap();
+        s.append(&line(0)).unwrap();
+        s.sync().unwrap();
+        drop(s);
+        // Simulate a crash mid-write in that segment.
+        let seg = fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.to_string_lossy().contains("seg-"))
+            .unwrap();
+        let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
+        f.write_all(b"{\"event_id\":\"tor").unwrap();
+        drop(f);
+        let mut s = Spool::open_disk(&d, 200, Duration::from_secs(1)).unwrap();
+        s.append(&line(1)).unwrap();
+        let b = s.peek(10).unwrap();
+        assert_eq!(b.lines, vec![line(0), line(1)]);
+        s.commit(&b).unwrap();
+        for n in 0..20 {
+            if s.append(&line(n)).is_err() {
+                assert!(n > 3, "bound reached too early");
+                let _ = fs::remove_dir_all(&d);
+                return;
+            }
+        }
+        panic!("spool_max_bytes was not enforced");
+    }
+}
