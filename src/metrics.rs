@@ -158,6 +158,8 @@ impl Metrics {
         for b in &backends {
             backend_up.with_label_values(&[b]).set(1);
             backend_inflight.with_label_values(&[b]).set(0);
+            // Present from the start so rate() sees the first increase.
+            retries_total.with_label_values(&[b]);
         }
         Ok(Metrics {
             registry,

@@ -3,6 +3,8 @@
 //! a client would. Every process is stopped by its PID when its handle drops.
 #![allow(dead_code)]
 
+pub mod webhook;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
