@@ -5,7 +5,6 @@
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
-use std::net::IpAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -66,7 +65,7 @@ struct Exchange<'a> {
     /// The proxy added `include_usage`, so the usage-only event is removed from the stream.
     injected: bool,
     request_id: &'a str,
-    client_ip: IpAddr,
+    client_ip: Rc<str>,
     /// The client connection closes after this response.
     close: bool,
     /// Set once the response head went to the client: from then on no retry, no error page.
@@ -154,7 +153,7 @@ pub async fn handle(
         body: injected.as_deref().unwrap_or(&body),
         injected: injected.is_some(),
         request_id: &request_id,
-        client_ip: d.peer.ip(),
+        client_ip: d.peer_ip.clone(),
         close,
         head_sent: Cell::new(false),
         status: Cell::new(0),
@@ -294,7 +293,7 @@ fn upstream_request(x: &Exchange<'_>, backend: &Backend) -> Vec<u8> {
     for (name, value) in forwardable(head, &["host", "x-forwarded-for", "x-request-id"]) {
         write::header(&mut out, name, value);
     }
-    let ip = x.client_ip.to_string();
+    let ip = &*x.client_ip;
     match head.header("x-forwarded-for") {
         Some(prev) if !prev.is_empty() => {
             let mut v = prev.to_vec();

@@ -30,6 +30,8 @@ pub struct Downstream {
     /// Bytes read from the client and not yet consumed (start of the next request).
     pub buf: BytesMut,
     pub peer: SocketAddr,
+    /// The client's IP as text, formatted once per connection (for X-Forwarded-For).
+    pub peer_ip: Rc<str>,
     /// Accepted on the admin listener.
     pub admin: bool,
 }
@@ -110,6 +112,7 @@ async fn serve(worker: Rc<Worker>, stream: TcpStream, peer: SocketAddr, admin: b
         wr,
         buf: BytesMut::with_capacity(8 * 1024),
         peer,
+        peer_ip: peer.ip().to_string().into(),
         admin,
     };
     loop {

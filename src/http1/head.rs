@@ -143,21 +143,25 @@ impl Head {
         self.raw.len()
     }
 
-    pub fn headers(&self) -> impl Iterator<Item = (&str, &[u8])> {
+    /// Header names and values as raw bytes (names are tokens, so ASCII).
+    pub fn headers(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         self.headers
             .iter()
-            .map(move |(n, v)| (self.str_at(n), &self.raw[v.clone()]))
+            .map(move |(n, v)| (&self.raw[n.clone()], &self.raw[v.clone()]))
     }
 
     pub fn header_count(&self) -> usize {
         self.headers.len()
     }
 
-    /// First value of a header (case-insensitive name).
+    /// First value of a header (case-insensitive name). Compares raw bytes: lookups happen
+    /// several times per request and must not validate UTF-8 each time.
     pub fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v)
+        let name = name.as_bytes();
+        self.headers
+            .iter()
+            .find(|(n, _)| self.raw[n.clone()].eq_ignore_ascii_case(name))
+            .map(|(_, v)| &self.raw[v.clone()])
     }
 
     pub fn header_str(&self, name: &str) -> Option<&str> {
@@ -166,9 +170,11 @@ impl Head {
 
     /// True when some `Connection` header lists `token`.
     pub fn connection_has(&self, token: &str) -> bool {
-        self.headers()
-            .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
-            .any(|(_, v)| {
+        self.headers
+            .iter()
+            .filter(|(n, _)| self.raw[n.clone()].eq_ignore_ascii_case(b"connection"))
+            .map(|(_, v)| &self.raw[v.clone()])
+            .any(|v| {
                 v.split(|b| *b == b',')
                     .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
             })
@@ -211,7 +217,7 @@ impl Head {
         let mut chunked = false;
         let mut saw_te = false;
         for (name, value) in self.headers() {
-            if name.eq_ignore_ascii_case("content-length") {
+            if name.eq_ignore_ascii_case(b"content-length") {
                 // A list ("5, 5") or repeated header must agree exactly; anything else is smuggling.
                 for part in value.split(|b| *b == b',') {
                     let n = parse_length(part.trim_ascii())
@@ -221,7 +227,7 @@ impl Head {
                     }
                     length = Some(n);
                 }
-            } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
                 saw_te = true;
                 let codings: Vec<&[u8]> = value
                     .split(|b| *b == b',')

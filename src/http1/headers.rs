@@ -19,8 +19,10 @@ const HOP_BY_HOP: &[&str] = &[
 /// Headers that the proxy sets itself and therefore never copies.
 const REFRAMED: &[&str] = &["content-length", "expect"];
 
-pub fn is_hop_by_hop(name: &str) -> bool {
-    HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+pub fn is_hop_by_hop(name: &[u8]) -> bool {
+    HOP_BY_HOP
+        .iter()
+        .any(|h| h.as_bytes().eq_ignore_ascii_case(name))
 }
 
 /// The headers of `head` that may be forwarded, with `skip` naming extra headers the caller
@@ -28,21 +30,21 @@ pub fn is_hop_by_hop(name: &str) -> bool {
 pub fn forwardable<'a>(
     head: &'a Head,
     skip: &'a [&'a str],
-) -> impl Iterator<Item = (&'a str, &'a [u8])> + 'a {
+) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + 'a {
     let named: Vec<&[u8]> = head
         .headers()
-        .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
+        .filter(|(n, _)| n.eq_ignore_ascii_case(b"connection"))
         .flat_map(|(_, v)| v.split(|b| *b == b','))
         .map(|t| t.trim_ascii())
         .filter(|t| !t.is_empty())
         .collect();
     head.headers().filter(move |(name, _)| {
         !is_hop_by_hop(name)
-            && !REFRAMED.iter().any(|h| h.eq_ignore_ascii_case(name))
-            && !skip.iter().any(|h| h.eq_ignore_ascii_case(name))
-            && !named
+            && !REFRAMED
                 .iter()
-                .any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
+                .any(|h| h.as_bytes().eq_ignore_ascii_case(name))
+            && !skip.iter().any(|h| h.as_bytes().eq_ignore_ascii_case(name))
+            && !named.iter().any(|t| t.eq_ignore_ascii_case(name))
     })
 }
 
@@ -60,7 +62,7 @@ mod tests {
         let ParseStatus::Complete(h) = Head::parse_request(&mut b).unwrap() else {
             panic!()
         };
-        let names: Vec<&str> = forwardable(&h, &["host"]).map(|(n, _)| n).collect();
-        assert_eq!(names, vec!["X-Keep"]);
+        let names: Vec<&[u8]> = forwardable(&h, &["host"]).map(|(n, _)| n).collect();
+        assert_eq!(names, vec![&b"X-Keep"[..]]);
     }
 }

@@ -15,8 +15,8 @@ pub fn status_line(out: &mut Vec<u8>, status: u16, reason: &str) {
     let _ = write!(out, "HTTP/1.1 {status} {reason}\r\n");
 }
 
-pub fn header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
-    out.extend_from_slice(name.as_bytes());
+pub fn header(out: &mut Vec<u8>, name: impl AsRef<[u8]>, value: &[u8]) {
+    out.extend_from_slice(name.as_ref());
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");

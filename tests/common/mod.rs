@@ -392,6 +392,12 @@ impl Client {
         self.read_response_for(false)
     }
 
+    /// Sends `raw` and reads its response.
+    pub fn read_response_after(&mut self, raw: &[u8]) -> Response {
+        self.send(raw);
+        self.read_response()
+    }
+
     /// True if the server closed the connection (EOF) within `timeout`.
     pub fn is_closed(&mut self, timeout: Duration) -> bool {
         self.stream
