@@ -39,7 +39,10 @@ pub struct Metrics {
     pub connections_active: IntGauge,
     pub requests_inflight: IntGauge,
     ttft_seconds: HistogramVec,
+    itl_seconds: HistogramVec,
     tokens_total: IntCounterVec,
+    /// Upstream failures by backend and kind (the error code: upstream_connect_error, ...).
+    pub upstream_errors: IntCounterVec,
     /// Usage events by what happened to them (delivered, retried, spooled, dead_lettered, dropped).
     pub usage_events: IntCounterVec,
     pub usage_spool_bytes: IntGauge,
@@ -99,6 +102,21 @@ impl Metrics {
             .buckets(SECONDS_BUCKETS.to_vec()),
             &["backend", "model"],
         )?;
+        let itl_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "llmproxy_inter_token_latency_seconds",
+                "Gap between consecutive chunks relayed to a streaming client",
+            )
+            .buckets(SECONDS_BUCKETS.to_vec()),
+            &["backend", "model"],
+        )?;
+        let upstream_errors = IntCounterVec::new(
+            Opts::new(
+                "llmproxy_upstream_errors_total",
+                "Upstream failures by backend and kind",
+            ),
+            &["backend", "kind"],
+        )?;
         let tokens_total = IntCounterVec::new(
             Opts::new("llmproxy_tokens_total", "Tokens reported by backends"),
             &["type", "model"],
@@ -149,6 +167,8 @@ impl Metrics {
         registry.register(Box::new(requests_inflight.clone()))?;
         registry.register(Box::new(workers_gauge))?;
         registry.register(Box::new(ttft_seconds.clone()))?;
+        registry.register(Box::new(itl_seconds.clone()))?;
+        registry.register(Box::new(upstream_errors.clone()))?;
         registry.register(Box::new(tokens_total.clone()))?;
         registry.register(Box::new(usage_events.clone()))?;
         registry.register(Box::new(usage_spool_bytes.clone()))?;
@@ -160,6 +180,7 @@ impl Metrics {
             backend_inflight.with_label_values(&[b]).set(0);
             // Present from the start so rate() sees the first increase.
             retries_total.with_label_values(&[b]);
+            upstream_errors.with_label_values(&[b, "upstream_connect_error"]);
         }
         Ok(Metrics {
             registry,
@@ -172,7 +193,9 @@ impl Metrics {
             connections_active,
             requests_inflight,
             ttft_seconds,
+            itl_seconds,
             tokens_total,
+            upstream_errors,
             usage_events,
             usage_spool_bytes,
             usage_delivery_seconds,
@@ -215,6 +238,7 @@ struct Histos {
     ms: LocalHistogram,
     seconds: LocalHistogram,
     ttft: LocalHistogram,
+    itl: LocalHistogram,
 }
 
 /// Token counts by type, in the order of `TOKEN_TYPES`.
@@ -265,27 +289,50 @@ impl LocalMetrics {
             .borrow_mut()
             .entry((status, b, model))
             .or_insert(0) += 1;
-        if backend.is_some() {
-            let mut lat = self.latency.borrow_mut();
-            let h = lat.entry((b, model)).or_insert_with(|| {
-                let labels = [self.global.backend_label(backend), self.model_label(model)];
-                Histos {
-                    ms: self.global.latency_ms.with_label_values(&labels).local(),
-                    seconds: self
-                        .global
-                        .duration_seconds
-                        .with_label_values(&labels)
-                        .local(),
-                    ttft: self.global.ttft_seconds.with_label_values(&labels).local(),
+        if let Some(backend) = backend {
+            self.with_histos(backend, model, |h| {
+                let secs = elapsed.as_secs_f64();
+                h.ms.observe(secs * 1000.0);
+                h.seconds.observe(secs);
+                if let Some(t) = ttft {
+                    h.ttft.observe(t.as_secs_f64());
                 }
             });
-            let secs = elapsed.as_secs_f64();
-            h.ms.observe(secs * 1000.0);
-            h.seconds.observe(secs);
-            if let Some(t) = ttft {
-                h.ttft.observe(t.as_secs_f64());
-            }
         }
+    }
+
+    /// The gap between two chunks relayed to a streaming client.
+    pub fn inter_token(&self, backend: usize, model: ModelIdx, gap: Duration) {
+        self.with_histos(backend, model, |h| h.itl.observe(gap.as_secs_f64()));
+    }
+
+    /// The local histograms of one (backend, model) pair, created on first use.
+    fn with_histos(&self, backend: usize, model: ModelIdx, f: impl FnOnce(&Histos)) {
+        let mut lat = self.latency.borrow_mut();
+        let h = lat.entry((backend as u16, model)).or_insert_with(|| {
+            let labels = [
+                self.global.backend_label(Some(backend)),
+                self.model_label(model),
+            ];
+            Histos {
+                ms: self.global.latency_ms.with_label_values(&labels).local(),
+                seconds: self
+                    .global
+                    .duration_seconds
+                    .with_label_values(&labels)
+                    .local(),
+                ttft: self.global.ttft_seconds.with_label_values(&labels).local(),
+                itl: self.global.itl_seconds.with_label_values(&labels).local(),
+            }
+        });
+        f(h);
+    }
+
+    pub fn upstream_error(&self, backend: usize, kind: &str) {
+        self.global
+            .upstream_errors
+            .with_label_values(&[self.global.backend_label(Some(backend)), kind])
+            .inc();
     }
 
     /// Tokens of one finished request.
@@ -335,6 +382,7 @@ impl LocalMetrics {
             h.ms.flush();
             h.seconds.flush();
             h.ttft.flush();
+            h.itl.flush();
         }
         for (m, counts) in self.tokens.borrow_mut().drain() {
             for (kind, n) in TOKEN_TYPES.iter().zip(counts) {

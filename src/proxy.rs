@@ -22,6 +22,7 @@ use crate::http1::headers::forwardable;
 use crate::http1::io::read_more;
 use crate::http1::{write, ChunkedDecoder};
 use crate::logging::ACCESS;
+use crate::metrics::ModelIdx;
 use crate::openai::{self, RequestInfo};
 use crate::route::Local;
 use crate::server::Downstream;
@@ -74,6 +75,9 @@ struct Exchange<'a> {
     backend: Cell<Option<usize>>,
     /// When the first response body byte went to the client.
     first_byte: Cell<Option<Instant>>,
+    /// Streams record the gap between consecutive chunks (inter-token latency).
+    stream: bool,
+    model_idx: ModelIdx,
     /// Watches the response for usage; outside the relay future so that an aborted request
     /// still reports what arrived before the abort.
     tap: RefCell<Tap>,
@@ -159,6 +163,8 @@ pub async fn handle(
         status: Cell::new(0),
         backend: Cell::new(None),
         first_byte: Cell::new(None),
+        stream: info.stream,
+        model_idx: w.metrics.model_index(info.model.as_deref()),
         tap: RefCell::new(Tap::new(UsageKind::None)),
     };
     let Downstream { rd, wr, buf, .. } = d;
@@ -243,6 +249,7 @@ async fn forward(
             }
             Err(e) => {
                 log::warn!("request {}: backend {}: {e}", x.request_id, backend.url);
+                w.metrics.upstream_error(b, e.code());
                 if e.backend_unreachable() {
                     w.report_unreachable(b);
                 }
@@ -399,6 +406,7 @@ async fn relay(
     };
     let mut finished = matches!(framing, BodyFraming::Empty);
     let mut first = true;
+    let mut last_chunk: Option<Instant> = None;
     loop {
         // Move whatever body bytes are buffered into `out`, framed for the client, through the
         // usage tap.
@@ -453,8 +461,19 @@ async fn relay(
             let (ok, buf) = write_client(wr, out, t.write).await;
             out = buf;
             out.clear();
-            if ok && carries_body && x.first_byte.get().is_none() {
-                x.first_byte.set(Some(Instant::now()));
+            if ok && carries_body {
+                let now = Instant::now();
+                match last_chunk {
+                    Some(prev) if x.stream => {
+                        w.metrics
+                            .inter_token(backend, x.model_idx, now.duration_since(prev))
+                    }
+                    _ => {}
+                }
+                last_chunk = Some(now);
+                if x.first_byte.get().is_none() {
+                    x.first_byte.set(Some(now));
+                }
             }
             if first {
                 first = false;
@@ -492,11 +511,14 @@ async fn relay(
                         return Ok(sent(Outcome::Ok, close));
                     }
                     log::warn!("request {}: upstream closed mid-body", x.request_id);
+                    w.metrics
+                        .upstream_error(backend, "upstream_closed_mid_body");
                     return Ok(sent(Outcome::UpstreamError, true));
                 }
             }
             Ok((Err(e), _)) => {
                 log::warn!("request {}: upstream read failed: {e}", x.request_id);
+                w.metrics.upstream_error(backend, "upstream_read_error");
                 return Ok(sent(Outcome::UpstreamError, true));
             }
             Err(_) => {
@@ -505,6 +527,7 @@ async fn relay(
                     x.request_id,
                     t.idle
                 );
+                w.metrics.upstream_error(backend, "upstream_idle_timeout");
                 return Ok(sent(Outcome::Timeout, true));
             }
         }
@@ -616,6 +639,10 @@ fn local_response(w: &Worker, local: Local) -> (u16, &'static str, Vec<u8>) {
             (200, "text/plain; version=0.0.4", g.encode())
         }
         Local::Models => (200, "application/json", w.shared.routes.models_body()),
+        Local::MetricsElsewhere => {
+            let e = ProxyError::NotFound("/metrics (served on the admin listener)".into());
+            (e.status(), "application/json", e.body())
+        }
     }
 }
 

@@ -11,6 +11,9 @@ pub enum Local {
     Health,
     Metrics,
     Models,
+    /// `/metrics` asked on the main listener while an admin listener serves it: never proxied
+    /// (that would expose a backend's own metrics), answered 404.
+    MetricsElsewhere,
 }
 
 pub struct RouteTable {
@@ -70,6 +73,7 @@ impl RouteTable {
         match path {
             "/health" => Some(Local::Health),
             "/metrics" if metrics_here => Some(Local::Metrics),
+            "/metrics" => Some(Local::MetricsElsewhere),
             "/v1/models" if self.model_list.is_some() => Some(Local::Models),
             _ => None,
         }
