@@ -63,8 +63,8 @@ fn stream_metrics_tokens_and_errors_are_exported() {
     let b = mock.url();
     for needle in [
         format!("llmproxy_time_to_first_token_seconds_count{{backend=\"{b}\",model=\"mock-model\"}} 2"),
-        format!("llmproxy_tokens_total{{model=\"mock-model\",type=\"completion\"}} 8"),
-        format!("llmproxy_tokens_total{{model=\"mock-model\",type=\"prompt\"}} 6"),
+        "llmproxy_tokens_total{model=\"mock-model\",type=\"completion\"} 8".to_string(),
+        "llmproxy_tokens_total{model=\"mock-model\",type=\"prompt\"} 6".to_string(),
         format!("llmproxy_upstream_errors_total{{backend=\"http://{dead}\",kind=\"upstream_connect_error\"}} 1"),
         "llmproxy_inter_token_latency_seconds_bucket".to_string(),
         "llmproxy_usage_events_total{outcome=\"dropped\"} 0".to_string(),
