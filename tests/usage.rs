@@ -356,6 +356,37 @@ fn webhook_outage_loses_nothing() {
         .map(|e| e["event_id"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(ids.len(), n, "every event arrived");
+    // Re-sent batches are whole and keep their key: same key, same body.
+    let mut by_key: std::collections::HashMap<String, Vec<u8>> = Default::default();
+    for p in hook.posts() {
+        let key = p.header("idempotency-key").expect("key").to_string();
+        match by_key.get(&key) {
+            Some(body) => assert_eq!(body, &p.body, "key {key} reused for another batch"),
+            None => {
+                by_key.insert(key, p.body.clone());
+            }
+        }
+    }
+    // Across distinct accepted batches, no event is delivered twice.
+    let accepted_keys: HashSet<&str> = hook
+        .posts()
+        .iter()
+        .filter(|p| p.accepted)
+        .map(|p| p.header("idempotency-key").unwrap().to_string())
+        .collect::<Vec<_>>()
+        .iter()
+        .map(|k| by_key.get_key_value(k).unwrap().0.as_str())
+        .collect();
+    let distinct: usize = accepted_keys
+        .iter()
+        .map(|k| {
+            serde_json::from_slice::<serde_json::Value>(&by_key[*k]).unwrap()["events"]
+                .as_array()
+                .unwrap()
+                .len()
+        })
+        .sum();
+    assert_eq!(distinct, n, "accepted batches partition the events");
     let m = get(proxy.addr, "/metrics").text();
     assert!(
         m.contains("llmproxy_usage_events_total{outcome=\"retried\"}"),

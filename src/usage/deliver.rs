@@ -227,8 +227,12 @@ fn sender(shared: &Shared, hook: &UsageHook) {
         HookFormat::Single => 1,
     };
     let mut failures: u32 = 0;
+    // A batch that failed is re-sent exactly as it was (same events, same Idempotency-Key).
+    let mut retry: Option<Batch> = None;
     loop {
-        let batch = {
+        let batch = if let Some(b) = retry.take() {
+            b
+        } else {
             let mut st = shared.lock();
             loop {
                 let stopping = shared.stopping.load(Ordering::SeqCst);
@@ -327,6 +331,7 @@ fn sender(shared: &Shared, hook: &UsageHook) {
                     return;
                 }
                 sleep_unless_stopping(shared, pause);
+                retry = Some(batch);
             }
         }
     }
