@@ -359,3 +359,33 @@ fn backend_errors_are_relayed_and_resets_abort_the_stream() {
     assert!(!text.ends_with("0\r\n\r\n"));
     assert_eq!(get(proxy.addr, "/health").status, 200, "the core survived");
 }
+
+#[test]
+fn connect_timeout_applies_when_a_backend_does_not_answer_syns() {
+    // A listener that never accepts, with its tiny queue filled: further SYNs are dropped, so
+    // connecting hangs exactly like a blackholed host.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into())
+        .unwrap();
+    socket.listen(0).unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            fillers.push(s);
+        }
+    }
+    let proxy = Proxy::start(
+        &config(
+            &[format!("http://{addr}")],
+            "timeouts: { connect: 300ms }\nretry: { attempts: 0 }\n",
+        ),
+        &[],
+    );
+    let start = Instant::now();
+    let r = post_json(proxy.addr, "/v1/chat/completions", &chat_body(false, 1), &[]);
+    r.assert_error(504, "upstream_connect_timeout");
+    assert!(start.elapsed() < Duration::from_secs(3));
+    drop(fillers);
+}
