@@ -30,6 +30,10 @@ use crate::upstream::{self, UpConn};
 use crate::usage::{self, Kind as UsageKind, Tap, Usage, UsageEvent};
 use crate::worker::Worker;
 
+/// How long an exchange runs before the client socket is watched for a disconnect. Bounds the
+/// extra delay before an abandoned request is cancelled upstream.
+const WATCH_AFTER: Duration = Duration::from_millis(5);
+
 /// How a proxied exchange ended, for logs, metrics and (later) usage events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -565,6 +569,11 @@ async fn watch_client<F: Future>(
     fut: F,
 ) -> Option<F::Output> {
     let mut fut = std::pin::pin!(fut);
+    // Most exchanges finish within a few milliseconds; only the ones that don't pay for a socket
+    // watch (a read and its cancellation on every request would cost two ring operations).
+    if let Ok(out) = monoio::time::timeout(WATCH_AFTER, &mut fut).await {
+        return Some(out);
+    }
     let canceller = Canceller::new();
     let mut b = std::mem::take(buf);
     if b.capacity() - b.len() < 1024 {
