@@ -59,9 +59,30 @@ fn stream_metrics_tokens_and_errors_are_exported() {
         let r = post_json(proxy.addr, "/v1/chat/completions", &chat_body(true, 4), &[]);
         assert_eq!(r.status, 200);
     }
-    let text = scrape(proxy.addr, "llmproxy_inter_token_latency_seconds_count");
+    // An error relayed from the backend, and one the proxy makes itself.
+    let r = post_json(
+        proxy.addr,
+        "/v1/chat/completions",
+        &chat_body(false, 1),
+        &[("x-mock-status", "500")],
+    );
+    assert_eq!(r.status, 500);
+    let r = post_json(
+        proxy.addr,
+        "/v1/chat/completions",
+        r#"{"model":"gpt-x"}"#,
+        &[],
+    );
+    assert_eq!(r.status, 404);
+    let text = scrape(proxy.addr, "status=\"404\"");
     let b = mock.url();
     for needle in [
+        format!("llmproxy_requests_total{{backend=\"{b}\",model=\"mock-model\",status=\"200\"}} 2"),
+        format!("llmproxy_requests_total{{backend=\"{b}\",model=\"mock-model\",status=\"500\"}} 1"),
+        "llmproxy_requests_total{backend=\"none\",model=\"other\",status=\"404\"} 1".to_string(),
+        format!("llmproxy_latency_ms_count{{backend=\"{b}\",model=\"mock-model\"}} 3"),
+        format!("llmproxy_request_duration_seconds_count{{backend=\"{b}\",model=\"mock-model\"}} 3"),
+        format!("llmproxy_upstream_retries_total{{backend=\"http://{dead}\"}} 1"),
         format!("llmproxy_time_to_first_token_seconds_count{{backend=\"{b}\",model=\"mock-model\"}} 2"),
         "llmproxy_tokens_total{model=\"mock-model\",type=\"completion\"} 8".to_string(),
         "llmproxy_tokens_total{model=\"mock-model\",type=\"prompt\"} 6".to_string(),
