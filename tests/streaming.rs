@@ -366,7 +366,12 @@ fn connect_timeout_applies_when_a_backend_does_not_answer_syns() {
     // connecting hangs exactly like a blackholed host.
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     socket
-        .bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into())
+        .bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
         .unwrap();
     socket.listen(0).unwrap();
     let addr = socket.local_addr().unwrap().as_socket().unwrap();
@@ -384,7 +389,12 @@ fn connect_timeout_applies_when_a_backend_does_not_answer_syns() {
         &[],
     );
     let start = Instant::now();
-    let r = post_json(proxy.addr, "/v1/chat/completions", &chat_body(false, 1), &[]);
+    let r = post_json(
+        proxy.addr,
+        "/v1/chat/completions",
+        &chat_body(false, 1),
+        &[],
+    );
     r.assert_error(504, "upstream_connect_timeout");
     assert!(start.elapsed() < Duration::from_secs(3));
     drop(fillers);
