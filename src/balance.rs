@@ -99,6 +99,7 @@ impl Balancer {
             Strategy::RoundRobin => self.round_robin(&eligible),
             Strategy::WeightedRoundRobin => self.smooth_weighted(&eligible),
             Strategy::LeastConnections => self.least_connections(view, &eligible),
+            Strategy::PowerOfTwo => self.power_of_two(view, &eligible),
         }
     }
 
@@ -135,6 +136,34 @@ impl Balancer {
         let b = best?;
         current[b] -= total;
         Some(b)
+    }
+
+    /// Two distinct eligible backends drawn at random; the one with the lower in-flight/weight
+    /// (across all cores) wins. Unlike a global minimum, many cores picking at once with slightly
+    /// stale views do not all pile onto the same backend.
+    fn power_of_two(&self, view: &LoadView, eligible: &impl Fn(usize) -> bool) -> Option<usize> {
+        let n = self.weights.len();
+        let count = (0..n).filter(|&b| eligible(b)).count();
+        let nth = |k: usize| (0..n).filter(|&b| eligible(b)).nth(k);
+        match count {
+            0 => None,
+            1 => nth(0),
+            _ => {
+                let i = fastrand::usize(..count);
+                let mut j = fastrand::usize(..count - 1);
+                if j >= i {
+                    j += 1;
+                }
+                let (a, b) = (nth(i)?, nth(j)?);
+                // a beats b when load_a / w_a <= load_b / w_b.
+                let (la, lb) = (u64::from(view.load(a)), u64::from(view.load(b)));
+                let (wa, wb) = (
+                    u64::from(self.weights[a].max(1)),
+                    u64::from(self.weights[b].max(1)),
+                );
+                Some(if la * wb <= lb * wa { a } else { b })
+            }
+        }
     }
 
     /// Lowest in-flight/weight across all cores; ties broken uniformly at random so that cores
@@ -225,6 +254,27 @@ mod tests {
             seen[b.pick(&view, |_| true).unwrap()] += 1;
         }
         assert!(seen.iter().all(|&n| n > 50), "{seen:?}");
+    }
+
+    #[test]
+    fn power_of_two_prefers_the_less_loaded_of_two_and_skips_ineligible() {
+        let view = LoadView::new(0, 1, 3);
+        view.set(0, 0, 10);
+        view.set(0, 1, 0);
+        view.set(0, 2, 5);
+        let b = Balancer::new(Strategy::PowerOfTwo, vec![1, 1, 1]);
+        let mut seen = [0; 3];
+        for _ in 0..600 {
+            seen[b.pick(&view, |_| true).unwrap()] += 1;
+        }
+        // Backend 0 (heaviest) can never win a pair; 1 (idle) wins every pair it is in.
+        assert_eq!(seen[0], 0, "{seen:?}");
+        assert!(seen[1] > seen[2], "{seen:?}");
+        assert_eq!(b.pick(&view, |i| i == 2), Some(2));
+        assert_eq!(b.pick(&view, |_| false), None);
+        for _ in 0..50 {
+            assert_ne!(b.pick(&view, |i| i != 1), Some(1));
+        }
     }
 
     #[test]

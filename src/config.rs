@@ -70,6 +70,8 @@ pub enum Strategy {
     WeightedRoundRobin,
     #[default]
     LeastConnections,
+    /// Two random healthy candidates, the less loaded (in-flight / weight) wins.
+    PowerOfTwo,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

@@ -93,13 +93,19 @@ fn round_robin_alternates() {
 
 #[test]
 fn least_connections_avoids_a_backend_holding_long_streams_across_cores() {
+    for strategy in ["least_connections", "power_of_two"] {
+        load_aware_strategy_avoids_busy_backend(strategy);
+    }
+}
+
+fn load_aware_strategy_avoids_busy_backend(strategy: &str) {
     let a = Mock::start();
     let b = Mock::start();
     // "long" only lives on a; "m" on both.
     let proxy = Proxy::start(
         &yaml(
             &[(&a, 1, Some("\"long\", \"m\"")), (&b, 1, Some("\"m\""))],
-            "strategy: least_connections\n",
+            &format!("strategy: {strategy}\n"),
             2,
         ),
         &[],
