@@ -4,6 +4,7 @@
 //! the messages between threads, `health` the probing thread.
 #![forbid(unsafe_code)]
 
+pub mod account;
 pub mod balance;
 pub mod config;
 pub mod control;

@@ -15,19 +15,19 @@ use monoio::io::{
 };
 use monoio::net::TcpStream;
 
+use crate::account::{account, Done};
 use crate::config::Backend;
 use crate::error::ProxyError;
 use crate::http1::head::{BodyFraming, Head};
 use crate::http1::headers::forwardable;
 use crate::http1::io::read_more;
 use crate::http1::{write, ChunkedDecoder};
-use crate::logging::ACCESS;
 use crate::metrics::ModelIdx;
 use crate::openai::{self, RequestInfo};
 use crate::route::Local;
 use crate::server::Downstream;
 use crate::upstream::{self, UpConn};
-use crate::usage::{self, Kind as UsageKind, Tap, Usage, UsageEvent};
+use crate::usage::{Kind as UsageKind, Tap};
 use crate::worker::Worker;
 
 /// How long an exchange runs before the client socket is watched for a disconnect. Bounds the
@@ -763,111 +763,4 @@ pub async fn reject(w: &Worker, d: &mut Downstream, e: &ProxyError, head: Option
         Duration::ZERO,
         None,
     );
-}
-
-/// Everything known about a request once it is over.
-struct Done<'a> {
-    head: &'a Head,
-    request_id: &'a str,
-    info: Option<&'a RequestInfo>,
-    status: u16,
-    backend: Option<usize>,
-    outcome: Outcome,
-    received: Instant,
-    first_byte: Option<Instant>,
-    usage: Option<Usage>,
-}
-
-/// The one place a finished request is accounted for: metrics, the access log line and — for
-/// inference endpoints — the usage event.
-fn account(w: &Worker, d: &Downstream, f: Done<'_>) {
-    let cfg = w.config();
-    let elapsed = f.received.elapsed();
-    let model = f.info.and_then(|i| i.model.as_deref());
-    let is_stream = f.info.is_some_and(|i| i.stream);
-    let ttft = f.first_byte.map(|t| t.duration_since(f.received));
-    let model_idx = w.metrics.model_index(model);
-    w.metrics.request(
-        f.status,
-        f.backend,
-        model_idx,
-        elapsed,
-        ttft.filter(|_| is_stream),
-    );
-    if let Some(u) = &f.usage {
-        w.metrics.tokens(model_idx, u);
-    }
-    let backend_url = f
-        .backend
-        .and_then(|b| cfg.backends.get(b))
-        .map(|b| b.url.as_str());
-    let head = f.head;
-    let metered = openai::is_json_route(head.method(), head.path());
-    let key_id = if metered {
-        usage::client_key(head).map(usage::key_id)
-    } else {
-        None
-    };
-    if cfg.logging.access_log && log::log_enabled!(target: ACCESS, log::Level::Info) {
-        let u = f.usage.unwrap_or_default();
-        let line = serde_json::json!({
-            "request_id": f.request_id,
-            "method": head.method(),
-            "path": head.path(),
-            "model": model,
-            "backend": backend_url,
-            "status": f.status,
-            "duration_ms": elapsed.as_secs_f64() * 1000.0,
-            "ttft_ms": ttft.map(|t| t.as_secs_f64() * 1000.0),
-            "prompt_tokens": u.prompt_tokens,
-            "completion_tokens": u.completion_tokens,
-            "outcome": f.outcome.as_str(),
-            "key_id": key_id,
-            "client": d.peer.to_string(),
-        });
-        log::info!(target: ACCESS, "{line}");
-    }
-    if !metered {
-        return;
-    }
-    let identity = &cfg.usage.identity;
-    let user_id = (!identity.user_header.is_empty())
-        .then(|| head.header_str(&identity.user_header))
-        .flatten()
-        .map(str::to_owned)
-        .or_else(|| f.info.and_then(|i| i.user.clone()));
-    let u = f.usage.unwrap_or_default();
-    let event = UsageEvent {
-        event_id: usage::new_event_id(),
-        request_id: f.request_id.to_string(),
-        timestamp: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-        model: model.map(str::to_owned),
-        endpoint: head.path().to_string(),
-        backend_url: backend_url.map(str::to_owned),
-        is_stream,
-        prompt_tokens: u.prompt_tokens,
-        completion_tokens: u.completion_tokens,
-        total_tokens: u.total_tokens,
-        cached_tokens: u.cached_tokens,
-        reasoning_tokens: u.reasoning_tokens,
-        status: f.status,
-        outcome: f.outcome.as_str().to_string(),
-        latency_ms: elapsed.as_millis() as u64,
-        ttft_ms: ttft.map(|t| t.as_millis() as u64),
-        user_id,
-        key_id,
-    };
-    if let Err(ev) = w.usage.send(event) {
-        w.shared
-            .metrics
-            .usage_events
-            .with_label_values(&["dropped"])
-            .inc();
-        log::error!(
-            "usage event dropped (channel and overflow full): request {} model {:?} tokens {}",
-            ev.request_id,
-            ev.model,
-            ev.total_tokens
-        );
-    }
 }
