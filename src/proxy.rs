@@ -397,9 +397,14 @@ async fn relay(
     write::end_head(&mut out);
     let head_len = out.len();
 
+    // A relayed 5xx is the backend failing, whatever else went right.
     let sent = |outcome: Outcome, close: bool| Sent {
         status,
-        outcome,
+        outcome: if outcome == Outcome::Ok && status >= 500 {
+            Outcome::UpstreamError
+        } else {
+            outcome
+        },
         close,
     };
     let reframe = chunked_out && client_11;

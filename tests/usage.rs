@@ -308,7 +308,7 @@ fn failed_and_aborted_requests_still_produce_events() {
     assert_eq!(aborted["is_stream"], true);
     assert!(ev
         .iter()
-        .any(|e| e["status"] == 500 && e["total_tokens"] == 0));
+        .any(|e| e["status"] == 500 && e["total_tokens"] == 0 && e["outcome"] == "upstream_error"));
 }
 
 #[test]

@@ -10,15 +10,18 @@ line with its numbers; the last line is "N passed, N failed". Exit status 1 on a
 """
 
 import argparse
+import hashlib
 import http.client
 import json
 import socket
 import sys
+import threading
 import time
 import uuid
 
 CHAT_PROMPT = "Write a short poem about the sea."
 COMPLETION_PROMPT = "The capital of France is"
+API_KEY = "sk-e2e-raw-key-must-never-appear"
 SMALL = 8  # max_tokens for ordinary requests (~0.4 s of generation each)
 ABORT_MAX_TOKENS = 400  # ~16 s if the server generated all of it
 
@@ -366,8 +369,11 @@ def check_streams(px, ll):
         )
         if ok:
             u = usage_of(chunks[0])
+            finish = [o["choices"][0].get("finish_reason") for _, o in ev
+                      if o and o.get("choices") and o["choices"][0].get("finish_reason")]
+            want_completion = SMALL if finish == ["length"] else u["completion_tokens"]
             check(
-                u["completion_tokens"] == SMALL and u["prompt_tokens"] == server_prompt
+                u["completion_tokens"] == want_completion and u["prompt_tokens"] == server_prompt
                 and "timings" in chunks[0] and set(chunks[0]) == set(d_usage_chunks[0]),
                 "chat-stream-usage: usage chunk unchanged (fields and counts as llama.cpp sends them)",
                 f"usage {chunks[0]['usage']}, fields {sorted(chunks[0])}",
@@ -414,8 +420,6 @@ def stream_want(ev, max_tokens):
 
 def check_concurrent(px, ll):
     """Four requests at once (llama.cpp runs 4 slots): events still match request by request."""
-    import threading
-
     step("4 concurrent requests (streamed and not) through the proxy")
     bodies = [
         ("conc-0", "/v1/chat/completions", chat_body(12, True)),
@@ -428,7 +432,8 @@ def check_concurrent(px, ll):
     def run(name, path, body):
         rid = new_id(name)
         try:
-            r = request(px, "POST", path, body, {"x-request-id": rid, "x-user-id": f"user-{name}"})
+            r = request(px, "POST", path, body, {"x-request-id": rid, "x-user-id": f"user-{name}",
+                                                 "authorization": f"Bearer {API_KEY}-{name}"})
         except Exception as ex:  # recorded as a failure below
             r = ex
         results[name] = (rid, r, body)
@@ -448,7 +453,8 @@ def check_concurrent(px, ll):
             check(False, f"{name}: status 200", repr(r))
             continue
         entry = {"name": name, "request_id": rid, "outcome": "ok", "stream": bool(body.get("stream")),
-                 "resp": r, "user_id": f"user-{name}", "want": None}
+                 "resp": r, "user_id": f"user-{name}", "want": None,
+                 "key_id": "key-" + hashlib.sha256(f"{API_KEY}-{name}".encode()).hexdigest()[:16]}
         if body.get("stream"):
             ev = parse_stream(r.body)
             ch = [o for _, o in ev if usage_only(o)]
@@ -463,6 +469,29 @@ def check_concurrent(px, ll):
             entry["want"] = usage_of(r.json())
         REQUESTS.append(entry)
     check(ok_all, "concurrent: 4 requests completed with the right structure", f"in {took:.2f}s")
+
+
+def check_context_exceeded(px, ll):
+    """A prompt longer than a slot's context: llama.cpp answers 400 before any SSE byte."""
+    step("streamed chat whose prompt exceeds the context (llama.cpp: 400 before the stream)")
+    body = chat_body(4, True)
+    body["messages"][0]["content"] = "hello " * 3000
+    d = request(ll, "POST", "/v1/chat/completions", body)
+    e = proxied(px, "too-long", "/v1/chat/completions", body)
+    r = e["resp"]
+    e["status"] = r.status
+    e["outcome"] = None  # reported, not asserted: a backend's 4xx is none of the failure outcomes
+    try:
+        err = r.json().get("error", {})
+    except ValueError:
+        err = {}
+    check(
+        r.status == d.status == 400 and err.get("type") == "exceed_context_size_error"
+        and r.body == d.body,
+        "too-long: llama.cpp's 400 reaches the client unchanged",
+        f"direct {d.status}, proxied {r.status}, error type {err.get('type')!r}, "
+        f"prompt {err.get('n_prompt_tokens')} > context {err.get('n_ctx')}",
+    )
 
 
 def check_abort(px, ll):
@@ -656,6 +685,14 @@ def check_events(events_file, abort_generated):
         f"{len(events)} events in {posts} POSTs for {len(REQUESTS)} requests"
         + (f"; unexpected request_ids {stray[:5]}" if stray else ""),
     )
+    leaks = []
+    for path in (events_file, PROXY_LOG):
+        if path:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                if API_KEY in f.read():
+                    leaks.append(path)
+    check(not leaks, "events and proxy log never contain a raw API key",
+          f"searched {events_file} and {PROXY_LOG}" + (f"; FOUND in {leaks}" if leaks else ""))
     ids = [ev.get("event_id") for ev in events]
     check(len(set(ids)) == len(ids) and all(isinstance(i, str) and len(i) == 32 for i in ids),
           "events: event_id unique, 32 hex", f"{len(set(ids))} distinct")
@@ -669,15 +706,23 @@ def check_events(events_file, abort_generated):
                   f"total={ev.get('total_tokens')} cached={ev.get('cached_tokens')} "
                   f"outcome={ev.get('outcome')} status={ev.get('status')} is_stream={ev.get('is_stream')}")
         problems = []
-        if ev.get("outcome") != e["outcome"]:
+        if e["outcome"] is not None and ev.get("outcome") != e["outcome"]:
             problems.append(f"outcome {ev.get('outcome')} != {e['outcome']}")
         if ev.get("is_stream") != e["stream"]:
             problems.append(f"is_stream {ev.get('is_stream')} != {e['stream']}")
         if e.get("user_id") and ev.get("user_id") != e["user_id"]:
             problems.append(f"user_id {ev.get('user_id')} != {e['user_id']}")
+        if ev.get("key_id") != e.get("key_id"):
+            problems.append(f"key_id {ev.get('key_id')} != {e.get('key_id')}")
+        if e.get("status", 200) != 200:
+            if ev.get("status") != e["status"]:
+                problems.append(f"status {ev.get('status')} != {e['status']}")
+            fields += f" | client got {e['status']}"
         if ev.get("total_tokens") != (ev.get("prompt_tokens") or 0) + (ev.get("completion_tokens") or 0):
             problems.append("total != prompt + completion")
-        if e["outcome"] == "ok":
+        if e.get("status", 200) != 200:
+            pass
+        elif e["outcome"] == "ok":
             if ev.get("status") != 200:
                 problems.append(f"status {ev.get('status')}")
             want = e.get("want")
@@ -716,6 +761,7 @@ def main():
         check_nonstream(px, ll, "completion", "/v1/completions", completion_body(SMALL), "text")
         check_streams(px, ll)
         check_concurrent(px, ll)
+        check_context_exceeded(px, ll)
         abort_generated = check_abort(px, ll)
         check_reuse_after_stream(px)
         check_keepalive(px, ll)

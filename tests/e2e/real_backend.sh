@@ -14,6 +14,7 @@
 # The checks themselves are in check.py (structure and counts only: it is a base model, its text
 # means nothing); the webhook receiver is receiver.py.
 set -euo pipefail
+export PYTHONDONTWRITEBYTECODE=1
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
