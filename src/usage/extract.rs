@@ -9,6 +9,9 @@
 //! then are partial events held until complete. Non-streaming JSON bodies are parsed once at the
 //! end. Events without a `"usage"` (or with `"usage": null`) are never JSON-parsed.
 
+use std::sync::OnceLock;
+
+use memchr::memmem::Finder;
 use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 
@@ -222,19 +225,18 @@ impl Tap {
     /// Splits complete events out of `pending + data`; with `emit`, forwards all but removed
     /// events and keeps the incomplete tail; without, only watches.
     fn scan(&mut self, data: &[u8], mut emit: Option<Emit<'_>>) {
-        let joined;
-        let buf: &[u8] = if self.pending.is_empty() {
-            data
-        } else {
-            self.pending.extend_from_slice(data);
-            joined = std::mem::take(&mut self.pending);
-            &joined
-        };
+        // The pending buffer is taken out while events are looked at (they need `&mut self`) and
+        // put back with its allocation, so steady streaming allocates nothing.
+        let mut pending = std::mem::take(&mut self.pending);
+        let joined = !pending.is_empty();
+        if joined {
+            pending.extend_from_slice(data);
+        }
+        let buf: &[u8] = if joined { &pending } else { data };
         let mut start = 0;
         let mut run_start = 0;
         while let Some(end) = event_end(buf, start) {
-            let event = &buf[start..end];
-            if self.on_event(event) {
+            if self.on_event(&buf[start..end]) {
                 if let Some(emit) = emit.as_deref_mut() {
                     if run_start < start {
                         emit(&buf[run_start..start]);
@@ -249,7 +251,12 @@ impl Tap {
                 emit(&buf[run_start..start]);
             }
         }
-        self.pending = buf[start..].to_vec();
+        if joined {
+            pending.drain(..start);
+        } else {
+            pending.extend_from_slice(&data[start..]);
+        }
+        self.pending = pending;
     }
 
     /// Looks at one complete event; returns true when it must be removed from the stream.
@@ -367,8 +374,15 @@ fn event_end(buf: &[u8], from: usize) -> Option<usize> {
 /// True when `key` occurs followed by a value other than `null` — the cheap test that spares
 /// a JSON parse for the ordinary token chunk (`"usage": null` on vLLM/OpenAI chunks).
 fn has_non_null(payload: &[u8], key: &[u8]) -> bool {
-    let finder = memchr::memmem::find_iter(payload, key);
-    for pos in finder {
+    // Searchers are built once: constructing one per event cost more than the search itself.
+    static USAGE: OnceLock<Finder<'static>> = OnceLock::new();
+    static DETAILS: OnceLock<Finder<'static>> = OnceLock::new();
+    let finder = match key {
+        b"\"usage\"" => USAGE.get_or_init(|| Finder::new(b"\"usage\"")),
+        b"\"details\"" => DETAILS.get_or_init(|| Finder::new(b"\"details\"")),
+        _ => return memchr::memmem::find(payload, key).is_some(),
+    };
+    for pos in finder.find_iter(payload) {
         let rest = &payload[pos + key.len()..];
         let rest = rest.trim_ascii_start();
         let Some(rest) = rest.strip_prefix(b":") else {

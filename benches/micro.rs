@@ -1,0 +1,352 @@
+//! Micro-benchmarks of the per-request hot path (issue 6, item 2; issue 3's per-chunk figure):
+//! request head parse, body inspection, `include_usage` injection, usage extraction from SSE
+//! streams (per chunk) and JSON bodies, one balancer pick per strategy, and metrics recording.
+//!
+//! ```sh
+//! cargo bench --bench micro            # all, about a minute
+//! cargo bench --bench micro -- usage/  # a subset, by name
+//! ```
+//!
+//! Inputs are shaped like real traffic (an OpenAI SDK chat request, a vLLM stream) and built once
+//! outside the timed loops. Every benchmark calls the library exactly as `proxy.rs` does, so a
+//! figure here is a cost the proxy pays per request (or per chunk), not a lower bound.
+
+use std::hint::black_box;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+
+use llmproxy::balance::{Balancer, LoadView};
+use llmproxy::config::{Config, Strategy};
+use llmproxy::http1::{Head, ParseStatus};
+use llmproxy::metrics::{LocalMetrics, Metrics};
+use llmproxy::openai::{inject_include_usage, inspect};
+use llmproxy::usage::{Kind, Tap, Usage};
+
+const CHAT_PATH: &str = "/v1/chat/completions";
+const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
+/// Token events in the streamed response (besides the role, finish, usage and `[DONE]` events).
+const STREAM_TOKENS: usize = 64;
+const BACKENDS: usize = 8;
+
+/// What an OpenAI Python SDK sends for a chat completion, with a gateway's usual extras.
+const REQUEST_HEAD: &[u8] = b"POST /v1/chat/completions HTTP/1.1\r\n\
+Host: llm.internal.example.com\r\n\
+Accept-Encoding: gzip, deflate\r\n\
+Connection: keep-alive\r\n\
+Accept: application/json\r\n\
+Content-Type: application/json\r\n\
+User-Agent: OpenAI/Python 1.54.3\r\n\
+X-Stainless-Lang: python\r\n\
+X-Stainless-Package-Version: 1.54.3\r\n\
+X-Stainless-Runtime: CPython\r\n\
+Authorization: Bearer sk-proj-3f9a1c2b7d4e5f60718293a4b5c6d7e8f9012345\r\n\
+X-User-Id: tenant-4711\r\n\
+Content-Length: 1024\r\n\r\n";
+
+/// A streaming chat request of about 1 KiB, without `stream_options` (so injection applies).
+fn chat_body() -> Vec<u8> {
+    let body = serde_json::json!({
+        "model": MODEL,
+        "messages": [
+            {"role": "system", "content": "You are a concise assistant for a customer support team. Answer in at most three sentences, cite the relevant policy section when there is one, and never invent order numbers or prices."},
+            {"role": "user", "content": "My order 88-1203 arrived with a cracked screen protector. The box was fine. Can I get a replacement without sending the whole phone back?"},
+            {"role": "assistant", "content": "Yes. Under policy section 4.2 accessories damaged in transit are replaced on their own: reply with a photo of the protector and the packing slip and we ship a new one within two business days."},
+            {"role": "user", "content": "Great, I attached the photo. Will the replacement include the installation kit, and can it go to my office address instead of home? Please also confirm whether I need to return the cracked one."},
+        ],
+        "stream": true,
+        "max_tokens": 256,
+        "temperature": 0.7,
+        "top_p": 0.95,
+        "user": "tenant-4711",
+    });
+    serde_json::to_vec(&body).expect("serialise request body")
+}
+
+/// One SSE event as vLLM writes it (`exclude_unset`: no `usage` key on token chunks).
+fn sse(payload: &serde_json::Value) -> Vec<u8> {
+    let mut e = b"data: ".to_vec();
+    e.extend_from_slice(&serde_json::to_vec(payload).expect("serialise event"));
+    e.extend_from_slice(b"\n\n");
+    e
+}
+
+/// A vLLM chat stream with `include_usage`: role event, token events, finish event, usage-only
+/// event, `[DONE]` — one event per read, as vLLM flushes them.
+fn vllm_stream() -> Vec<Vec<u8>> {
+    let chunk = |choices: serde_json::Value| {
+        serde_json::json!({
+            "id": "chatcmpl-6f1c0b8a2d3e4f5a9b7c8d9e0f1a2b3c",
+            "object": "chat.completion.chunk",
+            "created": 1_718_000_000u64,
+            "model": MODEL,
+            "choices": choices,
+        })
+    };
+    let mut events = vec![sse(&chunk(serde_json::json!([
+        {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}
+    ])))];
+    for i in 0..STREAM_TOKENS {
+        events.push(sse(&chunk(serde_json::json!([
+            {"index": 0, "delta": {"content": format!(" word{i}")}, "logprobs": null, "finish_reason": null}
+        ]))));
+    }
+    events.push(sse(&chunk(serde_json::json!([
+        {"index": 0, "delta": {"content": ""}, "logprobs": null, "finish_reason": "length", "stop_reason": null}
+    ]))));
+    let mut usage = chunk(serde_json::json!([]));
+    usage["usage"] = serde_json::json!({
+        "prompt_tokens": 187, "total_tokens": 251, "completion_tokens": STREAM_TOKENS,
+        "prompt_tokens_details": null,
+    });
+    events.push(sse(&usage));
+    events.push(b"data: [DONE]\n\n".to_vec());
+    events
+}
+
+/// The same stream as reads that each end in the middle of an event (the worst case for the
+/// SSE splitter: every event is joined from two reads).
+fn split_reads(events: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let all: Vec<u8> = events.concat();
+    let mut reads = Vec::with_capacity(events.len() * 2);
+    let mut at = 0;
+    for e in events {
+        let half = at + e.len() / 2;
+        reads.push(all[at..half].to_vec());
+        at = half;
+    }
+    reads.push(all[at..].to_vec());
+    reads.retain(|r| !r.is_empty());
+    reads
+}
+
+/// A non-streaming chat completion body of the same size class as the stream above.
+fn chat_response() -> Vec<u8> {
+    let text: String = (0..STREAM_TOKENS).map(|i| format!(" word{i}")).collect();
+    let body = serde_json::json!({
+        "id": "chatcmpl-6f1c0b8a2d3e4f5a9b7c8d9e0f1a2b3c",
+        "object": "chat.completion",
+        "created": 1_718_000_000u64,
+        "model": MODEL,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": text, "tool_calls": []},
+            "logprobs": null,
+            "finish_reason": "length",
+            "stop_reason": null,
+        }],
+        "usage": {
+            "prompt_tokens": 187, "total_tokens": 251, "completion_tokens": STREAM_TOKENS,
+            "prompt_tokens_details": {"cached_tokens": 128},
+        },
+        "prompt_logprobs": null,
+    });
+    serde_json::to_vec(&body).expect("serialise response body")
+}
+
+fn request_path(c: &mut Criterion) {
+    let mut g = c.benchmark_group("request");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("parse_head_12_headers", |b| {
+        b.iter_batched_ref(
+            || BytesMut::from(REQUEST_HEAD),
+            |buf| match Head::parse_request(buf) {
+                Ok(ParseStatus::Complete(head)) => head,
+                _ => panic!("benchmark head does not parse"),
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    let mut buf = BytesMut::from(REQUEST_HEAD);
+    let Ok(ParseStatus::Complete(head)) = Head::parse_request(&mut buf) else {
+        panic!("benchmark head does not parse");
+    };
+    // What the proxy asks of every head after parsing it.
+    g.bench_function("framing_and_lookups", |b| {
+        b.iter(|| {
+            let h = black_box(&head);
+            (
+                h.request_framing(),
+                h.keep_alive(),
+                h.header("x-user-id").is_some(),
+                h.header("authorization").is_some(),
+            )
+        })
+    });
+
+    let body = chat_body();
+    assert!(
+        (900..1200).contains(&body.len()),
+        "chat body is {} bytes",
+        body.len()
+    );
+    g.bench_function("inspect_1KiB_chat_body", |b| {
+        b.iter(|| inspect("POST", CHAT_PATH, black_box(&body), "user"))
+    });
+    let info = inspect("POST", CHAT_PATH, &body, "user").expect("inspect benchmark body");
+    assert!(info.stream && !info.has_stream_options);
+    g.bench_function("inject_include_usage/splice", |b| {
+        b.iter(|| inject_include_usage(CHAT_PATH, black_box(&body), &info))
+    });
+    // The rare shape: `stream_options` present without `include_usage: true` (re-serialises).
+    let mut v: serde_json::Value = serde_json::from_slice(&body).expect("benchmark body");
+    v["stream_options"] = serde_json::json!({"include_usage": false});
+    let rewrite = serde_json::to_vec(&v).expect("serialise");
+    let rewrite_info = inspect("POST", CHAT_PATH, &rewrite, "user").expect("inspect");
+    g.bench_function("inject_include_usage/rewrite", |b| {
+        b.iter(|| inject_include_usage(CHAT_PATH, black_box(&rewrite), &rewrite_info))
+    });
+    g.finish();
+}
+
+/// One whole stream per iteration: a fresh `Tap`, every read fed through it into the client's
+/// output buffer (reused, as the proxy reuses its own), then `finish` and `usage`.
+fn run_stream(kind: Kind, reads: &[Vec<u8>], out: &mut Vec<u8>) -> Option<Usage> {
+    out.clear();
+    let mut tap = Tap::new(kind);
+    let mut emit = |d: &[u8]| out.extend_from_slice(d);
+    for r in reads {
+        tap.feed(black_box(r), &mut emit);
+    }
+    tap.finish(&mut emit);
+    tap.usage()
+}
+
+fn usage_extraction(c: &mut Criterion) {
+    let events = vllm_stream();
+    let split = split_reads(&events);
+    let stream_bytes: usize = events.iter().map(Vec::len).sum();
+    let mut out = Vec::with_capacity(stream_bytes);
+    let observe = Kind::OpenAiSse { strip: false };
+    let strip = Kind::OpenAiSse { strip: true };
+    // Check once that each variant sees the usage and forwards what it should.
+    for (kind, reads) in [(observe, &events), (strip, &events), (strip, &split)] {
+        let u = run_stream(kind, reads, &mut out).expect("stream usage");
+        assert_eq!(u.completion_tokens, STREAM_TOKENS as u64);
+        let expected = if kind == strip {
+            stream_bytes - events[events.len() - 2].len()
+        } else {
+            stream_bytes
+        };
+        assert_eq!(out.len(), expected);
+    }
+
+    // Throughput is per SSE event, so criterion's "elem/s" reads as chunks per second and
+    // time / element as the cost of one chunk.
+    let mut g = c.benchmark_group("usage/sse_vllm_stream");
+    g.throughput(Throughput::Elements(events.len() as u64));
+    g.bench_function("observe", |b| {
+        b.iter(|| run_stream(observe, &events, &mut out))
+    });
+    g.bench_function("strip", |b| b.iter(|| run_stream(strip, &events, &mut out)));
+    g.bench_function("observe_split_reads", |b| {
+        b.iter(|| run_stream(observe, &split, &mut out))
+    });
+    g.bench_function("strip_split_reads", |b| {
+        b.iter(|| run_stream(strip, &split, &mut out))
+    });
+    g.finish();
+
+    let body = chat_response();
+    let mut g = c.benchmark_group("usage/json");
+    g.throughput(Throughput::Elements(1));
+    let json_reads = [body.clone()];
+    assert_eq!(
+        run_stream(Kind::OpenAiJson, &json_reads, &mut out).map(|u| u.cached_tokens),
+        Some(Some(128))
+    );
+    g.bench_function("chat_completion_body", |b| {
+        b.iter(|| run_stream(Kind::OpenAiJson, &json_reads, &mut out))
+    });
+    g.finish();
+}
+
+fn balancer(c: &mut Criterion) {
+    let mut g = c.benchmark_group("balance/pick_8_backends");
+    g.throughput(Throughput::Elements(1));
+    // Two cores' worth of in-flight requests, uneven, one backend down, one not serving the model.
+    let view = LoadView::new(0, 2, BACKENDS);
+    for b in 0..BACKENDS {
+        view.set(0, b, (b as u32 * 7) % 5);
+        view.set(1, b, (b as u32 * 3) % 4);
+    }
+    view.set_up(5, false);
+    let mask: Vec<bool> = (0..BACKENDS).map(|b| b != 2).collect();
+    for (name, strategy, weights) in [
+        ("round_robin", Strategy::RoundRobin, vec![1; BACKENDS]),
+        (
+            "weighted_round_robin",
+            Strategy::WeightedRoundRobin,
+            vec![1, 2, 3, 4, 1, 2, 3, 4],
+        ),
+        (
+            "least_connections",
+            Strategy::LeastConnections,
+            vec![1, 1, 2, 2, 1, 1, 2, 2],
+        ),
+    ] {
+        let balancer = Balancer::new(strategy, weights);
+        // The same eligibility test `proxy::forward` passes.
+        g.bench_function(name, |b| {
+            b.iter(|| balancer.pick(black_box(&view), |i| mask[i] && view.is_up(i)))
+        });
+    }
+    g.finish();
+}
+
+fn metrics(c: &mut Criterion) {
+    let listen: SocketAddr = "127.0.0.1:0".parse().expect("address");
+    let urls: Vec<String> = (0..BACKENDS)
+        .map(|i| format!("http://10.0.0.{}:8000", i + 1))
+        .collect();
+    let mut cfg = Config::with_backends(listen, &urls).expect("benchmark config");
+    for (i, b) in cfg.backends.iter_mut().enumerate() {
+        b.models = Some(vec![MODEL.to_string(), format!("model-{i}")]);
+    }
+    let global = Arc::new(Metrics::new(&cfg, 1, "io_uring").expect("metrics"));
+    let local = LocalMetrics::new(global, &cfg);
+    let usage = Usage {
+        prompt_tokens: 187,
+        completion_tokens: 64,
+        total_tokens: 251,
+        cached_tokens: Some(128),
+        reasoning_tokens: None,
+    };
+    let mut g = c.benchmark_group("metrics");
+    g.throughput(Throughput::Elements(1));
+    // What `proxy::account` records for one finished streaming request.
+    let mut n = 0usize;
+    g.bench_function("request_and_tokens", |b| {
+        b.iter(|| {
+            n = n.wrapping_add(1);
+            let model = local.model_index(Some(black_box(MODEL)));
+            local.request(
+                200,
+                Some(n % BACKENDS),
+                model,
+                Duration::from_micros(1_850_000),
+                Some(Duration::from_micros(42_000)),
+            );
+            local.tokens(model, &usage);
+        })
+    });
+    g.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(30)
+        .without_plots()
+}
+
+criterion_group! {
+    name = hot_path;
+    config = config();
+    targets = request_path, usage_extraction, balancer, metrics
+}
+criterion_main!(hot_path);
