@@ -490,3 +490,58 @@ fn sigkill_and_restart_replays_the_spool() {
         assert!(got.contains(id), "event for {id} lost");
     }
 }
+
+#[test]
+fn sigterm_flushes_pending_events_before_exit() {
+    let mock = Mock::start();
+    let hook = Webhook::start();
+    let yaml = config(
+        &[mock.url()],
+        // A long flush interval: only the shutdown flush can deliver these in time.
+        &format!(
+            "usage_hook:\n  enabled: true\n  url: \"{}\"\n  flush_interval: 1h\n  batch_max: 1000\n",
+            hook.url()
+        ),
+    );
+    let mut proxy = Proxy::start(&yaml, &[]);
+    for i in 0..25 {
+        let id = format!("flush-{i}");
+        let r = post_json(
+            proxy.addr,
+            "/v1/chat/completions",
+            &chat_body(false, 1),
+            &[("x-request-id", &id)],
+        );
+        assert_eq!(r.status, 200);
+    }
+    assert!(hook.events().is_empty(), "nothing due before shutdown");
+    proxy.proc.signal(libc::SIGTERM);
+    assert_eq!(proxy.proc.wait_exit(Duration::from_secs(10)), Some(0));
+    let got: HashSet<String> = hook
+        .events()
+        .iter()
+        .map(|e| e["request_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(got.len(), 25, "all events delivered by the shutdown flush");
+}
+
+#[test]
+fn with_the_hook_disabled_events_can_still_be_logged() {
+    let mock = Mock::start();
+    let proxy = Proxy::start(&config(&[mock.url()], "usage: { log: true }\n"), &[]);
+    let r = post_json(
+        proxy.addr,
+        "/v1/chat/completions",
+        &chat_body(false, 4),
+        &[("x-request-id", "logged-1")],
+    );
+    assert_eq!(r.status, 200);
+    let line = proxy
+        .proc
+        .wait_for_line("logged-1\\\",\\\"timestamp", Duration::from_secs(3));
+    let outer: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
+    assert_eq!(outer["target"], "usage");
+    let event: serde_json::Value = serde_json::from_str(outer["msg"].as_str().unwrap()).unwrap();
+    assert_eq!(event["request_id"], "logged-1");
+    assert_eq!(event["completion_tokens"], 4);
+}
