@@ -123,6 +123,69 @@ pub struct Tap {
     header_completion: Option<u64>,
     /// Number of SSE events seen (for inter-token accounting by the caller).
     events: u64,
+    /// Strip mode: the finish chunk, held until the next event shows whether a removed usage
+    /// chunk carries fields (llama.cpp's `timings`) that belong on it.
+    held: Option<Vec<u8>>,
+}
+
+/// What strip mode does with one event.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Pass,
+    /// A chunk with a finish_reason: hold it until the next event.
+    HoldFinish,
+    /// The usage-only chunk the proxy asked for: remove it, keeping these extra top-level members
+    /// (raw `"name":value` text) for the held finish chunk.
+    Strip(Vec<u8>),
+}
+
+/// Top-level members of an OpenAI chunk that are part of every chunk; anything else on the
+/// usage-only chunk (llama.cpp moves `timings` there when usage is requested) is carried over.
+const CHUNK_MEMBERS: &[&str] = &[
+    "id",
+    "object",
+    "created",
+    "model",
+    "system_fingerprint",
+    "service_tier",
+    "choices",
+    "usage",
+    "obfuscation",
+];
+
+/// `,"name":value` for every non-standard member of `payload`, values as their raw JSON text.
+fn extra_fields(payload: &[u8]) -> Vec<u8> {
+    type Members<'a> = std::collections::BTreeMap<String, &'a serde_json::value::RawValue>;
+    let Ok(members) = serde_json::from_slice::<Members<'_>>(payload) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (name, value) in members {
+        if CHUNK_MEMBERS.contains(&name.as_str()) {
+            continue;
+        }
+        out.push(b',');
+        if let Ok(key) = serde_json::to_vec(&name) {
+            out.extend_from_slice(&key);
+        }
+        out.push(b':');
+        out.extend_from_slice(value.get().as_bytes());
+    }
+    out
+}
+
+/// Inserts `extra` (`,"name":value...`) before the closing brace of the event's JSON object.
+fn append_members(event: &[u8], extra: &[u8]) -> Vec<u8> {
+    match event.iter().rposition(|b| *b == b'}') {
+        Some(close) => {
+            let mut out = Vec::with_capacity(event.len() + extra.len());
+            out.extend_from_slice(&event[..close]);
+            out.extend_from_slice(extra);
+            out.extend_from_slice(&event[close..]);
+            out
+        }
+        None => event.to_vec(),
+    }
 }
 
 impl Tap {
@@ -135,6 +198,7 @@ impl Tap {
             header_prompt: None,
             header_completion: None,
             events: 0,
+            held: None,
         }
     }
 
@@ -195,10 +259,13 @@ impl Tap {
                 // A final event without its blank line still counts (some servers end that way).
                 let rest = std::mem::take(&mut self.pending);
                 if !rest.is_empty() {
-                    let removed = self.on_event(&rest);
-                    if self.holds_back() && !removed {
-                        emit(&rest);
+                    let verdict = self.on_event(&rest);
+                    if self.holds_back() {
+                        self.route(&rest, verdict, emit);
                     }
+                }
+                if let Some(held) = self.held.take() {
+                    emit(&held);
                 }
             }
             Kind::None => {}
@@ -236,13 +303,16 @@ impl Tap {
         let mut start = 0;
         let mut run_start = 0;
         while let Some(end) = event_end(buf, start) {
-            if self.on_event(&buf[start..end]) {
-                if let Some(emit) = emit.as_deref_mut() {
+            let verdict = self.on_event(&buf[start..end]);
+            if let Some(emit) = emit.as_deref_mut() {
+                // Strip mode: everything before this event goes out first, in order.
+                if verdict != Verdict::Pass || self.held.is_some() {
                     if run_start < start {
                         emit(&buf[run_start..start]);
                     }
+                    run_start = end;
+                    self.route(&buf[start..end], verdict, emit);
                 }
-                run_start = end;
             }
             start = end;
         }
@@ -259,8 +329,8 @@ impl Tap {
         self.pending = pending;
     }
 
-    /// Looks at one complete event; returns true when it must be removed from the stream.
-    fn on_event(&mut self, event: &[u8]) -> bool {
+    /// Looks at one complete event and says what happens to it in strip mode.
+    fn on_event(&mut self, event: &[u8]) -> Verdict {
         self.events += 1;
         let mut data_lines = event
             .split(|b| *b == b'\n')
@@ -268,7 +338,7 @@ impl Tap {
             .filter_map(|l| l.strip_prefix(b"data:"))
             .map(|l| l.strip_prefix(b" ").unwrap_or(l));
         let Some(first) = data_lines.next() else {
-            return false;
+            return Verdict::Pass;
         };
         let joined;
         let payload: &[u8] = match data_lines.next() {
@@ -288,18 +358,25 @@ impl Tap {
         match self.kind {
             Kind::OpenAiSse { strip } => {
                 if !has_non_null(payload, b"\"usage\"") {
-                    return false;
+                    if strip && has_non_null(payload, b"\"finish_reason\"") {
+                        return Verdict::HoldFinish;
+                    }
+                    return Verdict::Pass;
                 }
                 let Ok(chunk) = serde_json::from_slice::<OpenAiChunk>(payload) else {
-                    return false;
+                    return Verdict::Pass;
                 };
                 let usage_only = chunk.choices.as_ref().is_some_and(Vec::is_empty);
                 match chunk.usage {
                     Some(u) => {
                         self.usage = Some(u.into());
-                        strip && usage_only
+                        if strip && usage_only {
+                            Verdict::Strip(extra_fields(payload))
+                        } else {
+                            Verdict::Pass
+                        }
                     }
-                    None => false,
+                    None => Verdict::Pass,
                 }
             }
             Kind::TgiSse => {
@@ -308,9 +385,36 @@ impl Tap {
                         self.take_tgi(body);
                     }
                 }
-                false
+                Verdict::Pass
             }
-            _ => false,
+            _ => Verdict::Pass,
+        }
+    }
+
+    /// Strip mode: sends an event on, holds it, or removes it.
+    fn route(&mut self, event: &[u8], verdict: Verdict, emit: &mut dyn FnMut(&[u8])) {
+        match verdict {
+            Verdict::Strip(extra) => {
+                if let Some(held) = self.held.take() {
+                    if extra.is_empty() {
+                        emit(&held);
+                    } else {
+                        emit(&append_members(&held, &extra));
+                    }
+                }
+            }
+            Verdict::HoldFinish => {
+                if let Some(prev) = self.held.take() {
+                    emit(&prev);
+                }
+                self.held = Some(event.to_vec());
+            }
+            Verdict::Pass => {
+                if let Some(prev) = self.held.take() {
+                    emit(&prev);
+                }
+                emit(event);
+            }
         }
     }
 
@@ -453,6 +557,34 @@ mod tests {
         let parts: Vec<&[u8]> = b.chunks(1).collect();
         let (out, _) = run(Kind::OpenAiSse { strip: true }, &parts);
         assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn fields_moved_onto_the_usage_chunk_go_back_to_the_finish_chunk() {
+        // llama.cpp: without include_usage, `timings` rides on the finish chunk; with it, on the
+        // usage-only chunk. The client must see the former.
+        let with_usage = concat!(
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"}}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"length\"}]}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1},\"timings\":{\"predicted_ms\":1.5,\"n\":[1,2]}}\n\n",
+            "data: [DONE]\n\n"
+        );
+        let expected = concat!(
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"}}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"length\"}],\"timings\":{\"predicted_ms\":1.5,\"n\":[1,2]}}\n\n",
+            "data: [DONE]\n\n"
+        );
+        let b = with_usage.as_bytes();
+        for cut in 0..b.len() {
+            let (out, u) = run(Kind::OpenAiSse { strip: true }, &[&b[..cut], &b[cut..]]);
+            assert_eq!(String::from_utf8_lossy(&out), expected, "cut {cut}");
+            assert_eq!(u.unwrap().total_tokens, 4);
+        }
+        // A finish chunk with nothing after it is released at the end of the body.
+        let only =
+            "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n";
+        let (out, _) = run(Kind::OpenAiSse { strip: true }, &[only.as_bytes()]);
+        assert_eq!(out, only.as_bytes());
     }
 
     #[test]

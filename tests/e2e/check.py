@@ -329,29 +329,27 @@ def check_streams(px, ll):
             "chat-stream-plain: one finish chunk",
             f"finish_reason={finish[0]['choices'][0]['finish_reason'] if finish else None}",
         )
-        # Same structure as llama.cpp's own stream without include_usage. `timings` is compared
-        # separately: llama.cpp puts it on the finish chunk without include_usage but on the
-        # usage-only chunk with it, so the injected request moves it into the removed chunk.
+        # Same structure as llama.cpp's own stream without include_usage, `timings` included:
+        # with include_usage llama.cpp moves `timings` from the finish chunk to the usage-only
+        # chunk, and the proxy puts it back on the finish chunk when it removes that chunk.
         miss = missing_headers(d_plain, r)
         check(not miss, "chat-stream-plain: llama.cpp's response headers passed through",
               f"{sorted(k for k in d_plain.headers if k not in HOP_BY_HOP)}"
               + (f"; changed {miss}" if miss else ""))
-        ps, ds = stream_shape(ev, ("timings",)), stream_shape(d_plain_ev, ("timings",))
+        ps, ds = stream_shape(ev, ()), stream_shape(d_plain_ev, ())
         check(
             ps == ds,
             "chat-stream-plain: event structure equals llama.cpp's own stream without include_usage "
-            "(ignoring `timings`)",
+            "(timings included)",
             f"{len(ps)} distinct shapes" if ps == ds else f"proxy {ps} / direct {ds}",
         )
         d_timings = sum(1 for _, o in d_plain_ev if o and "timings" in o)
         p_timings = sum(1 for _, o in ev if o and "timings" in o)
-        if p_timings < d_timings:
-            note(
-                "chat-stream-plain: llama.cpp's `timings` is missing from the client's stream "
-                f"(direct stream without include_usage: {d_timings} event(s) carry it, through the "
-                f"proxy: {p_timings}). With include_usage llama.cpp moves `timings` from the finish "
-                "chunk to the usage-only chunk, which the proxy then removes."
-            )
+        check(
+            p_timings == d_timings,
+            "chat-stream-plain: llama.cpp's `timings` on the same events as without the proxy",
+            f"direct {d_timings} event(s), through the proxy {p_timings}",
+        )
         e["want"] = stream_want(ev, SMALL)
 
     # 2. The client asked for usage itself: it gets the usage chunk unchanged.
