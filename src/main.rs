@@ -59,6 +59,9 @@ enum Command {
     },
     /// Run a simulated OpenAI-compatible backend (for tests, demos and benchmarks).
     MockBackend {
+        /// Address to bind (e.g. 0.0.0.0 inside a container).
+        #[arg(long, default_value = "127.0.0.1")]
+        host: std::net::IpAddr,
         #[arg(long, default_value_t = 0)]
         port: u16,
         /// Delay before the first token.
@@ -84,12 +87,14 @@ fn main() -> ExitCode {
         Some(Command::Check { config }) => check(&config),
         Some(Command::Demo { port, workers }) => demo(port, workers),
         Some(Command::MockBackend {
+            host,
             port,
             ttft_ms,
             token_delay_ms,
             tokens,
             model,
         }) => mock::run(mock::MockOptions {
+            host,
             port,
             ttft: Duration::from_millis(ttft_ms),
             token_delay: Duration::from_millis(token_delay_ms),
