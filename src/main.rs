@@ -100,7 +100,6 @@ fn main() -> ExitCode {
             token_delay: Duration::from_millis(token_delay_ms),
             tokens,
             model,
-            ..mock::MockOptions::default()
         })
         .map(|()| ExitCode::SUCCESS),
         None => run(cli.run),
