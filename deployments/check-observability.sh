@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Checks llmproxy's observability files on a clean Debian 12 machine (root), installing what it needs
 # (promtool from Debian's `prometheus` package, python3 with PyYAML):
-#   - deployments/prometheus/alerts.yml: `promtool check rules` and its unit tests (alerts.test.yml);
+#   - deployments/prometheus/alerts.yml: `promtool check rules` and its unit tests (alerts_test.yml);
 #   - deployments/grafana: the dashboard is valid JSON, every panel and variable has a Prometheus
 #     datasource, every query parses as PromQL (through `promtool check rules`) and names only
 #     metrics from llmproxy's metrics contract (METRICS below, DESIGN.md §5), with labels that exist;
@@ -70,7 +70,7 @@ DASHBOARD=$GRAFANA/dashboards/llmproxy.json
 
 # --- alert rules -----------------------------------------------------------------------------------
 run promtool check rules "$PROM/alerts.yml"
-run promtool test rules "$PROM/alerts.test.yml"
+run promtool test rules "$PROM/alerts_test.yml"
 
 # --- dashboard and provisioning ---------------------------------------------------------------------
 run "$PY" -m json.tool "$DASHBOARD" /dev/null
