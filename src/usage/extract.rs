@@ -481,10 +481,13 @@ fn has_non_null(payload: &[u8], key: &[u8]) -> bool {
     // Searchers are built once: constructing one per event cost more than the search itself.
     static USAGE: OnceLock<Finder<'static>> = OnceLock::new();
     static DETAILS: OnceLock<Finder<'static>> = OnceLock::new();
+    static FINISH: OnceLock<Finder<'static>> = OnceLock::new();
     let finder = match key {
         b"\"usage\"" => USAGE.get_or_init(|| Finder::new(b"\"usage\"")),
         b"\"details\"" => DETAILS.get_or_init(|| Finder::new(b"\"details\"")),
-        _ => return memchr::memmem::find(payload, key).is_some(),
+        b"\"finish_reason\"" => FINISH.get_or_init(|| Finder::new(b"\"finish_reason\"")),
+        // Every key the tap asks about is listed above; an unknown one is never "present".
+        _ => return false,
     };
     for pos in finder.find_iter(payload) {
         let rest = &payload[pos + key.len()..];
@@ -603,6 +606,15 @@ mod tests {
         assert_eq!(u.unwrap().completion_tokens, 4);
         assert!(!has_non_null(b"{\"usage\" :  null}", b"\"usage\""));
         assert!(has_non_null(b"{\"usage\":{}}", b"\"usage\""));
+        // A token chunk (finish_reason null) is never held back.
+        assert!(!has_non_null(
+            b"{\"finish_reason\":null}",
+            b"\"finish_reason\""
+        ));
+        assert!(has_non_null(
+            b"{\"finish_reason\":\"stop\"}",
+            b"\"finish_reason\""
+        ));
     }
 
     #[test]
