@@ -4,6 +4,7 @@
 
 use std::time::Instant;
 
+use crate::encode;
 use crate::http1::Head;
 use crate::logging::ACCESS;
 use crate::openai::{self, RequestInfo};
@@ -57,21 +58,38 @@ pub fn account(w: &Worker, d: &Downstream, f: Done<'_>) {
     };
     if cfg.logging.access_log && log::log_enabled!(target: ACCESS, log::Level::Info) {
         let u = f.usage.unwrap_or_default();
-        let line = serde_json::json!({
-            "request_id": f.request_id,
-            "method": head.method(),
-            "path": head.path(),
-            "model": model,
-            "backend": backend_url,
-            "status": f.status,
-            "duration_ms": elapsed.as_secs_f64() * 1000.0,
-            "ttft_ms": ttft.map(|t| t.as_secs_f64() * 1000.0),
-            "prompt_tokens": u.prompt_tokens,
-            "completion_tokens": u.completion_tokens,
-            "outcome": f.outcome.as_str(),
-            "key_id": key_id,
-            "client": d.peer.to_string(),
-        });
+        // Keys in sorted order, as the `serde_json::json!` map this replaced wrote them.
+        let mut line = String::with_capacity(384);
+        line.push_str("{\"backend\":");
+        encode::push_json_opt_str(&mut line, backend_url);
+        line.push_str(",\"client\":");
+        encode::push_json_str(&mut line, &d.peer.to_string());
+        line.push_str(",\"completion_tokens\":");
+        encode::push_u64(&mut line, u.completion_tokens);
+        line.push_str(",\"duration_ms\":");
+        encode::push_f64(&mut line, elapsed.as_secs_f64() * 1000.0);
+        line.push_str(",\"key_id\":");
+        encode::push_json_opt_str(&mut line, key_id.as_deref());
+        line.push_str(",\"method\":");
+        encode::push_json_str(&mut line, head.method());
+        line.push_str(",\"model\":");
+        encode::push_json_opt_str(&mut line, model);
+        line.push_str(",\"outcome\":");
+        encode::push_json_str(&mut line, f.outcome.as_str());
+        line.push_str(",\"path\":");
+        encode::push_json_str(&mut line, head.path());
+        line.push_str(",\"prompt_tokens\":");
+        encode::push_u64(&mut line, u.prompt_tokens);
+        line.push_str(",\"request_id\":");
+        encode::push_json_str(&mut line, f.request_id);
+        line.push_str(",\"status\":");
+        encode::push_u64(&mut line, u64::from(f.status));
+        line.push_str(",\"ttft_ms\":");
+        match ttft {
+            Some(t) => encode::push_f64(&mut line, t.as_secs_f64() * 1000.0),
+            None => line.push_str("null"),
+        }
+        line.push('}');
         log::info!(target: ACCESS, "{line}");
     }
     if !metered {

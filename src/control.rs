@@ -3,9 +3,11 @@
 //! `Load` message is healed by the next periodic `Snapshot`; health state is re-broadcast by the
 //! health thread every round, so a full inbox can delay but never corrupt a core's view.
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender};
 
-/// Bounded so a stalled core cannot make the others grow memory without limit.
+/// Bounded so a stalled core cannot make the others grow memory without limit. The bound is
+/// checked on send over an unbounded (block-list) channel, which allocates only for what is
+/// queued; a bounded crossbeam channel would allocate and touch all its slots at start.
 const INBOX_CAPACITY: usize = 64 * 1024;
 
 #[derive(Debug, Clone)]
@@ -38,9 +40,7 @@ pub struct Broadcast {
 impl Broadcast {
     /// Creates one inbox per core.
     pub fn new(cores: usize) -> (Broadcast, Vec<Receiver<ControlMsg>>) {
-        let (tx, rx): (Vec<_>, Vec<_>) = (0..cores)
-            .map(|_| crossbeam_channel::bounded(INBOX_CAPACITY))
-            .unzip();
+        let (tx, rx): (Vec<_>, Vec<_>) = (0..cores).map(|_| crossbeam_channel::unbounded()).unzip();
         (Broadcast { inboxes: tx }, rx)
     }
 
@@ -54,12 +54,12 @@ impl Broadcast {
             if Some(i) == skip {
                 continue;
             }
-            match tx.try_send(msg.clone()) {
-                Ok(()) | Err(TrySendError::Disconnected(_)) => {}
-                Err(TrySendError::Full(_)) => {
-                    log::debug!("core {i} inbox full; message dropped until the next snapshot")
-                }
+            if tx.len() >= INBOX_CAPACITY {
+                log::debug!("core {i} inbox full; message dropped until the next snapshot");
+                continue;
             }
+            // Unbounded: the only error is a core that has exited, which needs nothing.
+            let _ = tx.try_send(msg.clone());
         }
     }
 

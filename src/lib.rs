@@ -8,6 +8,7 @@ pub mod account;
 pub mod balance;
 pub mod config;
 pub mod control;
+pub mod encode;
 pub mod error;
 pub mod health;
 pub mod http1;

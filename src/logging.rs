@@ -110,13 +110,20 @@ pub fn init(level: LevelFilter, format: LogFormat) {
         .name("llmproxy-log".into())
         .spawn(move || {
             let stderr = std::io::stderr();
+            // Whatever queued up meanwhile goes out in the same write: one syscall per batch,
+            // not per line, which under load was one per request.
+            let mut batch: Vec<u8> = Vec::with_capacity(64 * 1024);
             for line in rx.iter() {
-                let mut out = stderr.lock();
-                let _ = out.write_all(line.as_bytes());
-                // Batch whatever queued up meanwhile into the same lock.
-                for more in rx.try_iter().take(256) {
-                    let _ = out.write_all(more.as_bytes());
+                batch.clear();
+                batch.extend_from_slice(line.as_bytes());
+                for more in rx.try_iter().take(1024) {
+                    batch.extend_from_slice(more.as_bytes());
+                    if batch.len() >= 64 * 1024 {
+                        break;
+                    }
                 }
+                let mut out = stderr.lock();
+                let _ = out.write_all(&batch);
                 let _ = out.flush();
             }
         });

@@ -181,7 +181,7 @@ pub fn start(cfg: Config) -> anyhow::Result<Running> {
     });
     let (broadcast, inboxes) = Broadcast::new(workers);
     let (health_tx, health_rx) = crossbeam_channel::bounded(1024);
-    let (usage_tx, usage_rx) = crossbeam_channel::bounded(crate::usage::CHANNEL_CAPACITY);
+    let (usage_tx, usage_rx) = crossbeam_channel::unbounded();
     let delivery = Delivery::start(
         &cfg.usage_hook,
         &cfg.usage,

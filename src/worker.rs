@@ -178,7 +178,13 @@ impl Worker {
     pub fn next_request_id(&self) -> String {
         let n = self.seq.get().wrapping_add(1);
         self.seq.set(n);
-        format!("{:016x}{:04x}{:08x}", self.id_prefix, self.id, n)
+        let mut id = String::with_capacity(28);
+        crate::encode::push_hex(&mut id, u128::from(self.id_prefix), 16);
+        crate::encode::push_hex(&mut id, self.id as u128, 4);
+        // Eight digits, more once a core has served 2^32 requests (never wraps around).
+        let digits = (16 - n.leading_zeros() as usize / 4).max(8);
+        crate::encode::push_hex(&mut id, u128::from(n), digits);
+        id
     }
 
     /// Counts one request as in flight on this core for the drain, released on drop.

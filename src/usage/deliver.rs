@@ -151,10 +151,7 @@ fn intake(shared: &Shared, rx: &Receiver<UsageEvent>, enabled: bool, log_events:
             Ok(ev) => {
                 lines.clear();
                 for ev in std::iter::once(ev).chain(rx.try_iter().take(1023)) {
-                    match serde_json::to_string(&ev) {
-                        Ok(line) => lines.push(line),
-                        Err(e) => log::error!("usage event not serialisable: {e}"),
-                    }
+                    lines.push(ev.to_json());
                 }
                 if log_events {
                     for l in &lines {

@@ -421,8 +421,11 @@ impl Tap {
     fn parse_json_body(&mut self, body: &[u8]) {
         match self.kind {
             Kind::OpenAiJson => {
-                if let Ok(chunk) = serde_json::from_slice::<OpenAiChunk>(body) {
-                    if let Some(u) = chunk.usage {
+                // Only the `usage` object is deserialised: a full parse of the response (every
+                // choice's text validated and skipped) was a tenth of a request's CPU.
+                if let Some(at) = top_level_value(body, b"usage") {
+                    let mut de = serde_json::Deserializer::from_slice(&body[at..]);
+                    if let Ok(Some(u)) = Option::<UsageJson>::deserialize(&mut de) {
                         self.usage = Some(u.into());
                     }
                 }
@@ -477,6 +480,59 @@ fn event_end(buf: &[u8], from: usize) -> Option<usize> {
 
 /// True when `key` occurs followed by a value other than `null` — the cheap test that spares
 /// a JSON parse for the ordinary token chunk (`"usage": null` on vLLM/OpenAI chunks).
+/// Where the value of `key` in the top-level JSON object starts (just after its colon), found by
+/// a structural scan: strings are skipped (so a quoted `"usage":` inside a message is never taken
+/// for the key) and only keys at brace depth 1 count. Arrays need no tracking: an object key
+/// inside an array sits at brace depth 2 or more. Returns `None` for anything that is not a JSON
+/// object or has no such key; the value itself is checked by whoever deserialises it.
+pub(crate) fn top_level_value(body: &[u8], key: &[u8]) -> Option<usize> {
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return None;
+    }
+    let mut depth = 0usize;
+    let mut i = 0;
+    while let Some(off) = memchr::memchr3(b'"', b'{', b'}', &body[i..]) {
+        let at = i + off;
+        match body[at] {
+            b'{' => depth += 1,
+            b'}' => {
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    return None;
+                }
+            }
+            _ => {
+                let end = string_end(body, at + 1)?;
+                let after = end + 1;
+                let rest = body[after..].trim_ascii_start();
+                let is_key = rest.first() == Some(&b':');
+                if depth == 1 && is_key && &body[at + 1..end] == key {
+                    return Some(body.len() - rest.len() + 1);
+                }
+                i = after;
+                continue;
+            }
+        }
+        i = at + 1;
+    }
+    None
+}
+
+/// Index of the quote closing the JSON string whose contents start at `from`.
+fn string_end(body: &[u8], mut from: usize) -> Option<usize> {
+    loop {
+        let off = memchr::memchr2(b'"', b'\\', &body[from..])?;
+        let at = from + off;
+        if body[at] == b'"' {
+            return Some(at);
+        }
+        from = at + 2;
+        if from > body.len() {
+            return None;
+        }
+    }
+}
+
 fn has_non_null(payload: &[u8], key: &[u8]) -> bool {
     // Searchers are built once: constructing one per event cost more than the search itself.
     static USAGE: OnceLock<Finder<'static>> = OnceLock::new();
@@ -505,6 +561,21 @@ fn has_non_null(payload: &[u8], key: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn top_level_value_skips_strings_and_nested_objects() {
+        let body = br#"{"choices":[{"message":{"content":"say \"usage\": 5 {"},"usage":{"x":1}}],"model":"m","usage" : {"prompt_tokens":3}}"#;
+        let at = top_level_value(body, b"usage").unwrap();
+        assert!(body[at..]
+            .trim_ascii_start()
+            .starts_with(br#"{"prompt_tokens":3}"#));
+        assert_eq!(top_level_value(br#"{"a":{"usage":1}}"#, b"usage"), None);
+        assert_eq!(top_level_value(br#"["usage",{"usage":1}]"#, b"usage"), None);
+        assert_eq!(top_level_value(br#"{"usage"#, b"usage"), None);
+        assert_eq!(top_level_value(br#"{"x":"\"#, b"usage"), None);
+        assert_eq!(top_level_value(b"}}{", b"usage"), None);
+        assert_eq!(top_level_value(br#"{"usage":null}"#, b"usage"), Some(9));
+    }
 
     fn run(kind: Kind, parts: &[&[u8]]) -> (Vec<u8>, Option<Usage>) {
         let mut tap = Tap::new(kind);

@@ -1,0 +1,154 @@
+//! Text encodings written once per request on the hot path — JSON strings and numbers for usage
+//! events and access-log lines, fixed-width hex for ids — without `core::fmt` or a
+//! `serde_json::Value`. Profiles showed the generic routes (formatting machinery, a map per line,
+//! byte-at-a-time escaping) costing more than the proxying they describe. Strings and integers
+//! come out exactly as `serde_json` writes them (tests compare the two).
+
+use std::fmt::Write as _;
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Appends the lowest `digits` hex digits of `v` (zero-padded, lowercase).
+pub fn push_hex(out: &mut String, v: u128, digits: usize) {
+    for i in (0..digits).rev() {
+        let nibble = ((v >> (i * 4)) & 0xf) as usize;
+        out.push(char::from(HEX[nibble]));
+    }
+}
+
+/// Appends `s` as a JSON string literal, quotes included.
+pub fn push_json_str(out: &mut String, s: &str) {
+    out.push('"');
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        // Most strings need no escaping at all: test 16 bytes at a time (vectorised) and skip.
+        if let Some(chunk) = bytes.get(i..i + 16) {
+            if !chunk.iter().fold(false, |acc, &b| acc | needs_escape(b)) {
+                i += 16;
+                continue;
+            }
+        }
+        let b = bytes[i];
+        if needs_escape(b) {
+            out.push_str(&s[start..i]);
+            match b {
+                b'"' => out.push_str("\\\""),
+                b'\\' => out.push_str("\\\\"),
+                b'\n' => out.push_str("\\n"),
+                b'\r' => out.push_str("\\r"),
+                b'\t' => out.push_str("\\t"),
+                0x08 => out.push_str("\\b"),
+                0x0c => out.push_str("\\f"),
+                _ => {
+                    out.push_str("\\u00");
+                    push_hex(out, u128::from(b), 2);
+                }
+            }
+            start = i + 1;
+        }
+        i += 1;
+    }
+    out.push_str(&s[start..]);
+    out.push('"');
+}
+
+fn needs_escape(b: u8) -> bool {
+    b < 0x20 || b == b'"' || b == b'\\'
+}
+
+/// Appends an optional string as a JSON string or `null`.
+pub fn push_json_opt_str(out: &mut String, s: Option<&str>) {
+    match s {
+        Some(s) => push_json_str(out, s),
+        None => out.push_str("null"),
+    }
+}
+
+/// Appends an integer in decimal.
+pub fn push_u64(out: &mut String, v: u64) {
+    let mut digits = [0u8; 20];
+    let mut n = v;
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &d in &digits[at..] {
+        out.push(char::from(d));
+    }
+}
+
+/// Appends an optional integer or `null`.
+pub fn push_opt_u64(out: &mut String, v: Option<u64>) {
+    match v {
+        Some(v) => push_u64(out, v),
+        None => out.push_str("null"),
+    }
+}
+
+/// Appends a float as a JSON number (Rust's shortest round-trip form, never an exponent);
+/// non-finite values, which JSON cannot carry, become `null`.
+pub fn push_f64(out: &mut String, v: f64) {
+    if v.is_finite() {
+        let _ = write!(out, "{v}");
+    } else {
+        out.push_str("null");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strings_match_serde_json_exactly() {
+        let mut samples: Vec<String> = vec![
+            String::new(),
+            "plain ascii that is longer than sixteen bytes".into(),
+            "quote \" backslash \\ newline \n tab \t cr \r".into(),
+            "controls \u{0} \u{1f} \u{8} \u{c} \u{7f} end".into(),
+            "unicode é 漢字 🙂 and an escape at the very end\"".into(),
+            "x".repeat(15) + "\"",
+            "x".repeat(16) + "\\" + &"y".repeat(17),
+        ];
+        for n in 0..=255u8 {
+            if let Ok(s) = std::str::from_utf8(&[b'a', n, b'b']) {
+                samples.push(s.to_string());
+            }
+        }
+        for s in &samples {
+            let mut out = String::new();
+            push_json_str(&mut out, s);
+            assert_eq!(out, serde_json::to_string(s).unwrap(), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn numbers_and_hex() {
+        for v in [0u64, 7, 10, 99, 12345, u64::MAX] {
+            let mut out = String::new();
+            push_u64(&mut out, v);
+            assert_eq!(out, v.to_string());
+        }
+        for v in [0.0, 1.0, 0.5, 1.0349, 123456.789, 1e-7, 1e300] {
+            let mut out = String::new();
+            push_f64(&mut out, v);
+            assert_eq!(serde_json::from_str::<f64>(&out).unwrap(), v, "{out}");
+        }
+        let mut out = String::new();
+        push_f64(&mut out, f64::NAN);
+        assert_eq!(out, "null");
+        let mut out = String::new();
+        push_hex(&mut out, 0xabc, 6);
+        assert_eq!(out, "000abc");
+        out.clear();
+        push_hex(&mut out, u128::MAX, 32);
+        assert_eq!(out, "f".repeat(32));
+    }
+}
