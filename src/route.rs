@@ -1,9 +1,9 @@
 //! Where a request goes: answered locally (health, metrics, model list) or to the set of
-//! backends that serve its model. The table is built once from config and only read afterwards.
+//! backends that serve its model. One table is built per backend-table version (`backends`), off
+//! the cores, and only read afterwards.
 
 use std::collections::HashMap;
 
-use crate::config::Config;
 use crate::error::ProxyError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,6 +14,10 @@ pub enum Local {
     /// `/metrics` asked on the main listener while an admin listener serves it: never proxied
     /// (that would expose a backend's own metrics), answered 404.
     MetricsElsewhere,
+    /// `POST /admin/reload`: re-read the config file.
+    Reload,
+    /// An admin action asked on the main listener while an admin listener exists: 404.
+    AdminElsewhere,
 }
 
 pub struct RouteTable {
@@ -27,15 +31,26 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    pub fn new(cfg: &Config) -> Self {
-        let n = cfg.backends.len();
-        let any_model: Vec<bool> = cfg.backends.iter().map(|b| b.models.is_none()).collect();
+    /// Masks over `slots` backend slots from the eligible backends and their `models` lists
+    /// (`None` = serves any model). Slots not listed (free or draining) are never eligible.
+    pub fn build<'a>(
+        slots: usize,
+        backends: impl Iterator<Item = (usize, Option<&'a [String]>)>,
+    ) -> Self {
+        let backends: Vec<(usize, Option<&[String]>)> =
+            backends.filter(|(i, _)| *i < slots).collect();
+        let mut any_model = vec![false; slots];
+        let mut all = vec![false; slots];
+        for (i, models) in &backends {
+            all[*i] = true;
+            any_model[*i] = models.is_none();
+        }
         let mut by_model: HashMap<String, Vec<bool>> = HashMap::new();
-        for (i, b) in cfg.backends.iter().enumerate() {
-            for m in b.models.iter().flatten() {
+        for (i, models) in &backends {
+            for m in models.iter().copied().flatten() {
                 by_model
                     .entry(m.clone())
-                    .or_insert_with(|| any_model.clone())[i] = true;
+                    .or_insert_with(|| any_model.clone())[*i] = true;
             }
         }
         let model_list = if any_model.iter().any(|a| *a) {
@@ -48,7 +63,7 @@ impl RouteTable {
         RouteTable {
             by_model,
             any_model,
-            all: vec![true; n],
+            all,
             model_list,
         }
     }
@@ -67,6 +82,13 @@ impl RouteTable {
 
     /// Endpoints the proxy answers itself. `/metrics` moves to the admin listener when one is set.
     pub fn local(&self, method: &str, path: &str, metrics_here: bool) -> Option<Local> {
+        if path == "/admin/reload" {
+            return Some(if method == "POST" && metrics_here {
+                Local::Reload
+            } else {
+                Local::AdminElsewhere
+            });
+        }
         if !(method == "GET" || method == "HEAD") {
             return None;
         }
@@ -96,21 +118,29 @@ impl RouteTable {
 mod tests {
     use super::*;
 
-    fn cfg(models: &[Option<&[&str]>]) -> Config {
-        let urls: Vec<String> = (0..models.len())
-            .map(|i| format!("http://127.0.0.1:{}", 9000 + i))
+    fn table(models: &[Option<&[&str]>]) -> RouteTable {
+        let lists: Vec<Option<Vec<String>>> = models
+            .iter()
+            .map(|m| m.map(|l| l.iter().map(|s| s.to_string()).collect()))
             .collect();
-        let mut c =
-            Config::with_backends("127.0.0.1:0".parse().unwrap(), &urls).expect("valid config");
-        for (b, m) in c.backends.iter_mut().zip(models) {
-            b.models = m.map(|l| l.iter().map(|s| s.to_string()).collect());
-        }
-        c
+        RouteTable::build(
+            lists.len(),
+            lists.iter().enumerate().map(|(i, m)| (i, m.as_deref())),
+        )
+    }
+
+    #[test]
+    fn unlisted_slots_are_never_eligible() {
+        let a = ["a".to_string()];
+        let t = RouteTable::build(3, [(0, Some(&a[..])), (2, None)].into_iter());
+        assert_eq!(t.backends_for(Some("a")).unwrap(), &[true, false, true]);
+        assert_eq!(t.backends_for(Some("x")).unwrap(), &[false, false, true]);
+        assert_eq!(t.backends_for(None).unwrap(), &[true, false, true]);
     }
 
     #[test]
     fn model_routing() {
-        let t = RouteTable::new(&cfg(&[Some(&["a"]), Some(&["a", "b"])]));
+        let t = table(&[Some(&["a"]), Some(&["a", "b"])]);
         assert_eq!(t.backends_for(Some("a")).unwrap(), &[true, true]);
         assert_eq!(t.backends_for(Some("b")).unwrap(), &[false, true]);
         assert!(matches!(
@@ -123,7 +153,7 @@ mod tests {
 
     #[test]
     fn backends_without_models_serve_anything() {
-        let t = RouteTable::new(&cfg(&[Some(&["a"]), None]));
+        let t = table(&[Some(&["a"]), None]);
         assert_eq!(t.backends_for(Some("a")).unwrap(), &[true, true]);
         assert_eq!(t.backends_for(Some("zzz")).unwrap(), &[false, true]);
         assert!(t.model_list.is_none());

@@ -2,9 +2,12 @@
 //! its inbox. Nothing here is shared with another thread except through `control` messages and
 //! the read-mostly `Shared` block; in-flight counts are held by RAII guards so a dropped future
 //! (client gone, timeout) can never leak one.
+//!
+//! The backend set and the configuration can change at run time: a new `BackendTable` arrives as
+//! a message and is applied here, between requests, on the inbox drain. Requests hold an `Rc` of
+//! the table and config they started with, so a swap never pulls anything from under them.
 
-use std::cell::Cell;
-use std::net::SocketAddr;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -12,11 +15,11 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
+use crate::backends::{BackendTable, State};
 use crate::balance::{Balancer, LoadView};
 use crate::config::Config;
-use crate::control::{Broadcast, ControlMsg, HealthReport};
+use crate::control::{Broadcast, ControlMsg, HealthReport, PlaneMsg};
 use crate::metrics::{LocalMetrics, Metrics};
-use crate::route::RouteTable;
 use crate::upstream::Pool;
 use crate::usage::{CoreSender, UsageEvent};
 
@@ -27,15 +30,16 @@ pub struct PaddedCount(pub AtomicUsize);
 
 /// Process-wide, read-mostly state.
 pub struct Shared {
+    /// The configuration the process started with (listeners, workers: what a reload cannot
+    /// change). Request handling reads `Worker::config()`, which follows reloads.
     pub config: Arc<Config>,
-    /// Resolved address of each backend, index-aligned with `config.backends`.
-    pub backend_addrs: Vec<SocketAddr>,
     pub draining: AtomicBool,
     /// In-flight requests per core (the drain waits for all to reach zero).
     pub inflight: Vec<PaddedCount>,
     pub connections: Vec<PaddedCount>,
     pub metrics: Arc<Metrics>,
-    pub routes: RouteTable,
+    /// The control-plane thread: drain reports, reload requests.
+    pub plane: Sender<PlaneMsg>,
 }
 
 impl Shared {
@@ -65,6 +69,14 @@ pub struct Worker {
     seq: Cell<u64>,
     id_prefix: u64,
     last_snapshot: Cell<Instant>,
+    // `Rc<Arc<_>>` on purpose: requests clone the `Rc` (a core-local count); cloning the `Arc`
+    // per request would bounce its shared count between all cores.
+    #[allow(clippy::redundant_allocation)]
+    table: RefCell<Rc<Arc<BackendTable>>>,
+    #[allow(clippy::redundant_allocation)]
+    config: RefCell<Rc<Arc<Config>>>,
+    /// Draining backend ids this core has reported drained since the last table change.
+    drained_sent: RefCell<Vec<u64>>,
 }
 
 impl Worker {
@@ -75,16 +87,15 @@ impl Worker {
         peers: Broadcast,
         health_tx: Sender<HealthReport>,
         usage_tx: Sender<UsageEvent>,
+        table: Arc<BackendTable>,
     ) -> Self {
-        let cfg = &shared.config;
-        let n = cfg.backends.len();
-        let weights = cfg.backends.iter().map(|b| b.weight).collect();
-        Worker {
+        let cfg = table.config.clone();
+        let w = Worker {
             id,
-            view: LoadView::new(id, peers.cores(), n),
-            balancer: Balancer::new(cfg.strategy, weights),
-            pool: Pool::new(n, cfg.pool.max_idle_per_backend, cfg.pool.idle_timeout),
-            metrics: LocalMetrics::new(shared.metrics.clone(), cfg),
+            view: LoadView::new(id, peers.cores(), 0),
+            balancer: Balancer::new(cfg.strategy, Vec::new()),
+            pool: Pool::new(0, cfg.pool.max_idle_per_backend, cfg.pool.idle_timeout),
+            metrics: LocalMetrics::new(shared.metrics.clone(), &cfg),
             usage: CoreSender::new(usage_tx),
             shared,
             inbox,
@@ -93,11 +104,98 @@ impl Worker {
             seq: Cell::new(0),
             id_prefix: fastrand::u64(..),
             last_snapshot: Cell::new(Instant::now()),
-        }
+            table: RefCell::new(Rc::new(table.clone())),
+            config: RefCell::new(Rc::new(cfg)),
+            drained_sent: RefCell::new(Vec::new()),
+        };
+        w.install(&table, true);
+        w
     }
 
-    pub fn config(&self) -> &Config {
-        &self.shared.config
+    /// The configuration in force (follows reloads). Hold the `Rc` for as long as needed: a
+    /// reload replaces it for later requests only.
+    #[allow(clippy::redundant_allocation)]
+    pub fn config(&self) -> Rc<Arc<Config>> {
+        self.config.borrow().clone()
+    }
+
+    /// The backend set in force.
+    #[allow(clippy::redundant_allocation)]
+    pub fn table(&self) -> Rc<Arc<BackendTable>> {
+        self.table.borrow().clone()
+    }
+
+    /// Applies a newer backend table: slots whose backend changed start from scratch (counts,
+    /// health, pooled connections, metrics labels); slots that keep their backend keep all of
+    /// it. Older or equal versions (re-sent copies) are ignored.
+    fn apply_table(&self, new: Arc<BackendTable>) {
+        let old = self.table();
+        if new.version <= old.version {
+            return;
+        }
+        if self.id == 0 {
+            for (slot, e) in old.entries() {
+                if new.get(slot).is_none_or(|n| n.id != e.id) {
+                    self.shared.metrics.forget_backend(&e.spec.name);
+                }
+            }
+        }
+        if !Arc::ptr_eq(&new.config, &old.config) {
+            *self.config.borrow_mut() = Rc::new(new.config.clone());
+        }
+        self.install(&new, false);
+        *self.table.borrow_mut() = Rc::new(new);
+        self.drained_sent.borrow_mut().clear();
+    }
+
+    /// Sizes and resets per-slot state for `table` (`first`: the view starts empty).
+    fn install(&self, table: &BackendTable, first: bool) {
+        let n = table.len();
+        let labels: Vec<String> = table
+            .slots
+            .iter()
+            .map(|e| e.as_ref().map_or_else(String::new, |e| e.spec.name.clone()))
+            .collect();
+        self.metrics
+            .set_backends(&self.view, self.id == 0, labels, table.models.clone());
+        self.view.resize(n);
+        for slot in 0..n {
+            let id = table.get(slot).map_or(0, |e| e.id);
+            if first || self.view.id(slot) != id {
+                let up = table.get(slot).is_some_and(|e| e.up_initially);
+                self.view.reset(slot, id, up);
+                self.pool.clear(slot);
+            }
+        }
+        let open: Vec<bool> = (0..n)
+            .map(|s| table.get(s).is_some_and(|e| e.state == State::Active))
+            .collect();
+        self.pool.set_slots(&open);
+        let weights = (0..n)
+            .map(|s| table.get(s).map_or(1, |e| e.spec.weight))
+            .collect();
+        self.balancer.update(table.config.strategy, weights);
+    }
+
+    /// Tells the control plane which draining backends this core no longer has requests on, so
+    /// their slots can be freed once every core has said so.
+    fn report_drained(&self) {
+        let table = self.table();
+        let mut sent = self.drained_sent.borrow_mut();
+        for (slot, e) in table.entries() {
+            if e.state != State::Draining || self.view.own(slot) != 0 || sent.contains(&e.id) {
+                continue;
+            }
+            let msg = PlaneMsg::Drained {
+                core: self.id,
+                id: e.id,
+                version: table.version,
+            };
+            // A full channel is retried on the next tick.
+            if self.shared.plane.try_send(msg).is_ok() {
+                sent.push(e.id);
+            }
+        }
     }
 
     /// Applies every pending message. Cheap when the inbox is empty (one atomic load).
@@ -107,21 +205,23 @@ impl Worker {
                 ControlMsg::Load {
                     core,
                     backend,
+                    id,
                     in_flight,
                 } => {
-                    self.view.set(core, backend, in_flight);
+                    self.view.set(core, backend, id, in_flight);
                 }
                 ControlMsg::Snapshot { core, counts } => {
-                    for (b, c) in counts.into_iter().enumerate() {
-                        self.view.set(core, b, c);
+                    for (b, (id, c)) in counts.into_iter().enumerate() {
+                        self.view.set(core, b, id, c);
                     }
                 }
-                ControlMsg::Health { backend, up } => {
-                    if self.view.backends() > backend && self.view.is_up(backend) != up {
+                ControlMsg::Health { backend, id, up } => {
+                    if self.view.id(backend) == id && self.view.is_up(backend) != up {
                         log::debug!("core {}: backend {backend} up={up}", self.id);
                     }
-                    self.view.set_up(backend, up);
+                    self.view.set_up(backend, id, up);
                 }
+                ControlMsg::Table(table) => self.apply_table(table),
             }
         }
     }
@@ -139,6 +239,7 @@ impl Worker {
                 },
             );
         }
+        self.report_drained();
         self.pool.prune();
         self.usage.tick();
         self.metrics.flush(&self.view, self.id == 0);
@@ -160,6 +261,7 @@ impl Worker {
             &ControlMsg::Load {
                 core: self.id,
                 backend,
+                id: self.view.id(backend),
                 in_flight: v,
             },
         );
@@ -168,10 +270,11 @@ impl Worker {
     /// Passive health: a connect failure marks the backend down here at once and tells the
     /// health thread, which broadcasts it and keeps probing.
     pub fn report_unreachable(&self, backend: usize) {
-        self.view.set_up(backend, false);
+        let id = self.view.id(backend);
+        self.view.set_up(backend, id, false);
         let _ = self
             .health_tx
-            .try_send(HealthReport::Unreachable { backend });
+            .try_send(HealthReport::Unreachable { backend, id });
     }
 
     /// A request id unique across cores and restarts without any shared counter.
