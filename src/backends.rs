@@ -302,6 +302,7 @@ impl Registry {
                     .filter(|e| e.state == State::Active)
                     .map(|e| (i, e.spec.models.as_deref()))
             }),
+            config.backends.iter().map(|b| b.models.as_deref()),
         );
         let mut models: Vec<String> = self
             .slots

@@ -303,14 +303,10 @@ impl LocalMetrics {
 
     /// The backend table changed: flush everything recorded under the old slot labels, then
     /// take the new ones (`labels[slot]`, "" for a free slot) and the new model list.
-    pub fn set_backends(
-        &self,
-        view: &LoadView,
-        publish: bool,
-        labels: Vec<String>,
-        models: Vec<String>,
-    ) {
-        self.flush(view, publish);
+    pub fn set_backends(&self, view: &LoadView, labels: Vec<String>, models: Vec<String>) {
+        // Backend gauges are not published here: under the old labels they would bring back
+        // a backend that was just forgotten. The next flush publishes the new ones.
+        self.flush(view, false);
         self.latency.borrow_mut().clear();
         self.retries.borrow_mut().resize(labels.len(), 0);
         *self.labels.borrow_mut() = labels;

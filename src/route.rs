@@ -25,6 +25,8 @@ pub struct RouteTable {
     by_model: HashMap<String, Vec<bool>>,
     /// Backends without a `models` list.
     any_model: Vec<bool>,
+    /// Some configured entry serves any model (even if none of its backends exists right now).
+    serves_any: bool,
     all: Vec<bool>,
     /// The union of configured models, when every backend declares its models.
     pub model_list: Option<Vec<String>>,
@@ -33,9 +35,12 @@ pub struct RouteTable {
 impl RouteTable {
     /// Masks over `slots` backend slots from the eligible backends and their `models` lists
     /// (`None` = serves any model). Slots not listed (free or draining) are never eligible.
+    /// Which models exist comes from the configured entries (`configured`), not from the
+    /// backends present: a configured model whose replicas are all gone is a 503, not a 404.
     pub fn build<'a>(
         slots: usize,
         backends: impl Iterator<Item = (usize, Option<&'a [String]>)>,
+        configured: impl Iterator<Item = Option<&'a [String]>>,
     ) -> Self {
         let backends: Vec<(usize, Option<&[String]>)> =
             backends.filter(|(i, _)| *i < slots).collect();
@@ -46,6 +51,19 @@ impl RouteTable {
             any_model[*i] = models.is_none();
         }
         let mut by_model: HashMap<String, Vec<bool>> = HashMap::new();
+        let mut serves_any = false;
+        for models in configured {
+            match models {
+                None => serves_any = true,
+                Some(list) => {
+                    for m in list {
+                        by_model
+                            .entry(m.clone())
+                            .or_insert_with(|| any_model.clone());
+                    }
+                }
+            }
+        }
         for (i, models) in &backends {
             for m in models.iter().copied().flatten() {
                 by_model
@@ -53,7 +71,7 @@ impl RouteTable {
                     .or_insert_with(|| any_model.clone())[*i] = true;
             }
         }
-        let model_list = if any_model.iter().any(|a| *a) {
+        let model_list = if serves_any {
             None
         } else {
             let mut names: Vec<String> = by_model.keys().cloned().collect();
@@ -63,6 +81,7 @@ impl RouteTable {
         RouteTable {
             by_model,
             any_model,
+            serves_any,
             all,
             model_list,
         }
@@ -74,7 +93,7 @@ impl RouteTable {
             None => Ok(&self.all),
             Some(m) => match self.by_model.get(m) {
                 Some(mask) => Ok(mask),
-                None if self.any_model.iter().any(|a| *a) => Ok(&self.any_model),
+                None if self.serves_any => Ok(&self.any_model),
                 None => Err(ProxyError::UnknownModel(m.to_string())),
             },
         }
@@ -126,16 +145,32 @@ mod tests {
         RouteTable::build(
             lists.len(),
             lists.iter().enumerate().map(|(i, m)| (i, m.as_deref())),
+            lists.iter().map(|m| m.as_deref()),
         )
     }
 
     #[test]
     fn unlisted_slots_are_never_eligible() {
         let a = ["a".to_string()];
-        let t = RouteTable::build(3, [(0, Some(&a[..])), (2, None)].into_iter());
+        let t = RouteTable::build(
+            3,
+            [(0, Some(&a[..])), (2, None)].into_iter(),
+            [Some(&a[..]), None].into_iter(),
+        );
         assert_eq!(t.backends_for(Some("a")).unwrap(), &[true, false, true]);
         assert_eq!(t.backends_for(Some("x")).unwrap(), &[false, false, true]);
         assert_eq!(t.backends_for(None).unwrap(), &[true, false, true]);
+    }
+
+    #[test]
+    fn configured_models_without_backends_are_known_but_have_none() {
+        let a = ["a".to_string()];
+        let t = RouteTable::build(1, std::iter::empty(), [Some(&a[..])].into_iter());
+        assert_eq!(t.backends_for(Some("a")).unwrap(), &[false]);
+        assert!(t.backends_for(Some("b")).is_err());
+        assert_eq!(t.model_list.as_deref().unwrap(), &["a"]);
+        let t = RouteTable::build(0, std::iter::empty(), [None].into_iter());
+        assert!(t.backends_for(Some("b")).unwrap().is_empty());
     }
 
     #[test]

@@ -133,11 +133,11 @@ impl Worker {
         if new.version <= old.version {
             return;
         }
-        if self.id == 0 {
-            for (slot, e) in old.entries() {
-                if new.get(slot).is_none_or(|n| n.id != e.id) {
-                    self.shared.metrics.forget_backend(&e.spec.name);
-                }
+        // Every core, not just the one publishing gauges on its tick: any core answering
+        // /metrics publishes them too, and must not bring a forgotten backend back.
+        for (slot, e) in old.entries() {
+            if new.get(slot).is_none_or(|n| n.id != e.id) {
+                self.shared.metrics.forget_backend(&e.spec.name);
             }
         }
         if !Arc::ptr_eq(&new.config, &old.config) {
@@ -157,7 +157,7 @@ impl Worker {
             .map(|e| e.as_ref().map_or_else(String::new, |e| e.spec.name.clone()))
             .collect();
         self.metrics
-            .set_backends(&self.view, self.id == 0, labels, table.models.clone());
+            .set_backends(&self.view, labels, table.models.clone());
         self.view.resize(n);
         for slot in 0..n {
             let id = table.get(slot).map_or(0, |e| e.id);
