@@ -57,6 +57,8 @@ pub struct Spec {
     pub base_path: String,
     pub weight: u32,
     pub models: Option<Vec<String>>,
+    /// Found by DNS (joins only after a good health check) rather than listed in the config.
+    pub discovered: bool,
 }
 
 impl Spec {
@@ -71,8 +73,10 @@ pub struct Entry {
     pub id: u64,
     pub spec: Spec,
     pub state: State,
-    /// Backends of the first table start healthy (as a static config always did); later ones
-    /// wait for their first successful health check.
+    /// Backends of the first table and backends listed in a reloaded config start healthy (as
+    /// a static config always did: the operator named them, and a dead one is taken out by its
+    /// first failed connect, with a retry elsewhere). Addresses found later by DNS wait for
+    /// their first successful health check.
     pub up_initially: bool,
     /// The table version in which it started draining (reports from before are stale).
     pub draining_since: u64,
@@ -130,6 +134,7 @@ pub fn desired(
             base_path: b.base_path.clone(),
             weight: b.weight,
             models: b.models.clone(),
+            discovered: b.discover.is_some(),
         };
         if b.discover.is_some() {
             let prefix = b.name.as_deref().unwrap_or(&b.host);
@@ -250,7 +255,8 @@ impl Registry {
         new.sort_by(|a, b| a.key().cmp(&b.key()));
         for spec in new {
             changes.added.push(spec.name.clone());
-            self.insert(spec, false);
+            let up = !spec.discovered;
+            self.insert(spec, up);
         }
         if !changes.is_empty() {
             self.version = next_version;
@@ -337,6 +343,7 @@ mod tests {
             base_path: String::new(),
             weight,
             models: None,
+            discovered: true,
         }
     }
 
