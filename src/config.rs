@@ -695,6 +695,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     }
     let mut backends = Vec::with_capacity(raw.backends.len());
     let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut names: HashMap<String, usize> = HashMap::new();
     for (i, b) in raw.backends.into_iter().enumerate() {
         let at = format!("backends[{i}]");
         if b.weight == 0 {
@@ -705,6 +706,12 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 err(
                     &format!("{at}.name"),
                     "must be a non-empty label without control characters".to_string(),
+                );
+            } else if let Some(first) = names.insert(name.clone(), i) {
+                // Two backends under one label would share (and clobber) their metrics series.
+                err(
+                    &format!("{at}.name"),
+                    format!("duplicate of backends[{first}].name (\"{name}\")"),
                 );
             }
         }
@@ -1314,6 +1321,11 @@ mod tests {
             "backends: [{ url: http://a:1, name: \" \" }]\n",
             "backends[0].name",
             "non-empty",
+        );
+        assert_error(
+            "backends: [{ url: http://a:1, name: x }, { url: http://b:1, name: x }]\n",
+            "backends[1].name",
+            "duplicate of backends[0].name",
         );
     }
 

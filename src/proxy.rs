@@ -16,7 +16,7 @@ use monoio::io::{
 use monoio::net::TcpStream;
 
 use crate::account::{account, Done};
-use crate::backends::Entry;
+use crate::backends::{BackendTable, Entry};
 use crate::error::ProxyError;
 use crate::http1::head::{BodyFraming, Head};
 use crate::http1::headers::forwardable;
@@ -149,10 +149,10 @@ pub async fn handle(
         Ok(info) => info,
         Err(e) => return fail(w, d, &head, &request_id, e, None, received, true).await,
     };
-    if let Err(e) = table.routes.backends_for(info.model.as_deref()) {
-        return fail(w, d, &head, &request_id, e, Some(&info), received, close).await;
-    }
-    drop(table);
+    let mask = match table.routes.backends_for(info.model.as_deref()) {
+        Ok(mask) => mask,
+        Err(e) => return fail(w, d, &head, &request_id, e, Some(&info), received, close).await,
+    };
 
     let injected = if cfg.usage.inject_include_usage {
         openai::inject_include_usage(head.path(), &body, &info)
@@ -177,7 +177,12 @@ pub async fn handle(
     };
     let Downstream { rd, wr, buf, .. } = d;
     let model = info.model.as_deref();
-    let forward = monoio::time::timeout(cfg.timeouts.request, forward(w, &x, model, wr));
+    let route = Route {
+        table: &table,
+        mask,
+        model,
+    };
+    let forward = monoio::time::timeout(cfg.timeouts.request, forward(w, &x, route, wr));
     let result = watch_client(rd, buf, forward).await;
     let (status, outcome, keep) = match result {
         None => (x.status.get(), Outcome::ClientAborted, false),
@@ -218,13 +223,21 @@ pub async fn handle(
     keep
 }
 
+/// The backends a request may go to, as routed against the table in force when it arrived.
+struct Route<'a> {
+    table: &'a BackendTable,
+    mask: &'a [bool],
+    model: Option<&'a str>,
+}
+
 /// Tries backends until one answers (or attempts run out), then relays its response. Each
 /// attempt picks from the backend table in force at that moment (it may change between
-/// attempts); the in-flight guard of the chosen backend is kept in `x`.
+/// attempts: then the request is routed again); the in-flight guard of the chosen backend is
+/// kept in `x`.
 async fn forward(
     w: &Rc<Worker>,
     x: &Exchange<'_>,
-    model: Option<&str>,
+    route: Route<'_>,
     wr: &mut OwnedWriteHalf<TcpStream>,
 ) -> Result<Sent, ProxyError> {
     let attempts = w.config().retry.attempts;
@@ -232,8 +245,12 @@ async fn forward(
     let mut last_err: Option<ProxyError> = None;
     for attempt in 0..=attempts {
         w.drain_inbox();
-        let table = w.table();
-        let mask = table.routes.backends_for(model)?;
+        let latest = w.table();
+        let (table, mask) = if latest.version == route.table.version {
+            (route.table, route.mask)
+        } else {
+            (&**latest, latest.routes.backends_for(route.model)?)
+        };
         tried.resize(mask.len(), false);
         let eligible = |i: usize| mask.get(i) == Some(&true) && !tried[i] && w.view.is_up(i);
         let Some(b) = w.balancer.pick(&w.view, eligible) else {

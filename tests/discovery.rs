@@ -104,6 +104,7 @@ fn an_address_added_under_load_gets_traffic_within_an_interval() {
     );
     // One discovery interval plus one health probe, with generous slack for a loaded box.
     let took = changed.elapsed();
+    eprintln!("new replica got its first request {took:?} after the DNS change");
     assert!(took < Duration::from_secs(5), "took {took:?}");
     both_get_traffic(a, b, 10);
     load.finish_clean(40);
