@@ -87,6 +87,12 @@ fn reload_under_load_adds_removes_and_reweights_without_an_error() {
         a_done,
         "a removed backend got a new request"
     );
+    // Without an admin listener the endpoint is on the main one; a reweight is an update.
+    write_config(&proxy, &yaml(&[(&b, 1), (&c, 1)], ""));
+    let r = post_json(proxy.addr, "/admin/reload", "", &[]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["reload"]["updated"], serde_json::json!([b.url()]));
+    assert_eq!(r.json()["reload"]["added"], serde_json::json!([]));
     plain.finish_clean(40);
     streams.finish_clean(20);
     // Forgotten once drained.
