@@ -338,3 +338,107 @@ impl Drop for ConnectionGuard {
             .fetch_sub(1, Ordering::Relaxed);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backends::{desired, Registry};
+
+    fn config(urls: &[&str]) -> Arc<Config> {
+        let urls: Vec<String> = urls.iter().map(|u| u.to_string()).collect();
+        Arc::new(Config::with_backends("127.0.0.1:0".parse().unwrap(), &urls).unwrap())
+    }
+
+    fn registry(cfg: &Config, cores: usize) -> Registry {
+        let statics = cfg
+            .backends
+            .iter()
+            .map(|b| {
+                (
+                    b.url.clone(),
+                    format!("{}:{}", b.host, b.port).parse().unwrap(),
+                )
+            })
+            .collect();
+        Registry::new(cores, desired(cfg, &statics, &Default::default()))
+    }
+
+    /// Core 0 of two, with the other core's inbox and the plane's receiver.
+    fn worker(table: Arc<BackendTable>) -> (Rc<Worker>, Sender<ControlMsg>, Receiver<PlaneMsg>) {
+        // The real inboxes are dropped: the test plays the other core and the plane.
+        let (peers, _inboxes) = Broadcast::new(2);
+        let (plane_tx, plane_rx) = crossbeam_channel::bounded(16);
+        let (health_tx, _health_rx) = crossbeam_channel::bounded(16);
+        let (usage_tx, _usage_rx) = crossbeam_channel::bounded(16);
+        let shared = Arc::new(Shared {
+            config: table.config.clone(),
+            draining: AtomicBool::new(false),
+            inflight: (0..2).map(|_| PaddedCount::default()).collect(),
+            connections: (0..2).map(|_| PaddedCount::default()).collect(),
+            metrics: Arc::new(Metrics::new(&table.config, 2, "test").unwrap()),
+            plane: plane_tx,
+        });
+        let (self_tx, self_rx) = crossbeam_channel::bounded(64);
+        let w = Worker::new(0, shared, self_rx, peers, health_tx, usage_tx, table);
+        (Rc::new(w), self_tx, plane_rx)
+    }
+
+    #[test]
+    fn a_new_table_keeps_what_stays_and_resets_what_changed() {
+        let cfg = config(&["http://127.0.0.1:1", "http://127.0.0.1:2"]);
+        let mut reg = registry(&cfg, 2);
+        let (w, inbox, plane) = worker(reg.publish(cfg.clone()));
+        let guard = w.begin(1);
+        inbox
+            .send(ControlMsg::Load {
+                core: 1,
+                backend: 0,
+                id: w.view.id(0),
+                in_flight: 3,
+            })
+            .unwrap();
+        w.drain_inbox();
+        assert_eq!((w.view.load(0), w.view.load(1)), (3, 1));
+
+        // Backend 2 is removed (it still holds a request here), backend 3 added.
+        let cfg2 = config(&["http://127.0.0.1:1", "http://127.0.0.1:3"]);
+        let statics = [
+            (
+                "http://127.0.0.1:1".to_string(),
+                "127.0.0.1:1".parse().unwrap(),
+            ),
+            (
+                "http://127.0.0.1:3".to_string(),
+                "127.0.0.1:3".parse().unwrap(),
+            ),
+        ]
+        .into_iter()
+        .collect();
+        reg.apply(desired(&cfg2, &statics, &Default::default()));
+        inbox
+            .send(ControlMsg::Table(reg.publish(cfg2.clone())))
+            .unwrap();
+        w.drain_inbox();
+        let t = w.table();
+        assert!(Arc::ptr_eq(&w.config(), &cfg2));
+        assert_eq!(t.get(1).unwrap().state, State::Draining);
+        assert_eq!(t.get(2).unwrap().spec.url, "http://127.0.0.1:3");
+        // Kept: counts and health. Draining: its own request still counted, no new picks.
+        assert_eq!((w.view.load(0), w.view.load(1), w.view.load(2)), (3, 1, 0));
+        assert!(w.view.is_up(0) && w.view.is_up(2));
+        let mask = t.routes.backends_for(None).unwrap();
+        assert_eq!(mask, &[true, false, true]);
+
+        // Nothing reported while the request runs; once it ends the tick reports the drain.
+        w.tick();
+        assert!(plane.try_recv().is_err());
+        drop(guard);
+        w.tick();
+        match plane.try_recv() {
+            Ok(PlaneMsg::Drained { core: 0, id, .. }) => assert_eq!(id, t.get(1).unwrap().id),
+            _ => panic!("no drain report"),
+        }
+        w.tick();
+        assert!(plane.try_recv().is_err(), "reported twice");
+    }
+}
