@@ -270,10 +270,10 @@ fn balancer(c: &mut Criterion) {
     // Two cores' worth of in-flight requests, uneven, one backend down, one not serving the model.
     let view = LoadView::new(0, 2, BACKENDS);
     for b in 0..BACKENDS {
-        view.set(0, b, (b as u32 * 7) % 5);
-        view.set(1, b, (b as u32 * 3) % 4);
+        view.set(0, b, b as u64 + 1, (b as u32 * 7) % 5);
+        view.set(1, b, b as u64 + 1, (b as u32 * 3) % 4);
     }
-    view.set_up(5, false);
+    view.set_up(5, 6, false);
     let mask: Vec<bool> = (0..BACKENDS).map(|b| b != 2).collect();
     for (name, strategy, weights) in [
         ("round_robin", Strategy::RoundRobin, vec![1; BACKENDS]),

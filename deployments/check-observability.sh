@@ -108,6 +108,7 @@ METRICS = {
     "llmproxy_usage_spool_bytes": ("gauge", set()),
     "llmproxy_usage_delivery_seconds": ("histogram", set()),
     "llmproxy_build_info": ("gauge", {"version", "driver"}),
+    "llmproxy_discovery_updates_total": ("counter", {"result"}),
     # Not exported by llmproxy: Prometheus records it for every scrape target.
     "up": ("gauge", set()),
 }

@@ -45,10 +45,12 @@ pub fn account(w: &Worker, d: &Downstream, f: Done<'_>) {
     if let Some(u) = &f.usage {
         w.metrics.tokens(model_idx, u);
     }
+    // The request still holds its in-flight guard, so its slot still holds its backend.
+    let table = w.table();
     let backend_url = f
         .backend
-        .and_then(|b| cfg.backends.get(b))
-        .map(|b| b.url.as_str());
+        .and_then(|b| table.get(b))
+        .map(|b| b.spec.url.as_str());
     let head = f.head;
     let metered = openai::is_json_route(head.method(), head.path());
     let key_id = if metered {

@@ -9,73 +9,137 @@ use crate::config::Strategy;
 pub struct LoadView {
     core: usize,
     cores: usize,
-    /// `counts[backend * cores + core]`: in-flight requests of `core` on `backend`.
-    counts: Vec<Cell<u32>>,
-    totals: Vec<Cell<u32>>,
-    up: Vec<Cell<bool>>,
+    slots: RefCell<Slots>,
+}
+
+/// Per backend slot; grows and is reset as the backend table changes (`backends`).
+struct Slots {
+    /// `counts[slot * cores + core]`: in-flight requests of `core` on the backend in `slot`.
+    counts: Vec<u32>,
+    totals: Vec<u32>,
+    up: Vec<bool>,
+    /// The backend id each slot holds (0 = free); messages about another id are stale.
+    ids: Vec<u64>,
 }
 
 impl LoadView {
+    /// A view of `backends` slots holding ids `1..=backends`, all up (for tests and benches).
     pub fn new(core: usize, cores: usize, backends: usize) -> Self {
-        LoadView {
+        let view = LoadView {
             core,
             cores,
-            counts: (0..backends * cores).map(|_| Cell::new(0)).collect(),
-            totals: (0..backends).map(|_| Cell::new(0)).collect(),
-            up: (0..backends).map(|_| Cell::new(true)).collect(),
+            slots: RefCell::new(Slots {
+                counts: Vec::new(),
+                totals: Vec::new(),
+                up: Vec::new(),
+                ids: Vec::new(),
+            }),
+        };
+        view.resize(backends);
+        for b in 0..backends {
+            view.reset(b, b as u64 + 1, true);
         }
+        view
     }
 
     pub fn backends(&self) -> usize {
-        self.totals.len()
+        self.slots.borrow().totals.len()
+    }
+
+    /// Grows or shrinks to `n` slots; new slots are free (id 0, down).
+    pub fn resize(&self, n: usize) {
+        let mut s = self.slots.borrow_mut();
+        s.counts.resize(n * self.cores, 0);
+        s.totals.resize(n, 0);
+        s.up.resize(n, false);
+        s.ids.resize(n, 0);
+    }
+
+    /// `slot` now holds backend `id` (0 = free): counts start at zero.
+    pub fn reset(&self, slot: usize, id: u64, up: bool) {
+        let mut s = self.slots.borrow_mut();
+        if slot >= s.totals.len() {
+            return;
+        }
+        let cores = self.cores;
+        s.counts[slot * cores..(slot + 1) * cores].fill(0);
+        s.totals[slot] = 0;
+        s.up[slot] = up;
+        s.ids[slot] = id;
+    }
+
+    pub fn id(&self, slot: usize) -> u64 {
+        self.slots.borrow().ids.get(slot).copied().unwrap_or(0)
     }
 
     /// In-flight requests on `backend` across all cores, as far as this core knows.
     pub fn load(&self, backend: usize) -> u32 {
-        self.totals[backend].get()
+        self.slots
+            .borrow()
+            .totals
+            .get(backend)
+            .copied()
+            .unwrap_or(0)
     }
 
     pub fn own(&self, backend: usize) -> u32 {
-        self.counts[backend * self.cores + self.core].get()
+        self.slots
+            .borrow()
+            .counts
+            .get(backend * self.cores + self.core)
+            .copied()
+            .unwrap_or(0)
     }
 
-    pub fn own_counts(&self) -> Vec<u32> {
-        (0..self.backends()).map(|b| self.own(b)).collect()
+    /// This core's count on every slot, with the id it is about.
+    pub fn own_counts(&self) -> Vec<(u64, u32)> {
+        (0..self.backends())
+            .map(|b| (self.id(b), self.own(b)))
+            .collect()
     }
 
     pub fn is_up(&self, backend: usize) -> bool {
-        self.up[backend].get()
+        self.slots
+            .borrow()
+            .up
+            .get(backend)
+            .copied()
+            .unwrap_or(false)
     }
 
-    pub fn set_up(&self, backend: usize, up: bool) {
-        if let Some(c) = self.up.get(backend) {
-            c.set(up);
+    /// Sets health of `backend` if it still holds backend `id`.
+    pub fn set_up(&self, backend: usize, id: u64, up: bool) {
+        let mut s = self.slots.borrow_mut();
+        if s.ids.get(backend) == Some(&id) {
+            s.up[backend] = up;
         }
     }
 
-    /// Records `core`'s absolute count for `backend`; returns false for an unknown index.
-    pub fn set(&self, core: usize, backend: usize, in_flight: u32) -> bool {
-        if core >= self.cores || backend >= self.backends() {
+    /// Records `core`'s absolute count for `backend` (holding `id`); returns false for an unknown
+    /// index or a backend that has left the slot.
+    pub fn set(&self, core: usize, backend: usize, id: u64, in_flight: u32) -> bool {
+        let mut s = self.slots.borrow_mut();
+        if core >= self.cores || backend >= s.totals.len() || s.ids[backend] != id {
             return false;
         }
-        let cell = &self.counts[backend * self.cores + core];
-        let total = &self.totals[backend];
-        total.set(total.get() - cell.get() + in_flight);
-        cell.set(in_flight);
+        let i = backend * self.cores + core;
+        s.totals[backend] = s.totals[backend] - s.counts[i] + in_flight;
+        s.counts[i] = in_flight;
         true
     }
 
     /// Adjusts this core's own count and returns the new value (to broadcast).
     pub fn add_own(&self, backend: usize, delta: i32) -> u32 {
         let v = self.own(backend).saturating_add_signed(delta);
-        self.set(self.core, backend, v);
+        self.set(self.core, backend, self.id(backend), v);
         v
     }
 }
 
 pub struct Balancer {
-    strategy: Strategy,
-    weights: Vec<u32>,
+    strategy: Cell<Strategy>,
+    /// By backend slot; free and draining slots keep a placeholder (they are never eligible).
+    weights: RefCell<Vec<u32>>,
     next: Cell<usize>,
     /// Smooth weighted round robin state (nginx's `current_weight`).
     current: RefCell<Vec<i64>>,
@@ -85,17 +149,32 @@ impl Balancer {
     pub fn new(strategy: Strategy, weights: Vec<u32>) -> Self {
         let n = weights.len();
         Balancer {
-            strategy,
-            weights,
+            strategy: Cell::new(strategy),
+            weights: RefCell::new(weights),
             // Cores start at different offsets so they don't all hit backend 0 first.
             next: Cell::new(fastrand::usize(..n.max(1))),
             current: RefCell::new(vec![0; n]),
         }
     }
 
+    /// The backend table or the strategy changed (reload, discovery). Smooth-weighted state is
+    /// kept for slots that keep their weight, so a reload does not reset the interleaving.
+    pub fn update(&self, strategy: Strategy, weights: Vec<u32>) {
+        self.strategy.set(strategy);
+        let mut current = self.current.borrow_mut();
+        let old = self.weights.replace(weights);
+        let new = self.weights.borrow();
+        current.resize(new.len(), 0);
+        for (i, c) in current.iter_mut().enumerate() {
+            if old.get(i) != new.get(i) {
+                *c = 0;
+            }
+        }
+    }
+
     /// Picks one backend among those for which `eligible` is true.
     pub fn pick(&self, view: &LoadView, eligible: impl Fn(usize) -> bool) -> Option<usize> {
-        match self.strategy {
+        match self.strategy.get() {
             Strategy::RoundRobin => self.round_robin(&eligible),
             Strategy::WeightedRoundRobin => self.smooth_weighted(&eligible),
             Strategy::LeastConnections => self.least_connections(view, &eligible),
@@ -104,7 +183,7 @@ impl Balancer {
     }
 
     fn round_robin(&self, eligible: &impl Fn(usize) -> bool) -> Option<usize> {
-        let n = self.weights.len();
+        let n = self.weights.borrow().len();
         let start = self.next.get();
         for i in 0..n {
             let b = (start + i) % n;
@@ -122,7 +201,7 @@ impl Balancer {
         let mut current = self.current.borrow_mut();
         let mut total = 0i64;
         let mut best: Option<usize> = None;
-        for (b, w) in self.weights.iter().enumerate() {
+        for (b, w) in self.weights.borrow().iter().enumerate() {
             if !eligible(b) {
                 continue;
             }
@@ -142,7 +221,8 @@ impl Balancer {
     /// (across all cores) wins. Unlike a global minimum, many cores picking at once with slightly
     /// stale views do not all pile onto the same backend.
     fn power_of_two(&self, view: &LoadView, eligible: &impl Fn(usize) -> bool) -> Option<usize> {
-        let n = self.weights.len();
+        let weights = self.weights.borrow();
+        let n = weights.len();
         let count = (0..n).filter(|&b| eligible(b)).count();
         let nth = |k: usize| (0..n).filter(|&b| eligible(b)).nth(k);
         match count {
@@ -157,10 +237,7 @@ impl Balancer {
                 let (a, b) = (nth(i)?, nth(j)?);
                 // a beats b when load_a / w_a <= load_b / w_b.
                 let (la, lb) = (u64::from(view.load(a)), u64::from(view.load(b)));
-                let (wa, wb) = (
-                    u64::from(self.weights[a].max(1)),
-                    u64::from(self.weights[b].max(1)),
-                );
+                let (wa, wb) = (u64::from(weights[a].max(1)), u64::from(weights[b].max(1)));
                 Some(if la * wb <= lb * wa { a } else { b })
             }
         }
@@ -175,7 +252,7 @@ impl Balancer {
     ) -> Option<usize> {
         let mut best: Option<(usize, u64, u64)> = None; // (backend, load, weight)
         let mut ties = 0u32;
-        for (b, w) in self.weights.iter().enumerate() {
+        for (b, w) in self.weights.borrow().iter().enumerate() {
             if !eligible(b) {
                 continue;
             }
@@ -234,7 +311,7 @@ mod tests {
     #[test]
     fn least_connections_uses_all_cores_and_weights() {
         let view = LoadView::new(0, 2, 2);
-        view.set(1, 0, 3); // another core holds 3 on backend 0
+        view.set(1, 0, 1, 3); // another core holds 3 on backend 0
         view.add_own(1, 1);
         let b = Balancer::new(Strategy::LeastConnections, vec![1, 1]);
         for _ in 0..10 {
@@ -259,9 +336,9 @@ mod tests {
     #[test]
     fn power_of_two_prefers_the_less_loaded_of_two_and_skips_ineligible() {
         let view = LoadView::new(0, 1, 3);
-        view.set(0, 0, 10);
-        view.set(0, 1, 0);
-        view.set(0, 2, 5);
+        view.set(0, 0, 1, 10);
+        view.set(0, 1, 2, 0);
+        view.set(0, 2, 3, 5);
         let b = Balancer::new(Strategy::PowerOfTwo, vec![1, 1, 1]);
         let mut seen = [0; 3];
         for _ in 0..600 {
@@ -280,14 +357,14 @@ mod tests {
     #[test]
     fn load_view_totals_follow_absolute_updates() {
         let view = LoadView::new(0, 3, 1);
-        view.set(1, 0, 5);
-        view.set(2, 0, 2);
+        view.set(1, 0, 1, 5);
+        view.set(2, 0, 1, 2);
         view.add_own(0, 1);
         assert_eq!(view.load(0), 8);
-        view.set(1, 0, 0);
+        view.set(1, 0, 1, 0);
         assert_eq!(view.load(0), 3);
         view.add_own(0, -1);
         assert_eq!(view.load(0), 2);
-        assert!(!view.set(7, 0, 1));
+        assert!(!view.set(7, 0, 1, 1));
     }
 }

@@ -41,6 +41,7 @@ pub struct Config {
     pub usage: Usage,
     pub usage_hook: UsageHook,
     pub logging: Logging,
+    pub discovery: Discovery,
 }
 
 /// One upstream inference server.
@@ -60,6 +61,60 @@ pub struct Backend {
     pub weight: u32,
     /// `None` = serves any model; otherwise a non-empty list of non-empty names.
     pub models: Option<Vec<String>>,
+    /// `Some(Dns)`: `host` names a set of replicas (every A/AAAA record), followed at run time.
+    pub discover: Option<DiscoverKind>,
+    /// The `backend` metrics label: the URL by default; for a discovered entry the prefix of
+    /// each address's label (`NAME/IP:PORT`), by default the host name.
+    pub name: Option<String>,
+}
+
+/// How a backend entry's addresses are found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiscoverKind {
+    /// All A/AAAA records of the URL's host, re-resolved every `discovery.interval`.
+    Dns,
+}
+
+/// Settings for `discover: dns` backend entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Discovery {
+    pub interval: Duration,
+    /// How long the last good answer is kept while resolution fails or comes back empty.
+    pub stale_after: Duration,
+    /// A DNS server queried over UDP; `None` = the system resolver (`/etc/resolv.conf`, hosts).
+    pub resolver: Option<SocketAddr>,
+}
+
+impl Default for Discovery {
+    fn default() -> Self {
+        Discovery {
+            interval: Duration::from_secs(5),
+            stale_after: Duration::from_secs(300),
+            resolver: None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "a mapping")]
+struct RawDiscovery {
+    #[serde(deserialize_with = "de_duration")]
+    interval: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    stale_after: Duration,
+    resolver: String,
+}
+
+impl Default for RawDiscovery {
+    fn default() -> Self {
+        let d = Discovery::default();
+        RawDiscovery {
+            interval: d.interval,
+            stale_after: d.stale_after,
+            resolver: String::new(),
+        }
+    }
 }
 
 /// How a backend is picked among the healthy ones.
@@ -529,6 +584,7 @@ struct RawConfig {
     usage: Usage,
     usage_hook: UsageHook,
     logging: Logging,
+    discovery: RawDiscovery,
 }
 
 impl Default for RawConfig {
@@ -549,6 +605,7 @@ impl Default for RawConfig {
             usage: Usage::default(),
             usage_hook: UsageHook::default(),
             logging: Logging::default(),
+            discovery: RawDiscovery::default(),
         }
     }
 }
@@ -557,12 +614,14 @@ impl Default for RawConfig {
 #[serde(
     deny_unknown_fields,
     default,
-    expecting = "a mapping with url, weight, models"
+    expecting = "a mapping with url, weight, models, discover, name"
 )]
 struct RawBackend {
     url: String,
     weight: u32,
     models: Option<Vec<String>>,
+    discover: Option<DiscoverKind>,
+    name: Option<String>,
 }
 
 impl Default for RawBackend {
@@ -571,6 +630,8 @@ impl Default for RawBackend {
             url: String::new(),
             weight: 1,
             models: None,
+            discover: None,
+            name: None,
         }
     }
 }
@@ -634,10 +695,25 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     }
     let mut backends = Vec::with_capacity(raw.backends.len());
     let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut names: HashMap<String, usize> = HashMap::new();
     for (i, b) in raw.backends.into_iter().enumerate() {
         let at = format!("backends[{i}]");
         if b.weight == 0 {
             err(&format!("{at}.weight"), "must be at least 1".to_string());
+        }
+        if let Some(name) = &b.name {
+            if name.trim().is_empty() || name.chars().any(|c| c.is_control()) {
+                err(
+                    &format!("{at}.name"),
+                    "must be a non-empty label without control characters".to_string(),
+                );
+            } else if let Some(first) = names.insert(name.clone(), i) {
+                // Two backends under one label would share (and clobber) their metrics series.
+                err(
+                    &format!("{at}.name"),
+                    format!("duplicate of backends[{first}].name (\"{name}\")"),
+                );
+            }
         }
         if let Some(models) = &b.models {
             if models.is_empty() {
@@ -684,8 +760,11 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             base_path: url.base_path,
             weight: b.weight,
             models: b.models,
+            discover: b.discover,
+            name: b.name,
         });
     }
+    let discovery = validate_discovery(&raw.discovery, &mut err);
 
     let hc = &raw.health_check;
     if !hc.path.starts_with('/') {
@@ -808,8 +887,40 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             usage: raw.usage,
             usage_hook,
             logging: raw.logging,
+            discovery,
         }),
         _ => Err(ConfigError::Invalid(errors)),
+    }
+}
+
+/// `discovery:`: non-zero durations; `resolver` is `IP[:PORT]` (port 53 by default) or empty.
+fn validate_discovery(raw: &RawDiscovery, err: &mut impl FnMut(&str, String)) -> Discovery {
+    for (path, d) in [
+        ("discovery.interval", raw.interval),
+        ("discovery.stale_after", raw.stale_after),
+    ] {
+        if d.is_zero() {
+            err(path, "must be greater than zero".to_string());
+        }
+    }
+    let r = raw.resolver.trim();
+    let resolver = if r.is_empty() {
+        None
+    } else if let Ok(a) = r.parse::<SocketAddr>() {
+        Some(a)
+    } else if let Ok(ip) = r.parse::<std::net::IpAddr>() {
+        Some(SocketAddr::new(ip, 53))
+    } else {
+        err(
+            "discovery.resolver",
+            format!("\"{r}\" is not IP[:PORT] (e.g. \"10.96.0.10\" or \"127.0.0.1:5353\")"),
+        );
+        None
+    };
+    Discovery {
+        interval: raw.interval,
+        stale_after: raw.stale_after,
+        resolver,
     }
 }
 
@@ -1173,6 +1284,49 @@ mod tests {
         let b = &c.backends[0];
         assert_eq!(b.weight, 1);
         assert_eq!(b.models, None);
+        assert_eq!(b.discover, None);
+        assert_eq!(c.discovery, Discovery::default());
+        assert_eq!(c.discovery.interval, Duration::from_secs(5));
+        assert_eq!(c.discovery.stale_after, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn discovery_settings() {
+        let c = ok("backends:\n  - url: http://vllm.llm.svc:8000\n    discover: dns\n    name: vllm\ndiscovery: { interval: 1s, stale_after: 10s, resolver: \"127.0.0.1:5353\" }\n");
+        assert_eq!(c.backends[0].discover, Some(DiscoverKind::Dns));
+        assert_eq!(c.backends[0].name.as_deref(), Some("vllm"));
+        assert_eq!(c.discovery.interval, Duration::from_secs(1));
+        assert_eq!(
+            c.discovery.resolver,
+            Some("127.0.0.1:5353".parse().unwrap())
+        );
+        let c = ok(&format!("{MINIMAL}discovery: {{ resolver: 10.96.0.10 }}\n"));
+        assert_eq!(c.discovery.resolver, Some("10.96.0.10:53".parse().unwrap()));
+        assert_error(
+            &format!("{MINIMAL}discovery: {{ resolver: dns.local }}\n"),
+            "discovery.resolver",
+            "IP[:PORT]",
+        );
+        assert_error(
+            &format!("{MINIMAL}discovery: {{ interval: 0s }}\n"),
+            "discovery.interval",
+            "greater than zero",
+        );
+        assert_error(
+            "backends: [{ url: http://a:1, discover: srv }]\n",
+            "backends[0].discover",
+            "dns",
+        );
+        assert_error(
+            "backends: [{ url: http://a:1, name: \" \" }]\n",
+            "backends[0].name",
+            "non-empty",
+        );
+        assert_error(
+            "backends: [{ url: http://a:1, name: x }, { url: http://b:1, name: x }]\n",
+            "backends[1].name",
+            "duplicate of backends[0].name",
+        );
     }
 
     #[test]
@@ -1197,6 +1351,8 @@ usage_hook: { enabled: true, url: "https://billing.example.com/llm-usage", timeo
                 base_path: String::new(),
                 weight: 5,
                 models: None,
+                discover: None,
+                name: None,
             }]
         );
         assert_eq!(c.strategy, Strategy::LeastConnections);

@@ -1,34 +1,58 @@
 //! Messages that cross threads, and the fan-out that delivers them. Cores never block on these:
 //! they `try_send`, and drain their inbox with `try_iter` at pick time and on their tick. A lost
 //! `Load` message is healed by the next periodic `Snapshot`; health state is re-broadcast by the
-//! health thread every round, so a full inbox can delay but never corrupt a core's view.
+//! health thread every round, and the control plane re-sends the current backend table every
+//! second, so a full inbox can delay but never corrupt a core's view. Messages about one backend
+//! carry its slot (what per-core state is indexed by) and its id (see `backends`): a message
+//! about a backend that has left its slot is ignored.
+
+use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
+
+use crate::backends::BackendTable;
 
 /// Bounded so a stalled core cannot make the others grow memory without limit. The bound is
 /// checked on send over an unbounded (block-list) channel, which allocates only for what is
 /// queued; a bounded crossbeam channel would allocate and touch all its slots at start.
 const INBOX_CAPACITY: usize = 64 * 1024;
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum ControlMsg {
     /// One core's absolute in-flight count for one backend.
     Load {
         core: usize,
         backend: usize,
+        id: u64,
         in_flight: u32,
     },
-    /// One core's counts for every backend; sent every second to heal drift.
-    Snapshot { core: usize, counts: Vec<u32> },
+    /// One core's `(id, count)` for every slot; sent every second to heal drift.
+    Snapshot {
+        core: usize,
+        counts: Vec<(u64, u32)>,
+    },
     /// A backend's health as decided by the health thread (or a core's passive report).
-    Health { backend: usize, up: bool },
+    Health { backend: usize, id: u64, up: bool },
+    /// A new version of the backend set (and the configuration it belongs to).
+    Table(Arc<BackendTable>),
 }
 
-/// Sent by cores to the health thread.
-#[derive(Debug, Clone)]
+/// Sent to the health thread.
 pub enum HealthReport {
     /// A connect to this backend failed or timed out: mark it down now, probe it again soon.
-    Unreachable { backend: usize },
+    Unreachable { backend: usize, id: u64 },
+    /// The backend set changed: probe new backends now, forget removed ones.
+    Table(Arc<BackendTable>),
+}
+
+/// Sent to the control-plane thread (`plane`).
+pub enum PlaneMsg {
+    /// `core` has no request in flight on draining backend `id`, as of table `version`.
+    Drained { core: usize, id: u64, version: u64 },
+    /// Re-read the config file; the outcome goes to `reply`.
+    Reload {
+        reply: Sender<Result<crate::reload::Summary, String>>,
+    },
 }
 
 /// The senders into every core's inbox.

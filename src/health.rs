@@ -1,9 +1,16 @@
-//! Active health checks on a dedicated blocking thread. Every `interval` each backend's
+//! Active health checks on a dedicated blocking thread. Every `interval` each active backend's
 //! `health_check.path` is probed (in parallel, each bounded by `timeout`); a backend goes down after
 //! `unhealthy_threshold` consecutive failures and up after `healthy_threshold` successes. Cores
 //! report connect failures here (passive checks): the backend is marked down at once. The state
 //! of every backend is broadcast to every core each round, so a missed message heals itself.
+//!
+//! The thread follows the backend table (`HealthReport::Table`): a backend added at run time
+//! starts down and is probed at once, so it joins as soon as its first check passes rather than
+//! a whole interval later; removed backends are forgotten. Settings come from the table's config,
+//! so a reload changes them. State is keyed by backend id, never by slot, because slots are
+//! reused.
 
+use std::collections::HashMap;
 use std::io::Read as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -11,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
-use crate::config::{Backend, Config};
+use crate::backends::{BackendTable, Entry, State as BackendState};
+use crate::config::HealthCheck;
 use crate::control::{Broadcast, ControlMsg, HealthReport};
 
 #[derive(Debug, Clone)]
@@ -22,43 +30,87 @@ struct State {
 }
 
 pub fn spawn(
-    cfg: Arc<Config>,
+    table: Arc<BackendTable>,
     broadcast: Broadcast,
     reports: Receiver<HealthReport>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("llmproxy-health".into())
-        .spawn(move || run(&cfg, &broadcast, &reports, &stop))
+        .spawn(move || Checker::new(table, broadcast).run(&reports, &stop))
 }
 
-fn run(cfg: &Config, broadcast: &Broadcast, reports: &Receiver<HealthReport>, stop: &AtomicBool) {
-    let hc = &cfg.health_check;
-    let agent = ureq::AgentBuilder::new()
+struct Checker {
+    table: Arc<BackendTable>,
+    broadcast: Broadcast,
+    agent: ureq::Agent,
+    /// By backend id.
+    states: HashMap<u64, State>,
+}
+
+fn agent(hc: &HealthCheck) -> ureq::Agent {
+    ureq::AgentBuilder::new()
         .timeout(hc.timeout)
         .redirects(0)
-        .build();
-    let mut states: Vec<State> = cfg
-        .backends
-        .iter()
-        .map(|_| State {
-            up: true,
-            successes: 0,
-            failures: 0,
-        })
-        .collect();
-    while !stop.load(Ordering::Relaxed) {
-        let round = Instant::now();
-        let results = probe_all(&agent, &cfg.backends, &hc.path);
-        for (i, (b, ok)) in cfg.backends.iter().zip(results).enumerate() {
-            let s = &mut states[i];
+        .build()
+}
+
+impl Checker {
+    fn new(table: Arc<BackendTable>, broadcast: Broadcast) -> Checker {
+        let mut c = Checker {
+            agent: agent(&table.config.health_check),
+            table: table.clone(),
+            broadcast,
+            states: HashMap::new(),
+        };
+        c.follow(table);
+        c
+    }
+
+    /// Takes a new table; returns the slots of backends it has not seen before.
+    fn follow(&mut self, table: Arc<BackendTable>) -> Vec<usize> {
+        if table.config.health_check != self.table.config.health_check {
+            self.agent = agent(&table.config.health_check);
+        }
+        let mut new = Vec::new();
+        for (slot, e) in table.entries() {
+            if let std::collections::hash_map::Entry::Vacant(v) = self.states.entry(e.id) {
+                v.insert(State {
+                    up: e.up_initially,
+                    successes: 0,
+                    failures: 0,
+                });
+                new.push(slot);
+            }
+        }
+        self.states
+            .retain(|id, _| table.entries().any(|(_, e)| e.id == *id));
+        self.table = table;
+        new
+    }
+
+    /// Probes the given slots' backends (active ones only: a draining backend gets no new
+    /// requests, so its health does not matter) and broadcasts their state.
+    fn round(&mut self, slots: &[usize]) {
+        let hc = self.table.config.health_check.clone();
+        let targets: Vec<(usize, &Entry)> = slots
+            .iter()
+            .filter_map(|&s| self.table.get(s).map(|e| (s, e)))
+            .filter(|(_, e)| e.state == BackendState::Active)
+            .collect();
+        let results = probe_all(&self.agent, &targets, &hc.path);
+        for ((slot, e), ok) in targets.iter().zip(results) {
+            let Some(s) = self.states.get_mut(&e.id) else {
+                continue;
+            };
+            let url = &e.spec.url;
             match ok {
                 Ok(()) => {
                     s.failures = 0;
                     s.successes += 1;
                     if !s.up && s.successes >= hc.healthy_threshold {
                         s.up = true;
-                        log::info!("backend {} is up", b.url);
+                        log::info!("backend {url} is up");
                     }
                 }
                 Err(why) => {
@@ -66,51 +118,80 @@ fn run(cfg: &Config, broadcast: &Broadcast, reports: &Receiver<HealthReport>, st
                     s.failures += 1;
                     if s.up && s.failures >= hc.unhealthy_threshold {
                         s.up = false;
-                        log::warn!("backend {} is down: {why}", b.url);
+                        log::warn!("backend {url} is down: {why}");
                     } else if s.up {
-                        log::info!("backend {} health probe failed: {why}", b.url);
+                        log::info!("backend {url} health probe failed: {why}");
                     }
                 }
             }
-            broadcast.send_all(&ControlMsg::Health {
-                backend: i,
+            self.broadcast.send_all(&ControlMsg::Health {
+                backend: *slot,
+                id: e.id,
                 up: s.up,
             });
         }
-        // Wait for the next round, handling passive reports as they come.
-        let next = round + hc.interval;
-        loop {
-            let now = Instant::now();
-            if now >= next || stop.load(Ordering::Relaxed) {
-                break;
-            }
-            match reports.recv_timeout((next - now).min(Duration::from_millis(200))) {
-                Ok(HealthReport::Unreachable { backend }) => {
-                    if let (Some(s), Some(b)) = (states.get_mut(backend), cfg.backends.get(backend))
-                    {
-                        if s.up {
-                            log::warn!("backend {} is down: connect failed", b.url);
-                        }
-                        s.up = false;
-                        s.successes = 0;
-                        s.failures = s.failures.max(hc.unhealthy_threshold);
-                        broadcast.send_all(&ControlMsg::Health { backend, up: false });
-                    }
+    }
+
+    fn unreachable(&mut self, backend: usize, id: u64) {
+        let threshold = self.table.config.health_check.unhealthy_threshold;
+        let (Some(s), Some(e)) = (self.states.get_mut(&id), self.table.get(backend)) else {
+            return;
+        };
+        if e.id != id {
+            return;
+        }
+        if s.up {
+            log::warn!("backend {} is down: connect failed", e.spec.url);
+        }
+        s.up = false;
+        s.successes = 0;
+        s.failures = s.failures.max(threshold);
+        self.broadcast.send_all(&ControlMsg::Health {
+            backend,
+            id,
+            up: false,
+        });
+    }
+
+    fn run(mut self, reports: &Receiver<HealthReport>, stop: &AtomicBool) {
+        while !stop.load(Ordering::Relaxed) {
+            let round = Instant::now();
+            let all: Vec<usize> = self.table.entries().map(|(s, _)| s).collect();
+            self.round(&all);
+            // Wait for the next round, handling passive reports and new tables as they come.
+            let next = round + self.table.config.health_check.interval;
+            loop {
+                let now = Instant::now();
+                if now >= next || stop.load(Ordering::Relaxed) {
+                    break;
                 }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    std::thread::sleep((next - now).min(Duration::from_millis(200)))
+                match reports.recv_timeout((next - now).min(Duration::from_millis(200))) {
+                    Ok(HealthReport::Unreachable { backend, id }) => self.unreachable(backend, id),
+                    Ok(HealthReport::Table(table)) => {
+                        let new = self.follow(table);
+                        if !new.is_empty() {
+                            self.round(&new);
+                        }
+                    }
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => {
+                        std::thread::sleep((next - now).min(Duration::from_millis(200)))
+                    }
                 }
             }
         }
     }
 }
 
-fn probe_all(agent: &ureq::Agent, backends: &[Backend], path: &str) -> Vec<Result<(), String>> {
+fn probe_all(
+    agent: &ureq::Agent,
+    backends: &[(usize, &Entry)],
+    path: &str,
+) -> Vec<Result<(), String>> {
     std::thread::scope(|scope| {
         let handles: Vec<_> = backends
             .iter()
-            .map(|b| scope.spawn(move || probe(agent, b, path)))
+            .map(|(_, e)| scope.spawn(move || probe(agent, e, path)))
             .collect();
         handles
             .into_iter()
@@ -119,9 +200,12 @@ fn probe_all(agent: &ureq::Agent, backends: &[Backend], path: &str) -> Vec<Resul
     })
 }
 
-fn probe(agent: &ureq::Agent, backend: &Backend, path: &str) -> Result<(), String> {
-    let url = format!("{}{}", backend.url, path);
-    match agent.get(&url).call() {
+fn probe(agent: &ureq::Agent, backend: &Entry, path: &str) -> Result<(), String> {
+    let url = format!(
+        "http://{}{}{}",
+        backend.spec.addr, backend.spec.base_path, path
+    );
+    match agent.get(&url).set("host", &backend.spec.authority).call() {
         Ok(resp) if (200..300).contains(&resp.status()) => {
             // Drain so the agent can reuse the connection next round.
             let _ = std::io::copy(

@@ -5,9 +5,12 @@
 #![forbid(unsafe_code)]
 
 pub mod account;
+pub mod backends;
 pub mod balance;
 pub mod config;
 pub mod control;
+pub mod discovery;
+pub mod dns;
 pub mod encode;
 pub mod error;
 pub mod health;
@@ -16,7 +19,9 @@ pub mod logging;
 pub mod metrics;
 pub mod mock;
 pub mod openai;
+pub mod plane;
 pub mod proxy;
+pub mod reload;
 pub mod route;
 pub mod runtime;
 pub mod server;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use llmproxy::config::{self, Config};
@@ -49,6 +49,15 @@ enum Command {
         #[arg(short, long, value_name = "PATH")]
         config: PathBuf,
     },
+    /// Ask a running proxy to re-read its config file (POST /admin/reload); same as SIGHUP.
+    Reload {
+        /// The running proxy's config: the request goes to its admin_listen (else its listen).
+        #[arg(short, long, value_name = "PATH", required_unless_present = "admin")]
+        config: Option<PathBuf>,
+        /// Address of the admin endpoint instead, e.g. 127.0.0.1:9901.
+        #[arg(long, value_name = "HOST:PORT")]
+        admin: Option<String>,
+    },
     /// Run the whole system on loopback: two simulated backends and the proxy.
     Demo {
         /// Proxy port on 127.0.0.1.
@@ -86,6 +95,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Check { config }) => check(&config),
         Some(Command::Demo { port, workers }) => demo(port, workers),
+        Some(Command::Reload { config, admin }) => reload(config.as_deref(), admin),
         Some(Command::MockBackend {
             host,
             port,
@@ -165,15 +175,50 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut cfg = Config::load(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     apply_overrides(&mut cfg, args.workers, args.cpus)?;
     logging::init(cfg.logging.level, cfg.logging.format);
-    serve(cfg)
+    serve(cfg, Some(path))
 }
 
-fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
+/// `llmproxy reload`: POSTs /admin/reload to the proxy the config describes.
+fn reload(config: Option<&std::path::Path>, admin: Option<String>) -> anyhow::Result<ExitCode> {
+    let target = match (admin, config) {
+        (Some(a), _) => a,
+        (None, Some(path)) => {
+            let cfg = Config::load(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            let mut addr = cfg.admin_listen.unwrap_or(cfg.listen);
+            if addr.ip().is_unspecified() {
+                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            addr.to_string()
+        }
+        (None, None) => anyhow::bail!("give --config PATH or --admin HOST:PORT"),
+    };
+    let url = format!("http://{target}/admin/reload");
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(70))
+        .build();
+    match agent.post(&url).call() {
+        Ok(resp) => {
+            println!("{}", resp.into_string().unwrap_or_default().trim());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(ureq::Error::Status(code, resp)) => {
+            eprintln!(
+                "llmproxy: reload failed ({code}): {}",
+                resp.into_string().unwrap_or_default().trim()
+            );
+            Ok(ExitCode::FAILURE)
+        }
+        Err(e) => anyhow::bail!("{url}: {e}"),
+    }
+}
+
+fn serve(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     let grace = cfg.shutdown_grace;
     // Registered before any thread starts so every thread inherits the mask-free default and the
-    // main thread is the one that sees SIGTERM/SIGINT.
-    let mut signals = Signals::new([SIGTERM, SIGINT]).context("installing signal handlers")?;
-    let mut running = runtime::start(cfg)?;
+    // main thread is the one that sees SIGTERM/SIGINT/SIGHUP.
+    let mut signals =
+        Signals::new([SIGTERM, SIGINT, SIGHUP]).context("installing signal handlers")?;
+    let mut running = runtime::start_with(cfg, path)?;
     log::info!(
         "llmproxy {} listening on {} ({} workers, {} driver){}",
         env!("CARGO_PKG_VERSION"),
@@ -190,7 +235,24 @@ fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
             "io_uring is unavailable (seccomp or kernel); running on epoll, which costs throughput"
         );
     }
-    let signal = signals.forever().next().unwrap_or(SIGTERM);
+    let mut signal = SIGTERM;
+    for s in signals.forever() {
+        if s != SIGHUP {
+            signal = s;
+            break;
+        }
+        log::info!("received SIGHUP; reloading the configuration");
+        match running.reload() {
+            Ok(summary) => log::info!(
+                "reload done: version {}, added {:?}, removed {:?}, updated {:?}",
+                summary.version,
+                summary.added,
+                summary.removed,
+                summary.updated
+            ),
+            Err(e) => log::error!("reload failed, the running configuration stays: {e}"),
+        }
+    }
     log::info!(
         "received {}; draining (grace {:?})",
         if signal == SIGINT {
@@ -250,5 +312,5 @@ fn demo(port: u16, workers: Option<usize>) -> anyhow::Result<ExitCode> {
     );
     println!("  curl {base}/health\n");
     println!("  curl {base}/metrics\n");
-    serve(cfg)
+    serve(cfg, None)
 }

@@ -47,7 +47,9 @@ pub struct Metrics {
     pub usage_events: IntCounterVec,
     pub usage_spool_bytes: IntGauge,
     pub usage_delivery_seconds: Histogram,
-    pub backends: Vec<String>,
+    /// DNS discovery rounds by result: changed, unchanged, error, empty, expired.
+    pub discovery_updates: IntCounterVec,
+    /// Models configured at start (label values until a core learns the current set).
     pub models: Vec<String>,
 }
 
@@ -148,6 +150,16 @@ impl Metrics {
             )
             .buckets(SECONDS_BUCKETS.to_vec()),
         )?;
+        let discovery_updates = IntCounterVec::new(
+            Opts::new(
+                "llmproxy_discovery_updates_total",
+                "DNS discovery resolutions by result: changed, unchanged, error, empty, expired",
+            ),
+            &["result"],
+        )?;
+        for r in ["changed", "unchanged", "error", "empty", "expired"] {
+            discovery_updates.with_label_values(&[r]);
+        }
         let workers_gauge = IntGauge::new("llmproxy_workers", "Worker threads (cores)")?;
         workers_gauge.set(workers as i64);
         let build_info = IntGaugeVec::new(
@@ -178,13 +190,19 @@ impl Metrics {
         registry.register(Box::new(usage_spool_bytes.clone()))?;
         registry.register(Box::new(usage_delivery_seconds.clone()))?;
         registry.register(Box::new(build_info))?;
-        let backends: Vec<String> = cfg.backends.iter().map(|b| b.url.clone()).collect();
-        for b in &backends {
-            backend_up.with_label_values(&[b]).set(1);
-            backend_inflight.with_label_values(&[b]).set(0);
+        registry.register(Box::new(discovery_updates.clone()))?;
+        // Discovered backends appear once found; static ones are known now.
+        let backends = cfg
+            .backends
+            .iter()
+            .filter(|b| b.discover.is_none())
+            .map(|b| b.name.clone().unwrap_or_else(|| b.url.clone()));
+        for b in backends {
+            backend_up.with_label_values(&[&b]).set(1);
+            backend_inflight.with_label_values(&[&b]).set(0);
             // Present from the start so rate() sees the first increase.
-            retries_total.with_label_values(&[b]);
-            upstream_errors.with_label_values(&[b, "upstream_connect_error"]);
+            retries_total.with_label_values(&[&b]);
+            upstream_errors.with_label_values(&[&b, "upstream_connect_error"]);
         }
         Ok(Metrics {
             registry,
@@ -203,7 +221,7 @@ impl Metrics {
             usage_events,
             usage_spool_bytes,
             usage_delivery_seconds,
-            backends,
+            discovery_updates,
             models: configured_models(cfg),
         })
     }
@@ -214,9 +232,11 @@ impl Metrics {
         out
     }
 
-    fn backend_label(&self, b: Option<usize>) -> &str {
-        b.and_then(|i| self.backends.get(i))
-            .map_or(NONE, String::as_str)
+    /// A backend left for good: its gauges go, so dashboards do not show it stuck at its last
+    /// value. (Counters and histograms keep their series, as Prometheus expects.)
+    pub fn forget_backend(&self, name: &str) {
+        let _ = self.backend_up.remove_label_values(&[name]);
+        let _ = self.backend_inflight.remove_label_values(&[name]);
     }
 }
 
@@ -248,9 +268,15 @@ struct Histos {
 /// Token counts by type, in the order of `TOKEN_TYPES`.
 const TOKEN_TYPES: [&str; 4] = ["prompt", "completion", "cached", "reasoning"];
 
-/// One core's not-yet-flushed observations.
+/// One core's not-yet-flushed observations. Backends are recorded by slot; the slot → label map
+/// follows the backend table, and observations are flushed before it changes, so a reused slot
+/// never lends its new label to the previous backend's numbers.
 pub struct LocalMetrics {
     global: Arc<Metrics>,
+    /// `backend` label by slot ("" = free slot).
+    labels: RefCell<Vec<String>>,
+    /// Sorted configured models (the `model` label values).
+    models: RefCell<Vec<String>>,
     requests: RefCell<HashMap<(u16, u16, ModelIdx), u64>>,
     latency: RefCell<HashMap<(u16, ModelIdx), Histos>>,
     retries: RefCell<Vec<u64>>,
@@ -259,21 +285,47 @@ pub struct LocalMetrics {
 
 impl LocalMetrics {
     pub fn new(global: Arc<Metrics>, cfg: &Config) -> Self {
+        let labels: Vec<String> = cfg
+            .backends
+            .iter()
+            .map(|b| b.name.clone().unwrap_or_else(|| b.url.clone()))
+            .collect();
         LocalMetrics {
             requests: RefCell::new(HashMap::new()),
             latency: RefCell::new(HashMap::new()),
-            retries: RefCell::new(vec![0; cfg.backends.len()]),
+            retries: RefCell::new(vec![0; labels.len()]),
             tokens: RefCell::new(HashMap::new()),
+            labels: RefCell::new(labels),
+            models: RefCell::new(global.models.clone()),
             global,
         }
+    }
+
+    /// The backend table changed: flush everything recorded under the old slot labels, then
+    /// take the new ones (`labels[slot]`, "" for a free slot) and the new model list.
+    pub fn set_backends(&self, view: &LoadView, labels: Vec<String>, models: Vec<String>) {
+        // Backend gauges are not published here: under the old labels they would bring back
+        // a backend that was just forgotten. The next flush publishes the new ones.
+        self.flush(view, false);
+        self.latency.borrow_mut().clear();
+        self.retries.borrow_mut().resize(labels.len(), 0);
+        *self.labels.borrow_mut() = labels;
+        *self.models.borrow_mut() = models;
+    }
+
+    fn backend_label(&self, b: Option<usize>) -> String {
+        let labels = self.labels.borrow();
+        b.and_then(|i| labels.get(i))
+            .filter(|l| !l.is_empty())
+            .map_or_else(|| NONE.to_string(), String::clone)
     }
 
     pub fn model_index(&self, model: Option<&str>) -> ModelIdx {
         match model {
             None => NONE_IDX,
             Some(m) => self
-                .global
                 .models
+                .borrow()
                 .binary_search_by(|x| x.as_str().cmp(m))
                 .map_or(OTHER_IDX, |i| i as ModelIdx),
         }
@@ -314,10 +366,8 @@ impl LocalMetrics {
     fn with_histos(&self, backend: usize, model: ModelIdx, f: impl FnOnce(&Histos)) {
         let mut lat = self.latency.borrow_mut();
         let h = lat.entry((backend as u16, model)).or_insert_with(|| {
-            let labels = [
-                self.global.backend_label(Some(backend)),
-                self.model_label(model),
-            ];
+            let (backend, model) = (self.backend_label(Some(backend)), self.model_label(model));
+            let labels = [backend.as_str(), model.as_str()];
             Histos {
                 ms: self.global.latency_ms.with_label_values(&labels).local(),
                 seconds: self
@@ -335,7 +385,7 @@ impl LocalMetrics {
     pub fn upstream_error(&self, backend: usize, kind: &str) {
         self.global
             .upstream_errors
-            .with_label_values(&[self.global.backend_label(Some(backend)), kind])
+            .with_label_values(&[&self.backend_label(Some(backend)), kind])
             .inc();
     }
 
@@ -355,15 +405,15 @@ impl LocalMetrics {
         }
     }
 
-    fn model_label(&self, m: ModelIdx) -> &str {
+    fn model_label(&self, m: ModelIdx) -> String {
         match m {
-            OTHER_IDX => OTHER,
-            NONE_IDX => NONE,
+            OTHER_IDX => OTHER.to_string(),
+            NONE_IDX => NONE.to_string(),
             i => self
-                .global
                 .models
+                .borrow()
                 .get(usize::from(i))
-                .map_or(OTHER, String::as_str),
+                .map_or_else(|| OTHER.to_string(), String::clone),
         }
     }
 
@@ -379,7 +429,7 @@ impl LocalMetrics {
             };
             let status = status.to_string();
             g.requests_total
-                .with_label_values(&[&status, g.backend_label(backend), self.model_label(m)])
+                .with_label_values(&[&status, &self.backend_label(backend), &self.model_label(m)])
                 .inc_by(n);
         }
         for h in self.latency.borrow().values() {
@@ -392,7 +442,7 @@ impl LocalMetrics {
             for (kind, n) in TOKEN_TYPES.iter().zip(counts) {
                 if n > 0 {
                     g.tokens_total
-                        .with_label_values(&[kind, self.model_label(m)])
+                        .with_label_values(&[kind, &self.model_label(m)])
                         .inc_by(n);
                 }
             }
@@ -400,13 +450,16 @@ impl LocalMetrics {
         for (b, n) in self.retries.borrow_mut().iter_mut().enumerate() {
             if *n > 0 {
                 g.retries_total
-                    .with_label_values(&[g.backend_label(Some(b))])
+                    .with_label_values(&[&self.backend_label(Some(b))])
                     .inc_by(*n);
                 *n = 0;
             }
         }
         if publish_backends {
-            for (i, name) in g.backends.iter().enumerate() {
+            for (i, name) in self.labels.borrow().iter().enumerate() {
+                if name.is_empty() {
+                    continue;
+                }
                 g.backend_up
                     .with_label_values(&[name])
                     .set(i64::from(view.is_up(i)));

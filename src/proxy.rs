@@ -16,7 +16,7 @@ use monoio::io::{
 use monoio::net::TcpStream;
 
 use crate::account::{account, Done};
-use crate::config::Backend;
+use crate::backends::{BackendTable, Entry};
 use crate::error::ProxyError;
 use crate::http1::head::{BodyFraming, Head};
 use crate::http1::headers::forwardable;
@@ -28,7 +28,7 @@ use crate::route::Local;
 use crate::server::Downstream;
 use crate::upstream::{self, UpConn};
 use crate::usage::{Kind as UsageKind, Tap};
-use crate::worker::Worker;
+use crate::worker::{InflightGuard, Worker};
 
 /// How long an exchange runs before the client socket is watched for a disconnect. Bounds the
 /// extra delay before an abandoned request is cancelled upstream.
@@ -77,6 +77,9 @@ struct Exchange<'a> {
     head_sent: Cell<bool>,
     status: Cell<u16>,
     backend: Cell<Option<usize>>,
+    /// The in-flight slot on `backend`, held until the request is accounted for: while it is
+    /// held the backend's slot cannot be freed and reused, so `backend` keeps meaning it.
+    in_flight: RefCell<Option<InflightGuard>>,
     /// When the first response body byte went to the client.
     first_byte: Cell<Option<Instant>>,
     /// Streams record the gap between consecutive chunks (inter-token latency).
@@ -109,12 +112,12 @@ pub async fn handle(
     let cfg = w.config();
     let metrics_here = cfg.admin_listen.is_none() || d.admin;
 
-    if let Some(local) = w
-        .shared
-        .routes
-        .local(head.method(), head.path(), metrics_here)
-    {
-        let (status, ctype, payload) = local_response(w, local);
+    let table = w.table();
+    if let Some(local) = table.routes.local(head.method(), head.path(), metrics_here) {
+        let (status, ctype, payload) = match local {
+            Local::Reload => crate::reload::admin(w).await,
+            _ => local_response(w, local),
+        };
         let keep = respond(d, status, ctype, payload, &request_id, close, &head).await;
         account(
             w,
@@ -146,7 +149,7 @@ pub async fn handle(
         Ok(info) => info,
         Err(e) => return fail(w, d, &head, &request_id, e, None, received, true).await,
     };
-    let mask = match w.shared.routes.backends_for(info.model.as_deref()) {
+    let mask = match table.routes.backends_for(info.model.as_deref()) {
         Ok(mask) => mask,
         Err(e) => return fail(w, d, &head, &request_id, e, Some(&info), received, close).await,
     };
@@ -166,13 +169,20 @@ pub async fn handle(
         head_sent: Cell::new(false),
         status: Cell::new(0),
         backend: Cell::new(None),
+        in_flight: RefCell::new(None),
         first_byte: Cell::new(None),
         stream: info.stream,
         model_idx: w.metrics.model_index(info.model.as_deref()),
         tap: RefCell::new(Tap::new(UsageKind::None)),
     };
     let Downstream { rd, wr, buf, .. } = d;
-    let forward = monoio::time::timeout(cfg.timeouts.request, forward(w, &x, mask, wr));
+    let model = info.model.as_deref();
+    let route = Route {
+        table: &table,
+        mask,
+        model,
+    };
+    let forward = monoio::time::timeout(cfg.timeouts.request, forward(w, &x, route, wr));
     let result = watch_client(rd, buf, forward).await;
     let (status, outcome, keep) = match result {
         None => (x.status.get(), Outcome::ClientAborted, false),
@@ -213,36 +223,54 @@ pub async fn handle(
     keep
 }
 
-/// Tries backends until one answers (or attempts run out), then relays its response.
+/// The backends a request may go to, as routed against the table in force when it arrived.
+struct Route<'a> {
+    table: &'a BackendTable,
+    mask: &'a [bool],
+    model: Option<&'a str>,
+}
+
+/// Tries backends until one answers (or attempts run out), then relays its response. Each
+/// attempt picks from the backend table in force at that moment (it may change between
+/// attempts: then the request is routed again); the in-flight guard of the chosen backend is
+/// kept in `x`.
 async fn forward(
     w: &Rc<Worker>,
     x: &Exchange<'_>,
-    mask: &[bool],
+    route: Route<'_>,
     wr: &mut OwnedWriteHalf<TcpStream>,
 ) -> Result<Sent, ProxyError> {
-    let cfg = w.config();
-    let attempts = cfg.retry.attempts;
-    let mut tried = vec![false; mask.len()];
+    let attempts = w.config().retry.attempts;
+    let mut tried: Vec<bool> = Vec::new();
     let mut last_err: Option<ProxyError> = None;
     for attempt in 0..=attempts {
         w.drain_inbox();
-        let eligible = |i: usize| mask[i] && !tried[i] && w.view.is_up(i);
+        let latest = w.table();
+        let (table, mask) = if latest.version == route.table.version {
+            (route.table, route.mask)
+        } else {
+            (&**latest, latest.routes.backends_for(route.model)?)
+        };
+        tried.resize(mask.len(), false);
+        let eligible = |i: usize| mask.get(i) == Some(&true) && !tried[i] && w.view.is_up(i);
         let Some(b) = w.balancer.pick(&w.view, eligible) else {
+            break;
+        };
+        let Some(backend) = table.get(b) else {
             break;
         };
         tried[b] = true;
         x.backend.set(Some(b));
-        let _in_flight = w.begin(b);
-        let backend = &cfg.backends[b];
+        *x.in_flight.borrow_mut() = Some(w.begin(b));
         let request = upstream_request(x, backend);
-        match send(w, b, request).await {
+        match send(w, b, backend.spec.addr, request).await {
             Ok((conn, resp)) => {
                 let more = (0..mask.len()).any(|i| mask[i] && !tried[i] && w.view.is_up(i));
                 if matches!(resp.status, 502 | 503) && attempt < attempts && more {
                     log::warn!(
                         "request {}: backend {} answered {}; trying another",
                         x.request_id,
-                        backend.url,
+                        backend.spec.url,
                         resp.status
                     );
                     w.metrics.retry(b);
@@ -252,7 +280,11 @@ async fn forward(
                 return relay(w, x, b, conn, resp, wr).await;
             }
             Err(e) => {
-                log::warn!("request {}: backend {}: {e}", x.request_id, backend.url);
+                log::warn!(
+                    "request {}: backend {}: {e}",
+                    x.request_id,
+                    backend.spec.url
+                );
                 w.metrics.upstream_error(b, e.code());
                 if e.backend_unreachable() {
                     w.report_unreachable(b);
@@ -271,9 +303,13 @@ async fn forward(
 /// Sends the request on a pooled connection (or a new one) and waits for the response head. A
 /// pooled connection that fails before any response byte may simply have been closed by the
 /// backend while idle: the request is sent once more on a fresh connection.
-async fn send(w: &Worker, backend: usize, request: Vec<u8>) -> Result<(UpConn, Head), ProxyError> {
+async fn send(
+    w: &Worker,
+    backend: usize,
+    addr: std::net::SocketAddr,
+    request: Vec<u8>,
+) -> Result<(UpConn, Head), ProxyError> {
     let t = &w.config().timeouts;
-    let addr = w.shared.backend_addrs[backend];
     let mut conn = match w.pool.take(backend) {
         Some(c) => c,
         None => upstream::connect(addr, t.connect).await?,
@@ -292,7 +328,8 @@ async fn send(w: &Worker, backend: usize, request: Vec<u8>) -> Result<(UpConn, H
     }
 }
 
-fn upstream_request(x: &Exchange<'_>, backend: &Backend) -> Vec<u8> {
+fn upstream_request(x: &Exchange<'_>, backend: &Entry) -> Vec<u8> {
+    let backend = &backend.spec;
     let head = x.head;
     let mut out = Vec::with_capacity(head.raw_len() + x.body.len() + 256);
     out.extend_from_slice(head.method().as_bytes());
@@ -616,20 +653,22 @@ fn local_response(w: &Worker, local: Local) -> (u16, &'static str, Vec<u8>) {
         Local::Health => {
             w.drain_inbox();
             let draining = w.shared.draining();
-            let cfg = w.config();
-            let backends: Vec<serde_json::Value> = cfg
-                .backends
-                .iter()
-                .enumerate()
-                .map(|(i, b)| {
+            let table = w.table();
+            let backends: Vec<serde_json::Value> = table
+                .entries()
+                .map(|(i, e)| {
                     serde_json::json!({
-                        "url": b.url,
+                        "url": e.spec.url,
+                        "name": e.spec.name,
+                        "state": e.state.as_str(),
                         "up": w.view.is_up(i),
                         "inflight": w.view.load(i),
                     })
                 })
                 .collect();
-            let any_up = (0..cfg.backends.len()).any(|i| w.view.is_up(i));
+            let any_up = table
+                .entries()
+                .any(|(i, e)| e.state == crate::backends::State::Active && w.view.is_up(i));
             let (status, state) = match (draining, any_up) {
                 (true, _) => (503, "draining"),
                 (false, false) => (503, "unavailable"),
@@ -652,7 +691,14 @@ fn local_response(w: &Worker, local: Local) -> (u16, &'static str, Vec<u8>) {
             g.requests_inflight.set(sum(&w.shared.inflight));
             (200, "text/plain; version=0.0.4", g.encode())
         }
-        Local::Models => (200, "application/json", w.shared.routes.models_body()),
+        Local::Models => (200, "application/json", w.table().routes.models_body()),
+        Local::Reload => (500, "application/json", Vec::new()),
+        Local::AdminElsewhere => {
+            let e = ProxyError::NotFound(
+                "/admin/reload (POST, on the admin listener when admin_listen is set)".into(),
+            );
+            (e.status(), "application/json", e.body())
+        }
         Local::MetricsElsewhere => {
             let e = ProxyError::NotFound("/metrics (served on the admin listener)".into());
             (e.status(), "application/json", e.body())

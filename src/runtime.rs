@@ -4,7 +4,8 @@
 //! that a port of 0 resolves to one real port shared by every worker and bind errors surface as
 //! startup errors.
 
-use std::net::{SocketAddr, TcpListener as StdListener, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -15,8 +16,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::Config;
 use crate::control::Broadcast;
+use crate::control::PlaneMsg;
 use crate::metrics::Metrics;
-use crate::route::RouteTable;
+use crate::plane::Plane;
 use crate::server;
 use crate::usage::deliver::Delivery;
 use crate::worker::{PaddedCount, Shared, Worker};
@@ -32,6 +34,9 @@ pub struct Running {
     stop_health: Arc<AtomicBool>,
     delivery: Option<Delivery>,
 }
+
+/// How long `reload` waits for the control plane's answer.
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Running {
     /// Stops accepting and answers /health with 503; in-flight work continues.
@@ -51,6 +56,17 @@ impl Running {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Re-reads the config file (SIGHUP); blocks until the control plane answers.
+    pub fn reload(&self) -> Result<crate::reload::Summary, String> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.shared
+            .plane
+            .send_timeout(PlaneMsg::Reload { reply: tx }, RELOAD_TIMEOUT)
+            .map_err(|_| "the control plane is not running".to_string())?;
+        rx.recv_timeout(RELOAD_TIMEOUT)
+            .map_err(|_| "the control plane did not answer".to_string())?
     }
 
     pub fn stop_health(&self) {
@@ -137,23 +153,13 @@ fn bind_all(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<StdListener>> {
     Ok(all)
 }
 
-pub fn resolve_backends(cfg: &Config) -> anyhow::Result<Vec<SocketAddr>> {
-    cfg.backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| {
-            (b.host.as_str(), b.port)
-                .to_socket_addrs()
-                .with_context(|| format!("backends[{i}].url: cannot resolve {}", b.host))?
-                .next()
-                .ok_or_else(|| anyhow!("backends[{i}].url: {} has no address", b.host))
-        })
-        .collect()
+pub fn start(cfg: Config) -> anyhow::Result<Running> {
+    start_with(cfg, None)
 }
 
-pub fn start(cfg: Config) -> anyhow::Result<Running> {
+/// Starts the proxy; `path` is the config file a reload re-reads.
+pub fn start_with(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<Running> {
     let (workers, cpus) = worker_plan(&cfg)?;
-    let backend_addrs = resolve_backends(&cfg)?;
     let listeners = bind_all(cfg.listen, workers)?;
     let addr = listeners[0].local_addr()?;
     let admin = match cfg.admin_listen {
@@ -170,10 +176,12 @@ pub fn start(cfg: Config) -> anyhow::Result<Running> {
     let metrics = Arc::new(
         Metrics::new(&cfg, workers, driver).map_err(|e| anyhow!("metrics registry: {e}"))?,
     );
+    let plane = Plane::new(cfg.clone(), path, workers, metrics.clone())?;
+    let table = plane.table();
+    let (plane_tx, plane_rx) = crossbeam_channel::bounded(4096);
     let shared = Arc::new(Shared {
-        routes: RouteTable::new(&cfg),
         config: cfg.clone(),
-        backend_addrs,
+        plane: plane_tx,
         draining: AtomicBool::new(false),
         inflight: (0..workers).map(|_| PaddedCount::default()).collect(),
         connections: (0..workers).map(|_| PaddedCount::default()).collect(),
@@ -191,12 +199,20 @@ pub fn start(cfg: Config) -> anyhow::Result<Running> {
     .context("starting usage delivery")?;
     let stop_health = Arc::new(AtomicBool::new(false));
     crate::health::spawn(
-        cfg.clone(),
+        table.clone(),
         broadcast.clone(),
         health_rx,
         stop_health.clone(),
     )
     .context("starting the health thread")?;
+    plane
+        .spawn(
+            plane_rx,
+            broadcast.clone(),
+            health_tx.clone(),
+            stop_health.clone(),
+        )
+        .context("starting the control-plane thread")?;
 
     let mut admin = admin;
     let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), String>>(workers);
@@ -208,6 +224,7 @@ pub fn start(cfg: Config) -> anyhow::Result<Running> {
         let cpu = cpus.as_ref().map(|c| c[id]);
         let admin_listener = if id == 0 { admin.take() } else { None };
         let ready = ready_tx.clone();
+        let table = table.clone();
         std::thread::Builder::new()
             .name(format!("llmproxy-core-{id}"))
             .spawn(move || {
@@ -251,7 +268,7 @@ pub fn start(cfg: Config) -> anyhow::Result<Running> {
                             .unwrap_or_default()
                     );
                     let worker = Rc::new(Worker::new(
-                        id, shared, inbox, broadcast, health_tx, usage_tx,
+                        id, shared, inbox, broadcast, health_tx, usage_tx, table,
                     ));
                     let _ = ready.send(Ok(()));
                     let ticker = worker.clone();

@@ -33,9 +33,11 @@ struct Idle {
     expires: Instant,
 }
 
-/// Idle connections per backend, owned by one core.
+/// Idle connections per backend slot, owned by one core.
 pub struct Pool {
     idle: RefCell<Vec<Vec<Idle>>>,
+    /// Per slot: false for free and draining backends, whose connections are not kept.
+    open: RefCell<Vec<bool>>,
     max_idle: usize,
     idle_timeout: Duration,
 }
@@ -44,8 +46,30 @@ impl Pool {
     pub fn new(backends: usize, max_idle: usize, idle_timeout: Duration) -> Self {
         Pool {
             idle: RefCell::new((0..backends).map(|_| Vec::new()).collect()),
+            open: RefCell::new(vec![true; backends]),
             max_idle,
             idle_timeout,
+        }
+    }
+
+    /// Follows the backend table: `open[slot]` says whether the slot's backend takes new
+    /// requests. Connections of slots that closed are dropped (a draining backend gets no new
+    /// requests, and a reused slot must not hand out connections to its previous backend).
+    pub fn set_slots(&self, open: &[bool]) {
+        let mut idle = self.idle.borrow_mut();
+        idle.resize_with(open.len(), Vec::new);
+        for (list, &o) in idle.iter_mut().zip(open) {
+            if !o {
+                list.clear();
+            }
+        }
+        *self.open.borrow_mut() = open.to_vec();
+    }
+
+    /// Drops the idle connections of one slot (its backend left it).
+    pub fn clear(&self, slot: usize) {
+        if let Some(list) = self.idle.borrow_mut().get_mut(slot) {
+            list.clear();
         }
     }
 
@@ -65,7 +89,10 @@ impl Pool {
     }
 
     pub fn put(&self, backend: usize, mut conn: UpConn) {
-        if self.max_idle == 0 || !conn.buf.is_empty() {
+        if self.max_idle == 0
+            || !conn.buf.is_empty()
+            || !self.open.borrow().get(backend).copied().unwrap_or(false)
+        {
             return;
         }
         // Expire a second before the backend would, so we never send into its close.

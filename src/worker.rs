@@ -2,9 +2,12 @@
 //! its inbox. Nothing here is shared with another thread except through `control` messages and
 //! the read-mostly `Shared` block; in-flight counts are held by RAII guards so a dropped future
 //! (client gone, timeout) can never leak one.
+//!
+//! The backend set and the configuration can change at run time: a new `BackendTable` arrives as
+//! a message and is applied here, between requests, on the inbox drain. Requests hold an `Rc` of
+//! the table and config they started with, so a swap never pulls anything from under them.
 
-use std::cell::Cell;
-use std::net::SocketAddr;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -12,11 +15,11 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
+use crate::backends::{BackendTable, State};
 use crate::balance::{Balancer, LoadView};
 use crate::config::Config;
-use crate::control::{Broadcast, ControlMsg, HealthReport};
+use crate::control::{Broadcast, ControlMsg, HealthReport, PlaneMsg};
 use crate::metrics::{LocalMetrics, Metrics};
-use crate::route::RouteTable;
 use crate::upstream::Pool;
 use crate::usage::{CoreSender, UsageEvent};
 
@@ -27,15 +30,16 @@ pub struct PaddedCount(pub AtomicUsize);
 
 /// Process-wide, read-mostly state.
 pub struct Shared {
+    /// The configuration the process started with (listeners, workers: what a reload cannot
+    /// change). Request handling reads `Worker::config()`, which follows reloads.
     pub config: Arc<Config>,
-    /// Resolved address of each backend, index-aligned with `config.backends`.
-    pub backend_addrs: Vec<SocketAddr>,
     pub draining: AtomicBool,
     /// In-flight requests per core (the drain waits for all to reach zero).
     pub inflight: Vec<PaddedCount>,
     pub connections: Vec<PaddedCount>,
     pub metrics: Arc<Metrics>,
-    pub routes: RouteTable,
+    /// The control-plane thread: drain reports, reload requests.
+    pub plane: Sender<PlaneMsg>,
 }
 
 impl Shared {
@@ -65,6 +69,14 @@ pub struct Worker {
     seq: Cell<u64>,
     id_prefix: u64,
     last_snapshot: Cell<Instant>,
+    // `Rc<Arc<_>>` on purpose: requests clone the `Rc` (a core-local count); cloning the `Arc`
+    // per request would bounce its shared count between all cores.
+    #[allow(clippy::redundant_allocation)]
+    table: RefCell<Rc<Arc<BackendTable>>>,
+    #[allow(clippy::redundant_allocation)]
+    config: RefCell<Rc<Arc<Config>>>,
+    /// Draining backend ids this core has reported drained since the last table change.
+    drained_sent: RefCell<Vec<u64>>,
 }
 
 impl Worker {
@@ -75,16 +87,15 @@ impl Worker {
         peers: Broadcast,
         health_tx: Sender<HealthReport>,
         usage_tx: Sender<UsageEvent>,
+        table: Arc<BackendTable>,
     ) -> Self {
-        let cfg = &shared.config;
-        let n = cfg.backends.len();
-        let weights = cfg.backends.iter().map(|b| b.weight).collect();
-        Worker {
+        let cfg = table.config.clone();
+        let w = Worker {
             id,
-            view: LoadView::new(id, peers.cores(), n),
-            balancer: Balancer::new(cfg.strategy, weights),
-            pool: Pool::new(n, cfg.pool.max_idle_per_backend, cfg.pool.idle_timeout),
-            metrics: LocalMetrics::new(shared.metrics.clone(), cfg),
+            view: LoadView::new(id, peers.cores(), 0),
+            balancer: Balancer::new(cfg.strategy, Vec::new()),
+            pool: Pool::new(0, cfg.pool.max_idle_per_backend, cfg.pool.idle_timeout),
+            metrics: LocalMetrics::new(shared.metrics.clone(), &cfg),
             usage: CoreSender::new(usage_tx),
             shared,
             inbox,
@@ -93,11 +104,98 @@ impl Worker {
             seq: Cell::new(0),
             id_prefix: fastrand::u64(..),
             last_snapshot: Cell::new(Instant::now()),
-        }
+            table: RefCell::new(Rc::new(table.clone())),
+            config: RefCell::new(Rc::new(cfg)),
+            drained_sent: RefCell::new(Vec::new()),
+        };
+        w.install(&table, true);
+        w
     }
 
-    pub fn config(&self) -> &Config {
-        &self.shared.config
+    /// The configuration in force (follows reloads). Hold the `Rc` for as long as needed: a
+    /// reload replaces it for later requests only.
+    #[allow(clippy::redundant_allocation)]
+    pub fn config(&self) -> Rc<Arc<Config>> {
+        self.config.borrow().clone()
+    }
+
+    /// The backend set in force.
+    #[allow(clippy::redundant_allocation)]
+    pub fn table(&self) -> Rc<Arc<BackendTable>> {
+        self.table.borrow().clone()
+    }
+
+    /// Applies a newer backend table: slots whose backend changed start from scratch (counts,
+    /// health, pooled connections, metrics labels); slots that keep their backend keep all of
+    /// it. Older or equal versions (re-sent copies) are ignored.
+    fn apply_table(&self, new: Arc<BackendTable>) {
+        let old = self.table();
+        if new.version <= old.version {
+            return;
+        }
+        // Every core, not just the one publishing gauges on its tick: any core answering
+        // /metrics publishes them too, and must not bring a forgotten backend back.
+        for (slot, e) in old.entries() {
+            if new.get(slot).is_none_or(|n| n.id != e.id) {
+                self.shared.metrics.forget_backend(&e.spec.name);
+            }
+        }
+        if !Arc::ptr_eq(&new.config, &old.config) {
+            *self.config.borrow_mut() = Rc::new(new.config.clone());
+        }
+        self.install(&new, false);
+        *self.table.borrow_mut() = Rc::new(new);
+        self.drained_sent.borrow_mut().clear();
+    }
+
+    /// Sizes and resets per-slot state for `table` (`first`: the view starts empty).
+    fn install(&self, table: &BackendTable, first: bool) {
+        let n = table.len();
+        let labels: Vec<String> = table
+            .slots
+            .iter()
+            .map(|e| e.as_ref().map_or_else(String::new, |e| e.spec.name.clone()))
+            .collect();
+        self.metrics
+            .set_backends(&self.view, labels, table.models.clone());
+        self.view.resize(n);
+        for slot in 0..n {
+            let id = table.get(slot).map_or(0, |e| e.id);
+            if first || self.view.id(slot) != id {
+                let up = table.get(slot).is_some_and(|e| e.up_initially);
+                self.view.reset(slot, id, up);
+                self.pool.clear(slot);
+            }
+        }
+        let open: Vec<bool> = (0..n)
+            .map(|s| table.get(s).is_some_and(|e| e.state == State::Active))
+            .collect();
+        self.pool.set_slots(&open);
+        let weights = (0..n)
+            .map(|s| table.get(s).map_or(1, |e| e.spec.weight))
+            .collect();
+        self.balancer.update(table.config.strategy, weights);
+    }
+
+    /// Tells the control plane which draining backends this core no longer has requests on, so
+    /// their slots can be freed once every core has said so.
+    fn report_drained(&self) {
+        let table = self.table();
+        let mut sent = self.drained_sent.borrow_mut();
+        for (slot, e) in table.entries() {
+            if e.state != State::Draining || self.view.own(slot) != 0 || sent.contains(&e.id) {
+                continue;
+            }
+            let msg = PlaneMsg::Drained {
+                core: self.id,
+                id: e.id,
+                version: table.version,
+            };
+            // A full channel is retried on the next tick.
+            if self.shared.plane.try_send(msg).is_ok() {
+                sent.push(e.id);
+            }
+        }
     }
 
     /// Applies every pending message. Cheap when the inbox is empty (one atomic load).
@@ -107,21 +205,23 @@ impl Worker {
                 ControlMsg::Load {
                     core,
                     backend,
+                    id,
                     in_flight,
                 } => {
-                    self.view.set(core, backend, in_flight);
+                    self.view.set(core, backend, id, in_flight);
                 }
                 ControlMsg::Snapshot { core, counts } => {
-                    for (b, c) in counts.into_iter().enumerate() {
-                        self.view.set(core, b, c);
+                    for (b, (id, c)) in counts.into_iter().enumerate() {
+                        self.view.set(core, b, id, c);
                     }
                 }
-                ControlMsg::Health { backend, up } => {
-                    if self.view.backends() > backend && self.view.is_up(backend) != up {
+                ControlMsg::Health { backend, id, up } => {
+                    if self.view.id(backend) == id && self.view.is_up(backend) != up {
                         log::debug!("core {}: backend {backend} up={up}", self.id);
                     }
-                    self.view.set_up(backend, up);
+                    self.view.set_up(backend, id, up);
                 }
+                ControlMsg::Table(table) => self.apply_table(table),
             }
         }
     }
@@ -139,6 +239,7 @@ impl Worker {
                 },
             );
         }
+        self.report_drained();
         self.pool.prune();
         self.usage.tick();
         self.metrics.flush(&self.view, self.id == 0);
@@ -160,6 +261,7 @@ impl Worker {
             &ControlMsg::Load {
                 core: self.id,
                 backend,
+                id: self.view.id(backend),
                 in_flight: v,
             },
         );
@@ -168,10 +270,11 @@ impl Worker {
     /// Passive health: a connect failure marks the backend down here at once and tells the
     /// health thread, which broadcasts it and keeps probing.
     pub fn report_unreachable(&self, backend: usize) {
-        self.view.set_up(backend, false);
+        let id = self.view.id(backend);
+        self.view.set_up(backend, id, false);
         let _ = self
             .health_tx
-            .try_send(HealthReport::Unreachable { backend });
+            .try_send(HealthReport::Unreachable { backend, id });
     }
 
     /// A request id unique across cores and restarts without any shared counter.
@@ -239,5 +342,109 @@ impl Drop for ConnectionGuard {
         self.worker.shared.connections[self.worker.id]
             .0
             .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backends::{desired, Registry};
+
+    fn config(urls: &[&str]) -> Arc<Config> {
+        let urls: Vec<String> = urls.iter().map(|u| u.to_string()).collect();
+        Arc::new(Config::with_backends("127.0.0.1:0".parse().unwrap(), &urls).unwrap())
+    }
+
+    fn registry(cfg: &Config, cores: usize) -> Registry {
+        let statics = cfg
+            .backends
+            .iter()
+            .map(|b| {
+                (
+                    b.url.clone(),
+                    format!("{}:{}", b.host, b.port).parse().unwrap(),
+                )
+            })
+            .collect();
+        Registry::new(cores, desired(cfg, &statics, &Default::default()))
+    }
+
+    /// Core 0 of two, with the other core's inbox and the plane's receiver.
+    fn worker(table: Arc<BackendTable>) -> (Rc<Worker>, Sender<ControlMsg>, Receiver<PlaneMsg>) {
+        // The real inboxes are dropped: the test plays the other core and the plane.
+        let (peers, _inboxes) = Broadcast::new(2);
+        let (plane_tx, plane_rx) = crossbeam_channel::bounded(16);
+        let (health_tx, _health_rx) = crossbeam_channel::bounded(16);
+        let (usage_tx, _usage_rx) = crossbeam_channel::bounded(16);
+        let shared = Arc::new(Shared {
+            config: table.config.clone(),
+            draining: AtomicBool::new(false),
+            inflight: (0..2).map(|_| PaddedCount::default()).collect(),
+            connections: (0..2).map(|_| PaddedCount::default()).collect(),
+            metrics: Arc::new(Metrics::new(&table.config, 2, "test").unwrap()),
+            plane: plane_tx,
+        });
+        let (self_tx, self_rx) = crossbeam_channel::bounded(64);
+        let w = Worker::new(0, shared, self_rx, peers, health_tx, usage_tx, table);
+        (Rc::new(w), self_tx, plane_rx)
+    }
+
+    #[test]
+    fn a_new_table_keeps_what_stays_and_resets_what_changed() {
+        let cfg = config(&["http://127.0.0.1:1", "http://127.0.0.1:2"]);
+        let mut reg = registry(&cfg, 2);
+        let (w, inbox, plane) = worker(reg.publish(cfg.clone()));
+        let guard = w.begin(1);
+        inbox
+            .send(ControlMsg::Load {
+                core: 1,
+                backend: 0,
+                id: w.view.id(0),
+                in_flight: 3,
+            })
+            .unwrap();
+        w.drain_inbox();
+        assert_eq!((w.view.load(0), w.view.load(1)), (3, 1));
+
+        // Backend 2 is removed (it still holds a request here), backend 3 added.
+        let cfg2 = config(&["http://127.0.0.1:1", "http://127.0.0.1:3"]);
+        let statics = [
+            (
+                "http://127.0.0.1:1".to_string(),
+                "127.0.0.1:1".parse().unwrap(),
+            ),
+            (
+                "http://127.0.0.1:3".to_string(),
+                "127.0.0.1:3".parse().unwrap(),
+            ),
+        ]
+        .into_iter()
+        .collect();
+        reg.apply(desired(&cfg2, &statics, &Default::default()));
+        inbox
+            .send(ControlMsg::Table(reg.publish(cfg2.clone())))
+            .unwrap();
+        w.drain_inbox();
+        let t = w.table();
+        assert!(Arc::ptr_eq(&w.config(), &cfg2));
+        assert_eq!(t.get(1).unwrap().state, State::Draining);
+        assert_eq!(t.get(2).unwrap().spec.url, "http://127.0.0.1:3");
+        // Kept: counts and health. Draining: its own request still counted, no new picks.
+        assert_eq!((w.view.load(0), w.view.load(1), w.view.load(2)), (3, 1, 0));
+        assert!(w.view.is_up(0) && w.view.is_up(2));
+        let mask = t.routes.backends_for(None).unwrap();
+        assert_eq!(mask, &[true, false, true]);
+
+        // Nothing reported while the request runs; once it ends the tick reports the drain.
+        w.tick();
+        assert!(plane.try_recv().is_err());
+        drop(guard);
+        w.tick();
+        match plane.try_recv() {
+            Ok(PlaneMsg::Drained { core: 0, id, .. }) => assert_eq!(id, t.get(1).unwrap().id),
+            _ => panic!("no drain report"),
+        }
+        w.tick();
+        assert!(plane.try_recv().is_err(), "reported twice");
     }
 }

@@ -3,6 +3,8 @@
 //! a client would. Every process is stopped by its PID when its handle drops.
 #![allow(dead_code)]
 
+pub mod dns;
+pub mod load;
 pub mod webhook;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -155,6 +157,23 @@ impl Mock {
         let proc = Proc::spawn(cmd);
         let line = proc.wait_for_line("listening on", Duration::from_secs(10));
         let addr = parse_addr(&line);
+        Mock { proc, addr }
+    }
+
+    /// A mock on a given loopback address (127.0.0.0/8 all reaches this host), so that several
+    /// mocks can share one port as the replicas behind one DNS name do.
+    pub fn start_at(ip: &str, port: u16, args: &[&str]) -> Mock {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("mock-backend")
+            .args(["--host", ip, "--port", &port.to_string()])
+            .args(args);
+        let proc = Proc::spawn(cmd);
+        let line = proc.wait_for_line("listening on", Duration::from_secs(10));
+        let addr = line
+            .rsplit(' ')
+            .next()
+            .and_then(|a| a.trim().parse().ok())
+            .expect("mock address");
         Mock { proc, addr }
     }
 

@@ -1,0 +1,279 @@
+//! A minimal DNS client: A and AAAA queries over UDP to one resolver, for `discovery.resolver`.
+//! It only needs the addresses of one name (a Kubernetes headless Service), so it sends one
+//! question per record type with EDNS0 (4 KiB answers: a few hundred replicas fit without TCP),
+//! and reads the A/AAAA records of the answer section, following nothing (a recursive resolver
+//! has already followed CNAMEs and put the addresses in the answer).
+//!
+//! Everything it reads comes from the network: every length and offset is bounds-checked and
+//! a malformed answer is an error, never a panic.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+const TYPE_A: u16 = 1;
+const TYPE_AAAA: u16 = 28;
+const CLASS_IN: u16 = 1;
+const TYPE_OPT: u16 = 41;
+const UDP_PAYLOAD: u16 = 4096;
+
+/// Every IPv4 and IPv6 address of `name` (A and AAAA), sorted. NXDOMAIN and "no records" are an
+/// empty list; a timeout, a server failure or a malformed answer is an error.
+pub fn lookup(server: SocketAddr, name: &str, timeout: Duration) -> Result<Vec<IpAddr>, String> {
+    let bind: SocketAddr = if server.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let sock = UdpSocket::bind(bind).map_err(|e| format!("udp socket: {e}"))?;
+    sock.connect(server)
+        .map_err(|e| format!("resolver {server}: {e}"))?;
+    let mut out = Vec::new();
+    for qtype in [TYPE_A, TYPE_AAAA] {
+        let id = fastrand::u16(..);
+        let query = encode_query(id, name, qtype)?;
+        sock.send(&query)
+            .map_err(|e| format!("resolver {server}: {e}"))?;
+        let deadline = Instant::now() + timeout;
+        let mut buf = vec![0u8; usize::from(UDP_PAYLOAD)];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!("resolver {server}: no answer within {timeout:?}"));
+            }
+            sock.set_read_timeout(Some(left))
+                .map_err(|e| format!("udp socket: {e}"))?;
+            let n = match sock.recv(&mut buf) {
+                Ok(n) => n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(format!("resolver {server}: no answer within {timeout:?}"))
+                }
+                Err(e) => return Err(format!("resolver {server}: {e}")),
+            };
+            match parse_response(id, &buf[..n]) {
+                // A stray or late datagram for another query: keep waiting for ours.
+                Err(Malformed::OtherId) => continue,
+                Err(Malformed::Bad(why)) => return Err(format!("resolver {server}: {why}")),
+                Ok(ips) => {
+                    out.extend(ips);
+                    break;
+                }
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// A recursion-desired question for `name` with an EDNS0 OPT record.
+pub fn encode_query(id: u16, name: &str, qtype: u16) -> Result<Vec<u8>, String> {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    if name.is_empty() || name.len() > 253 {
+        return Err(format!("invalid DNS name \"{name}\""));
+    }
+    let mut q = Vec::with_capacity(32 + name.len());
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&0x0100u16.to_be_bytes()); // RD
+    q.extend_from_slice(&1u16.to_be_bytes()); // QDCOUNT
+    q.extend_from_slice(&0u16.to_be_bytes()); // ANCOUNT
+    q.extend_from_slice(&0u16.to_be_bytes()); // NSCOUNT
+    q.extend_from_slice(&1u16.to_be_bytes()); // ARCOUNT (OPT)
+    for label in name.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err(format!("invalid DNS name \"{name}\""));
+        }
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.push(0);
+    q.extend_from_slice(&qtype.to_be_bytes());
+    q.extend_from_slice(&CLASS_IN.to_be_bytes());
+    // OPT: root name, type, class = UDP payload size, extended rcode/flags 0, no data.
+    q.push(0);
+    q.extend_from_slice(&TYPE_OPT.to_be_bytes());
+    q.extend_from_slice(&UDP_PAYLOAD.to_be_bytes());
+    q.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    Ok(q)
+}
+
+#[derive(Debug, PartialEq)]
+pub enum Malformed {
+    /// Not an answer to the query we sent.
+    OtherId,
+    Bad(String),
+}
+
+fn bad(why: &str) -> Malformed {
+    Malformed::Bad(why.to_string())
+}
+
+/// The A and AAAA addresses in the answer section of the response to query `id`.
+pub fn parse_response(id: u16, msg: &[u8]) -> Result<Vec<IpAddr>, Malformed> {
+    let u16_at = |at: usize| -> Result<u16, Malformed> {
+        msg.get(at..at + 2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]))
+            .ok_or_else(|| bad("truncated message"))
+    };
+    if u16_at(0)? != id {
+        return Err(Malformed::OtherId);
+    }
+    let flags = u16_at(2)?;
+    if flags & 0x8000 == 0 {
+        return Err(Malformed::OtherId);
+    }
+    match flags & 0x000f {
+        0 => {}
+        3 => return Ok(Vec::new()), // NXDOMAIN: the name has no records at all
+        rcode => return Err(Malformed::Bad(format!("server answered rcode {rcode}"))),
+    }
+    let qdcount = u16_at(4)?;
+    let ancount = u16_at(6)?;
+    let mut at = 12;
+    for _ in 0..qdcount {
+        at = skip_name(msg, at)? + 4;
+    }
+    let mut ips = Vec::new();
+    for _ in 0..ancount {
+        at = skip_name(msg, at)?;
+        let rtype = u16_at(at)?;
+        let class = u16_at(at + 2)?;
+        let len = usize::from(u16_at(at + 8)?);
+        let data = msg
+            .get(at + 10..at + 10 + len)
+            .ok_or_else(|| bad("truncated record"))?;
+        at += 10 + len;
+        if class != CLASS_IN {
+            continue;
+        }
+        match (rtype, data.len()) {
+            (TYPE_A, 4) => ips.push(IpAddr::from([data[0], data[1], data[2], data[3]])),
+            (TYPE_AAAA, 16) => {
+                let mut b = [0u8; 16];
+                b.copy_from_slice(data);
+                ips.push(IpAddr::from(b));
+            }
+            (TYPE_A | TYPE_AAAA, _) => return Err(bad("address record of the wrong length")),
+            _ => {} // CNAME and friends: the addresses follow in the same answer
+        }
+    }
+    Ok(ips)
+}
+
+/// Offset just past the (possibly compressed) name starting at `at`.
+fn skip_name(msg: &[u8], mut at: usize) -> Result<usize, Malformed> {
+    loop {
+        let len = *msg.get(at).ok_or_else(|| bad("truncated name"))?;
+        match len {
+            0 => return Ok(at + 1),
+            l if l & 0xc0 == 0xc0 => {
+                // A pointer ends the name here (what it points to is not needed).
+                return if at + 2 <= msg.len() {
+                    Ok(at + 2)
+                } else {
+                    Err(bad("truncated name"))
+                };
+            }
+            l if l & 0xc0 != 0 => return Err(bad("bad label type")),
+            l => at += 1 + usize::from(l),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An answer as a server would build it: the question, then records pointing back at it.
+    fn answer(query: &[u8], rcode: u16, records: &[(u16, &[u8])]) -> Vec<u8> {
+        let mut r = query[..2].to_vec();
+        r.extend_from_slice(&(0x8180u16 | rcode).to_be_bytes());
+        r.extend_from_slice(&1u16.to_be_bytes());
+        r.extend_from_slice(&(records.len() as u16).to_be_bytes());
+        r.extend_from_slice(&[0, 0, 0, 0]);
+        let qend = skip_name(query, 12).unwrap() + 4;
+        r.extend_from_slice(&query[12..qend]);
+        for (t, data) in records {
+            r.extend_from_slice(&[0xc0, 12]);
+            r.extend_from_slice(&t.to_be_bytes());
+            r.extend_from_slice(&CLASS_IN.to_be_bytes());
+            r.extend_from_slice(&30u32.to_be_bytes());
+            r.extend_from_slice(&(data.len() as u16).to_be_bytes());
+            r.extend_from_slice(data);
+        }
+        r
+    }
+
+    #[test]
+    fn query_encoding() {
+        let q = encode_query(0x1234, "vllm.llm.svc.", TYPE_A).unwrap();
+        assert_eq!(&q[..2], &[0x12, 0x34]);
+        assert_eq!(&q[12..26], b"\x04vllm\x03llm\x03svc\x00");
+        assert_eq!(&q[26..30], &[0, 1, 0, 1]);
+        assert_eq!(q.len(), 30 + 11);
+        assert!(encode_query(1, "", TYPE_A).is_err());
+        assert!(encode_query(1, "a..b", TYPE_A).is_err());
+        assert!(encode_query(1, &"x".repeat(64), TYPE_A).is_err());
+    }
+
+    #[test]
+    fn answers_give_their_addresses() {
+        let q = encode_query(7, "vllm", TYPE_A).unwrap();
+        let cname: &[u8] = b"\x03foo\x00";
+        let r = answer(
+            &q,
+            0,
+            &[
+                (5, cname),
+                (TYPE_A, &[10, 0, 0, 1]),
+                (TYPE_A, &[10, 0, 0, 2]),
+            ],
+        );
+        assert_eq!(
+            parse_response(7, &r).unwrap(),
+            vec![IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2])]
+        );
+        let v6 = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        let r = answer(&q, 0, &[(TYPE_AAAA, &v6)]);
+        assert_eq!(parse_response(7, &r).unwrap(), vec![IpAddr::from(v6)]);
+    }
+
+    #[test]
+    fn nxdomain_is_empty_and_failures_are_errors() {
+        let q = encode_query(9, "gone", TYPE_A).unwrap();
+        assert!(parse_response(9, &answer(&q, 3, &[])).unwrap().is_empty());
+        assert!(matches!(
+            parse_response(9, &answer(&q, 2, &[])),
+            Err(Malformed::Bad(_))
+        ));
+        assert_eq!(
+            parse_response(8, &answer(&q, 0, &[])),
+            Err(Malformed::OtherId)
+        );
+        // Our own query echoed back (QR not set) is not an answer.
+        assert_eq!(parse_response(9, &q), Err(Malformed::OtherId));
+    }
+
+    #[test]
+    fn malformed_answers_never_panic() {
+        let q = encode_query(5, "vllm", TYPE_A).unwrap();
+        let r = answer(&q, 0, &[(TYPE_A, &[10, 0, 0, 1])]);
+        for cut in 0..r.len() {
+            let _ = parse_response(5, &r[..cut]);
+        }
+        let mut wrong_len = answer(&q, 0, &[(TYPE_A, &[10, 0, 0])]);
+        assert!(parse_response(5, &wrong_len).is_err());
+        wrong_len[12] = 0x80; // reserved label type
+        assert!(parse_response(5, &wrong_len).is_err());
+        for _ in 0..2000 {
+            let mut junk = r.clone();
+            let i = fastrand::usize(2..junk.len());
+            junk[i] = fastrand::u8(..);
+            let _ = parse_response(5, &junk);
+        }
+    }
+}

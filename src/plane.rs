@@ -1,0 +1,230 @@
+//! The control-plane thread: owns the master backend set (`backends::Registry`) and the running
+//! configuration, and is the only place that changes either. Three things change them: DNS
+//! discovery rounds (every `discovery.interval`), reloads (SIGHUP, `POST /admin/reload`) and
+//! cores reporting that a draining backend has no request left. Each change is published as a
+//! new immutable `BackendTable` to every core's inbox and to the health thread.
+//!
+//! It blocks freely (DNS, reading the config file) because no request ever waits on it; it must
+//! never be on a core. A message to a core may be dropped when that core's inbox is full, so the
+//! current table is re-sent every second (cores ignore versions they already have).
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::anyhow;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+
+use crate::backends::{desired, BackendTable, Changes, Registry};
+use crate::config::Config;
+use crate::control::{Broadcast, ControlMsg, HealthReport, PlaneMsg};
+use crate::discovery::Discovery;
+use crate::metrics::Metrics;
+use crate::reload::{keep_restart_only, Summary};
+
+const RESEND: Duration = Duration::from_secs(1);
+/// Longest sleep between checks of the stop flag.
+const MAX_WAIT: Duration = Duration::from_millis(200);
+
+pub struct Plane {
+    registry: Registry,
+    config: Arc<Config>,
+    /// The file a reload re-reads; `None` (demo) = reload is refused.
+    path: Option<PathBuf>,
+    /// Resolved address of each static backend, by URL.
+    statics: HashMap<String, SocketAddr>,
+    discovery: Discovery,
+    metrics: Arc<Metrics>,
+    current: Arc<BackendTable>,
+}
+
+/// Resolves static backends: URLs already known keep their address; a new one that does not
+/// resolve is an error (at start and on reload alike: a typo must not silently drop a backend).
+fn resolve_statics(
+    cfg: &Config,
+    known: &HashMap<String, SocketAddr>,
+) -> anyhow::Result<HashMap<String, SocketAddr>> {
+    let mut out = HashMap::new();
+    for (i, b) in cfg.backends.iter().enumerate() {
+        if b.discover.is_some() {
+            continue;
+        }
+        let addr = match known.get(&b.url) {
+            Some(a) => *a,
+            None => (b.host.as_str(), b.port)
+                .to_socket_addrs()
+                .map_err(|e| anyhow!("backends[{i}].url: cannot resolve {}: {e}", b.host))?
+                .next()
+                .ok_or_else(|| anyhow!("backends[{i}].url: {} has no address", b.host))?,
+        };
+        out.insert(b.url.clone(), addr);
+    }
+    Ok(out)
+}
+
+impl Plane {
+    /// Resolves the backends for the first table: static ones must resolve; discovered ones are
+    /// resolved once here (a failure only logs: discovery keeps trying).
+    pub fn new(
+        cfg: Arc<Config>,
+        path: Option<PathBuf>,
+        cores: usize,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Plane> {
+        let statics = resolve_statics(&cfg, &HashMap::new())?;
+        let mut discovery = Discovery::new(&cfg);
+        discovery.resolve(None, &metrics);
+        let registry = Registry::new(cores, desired(&cfg, &statics, &discovery.sets()));
+        let current = registry.publish(cfg.clone());
+        Ok(Plane {
+            registry,
+            config: cfg,
+            path,
+            statics,
+            discovery,
+            metrics,
+            current,
+        })
+    }
+
+    pub fn table(&self) -> Arc<BackendTable> {
+        self.current.clone()
+    }
+
+    pub fn spawn(
+        self,
+        inbox: Receiver<PlaneMsg>,
+        cores: Broadcast,
+        health: Sender<HealthReport>,
+        stop: Arc<AtomicBool>,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("llmproxy-plane".into())
+            .spawn(move || self.run(&inbox, &cores, &health, &stop))
+    }
+
+    fn run(
+        mut self,
+        inbox: &Receiver<PlaneMsg>,
+        cores: &Broadcast,
+        health: &Sender<HealthReport>,
+        stop: &AtomicBool,
+    ) {
+        let mut next_discovery = Instant::now() + self.discovery.interval();
+        let mut next_resend = Instant::now() + RESEND;
+        while !stop.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            let wait = next_discovery
+                .min(next_resend)
+                .saturating_duration_since(now)
+                .min(MAX_WAIT);
+            let changed = match inbox.recv_timeout(wait) {
+                Ok(PlaneMsg::Drained { core, id, version }) => {
+                    let freed = self.registry.drained(core, id, version);
+                    if freed {
+                        log::info!("backend id {id} drained on every core; its slot is free");
+                    }
+                    freed
+                }
+                Ok(PlaneMsg::Reload { reply }) => {
+                    let result = self.reload();
+                    let ok = result.is_ok();
+                    let _ = reply.send(result);
+                    ok
+                }
+                Err(RecvTimeoutError::Timeout) => false,
+                Err(RecvTimeoutError::Disconnected) => {
+                    std::thread::sleep(wait);
+                    false
+                }
+            };
+            if changed {
+                self.publish(cores, health);
+            }
+            let now = Instant::now();
+            if now >= next_discovery {
+                next_discovery = now + self.discovery.interval();
+                if !self.discovery.is_empty() && self.discovery.resolve(None, &self.metrics) {
+                    self.apply_backends();
+                    self.publish(cores, health);
+                }
+            }
+            if now >= next_resend {
+                next_resend = now + RESEND;
+                self.send(cores, health);
+            }
+        }
+    }
+
+    /// Diffs the desired backend set against the registry; logs what changed.
+    fn apply_backends(&mut self) -> Changes {
+        let specs = desired(&self.config, &self.statics, &self.discovery.sets());
+        let changes = self.registry.apply(specs);
+        if !changes.is_empty() {
+            log::info!(
+                "backends changed (version {}): added {:?}, removed (draining) {:?}, updated {:?}",
+                self.registry.version(),
+                changes.added,
+                changes.removed,
+                changes.updated
+            );
+        }
+        changes
+    }
+
+    fn publish(&mut self, cores: &Broadcast, health: &Sender<HealthReport>) {
+        self.current = self.registry.publish(self.config.clone());
+        self.send(cores, health);
+    }
+
+    fn send(&self, cores: &Broadcast, health: &Sender<HealthReport>) {
+        cores.send_all(&ControlMsg::Table(self.current.clone()));
+        // A full health channel is healed by the next re-send.
+        let _ = health.try_send(HealthReport::Table(self.current.clone()));
+    }
+
+    /// Re-reads the config file; on success the new config and backend set are in the registry
+    /// (published by the caller). On failure nothing changed.
+    fn reload(&mut self) -> Result<Summary, String> {
+        let Some(path) = self.path.clone() else {
+            return Err("the proxy was started without a config file".into());
+        };
+        let mut new = Config::load(&path).map_err(|e| {
+            let why = format!("{}: {}", path.display(), e.to_string().replace('\n', "; "));
+            log::error!("reload rejected, the running configuration stays: {why}");
+            why
+        })?;
+        let warnings = keep_restart_only(&self.config, &mut new);
+        for w in &warnings {
+            log::warn!("reload: {w}");
+        }
+        let statics = resolve_statics(&new, &self.statics).map_err(|e| {
+            log::error!("reload rejected, the running configuration stays: {e}");
+            e.to_string()
+        })?;
+        self.statics = statics;
+        let added = self.discovery.configure(&new);
+        self.config = Arc::new(new);
+        if !added.is_empty() {
+            self.discovery.resolve(Some(&added), &self.metrics);
+        }
+        let changes = self.apply_backends();
+        // Cores take a new config only with a new table version.
+        self.registry.bump();
+        log::info!(
+            "configuration reloaded from {} (version {})",
+            path.display(),
+            self.registry.version()
+        );
+        Ok(Summary {
+            version: self.registry.version(),
+            added: changes.added,
+            removed: changes.removed,
+            updated: changes.updated,
+            warnings,
+        })
+    }
+}
