@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod account;
+pub mod auth;
 pub mod balance;
 pub mod config;
 pub mod control;
@@ -16,6 +17,8 @@ pub mod metrics;
 pub mod mock;
 pub mod openai;
 pub mod proxy;
+pub mod ratelimit;
+pub mod reject;
 pub mod route;
 pub mod runtime;
 pub mod server;

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub upstream_errors: IntCounterVec,
     /// Usage events by what happened to them (delivered, retried, spooled, dead_lettered, dropped).
     pub usage_events: IntCounterVec,
+    /// Requests and connections refused by auth, rates and capacity (`llmproxy_rejected_total`).
+    pub rejected: crate::reject::Rejections,
     pub usage_spool_bytes: IntGauge,
     pub usage_delivery_seconds: Histogram,
     pub backends: Vec<String>,
@@ -157,6 +159,15 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION"), driver])
             .set(1);
+        let rejected = IntCounterVec::new(
+            Opts::new(
+                "llmproxy_rejected_total",
+                "Requests and connections refused by authentication, rate limits and capacity",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(rejected.clone()))?;
+        let rejected = crate::reject::Rejections::new(&rejected);
         registry.register(Box::new(requests_total.clone()))?;
         registry.register(Box::new(latency_ms.clone()))?;
         registry.register(Box::new(duration_seconds.clone()))?;
@@ -201,6 +212,7 @@ impl Metrics {
             tokens_total,
             upstream_errors,
             usage_events,
+            rejected,
             usage_spool_bytes,
             usage_delivery_seconds,
             backends,

@@ -16,6 +16,7 @@ use monoio::io::{
 use monoio::net::TcpStream;
 
 use crate::account::{account, Done};
+use crate::auth::Caller;
 use crate::config::Backend;
 use crate::error::ProxyError;
 use crate::http1::head::{BodyFraming, Head};
@@ -85,6 +86,8 @@ struct Exchange<'a> {
     /// Watches the response for usage; outside the relay future so that an aborted request
     /// still reports what arrived before the abort.
     tap: RefCell<Tap>,
+    /// Remove the client's API key headers from what goes upstream.
+    strip_client_key: bool,
 }
 
 /// Handles one complete request; returns whether the connection may serve another.
@@ -109,13 +112,26 @@ pub async fn handle(
     let cfg = w.config();
     let metrics_here = cfg.admin_listen.is_none() || d.admin;
 
-    if let Some(local) = w
+    let local = w
         .shared
         .routes
-        .local(head.method(), head.path(), metrics_here)
-    {
+        .local(head.method(), head.path(), metrics_here);
+    // Health and metrics stay open (probes and scrapers carry no key); everything else needs one
+    // when auth is on.
+    let caller = if d.admin || local.is_some_and(|l| l != Local::Models) {
+        Caller::Open
+    } else {
+        match w.auth.identify(&head) {
+            Ok(c) => c,
+            Err(e) => {
+                let unknown = Caller::Unknown;
+                return fail(w, d, &head, &request_id, e, None, received, close, &unknown).await;
+            }
+        }
+    };
+    if let Some(local) = local {
         let (status, ctype, payload) = local_response(w, local);
-        let keep = respond(d, status, ctype, payload, &request_id, close, &head).await;
+        let keep = respond(d, status, ctype, payload, &request_id, close, &head, None).await;
         account(
             w,
             d,
@@ -129,13 +145,14 @@ pub async fn handle(
                 received,
                 first_byte: None,
                 usage: None,
+                caller: &caller,
             },
         );
         return keep;
     }
     if d.admin {
         let e = ProxyError::NotFound(head.path().to_string());
-        return fail(w, d, &head, &request_id, e, None, received, close).await;
+        return fail(w, d, &head, &request_id, e, None, received, close, &caller).await;
     }
     let info = match openai::inspect(
         head.method(),
@@ -144,11 +161,21 @@ pub async fn handle(
         &cfg.usage.identity.user_body_field,
     ) {
         Ok(info) => info,
-        Err(e) => return fail(w, d, &head, &request_id, e, None, received, true).await,
+        Err(e) => return fail(w, d, &head, &request_id, e, None, received, true, &caller).await,
     };
+    let admitted = caller
+        .check_model(head.method(), info.model.as_deref())
+        .and_then(|()| caller.admit(received));
+    if let Err(e) = admitted {
+        let i = Some(&info);
+        return fail(w, d, &head, &request_id, e, i, received, close, &caller).await;
+    }
     let mask = match w.shared.routes.backends_for(info.model.as_deref()) {
         Ok(mask) => mask,
-        Err(e) => return fail(w, d, &head, &request_id, e, Some(&info), received, close).await,
+        Err(e) => {
+            let i = Some(&info);
+            return fail(w, d, &head, &request_id, e, i, received, close, &caller).await;
+        }
     };
 
     let injected = if cfg.usage.inject_include_usage {
@@ -170,6 +197,7 @@ pub async fn handle(
         stream: info.stream,
         model_idx: w.metrics.model_index(info.model.as_deref()),
         tap: RefCell::new(Tap::new(UsageKind::None)),
+        strip_client_key: w.auth.store().strip_client_key(),
     };
     let Downstream { rd, wr, buf, .. } = d;
     let forward = monoio::time::timeout(cfg.timeouts.request, forward(w, &x, mask, wr));
@@ -180,11 +208,13 @@ pub async fn handle(
         Some(Ok(Err(e))) => {
             let close = close || e.closes_connection();
             let keep = error_response(d, &e, &request_id, close, &head).await;
-            log::warn!(
-                "request {request_id} {} {}: {e}",
-                head.method(),
-                head.path()
-            );
+            if !note_rejection(w, &request_id, &head, &e) {
+                log::warn!(
+                    "request {request_id} {} {}: {e}",
+                    head.method(),
+                    head.path()
+                );
+            }
             (e.status(), Outcome::UpstreamError, keep)
         }
         Some(Err(_elapsed)) if !x.head_sent.get() => {
@@ -208,6 +238,7 @@ pub async fn handle(
             received,
             first_byte: x.first_byte.get(),
             usage,
+            caller: &caller,
         },
     );
     keep
@@ -301,8 +332,29 @@ fn upstream_request(x: &Exchange<'_>, backend: &Backend) -> Vec<u8> {
     out.extend_from_slice(head.target().as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     write::header(&mut out, "host", backend.authority.as_bytes());
-    for (name, value) in forwardable(head, &["host", "x-forwarded-for", "x-request-id"]) {
+    // The proxy's own headers, plus the client's key when it must not travel upstream, plus the
+    // client's Authorization when the backend gets its own credential.
+    const OWN: &[&str] = &["host", "x-forwarded-for", "x-request-id"];
+    const OWN_AUTHZ: &[&str] = &["host", "x-forwarded-for", "x-request-id", "authorization"];
+    const OWN_KEYS: &[&str] = &[
+        "host",
+        "x-forwarded-for",
+        "x-request-id",
+        "authorization",
+        "x-api-key",
+    ];
+    let skip = match (x.strip_client_key, &backend.api_key) {
+        (true, _) => OWN_KEYS,
+        (false, Some(_)) => OWN_AUTHZ,
+        (false, None) => OWN,
+    };
+    for (name, value) in forwardable(head, skip) {
         write::header(&mut out, name, value);
+    }
+    if let Some(key) = &backend.api_key {
+        out.extend_from_slice(b"authorization: Bearer ");
+        out.extend_from_slice(key.expose().as_bytes());
+        out.extend_from_slice(b"\r\n");
     }
     let ip = &*x.client_ip;
     match head.header("x-forwarded-for") {
@@ -661,6 +713,7 @@ fn local_response(w: &Worker, local: Local) -> (u16, &'static str, Vec<u8>) {
 }
 
 /// Writes a complete small response; returns whether the connection stays open.
+#[allow(clippy::too_many_arguments)]
 async fn respond(
     d: &mut Downstream,
     status: u16,
@@ -669,12 +722,16 @@ async fn respond(
     request_id: &str,
     close: bool,
     head: &Head,
+    extra: Option<(&str, String)>,
 ) -> bool {
     let mut out = Vec::with_capacity(256 + body.len());
     write::status_line(&mut out, status, "");
     write::header(&mut out, "content-type", content_type.as_bytes());
     write::header_num(&mut out, "content-length", body.len() as u64);
     write::header(&mut out, "x-request-id", request_id.as_bytes());
+    if let Some((name, value)) = extra {
+        write::header(&mut out, name, value.as_bytes());
+    }
     if close {
         write::header(&mut out, "connection", b"close");
     } else if head.version == 0 {
@@ -703,8 +760,26 @@ async fn error_response(
         request_id,
         close,
         head,
+        e.extra_header(),
     )
     .await
+}
+
+/// Refusals (auth, rates, capacity) are counted and logged under the rejection log budget;
+/// returns false for other errors, which the caller logs itself.
+fn note_rejection(w: &Worker, request_id: &str, head: &Head, e: &ProxyError) -> bool {
+    let Some(reason) = e.rejection() else {
+        return false;
+    };
+    w.shared.metrics.rejected.note(
+        reason,
+        format_args!(
+            "request {request_id} {} {}: {e}",
+            head.method(),
+            head.path()
+        ),
+    );
+    true
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -717,12 +792,15 @@ async fn fail(
     info: Option<&RequestInfo>,
     received: Instant,
     close: bool,
+    caller: &Caller,
 ) -> bool {
-    log::info!(
-        "request {request_id} {} {}: {e}",
-        head.method(),
-        head.path()
-    );
+    if !note_rejection(w, request_id, head, &e) {
+        log::info!(
+            "request {request_id} {} {}: {e}",
+            head.method(),
+            head.path()
+        );
+    }
     let close = close || e.closes_connection();
     let keep = error_response(d, &e, request_id, close, head).await;
     account(
@@ -738,6 +816,7 @@ async fn fail(
             received,
             first_byte: None,
             usage: None,
+            caller,
         },
     );
     keep

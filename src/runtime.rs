@@ -5,6 +5,7 @@
 //! startup errors.
 
 use std::net::{SocketAddr, TcpListener as StdListener, ToSocketAddrs};
+use std::path::Path;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::auth::KeyStore;
 use crate::config::Config;
 use crate::control::Broadcast;
 use crate::metrics::Metrics;
@@ -170,6 +172,14 @@ pub fn start(cfg: Config) -> anyhow::Result<Running> {
     let metrics = Arc::new(
         Metrics::new(&cfg, workers, driver).map_err(|e| anyhow!("metrics registry: {e}"))?,
     );
+    let keys = Arc::new(KeyStore::new(&cfg.auth).map_err(|e| {
+        let file = cfg.auth.keys_file.as_deref().unwrap_or(Path::new(""));
+        anyhow!("auth.keys_file {}: {e}", file.display())
+    })?);
+    if let Some(path) = &cfg.auth.keys_file {
+        crate::auth::watch(keys.clone(), path.clone(), cfg.auth.keys_file_poll)
+            .context("starting the keys_file watcher")?;
+    }
     let shared = Arc::new(Shared {
         routes: RouteTable::new(&cfg),
         config: cfg.clone(),
@@ -178,6 +188,7 @@ pub fn start(cfg: Config) -> anyhow::Result<Running> {
         inflight: (0..workers).map(|_| PaddedCount::default()).collect(),
         connections: (0..workers).map(|_| PaddedCount::default()).collect(),
         metrics,
+        keys,
     });
     let (broadcast, inboxes) = Broadcast::new(workers);
     let (health_tx, health_rx) = crossbeam_channel::bounded(1024);

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
+use crate::auth::{CoreAuth, KeyStore};
 use crate::balance::{Balancer, LoadView};
 use crate::config::Config;
 use crate::control::{Broadcast, ControlMsg, HealthReport};
@@ -36,6 +37,8 @@ pub struct Shared {
     pub connections: Vec<PaddedCount>,
     pub metrics: Arc<Metrics>,
     pub routes: RouteTable,
+    /// Client keys (replaced as a whole when `auth.keys_file` changes).
+    pub keys: Arc<KeyStore>,
 }
 
 impl Shared {
@@ -59,6 +62,7 @@ pub struct Worker {
     pub pool: Pool,
     pub metrics: LocalMetrics,
     pub usage: CoreSender,
+    pub auth: CoreAuth,
     inbox: Receiver<ControlMsg>,
     peers: Broadcast,
     health_tx: Sender<HealthReport>,
@@ -86,6 +90,7 @@ impl Worker {
             pool: Pool::new(n, cfg.pool.max_idle_per_backend, cfg.pool.idle_timeout),
             metrics: LocalMetrics::new(shared.metrics.clone(), cfg),
             usage: CoreSender::new(usage_tx),
+            auth: CoreAuth::new(shared.keys.clone()),
             shared,
             inbox,
             peers,
