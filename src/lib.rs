@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod account;
+pub mod admission;
 pub mod auth;
 pub mod balance;
 pub mod config;

@@ -16,6 +16,7 @@ use monoio::io::{
 use monoio::net::TcpStream;
 
 use crate::account::{account, Done};
+use crate::admission;
 use crate::auth::Caller;
 use crate::config::Backend;
 use crate::error::ProxyError;
@@ -258,7 +259,7 @@ async fn forward(
     for attempt in 0..=attempts {
         w.drain_inbox();
         let eligible = |i: usize| mask[i] && !tried[i] && w.view.is_up(i);
-        let Some(b) = w.balancer.pick(&w.view, eligible) else {
+        let Some((b, _slot)) = admission::pick(w, eligible).await? else {
             break;
         };
         tried[b] = true;

@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::admission::{Capacity, ConnectionLimit};
 use crate::auth::KeyStore;
 use crate::config::Config;
 use crate::control::Broadcast;
@@ -189,6 +190,15 @@ pub fn start(cfg: Config) -> anyhow::Result<Running> {
         connections: (0..workers).map(|_| PaddedCount::default()).collect(),
         metrics,
         keys,
+        connection_limit: ConnectionLimit::new(cfg.limits.max_connections),
+        capacity: Capacity::new(
+            &cfg.backends
+                .iter()
+                .map(|b| b.max_inflight)
+                .collect::<Vec<_>>(),
+            cfg.limits.queue_size,
+            cfg.limits.queue_timeout,
+        ),
     });
     let (broadcast, inboxes) = Broadcast::new(workers);
     let (health_tx, health_rx) = crossbeam_channel::bounded(1024);

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
+use crate::admission::{Capacity, ConnectionLimit, CoreCapacity};
 use crate::auth::{CoreAuth, KeyStore};
 use crate::balance::{Balancer, LoadView};
 use crate::config::Config;
@@ -39,6 +40,10 @@ pub struct Shared {
     pub routes: RouteTable,
     /// Client keys (replaced as a whole when `auth.keys_file` changes).
     pub keys: Arc<KeyStore>,
+    /// `limits.max_connections`, counted across cores.
+    pub connection_limit: Arc<ConnectionLimit>,
+    /// `backends[].max_inflight` and the wait queue, counted across cores.
+    pub capacity: Arc<Capacity>,
 }
 
 impl Shared {
@@ -63,6 +68,7 @@ pub struct Worker {
     pub metrics: LocalMetrics,
     pub usage: CoreSender,
     pub auth: CoreAuth,
+    pub capacity: Rc<CoreCapacity>,
     inbox: Receiver<ControlMsg>,
     peers: Broadcast,
     health_tx: Sender<HealthReport>,
@@ -91,6 +97,7 @@ impl Worker {
             metrics: LocalMetrics::new(shared.metrics.clone(), cfg),
             usage: CoreSender::new(usage_tx),
             auth: CoreAuth::new(shared.keys.clone()),
+            capacity: CoreCapacity::new(shared.capacity.clone()),
             shared,
             inbox,
             peers,
@@ -145,6 +152,7 @@ impl Worker {
             );
         }
         self.pool.prune();
+        self.capacity.tick();
         self.usage.tick();
         self.metrics.flush(&self.view, self.id == 0);
     }
