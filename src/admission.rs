@@ -24,6 +24,7 @@ use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use crate::config::Config;
 use crate::error::ProxyError;
 use crate::worker::Worker;
 
@@ -32,21 +33,21 @@ use crate::worker::Worker;
 
 /// Open client connections of the process (the admin listener's are not counted).
 pub struct ConnectionLimit {
-    max: usize,
+    max: AtomicUsize,
     open: AtomicUsize,
 }
 
 impl ConnectionLimit {
     pub fn new(max: usize) -> Arc<Self> {
         Arc::new(ConnectionLimit {
-            max,
+            max: AtomicUsize::new(max),
             open: AtomicUsize::new(0),
         })
     }
 
     /// A slot for one more connection, or `None` when `max` are open.
     pub fn try_open(self: &Arc<Self>) -> Option<ConnectionSlot> {
-        if self.open.fetch_add(1, Ordering::AcqRel) >= self.max {
+        if self.open.fetch_add(1, Ordering::AcqRel) >= self.max() {
             self.open.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
@@ -54,7 +55,12 @@ impl ConnectionLimit {
     }
 
     pub fn max(&self) -> usize {
-        self.max
+        self.max.load(Ordering::Relaxed)
+    }
+
+    /// A new limit (config reload); connections above it are not closed, new ones wait for room.
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
     }
 }
 
@@ -90,8 +96,8 @@ pub struct Capacity {
     gates: RwLock<Vec<Arc<Gate>>>,
     version: AtomicU64,
     queued: AtomicUsize,
-    queue_size: usize,
-    queue_timeout: Duration,
+    queue_size: AtomicUsize,
+    queue_timeout_ms: AtomicU64,
 }
 
 impl Capacity {
@@ -100,11 +106,37 @@ impl Capacity {
             gates: RwLock::new(Vec::new()),
             version: AtomicU64::new(0),
             queued: AtomicUsize::new(0),
-            queue_size,
-            queue_timeout,
+            queue_size: AtomicUsize::new(0),
+            queue_timeout_ms: AtomicU64::new(0),
         };
+        c.set_queue(queue_size, queue_timeout);
         c.set_limits(limits);
         Arc::new(c)
+    }
+
+    pub fn from_config(cfg: &Config) -> Arc<Self> {
+        let c = Capacity::new(&[], 0, Duration::ZERO);
+        c.apply(cfg);
+        c
+    }
+
+    /// Applies a (reloaded) config: queue bounds, and backend limits by index. The index is the
+    /// slot: a reload that reorders backends must keep each backend's slot, or the counts in
+    /// flight follow the slot rather than the backend.
+    pub fn apply(&self, cfg: &Config) {
+        self.set_queue(cfg.limits.queue_size, cfg.limits.queue_timeout);
+        let limits: Vec<usize> = cfg.backends.iter().map(|b| b.max_inflight).collect();
+        self.set_limits(&limits);
+    }
+
+    pub fn set_queue(&self, size: usize, timeout: Duration) {
+        self.queue_size.store(size, Ordering::Relaxed);
+        let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        self.queue_timeout_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn queue_timeout(&self) -> Duration {
+        Duration::from_millis(self.queue_timeout_ms.load(Ordering::Relaxed))
     }
 
     /// Sets the limit of every backend slot (index = slot id), growing the table as needed.
@@ -252,7 +284,8 @@ impl CoreCapacity {
 
     fn enqueue(self: &Rc<Self>) -> Option<Ticket> {
         let shared = &self.shared;
-        if shared.queued.fetch_add(1, Ordering::AcqRel) >= shared.queue_size {
+        let size = shared.queue_size.load(Ordering::Relaxed);
+        if shared.queued.fetch_add(1, Ordering::AcqRel) >= size {
             shared.queued.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
@@ -357,7 +390,7 @@ pub async fn pick(
     let Some(ticket) = core.enqueue() else {
         return Err(ProxyError::QueueFull);
     };
-    let timeout = core.shared.queue_timeout;
+    let timeout = core.shared.queue_timeout();
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());

@@ -38,6 +38,8 @@ pub struct Metrics {
     backend_inflight: IntGaugeVec,
     pub connections_active: IntGauge,
     pub requests_inflight: IntGauge,
+    /// Requests waiting for a backend below its `max_inflight`.
+    pub requests_queued: IntGauge,
     ttft_seconds: HistogramVec,
     itl_seconds: HistogramVec,
     tokens_total: IntCounterVec,
@@ -176,6 +178,11 @@ impl Metrics {
         registry.register(Box::new(backend_inflight.clone()))?;
         registry.register(Box::new(connections_active.clone()))?;
         registry.register(Box::new(requests_inflight.clone()))?;
+        let requests_queued = IntGauge::new(
+            "llmproxy_requests_queued",
+            "Requests waiting for a backend slot (backends[].max_inflight)",
+        )?;
+        registry.register(Box::new(requests_queued.clone()))?;
         registry.register(Box::new(workers_gauge))?;
         // process_cpu_seconds_total, process_resident_memory_bytes, open fds, ... (Linux).
         registry.register(Box::new(
@@ -207,6 +214,7 @@ impl Metrics {
             backend_inflight,
             connections_active,
             requests_inflight,
+            requests_queued,
             ttft_seconds,
             itl_seconds,
             tokens_total,

@@ -703,6 +703,7 @@ fn local_response(w: &Worker, local: Local) -> (u16, &'static str, Vec<u8>) {
             };
             g.connections_active.set(sum(&w.shared.connections));
             g.requests_inflight.set(sum(&w.shared.inflight));
+            g.requests_queued.set(w.shared.capacity.queued() as i64);
             (200, "text/plain; version=0.0.4", g.encode())
         }
         Local::Models => (200, "application/json", w.shared.routes.models_body()),

@@ -191,14 +191,7 @@ pub fn start(cfg: Config) -> anyhow::Result<Running> {
         metrics,
         keys,
         connection_limit: ConnectionLimit::new(cfg.limits.max_connections),
-        capacity: Capacity::new(
-            &cfg.backends
-                .iter()
-                .map(|b| b.max_inflight)
-                .collect::<Vec<_>>(),
-            cfg.limits.queue_size,
-            cfg.limits.queue_timeout,
-        ),
+        capacity: Capacity::from_config(&cfg),
     });
     let (broadcast, inboxes) = Broadcast::new(workers);
     let (health_tx, health_rx) = crossbeam_channel::bounded(1024);

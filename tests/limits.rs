@@ -191,17 +191,19 @@ fn a_queued_request_is_served_when_a_slot_frees_on_another_core() {
 #[test]
 fn a_full_queue_and_a_queue_timeout_answer_503_with_retry_after() {
     let mock = Mock::start();
-    let proxy = one_slot_proxy(&mock, 1, "{ queue_size: 1, queue_timeout: 1s }");
+    let proxy = one_slot_proxy(&mock, 1, "{ queue_size: 1, queue_timeout: 2s }");
     let addr = proxy.addr;
     let holder = std::thread::spawn(move || slow_chat(addr, 4000).status);
     std::thread::sleep(Duration::from_millis(300));
     let queued = std::thread::spawn(move || slow_chat(addr, 10));
     std::thread::sleep(Duration::from_millis(300));
     // The queue's one place is taken: refused at once.
-    let r = slow_chat(addr, 10);
-    let (full, timed_out) = (r, queued.join().unwrap());
+    let full = slow_chat(addr, 10);
     full.assert_error(503, "queue_full");
     assert_eq!(full.header("retry-after"), Some("1"));
+    let metrics = get(addr, "/metrics").text();
+    assert!(metrics.contains("llmproxy_requests_queued 1"), "{metrics}");
+    let timed_out = queued.join().unwrap();
     // The waiter gave up after queue_timeout, long before the slot freed.
     timed_out.assert_error(503, "queue_timeout");
     assert_eq!(timed_out.header("retry-after"), Some("1"));
