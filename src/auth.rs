@@ -350,7 +350,9 @@ pub fn watch(
     std::thread::Builder::new()
         .name("llmproxy-keys".into())
         .spawn(move || {
-            let mut last = stamp(&path);
+            // Unknown at first: the file may have changed since it was loaded at startup, so the
+            // first poll reads it once more.
+            let mut last = None;
             loop {
                 std::thread::sleep(every);
                 let now = stamp(&path);
