@@ -320,3 +320,39 @@ fn an_unreadable_keys_file_stops_startup() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("auth.keys_file"));
 }
+
+#[test]
+fn the_local_model_list_needs_a_key_and_probes_do_not() {
+    let mock = Mock::start();
+    let yaml = format!(
+        "listen: \"127.0.0.1:0\"\nworkers: 1\nadmin_listen: \"127.0.0.1:0\"\nbackends:\n  - {{ url: \"{}\", models: [mock-model] }}\nauth:\n  keys: [{{ name: a, key: \"{KEY_A}\" }}]\n",
+        mock.url()
+    );
+    let proxy = Proxy::start(&yaml, &[]);
+    get(proxy.addr, "/v1/models").assert_error(401, "missing_api_key");
+    let r = request(
+        proxy.addr,
+        &format!(
+            "GET /v1/models HTTP/1.1\r\nHost: t\r\nx-api-key: {KEY_A}\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["data"][0]["id"], "mock-model");
+    assert_eq!(get(proxy.addr, "/health").status, 200);
+    // /metrics lives on the admin listener here: still no key needed there.
+    let admin = proxy.proc.wait_for_line("admin on", Duration::from_secs(5));
+    let port = admin
+        .rsplit("127.0.0.1:")
+        .next()
+        .and_then(|p| p.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|p| p.parse::<u16>().ok())
+        .expect("admin port in the log");
+    let metrics = get(
+        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        "/metrics",
+    );
+    assert_eq!(metrics.status, 200);
+    assert!(metrics
+        .text()
+        .contains("llmproxy_rejected_total{reason=\"missing_key\"} 1"));
+}
