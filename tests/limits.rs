@@ -219,3 +219,35 @@ fn a_full_queue_and_a_queue_timeout_answer_503_with_retry_after() {
     // The slot is free again.
     assert_eq!(slow_chat(addr, 10).status, 200);
 }
+
+#[test]
+fn a_waiter_whose_client_leaves_gives_its_place_back() {
+    let mock = Mock::start();
+    let proxy = one_slot_proxy(&mock, 1, "{ queue_size: 1, queue_timeout: 30s }");
+    let addr = proxy.addr;
+    let holder = std::thread::spawn(move || slow_chat(addr, 1500).status);
+    std::thread::sleep(Duration::from_millis(300));
+    let queued_now = || {
+        get(addr, "/metrics")
+            .text()
+            .lines()
+            .find_map(|l| l.strip_prefix("llmproxy_requests_queued "))
+            .map(|v| v.trim().to_string())
+    };
+    {
+        let mut waiter = Client::connect(addr);
+        waiter.send(post_raw("/v1/chat/completions", &chat_body(false, 2), &[], false).as_bytes());
+        assert!(eventually(Duration::from_secs(5), || queued_now()
+            .as_deref()
+            == Some("1")));
+    }
+    // The client is gone: its place in the queue is free again long before queue_timeout.
+    assert!(
+        eventually(Duration::from_secs(5), || queued_now().as_deref()
+            == Some("0")),
+        "the abandoned waiter still holds its place"
+    );
+    assert_eq!(holder.join().unwrap(), 200);
+    assert_eq!(slow_chat(addr, 10).status, 200);
+    assert_eq!(mock.stat("requests"), 2);
+}
