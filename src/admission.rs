@@ -10,9 +10,12 @@
 //!
 //! A request that finds every eligible backend full waits in its core's FIFO. A slot freed on
 //! this core wakes the first waiter; a waiter that still finds nothing passes the wake on to the
-//! next, so one freed slot is offered to the whole queue once. Slots freed on other cores are
-//! seen on this core's periodic tick, which wakes the queue the same way. A waiter's ticket is an
-//! RAII guard: a client that goes away or a request timeout leaves no trace in the queue.
+//! next, so one freed slot is offered to the whole queue once. Slots freed on other cores cannot
+//! wake this one: the first waiter of each core polls every few milliseconds, and the core's
+//! periodic tick offers a chance to the whole queue. A waiter's ticket is an RAII guard: a client
+//! that goes away or a request timeout leaves no trace in the queue. The order is FIFO per core
+//! only: a request arriving as a slot frees may take it before a waiter does (throughput first;
+//! `queue_timeout` bounds the wait).
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -270,9 +273,20 @@ impl CoreCapacity {
             },
             None => 0,
         };
-        if let Some(w) = waiters.iter().skip(start).find(|w| !w.woken.get()) {
-            w.wake();
+        if let Some(w) = waiters
+            .iter()
+            .skip(start)
+            .find(|w| w.wake.get() != Wake::Baton)
+        {
+            w.wake(Wake::Baton);
         }
+    }
+
+    fn is_front(&self, me: &Rc<Waiter>) -> bool {
+        self.waiters
+            .borrow()
+            .front()
+            .is_some_and(|w| Rc::ptr_eq(w, me))
     }
 
     /// On the core's tick: slots may have freed on other cores.
@@ -311,15 +325,28 @@ impl Drop for Permit {
     }
 }
 
+/// Why a waiter was woken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Wake {
+    #[default]
+    None,
+    /// It became the first of its core's queue: from now on it polls (see `POLL`).
+    Nudge,
+    /// A slot may be free: look, and if it is not for you, pass the chance on.
+    Baton,
+}
+
 #[derive(Default)]
 struct Waiter {
-    woken: Cell<bool>,
+    wake: Cell<Wake>,
     waker: Cell<Option<Waker>>,
 }
 
 impl Waiter {
-    fn wake(&self) {
-        self.woken.set(true);
+    fn wake(&self, kind: Wake) {
+        if self.wake.get() != Wake::Baton {
+            self.wake.set(kind);
+        }
         if let Some(w) = self.waker.take() {
             w.wake();
         }
@@ -346,7 +373,8 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        let was_woken = self.me.woken.get();
+        let wake = self.me.wake.get();
+        let was_front = self.core.is_front(&self.me);
         {
             let mut waiters = self.core.waiters.borrow_mut();
             if let Some(i) = waiters.iter().position(|w| Rc::ptr_eq(w, &self.me)) {
@@ -354,9 +382,13 @@ impl Drop for Ticket {
             }
         }
         self.core.shared.queued.fetch_sub(1, Ordering::AcqRel);
-        if was_woken {
-            // Woken but gone before looking (timeout, client left): the wake is not lost.
+        if wake == Wake::Baton {
+            // Woken but gone before looking (timeout, client left): the chance is not lost.
             self.core.wake_next(None);
+        } else if was_front {
+            if let Some(next) = self.core.waiters.borrow().front() {
+                next.wake(Wake::Nudge);
+            }
         }
     }
 }
@@ -364,16 +396,22 @@ impl Drop for Ticket {
 struct Woken<'a>(&'a Waiter);
 
 impl Future for Woken<'_> {
-    type Output = ();
+    type Output = Wake;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.0.woken.replace(false) {
-            return Poll::Ready(());
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Wake> {
+        match self.0.wake.replace(Wake::None) {
+            Wake::None => {
+                self.0.waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+            kind => Poll::Ready(kind),
         }
-        self.0.waker.set(Some(cx.waker().clone()));
-        Poll::Pending
     }
 }
+
+/// How often the first waiter of a core looks for slots freed on other cores, which cannot wake
+/// it (the tick would, but only every 100 ms). One timer per core with waiters.
+const POLL: Duration = Duration::from_millis(5);
 
 /// Picks a backend with room among the `eligible` ones, waiting in the queue while all are
 /// full. `Ok(None)`: no eligible backend at all (the caller's "no healthy backend").
@@ -397,12 +435,21 @@ pub async fn pick(
         if left.is_zero() {
             return Err(ProxyError::QueueTimeout(timeout));
         }
-        let _ = monoio::time::timeout(left, ticket.woken()).await;
+        let wait = if core.is_front(&ticket.me) {
+            left.min(POLL)
+        } else {
+            left
+        };
+        let wake = monoio::time::timeout(wait, ticket.woken())
+            .await
+            .unwrap_or(Wake::None);
         w.drain_inbox();
         match core.try_pick(w, &eligible) {
             Pick::Got(b, permit) => return Ok(Some((b, permit))),
             Pick::NoneEligible => return Ok(None),
-            Pick::AllFull => ticket.pass_on(),
+            // Only a baton goes round the queue: a poll or a nudge that finds nothing stays put.
+            Pick::AllFull if wake == Wake::Baton => ticket.pass_on(),
+            Pick::AllFull => {}
         }
     }
 }
@@ -456,10 +503,13 @@ mod tests {
         assert!(core.enqueue().is_none(), "queue_size is 2");
         assert_eq!(cap.queued(), 2);
         core.wake_next(None);
-        assert!(t1.me.woken.get() && !t2.me.woken.get());
+        assert_eq!(
+            (t1.me.wake.get(), t2.me.wake.get()),
+            (Wake::Baton, Wake::None)
+        );
         // t1 could not use it: t2 gets the chance.
         t1.pass_on();
-        assert!(t2.me.woken.get());
+        assert_eq!(t2.me.wake.get(), Wake::Baton);
         drop(t2);
         assert_eq!(cap.queued(), 1);
         assert_eq!(core.waiters.borrow().len(), 1);
@@ -476,6 +526,27 @@ mod tests {
         let t2 = core.enqueue().unwrap();
         core.wake_next(None);
         drop(t1);
-        assert!(t2.me.woken.get());
+        assert_eq!(t2.me.wake.get(), Wake::Baton);
+    }
+
+    #[test]
+    fn the_next_front_waiter_is_nudged_not_given_a_baton() {
+        let cap = Capacity::new(&[1], 8, Duration::from_secs(1));
+        let core = CoreCapacity::new(cap);
+        let t1 = core.enqueue().unwrap();
+        let t2 = core.enqueue().unwrap();
+        let t3 = core.enqueue().unwrap();
+        assert!(core.is_front(&t1.me) && !core.is_front(&t2.me));
+        drop(t1);
+        assert!(core.is_front(&t2.me));
+        assert_eq!(
+            (t2.me.wake.get(), t3.me.wake.get()),
+            (Wake::Nudge, Wake::None)
+        );
+        // A baton still reaches a nudged waiter.
+        core.wake_next(None);
+        assert_eq!(t2.me.wake.get(), Wake::Baton);
+        drop(t3);
+        assert_eq!(t2.me.wake.get(), Wake::Baton);
     }
 }
