@@ -98,12 +98,9 @@ pub async fn handle(
     head: Head,
     body: Bytes,
     received: Instant,
+    caller: Caller,
 ) -> bool {
-    let request_id = head
-        .header_str("x-request-id")
-        .filter(|v| valid_request_id(v))
-        .map(str::to_owned)
-        .unwrap_or_else(|| w.next_request_id());
+    let request_id = request_id(w, Some(&head));
     // Debug builds only: lets the test suite prove a panic stays inside its connection.
     #[cfg(debug_assertions)]
     if head.header("x-llmproxy-debug-panic").is_some() {
@@ -111,26 +108,7 @@ pub async fn handle(
     }
     let close = !head.keep_alive() || w.shared.draining();
     let cfg = w.config();
-    let metrics_here = cfg.admin_listen.is_none() || d.admin;
-
-    let local = w
-        .shared
-        .routes
-        .local(head.method(), head.path(), metrics_here);
-    // Health and metrics stay open (probes and scrapers carry no key); everything else needs one
-    // when auth is on.
-    let caller = if d.admin || local.is_some_and(|l| l != Local::Models) {
-        Caller::Open
-    } else {
-        match w.auth.identify(&head) {
-            Ok(c) => c,
-            Err(e) => {
-                let unknown = Caller::Unknown;
-                return fail(w, d, &head, &request_id, e, None, received, close, &unknown).await;
-            }
-        }
-    };
-    if let Some(local) = local {
+    if let Some(local) = local_route(w, d, &head) {
         let (status, ctype, payload) = local_response(w, local);
         let keep = respond(d, status, ctype, payload, &request_id, close, &head, None).await;
         account(
@@ -243,6 +221,47 @@ pub async fn handle(
         },
     );
     keep
+}
+
+fn local_route(w: &Worker, d: &Downstream, head: &Head) -> Option<Local> {
+    let metrics_here = w.config().admin_listen.is_none() || d.admin;
+    w.shared
+        .routes
+        .local(head.method(), head.path(), metrics_here)
+}
+
+/// Who sends this request. Runs before the body is read, so that an unauthenticated client
+/// cannot make the proxy buffer a body. Health and metrics stay open (probes and scrapers carry
+/// no key), and so does the admin listener; everything else needs a key when auth is on.
+pub fn authenticate(w: &Worker, d: &Downstream, head: &Head) -> Result<Caller, ProxyError> {
+    if d.admin || local_route(w, d, head).is_some_and(|l| l != Local::Models) {
+        return Ok(Caller::Open);
+    }
+    w.auth.identify(head)
+}
+
+/// Answers a request whose authentication failed (its body unread); returns whether the
+/// connection may serve another request (only if the refused one had no body).
+pub async fn refuse(
+    w: &Worker,
+    d: &mut Downstream,
+    head: &Head,
+    e: ProxyError,
+    received: Instant,
+) -> bool {
+    let has_body = !matches!(head.request_framing(), Ok(BodyFraming::Empty));
+    let close = has_body || !head.keep_alive() || w.shared.draining();
+    let request_id = request_id(w, Some(head));
+    let unknown = Caller::Unknown;
+    fail(w, d, head, &request_id, e, None, received, close, &unknown).await
+}
+
+/// The client's `x-request-id` if it is usable, else a fresh one.
+fn request_id(w: &Worker, head: Option<&Head>) -> String {
+    head.and_then(|h| h.header_str("x-request-id"))
+        .filter(|v| valid_request_id(v))
+        .map(str::to_owned)
+        .unwrap_or_else(|| w.next_request_id())
 }
 
 /// Tries backends until one answers (or attempts run out), then relays its response.
@@ -827,11 +846,7 @@ async fn fail(
 /// Answers a request that could not even be read completely (bad head, limits, timeouts); the
 /// connection is always closed afterwards.
 pub async fn reject(w: &Worker, d: &mut Downstream, e: &ProxyError, head: Option<&Head>) {
-    let request_id = head
-        .and_then(|h| h.header_str("x-request-id"))
-        .filter(|v| valid_request_id(v))
-        .map(str::to_owned)
-        .unwrap_or_else(|| w.next_request_id());
+    let request_id = request_id(w, head);
     let body = e.body();
     let mut out = Vec::with_capacity(256 + body.len());
     write::status_line(&mut out, e.status(), "");

@@ -139,6 +139,15 @@ async fn serve(worker: Rc<Worker>, stream: TcpStream, peer: SocketAddr, admin: b
         };
         let received = Instant::now();
         let _in_flight = worker.request_guard();
+        let caller = match proxy::authenticate(&worker, &d, &head) {
+            Ok(caller) => caller,
+            Err(e) => {
+                if !proxy::refuse(&worker, &mut d, &head, e, received).await {
+                    return;
+                }
+                continue;
+            }
+        };
         let body = match read_body(&worker, &mut d, &head).await {
             Ok(body) => body,
             Err(e) => {
@@ -147,7 +156,7 @@ async fn serve(worker: Rc<Worker>, stream: TcpStream, peer: SocketAddr, admin: b
                 return;
             }
         };
-        if !proxy::handle(&worker, &mut d, head, body, received).await {
+        if !proxy::handle(&worker, &mut d, head, body, received, caller).await {
             return;
         }
     }

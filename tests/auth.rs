@@ -356,3 +356,27 @@ fn the_local_model_list_needs_a_key_and_probes_do_not() {
         .text()
         .contains("llmproxy_rejected_total{reason=\"missing_key\"} 1"));
 }
+
+#[test]
+fn unauthenticated_requests_are_refused_before_their_body_is_read() {
+    let mock = Mock::start();
+    let yaml = config(
+        &[mock.url()],
+        &format!("auth:\n  keys: [{{ name: a, key: \"{KEY_A}\" }}]\n"),
+    );
+    let proxy = Proxy::start(&yaml, &[]);
+    // A 5 MB body announced and never sent: the answer does not wait for it, and the connection
+    // (whose unread body would follow) is closed.
+    let mut c = Client::connect(proxy.addr);
+    c.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 5000000\r\n\r\n{\"model\":");
+    let r = c.read_response();
+    r.assert_error(401, "missing_api_key");
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(c.is_closed(Duration::from_secs(5)));
+    // Without a body the connection stays usable, for the same client with its key.
+    let mut c = Client::connect(proxy.addr);
+    let r = c.read_response_after(b"GET /v1/models HTTP/1.1\r\nHost: t\r\n\r\n");
+    r.assert_error(401, "missing_api_key");
+    let again = format!("GET /v1/models HTTP/1.1\r\nHost: t\r\nx-api-key: {KEY_A}\r\n\r\n");
+    assert_eq!(c.read_response_after(again.as_bytes()).status, 200);
+}
