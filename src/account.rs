@@ -4,6 +4,7 @@
 
 use std::time::Instant;
 
+use crate::auth::Caller;
 use crate::encode;
 use crate::http1::Head;
 use crate::logging::ACCESS;
@@ -24,6 +25,7 @@ pub struct Done<'a> {
     pub received: Instant,
     pub first_byte: Option<Instant>,
     pub usage: Option<Usage>,
+    pub caller: &'a Caller,
 }
 
 /// The one place a finished request is accounted for: metrics, the access log line and — for
@@ -44,6 +46,8 @@ pub fn account(w: &Worker, d: &Downstream, f: Done<'_>) {
     );
     if let Some(u) = &f.usage {
         w.metrics.tokens(model_idx, u);
+        f.caller
+            .charge_tokens(u.total_tokens.max(u.prompt_tokens + u.completion_tokens));
     }
     // The request still holds its in-flight guard, so its slot still holds its backend.
     let table = w.table();
@@ -53,11 +57,7 @@ pub fn account(w: &Worker, d: &Downstream, f: Done<'_>) {
         .map(|b| b.spec.url.as_str());
     let head = f.head;
     let metered = openai::is_json_route(head.method(), head.path());
-    let key_id = if metered {
-        usage::client_key(head).map(usage::key_id)
-    } else {
-        None
-    };
+    let key_id = f.caller.key_id(head, metered);
     if cfg.logging.access_log && log::log_enabled!(target: ACCESS, log::Level::Info) {
         let u = f.usage.unwrap_or_default();
         // Keys in sorted order, as the `serde_json::json!` map this replaced wrote them.
@@ -94,7 +94,7 @@ pub fn account(w: &Worker, d: &Downstream, f: Done<'_>) {
         line.push('}');
         log::info!(target: ACCESS, "{line}");
     }
-    if !metered {
+    if !metered || !f.caller.billable() {
         return;
     }
     let identity = &cfg.usage.identity;

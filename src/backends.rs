@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::config::Config;
+use crate::config::{Config, Secret};
 use crate::route::RouteTable;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +59,10 @@ pub struct Spec {
     pub models: Option<Vec<String>>,
     /// Found by DNS (joins only after a good health check) rather than listed in the config.
     pub discovered: bool,
+    /// Requests in flight allowed on this backend across the process; 0 = unlimited.
+    pub max_inflight: usize,
+    /// Sent upstream as `Authorization: Bearer`.
+    pub api_key: Option<Secret>,
 }
 
 impl Spec {
@@ -135,6 +139,8 @@ pub fn desired(
             weight: b.weight,
             models: b.models.clone(),
             discovered: b.discover.is_some(),
+            max_inflight: b.max_inflight,
+            api_key: b.api_key.clone(),
         };
         if b.discover.is_some() {
             let prefix = b.name.as_deref().unwrap_or(&b.host);
@@ -344,6 +350,8 @@ mod tests {
             weight,
             models: None,
             discovered: true,
+            max_inflight: 0,
+            api_key: None,
         }
     }
 

@@ -42,6 +42,7 @@ pub struct Config {
     pub usage_hook: UsageHook,
     pub logging: Logging,
     pub discovery: Discovery,
+    pub auth: Auth,
 }
 
 /// One upstream inference server.
@@ -66,6 +67,10 @@ pub struct Backend {
     /// The `backend` metrics label: the URL by default; for a discovered entry the prefix of
     /// each address's label (`NAME/IP:PORT`), by default the host name.
     pub name: Option<String>,
+    /// Most requests in flight on this backend across the process; 0 = unlimited.
+    pub max_inflight: usize,
+    /// Sent upstream as `Authorization: Bearer <key>`; `None` = none (an empty value counts as none).
+    pub api_key: Option<Secret>,
 }
 
 /// How a backend entry's addresses are found.
@@ -199,6 +204,11 @@ pub struct Limits {
     #[serde(deserialize_with = "de_size_usize")]
     pub max_header_bytes: usize,
     pub max_connections: usize,
+    /// Requests that may wait, process-wide, for a backend below its `max_inflight`; 0 = none wait.
+    pub queue_size: usize,
+    /// Longest such a wait.
+    #[serde(deserialize_with = "de_duration")]
+    pub queue_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -207,6 +217,8 @@ impl Default for Limits {
             max_body_bytes: 10 << 20,
             max_header_bytes: 64 << 10,
             max_connections: 100_000,
+            queue_size: 1024,
+            queue_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -475,16 +487,20 @@ fn from_yaml_with_env(text: &str, env: EnvLookup) -> Result<Config, ConfigError>
         return Err(ConfigError::Invalid(errors));
     }
 
-    let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        ConfigError::Invalid(vec![if path == "." {
-            format!("config: {inner}")
-        } else {
-            format!("{path}: {inner}")
-        }])
-    })?;
+    let raw: RawConfig =
+        serde_path_to_error::deserialize(value).map_err(|e| path_error(e, "config"))?;
     validate(raw)
+}
+
+/// A deserialisation error as `path: reason` (`whole: reason` at the top level).
+fn path_error<E: fmt::Display>(e: serde_path_to_error::Error<E>, whole: &str) -> ConfigError {
+    let path = e.path().to_string();
+    let inner = e.into_inner();
+    ConfigError::Invalid(vec![if path == "." {
+        format!("{whole}: {inner}")
+    } else {
+        format!("{path}: {inner}")
+    }])
 }
 
 /// Replaces `${VAR}` in every string value (not in keys), recording `path: reason` per failure.
@@ -585,6 +601,7 @@ struct RawConfig {
     usage_hook: UsageHook,
     logging: Logging,
     discovery: RawDiscovery,
+    auth: RawAuth,
 }
 
 impl Default for RawConfig {
@@ -606,6 +623,7 @@ impl Default for RawConfig {
             usage_hook: UsageHook::default(),
             logging: Logging::default(),
             discovery: RawDiscovery::default(),
+            auth: RawAuth::default(),
         }
     }
 }
@@ -614,7 +632,7 @@ impl Default for RawConfig {
 #[serde(
     deny_unknown_fields,
     default,
-    expecting = "a mapping with url, weight, models, discover, name"
+    expecting = "a mapping with url, weight, models, discover, name, max_inflight, api_key"
 )]
 struct RawBackend {
     url: String,
@@ -622,6 +640,8 @@ struct RawBackend {
     models: Option<Vec<String>>,
     discover: Option<DiscoverKind>,
     name: Option<String>,
+    max_inflight: usize,
+    api_key: Option<String>,
 }
 
 impl Default for RawBackend {
@@ -632,6 +652,8 @@ impl Default for RawBackend {
             models: None,
             discover: None,
             name: None,
+            max_inflight: 0,
+            api_key: None,
         }
     }
 }
@@ -762,6 +784,8 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             models: b.models,
             discover: b.discover,
             name: b.name,
+            max_inflight: b.max_inflight,
+            api_key: b.api_key.filter(|k| !k.is_empty()).map(Secret),
         });
     }
     let discovery = validate_discovery(&raw.discovery, &mut err);
@@ -808,6 +832,8 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         ("usage_hook.timeout", raw.usage_hook.timeout),
         ("usage_hook.flush_interval", raw.usage_hook.flush_interval),
         ("usage_hook.spool_fsync", raw.usage_hook.spool_fsync),
+        ("limits.queue_timeout", raw.limits.queue_timeout),
+        ("auth.keys_file_poll", raw.auth.keys_file_poll),
     ] {
         if d.is_zero() {
             err(path, "must be greater than zero".to_string());
@@ -870,6 +896,8 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         }
     }
 
+    let auth = validate_auth(raw.auth, &mut errors);
+
     match (listen, errors.is_empty()) {
         (Some(listen), true) => Ok(Config {
             listen,
@@ -888,6 +916,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             usage_hook,
             logging: raw.logging,
             discovery,
+            auth,
         }),
         _ => Err(ConfigError::Invalid(errors)),
     }
@@ -922,6 +951,216 @@ fn validate_discovery(raw: &RawDiscovery, err: &mut impl FnMut(&str, String)) ->
         stale_after: raw.stale_after,
         resolver,
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client authentication (`auth:`) and the key list shared with `auth.keys_file`.
+
+/// A value that must never be printed (`Debug` shows `***`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// SHA-256 of an API key: the only form in which keys are kept.
+pub type KeyDigest = [u8; 32];
+
+/// Client authentication: on when `keys` is non-empty or `keys_file` is set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Auth {
+    pub keys: Vec<ApiKey>,
+    /// More keys in their own YAML/JSON file (`keys: [...]`), re-read when it changes.
+    pub keys_file: Option<std::path::PathBuf>,
+    /// How often `keys_file` is checked for a change (inode, size, mtime).
+    pub keys_file_poll: Duration,
+    /// Send the client's `Authorization` / `x-api-key` upstream (default: stripped).
+    pub forward_client_key: bool,
+}
+
+impl Auth {
+    pub fn enabled(&self) -> bool {
+        !self.keys.is_empty() || self.keys_file.is_some()
+    }
+}
+
+/// One named client key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    /// Appears as `key_id` in usage events and access logs.
+    pub name: String,
+    pub digest: KeyDigest,
+    /// `None` = every model.
+    pub models: Option<Vec<String>>,
+    /// Requests per minute; 0 = unlimited.
+    pub rpm: u64,
+    /// Tokens per minute (charged from the usage of finished requests); 0 = unlimited.
+    pub tpm: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "a mapping with keys, keys_file, keys_file_poll, forward_client_key"
+)]
+struct RawAuth {
+    keys: Vec<RawKey>,
+    keys_file: Option<String>,
+    #[serde(deserialize_with = "de_duration")]
+    keys_file_poll: Duration,
+    forward_client_key: bool,
+}
+
+impl Default for RawAuth {
+    fn default() -> Self {
+        RawAuth {
+            keys: Vec::new(),
+            keys_file: None,
+            keys_file_poll: Duration::from_secs(5),
+            forward_client_key: false,
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "a mapping with name, key or key_sha256, models, rpm, tpm"
+)]
+struct RawKey {
+    name: String,
+    key: Option<String>,
+    key_sha256: Option<String>,
+    models: Vec<String>,
+    rpm: u64,
+    tpm: u64,
+}
+
+/// The shape of `auth.keys_file`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping with a `keys` list")]
+struct RawKeysFile {
+    keys: Vec<RawKey>,
+}
+
+/// Raw keys shorter than this are refused: they could be guessed.
+const MIN_KEY_LEN: usize = 16;
+
+fn validate_auth(raw: RawAuth, errors: &mut Vec<String>) -> Auth {
+    let keys = validate_keys(raw.keys, "auth.keys", errors);
+    let keys_file = raw
+        .keys_file
+        .map(|p| p.trim().to_string())
+        .filter(|p| !p.is_empty())
+        .map(std::path::PathBuf::from);
+    Auth {
+        keys,
+        keys_file,
+        keys_file_poll: raw.keys_file_poll,
+        forward_client_key: raw.forward_client_key,
+    }
+}
+
+fn validate_keys(raw: Vec<RawKey>, at: &str, errors: &mut Vec<String>) -> Vec<ApiKey> {
+    let mut keys: Vec<ApiKey> = Vec::with_capacity(raw.len());
+    for (i, k) in raw.into_iter().enumerate() {
+        let at = format!("{at}[{i}]");
+        let name = k.name.trim().to_string();
+        let name_ok = !name.is_empty()
+            && name.len() <= 128
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:@/".contains(&b));
+        if !name_ok {
+            errors.push(format!(
+                "{at}.name: must be 1-128 characters of A-Z a-z 0-9 - _ . : @ /"
+            ));
+        } else if keys.iter().any(|o| o.name == name) {
+            errors.push(format!("{at}.name: duplicate key name \"{name}\""));
+        }
+        let digest = match (k.key, k.key_sha256) {
+            (Some(key), None) if key.len() >= MIN_KEY_LEN => Some(crate::auth::digest(&key)),
+            (Some(_), None) => {
+                errors.push(format!(
+                    "{at}.key: must be at least {MIN_KEY_LEN} characters"
+                ));
+                None
+            }
+            (None, Some(hex)) => match parse_hex_digest(hex.trim()) {
+                Some(d) => Some(d),
+                None => {
+                    errors.push(format!(
+                        "{at}.key_sha256: must be 64 hex digits (sha256sum of the key)"
+                    ));
+                    None
+                }
+            },
+            (Some(_), Some(_)) => {
+                errors.push(format!("{at}: give key or key_sha256, not both"));
+                None
+            }
+            (None, None) => {
+                errors.push(format!("{at}: key or key_sha256 is required"));
+                None
+            }
+        };
+        for (j, m) in k.models.iter().enumerate() {
+            if m.trim().is_empty() {
+                errors.push(format!("{at}.models[{j}]: model name must not be empty"));
+            }
+        }
+        let Some(digest) = digest else { continue };
+        if let Some(o) = keys.iter().find(|o| o.digest == digest) {
+            errors.push(format!("{at}: same key as \"{}\"", o.name));
+            continue;
+        }
+        keys.push(ApiKey {
+            name,
+            digest,
+            models: (!k.models.is_empty()).then_some(k.models),
+            rpm: k.rpm,
+            tpm: k.tpm,
+        });
+    }
+    keys
+}
+
+/// Parses the text of an `auth.keys_file` (YAML or JSON; `${VAR}` is not expanded: the file is
+/// the secret). Errors are `path: reason` lines.
+pub fn parse_keys_file(text: &str) -> Result<Vec<ApiKey>, ConfigError> {
+    let raw: RawKeysFile =
+        serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(text))
+            .map_err(|e| path_error(e, "keys file"))?;
+    let mut errors = Vec::new();
+    let keys = validate_keys(raw.keys, "keys", &mut errors);
+    if errors.is_empty() {
+        Ok(keys)
+    } else {
+        Err(ConfigError::Invalid(errors))
+    }
+}
+
+fn parse_hex_digest(s: &str) -> Option<KeyDigest> {
+    if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in s.as_bytes().chunks(2).enumerate() {
+        let text = std::str::from_utf8(pair).ok()?;
+        out[i] = u8::from_str_radix(text, 16).ok()?;
+    }
+    Some(out)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1353,6 +1592,8 @@ usage_hook: { enabled: true, url: "https://billing.example.com/llm-usage", timeo
                 models: None,
                 discover: None,
                 name: None,
+                max_inflight: 0,
+                api_key: None,
             }]
         );
         assert_eq!(c.strategy, Strategy::LeastConnections);
@@ -1385,6 +1626,7 @@ usage_hook: { enabled: true, url: "https://billing.example.com/llm-usage", timeo
         assert_eq!(c.pool, defaults.pool);
         assert_eq!(c.usage_hook, defaults.usage_hook);
         assert_eq!(c.logging, defaults.logging);
+        assert_eq!(c.auth, defaults.auth);
         assert_eq!(c.backends.len(), 1);
         assert_eq!(c.backends[0].weight, 1);
     }
@@ -1446,6 +1688,103 @@ logging: { level: DEBUG, format: text, access_log: false }
         assert_eq!(c.logging.level, log::LevelFilter::Debug);
         assert_eq!(c.logging.format, LogFormat::Text);
         assert!(!c.logging.access_log);
+    }
+
+    #[test]
+    fn auth_keys_are_kept_as_digests() {
+        let hex = "a".repeat(64);
+        let c = ok(&with_backend(&format!(
+            r#"
+auth:
+  keys:
+    - {{ name: team-a, key: "sk-team-a-0123456789", models: [m1], rpm: 60, tpm: 1000 }}
+    - {{ name: team-b, key_sha256: "{hex}" }}
+  keys_file: /etc/llmproxy/keys.yaml
+  keys_file_poll: 1s
+  forward_client_key: true
+"#
+        )));
+        let a = &c.auth;
+        assert!(a.enabled());
+        assert_eq!(a.keys[0].name, "team-a");
+        assert_eq!(
+            a.keys[0].digest,
+            crate::auth::digest("sk-team-a-0123456789")
+        );
+        assert_eq!(a.keys[0].models.as_deref(), Some(&["m1".to_string()][..]));
+        assert_eq!((a.keys[0].rpm, a.keys[0].tpm), (60, 1000));
+        assert_eq!(a.keys[1].digest, [0xaa; 32]);
+        assert_eq!(a.keys[1].models, None);
+        assert_eq!(a.keys_file_poll, Duration::from_secs(1));
+        assert!(a.forward_client_key);
+        assert!(!format!("{c:?}").contains("sk-team-a"));
+        assert!(!ok(MINIMAL).auth.enabled());
+    }
+
+    #[test]
+    fn auth_key_errors() {
+        let y = |k: &str| with_backend(&format!("auth: {{ keys: [{k}] }}\n"));
+        assert_error(
+            &y("{ name: a, key: short }"),
+            "auth.keys[0].key",
+            "at least 16",
+        );
+        assert_error(&y("{ name: a }"), "auth.keys[0]", "key or key_sha256");
+        assert_error(
+            &y("{ name: a, key_sha256: \"+f\" }"),
+            "auth.keys[0].key_sha256",
+            "64 hex",
+        );
+        assert_error(
+            &y("{ name: \"a b\", key: \"0123456789abcdef\" }"),
+            "auth.keys[0].name",
+            "characters",
+        );
+        assert_error(
+            &y("{ name: a, key: \"0123456789abcdef\" }, { name: a, key: \"0123456789abcdeX\" }"),
+            "auth.keys[1].name",
+            "duplicate",
+        );
+        assert_error(
+            &y("{ name: a, key: \"0123456789abcdef\" }, { name: b, key: \"0123456789abcdef\" }"),
+            "auth.keys[1]",
+            "same key as \"a\"",
+        );
+        assert_error(
+            &y("{ name: a, key: \"0123456789abcdef\", rpn: 1 }"),
+            "auth.keys[0].rpn",
+            "unknown field",
+        );
+    }
+
+    #[test]
+    fn keys_file_text() {
+        let keys = parse_keys_file("keys:\n  - { name: x, key: \"0123456789abcdef\" }\n").unwrap();
+        assert_eq!(keys[0].name, "x");
+        let json =
+            parse_keys_file(r#"{"keys": [{"name": "y", "key": "0123456789abcdef"}]}"#).unwrap();
+        assert_eq!(json[0].name, "y");
+        assert!(parse_keys_file("keys: [{ name: x }]").is_err());
+        assert!(parse_keys_file("nope").is_err());
+    }
+
+    #[test]
+    fn backend_capacity_and_credentials() {
+        let c = ok(r#"
+backends:
+  - { url: "http://a:1", max_inflight: 4, api_key: "upstream-secret" }
+  - { url: "http://b:1", api_key: "" }
+limits: { queue_size: 0, queue_timeout: 250ms }
+"#);
+        assert_eq!(c.backends[0].max_inflight, 4);
+        assert_eq!(
+            c.backends[0].api_key.as_ref().map(Secret::expose),
+            Some("upstream-secret")
+        );
+        assert_eq!(c.backends[1].api_key, None);
+        assert!(!format!("{c:?}").contains("upstream-secret"));
+        assert_eq!(c.limits.queue_size, 0);
+        assert_eq!(c.limits.queue_timeout, Duration::from_millis(250));
     }
 
     #[test]

@@ -4,6 +4,9 @@
 
 use std::fmt::Write;
 
+use crate::ratelimit::Exceeded;
+use crate::reject::Reason;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("{0}")]
@@ -40,6 +43,41 @@ pub enum ProxyError {
     RequestTimeout,
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("{0}")]
+    Unauthorized(AuthFailure),
+    #[error("this API key may not use the model `{0}`")]
+    ModelNotAllowed(String),
+    #[error("rate limit reached for {} per minute on this API key; retry after {retry_after} s", limit_name(*.limit))]
+    RateLimited { limit: Exceeded, retry_after: u64 },
+    /// Every eligible backend is at `max_inflight` and the wait queue is full.
+    #[error("all backends for this request are at capacity and the wait queue is full")]
+    QueueFull,
+    #[error("all backends for this request stayed at capacity for {0:?}")]
+    QueueTimeout(std::time::Duration),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    Missing,
+    Invalid,
+}
+
+impl std::fmt::Display for AuthFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AuthFailure::Missing => {
+                "missing API key: send it as `Authorization: Bearer <key>` or `x-api-key: <key>`"
+            }
+            AuthFailure::Invalid => "invalid API key",
+        })
+    }
+}
+
+fn limit_name(e: Exceeded) -> &'static str {
+    match e {
+        Exceeded::Requests => "requests",
+        Exceeded::Tokens => "tokens",
+    }
 }
 
 impl ProxyError {
@@ -55,6 +93,12 @@ impl ProxyError {
             UpstreamConnect(_) | UpstreamClosed(_) | UpstreamProtocol(_) | UpstreamStatus(_) => 502,
             UpstreamConnectTimeout | FirstByteTimeout(_) | RequestTimeout => 504,
             Internal(_) => 500,
+            Unauthorized(_) => 401,
+            ModelNotAllowed(_) => 403,
+            RateLimited { .. } => 429,
+            // Capacity, not the client's quota: 503 + Retry-After is what load balancers and
+            // SDKs treat as "try again shortly", and 429 stays reserved for a key's own rates.
+            QueueFull | QueueTimeout(_) => 503,
         }
     }
 
@@ -63,8 +107,12 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             BadRequest(_) | HeadTooLarge(_) | BodyTooLarge(_) | RequestReadTimeout
-            | UnknownModel(_) | NotFound(_) => "invalid_request_error",
-            NoHealthyBackend | Draining => "service_unavailable",
+            | UnknownModel(_) | NotFound(_) | Unauthorized(_) | ModelNotAllowed(_) => {
+                "invalid_request_error"
+            }
+            // OpenAI names the exhausted limit in `type`.
+            RateLimited { limit, .. } => limit_name(*limit),
+            NoHealthyBackend | Draining | QueueFull | QueueTimeout(_) => "service_unavailable",
             _ => "server_error",
         }
     }
@@ -89,6 +137,12 @@ impl ProxyError {
             UpstreamStatus(_) => "upstream_unavailable",
             RequestTimeout => "request_timeout",
             Internal(_) => "internal_error",
+            Unauthorized(AuthFailure::Missing) => "missing_api_key",
+            Unauthorized(AuthFailure::Invalid) => "invalid_api_key",
+            ModelNotAllowed(_) => "model_not_allowed",
+            RateLimited { .. } => "rate_limit_exceeded",
+            QueueFull => "queue_full",
+            QueueTimeout(_) => "queue_timeout",
         }
     }
 
@@ -122,6 +176,39 @@ impl ProxyError {
         )
     }
 
+    /// A header the response must carry besides the body.
+    pub fn extra_header(&self) -> Option<(&'static str, String)> {
+        use ProxyError::*;
+        match self {
+            Unauthorized(_) => Some(("www-authenticate", "Bearer".to_string())),
+            RateLimited { retry_after, .. } => Some(("retry-after", retry_after.to_string())),
+            // A slot frees when any request on the backend ends; a second is a fair guess.
+            QueueFull | QueueTimeout(_) => Some(("retry-after", "1".to_string())),
+            _ => None,
+        }
+    }
+
+    /// Refusals on purpose (counted and logged under a budget) rather than failures.
+    pub fn rejection(&self) -> Option<Reason> {
+        use ProxyError::*;
+        match self {
+            Unauthorized(AuthFailure::Missing) => Some(Reason::MissingKey),
+            Unauthorized(AuthFailure::Invalid) => Some(Reason::InvalidKey),
+            ModelNotAllowed(_) => Some(Reason::ModelNotAllowed),
+            RateLimited {
+                limit: Exceeded::Requests,
+                ..
+            } => Some(Reason::RequestRate),
+            RateLimited {
+                limit: Exceeded::Tokens,
+                ..
+            } => Some(Reason::TokenRate),
+            QueueFull => Some(Reason::QueueFull),
+            QueueTimeout(_) => Some(Reason::QueueTimeout),
+            _ => None,
+        }
+    }
+
     /// `{"error": {"message", "type", "code"}}`.
     pub fn body(&self) -> Vec<u8> {
         error_body(&self.to_string(), self.kind(), self.code())
@@ -149,6 +236,26 @@ mod tests {
         assert_eq!(v["error"]["code"], "model_not_found");
         assert_eq!(v["error"]["type"], "invalid_request_error");
         assert!(v["error"]["message"].as_str().unwrap().contains("x\"y"));
+    }
+
+    #[test]
+    fn refusals_carry_their_headers() {
+        let e = ProxyError::RateLimited {
+            limit: Exceeded::Tokens,
+            retry_after: 7,
+        };
+        assert_eq!(
+            (e.status(), e.kind(), e.code()),
+            (429, "tokens", "rate_limit_exceeded")
+        );
+        assert_eq!(e.extra_header(), Some(("retry-after", "7".to_string())));
+        assert_eq!(e.rejection(), Some(Reason::TokenRate));
+        let e = ProxyError::Unauthorized(AuthFailure::Missing);
+        assert_eq!((e.status(), e.code()), (401, "missing_api_key"));
+        assert_eq!(ProxyError::ModelNotAllowed("m".into()).status(), 403);
+        assert_eq!(ProxyError::QueueFull.status(), 503);
+        assert!(ProxyError::QueueFull.extra_header().is_some());
+        assert_eq!(ProxyError::NoHealthyBackend.rejection(), None);
     }
 
     #[test]

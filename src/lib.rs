@@ -5,6 +5,8 @@
 #![forbid(unsafe_code)]
 
 pub mod account;
+pub mod admission;
+pub mod auth;
 pub mod backends;
 pub mod balance;
 pub mod config;
@@ -21,6 +23,8 @@ pub mod mock;
 pub mod openai;
 pub mod plane;
 pub mod proxy;
+pub mod ratelimit;
+pub mod reject;
 pub mod reload;
 pub mod route;
 pub mod runtime;

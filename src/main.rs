@@ -132,6 +132,13 @@ fn check(path: &std::path::Path) -> anyhow::Result<ExitCode> {
                 eprintln!("{}: {e}", path.display());
                 return Ok(ExitCode::FAILURE);
             }
+            if let (Some(file), Err(e)) = (
+                &cfg.auth.keys_file,
+                llmproxy::auth::KeyStore::new(&cfg.auth),
+            ) {
+                eprintln!("{}: auth.keys_file {}: {e}", path.display(), file.display());
+                return Ok(ExitCode::FAILURE);
+            }
             println!(
                 "{}: ok ({} backends, strategy {:?})",
                 path.display(),

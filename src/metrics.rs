@@ -38,6 +38,8 @@ pub struct Metrics {
     backend_inflight: IntGaugeVec,
     pub connections_active: IntGauge,
     pub requests_inflight: IntGauge,
+    /// Requests waiting for a backend below its `max_inflight`.
+    pub requests_queued: IntGauge,
     ttft_seconds: HistogramVec,
     itl_seconds: HistogramVec,
     tokens_total: IntCounterVec,
@@ -45,6 +47,8 @@ pub struct Metrics {
     pub upstream_errors: IntCounterVec,
     /// Usage events by what happened to them (delivered, retried, spooled, dead_lettered, dropped).
     pub usage_events: IntCounterVec,
+    /// Requests and connections refused by auth, rates and capacity (`llmproxy_rejected_total`).
+    pub rejected: crate::reject::Rejections,
     pub usage_spool_bytes: IntGauge,
     pub usage_delivery_seconds: Histogram,
     /// DNS discovery rounds by result: changed, unchanged, error, empty, expired.
@@ -169,6 +173,15 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION"), driver])
             .set(1);
+        let rejected = IntCounterVec::new(
+            Opts::new(
+                "llmproxy_rejected_total",
+                "Requests and connections refused by authentication, rate limits and capacity",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(rejected.clone()))?;
+        let rejected = crate::reject::Rejections::new(&rejected);
         registry.register(Box::new(requests_total.clone()))?;
         registry.register(Box::new(latency_ms.clone()))?;
         registry.register(Box::new(duration_seconds.clone()))?;
@@ -177,6 +190,11 @@ impl Metrics {
         registry.register(Box::new(backend_inflight.clone()))?;
         registry.register(Box::new(connections_active.clone()))?;
         registry.register(Box::new(requests_inflight.clone()))?;
+        let requests_queued = IntGauge::new(
+            "llmproxy_requests_queued",
+            "Requests waiting for a backend slot (backends[].max_inflight)",
+        )?;
+        registry.register(Box::new(requests_queued.clone()))?;
         registry.register(Box::new(workers_gauge))?;
         // process_cpu_seconds_total, process_resident_memory_bytes, open fds, ... (Linux).
         registry.register(Box::new(
@@ -214,11 +232,13 @@ impl Metrics {
             backend_inflight,
             connections_active,
             requests_inflight,
+            requests_queued,
             ttft_seconds,
             itl_seconds,
             tokens_total,
             upstream_errors,
             usage_events,
+            rejected,
             usage_spool_bytes,
             usage_delivery_seconds,
             discovery_updates,

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::anyhow;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
+use crate::admission::{Capacity, ConnectionLimit};
 use crate::backends::{desired, BackendTable, Changes, Registry};
 use crate::config::Config;
 use crate::control::{Broadcast, ControlMsg, HealthReport, PlaneMsg};
@@ -39,6 +40,7 @@ pub struct Plane {
     discovery: Discovery,
     metrics: Arc<Metrics>,
     current: Arc<BackendTable>,
+    limits: Option<(Arc<Capacity>, Arc<ConnectionLimit>)>,
 }
 
 /// Resolves static backends: URLs already known keep their address; a new one that does not
@@ -87,6 +89,7 @@ impl Plane {
             discovery,
             metrics,
             current,
+            limits: None,
         })
     }
 
@@ -177,7 +180,31 @@ impl Plane {
 
     fn publish(&mut self, cores: &Broadcast, health: &Sender<HealthReport>) {
         self.current = self.registry.publish(self.config.clone());
+        self.apply_limits();
         self.send(cores, health);
+    }
+
+    /// Hands the process-wide admission limits over to the plane, which keeps them in step with
+    /// each table it publishes (backend limits by slot) and each config it reloads.
+    pub fn attach_limits(&mut self, capacity: Arc<Capacity>, connections: Arc<ConnectionLimit>) {
+        self.limits = Some((capacity, connections));
+        self.apply_limits();
+    }
+
+    fn apply_limits(&self) {
+        let Some((capacity, connections)) = &self.limits else {
+            return;
+        };
+        let per_slot: Vec<usize> = self
+            .current
+            .slots
+            .iter()
+            .map(|e| e.as_ref().map_or(0, |e| e.spec.max_inflight))
+            .collect();
+        capacity.set_limits(&per_slot);
+        let limits = &self.config.limits;
+        capacity.set_queue(limits.queue_size, limits.queue_timeout);
+        connections.set_max(limits.max_connections);
     }
 
     fn send(&self, cores: &Broadcast, health: &Sender<HealthReport>) {

@@ -16,6 +16,8 @@ use monoio::io::{
 use monoio::net::TcpStream;
 
 use crate::account::{account, Done};
+use crate::admission;
+use crate::auth::Caller;
 use crate::backends::{BackendTable, Entry};
 use crate::error::ProxyError;
 use crate::http1::head::{BodyFraming, Head};
@@ -88,6 +90,8 @@ struct Exchange<'a> {
     /// Watches the response for usage; outside the relay future so that an aborted request
     /// still reports what arrived before the abort.
     tap: RefCell<Tap>,
+    /// Remove the client's API key headers from what goes upstream.
+    strip_client_key: bool,
 }
 
 /// Handles one complete request; returns whether the connection may serve another.
@@ -97,12 +101,9 @@ pub async fn handle(
     head: Head,
     body: Bytes,
     received: Instant,
+    caller: Caller,
 ) -> bool {
-    let request_id = head
-        .header_str("x-request-id")
-        .filter(|v| valid_request_id(v))
-        .map(str::to_owned)
-        .unwrap_or_else(|| w.next_request_id());
+    let request_id = request_id(w, Some(&head));
     // Debug builds only: lets the test suite prove a panic stays inside its connection.
     #[cfg(debug_assertions)]
     if head.header("x-llmproxy-debug-panic").is_some() {
@@ -110,15 +111,13 @@ pub async fn handle(
     }
     let close = !head.keep_alive() || w.shared.draining();
     let cfg = w.config();
-    let metrics_here = cfg.admin_listen.is_none() || d.admin;
-
     let table = w.table();
-    if let Some(local) = table.routes.local(head.method(), head.path(), metrics_here) {
+    if let Some(local) = local_route(w, d, &head) {
         let (status, ctype, payload) = match local {
             Local::Reload => crate::reload::admin(w).await,
             _ => local_response(w, local),
         };
-        let keep = respond(d, status, ctype, payload, &request_id, close, &head).await;
+        let keep = respond(d, status, ctype, payload, &request_id, close, &head, None).await;
         account(
             w,
             d,
@@ -132,13 +131,14 @@ pub async fn handle(
                 received,
                 first_byte: None,
                 usage: None,
+                caller: &caller,
             },
         );
         return keep;
     }
     if d.admin {
         let e = ProxyError::NotFound(head.path().to_string());
-        return fail(w, d, &head, &request_id, e, None, received, close).await;
+        return fail(w, d, &head, &request_id, e, None, received, close, &caller).await;
     }
     let info = match openai::inspect(
         head.method(),
@@ -147,11 +147,21 @@ pub async fn handle(
         &cfg.usage.identity.user_body_field,
     ) {
         Ok(info) => info,
-        Err(e) => return fail(w, d, &head, &request_id, e, None, received, true).await,
+        Err(e) => return fail(w, d, &head, &request_id, e, None, received, true, &caller).await,
     };
+    let admitted = caller
+        .check_model(head.method(), info.model.as_deref())
+        .and_then(|()| caller.admit(received));
+    if let Err(e) = admitted {
+        let i = Some(&info);
+        return fail(w, d, &head, &request_id, e, i, received, close, &caller).await;
+    }
     let mask = match table.routes.backends_for(info.model.as_deref()) {
         Ok(mask) => mask,
-        Err(e) => return fail(w, d, &head, &request_id, e, Some(&info), received, close).await,
+        Err(e) => {
+            let i = Some(&info);
+            return fail(w, d, &head, &request_id, e, i, received, close, &caller).await;
+        }
     };
 
     let injected = if cfg.usage.inject_include_usage {
@@ -174,6 +184,7 @@ pub async fn handle(
         stream: info.stream,
         model_idx: w.metrics.model_index(info.model.as_deref()),
         tap: RefCell::new(Tap::new(UsageKind::None)),
+        strip_client_key: w.auth.store().strip_client_key(),
     };
     let Downstream { rd, wr, buf, .. } = d;
     let model = info.model.as_deref();
@@ -190,11 +201,13 @@ pub async fn handle(
         Some(Ok(Err(e))) => {
             let close = close || e.closes_connection();
             let keep = error_response(d, &e, &request_id, close, &head).await;
-            log::warn!(
-                "request {request_id} {} {}: {e}",
-                head.method(),
-                head.path()
-            );
+            if !note_rejection(w, &request_id, &head, &e) {
+                log::warn!(
+                    "request {request_id} {} {}: {e}",
+                    head.method(),
+                    head.path()
+                );
+            }
             (e.status(), Outcome::UpstreamError, keep)
         }
         Some(Err(_elapsed)) if !x.head_sent.get() => {
@@ -218,9 +231,51 @@ pub async fn handle(
             received,
             first_byte: x.first_byte.get(),
             usage,
+            caller: &caller,
         },
     );
     keep
+}
+
+fn local_route(w: &Worker, d: &Downstream, head: &Head) -> Option<Local> {
+    let metrics_here = w.config().admin_listen.is_none() || d.admin;
+    w.table()
+        .routes
+        .local(head.method(), head.path(), metrics_here)
+}
+
+/// Who sends this request. Runs before the body is read, so that an unauthenticated client
+/// cannot make the proxy buffer a body. Health and metrics stay open (probes and scrapers carry
+/// no key), and so does the admin listener; everything else needs a key when auth is on.
+pub fn authenticate(w: &Worker, d: &Downstream, head: &Head) -> Result<Caller, ProxyError> {
+    if d.admin || local_route(w, d, head).is_some_and(|l| l != Local::Models) {
+        return Ok(Caller::Open);
+    }
+    w.auth.identify(head)
+}
+
+/// Answers a request whose authentication failed (its body unread); returns whether the
+/// connection may serve another request (only if the refused one had no body).
+pub async fn refuse(
+    w: &Worker,
+    d: &mut Downstream,
+    head: &Head,
+    e: ProxyError,
+    received: Instant,
+) -> bool {
+    let has_body = !matches!(head.request_framing(), Ok(BodyFraming::Empty));
+    let close = has_body || !head.keep_alive() || w.shared.draining();
+    let request_id = request_id(w, Some(head));
+    let unknown = Caller::Unknown;
+    fail(w, d, head, &request_id, e, None, received, close, &unknown).await
+}
+
+/// The client's `x-request-id` if it is usable, else a fresh one.
+fn request_id(w: &Worker, head: Option<&Head>) -> String {
+    head.and_then(|h| h.header_str("x-request-id"))
+        .filter(|v| valid_request_id(v))
+        .map(str::to_owned)
+        .unwrap_or_else(|| w.next_request_id())
 }
 
 /// The backends a request may go to, as routed against the table in force when it arrived.
@@ -253,7 +308,7 @@ async fn forward(
         };
         tried.resize(mask.len(), false);
         let eligible = |i: usize| mask.get(i) == Some(&true) && !tried[i] && w.view.is_up(i);
-        let Some(b) = w.balancer.pick(&w.view, eligible) else {
+        let Some((b, _slot)) = admission::pick(w, eligible).await? else {
             break;
         };
         let Some(backend) = table.get(b) else {
@@ -338,8 +393,29 @@ fn upstream_request(x: &Exchange<'_>, backend: &Entry) -> Vec<u8> {
     out.extend_from_slice(head.target().as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     write::header(&mut out, "host", backend.authority.as_bytes());
-    for (name, value) in forwardable(head, &["host", "x-forwarded-for", "x-request-id"]) {
+    // The proxy's own headers, plus the client's key when it must not travel upstream, plus the
+    // client's Authorization when the backend gets its own credential.
+    const OWN: &[&str] = &["host", "x-forwarded-for", "x-request-id"];
+    const OWN_AUTHZ: &[&str] = &["host", "x-forwarded-for", "x-request-id", "authorization"];
+    const OWN_KEYS: &[&str] = &[
+        "host",
+        "x-forwarded-for",
+        "x-request-id",
+        "authorization",
+        "x-api-key",
+    ];
+    let skip = match (x.strip_client_key, &backend.api_key) {
+        (true, _) => OWN_KEYS,
+        (false, Some(_)) => OWN_AUTHZ,
+        (false, None) => OWN,
+    };
+    for (name, value) in forwardable(head, skip) {
         write::header(&mut out, name, value);
+    }
+    if let Some(key) = &backend.api_key {
+        out.extend_from_slice(b"authorization: Bearer ");
+        out.extend_from_slice(key.expose().as_bytes());
+        out.extend_from_slice(b"\r\n");
     }
     let ip = &*x.client_ip;
     match head.header("x-forwarded-for") {
@@ -689,6 +765,7 @@ fn local_response(w: &Worker, local: Local) -> (u16, &'static str, Vec<u8>) {
             };
             g.connections_active.set(sum(&w.shared.connections));
             g.requests_inflight.set(sum(&w.shared.inflight));
+            g.requests_queued.set(w.shared.capacity.queued() as i64);
             (200, "text/plain; version=0.0.4", g.encode())
         }
         Local::Models => (200, "application/json", w.table().routes.models_body()),
@@ -707,6 +784,7 @@ fn local_response(w: &Worker, local: Local) -> (u16, &'static str, Vec<u8>) {
 }
 
 /// Writes a complete small response; returns whether the connection stays open.
+#[allow(clippy::too_many_arguments)]
 async fn respond(
     d: &mut Downstream,
     status: u16,
@@ -715,12 +793,16 @@ async fn respond(
     request_id: &str,
     close: bool,
     head: &Head,
+    extra: Option<(&str, String)>,
 ) -> bool {
     let mut out = Vec::with_capacity(256 + body.len());
     write::status_line(&mut out, status, "");
     write::header(&mut out, "content-type", content_type.as_bytes());
     write::header_num(&mut out, "content-length", body.len() as u64);
     write::header(&mut out, "x-request-id", request_id.as_bytes());
+    if let Some((name, value)) = extra {
+        write::header(&mut out, name, value.as_bytes());
+    }
     if close {
         write::header(&mut out, "connection", b"close");
     } else if head.version == 0 {
@@ -749,8 +831,26 @@ async fn error_response(
         request_id,
         close,
         head,
+        e.extra_header(),
     )
     .await
+}
+
+/// Refusals (auth, rates, capacity) are counted and logged under the rejection log budget;
+/// returns false for other errors, which the caller logs itself.
+fn note_rejection(w: &Worker, request_id: &str, head: &Head, e: &ProxyError) -> bool {
+    let Some(reason) = e.rejection() else {
+        return false;
+    };
+    w.shared.metrics.rejected.note(
+        reason,
+        format_args!(
+            "request {request_id} {} {}: {e}",
+            head.method(),
+            head.path()
+        ),
+    );
+    true
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -763,12 +863,15 @@ async fn fail(
     info: Option<&RequestInfo>,
     received: Instant,
     close: bool,
+    caller: &Caller,
 ) -> bool {
-    log::info!(
-        "request {request_id} {} {}: {e}",
-        head.method(),
-        head.path()
-    );
+    if !note_rejection(w, request_id, head, &e) {
+        log::info!(
+            "request {request_id} {} {}: {e}",
+            head.method(),
+            head.path()
+        );
+    }
     let close = close || e.closes_connection();
     let keep = error_response(d, &e, request_id, close, head).await;
     account(
@@ -784,6 +887,7 @@ async fn fail(
             received,
             first_byte: None,
             usage: None,
+            caller,
         },
     );
     keep
@@ -792,11 +896,7 @@ async fn fail(
 /// Answers a request that could not even be read completely (bad head, limits, timeouts); the
 /// connection is always closed afterwards.
 pub async fn reject(w: &Worker, d: &mut Downstream, e: &ProxyError, head: Option<&Head>) {
-    let request_id = head
-        .and_then(|h| h.header_str("x-request-id"))
-        .filter(|v| valid_request_id(v))
-        .map(str::to_owned)
-        .unwrap_or_else(|| w.next_request_id());
+    let request_id = request_id(w, head);
     let body = e.body();
     let mut out = Vec::with_capacity(256 + body.len());
     write::status_line(&mut out, e.status(), "");

@@ -56,6 +56,8 @@ pub fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<String> {
     keep!(usage.log, "usage.log");
     keep!(logging.level, "logging.level");
     keep!(logging.format, "logging.format");
+    // Keys listed in the config are read once; `auth.keys_file` is the way to change keys live.
+    keep!(auth, "auth");
     warnings
 }
 

@@ -5,7 +5,7 @@
 //! startup errors.
 
 use std::net::{SocketAddr, TcpListener as StdListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -14,6 +14,8 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::admission::{Capacity, ConnectionLimit};
+use crate::auth::KeyStore;
 use crate::config::Config;
 use crate::control::Broadcast;
 use crate::control::PlaneMsg;
@@ -176,9 +178,20 @@ pub fn start_with(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<Running>
     let metrics = Arc::new(
         Metrics::new(&cfg, workers, driver).map_err(|e| anyhow!("metrics registry: {e}"))?,
     );
-    let plane = Plane::new(cfg.clone(), path, workers, metrics.clone())?;
+    let mut plane = Plane::new(cfg.clone(), path, workers, metrics.clone())?;
+    let connection_limit = ConnectionLimit::new(cfg.limits.max_connections);
+    let capacity = Capacity::from_config(&cfg);
+    plane.attach_limits(capacity.clone(), connection_limit.clone());
     let table = plane.table();
     let (plane_tx, plane_rx) = crossbeam_channel::bounded(4096);
+    let keys = Arc::new(KeyStore::new(&cfg.auth).map_err(|e| {
+        let file = cfg.auth.keys_file.as_deref().unwrap_or(Path::new(""));
+        anyhow!("auth.keys_file {}: {e}", file.display())
+    })?);
+    if let Some(path) = &cfg.auth.keys_file {
+        crate::auth::watch(keys.clone(), path.clone(), cfg.auth.keys_file_poll)
+            .context("starting the keys_file watcher")?;
+    }
     let shared = Arc::new(Shared {
         config: cfg.clone(),
         plane: plane_tx,
@@ -186,6 +199,9 @@ pub fn start_with(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<Running>
         inflight: (0..workers).map(|_| PaddedCount::default()).collect(),
         connections: (0..workers).map(|_| PaddedCount::default()).collect(),
         metrics,
+        keys,
+        connection_limit,
+        capacity,
     });
     let (broadcast, inboxes) = Broadcast::new(workers);
     let (health_tx, health_rx) = crossbeam_channel::bounded(1024);

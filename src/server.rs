@@ -9,7 +9,6 @@ use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -22,6 +21,7 @@ use crate::http1::head::{BodyFraming, Head, HeadError, ParseStatus};
 use crate::http1::io::read_more;
 use crate::http1::ChunkedDecoder;
 use crate::proxy;
+use crate::reject::Reason;
 use crate::worker::Worker;
 
 pub struct Downstream {
@@ -51,23 +51,22 @@ pub async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, admin: bool)
         };
         match accepted {
             Ok((stream, peer)) => {
-                let open: usize = worker
-                    .shared
-                    .connections
-                    .iter()
-                    .map(|c| c.0.load(Ordering::Relaxed))
-                    .sum();
-                if open >= worker.config().limits.max_connections {
-                    log::warn!("connection from {peer} refused: limits.max_connections reached");
-                    drop(stream);
-                    continue;
-                }
-                monoio::spawn(Contained(Box::pin(serve(
-                    worker.clone(),
-                    stream,
-                    peer,
-                    admin,
-                ))));
+                // The admin listener is exempt, so metrics and health stay reachable when full.
+                let slot = match admin {
+                    true => None,
+                    false => match worker.shared.connection_limit.try_open() {
+                        Some(slot) => Some(slot),
+                        None => {
+                            refuse_connection(&worker, stream, peer);
+                            continue;
+                        }
+                    },
+                };
+                let conn = serve(worker.clone(), stream, peer, admin);
+                monoio::spawn(Contained(Box::pin(async move {
+                    let _slot = slot;
+                    conn.await
+                })));
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning on a full fd table.
@@ -76,6 +75,19 @@ pub async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, admin: bool)
             }
         }
     }
+}
+
+/// Over `limits.max_connections`: closed at once, before a byte is read (a FIN, or a reset if
+/// the client already sent data), counted and logged under the rejection log budget.
+fn refuse_connection(worker: &Worker, stream: TcpStream, peer: SocketAddr) {
+    drop(stream);
+    worker.shared.metrics.rejected.note(
+        Reason::MaxConnections,
+        format_args!(
+            "connection from {peer}: limits.max_connections ({}) reached",
+            worker.shared.connection_limit.max()
+        ),
+    );
 }
 
 /// Keeps a panic in one connection's task from unwinding through the runtime, which would take
@@ -127,6 +139,15 @@ async fn serve(worker: Rc<Worker>, stream: TcpStream, peer: SocketAddr, admin: b
         };
         let received = Instant::now();
         let _in_flight = worker.request_guard();
+        let caller = match proxy::authenticate(&worker, &d, &head) {
+            Ok(caller) => caller,
+            Err(e) => {
+                if !proxy::refuse(&worker, &mut d, &head, e, received).await {
+                    return;
+                }
+                continue;
+            }
+        };
         let body = match read_body(&worker, &mut d, &head).await {
             Ok(body) => body,
             Err(e) => {
@@ -135,7 +156,7 @@ async fn serve(worker: Rc<Worker>, stream: TcpStream, peer: SocketAddr, admin: b
                 return;
             }
         };
-        if !proxy::handle(&worker, &mut d, head, body, received).await {
+        if !proxy::handle(&worker, &mut d, head, body, received, caller).await {
             return;
         }
     }

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
+use crate::admission::{Capacity, ConnectionLimit, CoreCapacity};
+use crate::auth::{CoreAuth, KeyStore};
 use crate::backends::{BackendTable, State};
 use crate::balance::{Balancer, LoadView};
 use crate::config::Config;
@@ -40,6 +42,12 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// The control-plane thread: drain reports, reload requests.
     pub plane: Sender<PlaneMsg>,
+    /// Client keys (replaced as a whole when `auth.keys_file` changes).
+    pub keys: Arc<KeyStore>,
+    /// `limits.max_connections`, counted across cores.
+    pub connection_limit: Arc<ConnectionLimit>,
+    /// `backends[].max_inflight` and the wait queue, counted across cores.
+    pub capacity: Arc<Capacity>,
 }
 
 impl Shared {
@@ -63,6 +71,8 @@ pub struct Worker {
     pub pool: Pool,
     pub metrics: LocalMetrics,
     pub usage: CoreSender,
+    pub auth: CoreAuth,
+    pub capacity: Rc<CoreCapacity>,
     inbox: Receiver<ControlMsg>,
     peers: Broadcast,
     health_tx: Sender<HealthReport>,
@@ -97,6 +107,8 @@ impl Worker {
             pool: Pool::new(0, cfg.pool.max_idle_per_backend, cfg.pool.idle_timeout),
             metrics: LocalMetrics::new(shared.metrics.clone(), &cfg),
             usage: CoreSender::new(usage_tx),
+            auth: CoreAuth::new(shared.keys.clone()),
+            capacity: CoreCapacity::new(shared.capacity.clone()),
             shared,
             inbox,
             peers,
@@ -241,6 +253,7 @@ impl Worker {
         }
         self.report_drained();
         self.pool.prune();
+        self.capacity.tick();
         self.usage.tick();
         self.metrics.flush(&self.view, self.id == 0);
     }
@@ -383,6 +396,9 @@ mod tests {
             connections: (0..2).map(|_| PaddedCount::default()).collect(),
             metrics: Arc::new(Metrics::new(&table.config, 2, "test").unwrap()),
             plane: plane_tx,
+            keys: Arc::new(KeyStore::new(&table.config.auth).unwrap()),
+            connection_limit: ConnectionLimit::new(0),
+            capacity: Capacity::from_config(&table.config),
         });
         let (self_tx, self_rx) = crossbeam_channel::bounded(64);
         let w = Worker::new(0, shared, self_rx, peers, health_tx, usage_tx, table);

@@ -26,16 +26,6 @@ fn setup(hook_extra: &str) -> (Mock, Webhook, Proxy) {
     (mock, hook, proxy)
 }
 
-fn wait_events(hook: &Webhook, n: usize) -> Vec<serde_json::Value> {
-    assert!(
-        eventually(Duration::from_secs(10), || hook.events().len() >= n),
-        "expected {n} events, got {}",
-        hook.events().len()
-    );
-    std::thread::sleep(Duration::from_millis(100));
-    hook.events()
-}
-
 fn data_events(body: &[u8]) -> Vec<serde_json::Value> {
     String::from_utf8_lossy(body)
         .split("\n\n")
@@ -63,7 +53,7 @@ fn non_streaming_chat_gives_one_exact_event() {
         &[("x-request-id", "req-1"), ("x-user-id", "alice")],
     );
     assert_eq!(r.status, 200);
-    let ev = wait_events(&hook, 1);
+    let ev = hook.wait_events(1);
     assert_eq!(ev.len(), 1);
     let e = &ev[0];
     assert_eq!(e["request_id"], "req-1");
@@ -104,7 +94,7 @@ fn stream_without_include_usage_is_metered_and_relayed_unchanged() {
         "client stream = backend stream minus the usage chunk"
     );
     assert!(r.text().ends_with("data: [DONE]\n\n"));
-    let ev = wait_events(&hook, 1);
+    let ev = hook.wait_events(1);
     assert_eq!(ev[0]["is_stream"], true);
     assert_eq!(ev[0]["completion_tokens"], 5);
     assert_eq!(ev[0]["prompt_tokens"], 3);
@@ -120,7 +110,7 @@ fn stream_with_include_usage_reaches_the_client_unchanged() {
     let last = events.last().unwrap();
     assert_eq!(last["choices"], serde_json::json!([]));
     assert_eq!(last["usage"]["completion_tokens"], 4);
-    let ev = wait_events(&hook, 1);
+    let ev = hook.wait_events(1);
     assert_eq!(ev[0]["completion_tokens"], 4);
     assert_eq!(ev[0]["prompt_tokens"], 2);
 }
@@ -136,7 +126,7 @@ fn injection_can_be_turned_off() {
     );
     let echo = r.json();
     assert!(!echo["body"].as_str().unwrap().contains("include_usage"));
-    let ev = wait_events(&hook, 1);
+    let ev = hook.wait_events(1);
     assert_eq!(
         ev[0]["completion_tokens"], 0,
         "no usage was streamed, none invented"
@@ -181,7 +171,7 @@ fn completions_embeddings_and_tgi_are_metered() {
         &[],
     );
     assert_eq!(r.status, 200);
-    let ev = wait_events(&hook, 5);
+    let ev = hook.wait_events(5);
     assert_eq!(ev.len(), 5);
     let by = |endpoint: &str, stream: bool| {
         ev.iter()
@@ -227,7 +217,7 @@ fn keys_are_hashed_signatures_verify_and_no_raw_key_leaks() {
         &[("Authorization", &format!("Bearer {raw_key}"))],
     );
     assert_eq!(r.status, 200);
-    let ev = wait_events(&hook, 1);
+    let ev = hook.wait_events(1);
     let key_id = ev[0]["key_id"].as_str().unwrap();
     assert!(key_id.starts_with("key-") && !key_id.contains("LEAK"));
     assert_eq!(ev[0]["user_id"], "bob", "body user field");
@@ -299,7 +289,7 @@ fn failed_and_aborted_requests_still_produce_events() {
     assert!(eventually(Duration::from_secs(2), || mock
         .stat("disconnects")
         == 1));
-    let ev = wait_events(&hook, 3);
+    let ev = hook.wait_events(3);
     let aborted = ev
         .iter()
         .find(|e| e["request_id"] == "aborted-1")
@@ -350,7 +340,7 @@ fn webhook_outage_loses_nothing() {
     std::thread::sleep(Duration::from_millis(500));
     assert!(hook.events().is_empty());
     hook.reply(Reply::Status(200));
-    let ev = wait_events(&hook, n);
+    let ev = hook.wait_events(n);
     let ids: HashSet<String> = ev
         .iter()
         .map(|e| e["event_id"].as_str().unwrap().to_string())
@@ -439,7 +429,7 @@ fn permanent_rejections_are_dead_lettered_and_delivery_continues() {
         .status,
         200
     );
-    let ev = wait_events(&hook, 1);
+    let ev = hook.wait_events(1);
     assert_eq!(ev.len(), 1);
     assert_eq!(ev[0]["request_id"], "live-1");
 }
@@ -481,7 +471,7 @@ fn sigkill_and_restart_replays_the_spool() {
     }
     let hook = Webhook::start_on(port);
     let _proxy = Proxy::start(&yaml, &[]);
-    let ev = wait_events(&hook, 60);
+    let ev = hook.wait_events(60);
     let got: HashSet<String> = ev
         .iter()
         .map(|e| e["request_id"].as_str().unwrap().to_string())

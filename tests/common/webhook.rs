@@ -84,6 +84,19 @@ impl Webhook {
         self.state.lock().unwrap().posts.clone()
     }
 
+    /// Waits (bounded) until at least `n` events arrived, then a little longer so that extra
+    /// ones would show; returns them all.
+    pub fn wait_events(&self, n: usize) -> Vec<serde_json::Value> {
+        let start = std::time::Instant::now();
+        while self.events().len() < n && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let got = self.events().len();
+        assert!(got >= n, "expected {n} events, got {got}");
+        std::thread::sleep(Duration::from_millis(100));
+        self.events()
+    }
+
     /// Every event in an accepted POST, batches flattened, in arrival order.
     pub fn events(&self) -> Vec<serde_json::Value> {
         let mut out = Vec::new();

@@ -1,0 +1,543 @@
+//! Admission control for capacity: how many client connections the process holds
+//! (`limits.max_connections`) and how many requests each backend serves at once
+//! (`backends[].max_inflight`), with a bounded, timed wait for a free backend slot.
+//!
+//! Both counts are process-wide atomics: a connection or a request is counted once, whichever
+//! core took it, and the limit is exact (a failed increment is undone). Backends are addressed by
+//! their slot index in a table that may grow and change limits at run time (`set_limits`); each
+//! core caches the table and refreshes it only when its version moved, so with no limit
+//! configured the request path pays one atomic load.
+//!
+//! A request that finds every eligible backend full waits in its core's FIFO. A slot freed on
+//! this core wakes the first waiter; a waiter that still finds nothing passes the wake on to the
+//! next, so one freed slot is offered to the whole queue once. Slots freed on other cores cannot
+//! wake this one: the first waiter of each core polls every few milliseconds, and the core's
+//! periodic tick offers a chance to the whole queue. A waiter's ticket is an RAII guard: a client
+//! that goes away or a request timeout leaves no trace in the queue. The order is FIFO per core
+//! only: a request arriving as a slot frees may take it before a waiter does (throughput first;
+//! `queue_timeout` bounds the wait).
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::error::ProxyError;
+use crate::worker::Worker;
+
+// ---------------------------------------------------------------------------------------------
+// Connections.
+
+/// Open client connections of the process (the admin listener's are not counted).
+pub struct ConnectionLimit {
+    max: AtomicUsize,
+    open: AtomicUsize,
+}
+
+impl ConnectionLimit {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(ConnectionLimit {
+            max: AtomicUsize::new(max),
+            open: AtomicUsize::new(0),
+        })
+    }
+
+    /// A slot for one more connection, or `None` when `max` are open.
+    pub fn try_open(self: &Arc<Self>) -> Option<ConnectionSlot> {
+        if self.open.fetch_add(1, Ordering::AcqRel) >= self.max() {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(ConnectionSlot(self.clone()))
+    }
+
+    pub fn max(&self) -> usize {
+        self.max.load(Ordering::Relaxed)
+    }
+
+    /// A new limit (config reload); connections above it are not closed, new ones wait for room.
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
+    }
+}
+
+/// Held by a connection's task for its whole life.
+pub struct ConnectionSlot(Arc<ConnectionLimit>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backend slots.
+
+/// One backend's in-flight count and limit, process-wide.
+#[derive(Default)]
+pub struct Gate {
+    /// 0 = unlimited.
+    limit: AtomicUsize,
+    used: AtomicUsize,
+}
+
+impl Gate {
+    fn has_room(&self) -> bool {
+        let limit = self.limit.load(Ordering::Relaxed);
+        limit == 0 || self.used.load(Ordering::Relaxed) < limit
+    }
+}
+
+/// The process-wide table of backend gates and the wait-queue bounds.
+pub struct Capacity {
+    gates: RwLock<Vec<Arc<Gate>>>,
+    version: AtomicU64,
+    queued: AtomicUsize,
+    queue_size: AtomicUsize,
+    queue_timeout_ms: AtomicU64,
+}
+
+impl Capacity {
+    pub fn new(limits: &[usize], queue_size: usize, queue_timeout: Duration) -> Arc<Self> {
+        let c = Capacity {
+            gates: RwLock::new(Vec::new()),
+            version: AtomicU64::new(0),
+            queued: AtomicUsize::new(0),
+            queue_size: AtomicUsize::new(0),
+            queue_timeout_ms: AtomicU64::new(0),
+        };
+        c.set_queue(queue_size, queue_timeout);
+        c.set_limits(limits);
+        Arc::new(c)
+    }
+
+    /// Queue bounds from the config; backend limits arrive with each backend table
+    /// (`set_limits`, by slot), since discovery decides which slot a backend has.
+    pub fn from_config(cfg: &Config) -> Arc<Self> {
+        Capacity::new(&[], cfg.limits.queue_size, cfg.limits.queue_timeout)
+    }
+
+    pub fn set_queue(&self, size: usize, timeout: Duration) {
+        self.queue_size.store(size, Ordering::Relaxed);
+        let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        self.queue_timeout_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn queue_timeout(&self) -> Duration {
+        Duration::from_millis(self.queue_timeout_ms.load(Ordering::Relaxed))
+    }
+
+    /// Sets the limit of every backend slot (index = slot id), growing the table as needed.
+    /// Requests in flight keep their count, so a lowered limit takes effect as they finish.
+    pub fn set_limits(&self, limits: &[usize]) {
+        let Ok(mut gates) = self.gates.write() else {
+            return;
+        };
+        while gates.len() < limits.len() {
+            gates.push(Arc::new(Gate::default()));
+        }
+        for (i, g) in gates.iter().enumerate() {
+            let limit = limits.get(i).copied().unwrap_or(0);
+            g.limit.store(limit, Ordering::Relaxed);
+        }
+        self.version.fetch_add(1, Ordering::Release);
+    }
+
+    /// Requests waiting for a slot, process-wide.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+}
+
+/// One core's view of `Capacity`, and its queue of waiting requests.
+pub struct CoreCapacity {
+    shared: Arc<Capacity>,
+    version: Cell<u64>,
+    gates: RefCell<Vec<Arc<Gate>>>,
+    /// Some gate has a limit: otherwise picking never looks at the gates.
+    limited: Cell<bool>,
+    waiters: RefCell<VecDeque<Rc<Waiter>>>,
+}
+
+/// Outcome of one attempt to pick a backend with room.
+enum Pick {
+    Got(usize, Option<Permit>),
+    /// Eligible backends exist but all are at their limit.
+    AllFull,
+    NoneEligible,
+}
+
+impl CoreCapacity {
+    pub fn new(shared: Arc<Capacity>) -> Rc<Self> {
+        let core = CoreCapacity {
+            shared,
+            version: Cell::new(u64::MAX),
+            gates: RefCell::new(Vec::new()),
+            limited: Cell::new(false),
+            waiters: RefCell::new(VecDeque::new()),
+        };
+        core.refresh();
+        Rc::new(core)
+    }
+
+    fn refresh(&self) {
+        let v = self.shared.version.load(Ordering::Acquire);
+        if v == self.version.get() {
+            return;
+        }
+        if let Ok(gates) = self.shared.gates.read() {
+            self.limited
+                .set(gates.iter().any(|g| g.limit.load(Ordering::Relaxed) > 0));
+            *self.gates.borrow_mut() = gates.clone();
+            self.version.set(v);
+        }
+    }
+
+    fn has_room(&self, backend: usize) -> bool {
+        self.gates
+            .borrow()
+            .get(backend)
+            .is_none_or(|g| g.has_room())
+    }
+
+    /// Takes a slot on `backend`: `Ok(None)` when it has no limit, `Err` when it is full.
+    fn acquire(self: &Rc<Self>, backend: usize) -> Result<Option<Permit>, ()> {
+        let gates = self.gates.borrow();
+        let Some(gate) = gates.get(backend) else {
+            return Ok(None);
+        };
+        let limit = gate.limit.load(Ordering::Relaxed);
+        if limit == 0 {
+            return Ok(None);
+        }
+        if gate.used.fetch_add(1, Ordering::AcqRel) >= limit {
+            gate.used.fetch_sub(1, Ordering::AcqRel);
+            return Err(());
+        }
+        Ok(Some(Permit {
+            core: self.clone(),
+            gate: gate.clone(),
+        }))
+    }
+
+    fn try_pick(self: &Rc<Self>, w: &Worker, eligible: &impl Fn(usize) -> bool) -> Pick {
+        self.refresh();
+        if !self.limited.get() {
+            return match w.balancer.pick(&w.view, eligible) {
+                Some(b) => Pick::Got(b, None),
+                None => Pick::NoneEligible,
+            };
+        }
+        // A gate may fill between the look and the increment (another core): try the next one,
+        // at most once per backend.
+        for _ in 0..=w.view.backends() {
+            let Some(b) = w
+                .balancer
+                .pick(&w.view, |i| eligible(i) && self.has_room(i))
+            else {
+                break;
+            };
+            if let Ok(permit) = self.acquire(b) {
+                return Pick::Got(b, permit);
+            }
+        }
+        if (0..w.view.backends()).any(eligible) {
+            Pick::AllFull
+        } else {
+            Pick::NoneEligible
+        }
+    }
+
+    /// Wakes the first waiter not woken yet after `after` (from the front when `None`).
+    fn wake_next(&self, after: Option<&Rc<Waiter>>) {
+        let waiters = self.waiters.borrow();
+        let start = match after {
+            Some(me) => match waiters.iter().position(|w| Rc::ptr_eq(w, me)) {
+                Some(i) => i + 1,
+                None => 0,
+            },
+            None => 0,
+        };
+        if let Some(w) = waiters
+            .iter()
+            .skip(start)
+            .find(|w| w.wake.get() != Wake::Baton)
+        {
+            w.wake(Wake::Baton);
+        }
+    }
+
+    fn is_front(&self, me: &Rc<Waiter>) -> bool {
+        self.waiters
+            .borrow()
+            .front()
+            .is_some_and(|w| Rc::ptr_eq(w, me))
+    }
+
+    /// On the core's tick: slots may have freed on other cores.
+    pub fn tick(&self) {
+        if !self.waiters.borrow().is_empty() {
+            self.wake_next(None);
+        }
+    }
+
+    fn enqueue(self: &Rc<Self>) -> Option<Ticket> {
+        let shared = &self.shared;
+        let size = shared.queue_size.load(Ordering::Relaxed);
+        if shared.queued.fetch_add(1, Ordering::AcqRel) >= size {
+            shared.queued.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        let me = Rc::new(Waiter::default());
+        self.waiters.borrow_mut().push_back(me.clone());
+        Some(Ticket {
+            core: self.clone(),
+            me,
+        })
+    }
+}
+
+/// A backend slot held for the length of one attempt.
+pub struct Permit {
+    core: Rc<CoreCapacity>,
+    gate: Arc<Gate>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.gate.used.fetch_sub(1, Ordering::AcqRel);
+        self.core.wake_next(None);
+    }
+}
+
+/// Why a waiter was woken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Wake {
+    #[default]
+    None,
+    /// It became the first of its core's queue: from now on it polls (see `POLL`).
+    Nudge,
+    /// A slot may be free: look, and if it is not for you, pass the chance on.
+    Baton,
+}
+
+#[derive(Default)]
+struct Waiter {
+    wake: Cell<Wake>,
+    waker: Cell<Option<Waker>>,
+}
+
+impl Waiter {
+    fn wake(&self, kind: Wake) {
+        if self.wake.get() != Wake::Baton {
+            self.wake.set(kind);
+        }
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+}
+
+/// A place in the core's wait queue; leaving it (any way) frees the place.
+struct Ticket {
+    core: Rc<CoreCapacity>,
+    me: Rc<Waiter>,
+}
+
+impl Ticket {
+    /// Resolves once woken; consumes the wake.
+    fn woken(&self) -> Woken<'_> {
+        Woken(&self.me)
+    }
+
+    /// This waiter was woken and could not use the chance: offer it to the next one.
+    fn pass_on(&self) {
+        self.core.wake_next(Some(&self.me));
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let wake = self.me.wake.get();
+        let was_front = self.core.is_front(&self.me);
+        {
+            let mut waiters = self.core.waiters.borrow_mut();
+            if let Some(i) = waiters.iter().position(|w| Rc::ptr_eq(w, &self.me)) {
+                waiters.remove(i);
+            }
+        }
+        self.core.shared.queued.fetch_sub(1, Ordering::AcqRel);
+        if wake == Wake::Baton {
+            // Woken but gone before looking (timeout, client left): the chance is not lost.
+            self.core.wake_next(None);
+        } else if was_front {
+            if let Some(next) = self.core.waiters.borrow().front() {
+                next.wake(Wake::Nudge);
+            }
+        }
+    }
+}
+
+struct Woken<'a>(&'a Waiter);
+
+impl Future for Woken<'_> {
+    type Output = Wake;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Wake> {
+        match self.0.wake.replace(Wake::None) {
+            Wake::None => {
+                self.0.waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+            kind => Poll::Ready(kind),
+        }
+    }
+}
+
+/// How often the first waiter of a core looks for slots freed on other cores, which cannot wake
+/// it (the tick would, but only every 100 ms). One timer per core with waiters.
+const POLL: Duration = Duration::from_millis(5);
+
+/// Picks a backend with room among the `eligible` ones, waiting in the queue while all are
+/// full. `Ok(None)`: no eligible backend at all (the caller's "no healthy backend").
+pub async fn pick(
+    w: &Worker,
+    eligible: impl Fn(usize) -> bool,
+) -> Result<Option<(usize, Option<Permit>)>, ProxyError> {
+    let core = &w.capacity;
+    match core.try_pick(w, &eligible) {
+        Pick::Got(b, permit) => return Ok(Some((b, permit))),
+        Pick::NoneEligible => return Ok(None),
+        Pick::AllFull => {}
+    }
+    let Some(ticket) = core.enqueue() else {
+        return Err(ProxyError::QueueFull);
+    };
+    let timeout = core.shared.queue_timeout();
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ProxyError::QueueTimeout(timeout));
+        }
+        let wait = if core.is_front(&ticket.me) {
+            left.min(POLL)
+        } else {
+            left
+        };
+        let wake = monoio::time::timeout(wait, ticket.woken())
+            .await
+            .unwrap_or(Wake::None);
+        w.drain_inbox();
+        match core.try_pick(w, &eligible) {
+            Pick::Got(b, permit) => return Ok(Some((b, permit))),
+            Pick::NoneEligible => return Ok(None),
+            // Only a baton goes round the queue: a poll or a nudge that finds nothing stays put.
+            Pick::AllFull if wake == Wake::Baton => ticket.pass_on(),
+            Pick::AllFull => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_limit_is_exact() {
+        let l = ConnectionLimit::new(2);
+        let a = l.try_open();
+        let b = l.try_open();
+        assert!(a.is_some() && b.is_some());
+        assert!(l.try_open().is_none());
+        drop(a);
+        assert!(l.try_open().is_some());
+    }
+
+    #[test]
+    fn gates_grow_and_keep_counts() {
+        let cap = Capacity::new(&[1], 4, Duration::from_secs(1));
+        let core = CoreCapacity::new(cap.clone());
+        assert!(core.limited.get());
+        let p = core.acquire(0).unwrap();
+        assert!(p.is_some());
+        assert!(core.acquire(0).is_err());
+        assert!(!core.has_room(0));
+        // Slots beyond the table are unlimited until the table grows.
+        assert!(matches!(core.acquire(3), Ok(None)));
+        cap.set_limits(&[2, 0, 0, 1]);
+        core.refresh();
+        assert!(core.has_room(0));
+        let q = core.acquire(0).unwrap();
+        assert!(core.acquire(0).is_err());
+        let r = core.acquire(3).unwrap();
+        assert!(r.is_some() && core.acquire(3).is_err());
+        drop((p, q, r));
+        assert!(core.has_room(0) && core.has_room(3));
+        cap.set_limits(&[0]);
+        core.refresh();
+        assert!(!core.limited.get());
+    }
+
+    #[test]
+    fn queue_is_bounded_and_wakes_in_order() {
+        let cap = Capacity::new(&[1], 2, Duration::from_secs(1));
+        let core = CoreCapacity::new(cap.clone());
+        let t1 = core.enqueue().unwrap();
+        let t2 = core.enqueue().unwrap();
+        assert!(core.enqueue().is_none(), "queue_size is 2");
+        assert_eq!(cap.queued(), 2);
+        core.wake_next(None);
+        assert_eq!(
+            (t1.me.wake.get(), t2.me.wake.get()),
+            (Wake::Baton, Wake::None)
+        );
+        // t1 could not use it: t2 gets the chance.
+        t1.pass_on();
+        assert_eq!(t2.me.wake.get(), Wake::Baton);
+        drop(t2);
+        assert_eq!(cap.queued(), 1);
+        assert_eq!(core.waiters.borrow().len(), 1);
+        drop(t1);
+        assert_eq!(cap.queued(), 0);
+        assert!(core.enqueue().is_some());
+    }
+
+    #[test]
+    fn a_dropped_woken_waiter_passes_the_wake_on() {
+        let cap = Capacity::new(&[1], 8, Duration::from_secs(1));
+        let core = CoreCapacity::new(cap);
+        let t1 = core.enqueue().unwrap();
+        let t2 = core.enqueue().unwrap();
+        core.wake_next(None);
+        drop(t1);
+        assert_eq!(t2.me.wake.get(), Wake::Baton);
+    }
+
+    #[test]
+    fn the_next_front_waiter_is_nudged_not_given_a_baton() {
+        let cap = Capacity::new(&[1], 8, Duration::from_secs(1));
+        let core = CoreCapacity::new(cap);
+        let t1 = core.enqueue().unwrap();
+        let t2 = core.enqueue().unwrap();
+        let t3 = core.enqueue().unwrap();
+        assert!(core.is_front(&t1.me) && !core.is_front(&t2.me));
+        drop(t1);
+        assert!(core.is_front(&t2.me));
+        assert_eq!(
+            (t2.me.wake.get(), t3.me.wake.get()),
+            (Wake::Nudge, Wake::None)
+        );
+        // A baton still reaches a nudged waiter.
+        core.wake_next(None);
+        assert_eq!(t2.me.wake.get(), Wake::Baton);
+        drop(t3);
+        assert_eq!(t2.me.wake.get(), Wake::Baton);
+    }
+}

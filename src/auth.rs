@@ -1,0 +1,452 @@
+//! Client authentication: which named key a request carries, whether that key may use the
+//! request's model and whether it is within its rates. Keys are kept only as SHA-256 digests;
+//! a presented key is hashed once and looked up by its digest, and the final comparison is in
+//! constant time, so neither the stored keys nor the lookup's timing reveal a key.
+//!
+//! The key set is process-wide and replaced as a whole when `auth.keys_file` changes (a
+//! background thread polls the file's inode, size and mtime, so Kubernetes Secret updates, which
+//! swap a symlink, are seen). Cores never lock on the request path: each keeps an `Rc` of the
+//! current set and swaps it only when the store's version number moved. A broken file keeps the
+//! previous keys. Rate-limit state is kept across reloads for keys whose name and rates did not
+//! change.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use sha2::{Digest, Sha256};
+
+use crate::config::{ApiKey, Auth, KeyDigest};
+use crate::error::{AuthFailure, ProxyError};
+use crate::http1::Head;
+use crate::ratelimit::{retry_after_secs, Clock, KeyLimits};
+use crate::usage;
+
+pub fn digest(key: &str) -> KeyDigest {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+/// Compares two digests in time independent of where they differ.
+pub fn ct_eq(a: &KeyDigest, b: &KeyDigest) -> bool {
+    let diff = a
+        .iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
+/// One key as the request path sees it.
+pub struct KeyEntry {
+    pub name: Arc<str>,
+    digest: KeyDigest,
+    models: Option<Box<[String]>>,
+    limits: Option<Arc<KeyLimits>>,
+}
+
+/// Digests are uniformly distributed already: their first 8 bytes are the hash.
+#[derive(Default)]
+struct PrefixHasher(u64);
+
+impl Hasher for PrefixHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+fn prefix(d: &KeyDigest) -> u64 {
+    let mut p = [0u8; 8];
+    p.copy_from_slice(&d[..8]);
+    u64::from_le_bytes(p)
+}
+
+/// An immutable set of keys.
+pub struct KeySet {
+    /// Digest prefix → entries with that prefix (one, unless digests collide in 64 bits).
+    index: HashMap<u64, Vec<usize>, BuildHasherDefault<PrefixHasher>>,
+    entries: Vec<KeyEntry>,
+}
+
+impl KeySet {
+    /// Builds the set, keeping the rate-limit state of `previous` keys with the same name and
+    /// rates.
+    fn build(keys: &[ApiKey], clock: Clock, previous: Option<&KeySet>) -> KeySet {
+        let mut index: HashMap<u64, Vec<usize>, BuildHasherDefault<PrefixHasher>> =
+            HashMap::default();
+        let mut entries = Vec::with_capacity(keys.len());
+        for (i, k) in keys.iter().enumerate() {
+            let kept = previous
+                .and_then(|p| p.entries.iter().find(|e| *e.name == *k.name))
+                .and_then(|e| e.limits.clone())
+                .filter(|l| l.same_rates(k.rpm, k.tpm));
+            let limits = kept.or_else(|| KeyLimits::new(clock, k.rpm, k.tpm).map(Arc::new));
+            index.entry(prefix(&k.digest)).or_default().push(i);
+            entries.push(KeyEntry {
+                name: k.name.as_str().into(),
+                digest: k.digest,
+                models: k.models.clone().map(Vec::into_boxed_slice),
+                limits,
+            });
+        }
+        KeySet { index, entries }
+    }
+
+    fn find(&self, d: &KeyDigest) -> Option<usize> {
+        let candidates = self.index.get(&prefix(d))?;
+        candidates
+            .iter()
+            .copied()
+            .find(|&i| ct_eq(&self.entries[i].digest, d))
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// The process-wide key set and what replaces it.
+pub struct KeyStore {
+    enabled: bool,
+    /// Client keys are removed from what is sent upstream.
+    strip_client_key: bool,
+    clock: Clock,
+    config_keys: Vec<ApiKey>,
+    current: Mutex<Arc<KeySet>>,
+    /// Bumped on every replacement; cores compare it with the version they hold.
+    version: AtomicU64,
+}
+
+impl KeyStore {
+    /// Reads `auth.keys_file` once when set: a proxy with auth configured never starts with
+    /// keys it could not read.
+    pub fn new(cfg: &Auth) -> Result<KeyStore, String> {
+        let clock = Clock::new();
+        let store = KeyStore {
+            enabled: cfg.enabled(),
+            strip_client_key: cfg.enabled() && !cfg.forward_client_key,
+            clock,
+            config_keys: cfg.keys.clone(),
+            current: Mutex::new(Arc::new(KeySet::build(&cfg.keys, clock, None))),
+            version: AtomicU64::new(0),
+        };
+        if let Some(path) = &cfg.keys_file {
+            store.reload_file(path)?;
+        }
+        Ok(store)
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    pub fn strip_client_key(&self) -> bool {
+        self.strip_client_key
+    }
+
+    /// Replaces the key set by the config's keys plus the file's; on any error the current set
+    /// stays. Returns the number of keys now in force.
+    pub fn reload_file(&self, path: &Path) -> Result<usize, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read: {e}"))?;
+        let file_keys = crate::config::parse_keys_file(&text).map_err(|e| e.to_string())?;
+        for k in &file_keys {
+            if let Some(c) = self
+                .config_keys
+                .iter()
+                .find(|c| c.name == k.name || ct_eq(&c.digest, &k.digest))
+            {
+                return Err(format!(
+                    "key \"{}\" clashes with auth.keys entry \"{}\" (same name or same key)",
+                    k.name, c.name
+                ));
+            }
+        }
+        let mut all = self.config_keys.clone();
+        all.extend(file_keys);
+        let mut current = self
+            .current
+            .lock()
+            .map_err(|_| "key store lock poisoned".to_string())?;
+        let next = Arc::new(KeySet::build(&all, self.clock, Some(&current)));
+        let n = next.len();
+        *current = next;
+        self.version.fetch_add(1, Ordering::Release);
+        Ok(n)
+    }
+
+    fn snapshot(&self) -> Option<Arc<KeySet>> {
+        self.current.lock().ok().map(|c| c.clone())
+    }
+}
+
+/// A core's handle on a key set: cloning the `Rc` of it per request costs no atomic operation
+/// on a cache line that other cores share (cloning the `Arc` would).
+pub struct CoreKeys(Arc<KeySet>);
+
+/// One core's view of the key store.
+pub struct CoreAuth {
+    store: Arc<KeyStore>,
+    version: Cell<u64>,
+    keys: RefCell<Rc<CoreKeys>>,
+}
+
+impl CoreAuth {
+    pub fn new(store: Arc<KeyStore>) -> CoreAuth {
+        let keys = store
+            .snapshot()
+            .unwrap_or_else(|| Arc::new(KeySet::build(&[], store.clock, None)));
+        CoreAuth {
+            version: Cell::new(store.version.load(Ordering::Acquire)),
+            keys: RefCell::new(Rc::new(CoreKeys(keys))),
+            store,
+        }
+    }
+
+    pub fn store(&self) -> &KeyStore {
+        &self.store
+    }
+
+    /// The current set; swapped only when the store changed (one atomic load otherwise).
+    fn keys(&self) -> Rc<CoreKeys> {
+        let v = self.store.version.load(Ordering::Acquire);
+        if v != self.version.get() {
+            if let Some(fresh) = self.store.snapshot() {
+                *self.keys.borrow_mut() = Rc::new(CoreKeys(fresh));
+                self.version.set(v);
+            }
+        }
+        self.keys.borrow().clone()
+    }
+
+    /// Who is calling. With auth off everyone is `Open`; otherwise the request must carry a
+    /// known key in `Authorization: Bearer` or `x-api-key`.
+    pub fn identify(&self, head: &Head) -> Result<Caller, ProxyError> {
+        if !self.store.enabled {
+            return Ok(Caller::Open);
+        }
+        let Some(key) = usage::client_key(head).filter(|k| !k.is_empty()) else {
+            return Err(ProxyError::Unauthorized(AuthFailure::Missing));
+        };
+        let keys = self.keys();
+        match keys.0.find(&digest(key)) {
+            Some(idx) => Ok(Caller::Key { keys, idx }),
+            None => Err(ProxyError::Unauthorized(AuthFailure::Invalid)),
+        }
+    }
+}
+
+/// The caller of one request, as far as it is known.
+pub enum Caller {
+    /// Authentication is off: `key_id` is derived from whatever key the client sent.
+    Open,
+    /// A configured key.
+    Key { keys: Rc<CoreKeys>, idx: usize },
+    /// The request was refused before a key was established: it is not billed to anyone.
+    Unknown,
+}
+
+impl Caller {
+    fn entry(&self) -> Option<&KeyEntry> {
+        match self {
+            Caller::Key { keys, idx } => keys.0.entries.get(*idx),
+            _ => None,
+        }
+    }
+
+    /// The `key_id` of usage events and access lines: the key's name; with auth off, a hash of
+    /// the key the client sent (on metered routes).
+    pub fn key_id(&self, head: &Head, metered: bool) -> Option<String> {
+        match self {
+            Caller::Open if metered => usage::client_key(head).map(usage::key_id),
+            Caller::Key { .. } => self.entry().map(|e| e.name.to_string()),
+            Caller::Open | Caller::Unknown => None,
+        }
+    }
+
+    /// Whether a usage event is emitted for this caller (not for failed authentication, which
+    /// anyone can cause in any number).
+    pub fn billable(&self) -> bool {
+        !matches!(self, Caller::Unknown)
+    }
+
+    /// The key's model allowlist. A restricted key must name an allowed model, except on reads
+    /// (`GET`, e.g. a proxied `/v1/models`), which run no model.
+    pub fn check_model(&self, method: &str, model: Option<&str>) -> Result<(), ProxyError> {
+        let Some(allowed) = self.entry().and_then(|e| e.models.as_deref()) else {
+            return Ok(());
+        };
+        match model {
+            Some(m) if allowed.iter().any(|a| a == m) => Ok(()),
+            None if method == "GET" || method == "HEAD" => Ok(()),
+            m => Err(ProxyError::ModelNotAllowed(
+                m.unwrap_or("(none)").to_string(),
+            )),
+        }
+    }
+
+    /// Takes one request from the key's rates.
+    pub fn admit(&self, at: Instant) -> Result<(), ProxyError> {
+        let Some(limits) = self.entry().and_then(|e| e.limits.as_deref()) else {
+            return Ok(());
+        };
+        limits
+            .admit(at)
+            .map_err(|(limit, wait)| ProxyError::RateLimited {
+                limit,
+                retry_after: retry_after_secs(wait),
+            })
+    }
+
+    /// Charges a finished request's tokens to the key's token rate.
+    pub fn charge_tokens(&self, tokens: u64) {
+        if let Some(limits) = self.entry().and_then(|e| e.limits.as_deref()) {
+            limits.charge_tokens(tokens);
+        }
+    }
+}
+
+/// What identifies a version of the keys file: a Secret update swaps a symlink (new inode), an
+/// edit changes size or mtime.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: Option<SystemTime>,
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(Stamp {
+        dev: m.dev(),
+        ino: m.ino(),
+        len: m.len(),
+        mtime: m.modified().ok(),
+    })
+}
+
+/// Starts the thread that re-reads `path` whenever it changes.
+pub fn watch(
+    store: Arc<KeyStore>,
+    path: PathBuf,
+    every: Duration,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("llmproxy-keys".into())
+        .spawn(move || {
+            // Unknown at first: the file may have changed since it was loaded at startup, so the
+            // first poll reads it once more.
+            let mut last = None;
+            loop {
+                std::thread::sleep(every);
+                let now = stamp(&path);
+                if now == last {
+                    continue;
+                }
+                last = now;
+                match store.reload_file(&path) {
+                    Ok(n) => log::info!("auth.keys_file {} reloaded: {n} keys", path.display()),
+                    Err(e) => log::error!(
+                        "auth.keys_file {}: {e}; keeping the previous keys",
+                        path.display()
+                    ),
+                }
+            }
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(name: &str, raw: &str, models: Option<&[&str]>, rpm: u64) -> ApiKey {
+        ApiKey {
+            name: name.into(),
+            digest: digest(raw),
+            models: models.map(|m| m.iter().map(|s| s.to_string()).collect()),
+            rpm,
+            tpm: 0,
+        }
+    }
+
+    #[test]
+    fn constant_time_compare() {
+        let a = digest("a");
+        let mut b = a;
+        assert!(ct_eq(&a, &b));
+        b[31] ^= 1;
+        assert!(!ct_eq(&a, &b));
+        b = a;
+        b[0] ^= 0x80;
+        assert!(!ct_eq(&a, &b));
+        assert!(!ct_eq(&a, &digest("b")));
+    }
+
+    #[test]
+    fn lookup_by_digest() {
+        let set = KeySet::build(
+            &[
+                key("a", "sk-aaaaaaaaaaaaaaaa", None, 0),
+                key("b", "sk-bbbbbbbbbbbbbbbb", None, 0),
+            ],
+            Clock::new(),
+            None,
+        );
+        assert_eq!(set.find(&digest("sk-bbbbbbbbbbbbbbbb")), Some(1));
+        assert_eq!(set.find(&digest("sk-aaaaaaaaaaaaaaaa")), Some(0));
+        assert_eq!(set.find(&digest("sk-cccccccccccccccc")), None);
+    }
+
+    #[test]
+    fn rate_state_survives_a_rebuild_with_the_same_rates() {
+        let clock = Clock::new();
+        let old = KeySet::build(&[key("a", "sk-aaaaaaaaaaaaaaaa", None, 1)], clock, None);
+        let keep = KeySet::build(
+            &[key("a", "sk-aaaaaaaaaaaaaaaa", None, 1)],
+            clock,
+            Some(&old),
+        );
+        let changed = KeySet::build(
+            &[key("a", "sk-aaaaaaaaaaaaaaaa", None, 2)],
+            clock,
+            Some(&old),
+        );
+        let l = |s: &KeySet| s.entries[0].limits.clone().unwrap();
+        assert!(Arc::ptr_eq(&l(&old), &l(&keep)));
+        assert!(!Arc::ptr_eq(&l(&old), &l(&changed)));
+    }
+
+    #[test]
+    fn model_allowlist() {
+        let set = Rc::new(CoreKeys(Arc::new(KeySet::build(
+            &[key("a", "sk-aaaaaaaaaaaaaaaa", Some(&["m1"]), 0)],
+            Clock::new(),
+            None,
+        ))));
+        let c = Caller::Key { keys: set, idx: 0 };
+        assert!(c.check_model("POST", Some("m1")).is_ok());
+        assert!(matches!(
+            c.check_model("POST", Some("m2")),
+            Err(ProxyError::ModelNotAllowed(_))
+        ));
+        assert!(c.check_model("POST", None).is_err());
+        assert!(c.check_model("GET", None).is_ok());
+        assert!(Caller::Open.check_model("POST", Some("m2")).is_ok());
+    }
+}

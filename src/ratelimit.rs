@@ -1,0 +1,272 @@
+//! Per-key request and token rates (`auth.keys[].rpm` / `.tpm`), shared by every core of the
+//! process without a lock: each limit is one atomic "theoretical arrival time" (GCRA, the
+//! token bucket written as a single timestamp). A bucket holds one minute's worth of its rate,
+//! so a key may burst its whole per-minute allowance and then refills continuously.
+//!
+//! Requests are charged when admitted. Tokens are charged after the request, from its usage, so a
+//! request is admitted while the token bucket is not empty and a big answer may drive it into
+//! debt: the key then waits until the debt is paid off. Limits are per process.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// The bucket size in time: one minute's allowance.
+const WINDOW_NS: u64 = 60_000_000_000;
+
+/// One rate limit: `rate` units per minute.
+#[derive(Debug)]
+pub struct Gcra {
+    rate: u64,
+    /// Nanoseconds after `Clock::epoch` at which the bucket is full again.
+    tat: AtomicU64,
+}
+
+impl Gcra {
+    pub fn new(rate_per_minute: u64) -> Self {
+        Gcra {
+            rate: rate_per_minute.max(1),
+            tat: AtomicU64::new(0),
+        }
+    }
+
+    pub fn rate(&self) -> u64 {
+        self.rate
+    }
+
+    /// The time `units` take to refill.
+    fn cost(&self, units: u64) -> u64 {
+        let ns = u128::from(units) * u128::from(WINDOW_NS) / u128::from(self.rate);
+        u64::try_from(ns).unwrap_or(u64::MAX)
+    }
+
+    /// Takes `units` if they fit in the bucket; otherwise how long until they would.
+    pub fn take(&self, now: u64, units: u64) -> Result<(), Duration> {
+        let cost = self.cost(units);
+        let mut tat = self.tat.load(Ordering::Relaxed);
+        loop {
+            let next = tat.max(now).saturating_add(cost);
+            let used = next - now;
+            if used > WINDOW_NS {
+                return Err(Duration::from_nanos(used - WINDOW_NS));
+            }
+            match self
+                .tat
+                .compare_exchange_weak(tat, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return Ok(()),
+                Err(actual) => tat = actual,
+            }
+        }
+    }
+
+    /// Whether anything is left in the bucket; otherwise how long until something is.
+    pub fn check(&self, now: u64) -> Result<(), Duration> {
+        let used = self.tat.load(Ordering::Relaxed).saturating_sub(now);
+        if used >= WINDOW_NS {
+            // At least one nanosecond past the full bucket, so a retry then succeeds.
+            Err(Duration::from_nanos(used - WINDOW_NS + 1))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Charges `units` unconditionally (the bucket may go into debt).
+    pub fn charge(&self, now: u64, units: u64) {
+        let cost = self.cost(units);
+        let _ = self
+            .tat
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |tat| {
+                Some(tat.max(now).saturating_add(cost))
+            });
+    }
+}
+
+/// Which limit refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exceeded {
+    Requests,
+    Tokens,
+}
+
+/// The limits of one key.
+#[derive(Debug)]
+pub struct KeyLimits {
+    clock: Clock,
+    rpm: Option<Gcra>,
+    tpm: Option<Gcra>,
+}
+
+impl KeyLimits {
+    /// `None` when both are 0 (unlimited): such keys touch no shared state at all.
+    pub fn new(clock: Clock, rpm: u64, tpm: u64) -> Option<Self> {
+        if rpm == 0 && tpm == 0 {
+            return None;
+        }
+        Some(KeyLimits {
+            clock,
+            rpm: (rpm > 0).then(|| Gcra::new(rpm)),
+            tpm: (tpm > 0).then(|| Gcra::new(tpm)),
+        })
+    }
+
+    /// Whether these limits were built from the same rates (so their state can be kept).
+    pub fn same_rates(&self, rpm: u64, tpm: u64) -> bool {
+        self.rpm.as_ref().map_or(0, Gcra::rate) == rpm
+            && self.tpm.as_ref().map_or(0, Gcra::rate) == tpm
+    }
+
+    /// Admits one request: the token bucket must not be empty, then one request is taken.
+    pub fn admit(&self, at: Instant) -> Result<(), (Exceeded, Duration)> {
+        let now = self.clock.ns(at);
+        if let Some(t) = &self.tpm {
+            t.check(now).map_err(|d| (Exceeded::Tokens, d))?;
+        }
+        if let Some(r) = &self.rpm {
+            r.take(now, 1).map_err(|d| (Exceeded::Requests, d))?;
+        }
+        Ok(())
+    }
+
+    /// Charges the tokens a finished request used.
+    pub fn charge_tokens(&self, tokens: u64) {
+        if let (Some(t), true) = (&self.tpm, tokens > 0) {
+            t.charge(self.clock.ns(Instant::now()), tokens);
+        }
+    }
+}
+
+/// The process-wide time origin of the buckets.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    epoch: Instant,
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        Clock {
+            epoch: Instant::now(),
+        }
+    }
+
+    fn ns(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::new()
+    }
+}
+
+/// Whole seconds for `Retry-After`, rounded up, at least 1.
+pub fn retry_after_secs(d: Duration) -> u64 {
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    secs.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn requests_burst_a_minute_then_refill_continuously() {
+        let g = Gcra::new(60);
+        for i in 0..60 {
+            assert!(g.take(0, 1).is_ok(), "request {i} of the burst");
+        }
+        let wait = g.take(0, 1).unwrap_err();
+        assert_eq!(wait, Duration::from_secs(1));
+        assert!(g.take(S / 2, 1).is_err());
+        assert!(g.take(S, 1).is_ok());
+        assert!(g.take(S, 1).is_err());
+        // After a quiet minute the whole burst is back, and not more.
+        let later = 200 * S;
+        for _ in 0..60 {
+            assert!(g.take(later, 1).is_ok());
+        }
+        assert!(g.take(later, 1).is_err());
+    }
+
+    #[test]
+    fn uneven_rates_do_not_drift() {
+        // 7 per minute: 60/7 s each; after exactly one minute 7 more fit, not 6 or 8.
+        let g = Gcra::new(7);
+        for _ in 0..7 {
+            assert!(g.take(0, 1).is_ok());
+        }
+        assert!(g.take(0, 1).is_err());
+        let mut admitted = 0;
+        for step in 1..=600 {
+            if g.take(step * S / 10, 1).is_ok() {
+                admitted += 1;
+            }
+        }
+        assert_eq!(admitted, 7);
+    }
+
+    #[test]
+    fn tokens_admit_until_empty_and_debt_is_paid_back() {
+        let g = Gcra::new(600);
+        assert!(g.check(0).is_ok());
+        g.charge(0, 500);
+        assert!(g.check(0).is_ok(), "100 tokens are left");
+        g.charge(0, 500);
+        // 1000 tokens at 600/min: 100 s of refill, 40 s beyond the one-minute bucket.
+        let wait = g.check(0).unwrap_err();
+        assert!(
+            wait > Duration::from_secs(40) && wait < Duration::from_millis(40_001),
+            "{wait:?}"
+        );
+        assert!(g.check(40 * S).is_err());
+        assert!(g.check(40 * S + 1).is_ok());
+    }
+
+    #[test]
+    fn key_limits_report_which_limit() {
+        let clock = Clock::new();
+        let l = KeyLimits::new(clock, 2, 10).unwrap();
+        let t0 = clock.epoch;
+        assert!(l.admit(t0).is_ok());
+        assert!(l.admit(t0).is_ok());
+        assert_eq!(l.admit(t0).unwrap_err().0, Exceeded::Requests);
+        let l = KeyLimits::new(clock, 0, 10).unwrap();
+        l.tpm.as_ref().unwrap().charge(0, 20);
+        assert_eq!(l.admit(t0).unwrap_err().0, Exceeded::Tokens);
+        assert!(KeyLimits::new(clock, 0, 0).is_none());
+        assert!(l.same_rates(0, 10));
+        assert!(!l.same_rates(1, 10));
+    }
+
+    #[test]
+    fn concurrent_takes_never_exceed_the_burst() {
+        let g = std::sync::Arc::new(Gcra::new(1000));
+        let ok = std::sync::Arc::new(AtomicU64::new(0));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (g, ok) = (g.clone(), ok.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..500 {
+                        if g.take(0, 1).is_ok() {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(ok.load(Ordering::Relaxed), 1000);
+    }
+
+    #[test]
+    fn retry_after_rounds_up() {
+        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_secs(2)), 2);
+        assert_eq!(retry_after_secs(Duration::from_millis(2001)), 3);
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+    }
+}
