@@ -219,12 +219,15 @@ async fn read_body(worker: &Worker, d: &mut Downstream, head: &Head) -> Result<B
         let (res, _) = d.wr.write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..]).await;
         res.map_err(|e| ProxyError::BadRequest(format!("client gone: {e}")))?;
     }
+    // The header timeout bounds the whole body, not each read: a body trickled a byte at a time
+    // (slow POST) would otherwise hold the connection forever.
+    let deadline = Instant::now() + cfg.timeouts.header;
     match framing {
         BodyFraming::Empty | BodyFraming::UntilClose => Ok(Bytes::new()),
         BodyFraming::Length(n) => {
             let n = usize::try_from(n).map_err(|_| ProxyError::BodyTooLarge(max))?;
             while d.buf.len() < n {
-                read_some(worker, d).await?;
+                read_some(d, deadline).await?;
             }
             Ok(d.buf.split_to(n).freeze())
         }
@@ -242,16 +245,17 @@ async fn read_body(worker: &Worker, d: &mut Downstream, head: &Head) -> Result<B
                 if dec.is_done() {
                     return Ok(Bytes::from(body));
                 }
-                read_some(worker, d).await?;
+                read_some(d, deadline).await?;
             }
         }
     }
 }
 
-/// One read of request-body bytes; the header timeout bounds each wait.
-async fn read_some(worker: &Worker, d: &mut Downstream) -> Result<(), ProxyError> {
+/// One read of request-body bytes, given up at `deadline`.
+async fn read_some(d: &mut Downstream, deadline: Instant) -> Result<(), ProxyError> {
     let buf = std::mem::take(&mut d.buf);
-    match monoio::time::timeout(worker.config().timeouts.header, read_more(&mut d.rd, buf)).await {
+    let wait = deadline.saturating_duration_since(Instant::now());
+    match monoio::time::timeout(wait, read_more(&mut d.rd, buf)).await {
         Ok((Ok(n), buf)) if n > 0 => {
             d.buf = buf;
             Ok(())
