@@ -150,8 +150,16 @@ impl Mock {
     }
 
     pub fn start_with(args: &[&str]) -> Mock {
+        Mock::start_on(0, args)
+    }
+
+    /// A mock on a given port (0 = any), e.g. to bring a killed backend back where it was.
+    pub fn start_on(port: u16, args: &[&str]) -> Mock {
         let mut cmd = Command::new(BIN);
-        cmd.arg("mock-backend").arg("--port").arg("0").args(args);
+        cmd.arg("mock-backend")
+            .arg("--port")
+            .arg(port.to_string())
+            .args(args);
         let proc = Proc::spawn(cmd);
         let line = proc.wait_for_line("listening on", Duration::from_secs(10));
         let addr = parse_addr(&line);
