@@ -34,26 +34,6 @@ fn open_stream(proxy: &Proxy, tokens: u32, headers: &[(&str, &str)]) -> Client {
     c
 }
 
-/// Reads until the proxy closes the connection; panics if that takes longer than `limit`.
-fn read_until_closed(c: &mut Client, limit: Duration) -> String {
-    let start = Instant::now();
-    c.stream
-        .set_read_timeout(Some(limit))
-        .expect("read timeout");
-    let mut all = Vec::new();
-    let mut buf = [0u8; 8192];
-    loop {
-        match c.stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => all.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
-            Err(e) => panic!("stream still open after {:?}: {e}", start.elapsed()),
-        }
-        assert!(start.elapsed() < limit, "the stream hangs");
-    }
-    String::from_utf8_lossy(&all).into_owned()
-}
-
 /// A stream cut by a failure: the head and some tokens arrived, then an SSE error event, and
 /// the body is visibly incomplete (no `[DONE]`, no last chunk) so no client takes it as whole.
 fn assert_cut_stream(text: &str, code: &str) {
@@ -94,7 +74,7 @@ fn a_backend_killed_mid_stream_ends_the_stream_and_is_billed_as_upstream_error()
     mock.proc.child.kill().expect("kill the backend");
     let _ = mock.proc.child.wait();
     let mut text = String::from_utf8_lossy(&first).into_owned();
-    text.push_str(&read_until_closed(&mut c, Duration::from_secs(5)));
+    text.push_str(&c.read_until_closed(Duration::from_secs(5)));
     assert!(text.contains("tok0"), "{text}");
     assert_cut_stream(&text, "upstream_closed");
     let events = hook.wait_events(1, Duration::from_secs(10));
@@ -117,7 +97,7 @@ fn a_backend_resetting_mid_stream_is_the_same_clean_cut() {
         20,
         &[("x-mock-reset-after", "3"), ("x-request-id", "reset-1")],
     );
-    let text = read_until_closed(&mut c, Duration::from_secs(5));
+    let text = c.read_until_closed(Duration::from_secs(5));
     assert!(text.contains("tok2") && !text.contains("tok3"), "{text}");
     assert_cut_stream(&text, "upstream_closed");
     let events = hook.wait_events(1, Duration::from_secs(10));
@@ -153,7 +133,7 @@ fn stalls_give_504_before_the_head_and_cut_the_stream_after_it() {
     ] {
         let start = Instant::now();
         let mut c = open_stream(&proxy, 10, &[(hook_header, value), ("x-request-id", id)]);
-        let text = read_until_closed(&mut c, Duration::from_secs(5));
+        let text = c.read_until_closed(Duration::from_secs(5));
         assert!(start.elapsed() >= Duration::from_millis(350), "{id}");
         assert_cut_stream(&text, "upstream_timeout");
         if id == "stall-between" {
@@ -189,7 +169,7 @@ fn garbage_from_a_backend_is_a_502_or_a_cut_stream_and_is_never_pooled() {
             ("x-request-id", "garbage-chunk"),
         ],
     );
-    let text = read_until_closed(&mut c, Duration::from_secs(5));
+    let text = c.read_until_closed(Duration::from_secs(5));
     assert!(text.contains("tok0"), "{text}");
     assert_cut_stream(&text, "upstream_protocol_error");
     let events = hook.wait_events(2, Duration::from_secs(10));

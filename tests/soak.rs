@@ -101,7 +101,7 @@ fn exchange(addr: std::net::SocketAddr, c: &mut Option<Client>, s: Scenario, raw
             Seen::Aborted
         }
         Scenario::Stream | Scenario::ResetMidStream => {
-            let text = read_to_close(conn);
+            let text = conn.read_until_closed(Duration::from_secs(30));
             *c = None;
             if s == Scenario::Stream && text.starts_with("HTTP/1.1 200") && text.contains("[DONE]")
             {
@@ -153,20 +153,6 @@ fn is_proxy_error(r: &Response) -> bool {
 
 fn status_of(text: &str) -> u16 {
     text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0)
-}
-
-fn read_to_close(c: &mut Client) -> String {
-    let mut all = Vec::new();
-    let mut buf = [0u8; 8192];
-    loop {
-        match c.stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => all.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
-            Err(e) => panic!("no end of a cut stream (hang?): {e}"),
-        }
-    }
-    String::from_utf8_lossy(&all).into_owned()
 }
 
 /// Resident set size of a process, in KiB.

@@ -406,6 +406,25 @@ impl Client {
         self.read_response()
     }
 
+    /// Reads raw bytes until the server closes the connection; panics if that takes longer than
+    /// `limit` (a hang).
+    pub fn read_until_closed(&mut self, limit: Duration) -> String {
+        let start = Instant::now();
+        self.stream.set_read_timeout(Some(limit)).expect("timeout");
+        let mut all = std::mem::take(&mut self.buf);
+        let mut tmp = [0u8; 8192];
+        loop {
+            match self.stream.read(&mut tmp) {
+                Ok(0) => break,
+                Ok(n) => all.extend_from_slice(&tmp[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => panic!("connection still open after {:?}: {e}", start.elapsed()),
+            }
+            assert!(start.elapsed() < limit, "the response never ends");
+        }
+        String::from_utf8_lossy(&all).into_owned()
+    }
+
     /// True if the server closed the connection (EOF) within `timeout`.
     pub fn is_closed(&mut self, timeout: Duration) -> bool {
         self.stream
