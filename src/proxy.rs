@@ -731,8 +731,9 @@ async fn respond(
     if head.method() != "HEAD" {
         out.extend_from_slice(&body);
     }
-    let (res, _) = d.wr.write_all(out).await;
-    res.is_ok() && !close
+    // Bounded like a stream: a client that never reads must not hold its connection forever.
+    let (ok, _) = write_client(&mut d.wr, out, d.write_timeout).await;
+    ok && !close
 }
 
 async fn error_response(
@@ -807,7 +808,7 @@ pub async fn reject(w: &Worker, d: &mut Downstream, e: &ProxyError, head: Option
     write::header(&mut out, "connection", b"close");
     write::end_head(&mut out);
     out.extend_from_slice(&body);
-    let _ = d.wr.write_all(out).await;
+    let _ = write_client(&mut d.wr, out, d.write_timeout).await;
     w.metrics.request(
         e.status(),
         None,

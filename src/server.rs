@@ -34,6 +34,8 @@ pub struct Downstream {
     pub peer_ip: Rc<str>,
     /// Accepted on the admin listener.
     pub admin: bool,
+    /// `timeouts.write`: how long one write to this client may stall before it is dropped.
+    pub write_timeout: Duration,
 }
 
 /// How often an accept loop checks whether the process is draining.
@@ -114,6 +116,7 @@ async fn serve(worker: Rc<Worker>, stream: TcpStream, peer: SocketAddr, admin: b
         peer,
         peer_ip: peer.ip().to_string().into(),
         admin,
+        write_timeout: worker.config().timeouts.write,
     };
     loop {
         let head = match read_head(&worker, &mut d).await {

@@ -257,3 +257,33 @@ fn a_reader_that_stops_reading_a_stream_is_cut_and_the_upstream_cancelled() {
     }));
     drop(stream);
 }
+
+#[test]
+fn a_client_that_never_reads_local_answers_is_cut_by_the_write_timeout() {
+    let (_mock, proxy) = proxy_with("timeouts: { write: 300ms }\n");
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&proxy.addr.into()).unwrap();
+    let mut stream: TcpStream = socket.into();
+    // Hundreds of pipelined requests for answers the proxy makes itself, never read: its
+    // writes stall once the socket buffers are full.
+    let flood = "GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n".repeat(3000);
+    stream
+        .set_write_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let _ = stream.write_all(flood.as_bytes());
+    let connections = || {
+        get(proxy.addr, "/metrics")
+            .text()
+            .lines()
+            .find(|l| l.starts_with("llmproxy_connections_active"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    // Only the scrape's own connection is left once the stalled one is dropped.
+    assert!(
+        eventually(Duration::from_secs(10), || connections() == Some(1.0)),
+        "a connection that never reads is held: {:?}",
+        connections()
+    );
+    drop(stream);
+}
