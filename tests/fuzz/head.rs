@@ -110,6 +110,8 @@ fn check(input: &[u8]) -> u64 {
     feature((
         response,
         match &whole {
+            // The framing kind, not the length: one behaviour per kind keeps the pool useful.
+            Parsed::Complete(_, n, Ok(BodyFraming::Length(_))) => format!("{} length", n.min(&8)),
             Parsed::Complete(_, n, f) => format!("{} {f:?}", n.min(&8)),
             other => format!("{other:?}"),
         },
