@@ -373,7 +373,9 @@ async fn relay(
     let chunked_out = matches!(framing, BodyFraming::Chunked | BodyFraming::UntilClose)
         || (holds_back && matches!(framing, BodyFraming::Length(_)));
     // An HTTP/1.0 client cannot take chunks: its body ends with the connection.
-    let close = x.close || (chunked_out && !client_11);
+    // A drain that began while the backend worked: say so in this head, so the client opens its
+    // next request elsewhere instead of racing the process exit on this connection.
+    let close = x.close || (chunked_out && !client_11) || w.shared.draining();
     let mut reusable = resp.keep_alive() && framing != BodyFraming::UntilClose;
 
     let mut out = Vec::with_capacity(1024 + conn.buf.len());

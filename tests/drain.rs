@@ -98,3 +98,27 @@ fn sigterm_under_streaming_load_fails_no_connected_client() {
         .iter()
         .all(|e| e["outcome"] == "ok" && e["status"] == 200));
 }
+
+#[test]
+fn a_response_that_starts_during_the_drain_announces_the_close() {
+    let mock = Mock::start();
+    let mut proxy = Proxy::start(&config(&[mock.url()], "shutdown_grace: 10s\n"), &[]);
+    let mut c = Client::connect(proxy.addr);
+    // Sent before the signal, answered after it: the backend takes 800 ms to respond.
+    c.send(
+        post_raw(
+            "/v1/chat/completions",
+            &chat_body(false, 2),
+            &[("x-mock-ttft-ms", "800")],
+            false,
+        )
+        .as_bytes(),
+    );
+    assert!(eventually(Duration::from_secs(2), || mock.stat("active") == 1));
+    proxy.proc.signal(libc::SIGTERM);
+    let r = c.read_response();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(c.is_closed(Duration::from_secs(2)));
+    assert_eq!(proxy.proc.wait_exit(Duration::from_secs(10)), Some(0));
+}
