@@ -89,7 +89,9 @@ fn sigterm_under_streaming_load_fails_no_connected_client() {
     assert_eq!(failed, 0, "clients failed during the drain");
     assert!(after_signal.load(Ordering::SeqCst) >= CLIENTS);
     assert_eq!(proxy.proc.wait_exit(Duration::from_secs(20)), Some(0));
-    assert!(proxy.proc.output().contains("drained; exiting"));
+    proxy
+        .proc
+        .wait_for_line("drained; exiting", Duration::from_secs(5));
     // Every request that was answered was also billed, before the process went away.
     let n = served.load(Ordering::SeqCst);
     let events = hook.wait_events(n, Duration::from_secs(5));

@@ -288,7 +288,7 @@ fn all_backends_down_gives_503s_then_recovers_within_a_health_interval() {
         "no recovery"
     );
     let took = start.elapsed();
-    assert!(took < Duration::from_millis(2500), "recovery took {took:?}");
+    assert!(took < Duration::from_secs(3), "recovery took {took:?}");
     assert_eq!(get(proxy.addr, "/health").status, 200);
     drop(back);
 }

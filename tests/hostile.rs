@@ -136,7 +136,9 @@ fn bodies_that_are_not_json_objects_get_400_in_the_error_shape() {
         assert!(c.is_closed(Duration::from_secs(2)));
     }
     assert_eq!(mock.stat("requests"), 0);
-    assert!(proxy.proc.output().contains("not valid UTF-8"));
+    proxy
+        .proc
+        .wait_for_line("not valid UTF-8", Duration::from_secs(5));
 }
 
 #[test]
