@@ -34,6 +34,9 @@ pub enum ProxyError {
     UpstreamClosed(String),
     #[error("upstream did not respond within {0:?}")]
     FirstByteTimeout(std::time::Duration),
+    /// A response started, then the upstream sent nothing for this long.
+    #[error("upstream sent nothing for {0:?}")]
+    IdleTimeout(std::time::Duration),
     #[error("upstream sent an invalid response: {0}")]
     UpstreamProtocol(String),
     /// Every backend tried answered 502/503 and no other was left.
@@ -91,7 +94,7 @@ impl ProxyError {
             UnknownModel(_) | NotFound(_) => 404,
             NoHealthyBackend | Draining => 503,
             UpstreamConnect(_) | UpstreamClosed(_) | UpstreamProtocol(_) | UpstreamStatus(_) => 502,
-            UpstreamConnectTimeout | FirstByteTimeout(_) | RequestTimeout => 504,
+            UpstreamConnectTimeout | FirstByteTimeout(_) | IdleTimeout(_) | RequestTimeout => 504,
             Internal(_) => 500,
             Unauthorized(_) => 401,
             ModelNotAllowed(_) => 403,
@@ -132,7 +135,7 @@ impl ProxyError {
             UpstreamConnect(_) => "upstream_connect_error",
             UpstreamConnectTimeout => "upstream_connect_timeout",
             UpstreamClosed(_) => "upstream_closed",
-            FirstByteTimeout(_) => "upstream_timeout",
+            FirstByteTimeout(_) | IdleTimeout(_) => "upstream_timeout",
             UpstreamProtocol(_) => "upstream_protocol_error",
             UpstreamStatus(_) => "upstream_unavailable",
             RequestTimeout => "request_timeout",
@@ -162,6 +165,17 @@ impl ProxyError {
         matches!(
             self,
             ProxyError::UpstreamConnect(_) | ProxyError::UpstreamConnectTimeout
+        )
+    }
+
+    /// A time limit ran out (the usage event's outcome is `timeout`, not `upstream_error`).
+    pub fn is_timeout(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::UpstreamConnectTimeout
+                | ProxyError::FirstByteTimeout(_)
+                | ProxyError::IdleTimeout(_)
+                | ProxyError::RequestTimeout
         )
     }
 

@@ -413,10 +413,16 @@ impl LocalMetrics {
     pub fn tokens(&self, model: ModelIdx, u: &crate::usage::Usage) {
         let mut t = self.tokens.borrow_mut();
         let e = t.entry(model).or_insert([0; 4]);
-        e[0] += u.prompt_tokens;
-        e[1] += u.completion_tokens;
-        e[2] += u.cached_tokens.unwrap_or(0);
-        e[3] += u.reasoning_tokens.unwrap_or(0);
+        // Backends report these: absurd values saturate rather than overflow (a debug panic).
+        let add = [
+            u.prompt_tokens,
+            u.completion_tokens,
+            u.cached_tokens.unwrap_or(0),
+            u.reasoning_tokens.unwrap_or(0),
+        ];
+        for (sum, n) in e.iter_mut().zip(add) {
+            *sum = sum.saturating_add(n);
+        }
     }
 
     pub fn retry(&self, backend: usize) {
@@ -488,5 +494,30 @@ impl LocalMetrics {
                     .set(i64::from(view.load(i)));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absurd_token_counts_saturate() {
+        let cfg =
+            Config::with_backends("127.0.0.1:0".parse().unwrap(), &["http://a:1".into()]).unwrap();
+        let local = LocalMetrics::new(Arc::new(Metrics::new(&cfg, 1, "epoll").unwrap()), &cfg);
+        let huge = crate::usage::Usage {
+            prompt_tokens: u64::MAX,
+            completion_tokens: u64::MAX,
+            total_tokens: u64::MAX,
+            cached_tokens: Some(u64::MAX),
+            reasoning_tokens: None,
+        };
+        local.tokens(NONE_IDX, &huge);
+        local.tokens(NONE_IDX, &huge);
+        assert_eq!(
+            local.tokens.borrow()[&NONE_IDX],
+            [u64::MAX, u64::MAX, u64::MAX, 0]
+        );
     }
 }

@@ -5,8 +5,9 @@
 //! `/generate` and `/generate_stream`, `/v1/models`, `/health` and a vLLM-style `/metrics`, and
 //! streams Server-Sent Events token by token, each event in its own chunk and its own write.
 //! Per-request `x-mock-*` headers inject the failures a proxy must survive (error statuses, resets,
-//! stalls, odd framings, short keep-alive timeouts); `/mock/stats` and `/mock/control` let tests
-//! observe and steer it.
+//! stalls, odd framings, garbage instead of HTTP, short keep-alive timeouts); `/mock/stats` and
+//! `/mock/control` let tests observe and steer it (health and failure statuses, a reset of every
+//! Nth inference request).
 //!
 //! It is not a model: the text is `tok0 tok1 ...`, token counts are whitespace-separated words,
 //! and time is simulated with timers. It must never be deployed in front of real users.
@@ -171,6 +172,8 @@ fn serve(
             port: addr.port(),
             health_status: Cell::new(None),
             fail_status: Cell::new(None),
+            reset_every: Cell::new(0),
+            inference_seen: Cell::new(0),
             next_id: Cell::new(0),
         });
         loop {
@@ -259,10 +262,25 @@ struct Server {
     health_status: Cell<Option<u16>>,
     /// Status every inference request answers with (`None` = normal), set through `/mock/control`.
     fail_status: Cell<Option<u16>>,
+    /// Every Nth inference request is answered by a TCP reset (0 = never), set through
+    /// `/mock/control`: a backend that drops every other connection.
+    reset_every: Cell<u64>,
+    inference_seen: Cell<u64>,
     next_id: Cell<u64>,
 }
 
 impl Server {
+    /// Counts an inference request; true when this one is to be reset (`reset_every`).
+    fn reset_this_one(&self) -> bool {
+        let every = self.reset_every.get();
+        if every == 0 {
+            return false;
+        }
+        let n = self.inference_seen.get() + 1;
+        self.inference_seen.set(n);
+        n.is_multiple_of(every)
+    }
+
     fn next_id(&self) -> u64 {
         let id = self.next_id.get() + 1;
         self.next_id.set(id);
@@ -549,6 +567,9 @@ async fn respond(
         hooks,
     };
 
+    if is_inference_path(&exchange.path) && server.reset_this_one() {
+        return Flow::Reset;
+    }
     let action = route(&exchange, server);
     let instant =
         action.is_instant() && !exchange.hooks.stall_head && exchange.hooks.stall_after.is_none();
@@ -665,6 +686,20 @@ fn header_list(headers: &HeaderMap) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Where `x-mock-garbage` breaks the protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Garbage {
+    /// Not an HTTP response at all.
+    Head,
+    /// A valid head and first token, then (after the token delay) an invalid chunk size line.
+    Chunk,
+}
+
+/// What `x-mock-garbage: head` answers: binary junk of another protocol.
+const GARBAGE_HEAD: &[u8] = b"\x00\xffSSH-2.0-OpenSSH_9.6\r\n\x16\x03\x01\x02\x00garbage\r\n\r\n";
+/// What `x-mock-garbage: chunk` sends after the first token instead of a chunk.
+const GARBAGE_CHUNK: &[u8] = b"zz-not-a-size\r\ngarbage\r\n";
+
 /// How a non-streaming body is delimited (`x-mock-framing`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Framing {
@@ -687,6 +722,9 @@ struct Hooks {
     close: bool,
     framing: Framing,
     chunk_split: bool,
+    /// `x-mock-garbage`: bytes that are not HTTP instead of a response, or a stream whose
+    /// chunk framing breaks after the first token.
+    garbage: Option<Garbage>,
     keepalive_timeout: Option<Duration>,
     /// Close after this idle time without announcing it (`x-mock-idle-close-ms`): the race a
     /// proxy's pool must survive when a server's keep-alive limit is unknown to it.
@@ -743,7 +781,18 @@ impl Hooks {
                 ))
             }
         };
+        let garbage = match text("x-mock-garbage")?.as_deref() {
+            None => None,
+            Some("head") => Some(Garbage::Head),
+            Some("chunk") => Some(Garbage::Chunk),
+            Some(other) => {
+                return Err(format!(
+                    "x-mock-garbage must be head or chunk, got {other:?}"
+                ))
+            }
+        };
         Ok(Self {
+            garbage,
             echo: flag("x-mock-echo")?,
             status,
             ttft: millis("x-mock-ttft-ms")?.unwrap_or(opts.ttft),
@@ -1028,8 +1077,8 @@ fn stats_json(server: &Server) -> Value {
     })
 }
 
-/// `POST /mock/control`: `{"health_status": 503, "fail_status": 500}`; absent keys stay as they
-/// are, `null` clears.
+/// `POST /mock/control`: `{"health_status": 503, "fail_status": 500, "reset_every": 2}`; absent
+/// keys stay as they are, `null` clears.
 fn control(ex: &Exchange, server: &Server) -> Reply {
     let body: Value = match serde_json::from_slice(&ex.body) {
         Ok(Value::Object(map)) => Value::Object(map),
@@ -1045,15 +1094,27 @@ fn control(ex: &Exchange, server: &Server) -> Reply {
             },
         }
     };
-    let (health, fail) = match (parse("health_status"), parse("fail_status")) {
-        (Ok(h), Ok(f)) => (h, f),
-        (Err(e), _) | (_, Err(e)) => return Reply::error(400, &e),
+    let reset = match body.get("reset_every") {
+        None => Ok(None),
+        Some(Value::Null) => Ok(Some(0)),
+        Some(v) => v
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| "reset_every must be a count or null".to_string()),
+    };
+    let (health, fail, reset) = match (parse("health_status"), parse("fail_status"), reset) {
+        (Ok(h), Ok(f), Ok(r)) => (h, f, r),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return Reply::error(400, &e),
     };
     if let Some(h) = health {
         server.health_status.set(h);
     }
     if let Some(f) = fail {
         server.fail_status.set(f);
+    }
+    if let Some(n) = reset {
+        server.reset_every.set(n);
+        server.inference_seen.set(0);
     }
     Reply::json(200, &json!({}))
 }
@@ -1410,6 +1471,12 @@ async fn answer(action: &Action, ex: &Exchange, writer: &mut Writer) -> Flow {
     if ex.hooks.stall_head {
         return pending().await;
     }
+    if ex.hooks.garbage == Some(Garbage::Head) {
+        return match send(writer, GARBAGE_HEAD.to_vec()).await {
+            Ok(()) => Flow::Close,
+            Err(PeerGone) => Flow::Gone,
+        };
+    }
     let result = match action {
         Action::Reply(reply) => write_reply(reply, ex, writer).await,
         Action::Delayed { reply, wait } => {
@@ -1527,6 +1594,10 @@ async fn write_stream(
         }
         if i > 0 {
             sleep(hooks.token_delay).await;
+        }
+        if i == 1 && hooks.garbage == Some(Garbage::Chunk) {
+            send(writer, GARBAGE_CHUNK.to_vec()).await?;
+            return Ok(Flow::Close);
         }
         send_event(
             writer,
@@ -1710,7 +1781,9 @@ mod tests {
         h.insert("x-mock-framing", HeaderValue::from_static("Chunked"));
         h.insert("x-mock-stall", HeaderValue::from_static("head"));
         h.insert("x-mock-echo", HeaderValue::from_static("1"));
+        h.insert("x-mock-garbage", HeaderValue::from_static("Chunk"));
         let hooks = Hooks::parse(&h, &opts).expect("hooks");
+        assert_eq!(hooks.garbage, Some(Garbage::Chunk));
         assert_eq!(hooks.ttft, Duration::from_millis(250));
         assert_eq!(hooks.tokens, 4);
         assert_eq!(hooks.framing, Framing::Chunked);
@@ -1721,6 +1794,7 @@ mod tests {
             ("x-mock-status", "abc"),
             ("x-mock-framing", "gzip"),
             ("x-mock-stall", "body"),
+            ("x-mock-garbage", "tail"),
             ("x-mock-tokens", "-1"),
             ("x-mock-ttft-ms", "86400001"),
         ] {

@@ -28,8 +28,11 @@ struct Peek<'a> {
     model: Option<Cow<'a, str>>,
     #[serde(default)]
     stream: Option<bool>,
-    #[serde(default)]
-    stream_options: Option<StreamOptions>,
+    /// Outer `Some` whenever the key is present, `null` included: splicing a second
+    /// `stream_options` next to a client's `null` would leave a duplicate key that the backend's
+    /// parser (last one wins) reads as `null`, and the stream would carry no usage.
+    #[serde(default, deserialize_with = "present")]
+    stream_options: Option<Option<StreamOptions>>,
     #[serde(borrow, default)]
     user: Option<Cow<'a, str>>,
 }
@@ -38,6 +41,14 @@ struct Peek<'a> {
 struct StreamOptions {
     #[serde(default)]
     include_usage: Option<bool>,
+}
+
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
 }
 
 /// Routes whose bodies must be JSON objects (and whose requests produce usage events).
@@ -60,14 +71,25 @@ pub fn inspect(
             ..RequestInfo::default()
         });
     }
-    let peek: Peek = serde_json::from_slice(body).map_err(|e| {
+    // Validated up front: the parser does not check the strings it skips, and a JSON route's
+    // body must be JSON text (UTF-8) as a whole, not just in the members routing reads.
+    let text = std::str::from_utf8(body)
+        .map_err(|e| ProxyError::BadRequest(format!("request body is not valid UTF-8: {e}")))?;
+    // A derived struct also accepts a JSON array (fields by position): `["m", true]` is not a
+    // request body.
+    if !text.trim_start().starts_with('{') {
+        return Err(ProxyError::BadRequest(
+            "request body must be a JSON object".into(),
+        ));
+    }
+    let peek: Peek = serde_json::from_str(text).map_err(|e| {
         ProxyError::BadRequest(format!("request body is not a valid JSON object: {e}"))
     })?;
     let user = match user_field {
         "" => None,
         "user" => peek.user.map(Cow::into_owned),
         // A non-standard field: a second, rarer parse.
-        other => serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body)
+        other => serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text)
             .ok()
             .and_then(|m| m.get(other).and_then(|v| v.as_str()).map(str::to_owned)),
     };
@@ -77,6 +99,7 @@ pub fn inspect(
         has_stream_options: peek.stream_options.is_some(),
         include_usage: peek
             .stream_options
+            .flatten()
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
         user,
@@ -159,7 +182,17 @@ mod tests {
 
     #[test]
     fn rejects_non_json_on_json_routes_only() {
-        for bad in [&b"not json"[..], b"[1,2]", br#"{"model":5}"#, b"\xff\xfe"] {
+        // Invalid UTF-8 in a member the inspector skips was accepted before (found by fuzzing).
+        let skipped = b"{\"model\":\"m\",\"messages\":[{\"content\":\"\xff\"}]}";
+        for bad in [
+            &b"not json"[..],
+            b"[1,2]",
+            b"[]",
+            br#"["m",true]"#,
+            br#"{"model":5}"#,
+            b"\xff\xfe",
+            skipped,
+        ] {
             assert!(inspect("POST", "/v1/chat/completions", bad, "user").is_err());
         }
         assert!(inspect("POST", "/other", b"not json", "user").is_ok());
@@ -183,6 +216,15 @@ mod tests {
         assert_eq!(v["stream_options"]["include_usage"], true);
         assert_eq!(v["stream_options"]["x"], 1);
         // Nothing to do: not streaming, already asked, or an endpoint without stream_options.
+        // Found by the fuzzer: a `null` stream_options is rewritten, not shadowed by a splice.
+        let body = br#"{"model":"m","stream":true,"stream_options":null}"#;
+        let i = info(body);
+        assert!(i.has_stream_options && !i.include_usage);
+        let out = inject_include_usage("/v1/chat/completions", body, &i).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(text.matches("stream_options").count(), 1, "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
         let b = br#"{"stream":false}"#;
         assert!(inject_include_usage("/v1/chat/completions", b, &info(b)).is_none());
         let b = br#"{"stream":true,"stream_options":{"include_usage":true}}"#;

@@ -208,7 +208,12 @@ pub async fn handle(
                     head.path()
                 );
             }
-            (e.status(), Outcome::UpstreamError, keep)
+            let outcome = if e.is_timeout() {
+                Outcome::Timeout
+            } else {
+                Outcome::UpstreamError
+            };
+            (e.status(), outcome, keep)
         }
         Some(Err(_elapsed)) if !x.head_sent.get() => {
             let e = ProxyError::RequestTimeout;
@@ -481,7 +486,9 @@ async fn relay(
     let chunked_out = matches!(framing, BodyFraming::Chunked | BodyFraming::UntilClose)
         || (holds_back && matches!(framing, BodyFraming::Length(_)));
     // An HTTP/1.0 client cannot take chunks: its body ends with the connection.
-    let close = x.close || (chunked_out && !client_11);
+    // A drain that began while the backend worked: say so in this head, so the client opens its
+    // next request elsewhere instead of racing the process exit on this connection.
+    let close = x.close || (chunked_out && !client_11) || w.shared.draining();
     let mut reusable = resp.keep_alive() && framing != BodyFraming::UntilClose;
 
     let mut out = Vec::with_capacity(1024 + conn.buf.len());
@@ -532,6 +539,7 @@ async fn relay(
     loop {
         // Move whatever body bytes are buffered into `out`, framed for the client, through the
         // usage tap.
+        let mut bad_chunk = None;
         if !finished {
             let mut tap = x.tap.borrow_mut();
             let mut emit = |data: &[u8]| {
@@ -561,7 +569,7 @@ async fn relay(
                         Err(e) if first => return Err(ProxyError::UpstreamProtocol(e.to_string())),
                         Err(e) => {
                             log::warn!("request {}: bad chunking from upstream: {e}", x.request_id);
-                            return Ok(sent(Outcome::UpstreamError, true));
+                            bad_chunk = Some(ProxyError::UpstreamProtocol(e.to_string()));
                         }
                     }
                 }
@@ -577,6 +585,14 @@ async fn relay(
                     out.extend_from_slice(write::LAST_CHUNK);
                 }
             }
+        }
+        if let Some(e) = bad_chunk {
+            // Data decoded before the bad chunk still goes out first.
+            if !out.is_empty() {
+                let _ = write_client(wr, std::mem::take(&mut out), t.write).await;
+            }
+            cut_stream(wr, &e, event_stream, reframe, t.write).await;
+            return Ok(sent(Outcome::UpstreamError, true));
         }
         if !out.is_empty() || first {
             let carries_body = !first || out.len() > head_len;
@@ -635,12 +651,16 @@ async fn relay(
                     log::warn!("request {}: upstream closed mid-body", x.request_id);
                     w.metrics
                         .upstream_error(backend, "upstream_closed_mid_body");
+                    let e = ProxyError::UpstreamClosed("mid-body".into());
+                    cut_stream(wr, &e, event_stream, reframe, t.write).await;
                     return Ok(sent(Outcome::UpstreamError, true));
                 }
             }
             Ok((Err(e), _)) => {
                 log::warn!("request {}: upstream read failed: {e}", x.request_id);
                 w.metrics.upstream_error(backend, "upstream_read_error");
+                let e = ProxyError::UpstreamClosed(e.to_string());
+                cut_stream(wr, &e, event_stream, reframe, t.write).await;
                 return Ok(sent(Outcome::UpstreamError, true));
             }
             Err(_) => {
@@ -650,6 +670,8 @@ async fn relay(
                     t.idle
                 );
                 w.metrics.upstream_error(backend, "upstream_idle_timeout");
+                let e = ProxyError::IdleTimeout(t.idle);
+                cut_stream(wr, &e, event_stream, reframe, t.write).await;
                 return Ok(sent(Outcome::Timeout, true));
             }
         }
@@ -662,6 +684,33 @@ async fn relay(
         w.pool.put(backend, conn);
     }
     Ok(sent(Outcome::Ok, close))
+}
+
+/// Ends a response that failed after its head went out, when no error status can be sent any
+/// more. An event stream gets a last SSE event with the error in OpenAI's shape (SDKs raise it
+/// instead of waiting for more); either way the connection is then closed without the last
+/// chunk, so no client can take the body for complete.
+async fn cut_stream(
+    wr: &mut OwnedWriteHalf<TcpStream>,
+    e: &ProxyError,
+    event_stream: bool,
+    reframe: bool,
+    timeout: Duration,
+) {
+    if !event_stream {
+        return;
+    }
+    let mut event = b"data: ".to_vec();
+    event.extend_from_slice(&e.body());
+    event.push(b'\n');
+    let out = if reframe {
+        let mut out = Vec::with_capacity(event.len() + 16);
+        write::chunk(&mut out, &event);
+        out
+    } else {
+        event
+    };
+    let _ = write_client(wr, out, timeout).await;
 }
 
 /// Writes to the client under the write timeout; false when the client is gone or too slow
@@ -812,8 +861,9 @@ async fn respond(
     if head.method() != "HEAD" {
         out.extend_from_slice(&body);
     }
-    let (res, _) = d.wr.write_all(out).await;
-    res.is_ok() && !close
+    // Bounded like a stream: a client that never reads must not hold its connection forever.
+    let (ok, _) = write_client(&mut d.wr, out, d.write_timeout).await;
+    ok && !close
 }
 
 async fn error_response(
@@ -906,7 +956,7 @@ pub async fn reject(w: &Worker, d: &mut Downstream, e: &ProxyError, head: Option
     write::header(&mut out, "connection", b"close");
     write::end_head(&mut out);
     out.extend_from_slice(&body);
-    let _ = d.wr.write_all(out).await;
+    let _ = write_client(&mut d.wr, out, d.write_timeout).await;
     w.metrics.request(
         e.status(),
         None,

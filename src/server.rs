@@ -34,6 +34,8 @@ pub struct Downstream {
     pub peer_ip: Rc<str>,
     /// Accepted on the admin listener.
     pub admin: bool,
+    /// `timeouts.write`: how long one write to this client may stall before it is dropped.
+    pub write_timeout: Duration,
 }
 
 /// How often an accept loop checks whether the process is draining.
@@ -126,6 +128,7 @@ async fn serve(worker: Rc<Worker>, stream: TcpStream, peer: SocketAddr, admin: b
         peer,
         peer_ip: peer.ip().to_string().into(),
         admin,
+        write_timeout: worker.config().timeouts.write,
     };
     loop {
         let head = match read_head(&worker, &mut d).await {
@@ -240,12 +243,15 @@ async fn read_body(worker: &Worker, d: &mut Downstream, head: &Head) -> Result<B
         let (res, _) = d.wr.write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..]).await;
         res.map_err(|e| ProxyError::BadRequest(format!("client gone: {e}")))?;
     }
+    // The header timeout bounds the whole body, not each read: a body trickled a byte at a time
+    // (slow POST) would otherwise hold the connection forever.
+    let deadline = Instant::now() + cfg.timeouts.header;
     match framing {
         BodyFraming::Empty | BodyFraming::UntilClose => Ok(Bytes::new()),
         BodyFraming::Length(n) => {
             let n = usize::try_from(n).map_err(|_| ProxyError::BodyTooLarge(max))?;
             while d.buf.len() < n {
-                read_some(worker, d).await?;
+                read_some(d, deadline).await?;
             }
             Ok(d.buf.split_to(n).freeze())
         }
@@ -263,16 +269,17 @@ async fn read_body(worker: &Worker, d: &mut Downstream, head: &Head) -> Result<B
                 if dec.is_done() {
                     return Ok(Bytes::from(body));
                 }
-                read_some(worker, d).await?;
+                read_some(d, deadline).await?;
             }
         }
     }
 }
 
-/// One read of request-body bytes; the header timeout bounds each wait.
-async fn read_some(worker: &Worker, d: &mut Downstream) -> Result<(), ProxyError> {
+/// One read of request-body bytes, given up at `deadline`.
+async fn read_some(d: &mut Downstream, deadline: Instant) -> Result<(), ProxyError> {
     let buf = std::mem::take(&mut d.buf);
-    match monoio::time::timeout(worker.config().timeouts.header, read_more(&mut d.rd, buf)).await {
+    let wait = deadline.saturating_duration_since(Instant::now());
+    match monoio::time::timeout(wait, read_more(&mut d.rd, buf)).await {
         Ok((Ok(n), buf)) if n > 0 => {
             d.buf = buf;
             Ok(())

@@ -51,9 +51,15 @@ pub struct Head {
     headers: Vec<(Range<usize>, Range<usize>)>,
 }
 
+/// Where `part` lies inside `base`. httparse hands back slices of the buffer, except for a reason
+/// phrase that is not UTF-8 (obs-text), which it replaces by a static `""`: that maps to an empty
+/// range instead of an address difference that would underflow (and later slice out of bounds).
 fn offset(base: &[u8], part: &[u8]) -> Range<usize> {
-    let start = part.as_ptr() as usize - base.as_ptr() as usize;
-    start..start + part.len()
+    let start = (part.as_ptr() as usize).wrapping_sub(base.as_ptr() as usize);
+    match start.checked_add(part.len()) {
+        Some(end) if end <= base.len() => start..end,
+        _ => 0..0,
+    }
 }
 
 impl Head {
@@ -361,6 +367,18 @@ mod tests {
             panic!()
         };
         assert_eq!(h.response_framing("GET").unwrap(), BodyFraming::Empty);
+    }
+
+    #[test]
+    fn non_utf8_reason_phrase_is_empty_not_a_panic() {
+        // Found by the fuzzer: httparse replaces an obs-text reason by a static "".
+        let mut b = BytesMut::from(&b"HTTP/1.1 200 \xd6K\r\nContent-Length: 0\r\n\r\n"[..]);
+        let ParseStatus::Complete(h) = Head::parse_response(&mut b).unwrap() else {
+            panic!()
+        };
+        assert_eq!(h.status, 200);
+        assert_eq!(h.reason(), "");
+        assert_eq!(h.header_str("content-length"), Some("0"));
     }
 
     #[test]

@@ -78,7 +78,9 @@ impl From<UsageJson> for Usage {
         Usage {
             prompt_tokens: prompt,
             completion_tokens: completion,
-            total_tokens: u.total_tokens.unwrap_or(prompt + completion),
+            // Counts come from the backend: an absurd one must not overflow (a panic in debug
+            // builds, a wrapped total in release).
+            total_tokens: u.total_tokens.unwrap_or(prompt.saturating_add(completion)),
             cached_tokens: u.prompt_tokens_details.and_then(|d| d.cached_tokens),
             reasoning_tokens: u.completion_tokens_details.and_then(|d| d.reasoning_tokens),
         }
@@ -282,7 +284,7 @@ impl Tap {
             u = Some(Usage {
                 prompt_tokens: prompt,
                 completion_tokens: completion,
-                total_tokens: prompt + completion,
+                total_tokens: prompt.saturating_add(completion),
                 ..base
             });
         }
@@ -455,7 +457,7 @@ impl Tap {
             self.usage = Some(Usage {
                 prompt_tokens: prompt,
                 completion_tokens: completion,
-                total_tokens: prompt + completion,
+                total_tokens: prompt.saturating_add(completion),
                 cached_tokens: None,
                 reasoning_tokens: None,
             });
@@ -609,6 +611,23 @@ mod tests {
             assert_eq!(u.cached_tokens, Some(3));
             assert_eq!(u.reasoning_tokens, Some(1));
         }
+    }
+
+    #[test]
+    fn absurd_counts_saturate_instead_of_overflowing() {
+        // Found by the fuzzer: prompt + completion overflowed (a panic in debug builds).
+        let max = u64::MAX;
+        let sse = format!(
+            "data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":{max},\"completion_tokens\":1}}}}\n\n"
+        );
+        let (_, u) = run(Kind::OpenAiSse { strip: true }, &[sse.as_bytes()]);
+        assert_eq!(u.expect("usage").total_tokens, max);
+        let tgi = format!("{{\"details\":{{\"generated_tokens\":{max},\"input_length\":2}}}}");
+        let (_, u) = run(Kind::TgiJson, &[tgi.as_bytes()]);
+        assert_eq!(u.expect("usage").total_tokens, max);
+        let mut tap = Tap::new(Kind::TgiJson);
+        tap.set_header_counts(Some(max), Some(max));
+        assert_eq!(tap.usage().expect("usage").total_tokens, max);
     }
 
     #[test]

@@ -152,8 +152,16 @@ impl Mock {
     }
 
     pub fn start_with(args: &[&str]) -> Mock {
+        Mock::start_on(0, args)
+    }
+
+    /// A mock on a given port (0 = any), e.g. to bring a killed backend back where it was.
+    pub fn start_on(port: u16, args: &[&str]) -> Mock {
         let mut cmd = Command::new(BIN);
-        cmd.arg("mock-backend").arg("--port").arg("0").args(args);
+        cmd.arg("mock-backend")
+            .arg("--port")
+            .arg(port.to_string())
+            .args(args);
         let proc = Proc::spawn(cmd);
         let line = proc.wait_for_line("listening on", Duration::from_secs(10));
         let addr = parse_addr(&line);
@@ -415,6 +423,25 @@ impl Client {
     pub fn read_response_after(&mut self, raw: &[u8]) -> Response {
         self.send(raw);
         self.read_response()
+    }
+
+    /// Reads raw bytes until the server closes the connection; panics if that takes longer than
+    /// `limit` (a hang).
+    pub fn read_until_closed(&mut self, limit: Duration) -> String {
+        let start = Instant::now();
+        self.stream.set_read_timeout(Some(limit)).expect("timeout");
+        let mut all = std::mem::take(&mut self.buf);
+        let mut tmp = [0u8; 8192];
+        loop {
+            match self.stream.read(&mut tmp) {
+                Ok(0) => break,
+                Ok(n) => all.extend_from_slice(&tmp[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => panic!("connection still open after {:?}: {e}", start.elapsed()),
+            }
+            assert!(start.elapsed() < limit, "the response never ends");
+        }
+        String::from_utf8_lossy(&all).into_owned()
     }
 
     /// True if the server closed the connection (EOF) within `timeout`.

@@ -97,6 +97,31 @@ impl Webhook {
         self.events()
     }
 
+    /// The `usage_hook` config section that delivers to this receiver, flushing every 50 ms.
+    pub fn config_yaml(&self) -> String {
+        format!(
+            "usage_hook:\n  enabled: true\n  url: \"{}\"\n  flush_interval: 50ms\n",
+            self.url()
+        )
+    }
+
+    /// Waits until at least `n` events arrived (panics after `timeout`), then returns them all.
+    pub fn wait_events_within(&self, n: usize, timeout: Duration) -> Vec<serde_json::Value> {
+        let start = std::time::Instant::now();
+        loop {
+            let events = self.events();
+            if events.len() >= n {
+                return events;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "expected {n} usage events within {timeout:?}, got {}",
+                events.len()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Every event in an accepted POST, batches flattened, in arrival order.
     pub fn events(&self) -> Vec<serde_json::Value> {
         let mut out = Vec::new();
