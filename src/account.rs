@@ -57,7 +57,7 @@ pub fn account(w: &Worker, d: &Downstream, f: Done<'_>) {
         .map(|b| b.spec.url.as_str());
     let head = f.head;
     let metered = openai::is_json_route(head.method(), head.path());
-    let key_id = f.caller.key_id(head, metered);
+    let key_id = f.caller.key_id(head, metered, &d.key_ids);
     if cfg.logging.access_log && log::log_enabled!(target: ACCESS, log::Level::Info) {
         let u = f.usage.unwrap_or_default();
         // Keys in sorted order, as the `serde_json::json!` map this replaced wrote them.

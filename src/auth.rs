@@ -270,9 +270,9 @@ impl Caller {
 
     /// The `key_id` of usage events and access lines: the key's name; with auth off, a hash of
     /// the key the client sent (on metered routes).
-    pub fn key_id(&self, head: &Head, metered: bool) -> Option<String> {
+    pub fn key_id(&self, head: &Head, metered: bool, cache: &usage::KeyIdCache) -> Option<String> {
         match self {
-            Caller::Open if metered => usage::client_key(head).map(usage::key_id),
+            Caller::Open if metered => usage::client_key(head).map(|k| cache.key_id(k)),
             Caller::Key { .. } => self.entry().map(|e| e.name.to_string()),
             Caller::Open | Caller::Unknown => None,
         }

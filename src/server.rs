@@ -22,6 +22,7 @@ use crate::http1::io::read_more;
 use crate::http1::ChunkedDecoder;
 use crate::proxy;
 use crate::reject::Reason;
+use crate::usage::KeyIdCache;
 use crate::worker::Worker;
 
 pub struct Downstream {
@@ -36,6 +37,8 @@ pub struct Downstream {
     pub admin: bool,
     /// `timeouts.write`: how long one write to this client may stall before it is dropped.
     pub write_timeout: Duration,
+    /// The `key_id` of the last client key seen on this connection.
+    pub key_ids: KeyIdCache,
 }
 
 /// How often an accept loop checks whether the process is draining.
@@ -122,6 +125,7 @@ async fn serve(worker: Rc<Worker>, stream: TcpStream, peer: SocketAddr, admin: b
     let _ = stream.set_nodelay(true);
     let (rd, wr) = stream.into_split();
     let mut d = Downstream {
+        key_ids: KeyIdCache::default(),
         rd,
         wr,
         buf: BytesMut::with_capacity(8 * 1024),

@@ -42,18 +42,27 @@ pub struct Head {
     raw: Bytes,
     /// Request: method; response: reason phrase.
     first: Range<usize>,
-    /// Request: target; response: empty.
-    target: Range<usize>,
     /// Response status (0 for requests).
     pub status: u16,
     /// Minor version: 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub version: u8,
     headers: Vec<(Range<usize>, Range<usize>)>,
+    /// Request: the method when it is a standard one (no UTF-8 check per call).
+    known_method: Option<&'static str>,
+    /// Request: the target, checked as UTF-8 once ("" if it is not), and where its path ends.
+    /// Routing, metrics, logs and usage ask for it several times per request.
+    target_str: Box<str>,
+    path_len: usize,
 }
 
 /// Where `part` lies inside `base`. httparse hands back slices of the buffer, except for a reason
 /// phrase that is not UTF-8 (obs-text), which it replaces by a static `""`: that maps to an empty
 /// range instead of an address difference that would underflow (and later slice out of bounds).
+fn known_method(m: &str) -> Option<&'static str> {
+    const KNOWN: [&str; 7] = ["GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH"];
+    KNOWN.into_iter().find(|k| *k == m)
+}
+
 fn offset(base: &[u8], part: &[u8]) -> Range<usize> {
     let start = (part.as_ptr() as usize).wrapping_sub(base.as_ptr() as usize);
     match start.checked_add(part.len()) {
@@ -75,21 +84,25 @@ impl Head {
         };
         let base: &[u8] = &buf[..];
         let method = offset(base, req.method.unwrap_or("").as_bytes());
-        let target = offset(base, req.path.unwrap_or("").as_bytes());
         let version = req.version.unwrap_or(1);
         let headers = req
             .headers
             .iter()
             .map(|h| (offset(base, h.name.as_bytes()), offset(base, h.value)))
             .collect();
+        let known_method = known_method(req.method.unwrap_or(""));
+        let target_str: Box<str> = req.path.unwrap_or("").into();
+        let path_len = memchr::memchr(b'?', target_str.as_bytes()).unwrap_or(target_str.len());
         let raw = buf.split_to(len).freeze();
         Ok(ParseStatus::Complete(Head {
             raw,
             first: method,
-            target,
             status: 0,
             version,
             headers,
+            known_method,
+            target_str,
+            path_len,
         }))
     }
 
@@ -115,10 +128,12 @@ impl Head {
         Ok(ParseStatus::Complete(Head {
             raw,
             first: reason,
-            target: 0..0,
             status,
             version,
             headers,
+            known_method: None,
+            target_str: Box::default(),
+            path_len: 0,
         }))
     }
 
@@ -128,17 +143,19 @@ impl Head {
     }
 
     pub fn method(&self) -> &str {
-        self.str_at(&self.first)
+        match self.known_method {
+            Some(m) => m,
+            None => self.str_at(&self.first),
+        }
     }
 
     pub fn target(&self) -> &str {
-        self.str_at(&self.target)
+        &self.target_str
     }
 
     /// The request path without the query string.
     pub fn path(&self) -> &str {
-        let t = self.target();
-        t.split_once('?').map_or(t, |(p, _)| p)
+        self.target_str.get(..self.path_len).unwrap_or("")
     }
 
     pub fn reason(&self) -> &str {

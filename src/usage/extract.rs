@@ -11,7 +11,7 @@
 
 use std::sync::OnceLock;
 
-use memchr::memmem::Finder;
+use memchr::memmem::{Finder, FinderRev};
 use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 
@@ -425,11 +425,8 @@ impl Tap {
             Kind::OpenAiJson => {
                 // Only the `usage` object is deserialised: a full parse of the response (every
                 // choice's text validated and skipped) was a tenth of a request's CPU.
-                if let Some(at) = top_level_value(body, b"usage") {
-                    let mut de = serde_json::Deserializer::from_slice(&body[at..]);
-                    if let Ok(Some(u)) = Option::<UsageJson>::deserialize(&mut de) {
-                        self.usage = Some(u.into());
-                    }
+                if let Some(u) = top_level::<Option<UsageJson>>(body, b"usage").flatten() {
+                    self.usage = Some(u.into());
                 }
             }
             Kind::TgiJson => {
@@ -482,6 +479,76 @@ fn event_end(buf: &[u8], from: usize) -> Option<usize> {
 
 /// True when `key` occurs followed by a value other than `null` — the cheap test that spares
 /// a JSON parse for the ordinary token chunk (`"usage": null` on vLLM/OpenAI chunks).
+/// The value of `key` in the top-level JSON object of `body`, deserialised alone.
+///
+/// Servers put `usage` last or nearly so, so the last `"usage":` is tried first: it is the
+/// top-level key exactly when, after its value, the first brace that closes more than it opens
+/// is the body's final byte. Anything else (a nested `usage` later in the body, odd layouts) falls
+/// back to a structural scan from the start.
+pub(crate) fn top_level<T: serde::de::DeserializeOwned>(body: &[u8], key: &[u8]) -> Option<T> {
+    let parse_at = |at: usize| -> Option<(T, usize)> {
+        let mut values = serde_json::Deserializer::from_slice(&body[at..]).into_iter::<T>();
+        let v = values.next()?.ok()?;
+        Some((v, at + values.byte_offset()))
+    };
+    if let Some(at) = last_key_value(body, key) {
+        if let Some((v, end)) = parse_at(at) {
+            if closes_object_last(body, end) {
+                return Some(v);
+            }
+        }
+    }
+    parse_at(top_level_value(body, key)?).map(|(v, _)| v)
+}
+
+/// Just past the colon of the last `"key":` in `body`.
+fn last_key_value(body: &[u8], key: &[u8]) -> Option<usize> {
+    // The searcher for the one key asked on every response is built once.
+    static USAGE: OnceLock<FinderRev<'static>> = OnceLock::new();
+    let owned;
+    let finder = if key == b"usage" {
+        USAGE.get_or_init(|| FinderRev::new(b"\"usage\""))
+    } else {
+        let mut quoted = Vec::with_capacity(key.len() + 2);
+        quoted.push(b'"');
+        quoted.extend_from_slice(key);
+        quoted.push(b'"');
+        owned = FinderRev::new(&quoted).into_owned();
+        &owned
+    };
+    let quoted_len = key.len() + 2;
+    let mut end = body.len();
+    while let Some(at) = finder.rfind(&body[..end]) {
+        let rest = body[at + quoted_len..].trim_ascii_start();
+        if rest.first() == Some(&b':') {
+            return Some(body.len() - rest.len() + 1);
+        }
+        end = at;
+    }
+    None
+}
+
+/// True when, scanning `body` from `from` (outside any string), the first `}` that closes an
+/// object opened before `from` is the last non-blank byte of `body`.
+fn closes_object_last(body: &[u8], from: usize) -> bool {
+    let mut depth = 0usize;
+    let mut i = from;
+    while i < body.len() {
+        match body[i] {
+            b'"' => match string_end(body, i + 1) {
+                Some(end) => i = end,
+                None => return false,
+            },
+            b'{' => depth += 1,
+            b'}' if depth == 0 => return body[i + 1..].trim_ascii().is_empty(),
+            b'}' => depth -= 1,
+            _ => {}
+        }
+        i += 1;
+    }
+    false
+}
+
 /// Where the value of `key` in the top-level JSON object starts (just after its colon), found by
 /// a structural scan: strings are skipped (so a quoted `"usage":` inside a message is never taken
 /// for the key) and only keys at brace depth 1 count. Arrays need no tracking: an object key
@@ -577,6 +644,26 @@ mod tests {
         assert_eq!(top_level_value(br#"{"x":"\"#, b"usage"), None);
         assert_eq!(top_level_value(b"}}{", b"usage"), None);
         assert_eq!(top_level_value(br#"{"usage":null}"#, b"usage"), Some(9));
+    }
+
+    #[test]
+    fn top_level_takes_the_last_key_only_when_it_is_top_level() {
+        let get = |b: &[u8]| top_level::<serde_json::Value>(b, b"usage");
+        // Usual layout: usage last, found from the end.
+        let b = br#"{"choices":[{"text":"a \"usage\": {}"}],"usage":{"n":1}}"#;
+        assert_eq!(get(b), Some(serde_json::json!({"n": 1})));
+        // A nested usage after the top-level one: the structural scan takes the right one.
+        let b = br#"{"usage":{"n":2},"x":[{"usage":{"n":3}}]}"#;
+        assert_eq!(get(b), Some(serde_json::json!({"n": 2})));
+        // Only a nested one: none.
+        assert_eq!(get(br#"{"x":{"usage":{"n":3}}}"#), None);
+        // Keys after usage, blanks at the end.
+        let b = b"{\"usage\": {\"n\":4} , \"z\": \"}\"}\n";
+        assert_eq!(get(b), Some(serde_json::json!({"n": 4})));
+        assert_eq!(
+            get(br#"{"usage":{"n":5}"#),
+            Some(serde_json::json!({"n": 5}))
+        );
     }
 
     fn run(kind: Kind, parts: &[&[u8]]) -> (Vec<u8>, Option<Usage>) {
