@@ -334,6 +334,18 @@ impl Tap {
     /// Looks at one complete event and says what happens to it in strip mode.
     fn on_event(&mut self, event: &[u8]) -> Verdict {
         self.events += 1;
+        // The usual event is one `data:` line: take it without walking the event line by line
+        // (that walk was a quarter of a streamed request's CPU).
+        if let Some(rest) = event.strip_prefix(b"data:") {
+            if let Some(nl) = memchr::memchr(b'\n', rest) {
+                if rest[nl..].iter().all(|b| matches!(b, b'\n' | b'\r')) {
+                    let line = &rest[..nl];
+                    let line = line.strip_suffix(b"\r").unwrap_or(line);
+                    let payload = line.strip_prefix(b" ").unwrap_or(line);
+                    return self.on_payload(payload);
+                }
+            }
+        }
         let mut data_lines = event
             .split(|b| *b == b'\n')
             .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
@@ -357,6 +369,11 @@ impl Tap {
                 &joined
             }
         };
+        self.on_payload(payload)
+    }
+
+    /// Looks at the data of one event (its `data:` lines joined).
+    fn on_payload(&mut self, payload: &[u8]) -> Verdict {
         match self.kind {
             Kind::OpenAiSse { strip } => {
                 if !has_non_null(payload, b"\"usage\"") {
@@ -477,8 +494,6 @@ fn event_end(buf: &[u8], from: usize) -> Option<usize> {
     None
 }
 
-/// True when `key` occurs followed by a value other than `null` — the cheap test that spares
-/// a JSON parse for the ordinary token chunk (`"usage": null` on vLLM/OpenAI chunks).
 /// The value of `key` in the top-level JSON object of `body`, deserialised alone.
 ///
 /// Servers put `usage` last or nearly so, so the last `"usage":` is tried first: it is the
@@ -602,6 +617,8 @@ fn string_end(body: &[u8], mut from: usize) -> Option<usize> {
     }
 }
 
+/// True when `key` occurs followed by a value other than `null` — the cheap test that spares
+/// a JSON parse for the ordinary token chunk (`"usage": null` on vLLM/OpenAI chunks).
 fn has_non_null(payload: &[u8], key: &[u8]) -> bool {
     // Searchers are built once: constructing one per event cost more than the search itself.
     static USAGE: OnceLock<Finder<'static>> = OnceLock::new();
