@@ -9,6 +9,7 @@ pub mod admission;
 pub mod auth;
 pub mod backends;
 pub mod balance;
+pub mod breaker;
 pub mod config;
 pub mod control;
 pub mod discovery;
