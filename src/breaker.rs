@@ -30,12 +30,16 @@
 //! half-open backend, one atomic: no lock, no allocation.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::backends::{BackendTable, Entry};
 use crate::config::Breaker as Settings;
+use crate::control::{Broadcast, ControlMsg};
 use crate::error::ProxyError;
+use crate::metrics::Metrics;
 
 /// What one upstream exchange says about the backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -223,6 +227,120 @@ impl Machine {
     }
 }
 
+/// Every backend's breaker, on the health thread; by backend id (slots are reused).
+pub struct Board {
+    machines: HashMap<u64, Machine>,
+    /// Metrics label by id, to drop the gauge of a departed backend.
+    names: HashMap<u64, String>,
+    metrics: Arc<Metrics>,
+}
+
+impl Board {
+    pub fn new(metrics: Arc<Metrics>) -> Board {
+        Board {
+            machines: HashMap::new(),
+            names: HashMap::new(),
+            metrics,
+        }
+    }
+
+    /// New backends start closed; departed ones are forgotten (their gauge too, in case this
+    /// thread re-created it after a core had removed it).
+    pub fn follow(&mut self, table: &BackendTable) {
+        for (_, e) in table.entries() {
+            if let std::collections::hash_map::Entry::Vacant(v) = self.machines.entry(e.id) {
+                v.insert(Machine::default());
+                self.names.insert(e.id, e.spec.name.clone());
+                self.metrics.breaker_changed(&e.spec.name, 0, None);
+            }
+        }
+        self.machines
+            .retain(|id, _| table.entries().any(|(_, e)| e.id == *id));
+        let metrics = &self.metrics;
+        let machines = &self.machines;
+        self.names.retain(|id, name| {
+            let keep = machines.contains_key(id);
+            if !keep {
+                metrics.forget_breaker(name);
+            }
+            keep
+        });
+    }
+
+    /// A core's report about backend `id` in `slot`.
+    pub fn report(
+        &mut self,
+        table: &BackendTable,
+        slot: usize,
+        id: u64,
+        r: Report,
+        out: &Broadcast,
+    ) {
+        let Some(e) = table.get(slot).filter(|e| e.id == id) else {
+            return;
+        };
+        let Some(m) = self.machines.get_mut(&id) else {
+            return;
+        };
+        if !table.config.breaker.enabled {
+            return;
+        }
+        if let Some(c) = m.report(r, Instant::now(), &table.config.breaker) {
+            self.publish(slot, e, c, out);
+        }
+    }
+
+    /// Cool-downs that ended, probes to re-arm, breakers to close because the feature was
+    /// turned off by a reload.
+    pub fn tick(&mut self, table: &BackendTable, out: &Broadcast) {
+        let cfg = &table.config;
+        let probe_timeout = cfg.timeouts.connect + cfg.timeouts.first_byte + Duration::from_secs(1);
+        let now = Instant::now();
+        for (slot, e) in table.entries() {
+            let change = self
+                .machines
+                .get_mut(&e.id)
+                .and_then(|m| m.tick(now, &cfg.breaker, probe_timeout));
+            if let Some(c) = change {
+                self.publish(slot, e, c, out);
+            }
+        }
+    }
+
+    /// Re-sends every breaker's phase, so that a core that missed a message catches up.
+    pub fn resend(&self, table: &BackendTable, out: &Broadcast) {
+        for (slot, e) in table.entries() {
+            if let Some(m) = self.machines.get(&e.id) {
+                out.send_all(&ControlMsg::Breaker {
+                    backend: slot,
+                    id: e.id,
+                    phase: m.phase(),
+                });
+            }
+        }
+    }
+
+    fn publish(&self, slot: usize, e: &Entry, c: Change, out: &Broadcast) {
+        let name = &e.spec.name;
+        if c.transition {
+            match c.phase {
+                Phase::Open => log::warn!("backend {name}: breaker open"),
+                Phase::HalfOpen(_) => log::info!("backend {name}: breaker half-open, probing"),
+                Phase::Closed => log::info!("backend {name}: breaker closed"),
+            }
+            let to = Some(c.phase.as_str());
+            self.metrics.breaker_changed(name, c.phase.gauge(), to);
+        } else {
+            log::info!("backend {name}: breaker probe abandoned; another may be sent");
+        }
+        out.send_all(&ControlMsg::Breaker {
+            backend: slot,
+            id: e.id,
+            phase: c.phase,
+        });
+    }
+}
+
 /// One core's breaker view and fault streaks, by backend slot.
 #[derive(Default)]
 pub struct CoreBreakers {
@@ -268,11 +386,11 @@ impl CoreBreakers {
         let Some(s) = slots.get_mut(slot).filter(|s| s.id == id) else {
             return;
         };
-        // The same half-open episode re-sent: keep this core's claim on its probe.
-        if let (Phase::HalfOpen(old), Phase::HalfOpen(new)) = (&s.phase, &phase) {
-            if Arc::ptr_eq(old, new) {
-                return;
-            }
+        // A re-sent copy of what this core already has keeps its streak and its probe claim.
+        match (&s.phase, &phase) {
+            (Phase::Closed, Phase::Closed) | (Phase::Open, Phase::Open) => return,
+            (Phase::HalfOpen(old), Phase::HalfOpen(new)) if Arc::ptr_eq(old, new) => return,
+            _ => {}
         }
         s.probing = false;
         if matches!(phase, Phase::Closed) {
@@ -403,6 +521,8 @@ mod tests {
         assert_eq!(c.record(0, Verdict::Fault, 3), None);
         assert_eq!(c.record(0, Verdict::Ok, 3), None);
         assert_eq!(c.record(0, Verdict::Fault, 3), None);
+        // The health thread's periodic re-send of "closed" does not reset the streak.
+        c.set(0, 7, Phase::Closed);
         assert_eq!(c.record(0, Verdict::Fault, 3), None);
         assert!(c.eligible(0));
         assert_eq!(c.record(0, Verdict::Fault, 3), Some(Report::Trip));

@@ -19,6 +19,7 @@ use crate::admission::{Capacity, ConnectionLimit, CoreCapacity};
 use crate::auth::{CoreAuth, KeyStore};
 use crate::backends::{BackendTable, State};
 use crate::balance::{Balancer, LoadView};
+use crate::breaker::{CoreBreakers, Verdict};
 use crate::config::Config;
 use crate::control::{Broadcast, ControlMsg, HealthReport, PlaneMsg};
 use crate::metrics::{LocalMetrics, Metrics};
@@ -67,6 +68,8 @@ pub struct Worker {
     pub id: usize,
     pub shared: Arc<Shared>,
     pub view: LoadView,
+    /// Circuit breakers by slot (decided on the health thread, streaks counted here).
+    pub breakers: CoreBreakers,
     pub balancer: Balancer,
     pub pool: Pool,
     pub metrics: LocalMetrics,
@@ -103,6 +106,7 @@ impl Worker {
         let w = Worker {
             id,
             view: LoadView::new(id, peers.cores(), 0),
+            breakers: CoreBreakers::default(),
             balancer: Balancer::new(cfg.strategy, Vec::new()),
             pool: Pool::new(0, cfg.pool.max_idle_per_backend, cfg.pool.idle_timeout),
             metrics: LocalMetrics::new(shared.metrics.clone(), &cfg),
@@ -171,11 +175,13 @@ impl Worker {
         self.metrics
             .set_backends(&self.view, labels, table.models.clone());
         self.view.resize(n);
+        self.breakers.resize(n);
         for slot in 0..n {
             let id = table.get(slot).map_or(0, |e| e.id);
             if first || self.view.id(slot) != id {
                 let up = table.get(slot).is_some_and(|e| e.up_initially);
                 self.view.reset(slot, id, up);
+                self.breakers.reset(slot, id);
                 self.pool.clear(slot);
             }
         }
@@ -233,6 +239,7 @@ impl Worker {
                     }
                     self.view.set_up(backend, id, up);
                 }
+                ControlMsg::Breaker { backend, id, phase } => self.breakers.set(backend, id, phase),
                 ControlMsg::Table(table) => self.apply_table(table),
             }
         }
@@ -288,6 +295,40 @@ impl Worker {
         let _ = self
             .health_tx
             .try_send(HealthReport::Unreachable { backend, id });
+    }
+
+    /// May a request go to `backend` now? Healthy, and its breaker lets requests through.
+    pub fn eligible(&self, backend: usize) -> bool {
+        self.view.is_up(backend) && self.breakers.eligible(backend)
+    }
+
+    /// Feeds the outcome of one exchange with `backend` to its breaker; a trip or the end of a
+    /// probe goes to the health thread, which decides and tells every core.
+    pub fn outcome(&self, backend: usize, v: Verdict) {
+        let settings = &self.config().breaker;
+        if !settings.enabled {
+            return;
+        }
+        let Some(report) = self
+            .breakers
+            .record(backend, v, settings.consecutive_failures)
+        else {
+            return;
+        };
+        let id = self.view.id(backend);
+        if report == crate::breaker::Report::Trip {
+            log::warn!(
+                "core {}: backend {backend} failed {} times in a row; opening its breaker",
+                self.id,
+                settings.consecutive_failures
+            );
+        }
+        // A full channel loses the report; the streak starts again and trips again.
+        let _ = self.health_tx.try_send(HealthReport::Breaker {
+            backend,
+            id,
+            report,
+        });
     }
 
     /// A request id unique across cores and restarts without any shared counter.

@@ -1,0 +1,204 @@
+//! Passive outlier detection: a backend that keeps answering 500 is taken out of rotation by its
+//! circuit breaker, probed after the cool-down and put back once it heals; backpressure (429,
+//! 503) and client errors never open it. State is checked in /health and /metrics.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Two workers, so that trips, probes and recoveries have to cross cores.
+fn yaml(backends: &[&Mock], breaker: &str) -> String {
+    let mut s = String::from("listen: \"127.0.0.1:0\"\nworkers: 2\nstrategy: round_robin\n");
+    s.push_str("backends:\n");
+    for m in backends {
+        s.push_str(&format!("  - url: \"{}\"\n", m.url()));
+    }
+    s.push_str("health_check: { interval: 500ms, path: /health, timeout: 300ms }\n");
+    s.push_str(breaker);
+    s
+}
+
+fn chat(proxy: &Proxy, headers: &[(&str, &str)]) -> Response {
+    post_json(
+        proxy.addr,
+        "/v1/chat/completions",
+        &chat_body(false, 1),
+        headers,
+    )
+}
+
+/// The breaker state /health reports for `m`.
+fn breaker(proxy: &Proxy, m: &Mock) -> String {
+    let h = get(proxy.addr, "/health").json();
+    let url = m.url();
+    h["backends"]
+        .as_array()
+        .and_then(|bs| bs.iter().find(|b| b["url"] == url.as_str()))
+        .map(|b| b["breaker"].as_str().unwrap_or("?").to_string())
+        .unwrap_or_default()
+}
+
+/// The value of the metric line starting with `prefix` (name and labels), if present.
+fn metric(proxy: &Proxy, prefix: &str) -> Option<f64> {
+    get(proxy.addr, "/metrics")
+        .text()
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn a_failing_backend_is_cut_off_then_probed_back_in() {
+    let bad = Mock::start();
+    let good = Mock::start();
+    let proxy = Proxy::start(
+        &yaml(
+            &[&bad, &good],
+            "breaker: { consecutive_failures: 3, cooldown: 1s, max_cooldown: 2s }\n",
+        ),
+        &[],
+    );
+    let state = format!(
+        "llmproxy_backend_breaker_state{{backend=\"{}\"}}",
+        bad.url()
+    );
+    let opened = format!(
+        "llmproxy_breaker_transitions_total{{backend=\"{}\",to=\"open\"}}",
+        bad.url()
+    );
+    assert_eq!(breaker(&proxy, &bad), "closed");
+    assert_eq!(metric(&proxy, &state), Some(0.0));
+    assert_eq!(metric(&proxy, &opened), Some(0.0));
+
+    bad.control(r#"{"fail_status": 500}"#);
+    // Each core trips after 3 faults in a row; then the health thread opens it everywhere.
+    let mut errors = 0;
+    let tripped = eventually(Duration::from_secs(20), || {
+        if chat(&proxy, &[]).status == 500 {
+            errors += 1;
+        }
+        breaker(&proxy, &bad) != "closed"
+    });
+    assert!(tripped, "breaker never opened after {errors} errors");
+    // Never more than the two cores' streaks (3 + 3) plus probes.
+    assert!(errors <= 10, "{errors} errors before the breaker opened");
+    // Open is not down: health checks still pass.
+    let h = get(proxy.addr, "/health");
+    assert_eq!(h.status, 200);
+    let backends = h.json()["backends"].clone();
+    assert!(backends.as_array().unwrap().iter().all(|b| b["up"] == true));
+    assert!(metric(&proxy, &opened).unwrap_or(0.0) >= 1.0);
+    assert!(matches!(metric(&proxy, &state), Some(s) if s == 1.0 || s == 2.0));
+
+    // While open, traffic goes to the good backend; the bad one sees at most one probe per
+    // cool-down (1 s, doubling to 2 s after a failed probe).
+    let before = bad.stat("requests");
+    let start = Instant::now();
+    let mut failed = 0;
+    for _ in 0..30 {
+        if chat(&proxy, &[]).status != 200 {
+            failed += 1;
+        }
+    }
+    let probes = bad.stat("requests") - before;
+    let allowed = 4 + start.elapsed().as_secs();
+    assert!(
+        probes <= allowed,
+        "{probes} requests reached the open backend in {:?}",
+        start.elapsed()
+    );
+    assert_eq!(failed, probes, "only probes may fail");
+
+    // Healed: the next probe succeeds and closes the breaker; traffic returns.
+    bad.control(r#"{"fail_status": null}"#);
+    let closed = eventually(Duration::from_secs(30), || {
+        chat(&proxy, &[]);
+        breaker(&proxy, &bad) == "closed"
+    });
+    assert!(closed, "breaker never closed after the backend healed");
+    let before = bad.stat("requests");
+    for _ in 0..20 {
+        assert_eq!(chat(&proxy, &[]).status, 200);
+    }
+    assert!(
+        bad.stat("requests") - before >= 5,
+        "healed backend gets no traffic"
+    );
+    assert_eq!(metric(&proxy, &state), Some(0.0));
+    let closes = format!(
+        "llmproxy_breaker_transitions_total{{backend=\"{}\",to=\"closed\"}}",
+        bad.url()
+    );
+    assert!(metric(&proxy, &closes).unwrap_or(0.0) >= 1.0);
+    let half = format!(
+        "llmproxy_breaker_transitions_total{{backend=\"{}\",to=\"half_open\"}}",
+        bad.url()
+    );
+    assert!(metric(&proxy, &half).unwrap_or(0.0) >= 1.0);
+}
+
+#[test]
+fn backpressure_and_client_errors_never_open_it() {
+    let a = Mock::start();
+    let b = Mock::start();
+    let proxy = Proxy::start(
+        &yaml(&[&a, &b], "breaker: { consecutive_failures: 2 }\n"),
+        &[],
+    );
+    // 503 from `a`: retried on `b`, never counted against `a`.
+    a.control(r#"{"fail_status": 503}"#);
+    for _ in 0..20 {
+        assert_eq!(chat(&proxy, &[]).status, 200);
+    }
+    a.control(r#"{"fail_status": null}"#);
+    // 429 and 4xx from both, many in a row.
+    for status in ["429", "400", "404"] {
+        for _ in 0..10 {
+            let r = chat(&proxy, &[("x-mock-status", status)]);
+            assert_eq!(r.status.to_string(), status);
+        }
+    }
+    for m in [&a, &b] {
+        assert_eq!(breaker(&proxy, m), "closed");
+        let opened = format!(
+            "llmproxy_breaker_transitions_total{{backend=\"{}\",to=\"open\"}}",
+            m.url()
+        );
+        assert_eq!(metric(&proxy, &opened), Some(0.0));
+    }
+    // Both still take traffic.
+    let (ra, rb) = (a.stat("requests"), b.stat("requests"));
+    for _ in 0..10 {
+        assert_eq!(chat(&proxy, &[]).status, 200);
+    }
+    assert!(a.stat("requests") > ra && b.stat("requests") > rb);
+}
+
+#[test]
+fn disabled_breaker_keeps_sending_to_a_failing_backend() {
+    let bad = Mock::start();
+    let good = Mock::start();
+    let proxy = Proxy::start(
+        &yaml(
+            &[&bad, &good],
+            "breaker: { enabled: false, consecutive_failures: 1 }\n",
+        ),
+        &[],
+    );
+    bad.control(r#"{"fail_status": 500}"#);
+    let mut errors = 0;
+    for _ in 0..20 {
+        if chat(&proxy, &[]).status == 500 {
+            errors += 1;
+        }
+    }
+    // Round robin over two backends: about half the requests keep failing.
+    assert!(
+        errors >= 8,
+        "only {errors} of 20 requests reached the failing backend"
+    );
+    assert_eq!(breaker(&proxy, &bad), "closed");
+}
