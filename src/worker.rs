@@ -425,10 +425,23 @@ mod tests {
 
     /// Core 0 of two, with the other core's inbox and the plane's receiver.
     fn worker(table: Arc<BackendTable>) -> (Rc<Worker>, Sender<ControlMsg>, Receiver<PlaneMsg>) {
+        let (w, inbox, plane, _health) = worker_and_health(table);
+        (w, inbox, plane)
+    }
+
+    /// Also returns what the core sends to the health thread.
+    fn worker_and_health(
+        table: Arc<BackendTable>,
+    ) -> (
+        Rc<Worker>,
+        Sender<ControlMsg>,
+        Receiver<PlaneMsg>,
+        Receiver<HealthReport>,
+    ) {
         // The real inboxes are dropped: the test plays the other core and the plane.
         let (peers, _inboxes) = Broadcast::new(2);
         let (plane_tx, plane_rx) = crossbeam_channel::bounded(16);
-        let (health_tx, _health_rx) = crossbeam_channel::bounded(16);
+        let (health_tx, health_rx) = crossbeam_channel::bounded(16);
         let (usage_tx, _usage_rx) = crossbeam_channel::bounded(16);
         let shared = Arc::new(Shared {
             config: table.config.clone(),
@@ -443,7 +456,68 @@ mod tests {
         });
         let (self_tx, self_rx) = crossbeam_channel::bounded(64);
         let w = Worker::new(0, shared, self_rx, peers, health_tx, usage_tx, table);
-        (Rc::new(w), self_tx, plane_rx)
+        (Rc::new(w), self_tx, plane_rx, health_rx)
+    }
+
+    fn statics(urls: &[&str]) -> std::collections::HashMap<String, std::net::SocketAddr> {
+        urls.iter()
+            .map(|u| (u.to_string(), u["http://".len()..].parse().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn breaker_trips_are_reported_and_a_reused_slot_starts_closed() {
+        use crate::breaker::{Phase, Report};
+        let cfg = config(&["http://127.0.0.1:1", "http://127.0.0.1:2"]);
+        let mut reg = registry(&cfg, 2);
+        let (w, inbox, _plane, health) = worker_and_health(reg.publish(cfg.clone()));
+        let id = w.view.id(0);
+        for _ in 0..cfg.breaker.consecutive_failures - 1 {
+            w.outcome(0, Verdict::Fault);
+        }
+        assert!(health.try_recv().is_err());
+        assert!(w.eligible(0));
+        w.outcome(0, Verdict::Fault);
+        match health.try_recv() {
+            Ok(HealthReport::Breaker {
+                backend: 0,
+                id: got,
+                report: Report::Trip,
+            }) => assert_eq!(got, id),
+            _ => panic!("no trip reported"),
+        }
+        // Cut off on this core at once; health is untouched.
+        assert!(!w.eligible(0) && w.view.is_up(0) && w.eligible(1));
+        let open_slot0 = |id| {
+            let phase = Phase::Open;
+            inbox
+                .send(ControlMsg::Breaker {
+                    backend: 0,
+                    id,
+                    phase,
+                })
+                .unwrap();
+            w.drain_inbox();
+        };
+        open_slot0(id);
+        assert_eq!(w.breakers.phase(0).as_str(), "open");
+
+        // Backend 1 leaves, drains on both cores; backend 3 takes its slot under a new id.
+        let cfg2 = config(&["http://127.0.0.1:2", "http://127.0.0.1:3"]);
+        let urls = ["http://127.0.0.1:2", "http://127.0.0.1:3"];
+        reg.apply(desired(&cfg2, &statics(&urls[..1]), &Default::default()));
+        let v = reg.version();
+        assert!(!reg.drained(0, id, v) && reg.drained(1, id, v));
+        reg.apply(desired(&cfg2, &statics(&urls), &Default::default()));
+        inbox
+            .send(ControlMsg::Table(reg.publish(cfg2.clone())))
+            .unwrap();
+        w.drain_inbox();
+        assert_ne!(w.view.id(0), id);
+        assert_eq!(w.breakers.phase(0).as_str(), "closed");
+        // A late message about the departed backend changes nothing.
+        open_slot0(id);
+        assert!(w.eligible(0));
     }
 
     #[test]

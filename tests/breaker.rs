@@ -202,3 +202,49 @@ fn disabled_breaker_keeps_sending_to_a_failing_backend() {
     );
     assert_eq!(breaker(&proxy, &bad), "closed");
 }
+
+/// Sends one request on a fresh connection and reads whatever comes back until the proxy closes
+/// it (a reset stream ends abnormally, so no response parsing).
+fn send_and_drain(proxy: &Proxy, headers: &[(&str, &str)]) -> String {
+    use std::io::{Read, Write};
+    let raw = post_raw("/v1/chat/completions", &chat_body(true, 10), headers, true);
+    let mut s = std::net::TcpStream::connect(proxy.addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(raw.as_bytes()).expect("send");
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn resets_and_first_byte_timeouts_are_faults() {
+    let m = Mock::start();
+    let proxy = Proxy::start(
+        &format!(
+            "listen: \"127.0.0.1:0\"\nworkers: 1\nbackends:\n  - url: \"{}\"\n\
+             retry: {{ attempts: 0 }}\ntimeouts: {{ first_byte: 300ms }}\n\
+             breaker: {{ consecutive_failures: 2, cooldown: 1m }}\n",
+            m.url()
+        ),
+        &[],
+    );
+    // A stream reset by the backend after two events: an upstream read error.
+    let out = send_and_drain(&proxy, &[("x-mock-reset-after", "2")]);
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert_eq!(breaker(&proxy, &m), "closed");
+    // No response head within timeouts.first_byte: the second fault in a row.
+    let r = chat(&proxy, &[("x-mock-stall", "head")]);
+    r.assert_error(504, "upstream_timeout");
+    assert!(eventually(Duration::from_secs(10), || breaker(&proxy, &m) == "open"));
+    // The only backend is cut off although its health checks pass.
+    chat(&proxy, &[]).assert_error(503, "no_healthy_backend");
+    let h = get(proxy.addr, "/health");
+    assert_eq!(h.status, 200);
+    assert_eq!(h.json()["backends"][0]["up"], true);
+}
