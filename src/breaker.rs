@@ -19,9 +19,10 @@
 //!   a request path, so a slow decision cannot delay a request.
 //! - **One probe, process-wide.** Half-open is broadcast with a fresh shared token (an
 //!   `Arc<AtomicBool>`); the first core that picks the backend wins it with one compare-exchange,
-//!   every other core sees it taken and skips the backend. A probe that never reports (its client
-//!   went away mid-request) is re-armed with a new token after the longest a probe can take
-//!   (`timeouts.connect + timeouts.first_byte`).
+//!   every other core sees it taken and skips the backend. A probe request that ends without a
+//!   verdict (its client went away) hands the token back when it is dropped (`ProbeGuard` in
+//!   `worker`); a probe whose report was lost is re-armed with a new token after the longest a
+//!   probe can take (`timeouts.connect + timeouts.first_byte`).
 //!
 //! The breaker is not health: an open breaker leaves `up` alone (and `/health` stays 200 while
 //! some backend is up, so the load balancer in front keeps sending the traffic that probes need);
@@ -435,6 +436,33 @@ impl CoreBreakers {
         }
     }
 
+    /// The token of the probe this core holds on `slot`, if any.
+    pub fn probe(&self, slot: usize) -> Option<Arc<AtomicBool>> {
+        match self.slots.borrow().get(slot) {
+            Some(Slot {
+                probing: true,
+                phase: Phase::HalfOpen(token),
+                ..
+            }) => Some(token.clone()),
+            _ => None,
+        }
+    }
+
+    /// The request carrying the probe `token` ended without a verdict (its client went away):
+    /// hand the probe back at once so that another request, on any core, can take it.
+    pub fn release(&self, slot: usize, token: &Arc<AtomicBool>) {
+        let mut slots = self.slots.borrow_mut();
+        let Some(s) = slots.get_mut(slot) else {
+            return;
+        };
+        if let Phase::HalfOpen(current) = &s.phase {
+            if s.probing && Arc::ptr_eq(current, token) {
+                s.probing = false;
+                token.store(false, Ordering::Release);
+            }
+        }
+    }
+
     /// Records one exchange with `slot`; returns what the health thread must hear, if anything.
     /// A trip also opens the breaker on this core at once.
     pub fn record(&self, slot: usize, v: Verdict, threshold: u32) -> Option<Report> {
@@ -640,6 +668,34 @@ mod tests {
         let c = m.report(r, t0, &s).unwrap();
         a.set(0, 3, c.phase);
         assert!(a.eligible(0) && matches!(a.phase(0), Phase::Closed));
+    }
+
+    #[test]
+    fn a_probe_abandoned_without_a_verdict_is_handed_back() {
+        let token = Arc::new(AtomicBool::new(false));
+        let (a, b) = (core(2), core(2));
+        a.set(0, 2, Phase::HalfOpen(token.clone()));
+        b.set(0, 2, Phase::HalfOpen(token.clone()));
+        assert!(a.probe(0).is_none());
+        assert!(a.claim(0));
+        let held = a.probe(0).unwrap();
+        assert!(!b.eligible(0));
+        a.release(0, &held);
+        assert!(a.probe(0).is_none());
+        assert!(b.eligible(0) && b.claim(0));
+        // A probe that ended with a verdict has nothing to hand back.
+        assert_eq!(
+            b.record(0, Verdict::Ok, 3),
+            Some(Report::Probe { ok: true })
+        );
+        b.release(0, &token);
+        assert!(!a.eligible(0));
+        // A guard from an earlier episode does not release a later one.
+        let next = Arc::new(AtomicBool::new(false));
+        a.set(0, 2, Phase::HalfOpen(next.clone()));
+        assert!(a.claim(0));
+        a.release(0, &held);
+        assert!(next.load(Ordering::Relaxed));
     }
 
     #[test]

@@ -325,6 +325,7 @@ async fn forward(
             break;
         };
         tried[b] = true;
+        let _probe = w.probe_guard(b);
         x.backend.set(Some(b));
         *x.in_flight.borrow_mut() = Some(w.begin(b));
         let request = upstream_request(x, backend);

@@ -331,6 +331,16 @@ impl Worker {
         });
     }
 
+    /// Held by the request that carries `backend`'s half-open probe (if this core holds it): a
+    /// request dropped before its verdict hands the probe back instead of leaving it taken.
+    pub fn probe_guard(self: &Rc<Self>, backend: usize) -> Option<ProbeGuard> {
+        self.breakers.probe(backend).map(|token| ProbeGuard {
+            worker: self.clone(),
+            backend,
+            token,
+        })
+    }
+
     /// A request id unique across cores and restarts without any shared counter.
     pub fn next_request_id(&self) -> String {
         let n = self.seq.get().wrapping_add(1);
@@ -372,6 +382,18 @@ pub struct InflightGuard {
 impl Drop for InflightGuard {
     fn drop(&mut self) {
         self.worker.change_load(self.backend, -1);
+    }
+}
+
+pub struct ProbeGuard {
+    worker: Rc<Worker>,
+    backend: usize,
+    token: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for ProbeGuard {
+    fn drop(&mut self) {
+        self.worker.breakers.release(self.backend, &self.token);
     }
 }
 

@@ -20,6 +20,14 @@ fn yaml(backends: &[&Mock], breaker: &str) -> String {
     s
 }
 
+/// A proxy in front of `m` alone, without retries (the default `timeouts.first_byte` is 60 s).
+fn alone(m: &Mock, extra: &str) -> Proxy {
+    Proxy::start(
+        &format!("{}retry: {{ attempts: 0 }}\n{extra}", yaml(&[m], "")),
+        &[],
+    )
+}
+
 fn chat(proxy: &Proxy, headers: &[(&str, &str)]) -> Response {
     post_json(
         proxy.addr,
@@ -225,26 +233,58 @@ fn send_and_drain(proxy: &Proxy, headers: &[(&str, &str)]) -> String {
 #[test]
 fn resets_and_first_byte_timeouts_are_faults() {
     let m = Mock::start();
-    let proxy = Proxy::start(
-        &format!(
-            "listen: \"127.0.0.1:0\"\nworkers: 1\nbackends:\n  - url: \"{}\"\n\
-             retry: {{ attempts: 0 }}\ntimeouts: {{ first_byte: 300ms }}\n\
-             breaker: {{ consecutive_failures: 2, cooldown: 1m }}\n",
-            m.url()
-        ),
-        &[],
-    );
+    let settings =
+        "timeouts: { first_byte: 300ms }\nbreaker: { consecutive_failures: 1, cooldown: 1m }\n";
     // A stream reset by the backend after two events: an upstream read error.
+    let proxy = alone(&m, settings);
     let out = send_and_drain(&proxy, &[("x-mock-reset-after", "2")]);
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    assert_eq!(breaker(&proxy, &m), "closed");
-    // No response head within timeouts.first_byte: the second fault in a row.
-    let r = chat(&proxy, &[("x-mock-stall", "head")]);
-    r.assert_error(504, "upstream_timeout");
     assert!(eventually(Duration::from_secs(10), || breaker(&proxy, &m) == "open"));
     // The only backend is cut off although its health checks pass.
     chat(&proxy, &[]).assert_error(503, "no_healthy_backend");
     let h = get(proxy.addr, "/health");
     assert_eq!(h.status, 200);
     assert_eq!(h.json()["backends"][0]["up"], true);
+    drop(proxy);
+    // No response head within timeouts.first_byte.
+    let proxy = alone(&m, settings);
+    assert_eq!(breaker(&proxy, &m), "closed");
+    let r = chat(&proxy, &[("x-mock-stall", "head")]);
+    r.assert_error(504, "upstream_timeout");
+    assert!(eventually(Duration::from_secs(10), || breaker(&proxy, &m) == "open"));
+}
+
+#[test]
+fn a_probe_whose_client_leaves_is_handed_back_at_once() {
+    let m = Mock::start();
+    let proxy = alone(
+        &m,
+        "breaker: { consecutive_failures: 1, cooldown: 500ms, max_cooldown: 500ms }\n",
+    );
+    m.control(r#"{"fail_status": 500}"#);
+    let opened = eventually(Duration::from_secs(10), || {
+        chat(&proxy, &[]);
+        breaker(&proxy, &m) != "closed"
+    });
+    assert!(opened);
+    m.control(r#"{"fail_status": null}"#);
+    assert!(eventually(Duration::from_secs(10), || breaker(&proxy, &m)
+        == "half_open"));
+    // The probe stalls before its response head, and its client gives up.
+    let mut c = Client::connect(proxy.addr);
+    let raw = post_raw(
+        "/v1/chat/completions",
+        &chat_body(false, 1),
+        &[("x-mock-stall", "head")],
+        false,
+    );
+    c.send(raw.as_bytes());
+    assert!(eventually(Duration::from_secs(10), || m.stat("active") == 1));
+    drop(c);
+    // Without the hand-back the probe would stay taken for first_byte (60 s).
+    let closed = eventually(Duration::from_secs(15), || {
+        chat(&proxy, &[]);
+        breaker(&proxy, &m) == "closed"
+    });
+    assert!(closed, "the abandoned probe was not handed back");
 }
