@@ -321,7 +321,13 @@ impl Board {
         }
     }
 
+    /// Cores first, metrics after: once a scrape shows a change, every core has it queued.
     fn publish(&self, slot: usize, e: &Entry, c: Change, out: &Broadcast) {
+        out.send_all(&ControlMsg::Breaker {
+            backend: slot,
+            id: e.id,
+            phase: c.phase.clone(),
+        });
         let name = &e.spec.name;
         if c.transition {
             match c.phase {
@@ -332,13 +338,8 @@ impl Board {
             let to = Some(c.phase.as_str());
             self.metrics.breaker_changed(name, c.phase.gauge(), to);
         } else {
-            log::info!("backend {name}: breaker probe abandoned; another may be sent");
+            log::info!("backend {name}: breaker probe unanswered; another may be sent");
         }
-        out.send_all(&ControlMsg::Breaker {
-            backend: slot,
-            id: e.id,
-            phase: c.phase,
-        });
     }
 }
 

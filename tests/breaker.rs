@@ -48,6 +48,14 @@ fn breaker(proxy: &Proxy, m: &Mock) -> String {
         .unwrap_or_default()
 }
 
+/// The series of `llmproxy_breaker_transitions_total` for `m` and `to`.
+fn transitions(m: &Mock, to: &str) -> String {
+    format!(
+        "llmproxy_breaker_transitions_total{{backend=\"{}\",to=\"{to}\"}}",
+        m.url()
+    )
+}
+
 /// The value of the metric line starting with `prefix` (name and labels), if present.
 fn metric(proxy: &Proxy, prefix: &str) -> Option<f64> {
     get(proxy.addr, "/metrics")
@@ -73,10 +81,7 @@ fn a_failing_backend_is_cut_off_then_probed_back_in() {
         "llmproxy_backend_breaker_state{{backend=\"{}\"}}",
         bad.url()
     );
-    let opened = format!(
-        "llmproxy_breaker_transitions_total{{backend=\"{}\",to=\"open\"}}",
-        bad.url()
-    );
+    let opened = transitions(&bad, "open");
     assert_eq!(breaker(&proxy, &bad), "closed");
     assert_eq!(metric(&proxy, &state), Some(0.0));
     assert_eq!(metric(&proxy, &opened), Some(0.0));
@@ -98,8 +103,12 @@ fn a_failing_backend_is_cut_off_then_probed_back_in() {
     assert_eq!(h.status, 200);
     let backends = h.json()["backends"].clone();
     assert!(backends.as_array().unwrap().iter().all(|b| b["up"] == true));
-    assert!(metric(&proxy, &opened).unwrap_or(0.0) >= 1.0);
-    assert!(matches!(metric(&proxy, &state), Some(s) if s == 1.0 || s == 2.0));
+    // The core that answered may have tripped on its own; the health thread follows at once.
+    let counted = eventually(Duration::from_secs(10), || {
+        metric(&proxy, &opened).unwrap_or(0.0) >= 1.0
+            && matches!(metric(&proxy, &state), Some(s) if s == 1.0 || s == 2.0)
+    });
+    assert!(counted, "breaker metrics missing the opening");
 
     // While open, traffic goes to the good backend; the bad one sees at most one probe per
     // cool-down (1 s, doubling to 2 s after a failed probe).
@@ -136,15 +145,9 @@ fn a_failing_backend_is_cut_off_then_probed_back_in() {
         "healed backend gets no traffic"
     );
     assert_eq!(metric(&proxy, &state), Some(0.0));
-    let closes = format!(
-        "llmproxy_breaker_transitions_total{{backend=\"{}\",to=\"closed\"}}",
-        bad.url()
-    );
+    let closes = transitions(&bad, "closed");
     assert!(metric(&proxy, &closes).unwrap_or(0.0) >= 1.0);
-    let half = format!(
-        "llmproxy_breaker_transitions_total{{backend=\"{}\",to=\"half_open\"}}",
-        bad.url()
-    );
+    let half = transitions(&bad, "half_open");
     assert!(metric(&proxy, &half).unwrap_or(0.0) >= 1.0);
 }
 
@@ -171,10 +174,7 @@ fn backpressure_and_client_errors_never_open_it() {
     }
     for m in [&a, &b] {
         assert_eq!(breaker(&proxy, m), "closed");
-        let opened = format!(
-            "llmproxy_breaker_transitions_total{{backend=\"{}\",to=\"open\"}}",
-            m.url()
-        );
+        let opened = transitions(m, "open");
         assert_eq!(metric(&proxy, &opened), Some(0.0));
     }
     // Both still take traffic.
@@ -239,7 +239,11 @@ fn resets_and_first_byte_timeouts_are_faults() {
     let proxy = alone(&m, settings);
     let out = send_and_drain(&proxy, &[("x-mock-reset-after", "2")]);
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    assert!(eventually(Duration::from_secs(10), || breaker(&proxy, &m) == "open"));
+    // Counted by the health thread, which has then told every core.
+    let opened = transitions(&m, "open");
+    let counted = || metric(&proxy, &opened) == Some(1.0);
+    assert!(eventually(Duration::from_secs(10), counted));
+    assert_eq!(breaker(&proxy, &m), "open");
     // The only backend is cut off although its health checks pass.
     chat(&proxy, &[]).assert_error(503, "no_healthy_backend");
     let h = get(proxy.addr, "/health");
