@@ -292,3 +292,28 @@ fn a_probe_whose_client_leaves_is_handed_back_at_once() {
     });
     assert!(closed, "the abandoned probe was not handed back");
 }
+
+#[test]
+fn a_reload_that_disables_the_breaker_closes_it() {
+    let m = Mock::start();
+    let on = "breaker: { consecutive_failures: 1, cooldown: 10m, max_cooldown: 10m }\n";
+    let proxy = alone(&m, on);
+    m.control(r#"{"fail_status": 500}"#);
+    assert_eq!(chat(&proxy, &[]).status, 500);
+    let counted = || metric(&proxy, &transitions(&m, "open")) == Some(1.0);
+    assert!(eventually(Duration::from_secs(10), counted));
+    chat(&proxy, &[]).assert_error(503, "no_healthy_backend");
+    // Cut off for 10 minutes, unless the breaker is turned off.
+    m.control(r#"{"fail_status": null}"#);
+    let path = proxy.dir.join("config.yaml");
+    let off = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace(on, "breaker: { enabled: false }\n");
+    std::fs::write(&path, off).unwrap();
+    let r = post_json(proxy.addr, "/admin/reload", "", &[]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let closed = || metric(&proxy, &transitions(&m, "closed")) == Some(1.0);
+    assert!(eventually(Duration::from_secs(10), closed));
+    assert_eq!(breaker(&proxy, &m), "closed");
+    assert_eq!(chat(&proxy, &[]).status, 200);
+}
