@@ -7,7 +7,7 @@
 //!
 //! Who decides what, and why:
 //! - **Cores count.** Each core keeps its own consecutive-fault streak per backend slot
-//!   (`CoreBreakers`), so the success path costs a `Cell` write and no message at all. The
+//!   (`CoreBreakers`), so the success path costs a core-local write and no message at all. The
 //!   threshold is "N faults in a row as seen by one core": a backend failing every request trips
 //!   after at most `cores × (N − 1) + 1` faults, and traffic interleaved over cores cannot hide a
 //!   failure run from the core that sees it. Counting centrally would cost a message per request.
@@ -16,7 +16,8 @@
 //!   opens the breaker, times the cool-down, arms the probe, takes the probe's result and
 //!   broadcasts every change to every core's inbox (re-sent each health round, so a lost message
 //!   heals). It already owns health state by id and follows the backend table, and it is never on
-//!   a request path, so a slow decision cannot delay a request.
+//!   a request path, so a slow decision cannot delay a request. The price: cool-downs are timed
+//!   to its loop (200 ms, longer while an active probe round waits on `health_check.timeout`).
 //! - **One probe, process-wide.** Half-open is broadcast with a fresh shared token (an
 //!   `Arc<AtomicBool>`); the first core that picks the backend wins it with one compare-exchange,
 //!   every other core sees it taken and skips the backend. A probe request that ends without a
@@ -27,8 +28,8 @@
 //! The breaker is not health: an open breaker leaves `up` alone (and `/health` stays 200 while
 //! some backend is up, so the load balancer in front keeps sending the traffic that probes need);
 //! a backend is eligible only when it is up *and* its breaker lets requests through. Per-slot core
-//! state is reset when the slot's backend id changes. The pick path only reads `Cell`s and, for a
-//! half-open backend, one atomic: no lock, no allocation.
+//! state is reset when the slot's backend id changes. The pick path only reads core-local state
+//! and, for a half-open backend, one atomic: no lock, no allocation.
 
 use std::cell::RefCell;
 use std::collections::HashMap;

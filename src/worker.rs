@@ -317,13 +317,16 @@ impl Worker {
         };
         let id = self.view.id(backend);
         if report == crate::breaker::Report::Trip {
+            let table = self.table();
+            let name = table.get(backend).map_or("?", |e| e.spec.name.as_str());
             log::warn!(
-                "core {}: backend {backend} failed {} times in a row; opening its breaker",
+                "core {}: backend {name} failed {} times in a row; opening its breaker",
                 self.id,
                 settings.consecutive_failures
             );
         }
-        // A full channel loses the report; the streak starts again and trips again.
+        // A lost trip is undone by the health thread's next re-send (closed), and the streak
+        // trips again; a lost probe result is re-armed by the health thread after a while.
         let _ = self.health_tx.try_send(HealthReport::Breaker {
             backend,
             id,
