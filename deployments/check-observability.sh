@@ -109,6 +109,8 @@ METRICS = {
     "llmproxy_usage_delivery_seconds": ("histogram", set()),
     "llmproxy_build_info": ("gauge", {"version", "driver"}),
     "llmproxy_discovery_updates_total": ("counter", {"result"}),
+    "llmproxy_backend_breaker_state": ("gauge", {"backend"}),
+    "llmproxy_breaker_transitions_total": ("counter", {"backend", "to"}),
     # Not exported by llmproxy: Prometheus records it for every scrape target.
     "up": ("gauge", set()),
 }

@@ -37,6 +37,7 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub retry: Retry,
+    pub breaker: Breaker,
     pub pool: Pool,
     pub usage: Usage,
     pub usage_hook: UsageHook,
@@ -233,6 +234,32 @@ pub struct Retry {
 impl Default for Retry {
     fn default() -> Self {
         Retry { attempts: 2 }
+    }
+}
+
+/// Passive outlier detection (`breaker`): a backend that keeps failing is taken out of rotation
+/// for a cool-down, then tried with one probe request.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "a mapping")]
+pub struct Breaker {
+    pub enabled: bool,
+    /// Consecutive faults (as seen by one core) that open the breaker; at least 1.
+    pub consecutive_failures: u32,
+    /// The first cool-down; each re-open after a failed probe doubles it, up to `max_cooldown`.
+    #[serde(deserialize_with = "de_duration")]
+    pub cooldown: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub max_cooldown: Duration,
+}
+
+impl Default for Breaker {
+    fn default() -> Self {
+        Breaker {
+            enabled: true,
+            consecutive_failures: 5,
+            cooldown: Duration::from_secs(10),
+            max_cooldown: Duration::from_secs(300),
+        }
     }
 }
 
@@ -596,6 +623,7 @@ struct RawConfig {
     timeouts: Timeouts,
     limits: Limits,
     retry: Retry,
+    breaker: Breaker,
     pool: Pool,
     usage: Usage,
     usage_hook: UsageHook,
@@ -618,6 +646,7 @@ impl Default for RawConfig {
             timeouts: Timeouts::default(),
             limits: Limits::default(),
             retry: Retry::default(),
+            breaker: Breaker::default(),
             pool: Pool::default(),
             usage: Usage::default(),
             usage_hook: UsageHook::default(),
@@ -816,11 +845,26 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         );
     }
 
+    let br = &raw.breaker;
+    if br.consecutive_failures == 0 {
+        err(
+            "breaker.consecutive_failures",
+            "must be at least 1".to_string(),
+        );
+    }
+    if br.max_cooldown < br.cooldown {
+        err(
+            "breaker.max_cooldown",
+            "must not be shorter than breaker.cooldown".to_string(),
+        );
+    }
+
     let t = &raw.timeouts;
     // shutdown_grace may be zero: it means "stop at once", which is a legitimate choice.
     for (path, d) in [
         ("health_check.interval", hc.interval),
         ("health_check.timeout", hc.timeout),
+        ("breaker.cooldown", br.cooldown),
         ("timeouts.connect", t.connect),
         ("timeouts.header", t.header),
         ("timeouts.first_byte", t.first_byte),
@@ -911,6 +955,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             timeouts: raw.timeouts,
             limits: raw.limits,
             retry: raw.retry,
+            breaker: raw.breaker,
             pool: raw.pool,
             usage: raw.usage,
             usage_hook,
@@ -1623,12 +1668,40 @@ usage_hook: { enabled: true, url: "https://billing.example.com/llm-usage", timeo
         assert_eq!(c.timeouts, defaults.timeouts);
         assert_eq!(c.limits, defaults.limits);
         assert_eq!(c.retry, defaults.retry);
+        assert_eq!(c.breaker, defaults.breaker);
         assert_eq!(c.pool, defaults.pool);
         assert_eq!(c.usage_hook, defaults.usage_hook);
         assert_eq!(c.logging, defaults.logging);
         assert_eq!(c.auth, defaults.auth);
         assert_eq!(c.backends.len(), 1);
         assert_eq!(c.backends[0].weight, 1);
+    }
+
+    #[test]
+    fn breaker_defaults_and_validation() {
+        let c = ok(MINIMAL);
+        assert!(c.breaker.enabled);
+        assert_eq!(c.breaker.consecutive_failures, 5);
+        assert_eq!(c.breaker.cooldown, Duration::from_secs(10));
+        assert_eq!(c.breaker.max_cooldown, Duration::from_secs(300));
+        let c = ok(&with_backend(
+            "breaker: { enabled: false, consecutive_failures: 3, cooldown: 500ms, max_cooldown: 2s }\n",
+        ));
+        assert!(!c.breaker.enabled);
+        assert_eq!(c.breaker.consecutive_failures, 3);
+        assert_eq!(c.breaker.cooldown, Duration::from_millis(500));
+        assert_eq!(c.breaker.max_cooldown, Duration::from_secs(2));
+        let y = with_backend("breaker: { consecutive_failures: 0 }\n");
+        assert_error(&y, "breaker.consecutive_failures", "at least 1");
+        assert_error(
+            &with_backend("breaker: { cooldown: 0s }\n"),
+            "breaker.cooldown",
+            "",
+        );
+        let y = with_backend("breaker: { cooldown: 1m, max_cooldown: 10s }\n");
+        assert_error(&y, "breaker.max_cooldown", "shorter");
+        let y = with_backend("breaker: { threshold: 3 }\n");
+        assert!(errors(&y).iter().any(|e| e.contains("threshold")));
     }
 
     #[test]

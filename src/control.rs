@@ -11,6 +11,7 @@ use std::sync::Arc;
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::backends::BackendTable;
+use crate::breaker::{Phase, Report};
 
 /// Bounded so a stalled core cannot make the others grow memory without limit. The bound is
 /// checked on send over an unbounded (block-list) channel, which allocates only for what is
@@ -33,6 +34,12 @@ pub enum ControlMsg {
     },
     /// A backend's health as decided by the health thread (or a core's passive report).
     Health { backend: usize, id: u64, up: bool },
+    /// A backend's circuit breaker as decided by the health thread (`breaker`).
+    Breaker {
+        backend: usize,
+        id: u64,
+        phase: Phase,
+    },
     /// A new version of the backend set (and the configuration it belongs to).
     Table(Arc<BackendTable>),
 }
@@ -43,6 +50,12 @@ pub enum HealthReport {
     Unreachable { backend: usize, id: u64 },
     /// The backend set changed: probe new backends now, forget removed ones.
     Table(Arc<BackendTable>),
+    /// A core's breaker news about a backend: its fault streak tripped, or its probe ended.
+    Breaker {
+        backend: usize,
+        id: u64,
+        report: Report,
+    },
 }
 
 /// Sent to the control-plane thread (`plane`).

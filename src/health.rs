@@ -9,6 +9,11 @@
 //! a whole interval later; removed backends are forgotten. Settings come from the table's config,
 //! so a reload changes them. State is keyed by backend id, never by slot, because slots are
 //! reused.
+//!
+//! It also hosts the circuit breakers (`breaker::Board`): cores report trips and probe results
+//! here, cool-downs are timed on this loop, and every breaker's phase is re-broadcast each round.
+//! Health and breaker are independent: a backend takes requests only when it is up and its
+//! breaker lets them through.
 
 use std::collections::HashMap;
 use std::io::Read as _;
@@ -19,8 +24,10 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use crate::backends::{BackendTable, Entry, State as BackendState};
+use crate::breaker::Board;
 use crate::config::HealthCheck;
 use crate::control::{Broadcast, ControlMsg, HealthReport};
+use crate::metrics::Metrics;
 
 #[derive(Debug, Clone)]
 struct State {
@@ -33,11 +40,12 @@ pub fn spawn(
     table: Arc<BackendTable>,
     broadcast: Broadcast,
     reports: Receiver<HealthReport>,
+    metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("llmproxy-health".into())
-        .spawn(move || Checker::new(table, broadcast).run(&reports, &stop))
+        .spawn(move || Checker::new(table, broadcast, metrics).run(&reports, &stop))
 }
 
 struct Checker {
@@ -46,6 +54,7 @@ struct Checker {
     agent: ureq::Agent,
     /// By backend id.
     states: HashMap<u64, State>,
+    breakers: Board,
 }
 
 fn agent(hc: &HealthCheck) -> ureq::Agent {
@@ -56,12 +65,13 @@ fn agent(hc: &HealthCheck) -> ureq::Agent {
 }
 
 impl Checker {
-    fn new(table: Arc<BackendTable>, broadcast: Broadcast) -> Checker {
+    fn new(table: Arc<BackendTable>, broadcast: Broadcast, metrics: Arc<Metrics>) -> Checker {
         let mut c = Checker {
             agent: agent(&table.config.health_check),
             table: table.clone(),
             broadcast,
             states: HashMap::new(),
+            breakers: Board::new(metrics),
         };
         c.follow(table);
         c
@@ -85,6 +95,7 @@ impl Checker {
         }
         self.states
             .retain(|id, _| table.entries().any(|(_, e)| e.id == *id));
+        self.breakers.follow(&table);
         self.table = table;
         new
     }
@@ -158,15 +169,26 @@ impl Checker {
             let round = Instant::now();
             let all: Vec<usize> = self.table.entries().map(|(s, _)| s).collect();
             self.round(&all);
+            self.breakers.resend(&self.table, &self.broadcast);
             // Wait for the next round, handling passive reports and new tables as they come.
             let next = round + self.table.config.health_check.interval;
             loop {
                 let now = Instant::now();
+                self.breakers.tick(&self.table, &self.broadcast);
                 if now >= next || stop.load(Ordering::Relaxed) {
                     break;
                 }
                 match reports.recv_timeout((next - now).min(Duration::from_millis(200))) {
                     Ok(HealthReport::Unreachable { backend, id }) => self.unreachable(backend, id),
+                    Ok(HealthReport::Breaker {
+                        backend,
+                        id,
+                        report,
+                    }) => {
+                        let table = &self.table;
+                        self.breakers
+                            .report(table, backend, id, report, &self.broadcast)
+                    }
                     Ok(HealthReport::Table(table)) => {
                         let new = self.follow(table);
                         if !new.is_empty() {

@@ -1,7 +1,8 @@
 //! llmproxy: a thread-per-core reverse proxy on io_uring for self-hosted LLM inference servers.
 //! The modules follow the path a request takes: `server` (accept, HTTP/1.1) → `route` → `balance`
 //! → `upstream` → `proxy` (stream back, account); `worker` is the state one core owns, `control`
-//! the messages between threads, `health` the probing thread.
+//! the messages between threads, `health` the probing thread (which also decides the per-backend
+//! circuit breakers of `breaker`).
 #![forbid(unsafe_code)]
 
 pub mod account;
@@ -9,6 +10,7 @@ pub mod admission;
 pub mod auth;
 pub mod backends;
 pub mod balance;
+pub mod breaker;
 pub mod config;
 pub mod control;
 pub mod discovery;

@@ -53,6 +53,8 @@ pub struct Metrics {
     pub usage_delivery_seconds: Histogram,
     /// DNS discovery rounds by result: changed, unchanged, error, empty, expired.
     pub discovery_updates: IntCounterVec,
+    breaker_state: IntGaugeVec,
+    breaker_transitions: IntCounterVec,
     /// Models configured at start (label values until a core learns the current set).
     pub models: Vec<String>,
 }
@@ -164,6 +166,22 @@ impl Metrics {
         for r in ["changed", "unchanged", "error", "empty", "expired"] {
             discovery_updates.with_label_values(&[r]);
         }
+        let breaker_state = IntGaugeVec::new(
+            Opts::new(
+                "llmproxy_backend_breaker_state",
+                "Circuit breaker per backend: 0 closed, 1 open, 2 half-open",
+            ),
+            &["backend"],
+        )?;
+        let breaker_transitions = IntCounterVec::new(
+            Opts::new(
+                "llmproxy_breaker_transitions_total",
+                "Circuit breaker state changes by backend and new state (open, half_open, closed)",
+            ),
+            &["backend", "to"],
+        )?;
+        registry.register(Box::new(breaker_state.clone()))?;
+        registry.register(Box::new(breaker_transitions.clone()))?;
         let workers_gauge = IntGauge::new("llmproxy_workers", "Worker threads (cores)")?;
         workers_gauge.set(workers as i64);
         let build_info = IntGaugeVec::new(
@@ -221,6 +239,8 @@ impl Metrics {
             // Present from the start so rate() sees the first increase.
             retries_total.with_label_values(&[&b]);
             upstream_errors.with_label_values(&[&b, "upstream_connect_error"]);
+            breaker_state.with_label_values(&[&b]).set(0);
+            breaker_transitions.with_label_values(&[&b, "open"]);
         }
         Ok(Metrics {
             registry,
@@ -242,6 +262,8 @@ impl Metrics {
             usage_spool_bytes,
             usage_delivery_seconds,
             discovery_updates,
+            breaker_state,
+            breaker_transitions,
             models: configured_models(cfg),
         })
     }
@@ -257,6 +279,22 @@ impl Metrics {
     pub fn forget_backend(&self, name: &str) {
         let _ = self.backend_up.remove_label_values(&[name]);
         let _ = self.backend_inflight.remove_label_values(&[name]);
+        self.forget_breaker(name);
+    }
+
+    pub fn forget_breaker(&self, name: &str) {
+        let _ = self.breaker_state.remove_label_values(&[name]);
+    }
+
+    /// A backend's breaker is now in `state` (0 closed, 1 open, 2 half-open); `to` names the
+    /// transition to count, if it was one.
+    pub fn breaker_changed(&self, backend: &str, state: i64, to: Option<&str>) {
+        self.breaker_state.with_label_values(&[backend]).set(state);
+        if let Some(to) = to {
+            self.breaker_transitions
+                .with_label_values(&[backend, to])
+                .inc();
+        }
     }
 }
 

@@ -19,6 +19,7 @@ use crate::account::{account, Done};
 use crate::admission;
 use crate::auth::Caller;
 use crate::backends::{BackendTable, Entry};
+use crate::breaker::Verdict;
 use crate::error::ProxyError;
 use crate::http1::head::{BodyFraming, Head};
 use crate::http1::headers::forwardable;
@@ -312,20 +313,38 @@ async fn forward(
             (&**latest, latest.routes.backends_for(route.model)?)
         };
         tried.resize(mask.len(), false);
-        let eligible = |i: usize| mask.get(i) == Some(&true) && !tried[i] && w.view.is_up(i);
-        let Some((b, _slot)) = admission::pick(w, eligible).await? else {
+        // A half-open backend takes one probe process-wide: losing the race for it to another
+        // core means picking again without it (bounded: each round rules one backend out).
+        let picked = loop {
+            let eligible = |i: usize| mask.get(i) == Some(&true) && !tried[i] && w.eligible(i);
+            match admission::pick(w, eligible).await? {
+                Some((b, permit)) if w.breakers.claim(b) => break Some((b, permit)),
+                Some((b, _)) => tried[b] = true,
+                None => break None,
+            }
+        };
+        let Some((b, _slot)) = picked else {
             break;
         };
         let Some(backend) = table.get(b) else {
             break;
         };
         tried[b] = true;
+        let _probe = w.probe_guard(b);
         x.backend.set(Some(b));
         *x.in_flight.borrow_mut() = Some(w.begin(b));
         let request = upstream_request(x, backend);
-        match send(w, b, backend.spec.addr, request).await {
+        let sent = send(w, b, backend.spec.addr, request).await;
+        w.outcome(
+            b,
+            match &sent {
+                Ok((_, resp)) => Verdict::of_status(resp.status),
+                Err(e) => Verdict::of_error(e),
+            },
+        );
+        match sent {
             Ok((conn, resp)) => {
-                let more = (0..mask.len()).any(|i| mask[i] && !tried[i] && w.view.is_up(i));
+                let more = (0..mask.len()).any(|i| mask[i] && !tried[i] && w.eligible(i));
                 if matches!(resp.status, 502 | 503) && attempt < attempts && more {
                     log::warn!(
                         "request {}: backend {} answered {}; trying another",
@@ -587,6 +606,7 @@ async fn relay(
             }
         }
         if let Some(e) = bad_chunk {
+            w.outcome(backend, Verdict::Fault);
             // Data decoded before the bad chunk still goes out first.
             if !out.is_empty() {
                 let _ = write_client(wr, std::mem::take(&mut out), t.write).await;
@@ -651,6 +671,7 @@ async fn relay(
                     log::warn!("request {}: upstream closed mid-body", x.request_id);
                     w.metrics
                         .upstream_error(backend, "upstream_closed_mid_body");
+                    w.outcome(backend, Verdict::Fault);
                     let e = ProxyError::UpstreamClosed("mid-body".into());
                     cut_stream(wr, &e, event_stream, reframe, t.write).await;
                     return Ok(sent(Outcome::UpstreamError, true));
@@ -659,6 +680,7 @@ async fn relay(
             Ok((Err(e), _)) => {
                 log::warn!("request {}: upstream read failed: {e}", x.request_id);
                 w.metrics.upstream_error(backend, "upstream_read_error");
+                w.outcome(backend, Verdict::Fault);
                 let e = ProxyError::UpstreamClosed(e.to_string());
                 cut_stream(wr, &e, event_stream, reframe, t.write).await;
                 return Ok(sent(Outcome::UpstreamError, true));
@@ -787,6 +809,7 @@ fn local_response(w: &Worker, local: Local) -> (u16, &'static str, Vec<u8>) {
                         "name": e.spec.name,
                         "state": e.state.as_str(),
                         "up": w.view.is_up(i),
+                        "breaker": w.breakers.phase(i).as_str(),
                         "inflight": w.view.load(i),
                     })
                 })

@@ -218,6 +218,7 @@ pub fn start_with(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<Running>
         table.clone(),
         broadcast.clone(),
         health_rx,
+        shared.metrics.clone(),
         stop_health.clone(),
     )
     .context("starting the health thread")?;

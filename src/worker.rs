@@ -19,6 +19,7 @@ use crate::admission::{Capacity, ConnectionLimit, CoreCapacity};
 use crate::auth::{CoreAuth, KeyStore};
 use crate::backends::{BackendTable, State};
 use crate::balance::{Balancer, LoadView};
+use crate::breaker::{CoreBreakers, Verdict};
 use crate::config::Config;
 use crate::control::{Broadcast, ControlMsg, HealthReport, PlaneMsg};
 use crate::metrics::{LocalMetrics, Metrics};
@@ -67,6 +68,8 @@ pub struct Worker {
     pub id: usize,
     pub shared: Arc<Shared>,
     pub view: LoadView,
+    /// Circuit breakers by slot (decided on the health thread, streaks counted here).
+    pub breakers: CoreBreakers,
     pub balancer: Balancer,
     pub pool: Pool,
     pub metrics: LocalMetrics,
@@ -103,6 +106,7 @@ impl Worker {
         let w = Worker {
             id,
             view: LoadView::new(id, peers.cores(), 0),
+            breakers: CoreBreakers::default(),
             balancer: Balancer::new(cfg.strategy, Vec::new()),
             pool: Pool::new(0, cfg.pool.max_idle_per_backend, cfg.pool.idle_timeout),
             metrics: LocalMetrics::new(shared.metrics.clone(), &cfg),
@@ -171,11 +175,13 @@ impl Worker {
         self.metrics
             .set_backends(&self.view, labels, table.models.clone());
         self.view.resize(n);
+        self.breakers.resize(n);
         for slot in 0..n {
             let id = table.get(slot).map_or(0, |e| e.id);
             if first || self.view.id(slot) != id {
                 let up = table.get(slot).is_some_and(|e| e.up_initially);
                 self.view.reset(slot, id, up);
+                self.breakers.reset(slot, id);
                 self.pool.clear(slot);
             }
         }
@@ -233,6 +239,7 @@ impl Worker {
                     }
                     self.view.set_up(backend, id, up);
                 }
+                ControlMsg::Breaker { backend, id, phase } => self.breakers.set(backend, id, phase),
                 ControlMsg::Table(table) => self.apply_table(table),
             }
         }
@@ -290,6 +297,53 @@ impl Worker {
             .try_send(HealthReport::Unreachable { backend, id });
     }
 
+    /// May a request go to `backend` now? Healthy, and its breaker lets requests through.
+    pub fn eligible(&self, backend: usize) -> bool {
+        self.view.is_up(backend) && self.breakers.eligible(backend)
+    }
+
+    /// Feeds the outcome of one exchange with `backend` to its breaker; a trip or the end of a
+    /// probe goes to the health thread, which decides and tells every core.
+    pub fn outcome(&self, backend: usize, v: Verdict) {
+        let settings = &self.config().breaker;
+        if !settings.enabled {
+            return;
+        }
+        let Some(report) = self
+            .breakers
+            .record(backend, v, settings.consecutive_failures)
+        else {
+            return;
+        };
+        let id = self.view.id(backend);
+        if report == crate::breaker::Report::Trip {
+            let table = self.table();
+            let name = table.get(backend).map_or("?", |e| e.spec.name.as_str());
+            log::warn!(
+                "core {}: backend {name} failed {} times in a row; opening its breaker",
+                self.id,
+                settings.consecutive_failures
+            );
+        }
+        // A lost trip is undone by the health thread's next re-send (closed), and the streak
+        // trips again; a lost probe result is re-armed by the health thread after a while.
+        let _ = self.health_tx.try_send(HealthReport::Breaker {
+            backend,
+            id,
+            report,
+        });
+    }
+
+    /// Held by the request that carries `backend`'s half-open probe (if this core holds it): a
+    /// request dropped before its verdict hands the probe back instead of leaving it taken.
+    pub fn probe_guard(self: &Rc<Self>, backend: usize) -> Option<ProbeGuard> {
+        self.breakers.probe(backend).map(|token| ProbeGuard {
+            worker: self.clone(),
+            backend,
+            token,
+        })
+    }
+
     /// A request id unique across cores and restarts without any shared counter.
     pub fn next_request_id(&self) -> String {
         let n = self.seq.get().wrapping_add(1);
@@ -331,6 +385,18 @@ pub struct InflightGuard {
 impl Drop for InflightGuard {
     fn drop(&mut self) {
         self.worker.change_load(self.backend, -1);
+    }
+}
+
+pub struct ProbeGuard {
+    worker: Rc<Worker>,
+    backend: usize,
+    token: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for ProbeGuard {
+    fn drop(&mut self) {
+        self.worker.breakers.release(self.backend, &self.token);
     }
 }
 
@@ -384,10 +450,23 @@ mod tests {
 
     /// Core 0 of two, with the other core's inbox and the plane's receiver.
     fn worker(table: Arc<BackendTable>) -> (Rc<Worker>, Sender<ControlMsg>, Receiver<PlaneMsg>) {
+        let (w, inbox, plane, _health) = worker_and_health(table);
+        (w, inbox, plane)
+    }
+
+    /// Also returns what the core sends to the health thread.
+    fn worker_and_health(
+        table: Arc<BackendTable>,
+    ) -> (
+        Rc<Worker>,
+        Sender<ControlMsg>,
+        Receiver<PlaneMsg>,
+        Receiver<HealthReport>,
+    ) {
         // The real inboxes are dropped: the test plays the other core and the plane.
         let (peers, _inboxes) = Broadcast::new(2);
         let (plane_tx, plane_rx) = crossbeam_channel::bounded(16);
-        let (health_tx, _health_rx) = crossbeam_channel::bounded(16);
+        let (health_tx, health_rx) = crossbeam_channel::bounded(16);
         let (usage_tx, _usage_rx) = crossbeam_channel::bounded(16);
         let shared = Arc::new(Shared {
             config: table.config.clone(),
@@ -402,7 +481,68 @@ mod tests {
         });
         let (self_tx, self_rx) = crossbeam_channel::bounded(64);
         let w = Worker::new(0, shared, self_rx, peers, health_tx, usage_tx, table);
-        (Rc::new(w), self_tx, plane_rx)
+        (Rc::new(w), self_tx, plane_rx, health_rx)
+    }
+
+    fn statics(urls: &[&str]) -> std::collections::HashMap<String, std::net::SocketAddr> {
+        urls.iter()
+            .map(|u| (u.to_string(), u["http://".len()..].parse().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn breaker_trips_are_reported_and_a_reused_slot_starts_closed() {
+        use crate::breaker::{Phase, Report};
+        let cfg = config(&["http://127.0.0.1:1", "http://127.0.0.1:2"]);
+        let mut reg = registry(&cfg, 2);
+        let (w, inbox, _plane, health) = worker_and_health(reg.publish(cfg.clone()));
+        let id = w.view.id(0);
+        for _ in 0..cfg.breaker.consecutive_failures - 1 {
+            w.outcome(0, Verdict::Fault);
+        }
+        assert!(health.try_recv().is_err());
+        assert!(w.eligible(0));
+        w.outcome(0, Verdict::Fault);
+        match health.try_recv() {
+            Ok(HealthReport::Breaker {
+                backend: 0,
+                id: got,
+                report: Report::Trip,
+            }) => assert_eq!(got, id),
+            _ => panic!("no trip reported"),
+        }
+        // Cut off on this core at once; health is untouched.
+        assert!(!w.eligible(0) && w.view.is_up(0) && w.eligible(1));
+        let open_slot0 = |id| {
+            let phase = Phase::Open;
+            inbox
+                .send(ControlMsg::Breaker {
+                    backend: 0,
+                    id,
+                    phase,
+                })
+                .unwrap();
+            w.drain_inbox();
+        };
+        open_slot0(id);
+        assert_eq!(w.breakers.phase(0).as_str(), "open");
+
+        // Backend 1 leaves, drains on both cores; backend 3 takes its slot under a new id.
+        let cfg2 = config(&["http://127.0.0.1:2", "http://127.0.0.1:3"]);
+        let urls = ["http://127.0.0.1:2", "http://127.0.0.1:3"];
+        reg.apply(desired(&cfg2, &statics(&urls[..1]), &Default::default()));
+        let v = reg.version();
+        assert!(!reg.drained(0, id, v) && reg.drained(1, id, v));
+        reg.apply(desired(&cfg2, &statics(&urls), &Default::default()));
+        inbox
+            .send(ControlMsg::Table(reg.publish(cfg2.clone())))
+            .unwrap();
+        w.drain_inbox();
+        assert_ne!(w.view.id(0), id);
+        assert_eq!(w.breakers.phase(0).as_str(), "closed");
+        // A late message about the departed backend changes nothing.
+        open_slot0(id);
+        assert!(w.eligible(0));
     }
 
     #[test]
