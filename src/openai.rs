@@ -5,8 +5,10 @@
 //! that injection, never re-serialised.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use crate::error::ProxyError;
 use crate::usage::Kind;
@@ -127,15 +129,19 @@ pub fn inject_include_usage(path: &str, body: &[u8], info: &RequestInfo) -> Opti
         out.extend_from_slice(&body[open + 1..]);
         return Some(out);
     }
-    // stream_options present without include_usage: true — rewrite that object (rare).
-    let mut v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let opts = v.get_mut("stream_options")?;
-    if !opts.is_object() {
-        *opts = serde_json::json!({});
-    }
-    opts.as_object_mut()?
-        .insert("include_usage".into(), serde_json::Value::Bool(true));
-    serde_json::to_vec(&v).ok()
+    // stream_options present without include_usage: true — rewrite that object (rare). Members
+    // are carried over as their raw text: a round trip through `Value` would turn an integer
+    // beyond u64 into an f64 and change what the client sent (found by fuzzing).
+    let mut top: BTreeMap<String, &RawValue> = serde_json::from_slice(body).ok()?;
+    let mut opts: BTreeMap<String, &RawValue> = top
+        .get("stream_options")
+        .and_then(|raw| serde_json::from_str(raw.get()).ok())
+        .unwrap_or_default();
+    let yes = RawValue::from_string("true".to_owned()).ok()?;
+    opts.insert("include_usage".to_owned(), &yes);
+    let opts = serde_json::value::to_raw_value(&opts).ok()?;
+    top.insert("stream_options".to_owned(), &opts);
+    serde_json::to_vec(&top).ok()
 }
 
 /// How to read usage off a response.
@@ -225,6 +231,15 @@ mod tests {
         assert_eq!(text.matches("stream_options").count(), 1, "{text}");
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], true);
+        // Found by the fuzzer: members are copied as written, never re-rendered (a number
+        // beyond u64 went through f64 and came out different).
+        let body = br#"{"stream":true,"x":18446744073709574407370955,"y":1.10,"stream_options":{"z":1e400}}"#;
+        let out = inject_include_usage("/v1/chat/completions", body, &info(body)).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains(r#""x":18446744073709574407370955"#), "{text}");
+        assert!(text.contains(r#""y":1.10"#), "{text}");
+        assert!(text.contains(r#""include_usage":true"#), "{text}");
+        assert!(text.contains(r#""z":1e400"#), "{text}");
         let b = br#"{"stream":false}"#;
         assert!(inject_include_usage("/v1/chat/completions", b, &info(b)).is_none());
         let b = br#"{"stream":true,"stream_options":{"include_usage":true}}"#;

@@ -128,7 +128,7 @@ async fn serve(worker: Rc<Worker>, stream: TcpStream, peer: SocketAddr, admin: b
         key_ids: KeyIdCache::default(),
         rd,
         wr,
-        buf: BytesMut::with_capacity(8 * 1024),
+        buf: BytesMut::with_capacity(4 * 1024),
         peer,
         peer_ip: peer.ip().to_string().into(),
         admin,

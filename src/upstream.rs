@@ -142,7 +142,7 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<UpConn, Prox
     let _ = io.set_nodelay(true);
     Ok(UpConn {
         io,
-        buf: BytesMut::with_capacity(16 * 1024),
+        buf: BytesMut::with_capacity(4 * 1024),
         reused: false,
         keepalive_hint: None,
     })

@@ -5,8 +5,9 @@ use monoio::buf::SliceMut;
 use monoio::io::AsyncReadRent;
 
 /// Grows the buffer so a read has room for a typical burst (an LLM response chunk or a request
-/// head) without a second syscall.
-const READ_RESERVE: usize = 8 * 1024;
+/// head) without a second syscall. A page, like nginx's default proxy buffer: every connection
+/// holds one, and with thousands of streams open, larger buffers were most of the memory.
+const READ_RESERVE: usize = 4 * 1024;
 
 /// Reads once, appending to `buf`. Returns the number of bytes read (0 = EOF).
 pub async fn read_more<R: AsyncReadRent>(
