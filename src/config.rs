@@ -33,6 +33,7 @@ pub struct Config {
     /// Never empty; URLs are unique.
     pub backends: Vec<Backend>,
     pub strategy: Strategy,
+    pub routing: Routing,
     pub health_check: HealthCheck,
     pub timeouts: Timeouts,
     pub limits: Limits,
@@ -60,6 +61,8 @@ pub struct Backend {
     pub weight: u32,
     /// `None` = serves any model; otherwise a non-empty list of non-empty names.
     pub models: Option<Vec<String>>,
+    /// Path (after `base_path`) of the engine's Prometheus metrics, scraped for `least_load`.
+    pub metrics_path: String,
 }
 
 /// How a backend is picked among the healthy ones.
@@ -72,6 +75,186 @@ pub enum Strategy {
     LeastConnections,
     /// Two random healthy candidates, the less loaded (in-flight / weight) wins.
     PowerOfTwo,
+    /// Lowest score from the engines' own metrics (queue, KV cache) and in-flight counts.
+    LeastLoad,
+    /// Rendezvous hashing on a per-request key, guarded by `routing.max_imbalance`.
+    ConsistentHash,
+}
+
+impl Strategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::RoundRobin => "round_robin",
+            Strategy::WeightedRoundRobin => "weighted_round_robin",
+            Strategy::LeastConnections => "least_connections",
+            Strategy::PowerOfTwo => "power_of_two",
+            Strategy::LeastLoad => "least_load",
+            Strategy::ConsistentHash => "consistent_hash",
+        }
+    }
+
+    /// Strategies that read the engines' `/metrics`.
+    pub fn uses_engine_load(self) -> bool {
+        self == Strategy::LeastLoad
+    }
+}
+
+/// A non-negative finite number from the config (scoring weights, thresholds); compared by
+/// bits so that `Config` stays `Eq`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(transparent)]
+pub struct Real(pub f64);
+
+impl PartialEq for Real {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.to_bits() == other.0.to_bits()
+    }
+}
+
+impl Eq for Real {}
+
+/// Where `consistent_hash` takes a request's key from; the first source that yields one wins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    /// A request header (lower-cased name).
+    Header(String),
+    /// The body's top-level `user` string.
+    BodyUser,
+    /// The raw text of the first N (1-4) chat messages, or the start of `prompt`.
+    Prefix(usize),
+}
+
+/// Inputs of the LLM-aware strategies (`least_load`, `consistent_hash`) and the engine scraper.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Routing {
+    pub hash_key: Vec<HashKey>,
+    /// `consistent_hash` gives up affinity when its backend has this many more requests in flight
+    /// than the least-loaded candidate.
+    pub max_imbalance: u32,
+    pub metrics_interval: Duration,
+    /// Engine metrics older than this are ignored: the backend is scored by in-flight only.
+    pub metrics_stale_after: Duration,
+    /// `least_load` score = queue_weight × waiting + kv_weight × KV use (0-1) + inflight_weight ×
+    /// in-flight, divided by the backend's weight.
+    pub queue_weight: Real,
+    pub kv_weight: Real,
+    pub inflight_weight: Real,
+    /// Backends whose KV cache use (0-1) is above this are avoided while any other is not.
+    pub kv_threshold: Real,
+}
+
+impl Default for Routing {
+    fn default() -> Self {
+        Routing {
+            hash_key: vec![HashKey::Header("x-session-id".into())],
+            max_imbalance: 8,
+            metrics_interval: Duration::from_millis(250),
+            metrics_stale_after: Duration::from_secs(2),
+            queue_weight: Real(4.0),
+            kv_weight: Real(8.0),
+            inflight_weight: Real(1.0),
+            kv_threshold: Real(0.9),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "a mapping")]
+struct RawRouting {
+    hash_key: String,
+    max_imbalance: u32,
+    #[serde(deserialize_with = "de_duration")]
+    metrics_interval: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    metrics_stale_after: Duration,
+    queue_weight: Real,
+    kv_weight: Real,
+    inflight_weight: Real,
+    kv_threshold: Real,
+}
+
+impl Default for RawRouting {
+    fn default() -> Self {
+        let d = Routing::default();
+        RawRouting {
+            hash_key: "header:x-session-id".into(),
+            max_imbalance: d.max_imbalance,
+            metrics_interval: d.metrics_interval,
+            metrics_stale_after: d.metrics_stale_after,
+            queue_weight: d.queue_weight,
+            kv_weight: d.kv_weight,
+            inflight_weight: d.inflight_weight,
+            kv_threshold: d.kv_threshold,
+        }
+    }
+}
+
+/// `"header:x-session-id,body:user,prefix:2"` → the sources in order.
+fn parse_hash_key(s: &str) -> Result<Vec<HashKey>, String> {
+    let mut keys = Vec::new();
+    for item in s.split(',').map(str::trim) {
+        let key = match item.split_once(':') {
+            Some(("header", name)) if valid_header_name(name) => {
+                HashKey::Header(name.to_ascii_lowercase())
+            }
+            Some(("header", name)) => return Err(format!("invalid header name \"{name}\"")),
+            Some(("body", "user")) => HashKey::BodyUser,
+            Some(("prefix", n)) => match parse_digits(n) {
+                Some(n @ 1..=4) => HashKey::Prefix(n),
+                _ => return Err(format!("prefix takes 1 to 4 messages, got \"{n}\"")),
+            },
+            None if item == "prefix" => HashKey::Prefix(2),
+            _ => {
+                return Err(format!(
+                    "unknown key source \"{item}\"; expected header:NAME, body:user or prefix[:N]"
+                ))
+            }
+        };
+        keys.push(key);
+    }
+    Ok(keys)
+}
+
+fn valid_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
+}
+
+fn validate_routing(raw: RawRouting, err: &mut impl FnMut(&str, String)) -> Routing {
+    let hash_key = parse_hash_key(&raw.hash_key).unwrap_or_else(|e| {
+        err("routing.hash_key", e);
+        Vec::new()
+    });
+    for (path, v) in [
+        ("routing.queue_weight", raw.queue_weight),
+        ("routing.kv_weight", raw.kv_weight),
+        ("routing.inflight_weight", raw.inflight_weight),
+        ("routing.kv_threshold", raw.kv_threshold),
+    ] {
+        if !(v.0.is_finite() && v.0 >= 0.0) {
+            err(path, format!("must be a non-negative number, got {}", v.0));
+        }
+    }
+    for (path, d) in [
+        ("routing.metrics_interval", raw.metrics_interval),
+        ("routing.metrics_stale_after", raw.metrics_stale_after),
+    ] {
+        if d.is_zero() {
+            err(path, "must be greater than zero".to_string());
+        }
+    }
+    Routing {
+        hash_key,
+        max_imbalance: raw.max_imbalance,
+        metrics_interval: raw.metrics_interval,
+        metrics_stale_after: raw.metrics_stale_after,
+        queue_weight: raw.queue_weight,
+        kv_weight: raw.kv_weight,
+        inflight_weight: raw.inflight_weight,
+        kv_threshold: raw.kv_threshold,
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -326,6 +509,16 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// Whether any strategy in use reads the engines' metrics (so the scrapers must run).
+    pub fn uses_engine_load(&self) -> bool {
+        self.strategy.uses_engine_load()
+    }
+
+    /// Whether any strategy in use hashes requests to backends (so keys must be computed).
+    pub fn uses_affinity(&self) -> bool {
+        self.strategy == Strategy::ConsistentHash
+    }
+
     pub fn from_yaml_str(text: &str) -> Result<Config, ConfigError> {
         from_yaml_with_env(text, &|name| std::env::var(name))
     }
@@ -521,6 +714,7 @@ struct RawConfig {
     shutdown_grace: Duration,
     backends: Vec<RawBackend>,
     strategy: Strategy,
+    routing: RawRouting,
     health_check: HealthCheck,
     timeouts: Timeouts,
     limits: Limits,
@@ -541,6 +735,7 @@ impl Default for RawConfig {
             shutdown_grace: Duration::from_secs(30),
             backends: Vec::new(),
             strategy: Strategy::default(),
+            routing: RawRouting::default(),
             health_check: HealthCheck::default(),
             timeouts: Timeouts::default(),
             limits: Limits::default(),
@@ -557,12 +752,13 @@ impl Default for RawConfig {
 #[serde(
     deny_unknown_fields,
     default,
-    expecting = "a mapping with url, weight, models"
+    expecting = "a mapping with url, weight, models, metrics_path"
 )]
 struct RawBackend {
     url: String,
     weight: u32,
     models: Option<Vec<String>>,
+    metrics_path: String,
 }
 
 impl Default for RawBackend {
@@ -571,6 +767,7 @@ impl Default for RawBackend {
             url: String::new(),
             weight: 1,
             models: None,
+            metrics_path: "/metrics".to_string(),
         }
     }
 }
@@ -660,6 +857,19 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 }
             }
         }
+        if !b.metrics_path.starts_with('/')
+            || b.metrics_path
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            err(
+                &format!("{at}.metrics_path"),
+                format!(
+                    "must start with '/' and contain no whitespace, got \"{}\"",
+                    b.metrics_path
+                ),
+            );
+        }
         let url = match parse_http_url(&b.url, UrlUse::Backend) {
             Ok(u) => u,
             Err(e) => {
@@ -684,8 +894,11 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             base_path: url.base_path,
             weight: b.weight,
             models: b.models,
+            metrics_path: b.metrics_path,
         });
     }
+
+    let routing = validate_routing(raw.routing, &mut err);
 
     let hc = &raw.health_check;
     if !hc.path.starts_with('/') {
@@ -800,6 +1013,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             shutdown_grace: raw.shutdown_grace,
             backends,
             strategy: raw.strategy,
+            routing,
             health_check: raw.health_check,
             timeouts: raw.timeouts,
             limits: raw.limits,
@@ -1197,6 +1411,7 @@ usage_hook: { enabled: true, url: "https://billing.example.com/llm-usage", timeo
                 base_path: String::new(),
                 weight: 5,
                 models: None,
+                metrics_path: "/metrics".into(),
             }]
         );
         assert_eq!(c.strategy, Strategy::LeastConnections);
@@ -1321,9 +1536,9 @@ logging: { level: DEBUG, format: text, access_log: false }
             "unknown field `wieght`, expected one of",
         );
         assert_error(
-            &with_backend("routing: {}\n"),
-            "routing",
-            "unknown field `routing`",
+            &with_backend("routng: {}\n"),
+            "routng",
+            "unknown field `routng`",
         );
         assert_error(
             &with_backend("timeouts: { conect: 1s }\n"),
@@ -1363,12 +1578,65 @@ logging: { level: DEBUG, format: text, access_log: false }
             ("round_robin", Strategy::RoundRobin),
             ("weighted_round_robin", Strategy::WeightedRoundRobin),
             ("least_connections", Strategy::LeastConnections),
+            ("power_of_two", Strategy::PowerOfTwo),
+            ("least_load", Strategy::LeastLoad),
+            ("consistent_hash", Strategy::ConsistentHash),
         ] {
+            assert_eq!(s.as_str(), name);
             assert_eq!(
                 ok(&with_backend(&format!("strategy: {name}\n"))).strategy,
                 s
             );
         }
+    }
+
+    #[test]
+    fn routing_section() {
+        let c = ok(MINIMAL);
+        assert_eq!(c.routing, Routing::default());
+        assert_eq!(c.backends[0].metrics_path, "/metrics");
+        let c = ok(&with_backend(
+            "routing:\n  hash_key: \"header:X-User-Id, body:user, prefix:3, prefix\"\n  \
+             max_imbalance: 3\n  metrics_interval: 100ms\n  kv_threshold: 0.8\n  queue_weight: 2\n",
+        ));
+        assert_eq!(
+            c.routing.hash_key,
+            vec![
+                HashKey::Header("x-user-id".into()),
+                HashKey::BodyUser,
+                HashKey::Prefix(3),
+                HashKey::Prefix(2)
+            ]
+        );
+        assert_eq!(c.routing.max_imbalance, 3);
+        assert_eq!(c.routing.metrics_interval, Duration::from_millis(100));
+        assert_eq!(c.routing.kv_threshold, Real(0.8));
+        assert_eq!(c.routing.queue_weight, Real(2.0));
+        assert_error(
+            &with_backend("routing: { hash_key: \"cookie:x\" }\n"),
+            "routing.hash_key",
+            "unknown key source",
+        );
+        assert_error(
+            &with_backend("routing: { hash_key: \"prefix:9\" }\n"),
+            "routing.hash_key",
+            "1 to 4",
+        );
+        assert_error(
+            &with_backend("routing: { kv_weight: -1 }\n"),
+            "routing.kv_weight",
+            "non-negative",
+        );
+        assert_error(
+            &with_backend("routing: { metrics_interval: 0s }\n"),
+            "routing.metrics_interval",
+            "greater than zero",
+        );
+        assert_error(
+            "backends: [{ url: \"http://a:1\", metrics_path: metrics }]\n",
+            "backends[0].metrics_path",
+            "must start with '/'",
+        );
     }
 
     #[test]

@@ -20,6 +20,11 @@ pub enum ControlMsg {
     Snapshot { core: usize, counts: Vec<u32> },
     /// A backend's health as decided by the health thread (or a core's passive report).
     Health { backend: usize, up: bool },
+    /// A backend's engine load as scraped from its `/metrics`.
+    Engine {
+        backend: usize,
+        reading: crate::engine::Reading,
+    },
 }
 
 /// Sent by cores to the health thread.

@@ -5,9 +5,11 @@
 #![forbid(unsafe_code)]
 
 pub mod account;
+pub mod affinity;
 pub mod balance;
 pub mod config;
 pub mod control;
+pub mod engine;
 pub mod error;
 pub mod health;
 pub mod http1;

@@ -49,6 +49,7 @@ pub struct Metrics {
     pub usage_delivery_seconds: Histogram,
     pub backends: Vec<String>,
     pub models: Vec<String>,
+    pub routing: RoutingMetrics,
 }
 
 impl Metrics {
@@ -178,6 +179,7 @@ impl Metrics {
         registry.register(Box::new(usage_spool_bytes.clone()))?;
         registry.register(Box::new(usage_delivery_seconds.clone()))?;
         registry.register(Box::new(build_info))?;
+        let routing = RoutingMetrics::register(&registry, cfg)?;
         let backends: Vec<String> = cfg.backends.iter().map(|b| b.url.clone()).collect();
         for b in &backends {
             backend_up.with_label_values(&[b]).set(1);
@@ -205,6 +207,7 @@ impl Metrics {
             usage_delivery_seconds,
             backends,
             models: configured_models(cfg),
+            routing,
         })
     }
 
@@ -413,6 +416,131 @@ impl LocalMetrics {
                 g.backend_inflight
                     .with_label_values(&[name])
                     .set(i64::from(view.load(i)));
+            }
+        }
+    }
+}
+
+/// Routing decisions and the engines' own load, re-exported per backend (labels from config).
+pub struct RoutingMetrics {
+    decisions: IntCounterVec,
+    engine_up: IntGaugeVec,
+    engine_waiting: prometheus::GaugeVec,
+    engine_running: prometheus::GaugeVec,
+    engine_kv: prometheus::GaugeVec,
+    backends: Vec<String>,
+}
+
+impl RoutingMetrics {
+    pub fn register(registry: &Registry, cfg: &Config) -> Result<Self, prometheus::Error> {
+        let decisions = IntCounterVec::new(
+            Opts::new(
+                "llmproxy_routing_decisions_total",
+                "Backend picks by strategy and reason (affinity_hit, imbalance_fallback, stale_metrics, ...)",
+            ),
+            &["strategy", "reason"],
+        )?;
+        let gauge =
+            |name: &str, help: &str| prometheus::GaugeVec::new(Opts::new(name, help), &["backend"]);
+        let engine_up = IntGaugeVec::new(
+            Opts::new(
+                "llmproxy_backend_engine_metrics_up",
+                "1 when the backend's engine metrics were read on the last scrape",
+            ),
+            &["backend"],
+        )?;
+        let engine_waiting = gauge(
+            "llmproxy_backend_engine_waiting",
+            "Requests queued inside the backend's engine (last scrape)",
+        )?;
+        let engine_running = gauge(
+            "llmproxy_backend_engine_running",
+            "Requests in the backend's running batch (last scrape)",
+        )?;
+        let engine_kv = gauge(
+            "llmproxy_backend_engine_kv_cache_usage_ratio",
+            "KV-cache use of the backend's engine, 0-1 (last scrape)",
+        )?;
+        registry.register(Box::new(decisions.clone()))?;
+        registry.register(Box::new(engine_up.clone()))?;
+        registry.register(Box::new(engine_waiting.clone()))?;
+        registry.register(Box::new(engine_running.clone()))?;
+        registry.register(Box::new(engine_kv.clone()))?;
+        Ok(RoutingMetrics {
+            decisions,
+            engine_up,
+            engine_waiting,
+            engine_running,
+            engine_kv,
+            backends: cfg.backends.iter().map(|b| b.url.clone()).collect(),
+        })
+    }
+
+    /// Publishes one scrape of `backend` (`None`: it failed).
+    pub fn engine_reading(&self, backend: usize, load: Option<&crate::engine::EngineLoad>) {
+        let Some(name) = self.backends.get(backend) else {
+            return;
+        };
+        let labels = [name.as_str()];
+        self.engine_up
+            .with_label_values(&labels)
+            .set(i64::from(load.is_some()));
+        if let Some(l) = load {
+            self.engine_waiting
+                .with_label_values(&labels)
+                .set(l.waiting);
+            self.engine_running
+                .with_label_values(&labels)
+                .set(l.running);
+            if let Some(kv) = l.kv_usage {
+                self.engine_kv.with_label_values(&labels).set(kv);
+            }
+        }
+    }
+}
+
+/// One core's routing decision counts by (strategy, reason), folded into the registry on its
+/// tick: counting a pick touches only this core's memory and never allocates.
+pub struct LocalDecisions {
+    counts: RefCell<[[u64; crate::balance::Reason::ALL.len()]; STRATEGIES.len()]>,
+}
+
+const STRATEGIES: [crate::config::Strategy; 6] = [
+    crate::config::Strategy::RoundRobin,
+    crate::config::Strategy::WeightedRoundRobin,
+    crate::config::Strategy::LeastConnections,
+    crate::config::Strategy::PowerOfTwo,
+    crate::config::Strategy::LeastLoad,
+    crate::config::Strategy::ConsistentHash,
+];
+
+impl Default for LocalDecisions {
+    fn default() -> Self {
+        LocalDecisions {
+            counts: RefCell::new([[0; crate::balance::Reason::ALL.len()]; STRATEGIES.len()]),
+        }
+    }
+}
+
+impl LocalDecisions {
+    pub fn record(&self, strategy: crate::config::Strategy, reason: crate::balance::Reason) {
+        let s = STRATEGIES.iter().position(|x| *x == strategy).unwrap_or(0);
+        self.counts.borrow_mut()[s][reason.index()] += 1;
+    }
+
+    pub fn flush(&self, m: &RoutingMetrics) {
+        let mut counts = self.counts.borrow_mut();
+        for (s, row) in counts.iter_mut().enumerate() {
+            for (r, n) in row.iter_mut().enumerate() {
+                if *n > 0 {
+                    m.decisions
+                        .with_label_values(&[
+                            STRATEGIES[s].as_str(),
+                            crate::balance::Reason::ALL[r].as_str(),
+                        ])
+                        .inc_by(*n);
+                    *n = 0;
+                }
             }
         }
     }

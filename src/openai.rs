@@ -5,9 +5,14 @@
 //! that injection, never re-serialised.
 
 use std::borrow::Cow;
+use std::fmt;
+use std::marker::PhantomData;
 
-use serde::Deserialize;
+use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
 
+use crate::balance::hash_bytes;
 use crate::error::ProxyError;
 use crate::usage::Kind;
 
@@ -20,18 +25,82 @@ pub struct RequestInfo {
     pub include_usage: bool,
     /// The body's user field (as configured by `usage.identity.user_body_field`).
     pub user: Option<String>,
+    /// Byte range of the `model` string token (quotes included) in the body, for a rewrite.
+    pub model_span: Option<(usize, usize)>,
+    /// Affinity keys: a hash of the body's top-level `user`, and of the conversation's start
+    /// (the first `prefix` messages, or the start of `prompt`) when asked for.
+    pub user_key: Option<u64>,
+    pub prefix_key: Option<u64>,
 }
+
+/// How much of a completions `prompt` the prefix key covers.
+const PROMPT_PREFIX_BYTES: usize = 1024;
+/// Most messages a prefix key may cover.
+pub const MAX_PREFIX_MESSAGES: usize = 4;
 
 #[derive(Deserialize)]
 struct Peek<'a> {
     #[serde(borrow, default)]
-    model: Option<Cow<'a, str>>,
+    model: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    messages: Option<FirstMessages<'a>>,
+    #[serde(borrow, default)]
+    prompt: Option<&'a RawValue>,
     #[serde(default)]
     stream: Option<bool>,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
     #[serde(borrow, default)]
     user: Option<Cow<'a, str>>,
+}
+
+/// The raw text of the first few elements of `messages`, captured while the body is scanned
+/// anyway (no allocation, no second parse). Anything that is not an array captures nothing;
+/// validating messages is the backend's business.
+#[derive(Default)]
+struct FirstMessages<'a>([Option<&'a RawValue>; MAX_PREFIX_MESSAGES]);
+
+impl<'de: 'a, 'a> Deserialize<'de> for FirstMessages<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = FirstMessages<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut out = FirstMessages::default();
+                for slot in out.0.iter_mut() {
+                    match seq.next_element::<&'de RawValue>()? {
+                        Some(m) => *slot = Some(m),
+                        None => return Ok(out),
+                    }
+                }
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(out)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(FirstMessages::default())
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(FirstMessages::default())
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(FirstMessages::default())
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(FirstMessages::default())
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(FirstMessages::default())
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(FirstMessages::default())
+            }
+        }
+        d.deserialize_any(V(PhantomData))
+    }
 }
 
 #[derive(Deserialize)]
@@ -54,6 +123,17 @@ pub fn inspect(
     body: &[u8],
     user_field: &str,
 ) -> Result<RequestInfo, ProxyError> {
+    inspect_with(method, path, body, user_field, 0)
+}
+
+/// `inspect`, also hashing the first `prefix_messages` messages (0: none) into `prefix_key`.
+pub fn inspect_with(
+    method: &str,
+    path: &str,
+    body: &[u8],
+    user_field: &str,
+    prefix_messages: usize,
+) -> Result<RequestInfo, ProxyError> {
     if body.is_empty() || !is_json_route(method, path) {
         return Ok(RequestInfo {
             stream: path == "/generate_stream",
@@ -63,6 +143,35 @@ pub fn inspect(
     let peek: Peek = serde_json::from_slice(body).map_err(|e| {
         ProxyError::BadRequest(format!("request body is not a valid JSON object: {e}"))
     })?;
+    let (model, model_span) = match peek.model {
+        Some(raw) => {
+            let name: String = serde_json::from_str(raw.get()).map_err(|_| {
+                ProxyError::BadRequest(format!("model must be a string, got {}", raw.get()))
+            })?;
+            // `raw` borrows from `body`: its offset is the token's position.
+            let start = (raw.get().as_ptr() as usize).wrapping_sub(body.as_ptr() as usize);
+            let span =
+                (start + raw.get().len() <= body.len()).then_some((start, start + raw.get().len()));
+            (Some(name), span)
+        }
+        None => (None, None),
+    };
+    let prefix_key = match (prefix_messages, &peek.messages, peek.prompt) {
+        (0, _, _) => None,
+        (n, Some(first), _) if first.0[0].is_some() => {
+            let mut h = 0u64;
+            for m in first.0.iter().take(n.min(MAX_PREFIX_MESSAGES)).flatten() {
+                h = hash_bytes(m.get().as_bytes()) ^ h.rotate_left(17);
+            }
+            Some(h)
+        }
+        (_, _, Some(prompt)) => {
+            let text = prompt.get().as_bytes();
+            Some(hash_bytes(&text[..text.len().min(PROMPT_PREFIX_BYTES)]))
+        }
+        _ => None,
+    };
+    let user_key = peek.user.as_deref().map(|u| hash_bytes(u.as_bytes()));
     let user = match user_field {
         "" => None,
         "user" => peek.user.map(Cow::into_owned),
@@ -72,7 +181,10 @@ pub fn inspect(
             .and_then(|m| m.get(other).and_then(|v| v.as_str()).map(str::to_owned)),
     };
     Ok(RequestInfo {
-        model: peek.model.map(Cow::into_owned),
+        model,
+        model_span,
+        user_key,
+        prefix_key,
         stream: peek.stream.unwrap_or(false) || path == "/generate_stream",
         has_stream_options: peek.stream_options.is_some(),
         include_usage: peek

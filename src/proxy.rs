@@ -16,6 +16,8 @@ use monoio::io::{
 use monoio::net::TcpStream;
 
 use crate::account::{account, Done};
+use crate::affinity;
+use crate::balance::Pick;
 use crate::config::Backend;
 use crate::error::ProxyError;
 use crate::http1::head::{BodyFraming, Head};
@@ -85,6 +87,8 @@ struct Exchange<'a> {
     /// Watches the response for usage; outside the relay future so that an aborted request
     /// still reports what arrived before the abort.
     tap: RefCell<Tap>,
+    /// The request's `consistent_hash` key.
+    affinity: Option<u64>,
 }
 
 /// Handles one complete request; returns whether the connection may serve another.
@@ -137,11 +141,18 @@ pub async fn handle(
         let e = ProxyError::NotFound(head.path().to_string());
         return fail(w, d, &head, &request_id, e, None, received, close).await;
     }
-    let info = match openai::inspect(
+    let hashing = cfg.uses_affinity();
+    let prefix = if hashing {
+        affinity::prefix_messages(&cfg.routing.hash_key)
+    } else {
+        0
+    };
+    let info = match openai::inspect_with(
         head.method(),
         head.path(),
         &body,
         &cfg.usage.identity.user_body_field,
+        prefix,
     ) {
         Ok(info) => info,
         Err(e) => return fail(w, d, &head, &request_id, e, None, received, true).await,
@@ -157,6 +168,9 @@ pub async fn handle(
         None
     };
     let x = Exchange {
+        affinity: hashing
+            .then(|| affinity::key(&cfg.routing.hash_key, &head, &info))
+            .flatten(),
         head: &head,
         body: injected.as_deref().unwrap_or(&body),
         injected: injected.is_some(),
@@ -227,7 +241,7 @@ async fn forward(
     for attempt in 0..=attempts {
         w.drain_inbox();
         let eligible = |i: usize| mask[i] && !tried[i] && w.view.is_up(i);
-        let Some(b) = w.balancer.pick(&w.view, eligible) else {
+        let Some(Pick { backend: b, .. }) = w.choose(&w.balancer, x.affinity, eligible) else {
             break;
         };
         tried[b] = true;

@@ -197,6 +197,8 @@ pub fn start(cfg: Config) -> anyhow::Result<Running> {
         stop_health.clone(),
     )
     .context("starting the health thread")?;
+    crate::engine::scrape::spawn(&cfg, &broadcast, &shared.metrics, &stop_health)
+        .context("starting the engine metrics scrapers")?;
 
     let mut admin = admin;
     let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), String>>(workers);

@@ -12,10 +12,11 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::balance::{Balancer, LoadView};
-use crate::config::Config;
+use crate::balance::{self, Balancer, Inputs, LoadView, Params, Pick};
+use crate::config::{Backend, Config, Strategy};
 use crate::control::{Broadcast, ControlMsg, HealthReport};
-use crate::metrics::{LocalMetrics, Metrics};
+use crate::engine::EngineView;
+use crate::metrics::{LocalDecisions, LocalMetrics, Metrics};
 use crate::route::RouteTable;
 use crate::upstream::Pool;
 use crate::usage::{CoreSender, UsageEvent};
@@ -56,6 +57,9 @@ pub struct Worker {
     pub shared: Arc<Shared>,
     pub view: LoadView,
     pub balancer: Balancer,
+    /// The engines' own load readings (`least_load`).
+    pub engine: EngineView,
+    pub decisions: LocalDecisions,
     pub pool: Pool,
     pub metrics: LocalMetrics,
     pub usage: CoreSender,
@@ -78,11 +82,12 @@ impl Worker {
     ) -> Self {
         let cfg = &shared.config;
         let n = cfg.backends.len();
-        let weights = cfg.backends.iter().map(|b| b.weight).collect();
         Worker {
             id,
             view: LoadView::new(id, peers.cores(), n),
-            balancer: Balancer::new(cfg.strategy, weights),
+            balancer: new_balancer(cfg, cfg.strategy, &cfg.backends),
+            engine: EngineView::new(n, cfg.routing.metrics_stale_after),
+            decisions: LocalDecisions::default(),
             pool: Pool::new(n, cfg.pool.max_idle_per_backend, cfg.pool.idle_timeout),
             metrics: LocalMetrics::new(shared.metrics.clone(), cfg),
             usage: CoreSender::new(usage_tx),
@@ -122,6 +127,7 @@ impl Worker {
                     }
                     self.view.set_up(backend, up);
                 }
+                ControlMsg::Engine { backend, reading } => self.engine.set(backend, reading),
             }
         }
     }
@@ -142,6 +148,25 @@ impl Worker {
         self.pool.prune();
         self.usage.tick();
         self.metrics.flush(&self.view, self.id == 0);
+        self.decisions.flush(&self.shared.metrics.routing);
+    }
+
+    /// Picks a backend with `balancer` for a request with affinity `key`, counting the decision.
+    pub fn choose(
+        &self,
+        balancer: &Balancer,
+        key: Option<u64>,
+        eligible: impl Fn(usize) -> bool,
+    ) -> Option<Pick> {
+        let input = Inputs {
+            view: &self.view,
+            engine: Some(&self.engine),
+            key,
+            now: Instant::now(),
+        };
+        let pick = balancer.choose(&input, eligible)?;
+        self.decisions.record(balancer.strategy(), pick.reason);
+        Some(pick)
     }
 
     /// Takes an in-flight slot on `backend`, released when the guard drops.
@@ -199,6 +224,17 @@ impl Worker {
             worker: self.clone(),
         }
     }
+}
+
+/// A balancer over `backends` (indices as in `cfg.backends`) whose rendezvous identities are
+/// their URLs, so every replica and every config order hashes a key to the same backend.
+pub fn new_balancer(cfg: &Config, strategy: Strategy, backends: &[Backend]) -> Balancer {
+    let weights = backends.iter().map(|b| b.weight).collect();
+    let ids = backends
+        .iter()
+        .map(|b| balance::hash_bytes(b.url.as_bytes()))
+        .collect();
+    Balancer::with(strategy, weights, ids, Params::from_config(&cfg.routing))
 }
 
 pub struct InflightGuard {
