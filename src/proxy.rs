@@ -656,6 +656,7 @@ fn local_response(w: &Worker, local: Local) -> (u16, &'static str, Vec<u8>) {
             // This core's view is the freshest at hand; other cores flush on their tick.
             w.drain_inbox();
             w.metrics.flush(&w.view, true);
+            w.decisions.flush(&w.shared.metrics.routing);
             let g = &w.shared.metrics;
             let sum = |v: &[crate::worker::PaddedCount]| -> i64 {
                 v.iter()
