@@ -269,6 +269,68 @@ mod tests {
         assert_eq!(i.user.as_deref(), Some("t9"));
     }
 
+    fn keyed(body: &[u8], prefix: usize) -> RequestInfo {
+        inspect_with("POST", "/v1/chat/completions", body, "user", prefix).unwrap()
+    }
+
+    #[test]
+    fn prefix_key_covers_only_the_first_messages() {
+        let turn1 = br#"{"model":"m","messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hi"}]}"#;
+        let turn2 = br#"{"messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hi"},{"role":"assistant","content":"hello"},{"role":"user","content":"more"}],"model":"m"}"#;
+        let other = br#"{"model":"m","messages":[{"role":"system","content":"be brief"},{"role":"user","content":"bye"}]}"#;
+        let k1 = keyed(turn1, 2).prefix_key;
+        assert!(k1.is_some());
+        assert_eq!(k1, keyed(turn2, 2).prefix_key);
+        assert_ne!(k1, keyed(other, 2).prefix_key);
+        // One message: only the (shared) system prompt.
+        assert_eq!(keyed(turn1, 1).prefix_key, keyed(other, 1).prefix_key);
+        // Not asked for: not computed.
+        assert_eq!(keyed(turn1, 0).prefix_key, None);
+        // Completions hash the start of the prompt.
+        let p1 = keyed(br#"{"prompt":"once upon a time"}"#, 2).prefix_key;
+        assert!(p1.is_some());
+        assert_ne!(
+            p1,
+            keyed(br#"{"prompt":"twice upon a time"}"#, 2).prefix_key
+        );
+        // Odd `messages` shapes are the backend's to judge, not a reason to fail here.
+        for odd in [
+            &br#"{"messages":"text"}"#[..],
+            br#"{"messages":{"a":[1]}}"#,
+            br#"{"messages":[]}"#,
+            br#"{"messages":null}"#,
+            br#"{"messages":7}"#,
+        ] {
+            assert_eq!(keyed(odd, 2).prefix_key, None);
+        }
+        assert!(inspect_with(
+            "POST",
+            "/v1/chat/completions",
+            br#"{"messages":[1,"#,
+            "user",
+            2
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn user_key_and_model_span() {
+        let body = br#"{"user":"alice", "model" : "llama-3","stream":false}"#;
+        let i = keyed(body, 0);
+        assert_eq!(i.user_key, Some(hash_bytes(b"alice")));
+        assert_eq!(i.model.as_deref(), Some("llama-3"));
+        let (a, b) = i.model_span.unwrap();
+        assert_eq!(&body[a..b], br#""llama-3""#);
+        assert_eq!(keyed(br#"{"model":null}"#, 0).model_span, None);
+        assert!(inspect(
+            "POST",
+            "/v1/chat/completions",
+            br#"{"model":["x"]}"#,
+            "user"
+        )
+        .is_err());
+    }
+
     #[test]
     fn rejects_non_json_on_json_routes_only() {
         for bad in [&b"not json"[..], b"[1,2]", br#"{"model":5}"#, b"\xff\xfe"] {

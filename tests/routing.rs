@@ -21,6 +21,26 @@ fn metric(proxy: &Proxy, prefix: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// One small chat completion through the proxy, which must succeed.
+fn chat(addr: std::net::SocketAddr, headers: &[(&str, &str)]) {
+    let r = post_json(addr, "/v1/chat/completions", &chat_body(false, 1), headers);
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// Asserts that `llmproxy_routing_decisions_total{strategy, reason}` reaches `n` (cores flush
+/// their counts on their tick, so it may take a moment).
+#[track_caller]
+fn assert_decisions(proxy: &Proxy, strategy: &str, reason: &str, n: f64) {
+    let series =
+        format!("llmproxy_routing_decisions_total{{reason=\"{reason}\",strategy=\"{strategy}\"}}");
+    let mut last = None;
+    let ok = eventually(Duration::from_secs(3), || {
+        last = metric(proxy, &series);
+        last.unwrap_or(0.0) >= n
+    });
+    assert!(ok, "{series} = {last:?}, expected at least {n}");
+}
+
 /// Waits until the proxy has read engine metrics from every mock.
 fn wait_for_scrapes(proxy: &Proxy, mocks: &[&Mock]) {
     for m in mocks {
@@ -45,13 +65,7 @@ fn concurrent_chats(proxy: &Proxy, clients: usize, n: usize, ttft_ms: u32) {
             let ttft = ttft.as_str();
             s.spawn(move || {
                 for _ in 0..n {
-                    let r = post_json(
-                        proxy.addr,
-                        "/v1/chat/completions",
-                        &chat_body(false, 1),
-                        &[("x-mock-ttft-ms", ttft)],
-                    );
-                    assert_eq!(r.status, 200, "{}", r.text());
+                    chat(proxy.addr, &[("x-mock-ttft-ms", ttft)]);
                 }
             });
         }
@@ -88,27 +102,14 @@ fn least_load_follows_engine_metrics_and_falls_back_when_they_go_silent() {
         nb > nc && nc > 0,
         "share must follow the scores: b={nb} c={nc}"
     );
-    assert!(
-        metric(
-            &proxy,
-            "llmproxy_routing_decisions_total{reason=\"engine_load\",strategy=\"least_load\"}"
-        )
-        .unwrap_or(0.0)
-            >= 96.0
-    );
+    assert_decisions(&proxy, "least_load", "engine_load", 96.0);
 
     // a's metrics endpoint hangs: within the 2 s staleness bound a is judged by its in-flight
     // count alone (0), which beats b's and c's fresh scores, so it takes traffic again.
     a.control(r#"{"engine": {"hang": true}}"#);
     let silent = Instant::now();
     let switched = eventually(Duration::from_secs(8), || {
-        let r = post_json(
-            proxy.addr,
-            "/v1/chat/completions",
-            &chat_body(false, 1),
-            &[],
-        );
-        assert_eq!(r.status, 200);
+        chat(proxy.addr, &[]);
         requests(&a) > 0
     });
     let took = silent.elapsed();
@@ -116,14 +117,7 @@ fn least_load_follows_engine_metrics_and_falls_back_when_they_go_silent() {
     eprintln!("fell back to in-flight counts {took:?} after the metrics went silent");
     // 2 s staleness + scrape interval + tick; generous for a loaded box.
     assert!(took < Duration::from_secs(6), "{took:?}");
-    assert!(
-        metric(
-            &proxy,
-            "llmproxy_routing_decisions_total{reason=\"stale_metrics\",strategy=\"least_load\"}"
-        )
-        .unwrap_or(0.0)
-            >= 1.0
-    );
+    assert_decisions(&proxy, "least_load", "stale_metrics", 1.0);
     let up = format!(
         "llmproxy_backend_engine_metrics_up{{backend=\"{}\"}}",
         a.url()
@@ -156,12 +150,106 @@ fn least_load_avoids_a_full_kv_cache_while_another_has_room() {
     std::thread::sleep(Duration::from_millis(500));
     concurrent_chats(&proxy, 1, 5, 0);
     assert_eq!(requests(&a), 5);
-    assert!(
-        metric(
-            &proxy,
-            "llmproxy_routing_decisions_total{reason=\"kv_saturated\",strategy=\"least_load\"}"
-        )
-        .unwrap_or(0.0)
-            >= 5.0
+    assert_decisions(&proxy, "least_load", "kv_saturated", 5.0);
+}
+
+/// The port of the mock that served a request (the mock echoes it).
+fn served_by(proxy: &Proxy, body: &str, headers: &[(&str, &str)]) -> u64 {
+    let mut h = headers.to_vec();
+    h.push(("x-mock-echo", "1"));
+    let r = post_json(proxy.addr, "/v1/chat/completions", body, &h);
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()["port"].as_u64().unwrap_or(0)
+}
+
+fn hash_config(mocks: &[&Mock], routing: &str) -> String {
+    let urls: Vec<String> = mocks.iter().map(|m| m.url()).collect();
+    config(
+        &urls,
+        &format!("strategy: consistent_hash\nrouting: {{ {routing} }}\n"),
+    )
+}
+
+#[test]
+fn consistent_hash_keeps_sessions_on_one_backend_and_spreads_them() {
+    let mocks = [Mock::start(), Mock::start(), Mock::start()];
+    let refs: Vec<&Mock> = mocks.iter().collect();
+    let proxy = Proxy::start(
+        &hash_config(
+            &refs,
+            "hash_key: \"header:x-session-id,body:user,prefix:2\"",
+        ),
+        &["--workers", "2"],
     );
+    let body = chat_body(false, 1);
+    let mut ports = std::collections::HashSet::new();
+    for s in 0..30 {
+        let session = format!("session-{s}");
+        let h = [("x-session-id", session.as_str())];
+        let first = served_by(&proxy, &body, &h);
+        for _ in 0..3 {
+            assert_eq!(served_by(&proxy, &body, &h), first, "{session} moved");
+        }
+        ports.insert(first);
+    }
+    assert_eq!(ports.len(), 3, "30 sessions should reach all 3 backends");
+
+    // No header: the body's user, then the conversation's first two messages.
+    let user = |u: &str| {
+        format!(r#"{{"model":"m","user":"{u}","messages":[{{"role":"user","content":"x"}}]}}"#)
+    };
+    let home = served_by(&proxy, &user("alice"), &[]);
+    for _ in 0..5 {
+        assert_eq!(served_by(&proxy, &user("alice"), &[]), home);
+    }
+    let chat = |turns: &[&str]| {
+        let msgs: Vec<String> = turns
+            .iter()
+            .map(|t| format!(r#"{{"role":"user","content":"{t}"}}"#))
+            .collect();
+        format!(r#"{{"model":"m","messages":[{}]}}"#, msgs.join(","))
+    };
+    for start in ["tell me about cats", "tell me about dogs", "and birds?"] {
+        let home = served_by(&proxy, &chat(&["sys", start]), &[]);
+        assert_eq!(
+            served_by(&proxy, &chat(&["sys", start, "reply", "more"]), &[]),
+            home
+        );
+        assert_eq!(
+            served_by(
+                &proxy,
+                &chat(&["sys", start, "reply", "more", "r2", "again"]),
+                &[]
+            ),
+            home
+        );
+    }
+    assert_decisions(&proxy, "consistent_hash", "affinity_hit", 100.0);
+}
+
+#[test]
+fn consistent_hash_gives_up_affinity_beyond_max_imbalance() {
+    let a = Mock::start();
+    let b = Mock::start();
+    let proxy = Proxy::start(&hash_config(&[&a, &b], "max_imbalance: 2"), &[]);
+    // Eight requests of one session at once, each held 600 ms: its home backend takes three
+    // (in flight 0, 1, 2 against 0), then the guard sends the rest to the other one.
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| {
+                chat(
+                    proxy.addr,
+                    &[("x-session-id", "hot"), ("x-mock-ttft-ms", "600")],
+                );
+            });
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    let (na, nb) = (requests(&a), requests(&b));
+    assert_eq!(na + nb, 8);
+    assert!(na >= 2 && nb >= 2, "both must serve: a={na} b={nb}");
+    assert_decisions(&proxy, "consistent_hash", "imbalance_fallback", 1.0);
+    // Without a key: least loaded, counted as such.
+    chat(proxy.addr, &[]);
+    assert_decisions(&proxy, "consistent_hash", "no_key", 1.0);
 }
