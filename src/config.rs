@@ -34,6 +34,8 @@ pub struct Config {
     pub backends: Vec<Backend>,
     pub strategy: Strategy,
     pub routing: Routing,
+    /// Model pools, sorted by name.
+    pub models: Vec<ModelPool>,
     pub health_check: HealthCheck,
     pub timeouts: Timeouts,
     pub limits: Limits,
@@ -187,6 +189,113 @@ impl Default for RawRouting {
             kv_threshold: d.kv_threshold,
         }
     }
+}
+
+/// A model pool: the backends serving one model (and its aliases) with a strategy of its own,
+/// and the models to fall back to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelPool {
+    pub name: String,
+    /// Other names clients may use for this model.
+    pub aliases: Vec<String>,
+    /// Requests naming an alias reach the backend with `name` in the body's `model`.
+    pub rewrite: bool,
+    pub strategy: Strategy,
+    /// Normalised URLs of the pool's backends; `None` = the backends whose `models` list `name`
+    /// (and those serving any model).
+    pub backends: Option<Vec<String>>,
+    /// Pools tried in order when this one has no healthy backend or the backend rejects the
+    /// prompt as longer than its context (before any byte reached the client).
+    pub fallbacks: Vec<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default, expecting = "a mapping")]
+struct RawPool {
+    aliases: Vec<String>,
+    rewrite: bool,
+    strategy: Option<Strategy>,
+    backends: Option<Vec<String>>,
+    fallbacks: Vec<String>,
+}
+
+fn validate_models(
+    raw: std::collections::BTreeMap<String, RawPool>,
+    default_strategy: Strategy,
+    backends: &[Backend],
+    err: &mut impl FnMut(&str, String),
+) -> Vec<ModelPool> {
+    // Every name and alias routes to exactly one pool.
+    let mut owner: HashMap<String, String> = HashMap::new();
+    for (name, p) in &raw {
+        if name.trim().is_empty() {
+            err("models", "model name must not be empty".to_string());
+        }
+        owner.insert(name.clone(), name.clone());
+        for (i, a) in p.aliases.iter().enumerate() {
+            let at = format!("models.{name}.aliases[{i}]");
+            if a.trim().is_empty() {
+                err(&at, "alias must not be empty".to_string());
+            } else if raw.contains_key(a) {
+                err(&at, format!("\"{a}\" is also a model under models"));
+            } else if let Some(prev) = owner.insert(a.clone(), name.clone()) {
+                err(&at, format!("\"{a}\" is already an alias of \"{prev}\""));
+            }
+        }
+    }
+    let mut pools = Vec::with_capacity(raw.len());
+    for (name, p) in raw {
+        let at = format!("models.{name}");
+        let listed = |b: &Backend| b.models.as_ref().is_none_or(|m| m.contains(&name));
+        let urls = p.backends.map(|list| {
+            let mut urls = Vec::with_capacity(list.len());
+            for (i, u) in list.iter().enumerate() {
+                let norm = parse_http_url(u, UrlUse::Backend)
+                    .map(|url| format!("http://{}{}", url.authority, url.base_path));
+                match norm {
+                    Ok(n) if backends.iter().any(|b| b.url == n) => urls.push(n),
+                    Ok(n) => err(
+                        &format!("{at}.backends[{i}]"),
+                        format!("{n} is not one of the backends"),
+                    ),
+                    Err(e) => err(&format!("{at}.backends[{i}]"), e),
+                }
+            }
+            if list.is_empty() {
+                err(&format!("{at}.backends"), "must list at least one backend (omit the key to use the backends serving the model)".to_string());
+            }
+            urls
+        });
+        if urls.is_none() && !backends.iter().any(listed) {
+            err(
+                &at,
+                "no backend serves this model (list it in a backend's models, or give backends)"
+                    .to_string(),
+            );
+        }
+        for (i, f) in p.fallbacks.iter().enumerate() {
+            if owner.get(f) != Some(f) {
+                err(
+                    &format!("{at}.fallbacks[{i}]"),
+                    format!("\"{f}\" is not a model under models"),
+                );
+            } else if *f == name {
+                err(
+                    &format!("{at}.fallbacks[{i}]"),
+                    "a model cannot fall back to itself".to_string(),
+                );
+            }
+        }
+        pools.push(ModelPool {
+            name,
+            aliases: p.aliases,
+            rewrite: p.rewrite,
+            strategy: p.strategy.unwrap_or(default_strategy),
+            backends: urls,
+            fallbacks: p.fallbacks,
+        });
+    }
+    pools
 }
 
 /// `"header:x-session-id,body:user,prefix:2"` → the sources in order.
@@ -511,12 +620,17 @@ pub enum ConfigError {
 impl Config {
     /// Whether any strategy in use reads the engines' metrics (so the scrapers must run).
     pub fn uses_engine_load(&self) -> bool {
-        self.strategy.uses_engine_load()
+        self.strategies().any(Strategy::uses_engine_load)
+    }
+
+    /// The top-level strategy and every pool's.
+    pub fn strategies(&self) -> impl Iterator<Item = Strategy> + '_ {
+        std::iter::once(self.strategy).chain(self.models.iter().map(|p| p.strategy))
     }
 
     /// Whether any strategy in use hashes requests to backends (so keys must be computed).
     pub fn uses_affinity(&self) -> bool {
-        self.strategy == Strategy::ConsistentHash
+        self.strategies().any(|s| s == Strategy::ConsistentHash)
     }
 
     pub fn from_yaml_str(text: &str) -> Result<Config, ConfigError> {
@@ -715,6 +829,7 @@ struct RawConfig {
     backends: Vec<RawBackend>,
     strategy: Strategy,
     routing: RawRouting,
+    models: std::collections::BTreeMap<String, RawPool>,
     health_check: HealthCheck,
     timeouts: Timeouts,
     limits: Limits,
@@ -736,6 +851,7 @@ impl Default for RawConfig {
             backends: Vec::new(),
             strategy: Strategy::default(),
             routing: RawRouting::default(),
+            models: Default::default(),
             health_check: HealthCheck::default(),
             timeouts: Timeouts::default(),
             limits: Limits::default(),
@@ -899,6 +1015,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     }
 
     let routing = validate_routing(raw.routing, &mut err);
+    let models = validate_models(raw.models, raw.strategy, &backends, &mut err);
 
     let hc = &raw.health_check;
     if !hc.path.starts_with('/') {
@@ -1014,6 +1131,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             backends,
             strategy: raw.strategy,
             routing,
+            models,
             health_check: raw.health_check,
             timeouts: raw.timeouts,
             limits: raw.limits,
@@ -1637,6 +1755,79 @@ logging: { level: DEBUG, format: text, access_log: false }
             "backends[0].metrics_path",
             "must start with '/'",
         );
+    }
+
+    #[test]
+    fn model_pools() {
+        let c = ok(r#"
+backends:
+  - { url: "http://a:1", models: [small] }
+  - { url: "http://b:1/", models: [big] }
+strategy: round_robin
+models:
+  small: { aliases: [fast, gpt-3.5], rewrite: true, fallbacks: [big] }
+  big: { strategy: least_load, backends: ["http://B:1"] }
+"#);
+        assert_eq!(c.models.len(), 2);
+        let (big, small) = (&c.models[0], &c.models[1]);
+        assert_eq!(big.name, "big");
+        assert_eq!(big.strategy, Strategy::LeastLoad);
+        assert_eq!(
+            big.backends.as_deref(),
+            Some(&["http://b:1".to_string()][..])
+        );
+        assert_eq!(small.strategy, Strategy::RoundRobin);
+        assert_eq!(small.aliases, ["fast", "gpt-3.5"]);
+        assert!(small.rewrite && small.backends.is_none());
+        assert_eq!(small.fallbacks, ["big"]);
+        assert!(c.uses_engine_load() && !c.uses_affinity());
+
+        let base = "backends: [{ url: \"http://a:1\", models: [m] }]\n";
+        for (models, path, needle) in [
+            (
+                "models: { m: { aliases: [m2] }, n: { aliases: [m2] } }",
+                "models.n.aliases[0]",
+                "already an alias",
+            ),
+            (
+                "models: { m: { aliases: [n] }, n: { } }",
+                "models.m.aliases[0]",
+                "also a model",
+            ),
+            (
+                "models: { m: { fallbacks: [zz] } }",
+                "models.m.fallbacks[0]",
+                "not a model under models",
+            ),
+            (
+                "models: { m: { fallbacks: [m] } }",
+                "models.m.fallbacks[0]",
+                "itself",
+            ),
+            ("models: { z: { } }", "models.z", "no backend serves"),
+            (
+                "models: { m: { backends: [\"http://c:1\"] } }",
+                "models.m.backends[0]",
+                "not one of the backends",
+            ),
+            (
+                "models: { m: { backends: [] } }",
+                "models.m.backends",
+                "at least one",
+            ),
+            (
+                "models: { m: { strategy: fastest } }",
+                "models.m.strategy",
+                "unknown variant",
+            ),
+            (
+                "models: { m: { alias: [x] } }",
+                "models.m.alias",
+                "unknown field",
+            ),
+        ] {
+            assert_error(&format!("{base}{models}\n"), path, needle);
+        }
     }
 
     #[test]

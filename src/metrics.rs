@@ -223,12 +223,18 @@ impl Metrics {
     }
 }
 
-/// Every model name that appears in some backend's `models` list, sorted and deduplicated.
+/// Every model name that appears in some backend's `models` list or names a model pool (or
+/// one of its aliases), sorted and deduplicated.
 pub fn configured_models(cfg: &Config) -> Vec<String> {
     let mut models: Vec<String> = cfg
         .backends
         .iter()
         .flat_map(|b| b.models.iter().flatten().cloned())
+        .chain(
+            cfg.models
+                .iter()
+                .flat_map(|p| std::iter::once(&p.name).chain(&p.aliases).cloned()),
+        )
         .collect();
     models.sort();
     models.dedup();

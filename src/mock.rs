@@ -194,6 +194,7 @@ fn serve(
         on_bound(addr);
         let server = Rc::new(Server {
             engine: Cell::new(opts.engine),
+            context_limit: Cell::new(None),
             opts,
             stats,
             port: addr.port(),
@@ -289,6 +290,8 @@ struct Server {
     fail_status: Cell<Option<u16>>,
     /// What `/metrics` says, set through `/mock/control`.
     engine: Cell<EngineKnobs>,
+    /// Prompt + completion tokens beyond this get vLLM's context-length 400 (`/mock/control`).
+    context_limit: Cell<Option<u64>>,
     next_id: Cell<u64>,
 }
 
@@ -1069,12 +1072,21 @@ fn stats_json(server: &Server) -> Value {
 
 /// `POST /mock/control`: `{"health_status": 503, "fail_status": 500}`; absent keys stay as they
 /// are, `null` clears. Engine gauges: `{"engine": {"waiting": 3, "running": 2, "kv_usage": 0.5,
-/// "hang": true}}` (`running: null` reports the requests being served).
+/// "hang": true}}` (`running: null` reports the requests being served). `{"context_limit": N}`
+/// answers longer requests with vLLM's context-length error.
 fn control(ex: &Exchange, server: &Server) -> Reply {
     let body: Value = match serde_json::from_slice(&ex.body) {
         Ok(Value::Object(map)) => Value::Object(map),
         _ => return Reply::error(400, "control body must be a JSON object"),
     };
+    match body.get("context_limit") {
+        None => {}
+        Some(Value::Null) => server.context_limit.set(None),
+        Some(v) => match v.as_u64() {
+            Some(n) => server.context_limit.set(Some(n)),
+            None => return Reply::error(400, "context_limit must be a token count or null"),
+        },
+    }
     if let Some(engine) = body.get("engine") {
         match engine_knobs(engine, server.engine.get()) {
             Ok(k) => server.engine.set(k),
@@ -1241,6 +1253,18 @@ fn plan_generation(ex: &Exchange, server: &Server, kind: Kind) -> Result<Action,
     };
     if u64::from(completion_tokens) > MAX_COMPLETION_TOKENS {
         return Err(Reply::error(400, "too many completion tokens requested"));
+    }
+    let wanted = prompt_tokens + u64::from(completion_tokens);
+    if let Some(limit) = server.context_limit.get().filter(|l| wanted > *l) {
+        // vLLM's wording (a 400 before any byte of a stream).
+        return Err(Reply::error(
+            400,
+            &format!(
+                "This model's maximum context length is {limit} tokens. However, you requested \
+                 {wanted} tokens ({prompt_tokens} in the messages, {completion_tokens} in the \
+                 completion). Please reduce the length of the messages or completion."
+            ),
+        ));
     }
     let completion = Completion {
         kind,

@@ -227,6 +227,47 @@ pub fn inject_include_usage(path: &str, body: &[u8], info: &RequestInfo) -> Opti
     serde_json::to_vec(&v).ok()
 }
 
+/// `body` with the `model` token at `span` replaced by `model` (JSON-escaped): a splice, the
+/// rest of the body stays byte for byte what the client sent.
+pub fn rewrite_model(body: &[u8], span: (usize, usize), model: &str) -> Option<Vec<u8>> {
+    let (a, b) = span;
+    if a > b || b > body.len() {
+        return None;
+    }
+    let name = serde_json::to_string(model).ok()?;
+    let mut out = Vec::with_capacity(body.len() + name.len());
+    out.extend_from_slice(&body[..a]);
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(&body[b..]);
+    Some(out)
+}
+
+/// Statuses under which engines report a prompt longer than their context.
+pub fn may_be_context_error(status: u16) -> bool {
+    matches!(status, 400 | 413 | 422)
+}
+
+/// Whether an error body says the prompt (plus completion) exceeds the model's context: vLLM
+/// ("maximum context length is N tokens"), SGLang, TGI (422 "`inputs` tokens + `max_new_tokens`
+/// must be <= N", "must have less than N tokens"), llama.cpp (`exceed_context_size_error`),
+/// OpenAI (`context_length_exceeded`).
+pub fn is_context_length_error(body: &[u8]) -> bool {
+    const MARKERS: &[&[u8]] = &[
+        b"context_length_exceeded",
+        b"exceed_context_size",
+        b"exceeds the available context size",
+        b"maximum context length",
+        b"context length",
+        b"maximum model length",
+        b"`max_new_tokens` must be <=",
+        b"must have less than",
+    ];
+    let lower = body.to_ascii_lowercase();
+    MARKERS
+        .iter()
+        .any(|m| memchr::memmem::find(&lower, &m.to_ascii_lowercase()).is_some())
+}
+
 /// How to read usage off a response.
 pub fn response_kind(path: &str, status: u16, event_stream: bool, injected: bool) -> Kind {
     if !(200..300).contains(&status) {
@@ -329,6 +370,35 @@ mod tests {
             "user"
         )
         .is_err());
+    }
+
+    #[test]
+    fn model_rewrite_is_a_splice() {
+        let body = br#"{ "model" : "fast", "messages":[{"content":"model: fast"}]}"#;
+        let i = keyed(body, 0);
+        let out = rewrite_model(body, i.model_span.unwrap(), "llama \"3\"").unwrap();
+        assert_eq!(
+            out,
+            br#"{ "model" : "llama \"3\"", "messages":[{"content":"model: fast"}]}"#
+        );
+        assert_eq!(rewrite_model(body, (5, 500), "x"), None);
+    }
+
+    #[test]
+    fn context_length_errors_of_each_engine() {
+        for body in [
+            &br#"{"object":"error","message":"This model's maximum context length is 4096 tokens. However, you requested 5000 tokens","type":"BadRequestError","code":400}"#[..],
+            br#"{"error":"Input validation error: `inputs` tokens + `max_new_tokens` must be <= 4096. Given: 4000 `inputs` tokens and 200 `max_new_tokens`","error_type":"validation"}"#,
+            br#"{"error":{"code":400,"message":"the request exceeds the available context size, try increasing it","type":"exceed_context_size_error"}}"#,
+            br#"{"error":{"message":"...","type":"invalid_request_error","code":"context_length_exceeded"}}"#,
+            br#"{"object":"error","message":"The input (5000 tokens) is longer than the model's context length (4096 tokens)."}"#,
+        ] {
+            assert!(is_context_length_error(body), "{}", String::from_utf8_lossy(body));
+        }
+        assert!(!is_context_length_error(
+            br#"{"error":{"message":"invalid temperature"}}"#
+        ));
+        assert!(may_be_context_error(422) && !may_be_context_error(500));
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::http1::io::read_more;
 use crate::http1::{write, ChunkedDecoder};
 use crate::metrics::ModelIdx;
 use crate::openai::{self, RequestInfo};
-use crate::route::Local;
+use crate::route::{Local, Route};
 use crate::server::Downstream;
 use crate::upstream::{self, UpConn};
 use crate::usage::{Kind as UsageKind, Tap};
@@ -67,10 +67,15 @@ struct Sent {
 /// Per-request facts shared by the steps below.
 struct Exchange<'a> {
     head: &'a Head,
-    /// The body sent upstream (the client's, or with `include_usage` injected).
-    body: &'a [u8],
+    /// The body sent upstream (the client's, or with `include_usage` injected, or the model
+    /// renamed); changes when a fallback pool is tried.
+    body: Cell<&'a [u8]>,
     /// The proxy added `include_usage`, so the usage-only event is removed from the stream.
-    injected: bool,
+    injected: Cell<bool>,
+    /// Another pool may still serve: a context-length error is not relayed but reported.
+    may_fall_back: Cell<bool>,
+    /// The backend rejected the prompt as longer than its context (and it was not relayed).
+    context_exceeded: Cell<bool>,
     request_id: &'a str,
     client_ip: Rc<str>,
     /// The client connection closes after this response.
@@ -157,23 +162,28 @@ pub async fn handle(
         Ok(info) => info,
         Err(e) => return fail(w, d, &head, &request_id, e, None, received, true).await,
     };
-    let mask = match w.shared.routes.backends_for(info.model.as_deref()) {
-        Ok(mask) => mask,
+    let routes = &w.shared.routes;
+    let route = match routes.route(info.model.as_deref()) {
+        Ok(route) => route,
         Err(e) => return fail(w, d, &head, &request_id, e, Some(&info), received, close).await,
     };
-
-    let injected = if cfg.usage.inject_include_usage {
-        openai::inject_include_usage(head.path(), &body, &info)
-    } else {
-        None
-    };
+    let injected = upstream_body(w, &head, &body, &info, route.rewrite);
+    // Fallback pools with their own bodies (the model renamed); empty, unallocated, without pools.
+    let fallbacks: Vec<_> = routes
+        .fallbacks(route.pool)
+        .iter()
+        .filter_map(|&p| routes.fallback_route(p))
+        .map(|r| (r, upstream_body(w, &head, &body, &info, r.rewrite)))
+        .collect();
     let x = Exchange {
         affinity: hashing
             .then(|| affinity::key(&cfg.routing.hash_key, &head, &info))
             .flatten(),
         head: &head,
-        body: injected.as_deref().unwrap_or(&body),
-        injected: injected.is_some(),
+        body: Cell::new(injected.0.as_deref().unwrap_or(&body)),
+        injected: Cell::new(injected.1),
+        may_fall_back: Cell::new(!fallbacks.is_empty()),
+        context_exceeded: Cell::new(false),
         request_id: &request_id,
         client_ip: d.peer_ip.clone(),
         close,
@@ -186,7 +196,10 @@ pub async fn handle(
         tap: RefCell::new(Tap::new(UsageKind::None)),
     };
     let Downstream { rd, wr, buf, .. } = d;
-    let forward = monoio::time::timeout(cfg.timeouts.request, forward(w, &x, mask, wr));
+    let forward = monoio::time::timeout(
+        cfg.timeouts.request,
+        forward_with_fallbacks(w, &x, &route, &body, &fallbacks, wr),
+    );
     let result = watch_client(rd, buf, forward).await;
     let (status, outcome, keep) = match result {
         None => (x.status.get(), Outcome::ClientAborted, false),
@@ -227,13 +240,76 @@ pub async fn handle(
     keep
 }
 
+/// A request body rewritten for upstream (`None`: the client's as it is), and whether
+/// `include_usage` was injected into it.
+type UpstreamBody = (Option<Vec<u8>>, bool);
+
+/// The body to send upstream for a route, when it differs from the client's: the model renamed
+/// (a splice), `include_usage` injected.
+fn upstream_body(
+    w: &Worker,
+    head: &Head,
+    body: &[u8],
+    info: &RequestInfo,
+    rewrite: Option<&str>,
+) -> UpstreamBody {
+    let renamed = rewrite
+        .zip(info.model_span)
+        .and_then(|(m, span)| openai::rewrite_model(body, span, m));
+    let base = renamed.as_deref().unwrap_or(body);
+    let injected = if w.config().usage.inject_include_usage {
+        openai::inject_include_usage(head.path(), base, info)
+    } else {
+        None
+    };
+    let was_injected = injected.is_some();
+    (injected.or(renamed), was_injected)
+}
+
+/// `forward` on the request's route, then on each fallback pool while the previous one had no
+/// healthy backend, could not be reached, or rejected the prompt as too long for its context.
+async fn forward_with_fallbacks<'a>(
+    w: &Rc<Worker>,
+    x: &Exchange<'a>,
+    route: &Route<'_>,
+    original: &'a [u8],
+    fallbacks: &'a [(Route<'_>, UpstreamBody)],
+    wr: &mut OwnedWriteHalf<TcpStream>,
+) -> Result<Sent, ProxyError> {
+    let mut result = forward(w, x, route, wr).await;
+    for (i, (next, (body, injected))) in fallbacks.iter().enumerate() {
+        let why = match &result {
+            Err(_) if x.context_exceeded.get() => "the prompt exceeds its context",
+            Err(ProxyError::NoHealthyBackend) => "no healthy backend",
+            Err(e) if e.retryable() => "its backends failed",
+            _ => break,
+        };
+        log::info!(
+            "request {}: model pool cannot serve ({why}); falling back to {}",
+            x.request_id,
+            next.rewrite.unwrap_or("?")
+        );
+        x.context_exceeded.set(false);
+        x.body.set(body.as_deref().unwrap_or(original));
+        x.injected.set(*injected);
+        x.may_fall_back.set(i + 1 < fallbacks.len());
+        let balancer = w.balancer_for(next.pool);
+        w.decisions
+            .record(balancer.strategy(), crate::balance::Reason::FallbackModel);
+        result = forward(w, x, next, wr).await;
+    }
+    result
+}
+
 /// Tries backends until one answers (or attempts run out), then relays its response.
 async fn forward(
     w: &Rc<Worker>,
     x: &Exchange<'_>,
-    mask: &[bool],
+    route: &Route<'_>,
     wr: &mut OwnedWriteHalf<TcpStream>,
 ) -> Result<Sent, ProxyError> {
+    let mask = route.mask;
+    let balancer = w.balancer_for(route.pool);
     let cfg = w.config();
     let attempts = cfg.retry.attempts;
     let mut tried = vec![false; mask.len()];
@@ -241,7 +317,7 @@ async fn forward(
     for attempt in 0..=attempts {
         w.drain_inbox();
         let eligible = |i: usize| mask[i] && !tried[i] && w.view.is_up(i);
-        let Some(Pick { backend: b, .. }) = w.choose(&w.balancer, x.affinity, eligible) else {
+        let Some(Pick { backend: b, .. }) = w.choose(balancer, x.affinity, eligible) else {
             break;
         };
         tried[b] = true;
@@ -263,6 +339,11 @@ async fn forward(
                     last_err = Some(ProxyError::UpstreamStatus(resp.status));
                     continue;
                 }
+                let mut conn = conn;
+                if x.may_fall_back.get() && context_exceeded(w, x, &mut conn, &resp).await? {
+                    x.context_exceeded.set(true);
+                    return Err(ProxyError::UpstreamStatus(resp.status));
+                }
                 return relay(w, x, b, conn, resp, wr).await;
             }
             Err(e) => {
@@ -280,6 +361,29 @@ async fn forward(
         }
     }
     Err(last_err.unwrap_or(ProxyError::NoHealthyBackend))
+}
+
+/// Whether the response is an engine's "prompt longer than the context" error. Small
+/// fixed-length error bodies are read (and stay buffered for relaying if it is not).
+async fn context_exceeded(
+    w: &Worker,
+    x: &Exchange<'_>,
+    conn: &mut UpConn,
+    resp: &Head,
+) -> Result<bool, ProxyError> {
+    const MAX_ERROR_BODY: u64 = 64 * 1024;
+    if !openai::may_be_context_error(resp.status) {
+        return Ok(false);
+    }
+    match resp.response_framing(x.head.method()) {
+        Ok(BodyFraming::Length(n)) if n <= MAX_ERROR_BODY => {
+            let body = conn
+                .buffer_body(n as usize, w.config().timeouts.first_byte)
+                .await?;
+            Ok(openai::is_context_length_error(body))
+        }
+        _ => Ok(false),
+    }
 }
 
 /// Sends the request on a pooled connection (or a new one) and waits for the response head. A
@@ -308,7 +412,8 @@ async fn send(w: &Worker, backend: usize, request: Vec<u8>) -> Result<(UpConn, H
 
 fn upstream_request(x: &Exchange<'_>, backend: &Backend) -> Vec<u8> {
     let head = x.head;
-    let mut out = Vec::with_capacity(head.raw_len() + x.body.len() + 256);
+    let body = x.body.get();
+    let mut out = Vec::with_capacity(head.raw_len() + body.len() + 256);
     out.extend_from_slice(head.method().as_bytes());
     out.push(b' ');
     out.extend_from_slice(backend.base_path.as_bytes());
@@ -329,11 +434,11 @@ fn upstream_request(x: &Exchange<'_>, backend: &Backend) -> Vec<u8> {
         _ => write::header(&mut out, "x-forwarded-for", ip.as_bytes()),
     }
     write::header(&mut out, "x-request-id", x.request_id.as_bytes());
-    if !x.body.is_empty() || matches!(head.method(), "POST" | "PUT" | "PATCH") {
-        write::header_num(&mut out, "content-length", x.body.len() as u64);
+    if !body.is_empty() || matches!(head.method(), "POST" | "PUT" | "PATCH") {
+        write::header_num(&mut out, "content-length", body.len() as u64);
     }
     write::end_head(&mut out);
-    out.extend_from_slice(x.body);
+    out.extend_from_slice(body);
     out
 }
 
@@ -358,7 +463,7 @@ async fn relay(
     let event_stream = resp
         .header("content-type")
         .is_some_and(|v| v.starts_with(b"text/event-stream"));
-    let mut kind = openai::response_kind(x.head.path(), status, event_stream, x.injected);
+    let mut kind = openai::response_kind(x.head.path(), status, event_stream, x.injected.get());
     if matches!(kind, UsageKind::OpenAiSse { strip: true }) && !client_11 {
         // An HTTP/1.0 client with a fixed-length body cannot have an event removed; it is rare
         // enough to let it see the usage chunk rather than buffer the whole stream.

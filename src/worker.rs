@@ -57,6 +57,8 @@ pub struct Worker {
     pub shared: Arc<Shared>,
     pub view: LoadView,
     pub balancer: Balancer,
+    /// One balancer per model pool (`Config::models`), each with its own strategy and state.
+    pub pool_balancers: Vec<Balancer>,
     /// The engines' own load readings (`least_load`).
     pub engine: EngineView,
     pub decisions: LocalDecisions,
@@ -86,6 +88,11 @@ impl Worker {
             id,
             view: LoadView::new(id, peers.cores(), n),
             balancer: new_balancer(cfg, cfg.strategy, &cfg.backends),
+            pool_balancers: cfg
+                .models
+                .iter()
+                .map(|p| new_balancer(cfg, p.strategy, &cfg.backends))
+                .collect(),
             engine: EngineView::new(n, cfg.routing.metrics_stale_after),
             decisions: LocalDecisions::default(),
             pool: Pool::new(n, cfg.pool.max_idle_per_backend, cfg.pool.idle_timeout),
@@ -149,6 +156,12 @@ impl Worker {
         self.usage.tick();
         self.metrics.flush(&self.view, self.id == 0);
         self.decisions.flush(&self.shared.metrics.routing);
+    }
+
+    /// The balancer of a model pool, or the top-level one.
+    pub fn balancer_for(&self, pool: Option<usize>) -> &Balancer {
+        pool.and_then(|p| self.pool_balancers.get(p))
+            .unwrap_or(&self.balancer)
     }
 
     /// Picks a backend with `balancer` for a request with affinity `key`, counting the decision.

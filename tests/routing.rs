@@ -21,9 +21,13 @@ fn metric(proxy: &Proxy, prefix: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+fn post_chat(proxy: &Proxy, body: &str, headers: &[(&str, &str)]) -> Response {
+    post_json(proxy.addr, "/v1/chat/completions", body, headers)
+}
+
 /// One small chat completion through the proxy, which must succeed.
-fn chat(addr: std::net::SocketAddr, headers: &[(&str, &str)]) {
-    let r = post_json(addr, "/v1/chat/completions", &chat_body(false, 1), headers);
+fn chat(proxy: &Proxy, headers: &[(&str, &str)]) {
+    let r = post_chat(proxy, &chat_body(false, 1), headers);
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
@@ -65,7 +69,7 @@ fn concurrent_chats(proxy: &Proxy, clients: usize, n: usize, ttft_ms: u32) {
             let ttft = ttft.as_str();
             s.spawn(move || {
                 for _ in 0..n {
-                    chat(proxy.addr, &[("x-mock-ttft-ms", ttft)]);
+                    chat(proxy, &[("x-mock-ttft-ms", ttft)]);
                 }
             });
         }
@@ -109,7 +113,7 @@ fn least_load_follows_engine_metrics_and_falls_back_when_they_go_silent() {
     a.control(r#"{"engine": {"hang": true}}"#);
     let silent = Instant::now();
     let switched = eventually(Duration::from_secs(8), || {
-        chat(proxy.addr, &[]);
+        chat(&proxy, &[]);
         requests(&a) > 0
     });
     let took = silent.elapsed();
@@ -157,7 +161,7 @@ fn least_load_avoids_a_full_kv_cache_while_another_has_room() {
 fn served_by(proxy: &Proxy, body: &str, headers: &[(&str, &str)]) -> u64 {
     let mut h = headers.to_vec();
     h.push(("x-mock-echo", "1"));
-    let r = post_json(proxy.addr, "/v1/chat/completions", body, &h);
+    let r = post_chat(proxy, body, &h);
     assert_eq!(r.status, 200, "{}", r.text());
     r.json()["port"].as_u64().unwrap_or(0)
 }
@@ -238,7 +242,7 @@ fn consistent_hash_gives_up_affinity_beyond_max_imbalance() {
         for _ in 0..8 {
             s.spawn(|| {
                 chat(
-                    proxy.addr,
+                    &proxy,
                     &[("x-session-id", "hot"), ("x-mock-ttft-ms", "600")],
                 );
             });
@@ -250,6 +254,102 @@ fn consistent_hash_gives_up_affinity_beyond_max_imbalance() {
     assert!(na >= 2 && nb >= 2, "both must serve: a={na} b={nb}");
     assert_decisions(&proxy, "consistent_hash", "imbalance_fallback", 1.0);
     // Without a key: least loaded, counted as such.
-    chat(proxy.addr, &[]);
+    chat(&proxy, &[]);
     assert_decisions(&proxy, "consistent_hash", "no_key", 1.0);
+}
+
+/// Two mocks, `small` on a and `big` on b, as model pools: `small` (alias `fast`, renamed
+/// upstream, round robin) falls back to `big`.
+fn pools(a: &Mock, b: &Mock) -> Proxy {
+    let yaml = format!(
+        "listen: \"127.0.0.1:0\"\nworkers: 1\nbackends:\n  - {{ url: \"{}\", models: [small] }}\n  \
+         - {{ url: \"{}\", models: [big] }}\n\
+         health_check: {{ interval: 200ms, path: /health, timeout: 200ms }}\n\
+         models:\n  small: {{ aliases: [fast], rewrite: true, strategy: round_robin, fallbacks: [big] }}\n  \
+         big: {{ aliases: [large] }}\n",
+        a.url(),
+        b.url()
+    );
+    Proxy::start(&yaml, &[])
+}
+
+fn chat_for(model: &str, words: usize) -> String {
+    let text = vec!["word"; words].join(" ");
+    format!(
+        r#"{{"model" : "{model}","max_tokens":2,"messages":[{{"role":"user","content":"{text}"}}]}}"#
+    )
+}
+
+#[test]
+fn model_pools_route_aliases_and_rename_them_upstream() {
+    let a = Mock::start();
+    let b = Mock::start();
+    let proxy = pools(&a, &b);
+    // The alias reaches a with the pool's name spliced in; nothing else changes.
+    let r = post_chat(&proxy, &chat_for("fast", 3), &[("x-mock-echo", "1")]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["port"].as_u64(), Some(u64::from(a.addr.port())));
+    assert_eq!(
+        r.json()["body"].as_str(),
+        Some(chat_for("small", 3).as_str())
+    );
+    // Without `rewrite`, an alias goes upstream as the client wrote it.
+    let r = post_chat(&proxy, &chat_for("large", 3), &[("x-mock-echo", "1")]);
+    assert_eq!(r.json()["port"].as_u64(), Some(u64::from(b.addr.port())));
+    assert_eq!(
+        r.json()["body"].as_str(),
+        Some(chat_for("large", 3).as_str())
+    );
+    // The pool's own strategy decides (round robin here, least_connections at the top).
+    assert_decisions(&proxy, "round_robin", "balanced", 1.0);
+    // /v1/models lists pools and aliases.
+    let models = get(proxy.addr, "/v1/models").json();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["big", "fast", "large", "small"]);
+}
+
+#[test]
+fn model_pools_fall_back_on_context_length_errors_and_missing_backends() {
+    let a = Mock::start();
+    let b = Mock::start();
+    let proxy = pools(&a, &b);
+    a.control(r#"{"context_limit": 20}"#);
+    // Short prompt: small serves it.
+    let r = post_chat(&proxy, &chat_for("small", 5), &[]);
+    assert_eq!((r.status, r.json()["model"].as_str()), (200, Some("small")));
+    // Too long for small: its 400 is not relayed; big serves it, under its own name.
+    for stream in [false, true] {
+        let body = chat_for("fast", 40).replace(
+            "\"max_tokens\"",
+            &format!("\"stream\":{stream},\"max_tokens\""),
+        );
+        let r = post_chat(&proxy, &body, &[]);
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(r.text().contains("\"model\":\"big\""), "{}", r.text());
+    }
+    assert_eq!(b.stat("requests"), 2);
+    assert_decisions(&proxy, "least_connections", "fallback_model", 2.0);
+    // Other 400s are the client's answer, relayed as they are.
+    let r = post_chat(&proxy, &chat_for("small", 5), &[("x-mock-status", "400")]);
+    assert_eq!(r.status, 400);
+    assert_eq!(b.stat("requests"), 2);
+    // Where no fallback is left, the context error reaches the client unchanged.
+    b.control(r#"{"context_limit": 20}"#);
+    let r = post_chat(&proxy, &chat_for("big", 40), &[]);
+    assert_eq!(r.status, 400);
+    assert!(r.text().contains("maximum context length"), "{}", r.text());
+
+    // small's only backend goes down: big serves small's requests.
+    a.control(r#"{"health_status": 503}"#);
+    let down = eventually(Duration::from_secs(10), || {
+        get(proxy.addr, "/health").json()["backends"][0]["up"] == false
+    });
+    assert!(down, "a never marked down");
+    let r = post_chat(&proxy, &chat_for("small", 5), &[]);
+    assert_eq!((r.status, r.json()["model"].as_str()), (200, Some("big")));
 }
