@@ -472,6 +472,13 @@ impl RoutingMetrics {
         registry.register(Box::new(engine_waiting.clone()))?;
         registry.register(Box::new(engine_running.clone()))?;
         registry.register(Box::new(engine_kv.clone()))?;
+        // Present from the start, unknown (NaN) until a scrape says otherwise.
+        for b in &cfg.backends {
+            engine_up.with_label_values(&[&b.url]).set(0);
+            for g in [&engine_waiting, &engine_running, &engine_kv] {
+                g.with_label_values(&[&b.url]).set(f64::NAN);
+            }
+        }
         Ok(RoutingMetrics {
             decisions,
             engine_up,
