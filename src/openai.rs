@@ -1,8 +1,10 @@
 //! What the proxy needs to know about OpenAI-style (and TGI) requests: the `model` that routes
-//! them, whether they stream, whether the client asked for streamed usage and who the caller is;
-//! and the one rewrite it makes — adding `stream_options.include_usage` so a backend reports
-//! usage for a stream whose client did not ask for it. The body is scanned once and, except for
-//! that injection, never re-serialised.
+//! them (and where it sits in the body), whether they stream, whether the client asked for
+//! streamed usage, who the caller is, and the affinity keys (`user`, the first messages); the
+//! rewrites it makes — adding `stream_options.include_usage` so a backend reports usage for a
+//! stream whose client did not ask for it, and renaming the model for a pool's alias or fallback;
+//! and how engines word a context-length error. The body is scanned once and never
+//! re-serialised, except to add `include_usage` to an existing `stream_options` (rare).
 
 use std::borrow::Cow;
 use std::fmt;

@@ -71,6 +71,7 @@ pub struct Worker {
     seq: Cell<u64>,
     id_prefix: u64,
     last_snapshot: Cell<Instant>,
+    started: Instant,
 }
 
 impl Worker {
@@ -105,6 +106,7 @@ impl Worker {
             seq: Cell::new(0),
             id_prefix: fastrand::u64(..),
             last_snapshot: Cell::new(Instant::now()),
+            started: Instant::now(),
         }
     }
 
@@ -171,11 +173,13 @@ impl Worker {
         key: Option<u64>,
         eligible: impl Fn(usize) -> bool,
     ) -> Option<Pick> {
+        let engine = balancer.strategy().uses_engine_load();
         let input = Inputs {
             view: &self.view,
-            engine: Some(&self.engine),
+            engine: engine.then_some(&self.engine),
             key,
-            now: Instant::now(),
+            // Only engine readings age; other strategies skip the clock read.
+            now: if engine { Instant::now() } else { self.started },
         };
         let pick = balancer.choose(&input, eligible)?;
         self.decisions.record(balancer.strategy(), pick.reason);
