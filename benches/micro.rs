@@ -20,8 +20,8 @@ use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 
 use llmproxy::balance::{Balancer, Inputs, LoadView};
-use llmproxy::engine::{EngineLoad, EngineView, Reading};
 use llmproxy::config::{Config, Strategy};
+use llmproxy::engine::{EngineLoad, EngineView, Reading};
 use llmproxy::http1::{Head, ParseStatus};
 use llmproxy::metrics::{LocalMetrics, Metrics};
 use llmproxy::openai::{inject_include_usage, inspect};
