@@ -354,6 +354,15 @@ fn validate_routing(raw: RawRouting, err: &mut impl FnMut(&str, String)) -> Rout
             err(path, "must be greater than zero".to_string());
         }
     }
+    if raw.metrics_stale_after <= raw.metrics_interval {
+        err(
+            "routing.metrics_stale_after",
+            format!(
+                "must be longer than routing.metrics_interval ({:?}), or every reading is stale",
+                raw.metrics_interval
+            ),
+        );
+    }
     Routing {
         hash_key,
         max_imbalance: raw.max_imbalance,
@@ -1744,6 +1753,11 @@ logging: { level: DEBUG, format: text, access_log: false }
             &with_backend("routing: { kv_weight: -1 }\n"),
             "routing.kv_weight",
             "non-negative",
+        );
+        assert_error(
+            &with_backend("routing: { metrics_interval: 3s }\n"),
+            "routing.metrics_stale_after",
+            "longer than routing.metrics_interval",
         );
         assert_error(
             &with_backend("routing: { metrics_interval: 0s }\n"),
