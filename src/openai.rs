@@ -35,8 +35,9 @@ pub struct RequestInfo {
     pub prefix_key: Option<u64>,
 }
 
-/// How much of a completions `prompt` the prefix key covers.
-const PROMPT_PREFIX_BYTES: usize = 1024;
+/// How much of each message (or of a completions `prompt`) the prefix key hashes: bounds the
+/// work per request when system prompts are huge (their length is mixed in as well).
+const PREFIX_HASH_BYTES: usize = 4096;
 /// Most messages a prefix key may cover.
 pub const MAX_PREFIX_MESSAGES: usize = 4;
 
@@ -163,13 +164,14 @@ pub fn inspect_with(
         (n, Some(first), _) if first.0[0].is_some() => {
             let mut h = 0u64;
             for m in first.0.iter().take(n.min(MAX_PREFIX_MESSAGES)).flatten() {
-                h = hash_bytes(m.get().as_bytes()) ^ h.rotate_left(17);
+                h = prefix_hash(m.get().as_bytes()) ^ h.rotate_left(17);
             }
             Some(h)
         }
         (_, _, Some(prompt)) => {
             let text = prompt.get().as_bytes();
-            Some(hash_bytes(&text[..text.len().min(PROMPT_PREFIX_BYTES)]))
+            // A growing prompt keeps its start: no length mixed in here.
+            Some(hash_bytes(&text[..text.len().min(PREFIX_HASH_BYTES)]))
         }
         _ => None,
     };
@@ -195,6 +197,11 @@ pub fn inspect_with(
             .unwrap_or(false),
         user,
     })
+}
+
+/// One message's contribution to the prefix key.
+fn prefix_hash(text: &[u8]) -> u64 {
+    hash_bytes(&text[..text.len().min(PREFIX_HASH_BYTES)]) ^ text.len() as u64
 }
 
 /// Endpoints whose streams can be asked for usage with `stream_options`.
