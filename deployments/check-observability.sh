@@ -109,6 +109,11 @@ METRICS = {
     "llmproxy_usage_delivery_seconds": ("histogram", set()),
     "llmproxy_build_info": ("gauge", {"version", "driver"}),
     "llmproxy_discovery_updates_total": ("counter", {"result"}),
+    "llmproxy_routing_decisions_total": ("counter", {"strategy", "reason"}),
+    "llmproxy_backend_engine_metrics_up": ("gauge", {"backend"}),
+    "llmproxy_backend_engine_waiting": ("gauge", {"backend"}),
+    "llmproxy_backend_engine_running": ("gauge", {"backend"}),
+    "llmproxy_backend_engine_kv_cache_usage_ratio": ("gauge", {"backend"}),
     # Not exported by llmproxy: Prometheus records it for every scrape target.
     "up": ("gauge", set()),
 }

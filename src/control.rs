@@ -35,6 +35,13 @@ pub enum ControlMsg {
     Health { backend: usize, id: u64, up: bool },
     /// A new version of the backend set (and the configuration it belongs to).
     Table(Arc<BackendTable>),
+    /// A backend's engine load as scraped from its `/metrics` (ignored unless `id` still holds
+    /// the slot).
+    Engine {
+        backend: usize,
+        id: u64,
+        reading: crate::engine::Reading,
+    },
 }
 
 /// Sent to the health thread.
