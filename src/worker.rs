@@ -186,24 +186,21 @@ impl Worker {
         self.metrics
             .set_backends(&self.view, labels, table.models.clone());
         self.view.resize(n);
+        self.engine.resize(n);
         for slot in 0..n {
             let id = table.get(slot).map_or(0, |e| e.id);
             if first || self.view.id(slot) != id {
                 let up = table.get(slot).is_some_and(|e| e.up_initially);
                 self.view.reset(slot, id, up);
                 self.pool.clear(slot);
+                // Another backend's engine readings must not carry over to this one.
+                self.engine.clear(slot);
             }
         }
         let open: Vec<bool> = (0..n)
             .map(|s| table.get(s).is_some_and(|e| e.state == State::Active))
             .collect();
         self.pool.set_slots(&open);
-        self.engine.resize(n);
-        for slot in 0..n {
-            if first || self.view.id(slot) != table.get(slot).map_or(0, |e| e.id) {
-                self.engine.clear(slot);
-            }
-        }
         self.engine
             .set_stale_after(table.config.routing.metrics_stale_after);
         self.install_balancers(table);

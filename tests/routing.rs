@@ -353,3 +353,65 @@ fn model_pools_fall_back_on_context_length_errors_and_missing_backends() {
     let r = post_chat(&proxy, &chat_for("small", 5), &[]);
     assert_eq!((r.status, r.json()["model"].as_str()), (200, Some("big")));
 }
+
+fn port(m: &Mock) -> u64 {
+    m.url()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0)
+}
+
+fn reload(proxy: &Proxy, yaml: &str) {
+    std::fs::write(proxy.dir.join("config.yaml"), yaml).expect("rewrite config");
+    let r = post_json(proxy.addr, "/admin/reload", "", &[]);
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+#[test]
+fn least_load_and_consistent_hash_follow_a_reload_that_adds_a_backend() {
+    // a has a deep queue; c, added by a reload, is idle. The scraper must pick c up (a new
+    // backend in a new slot) and least_load must then send everything to it.
+    let a = Mock::start();
+    let c = Mock::start();
+    let d = Mock::start();
+    a.control(r#"{"engine": {"waiting": 20, "kv_usage": 0.5}}"#);
+    let proxy = Proxy::start(&least_load_config(&[&a]), &["--workers", "2"]);
+    wait_for_scrapes(&proxy, &[&a]);
+    chat(&proxy, &[]);
+    assert_eq!(requests(&a), 1);
+
+    reload(&proxy, &least_load_config(&[&a, &c]));
+    wait_for_scrapes(&proxy, &[&c]);
+    for _ in 0..20 {
+        chat(&proxy, &[]);
+    }
+    assert_eq!(requests(&a), 1, "a's deep queue must keep it out");
+    assert_eq!(requests(&c), 20);
+    assert_decisions(&proxy, "least_load", "engine_load", 21.0);
+
+    // Now consistent_hash over a and c, then a reload adds d: sessions either stay where they
+    // were or move to d (rendezvous keys on the URL, not on the slot).
+    let hashed = |mocks: &[&Mock]| hash_config(mocks, "hash_key: \"header:x-session-id\"");
+    reload(&proxy, &hashed(&[&a, &c]));
+    let body = chat_body(false, 1);
+    let sessions: Vec<String> = (0..30).map(|s| format!("session-{s}")).collect();
+    let homes: Vec<u64> = sessions
+        .iter()
+        .map(|s| served_by(&proxy, &body, &[("x-session-id", s)]))
+        .collect();
+    reload(&proxy, &hashed(&[&a, &c, &d]));
+    let mut moved = 0;
+    for (s, home) in sessions.iter().zip(&homes) {
+        let now = served_by(&proxy, &body, &[("x-session-id", s)]);
+        if now != *home {
+            assert_eq!(
+                now,
+                port(&d),
+                "{s} moved from {home} to another old backend"
+            );
+            moved += 1;
+        }
+    }
+    assert!(moved > 0 && moved < 30, "{moved} of 30 sessions moved to d");
+}
