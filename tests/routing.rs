@@ -260,17 +260,27 @@ fn consistent_hash_gives_up_affinity_beyond_max_imbalance() {
 
 /// Two mocks, `small` on a and `big` on b, as model pools: `small` (alias `fast`, renamed
 /// upstream, round robin) falls back to `big`.
-fn pools(a: &Mock, b: &Mock) -> Proxy {
-    let yaml = format!(
-        "listen: \"127.0.0.1:0\"\nworkers: 1\nbackends:\n  - {{ url: \"{}\", models: [small] }}\n  \
-         - {{ url: \"{}\", models: [big] }}\n\
+/// Backends `small` serving pool small (aliases `small_aliases`) and `b` serving big.
+fn pools_yaml(small: &[&Mock], b: &Mock, small_aliases: &str) -> String {
+    let mut yaml = String::from("listen: \"127.0.0.1:0\"\nworkers: 1\nbackends:\n");
+    for m in small {
+        yaml.push_str(&format!(
+            "  - {{ url: \"{}\", models: [small] }}\n",
+            m.url()
+        ));
+    }
+    yaml.push_str(&format!(
+        "  - {{ url: \"{}\", models: [big] }}\n\
          health_check: {{ interval: 200ms, path: /health, timeout: 200ms }}\n\
-         models:\n  small: {{ aliases: [fast], rewrite: true, strategy: round_robin, fallbacks: [big] }}\n  \
+         models:\n  small: {{ aliases: [{small_aliases}], rewrite: true, strategy: round_robin, fallbacks: [big] }}\n  \
          big: {{ aliases: [large] }}\n",
-        a.url(),
         b.url()
-    );
-    Proxy::start(&yaml, &[])
+    ));
+    yaml
+}
+
+fn pools(a: &Mock, b: &Mock) -> Proxy {
+    Proxy::start(&pools_yaml(&[a], b, "fast"), &[])
 }
 
 fn chat_for(model: &str, words: usize) -> String {
@@ -414,4 +424,27 @@ fn least_load_and_consistent_hash_follow_a_reload_that_adds_a_backend() {
         }
     }
     assert!(moved > 0 && moved < 30, "{moved} of 30 sessions moved to d");
+}
+
+#[test]
+fn model_pools_follow_a_reload() {
+    let (a, b, c) = (Mock::start(), Mock::start(), Mock::start());
+    let proxy = pools(&a, &b);
+    let port_of = |body: &str| {
+        let r = post_chat(&proxy, body, &[("x-mock-echo", "1")]);
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(
+            r.json()["body"].as_str(),
+            Some(chat_for("small", 1).as_str())
+        );
+        r.json()["port"].as_u64().unwrap_or(0)
+    };
+    assert_eq!(port_of(&chat_for("fast", 1)), port(&a));
+    // The alias is renamed and the pool gains a backend: the new pool takes both, round robin.
+    reload(&proxy, &pools_yaml(&[&a, &c], &b, "quick"));
+    let r = post_chat(&proxy, &chat_for("fast", 1), &[]);
+    r.assert_error(404, "model_not_found");
+    let served: std::collections::HashSet<u64> =
+        (0..4).map(|_| port_of(&chat_for("quick", 1))).collect();
+    assert_eq!(served, [port(&a), port(&c)].into_iter().collect());
 }
