@@ -138,9 +138,13 @@ impl Plane {
                 }
                 Ok(PlaneMsg::Reload { reply }) => {
                     let result = self.reload();
-                    let ok = result.is_ok();
+                    // Published before the answer: a request sent after a successful reload
+                    // was answered finds the new table in its core's inbox.
+                    if result.is_ok() {
+                        self.publish(cores, health);
+                    }
                     let _ = reply.send(result);
-                    ok
+                    false
                 }
                 Err(RecvTimeoutError::Timeout) => false,
                 Err(RecvTimeoutError::Disconnected) => {

@@ -118,6 +118,9 @@ pub async fn handle(
         panic!("panic requested by x-llmproxy-debug-panic");
     }
     let close = !head.keep_alive() || w.shared.draining();
+    // A reload answered just before this request must already apply to how its body is read
+    // (e.g. whether an affinity key is computed), not only to the pick.
+    w.drain_inbox();
     let cfg = w.config();
     let table = w.table();
     if let Some(local) = local_route(w, d, &head) {

@@ -348,6 +348,34 @@ mod tests {
     }
 
     #[test]
+    fn a_pool_listing_a_discovered_entry_holds_every_address_of_it() {
+        let pool = ModelPool {
+            name: "m".into(),
+            aliases: Vec::new(),
+            rewrite: false,
+            strategy: crate::config::Strategy::LeastLoad,
+            backends: Some(vec!["http://svc:8000".into()]),
+            fallbacks: Vec::new(),
+        };
+        // Slots 0 and 2 are two addresses of the discovered entry; slot 1 another entry; slot 3
+        // is free.
+        let t = RouteTable::build(
+            4,
+            [
+                (0, "http://svc:8000", None),
+                (1, "http://other:8000", None),
+                (2, "http://svc:8000", None),
+            ]
+            .into_iter(),
+            [None, None].into_iter(),
+            &[pool],
+        );
+        let r = t.route(Some("m")).unwrap();
+        assert_eq!(r.mask, &[true, false, true, false]);
+        assert_eq!(r.pool, Some(0));
+    }
+
+    #[test]
     fn backends_without_models_serve_anything() {
         let t = table(&[Some(&["a"]), None]);
         assert_eq!(t.backends_for(Some("a")).unwrap(), &[true, true]);
