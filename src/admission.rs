@@ -237,21 +237,22 @@ impl CoreCapacity {
         self.refresh();
         if !self.limited.get() {
             return match w.choose(balancer, key, eligible) {
-                Some(p) => Pick::Got(p.backend, None),
+                Some(p) => {
+                    w.decisions.record(balancer.strategy(), p.reason);
+                    Pick::Got(p.backend, None)
+                }
                 None => Pick::NoneEligible,
             };
         }
         // A gate may fill between the look and the increment (another core): try the next one,
         // at most once per backend.
         for _ in 0..=w.view.backends() {
-            let Some(b) = w
-                .choose(balancer, key, |i| eligible(i) && self.has_room(i))
-                .map(|p| p.backend)
-            else {
+            let Some(p) = w.choose(balancer, key, |i| eligible(i) && self.has_room(i)) else {
                 break;
             };
-            if let Ok(permit) = self.acquire(b) {
-                return Pick::Got(b, permit);
+            if let Ok(permit) = self.acquire(p.backend) {
+                w.decisions.record(balancer.strategy(), p.reason);
+                return Pick::Got(p.backend, permit);
             }
         }
         if (0..w.view.backends()).any(eligible) {

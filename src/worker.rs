@@ -330,7 +330,9 @@ impl Worker {
             .unwrap_or_else(|| self.balancer.clone())
     }
 
-    /// Picks a backend with `balancer` for a request with affinity `key`, counting the decision.
+    /// Picks a backend with `balancer` for a request with affinity `key`. The caller counts
+    /// the decision (`decisions.record`) once the pick is taken: a pick whose backend turns out
+    /// full (`admission`) is not a decision.
     pub fn choose(
         &self,
         balancer: &Balancer,
@@ -345,9 +347,7 @@ impl Worker {
             // Only engine readings age; other strategies skip the clock read.
             now: if engine { Instant::now() } else { self.started },
         };
-        let pick = balancer.choose(&input, eligible)?;
-        self.decisions.record(balancer.strategy(), pick.reason);
-        Some(pick)
+        balancer.choose(&input, eligible)
     }
 
     /// Takes an in-flight slot on `backend`, released when the guard drops.
