@@ -14,13 +14,14 @@
 use std::hint::black_box;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 
-use llmproxy::balance::{Balancer, LoadView};
+use llmproxy::balance::{Balancer, Inputs, LoadView};
 use llmproxy::config::{Config, Strategy};
+use llmproxy::engine::{EngineLoad, EngineView, Reading};
 use llmproxy::http1::{Head, ParseStatus};
 use llmproxy::metrics::{LocalMetrics, Metrics};
 use llmproxy::openai::{inject_include_usage, inspect};
@@ -292,6 +293,33 @@ fn balancer(c: &mut Criterion) {
         // The same eligibility test `proxy::forward` passes.
         g.bench_function(name, |b| {
             b.iter(|| balancer.pick(black_box(&view), |i| mask[i] && view.is_up(i)))
+        });
+    }
+    // The LLM-aware strategies take engine readings and a request key per call.
+    let engine = EngineView::new(BACKENDS, Duration::from_secs(2));
+    let now = Instant::now();
+    for b in 0..BACKENDS {
+        let load = EngineLoad {
+            waiting: b as f64,
+            running: 4.0,
+            kv_usage: Some(0.1 * b as f64),
+        };
+        engine.set(b, Reading { load, at: now });
+    }
+    for (name, strategy) in [
+        ("power_of_two", Strategy::PowerOfTwo),
+        ("least_load", Strategy::LeastLoad),
+        ("consistent_hash", Strategy::ConsistentHash),
+    ] {
+        let balancer = Balancer::new(strategy, vec![1; BACKENDS]);
+        let input = Inputs {
+            view: &view,
+            engine: Some(&engine),
+            key: Some(0x5e55_10a1),
+            now,
+        };
+        g.bench_function(name, |b| {
+            b.iter(|| balancer.choose(black_box(&input), |i| mask[i] && view.is_up(i)))
         });
     }
     g.finish();

@@ -111,6 +111,11 @@ METRICS = {
     "llmproxy_discovery_updates_total": ("counter", {"result"}),
     "llmproxy_backend_breaker_state": ("gauge", {"backend"}),
     "llmproxy_breaker_transitions_total": ("counter", {"backend", "to"}),
+    "llmproxy_routing_decisions_total": ("counter", {"strategy", "reason"}),
+    "llmproxy_backend_engine_metrics_up": ("gauge", {"backend"}),
+    "llmproxy_backend_engine_waiting": ("gauge", {"backend"}),
+    "llmproxy_backend_engine_running": ("gauge", {"backend"}),
+    "llmproxy_backend_engine_kv_cache_usage_ratio": ("gauge", {"backend"}),
     # Not exported by llmproxy: Prometheus records it for every scrape target.
     "up": ("gauge", set()),
 }

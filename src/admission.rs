@@ -27,6 +27,7 @@ use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use crate::balance::Balancer;
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::worker::Worker;
@@ -226,25 +227,32 @@ impl CoreCapacity {
         }))
     }
 
-    fn try_pick(self: &Rc<Self>, w: &Worker, eligible: &impl Fn(usize) -> bool) -> Pick {
+    fn try_pick(
+        self: &Rc<Self>,
+        w: &Worker,
+        balancer: &Balancer,
+        key: Option<u64>,
+        eligible: &impl Fn(usize) -> bool,
+    ) -> Pick {
         self.refresh();
         if !self.limited.get() {
-            return match w.balancer.pick(&w.view, eligible) {
-                Some(b) => Pick::Got(b, None),
+            return match w.choose(balancer, key, eligible) {
+                Some(p) => {
+                    w.decisions.record(balancer.strategy(), p.reason);
+                    Pick::Got(p.backend, None)
+                }
                 None => Pick::NoneEligible,
             };
         }
         // A gate may fill between the look and the increment (another core): try the next one,
         // at most once per backend.
         for _ in 0..=w.view.backends() {
-            let Some(b) = w
-                .balancer
-                .pick(&w.view, |i| eligible(i) && self.has_room(i))
-            else {
+            let Some(p) = w.choose(balancer, key, |i| eligible(i) && self.has_room(i)) else {
                 break;
             };
-            if let Ok(permit) = self.acquire(b) {
-                return Pick::Got(b, permit);
+            if let Ok(permit) = self.acquire(p.backend) {
+                w.decisions.record(balancer.strategy(), p.reason);
+                return Pick::Got(p.backend, permit);
             }
         }
         if (0..w.view.backends()).any(eligible) {
@@ -404,14 +412,16 @@ impl Future for Woken<'_> {
 /// it (the tick would, but only every 100 ms). One timer per core with waiters.
 const POLL: Duration = Duration::from_millis(5);
 
-/// Picks a backend with room among the `eligible` ones, waiting in the queue while all are
-/// full. `Ok(None)`: no eligible backend at all (the caller's "no healthy backend").
+/// Picks a backend with `balancer` (for a request with affinity `key`) among the `eligible` ones
+/// that have room, waiting in the queue while all are full. `Ok(None)`: no eligible backend at all (the caller's "no healthy backend").
 pub async fn pick(
     w: &Worker,
+    balancer: &Balancer,
+    key: Option<u64>,
     eligible: impl Fn(usize) -> bool,
 ) -> Result<Option<(usize, Option<Permit>)>, ProxyError> {
     let core = &w.capacity;
-    match core.try_pick(w, &eligible) {
+    match core.try_pick(w, balancer, key, &eligible) {
         Pick::Got(b, permit) => return Ok(Some((b, permit))),
         Pick::NoneEligible => return Ok(None),
         Pick::AllFull => {}
@@ -435,7 +445,7 @@ pub async fn pick(
             .await
             .unwrap_or(Wake::None);
         w.drain_inbox();
-        match core.try_pick(w, &eligible) {
+        match core.try_pick(w, balancer, key, &eligible) {
             Pick::Got(b, permit) => return Ok(Some((b, permit))),
             Pick::NoneEligible => return Ok(None),
             // Only a baton goes round the queue: a poll or a nudge that finds nothing stays put.

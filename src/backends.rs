@@ -63,6 +63,8 @@ pub struct Spec {
     pub max_inflight: usize,
     /// Sent upstream as `Authorization: Bearer`.
     pub api_key: Option<Secret>,
+    /// Where the engine's Prometheus metrics are (after `base_path`), for `least_load`.
+    pub metrics_path: String,
 }
 
 impl Spec {
@@ -93,7 +95,7 @@ pub struct BackendTable {
     pub slots: Vec<Option<Entry>>,
     /// Model → eligible slots (only `Active` ones).
     pub routes: RouteTable,
-    /// Every model some backend declares, sorted (metrics labels).
+    /// Every model some backend declares or a pool names (with aliases), sorted (metrics labels).
     pub models: Vec<String>,
     /// The configuration this version belongs to.
     pub config: Arc<Config>,
@@ -141,6 +143,7 @@ pub fn desired(
             discovered: b.discover.is_some(),
             max_inflight: b.max_inflight,
             api_key: b.api_key.clone(),
+            metrics_path: b.metrics_path.clone(),
         };
         if b.discover.is_some() {
             let prefix = b.name.as_deref().unwrap_or(&b.host);
@@ -312,15 +315,18 @@ impl Registry {
             self.slots.iter().enumerate().filter_map(|(i, e)| {
                 e.as_ref()
                     .filter(|e| e.state == State::Active)
-                    .map(|e| (i, e.spec.models.as_deref()))
+                    .map(|e| (i, e.spec.source.as_str(), e.spec.models.as_deref()))
             }),
             config.backends.iter().map(|b| b.models.as_deref()),
+            &config.models,
         );
+        // Draining backends keep their models' labels; pools and aliases are labels too.
         let mut models: Vec<String> = self
             .slots
             .iter()
             .flatten()
             .flat_map(|e| e.spec.models.iter().flatten().cloned())
+            .chain(crate::metrics::configured_models(&config))
             .collect();
         models.sort();
         models.dedup();
@@ -352,6 +358,7 @@ mod tests {
             discovered: true,
             max_inflight: 0,
             api_key: None,
+            metrics_path: "/metrics".into(),
         }
     }
 

@@ -1,10 +1,148 @@
 //! Backend selection. `LoadView` is one core's picture of every backend (its own exact in-flight
 //! counts, the latest counts other cores reported, health); `Balancer` applies the configured
 //! strategy to it. Both are per-core and never shared: other cores' counts arrive as messages.
+//!
+//! The LLM-aware strategies take what they need per call (`Inputs`: engine readings, the
+//! request's affinity key, the time) so a pick never allocates, locks or caches a backend count
+//! beyond the balancer's own weights; every pick also says why it was made (`Reason`), which
+//! feeds `llmproxy_routing_decisions_total`.
 
 use std::cell::{Cell, RefCell};
+use std::time::Instant;
 
-use crate::config::Strategy;
+use crate::config::{Routing, Strategy};
+use crate::engine::{EngineLoad, EngineView};
+
+/// Why a backend was chosen (a bounded label set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// The strategy's ordinary choice (round robin turn, fewest in flight, ...).
+    Balanced,
+    /// `least_load` scored the winner on fresh engine metrics.
+    EngineLoad,
+    /// `least_load`: the winner's engine metrics were missing or stale; in-flight count only.
+    StaleMetrics,
+    /// `least_load`: every candidate's KV cache was above `routing.kv_threshold`.
+    KvSaturated,
+    /// `consistent_hash`: the key's own backend.
+    AffinityHit,
+    /// `consistent_hash`: the key's backend was too far above the least loaded.
+    ImbalanceFallback,
+    /// `consistent_hash`: the request had no key; least loaded.
+    NoKey,
+    /// The request's model pool had no healthy backend, or the backend rejected the prompt as
+    /// too long: another model's pool served it (set by the proxy, not by a strategy).
+    FallbackModel,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 8] = [
+        Reason::Balanced,
+        Reason::EngineLoad,
+        Reason::StaleMetrics,
+        Reason::KvSaturated,
+        Reason::AffinityHit,
+        Reason::ImbalanceFallback,
+        Reason::NoKey,
+        Reason::FallbackModel,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Balanced => "balanced",
+            Reason::EngineLoad => "engine_load",
+            Reason::StaleMetrics => "stale_metrics",
+            Reason::KvSaturated => "kv_saturated",
+            Reason::AffinityHit => "affinity_hit",
+            Reason::ImbalanceFallback => "imbalance_fallback",
+            Reason::NoKey => "no_key",
+            Reason::FallbackModel => "fallback_model",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// A backend and why it was picked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pick {
+    pub backend: usize,
+    pub reason: Reason,
+}
+
+/// What one pick may consult besides the in-flight view.
+#[derive(Clone, Copy)]
+pub struct Inputs<'a> {
+    pub view: &'a LoadView,
+    /// Engine readings (`least_load`); `None` scores by in-flight counts only.
+    pub engine: Option<&'a EngineView>,
+    /// The request's affinity key (`consistent_hash`).
+    pub key: Option<u64>,
+    pub now: Instant,
+}
+
+impl<'a> Inputs<'a> {
+    pub fn new(view: &'a LoadView) -> Self {
+        Inputs {
+            view,
+            engine: None,
+            key: None,
+            now: Instant::now(),
+        }
+    }
+}
+
+/// Tunables of the LLM-aware strategies, copied out of `routing:` once.
+#[derive(Debug, Clone, Copy)]
+pub struct Params {
+    pub max_imbalance: u32,
+    pub queue_weight: f64,
+    pub kv_weight: f64,
+    pub inflight_weight: f64,
+    pub kv_threshold: f64,
+}
+
+impl Params {
+    pub fn from_config(r: &Routing) -> Self {
+        Params {
+            max_imbalance: r.max_imbalance,
+            queue_weight: r.queue_weight.0,
+            kv_weight: r.kv_weight.0,
+            inflight_weight: r.inflight_weight.0,
+            kv_threshold: r.kv_threshold.0,
+        }
+    }
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params::from_config(&Routing::default())
+    }
+}
+
+/// A 64-bit mix (splitmix64's finaliser): spreads keys and backend ids over the whole range.
+pub fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// A stable hash of bytes (same on every core, process and version): keys and backend
+/// identities must map the same way on every proxy replica.
+pub fn hash_bytes(data: &[u8]) -> u64 {
+    let mut h: u64 = 0x9e37_79b9_7f4a_7c15 ^ data.len() as u64;
+    let mut chunks = data.chunks_exact(8);
+    for c in &mut chunks {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(c);
+        h = mix64(h ^ u64::from_le_bytes(w));
+    }
+    let mut tail = [0u8; 8];
+    tail[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+    mix64(h ^ u64::from_le_bytes(tail))
+}
 
 pub struct LoadView {
     core: usize,
@@ -140,46 +278,205 @@ pub struct Balancer {
     strategy: Cell<Strategy>,
     /// By backend slot; free and draining slots keep a placeholder (they are never eligible).
     weights: RefCell<Vec<u32>>,
+    /// Rendezvous identity of each slot's backend (a hash of its URL, so that every proxy
+    /// replica, every reordering of the config and every table change maps a key to the same
+    /// backend).
+    keys: RefCell<Vec<u64>>,
+    /// The backend id each slot held when state was last set (0 = free): a slot taken over by
+    /// another backend starts from scratch.
+    owners: RefCell<Vec<u64>>,
+    params: Cell<Params>,
     next: Cell<usize>,
     /// Smooth weighted round robin state (nginx's `current_weight`).
     current: RefCell<Vec<i64>>,
 }
 
+/// One slot as the balancer sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Member {
+    /// The backend id (0 = free slot).
+    pub id: u64,
+    pub weight: u32,
+    /// Rendezvous identity (`hash_bytes` of the backend's URL).
+    pub key: u64,
+}
+
 impl Balancer {
     pub fn new(strategy: Strategy, weights: Vec<u32>) -> Self {
+        let ids = (0..weights.len() as u64).map(mix64).collect();
+        Self::with(strategy, weights, ids, Params::default())
+    }
+
+    /// A balancer over backends with these weights and rendezvous identities (`keys`).
+    pub fn with(strategy: Strategy, weights: Vec<u32>, keys: Vec<u64>, params: Params) -> Self {
         let n = weights.len();
         Balancer {
             strategy: Cell::new(strategy),
             weights: RefCell::new(weights),
+            owners: RefCell::new((1..=n as u64).collect()),
+            keys: RefCell::new(keys),
+            params: Cell::new(params),
             // Cores start at different offsets so they don't all hit backend 0 first.
             next: Cell::new(fastrand::usize(..n.max(1))),
             current: RefCell::new(vec![0; n]),
         }
     }
 
-    /// The backend table or the strategy changed (reload, discovery). Smooth-weighted state is
-    /// kept for slots that keep their weight, so a reload does not reset the interleaving.
-    pub fn update(&self, strategy: Strategy, weights: Vec<u32>) {
+    /// The backend table, the strategy or its tunables changed (reload, discovery).
+    /// Smooth-weighted state is kept for slots that keep their backend and weight, so a reload
+    /// does not reset the interleaving; a slot now holding another backend starts from zero.
+    pub fn update(&self, strategy: Strategy, params: Params, members: &[Member]) {
         self.strategy.set(strategy);
+        self.params.set(params);
         let mut current = self.current.borrow_mut();
-        let old = self.weights.replace(weights);
-        let new = self.weights.borrow();
-        current.resize(new.len(), 0);
-        for (i, c) in current.iter_mut().enumerate() {
-            if old.get(i) != new.get(i) {
-                *c = 0;
+        let mut weights = self.weights.borrow_mut();
+        let mut owners = self.owners.borrow_mut();
+        current.resize(members.len(), 0);
+        for (slot, m) in members.iter().enumerate() {
+            if owners.get(slot) != Some(&m.id) || weights.get(slot) != Some(&m.weight) {
+                current[slot] = 0;
             }
         }
+        *weights = members.iter().map(|m| m.weight).collect();
+        *owners = members.iter().map(|m| m.id).collect();
+        *self.keys.borrow_mut() = members.iter().map(|m| m.key).collect();
+    }
+
+    pub fn strategy(&self) -> Strategy {
+        self.strategy.get()
+    }
+
+    fn len(&self) -> usize {
+        self.weights.borrow().len()
     }
 
     /// Picks one backend among those for which `eligible` is true.
     pub fn pick(&self, view: &LoadView, eligible: impl Fn(usize) -> bool) -> Option<usize> {
+        self.choose(&Inputs::new(view), eligible).map(|p| p.backend)
+    }
+
+    /// Picks one backend among those for which `eligible` is true, and says why.
+    pub fn choose(&self, input: &Inputs<'_>, eligible: impl Fn(usize) -> bool) -> Option<Pick> {
+        let view = input.view;
+        let balanced = |b: Option<usize>| {
+            b.map(|backend| Pick {
+                backend,
+                reason: Reason::Balanced,
+            })
+        };
         match self.strategy.get() {
-            Strategy::RoundRobin => self.round_robin(&eligible),
-            Strategy::WeightedRoundRobin => self.smooth_weighted(&eligible),
-            Strategy::LeastConnections => self.least_connections(view, &eligible),
-            Strategy::PowerOfTwo => self.power_of_two(view, &eligible),
+            Strategy::RoundRobin => balanced(self.round_robin(&eligible)),
+            Strategy::WeightedRoundRobin => balanced(self.smooth_weighted(&eligible)),
+            Strategy::LeastConnections => balanced(self.least_connections(view, &eligible)),
+            Strategy::PowerOfTwo => balanced(self.power_of_two(view, &eligible)),
+            Strategy::LeastLoad => self.least_load(input, &eligible),
+            Strategy::ConsistentHash => self.consistent_hash(input, &eligible),
         }
+    }
+
+    fn weight(&self, b: usize) -> u32 {
+        self.weights.borrow().get(b).copied().unwrap_or(1).max(1)
+    }
+
+    /// `least_load`'s score of one backend (lower is better) and whether it came from fresh
+    /// engine metrics. Without them the backend is judged by its in-flight count alone.
+    fn load_score(&self, input: &Inputs<'_>, b: usize) -> (f64, Option<EngineLoad>) {
+        let p = self.params.get();
+        let inflight = p.inflight_weight * f64::from(input.view.load(b));
+        let engine = input.engine.and_then(|e| e.fresh(b, input.now));
+        let score = match engine {
+            Some(l) => {
+                inflight + p.queue_weight * l.waiting + p.kv_weight * l.kv_usage.unwrap_or(0.0)
+            }
+            None => inflight,
+        };
+        (score / f64::from(self.weight(b)), engine)
+    }
+
+    /// Lowest score wins; a backend whose KV cache is above the threshold only wins when every
+    /// candidate is above it. Ties are broken at random (cores picking at once spread out).
+    fn least_load(&self, input: &Inputs<'_>, eligible: &impl Fn(usize) -> bool) -> Option<Pick> {
+        // (backend, score, fresh, ties) for candidates below and above the KV threshold.
+        let mut below: Option<(usize, f64, bool, u32)> = None;
+        let mut above: Option<(usize, f64, bool, u32)> = None;
+        for b in 0..self.len() {
+            if !eligible(b) {
+                continue;
+            }
+            let (score, engine) = self.load_score(input, b);
+            let fresh = engine.is_some();
+            let kv = engine.and_then(|l| l.kv_usage);
+            let slot = if kv.is_some_and(|k| k > self.params.get().kv_threshold) {
+                &mut above
+            } else {
+                &mut below
+            };
+            match slot {
+                None => *slot = Some((b, score, fresh, 1)),
+                Some((_, best, _, ties)) if score == *best => {
+                    *ties += 1;
+                    if fastrand::u32(..*ties) == 0 {
+                        *slot = Some((b, score, fresh, *ties));
+                    }
+                }
+                Some((_, best, _, _)) if score < *best => *slot = Some((b, score, fresh, 1)),
+                Some(_) => {}
+            }
+        }
+        let (backend, reason) = match (below, above) {
+            (Some((b, _, fresh, _)), _) => {
+                let reason = if fresh {
+                    Reason::EngineLoad
+                } else {
+                    Reason::StaleMetrics
+                };
+                (b, reason)
+            }
+            (None, Some((b, _, _, _))) => (b, Reason::KvSaturated),
+            (None, None) => return None,
+        };
+        Some(Pick { backend, reason })
+    }
+
+    /// Weighted rendezvous hashing: every candidate draws `-w / ln(u)` from a hash of (key,
+    /// backend id); the highest wins. Removing a backend moves only its own keys. If the winner
+    /// has more than `max_imbalance` requests in flight above the least loaded candidate, the
+    /// least loaded serves instead (bounded load: a hot key cannot pin one GPU).
+    fn consistent_hash(
+        &self,
+        input: &Inputs<'_>,
+        eligible: &impl Fn(usize) -> bool,
+    ) -> Option<Pick> {
+        let least = |reason| {
+            self.least_connections(input.view, eligible)
+                .map(|backend| Pick { backend, reason })
+        };
+        let Some(key) = input.key else {
+            return least(Reason::NoKey);
+        };
+        let mut best: Option<(usize, f64)> = None;
+        let mut min_load = u32::MAX;
+        for b in 0..self.len() {
+            if !eligible(b) {
+                continue;
+            }
+            min_load = min_load.min(input.view.load(b));
+            let h = mix64(key ^ self.keys.borrow().get(b).copied().unwrap_or(b as u64));
+            // 53 random bits as a uniform draw in (0, 1).
+            let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+            let score = -f64::from(self.weight(b)) / u.ln();
+            if best.is_none_or(|(_, s)| score > s) {
+                best = Some((b, score));
+            }
+        }
+        let (b, _) = best?;
+        if input.view.load(b) > min_load.saturating_add(self.params.get().max_imbalance) {
+            return least(Reason::ImbalanceFallback);
+        }
+        Some(Pick {
+            backend: b,
+            reason: Reason::AffinityHit,
+        })
     }
 
     fn round_robin(&self, eligible: &impl Fn(usize) -> bool) -> Option<usize> {
@@ -352,6 +649,287 @@ mod tests {
         for _ in 0..50 {
             assert_ne!(b.pick(&view, |i| i != 1), Some(1));
         }
+    }
+
+    use crate::engine::{EngineLoad, EngineView, Reading};
+    use std::time::Duration;
+
+    fn engine(readings: &[Option<(f64, Option<f64>)>], at: Instant) -> EngineView {
+        let e = EngineView::new(readings.len(), Duration::from_secs(2));
+        for (b, r) in readings.iter().enumerate() {
+            if let Some((waiting, kv_usage)) = *r {
+                let load = EngineLoad {
+                    waiting,
+                    running: 0.0,
+                    kv_usage,
+                };
+                e.set(b, Reading { load, at });
+            }
+        }
+        e
+    }
+
+    fn with_engine<'a>(view: &'a LoadView, e: &'a EngineView, now: Instant) -> Inputs<'a> {
+        Inputs {
+            view,
+            engine: Some(e),
+            key: None,
+            now,
+        }
+    }
+
+    fn picks(b: &Balancer, input: &Inputs<'_>, n: usize) -> Vec<usize> {
+        let mut seen = vec![0; b.len()];
+        for _ in 0..n {
+            seen[b.choose(input, |_| true).unwrap().backend] += 1;
+        }
+        seen
+    }
+
+    #[test]
+    fn least_load_follows_queue_kv_and_inflight() {
+        let view = LoadView::new(0, 1, 3);
+        let now = Instant::now();
+        let e = engine(
+            &[
+                Some((5.0, Some(0.2))),
+                Some((0.0, Some(0.5))),
+                Some((1.0, Some(0.1))),
+            ],
+            now,
+        );
+        let b = Balancer::new(Strategy::LeastLoad, vec![1, 1, 1]);
+        let input = with_engine(&view, &e, now);
+        // Scores (queue 4, kv 8, inflight 1): 21.6, 4.0, 4.8.
+        let p = b.choose(&input, |_| true).unwrap();
+        assert_eq!((p.backend, p.reason), (1, Reason::EngineLoad));
+        // In-flight counts move the decision between scrapes: +1 in flight on 1 → 5.0 > 4.8.
+        view.set(0, 1, 2, 1);
+        assert_eq!(b.choose(&input, |_| true).unwrap().backend, 2);
+        assert_eq!(b.choose(&input, |i| i == 0).unwrap().backend, 0);
+        assert_eq!(b.choose(&input, |_| false), None);
+        // Weights divide the score: weight 8 on backend 0 makes 21.6 / 8 = 2.7 the lowest.
+        let b = Balancer::new(Strategy::LeastLoad, vec![8, 1, 1]);
+        assert_eq!(b.choose(&input, |_| true).unwrap().backend, 0);
+    }
+
+    #[test]
+    fn least_load_never_picks_a_saturated_cache_while_another_is_below() {
+        let view = LoadView::new(0, 1, 3);
+        let now = Instant::now();
+        // Backend 0 idle but its KV cache is 95% full; 1 and 2 are busy but have room.
+        let e = engine(
+            &[
+                Some((0.0, Some(0.95))),
+                Some((9.0, Some(0.5))),
+                Some((12.0, Some(0.6))),
+            ],
+            now,
+        );
+        view.set(0, 1, 2, 20);
+        let b = Balancer::new(Strategy::LeastLoad, vec![1, 1, 1]);
+        let input = with_engine(&view, &e, now);
+        assert_eq!(picks(&b, &input, 50)[0], 0);
+        // Only saturated candidates left: the least loaded of them, flagged.
+        let p = b.choose(&input, |i| i == 0).unwrap();
+        assert_eq!((p.backend, p.reason), (0, Reason::KvSaturated));
+        // A backend without KV figures (TGI) or without metrics counts as having room.
+        let e = engine(&[Some((0.0, Some(0.95))), Some((3.0, None)), None], now);
+        let input = Inputs {
+            engine: Some(&e),
+            ..input
+        };
+        assert_eq!(picks(&b, &input, 50)[0], 0);
+    }
+
+    #[test]
+    fn least_load_falls_back_to_inflight_when_metrics_are_stale() {
+        let view = LoadView::new(0, 1, 2);
+        let t0 = Instant::now();
+        // Backend 0 reported a deep queue; backend 1 a short one.
+        let e = engine(&[Some((10.0, Some(0.1))), Some((1.0, Some(0.1)))], t0);
+        view.set(0, 0, 1, 1);
+        view.set(0, 1, 2, 3);
+        let b = Balancer::new(Strategy::LeastLoad, vec![1, 1]);
+        let fresh = with_engine(&view, &e, t0 + Duration::from_secs(1));
+        assert_eq!(b.choose(&fresh, |_| true).unwrap().backend, 1);
+        // 2 s later both readings are stale: in-flight alone decides (1 < 3).
+        let stale = Inputs {
+            now: t0 + Duration::from_millis(2500),
+            ..fresh
+        };
+        let p = b.choose(&stale, |_| true).unwrap();
+        assert_eq!((p.backend, p.reason), (0, Reason::StaleMetrics));
+        // No engine view at all behaves the same.
+        let none = Inputs {
+            engine: None,
+            ..fresh
+        };
+        assert_eq!(b.choose(&none, |_| true).unwrap().backend, 0);
+        // Only backend 0 went silent: it is judged by in-flight (1), backend 1 by its
+        // fresh reading (3 + 4×1 + 0.8), so the silent one wins and says why.
+        let e2 = EngineView::new(2, Duration::from_secs(2));
+        let load = |w| EngineLoad {
+            waiting: w,
+            running: 0.0,
+            kv_usage: Some(0.1),
+        };
+        e2.set(
+            0,
+            Reading {
+                load: load(10.0),
+                at: t0,
+            },
+        );
+        let t1 = t0 + Duration::from_millis(2500);
+        e2.set(
+            1,
+            Reading {
+                load: load(1.0),
+                at: t1,
+            },
+        );
+        let mixed = with_engine(&view, &e2, t1);
+        let p = b.choose(&mixed, |_| true).unwrap();
+        assert_eq!((p.backend, p.reason), (0, Reason::StaleMetrics));
+    }
+
+    #[test]
+    fn least_load_breaks_ties_randomly() {
+        let view = LoadView::new(0, 1, 3);
+        let b = Balancer::new(Strategy::LeastLoad, vec![1, 1, 1]);
+        let seen = picks(&b, &Inputs::new(&view), 300);
+        assert!(seen.iter().all(|&n| n > 50), "{seen:?}");
+    }
+
+    #[test]
+    fn consistent_hash_is_sticky_spread_and_minimally_disrupted() {
+        let view = LoadView::new(0, 1, 4);
+        let b = Balancer::new(Strategy::ConsistentHash, vec![1, 1, 1, 1]);
+        let with_key = |k: u64| Inputs {
+            key: Some(k),
+            ..Inputs::new(&view)
+        };
+        let mut per_backend = [0; 4];
+        let mut moved = 0;
+        for k in 0..2000u64 {
+            let key = mix64(k);
+            let p = b.choose(&with_key(key), |_| true).unwrap();
+            assert_eq!(p.reason, Reason::AffinityHit);
+            // Same key, same backend.
+            assert_eq!(
+                b.choose(&with_key(key), |_| true).unwrap().backend,
+                p.backend
+            );
+            per_backend[p.backend] += 1;
+            // Removing backend 3 moves only the keys that were on it.
+            let q = b.choose(&with_key(key), |i| i != 3).unwrap().backend;
+            if q != p.backend {
+                assert_eq!(p.backend, 3);
+                moved += 1;
+            }
+        }
+        assert!(
+            per_backend.iter().all(|&n| n > 380 && n < 620),
+            "{per_backend:?}"
+        );
+        assert_eq!(moved, per_backend[3]);
+        // Weights skew the share: 3:1.
+        let b = Balancer::new(Strategy::ConsistentHash, vec![3, 1]);
+        let view2 = LoadView::new(0, 1, 2);
+        let heavy = (0..2000u64)
+            .filter(|k| {
+                let input = Inputs {
+                    key: Some(mix64(*k)),
+                    ..Inputs::new(&view2)
+                };
+                b.choose(&input, |_| true).unwrap().backend == 0
+            })
+            .count();
+        assert!((1350..1650).contains(&heavy), "{heavy}");
+    }
+
+    #[test]
+    fn consistent_hash_guards_imbalance_and_handles_missing_keys() {
+        let view = LoadView::new(0, 1, 3);
+        let ids: Vec<u64> = ["a", "b", "c"]
+            .iter()
+            .map(|u| hash_bytes(u.as_bytes()))
+            .collect();
+        let params = Params {
+            max_imbalance: 4,
+            ..Params::default()
+        };
+        let b = Balancer::with(Strategy::ConsistentHash, vec![1, 1, 1], ids, params);
+        let input = Inputs {
+            key: Some(42),
+            ..Inputs::new(&view)
+        };
+        let home = b.choose(&input, |_| true).unwrap().backend;
+        let other = (home + 1) % 3;
+        // Within the bound (home 5, least 1: gap 4): affinity holds.
+        for i in 0..3 {
+            view.set(0, i, i as u64 + 1, if i == home { 5 } else { 1 });
+        }
+        let p = b.choose(&input, |_| true).unwrap();
+        assert_eq!((p.backend, p.reason), (home, Reason::AffinityHit));
+        // Beyond it: the least loaded serves.
+        view.set(0, other, other as u64 + 1, 0);
+        let p = b.choose(&input, |_| true).unwrap();
+        assert_eq!((p.backend, p.reason), (other, Reason::ImbalanceFallback));
+        // No key: least loaded.
+        let p = b.choose(&Inputs::new(&view), |_| true).unwrap();
+        assert_eq!((p.backend, p.reason), (other, Reason::NoKey));
+        assert_eq!(b.choose(&input, |_| false), None);
+    }
+
+    #[test]
+    fn update_resets_only_slots_whose_backend_or_weight_changed() {
+        let view = LoadView::new(0, 1, 3);
+        let m = |id, weight, key| Member { id, weight, key };
+        let b = Balancer::new(Strategy::WeightedRoundRobin, Vec::new());
+        let p = Params::default();
+        b.update(Strategy::WeightedRoundRobin, p, &[m(1, 5, 11), m(2, 1, 22)]);
+        b.pick(&view, |i| i < 2);
+        b.pick(&view, |i| i < 2);
+        let before = b.current.borrow().clone();
+        // Slot 1 now holds another backend (same weight): its state starts over; slot 0 keeps.
+        let members = [m(1, 5, 11), m(7, 1, 77), m(8, 2, 88)];
+        b.update(Strategy::WeightedRoundRobin, p, &members);
+        assert_eq!(*b.current.borrow(), vec![before[0], 0, 0]);
+        assert_eq!(*b.keys.borrow(), vec![11, 77, 88]);
+        // consistent_hash keys on the members' keys, not on slots: the same key set in another
+        // slot order maps a request key to the same backend.
+        let b1 = Balancer::new(Strategy::ConsistentHash, Vec::new());
+        b1.update(
+            Strategy::ConsistentHash,
+            p,
+            &[m(1, 1, 11), m(2, 1, 22), m(3, 1, 33)],
+        );
+        let b2 = Balancer::new(Strategy::ConsistentHash, Vec::new());
+        b2.update(
+            Strategy::ConsistentHash,
+            p,
+            &[m(3, 1, 33), m(1, 1, 11), m(2, 1, 22)],
+        );
+        for k in 0..200u64 {
+            let input = Inputs {
+                key: Some(mix64(k)),
+                ..Inputs::new(&view)
+            };
+            let a = b1.choose(&input, |_| true).unwrap().backend;
+            let c = b2.choose(&input, |_| true).unwrap().backend;
+            assert_eq!(a, (c + 2) % 3, "key {k}");
+        }
+    }
+
+    #[test]
+    fn stable_hash_is_fixed() {
+        // Replicas and releases must agree on where a key goes.
+        assert_eq!(hash_bytes(b""), hash_bytes(b""));
+        assert_ne!(hash_bytes(b"session-1"), hash_bytes(b"session-2"));
+        assert_ne!(hash_bytes(b"a\0"), hash_bytes(b"a"));
+        assert_eq!(hash_bytes(b"session-1"), 0xfa31_a2c0_ad8b_5128_u64);
     }
 
     #[test]

@@ -33,6 +33,9 @@ pub struct Config {
     /// Never empty; URLs are unique.
     pub backends: Vec<Backend>,
     pub strategy: Strategy,
+    pub routing: Routing,
+    /// Model pools, sorted by name.
+    pub models: Vec<ModelPool>,
     pub health_check: HealthCheck,
     pub timeouts: Timeouts,
     pub limits: Limits,
@@ -72,6 +75,8 @@ pub struct Backend {
     pub max_inflight: usize,
     /// Sent upstream as `Authorization: Bearer <key>`; `None` = none (an empty value counts as none).
     pub api_key: Option<Secret>,
+    /// Path (after `base_path`) of the engine's Prometheus metrics, scraped for `least_load`.
+    pub metrics_path: String,
 }
 
 /// How a backend entry's addresses are found.
@@ -133,6 +138,302 @@ pub enum Strategy {
     LeastConnections,
     /// Two random healthy candidates, the less loaded (in-flight / weight) wins.
     PowerOfTwo,
+    /// Lowest score from the engines' own metrics (queue, KV cache) and in-flight counts.
+    LeastLoad,
+    /// Rendezvous hashing on a per-request key, guarded by `routing.max_imbalance`.
+    ConsistentHash,
+}
+
+impl Strategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::RoundRobin => "round_robin",
+            Strategy::WeightedRoundRobin => "weighted_round_robin",
+            Strategy::LeastConnections => "least_connections",
+            Strategy::PowerOfTwo => "power_of_two",
+            Strategy::LeastLoad => "least_load",
+            Strategy::ConsistentHash => "consistent_hash",
+        }
+    }
+
+    /// Strategies that read the engines' `/metrics`.
+    pub fn uses_engine_load(self) -> bool {
+        self == Strategy::LeastLoad
+    }
+}
+
+/// A non-negative finite number from the config (scoring weights, thresholds); compared by
+/// bits so that `Config` stays `Eq`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(transparent)]
+pub struct Real(pub f64);
+
+impl PartialEq for Real {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.to_bits() == other.0.to_bits()
+    }
+}
+
+impl Eq for Real {}
+
+/// Where `consistent_hash` takes a request's key from; the first source that yields one wins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    /// A request header (lower-cased name).
+    Header(String),
+    /// The body's top-level `user` string.
+    BodyUser,
+    /// The raw text of the first N (1-4) chat messages, or the start of `prompt`.
+    Prefix(usize),
+}
+
+/// Inputs of the LLM-aware strategies (`least_load`, `consistent_hash`) and the engine scraper.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Routing {
+    pub hash_key: Vec<HashKey>,
+    /// `consistent_hash` gives up affinity when its backend has this many more requests in flight
+    /// than the least-loaded candidate.
+    pub max_imbalance: u32,
+    pub metrics_interval: Duration,
+    /// Engine metrics older than this are ignored: the backend is scored by in-flight only.
+    pub metrics_stale_after: Duration,
+    /// `least_load` score = queue_weight × waiting + kv_weight × KV use (0-1) + inflight_weight ×
+    /// in-flight, divided by the backend's weight.
+    pub queue_weight: Real,
+    pub kv_weight: Real,
+    pub inflight_weight: Real,
+    /// Backends whose KV cache use (0-1) is above this are avoided while any other is not.
+    pub kv_threshold: Real,
+}
+
+impl Default for Routing {
+    fn default() -> Self {
+        Routing {
+            hash_key: vec![HashKey::Header("x-session-id".into())],
+            max_imbalance: 8,
+            metrics_interval: Duration::from_millis(250),
+            metrics_stale_after: Duration::from_secs(2),
+            queue_weight: Real(4.0),
+            kv_weight: Real(8.0),
+            inflight_weight: Real(1.0),
+            kv_threshold: Real(0.9),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "a mapping")]
+struct RawRouting {
+    hash_key: String,
+    max_imbalance: u32,
+    #[serde(deserialize_with = "de_duration")]
+    metrics_interval: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    metrics_stale_after: Duration,
+    queue_weight: Real,
+    kv_weight: Real,
+    inflight_weight: Real,
+    kv_threshold: Real,
+}
+
+impl Default for RawRouting {
+    fn default() -> Self {
+        let d = Routing::default();
+        RawRouting {
+            hash_key: "header:x-session-id".into(),
+            max_imbalance: d.max_imbalance,
+            metrics_interval: d.metrics_interval,
+            metrics_stale_after: d.metrics_stale_after,
+            queue_weight: d.queue_weight,
+            kv_weight: d.kv_weight,
+            inflight_weight: d.inflight_weight,
+            kv_threshold: d.kv_threshold,
+        }
+    }
+}
+
+/// A model pool: the backends serving one model (and its aliases) with a strategy of its own,
+/// and the models to fall back to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelPool {
+    pub name: String,
+    /// Other names clients may use for this model.
+    pub aliases: Vec<String>,
+    /// Requests naming an alias reach the backend with `name` in the body's `model`.
+    pub rewrite: bool,
+    pub strategy: Strategy,
+    /// Normalised URLs of the pool's backends; `None` = the backends whose `models` list `name`
+    /// (and those serving any model).
+    pub backends: Option<Vec<String>>,
+    /// Pools tried in order when this one has no healthy backend or the backend rejects the
+    /// prompt as longer than its context (before any byte reached the client).
+    pub fallbacks: Vec<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default, expecting = "a mapping")]
+struct RawPool {
+    aliases: Vec<String>,
+    rewrite: bool,
+    strategy: Option<Strategy>,
+    backends: Option<Vec<String>>,
+    fallbacks: Vec<String>,
+}
+
+fn validate_models(
+    raw: std::collections::BTreeMap<String, RawPool>,
+    default_strategy: Strategy,
+    backends: &[Backend],
+    err: &mut impl FnMut(&str, String),
+) -> Vec<ModelPool> {
+    // Every name and alias routes to exactly one pool.
+    let mut owner: HashMap<String, String> = HashMap::new();
+    for (name, p) in &raw {
+        if name.trim().is_empty() {
+            err("models", "model name must not be empty".to_string());
+        }
+        owner.insert(name.clone(), name.clone());
+        for (i, a) in p.aliases.iter().enumerate() {
+            let at = format!("models.{name}.aliases[{i}]");
+            if a.trim().is_empty() {
+                err(&at, "alias must not be empty".to_string());
+            } else if raw.contains_key(a) {
+                err(&at, format!("\"{a}\" is also a model under models"));
+            } else if let Some(prev) = owner.insert(a.clone(), name.clone()) {
+                err(&at, format!("\"{a}\" is already an alias of \"{prev}\""));
+            }
+        }
+    }
+    let mut pools = Vec::with_capacity(raw.len());
+    for (name, p) in raw {
+        let at = format!("models.{name}");
+        let listed = |b: &Backend| b.models.as_ref().is_none_or(|m| m.contains(&name));
+        let urls = p.backends.map(|list| {
+            let mut urls = Vec::with_capacity(list.len());
+            for (i, u) in list.iter().enumerate() {
+                let norm = parse_http_url(u, UrlUse::Backend)
+                    .map(|url| format!("http://{}{}", url.authority, url.base_path));
+                match norm {
+                    Ok(n) if backends.iter().any(|b| b.url == n) => urls.push(n),
+                    Ok(n) => err(
+                        &format!("{at}.backends[{i}]"),
+                        format!("{n} is not one of the backends"),
+                    ),
+                    Err(e) => err(&format!("{at}.backends[{i}]"), e),
+                }
+            }
+            if list.is_empty() {
+                err(&format!("{at}.backends"), "must list at least one backend (omit the key to use the backends serving the model)".to_string());
+            }
+            urls
+        });
+        if urls.is_none() && !backends.iter().any(listed) {
+            err(
+                &at,
+                "no backend serves this model (list it in a backend's models, or give backends)"
+                    .to_string(),
+            );
+        }
+        for (i, f) in p.fallbacks.iter().enumerate() {
+            if owner.get(f) != Some(f) {
+                err(
+                    &format!("{at}.fallbacks[{i}]"),
+                    format!("\"{f}\" is not a model under models"),
+                );
+            } else if *f == name {
+                err(
+                    &format!("{at}.fallbacks[{i}]"),
+                    "a model cannot fall back to itself".to_string(),
+                );
+            }
+        }
+        pools.push(ModelPool {
+            name,
+            aliases: p.aliases,
+            rewrite: p.rewrite,
+            strategy: p.strategy.unwrap_or(default_strategy),
+            backends: urls,
+            fallbacks: p.fallbacks,
+        });
+    }
+    pools
+}
+
+/// `"header:x-session-id,body:user,prefix:2"` → the sources in order.
+fn parse_hash_key(s: &str) -> Result<Vec<HashKey>, String> {
+    let mut keys = Vec::new();
+    for item in s.split(',').map(str::trim) {
+        let key = match item.split_once(':') {
+            Some(("header", name)) if valid_header_name(name) => {
+                HashKey::Header(name.to_ascii_lowercase())
+            }
+            Some(("header", name)) => return Err(format!("invalid header name \"{name}\"")),
+            Some(("body", "user")) => HashKey::BodyUser,
+            Some(("prefix", n)) => match parse_digits(n) {
+                Some(n @ 1..=4) => HashKey::Prefix(n),
+                _ => return Err(format!("prefix takes 1 to 4 messages, got \"{n}\"")),
+            },
+            None if item == "prefix" => HashKey::Prefix(2),
+            _ => {
+                return Err(format!(
+                    "unknown key source \"{item}\"; expected header:NAME, body:user or prefix[:N]"
+                ))
+            }
+        };
+        keys.push(key);
+    }
+    Ok(keys)
+}
+
+fn valid_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
+}
+
+fn validate_routing(raw: RawRouting, err: &mut impl FnMut(&str, String)) -> Routing {
+    let hash_key = parse_hash_key(&raw.hash_key).unwrap_or_else(|e| {
+        err("routing.hash_key", e);
+        Vec::new()
+    });
+    for (path, v) in [
+        ("routing.queue_weight", raw.queue_weight),
+        ("routing.kv_weight", raw.kv_weight),
+        ("routing.inflight_weight", raw.inflight_weight),
+        ("routing.kv_threshold", raw.kv_threshold),
+    ] {
+        if !(v.0.is_finite() && v.0 >= 0.0) {
+            err(path, format!("must be a non-negative number, got {}", v.0));
+        }
+    }
+    for (path, d) in [
+        ("routing.metrics_interval", raw.metrics_interval),
+        ("routing.metrics_stale_after", raw.metrics_stale_after),
+    ] {
+        if d.is_zero() {
+            err(path, "must be greater than zero".to_string());
+        }
+    }
+    if raw.metrics_stale_after <= raw.metrics_interval {
+        err(
+            "routing.metrics_stale_after",
+            format!(
+                "must be longer than routing.metrics_interval ({:?}), or every reading is stale",
+                raw.metrics_interval
+            ),
+        );
+    }
+    Routing {
+        hash_key,
+        max_imbalance: raw.max_imbalance,
+        metrics_interval: raw.metrics_interval,
+        metrics_stale_after: raw.metrics_stale_after,
+        queue_weight: raw.queue_weight,
+        kv_weight: raw.kv_weight,
+        inflight_weight: raw.inflight_weight,
+        kv_threshold: raw.kv_threshold,
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -420,6 +721,21 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// Whether any strategy in use reads the engines' metrics (so the scrapers must run).
+    pub fn uses_engine_load(&self) -> bool {
+        self.strategies().any(Strategy::uses_engine_load)
+    }
+
+    /// The top-level strategy and every pool's.
+    pub fn strategies(&self) -> impl Iterator<Item = Strategy> + '_ {
+        std::iter::once(self.strategy).chain(self.models.iter().map(|p| p.strategy))
+    }
+
+    /// Whether any strategy in use hashes requests to backends (so keys must be computed).
+    pub fn uses_affinity(&self) -> bool {
+        self.strategies().any(|s| s == Strategy::ConsistentHash)
+    }
+
     pub fn from_yaml_str(text: &str) -> Result<Config, ConfigError> {
         from_yaml_with_env(text, &|name| std::env::var(name))
     }
@@ -619,6 +935,8 @@ struct RawConfig {
     shutdown_grace: Duration,
     backends: Vec<RawBackend>,
     strategy: Strategy,
+    routing: RawRouting,
+    models: std::collections::BTreeMap<String, RawPool>,
     health_check: HealthCheck,
     timeouts: Timeouts,
     limits: Limits,
@@ -642,6 +960,8 @@ impl Default for RawConfig {
             shutdown_grace: Duration::from_secs(30),
             backends: Vec::new(),
             strategy: Strategy::default(),
+            routing: RawRouting::default(),
+            models: Default::default(),
             health_check: HealthCheck::default(),
             timeouts: Timeouts::default(),
             limits: Limits::default(),
@@ -661,7 +981,7 @@ impl Default for RawConfig {
 #[serde(
     deny_unknown_fields,
     default,
-    expecting = "a mapping with url, weight, models, discover, name, max_inflight, api_key"
+    expecting = "a mapping with url, weight, models, discover, name, max_inflight, api_key, metrics_path"
 )]
 struct RawBackend {
     url: String,
@@ -671,6 +991,7 @@ struct RawBackend {
     name: Option<String>,
     max_inflight: usize,
     api_key: Option<String>,
+    metrics_path: String,
 }
 
 impl Default for RawBackend {
@@ -683,6 +1004,7 @@ impl Default for RawBackend {
             name: None,
             max_inflight: 0,
             api_key: None,
+            metrics_path: "/metrics".to_string(),
         }
     }
 }
@@ -787,6 +1109,19 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 }
             }
         }
+        if !b.metrics_path.starts_with('/')
+            || b.metrics_path
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            err(
+                &format!("{at}.metrics_path"),
+                format!(
+                    "must start with '/' and contain no whitespace, got \"{}\"",
+                    b.metrics_path
+                ),
+            );
+        }
         let url = match parse_http_url(&b.url, UrlUse::Backend) {
             Ok(u) => u,
             Err(e) => {
@@ -815,9 +1150,13 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             name: b.name,
             max_inflight: b.max_inflight,
             api_key: b.api_key.filter(|k| !k.is_empty()).map(Secret),
+            metrics_path: b.metrics_path,
         });
     }
     let discovery = validate_discovery(&raw.discovery, &mut err);
+
+    let routing = validate_routing(raw.routing, &mut err);
+    let models = validate_models(raw.models, raw.strategy, &backends, &mut err);
 
     let hc = &raw.health_check;
     if !hc.path.starts_with('/') {
@@ -951,6 +1290,8 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             shutdown_grace: raw.shutdown_grace,
             backends,
             strategy: raw.strategy,
+            routing,
+            models,
             health_check: raw.health_check,
             timeouts: raw.timeouts,
             limits: raw.limits,
@@ -1639,6 +1980,7 @@ usage_hook: { enabled: true, url: "https://billing.example.com/llm-usage", timeo
                 name: None,
                 max_inflight: 0,
                 api_key: None,
+                metrics_path: "/metrics".into(),
             }]
         );
         assert_eq!(c.strategy, Strategy::LeastConnections);
@@ -1889,9 +2231,9 @@ limits: { queue_size: 0, queue_timeout: 250ms }
             "unknown field `wieght`, expected one of",
         );
         assert_error(
-            &with_backend("routing: {}\n"),
-            "routing",
-            "unknown field `routing`",
+            &with_backend("routng: {}\n"),
+            "routng",
+            "unknown field `routng`",
         );
         assert_error(
             &with_backend("timeouts: { conect: 1s }\n"),
@@ -1931,11 +2273,142 @@ limits: { queue_size: 0, queue_timeout: 250ms }
             ("round_robin", Strategy::RoundRobin),
             ("weighted_round_robin", Strategy::WeightedRoundRobin),
             ("least_connections", Strategy::LeastConnections),
+            ("power_of_two", Strategy::PowerOfTwo),
+            ("least_load", Strategy::LeastLoad),
+            ("consistent_hash", Strategy::ConsistentHash),
         ] {
+            assert_eq!(s.as_str(), name);
             assert_eq!(
                 ok(&with_backend(&format!("strategy: {name}\n"))).strategy,
                 s
             );
+        }
+    }
+
+    #[test]
+    fn routing_section() {
+        let c = ok(MINIMAL);
+        assert_eq!(c.routing, Routing::default());
+        assert_eq!(c.backends[0].metrics_path, "/metrics");
+        let c = ok(&with_backend(
+            "routing:\n  hash_key: \"header:X-User-Id, body:user, prefix:3, prefix\"\n  \
+             max_imbalance: 3\n  metrics_interval: 100ms\n  kv_threshold: 0.8\n  queue_weight: 2\n",
+        ));
+        assert_eq!(
+            c.routing.hash_key,
+            vec![
+                HashKey::Header("x-user-id".into()),
+                HashKey::BodyUser,
+                HashKey::Prefix(3),
+                HashKey::Prefix(2)
+            ]
+        );
+        assert_eq!(c.routing.max_imbalance, 3);
+        assert_eq!(c.routing.metrics_interval, Duration::from_millis(100));
+        assert_eq!(c.routing.kv_threshold, Real(0.8));
+        assert_eq!(c.routing.queue_weight, Real(2.0));
+        assert_error(
+            &with_backend("routing: { hash_key: \"cookie:x\" }\n"),
+            "routing.hash_key",
+            "unknown key source",
+        );
+        assert_error(
+            &with_backend("routing: { hash_key: \"prefix:9\" }\n"),
+            "routing.hash_key",
+            "1 to 4",
+        );
+        assert_error(
+            &with_backend("routing: { kv_weight: -1 }\n"),
+            "routing.kv_weight",
+            "non-negative",
+        );
+        assert_error(
+            &with_backend("routing: { metrics_interval: 3s }\n"),
+            "routing.metrics_stale_after",
+            "longer than routing.metrics_interval",
+        );
+        assert_error(
+            &with_backend("routing: { metrics_interval: 0s }\n"),
+            "routing.metrics_interval",
+            "greater than zero",
+        );
+        assert_error(
+            "backends: [{ url: \"http://a:1\", metrics_path: metrics }]\n",
+            "backends[0].metrics_path",
+            "must start with '/'",
+        );
+    }
+
+    #[test]
+    fn model_pools() {
+        let c = ok(r#"
+backends:
+  - { url: "http://a:1", models: [small] }
+  - { url: "http://b:1/", models: [big] }
+strategy: round_robin
+models:
+  small: { aliases: [fast, gpt-3.5], rewrite: true, fallbacks: [big] }
+  big: { strategy: least_load, backends: ["http://B:1"] }
+"#);
+        assert_eq!(c.models.len(), 2);
+        let (big, small) = (&c.models[0], &c.models[1]);
+        assert_eq!(big.name, "big");
+        assert_eq!(big.strategy, Strategy::LeastLoad);
+        assert_eq!(
+            big.backends.as_deref(),
+            Some(&["http://b:1".to_string()][..])
+        );
+        assert_eq!(small.strategy, Strategy::RoundRobin);
+        assert_eq!(small.aliases, ["fast", "gpt-3.5"]);
+        assert!(small.rewrite && small.backends.is_none());
+        assert_eq!(small.fallbacks, ["big"]);
+        assert!(c.uses_engine_load() && !c.uses_affinity());
+
+        let base = "backends: [{ url: \"http://a:1\", models: [m] }]\n";
+        for (models, path, needle) in [
+            (
+                "models: { m: { aliases: [m2] }, n: { aliases: [m2] } }",
+                "models.n.aliases[0]",
+                "already an alias",
+            ),
+            (
+                "models: { m: { aliases: [n] }, n: { } }",
+                "models.m.aliases[0]",
+                "also a model",
+            ),
+            (
+                "models: { m: { fallbacks: [zz] } }",
+                "models.m.fallbacks[0]",
+                "not a model under models",
+            ),
+            (
+                "models: { m: { fallbacks: [m] } }",
+                "models.m.fallbacks[0]",
+                "itself",
+            ),
+            ("models: { z: { } }", "models.z", "no backend serves"),
+            (
+                "models: { m: { backends: [\"http://c:1\"] } }",
+                "models.m.backends[0]",
+                "not one of the backends",
+            ),
+            (
+                "models: { m: { backends: [] } }",
+                "models.m.backends",
+                "at least one",
+            ),
+            (
+                "models: { m: { strategy: fastest } }",
+                "models.m.strategy",
+                "unknown variant",
+            ),
+            (
+                "models: { m: { alias: [x] } }",
+                "models.m.alias",
+                "unknown field",
+            ),
+        ] {
+            assert_error(&format!("{base}{models}\n"), path, needle);
         }
     }
 

@@ -42,6 +42,13 @@ pub enum ControlMsg {
     },
     /// A new version of the backend set (and the configuration it belongs to).
     Table(Arc<BackendTable>),
+    /// A backend's engine load as scraped from its `/metrics` (ignored unless `id` still holds
+    /// the slot).
+    Engine {
+        backend: usize,
+        id: u64,
+        reading: crate::engine::Reading,
+    },
 }
 
 /// Sent to the health thread.

@@ -7,6 +7,7 @@
 
 pub mod account;
 pub mod admission;
+pub mod affinity;
 pub mod auth;
 pub mod backends;
 pub mod balance;
@@ -16,6 +17,7 @@ pub mod control;
 pub mod discovery;
 pub mod dns;
 pub mod encode;
+pub mod engine;
 pub mod error;
 pub mod health;
 pub mod http1;

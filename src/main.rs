@@ -85,6 +85,12 @@ enum Command {
         /// Model name it reports.
         #[arg(long, default_value = "mock-model")]
         model: String,
+        /// vllm:num_requests_waiting its /metrics reports (also settable via /mock/control).
+        #[arg(long, default_value_t = 0.0)]
+        engine_waiting: f64,
+        /// vllm:kv_cache_usage_perc its /metrics reports, 0-1.
+        #[arg(long, default_value_t = 0.0)]
+        engine_kv_usage: f64,
     },
 }
 
@@ -103,6 +109,8 @@ fn main() -> ExitCode {
             token_delay_ms,
             tokens,
             model,
+            engine_waiting,
+            engine_kv_usage,
         }) => mock::run(mock::MockOptions {
             host,
             port,
@@ -110,6 +118,11 @@ fn main() -> ExitCode {
             token_delay: Duration::from_millis(token_delay_ms),
             tokens,
             model,
+            engine: mock::EngineKnobs {
+                waiting: engine_waiting,
+                kv_usage: engine_kv_usage,
+                ..mock::EngineKnobs::default()
+            },
         })
         .map(|()| ExitCode::SUCCESS),
         None => run(cli.run),

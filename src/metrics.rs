@@ -57,6 +57,7 @@ pub struct Metrics {
     breaker_transitions: IntCounterVec,
     /// Models configured at start (label values until a core learns the current set).
     pub models: Vec<String>,
+    pub routing: RoutingMetrics,
 }
 
 impl Metrics {
@@ -227,6 +228,7 @@ impl Metrics {
         registry.register(Box::new(usage_delivery_seconds.clone()))?;
         registry.register(Box::new(build_info))?;
         registry.register(Box::new(discovery_updates.clone()))?;
+        let routing = RoutingMetrics::register(&registry)?;
         // Discovered backends appear once found; static ones are known now.
         let backends = cfg
             .backends
@@ -236,6 +238,7 @@ impl Metrics {
         for b in backends {
             backend_up.with_label_values(&[&b]).set(1);
             backend_inflight.with_label_values(&[&b]).set(0);
+            routing.engine_present(&b);
             // Present from the start so rate() sees the first increase.
             retries_total.with_label_values(&[&b]);
             upstream_errors.with_label_values(&[&b, "upstream_connect_error"]);
@@ -265,6 +268,7 @@ impl Metrics {
             breaker_state,
             breaker_transitions,
             models: configured_models(cfg),
+            routing,
         })
     }
 
@@ -280,6 +284,7 @@ impl Metrics {
         let _ = self.backend_up.remove_label_values(&[name]);
         let _ = self.backend_inflight.remove_label_values(&[name]);
         self.forget_breaker(name);
+        self.routing.forget(name);
     }
 
     pub fn forget_breaker(&self, name: &str) {
@@ -298,12 +303,18 @@ impl Metrics {
     }
 }
 
-/// Every model name that appears in some backend's `models` list, sorted and deduplicated.
+/// Every model name that appears in some backend's `models` list or names a model pool (or
+/// one of its aliases), sorted and deduplicated.
 pub fn configured_models(cfg: &Config) -> Vec<String> {
     let mut models: Vec<String> = cfg
         .backends
         .iter()
         .flat_map(|b| b.models.iter().flatten().cloned())
+        .chain(
+            cfg.models
+                .iter()
+                .flat_map(|p| std::iter::once(&p.name).chain(&p.aliases).cloned()),
+        )
         .collect();
     models.sort();
     models.dedup();
@@ -530,6 +541,145 @@ impl LocalMetrics {
                 g.backend_inflight
                     .with_label_values(&[name])
                     .set(i64::from(view.load(i)));
+            }
+        }
+    }
+}
+
+/// Routing decisions and the engines' own load, re-exported per backend (its `backend` label,
+/// as the other backend series; removed with them when the backend leaves the table).
+pub struct RoutingMetrics {
+    decisions: IntCounterVec,
+    engine_up: IntGaugeVec,
+    engine_waiting: prometheus::GaugeVec,
+    engine_running: prometheus::GaugeVec,
+    engine_kv: prometheus::GaugeVec,
+}
+
+impl RoutingMetrics {
+    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let decisions = IntCounterVec::new(
+            Opts::new(
+                "llmproxy_routing_decisions_total",
+                "Backend picks by strategy and reason (affinity_hit, imbalance_fallback, stale_metrics, ...)",
+            ),
+            &["strategy", "reason"],
+        )?;
+        let gauge =
+            |name: &str, help: &str| prometheus::GaugeVec::new(Opts::new(name, help), &["backend"]);
+        let engine_up = IntGaugeVec::new(
+            Opts::new(
+                "llmproxy_backend_engine_metrics_up",
+                "1 when the backend's engine metrics were read on the last scrape",
+            ),
+            &["backend"],
+        )?;
+        let engine_waiting = gauge(
+            "llmproxy_backend_engine_waiting",
+            "Requests queued inside the backend's engine (last scrape)",
+        )?;
+        let engine_running = gauge(
+            "llmproxy_backend_engine_running",
+            "Requests in the backend's running batch (last scrape)",
+        )?;
+        let engine_kv = gauge(
+            "llmproxy_backend_engine_kv_cache_usage_ratio",
+            "KV-cache use of the backend's engine, 0-1 (last scrape)",
+        )?;
+        registry.register(Box::new(decisions.clone()))?;
+        registry.register(Box::new(engine_up.clone()))?;
+        registry.register(Box::new(engine_waiting.clone()))?;
+        registry.register(Box::new(engine_running.clone()))?;
+        registry.register(Box::new(engine_kv.clone()))?;
+        Ok(RoutingMetrics {
+            decisions,
+            engine_up,
+            engine_waiting,
+            engine_running,
+            engine_kv,
+        })
+    }
+
+    /// Publishes one scrape of the backend labelled `name` (`None`: it failed, or it has not
+    /// been scraped yet: the gauges read NaN until a scrape says otherwise).
+    pub fn engine_reading(&self, name: &str, load: Option<&crate::engine::EngineLoad>) {
+        let labels = [name];
+        self.engine_up
+            .with_label_values(&labels)
+            .set(i64::from(load.is_some()));
+        if let Some(l) = load {
+            self.engine_waiting
+                .with_label_values(&labels)
+                .set(l.waiting);
+            self.engine_running
+                .with_label_values(&labels)
+                .set(l.running);
+            if let Some(kv) = l.kv_usage {
+                self.engine_kv.with_label_values(&labels).set(kv);
+            }
+        }
+    }
+
+    /// A backend joined: its engine series exist from now on, unknown (NaN) until scraped, so
+    /// dashboards and alerts see it before the first scrape.
+    pub fn engine_present(&self, name: &str) {
+        self.engine_up.with_label_values(&[name]).set(0);
+        for g in [&self.engine_waiting, &self.engine_running, &self.engine_kv] {
+            g.with_label_values(&[name]).set(f64::NAN);
+        }
+    }
+
+    /// A backend left: its engine series go with it.
+    pub fn forget(&self, name: &str) {
+        let _ = self.engine_up.remove_label_values(&[name]);
+        for g in [&self.engine_waiting, &self.engine_running, &self.engine_kv] {
+            let _ = g.remove_label_values(&[name]);
+        }
+    }
+}
+
+/// One core's routing decision counts by (strategy, reason), folded into the registry on its
+/// tick: counting a pick touches only this core's memory and never allocates.
+pub struct LocalDecisions {
+    counts: RefCell<[[u64; crate::balance::Reason::ALL.len()]; STRATEGIES.len()]>,
+}
+
+const STRATEGIES: [crate::config::Strategy; 6] = [
+    crate::config::Strategy::RoundRobin,
+    crate::config::Strategy::WeightedRoundRobin,
+    crate::config::Strategy::LeastConnections,
+    crate::config::Strategy::PowerOfTwo,
+    crate::config::Strategy::LeastLoad,
+    crate::config::Strategy::ConsistentHash,
+];
+
+impl Default for LocalDecisions {
+    fn default() -> Self {
+        LocalDecisions {
+            counts: RefCell::new([[0; crate::balance::Reason::ALL.len()]; STRATEGIES.len()]),
+        }
+    }
+}
+
+impl LocalDecisions {
+    pub fn record(&self, strategy: crate::config::Strategy, reason: crate::balance::Reason) {
+        let s = STRATEGIES.iter().position(|x| *x == strategy).unwrap_or(0);
+        self.counts.borrow_mut()[s][reason.index()] += 1;
+    }
+
+    pub fn flush(&self, m: &RoutingMetrics) {
+        let mut counts = self.counts.borrow_mut();
+        for (s, row) in counts.iter_mut().enumerate() {
+            for (r, n) in row.iter_mut().enumerate() {
+                if *n > 0 {
+                    m.decisions
+                        .with_label_values(&[
+                            STRATEGIES[s].as_str(),
+                            crate::balance::Reason::ALL[r].as_str(),
+                        ])
+                        .inc_by(*n);
+                    *n = 0;
+                }
             }
         }
     }

@@ -78,6 +78,32 @@ pub struct MockOptions {
     pub tokens: u32,
     /// Model id reported by `/v1/models` and used when a request names none.
     pub model: String,
+    /// What `/metrics` reports (changeable at run time through `/mock/control`).
+    pub engine: EngineKnobs,
+}
+
+/// The vLLM-style gauges `/metrics` serves, and whether it answers at all.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EngineKnobs {
+    /// `vllm:num_requests_waiting`.
+    pub waiting: f64,
+    /// `vllm:num_requests_running`; `None` reports the requests being served right now.
+    pub running: Option<f64>,
+    /// `vllm:kv_cache_usage_perc` (0-1).
+    pub kv_usage: f64,
+    /// `/metrics` never answers (the connection stays open, silent).
+    pub hang: bool,
+}
+
+impl Default for EngineKnobs {
+    fn default() -> Self {
+        EngineKnobs {
+            waiting: 0.0,
+            running: None,
+            kv_usage: 0.0,
+            hang: false,
+        }
+    }
 }
 
 impl Default for MockOptions {
@@ -89,6 +115,7 @@ impl Default for MockOptions {
             token_delay: Duration::ZERO,
             tokens: 16,
             model: "mock-model".to_string(),
+            engine: EngineKnobs::default(),
         }
     }
 }
@@ -167,6 +194,8 @@ fn serve(
         let addr = listener.local_addr()?;
         on_bound(addr);
         let server = Rc::new(Server {
+            engine: Cell::new(opts.engine),
+            context_limit: Cell::new(None),
             opts,
             stats,
             port: addr.port(),
@@ -266,6 +295,10 @@ struct Server {
     /// `/mock/control`: a backend that drops every other connection.
     reset_every: Cell<u64>,
     inference_seen: Cell<u64>,
+    /// What `/metrics` says, set through `/mock/control`.
+    engine: Cell<EngineKnobs>,
+    /// Prompt + completion tokens beyond this get vLLM's context-length 400 (`/mock/control`).
+    context_limit: Cell<Option<u64>>,
     next_id: Cell<u64>,
 }
 
@@ -1001,6 +1034,10 @@ fn route(ex: &Exchange, server: &Server) -> Action {
             &json!({"object": "list", "data": [{"id": opts.model, "object": "model", "owned_by": "mock"}]}),
         )),
         (&Method::GET, "/health") => Action::Reply(health(server.health_status.get())),
+        (&Method::GET, "/metrics") if server.engine.get().hang => Action::Delayed {
+            reply: metrics(server),
+            wait: MAX_HOOK_DELAY,
+        },
         (&Method::GET, "/metrics") => Action::Reply(metrics(server)),
         (&Method::GET, "/mock/stats") => Action::Reply(Reply::json(200, &stats_json(server))),
         (&Method::POST, "/mock/control") => Action::Reply(control(ex, server)),
@@ -1047,14 +1084,19 @@ fn metrics(server: &Server) -> Reply {
         .replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n");
-    let active = server.stats.active.load(Ordering::Relaxed);
+    let e = server.engine.get();
+    let running = e
+        .running
+        .unwrap_or(server.stats.active.load(Ordering::Relaxed) as f64);
+    let (waiting, kv) = (e.waiting, e.kv_usage);
     let body = format!(
-        "# TYPE vllm:num_requests_running gauge\n\
-         vllm:num_requests_running{{model_name=\"{model}\"}} {active}\n\
+        "# HELP vllm:num_requests_running Number of requests in model execution batches.\n\
+         # TYPE vllm:num_requests_running gauge\n\
+         vllm:num_requests_running{{model_name=\"{model}\"}} {running}\n\
          # TYPE vllm:num_requests_waiting gauge\n\
-         vllm:num_requests_waiting{{model_name=\"{model}\"}} 0\n\
+         vllm:num_requests_waiting{{model_name=\"{model}\"}} {waiting}\n\
          # TYPE vllm:kv_cache_usage_perc gauge\n\
-         vllm:kv_cache_usage_perc{{model_name=\"{model}\"}} 0.0\n"
+         vllm:kv_cache_usage_perc{{model_name=\"{model}\"}} {kv}\n"
     );
     Reply {
         status: 200,
@@ -1078,12 +1120,28 @@ fn stats_json(server: &Server) -> Value {
 }
 
 /// `POST /mock/control`: `{"health_status": 503, "fail_status": 500, "reset_every": 2}`; absent
-/// keys stay as they are, `null` clears.
+/// keys stay as they are, `null` clears. Engine gauges: `{"engine": {"waiting": 3, "running": 2,
+/// "kv_usage": 0.5, "hang": true}}` (`running: null` reports the requests being served).
+/// `{"context_limit": N}` answers longer requests with vLLM's context-length error.
 fn control(ex: &Exchange, server: &Server) -> Reply {
     let body: Value = match serde_json::from_slice(&ex.body) {
         Ok(Value::Object(map)) => Value::Object(map),
         _ => return Reply::error(400, "control body must be a JSON object"),
     };
+    match body.get("context_limit") {
+        None => {}
+        Some(Value::Null) => server.context_limit.set(None),
+        Some(v) => match v.as_u64() {
+            Some(n) => server.context_limit.set(Some(n)),
+            None => return Reply::error(400, "context_limit must be a token count or null"),
+        },
+    }
+    if let Some(engine) = body.get("engine") {
+        match engine_knobs(engine, server.engine.get()) {
+            Ok(k) => server.engine.set(k),
+            Err(e) => return Reply::error(400, &e),
+        }
+    }
     let parse = |key: &str| -> Result<Option<Option<u16>>, String> {
         match body.get(key) {
             None => Ok(None),
@@ -1117,6 +1175,33 @@ fn control(ex: &Exchange, server: &Server) -> Reply {
         server.inference_seen.set(0);
     }
     Reply::json(200, &json!({}))
+}
+
+/// Applies the keys present in `v` to `k`.
+fn engine_knobs(v: &Value, mut k: EngineKnobs) -> Result<EngineKnobs, String> {
+    let Value::Object(map) = v else {
+        return Err("engine must be a JSON object".into());
+    };
+    for (key, val) in map {
+        let num = || {
+            val.as_f64()
+                .filter(|n| n.is_finite() && *n >= 0.0)
+                .ok_or_else(|| format!("engine.{key} must be a non-negative number"))
+        };
+        match key.as_str() {
+            "waiting" => k.waiting = num()?,
+            "running" if val.is_null() => k.running = None,
+            "running" => k.running = Some(num()?),
+            "kv_usage" => k.kv_usage = num()?,
+            "hang" => {
+                k.hang = val
+                    .as_bool()
+                    .ok_or_else(|| "engine.hang must be true or false".to_string())?
+            }
+            other => return Err(format!("unknown engine key \"{other}\"")),
+        }
+    }
+    Ok(k)
 }
 
 /// Prompt size in "tokens": whitespace-separated words in strings (message contents, content
@@ -1229,6 +1314,18 @@ fn plan_generation(ex: &Exchange, server: &Server, kind: Kind) -> Result<Action,
     };
     if u64::from(completion_tokens) > MAX_COMPLETION_TOKENS {
         return Err(Reply::error(400, "too many completion tokens requested"));
+    }
+    let wanted = prompt_tokens + u64::from(completion_tokens);
+    if let Some(limit) = server.context_limit.get().filter(|l| wanted > *l) {
+        // vLLM's wording (a 400 before any byte of a stream).
+        return Err(Reply::error(
+            400,
+            &format!(
+                "This model's maximum context length is {limit} tokens. However, you requested \
+                 {wanted} tokens ({prompt_tokens} in the messages, {completion_tokens} in the \
+                 completion). Please reduce the length of the messages or completion."
+            ),
+        ));
     }
     let completion = Completion {
         kind,

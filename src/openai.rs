@@ -1,15 +1,21 @@
 //! What the proxy needs to know about OpenAI-style (and TGI) requests: the `model` that routes
-//! them, whether they stream, whether the client asked for streamed usage and who the caller is;
-//! and the one rewrite it makes — adding `stream_options.include_usage` so a backend reports
-//! usage for a stream whose client did not ask for it. The body is scanned once and, except for
-//! that injection, never re-serialised.
+//! them (and where it sits in the body), whether they stream, whether the client asked for
+//! streamed usage, who the caller is, and the affinity keys (`user`, the first messages); the
+//! rewrites it makes — adding `stream_options.include_usage` so a backend reports usage for a
+//! stream whose client did not ask for it, and renaming the model for a pool's alias or fallback;
+//! and how engines word a context-length error. The body is scanned once and never
+//! re-serialised, except to add `include_usage` to an existing `stream_options` (rare).
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::fmt;
+use std::marker::PhantomData;
 
-use serde::Deserialize;
+use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
+use crate::balance::hash_bytes;
 use crate::error::ProxyError;
 use crate::usage::Kind;
 
@@ -22,12 +28,28 @@ pub struct RequestInfo {
     pub include_usage: bool,
     /// The body's user field (as configured by `usage.identity.user_body_field`).
     pub user: Option<String>,
+    /// Byte range of the `model` string token (quotes included) in the body, for a rewrite.
+    pub model_span: Option<(usize, usize)>,
+    /// Affinity keys: a hash of the body's top-level `user`, and of the conversation's start
+    /// (the first `prefix` messages, or the start of `prompt`) when asked for.
+    pub user_key: Option<u64>,
+    pub prefix_key: Option<u64>,
 }
+
+/// How much of each message (or of a completions `prompt`) the prefix key hashes: bounds the
+/// work per request when system prompts are huge (their length is mixed in as well).
+const PREFIX_HASH_BYTES: usize = 4096;
+/// Most messages a prefix key may cover.
+pub const MAX_PREFIX_MESSAGES: usize = 4;
 
 #[derive(Deserialize)]
 struct Peek<'a> {
     #[serde(borrow, default)]
-    model: Option<Cow<'a, str>>,
+    model: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    messages: Option<FirstMessages<'a>>,
+    #[serde(borrow, default)]
+    prompt: Option<&'a RawValue>,
     #[serde(default)]
     stream: Option<bool>,
     /// Outer `Some` whenever the key is present, `null` included: splicing a second
@@ -37,6 +59,55 @@ struct Peek<'a> {
     stream_options: Option<Option<StreamOptions>>,
     #[serde(borrow, default)]
     user: Option<Cow<'a, str>>,
+}
+
+/// The raw text of the first few elements of `messages`, captured while the body is scanned
+/// anyway (no allocation, no second parse). Anything that is not an array captures nothing;
+/// validating messages is the backend's business.
+#[derive(Default)]
+struct FirstMessages<'a>([Option<&'a RawValue>; MAX_PREFIX_MESSAGES]);
+
+impl<'de: 'a, 'a> Deserialize<'de> for FirstMessages<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = FirstMessages<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut out = FirstMessages::default();
+                for slot in out.0.iter_mut() {
+                    match seq.next_element::<&'de RawValue>()? {
+                        Some(m) => *slot = Some(m),
+                        None => return Ok(out),
+                    }
+                }
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(out)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(FirstMessages::default())
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(FirstMessages::default())
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(FirstMessages::default())
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(FirstMessages::default())
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(FirstMessages::default())
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(FirstMessages::default())
+            }
+        }
+        d.deserialize_any(V(PhantomData))
+    }
 }
 
 #[derive(Deserialize)]
@@ -67,6 +138,17 @@ pub fn inspect(
     body: &[u8],
     user_field: &str,
 ) -> Result<RequestInfo, ProxyError> {
+    inspect_with(method, path, body, user_field, 0)
+}
+
+/// `inspect`, also hashing the first `prefix_messages` messages (0: none) into `prefix_key`.
+pub fn inspect_with(
+    method: &str,
+    path: &str,
+    body: &[u8],
+    user_field: &str,
+    prefix_messages: usize,
+) -> Result<RequestInfo, ProxyError> {
     if body.is_empty() || !is_json_route(method, path) {
         return Ok(RequestInfo {
             stream: path == "/generate_stream",
@@ -87,6 +169,36 @@ pub fn inspect(
     let peek: Peek = serde_json::from_str(text).map_err(|e| {
         ProxyError::BadRequest(format!("request body is not a valid JSON object: {e}"))
     })?;
+    let (model, model_span) = match peek.model {
+        Some(raw) => {
+            let name: String = serde_json::from_str(raw.get()).map_err(|_| {
+                ProxyError::BadRequest(format!("model must be a string, got {}", raw.get()))
+            })?;
+            // `raw` borrows from `body`: its offset is the token's position.
+            let start = (raw.get().as_ptr() as usize).wrapping_sub(body.as_ptr() as usize);
+            let span =
+                (start + raw.get().len() <= body.len()).then_some((start, start + raw.get().len()));
+            (Some(name), span)
+        }
+        None => (None, None),
+    };
+    let prefix_key = match (prefix_messages, &peek.messages, peek.prompt) {
+        (0, _, _) => None,
+        (n, Some(first), _) if first.0[0].is_some() => {
+            let mut h = 0u64;
+            for m in first.0.iter().take(n.min(MAX_PREFIX_MESSAGES)).flatten() {
+                h = prefix_hash(m.get().as_bytes()) ^ h.rotate_left(17);
+            }
+            Some(h)
+        }
+        (_, _, Some(prompt)) => {
+            let text = prompt.get().as_bytes();
+            // A growing prompt keeps its start: no length mixed in here.
+            Some(hash_bytes(&text[..text.len().min(PREFIX_HASH_BYTES)]))
+        }
+        _ => None,
+    };
+    let user_key = peek.user.as_deref().map(|u| hash_bytes(u.as_bytes()));
     let user = match user_field {
         "" => None,
         "user" => peek.user.map(Cow::into_owned),
@@ -96,7 +208,10 @@ pub fn inspect(
             .and_then(|m| m.get(other).and_then(|v| v.as_str()).map(str::to_owned)),
     };
     Ok(RequestInfo {
-        model: peek.model.map(Cow::into_owned),
+        model,
+        model_span,
+        user_key,
+        prefix_key,
         stream: peek.stream.unwrap_or(false) || path == "/generate_stream",
         has_stream_options: peek.stream_options.is_some(),
         include_usage: peek
@@ -106,6 +221,11 @@ pub fn inspect(
             .unwrap_or(false),
         user,
     })
+}
+
+/// One message's contribution to the prefix key.
+fn prefix_hash(text: &[u8]) -> u64 {
+    hash_bytes(&text[..text.len().min(PREFIX_HASH_BYTES)]) ^ text.len() as u64
 }
 
 /// Endpoints whose streams can be asked for usage with `stream_options`.
@@ -142,6 +262,47 @@ pub fn inject_include_usage(path: &str, body: &[u8], info: &RequestInfo) -> Opti
     let opts = serde_json::value::to_raw_value(&opts).ok()?;
     top.insert("stream_options".to_owned(), &opts);
     serde_json::to_vec(&top).ok()
+}
+
+/// `body` with the `model` token at `span` replaced by `model` (JSON-escaped): a splice, the
+/// rest of the body stays byte for byte what the client sent.
+pub fn rewrite_model(body: &[u8], span: (usize, usize), model: &str) -> Option<Vec<u8>> {
+    let (a, b) = span;
+    if a > b || b > body.len() {
+        return None;
+    }
+    let name = serde_json::to_string(model).ok()?;
+    let mut out = Vec::with_capacity(body.len() + name.len());
+    out.extend_from_slice(&body[..a]);
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(&body[b..]);
+    Some(out)
+}
+
+/// Statuses under which engines report a prompt longer than their context.
+pub fn may_be_context_error(status: u16) -> bool {
+    matches!(status, 400 | 413 | 422)
+}
+
+/// Whether an error body says the prompt (plus completion) exceeds the model's context: vLLM
+/// ("maximum context length is N tokens"), SGLang, TGI (422 "`inputs` tokens + `max_new_tokens`
+/// must be <= N", "must have less than N tokens"), llama.cpp (`exceed_context_size_error`),
+/// OpenAI (`context_length_exceeded`).
+pub fn is_context_length_error(body: &[u8]) -> bool {
+    const MARKERS: &[&[u8]] = &[
+        b"context_length_exceeded",
+        b"exceed_context_size",
+        b"exceeds the available context size",
+        b"maximum context length",
+        b"context length",
+        b"maximum model length",
+        b"`max_new_tokens` must be <=",
+        b"must have less than",
+    ];
+    let lower = body.to_ascii_lowercase();
+    MARKERS
+        .iter()
+        .any(|m| memchr::memmem::find(&lower, &m.to_ascii_lowercase()).is_some())
 }
 
 /// How to read usage off a response.
@@ -184,6 +345,97 @@ mod tests {
         )
         .unwrap();
         assert_eq!(i.user.as_deref(), Some("t9"));
+    }
+
+    fn keyed(body: &[u8], prefix: usize) -> RequestInfo {
+        inspect_with("POST", "/v1/chat/completions", body, "user", prefix).unwrap()
+    }
+
+    #[test]
+    fn prefix_key_covers_only_the_first_messages() {
+        let turn1 = br#"{"model":"m","messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hi"}]}"#;
+        let turn2 = br#"{"messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hi"},{"role":"assistant","content":"hello"},{"role":"user","content":"more"}],"model":"m"}"#;
+        let other = br#"{"model":"m","messages":[{"role":"system","content":"be brief"},{"role":"user","content":"bye"}]}"#;
+        let k1 = keyed(turn1, 2).prefix_key;
+        assert!(k1.is_some());
+        assert_eq!(k1, keyed(turn2, 2).prefix_key);
+        assert_ne!(k1, keyed(other, 2).prefix_key);
+        // One message: only the (shared) system prompt.
+        assert_eq!(keyed(turn1, 1).prefix_key, keyed(other, 1).prefix_key);
+        // Not asked for: not computed.
+        assert_eq!(keyed(turn1, 0).prefix_key, None);
+        // Completions hash the start of the prompt.
+        let p1 = keyed(br#"{"prompt":"once upon a time"}"#, 2).prefix_key;
+        assert!(p1.is_some());
+        assert_ne!(
+            p1,
+            keyed(br#"{"prompt":"twice upon a time"}"#, 2).prefix_key
+        );
+        // Odd `messages` shapes are the backend's to judge, not a reason to fail here.
+        for odd in [
+            &br#"{"messages":"text"}"#[..],
+            br#"{"messages":{"a":[1]}}"#,
+            br#"{"messages":[]}"#,
+            br#"{"messages":null}"#,
+            br#"{"messages":7}"#,
+        ] {
+            assert_eq!(keyed(odd, 2).prefix_key, None);
+        }
+        assert!(inspect_with(
+            "POST",
+            "/v1/chat/completions",
+            br#"{"messages":[1,"#,
+            "user",
+            2
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn user_key_and_model_span() {
+        let body = br#"{"user":"alice", "model" : "llama-3","stream":false}"#;
+        let i = keyed(body, 0);
+        assert_eq!(i.user_key, Some(hash_bytes(b"alice")));
+        assert_eq!(i.model.as_deref(), Some("llama-3"));
+        let (a, b) = i.model_span.unwrap();
+        assert_eq!(&body[a..b], br#""llama-3""#);
+        assert_eq!(keyed(br#"{"model":null}"#, 0).model_span, None);
+        assert!(inspect(
+            "POST",
+            "/v1/chat/completions",
+            br#"{"model":["x"]}"#,
+            "user"
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn model_rewrite_is_a_splice() {
+        let body = br#"{ "model" : "fast", "messages":[{"content":"model: fast"}]}"#;
+        let i = keyed(body, 0);
+        let out = rewrite_model(body, i.model_span.unwrap(), "llama \"3\"").unwrap();
+        assert_eq!(
+            out,
+            br#"{ "model" : "llama \"3\"", "messages":[{"content":"model: fast"}]}"#
+        );
+        assert_eq!(rewrite_model(body, (5, 500), "x"), None);
+    }
+
+    #[test]
+    fn context_length_errors_of_each_engine() {
+        for body in [
+            &br#"{"object":"error","message":"This model's maximum context length is 4096 tokens. However, you requested 5000 tokens","type":"BadRequestError","code":400}"#[..],
+            br#"{"error":"Input validation error: `inputs` tokens + `max_new_tokens` must be <= 4096. Given: 4000 `inputs` tokens and 200 `max_new_tokens`","error_type":"validation"}"#,
+            br#"{"error":{"code":400,"message":"the request exceeds the available context size, try increasing it","type":"exceed_context_size_error"}}"#,
+            br#"{"error":{"message":"...","type":"invalid_request_error","code":"context_length_exceeded"}}"#,
+            br#"{"object":"error","message":"The input (5000 tokens) is longer than the model's context length (4096 tokens)."}"#,
+        ] {
+            assert!(is_context_length_error(body), "{}", String::from_utf8_lossy(body));
+        }
+        assert!(!is_context_length_error(
+            br#"{"error":{"message":"invalid temperature"}}"#
+        ));
+        assert!(may_be_context_error(422) && !may_be_context_error(500));
     }
 
     #[test]

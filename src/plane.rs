@@ -2,7 +2,8 @@
 //! configuration, and is the only place that changes either. Three things change them: DNS
 //! discovery rounds (every `discovery.interval`), reloads (SIGHUP, `POST /admin/reload`) and
 //! cores reporting that a draining backend has no request left. Each change is published as a
-//! new immutable `BackendTable` to every core's inbox and to the health thread.
+//! new immutable `BackendTable` to every core's inbox, to the health thread and to the
+//! engine-metrics scraper.
 //!
 //! It blocks freely (DNS, reading the config file) because no request ever waits on it; it must
 //! never be on a core. A message to a core may be dropped when that core's inbox is full, so the
@@ -41,6 +42,8 @@ pub struct Plane {
     metrics: Arc<Metrics>,
     current: Arc<BackendTable>,
     limits: Option<(Arc<Capacity>, Arc<ConnectionLimit>)>,
+    /// The engine-metrics scraper, which follows the table like the health thread.
+    scraper: Option<Sender<Arc<BackendTable>>>,
 }
 
 /// Resolves static backends: URLs already known keep their address; a new one that does not
@@ -90,6 +93,7 @@ impl Plane {
             metrics,
             current,
             limits: None,
+            scraper: None,
         })
     }
 
@@ -134,9 +138,13 @@ impl Plane {
                 }
                 Ok(PlaneMsg::Reload { reply }) => {
                     let result = self.reload();
-                    let ok = result.is_ok();
+                    // Published before the answer: a request sent after a successful reload
+                    // was answered finds the new table in its core's inbox.
+                    if result.is_ok() {
+                        self.publish(cores, health);
+                    }
                     let _ = reply.send(result);
-                    ok
+                    false
                 }
                 Err(RecvTimeoutError::Timeout) => false,
                 Err(RecvTimeoutError::Disconnected) => {
@@ -191,6 +199,11 @@ impl Plane {
         self.apply_limits();
     }
 
+    /// Gives the plane the engine-metrics scraper's inbox: it gets every table published.
+    pub fn attach_scraper(&mut self, scraper: Sender<Arc<BackendTable>>) {
+        self.scraper = Some(scraper);
+    }
+
     fn apply_limits(&self) {
         let Some((capacity, connections)) = &self.limits else {
             return;
@@ -211,6 +224,9 @@ impl Plane {
         cores.send_all(&ControlMsg::Table(self.current.clone()));
         // A full health channel is healed by the next re-send.
         let _ = health.try_send(HealthReport::Table(self.current.clone()));
+        if let Some(scraper) = &self.scraper {
+            let _ = scraper.try_send(self.current.clone());
+        }
     }
 
     /// Re-reads the config file; on success the new config and backend set are in the registry

@@ -17,6 +17,7 @@ use monoio::net::TcpStream;
 
 use crate::account::{account, Done};
 use crate::admission;
+use crate::affinity;
 use crate::auth::Caller;
 use crate::backends::{BackendTable, Entry};
 use crate::breaker::Verdict;
@@ -27,7 +28,7 @@ use crate::http1::io::read_more;
 use crate::http1::{write, ChunkedDecoder};
 use crate::metrics::ModelIdx;
 use crate::openai::{self, RequestInfo};
-use crate::route::Local;
+use crate::route::{Local, Route};
 use crate::server::Downstream;
 use crate::upstream::{self, UpConn};
 use crate::usage::{Kind as UsageKind, Tap};
@@ -68,10 +69,15 @@ struct Sent {
 /// Per-request facts shared by the steps below.
 struct Exchange<'a> {
     head: &'a Head,
-    /// The body sent upstream (the client's, or with `include_usage` injected).
-    body: &'a [u8],
+    /// The body sent upstream (the client's, or with `include_usage` injected, or the model
+    /// renamed); changes when a fallback pool is tried.
+    body: Cell<&'a [u8]>,
     /// The proxy added `include_usage`, so the usage-only event is removed from the stream.
-    injected: bool,
+    injected: Cell<bool>,
+    /// Another pool may still serve: a context-length error is not relayed but reported.
+    may_fall_back: Cell<bool>,
+    /// The backend rejected the prompt as longer than its context (and it was not relayed).
+    context_exceeded: Cell<bool>,
     request_id: &'a str,
     client_ip: Rc<str>,
     /// The client connection closes after this response.
@@ -93,6 +99,8 @@ struct Exchange<'a> {
     tap: RefCell<Tap>,
     /// Remove the client's API key headers from what goes upstream.
     strip_client_key: bool,
+    /// The request's `consistent_hash` key.
+    affinity: Option<u64>,
 }
 
 /// Handles one complete request; returns whether the connection may serve another.
@@ -111,6 +119,9 @@ pub async fn handle(
         panic!("panic requested by x-llmproxy-debug-panic");
     }
     let close = !head.keep_alive() || w.shared.draining();
+    // A reload answered just before this request must already apply to how its body is read
+    // (e.g. whether an affinity key is computed), not only to the pick.
+    w.drain_inbox();
     let cfg = w.config();
     let table = w.table();
     if let Some(local) = local_route(w, d, &head) {
@@ -141,11 +152,18 @@ pub async fn handle(
         let e = ProxyError::NotFound(head.path().to_string());
         return fail(w, d, &head, &request_id, e, None, received, close, &caller).await;
     }
-    let info = match openai::inspect(
+    let hashing = cfg.uses_affinity();
+    let prefix = if hashing {
+        affinity::prefix_messages(&cfg.routing.hash_key)
+    } else {
+        0
+    };
+    let info = match openai::inspect_with(
         head.method(),
         head.path(),
         &body,
         &cfg.usage.identity.user_body_field,
+        prefix,
     ) {
         Ok(info) => info,
         Err(e) => return fail(w, d, &head, &request_id, e, None, received, true, &caller).await,
@@ -157,23 +175,31 @@ pub async fn handle(
         let i = Some(&info);
         return fail(w, d, &head, &request_id, e, i, received, close, &caller).await;
     }
-    let mask = match table.routes.backends_for(info.model.as_deref()) {
-        Ok(mask) => mask,
+    let routes = &table.routes;
+    let route = match routes.route(info.model.as_deref()) {
+        Ok(route) => route,
         Err(e) => {
             let i = Some(&info);
             return fail(w, d, &head, &request_id, e, i, received, close, &caller).await;
         }
     };
-
-    let injected = if cfg.usage.inject_include_usage {
-        openai::inject_include_usage(head.path(), &body, &info)
-    } else {
-        None
-    };
+    let injected = upstream_body(w, &head, &body, &info, route.rewrite);
+    // Fallback pools with their own bodies (the model renamed); empty, unallocated, without pools.
+    let fallbacks: Vec<_> = routes
+        .fallbacks(route.pool)
+        .iter()
+        .filter_map(|&p| routes.fallback_route(p))
+        .map(|r| (r, upstream_body(w, &head, &body, &info, r.rewrite)))
+        .collect();
     let x = Exchange {
+        affinity: hashing
+            .then(|| affinity::key(&cfg.routing.hash_key, &head, &info))
+            .flatten(),
         head: &head,
-        body: injected.as_deref().unwrap_or(&body),
-        injected: injected.is_some(),
+        body: Cell::new(injected.0.as_deref().unwrap_or(&body)),
+        injected: Cell::new(injected.1),
+        may_fall_back: Cell::new(!fallbacks.is_empty()),
+        context_exceeded: Cell::new(false),
         request_id: &request_id,
         client_ip: d.peer_ip.clone(),
         close,
@@ -188,13 +214,26 @@ pub async fn handle(
         strip_client_key: w.auth.store().strip_client_key(),
     };
     let Downstream { rd, wr, buf, .. } = d;
-    let model = info.model.as_deref();
-    let route = Route {
+    let route = Target {
         table: &table,
-        mask,
-        model,
+        route,
+        lookup: info.model.as_deref(),
     };
-    let forward = monoio::time::timeout(cfg.timeouts.request, forward(w, &x, route, wr));
+    let fallbacks: Vec<_> = fallbacks
+        .into_iter()
+        .map(|(r, body)| {
+            let target = Target {
+                table: &table,
+                route: r,
+                lookup: r.rewrite,
+            };
+            (target, body)
+        })
+        .collect();
+    let forward = monoio::time::timeout(
+        cfg.timeouts.request,
+        forward_with_fallbacks(w, &x, &route, &body, &fallbacks, wr),
+    );
     let result = watch_client(rd, buf, forward).await;
     let (status, outcome, keep) = match result {
         None => (x.status.get(), Outcome::ClientAborted, false),
@@ -285,10 +324,73 @@ fn request_id(w: &Worker, head: Option<&Head>) -> String {
 }
 
 /// The backends a request may go to, as routed against the table in force when it arrived.
-struct Route<'a> {
+struct Target<'a> {
     table: &'a BackendTable,
-    mask: &'a [bool],
-    model: Option<&'a str>,
+    route: Route<'a>,
+    /// The name routed by (the client's model, or a fallback pool's own name): a table change
+    /// between attempts routes it again.
+    lookup: Option<&'a str>,
+}
+
+/// A request body rewritten for upstream (`None`: the client's as it is), and whether
+/// `include_usage` was injected into it.
+type UpstreamBody = (Option<Vec<u8>>, bool);
+
+/// The body to send upstream for a route, when it differs from the client's: the model renamed
+/// (a splice), `include_usage` injected.
+fn upstream_body(
+    w: &Worker,
+    head: &Head,
+    body: &[u8],
+    info: &RequestInfo,
+    rewrite: Option<&str>,
+) -> UpstreamBody {
+    let renamed = rewrite
+        .zip(info.model_span)
+        .and_then(|(m, span)| openai::rewrite_model(body, span, m));
+    let base = renamed.as_deref().unwrap_or(body);
+    let injected = if w.config().usage.inject_include_usage {
+        openai::inject_include_usage(head.path(), base, info)
+    } else {
+        None
+    };
+    let was_injected = injected.is_some();
+    (injected.or(renamed), was_injected)
+}
+
+/// `forward` on the request's route, then on each fallback pool while the previous one had no
+/// healthy backend, could not be reached, or rejected the prompt as too long for its context.
+async fn forward_with_fallbacks<'a>(
+    w: &Rc<Worker>,
+    x: &Exchange<'a>,
+    route: &Target<'_>,
+    original: &'a [u8],
+    fallbacks: &'a [(Target<'_>, UpstreamBody)],
+    wr: &mut OwnedWriteHalf<TcpStream>,
+) -> Result<Sent, ProxyError> {
+    let mut result = forward(w, x, route, wr).await;
+    for (i, (next, (body, injected))) in fallbacks.iter().enumerate() {
+        let why = match &result {
+            Err(_) if x.context_exceeded.get() => "the prompt exceeds its context",
+            Err(ProxyError::NoHealthyBackend) => "no healthy backend",
+            Err(e) if e.retryable() => "its backends failed",
+            _ => break,
+        };
+        log::info!(
+            "request {}: model pool cannot serve ({why}); falling back to {}",
+            x.request_id,
+            next.lookup.unwrap_or("?")
+        );
+        x.context_exceeded.set(false);
+        x.body.set(body.as_deref().unwrap_or(original));
+        x.injected.set(*injected);
+        x.may_fall_back.set(i + 1 < fallbacks.len());
+        let balancer = w.balancer_for(next.route.pool);
+        w.decisions
+            .record(balancer.strategy(), crate::balance::Reason::FallbackModel);
+        result = forward(w, x, next, wr).await;
+    }
+    result
 }
 
 /// Tries backends until one answers (or attempts run out), then relays its response. Each
@@ -298,7 +400,7 @@ struct Route<'a> {
 async fn forward(
     w: &Rc<Worker>,
     x: &Exchange<'_>,
-    route: Route<'_>,
+    target: &Target<'_>,
     wr: &mut OwnedWriteHalf<TcpStream>,
 ) -> Result<Sent, ProxyError> {
     let attempts = w.config().retry.attempts;
@@ -307,17 +409,20 @@ async fn forward(
     for attempt in 0..=attempts {
         w.drain_inbox();
         let latest = w.table();
-        let (table, mask) = if latest.version == route.table.version {
-            (route.table, route.mask)
+        let (table, route) = if latest.version == target.table.version {
+            (target.table, target.route)
         } else {
-            (&**latest, latest.routes.backends_for(route.model)?)
+            (&**latest, latest.routes.route(target.lookup)?)
         };
+        let mask = route.mask;
+        // Pool balancers follow the newest table, which is `table` whenever a pool is used.
+        let balancer = w.balancer_for(route.pool);
         tried.resize(mask.len(), false);
         // A half-open backend takes one probe process-wide: losing the race for it to another
         // core means picking again without it (bounded: each round rules one backend out).
         let picked = loop {
             let eligible = |i: usize| mask.get(i) == Some(&true) && !tried[i] && w.eligible(i);
-            match admission::pick(w, eligible).await? {
+            match admission::pick(w, &balancer, x.affinity, eligible).await? {
                 Some((b, permit)) if w.breakers.claim(b) => break Some((b, permit)),
                 Some((b, _)) => tried[b] = true,
                 None => break None,
@@ -356,6 +461,11 @@ async fn forward(
                     last_err = Some(ProxyError::UpstreamStatus(resp.status));
                     continue;
                 }
+                let mut conn = conn;
+                if x.may_fall_back.get() && context_exceeded(w, x, &mut conn, &resp).await? {
+                    x.context_exceeded.set(true);
+                    return Err(ProxyError::UpstreamStatus(resp.status));
+                }
                 return relay(w, x, b, conn, resp, wr).await;
             }
             Err(e) => {
@@ -377,6 +487,29 @@ async fn forward(
         }
     }
     Err(last_err.unwrap_or(ProxyError::NoHealthyBackend))
+}
+
+/// Whether the response is an engine's "prompt longer than the context" error. Small
+/// fixed-length error bodies are read (and stay buffered for relaying if it is not).
+async fn context_exceeded(
+    w: &Worker,
+    x: &Exchange<'_>,
+    conn: &mut UpConn,
+    resp: &Head,
+) -> Result<bool, ProxyError> {
+    const MAX_ERROR_BODY: u64 = 64 * 1024;
+    if !openai::may_be_context_error(resp.status) {
+        return Ok(false);
+    }
+    match resp.response_framing(x.head.method()) {
+        Ok(BodyFraming::Length(n)) if n <= MAX_ERROR_BODY => {
+            let body = conn
+                .buffer_body(n as usize, w.config().timeouts.first_byte)
+                .await?;
+            Ok(openai::is_context_length_error(body))
+        }
+        _ => Ok(false),
+    }
 }
 
 /// Sends the request on a pooled connection (or a new one) and waits for the response head. A
@@ -410,7 +543,8 @@ async fn send(
 fn upstream_request(x: &Exchange<'_>, backend: &Entry) -> Vec<u8> {
     let backend = &backend.spec;
     let head = x.head;
-    let mut out = Vec::with_capacity(head.raw_len() + x.body.len() + 256);
+    let body = x.body.get();
+    let mut out = Vec::with_capacity(head.raw_len() + body.len() + 256);
     out.extend_from_slice(head.method().as_bytes());
     out.push(b' ');
     out.extend_from_slice(backend.base_path.as_bytes());
@@ -452,11 +586,11 @@ fn upstream_request(x: &Exchange<'_>, backend: &Entry) -> Vec<u8> {
         _ => write::header(&mut out, "x-forwarded-for", ip.as_bytes()),
     }
     write::header(&mut out, "x-request-id", x.request_id.as_bytes());
-    if !x.body.is_empty() || matches!(head.method(), "POST" | "PUT" | "PATCH") {
-        write::header_num(&mut out, "content-length", x.body.len() as u64);
+    if !body.is_empty() || matches!(head.method(), "POST" | "PUT" | "PATCH") {
+        write::header_num(&mut out, "content-length", body.len() as u64);
     }
     write::end_head(&mut out);
-    out.extend_from_slice(x.body);
+    out.extend_from_slice(body);
     out
 }
 
@@ -481,7 +615,7 @@ async fn relay(
     let event_stream = resp
         .header("content-type")
         .is_some_and(|v| v.starts_with(b"text/event-stream"));
-    let mut kind = openai::response_kind(x.head.path(), status, event_stream, x.injected);
+    let mut kind = openai::response_kind(x.head.path(), status, event_stream, x.injected.get());
     if matches!(kind, UsageKind::OpenAiSse { strip: true }) && !client_11 {
         // An HTTP/1.0 client with a fixed-length body cannot have an event removed; it is rare
         // enough to let it see the usage chunk rather than buffer the whole stream.
@@ -829,6 +963,7 @@ fn local_response(w: &Worker, local: Local) -> (u16, &'static str, Vec<u8>) {
             // This core's view is the freshest at hand; other cores flush on their tick.
             w.drain_inbox();
             w.metrics.flush(&w.view, true);
+            w.decisions.flush(&w.shared.metrics.routing);
             let g = &w.shared.metrics;
             let sum = |v: &[crate::worker::PaddedCount]| -> i64 {
                 v.iter()

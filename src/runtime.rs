@@ -222,6 +222,16 @@ pub fn start_with(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<Running>
         stop_health.clone(),
     )
     .context("starting the health thread")?;
+    let (scrape_tx, scrape_rx) = crossbeam_channel::bounded(64);
+    crate::engine::scrape::spawn(
+        table.clone(),
+        broadcast.clone(),
+        shared.metrics.clone(),
+        scrape_rx,
+        stop_health.clone(),
+    )
+    .context("starting the engine metrics scraper")?;
+    plane.attach_scraper(scrape_tx);
     plane
         .spawn(
             plane_rx,

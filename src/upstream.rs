@@ -222,3 +222,31 @@ fn keepalive_timeout(head: &Head) -> Option<Duration> {
         }
     })
 }
+
+impl UpConn {
+    /// Reads until the first `len` body bytes are buffered (an error response the proxy must
+    /// look at before relaying it); they stay in `buf`, where relaying picks them up.
+    pub async fn buffer_body(
+        &mut self,
+        len: usize,
+        timeout: Duration,
+    ) -> Result<&[u8], ProxyError> {
+        while self.buf.len() < len {
+            let buf = std::mem::take(&mut self.buf);
+            match monoio::time::timeout(timeout, read_more(&mut self.io, buf)).await {
+                Ok((Ok(n), buf)) => {
+                    self.buf = buf;
+                    if n == 0 {
+                        return Err(ProxyError::UpstreamClosed("closed mid-body".into()));
+                    }
+                }
+                Ok((Err(e), buf)) => {
+                    self.buf = buf;
+                    return Err(ProxyError::UpstreamClosed(e.to_string()));
+                }
+                Err(_) => return Err(ProxyError::FirstByteTimeout(timeout)),
+            }
+        }
+        Ok(&self.buf[..len])
+    }
+}

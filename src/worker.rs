@@ -18,11 +18,12 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::admission::{Capacity, ConnectionLimit, CoreCapacity};
 use crate::auth::{CoreAuth, KeyStore};
 use crate::backends::{BackendTable, State};
-use crate::balance::{Balancer, LoadView};
+use crate::balance::{self, Balancer, Inputs, LoadView, Member, Params, Pick};
 use crate::breaker::{CoreBreakers, Verdict};
 use crate::config::Config;
 use crate::control::{Broadcast, ControlMsg, HealthReport, PlaneMsg};
-use crate::metrics::{LocalMetrics, Metrics};
+use crate::engine::EngineView;
+use crate::metrics::{LocalDecisions, LocalMetrics, Metrics};
 use crate::upstream::Pool;
 use crate::usage::{CoreSender, UsageEvent};
 
@@ -70,7 +71,13 @@ pub struct Worker {
     pub view: LoadView,
     /// Circuit breakers by slot (decided on the health thread, streaks counted here).
     pub breakers: CoreBreakers,
-    pub balancer: Balancer,
+    pub balancer: Rc<Balancer>,
+    /// One balancer per model pool (`models:` of the config in force), each with its own
+    /// strategy and state; rebuilt when a reload changes the pools.
+    pub pool_balancers: RefCell<Vec<Rc<Balancer>>>,
+    /// The engines' own load readings (`least_load`).
+    pub engine: EngineView,
+    pub decisions: LocalDecisions,
     pub pool: Pool,
     pub metrics: LocalMetrics,
     pub usage: CoreSender,
@@ -88,8 +95,11 @@ pub struct Worker {
     table: RefCell<Rc<Arc<BackendTable>>>,
     #[allow(clippy::redundant_allocation)]
     config: RefCell<Rc<Arc<Config>>>,
+    /// The pool names `pool_balancers` was built for (to keep state across reloads).
+    pool_names: RefCell<Vec<String>>,
     /// Draining backend ids this core has reported drained since the last table change.
     drained_sent: RefCell<Vec<u64>>,
+    started: Instant,
 }
 
 impl Worker {
@@ -107,7 +117,10 @@ impl Worker {
             id,
             view: LoadView::new(id, peers.cores(), 0),
             breakers: CoreBreakers::default(),
-            balancer: Balancer::new(cfg.strategy, Vec::new()),
+            balancer: Rc::new(Balancer::new(cfg.strategy, Vec::new())),
+            pool_balancers: RefCell::new(Vec::new()),
+            engine: EngineView::new(0, cfg.routing.metrics_stale_after),
+            decisions: LocalDecisions::default(),
             pool: Pool::new(0, cfg.pool.max_idle_per_backend, cfg.pool.idle_timeout),
             metrics: LocalMetrics::new(shared.metrics.clone(), &cfg),
             usage: CoreSender::new(usage_tx),
@@ -122,7 +135,9 @@ impl Worker {
             last_snapshot: Cell::new(Instant::now()),
             table: RefCell::new(Rc::new(table.clone())),
             config: RefCell::new(Rc::new(cfg)),
+            pool_names: RefCell::new(Vec::new()),
             drained_sent: RefCell::new(Vec::new()),
+            started: Instant::now(),
         };
         w.install(&table, true);
         w
@@ -176,6 +191,7 @@ impl Worker {
             .set_backends(&self.view, labels, table.models.clone());
         self.view.resize(n);
         self.breakers.resize(n);
+        self.engine.resize(n);
         for slot in 0..n {
             let id = table.get(slot).map_or(0, |e| e.id);
             if first || self.view.id(slot) != id {
@@ -183,16 +199,55 @@ impl Worker {
                 self.view.reset(slot, id, up);
                 self.breakers.reset(slot, id);
                 self.pool.clear(slot);
+                // Another backend's engine readings must not carry over to this one.
+                self.engine.clear(slot);
             }
         }
         let open: Vec<bool> = (0..n)
             .map(|s| table.get(s).is_some_and(|e| e.state == State::Active))
             .collect();
         self.pool.set_slots(&open);
-        let weights = (0..n)
-            .map(|s| table.get(s).map_or(1, |e| e.spec.weight))
+        self.engine
+            .set_stale_after(table.config.routing.metrics_stale_after);
+        self.install_balancers(table);
+    }
+
+    /// Brings the top-level and per-pool balancers to `table`'s slots and config. A pool keeps
+    /// its balancer (and state) while its name and strategy stay; otherwise it gets a new one.
+    fn install_balancers(&self, table: &BackendTable) {
+        let cfg = &table.config;
+        let params = Params::from_config(&cfg.routing);
+        let members: Vec<Member> = (0..table.len())
+            .map(|s| match table.get(s) {
+                Some(e) => Member {
+                    id: e.id,
+                    weight: e.spec.weight,
+                    key: balance::hash_bytes(e.spec.url.as_bytes()),
+                },
+                None => Member {
+                    id: 0,
+                    weight: 1,
+                    key: 0,
+                },
+            })
             .collect();
-        self.balancer.update(table.config.strategy, weights);
+        self.balancer.update(cfg.strategy, params, &members);
+        let old_names = self
+            .pool_names
+            .replace(cfg.models.iter().map(|p| p.name.clone()).collect());
+        let mut pools = self.pool_balancers.borrow_mut();
+        let old = std::mem::take(&mut *pools);
+        for p in &cfg.models {
+            let kept = old_names
+                .iter()
+                .position(|n| *n == p.name)
+                .and_then(|i| old.get(i))
+                .filter(|b| b.strategy() == p.strategy)
+                .cloned();
+            let b = kept.unwrap_or_else(|| Rc::new(Balancer::new(p.strategy, Vec::new())));
+            b.update(p.strategy, params, &members);
+            pools.push(b);
+        }
     }
 
     /// Tells the control plane which draining backends this core no longer has requests on, so
@@ -241,6 +296,15 @@ impl Worker {
                 }
                 ControlMsg::Breaker { backend, id, phase } => self.breakers.set(backend, id, phase),
                 ControlMsg::Table(table) => self.apply_table(table),
+                ControlMsg::Engine {
+                    backend,
+                    id,
+                    reading,
+                } => {
+                    if self.view.id(backend) == id {
+                        self.engine.set(backend, reading);
+                    }
+                }
             }
         }
     }
@@ -263,6 +327,34 @@ impl Worker {
         self.capacity.tick();
         self.usage.tick();
         self.metrics.flush(&self.view, self.id == 0);
+        self.decisions.flush(&self.shared.metrics.routing);
+    }
+
+    /// The balancer of a model pool (an index into the `models` of the config in force), or
+    /// the top-level one.
+    pub fn balancer_for(&self, pool: Option<usize>) -> Rc<Balancer> {
+        pool.and_then(|p| self.pool_balancers.borrow().get(p).cloned())
+            .unwrap_or_else(|| self.balancer.clone())
+    }
+
+    /// Picks a backend with `balancer` for a request with affinity `key`. The caller counts
+    /// the decision (`decisions.record`) once the pick is taken: a pick whose backend turns out
+    /// full (`admission`) is not a decision.
+    pub fn choose(
+        &self,
+        balancer: &Balancer,
+        key: Option<u64>,
+        eligible: impl Fn(usize) -> bool,
+    ) -> Option<Pick> {
+        let engine = balancer.strategy().uses_engine_load();
+        let input = Inputs {
+            view: &self.view,
+            engine: engine.then_some(&self.engine),
+            key,
+            // Only engine readings age; other strategies skip the clock read.
+            now: if engine { Instant::now() } else { self.started },
+        };
+        balancer.choose(&input, eligible)
     }
 
     /// Takes an in-flight slot on `backend`, released when the guard drops.

@@ -169,15 +169,7 @@ fn a_backend_killed_mid_run_fails_no_later_request() {
     }
     b.proc.child.kill().unwrap();
     b.proc.child.wait().unwrap();
-    for i in 0..30 {
-        let r = post_json(
-            proxy.addr,
-            "/v1/chat/completions",
-            &chat_body(false, 1),
-            &[],
-        );
-        assert_eq!(r.status, 200, "request {i} after the kill: {}", r.text());
-    }
+    chats_ok(proxy.addr, 30);
     assert!(eventually(Duration::from_secs(3), || {
         get(proxy.addr, "/health").json()["backends"][1]["up"] == false
     }));
@@ -263,15 +255,7 @@ fn backend_503_is_retried_on_another_backend_but_4xx_is_not() {
         &[],
     );
     a.control(r#"{"fail_status": 503}"#);
-    for _ in 0..6 {
-        let r = post_json(
-            proxy.addr,
-            "/v1/chat/completions",
-            &chat_body(false, 1),
-            &[],
-        );
-        assert_eq!(r.status, 200, "{}", r.text());
-    }
+    chats_ok(proxy.addr, 6);
     a.control(r#"{"fail_status": 400}"#);
     let statuses: Vec<u16> = (0..4)
         .map(|_| {

@@ -163,15 +163,7 @@ fn a_removed_address_finishes_its_stream_and_gets_nothing_new() {
         backends(&proxy)
     );
     let served = holder.stat("requests");
-    for _ in 0..20 {
-        let r = post_json(
-            proxy.addr,
-            "/v1/chat/completions",
-            &chat_body(false, 1),
-            &[],
-        );
-        assert_eq!(r.status, 200, "{}", r.text());
-    }
+    chats_ok(proxy.addr, 20);
     assert_eq!(
         holder.stat("requests"),
         served,
@@ -269,4 +261,67 @@ fn resolver_failures_keep_the_last_set_until_stale() {
             == 200
     }));
     assert_eq!(backends(&proxy), vec![(label(b), "active".into(), true)]);
+}
+
+#[test]
+fn least_load_scrapes_replicas_as_dns_adds_and_removes_them() {
+    let mocks = replicas(2, &[]);
+    let (a, b) = (&mocks[0], &mocks[1]);
+    // a's engine has a deep queue; b, found later, is idle.
+    a.control(r#"{"engine": {"waiting": 20, "kv_usage": 0.5}}"#);
+    let dns = DnsServer::start(ips(&[a]));
+    let extra = "strategy: least_load\nrouting: { metrics_interval: 100ms }\n";
+    let proxy = Proxy::start(&yaml(a.addr.port(), &dns, extra), &[]);
+    let up = |m: &Mock| {
+        format!(
+            "llmproxy_backend_engine_metrics_up{{backend=\"{}\"}}",
+            label(m)
+        )
+    };
+    assert!(eventually(Duration::from_secs(10), || metric(
+        &proxy,
+        &up(a)
+    ) == 1.0));
+
+    dns.set(ips(&[a, b]));
+    assert!(
+        eventually(Duration::from_secs(10), || metric(&proxy, &up(b)) == 1.0),
+        "the discovered replica was never scraped; proxy output:\n{}",
+        proxy.proc.output()
+    );
+    // b joins once its health check passes; from then on its empty queue wins every pick.
+    assert!(eventually(Duration::from_secs(10), || backends(&proxy)
+        .iter()
+        .all(|(_, _, up)| *up)));
+    let before = a.stat("requests");
+    chats_ok(proxy.addr, 10);
+    assert_eq!(
+        a.stat("requests"),
+        before,
+        "a's deep queue must keep it out"
+    );
+    assert_eq!(b.stat("requests"), 10);
+
+    // b vanishes from DNS: once drained it is forgotten, engine series included, and a serves.
+    dns.set(ips(&[a]));
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let m = get(proxy.addr, "/metrics").text();
+            !m.contains(&up(b))
+                && !m.contains(&format!("llmproxy_backend_up{{backend=\"{}\"}}", label(b)))
+                && !m.contains(&format!(
+                    "llmproxy_backend_engine_waiting{{backend=\"{}\"}}",
+                    label(b)
+                ))
+        }),
+        "the removed replica's series stayed"
+    );
+    let r = post_json(
+        proxy.addr,
+        "/v1/chat/completions",
+        &chat_body(false, 1),
+        &[],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(a.stat("requests"), before + 1);
 }

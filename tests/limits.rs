@@ -251,3 +251,24 @@ fn a_waiter_whose_client_leaves_gives_its_place_back() {
     assert_eq!(slow_chat(addr, 10).status, 200);
     assert_eq!(mock.stat("requests"), 2);
 }
+
+#[test]
+fn max_inflight_and_the_queue_apply_to_model_pool_picks() {
+    let mock = Mock::start();
+    // The request's model is an alias of a pool with its own strategy: its pick goes through
+    // the same admission as any other.
+    let yaml = format!(
+        "listen: \"127.0.0.1:0\"\nworkers: 1\nbackends:\n  - {{ url: \"{}\", max_inflight: 1, models: [m] }}\n\
+         models:\n  m: {{ aliases: [mock-model], strategy: consistent_hash }}\n\
+         limits: {{ queue_size: 1, queue_timeout: 300ms }}\n",
+        mock.url()
+    );
+    let proxy = Proxy::start(&yaml, &[]);
+    let addr = proxy.addr;
+    let holder = std::thread::spawn(move || slow_chat(addr, 2000).status);
+    assert!(eventually(Duration::from_secs(5), || mock.stat("active") == 1));
+    slow_chat(addr, 10).assert_error(503, "queue_timeout");
+    assert_eq!(holder.join().unwrap(), 200);
+    assert_eq!(slow_chat(addr, 10).status, 200);
+    assert_eq!(mock.stat("requests"), 2);
+}

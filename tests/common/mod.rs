@@ -491,6 +491,14 @@ pub fn post_raw(path: &str, body: &str, headers: &[(&str, &str)], close: bool) -
     raw
 }
 
+/// Sends `n` non-streamed chat requests one after another; every one must be answered 200.
+pub fn chats_ok(addr: SocketAddr, n: usize) {
+    for i in 0..n {
+        let r = post_json(addr, "/v1/chat/completions", &chat_body(false, 1), &[]);
+        assert_eq!(r.status, 200, "request {i} of {n}: {}", r.text());
+    }
+}
+
 pub fn chat_body(stream: bool, tokens: u32) -> String {
     format!(
         r#"{{"model":"mock-model","stream":{stream},"max_tokens":{tokens},"messages":[{{"role":"user","content":"hello there proxy"}}]}}"#

@@ -1,0 +1,114 @@
+//! Engine load: what an inference server says about itself on its Prometheus `/metrics` (queue
+//! depth, running batch, KV-cache use), scraped by a dedicated thread (`scrape`) and parsed by a
+//! small text-format reader (`prom`). Each core keeps the latest reading per backend in its own
+//! `EngineView`, fed by `ControlMsg::Engine`; a reading older than `routing.metrics_stale_after`
+//! is ignored so a backend whose metrics go silent is judged by in-flight counts alone.
+//!
+//! Must never block a core: the view is plain `Cell`s read at pick time. It is indexed by backend
+//! slot and follows the backend table: the worker resizes it and clears a slot whose backend
+//! changed, and drops readings about a backend id that no longer holds the slot.
+
+pub mod prom;
+pub mod scrape;
+
+use std::cell::{Cell, RefCell};
+use std::time::{Duration, Instant};
+
+/// One backend's load as its engine reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct EngineLoad {
+    /// Requests queued inside the engine, not yet scheduled.
+    pub waiting: f64,
+    /// Requests in the running batch.
+    pub running: f64,
+    /// KV-cache use in 0..=1, when the engine reports it (TGI does not).
+    pub kv_usage: Option<f64>,
+}
+
+/// A reading and the moment it was taken (on the scraper thread; `Instant` is process-wide).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Reading {
+    pub load: EngineLoad,
+    pub at: Instant,
+}
+
+/// One core's latest engine readings, by backend slot.
+pub struct EngineView {
+    readings: RefCell<Vec<Cell<Option<Reading>>>>,
+    stale_after: Cell<Duration>,
+}
+
+impl EngineView {
+    pub fn new(backends: usize, stale_after: Duration) -> Self {
+        EngineView {
+            readings: RefCell::new((0..backends).map(|_| Cell::new(None)).collect()),
+            stale_after: Cell::new(stale_after),
+        }
+    }
+
+    /// Follows the backend table's slot count (new slots have no reading).
+    pub fn resize(&self, slots: usize) {
+        self.readings
+            .borrow_mut()
+            .resize_with(slots, || Cell::new(None));
+    }
+
+    /// `routing.metrics_stale_after` changed (reload).
+    pub fn set_stale_after(&self, d: Duration) {
+        self.stale_after.set(d);
+    }
+
+    pub fn set(&self, backend: usize, reading: Reading) {
+        let mut r = self.readings.borrow_mut();
+        if backend >= r.len() {
+            // Bounded by the backend count the scraper knows; never driven by client input.
+            r.resize_with(backend + 1, || Cell::new(None));
+        }
+        r[backend].set(Some(reading));
+    }
+
+    /// Forgets a backend's reading (it was removed or its slot reused).
+    pub fn clear(&self, backend: usize) {
+        if let Some(c) = self.readings.borrow().get(backend) {
+            c.set(None);
+        }
+    }
+
+    /// The backend's reading if it is fresh at `now`.
+    pub fn fresh(&self, backend: usize, now: Instant) -> Option<EngineLoad> {
+        let r = self.readings.borrow().get(backend)?.get()?;
+        (now.saturating_duration_since(r.at) <= self.stale_after.get()).then_some(r.load)
+    }
+
+    /// The latest reading whatever its age (for the re-exported gauges).
+    pub fn latest(&self, backend: usize) -> Option<Reading> {
+        self.readings.borrow().get(backend)?.get()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readings_go_stale_and_the_view_grows() {
+        let v = EngineView::new(1, Duration::from_secs(2));
+        let t0 = Instant::now();
+        let load = EngineLoad {
+            waiting: 3.0,
+            running: 1.0,
+            kv_usage: Some(0.5),
+        };
+        assert_eq!(v.fresh(0, t0), None);
+        v.set(0, Reading { load, at: t0 });
+        assert_eq!(v.fresh(0, t0 + Duration::from_secs(1)), Some(load));
+        assert_eq!(v.fresh(0, t0 + Duration::from_millis(2001)), None);
+        assert!(v.latest(0).is_some());
+        v.set(3, Reading { load, at: t0 });
+        assert_eq!(v.fresh(3, t0), Some(load));
+        assert_eq!(v.fresh(2, t0), None);
+        v.clear(3);
+        assert_eq!(v.fresh(3, t0), None);
+        assert_eq!(v.fresh(99, t0), None);
+    }
+}

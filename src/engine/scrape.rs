@@ -1,0 +1,249 @@
+//! The scraper: one blocking thread per backend (so a backend whose `/metrics` hangs delays
+//! nobody else) fetches `metrics_path` every `routing.metrics_interval` with ureq and broadcasts
+//! the reading to every core. A failed or unreadable scrape sends nothing: the last reading ages
+//! out on the cores after `routing.metrics_stale_after`, which is what makes them fall back to
+//! in-flight counts.
+//!
+//! A manager thread follows the backend table (sent by the control plane on every change, like
+//! to the health thread): a backend that joins (discovery, reload) gets a scraper, one that
+//! leaves or starts draining has its scraper stopped, and a reload that changes the routing
+//! settings restarts them. Scrapers are keyed by backend id and every reading carries the id,
+//! so a reading about a backend that has since left its slot is dropped by the cores.
+
+use std::collections::HashMap;
+use std::io::Read as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+
+use super::{prom, Reading};
+use crate::backends::{BackendTable, Entry, State};
+use crate::control::{Broadcast, ControlMsg};
+use crate::metrics::Metrics;
+
+/// Bodies beyond this are cut (vLLM's histograms make a few hundred KiB at most).
+const MAX_BODY: u64 = 4 << 20;
+/// Longest sleep between checks of the stop flags.
+const MAX_WAIT: Duration = Duration::from_millis(100);
+
+/// Everything one backend's scraper works with; a change restarts it.
+#[derive(Debug, Clone, PartialEq)]
+struct Target {
+    slot: usize,
+    id: u64,
+    addr: SocketAddr,
+    /// `base_path` + `metrics_path`.
+    path: String,
+    authority: String,
+    /// The `backend` metrics label.
+    name: String,
+    interval: Duration,
+    stale_after: Duration,
+}
+
+impl Target {
+    fn new(slot: usize, e: &Entry, table: &BackendTable) -> Target {
+        let r = &table.config.routing;
+        Target {
+            slot,
+            id: e.id,
+            addr: e.spec.addr,
+            path: format!("{}{}", e.spec.base_path, e.spec.metrics_path),
+            authority: e.spec.authority.clone(),
+            name: e.spec.name.clone(),
+            interval: r.metrics_interval,
+            stale_after: r.metrics_stale_after,
+        }
+    }
+}
+
+struct Running {
+    target: Target,
+    stop: Arc<AtomicBool>,
+}
+
+/// Starts the manager thread, which starts a scraper per active backend of `table` (and of
+/// every later table) when some strategy in force reads engine load.
+pub fn spawn(
+    table: Arc<BackendTable>,
+    broadcast: Broadcast,
+    metrics: Arc<Metrics>,
+    tables: Receiver<Arc<BackendTable>>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("llmproxy-scrape".into())
+        .spawn(move || {
+            let mut m = Manager {
+                broadcast,
+                metrics,
+                stop,
+                running: HashMap::new(),
+                version: None,
+            };
+            m.follow(&table);
+            m.run(&tables);
+        })
+}
+
+struct Manager {
+    broadcast: Broadcast,
+    metrics: Arc<Metrics>,
+    stop: Arc<AtomicBool>,
+    /// By backend id.
+    running: HashMap<u64, Running>,
+    version: Option<u64>,
+}
+
+impl Manager {
+    fn run(mut self, tables: &Receiver<Arc<BackendTable>>) {
+        while !self.stop.load(Ordering::Relaxed) {
+            match tables.recv_timeout(MAX_WAIT * 2) {
+                Ok(table) => {
+                    // Only the newest of what queued up matters.
+                    let table = tables.try_iter().last().unwrap_or(table);
+                    self.follow(&table);
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => std::thread::sleep(MAX_WAIT),
+            }
+        }
+        for r in self.running.values() {
+            r.stop.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Starts, restarts and stops scrapers to match `table` (re-sent copies change nothing).
+    fn follow(&mut self, table: &BackendTable) {
+        if self.version.is_some_and(|v| v >= table.version) {
+            return;
+        }
+        self.version = Some(table.version);
+        let wanted: HashMap<u64, Target> = if table.config.uses_engine_load() {
+            table
+                .entries()
+                .filter(|(_, e)| e.state == State::Active)
+                .map(|(slot, e)| (e.id, Target::new(slot, e, table)))
+                .collect()
+        } else {
+            HashMap::new()
+        };
+        self.running.retain(|id, r| {
+            let keep = wanted.get(id) == Some(&r.target);
+            if !keep {
+                r.stop.store(true, Ordering::Relaxed);
+            }
+            keep
+        });
+        for (id, target) in wanted {
+            if self.running.contains_key(&id) {
+                continue;
+            }
+            let own = Arc::new(AtomicBool::new(false));
+            let scraper = Scraper {
+                target: target.clone(),
+                broadcast: self.broadcast.clone(),
+                metrics: self.metrics.clone(),
+                stop: self.stop.clone(),
+                own: own.clone(),
+            };
+            self.metrics.routing.engine_present(&target.name);
+            let started = std::thread::Builder::new()
+                .name(format!("llmproxy-scrape-{}", target.slot))
+                .spawn(move || scraper.run());
+            match started {
+                Ok(_) => {
+                    self.running.insert(id, Running { target, stop: own });
+                }
+                // Retried with the next table that differs (or the next restart).
+                Err(e) => log::error!("backend {}: cannot start its scraper: {e}", target.name),
+            }
+        }
+    }
+}
+
+struct Scraper {
+    target: Target,
+    broadcast: Broadcast,
+    metrics: Arc<Metrics>,
+    /// The process is stopping.
+    stop: Arc<AtomicBool>,
+    /// This backend left the table (or its settings changed).
+    own: Arc<AtomicBool>,
+}
+
+impl Scraper {
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed) || self.own.load(Ordering::Relaxed)
+    }
+
+    fn run(self) {
+        let t = &self.target;
+        // A scrape slower than half the staleness bound is as good as none.
+        let timeout = (t.stale_after / 2).max(Duration::from_millis(50));
+        let agent = ureq::AgentBuilder::new()
+            .timeout(timeout)
+            .redirects(0)
+            .build();
+        let url = format!("http://{}{}", t.addr, t.path);
+        let mut failing = false;
+        while !self.stopped() {
+            let started = Instant::now();
+            let result = fetch(&agent, &url, &t.authority);
+            // A backend that left while the scrape ran must not get its series back.
+            if self.stopped() {
+                break;
+            }
+            match result {
+                Ok(load) => {
+                    if failing {
+                        log::info!("backend {}: engine metrics readable again", t.name);
+                        failing = false;
+                    }
+                    self.metrics.routing.engine_reading(&t.name, Some(&load));
+                    let reading = Reading { load, at: started };
+                    self.broadcast.send_all(&ControlMsg::Engine {
+                        backend: t.slot,
+                        id: t.id,
+                        reading,
+                    });
+                }
+                Err(why) => {
+                    if !failing {
+                        log::warn!(
+                            "backend {}: engine metrics from {url} unusable: {why}",
+                            t.name
+                        );
+                        failing = true;
+                    }
+                    self.metrics.routing.engine_reading(&t.name, None);
+                }
+            }
+            let next = started + t.interval;
+            while !self.stopped() {
+                let now = Instant::now();
+                if now >= next {
+                    break;
+                }
+                std::thread::sleep((next - now).min(MAX_WAIT));
+            }
+        }
+    }
+}
+
+fn fetch(agent: &ureq::Agent, url: &str, host: &str) -> Result<super::EngineLoad, String> {
+    let resp = agent
+        .get(url)
+        .set("host", host)
+        .call()
+        .map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    resp.into_reader()
+        .take(MAX_BODY)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("reading body: {e}"))?;
+    prom::engine_load(&text).ok_or_else(|| "no known engine gauges".to_string())
+}
