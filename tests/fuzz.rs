@@ -1,7 +1,8 @@
 //! Fuzz targets for every parser the proxy owns, on stable Rust (the engine: `fuzz/engine.rs`).
 //!
 //! `cargo test --test fuzz` replays each target's corpus (`fuzz/corpus/<target>/`) and fuzzes it
-//! for 2 s; CI runs `FUZZ_SECONDS=60 cargo test --test fuzz`. `FUZZ_SEED` fixes the mutations.
+//! for 2 s; CI runs `FUZZ_SECONDS=60 cargo test --test fuzz`. The seed is fixed unless
+//! `FUZZ_SEED=clock` (or another number) says otherwise.
 
 #[path = "fuzz/chunked.rs"]
 mod chunked;
