@@ -68,20 +68,41 @@ pub fn push_json_opt_str(out: &mut String, s: Option<&str>) {
 
 /// Appends an integer in decimal.
 pub fn push_u64(out: &mut String, v: u64) {
-    let mut digits = [0u8; 20];
+    let mut buf = [0u8; 20];
+    for &d in decimal(v, &mut buf) {
+        out.push(char::from(d));
+    }
+}
+
+/// `v` in decimal ASCII, written at the end of `buf` (20 bytes hold any u64).
+pub fn decimal(v: u64, buf: &mut [u8; 20]) -> &[u8] {
     let mut n = v;
-    let mut at = digits.len();
+    let mut at = buf.len();
     loop {
         at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
+        buf[at] = b'0' + (n % 10) as u8;
         n /= 10;
         if n == 0 {
             break;
         }
     }
-    for &d in &digits[at..] {
-        out.push(char::from(d));
+    &buf[at..]
+}
+
+/// `v` in lowercase hex ASCII without leading zeros, written at the end of `buf` (HTTP chunk
+/// sizes).
+pub fn hex(v: u64, buf: &mut [u8; 16]) -> &[u8] {
+    let mut n = v;
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = HEX[(n & 0xf) as usize];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
     }
+    &buf[at..]
 }
 
 /// Appends an optional integer or `null`.

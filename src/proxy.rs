@@ -232,7 +232,7 @@ pub async fn handle(
         .collect();
     let forward = monoio::time::timeout(
         cfg.timeouts.request,
-        forward_with_fallbacks(w, &x, &route, &body, &fallbacks, wr),
+        Box::pin(forward_with_fallbacks(w, &x, &route, &body, &fallbacks, wr)),
     );
     let result = watch_client(rd, buf, forward).await;
     let (status, outcome, keep) = match result {
@@ -388,7 +388,9 @@ async fn forward_with_fallbacks<'a>(
         let balancer = w.balancer_for(next.route.pool);
         w.decisions
             .record(balancer.strategy(), crate::balance::Reason::FallbackModel);
-        result = forward(w, x, next, wr).await;
+        // Boxed: a fallback is rare, and a second inline `forward` state would double the size
+        // of every request's future (it is moved, whole, several times per request).
+        result = Box::pin(forward(w, x, next, wr)).await;
     }
     result
 }

@@ -1,7 +1,7 @@
 //! Serialising heads and chunk framing into byte buffers. The proxy writes every response head
 //! and every chunk header itself, so a token leaves in the same write that carries it.
 
-use std::io::Write;
+use crate::encode::{decimal, hex};
 
 pub fn status_line(out: &mut Vec<u8>, status: u16, reason: &str) {
     let reason = if reason.is_empty() {
@@ -12,7 +12,11 @@ pub fn status_line(out: &mut Vec<u8>, status: u16, reason: &str) {
     } else {
         reason
     };
-    let _ = write!(out, "HTTP/1.1 {status} {reason}\r\n");
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(decimal(u64::from(status), &mut [0; 20]));
+    out.push(b' ');
+    out.extend_from_slice(reason.as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 pub fn header(out: &mut Vec<u8>, name: impl AsRef<[u8]>, value: &[u8]) {
@@ -23,7 +27,10 @@ pub fn header(out: &mut Vec<u8>, name: impl AsRef<[u8]>, value: &[u8]) {
 }
 
 pub fn header_num(out: &mut Vec<u8>, name: &str, value: u64) {
-    let _ = write!(out, "{name}: {value}\r\n");
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(decimal(value, &mut [0; 20]));
+    out.extend_from_slice(b"\r\n");
 }
 
 pub fn end_head(out: &mut Vec<u8>) {
@@ -36,7 +43,8 @@ pub fn chunk(out: &mut Vec<u8>, data: &[u8]) {
     if data.is_empty() {
         return;
     }
-    let _ = write!(out, "{:x}\r\n", data.len());
+    out.extend_from_slice(hex(data.len() as u64, &mut [0; 16]));
+    out.extend_from_slice(b"\r\n");
     out.extend_from_slice(data);
     out.extend_from_slice(b"\r\n");
 }
@@ -60,5 +68,12 @@ mod tests {
             String::from_utf8(v).unwrap(),
             "HTTP/1.1 404 Not Found\r\ncontent-length: 3\r\n\r\n1a\r\nhello world, this is 26 b.\r\n0\r\n\r\n"
         );
+        let mut v = Vec::new();
+        status_line(&mut v, 200, "OK");
+        header_num(&mut v, "x", u64::MAX);
+        header_num(&mut v, "y", 0);
+        chunk(&mut v, &[b'a'; 0x100]);
+        let text = String::from_utf8(v).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\nx: 18446744073709551615\r\ny: 0\r\n100\r\naa"));
     }
 }
