@@ -50,7 +50,7 @@ Options (each also settable by the environment variable in brackets):
   --warmup S        unmeasured seconds before each run   [LOAD_WARMUP_SECS, default 1]
   --workloads LIST  w1,w2,w3 and the opt-in w4 (10,000 streams at 1 token/s)
                                                          [LOAD_WORKLOADS, default w1,w2,w3]
-  --targets LIST    direct,llmproxy,llmproxy-log,nginx,llmproxy-2w
+  --targets LIST    direct,llmproxy,llmproxy-log,nginx,llmproxy-2w,llmproxy-epoll
                                                          [LOAD_TARGETS, default all of them]
   --startup-runs N  timed starts for the startup figure  [LOAD_STARTUP_RUNS, default 5; 0 = skip]
   --out PATH        also write the report (Markdown)     [LOAD_OUT]
@@ -87,15 +87,18 @@ enum TargetKind {
     LlmproxyLog,
     Nginx,
     Llmproxy2w,
+    /// llmproxy with `io_driver: epoll`: what io_uring is worth, in the same run.
+    LlmproxyEpoll,
 }
 
 impl TargetKind {
-    const ALL: [TargetKind; 5] = [
+    const ALL: [TargetKind; 6] = [
         TargetKind::Direct,
         TargetKind::Llmproxy,
         TargetKind::LlmproxyLog,
         TargetKind::Nginx,
         TargetKind::Llmproxy2w,
+        TargetKind::LlmproxyEpoll,
     ];
 
     fn name(self) -> &'static str {
@@ -105,6 +108,7 @@ impl TargetKind {
             TargetKind::LlmproxyLog => "llmproxy+log",
             TargetKind::Nginx => "nginx",
             TargetKind::Llmproxy2w => "llmproxy-2w",
+            TargetKind::LlmproxyEpoll => "llmproxy-epoll",
         }
     }
 
@@ -115,6 +119,7 @@ impl TargetKind {
             "llmproxy-log" | "llmproxy+log" => Some(TargetKind::LlmproxyLog),
             "nginx" => Some(TargetKind::Nginx),
             "llmproxy-2w" | "llmproxy2w" => Some(TargetKind::Llmproxy2w),
+            "llmproxy-epoll" => Some(TargetKind::LlmproxyEpoll),
             _ => None,
         }
     }
@@ -225,8 +230,9 @@ impl Options {
         let mut secs = env("LOAD_SECS").unwrap_or_else(|| "10".into());
         let mut warmup = env("LOAD_WARMUP_SECS").unwrap_or_else(|| "1".into());
         let mut workloads = env("LOAD_WORKLOADS").unwrap_or_else(|| "w1,w2,w3".into());
-        let mut targets = env("LOAD_TARGETS")
-            .unwrap_or_else(|| "direct,llmproxy,llmproxy-log,nginx,llmproxy-2w".into());
+        let mut targets = env("LOAD_TARGETS").unwrap_or_else(|| {
+            "direct,llmproxy,llmproxy-log,nginx,llmproxy-2w,llmproxy-epoll".into()
+        });
         let mut startup = env("LOAD_STARTUP_RUNS").unwrap_or_else(|| "5".into());
         let mut out = env("LOAD_OUT").map(PathBuf::from);
         let mut keep_tmp = env("LOAD_KEEP_TMP").is_some_and(|v| v != "0");
@@ -274,7 +280,7 @@ impl Options {
         let mut chosen = Vec::new();
         for t in targets.split(',').filter(|s| !s.trim().is_empty()) {
             let kind = TargetKind::parse(t).ok_or_else(|| {
-                format!("unknown target {t:?} (direct, llmproxy, llmproxy-log, nginx, llmproxy-2w)")
+                format!("unknown target {t:?} (direct, llmproxy, llmproxy-log, nginx, llmproxy-2w, llmproxy-epoll)")
             })?;
             if !chosen.contains(&kind) {
                 chosen.push(kind);
@@ -809,9 +815,10 @@ fn start_target(
             ready_after: Duration::ZERO,
             log: None,
         }),
-        TargetKind::Llmproxy => start_llmproxy(ctx, mock, false, "0", tag, conns),
-        TargetKind::LlmproxyLog => start_llmproxy(ctx, mock, true, "0", tag, conns),
-        TargetKind::Llmproxy2w => start_llmproxy(ctx, mock, false, "0,1", tag, conns),
+        TargetKind::Llmproxy => start_llmproxy(ctx, mock, false, "0", "auto", tag, conns),
+        TargetKind::LlmproxyLog => start_llmproxy(ctx, mock, true, "0", "auto", tag, conns),
+        TargetKind::Llmproxy2w => start_llmproxy(ctx, mock, false, "0,1", "auto", tag, conns),
+        TargetKind::LlmproxyEpoll => start_llmproxy(ctx, mock, false, "0", "epoll", tag, conns),
         TargetKind::Nginx => start_nginx(ctx, mock, tag, conns),
     }
 }
@@ -821,6 +828,7 @@ fn start_llmproxy(
     mock: SocketAddr,
     access_log: bool,
     cpus: &str,
+    io_driver: &str,
     tag: &str,
     conns: usize,
 ) -> Result<Running, String> {
@@ -834,6 +842,7 @@ fn start_llmproxy(
     let yaml = format!(
         "listen: \"127.0.0.1:{port}\"\n\
          shutdown_grace: 0s\n\
+         io_driver: {io_driver}\n\
          backends:\n  - url: \"http://{mock}\"\n\
          pool:\n  max_idle_per_backend: {pool}\n\
          usage:\n  inject_include_usage: true\n\
@@ -1888,7 +1897,10 @@ fn run_target(
     }
     if matches!(
         kind,
-        TargetKind::Llmproxy | TargetKind::LlmproxyLog | TargetKind::Llmproxy2w
+        TargetKind::Llmproxy
+            | TargetKind::LlmproxyLog
+            | TargetKind::Llmproxy2w
+            | TargetKind::LlmproxyEpoll
     ) {
         notes.push(llmproxy_metrics_note(running.addr));
         if kind == TargetKind::LlmproxyLog {
@@ -2186,7 +2198,7 @@ fn table(out: &mut String, wl: &Workload, results: &[RunResult]) {
     }
     outln!(out);
     if let Some(nginx) = find(results, "nginx") {
-        for name in ["llmproxy", "llmproxy+log"] {
+        for name in ["llmproxy", "llmproxy+log", "llmproxy-epoll"] {
             let Some(l) = find(results, name) else {
                 continue;
             };
@@ -2217,6 +2229,16 @@ fn table(out: &mut String, wl: &Workload, results: &[RunResult]) {
                 a - b
             );
         }
+    }
+    if let (Some(epoll), Some(uring)) = (find(results, "llmproxy-epoll"), find(results, "llmproxy"))
+    {
+        outln!(
+            out,
+            "- io_uring / epoll (llmproxy): CPU per request ×{}, req/s ×{}, load side CPU per request ×{}",
+            f2(ratio(uring.cpu_us_per_req(), epoll.cpu_us_per_req())),
+            f2(ratio(Some(uring.rps()), Some(epoll.rps()))),
+            f2(ratio(uring.load_us_per_req, epoll.load_us_per_req)),
+        );
     }
     if let (Some(two), Some(one)) = (find(results, "llmproxy-2w"), find(results, "llmproxy")) {
         outln!(

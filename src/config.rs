@@ -30,6 +30,7 @@ pub struct Config {
     /// CPUs to pin workers to, one worker each; `None` = no pinning.
     pub cpus: Option<Vec<usize>>,
     pub shutdown_grace: Duration,
+    pub io_driver: IoDriver,
     /// Never empty; URLs are unique.
     pub backends: Vec<Backend>,
     pub strategy: Strategy,
@@ -126,6 +127,19 @@ impl Default for RawDiscovery {
             resolver: String::new(),
         }
     }
+}
+
+/// Which kernel interface the workers' event loops use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IoDriver {
+    /// io_uring where the kernel allows it, else epoll.
+    #[default]
+    Auto,
+    /// io_uring or a startup error.
+    IoUring,
+    /// epoll (readiness, then a syscall per read and write).
+    Epoll,
 }
 
 /// How a backend is picked among the healthy ones.
@@ -933,6 +947,7 @@ struct RawConfig {
     cpus: Option<CpuSpec>,
     #[serde(deserialize_with = "de_duration")]
     shutdown_grace: Duration,
+    io_driver: IoDriver,
     backends: Vec<RawBackend>,
     strategy: Strategy,
     routing: RawRouting,
@@ -958,6 +973,7 @@ impl Default for RawConfig {
             workers: 0,
             cpus: None,
             shutdown_grace: Duration::from_secs(30),
+            io_driver: IoDriver::default(),
             backends: Vec::new(),
             strategy: Strategy::default(),
             routing: RawRouting::default(),
@@ -1288,6 +1304,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             workers: raw.workers,
             cpus,
             shutdown_grace: raw.shutdown_grace,
+            io_driver: raw.io_driver,
             backends,
             strategy: raw.strategy,
             routing,

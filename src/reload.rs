@@ -51,6 +51,7 @@ pub fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<String> {
     keep!(workers, "workers");
     keep!(cpus, "cpus");
     keep!(shutdown_grace, "shutdown_grace");
+    keep!(io_driver, "io_driver");
     keep!(pool, "pool");
     keep!(usage_hook, "usage_hook");
     keep!(usage.log, "usage.log");

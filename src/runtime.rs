@@ -16,7 +16,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::admission::{Capacity, ConnectionLimit};
 use crate::auth::KeyStore;
-use crate::config::Config;
+use crate::config::{Config, IoDriver};
 use crate::control::Broadcast;
 use crate::control::PlaneMsg;
 use crate::metrics::Metrics;
@@ -169,10 +169,14 @@ pub fn start_with(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<Running>
         None => None,
     };
     let admin_addr = admin.as_ref().map(|l| l.local_addr()).transpose()?;
-    let driver = if monoio::utils::detect_uring() {
-        "io_uring"
-    } else {
-        "epoll"
+    let driver = match cfg.io_driver {
+        IoDriver::Epoll => "epoll",
+        IoDriver::Auto | IoDriver::IoUring if monoio::utils::detect_uring() => "io_uring",
+        IoDriver::IoUring => bail!(
+            "io_driver is io_uring, but the kernel refused io_uring \
+             (blocked by seccomp or kernel.io_uring_disabled?)"
+        ),
+        IoDriver::Auto => "epoll",
     };
     let cfg = Arc::new(cfg);
     let metrics = Arc::new(
@@ -242,6 +246,7 @@ pub fn start_with(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<Running>
         .context("starting the control-plane thread")?;
 
     let mut admin = admin;
+    let io_driver = cfg.io_driver;
     let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), String>>(workers);
     for (id, (listener, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
         let shared = shared.clone();
@@ -261,10 +266,18 @@ pub fn start_with(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<Running>
                         return;
                     }
                 }
-                let rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-                    .with_entries(4096)
-                    .enable_timer()
-                    .build();
+                let rt = match io_driver {
+                    IoDriver::Epoll => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+                        .enable_timer()
+                        .build()
+                        .map(Into::into),
+                    IoDriver::Auto | IoDriver::IoUring => {
+                        monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+                            .with_entries(4096)
+                            .enable_timer()
+                            .build()
+                    }
+                };
                 let mut rt = match rt {
                     Ok(rt) => rt,
                     Err(e) => {
@@ -288,6 +301,13 @@ pub fn start_with(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<Running>
                         }
                     };
                     let legacy = monoio::utils::is_legacy();
+                    if legacy && io_driver == IoDriver::IoUring {
+                        let _ = ready.send(Err(format!(
+                            "core {id}: io_driver is io_uring, but this thread's io_uring \
+                             setup failed"
+                        )));
+                        return;
+                    }
                     log::info!(
                         "core {id} running on {}{}",
                         if legacy { "epoll" } else { "io_uring" },

@@ -162,6 +162,53 @@ fn workers_are_pinned_and_each_logs_its_driver() {
 }
 
 #[test]
+fn io_driver_selects_epoll_or_insists_on_io_uring() {
+    let mock = Mock::start();
+    let proxy = Proxy::start(&config(&[mock.url()], "io_driver: epoll\n"), &[]);
+    proxy
+        .proc
+        .wait_for_line("core 0 running on epoll", Duration::from_secs(5));
+    let r = post_json(proxy.addr, "/v1/chat/completions", &chat_body(true, 3), &[]);
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("tok2"), "{}", r.text());
+    let metrics = get(proxy.addr, "/metrics").text();
+    assert!(metrics.contains(r#"driver="epoll""#), "{metrics}");
+    drop(proxy);
+
+    // Asked for io_uring where the runtime cannot have it: a startup error, not a silent epoll.
+    let dir = temp_dir("io-driver");
+    let cfg = dir.join("c.yaml");
+    std::fs::write(
+        &cfg,
+        "listen: \"127.0.0.1:0\"\nio_driver: io_uring\nbackends:\n  - url: \"http://127.0.0.1:9\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&cfg)
+        .env("MONOIO_FORCE_LEGACY_DRIVER", "1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "io_uring refused must fail");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("io_driver is io_uring"), "{err}");
+    // An unknown driver is a config error naming the key.
+    std::fs::write(
+        &cfg,
+        "listen: \"127.0.0.1:0\"\nio_driver: kqueue\nbackends:\n  - url: \"http://127.0.0.1:9\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("io_driver"), "{err}");
+}
+
+#[test]
 fn metrics_count_requests_with_bounded_labels() {
     let mock = Mock::start();
     let yaml = format!(
