@@ -2230,8 +2230,8 @@ fn table(out: &mut String, wl: &Workload, results: &[RunResult]) {
             );
         }
     }
-    if let (Some(epoll), Some(uring)) = (find(results, "llmproxy-epoll"), find(results, "llmproxy"))
-    {
+    let epoll = find(results, "llmproxy-epoll").filter(|_| wl.id != "w4");
+    if let (Some(epoll), Some(uring)) = (epoll, find(results, "llmproxy")) {
         outln!(
             out,
             "- io_uring / epoll (llmproxy): CPU per request ×{}, req/s ×{}, load side CPU per request ×{}",

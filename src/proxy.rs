@@ -884,6 +884,9 @@ async fn write_client(
     }
 }
 
+/// Room for what a client may send while its response is still running.
+const WATCH_BUF: usize = 512;
+
 /// Runs `fut` while watching the client socket. EOF or an error on the socket means the client
 /// went away: `fut` is dropped (cancelling the upstream exchange) and `None` returned. Bytes that
 /// arrive meanwhile (a pipelined request) are kept in `buf`, never lost: the read is cancelled
@@ -901,8 +904,14 @@ async fn watch_client<F: Future>(
     }
     let canceller = Canceller::new();
     let mut b = std::mem::take(buf);
-    if b.capacity() - b.len() < 1024 {
-        b.reserve(4 * 1024);
+    // A long exchange (a stream) holds this buffer only to notice the client leaving (or to keep
+    // a pipelined request): an empty page-sized buffer is swapped for a small one, because with
+    // thousands of open streams a page each was a fifth of the proxy's memory. The next
+    // request's read grows it again.
+    if b.is_empty() {
+        b = BytesMut::with_capacity(WATCH_BUF);
+    } else if b.capacity() - b.len() < WATCH_BUF {
+        b.reserve(WATCH_BUF);
     }
     let (len, cap) = (b.len(), b.capacity());
     let read = rd.cancelable_read(SliceMut::new(b, len, cap), canceller.handle());

@@ -16,6 +16,7 @@ use bytes::{Bytes, BytesMut};
 use monoio::io::{AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
 use monoio::net::{TcpListener, TcpStream};
 
+use crate::admission::ConnectionSlot;
 use crate::error::ProxyError;
 use crate::http1::head::{BodyFraming, Head, HeadError, ParseStatus};
 use crate::http1::io::read_more;
@@ -40,6 +41,9 @@ pub struct Downstream {
     /// The `key_id` of the last client key seen on this connection.
     pub key_ids: KeyIdCache,
 }
+
+/// Request bodies up to this size are copied out of the connection's read buffer.
+const SMALL_BODY: usize = 16 * 1024;
 
 /// How often an accept loop checks whether the process is draining.
 const DRAIN_POLL: Duration = Duration::from_millis(20);
@@ -67,11 +71,11 @@ pub async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, admin: bool)
                         }
                     },
                 };
-                let conn = serve(worker.clone(), stream, peer, admin);
-                monoio::spawn(Contained(Box::pin(async move {
-                    let _slot = slot;
-                    conn.await
-                })));
+                // The connection future is built in its box: wrapping it in an `async move`
+                // block would store it twice (once captured, once awaited), 9.6 KB per open
+                // connection instead of 4.7.
+                let conn = serve(worker.clone(), stream, peer, admin, slot);
+                monoio::spawn(Contained(Box::pin(conn)));
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning on a full fd table.
@@ -120,7 +124,14 @@ async fn wait_for_drain(worker: &Worker) {
     }
 }
 
-async fn serve(worker: Rc<Worker>, stream: TcpStream, peer: SocketAddr, admin: bool) {
+async fn serve(
+    worker: Rc<Worker>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    admin: bool,
+    slot: Option<ConnectionSlot>,
+) {
+    let _slot = slot;
     let _conn = worker.connection_guard();
     let _ = stream.set_nodelay(true);
     let (rd, wr) = stream.into_split();
@@ -257,7 +268,15 @@ async fn read_body(worker: &Worker, d: &mut Downstream, head: &Head) -> Result<B
             while d.buf.len() < n {
                 read_some(d, deadline).await?;
             }
-            Ok(d.buf.split_to(n).freeze())
+            // Small bodies are copied for the reason heads are (see `Head::parse_request`);
+            // a large one has grown the buffer for itself and takes that allocation along.
+            if n <= SMALL_BODY {
+                let body = Bytes::copy_from_slice(&d.buf[..n]);
+                bytes::Buf::advance(&mut d.buf, n);
+                Ok(body)
+            } else {
+                Ok(d.buf.split_to(n).freeze())
+            }
         }
         BodyFraming::Chunked => {
             let mut dec = ChunkedDecoder::new();
