@@ -617,14 +617,6 @@ async fn relay(
     let event_stream = resp
         .header("content-type")
         .is_some_and(|v| v.starts_with(b"text/event-stream"));
-    if event_stream && conn.buf.len() <= STREAM_BUF / 2 && conn.buf.capacity() > STREAM_BUF {
-        // A stream's events are small and it may stay open for minutes: with thousands open, a
-        // page-sized read buffer each was a fifth of the proxy's memory. A burst larger than
-        // this still arrives whole, over more reads.
-        let mut small = BytesMut::with_capacity(STREAM_BUF);
-        small.extend_from_slice(&conn.buf);
-        conn.buf = small;
-    }
     let mut kind = openai::response_kind(x.head.path(), status, event_stream, x.injected.get());
     if matches!(kind, UsageKind::OpenAiSse { strip: true }) && !client_11 {
         // An HTTP/1.0 client with a fixed-length body cannot have an event removed; it is rare
@@ -891,9 +883,6 @@ async fn write_client(
         Err(_) => (false, Vec::new()),
     }
 }
-
-/// Read buffer for a backend's event stream.
-const STREAM_BUF: usize = 2 * 1024;
 
 /// Room for what a client may send while its response is still running.
 const WATCH_BUF: usize = 512;

@@ -9,16 +9,12 @@ use monoio::io::AsyncReadRent;
 /// holds one, and with thousands of streams open, larger buffers were most of the memory.
 const READ_RESERVE: usize = 4 * 1024;
 
-/// Less room than this and the buffer grows before the read. Low enough that a stream's small
-/// buffer (see `proxy::relay`) holding half an event does not double.
-const MIN_READ: usize = 1024;
-
 /// Reads once, appending to `buf`. Returns the number of bytes read (0 = EOF).
 pub async fn read_more<R: AsyncReadRent>(
     io: &mut R,
     mut buf: BytesMut,
 ) -> (std::io::Result<usize>, BytesMut) {
-    if buf.capacity() - buf.len() < MIN_READ {
+    if buf.capacity() - buf.len() < READ_RESERVE / 2 {
         buf.reserve(READ_RESERVE);
     }
     let len = buf.len();
