@@ -19,7 +19,7 @@ use monoio::net::{TcpListener, TcpStream};
 use crate::admission::ConnectionSlot;
 use crate::error::ProxyError;
 use crate::http1::head::{BodyFraming, Head, HeadError, ParseStatus};
-use crate::http1::io::read_more;
+use crate::http1::io::{read_more, take_copy};
 use crate::http1::ChunkedDecoder;
 use crate::proxy;
 use crate::reject::Reason;
@@ -268,12 +268,10 @@ async fn read_body(worker: &Worker, d: &mut Downstream, head: &Head) -> Result<B
             while d.buf.len() < n {
                 read_some(d, deadline).await?;
             }
-            // Small bodies are copied for the reason heads are (see `Head::parse_request`);
-            // a large one has grown the buffer for itself and takes that allocation along.
+            // Small bodies are copied, like heads (see `take_copy`); a large one has grown the
+            // buffer for itself and takes that allocation along.
             if n <= SMALL_BODY {
-                let body = Bytes::copy_from_slice(&d.buf[..n]);
-                bytes::Buf::advance(&mut d.buf, n);
-                Ok(body)
+                Ok(take_copy(&mut d.buf, n))
             } else {
                 Ok(d.buf.split_to(n).freeze())
             }

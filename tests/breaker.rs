@@ -57,15 +57,6 @@ fn transitions(m: &Mock, to: &str) -> String {
 }
 
 /// The value of the metric line starting with `prefix` (name and labels), if present.
-fn metric(proxy: &Proxy, prefix: &str) -> Option<f64> {
-    get(proxy.addr, "/metrics")
-        .text()
-        .lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 #[test]
 fn a_failing_backend_is_cut_off_then_probed_back_in() {
     let bad = Mock::start();

@@ -74,14 +74,9 @@ fn label(m: &Mock) -> String {
     format!("pool/{}", m.addr)
 }
 
-fn metric(proxy: &Proxy, line_start: &str) -> f64 {
-    get(proxy.addr, "/metrics")
-        .text()
-        .lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+/// A metric's value, 0 while its series does not exist yet.
+fn metric_or_zero(proxy: &Proxy, line_start: &str) -> f64 {
+    metric(proxy, line_start).unwrap_or(0.0)
 }
 
 #[test]
@@ -127,7 +122,7 @@ fn an_address_added_under_load_gets_traffic_within_an_interval() {
         "{m}"
     );
     assert!(
-        metric(
+        metric_or_zero(
             &proxy,
             "llmproxy_discovery_updates_total{result=\"changed\"}"
         ) >= 2.0
@@ -225,7 +220,7 @@ fn resolver_failures_keep_the_last_set_until_stale() {
     let load = Load::start(proxy.addr, 2, false);
     dns.set(Answer::Silent);
     let went_down = Instant::now();
-    assert!(eventually(Duration::from_secs(10), || metric(
+    assert!(eventually(Duration::from_secs(10), || metric_or_zero(
         &proxy,
         "llmproxy_discovery_updates_total{result=\"error\"}"
     ) >= 2.0));
@@ -243,7 +238,7 @@ fn resolver_failures_keep_the_last_set_until_stale() {
         backends(&proxy)
     );
     assert!(
-        metric(
+        metric_or_zero(
             &proxy,
             "llmproxy_discovery_updates_total{result=\"expired\"}"
         ) >= 1.0
@@ -278,14 +273,15 @@ fn least_load_scrapes_replicas_as_dns_adds_and_removes_them() {
             label(m)
         )
     };
-    assert!(eventually(Duration::from_secs(10), || metric(
+    assert!(eventually(Duration::from_secs(10), || metric_or_zero(
         &proxy,
         &up(a)
     ) == 1.0));
 
     dns.set(ips(&[a, b]));
     assert!(
-        eventually(Duration::from_secs(10), || metric(&proxy, &up(b)) == 1.0),
+        eventually(Duration::from_secs(10), || metric_or_zero(&proxy, &up(b))
+            == 1.0),
         "the discovered replica was never scraped; proxy output:\n{}",
         proxy.proc.output()
     );

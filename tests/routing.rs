@@ -12,15 +12,6 @@ fn requests(m: &Mock) -> u64 {
     m.stat("requests")
 }
 
-/// The value of the first line of the proxy's `/metrics` that starts with `prefix`.
-fn metric(proxy: &Proxy, prefix: &str) -> Option<f64> {
-    let text = get(proxy.addr, "/metrics").text();
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 fn post_chat(proxy: &Proxy, body: &str, headers: &[(&str, &str)]) -> Response {
     post_json(proxy.addr, "/v1/chat/completions", body, headers)
 }

@@ -71,16 +71,6 @@ fn offset(base: &[u8], part: &[u8]) -> Range<usize> {
     }
 }
 
-/// The first `len` bytes of `buf` as the head's own copy, consumed from `buf`. A copy, not a
-/// split: a split would share the read buffer's allocation for as long as the head lives (the
-/// whole request or stream), so the next read needed a fresh buffer — a second page per open
-/// stream on each side, and a page allocated per request.
-fn take_head(buf: &mut bytes::BytesMut, len: usize) -> bytes::Bytes {
-    let raw = bytes::Bytes::copy_from_slice(&buf[..len]);
-    bytes::Buf::advance(buf, len);
-    raw
-}
-
 impl Head {
     /// Parses a request head from the front of `buf`. On success the head's bytes are split off
     /// `buf` (the caller keeps what follows: body or the next pipelined request).
@@ -103,7 +93,7 @@ impl Head {
         let known_method = known_method(req.method.unwrap_or(""));
         let target_str: Box<str> = req.path.unwrap_or("").into();
         let path_len = memchr::memchr(b'?', target_str.as_bytes()).unwrap_or(target_str.len());
-        let raw = take_head(buf, len);
+        let raw = crate::http1::io::take_copy(buf, len);
         Ok(ParseStatus::Complete(Head {
             raw,
             first: method,
@@ -134,7 +124,7 @@ impl Head {
             .iter()
             .map(|h| (offset(base, h.name.as_bytes()), offset(base, h.value)))
             .collect();
-        let raw = take_head(buf, len);
+        let raw = crate::http1::io::take_copy(buf, len);
         Ok(ParseStatus::Complete(Head {
             raw,
             first: reason,

@@ -1,6 +1,6 @@
 //! Socket helpers shared by the downstream and upstream sides.
 
-use bytes::BytesMut;
+use bytes::{Buf, Bytes, BytesMut};
 use monoio::buf::SliceMut;
 use monoio::io::AsyncReadRent;
 
@@ -21,4 +21,14 @@ pub async fn read_more<R: AsyncReadRent>(
     let cap = buf.capacity();
     let (res, slice) = io.read(SliceMut::new(buf, len, cap)).await;
     (res, slice.into_inner())
+}
+
+/// The first `n` bytes of `buf` as their own allocation, consumed from `buf`. A copy, not a
+/// split: a split shares the read buffer's allocation for as long as the part lives (a head or
+/// body lives for the whole request or stream), so the next read needed a fresh buffer — a
+/// second page per open stream on each side, and a page allocated per request.
+pub fn take_copy(buf: &mut BytesMut, n: usize) -> Bytes {
+    let part = Bytes::copy_from_slice(&buf[..n]);
+    buf.advance(n);
+    part
 }

@@ -491,6 +491,16 @@ pub fn post_raw(path: &str, body: &str, headers: &[(&str, &str)], close: bool) -
     raw
 }
 
+/// The value of the first line of the proxy's `/metrics` that starts with `prefix`.
+pub fn metric(proxy: &Proxy, prefix: &str) -> Option<f64> {
+    get(proxy.addr, "/metrics")
+        .text()
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
 /// Sends `n` non-streamed chat requests one after another; every one must be answered 200.
 pub fn chats_ok(addr: SocketAddr, n: usize) {
     for i in 0..n {
