@@ -19,13 +19,13 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 
-use llmproxy::balance::{Balancer, Inputs, LoadView};
 use llmproxy::config::{Config, Strategy};
-use llmproxy::engine::{EngineLoad, EngineView, Reading};
 use llmproxy::http1::{Head, ParseStatus};
-use llmproxy::metrics::{LocalMetrics, Metrics};
+use llmproxy::openai::tap::{Kind, Tap, Usage};
 use llmproxy::openai::{inject_include_usage, inspect};
-use llmproxy::usage::{Kind, Tap, Usage};
+use llmproxy::telemetry::metrics::{LocalMetrics, Metrics};
+use llmproxy::worker::balance::{Balancer, Inputs, LoadView};
+use llmproxy::worker::engine::{EngineLoad, EngineView, Reading};
 
 const CHAT_PATH: &str = "/v1/chat/completions";
 const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";

@@ -1,4 +1,4 @@
-//! Routing simulation: how each strategy of `llmproxy::balance` (the real code, through the
+//! Routing simulation: how each strategy of `llmproxy::worker::balance` (the real code, through the
 //! library crate) does in front of a small GPU cluster serving multi-turn chats. Deterministic:
 //! the trace comes from a seeded RNG, the strategies' own randomness (`fastrand`) is seeded per
 //! run, and time is simulated, so the table is the same on every machine.
@@ -28,9 +28,9 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use llmproxy::balance::{mix64, Balancer, Inputs, LoadView, Params};
 use llmproxy::config::Strategy;
-use llmproxy::engine::{EngineLoad, EngineView, Reading};
+use llmproxy::worker::balance::{mix64, Balancer, Inputs, LoadView, Params};
+use llmproxy::worker::engine::{EngineLoad, EngineView, Reading};
 
 const SEED: u64 = 0x5eed_2026;
 const BACKENDS: usize = 4;
@@ -268,7 +268,7 @@ struct Outcome {
 fn run(strategy: Strategy, sessions: &[Session]) -> Outcome {
     fastrand::seed(SEED);
     let ids: Vec<u64> = (0..BACKENDS)
-        .map(|i| llmproxy::balance::hash_bytes(format!("http://gpu-{i}:8000").as_bytes()))
+        .map(|i| llmproxy::worker::balance::hash_bytes(format!("http://gpu-{i}:8000").as_bytes()))
         .collect();
     let balancer = Balancer::with(strategy, vec![1; BACKENDS], ids, Params::default());
     let view = LoadView::new(0, 1, BACKENDS);

@@ -35,10 +35,11 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use llmproxy::auth::key_id;
 use llmproxy::config::{Config, HookFormat, Usage as UsageConfig, UsageHook};
-use llmproxy::metrics::Metrics;
+use llmproxy::telemetry::metrics::Metrics;
 use llmproxy::usage::deliver::Delivery;
-use llmproxy::usage::{key_id, new_event_id, CoreSender, UsageEvent, CHANNEL_CAPACITY};
+use llmproxy::usage::{new_event_id, CoreSender, UsageEvent, CHANNEL_CAPACITY};
 
 const BATCH_MAX: usize = 100;
 const FLUSH_INTERVAL: Duration = Duration::from_millis(50);

@@ -4,8 +4,8 @@
 
 use std::fmt::Write;
 
-use crate::ratelimit::Exceeded;
-use crate::reject::Reason;
+use crate::auth::ratelimit::Exceeded;
+use crate::telemetry::reject::Reason;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -223,9 +223,46 @@ impl ProxyError {
         }
     }
 
+    /// What this failure says about the backend, for its circuit breaker. Every error on the way
+    /// to a response head or in the body is about the backend, except our own bugs and the
+    /// client's doing.
+    pub fn verdict(&self) -> Verdict {
+        use ProxyError::*;
+        match self {
+            UpstreamConnect(_)
+            | UpstreamConnectTimeout
+            | UpstreamClosed(_)
+            | FirstByteTimeout(_)
+            | UpstreamProtocol(_) => Verdict::Fault,
+            UpstreamStatus(s) => Verdict::of_status(*s),
+            _ => Verdict::Ok,
+        }
+    }
+
     /// `{"error": {"message", "type", "code"}}`.
     pub fn body(&self) -> Vec<u8> {
         error_body(&self.to_string(), self.kind(), self.code())
+    }
+}
+
+/// What one upstream exchange says about the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// It answered (any status below 500, or a 5xx the breaker ignores).
+    Ok,
+    /// 429 or 503: working but overloaded; neither a fault nor a success for the streak.
+    Backpressure,
+    /// Connect error, reset, read error, timeout before the first byte, 5xx.
+    Fault,
+}
+
+impl Verdict {
+    pub fn of_status(status: u16) -> Verdict {
+        match status {
+            429 | 503 => Verdict::Backpressure,
+            500..=599 => Verdict::Fault,
+            _ => Verdict::Ok,
+        }
     }
 }
 
@@ -277,5 +314,28 @@ mod tests {
         assert!(ProxyError::UpstreamConnectTimeout.retryable());
         assert!(!ProxyError::FirstByteTimeout(std::time::Duration::from_secs(1)).retryable());
         assert!(!ProxyError::BadRequest("x".into()).retryable());
+    }
+
+    #[test]
+    fn verdicts_count_faults_not_client_errors_or_backpressure() {
+        for s in [500, 501, 502, 504, 599] {
+            assert_eq!(Verdict::of_status(s), Verdict::Fault, "{s}");
+        }
+        for s in [429, 503] {
+            assert_eq!(Verdict::of_status(s), Verdict::Backpressure, "{s}");
+        }
+        for s in [200, 204, 301, 400, 401, 404, 413, 422] {
+            assert_eq!(Verdict::of_status(s), Verdict::Ok, "{s}");
+        }
+        let timeout = ProxyError::FirstByteTimeout(std::time::Duration::from_secs(1));
+        assert_eq!(timeout.verdict(), Verdict::Fault);
+        let reset = ProxyError::UpstreamClosed("reset".into());
+        assert_eq!(reset.verdict(), Verdict::Fault);
+        assert_eq!(ProxyError::UpstreamConnectTimeout.verdict(), Verdict::Fault);
+        assert_eq!(
+            ProxyError::UpstreamStatus(503).verdict(),
+            Verdict::Backpressure
+        );
+        assert_eq!(ProxyError::QueueFull.verdict(), Verdict::Ok);
     }
 }

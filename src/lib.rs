@@ -1,38 +1,27 @@
 //! llmproxy: a thread-per-core reverse proxy on io_uring for self-hosted LLM inference servers.
-//! The modules follow the path a request takes: `server` (accept, HTTP/1.1) → `route` → `balance`
-//! → `upstream` → `proxy` (stream back, account); `worker` is the state one core owns, `control`
-//! the messages between threads, `health` the probing thread (which also decides the per-backend
-//! circuit breakers of `breaker`).
+//!
+//! The tree shows the two sides. On a core (never blocks, `!Send`): `proxy` is one request in
+//! order (conn → request → pick → forward → relay → account), `worker` the state a core owns
+//! (load view, balancers, breakers, capacity queue, engine view). On the blocking threads:
+//! `control` (control plane, health and breaker board, discovery, scrapers, keys-file watcher, and
+//! the messages to the cores) and `usage` delivery. Below both: `backends` (the table both sides
+//! read), `capacity` (process-wide counters), `upstream` (backend connections and the per-core
+//! pool), `auth`, `openai`, `http1`, `config`, `telemetry`, `error`, `encode`.
 #![forbid(unsafe_code)]
 
-pub mod account;
-pub mod admission;
-pub mod affinity;
 pub mod auth;
 pub mod backends;
-pub mod balance;
-pub mod breaker;
+pub mod capacity;
 pub mod config;
 pub mod control;
-pub mod discovery;
-pub mod dns;
 pub mod encode;
-pub mod engine;
 pub mod error;
-pub mod health;
 pub mod http1;
-pub mod logging;
-pub mod metrics;
 pub mod mock;
 pub mod openai;
-pub mod plane;
 pub mod proxy;
-pub mod ratelimit;
-pub mod reject;
-pub mod reload;
-pub mod route;
 pub mod runtime;
-pub mod server;
+pub mod telemetry;
 pub mod upstream;
 pub mod usage;
 pub mod worker;

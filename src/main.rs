@@ -11,7 +11,8 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use llmproxy::config::{self, Config};
-use llmproxy::{logging, mock, runtime};
+use llmproxy::telemetry::logging;
+use llmproxy::{mock, runtime};
 
 /// Thread-per-core io_uring reverse proxy for self-hosted LLM inference servers
 /// (vLLM, TGI, SGLang, llama.cpp, any OpenAI-compatible server).

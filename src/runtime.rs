@@ -14,14 +14,13 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::admission::{Capacity, ConnectionLimit};
 use crate::auth::KeyStore;
+use crate::capacity::{Capacity, ConnectionLimit};
 use crate::config::{Config, IoDriver};
+use crate::control::plane::Plane;
 use crate::control::Broadcast;
 use crate::control::PlaneMsg;
-use crate::metrics::Metrics;
-use crate::plane::Plane;
-use crate::server;
+use crate::telemetry::metrics::Metrics;
 use crate::usage::deliver::Delivery;
 use crate::worker::{PaddedCount, Shared, Worker};
 
@@ -61,7 +60,7 @@ impl Running {
     }
 
     /// Re-reads the config file (SIGHUP); blocks until the control plane answers.
-    pub fn reload(&self) -> Result<crate::reload::Summary, String> {
+    pub fn reload(&self) -> Result<crate::control::Summary, String> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.shared
             .plane
@@ -193,7 +192,7 @@ pub fn start_with(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<Running>
         anyhow!("auth.keys_file {}: {e}", file.display())
     })?);
     if let Some(path) = &cfg.auth.keys_file {
-        crate::auth::watch(keys.clone(), path.clone(), cfg.auth.keys_file_poll)
+        crate::control::keys_watch::watch(keys.clone(), path.clone(), cfg.auth.keys_file_poll)
             .context("starting the keys_file watcher")?;
     }
     let shared = Arc::new(Shared {
@@ -218,7 +217,7 @@ pub fn start_with(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<Running>
     )
     .context("starting usage delivery")?;
     let stop_health = Arc::new(AtomicBool::new(false));
-    crate::health::spawn(
+    crate::control::health::spawn(
         table.clone(),
         broadcast.clone(),
         health_rx,
@@ -227,7 +226,7 @@ pub fn start_with(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<Running>
     )
     .context("starting the health thread")?;
     let (scrape_tx, scrape_rx) = crossbeam_channel::bounded(64);
-    crate::engine::scrape::spawn(
+    crate::control::engine::scrape::spawn(
         table.clone(),
         broadcast.clone(),
         shared.metrics.clone(),
@@ -326,9 +325,9 @@ pub fn start_with(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<Running>
                         }
                     });
                     if let Some(admin) = admin {
-                        monoio::spawn(server::accept_loop(worker.clone(), admin, true));
+                        monoio::spawn(crate::proxy::conn::accept_loop(worker.clone(), admin, true));
                     }
-                    server::accept_loop(worker, main, false).await;
+                    crate::proxy::conn::accept_loop(worker, main, false).await;
                     // Connections keep being served until the process exits after the drain.
                     std::future::pending::<()>().await;
                 });

@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use super::spool::{Batch, Spool, SpoolError};
 use super::UsageEvent;
 use crate::config::{HookFormat, Usage as UsageConfig, UsageHook};
-use crate::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 /// Log target for `usage.log: true` event lines.
 pub const USAGE_LOG: &str = "usage";

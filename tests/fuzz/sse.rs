@@ -5,7 +5,7 @@
 //! into reads; a tap that does not strip relays the body byte for byte; a stripping tap changes
 //! nothing in a stream that carries no usage.
 
-use llmproxy::usage::{Kind, Tap, Usage};
+use llmproxy::openai::tap::{Kind, Tap, Usage};
 
 use crate::engine::{cuts, feature, pieces, rng_for, Target};
 

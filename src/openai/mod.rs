@@ -6,6 +6,8 @@
 //! and how engines word a context-length error. The body is scanned once and never
 //! re-serialised, except to add `include_usage` to an existing `stream_options` (rare).
 
+pub mod tap;
+
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -15,9 +17,9 @@ use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
-use crate::balance::hash_bytes;
 use crate::error::ProxyError;
-use crate::usage::Kind;
+use crate::openai::tap::Kind;
+use crate::worker::balance::hash_bytes;
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RequestInfo {

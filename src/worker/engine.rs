@@ -1,36 +1,16 @@
-//! Engine load: what an inference server says about itself on its Prometheus `/metrics` (queue
-//! depth, running batch, KV-cache use), scraped by a dedicated thread (`scrape`) and parsed by a
-//! small text-format reader (`prom`). Each core keeps the latest reading per backend in its own
-//! `EngineView`, fed by `ControlMsg::Engine`; a reading older than `routing.metrics_stale_after`
-//! is ignored so a backend whose metrics go silent is judged by in-flight counts alone.
+//! Engine load, as the cores see it: each core keeps the latest reading per backend in its own
+//! `EngineView`, fed by `ControlMsg::Engine` from the scraper thread (`control::engine`); a reading
+//! older than `routing.metrics_stale_after` is ignored so a backend whose metrics go silent is
+//! judged by in-flight counts alone.
 //!
 //! Must never block a core: the view is plain `Cell`s read at pick time. It is indexed by backend
 //! slot and follows the backend table: the worker resizes it and clears a slot whose backend
 //! changed, and drops readings about a backend id that no longer holds the slot.
 
-pub mod prom;
-pub mod scrape;
-
 use std::cell::{Cell, RefCell};
 use std::time::{Duration, Instant};
 
-/// One backend's load as its engine reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub struct EngineLoad {
-    /// Requests queued inside the engine, not yet scheduled.
-    pub waiting: f64,
-    /// Requests in the running batch.
-    pub running: f64,
-    /// KV-cache use in 0..=1, when the engine reports it (TGI does not).
-    pub kv_usage: Option<f64>,
-}
-
-/// A reading and the moment it was taken (on the scraper thread; `Instant` is process-wide).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Reading {
-    pub load: EngineLoad,
-    pub at: Instant,
-}
+pub use crate::control::engine::{EngineLoad, Reading};
 
 /// One core's latest engine readings, by backend slot.
 pub struct EngineView {

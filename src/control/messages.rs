@@ -9,9 +9,10 @@
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
+use serde::Serialize;
 
 use crate::backends::BackendTable;
-use crate::breaker::{Phase, Report};
+use crate::worker::breaker::{Phase, Report};
 
 /// Bounded so a stalled core cannot make the others grow memory without limit. The bound is
 /// checked on send over an unbounded (block-list) channel, which allocates only for what is
@@ -47,7 +48,7 @@ pub enum ControlMsg {
     Engine {
         backend: usize,
         id: u64,
-        reading: crate::engine::Reading,
+        reading: crate::worker::engine::Reading,
     },
 }
 
@@ -71,7 +72,7 @@ pub enum PlaneMsg {
     Drained { core: usize, id: u64, version: u64 },
     /// Re-read the config file; the outcome goes to `reply`.
     Reload {
-        reply: Sender<Result<crate::reload::Summary, String>>,
+        reply: Sender<Result<Summary, String>>,
     },
 }
 
@@ -110,4 +111,16 @@ impl Broadcast {
     pub fn send_all(&self, msg: &ControlMsg) {
         self.send_others(None, msg)
     }
+}
+
+/// The outcome of a successful reload.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Summary {
+    /// The backend table version now in force.
+    pub version: u64,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub updated: Vec<String>,
+    /// Settings that changed in the file but need a restart (their running value is kept).
+    pub warnings: Vec<String>,
 }

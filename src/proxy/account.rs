@@ -7,10 +7,10 @@ use std::time::Instant;
 use crate::auth::Caller;
 use crate::encode;
 use crate::http1::Head;
-use crate::logging::ACCESS;
 use crate::openai::{self, RequestInfo};
+use crate::proxy::conn::Downstream;
 use crate::proxy::Outcome;
-use crate::server::Downstream;
+use crate::telemetry::logging::ACCESS;
 use crate::usage::{self, Usage, UsageEvent};
 use crate::worker::Worker;
 

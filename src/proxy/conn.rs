@@ -16,14 +16,14 @@ use bytes::{Bytes, BytesMut};
 use monoio::io::{AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
 use monoio::net::{TcpListener, TcpStream};
 
-use crate::admission::ConnectionSlot;
+use crate::auth::KeyIdCache;
+use crate::capacity::ConnectionSlot;
 use crate::error::ProxyError;
 use crate::http1::head::{BodyFraming, Head, HeadError, ParseStatus};
 use crate::http1::io::{read_more, take_copy};
 use crate::http1::ChunkedDecoder;
 use crate::proxy;
-use crate::reject::Reason;
-use crate::usage::KeyIdCache;
+use crate::telemetry::reject::Reason;
 use crate::worker::Worker;
 
 pub struct Downstream {

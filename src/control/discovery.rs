@@ -12,7 +12,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use crate::config::{self, Config};
-use crate::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 /// Bound on one lookup (per record type with a custom resolver).
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -189,7 +189,7 @@ fn lookup(resolver: Option<SocketAddr>, host: &str, port: u16) -> Result<Vec<Soc
         return Ok(vec![SocketAddr::new(ip, port)]);
     }
     match resolver {
-        Some(server) => crate::dns::lookup(server, host, LOOKUP_TIMEOUT).map(|ips| {
+        Some(server) => crate::control::dns::lookup(server, host, LOOKUP_TIMEOUT).map(|ips| {
             ips.into_iter()
                 .map(|ip| SocketAddr::new(ip, port))
                 .collect()

@@ -3,10 +3,10 @@
 //! the conversation — hashed to 64 bits. Requests of one session (or sharing a prompt prefix)
 //! get the same key, so they return to the replica whose KV cache already holds their prefix.
 
-use crate::balance::hash_bytes;
 use crate::config::HashKey;
 use crate::http1::head::Head;
 use crate::openai::RequestInfo;
+use crate::worker::balance::hash_bytes;
 
 /// The key, or `None` when no configured source is present.
 pub fn key(sources: &[HashKey], head: &Head, info: &RequestInfo) -> Option<u64> {

@@ -3,6 +3,11 @@
 //! backend; after that, never. While the upstream works, the client socket is watched: a client
 //! that goes away drops the upstream connection at once, which is what stops the GPU.
 
+pub mod account;
+pub mod admin;
+pub mod affinity;
+pub mod conn;
+
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::rc::Rc;
@@ -15,23 +20,22 @@ use monoio::io::{
 };
 use monoio::net::TcpStream;
 
-use crate::account::{account, Done};
-use crate::admission;
-use crate::affinity;
 use crate::auth::Caller;
+use crate::backends::route::{Local, Route};
 use crate::backends::{BackendTable, Entry};
-use crate::breaker::Verdict;
 use crate::error::ProxyError;
+use crate::error::Verdict;
 use crate::http1::head::{BodyFraming, Head};
 use crate::http1::headers::forwardable;
 use crate::http1::io::read_more;
 use crate::http1::{write, ChunkedDecoder};
-use crate::metrics::ModelIdx;
+use crate::openai::tap::{Kind as UsageKind, Tap};
 use crate::openai::{self, RequestInfo};
-use crate::route::{Local, Route};
-use crate::server::Downstream;
+use crate::proxy::account::{account, Done};
+use crate::proxy::conn::Downstream;
+use crate::telemetry::metrics::ModelIdx;
 use crate::upstream::{self, UpConn};
-use crate::usage::{Kind as UsageKind, Tap};
+use crate::worker::capacity;
 use crate::worker::{InflightGuard, Worker};
 
 /// How long an exchange runs before the client socket is watched for a disconnect. Bounds the
@@ -126,7 +130,7 @@ pub async fn handle(
     let table = w.table();
     if let Some(local) = local_route(w, d, &head) {
         let (status, ctype, payload) = match local {
-            Local::Reload => crate::reload::admin(w).await,
+            Local::Reload => crate::proxy::admin::reload(w).await,
             _ => local_response(w, local),
         };
         let keep = respond(d, status, ctype, payload, &request_id, close, &head, None).await;
@@ -386,8 +390,10 @@ async fn forward_with_fallbacks<'a>(
         x.injected.set(*injected);
         x.may_fall_back.set(i + 1 < fallbacks.len());
         let balancer = w.balancer_for(next.route.pool);
-        w.decisions
-            .record(balancer.strategy(), crate::balance::Reason::FallbackModel);
+        w.decisions.record(
+            balancer.strategy(),
+            crate::worker::balance::Reason::FallbackModel,
+        );
         // Boxed: a fallback is rare, and a second inline `forward` state would double the size
         // of every request's future (it is moved, whole, several times per request).
         result = Box::pin(forward(w, x, next, wr)).await;
@@ -424,7 +430,7 @@ async fn forward(
         // core means picking again without it (bounded: each round rules one backend out).
         let picked = loop {
             let eligible = |i: usize| mask.get(i) == Some(&true) && !tried[i] && w.eligible(i);
-            match admission::pick(w, &balancer, x.affinity, eligible).await? {
+            match capacity::pick(w, &balancer, x.affinity, eligible).await? {
                 Some((b, permit)) if w.breakers.claim(b) => break Some((b, permit)),
                 Some((b, _)) => tried[b] = true,
                 None => break None,
@@ -446,7 +452,7 @@ async fn forward(
             b,
             match &sent {
                 Ok((_, resp)) => Verdict::of_status(resp.status),
-                Err(e) => Verdict::of_error(e),
+                Err(e) => e.verdict(),
             },
         );
         match sent {

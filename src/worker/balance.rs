@@ -11,7 +11,7 @@ use std::cell::{Cell, RefCell};
 use std::time::Instant;
 
 use crate::config::{Routing, Strategy};
-use crate::engine::{EngineLoad, EngineView};
+use crate::worker::engine::{EngineLoad, EngineView};
 
 /// Why a backend was chosen (a bounded label set).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -651,7 +651,7 @@ mod tests {
         }
     }
 
-    use crate::engine::{EngineLoad, EngineView, Reading};
+    use crate::worker::engine::{EngineLoad, EngineView, Reading};
     use std::time::Duration;
 
     fn engine(readings: &[Option<(f64, Option<f64>)>], at: Instant) -> EngineView {

@@ -14,8 +14,8 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::balance::LoadView;
 use crate::config::Config;
+use crate::worker::balance::LoadView;
 
 /// Model label for a model no backend is configured for.
 pub const OTHER: &str = "other";
@@ -48,7 +48,7 @@ pub struct Metrics {
     /// Usage events by what happened to them (delivered, retried, spooled, dead_lettered, dropped).
     pub usage_events: IntCounterVec,
     /// Requests and connections refused by auth, rates and capacity (`llmproxy_rejected_total`).
-    pub rejected: crate::reject::Rejections,
+    pub rejected: crate::telemetry::reject::Rejections,
     pub usage_spool_bytes: IntGauge,
     pub usage_delivery_seconds: Histogram,
     /// DNS discovery rounds by result: changed, unchanged, error, empty, expired.
@@ -200,7 +200,7 @@ impl Metrics {
             &["reason"],
         )?;
         registry.register(Box::new(rejected.clone()))?;
-        let rejected = crate::reject::Rejections::new(&rejected);
+        let rejected = crate::telemetry::reject::Rejections::new(&rejected);
         registry.register(Box::new(requests_total.clone()))?;
         registry.register(Box::new(latency_ms.clone()))?;
         registry.register(Box::new(duration_seconds.clone()))?;
@@ -461,7 +461,7 @@ impl LocalMetrics {
     }
 
     /// Tokens of one finished request.
-    pub fn tokens(&self, model: ModelIdx, u: &crate::usage::Usage) {
+    pub fn tokens(&self, model: ModelIdx, u: &crate::openai::tap::Usage) {
         let mut t = self.tokens.borrow_mut();
         let e = t.entry(model).or_insert([0; 4]);
         // Backends report these: absurd values saturate rather than overflow (a debug panic).
@@ -604,7 +604,7 @@ impl RoutingMetrics {
 
     /// Publishes one scrape of the backend labelled `name` (`None`: it failed, or it has not
     /// been scraped yet: the gauges read NaN until a scrape says otherwise).
-    pub fn engine_reading(&self, name: &str, load: Option<&crate::engine::EngineLoad>) {
+    pub fn engine_reading(&self, name: &str, load: Option<&crate::worker::engine::EngineLoad>) {
         let labels = [name];
         self.engine_up
             .with_label_values(&labels)
@@ -643,7 +643,7 @@ impl RoutingMetrics {
 /// One core's routing decision counts by (strategy, reason), folded into the registry on its
 /// tick: counting a pick touches only this core's memory and never allocates.
 pub struct LocalDecisions {
-    counts: RefCell<[[u64; crate::balance::Reason::ALL.len()]; STRATEGIES.len()]>,
+    counts: RefCell<[[u64; crate::worker::balance::Reason::ALL.len()]; STRATEGIES.len()]>,
 }
 
 const STRATEGIES: [crate::config::Strategy; 6] = [
@@ -658,13 +658,19 @@ const STRATEGIES: [crate::config::Strategy; 6] = [
 impl Default for LocalDecisions {
     fn default() -> Self {
         LocalDecisions {
-            counts: RefCell::new([[0; crate::balance::Reason::ALL.len()]; STRATEGIES.len()]),
+            counts: RefCell::new(
+                [[0; crate::worker::balance::Reason::ALL.len()]; STRATEGIES.len()],
+            ),
         }
     }
 }
 
 impl LocalDecisions {
-    pub fn record(&self, strategy: crate::config::Strategy, reason: crate::balance::Reason) {
+    pub fn record(
+        &self,
+        strategy: crate::config::Strategy,
+        reason: crate::worker::balance::Reason,
+    ) {
         let s = STRATEGIES.iter().position(|x| *x == strategy).unwrap_or(0);
         self.counts.borrow_mut()[s][reason.index()] += 1;
     }
@@ -677,7 +683,7 @@ impl LocalDecisions {
                     m.decisions
                         .with_label_values(&[
                             STRATEGIES[s].as_str(),
-                            crate::balance::Reason::ALL[r].as_str(),
+                            crate::worker::balance::Reason::ALL[r].as_str(),
                         ])
                         .inc_by(*n);
                     *n = 0;
@@ -696,7 +702,7 @@ mod tests {
         let cfg =
             Config::with_backends("127.0.0.1:0".parse().unwrap(), &["http://a:1".into()]).unwrap();
         let local = LocalMetrics::new(Arc::new(Metrics::new(&cfg, 1, "epoll").unwrap()), &cfg);
-        let huge = crate::usage::Usage {
+        let huge = crate::openai::tap::Usage {
             prompt_tokens: u64::MAX,
             completion_tokens: u64::MAX,
             total_tokens: u64::MAX,

@@ -13,19 +13,23 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Instant;
 
 use sha2::{Digest, Sha256};
+
+mod key_id;
+pub mod ratelimit;
+
+pub use key_id::{client_key, key_id, KeyIdCache};
 
 use crate::config::{ApiKey, Auth, KeyDigest};
 use crate::error::{AuthFailure, ProxyError};
 use crate::http1::Head;
-use crate::ratelimit::{retry_after_secs, Clock, KeyLimits};
-use crate::usage;
+use ratelimit::{retry_after_secs, Clock, KeyLimits};
 
 pub fn digest(key: &str) -> KeyDigest {
     Sha256::digest(key.as_bytes()).into()
@@ -239,7 +243,7 @@ impl CoreAuth {
         if !self.store.enabled {
             return Ok(Caller::Open);
         }
-        let Some(key) = usage::client_key(head).filter(|k| !k.is_empty()) else {
+        let Some(key) = client_key(head).filter(|k| !k.is_empty()) else {
             return Err(ProxyError::Unauthorized(AuthFailure::Missing));
         };
         let keys = self.keys();
@@ -270,9 +274,9 @@ impl Caller {
 
     /// The `key_id` of usage events and access lines: the key's name; with auth off, a hash of
     /// the key the client sent (on metered routes).
-    pub fn key_id(&self, head: &Head, metered: bool, cache: &usage::KeyIdCache) -> Option<String> {
+    pub fn key_id(&self, head: &Head, metered: bool, cache: &KeyIdCache) -> Option<String> {
         match self {
-            Caller::Open if metered => usage::client_key(head).map(|k| cache.key_id(k)),
+            Caller::Open if metered => client_key(head).map(|k| cache.key_id(k)),
             Caller::Key { .. } => self.entry().map(|e| e.name.to_string()),
             Caller::Open | Caller::Unknown => None,
         }
@@ -318,57 +322,6 @@ impl Caller {
             limits.charge_tokens(tokens);
         }
     }
-}
-
-/// What identifies a version of the keys file: a Secret update swaps a symlink (new inode), an
-/// edit changes size or mtime.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Stamp {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    mtime: Option<SystemTime>,
-}
-
-fn stamp(path: &Path) -> Option<Stamp> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path).ok()?;
-    Some(Stamp {
-        dev: m.dev(),
-        ino: m.ino(),
-        len: m.len(),
-        mtime: m.modified().ok(),
-    })
-}
-
-/// Starts the thread that re-reads `path` whenever it changes.
-pub fn watch(
-    store: Arc<KeyStore>,
-    path: PathBuf,
-    every: Duration,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("llmproxy-keys".into())
-        .spawn(move || {
-            // Unknown at first: the file may have changed since it was loaded at startup, so the
-            // first poll reads it once more.
-            let mut last = None;
-            loop {
-                std::thread::sleep(every);
-                let now = stamp(&path);
-                if now == last {
-                    continue;
-                }
-                last = now;
-                match store.reload_file(&path) {
-                    Ok(n) => log::info!("auth.keys_file {} reloaded: {n} keys", path.display()),
-                    Err(e) => log::error!(
-                        "auth.keys_file {}: {e}; keeping the previous keys",
-                        path.display()
-                    ),
-                }
-            }
-        })
 }
 
 #[cfg(test)]

@@ -7,6 +7,11 @@
 //! a message and is applied here, between requests, on the inbox drain. Requests hold an `Rc` of
 //! the table and config they started with, so a swap never pulls anything from under them.
 
+pub mod balance;
+pub mod breaker;
+pub mod capacity;
+pub mod engine;
+
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -15,17 +20,19 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::admission::{Capacity, ConnectionLimit, CoreCapacity};
 use crate::auth::{CoreAuth, KeyStore};
 use crate::backends::{BackendTable, State};
-use crate::balance::{self, Balancer, Inputs, LoadView, Member, Params, Pick};
-use crate::breaker::{CoreBreakers, Verdict};
+use crate::capacity::{Capacity, ConnectionLimit};
 use crate::config::Config;
 use crate::control::{Broadcast, ControlMsg, HealthReport, PlaneMsg};
-use crate::engine::EngineView;
-use crate::metrics::{LocalDecisions, LocalMetrics, Metrics};
+use crate::error::Verdict;
+use crate::telemetry::metrics::{LocalDecisions, LocalMetrics, Metrics};
 use crate::upstream::Pool;
 use crate::usage::{CoreSender, UsageEvent};
+use crate::worker::balance::{Balancer, Inputs, LoadView, Member, Params, Pick};
+use crate::worker::breaker::CoreBreakers;
+use crate::worker::capacity::CoreCapacity;
+use crate::worker::engine::EngineView;
 
 /// A counter on its own cache line, so cores updating their own never contend.
 #[repr(align(128))]
@@ -408,7 +415,7 @@ impl Worker {
             return;
         };
         let id = self.view.id(backend);
-        if report == crate::breaker::Report::Trip {
+        if report == crate::worker::breaker::Report::Trip {
             let table = self.table();
             let name = table.get(backend).map_or("?", |e| e.spec.name.as_str());
             log::warn!(
@@ -584,7 +591,7 @@ mod tests {
 
     #[test]
     fn breaker_trips_are_reported_and_a_reused_slot_starts_closed() {
-        use crate::breaker::{Phase, Report};
+        use crate::worker::breaker::{Phase, Report};
         let cfg = config(&["http://127.0.0.1:1", "http://127.0.0.1:2"]);
         let mut reg = registry(&cfg, 2);
         let (w, inbox, _plane, health) = worker_and_health(reg.publish(cfg.clone()));

@@ -24,10 +24,10 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use crate::backends::{BackendTable, Entry, State as BackendState};
-use crate::breaker::Board;
 use crate::config::HealthCheck;
+use crate::control::breakers::Board;
 use crate::control::{Broadcast, ControlMsg, HealthReport};
-use crate::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 #[derive(Debug, Clone)]
 struct State {

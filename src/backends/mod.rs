@@ -18,12 +18,14 @@
 //! pick (which scans all slots) without bound. Reuse is safe because a slot is only reused after
 //! all cores have drained it, and per-core state is reset whenever a slot's id changes.
 
+pub mod route;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::backends::route::RouteTable;
 use crate::config::{Config, Secret};
-use crate::route::RouteTable;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
@@ -326,7 +328,7 @@ impl Registry {
             .iter()
             .flatten()
             .flat_map(|e| e.spec.models.iter().flatten().cloned())
-            .chain(crate::metrics::configured_models(&config))
+            .chain(crate::telemetry::metrics::configured_models(&config))
             .collect();
         models.sort();
         models.dedup();

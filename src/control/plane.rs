@@ -19,13 +19,14 @@ use std::time::{Duration, Instant};
 use anyhow::anyhow;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
-use crate::admission::{Capacity, ConnectionLimit};
 use crate::backends::{desired, BackendTable, Changes, Registry};
+use crate::capacity::{Capacity, ConnectionLimit};
 use crate::config::Config;
+use crate::control::discovery::Discovery;
+use crate::control::reload::keep_restart_only;
+use crate::control::Summary;
 use crate::control::{Broadcast, ControlMsg, HealthReport, PlaneMsg};
-use crate::discovery::Discovery;
-use crate::metrics::Metrics;
-use crate::reload::{keep_restart_only, Summary};
+use crate::telemetry::metrics::Metrics;
 
 const RESEND: Duration = Duration::from_secs(1);
 /// Longest sleep between checks of the stop flag.

@@ -22,7 +22,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use super::{prom, Reading};
 use crate::backends::{BackendTable, Entry, State};
 use crate::control::{Broadcast, ControlMsg};
-use crate::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 /// Bodies beyond this are cut (vLLM's histograms make a few hundred KiB at most).
 const MAX_BODY: u64 = 4 << 20;

@@ -1,0 +1,155 @@
+//! Process-wide capacity counters, shared by the cores and the control plane: how many client
+//! connections the process holds (`limits.max_connections`) and how many requests each backend
+//! serves at once (`backends[].max_inflight`), plus the wait-queue bounds.
+//!
+//! Both counts are process-wide atomics: a connection or a request is counted once, whichever
+//! core took it, and the limit is exact (a failed increment is undone). Backends are addressed by
+//! their slot index in a table that may grow and change limits at run time (`set_limits`, from
+//! the control plane); each core caches the table (`worker::capacity`) and refreshes it only when
+//! its version moved, so with no limit configured the request path pays one atomic load.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use crate::config::Config;
+
+// ---------------------------------------------------------------------------------------------
+// Connections.
+
+/// Open client connections of the process (the admin listener's are not counted).
+pub struct ConnectionLimit {
+    max: AtomicUsize,
+    open: AtomicUsize,
+}
+
+impl ConnectionLimit {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(ConnectionLimit {
+            max: AtomicUsize::new(max),
+            open: AtomicUsize::new(0),
+        })
+    }
+
+    /// A slot for one more connection, or `None` when `max` are open.
+    pub fn try_open(self: &Arc<Self>) -> Option<ConnectionSlot> {
+        if self.open.fetch_add(1, Ordering::AcqRel) >= self.max() {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(ConnectionSlot(self.clone()))
+    }
+
+    pub fn max(&self) -> usize {
+        self.max.load(Ordering::Relaxed)
+    }
+
+    /// A new limit (config reload); connections above it are not closed, new ones wait for room.
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
+    }
+}
+
+/// Held by a connection's task for its whole life.
+pub struct ConnectionSlot(Arc<ConnectionLimit>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backend slots.
+
+/// One backend's in-flight count and limit, process-wide.
+#[derive(Default)]
+pub struct Gate {
+    /// 0 = unlimited.
+    pub(crate) limit: AtomicUsize,
+    pub(crate) used: AtomicUsize,
+}
+
+impl Gate {
+    pub(crate) fn has_room(&self) -> bool {
+        let limit = self.limit.load(Ordering::Relaxed);
+        limit == 0 || self.used.load(Ordering::Relaxed) < limit
+    }
+}
+
+/// The process-wide table of backend gates and the wait-queue bounds.
+pub struct Capacity {
+    pub(crate) gates: RwLock<Vec<Arc<Gate>>>,
+    pub(crate) version: AtomicU64,
+    pub(crate) queued: AtomicUsize,
+    pub(crate) queue_size: AtomicUsize,
+    queue_timeout_ms: AtomicU64,
+}
+
+impl Capacity {
+    pub fn new(limits: &[usize], queue_size: usize, queue_timeout: Duration) -> Arc<Self> {
+        let c = Capacity {
+            gates: RwLock::new(Vec::new()),
+            version: AtomicU64::new(0),
+            queued: AtomicUsize::new(0),
+            queue_size: AtomicUsize::new(0),
+            queue_timeout_ms: AtomicU64::new(0),
+        };
+        c.set_queue(queue_size, queue_timeout);
+        c.set_limits(limits);
+        Arc::new(c)
+    }
+
+    /// Queue bounds from the config; backend limits arrive with each backend table
+    /// (`set_limits`, by slot), since discovery decides which slot a backend has.
+    pub fn from_config(cfg: &Config) -> Arc<Self> {
+        Capacity::new(&[], cfg.limits.queue_size, cfg.limits.queue_timeout)
+    }
+
+    pub fn set_queue(&self, size: usize, timeout: Duration) {
+        self.queue_size.store(size, Ordering::Relaxed);
+        let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        self.queue_timeout_ms.store(ms, Ordering::Relaxed);
+    }
+
+    pub(crate) fn queue_timeout(&self) -> Duration {
+        Duration::from_millis(self.queue_timeout_ms.load(Ordering::Relaxed))
+    }
+
+    /// Sets the limit of every backend slot (index = slot id), growing the table as needed.
+    /// Requests in flight keep their count, so a lowered limit takes effect as they finish.
+    pub fn set_limits(&self, limits: &[usize]) {
+        let Ok(mut gates) = self.gates.write() else {
+            return;
+        };
+        while gates.len() < limits.len() {
+            gates.push(Arc::new(Gate::default()));
+        }
+        for (i, g) in gates.iter().enumerate() {
+            let limit = limits.get(i).copied().unwrap_or(0);
+            g.limit.store(limit, Ordering::Relaxed);
+        }
+        self.version.fetch_add(1, Ordering::Release);
+    }
+
+    /// Requests waiting for a slot, process-wide.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_limit_is_exact() {
+        let l = ConnectionLimit::new(2);
+        let a = l.try_open();
+        let b = l.try_open();
+        assert!(a.is_some() && b.is_some());
+        assert!(l.try_open().is_none());
+        drop(a);
+        assert!(l.try_open().is_some());
+    }
+}

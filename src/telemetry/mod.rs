@@ -1,0 +1,7 @@
+//! What the proxy tells its operators: Prometheus metrics, log lines (through a writer thread),
+//! and the counters of requests refused on purpose. A leaf: it takes plain numbers and names from
+//! the request path and imports nothing of it.
+
+pub mod logging;
+pub mod metrics;
+pub mod reject;
