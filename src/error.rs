@@ -39,6 +39,13 @@ pub enum ProxyError {
     IdleTimeout(std::time::Duration),
     #[error("upstream sent an invalid response: {0}")]
     UpstreamProtocol(String),
+    /// The response had started (its head went to the client), then the upstream closed the
+    /// connection before the body was complete.
+    #[error("upstream closed the connection mid-body")]
+    BodyClosed,
+    /// The response had started, then reading the body from the upstream failed.
+    #[error("upstream read failed mid-body: {0}")]
+    BodyRead(std::io::Error),
     /// Every backend tried answered 502/503 and no other was left.
     #[error("upstream answered {0}")]
     UpstreamStatus(u16),
@@ -93,7 +100,8 @@ impl ProxyError {
             RequestReadTimeout => 408,
             UnknownModel(_) | NotFound(_) => 404,
             NoHealthyBackend | Draining => 503,
-            UpstreamConnect(_) | UpstreamClosed(_) | UpstreamProtocol(_) | UpstreamStatus(_) => 502,
+            UpstreamConnect(_) | UpstreamClosed(_) | UpstreamProtocol(_) | UpstreamStatus(_)
+            | BodyClosed | BodyRead(_) => 502,
             UpstreamConnectTimeout | FirstByteTimeout(_) | IdleTimeout(_) | RequestTimeout => 504,
             Internal(_) => 500,
             Unauthorized(_) => 401,
@@ -134,7 +142,7 @@ impl ProxyError {
             Draining => "shutting_down",
             UpstreamConnect(_) => "upstream_connect_error",
             UpstreamConnectTimeout => "upstream_connect_timeout",
-            UpstreamClosed(_) => "upstream_closed",
+            UpstreamClosed(_) | BodyClosed | BodyRead(_) => "upstream_closed",
             FirstByteTimeout(_) | IdleTimeout(_) => "upstream_timeout",
             UpstreamProtocol(_) => "upstream_protocol_error",
             UpstreamStatus(_) => "upstream_unavailable",
@@ -223,25 +231,75 @@ impl ProxyError {
         }
     }
 
-    /// What this failure says about the backend, for its circuit breaker. Every error on the way
-    /// to a response head or in the body is about the backend, except our own bugs and the
-    /// client's doing.
-    pub fn verdict(&self) -> Verdict {
+    /// What this failure says about the backend, for its circuit breaker; `None` when it says
+    /// nothing (the client's doing, our own limits, a stream that paused longer than
+    /// `timeouts.idle`, which a working engine may do).
+    pub fn verdict(&self) -> Option<Verdict> {
         use ProxyError::*;
         match self {
             UpstreamConnect(_)
             | UpstreamConnectTimeout
             | UpstreamClosed(_)
             | FirstByteTimeout(_)
-            | UpstreamProtocol(_) => Verdict::Fault,
-            UpstreamStatus(s) => Verdict::of_status(*s),
-            _ => Verdict::Ok,
+            | UpstreamProtocol(_)
+            | BodyClosed
+            | BodyRead(_) => Some(Verdict::Fault),
+            UpstreamStatus(s) => Some(Verdict::of_status(*s)),
+            _ => None,
+        }
+    }
+
+    /// The `kind` label of `llmproxy_upstream_errors_total`; `None` for failures that are not
+    /// the upstream's. Before the response head it is the client-facing code; after it, the
+    /// label says that the response was cut, since the client saw a 200 and not this code.
+    pub fn upstream_kind(&self) -> Option<&'static str> {
+        use ProxyError::*;
+        match self {
+            BodyClosed => Some("upstream_closed_mid_body"),
+            BodyRead(_) => Some("upstream_read_error"),
+            IdleTimeout(_) => Some("upstream_idle_timeout"),
+            UpstreamConnect(_)
+            | UpstreamConnectTimeout
+            | UpstreamClosed(_)
+            | FirstByteTimeout(_)
+            | UpstreamProtocol(_)
+            | UpstreamStatus(_) => Some(self.code()),
+            _ => None,
+        }
+    }
+
+    /// How a request that failed this way ends in its usage event and access line.
+    pub fn outcome(&self) -> Outcome {
+        if self.is_timeout() {
+            Outcome::Timeout
+        } else {
+            Outcome::UpstreamError
         }
     }
 
     /// `{"error": {"message", "type", "code"}}`.
     pub fn body(&self) -> Vec<u8> {
         error_body(&self.to_string(), self.kind(), self.code())
+    }
+}
+
+/// How a proxied exchange ended, for logs, metrics and usage events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    ClientAborted,
+    UpstreamError,
+    Timeout,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::ClientAborted => "client_aborted",
+            Outcome::UpstreamError => "upstream_error",
+            Outcome::Timeout => "timeout",
+        }
     }
 }
 
@@ -328,14 +386,112 @@ mod tests {
             assert_eq!(Verdict::of_status(s), Verdict::Ok, "{s}");
         }
         let timeout = ProxyError::FirstByteTimeout(std::time::Duration::from_secs(1));
-        assert_eq!(timeout.verdict(), Verdict::Fault);
+        assert_eq!(timeout.verdict(), Some(Verdict::Fault));
         let reset = ProxyError::UpstreamClosed("reset".into());
-        assert_eq!(reset.verdict(), Verdict::Fault);
-        assert_eq!(ProxyError::UpstreamConnectTimeout.verdict(), Verdict::Fault);
+        assert_eq!(reset.verdict(), Some(Verdict::Fault));
+        assert_eq!(
+            ProxyError::UpstreamConnectTimeout.verdict(),
+            Some(Verdict::Fault)
+        );
         assert_eq!(
             ProxyError::UpstreamStatus(503).verdict(),
-            Verdict::Backpressure
+            Some(Verdict::Backpressure)
         );
-        assert_eq!(ProxyError::QueueFull.verdict(), Verdict::Ok);
+        assert_eq!(ProxyError::QueueFull.verdict(), None);
+        assert_eq!(
+            ProxyError::IdleTimeout(std::time::Duration::from_secs(1)).verdict(),
+            None
+        );
+        assert_eq!(ProxyError::BodyClosed.verdict(), Some(Verdict::Fault));
+    }
+
+    /// Every `llmproxy_upstream_errors_total{kind}` value comes from here, and each is the
+    /// upstream's fault (counts toward its breaker) except a stream that went quiet.
+    #[test]
+    fn upstream_error_kinds_are_one_vocabulary() {
+        use std::time::Duration;
+        let io = || std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        let table: [(ProxyError, &str, Option<Verdict>, bool); 10] = [
+            (
+                ProxyError::UpstreamConnect(io()),
+                "upstream_connect_error",
+                Some(Verdict::Fault),
+                true,
+            ),
+            (
+                ProxyError::UpstreamConnectTimeout,
+                "upstream_connect_timeout",
+                Some(Verdict::Fault),
+                true,
+            ),
+            (
+                ProxyError::UpstreamClosed("eof".into()),
+                "upstream_closed",
+                Some(Verdict::Fault),
+                true,
+            ),
+            (
+                ProxyError::FirstByteTimeout(Duration::from_secs(1)),
+                "upstream_timeout",
+                Some(Verdict::Fault),
+                false,
+            ),
+            (
+                ProxyError::UpstreamProtocol("x".into()),
+                "upstream_protocol_error",
+                Some(Verdict::Fault),
+                false,
+            ),
+            (
+                ProxyError::UpstreamStatus(503),
+                "upstream_unavailable",
+                Some(Verdict::Backpressure),
+                false,
+            ),
+            (
+                ProxyError::UpstreamStatus(502),
+                "upstream_unavailable",
+                Some(Verdict::Fault),
+                false,
+            ),
+            (
+                ProxyError::BodyClosed,
+                "upstream_closed_mid_body",
+                Some(Verdict::Fault),
+                false,
+            ),
+            (
+                ProxyError::BodyRead(io()),
+                "upstream_read_error",
+                Some(Verdict::Fault),
+                false,
+            ),
+            (
+                ProxyError::IdleTimeout(Duration::from_secs(1)),
+                "upstream_idle_timeout",
+                None,
+                false,
+            ),
+        ];
+        for (e, kind, verdict, retryable) in table {
+            assert_eq!(e.upstream_kind(), Some(kind), "{e}");
+            assert_eq!(e.verdict(), verdict, "{e}");
+            assert_eq!(e.retryable(), retryable, "{e}");
+            assert!(e.status() >= 500, "{e}");
+        }
+        for e in [
+            ProxyError::QueueFull,
+            ProxyError::NoHealthyBackend,
+            ProxyError::RequestTimeout,
+            ProxyError::BadRequest("x".into()),
+        ] {
+            assert_eq!((e.upstream_kind(), e.verdict()), (None, None), "{e}");
+        }
+        assert_eq!(ProxyError::BodyClosed.code(), "upstream_closed");
+        assert_eq!(
+            ProxyError::IdleTimeout(Duration::from_secs(1)).outcome(),
+            Outcome::Timeout
+        );
+        assert_eq!(ProxyError::BodyClosed.outcome(), Outcome::UpstreamError);
     }
 }

@@ -16,6 +16,7 @@ pub mod config;
 pub mod control;
 pub mod encode;
 pub mod error;
+pub mod hash;
 pub mod http1;
 pub mod mock;
 pub mod openai;

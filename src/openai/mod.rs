@@ -18,8 +18,8 @@ use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
 use crate::error::ProxyError;
+use crate::hash::hash_bytes;
 use crate::openai::tap::Kind;
-use crate::worker::balance::hash_bytes;
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RequestInfo {

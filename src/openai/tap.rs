@@ -45,6 +45,14 @@ pub enum Kind {
     TgiSse,
 }
 
+impl Kind {
+    /// The tap may hold back and remove bytes (the usage-only event the proxy asked for), so the
+    /// body's length is not known until it ends.
+    pub fn holds_back(self) -> bool {
+        matches!(self, Kind::OpenAiSse { strip: true })
+    }
+}
+
 #[derive(Deserialize)]
 struct UsageJson {
     #[serde(default, alias = "input_tokens")]
@@ -216,7 +224,7 @@ impl Tap {
 
     /// Whether this tap may hold bytes back (only when it removes events).
     pub fn holds_back(&self) -> bool {
-        matches!(self.kind, Kind::OpenAiSse { strip: true })
+        self.kind.holds_back()
     }
 
     pub fn events(&self) -> u64 {

@@ -2,40 +2,53 @@
 //! this records its metrics on the core, writes its access-log line and, for inference endpoints,
 //! emits its usage event. It is the only place that does any of the three, so they always agree.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crate::auth::Caller;
 use crate::encode;
-use crate::http1::Head;
+use crate::error::Outcome;
+use crate::openai::tap::Usage;
 use crate::openai::{self, RequestInfo};
 use crate::proxy::conn::Downstream;
-use crate::proxy::Outcome;
+use crate::proxy::request::Request;
 use crate::telemetry::logging::ACCESS;
-use crate::usage::{self, Usage, UsageEvent};
+use crate::usage::{self, UsageEvent};
 use crate::worker::Worker;
 
 /// Everything known about a request once it is over.
-pub struct Done<'a> {
-    pub head: &'a Head,
-    pub request_id: &'a str,
+pub(crate) struct Done<'a> {
+    pub req: &'a Request<'a>,
     pub info: Option<&'a RequestInfo>,
     pub status: u16,
     pub backend: Option<usize>,
     pub outcome: Outcome,
-    pub received: Instant,
     pub first_byte: Option<Instant>,
     pub usage: Option<Usage>,
-    pub caller: &'a Caller,
+}
+
+impl<'a> Done<'a> {
+    /// A request the proxy answered itself (locally, or refused).
+    pub fn answered(req: &'a Request<'a>, info: Option<&'a RequestInfo>, status: u16) -> Self {
+        Done {
+            req,
+            info,
+            status,
+            backend: None,
+            outcome: Outcome::Ok,
+            first_byte: None,
+            usage: None,
+        }
+    }
 }
 
 /// The one place a finished request is accounted for: metrics, the access log line and — for
 /// inference endpoints — the usage event.
-pub fn account(w: &Worker, d: &Downstream, f: Done<'_>) {
+pub(crate) fn account(w: &Worker, d: &Downstream, f: Done<'_>) {
     let cfg = w.config();
-    let elapsed = f.received.elapsed();
+    let req = f.req;
+    let elapsed = req.received.elapsed();
     let model = f.info.and_then(|i| i.model.as_deref());
     let is_stream = f.info.is_some_and(|i| i.stream);
-    let ttft = f.first_byte.map(|t| t.duration_since(f.received));
+    let ttft = f.first_byte.map(|t| t.duration_since(req.received));
     let model_idx = w.metrics.model_index(model);
     w.metrics.request(
         f.status,
@@ -46,7 +59,7 @@ pub fn account(w: &Worker, d: &Downstream, f: Done<'_>) {
     );
     if let Some(u) = &f.usage {
         w.metrics.tokens(model_idx, u);
-        f.caller
+        req.caller
             .charge_tokens(u.total_tokens.max(u.prompt_tokens + u.completion_tokens));
     }
     // The request still holds its in-flight guard, so its slot still holds its backend.
@@ -55,46 +68,14 @@ pub fn account(w: &Worker, d: &Downstream, f: Done<'_>) {
         .backend
         .and_then(|b| table.get(b))
         .map(|b| b.spec.url.as_str());
-    let head = f.head;
+    let head = req.head;
     let metered = openai::is_json_route(head.method(), head.path());
-    let key_id = f.caller.key_id(head, metered, &d.key_ids);
+    let key_id = req.caller.key_id(head, metered, &d.key_ids);
     if cfg.logging.access_log && log::log_enabled!(target: ACCESS, log::Level::Info) {
-        let u = f.usage.unwrap_or_default();
-        // Keys in sorted order, as the `serde_json::json!` map this replaced wrote them.
-        let mut line = String::with_capacity(384);
-        line.push_str("{\"backend\":");
-        encode::push_json_opt_str(&mut line, backend_url);
-        line.push_str(",\"client\":");
-        encode::push_json_str(&mut line, &d.peer.to_string());
-        line.push_str(",\"completion_tokens\":");
-        encode::push_u64(&mut line, u.completion_tokens);
-        line.push_str(",\"duration_ms\":");
-        encode::push_f64(&mut line, elapsed.as_secs_f64() * 1000.0);
-        line.push_str(",\"key_id\":");
-        encode::push_json_opt_str(&mut line, key_id.as_deref());
-        line.push_str(",\"method\":");
-        encode::push_json_str(&mut line, head.method());
-        line.push_str(",\"model\":");
-        encode::push_json_opt_str(&mut line, model);
-        line.push_str(",\"outcome\":");
-        encode::push_json_str(&mut line, f.outcome.as_str());
-        line.push_str(",\"path\":");
-        encode::push_json_str(&mut line, head.path());
-        line.push_str(",\"prompt_tokens\":");
-        encode::push_u64(&mut line, u.prompt_tokens);
-        line.push_str(",\"request_id\":");
-        encode::push_json_str(&mut line, f.request_id);
-        line.push_str(",\"status\":");
-        encode::push_u64(&mut line, u64::from(f.status));
-        line.push_str(",\"ttft_ms\":");
-        match ttft {
-            Some(t) => encode::push_f64(&mut line, t.as_secs_f64() * 1000.0),
-            None => line.push_str("null"),
-        }
-        line.push('}');
+        let line = access_line(d, &f, backend_url, key_id.as_deref(), elapsed, ttft);
         log::info!(target: ACCESS, "{line}");
     }
-    if !metered || !f.caller.billable() {
+    if !metered || !req.caller.billable() {
         return;
     }
     let identity = &cfg.usage.identity;
@@ -106,7 +87,7 @@ pub fn account(w: &Worker, d: &Downstream, f: Done<'_>) {
     let u = f.usage.unwrap_or_default();
     let event = UsageEvent {
         event_id: usage::new_event_id(),
-        request_id: f.request_id.to_string(),
+        request_id: req.id.clone(),
         timestamp: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
         model: model.map(str::to_owned),
         endpoint: head.path().to_string(),
@@ -137,4 +118,52 @@ pub fn account(w: &Worker, d: &Downstream, f: Done<'_>) {
             ev.total_tokens
         );
     }
+}
+
+/// The access-log line: one JSON object, keys in sorted order (as the `serde_json::json!` map
+/// this replaced wrote them), written without `core::fmt` (see `encode`).
+fn access_line(
+    d: &Downstream,
+    f: &Done<'_>,
+    backend_url: Option<&str>,
+    key_id: Option<&str>,
+    elapsed: Duration,
+    ttft: Option<Duration>,
+) -> String {
+    let (req, model) = (f.req, f.info.and_then(|i| i.model.as_deref()));
+    let head = req.head;
+    let u = f.usage.unwrap_or_default();
+    // Keys in sorted order, as the `serde_json::json!` map this replaced wrote them.
+    let mut line = String::with_capacity(384);
+    line.push_str("{\"backend\":");
+    encode::push_json_opt_str(&mut line, backend_url);
+    line.push_str(",\"client\":");
+    encode::push_json_str(&mut line, &d.peer.to_string());
+    line.push_str(",\"completion_tokens\":");
+    encode::push_u64(&mut line, u.completion_tokens);
+    line.push_str(",\"duration_ms\":");
+    encode::push_f64(&mut line, elapsed.as_secs_f64() * 1000.0);
+    line.push_str(",\"key_id\":");
+    encode::push_json_opt_str(&mut line, key_id);
+    line.push_str(",\"method\":");
+    encode::push_json_str(&mut line, head.method());
+    line.push_str(",\"model\":");
+    encode::push_json_opt_str(&mut line, model);
+    line.push_str(",\"outcome\":");
+    encode::push_json_str(&mut line, f.outcome.as_str());
+    line.push_str(",\"path\":");
+    encode::push_json_str(&mut line, head.path());
+    line.push_str(",\"prompt_tokens\":");
+    encode::push_u64(&mut line, u.prompt_tokens);
+    line.push_str(",\"request_id\":");
+    encode::push_json_str(&mut line, &req.id);
+    line.push_str(",\"status\":");
+    encode::push_u64(&mut line, u64::from(f.status));
+    line.push_str(",\"ttft_ms\":");
+    match ttft {
+        Some(t) => encode::push_f64(&mut line, t.as_secs_f64() * 1000.0),
+        None => line.push_str("null"),
+    }
+    line.push('}');
+    line
 }

@@ -2,19 +2,110 @@
 //! `/v1/models` and `POST /admin/reload` (which asks the control plane and polls for its answer,
 //! so the core never blocks on it).
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::backends::route::Local;
+use crate::backends::State;
 use crate::control::PlaneMsg;
-use crate::error::error_body;
-use crate::worker::Worker;
+use crate::error::{error_body, ProxyError};
+use crate::http1::head::Head;
+use crate::proxy::account::{account, Done};
+use crate::proxy::conn::{respond, Answer, Downstream};
+use crate::proxy::request::Request;
+use crate::worker::{PaddedCount, Worker};
 
 /// How long the admin endpoint waits for the control plane (it may be resolving names).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(10);
 
+/// The local endpoint `head` asks for, if any. `/metrics` is answered on the admin listener when
+/// there is one, else on the main listener.
+pub(crate) fn local_route(w: &Worker, d: &Downstream, head: &Head) -> Option<Local> {
+    let metrics_here = w.config().admin_listen.is_none() || d.admin;
+    w.table()
+        .routes
+        .local(head.method(), head.path(), metrics_here)
+}
+
+/// Answers a local endpoint and accounts for it; returns whether the connection stays open.
+pub(crate) async fn serve(w: &Worker, d: &mut Downstream, req: &Request<'_>, local: Local) -> bool {
+    let answer = match local {
+        Local::Reload => reload(w).await,
+        _ => answer(w, local),
+    };
+    let status = answer.status;
+    let keep = respond(d, req, answer, req.close).await;
+    account(w, d, Done::answered(req, None, status));
+    keep
+}
+
+/// What a local endpoint answers (`Reload` is asynchronous: see `reload`).
+fn answer(w: &Worker, local: Local) -> Answer {
+    match local {
+        Local::Health => health(w),
+        Local::Metrics => {
+            // This core's view is the freshest at hand; other cores flush on their tick.
+            w.drain_inbox();
+            w.metrics.flush(&w.view, true);
+            w.decisions.flush(&w.shared.metrics.routing);
+            let g = &w.shared.metrics;
+            let sum = |v: &[PaddedCount]| -> i64 {
+                v.iter().map(|c| c.0.load(Ordering::Relaxed) as i64).sum()
+            };
+            g.connections_active.set(sum(&w.shared.connections));
+            g.requests_inflight.set(sum(&w.shared.inflight));
+            g.requests_queued.set(w.shared.capacity.queued() as i64);
+            Answer {
+                content_type: "text/plain; version=0.0.4",
+                ..Answer::json(200, g.encode())
+            }
+        }
+        Local::Models => Answer::json(200, w.table().routes.models_body()),
+        Local::Reload => Answer::json(500, Vec::new()),
+        Local::AdminElsewhere => Answer::error(&ProxyError::NotFound(
+            "/admin/reload (POST, on the admin listener when admin_listen is set)".into(),
+        )),
+        Local::MetricsElsewhere => Answer::error(&ProxyError::NotFound(
+            "/metrics (served on the admin listener)".into(),
+        )),
+    }
+}
+
+/// `/health`: 200 while some active backend is up and the process is not draining; the body
+/// lists every backend with its state, health, breaker and in-flight count.
+fn health(w: &Worker) -> Answer {
+    w.drain_inbox();
+    let draining = w.shared.draining();
+    let table = w.table();
+    let backends: Vec<serde_json::Value> = table
+        .entries()
+        .map(|(i, e)| {
+            serde_json::json!({
+                "url": e.spec.url,
+                "name": e.spec.name,
+                "state": e.state.as_str(),
+                "up": w.view.is_up(i),
+                "breaker": w.breakers.phase(i).as_str(),
+                "inflight": w.view.load(i),
+            })
+        })
+        .collect();
+    let any_up = table
+        .entries()
+        .any(|(i, e)| e.state == State::Active && w.view.is_up(i));
+    let (status, state) = match (draining, any_up) {
+        (true, _) => (503, "draining"),
+        (false, false) => (503, "unavailable"),
+        (false, true) => (200, "ok"),
+    };
+    let body = serde_json::json!({"status": state, "backends": backends});
+    Answer::json(status, body.to_string().into_bytes())
+}
+
 /// `POST /admin/reload`: asks the control plane to reload and waits for its answer without
 /// blocking the core (the reply channel is polled).
-pub async fn reload(w: &Worker) -> (u16, &'static str, Vec<u8>) {
+async fn reload(w: &Worker) -> Answer {
     let (tx, rx) = crossbeam_channel::bounded(1);
     if w.shared
         .plane
@@ -28,7 +119,7 @@ pub async fn reload(w: &Worker) -> (u16, &'static str, Vec<u8>) {
         match rx.try_recv() {
             Ok(Ok(summary)) => {
                 let body = serde_json::json!({"status": "reloaded", "reload": summary});
-                return (200, "application/json", body.to_string().into_bytes());
+                return Answer::json(200, body.to_string().into_bytes());
             }
             Ok(Err(why)) => return failure(400, &why),
             Err(crossbeam_channel::TryRecvError::Disconnected) => {
@@ -43,11 +134,11 @@ pub async fn reload(w: &Worker) -> (u16, &'static str, Vec<u8>) {
     }
 }
 
-fn failure(status: u16, why: &str) -> (u16, &'static str, Vec<u8>) {
+fn failure(status: u16, why: &str) -> Answer {
     let body = error_body(
         &format!("reload rejected: {why}"),
         "invalid_request_error",
         "reload_failed",
     );
-    (status, "application/json", body)
+    Answer::json(status, body)
 }

@@ -4,9 +4,9 @@
 //! get the same key, so they return to the replica whose KV cache already holds their prefix.
 
 use crate::config::HashKey;
+use crate::hash::hash_bytes;
 use crate::http1::head::Head;
 use crate::openai::RequestInfo;
-use crate::worker::balance::hash_bytes;
 
 /// The key, or `None` when no configured source is present.
 pub fn key(sources: &[HashKey], head: &Head, info: &RequestInfo) -> Option<u64> {

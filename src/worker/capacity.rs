@@ -18,12 +18,9 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::capacity::{Capacity, Gate};
-use crate::error::ProxyError;
-use crate::worker::balance::Balancer;
-use crate::worker::Worker;
 
 /// One core's view of `Capacity`, and its queue of waiting requests.
 pub struct CoreCapacity {
@@ -33,14 +30,6 @@ pub struct CoreCapacity {
     /// Some gate has a limit: otherwise picking never looks at the gates.
     limited: Cell<bool>,
     waiters: RefCell<VecDeque<Rc<Waiter>>>,
-}
-
-/// Outcome of one attempt to pick a backend with room.
-enum Pick {
-    Got(usize, Option<Permit>),
-    /// Eligible backends exist but all are at their limit.
-    AllFull,
-    NoneEligible,
 }
 
 impl CoreCapacity {
@@ -56,7 +45,8 @@ impl CoreCapacity {
         Rc::new(core)
     }
 
-    fn refresh(&self) {
+    /// Follows the process-wide gate table when its version moved.
+    pub(crate) fn refresh(&self) {
         let v = self.shared.version.load(Ordering::Acquire);
         if v == self.version.get() {
             return;
@@ -69,7 +59,7 @@ impl CoreCapacity {
         }
     }
 
-    fn has_room(&self, backend: usize) -> bool {
+    pub(crate) fn has_room(&self, backend: usize) -> bool {
         self.gates
             .borrow()
             .get(backend)
@@ -77,7 +67,7 @@ impl CoreCapacity {
     }
 
     /// Takes a slot on `backend`: `Ok(None)` when it has no limit, `Err` when it is full.
-    fn acquire(self: &Rc<Self>, backend: usize) -> Result<Option<Permit>, ()> {
+    pub(crate) fn acquire(self: &Rc<Self>, backend: usize) -> Result<Option<Permit>, ()> {
         let gates = self.gates.borrow();
         let Some(gate) = gates.get(backend) else {
             return Ok(None);
@@ -94,41 +84,6 @@ impl CoreCapacity {
             core: self.clone(),
             gate: gate.clone(),
         }))
-    }
-
-    fn try_pick(
-        self: &Rc<Self>,
-        w: &Worker,
-        balancer: &Balancer,
-        key: Option<u64>,
-        eligible: &impl Fn(usize) -> bool,
-    ) -> Pick {
-        self.refresh();
-        if !self.limited.get() {
-            return match w.choose(balancer, key, eligible) {
-                Some(p) => {
-                    w.decisions.record(balancer.strategy(), p.reason);
-                    Pick::Got(p.backend, None)
-                }
-                None => Pick::NoneEligible,
-            };
-        }
-        // A gate may fill between the look and the increment (another core): try the next one,
-        // at most once per backend.
-        for _ in 0..=w.view.backends() {
-            let Some(p) = w.choose(balancer, key, |i| eligible(i) && self.has_room(i)) else {
-                break;
-            };
-            if let Ok(permit) = self.acquire(p.backend) {
-                w.decisions.record(balancer.strategy(), p.reason);
-                return Pick::Got(p.backend, permit);
-            }
-        }
-        if (0..w.view.backends()).any(eligible) {
-            Pick::AllFull
-        } else {
-            Pick::NoneEligible
-        }
     }
 
     /// Wakes the first waiter not woken yet after `after` (from the front when `None`).
@@ -157,6 +112,15 @@ impl CoreCapacity {
             .is_some_and(|w| Rc::ptr_eq(w, me))
     }
 
+    /// Some backend has a limit: otherwise a pick never looks at the gates.
+    pub(crate) fn limited(&self) -> bool {
+        self.limited.get()
+    }
+
+    pub(crate) fn queue_timeout(&self) -> Duration {
+        self.shared.queue_timeout()
+    }
+
     /// On the core's tick: slots may have freed on other cores.
     pub fn tick(&self) {
         if !self.waiters.borrow().is_empty() {
@@ -164,7 +128,8 @@ impl CoreCapacity {
         }
     }
 
-    fn enqueue(self: &Rc<Self>) -> Option<Ticket> {
+    /// A place in the queue, or `None` when the process-wide queue is full.
+    pub(crate) fn enqueue(self: &Rc<Self>) -> Option<Ticket> {
         let shared = &self.shared;
         let size = shared.queue_size.load(Ordering::Relaxed);
         if shared.queued.fetch_add(1, Ordering::AcqRel) >= size {
@@ -195,7 +160,7 @@ impl Drop for Permit {
 
 /// Why a waiter was woken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-enum Wake {
+pub(crate) enum Wake {
     #[default]
     None,
     /// It became the first of its core's queue: from now on it polls (see `POLL`).
@@ -222,19 +187,24 @@ impl Waiter {
 }
 
 /// A place in the core's wait queue; leaving it (any way) frees the place.
-struct Ticket {
+pub(crate) struct Ticket {
     core: Rc<CoreCapacity>,
     me: Rc<Waiter>,
 }
 
 impl Ticket {
     /// Resolves once woken; consumes the wake.
-    fn woken(&self) -> Woken<'_> {
+    pub(crate) fn woken(&self) -> Woken<'_> {
         Woken(&self.me)
     }
 
+    /// First in its core's queue: it must poll, since slots freed on other cores cannot wake it.
+    pub(crate) fn is_front(&self) -> bool {
+        self.core.is_front(&self.me)
+    }
+
     /// This waiter was woken and could not use the chance: offer it to the next one.
-    fn pass_on(&self) {
+    pub(crate) fn pass_on(&self) {
         self.core.wake_next(Some(&self.me));
     }
 }
@@ -261,7 +231,7 @@ impl Drop for Ticket {
     }
 }
 
-struct Woken<'a>(&'a Waiter);
+pub(crate) struct Woken<'a>(&'a Waiter);
 
 impl Future for Woken<'_> {
     type Output = Wake;
@@ -279,50 +249,7 @@ impl Future for Woken<'_> {
 
 /// How often the first waiter of a core looks for slots freed on other cores, which cannot wake
 /// it (the tick would, but only every 100 ms). One timer per core with waiters.
-const POLL: Duration = Duration::from_millis(5);
-
-/// Picks a backend with `balancer` (for a request with affinity `key`) among the `eligible` ones
-/// that have room, waiting in the queue while all are full. `Ok(None)`: no eligible backend at all (the caller's "no healthy backend").
-pub async fn pick(
-    w: &Worker,
-    balancer: &Balancer,
-    key: Option<u64>,
-    eligible: impl Fn(usize) -> bool,
-) -> Result<Option<(usize, Option<Permit>)>, ProxyError> {
-    let core = &w.capacity;
-    match core.try_pick(w, balancer, key, &eligible) {
-        Pick::Got(b, permit) => return Ok(Some((b, permit))),
-        Pick::NoneEligible => return Ok(None),
-        Pick::AllFull => {}
-    }
-    let Some(ticket) = core.enqueue() else {
-        return Err(ProxyError::QueueFull);
-    };
-    let timeout = core.shared.queue_timeout();
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(ProxyError::QueueTimeout(timeout));
-        }
-        let wait = if core.is_front(&ticket.me) {
-            left.min(POLL)
-        } else {
-            left
-        };
-        let wake = monoio::time::timeout(wait, ticket.woken())
-            .await
-            .unwrap_or(Wake::None);
-        w.drain_inbox();
-        match core.try_pick(w, balancer, key, &eligible) {
-            Pick::Got(b, permit) => return Ok(Some((b, permit))),
-            Pick::NoneEligible => return Ok(None),
-            // Only a baton goes round the queue: a poll or a nudge that finds nothing stays put.
-            Pick::AllFull if wake == Wake::Baton => ticket.pass_on(),
-            Pick::AllFull => {}
-        }
-    }
-}
+pub(crate) const POLL: Duration = Duration::from_millis(5);
 
 #[cfg(test)]
 mod tests {

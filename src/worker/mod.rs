@@ -11,6 +11,8 @@ pub mod balance;
 pub mod breaker;
 pub mod capacity;
 pub mod engine;
+#[cfg(test)]
+pub(crate) mod testing;
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -25,7 +27,7 @@ use crate::backends::{BackendTable, State};
 use crate::capacity::{Capacity, ConnectionLimit};
 use crate::config::Config;
 use crate::control::{Broadcast, ControlMsg, HealthReport, PlaneMsg};
-use crate::error::Verdict;
+use crate::error::{ProxyError, Verdict};
 use crate::telemetry::metrics::{LocalDecisions, LocalMetrics, Metrics};
 use crate::upstream::Pool;
 use crate::usage::{CoreSender, UsageEvent};
@@ -396,6 +398,20 @@ impl Worker {
             .try_send(HealthReport::Unreachable { backend, id });
     }
 
+    /// An exchange with `backend` failed: counted by kind, fed to its breaker, and a backend that
+    /// cannot be reached is marked down at once (passive health). All three read the error.
+    pub fn upstream_failed(&self, backend: usize, e: &ProxyError) {
+        if let Some(kind) = e.upstream_kind() {
+            self.metrics.upstream_error(backend, kind);
+        }
+        if let Some(v) = e.verdict() {
+            self.outcome(backend, v);
+        }
+        if e.backend_unreachable() {
+            self.report_unreachable(backend);
+        }
+    }
+
     /// May a request go to `backend` now? Healthy, and its breaker lets requests through.
     pub fn eligible(&self, backend: usize) -> bool {
         self.view.is_up(backend) && self.breakers.eligible(backend)
@@ -526,68 +542,9 @@ impl Drop for ConnectionGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backends::{desired, Registry};
+    use crate::backends::desired;
 
-    fn config(urls: &[&str]) -> Arc<Config> {
-        let urls: Vec<String> = urls.iter().map(|u| u.to_string()).collect();
-        Arc::new(Config::with_backends("127.0.0.1:0".parse().unwrap(), &urls).unwrap())
-    }
-
-    fn registry(cfg: &Config, cores: usize) -> Registry {
-        let statics = cfg
-            .backends
-            .iter()
-            .map(|b| {
-                (
-                    b.url.clone(),
-                    format!("{}:{}", b.host, b.port).parse().unwrap(),
-                )
-            })
-            .collect();
-        Registry::new(cores, desired(cfg, &statics, &Default::default()))
-    }
-
-    /// Core 0 of two, with the other core's inbox and the plane's receiver.
-    fn worker(table: Arc<BackendTable>) -> (Rc<Worker>, Sender<ControlMsg>, Receiver<PlaneMsg>) {
-        let (w, inbox, plane, _health) = worker_and_health(table);
-        (w, inbox, plane)
-    }
-
-    /// Also returns what the core sends to the health thread.
-    fn worker_and_health(
-        table: Arc<BackendTable>,
-    ) -> (
-        Rc<Worker>,
-        Sender<ControlMsg>,
-        Receiver<PlaneMsg>,
-        Receiver<HealthReport>,
-    ) {
-        // The real inboxes are dropped: the test plays the other core and the plane.
-        let (peers, _inboxes) = Broadcast::new(2);
-        let (plane_tx, plane_rx) = crossbeam_channel::bounded(16);
-        let (health_tx, health_rx) = crossbeam_channel::bounded(16);
-        let (usage_tx, _usage_rx) = crossbeam_channel::bounded(16);
-        let shared = Arc::new(Shared {
-            config: table.config.clone(),
-            draining: AtomicBool::new(false),
-            inflight: (0..2).map(|_| PaddedCount::default()).collect(),
-            connections: (0..2).map(|_| PaddedCount::default()).collect(),
-            metrics: Arc::new(Metrics::new(&table.config, 2, "test").unwrap()),
-            plane: plane_tx,
-            keys: Arc::new(KeyStore::new(&table.config.auth).unwrap()),
-            connection_limit: ConnectionLimit::new(0),
-            capacity: Capacity::from_config(&table.config),
-        });
-        let (self_tx, self_rx) = crossbeam_channel::bounded(64);
-        let w = Worker::new(0, shared, self_rx, peers, health_tx, usage_tx, table);
-        (Rc::new(w), self_tx, plane_rx, health_rx)
-    }
-
-    fn statics(urls: &[&str]) -> std::collections::HashMap<String, std::net::SocketAddr> {
-        urls.iter()
-            .map(|u| (u.to_string(), u["http://".len()..].parse().unwrap()))
-            .collect()
-    }
+    use crate::worker::testing::*;
 
     #[test]
     fn breaker_trips_are_reported_and_a_reused_slot_starts_closed() {

@@ -1,0 +1,167 @@
+//! Step 5 of a request: sending it upstream. Each attempt picks a backend (`pick`), sends on a
+//! pooled keep-alive connection or a new one, and waits for the response head; a failure before
+//! the client saw a byte may be retried on another backend (connect errors, a connection closed
+//! before answering, a 502/503 answer while another backend is left), never after. When the
+//! request's model pool cannot serve at all, its fallback pools are tried in order.
+
+use std::rc::Rc;
+
+use monoio::io::OwnedWriteHalf;
+use monoio::net::TcpStream;
+
+use crate::error::{ProxyError, Verdict};
+use crate::http1::head::{BodyFraming, Head};
+use crate::openai;
+use crate::proxy::pick::{pick, Target, Tried};
+use crate::proxy::relay::{relay, Sent};
+use crate::proxy::request::{upstream_request, Exchange, Plan};
+use crate::upstream::{self, UpConn};
+use crate::worker::balance::Reason;
+use crate::worker::Worker;
+
+/// `forward` on the request's route, then on each fallback pool while the previous one had no
+/// healthy backend, could not be reached, or rejected the prompt as too long for its context.
+pub(crate) async fn forward_with_fallbacks<'a>(
+    w: &Rc<Worker>,
+    x: &Exchange<'a>,
+    plan: &'a Plan<'_>,
+    original: &'a [u8],
+    wr: &mut OwnedWriteHalf<TcpStream>,
+) -> Result<Sent, ProxyError> {
+    let mut result = forward(w, x, &plan.target, wr).await;
+    for (i, (next, body)) in plan.fallbacks.iter().enumerate() {
+        let why = match &result {
+            Err(_) if x.context_exceeded.get() => "the prompt exceeds its context",
+            Err(ProxyError::NoHealthyBackend) => "no healthy backend",
+            Err(e) if e.retryable() => "its backends failed",
+            _ => break,
+        };
+        log::info!(
+            "request {}: model pool cannot serve ({why}); falling back to {}",
+            x.request_id,
+            next.lookup.unwrap_or("?")
+        );
+        x.fall_back(original, body, i + 1 < plan.fallbacks.len());
+        let balancer = w.balancer_for(next.route.pool);
+        w.decisions
+            .record(balancer.strategy(), Reason::FallbackModel);
+        // Boxed: a fallback is rare, and a second inline `forward` state would double the size
+        // of every request's future (it is moved, whole, several times per request).
+        result = Box::pin(forward(w, x, next, wr)).await;
+    }
+    result
+}
+
+/// Tries backends until one answers (or attempts run out), then relays its response. Each
+/// attempt picks from the backend table in force at that moment (it may change between
+/// attempts: then the request is routed again).
+async fn forward(
+    w: &Rc<Worker>,
+    x: &Exchange<'_>,
+    target: &Target<'_>,
+    wr: &mut OwnedWriteHalf<TcpStream>,
+) -> Result<Sent, ProxyError> {
+    let attempts = w.config().retry.attempts;
+    let mut tried = Tried::default();
+    let mut last_err: Option<ProxyError> = None;
+    for attempt in 0..=attempts {
+        let mut lease = match pick(w, target, &mut tried).await {
+            Ok(lease) => lease,
+            Err(ProxyError::NoHealthyBackend) => break,
+            Err(e) => return Err(e),
+        };
+        let b = lease.backend();
+        x.backend.set(Some(b));
+        *x.in_flight.borrow_mut() = lease.take_in_flight();
+        // Never `None`: `pick` leases only backends of its table.
+        let Some(backend) = lease.entry() else {
+            break;
+        };
+        let request = upstream_request(x, backend);
+        let e = match send(w, b, backend.spec.addr, request).await {
+            Ok((mut conn, resp)) => {
+                w.outcome(b, Verdict::of_status(resp.status));
+                if matches!(resp.status, 502 | 503) && attempt < attempts && tried.any_left(w) {
+                    log::warn!(
+                        "request {}: backend {} answered {}; trying another",
+                        x.request_id,
+                        backend.spec.url,
+                        resp.status
+                    );
+                    w.metrics.retry(b);
+                    last_err = Some(ProxyError::UpstreamStatus(resp.status));
+                    continue;
+                }
+                if x.may_fall_back.get() && context_exceeded(w, x, &mut conn, &resp).await? {
+                    x.context_exceeded.set(true);
+                    return Err(ProxyError::UpstreamStatus(resp.status));
+                }
+                return relay(w, x, b, conn, resp, wr).await;
+            }
+            Err(e) => e,
+        };
+        log::warn!(
+            "request {}: backend {}: {e}",
+            x.request_id,
+            backend.spec.url
+        );
+        w.upstream_failed(b, &e);
+        if !e.retryable() {
+            return Err(e);
+        }
+        w.metrics.retry(b);
+        last_err = Some(e);
+    }
+    Err(last_err.unwrap_or(ProxyError::NoHealthyBackend))
+}
+
+/// Whether the response is an engine's "prompt longer than the context" error. Small
+/// fixed-length error bodies are read (and stay buffered for relaying if it is not).
+async fn context_exceeded(
+    w: &Worker,
+    x: &Exchange<'_>,
+    conn: &mut UpConn,
+    resp: &Head,
+) -> Result<bool, ProxyError> {
+    const MAX_ERROR_BODY: u64 = 64 * 1024;
+    if !openai::may_be_context_error(resp.status) {
+        return Ok(false);
+    }
+    match resp.response_framing(x.head.method()) {
+        Ok(BodyFraming::Length(n)) if n <= MAX_ERROR_BODY => {
+            let body = conn
+                .buffer_body(n as usize, w.config().timeouts.first_byte)
+                .await?;
+            Ok(openai::is_context_length_error(body))
+        }
+        _ => Ok(false),
+    }
+}
+
+/// Sends the request on a pooled connection (or a new one) and waits for the response head. A
+/// pooled connection that fails before any response byte may simply have been closed by the
+/// backend while idle: the request is sent once more on a fresh connection.
+async fn send(
+    w: &Worker,
+    backend: usize,
+    addr: std::net::SocketAddr,
+    request: Vec<u8>,
+) -> Result<(UpConn, Head), ProxyError> {
+    let t = &w.config().timeouts;
+    let mut conn = match w.pool.take(backend) {
+        Some(c) => c,
+        None => upstream::connect(addr, t.connect).await?,
+    };
+    let (res, request) = conn.exchange(request, t.first_byte).await;
+    match res {
+        Ok(head) => Ok((conn, head)),
+        Err(ProxyError::UpstreamClosed(why)) if conn.reused => {
+            log::debug!("pooled connection to backend {backend} was stale ({why}); reconnecting");
+            drop(conn);
+            let mut fresh = upstream::connect(addr, t.connect).await?;
+            let (res, _) = fresh.exchange(request, t.first_byte).await;
+            res.map(|head| (fresh, head))
+        }
+        Err(e) => Err(e),
+    }
+}

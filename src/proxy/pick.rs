@@ -1,0 +1,436 @@
+//! Step 4 of a request: choosing its backend. `pick` is the one place where the strategy, the
+//! capacity limits and the circuit breaker meet, and it returns one owned thing, a [`Lease`],
+//! that holds everything the choice took: the in-flight count (the load view every strategy
+//! reads), the `max_inflight` permit, the half-open breaker probe. Dropping the lease gives all of
+//! it back, so a request that fails, times out or loses its client (its future dropped, mid-queue
+//! included) can never leak a count, a permit or a probe.
+//!
+//! The order inside: the balancer chooses among the eligible backends (routed, healthy, breaker
+//! not open, not tried yet by this request) that have room; the permit is taken (a gate can fill
+//! between the look and the take on another core: then the next choice); the breaker's one
+//! process-wide probe is claimed (losing that race rules the backend out for this request and
+//! the balancer is asked again); only then is the decision counted. With every eligible backend
+//! full, the request waits in its core's queue (`worker::capacity`) within `queue_timeout`.
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::backends::route::Route;
+use crate::backends::{BackendTable, Entry};
+use crate::config::Strategy;
+use crate::error::ProxyError;
+use crate::worker::balance::{Balancer, Reason};
+use crate::worker::capacity::{Permit, Wake, POLL};
+use crate::worker::{InflightGuard, ProbeGuard, Worker};
+
+/// The backends a request may go to, as routed against the table in force when it arrived.
+#[derive(Clone, Copy)]
+pub(crate) struct Target<'a> {
+    pub table: &'a BackendTable,
+    pub route: Route<'a>,
+    /// The name routed by (the client's model, or a fallback pool's own name): a table change
+    /// between attempts routes it again.
+    pub lookup: Option<&'a str>,
+    /// The request's `consistent_hash` key.
+    pub affinity: Option<u64>,
+}
+
+/// Per backend slot, what this request may still do with it. One allocation per request, kept
+/// across attempts and fallback pools' routes alike.
+#[derive(Default)]
+pub(crate) struct Tried(Vec<Slot>);
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// Not routed for this target.
+    Out,
+    Candidate,
+    /// Given to this request once already (or lost to another core's probe): not again.
+    Tried,
+}
+
+impl Tried {
+    /// Routes to `mask` (the current table's route), keeping what was already tried.
+    fn fit(&mut self, mask: &[bool]) {
+        self.0.resize(mask.len(), Slot::Out);
+        for (s, &m) in self.0.iter_mut().zip(mask) {
+            if *s != Slot::Tried {
+                *s = if m { Slot::Candidate } else { Slot::Out };
+            }
+        }
+    }
+
+    fn candidate(&self, slot: usize) -> bool {
+        self.0.get(slot) == Some(&Slot::Candidate)
+    }
+
+    fn rule_out(&mut self, slot: usize) {
+        if let Some(s) = self.0.get_mut(slot) {
+            *s = Slot::Tried;
+        }
+    }
+
+    /// Some routed backend not tried yet is eligible right now (worth a retry).
+    pub fn any_left(&self, w: &Worker) -> bool {
+        (0..self.0.len()).any(|i| self.candidate(i) && w.eligible(i))
+    }
+}
+
+/// Everything one pick took on one backend. Field order is drop order: the probe and the
+/// in-flight count go back before the permit wakes the next waiter of the queue.
+pub(crate) struct Lease {
+    backend: usize,
+    /// The table the backend was picked from: `entry()` stays valid whatever reloads happen.
+    #[allow(clippy::redundant_allocation)]
+    table: Rc<Arc<BackendTable>>,
+    _probe: Option<ProbeGuard>,
+    in_flight: Option<InflightGuard>,
+    _permit: Option<Permit>,
+}
+
+impl Lease {
+    pub fn backend(&self) -> usize {
+        self.backend
+    }
+
+    pub fn entry(&self) -> Option<&Entry> {
+        self.table.get(self.backend)
+    }
+
+    /// The in-flight count, to be held until the request is accounted for: while it is held the
+    /// backend's slot cannot be freed and reused, so the slot number keeps naming this backend
+    /// in the usage event. The permit and the probe stay with the lease (one attempt).
+    pub fn take_in_flight(&mut self) -> Option<InflightGuard> {
+        self.in_flight.take()
+    }
+}
+
+/// Chooses a backend for `target` among those `tried` still allows, waiting for room when every
+/// eligible one is at `max_inflight`. `NoHealthyBackend` when none is left; `QueueFull` /
+/// `QueueTimeout` when waiting is not possible or took too long; `UnknownModel` when a reload
+/// since the request arrived removed its model.
+pub(crate) async fn pick(
+    w: &Rc<Worker>,
+    target: &Target<'_>,
+    tried: &mut Tried,
+) -> Result<Lease, ProxyError> {
+    w.drain_inbox();
+    let table = w.table();
+    let route = if table.version == target.table.version {
+        target.route
+    } else {
+        table.routes.route(target.lookup)?
+    };
+    // Pool balancers follow the newest table, which is `table` whenever a pool is used.
+    let balancer = w.balancer_for(route.pool);
+    tried.fit(route.mask);
+    loop {
+        let eligible = |i: usize| tried.candidate(i) && w.eligible(i);
+        let Some(taken) = take_or_wait(w, &balancer, target.affinity, eligible).await? else {
+            return Err(ProxyError::NoHealthyBackend);
+        };
+        if let Some(lease) = lease(w, &table, balancer.strategy(), taken, tried) {
+            return Ok(lease);
+        }
+    }
+}
+
+/// Turns a chosen backend into a lease, claiming its breaker probe when it is half-open. `None`
+/// when another core claimed the probe first: the backend is ruled out and the caller picks
+/// again (bounded: each round rules one backend out).
+#[allow(clippy::redundant_allocation)]
+fn lease(
+    w: &Rc<Worker>,
+    table: &Rc<Arc<BackendTable>>,
+    strategy: Strategy,
+    taken: Taken,
+    tried: &mut Tried,
+) -> Option<Lease> {
+    let b = taken.backend;
+    tried.rule_out(b);
+    if !w.breakers.claim(b) || table.get(b).is_none() {
+        return None;
+    }
+    w.decisions.record(strategy, taken.reason);
+    Some(Lease {
+        backend: b,
+        _probe: w.probe_guard(b),
+        in_flight: Some(w.begin(b)),
+        _permit: taken.permit,
+        table: table.clone(),
+    })
+}
+
+/// A backend the balancer chose and its permit.
+struct Taken {
+    backend: usize,
+    permit: Option<Permit>,
+    reason: Reason,
+}
+
+enum Attempt {
+    Got(Taken),
+    /// Eligible backends exist but all are at their limit.
+    AllFull,
+    NoneEligible,
+}
+
+/// One look for an eligible backend with room, taking its permit.
+fn try_take(
+    w: &Worker,
+    balancer: &Balancer,
+    key: Option<u64>,
+    eligible: &impl Fn(usize) -> bool,
+) -> Attempt {
+    let core = &w.capacity;
+    core.refresh();
+    if !core.limited() {
+        return match w.choose(balancer, key, eligible) {
+            Some(p) => Attempt::Got(Taken {
+                backend: p.backend,
+                permit: None,
+                reason: p.reason,
+            }),
+            None => Attempt::NoneEligible,
+        };
+    }
+    // A gate may fill between the look and the increment (another core): try the next one, at
+    // most once per backend.
+    for _ in 0..=w.view.backends() {
+        let Some(p) = w.choose(balancer, key, |i| eligible(i) && core.has_room(i)) else {
+            break;
+        };
+        if let Ok(permit) = core.acquire(p.backend) {
+            return Attempt::Got(Taken {
+                backend: p.backend,
+                permit,
+                reason: p.reason,
+            });
+        }
+    }
+    if (0..w.view.backends()).any(eligible) {
+        Attempt::AllFull
+    } else {
+        Attempt::NoneEligible
+    }
+}
+
+/// `try_take`, then, while every eligible backend is full, waiting in the core's queue.
+/// `Ok(None)`: no eligible backend at all.
+async fn take_or_wait(
+    w: &Worker,
+    balancer: &Balancer,
+    key: Option<u64>,
+    eligible: impl Fn(usize) -> bool,
+) -> Result<Option<Taken>, ProxyError> {
+    match try_take(w, balancer, key, &eligible) {
+        Attempt::Got(t) => return Ok(Some(t)),
+        Attempt::NoneEligible => return Ok(None),
+        Attempt::AllFull => {}
+    }
+    let core = &w.capacity;
+    let Some(ticket) = core.enqueue() else {
+        return Err(ProxyError::QueueFull);
+    };
+    let timeout = core.queue_timeout();
+    let deadline = Instant::now().checked_add(timeout);
+    loop {
+        let left = deadline.map_or(timeout, |d| d.saturating_duration_since(Instant::now()));
+        if left.is_zero() {
+            return Err(ProxyError::QueueTimeout(timeout));
+        }
+        let wait = if ticket.is_front() {
+            left.min(POLL)
+        } else {
+            left
+        };
+        let wake = monoio::time::timeout(wait, ticket.woken())
+            .await
+            .unwrap_or(Wake::None);
+        w.drain_inbox();
+        match try_take(w, balancer, key, &eligible) {
+            Attempt::Got(t) => return Ok(Some(t)),
+            Attempt::NoneEligible => return Ok(None),
+            // Only a baton goes round the queue: a poll or a nudge that finds nothing stays put.
+            Attempt::AllFull if wake == Wake::Baton => ticket.pass_on(),
+            Attempt::AllFull => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::task::{Context, Poll, Waker};
+
+    use super::*;
+    use crate::worker::breaker::Phase;
+    use crate::worker::testing::*;
+
+    /// Core 0 of two on backends 0..n (all up), with `limits` as their `max_inflight`.
+    fn core(n: usize, limits: &[usize]) -> Rc<Worker> {
+        let urls: Vec<String> = (1..=n).map(|p| format!("http://127.0.0.1:{p}")).collect();
+        let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+        let cfg = config(&urls);
+        let (w, _inbox, _plane) = worker(registry(&cfg, 2).publish(cfg.clone()));
+        w.shared.capacity.set_limits(limits);
+        w
+    }
+
+    fn run<F: std::future::Future>(f: F) -> F::Output {
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap();
+        rt.block_on(f)
+    }
+
+    /// Picks for a request without a model (every backend routed).
+    async fn pick_any(w: &Rc<Worker>, tried: &mut Tried) -> Result<Lease, ProxyError> {
+        let table = w.table();
+        let target = Target {
+            table: &table,
+            route: table.routes.route(None).unwrap(),
+            lookup: None,
+            affinity: None,
+        };
+        pick(w, &target, tried).await
+    }
+
+    fn half_open(w: &Worker, slot: usize) -> Arc<AtomicBool> {
+        let token = Arc::new(AtomicBool::new(false));
+        w.breakers
+            .set(slot, w.view.id(slot), Phase::HalfOpen(token.clone()));
+        token
+    }
+
+    #[test]
+    fn a_dropped_lease_gives_back_permit_probe_and_in_flight_count() {
+        let w = core(2, &[1, 1]);
+        let token = half_open(&w, 0);
+        w.view.set_up(1, w.view.id(1), false);
+        let lease = run(pick_any(&w, &mut Tried::default())).unwrap();
+        assert_eq!(lease.backend(), 0);
+        assert_eq!(w.view.own(0), 1, "in flight");
+        assert!(!w.capacity.has_room(0), "permit taken");
+        assert!(token.load(Ordering::Relaxed), "probe claimed");
+        drop(lease);
+        assert_eq!(w.view.own(0), 0);
+        assert!(w.capacity.has_room(0));
+        assert!(!token.load(Ordering::Relaxed), "probe handed back");
+        assert!(w.breakers.eligible(0));
+    }
+
+    #[test]
+    fn the_request_keeps_its_in_flight_count_after_the_lease_is_gone() {
+        let w = core(1, &[1]);
+        let mut lease = run(pick_any(&w, &mut Tried::default())).unwrap();
+        let in_flight = lease.take_in_flight();
+        drop(lease);
+        assert!(w.capacity.has_room(0), "the permit is the attempt's");
+        assert_eq!(
+            w.view.own(0),
+            1,
+            "the slot still names this request's backend"
+        );
+        drop(in_flight);
+        assert_eq!(w.view.own(0), 0);
+    }
+
+    #[test]
+    fn a_pick_dropped_while_queued_leaves_no_trace() {
+        let w = core(1, &[1]);
+        run(async {
+            let held = pick_any(&w, &mut Tried::default()).await.unwrap();
+            let mut tried = Tried::default();
+            let mut waiting = Box::pin(pick_any(&w, &mut tried));
+            let mut cx = Context::from_waker(Waker::noop());
+            assert!(matches!(waiting.as_mut().poll(&mut cx), Poll::Pending));
+            assert_eq!(w.shared.capacity.queued(), 1, "waits in the queue");
+            drop(waiting);
+            assert_eq!(w.shared.capacity.queued(), 0);
+            assert_eq!(w.view.own(0), 1, "only the held lease counts");
+            drop(held);
+            assert_eq!(w.view.own(0), 0);
+            assert!(w.capacity.has_room(0));
+        });
+    }
+
+    #[test]
+    fn a_lost_half_open_claim_picks_again_without_that_backend() {
+        let w = core(2, &[0, 0]);
+        let token = half_open(&w, 0);
+        let table = w.table();
+        let mut tried = Tried::default();
+        tried.fit(table.routes.route(None).unwrap().mask);
+        // Chosen while the probe was free; another core claims it before this one does.
+        token.store(true, Ordering::Release);
+        let taken = Taken {
+            backend: 0,
+            permit: None,
+            reason: Reason::Balanced,
+        };
+        let strategy = w.balancer.strategy();
+        assert!(lease(&w, &table, strategy, taken, &mut tried).is_none());
+        assert_eq!(w.view.own(0), 0, "nothing taken");
+        assert!(!tried.candidate(0));
+        // The probe frees up again (the other core's request ended), but this request has
+        // ruled backend 0 out: it goes to 1.
+        token.store(false, Ordering::Release);
+        let lease = run(pick(
+            &w,
+            &Target {
+                table: &table,
+                route: table.routes.route(None).unwrap(),
+                lookup: None,
+                affinity: None,
+            },
+            &mut tried,
+        ))
+        .unwrap();
+        assert_eq!(lease.backend(), 1);
+    }
+
+    #[test]
+    fn running_out_of_candidates_is_no_healthy_backend() {
+        let w = core(2, &[0, 0]);
+        let mut tried = Tried::default();
+        let a = run(pick_any(&w, &mut tried)).unwrap();
+        let b = run(pick_any(&w, &mut tried)).unwrap();
+        assert_ne!(a.backend(), b.backend(), "a retry never reuses a backend");
+        assert!(!tried.any_left(&w));
+        assert!(matches!(
+            run(pick_any(&w, &mut tried)),
+            Err(ProxyError::NoHealthyBackend)
+        ));
+        // A backend that is down is no candidate either.
+        let w = core(2, &[0, 0]);
+        w.view.set_up(0, w.view.id(0), false);
+        w.view.set_up(1, w.view.id(1), false);
+        assert!(matches!(
+            run(pick_any(&w, &mut Tried::default())),
+            Err(ProxyError::NoHealthyBackend)
+        ));
+    }
+
+    #[test]
+    fn a_full_queue_and_a_wait_too_long_are_refused() {
+        let w = core(1, &[1]);
+        w.shared
+            .capacity
+            .set_queue(0, std::time::Duration::from_millis(20));
+        run(async {
+            let _held = pick_any(&w, &mut Tried::default()).await.unwrap();
+            let e = pick_any(&w, &mut Tried::default()).await.err();
+            assert!(matches!(e, Some(ProxyError::QueueFull)), "{e:?}");
+            w.shared
+                .capacity
+                .set_queue(4, std::time::Duration::from_millis(20));
+            let e = pick_any(&w, &mut Tried::default()).await.err();
+            assert!(matches!(e, Some(ProxyError::QueueTimeout(_))), "{e:?}");
+            assert_eq!(w.shared.capacity.queued(), 0);
+        });
+    }
+}

@@ -1,0 +1,754 @@
+//! Step 6 of a request: the backend's response back to the client, as it arrives. The head is
+//! decided by a pure function of the two heads (`plan_response`: framing, what the usage tap
+//! does, keep-alive on both sides), so its rules are tested as a table; the body loop then moves
+//! every upstream read to the client as one write (re-framed as one chunk when the client gets
+//! chunks), through the usage tap, under the idle timeout. A response that fails after its head
+//! went out can no longer get an error status: it is cut (`cut_stream`). The client socket is
+//! watched meanwhile (`watch_client`): a client that leaves drops the upstream connection at
+//! once, which is what stops the GPU.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use monoio::buf::SliceMut;
+use monoio::io::{
+    AsyncWriteRentExt, CancelableAsyncReadRent, Canceller, OwnedReadHalf, OwnedWriteHalf,
+};
+use monoio::net::TcpStream;
+
+use crate::error::{Outcome, ProxyError};
+use crate::http1::head::{BodyFraming, Head};
+use crate::http1::headers::forwardable;
+use crate::http1::io::read_more;
+use crate::http1::{write, ChunkedDecoder};
+use crate::openai;
+use crate::openai::tap::{Kind as UsageKind, Tap};
+use crate::proxy::request::Exchange;
+use crate::upstream::UpConn;
+use crate::worker::Worker;
+
+/// How long an exchange runs before the client socket is watched for a disconnect. Bounds the
+/// extra delay before an abandoned request is cancelled upstream.
+const WATCH_AFTER: Duration = Duration::from_millis(5);
+
+/// Room for what a client may send while its response is still running.
+const WATCH_BUF: usize = 512;
+
+/// The result of a response that was (at least partly) sent to the client.
+pub(crate) struct Sent {
+    pub status: u16,
+    pub outcome: Outcome,
+    /// The client connection must be closed afterwards.
+    pub close: bool,
+}
+
+impl Sent {
+    /// A relayed 5xx is the backend failing, whatever else went right.
+    fn new(status: u16, outcome: Outcome, close: bool) -> Self {
+        Sent {
+            status,
+            outcome: if outcome == Outcome::Ok && status >= 500 {
+                Outcome::UpstreamError
+            } else {
+                outcome
+            },
+            close,
+        }
+    }
+}
+
+/// What `plan_response` needs to know of the client's side.
+pub(crate) struct ClientSide<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    /// HTTP/1.1 (else 1.0: no chunks, keep-alive only when asked for).
+    pub http11: bool,
+    pub request_id: &'a str,
+    /// The proxy injected `include_usage`: the usage-only event is removed.
+    pub injected: bool,
+    /// The connection closes after this response anyway (asked for, or draining).
+    pub close: bool,
+}
+
+/// How one response goes to the client, decided from the heads alone.
+#[derive(Debug, PartialEq)]
+pub(crate) struct ResponsePlan {
+    /// How the upstream body is delimited.
+    pub framing: BodyFraming,
+    pub kind: UsageKind,
+    pub event_stream: bool,
+    /// The body goes to the client as chunks of our own.
+    pub reframe: bool,
+    pub close: bool,
+    /// The upstream connection may be pooled once its body is read.
+    pub reusable: bool,
+    /// The client's response head.
+    pub head: Vec<u8>,
+}
+
+/// The response head and body framing for the client. Re-framed as chunks: anything not
+/// fixed-length, and fixed-length bodies the usage tap may shorten; an HTTP/1.0 client cannot
+/// take chunks, so its body ends with the connection.
+/// `room`: bytes of body already buffered, so the head's buffer can take them without growing.
+pub(crate) fn plan_response(
+    c: &ClientSide<'_>,
+    resp: &Head,
+    room: usize,
+) -> Result<ResponsePlan, ProxyError> {
+    let framing = resp
+        .response_framing(c.method)
+        .map_err(|e| ProxyError::UpstreamProtocol(e.to_string()))?;
+    let status = resp.status;
+    let event_stream = resp
+        .header("content-type")
+        .is_some_and(|v| v.starts_with(b"text/event-stream"));
+    let mut kind = openai::response_kind(c.path, status, event_stream, c.injected);
+    if kind.holds_back() && !c.http11 {
+        // An HTTP/1.0 client with a fixed-length body cannot have an event removed; it is rare
+        // enough to let it see the usage chunk rather than buffer the whole stream.
+        if let BodyFraming::Length(_) = framing {
+            kind = UsageKind::OpenAiSse { strip: false };
+        }
+    }
+    let chunked_out = matches!(framing, BodyFraming::Chunked | BodyFraming::UntilClose)
+        || (kind.holds_back() && matches!(framing, BodyFraming::Length(_)));
+    let close = c.close || (chunked_out && !c.http11);
+
+    let mut head = Vec::with_capacity(1024 + room);
+    write::status_line(&mut head, status, resp.reason());
+    for (name, value) in forwardable(resp, &["x-request-id"]) {
+        write::header(&mut head, name, value);
+    }
+    write::header(&mut head, "x-request-id", c.request_id.as_bytes());
+    match framing {
+        BodyFraming::Empty if c.method == "HEAD" => {
+            if let Some(len) = resp.header("content-length") {
+                write::header(&mut head, "content-length", len);
+            }
+        }
+        BodyFraming::Empty if status == 204 || status == 304 || status < 200 => {}
+        BodyFraming::Empty => write::header_num(&mut head, "content-length", 0),
+        _ if chunked_out && c.http11 => write::header(&mut head, "transfer-encoding", b"chunked"),
+        BodyFraming::Length(n) if !chunked_out => write::header_num(&mut head, "content-length", n),
+        _ => {}
+    }
+    if close {
+        write::header(&mut head, "connection", b"close");
+    } else if !c.http11 {
+        write::header(&mut head, "connection", b"keep-alive");
+    }
+    write::end_head(&mut head);
+    Ok(ResponsePlan {
+        framing,
+        kind,
+        event_stream,
+        reframe: chunked_out && c.http11,
+        close,
+        reusable: resp.keep_alive() && framing != BodyFraming::UntilClose,
+        head,
+    })
+}
+
+/// Where the upstream body stands: how much is left, and its chunk decoder.
+struct Body {
+    framing: BodyFraming,
+    decoder: Option<ChunkedDecoder>,
+    left: u64,
+    finished: bool,
+}
+
+impl Body {
+    fn new(framing: BodyFraming) -> Self {
+        Body {
+            framing,
+            decoder: (framing == BodyFraming::Chunked).then(ChunkedDecoder::new),
+            left: match framing {
+                BodyFraming::Length(n) => n,
+                _ => 0,
+            },
+            finished: matches!(framing, BodyFraming::Empty),
+        }
+    }
+
+    /// Moves the body bytes buffered in `buf` through the tap into `out` (framed for the
+    /// client); the end of the body flushes the tap and closes the client's chunking.
+    fn drain(
+        &mut self,
+        buf: &mut BytesMut,
+        tap: &mut Tap,
+        out: &mut Vec<u8>,
+        reframe: bool,
+    ) -> Result<(), ProxyError> {
+        if self.finished {
+            return Ok(());
+        }
+        let mut emit = |data: &[u8]| emit(out, reframe, data);
+        match self.framing {
+            BodyFraming::Length(_) => {
+                let take = (buf.len() as u64).min(self.left) as usize;
+                tap.feed(&buf.split_to(take), &mut emit);
+                self.left -= take as u64;
+                self.finished = self.left == 0;
+            }
+            BodyFraming::Chunked => {
+                let Some(dec) = self.decoder.as_mut() else {
+                    return Err(ProxyError::Internal("chunked decoder missing".into()));
+                };
+                let consumed = dec
+                    .decode(buf, |data| tap.feed(data, &mut emit))
+                    .map_err(|e| ProxyError::UpstreamProtocol(e.to_string()))?;
+                let _ = buf.split_to(consumed);
+                self.finished = dec.is_done();
+            }
+            BodyFraming::UntilClose => {
+                let data = buf.split();
+                tap.feed(&data, &mut emit);
+            }
+            BodyFraming::Empty => {}
+        }
+        if self.finished {
+            finish(tap, out, reframe);
+        }
+        Ok(())
+    }
+}
+
+fn emit(out: &mut Vec<u8>, reframe: bool, data: &[u8]) {
+    if reframe {
+        write::chunk(out, data);
+    } else {
+        out.extend_from_slice(data);
+    }
+}
+
+/// The body ended: whatever the tap held back goes out, then the last chunk.
+fn finish(tap: &mut Tap, out: &mut Vec<u8>, reframe: bool) {
+    tap.finish(&mut |data: &[u8]| emit(out, reframe, data));
+    if reframe {
+        out.extend_from_slice(write::LAST_CHUNK);
+    }
+}
+
+/// Streams the backend's response to the client: the head at once, then every upstream read as
+/// one downstream write.
+pub(crate) async fn relay(
+    w: &Worker,
+    x: &Exchange<'_>,
+    backend: usize,
+    mut conn: UpConn,
+    resp: Head,
+    wr: &mut OwnedWriteHalf<TcpStream>,
+) -> Result<Sent, ProxyError> {
+    let t = &w.config().timeouts;
+    let client = ClientSide {
+        method: x.head.method(),
+        path: x.head.path(),
+        http11: x.head.version == 1,
+        request_id: x.request_id,
+        injected: x.injected.get(),
+        // A drain that began while the backend worked: say so in this head, so the client opens
+        // its next request elsewhere instead of racing the process exit on this connection.
+        close: x.close || w.shared.draining(),
+    };
+    let plan = plan_response(&client, &resp, conn.buf.len())?;
+    let status = resp.status;
+    x.status.set(status);
+    start_tap(x, plan.kind, &resp);
+    let sent = |outcome, close| Sent::new(status, outcome, close);
+    let head_len = plan.head.len();
+    let c = Ctx {
+        w,
+        x,
+        backend,
+        event_stream: plan.event_stream,
+        reframe: plan.reframe,
+        write_timeout: t.write,
+    };
+    let mut out = plan.head;
+    let mut body = Body::new(plan.framing);
+    let mut first = true;
+    let mut last_chunk: Option<Instant> = None;
+    loop {
+        let drained = body.drain(
+            &mut conn.buf,
+            &mut x.tap.borrow_mut(),
+            &mut out,
+            plan.reframe,
+        );
+        if let Err(e) = drained {
+            if first {
+                return Err(e);
+            }
+            return Ok(sent(cut(&c, wr, out, &e).await, true));
+        }
+        if !out.is_empty() || first {
+            let carries_body = !first || out.len() > head_len;
+            let (ok, buf) = write_client(wr, out, t.write).await;
+            out = buf;
+            out.clear();
+            if ok && carries_body {
+                last_chunk = Some(note_chunk(&c, last_chunk));
+            }
+            if first {
+                first = false;
+                x.head_sent.set(true);
+            }
+            if !ok {
+                return Ok(sent(Outcome::ClientAborted, true));
+            }
+        }
+        if body.finished {
+            break;
+        }
+        let buf = std::mem::take(&mut conn.buf);
+        let e = match monoio::time::timeout(t.idle, read_more(&mut conn.io, buf)).await {
+            Ok((Ok(0), buf)) if body.framing == BodyFraming::UntilClose => {
+                conn.buf = buf;
+                // The end of a close-delimited body is its connection's end.
+                finish(&mut x.tap.borrow_mut(), &mut out, plan.reframe);
+                if !out.is_empty() && !write_client(wr, out, t.write).await.0 {
+                    return Ok(sent(Outcome::ClientAborted, true));
+                }
+                return Ok(sent(Outcome::Ok, plan.close));
+            }
+            Ok((Ok(0), _)) => ProxyError::BodyClosed,
+            Ok((Ok(_), buf)) => {
+                conn.buf = buf;
+                continue;
+            }
+            Ok((Err(e), _)) => ProxyError::BodyRead(e),
+            Err(_) => ProxyError::IdleTimeout(t.idle),
+        };
+        return Ok(sent(cut(&c, wr, out, &e).await, true));
+    }
+    // Bytes after the end of the body: the backend is confused; don't reuse it.
+    if plan.reusable && conn.buf.is_empty() {
+        w.pool.put(backend, conn);
+    }
+    Ok(sent(Outcome::Ok, plan.close))
+}
+
+/// What the relay's helpers need to know of it.
+struct Ctx<'a, 'x> {
+    w: &'a Worker,
+    x: &'a Exchange<'x>,
+    backend: usize,
+    event_stream: bool,
+    reframe: bool,
+    write_timeout: Duration,
+}
+
+/// Sets up the usage tap for this response (TGI's `/generate` also reports counts in headers).
+fn start_tap(x: &Exchange<'_>, kind: UsageKind, resp: &Head) {
+    let mut tap = x.tap.borrow_mut();
+    *tap = Tap::new(kind);
+    if kind == UsageKind::TgiJson {
+        let num = |h: &str| {
+            resp.header_str(h)
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        tap.set_header_counts(num("x-prompt-tokens"), num("x-generated-tokens"));
+    }
+}
+
+/// A body write reached the client: first-byte time, and for streams the gap since the last
+/// one (inter-token latency).
+fn note_chunk(c: &Ctx<'_, '_>, last: Option<Instant>) -> Instant {
+    let (w, x) = (c.w, c.x);
+    let now = Instant::now();
+    if let Some(prev) = last.filter(|_| x.stream) {
+        w.metrics
+            .inter_token(c.backend, x.model_idx, now.duration_since(prev));
+    }
+    if x.first_byte.get().is_none() {
+        x.first_byte.set(Some(now));
+    }
+    now
+}
+
+/// The upstream failed after the head went out: counted, fed to the breaker, logged; what was
+/// decoded before the failure still goes out, then the stream is cut.
+async fn cut(
+    c: &Ctx<'_, '_>,
+    wr: &mut OwnedWriteHalf<TcpStream>,
+    out: Vec<u8>,
+    e: &ProxyError,
+) -> Outcome {
+    log::warn!("request {}: {e}", c.x.request_id);
+    c.w.upstream_failed(c.backend, e);
+    if !out.is_empty() {
+        let _ = write_client(wr, out, c.write_timeout).await;
+    }
+    cut_stream(wr, e, c.event_stream, c.reframe, c.write_timeout).await;
+    e.outcome()
+}
+
+/// Ends a response that failed after its head went out, when no error status can be sent any
+/// more. An event stream gets a last SSE event with the error in OpenAI's shape (SDKs raise it
+/// instead of waiting for more); either way the connection is then closed without the last
+/// chunk, so no client can take the body for complete.
+async fn cut_stream(
+    wr: &mut OwnedWriteHalf<TcpStream>,
+    e: &ProxyError,
+    event_stream: bool,
+    reframe: bool,
+    timeout: Duration,
+) {
+    if !event_stream {
+        return;
+    }
+    let mut event = b"data: ".to_vec();
+    event.extend_from_slice(&e.body());
+    event.push(b'\n');
+    let out = if reframe {
+        let mut out = Vec::with_capacity(event.len() + 16);
+        write::chunk(&mut out, &event);
+        out
+    } else {
+        event
+    };
+    let _ = write_client(wr, out, timeout).await;
+}
+
+/// Writes to the client under the write timeout; false when the client is gone or too slow
+/// (the buffer is lost with a cancelled write, so a fresh one is handed back then).
+pub(crate) async fn write_client(
+    wr: &mut OwnedWriteHalf<TcpStream>,
+    buf: Vec<u8>,
+    timeout: Duration,
+) -> (bool, Vec<u8>) {
+    match monoio::time::timeout(timeout, wr.write_all(buf)).await {
+        Ok((res, buf)) => (res.is_ok(), buf),
+        Err(_) => (false, Vec::new()),
+    }
+}
+
+/// Runs `fut` while watching the client socket. EOF or an error on the socket means the client
+/// went away: `fut` is dropped (cancelling the upstream exchange) and `None` returned. Bytes that
+/// arrive meanwhile (a pipelined request) are kept in `buf`, never lost: the read is cancelled
+/// and awaited rather than dropped.
+pub(crate) async fn watch_client<F: Future>(
+    rd: &mut OwnedReadHalf<TcpStream>,
+    buf: &mut BytesMut,
+    fut: F,
+) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    // Most exchanges finish within a few milliseconds; only the ones that don't pay for a socket
+    // watch (a read and its cancellation on every request would cost two ring operations).
+    if let Ok(out) = monoio::time::timeout(WATCH_AFTER, &mut fut).await {
+        return Some(out);
+    }
+    let canceller = Canceller::new();
+    let mut b = std::mem::take(buf);
+    // A long exchange (a stream) holds this buffer only to notice the client leaving (or to keep
+    // a pipelined request): an empty page-sized buffer is swapped for a small one, because with
+    // thousands of open streams a page each was a fifth of the proxy's memory. The next
+    // request's read grows it again.
+    if b.is_empty() {
+        b = BytesMut::with_capacity(WATCH_BUF);
+    } else if b.capacity() - b.len() < WATCH_BUF {
+        b.reserve(WATCH_BUF);
+    }
+    let (len, cap) = (b.len(), b.capacity());
+    let read = rd.cancelable_read(SliceMut::new(b, len, cap), canceller.handle());
+    let mut read = std::pin::pin!(read);
+    monoio::select! {
+        // The exchange first: a client that closes right after reading the last byte has
+        // completed, not aborted (and its upstream connection goes back to the pool).
+        biased;
+        out = &mut fut => {
+            let _ = canceller.cancel();
+            let (_, slice) = read.await;
+            *buf = slice.into_inner();
+            Some(out)
+        }
+        (res, slice) = &mut read => {
+            *buf = slice.into_inner();
+            match res {
+                Ok(n) if n > 0 => Some(fut.await),
+                _ => None,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::BytesMut;
+
+    use super::*;
+    use crate::http1::ParseStatus;
+
+    fn upstream(raw: &str) -> Head {
+        let mut buf = BytesMut::from(raw);
+        match Head::parse_response(&mut buf) {
+            Ok(ParseStatus::Complete(head)) => head,
+            _ => panic!("not a complete response head: {raw:?}"),
+        }
+    }
+
+    fn client<'a>(method: &'a str, http11: bool) -> ClientSide<'a> {
+        ClientSide {
+            method,
+            path: "/v1/chat/completions",
+            http11,
+            request_id: "rid-1",
+            injected: false,
+            close: false,
+        }
+    }
+
+    const SSE_CHUNKED: &str =
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+    const SSE_LENGTH: &str =
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 120\r\n\r\n";
+    const JSON_LENGTH: &str =
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 42\r\nx-request-id: theirs\r\n\r\n";
+
+    /// One row: what the client is, what the backend answered, and what the client must get.
+    struct Row {
+        name: &'static str,
+        client: ClientSide<'static>,
+        upstream: &'static str,
+        framing: BodyFraming,
+        reframe: bool,
+        close: bool,
+        reusable: bool,
+        /// Header lines the client's head must carry, and must not.
+        has: &'static [&'static str],
+        lacks: &'static [&'static str],
+    }
+
+    #[test]
+    fn response_heads_follow_the_framing_rules() {
+        let strip = ClientSide {
+            injected: true,
+            ..client("POST", true)
+        };
+        let strip_10 = ClientSide {
+            injected: true,
+            ..client("POST", false)
+        };
+        let draining = ClientSide {
+            close: true,
+            ..client("POST", true)
+        };
+        let rows = [
+            Row {
+                name: "HEAD keeps the length it would have had, sends no body",
+                client: client("HEAD", true),
+                upstream: "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
+                framing: BodyFraming::Empty,
+                reframe: false,
+                close: false,
+                reusable: true,
+                has: &["content-length: 5"],
+                lacks: &["transfer-encoding"],
+            },
+            Row {
+                name: "204 carries no length",
+                client: client("POST", true),
+                upstream: "HTTP/1.1 204 No Content\r\n\r\n",
+                framing: BodyFraming::Empty,
+                reframe: false,
+                close: false,
+                reusable: true,
+                has: &["HTTP/1.1 204"],
+                lacks: &["content-length", "transfer-encoding"],
+            },
+            Row {
+                name: "304 carries no length",
+                client: client("GET", true),
+                upstream: "HTTP/1.1 304 Not Modified\r\n\r\n",
+                framing: BodyFraming::Empty,
+                reframe: false,
+                close: false,
+                reusable: true,
+                has: &["HTTP/1.1 304"],
+                lacks: &["content-length", "transfer-encoding"],
+            },
+            Row {
+                name: "1xx carries no length",
+                client: client("POST", true),
+                upstream: "HTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n",
+                framing: BodyFraming::Empty,
+                reframe: false,
+                close: false,
+                reusable: true,
+                has: &["HTTP/1.1 103", "link: </x>"],
+                lacks: &["content-length"],
+            },
+            Row {
+                name: "an empty 200 says so",
+                client: client("POST", true),
+                upstream: "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+                framing: BodyFraming::Empty,
+                reframe: false,
+                close: false,
+                reusable: true,
+                has: &["content-length: 0"],
+                lacks: &["transfer-encoding"],
+            },
+            Row {
+                name: "a fixed length is relayed as it is, our request id replaces theirs",
+                client: client("POST", true),
+                upstream: JSON_LENGTH,
+                framing: BodyFraming::Length(42),
+                reframe: false,
+                close: false,
+                reusable: true,
+                has: &["content-length: 42", "x-request-id: rid-1"],
+                lacks: &["theirs", "transfer-encoding", "connection:"],
+            },
+            Row {
+                name: "HTTP/1.1 client behind a chunked stream gets our chunks",
+                client: client("POST", true),
+                upstream: SSE_CHUNKED,
+                framing: BodyFraming::Chunked,
+                reframe: true,
+                close: false,
+                reusable: true,
+                has: &["transfer-encoding: chunked"],
+                lacks: &["content-length", "connection:"],
+            },
+            Row {
+                name: "HTTP/1.0 client behind a chunked stream: the close ends its body",
+                client: client("POST", false),
+                upstream: SSE_CHUNKED,
+                framing: BodyFraming::Chunked,
+                reframe: false,
+                close: true,
+                reusable: true,
+                has: &["connection: close"],
+                lacks: &["transfer-encoding", "content-length"],
+            },
+            Row {
+                name: "HTTP/1.0 client with a fixed length is kept alive explicitly",
+                client: client("POST", false),
+                upstream: JSON_LENGTH,
+                framing: BodyFraming::Length(42),
+                reframe: false,
+                close: false,
+                reusable: true,
+                has: &["content-length: 42", "connection: keep-alive"],
+                lacks: &["transfer-encoding"],
+            },
+            Row {
+                name: "stripping the usage event makes a fixed length unknowable: chunks",
+                client: strip,
+                upstream: SSE_LENGTH,
+                framing: BodyFraming::Length(120),
+                reframe: true,
+                close: false,
+                reusable: true,
+                has: &["transfer-encoding: chunked"],
+                lacks: &["content-length"],
+            },
+            Row {
+                name: "HTTP/1.0 client with a fixed length: nothing is stripped",
+                client: strip_10,
+                upstream: SSE_LENGTH,
+                framing: BodyFraming::Length(120),
+                reframe: false,
+                close: false,
+                reusable: true,
+                has: &["content-length: 120", "connection: keep-alive"],
+                lacks: &["transfer-encoding"],
+            },
+            Row {
+                name: "a body delimited by the upstream's close: chunks, never pooled",
+                client: client("POST", true),
+                upstream: "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n",
+                framing: BodyFraming::UntilClose,
+                reframe: true,
+                close: false,
+                reusable: false,
+                has: &["transfer-encoding: chunked"],
+                lacks: &["content-length"],
+            },
+            Row {
+                name: "draining (or a client that asked) closes after this response",
+                client: draining,
+                upstream: JSON_LENGTH,
+                framing: BodyFraming::Length(42),
+                reframe: false,
+                close: true,
+                reusable: true,
+                has: &["connection: close", "content-length: 42"],
+                lacks: &["keep-alive"],
+            },
+            Row {
+                name: "an upstream that will close cannot be pooled",
+                client: client("POST", true),
+                upstream: "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n",
+                framing: BodyFraming::Length(2),
+                reframe: false,
+                close: false,
+                reusable: false,
+                has: &["content-length: 2"],
+                lacks: &["connection"],
+            },
+        ];
+        for row in rows {
+            let plan = plan_response(&row.client, &upstream(row.upstream), 0).unwrap();
+            let head = String::from_utf8(plan.head.clone())
+                .unwrap()
+                .to_ascii_lowercase();
+            let name = row.name;
+            assert_eq!(plan.framing, row.framing, "{name}");
+            assert_eq!(plan.reframe, row.reframe, "{name}");
+            assert_eq!(plan.close, row.close, "{name}");
+            assert_eq!(plan.reusable, row.reusable, "{name}");
+            assert!(head.ends_with("\r\n\r\n"), "{name}: {head}");
+            for h in row.has {
+                assert!(
+                    head.contains(&h.to_ascii_lowercase()),
+                    "{name}: no {h:?} in {head}"
+                );
+            }
+            for h in row.lacks {
+                assert!(
+                    !head.contains(&h.to_ascii_lowercase()),
+                    "{name}: {h:?} in {head}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn usage_kinds_follow_the_endpoint_and_status() {
+        let strip = ClientSide {
+            injected: true,
+            ..client("POST", true)
+        };
+        let kind =
+            |c: &ClientSide<'_>, raw: &str| plan_response(c, &upstream(raw), 0).unwrap().kind;
+        assert_eq!(
+            kind(&strip, SSE_CHUNKED),
+            UsageKind::OpenAiSse { strip: true }
+        );
+        assert_eq!(
+            kind(&client("POST", true), SSE_CHUNKED),
+            UsageKind::OpenAiSse { strip: false }
+        );
+        assert_eq!(
+            kind(&client("POST", true), JSON_LENGTH),
+            UsageKind::OpenAiJson
+        );
+        let error = "HTTP/1.1 500 Oops\r\ncontent-length: 0\r\n\r\n";
+        assert_eq!(kind(&client("POST", true), error), UsageKind::None);
+        assert!(
+            plan_response(&client("POST", true), &upstream(SSE_CHUNKED), 0)
+                .unwrap()
+                .event_stream
+        );
+    }
+
+    #[test]
+    fn a_smuggling_shaped_upstream_head_is_a_protocol_error() {
+        let raw = "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n";
+        let e = plan_response(&client("POST", true), &upstream(raw), 0).unwrap_err();
+        assert_eq!(e.upstream_kind(), Some("upstream_protocol_error"));
+    }
+}
