@@ -2011,7 +2011,7 @@ usage_hook: { enabled: true, url: "https://billing.example.com/llm-usage", timeo
 
     #[test]
     fn example_file_parses_and_matches_defaults() {
-        let c = match Config::from_yaml_str(include_str!("../config/llmproxy.example.yaml")) {
+        let c = match Config::from_yaml_str(include_str!("../../config/llmproxy.example.yaml")) {
             Ok(c) => c,
             Err(e) => panic!("example config is invalid:\n{e}"),
         };
