@@ -19,17 +19,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use sha2::{Digest, Sha256};
-
+pub use crate::config::digest;
 use crate::config::{ApiKey, Auth, KeyDigest};
 use crate::error::{AuthFailure, ProxyError};
 use crate::http1::Head;
 use crate::ratelimit::{retry_after_secs, Clock, KeyLimits};
 use crate::usage;
-
-pub fn digest(key: &str) -> KeyDigest {
-    Sha256::digest(key.as_bytes()).into()
-}
 
 /// Compares two digests in time independent of where they differ.
 pub fn ct_eq(a: &KeyDigest, b: &KeyDigest) -> bool {
