@@ -172,8 +172,17 @@ fn parse_digits(s: &str) -> Option<usize> {
     s.parse().ok()
 }
 
-/// A human duration (`250ms`, `10s`, `30m`, `1h`); a bare number is refused because its unit
-/// would be a guess.
+/// The longest duration any config key accepts: one year as the duration syntax counts it
+/// (`1y` = 365.25 days), so `1y` and `365d` are accepted and `366d` is not. Every duration is
+/// added to an `Instant` somewhere (deadlines, cool-downs, poll times), and a value near
+/// `u64::MAX` seconds overflows that addition and panics every task that makes it; a year is
+/// longer than any timeout or interval an operator means, and far from the clock's limit.
+pub(super) const MAX_DURATION: Duration = Duration::from_secs(31_557_600);
+/// [`MAX_DURATION`] as error messages state it.
+const MAX_DURATION_TEXT: &str = "1y (365.25 days)";
+
+/// A human duration (`250ms`, `10s`, `30m`, `1h`) of at most [`MAX_DURATION`]; a bare number is
+/// refused because its unit would be a guess.
 pub(super) fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
@@ -181,9 +190,15 @@ pub(super) fn parse_duration(s: &str) -> Result<Duration, String> {
             "duration \"{t}\" needs a unit, e.g. \"{t}s\" or \"{t}ms\""
         ));
     }
-    humantime::parse_duration(t).map_err(|e| {
+    let d = humantime::parse_duration(t).map_err(|e| {
         format!("invalid duration \"{t}\": {e} (use e.g. \"250ms\", \"10s\", \"30m\", \"1h\")")
-    })
+    })?;
+    if d > MAX_DURATION {
+        return Err(format!(
+            "duration \"{t}\" is longer than the limit of {MAX_DURATION_TEXT}"
+        ));
+    }
+    Ok(d)
 }
 
 /// Bytes with an optional unit: `KiB`/`MiB`/`GiB` and `K`/`M`/`G` are binary, `KB`/`MB`/`GB`

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::load::from_yaml_with_env;
-use super::parse::{parse_duration, parse_size};
+use super::parse::{parse_duration, parse_size, MAX_DURATION};
 use super::*;
 
 mod load;

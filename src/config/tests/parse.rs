@@ -75,6 +75,67 @@ fn durations() {
 }
 
 #[test]
+fn durations_are_at_most_a_year() {
+    assert_eq!(parse_duration("1y"), Ok(MAX_DURATION));
+    assert_eq!(
+        parse_duration("365d"),
+        Ok(Duration::from_secs(365 * 86_400))
+    );
+    for too_long in ["366d", "1y 1s", "18446744073709551615s", "600000years"] {
+        let e = parse_duration(too_long).unwrap_err();
+        assert!(
+            e.contains("longer than the limit of 1y (365.25 days)"),
+            "{too_long}: {e}"
+        );
+    }
+}
+
+/// The bound is the duration parser's, so no duration key can miss it: each one, written as the
+/// value from issue 20 (which panicked every connection task), is refused at its own path.
+#[test]
+fn every_duration_key_refuses_an_overflowing_value() {
+    let keys = [
+        "shutdown_grace",
+        "routing.metrics_interval",
+        "routing.metrics_stale_after",
+        "health_check.interval",
+        "health_check.timeout",
+        "timeouts.connect",
+        "timeouts.header",
+        "timeouts.first_byte",
+        "timeouts.idle",
+        "timeouts.request",
+        "timeouts.keepalive",
+        "timeouts.write",
+        "limits.queue_timeout",
+        "breaker.cooldown",
+        "breaker.max_cooldown",
+        "pool.idle_timeout",
+        "usage_hook.timeout",
+        "usage_hook.flush_interval",
+        "usage_hook.spool_fsync",
+        "discovery.interval",
+        "discovery.stale_after",
+        "auth.keys_file_poll",
+    ];
+    for path in keys {
+        let yaml = match path.split_once('.') {
+            Some((section, key)) => format!("{section}: {{ {key}: 18446744073709551615s }}\n"),
+            None => format!("{path}: 18446744073709551615s\n"),
+        };
+        assert_error(
+            &with_backend(&yaml),
+            path,
+            "is longer than the limit of 1y (365.25 days)",
+        );
+    }
+    // A year itself is a valid (if odd) value everywhere.
+    ok(&with_backend(
+        "timeouts: { header: 1y, first_byte: 1y, connect: 1y }\npool: { idle_timeout: 1y }\n",
+    ));
+}
+
+#[test]
 fn sizes() {
     assert_eq!(parse_size("512"), Ok(512));
     assert_eq!(parse_size("64KiB"), Ok(64 * 1024));
