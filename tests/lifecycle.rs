@@ -104,6 +104,30 @@ fn check_validates_and_names_the_path() {
     );
 }
 
+/// Issue 20: `timeouts.header: 18446744073709551615s` used to pass `check`, then panic every
+/// connection task when added to an `Instant`. Durations are now bounded at one year.
+#[test]
+fn check_refuses_a_duration_that_would_overflow_the_clock() {
+    let dir = temp_dir("check-duration");
+    let cfg = dir.join("c.yaml");
+    std::fs::write(
+        &cfg,
+        "listen: \":8080\"\nbackends:\n  - url: \"http://vllm-0:8000\"\ntimeouts:\n  header: 18446744073709551615s\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("timeouts.header: duration \"18446744073709551615s\" is longer than the limit of 1y (365.25 days)"),
+        "{err}"
+    );
+}
+
 #[test]
 fn invalid_cpu_list_is_a_startup_error() {
     let dir = temp_dir("cpus");

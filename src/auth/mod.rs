@@ -19,21 +19,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use sha2::{Digest, Sha256};
-
 mod key_id;
 pub mod ratelimit;
 
+pub use crate::config::digest;
 pub use key_id::{client_key, key_id, KeyIdCache};
 
 use crate::config::{ApiKey, Auth, KeyDigest};
 use crate::error::{AuthFailure, ProxyError};
 use crate::http1::Head;
 use ratelimit::{retry_after_secs, Clock, KeyLimits};
-
-pub fn digest(key: &str) -> KeyDigest {
-    Sha256::digest(key.as_bytes()).into()
-}
 
 /// Compares two digests in time independent of where they differ.
 pub fn ct_eq(a: &KeyDigest, b: &KeyDigest) -> bool {

@@ -1,0 +1,45 @@
+//! Configuration: the YAML schema, its defaults, `${VAR}` expansion and validation.
+//!
+//! This module owns turning text into a [`Config`] that the rest of the proxy can trust: every key
+//! has a default, unknown keys are errors, and every problem is reported as `path: reason` with
+//! all problems of a file listed at once, so an operator fixes a config in one pass.
+//!
+//! It must not touch the network beyond resolving `listen`/`admin_listen`: backend hostnames are
+//! resolved by `runtime` when the proxy starts, so `llmproxy check` works on any machine. It keeps
+//! no global state, and it is a lower layer: it imports nothing of the request path (not even
+//! `auth`, whose key digest lives here, next to the keys it names).
+//!
+//! A file travels `load` (YAML text → `${VAR}` expansion → the `raw` shapes) → `validate` (raw
+//! shapes → the `schema` types, every problem collected) with `parse` supplying the value parsers
+//! (durations, sizes, CPU lists, listen addresses, URLs). `keys` is the `auth:` section and the
+//! `auth.keys_file` document, which is re-read at run time without the rest of the config.
+
+mod keys;
+mod load;
+mod parse;
+mod raw;
+mod schema;
+mod validate;
+
+#[cfg(test)]
+mod tests;
+
+pub use keys::{digest, parse_keys_file, ApiKey, Auth, KeyDigest};
+pub use parse::parse_cpu_list;
+pub use schema::{
+    Backend, Breaker, Config, DiscoverKind, Discovery, HashKey, HealthCheck, HookFormat, Identity,
+    IoDriver, Limits, LogFormat, Logging, ModelPool, Pool, Real, Retry, Routing, Secret, Strategy,
+    Timeouts, Usage, UsageHook,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    /// One `path: reason` line per problem.
+    #[error("{}", .0.join("\n"))]
+    Invalid(Vec<String>),
+}
