@@ -336,13 +336,8 @@ fn metrics(c: &mut Criterion) {
     }
     let global = Arc::new(Metrics::new(&cfg, 1, "io_uring").expect("metrics"));
     let local = LocalMetrics::new(global, &cfg);
-    let usage = Usage {
-        prompt_tokens: 187,
-        completion_tokens: 64,
-        total_tokens: 251,
-        cached_tokens: Some(128),
-        reasoning_tokens: None,
-    };
+    // Prompt, completion, cached, reasoning.
+    let usage = [187, 64, 128, 0];
     let mut g = c.benchmark_group("metrics");
     g.throughput(Throughput::Elements(1));
     // What `proxy::account` records for one finished streaming request.
@@ -358,7 +353,7 @@ fn metrics(c: &mut Criterion) {
                 Duration::from_micros(1_850_000),
                 Some(Duration::from_micros(42_000)),
             );
-            local.tokens(model, &usage);
+            local.tokens(model, usage);
         })
     });
     g.finish();

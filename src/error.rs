@@ -4,7 +4,6 @@
 
 use std::fmt::Write;
 
-use crate::auth::ratelimit::Exceeded;
 use crate::telemetry::reject::Reason;
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +63,13 @@ pub enum ProxyError {
     QueueFull,
     #[error("all backends for this request stayed at capacity for {0:?}")]
     QueueTimeout(std::time::Duration),
+}
+
+/// Which limit refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exceeded {
+    Requests,
+    Tokens,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

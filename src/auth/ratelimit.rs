@@ -7,6 +7,8 @@
 //! request is admitted while the token bucket is not empty and a big answer may drive it into
 //! debt: the key then waits until the debt is paid off. Limits are per process.
 
+pub use crate::error::Exceeded;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -79,13 +81,6 @@ impl Gcra {
                 Some(tat.max(now).saturating_add(cost))
             });
     }
-}
-
-/// Which limit refused a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Exceeded {
-    Requests,
-    Tokens,
 }
 
 /// The limits of one key.

@@ -11,9 +11,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use super::load::path_error;
 use super::parse::de_duration;
-use super::ConfigError;
+use super::{path_error, ConfigError};
 
 /// SHA-256 of an API key: the only form in which keys are kept.
 pub type KeyDigest = [u8; 32];

@@ -5,7 +5,6 @@
 //! reported at the path of the value that names it.
 
 use std::env::VarError;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
 
@@ -13,7 +12,7 @@ use serde_yaml::Value;
 
 use super::raw::{RawBackend, RawConfig};
 use super::validate::validate;
-use super::{Config, ConfigError};
+use super::{path_error, Config, ConfigError};
 
 impl Config {
     pub fn from_yaml_str(text: &str) -> Result<Config, ConfigError> {
@@ -69,20 +68,6 @@ pub(super) fn from_yaml_with_env(text: &str, env: EnvLookup) -> Result<Config, C
     let raw: RawConfig =
         serde_path_to_error::deserialize(value).map_err(|e| path_error(e, "config"))?;
     validate(raw)
-}
-
-/// A deserialisation error as `path: reason` (`whole: reason` at the top level).
-pub(super) fn path_error<E: fmt::Display>(
-    e: serde_path_to_error::Error<E>,
-    whole: &str,
-) -> ConfigError {
-    let path = e.path().to_string();
-    let inner = e.into_inner();
-    ConfigError::Invalid(vec![if path == "." {
-        format!("{whole}: {inner}")
-    } else {
-        format!("{path}: {inner}")
-    }])
 }
 
 /// Replaces `${VAR}` in every string value (not in keys), recording `path: reason` per failure.

@@ -43,3 +43,14 @@ pub enum ConfigError {
     #[error("{}", .0.join("\n"))]
     Invalid(Vec<String>),
 }
+
+/// A deserialisation error as `path: reason` (`whole: reason` at the top level).
+fn path_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>, whole: &str) -> ConfigError {
+    let path = e.path().to_string();
+    let inner = e.into_inner();
+    ConfigError::Invalid(vec![if path == "." {
+        format!("{whole}: {inner}")
+    } else {
+        format!("{path}: {inner}")
+    }])
+}

@@ -12,7 +12,7 @@ use crossbeam_channel::{Receiver, Sender};
 use serde::Serialize;
 
 use crate::backends::BackendTable;
-use crate::worker::breaker::{Phase, Report};
+use crate::control::breakers::{Phase, Report};
 
 /// Bounded so a stalled core cannot make the others grow memory without limit. The bound is
 /// checked on send over an unbounded (block-list) channel, which allocates only for what is
@@ -48,7 +48,7 @@ pub enum ControlMsg {
     Engine {
         backend: usize,
         id: u64,
-        reading: crate::worker::engine::Reading,
+        reading: crate::control::engine::Reading,
     },
 }
 

@@ -8,7 +8,7 @@ use crate::encode;
 use crate::error::Outcome;
 use crate::openai::tap::Usage;
 use crate::openai::{self, RequestInfo};
-use crate::proxy::conn::Downstream;
+use crate::proxy::downstream::Downstream;
 use crate::proxy::request::Request;
 use crate::telemetry::logging::ACCESS;
 use crate::usage::{self, UsageEvent};
@@ -58,7 +58,15 @@ pub(crate) fn account(w: &Worker, d: &Downstream, f: Done<'_>) {
         ttft.filter(|_| is_stream),
     );
     if let Some(u) = &f.usage {
-        w.metrics.tokens(model_idx, u);
+        w.metrics.tokens(
+            model_idx,
+            [
+                u.prompt_tokens,
+                u.completion_tokens,
+                u.cached_tokens.unwrap_or(0),
+                u.reasoning_tokens.unwrap_or(0),
+            ],
+        );
         req.caller
             .charge_tokens(u.total_tokens.max(u.prompt_tokens + u.completion_tokens));
     }

@@ -9,24 +9,15 @@ use crate::backends::route::Local;
 use crate::backends::State;
 use crate::control::PlaneMsg;
 use crate::error::{error_body, ProxyError};
-use crate::http1::head::Head;
 use crate::proxy::account::{account, Done};
-use crate::proxy::conn::{respond, Answer, Downstream};
+use crate::proxy::answer::{respond, Answer};
+use crate::proxy::downstream::Downstream;
 use crate::proxy::request::Request;
 use crate::worker::{PaddedCount, Worker};
 
 /// How long the admin endpoint waits for the control plane (it may be resolving names).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(10);
-
-/// The local endpoint `head` asks for, if any. `/metrics` is answered on the admin listener when
-/// there is one, else on the main listener.
-pub(crate) fn local_route(w: &Worker, d: &Downstream, head: &Head) -> Option<Local> {
-    let metrics_here = w.config().admin_listen.is_none() || d.admin;
-    w.table()
-        .routes
-        .local(head.method(), head.path(), metrics_here)
-}
 
 /// Answers a local endpoint and accounts for it; returns whether the connection stays open.
 pub(crate) async fn serve(w: &Worker, d: &mut Downstream, req: &Request<'_>, local: Local) -> bool {
@@ -47,7 +38,7 @@ fn answer(w: &Worker, local: Local) -> Answer {
         Local::Metrics => {
             // This core's view is the freshest at hand; other cores flush on their tick.
             w.drain_inbox();
-            w.metrics.flush(&w.view, true);
+            w.flush_metrics(true);
             w.decisions.flush(&w.shared.metrics.routing);
             let g = &w.shared.metrics;
             let sum = |v: &[PaddedCount]| -> i64 {

@@ -4,10 +4,6 @@
 //! before reading a body, answers `Expect: 100-continue`, reads the body and hands the complete
 //! request to `proxy::handle`. Pipelined requests are answered in order because the loop only
 //! reads the next head once the previous response is written.
-//!
-//! Every answer the proxy writes itself (errors, refusals, local endpoints) is written here too,
-//! so there is one place that knows how they look: OpenAI's error shape, `x-request-id`, the
-//! connection header, and a write bounded by `timeouts.write`.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -18,7 +14,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use monoio::io::{AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
+use monoio::io::{AsyncWriteRentExt, Splitable};
 use monoio::net::{TcpListener, TcpStream};
 
 use crate::auth::{Caller, KeyIdCache};
@@ -27,32 +23,13 @@ use crate::capacity::ConnectionSlot;
 use crate::error::ProxyError;
 use crate::http1::head::{BodyFraming, Head, HeadError, ParseStatus};
 use crate::http1::io::{read_more, take_copy};
-use crate::http1::write;
 use crate::http1::ChunkedDecoder;
-use crate::openai::RequestInfo;
-use crate::proxy::account::{account, Done};
-use crate::proxy::admin;
-use crate::proxy::relay::write_client;
-use crate::proxy::request::{request_id, Request};
+use crate::proxy::answer::{fail, reject};
+use crate::proxy::downstream::Downstream;
+use crate::proxy::request::{self, Request};
 use crate::proxy::{self};
 use crate::telemetry::reject::Reason;
 use crate::worker::Worker;
-
-pub(crate) struct Downstream {
-    pub rd: OwnedReadHalf<TcpStream>,
-    pub wr: OwnedWriteHalf<TcpStream>,
-    /// Bytes read from the client and not yet consumed (start of the next request).
-    pub buf: BytesMut,
-    pub peer: SocketAddr,
-    /// The client's IP as text, formatted once per connection (for X-Forwarded-For).
-    pub peer_ip: Rc<str>,
-    /// Accepted on the admin listener.
-    pub admin: bool,
-    /// `timeouts.write`: how long one write to this client may stall before it is dropped.
-    pub write_timeout: Duration,
-    /// The `key_id` of the last client key seen on this connection.
-    pub key_ids: KeyIdCache,
-}
 
 /// Request bodies up to this size are copied out of the connection's read buffer.
 const SMALL_BODY: usize = 16 * 1024;
@@ -331,7 +308,7 @@ async fn read_some(d: &mut Downstream, deadline: Instant) -> Result<(), ProxyErr
 /// cannot make the proxy buffer a body. Health and metrics stay open (probes and scrapers carry
 /// no key), and so does the admin listener; everything else needs a key when auth is on.
 fn authenticate(w: &Worker, d: &Downstream, head: &Head) -> Result<Caller, ProxyError> {
-    if d.admin || admin::local_route(w, d, head).is_some_and(|l| l != Local::Models) {
+    if d.admin || request::local_route(w, d.admin, head).is_some_and(|l| l != Local::Models) {
         return Ok(Caller::Open);
     }
     w.auth.identify(head)
@@ -351,114 +328,6 @@ async fn refuse(
     let mut req = Request::new(w, head, received, &unknown);
     req.close |= has_body;
     fail(w, d, &req, e, None).await
-}
-
-/// A complete small response the proxy writes itself.
-pub(crate) struct Answer {
-    pub status: u16,
-    pub content_type: &'static str,
-    pub body: Vec<u8>,
-    /// A header the answer carries besides the usual ones (`Retry-After`, `WWW-Authenticate`).
-    pub extra: Option<(&'static str, String)>,
-}
-
-impl Answer {
-    pub fn json(status: u16, body: Vec<u8>) -> Self {
-        Answer {
-            status,
-            content_type: "application/json",
-            body,
-            extra: None,
-        }
-    }
-
-    pub fn error(e: &ProxyError) -> Self {
-        Answer {
-            extra: e.extra_header(),
-            ..Answer::json(e.status(), e.body())
-        }
-    }
-}
-
-/// Writes a complete small response; returns whether the connection stays open.
-pub(crate) async fn respond(d: &mut Downstream, req: &Request<'_>, a: Answer, close: bool) -> bool {
-    let mut out = Vec::with_capacity(256 + a.body.len());
-    write::status_line(&mut out, a.status, "");
-    write::header(&mut out, "content-type", a.content_type.as_bytes());
-    write::header_num(&mut out, "content-length", a.body.len() as u64);
-    write::header(&mut out, "x-request-id", req.id.as_bytes());
-    if let Some((name, value)) = a.extra {
-        write::header(&mut out, name, value.as_bytes());
-    }
-    if close {
-        write::header(&mut out, "connection", b"close");
-    } else if req.head.version == 0 {
-        write::header(&mut out, "connection", b"keep-alive");
-    }
-    write::end_head(&mut out);
-    if req.head.method() != "HEAD" {
-        out.extend_from_slice(&a.body);
-    }
-    // Bounded like a stream: a client that never reads must not hold its connection forever.
-    let (ok, _) = write_client(&mut d.wr, out, d.write_timeout).await;
-    ok && !close
-}
-
-/// Answers with `e` and logs it: refusals (auth, rates, capacity) are counted and logged under
-/// the rejection log budget, other errors at `level`.
-pub(crate) async fn error_response(
-    w: &Worker,
-    d: &mut Downstream,
-    req: &Request<'_>,
-    e: &ProxyError,
-    level: log::Level,
-) -> bool {
-    let (head, id) = (req.head, &req.id);
-    match e.rejection() {
-        Some(reason) => w.shared.metrics.rejected.note(
-            reason,
-            format_args!("request {id} {} {}: {e}", head.method(), head.path()),
-        ),
-        None => log::log!(level, "request {id} {} {}: {e}", head.method(), head.path()),
-    }
-    let close = req.close || e.closes_connection();
-    respond(d, req, Answer::error(e), close).await
-}
-
-/// Refuses a request with `e` before it reached a backend, and accounts for it.
-pub(crate) async fn fail(
-    w: &Worker,
-    d: &mut Downstream,
-    req: &Request<'_>,
-    e: ProxyError,
-    info: Option<&RequestInfo>,
-) -> bool {
-    let keep = error_response(w, d, req, &e, log::Level::Info).await;
-    account(w, d, Done::answered(req, info, e.status()));
-    keep
-}
-
-/// Answers a request that could not even be read completely (bad head, limits, timeouts); the
-/// connection is always closed afterwards.
-async fn reject(w: &Worker, d: &mut Downstream, e: &ProxyError, head: Option<&Head>) {
-    let request_id = request_id(w, head);
-    let body = e.body();
-    let mut out = Vec::with_capacity(256 + body.len());
-    write::status_line(&mut out, e.status(), "");
-    write::header(&mut out, "content-type", b"application/json");
-    write::header_num(&mut out, "content-length", body.len() as u64);
-    write::header(&mut out, "x-request-id", request_id.as_bytes());
-    write::header(&mut out, "connection", b"close");
-    write::end_head(&mut out);
-    out.extend_from_slice(&body);
-    let _ = write_client(&mut d.wr, out, d.write_timeout).await;
-    w.metrics.request(
-        e.status(),
-        None,
-        w.metrics.model_index(None),
-        Duration::ZERO,
-        None,
-    );
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! One request, on its core, in order. Each step is a module, and `handle` reads as the list:
 //!
-//! 1. `conn`: the client connection; the head and body read under their limits; every answer the
-//!    proxy writes itself.
+//! 1. `conn`: the client connection; the head and body read under their limits; authentication.
+//!    (`downstream` is the connection as later steps see it, `answer` every answer the proxy
+//!    writes itself.)
 //! 2. `admin`: the proxy's own endpoints, answered locally.
 //! 3. `request`: what the body says (model, stream, identity), the route and fallback pools with
 //!    the body each needs, the upstream request.
@@ -16,7 +17,9 @@
 pub mod account;
 pub mod admin;
 pub mod affinity;
+pub mod answer;
 pub mod conn;
+pub mod downstream;
 pub mod forward;
 pub mod pick;
 pub mod relay;
@@ -31,7 +34,8 @@ use crate::auth::Caller;
 use crate::error::{Outcome, ProxyError};
 use crate::http1::head::Head;
 use crate::proxy::account::{account, Done};
-use crate::proxy::conn::{error_response, fail, respond, Answer, Downstream};
+use crate::proxy::answer::{error_response, fail, respond, Answer};
+use crate::proxy::downstream::Downstream;
 use crate::proxy::forward::forward_with_fallbacks;
 use crate::proxy::relay::{watch_client, Sent};
 use crate::proxy::request::{Exchange, Plan, Request};
@@ -55,7 +59,7 @@ pub(crate) async fn handle(
     // A reload answered just before this request must already apply to how its body is read
     // (e.g. whether an affinity key is computed), not only to the pick.
     w.drain_inbox();
-    if let Some(local) = admin::local_route(w, d, &head) {
+    if let Some(local) = request::local_route(w, d.admin, &head) {
         return admin::serve(w, d, &req, local).await;
     }
     if d.admin {

@@ -8,6 +8,7 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use crate::auth::Caller;
+use crate::backends::route::Local;
 use crate::backends::{BackendTable, Entry};
 use crate::config::Config;
 use crate::error::ProxyError;
@@ -41,6 +42,15 @@ impl<'a> Request<'a> {
             close: !head.keep_alive() || w.shared.draining(),
         }
     }
+}
+
+/// The local endpoint `head` asks for, if any. `/metrics` is answered on the admin listener when
+/// there is one, else on the main listener.
+pub(crate) fn local_route(w: &Worker, admin: bool, head: &Head) -> Option<Local> {
+    let metrics_here = w.config().admin_listen.is_none() || admin;
+    w.table()
+        .routes
+        .local(head.method(), head.path(), metrics_here)
 }
 
 /// The client's `x-request-id` if it is usable, else a fresh one.

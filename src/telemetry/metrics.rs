@@ -15,7 +15,6 @@ use prometheus::{
 };
 
 use crate::config::Config;
-use crate::worker::balance::LoadView;
 
 /// Model label for a model no backend is configured for.
 pub const OTHER: &str = "other";
@@ -374,10 +373,10 @@ impl LocalMetrics {
 
     /// The backend table changed: flush everything recorded under the old slot labels, then
     /// take the new ones (`labels[slot]`, "" for a free slot) and the new model list.
-    pub fn set_backends(&self, view: &LoadView, labels: Vec<String>, models: Vec<String>) {
+    pub fn set_backends(&self, labels: Vec<String>, models: Vec<String>) {
         // Backend gauges are not published here: under the old labels they would bring back
         // a backend that was just forgotten. The next flush publishes the new ones.
-        self.flush(view, false);
+        self.flush(None);
         self.latency.borrow_mut().clear();
         self.retries.borrow_mut().resize(labels.len(), 0);
         *self.labels.borrow_mut() = labels;
@@ -460,17 +459,11 @@ impl LocalMetrics {
             .inc();
     }
 
-    /// Tokens of one finished request.
-    pub fn tokens(&self, model: ModelIdx, u: &crate::openai::tap::Usage) {
+    /// Tokens of one finished request: prompt, completion, cached, reasoning.
+    pub fn tokens(&self, model: ModelIdx, add: [u64; 4]) {
         let mut t = self.tokens.borrow_mut();
         let e = t.entry(model).or_insert([0; 4]);
         // Backends report these: absurd values saturate rather than overflow (a debug panic).
-        let add = [
-            u.prompt_tokens,
-            u.completion_tokens,
-            u.cached_tokens.unwrap_or(0),
-            u.reasoning_tokens.unwrap_or(0),
-        ];
         for (sum, n) in e.iter_mut().zip(add) {
             *sum = sum.saturating_add(n);
         }
@@ -494,9 +487,9 @@ impl LocalMetrics {
         }
     }
 
-    /// Folds local observations into the shared registry. Core 0 also publishes the backend
-    /// gauges from its cross-core view.
-    pub fn flush(&self, view: &LoadView, publish_backends: bool) {
+    /// Folds local observations into the shared registry. With `backends`, also publishes each
+    /// backend's gauges from `backends(slot) -> (up, in flight)` (core 0's cross-core view).
+    pub fn flush(&self, backends: Option<&dyn Fn(usize) -> (bool, u32)>) {
         let g = &self.global;
         for ((status, b, m), n) in self.requests.borrow_mut().drain() {
             let backend = if b == NO_BACKEND {
@@ -532,17 +525,16 @@ impl LocalMetrics {
                 *n = 0;
             }
         }
-        if publish_backends {
+        if let Some(backend) = backends {
             for (i, name) in self.labels.borrow().iter().enumerate() {
                 if name.is_empty() {
                     continue;
                 }
-                g.backend_up
-                    .with_label_values(&[name])
-                    .set(i64::from(view.is_up(i)));
+                let (up, in_flight) = backend(i);
+                g.backend_up.with_label_values(&[name]).set(i64::from(up));
                 g.backend_inflight
                     .with_label_values(&[name])
-                    .set(i64::from(view.load(i)));
+                    .set(i64::from(in_flight));
             }
         }
     }
@@ -604,19 +596,16 @@ impl RoutingMetrics {
 
     /// Publishes one scrape of the backend labelled `name` (`None`: it failed, or it has not
     /// been scraped yet: the gauges read NaN until a scrape says otherwise).
-    pub fn engine_reading(&self, name: &str, load: Option<&crate::worker::engine::EngineLoad>) {
+    /// `load`: requests waiting, requests running, KV-cache use (0..=1) when reported.
+    pub fn engine_reading(&self, name: &str, load: Option<(f64, f64, Option<f64>)>) {
         let labels = [name];
         self.engine_up
             .with_label_values(&labels)
             .set(i64::from(load.is_some()));
-        if let Some(l) = load {
-            self.engine_waiting
-                .with_label_values(&labels)
-                .set(l.waiting);
-            self.engine_running
-                .with_label_values(&labels)
-                .set(l.running);
-            if let Some(kv) = l.kv_usage {
+        if let Some((waiting, running, kv_usage)) = load {
+            self.engine_waiting.with_label_values(&labels).set(waiting);
+            self.engine_running.with_label_values(&labels).set(running);
+            if let Some(kv) = kv_usage {
                 self.engine_kv.with_label_values(&labels).set(kv);
             }
         }
@@ -624,6 +613,13 @@ impl RoutingMetrics {
 
     /// A backend joined: its engine series exist from now on, unknown (NaN) until scraped, so
     /// dashboards and alerts see it before the first scrape.
+    /// Counts `n` routing decisions of `strategy` for `reason`.
+    pub fn decided(&self, strategy: &str, reason: &str, n: u64) {
+        self.decisions
+            .with_label_values(&[strategy, reason])
+            .inc_by(n);
+    }
+
     pub fn engine_present(&self, name: &str) {
         self.engine_up.with_label_values(&[name]).set(0);
         for g in [&self.engine_waiting, &self.engine_running, &self.engine_kv] {
@@ -640,59 +636,6 @@ impl RoutingMetrics {
     }
 }
 
-/// One core's routing decision counts by (strategy, reason), folded into the registry on its
-/// tick: counting a pick touches only this core's memory and never allocates.
-pub struct LocalDecisions {
-    counts: RefCell<[[u64; crate::worker::balance::Reason::ALL.len()]; STRATEGIES.len()]>,
-}
-
-const STRATEGIES: [crate::config::Strategy; 6] = [
-    crate::config::Strategy::RoundRobin,
-    crate::config::Strategy::WeightedRoundRobin,
-    crate::config::Strategy::LeastConnections,
-    crate::config::Strategy::PowerOfTwo,
-    crate::config::Strategy::LeastLoad,
-    crate::config::Strategy::ConsistentHash,
-];
-
-impl Default for LocalDecisions {
-    fn default() -> Self {
-        LocalDecisions {
-            counts: RefCell::new(
-                [[0; crate::worker::balance::Reason::ALL.len()]; STRATEGIES.len()],
-            ),
-        }
-    }
-}
-
-impl LocalDecisions {
-    pub fn record(
-        &self,
-        strategy: crate::config::Strategy,
-        reason: crate::worker::balance::Reason,
-    ) {
-        let s = STRATEGIES.iter().position(|x| *x == strategy).unwrap_or(0);
-        self.counts.borrow_mut()[s][reason.index()] += 1;
-    }
-
-    pub fn flush(&self, m: &RoutingMetrics) {
-        let mut counts = self.counts.borrow_mut();
-        for (s, row) in counts.iter_mut().enumerate() {
-            for (r, n) in row.iter_mut().enumerate() {
-                if *n > 0 {
-                    m.decisions
-                        .with_label_values(&[
-                            STRATEGIES[s].as_str(),
-                            crate::worker::balance::Reason::ALL[r].as_str(),
-                        ])
-                        .inc_by(*n);
-                    *n = 0;
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -702,15 +645,9 @@ mod tests {
         let cfg =
             Config::with_backends("127.0.0.1:0".parse().unwrap(), &["http://a:1".into()]).unwrap();
         let local = LocalMetrics::new(Arc::new(Metrics::new(&cfg, 1, "epoll").unwrap()), &cfg);
-        let huge = crate::openai::tap::Usage {
-            prompt_tokens: u64::MAX,
-            completion_tokens: u64::MAX,
-            total_tokens: u64::MAX,
-            cached_tokens: Some(u64::MAX),
-            reasoning_tokens: None,
-        };
-        local.tokens(NONE_IDX, &huge);
-        local.tokens(NONE_IDX, &huge);
+        let huge = [u64::MAX, u64::MAX, u64::MAX, 0];
+        local.tokens(NONE_IDX, huge);
+        local.tokens(NONE_IDX, huge);
         assert_eq!(
             local.tokens.borrow()[&NONE_IDX],
             [u64::MAX, u64::MAX, u64::MAX, 0]

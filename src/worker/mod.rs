@@ -10,6 +10,7 @@
 pub mod balance;
 pub mod breaker;
 pub mod capacity;
+pub mod decisions;
 pub mod engine;
 #[cfg(test)]
 pub(crate) mod testing;
@@ -28,12 +29,13 @@ use crate::capacity::{Capacity, ConnectionLimit};
 use crate::config::Config;
 use crate::control::{Broadcast, ControlMsg, HealthReport, PlaneMsg};
 use crate::error::{ProxyError, Verdict};
-use crate::telemetry::metrics::{LocalDecisions, LocalMetrics, Metrics};
+use crate::telemetry::metrics::{LocalMetrics, Metrics};
 use crate::upstream::Pool;
 use crate::usage::{CoreSender, UsageEvent};
 use crate::worker::balance::{Balancer, Inputs, LoadView, Member, Params, Pick};
 use crate::worker::breaker::CoreBreakers;
 use crate::worker::capacity::CoreCapacity;
+use crate::worker::decisions::LocalDecisions;
 use crate::worker::engine::EngineView;
 
 /// A counter on its own cache line, so cores updating their own never contend.
@@ -196,8 +198,7 @@ impl Worker {
             .iter()
             .map(|e| e.as_ref().map_or_else(String::new, |e| e.spec.name.clone()))
             .collect();
-        self.metrics
-            .set_backends(&self.view, labels, table.models.clone());
+        self.metrics.set_backends(labels, table.models.clone());
         self.view.resize(n);
         self.breakers.resize(n);
         self.engine.resize(n);
@@ -335,8 +336,16 @@ impl Worker {
         self.pool.prune();
         self.capacity.tick();
         self.usage.tick();
-        self.metrics.flush(&self.view, self.id == 0);
+        self.flush_metrics(self.id == 0);
         self.decisions.flush(&self.shared.metrics.routing);
+    }
+
+    /// Folds this core's metrics into the registry; with `backends`, also publishes every
+    /// backend's health and in-flight gauges from this core's cross-core view.
+    pub fn flush_metrics(&self, backends: bool) {
+        let view = |i: usize| (self.view.is_up(i), self.view.load(i));
+        self.metrics
+            .flush(backends.then_some(&view as &dyn Fn(usize) -> (bool, u32)));
     }
 
     /// The balancer of a model pool (an index into the `models` of the config in force), or

@@ -203,7 +203,9 @@ impl Scraper {
                         log::info!("backend {}: engine metrics readable again", t.name);
                         failing = false;
                     }
-                    self.metrics.routing.engine_reading(&t.name, Some(&load));
+                    self.metrics
+                        .routing
+                        .engine_reading(&t.name, Some((load.waiting, load.running, load.kv_usage)));
                     let reading = Reading { load, at: started };
                     self.broadcast.send_all(&ControlMsg::Engine {
                         backend: t.slot,

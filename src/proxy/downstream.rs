@@ -1,0 +1,28 @@
+//! The client side of one connection, as every step of a request sees it: the socket halves, the
+//! bytes read ahead (the next pipelined request), who the peer is, and the key id cache.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use monoio::io::{OwnedReadHalf, OwnedWriteHalf};
+use monoio::net::TcpStream;
+
+use crate::auth::KeyIdCache;
+
+pub(crate) struct Downstream {
+    pub rd: OwnedReadHalf<TcpStream>,
+    pub wr: OwnedWriteHalf<TcpStream>,
+    /// Bytes read from the client and not yet consumed (start of the next request).
+    pub buf: BytesMut,
+    pub peer: SocketAddr,
+    /// The client's IP as text, formatted once per connection (for X-Forwarded-For).
+    pub peer_ip: Rc<str>,
+    /// Accepted on the admin listener.
+    pub admin: bool,
+    /// `timeouts.write`: how long one write to this client may stall before it is dropped.
+    pub write_timeout: Duration,
+    /// The `key_id` of the last client key seen on this connection.
+    pub key_ids: KeyIdCache,
+}
