@@ -1,0 +1,409 @@
+//! The load generator: one monoio thread on CPU 1 driving N keep-alive connections in a closed
+//! loop (a connection sends its next request once the previous response was read to the end),
+//! and what they saw (`Acc`): completions, latency/TTFT/token-gap samples inside the window,
+//! errors by kind, open streams and connections. Its own CPU is reported (load side CPU, sharing
+//! CPU 1 with the mock), so per request it only parses and counts: the request is one shared
+//! `Bytes`, the read buffer is reused, samples go to preallocated vectors. Every wait is bounded
+//! by the end of the window, so all its connections are closed when the window ends.
+
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use llmproxy::http1::{BodyFraming, ChunkedDecoder};
+use memchr::memmem;
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+
+use crate::http::{parse_head, TokenMatcher};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Failure {
+    Connect,
+    Io,
+    Closed,
+    Status(u16),
+    Protocol,
+    Short,
+    Timeout,
+}
+
+pub(crate) const FAILURE_KINDS: [&str; 7] = [
+    "connect", "io", "closed", "status", "protocol", "short", "timeout",
+];
+
+impl Failure {
+    pub(crate) fn index(self) -> usize {
+        match self {
+            Failure::Connect => 0,
+            Failure::Io => 1,
+            Failure::Closed => 2,
+            Failure::Status(_) => 3,
+            Failure::Protocol => 4,
+            Failure::Short => 5,
+            Failure::Timeout => 6,
+        }
+    }
+}
+
+pub(crate) struct Spec {
+    pub(crate) addr: SocketAddr,
+    pub(crate) conns: usize,
+    pub(crate) request: Bytes,
+    pub(crate) stream: bool,
+    pub(crate) tokens: u32,
+    pub(crate) record_gaps: bool,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) ramp: Duration,
+    pub(crate) t0: Instant,
+    pub(crate) t1: Instant,
+    pub(crate) finder: memmem::Finder<'static>,
+    pub(crate) stop: Arc<AtomicBool>,
+}
+
+impl Spec {
+    pub(crate) fn in_window(&self, t: Instant) -> bool {
+        t >= self.t0 && t < self.t1
+    }
+}
+
+/// What the clients saw; samples only for events inside the measurement window.
+#[derive(Default)]
+pub(crate) struct Acc {
+    pub(crate) ok: u64,
+    pub(crate) lat_us: Vec<u32>,
+    pub(crate) ttft_us: Vec<u32>,
+    pub(crate) gap_us: Vec<u32>,
+    pub(crate) errors: [u64; 7],
+    pub(crate) warmup_errors: u64,
+    pub(crate) first_error: Option<String>,
+    pub(crate) tokens: u64,
+    pub(crate) reconnects: u64,
+    /// Streams that have had their first token and are still open.
+    pub(crate) streaming: i64,
+    pub(crate) streaming_at_end: i64,
+    pub(crate) connections: i64,
+    pub(crate) connections_at_end: i64,
+    pub(crate) uring: bool,
+    /// Client tasks still running 3 s after the window (their sockets may leak; should be 0).
+    pub(crate) clients_left: usize,
+}
+
+impl Acc {
+    pub(crate) fn fail(&mut self, spec: &Spec, f: Failure, at: Instant) {
+        if spec.in_window(at) {
+            self.errors[f.index()] += 1;
+        } else if at < spec.t0 {
+            self.warmup_errors += 1;
+        } else {
+            return;
+        }
+        if self.first_error.is_none() {
+            self.first_error = Some(match f {
+                Failure::Status(s) => format!("status {s}"),
+                other => FAILURE_KINDS[other.index()].to_string(),
+            });
+        }
+    }
+}
+
+fn micros(d: Duration) -> u32 {
+    u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
+}
+
+/// Read buffer per connection, allocated once: room for many W1 responses or a whole W2 stream.
+const READ_BUF: usize = 32 * 1024;
+/// Least room a read is given; below it the unread bytes move to the front first.
+const MIN_ROOM: usize = 4096;
+
+struct Conn {
+    stream: monoio::net::TcpStream,
+    /// Unread bytes; what was parsed is consumed from the front.
+    buf: BytesMut,
+    acc: Rc<RefCell<Acc>>,
+}
+
+impl Conn {
+    async fn open(addr: SocketAddr, acc: &Rc<RefCell<Acc>>) -> io::Result<Conn> {
+        let stream = monoio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        acc.borrow_mut().connections += 1;
+        Ok(Conn {
+            stream,
+            buf: BytesMut::with_capacity(READ_BUF),
+            acc: acc.clone(),
+        })
+    }
+
+    /// Read more bytes after the unread ones. `reserve` first moves the unread bytes (at most a
+    /// partial head or chunk) to the front of the same allocation: when everything was consumed,
+    /// or when less than `MIN_ROOM` is left. It allocates only if they would not fit in half.
+    async fn fill(&mut self) -> Result<(), Failure> {
+        if self.buf.is_empty() {
+            self.buf.reserve(READ_BUF);
+        } else if self.buf.capacity() - self.buf.len() < MIN_ROOM {
+            self.buf.reserve(READ_BUF / 2);
+        }
+        let buf = std::mem::take(&mut self.buf);
+        let len = buf.len();
+        let (res, slice) = self.stream.read(buf.slice_mut(len..)).await;
+        self.buf = slice.into_inner();
+        match res {
+            Ok(0) => Err(Failure::Closed),
+            Ok(_) => Ok(()),
+            Err(_) => Err(Failure::Io),
+        }
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let Ok(mut acc) = self.acc.try_borrow_mut() {
+            acc.connections -= 1;
+        }
+    }
+}
+
+/// Counts a stream as open from its first token until it ends (or is dropped).
+struct StreamGauge<'a> {
+    acc: &'a RefCell<Acc>,
+    on: bool,
+}
+
+impl StreamGauge<'_> {
+    fn start(&mut self) {
+        if !self.on {
+            self.on = true;
+            self.acc.borrow_mut().streaming += 1;
+        }
+    }
+}
+
+impl Drop for StreamGauge<'_> {
+    fn drop(&mut self) {
+        if self.on {
+            if let Ok(mut acc) = self.acc.try_borrow_mut() {
+                acc.streaming -= 1;
+            }
+        }
+    }
+}
+
+/// One request/response on `c`; Ok(true) when the connection may be reused.
+async fn exchange(
+    c: &mut Conn,
+    spec: &Spec,
+    acc: &RefCell<Acc>,
+    start: Instant,
+) -> Result<bool, Failure> {
+    let (res, _) = c.stream.write_all(spec.request.clone()).await;
+    res.map_err(|_| Failure::Io)?;
+    let head = loop {
+        if let Some(h) = parse_head(&mut c.buf, "POST").map_err(|_| Failure::Protocol)? {
+            break h;
+        }
+        c.fill().await?;
+    };
+    if head.status != 200 {
+        return Err(Failure::Status(head.status));
+    }
+    let mut tokens = 0u32;
+    let mut first: Option<Instant> = None;
+    let mut last = start;
+    let mut gauge = StreamGauge { acc, on: false };
+    match head.framing {
+        BodyFraming::Empty => {}
+        BodyFraming::Length(n) => {
+            let n = usize::try_from(n).map_err(|_| Failure::Protocol)?;
+            while c.buf.len() < n {
+                c.fill().await?;
+            }
+            c.buf.advance(n);
+        }
+        BodyFraming::Chunked => {
+            let mut dec = ChunkedDecoder::new();
+            let mut matcher = TokenMatcher::default();
+            loop {
+                let now = Instant::now();
+                let mut found = 0u32;
+                let used = dec
+                    .decode(&c.buf, |d| {
+                        if spec.stream {
+                            found += matcher.count(&spec.finder, d);
+                        }
+                    })
+                    .map_err(|_| Failure::Protocol)?;
+                c.buf.advance(used);
+                if found > 0 {
+                    if first.is_none() {
+                        first = Some(now);
+                        gauge.start();
+                    }
+                    let mut a = acc.borrow_mut();
+                    if spec.in_window(now) {
+                        a.tokens += u64::from(found);
+                        if spec.record_gaps {
+                            let previous = if tokens == 0 { None } else { Some(last) };
+                            if let Some(prev) = previous {
+                                a.gap_us.push(micros(now - prev));
+                            }
+                            for _ in 1..found {
+                                a.gap_us.push(0);
+                            }
+                        }
+                    }
+                    tokens += found;
+                    last = now;
+                }
+                if dec.is_done() {
+                    break;
+                }
+                c.fill().await?;
+            }
+        }
+        BodyFraming::UntilClose => {
+            while c.fill().await.is_ok() {}
+            c.buf.clear();
+        }
+    }
+    let end = Instant::now();
+    if spec.stream && tokens != spec.tokens {
+        return Err(Failure::Short);
+    }
+    if spec.in_window(end) {
+        let mut a = acc.borrow_mut();
+        a.ok += 1;
+        a.lat_us.push(micros(end - start));
+        if let Some(f) = first {
+            a.ttft_us.push(micros(f - start));
+        }
+    }
+    Ok(head.reusable)
+}
+
+/// Counts the client tasks still running (they end by themselves at the end of the window).
+struct Live(Rc<Cell<usize>>);
+
+impl Live {
+    fn new(count: &Rc<Cell<usize>>) -> Live {
+        count.set(count.get() + 1);
+        Live(count.clone())
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
+}
+
+/// One client: a keep-alive connection, one request at a time, until the end of the window. Every
+/// wait is bounded by the end of the window, so the task ends then and closes its connection
+/// (dropping the runtime instead would leave sockets open and the backend streaming into them).
+async fn client(idx: usize, spec: Rc<Spec>, acc: Rc<RefCell<Acc>>, live: Live) {
+    let _live = live;
+    if !spec.ramp.is_zero() {
+        monoio::time::sleep(spec.ramp.mul_f64(idx as f64 / spec.conns as f64)).await;
+    }
+    let mut conn: Option<Conn> = None;
+    loop {
+        let now = Instant::now();
+        if now >= spec.t1 {
+            break;
+        }
+        let mut c = match conn.take() {
+            Some(c) => c,
+            None => match monoio::time::timeout(spec.t1 - now, Conn::open(spec.addr, &acc)).await {
+                Err(_) => break,
+                Ok(Ok(c)) => c,
+                Ok(Err(_)) => {
+                    acc.borrow_mut()
+                        .fail(&spec, Failure::Connect, Instant::now());
+                    monoio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+        };
+        let start = Instant::now();
+        let left = spec.t1.saturating_duration_since(start);
+        let (limit, at_deadline) = match spec.timeout {
+            Some(limit) if limit < left => (limit, false),
+            _ => (left, true),
+        };
+        let result = match monoio::time::timeout(limit, exchange(&mut c, &spec, &acc, start)).await
+        {
+            Ok(result) => result,
+            Err(_) if at_deadline => break,
+            Err(_) => Err(Failure::Timeout),
+        };
+        match result {
+            Ok(true) => conn = Some(c),
+            Ok(false) => acc.borrow_mut().reconnects += 1,
+            Err(f) => {
+                acc.borrow_mut().fail(&spec, f, Instant::now());
+                // The connection is dropped; a failing target is not hammered in a tight loop.
+                monoio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+}
+
+pub(crate) fn spawn_load(spec: Spec) -> std::thread::JoinHandle<Result<Acc, String>> {
+    std::thread::Builder::new()
+        .name("loadgen".into())
+        .spawn(move || {
+            let _ = monoio::utils::bind_to_cpu_set([1]);
+            let entries = u32::try_from((spec.conns * 2).next_power_of_two())
+                .unwrap_or(32768)
+                .clamp(1024, 32768);
+            let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+                .with_entries(entries)
+                .enable_timer()
+                .build()
+                .map_err(|e| format!("load generator runtime: {e}"))?;
+            let expected = (spec.t1 - spec.t0).as_secs_f64();
+            let acc = Rc::new(RefCell::new(Acc {
+                lat_us: Vec::with_capacity((expected * 60_000.0) as usize),
+                ..Acc::default()
+            }));
+            let spec = Rc::new(spec);
+            let live = Rc::new(std::cell::Cell::new(0usize));
+            let result = rt.block_on(async {
+                acc.borrow_mut().uring = !monoio::utils::is_legacy();
+                for i in 0..spec.conns {
+                    monoio::spawn(client(i, spec.clone(), acc.clone(), Live::new(&live)));
+                }
+                // Wake just before the end of the window to see how many streams are open
+                // (the clients stop at its end).
+                let snapshot = spec.t1 - (spec.t1 - spec.t0).min(Duration::from_millis(20));
+                loop {
+                    let now = Instant::now();
+                    if now >= snapshot || spec.stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    monoio::time::sleep((snapshot - now).min(Duration::from_millis(50))).await;
+                }
+                let mut result = {
+                    let mut a = acc.borrow_mut();
+                    a.streaming_at_end = a.streaming;
+                    a.connections_at_end = a.connections;
+                    std::mem::take(&mut *a)
+                };
+                // Let the clients see the deadline and close their connections.
+                let give_up = Instant::now() + Duration::from_secs(3);
+                while live.get() > 0 && Instant::now() < give_up {
+                    monoio::time::sleep(Duration::from_millis(5)).await;
+                }
+                result.clients_left = live.get();
+                result
+            });
+            drop(rt);
+            Ok(result)
+        })
+        .expect("spawn load generator thread")
+}

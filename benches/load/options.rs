@@ -1,0 +1,197 @@
+//! Command line and environment of the benchmark: which workloads and targets, how long, where
+//! the binaries are. It only reads and validates; it must never start anything. Every option is
+//! also an environment variable because `cargo bench` makes passing arguments awkward.
+
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use crate::targets::TargetKind;
+use crate::workload::{workload, Workload};
+
+pub(crate) const HELP: &str = "\
+load benchmark: llmproxy vs nginx vs direct (see BENCHMARKS.md)
+
+  cargo build --release && cargo bench --bench load [-- OPTIONS]
+
+Options (each also settable by the environment variable in brackets):
+  --secs S          measured seconds per run             [LOAD_SECS, default 10]
+  --warmup S        unmeasured seconds before each run   [LOAD_WARMUP_SECS, default 1]
+  --workloads LIST  w1,w2,w3 and the opt-in w4 (10,000 streams at 1 token/s)
+                                                         [LOAD_WORKLOADS, default w1,w2,w3]
+  --targets LIST    direct,llmproxy,llmproxy-log,nginx,llmproxy-2w,llmproxy-epoll
+                                                         [LOAD_TARGETS, default all of them]
+  --startup-runs N  timed starts for the startup figure  [LOAD_STARTUP_RUNS, default 5; 0 = skip]
+  --out PATH        also write the report (Markdown)     [LOAD_OUT]
+  --keep-tmp        keep configs and logs                [LOAD_KEEP_TMP=1]
+  --perf DIR        record `perf record -e cpu-clock -g` of each proxy during its window into
+                    DIR/perf-<workload>-<target>.data (figures of those runs include perf's cost)
+                                                         [LOAD_PERF]
+Environment only:
+  LLMPROXY_BIN      llmproxy binary (default $CARGO_TARGET_DIR/release/llmproxy, then
+                    target/release/llmproxy in the crate)
+  LOAD_NGINX        nginx binary (default: `nginx` on PATH or /usr/sbin/nginx; `off` skips nginx)
+  LOAD_W1_CONNS=64 LOAD_W2_CONNS=64 LOAD_W3_STREAMS=256 LOAD_W4_STREAMS=10000
+";
+
+pub(crate) struct Options {
+    pub(crate) bin: PathBuf,
+    pub(crate) nginx: Option<PathBuf>,
+    pub(crate) secs: f64,
+    pub(crate) warmup: f64,
+    pub(crate) workloads: Vec<Workload>,
+    pub(crate) targets: Vec<TargetKind>,
+    pub(crate) startup_runs: usize,
+    pub(crate) out: Option<PathBuf>,
+    pub(crate) keep_tmp: bool,
+    pub(crate) perf: Option<PathBuf>,
+}
+
+impl Options {
+    pub(crate) fn parse() -> Result<Options, String> {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+        let mut secs = env("LOAD_SECS").unwrap_or_else(|| "10".into());
+        let mut warmup = env("LOAD_WARMUP_SECS").unwrap_or_else(|| "1".into());
+        let mut workloads = env("LOAD_WORKLOADS").unwrap_or_else(|| "w1,w2,w3".into());
+        let mut targets = env("LOAD_TARGETS").unwrap_or_else(|| {
+            "direct,llmproxy,llmproxy-log,nginx,llmproxy-2w,llmproxy-epoll".into()
+        });
+        let mut startup = env("LOAD_STARTUP_RUNS").unwrap_or_else(|| "5".into());
+        let mut out = env("LOAD_OUT").map(PathBuf::from);
+        let mut keep_tmp = env("LOAD_KEEP_TMP").is_some_and(|v| v != "0");
+        let mut perf = env("LOAD_PERF").map(PathBuf::from);
+
+        let mut args = std::env::args().skip(1);
+        while let Some(arg) = args.next() {
+            let mut value = |name: &str| {
+                args.next()
+                    .ok_or_else(|| format!("{name} needs a value\n\n{HELP}"))
+            };
+            match arg.as_str() {
+                // cargo bench passes --bench to harness = false benchmarks.
+                "--bench" => {}
+                "-h" | "--help" => {
+                    print!("{HELP}");
+                    std::process::exit(0);
+                }
+                "--secs" => secs = value("--secs")?,
+                "--warmup" => warmup = value("--warmup")?,
+                "--workloads" => workloads = value("--workloads")?,
+                "--targets" => targets = value("--targets")?,
+                "--startup-runs" => startup = value("--startup-runs")?,
+                "--out" => out = Some(PathBuf::from(value("--out")?)),
+                "--keep-tmp" => keep_tmp = true,
+                "--perf" => perf = Some(PathBuf::from(value("--perf")?)),
+                other => return Err(format!("unknown argument {other:?}\n\n{HELP}")),
+            }
+        }
+        let seconds = |name: &str, v: &str, min: f64| -> Result<f64, String> {
+            match v.trim().parse::<f64>() {
+                Ok(s) if s >= min && s <= 3600.0 => Ok(s),
+                _ => Err(format!(
+                    "{name}: {v:?} must be a number of seconds in {min}..=3600"
+                )),
+            }
+        };
+        let secs = seconds("LOAD_SECS", &secs, 0.5)?;
+        let warmup = seconds("LOAD_WARMUP_SECS", &warmup, 0.0)?;
+        let workloads = workloads
+            .split(',')
+            .filter(|s| !s.trim().is_empty())
+            .map(workload)
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut chosen = Vec::new();
+        for t in targets.split(',').filter(|s| !s.trim().is_empty()) {
+            let kind = TargetKind::parse(t).ok_or_else(|| {
+                format!("unknown target {t:?} (direct, llmproxy, llmproxy-log, nginx, llmproxy-2w, llmproxy-epoll)")
+            })?;
+            if !chosen.contains(&kind) {
+                chosen.push(kind);
+            }
+        }
+        // Always in the same order: direct first (the baseline the others are compared with).
+        let targets: Vec<TargetKind> = TargetKind::ALL
+            .into_iter()
+            .filter(|k| chosen.contains(k))
+            .collect();
+        let startup_runs = startup
+            .trim()
+            .parse()
+            .map_err(|_| format!("LOAD_STARTUP_RUNS: {startup:?} is not a number"))?;
+        Ok(Options {
+            bin: find_llmproxy()?,
+            nginx: find_nginx(),
+            secs,
+            warmup,
+            workloads,
+            targets,
+            startup_runs,
+            out,
+            keep_tmp,
+            perf,
+        })
+    }
+}
+
+pub(crate) fn find_llmproxy() -> Result<PathBuf, String> {
+    pub(crate) const BUILD_FIRST: &str = "this benchmark builds nothing: run `cargo build --release` first \
+                               (with the same CARGO_TARGET_DIR), or point LLMPROXY_BIN at the binary";
+    if let Some(p) = std::env::var_os("LLMPROXY_BIN") {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(format!(
+                "LLMPROXY_BIN={} does not exist; {BUILD_FIRST}",
+                p.display()
+            ))
+        };
+    }
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut candidates = Vec::new();
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        let dir = PathBuf::from(dir);
+        let dir = if dir.is_absolute() {
+            dir
+        } else {
+            manifest.join(dir)
+        };
+        candidates.push(dir.join("release/llmproxy"));
+    }
+    candidates.push(manifest.join("target/release/llmproxy"));
+    if let Some(found) = candidates.iter().find(|p| p.is_file()) {
+        return Ok(found.clone());
+    }
+    let looked: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
+    Err(format!(
+        "llmproxy binary not found (looked at {}); {BUILD_FIRST}",
+        looked.join(", ")
+    ))
+}
+
+pub(crate) fn find_nginx() -> Option<PathBuf> {
+    match std::env::var("LOAD_NGINX") {
+        Ok(v) if v.eq_ignore_ascii_case("off") || v == "0" => return None,
+        Ok(v) if !v.trim().is_empty() => return Some(PathBuf::from(v)),
+        _ => {}
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin")])
+        .map(|d| d.join("nginx"))
+        .find(|p| p.is_file())
+}
+
+/// Newest modification time of any file under `dir` (to warn about a stale binary).
+pub(crate) fn newest_mtime(dir: &Path) -> Option<SystemTime> {
+    let mut newest: Option<SystemTime> = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let t = if path.is_dir() {
+            newest_mtime(&path)
+        } else {
+            entry.metadata().ok().and_then(|m| m.modified().ok())
+        };
+        newest = newest.max(t);
+    }
+    newest
+}

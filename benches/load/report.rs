@@ -1,0 +1,527 @@
+//! The Markdown report: machine and source header, one table per workload with ratios against
+//! nginx and direct, the startup table, and the issue 6 targets each with a verdict (holds /
+//! MISSED / not measured). Pure formatting over finished results: it never measures or starts a
+//! target (the header only reads /proc, `--version` output and the git state).
+
+use std::fmt::Write as _;
+use std::process::{Command, Stdio};
+
+use crate::measure::loadavg;
+use crate::options::Options;
+use crate::run::{RunResult, Startup};
+use crate::workload::Workload;
+
+pub(crate) fn f1(v: Option<f64>) -> String {
+    v.map_or("–".into(), |v| format!("{v:.1}"))
+}
+
+pub(crate) fn f2(v: Option<f64>) -> String {
+    v.map_or("–".into(), |v| format!("{v:.2}"))
+}
+
+pub(crate) fn thousands(v: f64) -> String {
+    let n = v.round() as i64;
+    let digits = n.unsigned_abs().to_string().into_bytes();
+    let groups: Vec<&str> = digits
+        .rchunks(3)
+        .rev()
+        .map(|g| std::str::from_utf8(g).unwrap_or("?"))
+        .collect();
+    let out = groups.join(",");
+    if n < 0 {
+        format!("-{out}")
+    } else {
+        out
+    }
+}
+
+pub(crate) fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
+pub(crate) fn find<'a>(results: &'a [RunResult], name: &str) -> Option<&'a RunResult> {
+    results
+        .iter()
+        .find(|r| r.target == name && r.failed.is_none())
+}
+
+pub(crate) fn table(out: &mut String, wl: &Workload, results: &[RunResult]) {
+    outln!(out, "### {}", wl.title);
+    outln!(out);
+    let direct = find(results, "direct");
+    if wl.id == "w4" {
+        outln!(
+            out,
+            "| target | streams open at end | connections at end | tokens/s | errors | proxy CPU | RSS end / peak MB | PSS MB | load side CPU | other CPU |"
+        );
+        outln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for r in results {
+            if let Some(why) = &r.failed {
+                outln!(
+                    out,
+                    "| {} | not run: {} |||||||",
+                    r.target,
+                    why.replace('\n', " ")
+                );
+                continue;
+            }
+            outln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} / {} | {} | {:.0}% | {:.0}% |",
+                r.target,
+                thousands(r.streaming_at_end as f64),
+                thousands(r.connections_at_end as f64),
+                thousands(r.tokens as f64 / r.secs),
+                r.errors,
+                r.cpu_pct().map_or("–".into(), |c| format!("{c:.0}%")),
+                f1(r.rss_mb()),
+                f1(r.hwm_mb()),
+                f1(r.pss_mb()),
+                r.load_cpu,
+                r.other_cpu,
+            );
+        }
+    } else {
+        let mut hdr = String::from("| target | req/s | latency p50 / p99 / p99.9 ms |");
+        let mut sep = String::from("|---|---:|---:|");
+        if wl.stream {
+            hdr.push_str(" TTFT p50 / p99 ms | added TTFT p50 / p99 ms |");
+            sep.push_str("---:|---:|");
+        }
+        if wl.token_delay_ms > 0 {
+            hdr.push_str(" token gap p99 / max ms |");
+            sep.push_str("---:|");
+        }
+        hdr.push_str(
+            " errors | proxy CPU | CPU µs/req | RSS end / peak MB | PSS MB | load side CPU | other CPU |",
+        );
+        sep.push_str("---:|---:|---:|---:|---:|---:|---:|");
+        outln!(out, "{hdr}");
+        outln!(out, "{sep}");
+        for r in results {
+            if let Some(why) = &r.failed {
+                outln!(
+                    out,
+                    "| {} | not run: {} |",
+                    r.target,
+                    why.replace('\n', " ")
+                );
+                continue;
+            }
+            let mut row = format!(
+                "| {} | {} | {} / {} / {} |",
+                r.target,
+                thousands(r.rps()),
+                f2(r.lat[0]),
+                f2(r.lat[1]),
+                f2(r.lat[2])
+            );
+            if wl.stream {
+                let added = |i: usize| -> Option<f64> {
+                    direct
+                        .filter(|d| d.target != r.target)
+                        .and_then(|d| Some(r.ttft[i]? - d.ttft[i]?))
+                };
+                let _ = write!(
+                    row,
+                    " {} / {} | {} |",
+                    f2(r.ttft[0]),
+                    f2(r.ttft[1]),
+                    if r.target == "direct" {
+                        "(baseline)".to_string()
+                    } else {
+                        format!(
+                            "{} / {}",
+                            added(0).map_or("–".into(), |v| format!("{v:+.2}")),
+                            added(1).map_or("–".into(), |v| format!("{v:+.2}"))
+                        )
+                    }
+                );
+            }
+            if wl.token_delay_ms > 0 {
+                let _ = write!(row, " {} / {} |", f1(r.gap[1]), f1(r.gap[2]));
+            }
+            let _ = write!(
+                row,
+                " {} | {} | {} | {} | {} | {:.0}% | {:.0}% |",
+                r.errors,
+                r.cpu_pct().map_or("–".into(), |c| format!("{c:.0}%")),
+                f1(r.cpu_us_per_req()),
+                r.rss_mb().map_or("–".into(), |_| format!(
+                    "{} / {}",
+                    f1(r.rss_mb()),
+                    f1(r.hwm_mb())
+                )),
+                f1(r.pss_mb()),
+                r.load_cpu,
+                r.other_cpu
+            );
+            outln!(out, "{row}");
+        }
+    }
+    outln!(out);
+    if let Some(nginx) = find(results, "nginx") {
+        for name in ["llmproxy", "llmproxy+log", "llmproxy-epoll"] {
+            let Some(l) = find(results, name) else {
+                continue;
+            };
+            if wl.id == "w4" {
+                outln!(
+                    out,
+                    "- {name} / nginx: RSS ×{}, proxy CPU ×{}",
+                    f2(ratio(l.rss_mb(), nginx.rss_mb())),
+                    f2(ratio(l.cpu_pct(), nginx.cpu_pct())),
+                );
+            } else {
+                outln!(
+                    out,
+                    "- {name} / nginx: req/s ×{}, CPU per request ×{}, latency p99 ×{}, RSS ×{}",
+                    f2(ratio(Some(l.rps()), Some(nginx.rps()))),
+                    f2(ratio(l.cpu_us_per_req(), nginx.cpu_us_per_req())),
+                    f2(ratio(l.lat[1], nginx.lat[1])),
+                    f2(ratio(l.rss_mb(), nginx.rss_mb())),
+                );
+            }
+        }
+    }
+    if let (Some(on), Some(off)) = (find(results, "llmproxy+log"), find(results, "llmproxy")) {
+        if let (Some(a), Some(b)) = (on.cpu_us_per_req(), off.cpu_us_per_req()) {
+            outln!(
+                out,
+                "- access log on / off (llmproxy): CPU per request {a:.1} / {b:.1} µs (+{:.1} µs)",
+                a - b
+            );
+        }
+    }
+    let epoll = find(results, "llmproxy-epoll").filter(|_| wl.id != "w4");
+    if let (Some(epoll), Some(uring)) = (epoll, find(results, "llmproxy")) {
+        outln!(
+            out,
+            "- io_uring / epoll (llmproxy): CPU per request ×{}, req/s ×{}, load side CPU per request ×{}",
+            f2(ratio(uring.cpu_us_per_req(), epoll.cpu_us_per_req())),
+            f2(ratio(Some(uring.rps()), Some(epoll.rps()))),
+            f2(ratio(uring.load_us_per_req, epoll.load_us_per_req)),
+        );
+    }
+    if let (Some(two), Some(one)) = (find(results, "llmproxy-2w"), find(results, "llmproxy")) {
+        outln!(
+            out,
+            "- scaling, llmproxy 2 workers (CPUs 0,1, sharing CPU 1 with the load side) / 1 worker: req/s ×{}",
+            f2(ratio(Some(two.rps()), Some(one.rps())))
+        );
+    }
+    for r in results {
+        if r.failed.is_some() {
+            continue;
+        }
+        let mut line = format!("- {}: {} requests in {:.1} s", r.target, r.ok, r.secs);
+        if !r.error_note.is_empty() {
+            let _ = write!(line, "; errors: {}", r.error_note);
+        }
+        if !r.note.is_empty() {
+            let _ = write!(line, "; {}", r.note);
+        }
+        if r.steal >= 1.0 {
+            let _ = write!(line, "; CPU steal {:.0}%", r.steal);
+        }
+        outln!(out, "{line}");
+    }
+    outln!(out);
+}
+
+pub(crate) enum Verdict {
+    Holds,
+    Misses,
+    Unknown,
+}
+
+pub(crate) fn verdict(ok: Option<bool>) -> Verdict {
+    match ok {
+        Some(true) => Verdict::Holds,
+        Some(false) => Verdict::Misses,
+        None => Verdict::Unknown,
+    }
+}
+
+pub(crate) fn targets_section(
+    out: &mut String,
+    all: &[(Workload, Vec<RunResult>)],
+    startup: &[Startup],
+) {
+    outln!(out, "### Issue 6 targets, as measured in this run");
+    outln!(out);
+    let mut line = |what: String, v: Verdict| {
+        let tag = match v {
+            Verdict::Holds => "holds",
+            Verdict::Misses => "MISSED",
+            Verdict::Unknown => "not measured",
+        };
+        outln!(out, "- [{tag}] {what}");
+    };
+    let get = |id: &str| {
+        all.iter()
+            .find(|(w, _)| w.id == id)
+            .map(|(_, r)| r.as_slice())
+    };
+    for id in ["w1", "w2"] {
+        let Some(results) = get(id) else { continue };
+        let nginx = find(results, "nginx");
+        for name in ["llmproxy", "llmproxy+log"] {
+            let l = find(results, name);
+            let rps = l.zip(nginx).map(|(l, n)| (l.rps(), n.rps()));
+            line(
+                format!(
+                    "{} {name}: req/s ≥ nginx's — {}",
+                    id.to_uppercase(),
+                    rps.map_or("–".into(), |(a, b)| format!(
+                        "{} vs {}",
+                        thousands(a),
+                        thousands(b)
+                    ))
+                ),
+                verdict(rps.map(|(a, b)| a >= b)),
+            );
+            let cpu = l
+                .and_then(|l| l.cpu_us_per_req())
+                .zip(nginx.and_then(|n| n.cpu_us_per_req()));
+            line(
+                format!(
+                    "{} {name}: CPU per request ≤ 0.7× nginx's — {}",
+                    id.to_uppercase(),
+                    cpu.map_or("–".into(), |(a, b)| format!(
+                        "{a:.1} µs vs {b:.1} µs (×{:.2})",
+                        a / b
+                    ))
+                ),
+                verdict(cpu.map(|(a, b)| a <= 0.7 * b)),
+            );
+        }
+    }
+    if let Some(results) = get("w3") {
+        let direct = find(results, "direct");
+        for name in ["llmproxy", "llmproxy+log"] {
+            let l = find(results, name);
+            let added = l
+                .zip(direct)
+                .and_then(|(l, d)| Some(l.ttft[1]? - d.ttft[1]?));
+            line(
+                format!(
+                    "W3 {name}: added TTFT p99 ≤ 1 ms over direct — {}",
+                    added.map_or("–".into(), |a| format!("{a:+.2} ms"))
+                ),
+                verdict(added.map(|a| a <= 1.0)),
+            );
+        }
+        let rss = find(results, "llmproxy").and_then(|l| l.rss_mb());
+        line(
+            format!(
+                "W3 llmproxy: RSS ≤ 16 MB at 256 streams — {}",
+                rss.map_or("–".into(), |r| format!("{r:.1} MB"))
+            ),
+            verdict(rss.map(|r| r <= 16.0)),
+        );
+    } else {
+        line("W3 (not in this run)".into(), Verdict::Unknown);
+    }
+    match get("w4").and_then(|r| find(r, "llmproxy")) {
+        Some(l) => line(
+            format!(
+                "W4 llmproxy: 10,000 streams at 1 token/s held, RSS ≤ 150 MB, no errors — {} streams open at end, {:.1} MB, {} errors",
+                thousands(l.streaming_at_end as f64),
+                l.rss_mb().unwrap_or(0.0),
+                l.errors
+            ),
+            match (l.streaming_at_end, l.rss_mb().unwrap_or(f64::MAX), l.errors) {
+                // Over the memory bound already, or errors: missed whatever the count.
+                (_, rss, errors) if rss > 150.0 || errors > 0 => Verdict::Misses,
+                (open, _, _) if open >= 10_000 => Verdict::Holds,
+                // Fewer streams than the target (open-files limit): not shown either way.
+                _ => Verdict::Unknown,
+            },
+        ),
+        None => line(
+            "W4 10,000 idle-ish streams (opt-in: LOAD_WORKLOADS=w4)".into(),
+            Verdict::Unknown,
+        ),
+    }
+    for id in ["w1", "w2"] {
+        if let Some(results) = get(id) {
+            let r = find(results, "llmproxy-2w")
+                .zip(find(results, "llmproxy"))
+                .map(|(a, b)| a.rps() / b.rps());
+            line(
+                format!(
+                    "{} scaling: req/s 2 workers / 1 worker reported — {}",
+                    id.to_uppercase(),
+                    r.map_or("–".into(), |v| format!("×{v:.2}"))
+                ),
+                verdict(r.map(|_| true)),
+            );
+        }
+    }
+    match startup.iter().find(|s| s.target == "llmproxy") {
+        Some(s) => {
+            let rss = s.idle.rss_kib as f64 / 1024.0;
+            line(
+                format!("Idle llmproxy: RSS ≤ 8 MB — {rss:.1} MB"),
+                verdict(Some(rss <= 8.0)),
+            );
+            let med = median(&s.times_ms);
+            line(
+                format!(
+                    "llmproxy startup to first accepted request ≤ 50 ms — median {} ms",
+                    f1(med)
+                ),
+                verdict(med.map(|m| m <= 50.0)),
+            );
+        }
+        None => line(
+            "Idle RSS and startup (not in this run)".into(),
+            Verdict::Unknown,
+        ),
+    }
+    outln!(out);
+}
+
+pub(crate) fn median(v: &[f64]) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    Some(s[s.len() / 2])
+}
+
+pub(crate) fn machine_header(out: &mut String, opts: &Options, nofile: u64, cpus: usize) {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name")?.split(':').nth(1))
+        .unwrap_or("?")
+        .trim()
+        .to_string();
+    let mem = status_line("/proc/meminfo", "MemTotal");
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let version = Command::new(&opts.bin)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let nginx = opts
+        .nginx
+        .as_ref()
+        .map_or("not installed".to_string(), |n| {
+            Command::new(n)
+                .arg("-v")
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_string())
+                .unwrap_or_else(|e| format!("{}: {e}", n.display()))
+        });
+    outln!(out, "## Load benchmark run");
+    outln!(out);
+    outln!(
+        out,
+        "- machine: {model}, {} CPUs usable, {mem}, Linux {}",
+        cpus,
+        kernel.trim()
+    );
+    outln!(
+        out,
+        "- llmproxy: {version} ({}), source {}",
+        opts.bin.display(),
+        source_state()
+    );
+    outln!(out, "- nginx: {nginx}");
+    outln!(
+        out,
+        "- runs: {} s measured after {} s warm-up, closed loop, keep-alive; proxy on CPU 0, mock backend + load generator on CPU 1; open files limit {nofile}",
+        opts.secs, opts.warmup
+    );
+    outln!(out, "- load average at start: {}", loadavg());
+    if let Some(dir) = &opts.perf {
+        outln!(
+            out,
+            "- perf recording ON ({}): the proxies' figures include its sampling cost",
+            dir.display()
+        );
+    }
+    outln!(out);
+}
+
+/// The commit of the working tree and whether src/ differs from it (read-only git commands).
+pub(crate) fn source_state() -> String {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .arg("--no-optional-locks")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .stderr(Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    match git(&["rev-parse", "--short", "HEAD"]) {
+        Some(commit) => {
+            let changed =
+                git(&["status", "--porcelain", "--", "src"]).map_or(0, |s| s.lines().count());
+            if changed > 0 {
+                format!("commit {commit} + uncommitted changes in {changed} file(s) under src/")
+            } else {
+                format!("commit {commit}")
+            }
+        }
+        None => "unknown (not a git checkout)".into(),
+    }
+}
+
+pub(crate) fn status_line(file: &str, key: &str) -> String {
+    std::fs::read_to_string(file)
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix(key)?.strip_prefix(':').map(str::trim))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        })
+        .map_or("? RAM".into(), |kib| {
+            format!("{:.1} GiB RAM", kib / 1024.0 / 1024.0)
+        })
+}
+
+/// The startup and idle-memory table (nothing when no startup was measured).
+pub(crate) fn startup_table(out: &mut String, startup: &[Startup], runs: usize) {
+    if startup.is_empty() {
+        return;
+    }
+    outln!(out, "### Startup and idle");
+    outln!(out);
+    outln!(
+            out,
+            "| target | start → first proxied 200, median (min–max) of {} | idle RSS / peak MB (1 s after one request) |",
+            runs
+        );
+    outln!(out, "|---|---:|---:|");
+    for s in startup {
+        let min = s.times_ms.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = s.times_ms.iter().copied().fold(0.0, f64::max);
+        outln!(
+            out,
+            "| {} | {} ms ({min:.1}–{max:.1}) | {:.1} / {:.1} |",
+            s.target,
+            f1(median(&s.times_ms)),
+            s.idle.rss_kib as f64 / 1024.0,
+            s.idle.hwm_kib as f64 / 1024.0
+        );
+    }
+    outln!(out);
+    outln!(
+            out,
+            "nginx figures are master + worker. Startup includes fork/exec of `taskset` and the program."
+        );
+    outln!(out);
+}

@@ -1,0 +1,324 @@
+//! One target under one workload, from start to figures: it starts the target, the load
+//! generator and (optionally) perf, samples /proc at both edges of the window, and turns the
+//! client's `Acc` and the samples into a `RunResult` with its notes; also the startup and idle
+//! memory figures. It never formats a table (`report` does), and it returns only once the mock is
+//! idle again, so each run starts on equal terms.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use memchr::memmem;
+
+use crate::client::{spawn_load, Spec, FAILURE_KINDS};
+use crate::http::get;
+use crate::measure::{clk_tck, percentiles, start_perf, usage, Sample, Usage};
+use crate::options::Options;
+use crate::process::sleep_until;
+use crate::targets::{start_target, Ctx, Mock, TargetKind};
+use crate::workload::{chat_request, Workload, TOKEN_MARK};
+
+#[derive(Default)]
+pub(crate) struct RunResult {
+    pub(crate) target: String,
+    pub(crate) failed: Option<String>,
+    pub(crate) secs: f64,
+    pub(crate) ok: u64,
+    pub(crate) lat: [Option<f64>; 3],
+    pub(crate) ttft: [Option<f64>; 3],
+    pub(crate) gap: [Option<f64>; 3],
+    pub(crate) errors: u64,
+    pub(crate) error_note: String,
+    pub(crate) proxy: Option<(Usage, Usage)>,
+    pub(crate) load_cpu: f64,
+    pub(crate) other_cpu: f64,
+    pub(crate) steal: f64,
+    pub(crate) tokens: u64,
+    pub(crate) streaming_at_end: i64,
+    pub(crate) connections_at_end: i64,
+    pub(crate) note: String,
+    /// CPU time of the mock backend and the load generator per completed request.
+    pub(crate) load_us_per_req: Option<f64>,
+    /// Context switches per completed request: (proxy, load side).
+    pub(crate) switches: Option<(f64, f64)>,
+    /// TCP segments sent (all hops) per completed request.
+    pub(crate) segments: Option<f64>,
+}
+
+impl RunResult {
+    pub(crate) fn rps(&self) -> f64 {
+        self.ok as f64 / self.secs
+    }
+
+    pub(crate) fn proxy_cpu(&self) -> Option<f64> {
+        self.proxy.map(|(a, b)| b.cpu - a.cpu)
+    }
+
+    pub(crate) fn cpu_pct(&self) -> Option<f64> {
+        self.proxy_cpu().map(|c| 100.0 * c / self.secs)
+    }
+
+    pub(crate) fn cpu_us_per_req(&self) -> Option<f64> {
+        self.proxy_cpu()
+            .filter(|_| self.ok > 0)
+            .map(|c| c * 1e6 / self.ok as f64)
+    }
+
+    pub(crate) fn pss_mb(&self) -> Option<f64> {
+        self.proxy.map(|(_, b)| b.pss_kib as f64 / 1024.0)
+    }
+
+    pub(crate) fn rss_mb(&self) -> Option<f64> {
+        self.proxy.map(|(_, b)| b.rss_kib as f64 / 1024.0)
+    }
+
+    pub(crate) fn hwm_mb(&self) -> Option<f64> {
+        self.proxy.map(|(_, b)| b.hwm_kib as f64 / 1024.0)
+    }
+}
+
+pub(crate) fn run_target(
+    ctx: &Ctx,
+    opts: &Options,
+    wl: &Workload,
+    kind: TargetKind,
+    mock: &Mock,
+) -> Result<RunResult, String> {
+    let tag = format!("{}-{}", wl.id, kind.name().replace('+', "-"));
+    let conns_before = mock_stat(mock.addr, "connections");
+    let mut running = start_target(ctx, kind, mock.addr, &tag, wl.conns)?;
+    let self_pid = i32::try_from(std::process::id()).unwrap_or(0);
+    let warmup = Duration::from_secs_f64(opts.warmup);
+    let t0 = Instant::now() + wl.ramp + warmup;
+    let t1 = t0 + Duration::from_secs_f64(opts.secs);
+    let spec = Spec {
+        addr: running.addr,
+        conns: wl.conns,
+        request: chat_request(running.addr, wl.stream, wl.tokens),
+        stream: wl.stream,
+        tokens: wl.tokens,
+        record_gaps: wl.token_delay_ms > 0,
+        timeout: wl.timeout,
+        ramp: wl.ramp,
+        t0,
+        t1,
+        finder: memmem::Finder::new(TOKEN_MARK),
+        stop: ctx.stop.clone(),
+    };
+    let load = spawn_load(spec);
+    let load_pids = [mock.proc.pid(), self_pid];
+    let window = sleep_until(t0, &ctx.stop).map(|()| Sample::take(&running.pids, &load_pids));
+    let mut perf = match (&opts.perf, window.is_ok() && !running.pids.is_empty()) {
+        (Some(dir), true) => start_perf(dir, &tag, &running.pids, opts.secs),
+        _ => None,
+    };
+    let end = window.and_then(|start| {
+        sleep_until(t1, &ctx.stop)?;
+        Ok((start, Sample::take(&running.pids, &load_pids)))
+    });
+    let acc = load
+        .join()
+        .map_err(|_| "load generator panicked".to_string())??;
+    if let Some(p) = perf.as_mut() {
+        // perf stops by itself after the window; give it time to write its file.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !p.has_exited() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    drop(perf);
+    let (s0, s1) = end?;
+    let secs = (t1 - t0).as_secs_f64();
+    let mut acc = acc;
+
+    let mut r = RunResult {
+        target: kind.name().to_string(),
+        secs,
+        ok: acc.ok,
+        lat: percentiles(&mut acc.lat_us),
+        ttft: percentiles(&mut acc.ttft_us),
+        gap: percentiles(&mut acc.gap_us),
+        errors: acc.errors.iter().sum(),
+        tokens: acc.tokens,
+        streaming_at_end: acc.streaming_at_end,
+        connections_at_end: acc.connections_at_end,
+        ..RunResult::default()
+    };
+    if let Some(max) = acc.gap_us.last() {
+        r.gap[2] = Some(f64::from(*max) / 1000.0);
+    }
+    let tick = clk_tck();
+    let load_cpu = s1.load.cpu - s0.load.cpu;
+    let proxy_cpu = s1.proxy.cpu - s0.proxy.cpu;
+    let busy: u64 = (0..2).map(|i| s1.ticks.busy[i] - s0.ticks.busy[i]).sum();
+    let steal: u64 = (0..2).map(|i| s1.ticks.steal[i] - s0.ticks.steal[i]).sum();
+    r.load_cpu = 100.0 * load_cpu / secs;
+    r.other_cpu = (100.0 * (busy as f64 / tick - load_cpu - proxy_cpu) / secs).max(0.0);
+    r.steal = 100.0 * steal as f64 / tick / secs;
+    r.load_us_per_req = (r.ok > 0).then(|| load_cpu * 1e6 / r.ok as f64);
+    r.segments = (r.ok > 0).then(|| s1.segments.saturating_sub(s0.segments) as f64 / r.ok as f64);
+    r.switches = (r.ok > 0).then(|| {
+        let per = |a: u64, b: u64| b.saturating_sub(a) as f64 / r.ok as f64;
+        (
+            per(s0.proxy_switches, s1.proxy_switches),
+            per(s0.load_switches, s1.load_switches),
+        )
+    });
+    if !running.pids.is_empty() {
+        r.proxy = Some((s0.proxy, s1.proxy));
+    }
+    let mut parts = Vec::new();
+    for (i, n) in acc.errors.iter().enumerate() {
+        if *n > 0 {
+            parts.push(format!("{} {n}", FAILURE_KINDS[i]));
+        }
+    }
+    if acc.warmup_errors > 0 {
+        parts.push(format!("{} during warm-up", acc.warmup_errors));
+    }
+    if let Some(first) = &acc.first_error {
+        parts.push(format!("first: {first}"));
+    }
+    r.error_note = parts.join(", ");
+
+    let mut notes = vec![format!(
+        "load generator on {}",
+        if acc.uring { "io_uring" } else { "epoll" }
+    )];
+    if let Some(us) = r.load_us_per_req {
+        notes.push(format!("load side {us:.1} µs CPU/req"));
+    }
+    if let (Some(a), Some(b)) = (conns_before, mock_stat(mock.addr, "connections")) {
+        // Includes the readiness probe's and this query's own connections.
+        notes.push(format!(
+            "backend accepted {} connections",
+            b.saturating_sub(a)
+        ));
+    }
+    if let Some(segs) = r.segments {
+        notes.push(format!("{segs:.1} TCP segments/req"));
+    }
+    if let Some((proxy, load)) = r.switches {
+        if running.pids.is_empty() {
+            notes.push(format!("context switches/req: load side {load:.2}"));
+        } else {
+            notes.push(format!(
+                "context switches/req: proxy {proxy:.2}, load side {load:.2}"
+            ));
+        }
+    }
+    if acc.clients_left > 0 {
+        notes.push(format!(
+            "{} clients had not stopped 3 s after the window",
+            acc.clients_left
+        ));
+    }
+    if acc.reconnects > 0 {
+        notes.push(format!("{} reconnects (Connection: close)", acc.reconnects));
+    }
+    if matches!(
+        kind,
+        TargetKind::Llmproxy
+            | TargetKind::LlmproxyLog
+            | TargetKind::Llmproxy2w
+            | TargetKind::LlmproxyEpoll
+    ) {
+        notes.push(llmproxy_metrics_note(running.addr));
+        if kind == TargetKind::LlmproxyLog {
+            if let Some(log) = &running.log {
+                let bytes = std::fs::metadata(log).map(|m| m.len()).unwrap_or(0);
+                notes.push(format!("access log {:.1} MB written", bytes as f64 / 1e6));
+            }
+        }
+    }
+    r.note = notes.join("; ");
+    if let Some(proc) = running.proc.as_mut() {
+        if proc.has_exited() {
+            r.note.push_str("; THE PROXY EXITED DURING THE RUN");
+        }
+    }
+    drop(running);
+    // The next run must start against an idle backend.
+    if let Some(active) = wait_mock_idle(mock.addr, Duration::from_secs(10)) {
+        eprintln!(
+            "[{}] warning: the mock backend still serves {active} requests 10 s after the run",
+            wl.id
+        );
+    }
+    Ok(r)
+}
+
+/// One counter of the mock's `/mock/stats`.
+pub(crate) fn mock_stat(mock: SocketAddr, key: &str) -> Option<u64> {
+    get(mock, "/mock/stats")
+        .ok()
+        .and_then(|(_, body)| serde_json::from_slice::<serde_json::Value>(&body).ok())
+        .and_then(|v| v.get(key)?.as_u64())
+}
+
+/// Wait until the mock reports no request in progress; Some(active) if it does not get there.
+pub(crate) fn wait_mock_idle(mock: SocketAddr, limit: Duration) -> Option<u64> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let active = mock_stat(mock, "active");
+        match active {
+            Some(0) => return None,
+            other if Instant::now() > deadline => return Some(other.unwrap_or(u64::MAX)),
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// Driver and usage accounting as llmproxy's own /metrics reports them after a run (shows that
+/// usage extraction really ran).
+pub(crate) fn llmproxy_metrics_note(addr: SocketAddr) -> String {
+    let Ok((200, body)) = get(addr, "/metrics") else {
+        return "metrics: unavailable".into();
+    };
+    let text = String::from_utf8_lossy(&body);
+    let mut driver = "?".to_string();
+    let mut completion = 0.0;
+    for line in text.lines() {
+        if line.starts_with("llmproxy_build_info{") {
+            if let Some(d) = line.split("driver=\"").nth(1) {
+                driver = d.split('"').next().unwrap_or("?").to_string();
+            }
+        } else if line.starts_with("llmproxy_tokens_total{") && line.contains("type=\"completion\"")
+        {
+            completion += line
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0);
+        }
+    }
+    format!("llmproxy driver {driver}, usage extracted: {completion:.0} completion tokens counted")
+}
+
+pub(crate) struct Startup {
+    pub(crate) target: &'static str,
+    pub(crate) times_ms: Vec<f64>,
+    pub(crate) idle: Usage,
+}
+
+pub(crate) fn measure_startup(
+    ctx: &Ctx,
+    kind: TargetKind,
+    mock: SocketAddr,
+    runs: usize,
+) -> Result<Startup, String> {
+    let mut times = Vec::new();
+    let mut idle = Usage::default();
+    for i in 0..runs {
+        let running = start_target(ctx, kind, mock, &format!("startup-{}-{i}", kind.name()), 64)?;
+        times.push(running.ready_after.as_secs_f64() * 1000.0);
+        if i == 0 {
+            sleep_until(Instant::now() + Duration::from_secs(1), &ctx.stop)?;
+            idle = usage(&running.pids);
+        }
+    }
+    Ok(Startup {
+        target: kind.name(),
+        times_ms: times,
+        idle,
+    })
+}

@@ -1,0 +1,349 @@
+//! What is measured — direct (no proxy), llmproxy (plain, with access log, two workers, epoll
+//! driver), nginx — and the mock backend behind them: their configuration, how each is started
+//! and pinned (proxy on CPU 0, mock on CPU 1) and the readiness probe (a real proxied request
+//! answered 200, which is also the startup figure). Every llmproxy default stays except what a
+//! fair comparison needs, said beside each setting: a change here changes what BENCHMARKS.md
+//! compares.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use memchr::memmem;
+
+use crate::http::blocking_request;
+use crate::measure::children_of;
+use crate::process::{free_port, tail, Proc};
+use crate::workload::{chat_request, Workload, TOKENS};
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum TargetKind {
+    Direct,
+    Llmproxy,
+    LlmproxyLog,
+    Nginx,
+    Llmproxy2w,
+    /// llmproxy with `io_driver: epoll`: what io_uring is worth, in the same run.
+    LlmproxyEpoll,
+}
+
+impl TargetKind {
+    pub(crate) const ALL: [TargetKind; 6] = [
+        TargetKind::Direct,
+        TargetKind::Llmproxy,
+        TargetKind::LlmproxyLog,
+        TargetKind::Nginx,
+        TargetKind::Llmproxy2w,
+        TargetKind::LlmproxyEpoll,
+    ];
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            TargetKind::Direct => "direct",
+            TargetKind::Llmproxy => "llmproxy",
+            TargetKind::LlmproxyLog => "llmproxy+log",
+            TargetKind::Nginx => "nginx",
+            TargetKind::Llmproxy2w => "llmproxy-2w",
+            TargetKind::LlmproxyEpoll => "llmproxy-epoll",
+        }
+    }
+
+    pub(crate) fn parse(s: &str) -> Option<TargetKind> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "direct" => Some(TargetKind::Direct),
+            "llmproxy" => Some(TargetKind::Llmproxy),
+            "llmproxy-log" | "llmproxy+log" => Some(TargetKind::LlmproxyLog),
+            "nginx" => Some(TargetKind::Nginx),
+            "llmproxy-2w" | "llmproxy2w" => Some(TargetKind::Llmproxy2w),
+            "llmproxy-epoll" => Some(TargetKind::LlmproxyEpoll),
+            _ => None,
+        }
+    }
+}
+
+pub(crate) struct Ctx {
+    /// The open-files limit every child inherits.
+    pub(crate) nofile: u64,
+    pub(crate) bin: PathBuf,
+    pub(crate) nginx: Option<PathBuf>,
+    pub(crate) tmp: PathBuf,
+    pub(crate) stop: Arc<AtomicBool>,
+}
+
+pub(crate) struct Mock {
+    pub(crate) proc: Proc,
+    pub(crate) addr: SocketAddr,
+}
+
+pub(crate) fn start_mock(ctx: &Ctx, wl: &Workload) -> Result<Mock, String> {
+    let log = ctx.tmp.join(format!("mock-{}.log", wl.id));
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", "1"])
+        .arg(&ctx.bin)
+        .args(["mock-backend", "--port", "0", "--ttft-ms", "0"])
+        .args(["--token-delay-ms", &wl.token_delay_ms.to_string()])
+        .args(["--tokens", &wl.tokens.to_string()])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(File::create(&log).map_err(|e| e.to_string())?);
+    let mut proc = Proc::spawn("llmproxy mock-backend", cmd)?;
+    let stdout = proc.child.stdout.take().ok_or("mock stdout missing")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        if let Some(Ok(line)) = lines.next() {
+            let _ = tx.send(line);
+        }
+        // Keep draining until the mock exits.
+        for _ in lines {}
+    });
+    let line = rx.recv_timeout(Duration::from_secs(10)).map_err(|_| {
+        format!(
+            "mock backend did not report its address within 10 s: {}",
+            tail(&log, 5)
+        )
+    })?;
+    let addr = line
+        .rsplit(' ')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| format!("unexpected mock output {line:?}"))?;
+    Ok(Mock { proc, addr })
+}
+
+/// A target ready to take load.
+pub(crate) struct Running {
+    pub(crate) addr: SocketAddr,
+    /// None for `direct`.
+    pub(crate) proc: Option<Proc>,
+    /// The processes whose CPU and memory are the proxy's (nginx: master and worker).
+    pub(crate) pids: Vec<i32>,
+    /// From just before spawning to the first proxied 200.
+    pub(crate) ready_after: Duration,
+    pub(crate) log: Option<PathBuf>,
+}
+
+pub(crate) fn start_target(
+    ctx: &Ctx,
+    kind: TargetKind,
+    mock: SocketAddr,
+    tag: &str,
+    conns: usize,
+) -> Result<Running, String> {
+    match kind {
+        TargetKind::Direct => Ok(Running {
+            addr: mock,
+            proc: None,
+            pids: Vec::new(),
+            ready_after: Duration::ZERO,
+            log: None,
+        }),
+        TargetKind::Llmproxy => start_llmproxy(ctx, mock, false, "0", "auto", tag, conns),
+        TargetKind::LlmproxyLog => start_llmproxy(ctx, mock, true, "0", "auto", tag, conns),
+        TargetKind::Llmproxy2w => start_llmproxy(ctx, mock, false, "0,1", "auto", tag, conns),
+        TargetKind::LlmproxyEpoll => start_llmproxy(ctx, mock, false, "0", "epoll", tag, conns),
+        TargetKind::Nginx => start_nginx(ctx, mock, tag, conns),
+    }
+}
+
+pub(crate) fn start_llmproxy(
+    ctx: &Ctx,
+    mock: SocketAddr,
+    access_log: bool,
+    cpus: &str,
+    io_driver: &str,
+    tag: &str,
+    conns: usize,
+) -> Result<Running, String> {
+    let port = free_port()?;
+    let pool = conns.max(64);
+    let config = ctx.tmp.join(format!("llmproxy-{tag}.yaml"));
+    // Everything at its default except: the address, no drain on stop, an idle upstream pool of
+    // one connection per client connection (the default 64 is below w3/w4's concurrency; nginx
+    // gets the same `keepalive`), and the access log per configuration.
+    // Usage extraction, include_usage injection and metrics are on (their defaults).
+    let yaml = format!(
+        "listen: \"127.0.0.1:{port}\"\n\
+         shutdown_grace: 0s\n\
+         io_driver: {io_driver}\n\
+         backends:\n  - url: \"http://{mock}\"\n\
+         pool:\n  max_idle_per_backend: {pool}\n\
+         usage:\n  inject_include_usage: true\n\
+         logging:\n  level: info\n  format: json\n  access_log: {access_log}\n"
+    );
+    std::fs::write(&config, yaml).map_err(|e| e.to_string())?;
+    // The access log goes to stderr, redirected to a file (a real file, not /dev/null, so its
+    // cost is the cost of a production log).
+    let log = ctx.tmp.join(format!("llmproxy-{tag}.log"));
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", cpus])
+        .arg(&ctx.bin)
+        .arg("--config")
+        .arg(&config)
+        .args(["--cpus", cpus])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(&log).map_err(|e| e.to_string())?);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let started = Instant::now();
+    let mut proc = Proc::spawn("llmproxy", cmd)?;
+    let ready_after = wait_ready(addr, &mut proc, started, &log)?;
+    Ok(Running {
+        addr,
+        pids: vec![proc.pid()],
+        proc: Some(proc),
+        ready_after,
+        log: Some(log),
+    })
+}
+
+pub(crate) fn start_nginx(
+    ctx: &Ctx,
+    mock: SocketAddr,
+    tag: &str,
+    conns: usize,
+) -> Result<Running, String> {
+    let nginx = ctx.nginx.as_ref().ok_or("nginx is not installed")?;
+    let port = free_port()?;
+    let prefix = ctx.tmp.join(format!("nginx-{tag}"));
+    std::fs::create_dir_all(&prefix).map_err(|e| e.to_string())?;
+    let p = prefix.display();
+    // Enough for every client and upstream connection, and no more: nginx allocates and touches
+    // its connection table at startup, so a needlessly large one would inflate its RSS.
+    // (With 2 × conns + 128, nginx ran out at 9,500 streams: "worker_connections are not
+    // enough, reusing connections".)
+    let nofile = ctx.nofile;
+    // Idle upstream connections kept, as for llmproxy: one per client connection.
+    let pool = conns.max(64);
+    let worker_connections = (2 * conns + 1024).min(usize::try_from(nofile).unwrap_or(usize::MAX));
+    // A plain reverse proxy: one worker pinned to CPU 0, upstream keep-alive, HTTP/1.1 upstream,
+    // no response buffering, no logs; keep-alive request limits lifted on both sides (nginx's
+    // default of 1000 requests per connection would make the clients reconnect, llmproxy has
+    // no such limit).
+    let conf = format!(
+        "daemon off;\n\
+         master_process on;\n\
+         worker_processes 1;\n\
+         worker_cpu_affinity 01;\n\
+         worker_rlimit_nofile {nofile};\n\
+         pid {p}/nginx.pid;\n\
+         error_log {p}/error.log warn;\n\
+         events {{\n    worker_connections {worker_connections};\n}}\n\
+         http {{\n\
+         \x20   access_log off;\n\
+         \x20   client_body_temp_path {p}/client_body;\n\
+         \x20   proxy_temp_path {p}/proxy;\n\
+         \x20   fastcgi_temp_path {p}/fastcgi;\n\
+         \x20   uwsgi_temp_path {p}/uwsgi;\n\
+         \x20   scgi_temp_path {p}/scgi;\n\
+         \x20   keepalive_timeout 75s;\n\
+         \x20   keepalive_requests 1000000000;\n\
+         \x20   upstream backend {{\n\
+         \x20       server {mock};\n\
+         \x20       keepalive {pool};\n\
+         \x20       keepalive_requests 1000000000;\n\
+         \x20       keepalive_timeout 60s;\n\
+         \x20   }}\n\
+         \x20   server {{\n\
+         \x20       listen 127.0.0.1:{port} backlog=4096;\n\
+         \x20       location / {{\n\
+         \x20           proxy_pass http://backend;\n\
+         \x20           proxy_http_version 1.1;\n\
+         \x20           proxy_set_header Connection \"\";\n\
+         \x20           proxy_buffering off;\n\
+         \x20       }}\n\
+         \x20   }}\n\
+         }}\n"
+    );
+    let conf_path = prefix.join("nginx.conf");
+    std::fs::write(&conf_path, conf).map_err(|e| e.to_string())?;
+    let log = File::create(prefix.join("stderr.log")).map_err(|e| e.to_string())?;
+    let log2 = log.try_clone().map_err(|e| e.to_string())?;
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", "0"])
+        .arg(nginx)
+        .arg("-p")
+        .arg(format!("{p}/"))
+        .arg("-e")
+        .arg(prefix.join("error.log"))
+        .arg("-c")
+        .arg(&conf_path)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let started = Instant::now();
+    let mut proc = Proc::spawn("nginx", cmd)?;
+    let ready_after = wait_ready(addr, &mut proc, started, &prefix.join("error.log"))?;
+    let master = proc.pid();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let workers = loop {
+        let w = children_of(master);
+        if !w.is_empty() || Instant::now() > deadline {
+            break w;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    if workers.is_empty() {
+        return Err("nginx: no worker process found".into());
+    }
+    proc.extra = workers.clone();
+    let mut pids = vec![master];
+    pids.extend(workers);
+    Ok(Running {
+        addr,
+        proc: Some(proc),
+        pids,
+        ready_after,
+        log: Some(prefix.join("error.log")),
+    })
+}
+
+/// Poll with a real proxied request (non-streaming chat) until it answers 200.
+pub(crate) fn wait_ready(
+    addr: SocketAddr,
+    proc: &mut Proc,
+    started: Instant,
+    log: &Path,
+) -> Result<Duration, String> {
+    // The same request as W1's, answered at once whatever the workload's token delay (the
+    // mock's per-request knob; proxies forward the header).
+    let w1 = chat_request(addr, false, TOKENS);
+    let split = memmem::find(&w1, b"\r\n").unwrap_or(0) + 2;
+    let mut req = w1[..split].to_vec();
+    req.extend_from_slice(b"x-mock-token-delay-ms: 0\r\n");
+    req.extend_from_slice(&w1[split..]);
+    let deadline = started + Duration::from_secs(10);
+    let mut last: String;
+    loop {
+        match blocking_request(addr, &req, Duration::from_secs(2)) {
+            Ok((200, _)) => return Ok(started.elapsed()),
+            Ok((status, body)) => {
+                last = format!("status {status}: {}", String::from_utf8_lossy(&body))
+            }
+            Err(e) => last = e.to_string(),
+        }
+        if proc.has_exited() {
+            return Err(format!(
+                "{} exited during startup; log:\n{}",
+                proc.name,
+                tail(log, 10)
+            ));
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{} not ready within 10 s ({last}); log:\n{}",
+                proc.name,
+                tail(log, 10)
+            ));
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}

@@ -1,0 +1,124 @@
+//! The workloads W1..W4 (connections, streaming or not, tokens and their pace, timeout, ramp)
+//! and the one request every client sends. Pure data: it never touches a socket. The request is
+//! built once per run as `Bytes` and cloned per request, so the client pays nothing to build it.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+/// The SSE bytes that mark one content token in an OpenAI chat stream (the mock's tokens are
+/// `tok0 `, `tok1 `, ...; the role chunk carries `"content":""` and does not match).
+pub(crate) const TOKEN_MARK: &[u8] = br#""content":"tok"#;
+/// Tokens per generation (the mock's completion length for every workload but w4).
+pub(crate) const TOKENS: u32 = 16;
+
+#[derive(Clone, Debug)]
+pub(crate) struct Workload {
+    pub(crate) id: &'static str,
+    pub(crate) title: String,
+    pub(crate) conns: usize,
+    pub(crate) stream: bool,
+    /// Completion tokens per request (`max_tokens`).
+    pub(crate) tokens: u32,
+    pub(crate) token_delay_ms: u64,
+    /// A request not finished within this is an error (None: streams meant to outlive the run).
+    pub(crate) timeout: Option<Duration>,
+    /// Connections are opened spread over this time, before the warm-up.
+    pub(crate) ramp: Duration,
+}
+
+pub(crate) fn env_usize(name: &str, default: usize) -> Result<usize, String> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .map_err(|_| format!("{name}={v:?} is not a number")),
+        Err(_) => Ok(default),
+    }
+}
+
+pub(crate) fn workload(id: &str) -> Result<Workload, String> {
+    Ok(match id.trim().to_ascii_lowercase().as_str() {
+        "w1" => {
+            let conns = env_usize("LOAD_W1_CONNS", 64)?;
+            Workload {
+                id: "w1",
+                title: format!("W1 non-streaming chat, {conns} connections"),
+                conns,
+                stream: false,
+                tokens: TOKENS,
+                token_delay_ms: 0,
+                timeout: Some(Duration::from_secs(5)),
+                ramp: Duration::ZERO,
+            }
+        }
+        "w2" => {
+            let conns = env_usize("LOAD_W2_CONNS", 64)?;
+            Workload {
+                id: "w2",
+                title: format!(
+                    "W2 streaming chat, {TOKENS} tokens at 0 ms/token, {conns} connections"
+                ),
+                conns,
+                stream: true,
+                tokens: TOKENS,
+                token_delay_ms: 0,
+                timeout: Some(Duration::from_secs(5)),
+                ramp: Duration::ZERO,
+            }
+        }
+        "w3" => {
+            let conns = env_usize("LOAD_W3_STREAMS", 256)?;
+            Workload {
+                id: "w3",
+                title: format!("W3 {conns} concurrent streams, {TOKENS} tokens at 20 ms/token"),
+                conns,
+                stream: true,
+                tokens: TOKENS,
+                token_delay_ms: 20,
+                timeout: Some(Duration::from_secs(5)),
+                ramp: Duration::ZERO,
+            }
+        }
+        "w4" => {
+            let conns = env_usize("LOAD_W4_STREAMS", 10_000)?;
+            Workload {
+                id: "w4",
+                title: format!("W4 {conns} concurrent idle-ish streams, 1 token/s"),
+                conns,
+                stream: true,
+                // Longer than any run: every stream stays open for the whole window.
+                tokens: 100_000,
+                token_delay_ms: 1000,
+                timeout: None,
+                ramp: Duration::from_secs(3),
+            }
+        }
+        other => return Err(format!("unknown workload {other:?} (w1, w2, w3, w4)")),
+    })
+}
+
+pub(crate) fn chat_body(stream: bool, tokens: u32) -> String {
+    format!(
+        r#"{{"model":"mock-model","messages":[{{"role":"system","content":"You are a helpful assistant."}},{{"role":"user","content":"Write a short poem about load balancers."}}],"max_tokens":{tokens},"temperature":0.7{}}}"#,
+        if stream { r#","stream":true"# } else { "" }
+    )
+}
+
+/// The request every client sends (an OpenAI SDK-like set of headers, with an API key so the
+/// proxy's key hashing runs too).
+pub(crate) fn chat_request(addr: SocketAddr, stream: bool, tokens: u32) -> Bytes {
+    let body = chat_body(stream, tokens);
+    let accept = if stream {
+        "text/event-stream"
+    } else {
+        "application/json"
+    };
+    Bytes::from(format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: llmproxy-load/1\r\n\
+         Accept: {accept}\r\nAuthorization: Bearer sk-bench-0123456789abcdef\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    ))
+}
