@@ -18,13 +18,13 @@ use crate::config::Config;
 // Connections.
 
 /// Open client connections of the process (the admin listener's are not counted).
-pub struct ConnectionLimit {
+pub(crate) struct ConnectionLimit {
     max: AtomicUsize,
     open: AtomicUsize,
 }
 
 impl ConnectionLimit {
-    pub fn new(max: usize) -> Arc<Self> {
+    pub(crate) fn new(max: usize) -> Arc<Self> {
         Arc::new(ConnectionLimit {
             max: AtomicUsize::new(max),
             open: AtomicUsize::new(0),
@@ -32,7 +32,7 @@ impl ConnectionLimit {
     }
 
     /// A slot for one more connection, or `None` when `max` are open.
-    pub fn try_open(self: &Arc<Self>) -> Option<ConnectionSlot> {
+    pub(crate) fn try_open(self: &Arc<Self>) -> Option<ConnectionSlot> {
         if self.open.fetch_add(1, Ordering::AcqRel) >= self.max() {
             self.open.fetch_sub(1, Ordering::AcqRel);
             return None;
@@ -40,18 +40,18 @@ impl ConnectionLimit {
         Some(ConnectionSlot(self.clone()))
     }
 
-    pub fn max(&self) -> usize {
+    pub(crate) fn max(&self) -> usize {
         self.max.load(Ordering::Relaxed)
     }
 
     /// A new limit (config reload); connections above it are not closed, new ones wait for room.
-    pub fn set_max(&self, max: usize) {
+    pub(crate) fn set_max(&self, max: usize) {
         self.max.store(max, Ordering::Relaxed);
     }
 }
 
 /// Held by a connection's task for its whole life.
-pub struct ConnectionSlot(Arc<ConnectionLimit>);
+pub(crate) struct ConnectionSlot(Arc<ConnectionLimit>);
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
@@ -64,7 +64,7 @@ impl Drop for ConnectionSlot {
 
 /// One backend's in-flight count and limit, process-wide.
 #[derive(Default)]
-pub struct Gate {
+pub(crate) struct Gate {
     /// 0 = unlimited.
     pub(crate) limit: AtomicUsize,
     pub(crate) used: AtomicUsize,
@@ -78,7 +78,7 @@ impl Gate {
 }
 
 /// The process-wide table of backend gates and the wait-queue bounds.
-pub struct Capacity {
+pub(crate) struct Capacity {
     pub(crate) gates: RwLock<Vec<Arc<Gate>>>,
     pub(crate) version: AtomicU64,
     pub(crate) queued: AtomicUsize,
@@ -87,7 +87,7 @@ pub struct Capacity {
 }
 
 impl Capacity {
-    pub fn new(limits: &[usize], queue_size: usize, queue_timeout: Duration) -> Arc<Self> {
+    pub(crate) fn new(limits: &[usize], queue_size: usize, queue_timeout: Duration) -> Arc<Self> {
         let c = Capacity {
             gates: RwLock::new(Vec::new()),
             version: AtomicU64::new(0),
@@ -102,11 +102,11 @@ impl Capacity {
 
     /// Queue bounds from the config; backend limits arrive with each backend table
     /// (`set_limits`, by slot), since discovery decides which slot a backend has.
-    pub fn from_config(cfg: &Config) -> Arc<Self> {
+    pub(crate) fn from_config(cfg: &Config) -> Arc<Self> {
         Capacity::new(&[], cfg.limits.queue_size, cfg.limits.queue_timeout)
     }
 
-    pub fn set_queue(&self, size: usize, timeout: Duration) {
+    pub(crate) fn set_queue(&self, size: usize, timeout: Duration) {
         self.queue_size.store(size, Ordering::Relaxed);
         let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         self.queue_timeout_ms.store(ms, Ordering::Relaxed);
@@ -118,7 +118,7 @@ impl Capacity {
 
     /// Sets the limit of every backend slot (index = slot id), growing the table as needed.
     /// Requests in flight keep their count, so a lowered limit takes effect as they finish.
-    pub fn set_limits(&self, limits: &[usize]) {
+    pub(crate) fn set_limits(&self, limits: &[usize]) {
         let Ok(mut gates) = self.gates.write() else {
             return;
         };
@@ -133,7 +133,7 @@ impl Capacity {
     }
 
     /// Requests waiting for a slot, process-wide.
-    pub fn queued(&self) -> usize {
+    pub(crate) fn queued(&self) -> usize {
         self.queued.load(Ordering::Relaxed)
     }
 }

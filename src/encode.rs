@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
 /// Appends the lowest `digits` hex digits of `v` (zero-padded, lowercase).
-pub fn push_hex(out: &mut String, v: u128, digits: usize) {
+pub(crate) fn push_hex(out: &mut String, v: u128, digits: usize) {
     for i in (0..digits).rev() {
         let nibble = ((v >> (i * 4)) & 0xf) as usize;
         out.push(char::from(HEX[nibble]));
@@ -17,7 +17,7 @@ pub fn push_hex(out: &mut String, v: u128, digits: usize) {
 }
 
 /// Appends `s` as a JSON string literal, quotes included.
-pub fn push_json_str(out: &mut String, s: &str) {
+pub(crate) fn push_json_str(out: &mut String, s: &str) {
     out.push('"');
     let bytes = s.as_bytes();
     let mut start = 0;
@@ -59,7 +59,7 @@ fn needs_escape(b: u8) -> bool {
 }
 
 /// Appends an optional string as a JSON string or `null`.
-pub fn push_json_opt_str(out: &mut String, s: Option<&str>) {
+pub(crate) fn push_json_opt_str(out: &mut String, s: Option<&str>) {
     match s {
         Some(s) => push_json_str(out, s),
         None => out.push_str("null"),
@@ -67,7 +67,7 @@ pub fn push_json_opt_str(out: &mut String, s: Option<&str>) {
 }
 
 /// Appends an integer in decimal.
-pub fn push_u64(out: &mut String, v: u64) {
+pub(crate) fn push_u64(out: &mut String, v: u64) {
     let mut buf = [0u8; 20];
     for &d in decimal(v, &mut buf) {
         out.push(char::from(d));
@@ -75,7 +75,7 @@ pub fn push_u64(out: &mut String, v: u64) {
 }
 
 /// `v` in decimal ASCII, written at the end of `buf` (20 bytes hold any u64).
-pub fn decimal(v: u64, buf: &mut [u8; 20]) -> &[u8] {
+pub(crate) fn decimal(v: u64, buf: &mut [u8; 20]) -> &[u8] {
     let mut n = v;
     let mut at = buf.len();
     loop {
@@ -91,7 +91,7 @@ pub fn decimal(v: u64, buf: &mut [u8; 20]) -> &[u8] {
 
 /// `v` in lowercase hex ASCII without leading zeros, written at the end of `buf` (HTTP chunk
 /// sizes).
-pub fn hex(v: u64, buf: &mut [u8; 16]) -> &[u8] {
+pub(crate) fn hex(v: u64, buf: &mut [u8; 16]) -> &[u8] {
     let mut n = v;
     let mut at = buf.len();
     loop {
@@ -106,7 +106,7 @@ pub fn hex(v: u64, buf: &mut [u8; 16]) -> &[u8] {
 }
 
 /// Appends an optional integer or `null`.
-pub fn push_opt_u64(out: &mut String, v: Option<u64>) {
+pub(crate) fn push_opt_u64(out: &mut String, v: Option<u64>) {
     match v {
         Some(v) => push_u64(out, v),
         None => out.push_str("null"),
@@ -115,7 +115,7 @@ pub fn push_opt_u64(out: &mut String, v: Option<u64>) {
 
 /// Appends a float as a JSON number (Rust's shortest round-trip form, never an exponent);
 /// non-finite values, which JSON cannot carry, become `null`.
-pub fn push_f64(out: &mut String, v: f64) {
+pub(crate) fn push_f64(out: &mut String, v: f64) {
     if v.is_finite() {
         let _ = write!(out, "{v}");
     } else {

@@ -120,7 +120,7 @@ impl ProxyError {
     }
 
     /// OpenAI's `error.type`.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         use ProxyError::*;
         match self {
             BadRequest(_) | HeadTooLarge(_) | BodyTooLarge(_) | RequestReadTimeout
@@ -135,7 +135,7 @@ impl ProxyError {
     }
 
     /// OpenAI's `error.code`, stable for clients and tests.
-    pub fn code(&self) -> &'static str {
+    pub(crate) fn code(&self) -> &'static str {
         use ProxyError::*;
         match self {
             BadRequest(_) => "bad_request",
@@ -165,7 +165,7 @@ impl ProxyError {
 
     /// May the request be sent to another backend? Only failures where the backend cannot have
     /// started work we would bill twice for, or that tell us it is not working at all.
-    pub fn retryable(&self) -> bool {
+    pub(crate) fn retryable(&self) -> bool {
         matches!(
             self,
             ProxyError::UpstreamConnect(_)
@@ -175,7 +175,7 @@ impl ProxyError {
     }
 
     /// Does this error mean the backend is unreachable (passive health signal)?
-    pub fn backend_unreachable(&self) -> bool {
+    pub(crate) fn backend_unreachable(&self) -> bool {
         matches!(
             self,
             ProxyError::UpstreamConnect(_) | ProxyError::UpstreamConnectTimeout
@@ -183,7 +183,7 @@ impl ProxyError {
     }
 
     /// A time limit ran out (the usage event's outcome is `timeout`, not `upstream_error`).
-    pub fn is_timeout(&self) -> bool {
+    pub(crate) fn is_timeout(&self) -> bool {
         matches!(
             self,
             ProxyError::UpstreamConnectTimeout
@@ -194,7 +194,7 @@ impl ProxyError {
     }
 
     /// Errors in the request framing leave the connection in an unknown state: close it.
-    pub fn closes_connection(&self) -> bool {
+    pub(crate) fn closes_connection(&self) -> bool {
         matches!(
             self,
             ProxyError::BadRequest(_)
@@ -205,7 +205,7 @@ impl ProxyError {
     }
 
     /// A header the response must carry besides the body.
-    pub fn extra_header(&self) -> Option<(&'static str, String)> {
+    pub(crate) fn extra_header(&self) -> Option<(&'static str, String)> {
         use ProxyError::*;
         match self {
             Unauthorized(_) => Some(("www-authenticate", "Bearer".to_string())),
@@ -217,7 +217,7 @@ impl ProxyError {
     }
 
     /// Refusals on purpose (counted and logged under a budget) rather than failures.
-    pub fn rejection(&self) -> Option<Reason> {
+    pub(crate) fn rejection(&self) -> Option<Reason> {
         use ProxyError::*;
         match self {
             Unauthorized(AuthFailure::Missing) => Some(Reason::MissingKey),
@@ -240,7 +240,7 @@ impl ProxyError {
     /// What this failure says about the backend, for its circuit breaker; `None` when it says
     /// nothing (the client's doing, our own limits, a stream that paused longer than
     /// `timeouts.idle`, which a working engine may do).
-    pub fn verdict(&self) -> Option<Verdict> {
+    pub(crate) fn verdict(&self) -> Option<Verdict> {
         use ProxyError::*;
         match self {
             UpstreamConnect(_)
@@ -258,7 +258,7 @@ impl ProxyError {
     /// The `kind` label of `llmproxy_upstream_errors_total`; `None` for failures that are not
     /// the upstream's. Before the response head it is the client-facing code; after it, the
     /// label says that the response was cut, since the client saw a 200 and not this code.
-    pub fn upstream_kind(&self) -> Option<&'static str> {
+    pub(crate) fn upstream_kind(&self) -> Option<&'static str> {
         use ProxyError::*;
         match self {
             BodyClosed => Some("upstream_closed_mid_body"),
@@ -275,7 +275,7 @@ impl ProxyError {
     }
 
     /// How a request that failed this way ends in its usage event and access line.
-    pub fn outcome(&self) -> Outcome {
+    pub(crate) fn outcome(&self) -> Outcome {
         if self.is_timeout() {
             Outcome::Timeout
         } else {
@@ -284,7 +284,7 @@ impl ProxyError {
     }
 
     /// `{"error": {"message", "type", "code"}}`.
-    pub fn body(&self) -> Vec<u8> {
+    pub(crate) fn body(&self) -> Vec<u8> {
         error_body(&self.to_string(), self.kind(), self.code())
     }
 }
@@ -299,7 +299,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Outcome::Ok => "ok",
             Outcome::ClientAborted => "client_aborted",
@@ -321,7 +321,7 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    pub fn of_status(status: u16) -> Verdict {
+    pub(crate) fn of_status(status: u16) -> Verdict {
         match status {
             429 | 503 => Verdict::Backpressure,
             500..=599 => Verdict::Fault,
@@ -330,7 +330,7 @@ impl Verdict {
     }
 }
 
-pub fn error_body(message: &str, kind: &str, code: &str) -> Vec<u8> {
+pub(crate) fn error_body(message: &str, kind: &str, code: &str) -> Vec<u8> {
     let v = serde_json::json!({
         "error": { "message": message, "type": kind, "code": code, "param": null }
     });

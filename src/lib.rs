@@ -9,20 +9,24 @@
 //! pool), `auth`, `openai`, `http1`, `config`, `telemetry`, `error`, `encode`.
 #![forbid(unsafe_code)]
 
+// The public surface: what the binary, the benchmarks, the fuzz targets and the integration
+// tests use. Inside these modules only that is `pub`; everything else is `pub(crate)`.
 pub mod auth;
-pub mod backends;
-pub mod capacity;
 pub mod config;
-pub mod control;
-pub mod encode;
 pub mod error;
-pub mod hash;
 pub mod http1;
 pub mod mock;
 pub mod openai;
-pub mod proxy;
 pub mod runtime;
 pub mod telemetry;
-pub mod upstream;
 pub mod usage;
 pub mod worker;
+
+// Internal.
+mod backends;
+mod capacity;
+mod control;
+mod encode;
+mod hash;
+mod proxy;
+mod upstream;

@@ -243,15 +243,15 @@ fn serve(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     log::info!(
         "llmproxy {} listening on {} ({} workers, {} driver){}",
         env!("CARGO_PKG_VERSION"),
-        running.addr,
-        running.shared.inflight.len(),
-        running.driver,
+        running.addr(),
+        running.workers(),
+        running.driver(),
         running
-            .admin_addr
+            .admin_addr()
             .map(|a| format!(", admin on {a}"))
             .unwrap_or_default()
     );
-    if running.driver == "epoll" {
+    if running.driver() == "epoll" {
         log::warn!(
             "io_uring is unavailable (seccomp or kernel); running on epoll, which costs throughput"
         );
@@ -297,7 +297,7 @@ fn serve(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     } else {
         log::warn!(
             "grace period over with {} requests still in flight; exiting",
-            running.shared.total_inflight()
+            running.in_flight()
         );
     }
     log::logger().flush();

@@ -28,10 +28,10 @@ use crate::worker::{PaddedCount, Shared, Worker};
 const TICK: Duration = Duration::from_millis(100);
 
 pub struct Running {
-    pub addr: SocketAddr,
-    pub admin_addr: Option<SocketAddr>,
-    pub shared: Arc<Shared>,
-    pub driver: &'static str,
+    pub(crate) addr: SocketAddr,
+    pub(crate) admin_addr: Option<SocketAddr>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) driver: &'static str,
     stop_health: Arc<AtomicBool>,
     delivery: Option<Delivery>,
 }
@@ -40,6 +40,30 @@ pub struct Running {
 const RELOAD_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Running {
+    /// The address the main listener is bound to (a configured port 0 resolved).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn workers(&self) -> usize {
+        self.shared.inflight.len()
+    }
+
+    /// The admin listener's address, when `admin_listen` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// `io_uring` or `epoll`.
+    pub fn driver(&self) -> &'static str {
+        self.driver
+    }
+
+    /// Requests in flight across all cores.
+    pub fn in_flight(&self) -> usize {
+        self.shared.total_inflight()
+    }
+
     /// Stops accepting and answers /health with 503; in-flight work continues.
     pub fn begin_drain(&self) {
         self.shared.draining.store(true, Ordering::SeqCst);
@@ -154,10 +178,6 @@ fn bind_all(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<StdListener>> {
     Ok(all)
 }
 
-pub fn start(cfg: Config) -> anyhow::Result<Running> {
-    start_with(cfg, None)
-}
-
 /// Starts the proxy; `path` is the config file a reload re-reads.
 pub fn start_with(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<Running> {
     let (workers, cpus) = worker_plan(&cfg)?;
@@ -196,7 +216,6 @@ pub fn start_with(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<Running>
             .context("starting the keys_file watcher")?;
     }
     let shared = Arc::new(Shared {
-        config: cfg.clone(),
         plane: plane_tx,
         draining: AtomicBool::new(false),
         inflight: (0..workers).map(|_| PaddedCount::default()).collect(),

@@ -18,14 +18,14 @@ use crate::http1::io::read_more;
 /// Upper bound for a response head from a backend; real ones are a few hundred bytes.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
-pub struct UpConn {
-    pub io: TcpStream,
+pub(crate) struct UpConn {
+    pub(crate) io: TcpStream,
     /// Bytes read from the backend and not yet relayed.
-    pub buf: BytesMut,
+    pub(crate) buf: BytesMut,
     /// Came from the pool (so a failure before the first byte may just mean it went stale).
-    pub reused: bool,
+    pub(crate) reused: bool,
     /// The backend's own `Keep-Alive: timeout=N`, if it announced one.
-    pub keepalive_hint: Option<Duration>,
+    pub(crate) keepalive_hint: Option<Duration>,
 }
 
 struct Idle {
@@ -34,7 +34,7 @@ struct Idle {
 }
 
 /// Idle connections per backend slot, owned by one core.
-pub struct Pool {
+pub(crate) struct Pool {
     idle: RefCell<Vec<Vec<Idle>>>,
     /// Per slot: false for free and draining backends, whose connections are not kept.
     open: RefCell<Vec<bool>>,
@@ -43,7 +43,7 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn new(backends: usize, max_idle: usize, idle_timeout: Duration) -> Self {
+    pub(crate) fn new(backends: usize, max_idle: usize, idle_timeout: Duration) -> Self {
         Pool {
             idle: RefCell::new((0..backends).map(|_| Vec::new()).collect()),
             open: RefCell::new(vec![true; backends]),
@@ -55,7 +55,7 @@ impl Pool {
     /// Follows the backend table: `open[slot]` says whether the slot's backend takes new
     /// requests. Connections of slots that closed are dropped (a draining backend gets no new
     /// requests, and a reused slot must not hand out connections to its previous backend).
-    pub fn set_slots(&self, open: &[bool]) {
+    pub(crate) fn set_slots(&self, open: &[bool]) {
         let mut idle = self.idle.borrow_mut();
         idle.resize_with(open.len(), Vec::new);
         for (list, &o) in idle.iter_mut().zip(open) {
@@ -67,14 +67,14 @@ impl Pool {
     }
 
     /// Drops the idle connections of one slot (its backend left it).
-    pub fn clear(&self, slot: usize) {
+    pub(crate) fn clear(&self, slot: usize) {
         if let Some(list) = self.idle.borrow_mut().get_mut(slot) {
             list.clear();
         }
     }
 
     /// The most recently used live connection (LIFO keeps few connections warm).
-    pub fn take(&self, backend: usize) -> Option<UpConn> {
+    pub(crate) fn take(&self, backend: usize) -> Option<UpConn> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(backend)?;
         let now = Instant::now();
@@ -88,7 +88,7 @@ impl Pool {
         None
     }
 
-    pub fn put(&self, backend: usize, mut conn: UpConn) {
+    pub(crate) fn put(&self, backend: usize, mut conn: UpConn) {
         if self.max_idle == 0
             || !conn.buf.is_empty()
             || !self.open.borrow().get(backend).copied().unwrap_or(false)
@@ -120,19 +120,15 @@ impl Pool {
     }
 
     /// Drops expired connections; called on the core's tick.
-    pub fn prune(&self) {
+    pub(crate) fn prune(&self) {
         let now = Instant::now();
         for list in self.idle.borrow_mut().iter_mut() {
             list.retain(|i| i.expires > now);
         }
     }
-
-    pub fn idle_count(&self) -> usize {
-        self.idle.borrow().iter().map(Vec::len).sum()
-    }
 }
 
-pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<UpConn, ProxyError> {
+pub(crate) async fn connect(addr: SocketAddr, timeout: Duration) -> Result<UpConn, ProxyError> {
     let io = match monoio::time::timeout(timeout, TcpStream::connect_addr(addr)).await {
         Ok(Ok(io)) => io,
         Ok(Err(e)) => return Err(ProxyError::UpstreamConnect(e)),
@@ -152,7 +148,7 @@ impl UpConn {
     /// Writes the whole request, then waits for the response head. Informational (1xx) heads
     /// other than 101 are skipped.
     /// The request buffer is handed back so a retry can resend it without rebuilding it.
-    pub async fn exchange(
+    pub(crate) async fn exchange(
         &mut self,
         request: Vec<u8>,
         first_byte: Duration,
@@ -226,7 +222,7 @@ fn keepalive_timeout(head: &Head) -> Option<Duration> {
 impl UpConn {
     /// Reads until the first `len` body bytes are buffered (an error response the proxy must
     /// look at before relaying it); they stay in `buf`, where relaying picks them up.
-    pub async fn buffer_body(
+    pub(crate) async fn buffer_body(
         &mut self,
         len: usize,
         timeout: Duration,

@@ -23,7 +23,7 @@ pub fn key_id(raw_key: &str) -> String {
 /// every request of a keep-alive connection, and hashing it each time was 7% of the CPU of a
 /// small request. The raw key lives as long as the connection, like the heads that carry it.
 #[derive(Default)]
-pub struct KeyIdCache(RefCell<Option<(Box<str>, String)>>);
+pub(crate) struct KeyIdCache(RefCell<Option<(Box<str>, String)>>);
 
 impl KeyIdCache {
     pub fn key_id(&self, raw_key: &str) -> String {
@@ -40,7 +40,7 @@ impl KeyIdCache {
 }
 
 /// The API key a client presented (`Authorization: Bearer …` or `x-api-key`).
-pub fn client_key(head: &Head) -> Option<&str> {
+pub(crate) fn client_key(head: &Head) -> Option<&str> {
     if let Some(v) = head.header_str("authorization") {
         let v = v.trim();
         if v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ") {

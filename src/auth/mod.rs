@@ -20,10 +20,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 mod key_id;
-pub mod ratelimit;
+pub(crate) mod ratelimit;
 
-pub use crate::config::digest;
-pub use key_id::{client_key, key_id, KeyIdCache};
+pub(crate) use crate::config::digest;
+pub use key_id::key_id;
+pub(crate) use key_id::{client_key, KeyIdCache};
 
 use crate::config::{ApiKey, Auth, KeyDigest};
 use crate::error::{AuthFailure, ProxyError};
@@ -31,7 +32,7 @@ use crate::http1::Head;
 use ratelimit::{retry_after_secs, Clock, KeyLimits};
 
 /// Compares two digests in time independent of where they differ.
-pub fn ct_eq(a: &KeyDigest, b: &KeyDigest) -> bool {
+pub(crate) fn ct_eq(a: &KeyDigest, b: &KeyDigest) -> bool {
     let diff = a
         .iter()
         .zip(b.iter())
@@ -40,8 +41,8 @@ pub fn ct_eq(a: &KeyDigest, b: &KeyDigest) -> bool {
 }
 
 /// One key as the request path sees it.
-pub struct KeyEntry {
-    pub name: Arc<str>,
+pub(crate) struct KeyEntry {
+    pub(crate) name: Arc<str>,
     digest: KeyDigest,
     models: Option<Box<[String]>>,
     limits: Option<Arc<KeyLimits>>,
@@ -72,7 +73,7 @@ fn prefix(d: &KeyDigest) -> u64 {
 }
 
 /// An immutable set of keys.
-pub struct KeySet {
+pub(crate) struct KeySet {
     /// Digest prefix → entries with that prefix (one, unless digests collide in 64 bits).
     index: HashMap<u64, Vec<usize>, BuildHasherDefault<PrefixHasher>>,
     entries: Vec<KeyEntry>,
@@ -110,12 +111,8 @@ impl KeySet {
             .find(|&i| ct_eq(&self.entries[i].digest, d))
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
     }
 }
 
@@ -150,17 +147,13 @@ impl KeyStore {
         Ok(store)
     }
 
-    pub fn enabled(&self) -> bool {
-        self.enabled
-    }
-
-    pub fn strip_client_key(&self) -> bool {
+    pub(crate) fn strip_client_key(&self) -> bool {
         self.strip_client_key
     }
 
     /// Replaces the key set by the config's keys plus the file's; on any error the current set
     /// stays. Returns the number of keys now in force.
-    pub fn reload_file(&self, path: &Path) -> Result<usize, String> {
+    pub(crate) fn reload_file(&self, path: &Path) -> Result<usize, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read: {e}"))?;
         let file_keys = crate::config::parse_keys_file(&text).map_err(|e| e.to_string())?;
         for k in &file_keys {
@@ -195,17 +188,17 @@ impl KeyStore {
 
 /// A core's handle on a key set: cloning the `Rc` of it per request costs no atomic operation
 /// on a cache line that other cores share (cloning the `Arc` would).
-pub struct CoreKeys(Arc<KeySet>);
+pub(crate) struct CoreKeys(Arc<KeySet>);
 
 /// One core's view of the key store.
-pub struct CoreAuth {
+pub(crate) struct CoreAuth {
     store: Arc<KeyStore>,
     version: Cell<u64>,
     keys: RefCell<Rc<CoreKeys>>,
 }
 
 impl CoreAuth {
-    pub fn new(store: Arc<KeyStore>) -> CoreAuth {
+    pub(crate) fn new(store: Arc<KeyStore>) -> CoreAuth {
         let keys = store
             .snapshot()
             .unwrap_or_else(|| Arc::new(KeySet::build(&[], store.clock, None)));
@@ -216,7 +209,7 @@ impl CoreAuth {
         }
     }
 
-    pub fn store(&self) -> &KeyStore {
+    pub(crate) fn store(&self) -> &KeyStore {
         &self.store
     }
 
@@ -234,7 +227,7 @@ impl CoreAuth {
 
     /// Who is calling. With auth off everyone is `Open`; otherwise the request must carry a
     /// known key in `Authorization: Bearer` or `x-api-key`.
-    pub fn identify(&self, head: &Head) -> Result<Caller, ProxyError> {
+    pub(crate) fn identify(&self, head: &Head) -> Result<Caller, ProxyError> {
         if !self.store.enabled {
             return Ok(Caller::Open);
         }
@@ -250,7 +243,7 @@ impl CoreAuth {
 }
 
 /// The caller of one request, as far as it is known.
-pub enum Caller {
+pub(crate) enum Caller {
     /// Authentication is off: `key_id` is derived from whatever key the client sent.
     Open,
     /// A configured key.
@@ -269,7 +262,7 @@ impl Caller {
 
     /// The `key_id` of usage events and access lines: the key's name; with auth off, a hash of
     /// the key the client sent (on metered routes).
-    pub fn key_id(&self, head: &Head, metered: bool, cache: &KeyIdCache) -> Option<String> {
+    pub(crate) fn key_id(&self, head: &Head, metered: bool, cache: &KeyIdCache) -> Option<String> {
         match self {
             Caller::Open if metered => client_key(head).map(|k| cache.key_id(k)),
             Caller::Key { .. } => self.entry().map(|e| e.name.to_string()),
@@ -279,13 +272,13 @@ impl Caller {
 
     /// Whether a usage event is emitted for this caller (not for failed authentication, which
     /// anyone can cause in any number).
-    pub fn billable(&self) -> bool {
+    pub(crate) fn billable(&self) -> bool {
         !matches!(self, Caller::Unknown)
     }
 
     /// The key's model allowlist. A restricted key must name an allowed model, except on reads
     /// (`GET`, e.g. a proxied `/v1/models`), which run no model.
-    pub fn check_model(&self, method: &str, model: Option<&str>) -> Result<(), ProxyError> {
+    pub(crate) fn check_model(&self, method: &str, model: Option<&str>) -> Result<(), ProxyError> {
         let Some(allowed) = self.entry().and_then(|e| e.models.as_deref()) else {
             return Ok(());
         };
@@ -299,7 +292,7 @@ impl Caller {
     }
 
     /// Takes one request from the key's rates.
-    pub fn admit(&self, at: Instant) -> Result<(), ProxyError> {
+    pub(crate) fn admit(&self, at: Instant) -> Result<(), ProxyError> {
         let Some(limits) = self.entry().and_then(|e| e.limits.as_deref()) else {
             return Ok(());
         };
@@ -312,7 +305,7 @@ impl Caller {
     }
 
     /// Charges a finished request's tokens to the key's token rate.
-    pub fn charge_tokens(&self, tokens: u64) {
+    pub(crate) fn charge_tokens(&self, tokens: u64) {
         if let Some(limits) = self.entry().and_then(|e| e.limits.as_deref()) {
             limits.charge_tokens(tokens);
         }

@@ -7,7 +7,7 @@
 //! request is admitted while the token bucket is not empty and a big answer may drive it into
 //! debt: the key then waits until the debt is paid off. Limits are per process.
 
-pub use crate::error::Exceeded;
+pub(crate) use crate::error::Exceeded;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -17,21 +17,21 @@ const WINDOW_NS: u64 = 60_000_000_000;
 
 /// One rate limit: `rate` units per minute.
 #[derive(Debug)]
-pub struct Gcra {
+pub(crate) struct Gcra {
     rate: u64,
     /// Nanoseconds after `Clock::epoch` at which the bucket is full again.
     tat: AtomicU64,
 }
 
 impl Gcra {
-    pub fn new(rate_per_minute: u64) -> Self {
+    pub(crate) fn new(rate_per_minute: u64) -> Self {
         Gcra {
             rate: rate_per_minute.max(1),
             tat: AtomicU64::new(0),
         }
     }
 
-    pub fn rate(&self) -> u64 {
+    pub(crate) fn rate(&self) -> u64 {
         self.rate
     }
 
@@ -42,7 +42,7 @@ impl Gcra {
     }
 
     /// Takes `units` if they fit in the bucket; otherwise how long until they would.
-    pub fn take(&self, now: u64, units: u64) -> Result<(), Duration> {
+    pub(crate) fn take(&self, now: u64, units: u64) -> Result<(), Duration> {
         let cost = self.cost(units);
         let mut tat = self.tat.load(Ordering::Relaxed);
         loop {
@@ -62,7 +62,7 @@ impl Gcra {
     }
 
     /// Whether anything is left in the bucket; otherwise how long until something is.
-    pub fn check(&self, now: u64) -> Result<(), Duration> {
+    pub(crate) fn check(&self, now: u64) -> Result<(), Duration> {
         let used = self.tat.load(Ordering::Relaxed).saturating_sub(now);
         if used >= WINDOW_NS {
             // At least one nanosecond past the full bucket, so a retry then succeeds.
@@ -73,7 +73,7 @@ impl Gcra {
     }
 
     /// Charges `units` unconditionally (the bucket may go into debt).
-    pub fn charge(&self, now: u64, units: u64) {
+    pub(crate) fn charge(&self, now: u64, units: u64) {
         let cost = self.cost(units);
         let _ = self
             .tat
@@ -85,7 +85,7 @@ impl Gcra {
 
 /// The limits of one key.
 #[derive(Debug)]
-pub struct KeyLimits {
+pub(crate) struct KeyLimits {
     clock: Clock,
     rpm: Option<Gcra>,
     tpm: Option<Gcra>,
@@ -93,7 +93,7 @@ pub struct KeyLimits {
 
 impl KeyLimits {
     /// `None` when both are 0 (unlimited): such keys touch no shared state at all.
-    pub fn new(clock: Clock, rpm: u64, tpm: u64) -> Option<Self> {
+    pub(crate) fn new(clock: Clock, rpm: u64, tpm: u64) -> Option<Self> {
         if rpm == 0 && tpm == 0 {
             return None;
         }
@@ -105,13 +105,13 @@ impl KeyLimits {
     }
 
     /// Whether these limits were built from the same rates (so their state can be kept).
-    pub fn same_rates(&self, rpm: u64, tpm: u64) -> bool {
+    pub(crate) fn same_rates(&self, rpm: u64, tpm: u64) -> bool {
         self.rpm.as_ref().map_or(0, Gcra::rate) == rpm
             && self.tpm.as_ref().map_or(0, Gcra::rate) == tpm
     }
 
     /// Admits one request: the token bucket must not be empty, then one request is taken.
-    pub fn admit(&self, at: Instant) -> Result<(), (Exceeded, Duration)> {
+    pub(crate) fn admit(&self, at: Instant) -> Result<(), (Exceeded, Duration)> {
         let now = self.clock.ns(at);
         if let Some(t) = &self.tpm {
             t.check(now).map_err(|d| (Exceeded::Tokens, d))?;
@@ -123,7 +123,7 @@ impl KeyLimits {
     }
 
     /// Charges the tokens a finished request used.
-    pub fn charge_tokens(&self, tokens: u64) {
+    pub(crate) fn charge_tokens(&self, tokens: u64) {
         if let (Some(t), true) = (&self.tpm, tokens > 0) {
             t.charge(self.clock.ns(Instant::now()), tokens);
         }
@@ -132,12 +132,12 @@ impl KeyLimits {
 
 /// The process-wide time origin of the buckets.
 #[derive(Debug, Clone, Copy)]
-pub struct Clock {
+pub(crate) struct Clock {
     epoch: Instant,
 }
 
 impl Clock {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Clock {
             epoch: Instant::now(),
         }
@@ -155,7 +155,7 @@ impl Default for Clock {
 }
 
 /// Whole seconds for `Retry-After`, rounded up, at least 1.
-pub fn retry_after_secs(d: Duration) -> u64 {
+pub(crate) fn retry_after_secs(d: Duration) -> u64 {
     let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
     secs.max(1)
 }

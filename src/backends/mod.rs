@@ -18,7 +18,7 @@
 //! pick (which scans all slots) without bound. Reuse is safe because a slot is only reused after
 //! all cores have drained it, and per-core state is reset whenever a slot's id changes.
 
-pub mod route;
+pub(crate) mod route;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -28,7 +28,7 @@ use crate::backends::route::RouteTable;
 use crate::config::{Config, Secret};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum State {
+pub(crate) enum State {
     /// Eligible for new requests (once healthy).
     Active,
     /// Gone from config or DNS: in-flight requests finish, no new ones are sent.
@@ -36,7 +36,7 @@ pub enum State {
 }
 
 impl State {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             State::Active => "active",
             State::Draining => "draining",
@@ -46,27 +46,27 @@ impl State {
 
 /// What a backend is, as config and discovery describe it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Spec {
+pub(crate) struct Spec {
     /// The config entry it comes from (its normalised URL); with `addr`, its identity.
-    pub source: String,
-    pub addr: SocketAddr,
+    pub(crate) source: String,
+    pub(crate) addr: SocketAddr,
     /// What logs and usage events show: the entry's URL, or `http://IP:PORT/base` when discovered.
-    pub url: String,
+    pub(crate) url: String,
     /// The `backend` metrics label.
-    pub name: String,
+    pub(crate) name: String,
     /// The `Host` header sent upstream.
-    pub authority: String,
-    pub base_path: String,
-    pub weight: u32,
-    pub models: Option<Vec<String>>,
+    pub(crate) authority: String,
+    pub(crate) base_path: String,
+    pub(crate) weight: u32,
+    pub(crate) models: Option<Vec<String>>,
     /// Found by DNS (joins only after a good health check) rather than listed in the config.
-    pub discovered: bool,
+    pub(crate) discovered: bool,
     /// Requests in flight allowed on this backend across the process; 0 = unlimited.
-    pub max_inflight: usize,
+    pub(crate) max_inflight: usize,
     /// Sent upstream as `Authorization: Bearer`.
-    pub api_key: Option<Secret>,
+    pub(crate) api_key: Option<Secret>,
     /// Where the engine's Prometheus metrics are (after `base_path`), for `least_load`.
-    pub metrics_path: String,
+    pub(crate) metrics_path: String,
 }
 
 impl Spec {
@@ -76,47 +76,43 @@ impl Spec {
 }
 
 #[derive(Debug, Clone)]
-pub struct Entry {
+pub(crate) struct Entry {
     /// Unique for the life of the process; never reused.
-    pub id: u64,
-    pub spec: Spec,
-    pub state: State,
+    pub(crate) id: u64,
+    pub(crate) spec: Spec,
+    pub(crate) state: State,
     /// Backends of the first table and backends listed in a reloaded config start healthy (as
     /// a static config always did: the operator named them, and a dead one is taken out by its
     /// first failed connect, with a retry elsewhere). Addresses found later by DNS wait for
     /// their first successful health check.
-    pub up_initially: bool,
+    pub(crate) up_initially: bool,
     /// The table version in which it started draining (reports from before are stale).
-    pub draining_since: u64,
+    pub(crate) draining_since: u64,
 }
 
 /// One immutable version of the backend set, shared by every core.
-pub struct BackendTable {
-    pub version: u64,
+pub(crate) struct BackendTable {
+    pub(crate) version: u64,
     /// Indexed by slot; `None` = free.
-    pub slots: Vec<Option<Entry>>,
+    pub(crate) slots: Vec<Option<Entry>>,
     /// Model → eligible slots (only `Active` ones).
-    pub routes: RouteTable,
+    pub(crate) routes: RouteTable,
     /// Every model some backend declares or a pool names (with aliases), sorted (metrics labels).
-    pub models: Vec<String>,
+    pub(crate) models: Vec<String>,
     /// The configuration this version belongs to.
-    pub config: Arc<Config>,
+    pub(crate) config: Arc<Config>,
 }
 
 impl BackendTable {
-    pub fn get(&self, slot: usize) -> Option<&Entry> {
+    pub(crate) fn get(&self, slot: usize) -> Option<&Entry> {
         self.slots.get(slot).and_then(Option::as_ref)
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.slots.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.slots.iter().all(Option::is_none)
-    }
-
-    pub fn entries(&self) -> impl Iterator<Item = (usize, &Entry)> {
+    pub(crate) fn entries(&self) -> impl Iterator<Item = (usize, &Entry)> {
         self.slots
             .iter()
             .enumerate()
@@ -126,7 +122,7 @@ impl BackendTable {
 
 /// The desired backend set: every static entry at its resolved address, and every discovered
 /// entry once per address found. Entries without an address (not resolved yet) are left out.
-pub fn desired(
+pub(crate) fn desired(
     cfg: &Config,
     statics: &HashMap<String, SocketAddr>,
     discovered: &HashMap<String, Vec<SocketAddr>>,
@@ -166,20 +162,20 @@ pub fn desired(
 
 /// What one `Registry::apply` changed, by backend name (for logs and the reload answer).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Changes {
-    pub added: Vec<String>,
-    pub removed: Vec<String>,
-    pub updated: Vec<String>,
+pub(crate) struct Changes {
+    pub(crate) added: Vec<String>,
+    pub(crate) removed: Vec<String>,
+    pub(crate) updated: Vec<String>,
 }
 
 impl Changes {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.added.is_empty() && self.removed.is_empty() && self.updated.is_empty()
     }
 }
 
 /// The master backend set; lives on the control-plane thread only.
-pub struct Registry {
+pub(crate) struct Registry {
     slots: Vec<Option<Entry>>,
     cores: usize,
     next_id: u64,
@@ -190,7 +186,7 @@ pub struct Registry {
 
 impl Registry {
     /// The first table: every backend starts healthy.
-    pub fn new(cores: usize, specs: Vec<Spec>) -> Registry {
+    pub(crate) fn new(cores: usize, specs: Vec<Spec>) -> Registry {
         let mut r = Registry {
             slots: Vec::new(),
             cores,
@@ -204,12 +200,12 @@ impl Registry {
         r
     }
 
-    pub fn version(&self) -> u64 {
+    pub(crate) fn version(&self) -> u64 {
         self.version
     }
 
     /// A new version with the same backends (the configuration changed).
-    pub fn bump(&mut self) {
+    pub(crate) fn bump(&mut self) {
         self.version += 1;
     }
 
@@ -232,7 +228,7 @@ impl Registry {
     /// for a health check), missing ones start draining, kept ones keep their slot and id and
     /// take the new weight, models and labels. A draining backend that comes back is active
     /// again under the same id. Bumps the version when anything changed.
-    pub fn apply(&mut self, desired: Vec<Spec>) -> Changes {
+    pub(crate) fn apply(&mut self, desired: Vec<Spec>) -> Changes {
         let mut changes = Changes::default();
         let mut wanted: HashMap<(String, SocketAddr), Spec> = desired
             .into_iter()
@@ -277,7 +273,7 @@ impl Registry {
 
     /// `core` has no request in flight on draining backend `id` as of table version `seen`.
     /// Returns true when that frees the slot (every core has now reported).
-    pub fn drained(&mut self, core: usize, id: u64, seen: u64) -> bool {
+    pub(crate) fn drained(&mut self, core: usize, id: u64, seen: u64) -> bool {
         let Some(slot) = self
             .slots
             .iter()
@@ -311,7 +307,7 @@ impl Registry {
     }
 
     /// The current set as an immutable table for the cores and the health thread.
-    pub fn publish(&self, config: Arc<Config>) -> Arc<BackendTable> {
+    pub(crate) fn publish(&self, config: Arc<Config>) -> Arc<BackendTable> {
         let routes = RouteTable::build(
             self.slots.len(),
             self.slots.iter().enumerate().filter_map(|(i, e)| {

@@ -10,10 +10,10 @@ use crate::error::ProxyError;
 
 /// A backend that may take requests: its slot, the config entry it comes from (normalised URL)
 /// and its `models` list.
-pub type Eligible<'a> = (usize, &'a str, Option<&'a [String]>);
+pub(crate) type Eligible<'a> = (usize, &'a str, Option<&'a [String]>);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Local {
+pub(crate) enum Local {
     Health,
     Metrics,
     Models,
@@ -28,12 +28,12 @@ pub enum Local {
 
 /// The backends a request may go to and what to do on the way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Route<'t> {
-    pub mask: &'t [bool],
+pub(crate) struct Route<'t> {
+    pub(crate) mask: &'t [bool],
     /// Index into `Config::models` when a pool serves the model.
-    pub pool: Option<usize>,
+    pub(crate) pool: Option<usize>,
     /// The `model` value the upstream body must carry instead of the client's.
-    pub rewrite: Option<&'t str>,
+    pub(crate) rewrite: Option<&'t str>,
 }
 
 struct PoolRoute {
@@ -43,7 +43,7 @@ struct PoolRoute {
     rewrite: bool,
 }
 
-pub struct RouteTable {
+pub(crate) struct RouteTable {
     pools: Vec<PoolRoute>,
     /// Pool names and aliases → (pool, is an alias).
     pool_names: HashMap<String, (usize, bool)>,
@@ -55,7 +55,7 @@ pub struct RouteTable {
     serves_any: bool,
     all: Vec<bool>,
     /// The union of configured models, when every backend declares its models.
-    pub model_list: Option<Vec<String>>,
+    pub(crate) model_list: Option<Vec<String>>,
 }
 
 impl RouteTable {
@@ -65,7 +65,7 @@ impl RouteTable {
     /// (`configured`), not from the backends present: a configured model whose replicas are all
     /// gone is a 503, not a 404. A pool's `backends` list names config entries, so every address
     /// discovered for a listed entry is in the pool.
-    pub fn build<'a>(
+    pub(crate) fn build<'a>(
         slots: usize,
         backends: impl Iterator<Item = Eligible<'a>>,
         configured: impl Iterator<Item = Option<&'a [String]>>,
@@ -151,7 +151,7 @@ impl RouteTable {
     }
 
     /// Which backends may serve a request for `model`.
-    pub fn backends_for(&self, model: Option<&str>) -> Result<&[bool], ProxyError> {
+    pub(crate) fn backends_for(&self, model: Option<&str>) -> Result<&[bool], ProxyError> {
         match model {
             None => Ok(&self.all),
             Some(m) => match self.by_model.get(m) {
@@ -164,7 +164,7 @@ impl RouteTable {
 
     /// Where a request for `model` goes: its pool if one serves the name or alias, else the
     /// backends that list the model (or serve any).
-    pub fn route(&self, model: Option<&str>) -> Result<Route<'_>, ProxyError> {
+    pub(crate) fn route(&self, model: Option<&str>) -> Result<Route<'_>, ProxyError> {
         if let Some(&(p, alias)) = model.and_then(|m| self.pool_names.get(m)) {
             let pool = &self.pools[p];
             return Ok(Route {
@@ -181,13 +181,13 @@ impl RouteTable {
     }
 
     /// The pools to try, in order, when `pool` cannot serve.
-    pub fn fallbacks(&self, pool: Option<usize>) -> &[usize] {
+    pub(crate) fn fallbacks(&self, pool: Option<usize>) -> &[usize] {
         pool.and_then(|p| self.pools.get(p))
             .map_or(&[], |p| p.fallbacks.as_slice())
     }
 
     /// The route of a fallback pool: its backends, and its own name in the body.
-    pub fn fallback_route(&self, pool: usize) -> Option<Route<'_>> {
+    pub(crate) fn fallback_route(&self, pool: usize) -> Option<Route<'_>> {
         let p = self.pools.get(pool)?;
         Some(Route {
             mask: &p.mask,
@@ -197,7 +197,7 @@ impl RouteTable {
     }
 
     /// Endpoints the proxy answers itself. `/metrics` moves to the admin listener when one is set.
-    pub fn local(&self, method: &str, path: &str, metrics_here: bool) -> Option<Local> {
+    pub(crate) fn local(&self, method: &str, path: &str, metrics_here: bool) -> Option<Local> {
         if path == "/admin/reload" {
             return Some(if method == "POST" && metrics_here {
                 Local::Reload
@@ -217,7 +217,7 @@ impl RouteTable {
         }
     }
 
-    pub fn models_body(&self) -> Vec<u8> {
+    pub(crate) fn models_body(&self) -> Vec<u8> {
         let data: Vec<serde_json::Value> = self
             .model_list
             .iter()

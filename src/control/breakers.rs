@@ -43,7 +43,7 @@ use crate::telemetry::metrics::Metrics;
 
 /// A breaker's state as the cores see it.
 #[derive(Debug, Clone)]
-pub enum Phase {
+pub(crate) enum Phase {
     Closed,
     Open,
     /// The token is true once some core has taken the one probe.
@@ -51,7 +51,7 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub fn as_str(&self) -> &'static str {
+    pub(crate) fn as_str(&self) -> &'static str {
         match self {
             Phase::Closed => "closed",
             Phase::Open => "open",
@@ -60,7 +60,7 @@ impl Phase {
     }
 
     /// `llmproxy_backend_breaker_state`: 0 closed, 1 open, 2 half-open.
-    pub fn gauge(&self) -> i64 {
+    pub(crate) fn gauge(&self) -> i64 {
         match self {
             Phase::Closed => 0,
             Phase::Open => 1,
@@ -71,7 +71,7 @@ impl Phase {
 
 /// What a core tells the health thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Report {
+pub(crate) enum Report {
     /// The streak reached the threshold: open it.
     Trip,
     /// The probe this core took ended.
@@ -80,7 +80,7 @@ pub enum Report {
 
 /// One backend's breaker on the health thread.
 #[derive(Debug)]
-pub struct Machine {
+pub(crate) struct Machine {
     state: State,
     /// Opens since it was last closed (the back-off exponent).
     opens: u32,
@@ -100,9 +100,9 @@ enum State {
 
 /// A change to broadcast; `transition` is false for a re-armed probe (same phase, new token).
 #[derive(Debug)]
-pub struct Change {
-    pub phase: Phase,
-    pub transition: bool,
+pub(crate) struct Change {
+    pub(crate) phase: Phase,
+    pub(crate) transition: bool,
 }
 
 impl Default for Machine {
@@ -115,7 +115,7 @@ impl Default for Machine {
 }
 
 impl Machine {
-    pub fn phase(&self) -> Phase {
+    pub(crate) fn phase(&self) -> Phase {
         match &self.state {
             State::Closed => Phase::Closed,
             State::Open { .. } => Phase::Open,
@@ -156,7 +156,7 @@ impl Machine {
 
     /// A report from a core. Trips count only when closed (a trip from a request that started
     /// before the breaker opened says nothing new); probe results only when half-open.
-    pub fn report(&mut self, r: Report, now: Instant, s: &Settings) -> Option<Change> {
+    pub(crate) fn report(&mut self, r: Report, now: Instant, s: &Settings) -> Option<Change> {
         match (&self.state, r) {
             (State::Closed, Report::Trip) => self.open(now, s),
             (State::HalfOpen { .. }, Report::Probe { ok: false }) => self.open(now, s),
@@ -176,7 +176,12 @@ impl Machine {
 
     /// Time passing: an expired cool-down arms the probe; a probe unanswered for `probe_timeout`
     /// (its request was abandoned) is re-armed; a disabled breaker closes.
-    pub fn tick(&mut self, now: Instant, s: &Settings, probe_timeout: Duration) -> Option<Change> {
+    pub(crate) fn tick(
+        &mut self,
+        now: Instant,
+        s: &Settings,
+        probe_timeout: Duration,
+    ) -> Option<Change> {
         if !s.enabled {
             return match self.state {
                 State::Closed => None,
@@ -194,7 +199,7 @@ impl Machine {
 }
 
 /// Every backend's breaker, on the health thread; by backend id (slots are reused).
-pub struct Board {
+pub(crate) struct Board {
     machines: HashMap<u64, Machine>,
     /// Metrics label by id, to drop the gauge of a departed backend.
     names: HashMap<u64, String>,
@@ -202,7 +207,7 @@ pub struct Board {
 }
 
 impl Board {
-    pub fn new(metrics: Arc<Metrics>) -> Board {
+    pub(crate) fn new(metrics: Arc<Metrics>) -> Board {
         Board {
             machines: HashMap::new(),
             names: HashMap::new(),
@@ -212,7 +217,7 @@ impl Board {
 
     /// New backends start closed; departed ones are forgotten (their gauge too, in case this
     /// thread re-created it after a core had removed it).
-    pub fn follow(&mut self, table: &BackendTable) {
+    pub(crate) fn follow(&mut self, table: &BackendTable) {
         for (_, e) in table.entries() {
             if let std::collections::hash_map::Entry::Vacant(v) = self.machines.entry(e.id) {
                 v.insert(Machine::default());
@@ -234,7 +239,7 @@ impl Board {
     }
 
     /// A core's report about backend `id` in `slot`.
-    pub fn report(
+    pub(crate) fn report(
         &mut self,
         table: &BackendTable,
         slot: usize,
@@ -258,7 +263,7 @@ impl Board {
 
     /// Cool-downs that ended, probes to re-arm, breakers to close because the feature was
     /// turned off by a reload.
-    pub fn tick(&mut self, table: &BackendTable, out: &Broadcast) {
+    pub(crate) fn tick(&mut self, table: &BackendTable, out: &Broadcast) {
         let cfg = &table.config;
         let probe_timeout = cfg.timeouts.connect + cfg.timeouts.first_byte + Duration::from_secs(1);
         let now = Instant::now();
@@ -274,7 +279,7 @@ impl Board {
     }
 
     /// Re-sends every breaker's phase, so that a core that missed a message catches up.
-    pub fn resend(&self, table: &BackendTable, out: &Broadcast) {
+    pub(crate) fn resend(&self, table: &BackendTable, out: &Broadcast) {
         for (slot, e) in table.entries() {
             if let Some(m) = self.machines.get(&e.id) {
                 out.send_all(&ControlMsg::Breaker {

@@ -30,7 +30,7 @@ struct Tracked {
 
 /// What one resolution did to an entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     Changed,
     Unchanged,
     /// Resolution failed; the last good set is kept.
@@ -42,7 +42,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub fn label(&self) -> &'static str {
+    pub(crate) fn label(&self) -> &'static str {
         match self {
             Outcome::Changed => "changed",
             Outcome::Unchanged => "unchanged",
@@ -84,14 +84,14 @@ fn update(
     failed
 }
 
-pub struct Discovery {
+pub(crate) struct Discovery {
     settings: config::Discovery,
     /// By the entry's normalised URL.
     entries: HashMap<String, Tracked>,
 }
 
 impl Discovery {
-    pub fn new(cfg: &Config) -> Discovery {
+    pub(crate) fn new(cfg: &Config) -> Discovery {
         let mut d = Discovery {
             settings: cfg.discovery.clone(),
             entries: HashMap::new(),
@@ -102,7 +102,7 @@ impl Discovery {
 
     /// Follows a (re)loaded config: entries that stay keep their addresses; returns the URLs of
     /// entries not tracked before (to be resolved at once).
-    pub fn configure(&mut self, cfg: &Config) -> Vec<String> {
+    pub(crate) fn configure(&mut self, cfg: &Config) -> Vec<String> {
         self.settings = cfg.discovery.clone();
         let mut added = Vec::new();
         let mut next = HashMap::new();
@@ -125,16 +125,16 @@ impl Discovery {
         added
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 
-    pub fn interval(&self) -> Duration {
+    pub(crate) fn interval(&self) -> Duration {
         self.settings.interval
     }
 
     /// Resolves every entry (or only those in `only`); returns whether any set changed.
-    pub fn resolve(&mut self, only: Option<&[String]>, metrics: &Metrics) -> bool {
+    pub(crate) fn resolve(&mut self, only: Option<&[String]>, metrics: &Metrics) -> bool {
         let mut changed = false;
         let now = Instant::now;
         let resolver = self.settings.resolver;
@@ -174,7 +174,7 @@ impl Discovery {
     }
 
     /// The current address set of every entry, by URL.
-    pub fn sets(&self) -> HashMap<String, Vec<SocketAddr>> {
+    pub(crate) fn sets(&self) -> HashMap<String, Vec<SocketAddr>> {
         self.entries
             .iter()
             .map(|(url, t)| (url.clone(), t.addrs.clone()))

@@ -18,7 +18,11 @@ const UDP_PAYLOAD: u16 = 4096;
 
 /// Every IPv4 and IPv6 address of `name` (A and AAAA), sorted. NXDOMAIN and "no records" are an
 /// empty list; a timeout, a server failure or a malformed answer is an error.
-pub fn lookup(server: SocketAddr, name: &str, timeout: Duration) -> Result<Vec<IpAddr>, String> {
+pub(crate) fn lookup(
+    server: SocketAddr,
+    name: &str,
+    timeout: Duration,
+) -> Result<Vec<IpAddr>, String> {
     let bind: SocketAddr = if server.is_ipv4() {
         (Ipv4Addr::UNSPECIFIED, 0).into()
     } else {
@@ -71,7 +75,7 @@ pub fn lookup(server: SocketAddr, name: &str, timeout: Duration) -> Result<Vec<I
 }
 
 /// A recursion-desired question for `name` with an EDNS0 OPT record.
-pub fn encode_query(id: u16, name: &str, qtype: u16) -> Result<Vec<u8>, String> {
+pub(crate) fn encode_query(id: u16, name: &str, qtype: u16) -> Result<Vec<u8>, String> {
     let name = name.strip_suffix('.').unwrap_or(name);
     if name.is_empty() || name.len() > 253 {
         return Err(format!("invalid DNS name \"{name}\""));
@@ -102,7 +106,7 @@ pub fn encode_query(id: u16, name: &str, qtype: u16) -> Result<Vec<u8>, String> 
 }
 
 #[derive(Debug, PartialEq)]
-pub enum Malformed {
+pub(crate) enum Malformed {
     /// Not an answer to the query we sent.
     OtherId,
     Bad(String),
@@ -113,7 +117,7 @@ fn bad(why: &str) -> Malformed {
 }
 
 /// The A and AAAA addresses in the answer section of the response to query `id`.
-pub fn parse_response(id: u16, msg: &[u8]) -> Result<Vec<IpAddr>, Malformed> {
+pub(crate) fn parse_response(id: u16, msg: &[u8]) -> Result<Vec<IpAddr>, Malformed> {
     let u16_at = |at: usize| -> Result<u16, Malformed> {
         msg.get(at..at + 2)
             .map(|b| u16::from_be_bytes([b[0], b[1]]))

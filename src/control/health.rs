@@ -36,7 +36,7 @@ struct State {
     failures: u32,
 }
 
-pub fn spawn(
+pub(crate) fn spawn(
     table: Arc<BackendTable>,
     broadcast: Broadcast,
     reports: Receiver<HealthReport>,

@@ -31,7 +31,7 @@ fn stamp(path: &Path) -> Option<Stamp> {
 }
 
 /// Starts the thread that re-reads `path` whenever it changes.
-pub fn watch(
+pub(crate) fn watch(
     store: Arc<KeyStore>,
     path: PathBuf,
     every: Duration,

@@ -20,7 +20,7 @@ use crate::control::breakers::{Phase, Report};
 const INBOX_CAPACITY: usize = 64 * 1024;
 
 #[derive(Clone)]
-pub enum ControlMsg {
+pub(crate) enum ControlMsg {
     /// One core's absolute in-flight count for one backend.
     Load {
         core: usize,
@@ -53,7 +53,7 @@ pub enum ControlMsg {
 }
 
 /// Sent to the health thread.
-pub enum HealthReport {
+pub(crate) enum HealthReport {
     /// A connect to this backend failed or timed out: mark it down now, probe it again soon.
     Unreachable { backend: usize, id: u64 },
     /// The backend set changed: probe new backends now, forget removed ones.
@@ -67,7 +67,7 @@ pub enum HealthReport {
 }
 
 /// Sent to the control-plane thread (`plane`).
-pub enum PlaneMsg {
+pub(crate) enum PlaneMsg {
     /// `core` has no request in flight on draining backend `id`, as of table `version`.
     Drained { core: usize, id: u64, version: u64 },
     /// Re-read the config file; the outcome goes to `reply`.
@@ -78,23 +78,23 @@ pub enum PlaneMsg {
 
 /// The senders into every core's inbox.
 #[derive(Clone)]
-pub struct Broadcast {
+pub(crate) struct Broadcast {
     inboxes: Vec<Sender<ControlMsg>>,
 }
 
 impl Broadcast {
     /// Creates one inbox per core.
-    pub fn new(cores: usize) -> (Broadcast, Vec<Receiver<ControlMsg>>) {
+    pub(crate) fn new(cores: usize) -> (Broadcast, Vec<Receiver<ControlMsg>>) {
         let (tx, rx): (Vec<_>, Vec<_>) = (0..cores).map(|_| crossbeam_channel::unbounded()).unzip();
         (Broadcast { inboxes: tx }, rx)
     }
 
-    pub fn cores(&self) -> usize {
+    pub(crate) fn cores(&self) -> usize {
         self.inboxes.len()
     }
 
     /// Sends to every core except `skip` (a core does not message itself).
-    pub fn send_others(&self, skip: Option<usize>, msg: &ControlMsg) {
+    pub(crate) fn send_others(&self, skip: Option<usize>, msg: &ControlMsg) {
         for (i, tx) in self.inboxes.iter().enumerate() {
             if Some(i) == skip {
                 continue;
@@ -108,7 +108,7 @@ impl Broadcast {
         }
     }
 
-    pub fn send_all(&self, msg: &ControlMsg) {
+    pub(crate) fn send_all(&self, msg: &ControlMsg) {
         self.send_others(None, msg)
     }
 }

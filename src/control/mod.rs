@@ -3,14 +3,14 @@
 //! they exchange with the cores. Nothing here runs on a core, and nothing here reads per-core
 //! state: what a core needs to know reaches it as a `ControlMsg` in its inbox.
 
-pub mod breakers;
-pub mod discovery;
-pub mod dns;
-pub mod engine;
-pub mod health;
-pub mod keys_watch;
-pub mod messages;
-pub mod plane;
-pub mod reload;
+pub(crate) mod breakers;
+pub(crate) mod discovery;
+pub(crate) mod dns;
+pub(crate) mod engine;
+pub(crate) mod health;
+pub(crate) mod keys_watch;
+pub(crate) mod messages;
+pub(crate) mod plane;
+pub(crate) mod reload;
 
-pub use messages::*;
+pub(crate) use messages::*;

@@ -32,7 +32,7 @@ const RESEND: Duration = Duration::from_secs(1);
 /// Longest sleep between checks of the stop flag.
 const MAX_WAIT: Duration = Duration::from_millis(200);
 
-pub struct Plane {
+pub(crate) struct Plane {
     registry: Registry,
     config: Arc<Config>,
     /// The file a reload re-reads; `None` (demo) = reload is refused.
@@ -74,7 +74,7 @@ fn resolve_statics(
 impl Plane {
     /// Resolves the backends for the first table: static ones must resolve; discovered ones are
     /// resolved once here (a failure only logs: discovery keeps trying).
-    pub fn new(
+    pub(crate) fn new(
         cfg: Arc<Config>,
         path: Option<PathBuf>,
         cores: usize,
@@ -98,11 +98,11 @@ impl Plane {
         })
     }
 
-    pub fn table(&self) -> Arc<BackendTable> {
+    pub(crate) fn table(&self) -> Arc<BackendTable> {
         self.current.clone()
     }
 
-    pub fn spawn(
+    pub(crate) fn spawn(
         self,
         inbox: Receiver<PlaneMsg>,
         cores: Broadcast,
@@ -195,13 +195,17 @@ impl Plane {
 
     /// Hands the process-wide admission limits over to the plane, which keeps them in step with
     /// each table it publishes (backend limits by slot) and each config it reloads.
-    pub fn attach_limits(&mut self, capacity: Arc<Capacity>, connections: Arc<ConnectionLimit>) {
+    pub(crate) fn attach_limits(
+        &mut self,
+        capacity: Arc<Capacity>,
+        connections: Arc<ConnectionLimit>,
+    ) {
         self.limits = Some((capacity, connections));
         self.apply_limits();
     }
 
     /// Gives the plane the engine-metrics scraper's inbox: it gets every table published.
-    pub fn attach_scraper(&mut self, scraper: Sender<Arc<BackendTable>>) {
+    pub(crate) fn attach_scraper(&mut self, scraper: Sender<Arc<BackendTable>>) {
         self.scraper = Some(scraper);
     }
 

@@ -11,7 +11,7 @@ use crate::config::Config;
 
 /// Puts the settings that cannot change without a restart back to their running values;
 /// returns one warning per setting that the new file changed.
-pub fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<String> {
+pub(crate) fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<String> {
     let mut warnings = Vec::new();
     macro_rules! keep {
         ($($field:ident).+, $name:expr) => {

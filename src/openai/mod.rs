@@ -42,7 +42,7 @@ pub struct RequestInfo {
 /// work per request when system prompts are huge (their length is mixed in as well).
 const PREFIX_HASH_BYTES: usize = 4096;
 /// Most messages a prefix key may cover.
-pub const MAX_PREFIX_MESSAGES: usize = 4;
+pub(crate) const MAX_PREFIX_MESSAGES: usize = 4;
 
 #[derive(Deserialize)]
 struct Peek<'a> {
@@ -127,7 +127,7 @@ where
 }
 
 /// Routes whose bodies must be JSON objects (and whose requests produce usage events).
-pub fn is_json_route(method: &str, path: &str) -> bool {
+pub(crate) fn is_json_route(method: &str, path: &str) -> bool {
     method.eq_ignore_ascii_case("POST")
         && (path.starts_with("/v1/") || path == "/generate" || path == "/generate_stream")
 }
@@ -144,7 +144,7 @@ pub fn inspect(
 }
 
 /// `inspect`, also hashing the first `prefix_messages` messages (0: none) into `prefix_key`.
-pub fn inspect_with(
+pub(crate) fn inspect_with(
     method: &str,
     path: &str,
     body: &[u8],
@@ -268,7 +268,7 @@ pub fn inject_include_usage(path: &str, body: &[u8], info: &RequestInfo) -> Opti
 
 /// `body` with the `model` token at `span` replaced by `model` (JSON-escaped): a splice, the
 /// rest of the body stays byte for byte what the client sent.
-pub fn rewrite_model(body: &[u8], span: (usize, usize), model: &str) -> Option<Vec<u8>> {
+pub(crate) fn rewrite_model(body: &[u8], span: (usize, usize), model: &str) -> Option<Vec<u8>> {
     let (a, b) = span;
     if a > b || b > body.len() {
         return None;
@@ -282,7 +282,7 @@ pub fn rewrite_model(body: &[u8], span: (usize, usize), model: &str) -> Option<V
 }
 
 /// Statuses under which engines report a prompt longer than their context.
-pub fn may_be_context_error(status: u16) -> bool {
+pub(crate) fn may_be_context_error(status: u16) -> bool {
     matches!(status, 400 | 413 | 422)
 }
 
@@ -290,7 +290,7 @@ pub fn may_be_context_error(status: u16) -> bool {
 /// ("maximum context length is N tokens"), SGLang, TGI (422 "`inputs` tokens + `max_new_tokens`
 /// must be <= N", "must have less than N tokens"), llama.cpp (`exceed_context_size_error`),
 /// OpenAI (`context_length_exceeded`).
-pub fn is_context_length_error(body: &[u8]) -> bool {
+pub(crate) fn is_context_length_error(body: &[u8]) -> bool {
     const MARKERS: &[&[u8]] = &[
         b"context_length_exceeded",
         b"exceed_context_size",
@@ -308,7 +308,7 @@ pub fn is_context_length_error(body: &[u8]) -> bool {
 }
 
 /// How to read usage off a response.
-pub fn response_kind(path: &str, status: u16, event_stream: bool, injected: bool) -> Kind {
+pub(crate) fn response_kind(path: &str, status: u16, event_stream: bool, injected: bool) -> Kind {
     if !(200..300).contains(&status) {
         return Kind::None;
     }

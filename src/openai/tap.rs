@@ -48,7 +48,7 @@ pub enum Kind {
 impl Kind {
     /// The tap may hold back and remove bytes (the usage-only event the proxy asked for), so the
     /// body's length is not known until it ends.
-    pub fn holds_back(self) -> bool {
+    pub(crate) fn holds_back(self) -> bool {
         matches!(self, Kind::OpenAiSse { strip: true })
     }
 }
@@ -212,18 +212,14 @@ impl Tap {
         }
     }
 
-    pub fn kind(&self) -> Kind {
-        self.kind
-    }
-
     /// TGI reports token counts in response headers; they complete what the body says.
-    pub fn set_header_counts(&mut self, prompt: Option<u64>, completion: Option<u64>) {
+    pub(crate) fn set_header_counts(&mut self, prompt: Option<u64>, completion: Option<u64>) {
         self.header_prompt = prompt;
         self.header_completion = completion;
     }
 
     /// Whether this tap may hold bytes back (only when it removes events).
-    pub fn holds_back(&self) -> bool {
+    pub(crate) fn holds_back(&self) -> bool {
         self.kind.holds_back()
     }
 

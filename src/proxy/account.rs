@@ -16,18 +16,22 @@ use crate::worker::Worker;
 
 /// Everything known about a request once it is over.
 pub(crate) struct Done<'a> {
-    pub req: &'a Request<'a>,
-    pub info: Option<&'a RequestInfo>,
-    pub status: u16,
-    pub backend: Option<usize>,
-    pub outcome: Outcome,
-    pub first_byte: Option<Instant>,
-    pub usage: Option<Usage>,
+    pub(crate) req: &'a Request<'a>,
+    pub(crate) info: Option<&'a RequestInfo>,
+    pub(crate) status: u16,
+    pub(crate) backend: Option<usize>,
+    pub(crate) outcome: Outcome,
+    pub(crate) first_byte: Option<Instant>,
+    pub(crate) usage: Option<Usage>,
 }
 
 impl<'a> Done<'a> {
     /// A request the proxy answered itself (locally, or refused).
-    pub fn answered(req: &'a Request<'a>, info: Option<&'a RequestInfo>, status: u16) -> Self {
+    pub(crate) fn answered(
+        req: &'a Request<'a>,
+        info: Option<&'a RequestInfo>,
+        status: u16,
+    ) -> Self {
         Done {
             req,
             info,

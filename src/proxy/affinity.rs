@@ -9,7 +9,7 @@ use crate::http1::head::Head;
 use crate::openai::RequestInfo;
 
 /// The key, or `None` when no configured source is present.
-pub fn key(sources: &[HashKey], head: &Head, info: &RequestInfo) -> Option<u64> {
+pub(crate) fn key(sources: &[HashKey], head: &Head, info: &RequestInfo) -> Option<u64> {
     sources.iter().find_map(|s| match s {
         HashKey::Header(name) => head.header(name).filter(|v| !v.is_empty()).map(hash_bytes),
         HashKey::BodyUser => info.user_key,
@@ -18,7 +18,7 @@ pub fn key(sources: &[HashKey], head: &Head, info: &RequestInfo) -> Option<u64> 
 }
 
 /// How many leading messages the prefix key must cover (0: no prefix source configured).
-pub fn prefix_messages(sources: &[HashKey]) -> usize {
+pub(crate) fn prefix_messages(sources: &[HashKey]) -> usize {
     sources
         .iter()
         .find_map(|s| match s {

@@ -17,15 +17,15 @@ use crate::worker::Worker;
 
 /// A complete small response the proxy writes itself.
 pub(crate) struct Answer {
-    pub status: u16,
-    pub content_type: &'static str,
-    pub body: Vec<u8>,
+    pub(crate) status: u16,
+    pub(crate) content_type: &'static str,
+    pub(crate) body: Vec<u8>,
     /// A header the answer carries besides the usual ones (`Retry-After`, `WWW-Authenticate`).
-    pub extra: Option<(&'static str, String)>,
+    pub(crate) extra: Option<(&'static str, String)>,
 }
 
 impl Answer {
-    pub fn json(status: u16, body: Vec<u8>) -> Self {
+    pub(crate) fn json(status: u16, body: Vec<u8>) -> Self {
         Answer {
             status,
             content_type: "application/json",
@@ -34,7 +34,7 @@ impl Answer {
         }
     }
 
-    pub fn error(e: &ProxyError) -> Self {
+    pub(crate) fn error(e: &ProxyError) -> Self {
         Answer {
             extra: e.extra_header(),
             ..Answer::json(e.status(), e.body())

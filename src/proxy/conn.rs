@@ -37,7 +37,7 @@ const SMALL_BODY: usize = 16 * 1024;
 /// How often an accept loop checks whether the process is draining.
 const DRAIN_POLL: Duration = Duration::from_millis(20);
 
-pub async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, admin: bool) {
+pub(crate) async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, admin: bool) {
     loop {
         let accepted = monoio::select! {
             r = listener.accept() => Some(r),

@@ -12,17 +12,17 @@ use monoio::net::TcpStream;
 use crate::auth::KeyIdCache;
 
 pub(crate) struct Downstream {
-    pub rd: OwnedReadHalf<TcpStream>,
-    pub wr: OwnedWriteHalf<TcpStream>,
+    pub(crate) rd: OwnedReadHalf<TcpStream>,
+    pub(crate) wr: OwnedWriteHalf<TcpStream>,
     /// Bytes read from the client and not yet consumed (start of the next request).
-    pub buf: BytesMut,
-    pub peer: SocketAddr,
+    pub(crate) buf: BytesMut,
+    pub(crate) peer: SocketAddr,
     /// The client's IP as text, formatted once per connection (for X-Forwarded-For).
-    pub peer_ip: Rc<str>,
+    pub(crate) peer_ip: Rc<str>,
     /// Accepted on the admin listener.
-    pub admin: bool,
+    pub(crate) admin: bool,
     /// `timeouts.write`: how long one write to this client may stall before it is dropped.
-    pub write_timeout: Duration,
+    pub(crate) write_timeout: Duration,
     /// The `key_id` of the last client key seen on this connection.
-    pub key_ids: KeyIdCache,
+    pub(crate) key_ids: KeyIdCache,
 }

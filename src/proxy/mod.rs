@@ -14,16 +14,16 @@
 //! Everything here runs on one core and never blocks: what other threads need to know leaves as
 //! a message (`worker`, `usage`), and what they decide arrives in the worker's inbox.
 
-pub mod account;
-pub mod admin;
-pub mod affinity;
-pub mod answer;
-pub mod conn;
-pub mod downstream;
-pub mod forward;
-pub mod pick;
-pub mod relay;
-pub mod request;
+pub(crate) mod account;
+pub(crate) mod admin;
+pub(crate) mod affinity;
+pub(crate) mod answer;
+pub(crate) mod conn;
+pub(crate) mod downstream;
+pub(crate) mod forward;
+pub(crate) mod pick;
+pub(crate) mod relay;
+pub(crate) mod request;
 
 use std::rc::Rc;
 use std::time::Instant;

@@ -27,13 +27,13 @@ use crate::worker::{InflightGuard, ProbeGuard, Worker};
 /// The backends a request may go to, as routed against the table in force when it arrived.
 #[derive(Clone, Copy)]
 pub(crate) struct Target<'a> {
-    pub table: &'a BackendTable,
-    pub route: Route<'a>,
+    pub(crate) table: &'a BackendTable,
+    pub(crate) route: Route<'a>,
     /// The name routed by (the client's model, or a fallback pool's own name): a table change
     /// between attempts routes it again.
-    pub lookup: Option<&'a str>,
+    pub(crate) lookup: Option<&'a str>,
     /// The request's `consistent_hash` key.
-    pub affinity: Option<u64>,
+    pub(crate) affinity: Option<u64>,
 }
 
 /// Per backend slot, what this request may still do with it. One allocation per request, kept
@@ -72,7 +72,7 @@ impl Tried {
     }
 
     /// Some routed backend not tried yet is eligible right now (worth a retry).
-    pub fn any_left(&self, w: &Worker) -> bool {
+    pub(crate) fn any_left(&self, w: &Worker) -> bool {
         (0..self.0.len()).any(|i| self.candidate(i) && w.eligible(i))
     }
 }
@@ -90,18 +90,18 @@ pub(crate) struct Lease {
 }
 
 impl Lease {
-    pub fn backend(&self) -> usize {
+    pub(crate) fn backend(&self) -> usize {
         self.backend
     }
 
-    pub fn entry(&self) -> Option<&Entry> {
+    pub(crate) fn entry(&self) -> Option<&Entry> {
         self.table.get(self.backend)
     }
 
     /// The in-flight count, to be held until the request is accounted for: while it is held the
     /// backend's slot cannot be freed and reused, so the slot number keeps naming this backend
     /// in the usage event. The permit and the probe stay with the lease (one attempt).
-    pub fn take_in_flight(&mut self) -> Option<InflightGuard> {
+    pub(crate) fn take_in_flight(&mut self) -> Option<InflightGuard> {
         self.in_flight.take()
     }
 }

@@ -37,10 +37,10 @@ const WATCH_BUF: usize = 512;
 
 /// The result of a response that was (at least partly) sent to the client.
 pub(crate) struct Sent {
-    pub status: u16,
-    pub outcome: Outcome,
+    pub(crate) status: u16,
+    pub(crate) outcome: Outcome,
     /// The client connection must be closed afterwards.
-    pub close: bool,
+    pub(crate) close: bool,
 }
 
 impl Sent {
@@ -60,31 +60,31 @@ impl Sent {
 
 /// What `plan_response` needs to know of the client's side.
 pub(crate) struct ClientSide<'a> {
-    pub method: &'a str,
-    pub path: &'a str,
+    pub(crate) method: &'a str,
+    pub(crate) path: &'a str,
     /// HTTP/1.1 (else 1.0: no chunks, keep-alive only when asked for).
-    pub http11: bool,
-    pub request_id: &'a str,
+    pub(crate) http11: bool,
+    pub(crate) request_id: &'a str,
     /// The proxy injected `include_usage`: the usage-only event is removed.
-    pub injected: bool,
+    pub(crate) injected: bool,
     /// The connection closes after this response anyway (asked for, or draining).
-    pub close: bool,
+    pub(crate) close: bool,
 }
 
 /// How one response goes to the client, decided from the heads alone.
 #[derive(Debug, PartialEq)]
 pub(crate) struct ResponsePlan {
     /// How the upstream body is delimited.
-    pub framing: BodyFraming,
-    pub kind: UsageKind,
-    pub event_stream: bool,
+    pub(crate) framing: BodyFraming,
+    pub(crate) kind: UsageKind,
+    pub(crate) event_stream: bool,
     /// The body goes to the client as chunks of our own.
-    pub reframe: bool,
-    pub close: bool,
+    pub(crate) reframe: bool,
+    pub(crate) close: bool,
     /// The upstream connection may be pooled once its body is read.
-    pub reusable: bool,
+    pub(crate) reusable: bool,
     /// The client's response head.
-    pub head: Vec<u8>,
+    pub(crate) head: Vec<u8>,
 }
 
 /// The response head and body framing for the client. Re-framed as chunks: anything not

@@ -24,16 +24,16 @@ use crate::worker::{InflightGuard, Worker};
 
 /// What is known of a request before it is routed; every answer and the accounting take it.
 pub(crate) struct Request<'a> {
-    pub head: &'a Head,
-    pub id: String,
-    pub received: Instant,
-    pub caller: &'a Caller,
+    pub(crate) head: &'a Head,
+    pub(crate) id: String,
+    pub(crate) received: Instant,
+    pub(crate) caller: &'a Caller,
     /// The client connection closes after this response.
-    pub close: bool,
+    pub(crate) close: bool,
 }
 
 impl<'a> Request<'a> {
-    pub fn new(w: &Worker, head: &'a Head, received: Instant, caller: &'a Caller) -> Self {
+    pub(crate) fn new(w: &Worker, head: &'a Head, received: Instant, caller: &'a Caller) -> Self {
         Request {
             head,
             id: request_id(w, Some(head)),
@@ -85,20 +85,20 @@ pub(crate) fn inspect(cfg: &Config, head: &Head, body: &[u8]) -> Result<RequestI
 /// A request body rewritten for upstream (`None`: the client's as it is), and whether
 /// `include_usage` was injected into it.
 pub(crate) struct UpstreamBody {
-    pub rewritten: Option<Vec<u8>>,
-    pub injected: bool,
+    pub(crate) rewritten: Option<Vec<u8>>,
+    pub(crate) injected: bool,
 }
 
 /// Where a request may go: its own route, then each fallback pool with the body it needs.
 pub(crate) struct Plan<'a> {
-    pub target: Target<'a>,
-    pub body: UpstreamBody,
+    pub(crate) target: Target<'a>,
+    pub(crate) body: UpstreamBody,
     /// Empty (unallocated) without pools.
-    pub fallbacks: Vec<(Target<'a>, UpstreamBody)>,
+    pub(crate) fallbacks: Vec<(Target<'a>, UpstreamBody)>,
 }
 
 impl<'a> Plan<'a> {
-    pub fn new(
+    pub(crate) fn new(
         w: &Worker,
         head: &Head,
         body: &[u8],
@@ -166,40 +166,40 @@ fn upstream_body(
 /// One request on its way through forward and relay: what they share, and what accounting reads
 /// once it is over (also when its future was dropped: the client went away).
 pub(crate) struct Exchange<'a> {
-    pub head: &'a Head,
+    pub(crate) head: &'a Head,
     /// The body sent upstream (the client's, or with `include_usage` injected, or the model
     /// renamed); changes when a fallback pool is tried.
-    pub body: Cell<&'a [u8]>,
+    pub(crate) body: Cell<&'a [u8]>,
     /// The proxy added `include_usage`, so the usage-only event is removed from the stream.
-    pub injected: Cell<bool>,
+    pub(crate) injected: Cell<bool>,
     /// Another pool may still serve: a context-length error is not relayed but reported.
-    pub may_fall_back: Cell<bool>,
+    pub(crate) may_fall_back: Cell<bool>,
     /// The backend rejected the prompt as longer than its context (and it was not relayed).
-    pub context_exceeded: Cell<bool>,
-    pub request_id: &'a str,
-    pub client_ip: Rc<str>,
+    pub(crate) context_exceeded: Cell<bool>,
+    pub(crate) request_id: &'a str,
+    pub(crate) client_ip: Rc<str>,
     /// The client connection closes after this response.
-    pub close: bool,
+    pub(crate) close: bool,
     /// Set once the response head went to the client: from then on no retry, no error page.
-    pub head_sent: Cell<bool>,
-    pub status: Cell<u16>,
-    pub backend: Cell<Option<usize>>,
+    pub(crate) head_sent: Cell<bool>,
+    pub(crate) status: Cell<u16>,
+    pub(crate) backend: Cell<Option<usize>>,
     /// The in-flight count on `backend`, taken out of the attempt's lease (see `Lease`).
-    pub in_flight: RefCell<Option<InflightGuard>>,
+    pub(crate) in_flight: RefCell<Option<InflightGuard>>,
     /// When the first response body byte went to the client.
-    pub first_byte: Cell<Option<Instant>>,
+    pub(crate) first_byte: Cell<Option<Instant>>,
     /// Streams record the gap between consecutive chunks (inter-token latency).
-    pub stream: bool,
-    pub model_idx: ModelIdx,
+    pub(crate) stream: bool,
+    pub(crate) model_idx: ModelIdx,
     /// Watches the response for usage; outside the relay future so that an aborted request
     /// still reports what arrived before the abort.
-    pub tap: RefCell<Tap>,
+    pub(crate) tap: RefCell<Tap>,
     /// Remove the client's API key headers from what goes upstream.
-    pub strip_client_key: bool,
+    pub(crate) strip_client_key: bool,
 }
 
 impl<'a> Exchange<'a> {
-    pub fn new(
+    pub(crate) fn new(
         w: &Worker,
         req: &'a Request<'a>,
         client_ip: Rc<str>,
@@ -229,7 +229,7 @@ impl<'a> Exchange<'a> {
     }
 
     /// Switches to a fallback pool's body.
-    pub fn fall_back(&self, original: &'a [u8], body: &'a UpstreamBody, more: bool) {
+    pub(crate) fn fall_back(&self, original: &'a [u8], body: &'a UpstreamBody, more: bool) {
         self.context_exceeded.set(false);
         self.body.set(body.rewritten.as_deref().unwrap_or(original));
         self.injected.set(body.injected);

@@ -13,7 +13,7 @@ use log::{LevelFilter, Log, Metadata, Record};
 use crate::config::LogFormat;
 
 /// Target used for one-JSON-object-per-request access lines.
-pub const ACCESS: &str = "access";
+pub(crate) const ACCESS: &str = "access";
 
 const QUEUE: usize = 16 * 1024;
 
@@ -80,7 +80,7 @@ fn format_line(format: LogFormat, record: &Record) -> String {
 }
 
 /// Log lines dropped because the writer could not keep up.
-pub fn dropped() -> u64 {
+pub(crate) fn dropped() -> u64 {
     DROPPED.load(Ordering::Relaxed)
 }
 

@@ -17,9 +17,9 @@ use prometheus::{
 use crate::config::Config;
 
 /// Model label for a model no backend is configured for.
-pub const OTHER: &str = "other";
+pub(crate) const OTHER: &str = "other";
 /// Backend/model label when there was none (answered locally, or no `model` in the body).
-pub const NONE: &str = "none";
+pub(crate) const NONE: &str = "none";
 
 /// LLM latencies span a 1 ms cache hit to a 10 minute generation.
 const SECONDS_BUCKETS: &[f64] = &[
@@ -28,35 +28,37 @@ const SECONDS_BUCKETS: &[f64] = &[
 ];
 
 pub struct Metrics {
-    pub registry: Registry,
+    pub(crate) registry: Registry,
     requests_total: IntCounterVec,
     latency_ms: HistogramVec,
     duration_seconds: HistogramVec,
     retries_total: IntCounterVec,
     backend_up: IntGaugeVec,
     backend_inflight: IntGaugeVec,
-    pub connections_active: IntGauge,
-    pub requests_inflight: IntGauge,
+    pub(crate) connections_active: IntGauge,
+    pub(crate) requests_inflight: IntGauge,
     /// Requests waiting for a backend below its `max_inflight`.
-    pub requests_queued: IntGauge,
+    pub(crate) requests_queued: IntGauge,
     ttft_seconds: HistogramVec,
     itl_seconds: HistogramVec,
     tokens_total: IntCounterVec,
     /// Upstream failures by backend and kind (the error code: upstream_connect_error, ...).
-    pub upstream_errors: IntCounterVec,
+    pub(crate) upstream_errors: IntCounterVec,
     /// Usage events by what happened to them (delivered, retried, spooled, dead_lettered, dropped).
     pub usage_events: IntCounterVec,
     /// Requests and connections refused by auth, rates and capacity (`llmproxy_rejected_total`).
-    pub rejected: crate::telemetry::reject::Rejections,
-    pub usage_spool_bytes: IntGauge,
-    pub usage_delivery_seconds: Histogram,
+    pub(crate) rejected: crate::telemetry::reject::Rejections,
+    pub(crate) usage_spool_bytes: IntGauge,
+    /// Log lines the writer thread could not take (`logging`), read at each scrape.
+    log_lines_dropped: prometheus::IntCounter,
+    pub(crate) usage_delivery_seconds: Histogram,
     /// DNS discovery rounds by result: changed, unchanged, error, empty, expired.
-    pub discovery_updates: IntCounterVec,
+    pub(crate) discovery_updates: IntCounterVec,
     breaker_state: IntGaugeVec,
     breaker_transitions: IntCounterVec,
     /// Models configured at start (label values until a core learns the current set).
-    pub models: Vec<String>,
-    pub routing: RoutingMetrics,
+    pub(crate) models: Vec<String>,
+    pub(crate) routing: RoutingMetrics,
 }
 
 impl Metrics {
@@ -145,6 +147,11 @@ impl Metrics {
         ] {
             usage_events.with_label_values(&[o]);
         }
+        let log_lines_dropped = prometheus::IntCounter::new(
+            "llmproxy_log_lines_dropped_total",
+            "Log lines dropped because the log writer could not keep up",
+        )?;
+        registry.register(Box::new(log_lines_dropped.clone()))?;
         let usage_spool_bytes = IntGauge::new(
             "llmproxy_usage_spool_bytes",
             "Bytes of usage events waiting for delivery",
@@ -262,6 +269,7 @@ impl Metrics {
             usage_events,
             rejected,
             usage_spool_bytes,
+            log_lines_dropped,
             usage_delivery_seconds,
             discovery_updates,
             breaker_state,
@@ -271,7 +279,12 @@ impl Metrics {
         })
     }
 
-    pub fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let dropped = super::logging::dropped();
+        let seen = self.log_lines_dropped.get();
+        if dropped > seen {
+            self.log_lines_dropped.inc_by(dropped - seen);
+        }
         let mut out = Vec::with_capacity(8 * 1024);
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
@@ -279,20 +292,20 @@ impl Metrics {
 
     /// A backend left for good: its gauges go, so dashboards do not show it stuck at its last
     /// value. (Counters and histograms keep their series, as Prometheus expects.)
-    pub fn forget_backend(&self, name: &str) {
+    pub(crate) fn forget_backend(&self, name: &str) {
         let _ = self.backend_up.remove_label_values(&[name]);
         let _ = self.backend_inflight.remove_label_values(&[name]);
         self.forget_breaker(name);
         self.routing.forget(name);
     }
 
-    pub fn forget_breaker(&self, name: &str) {
+    pub(crate) fn forget_breaker(&self, name: &str) {
         let _ = self.breaker_state.remove_label_values(&[name]);
     }
 
     /// A backend's breaker is now in `state` (0 closed, 1 open, 2 half-open); `to` names the
     /// transition to count, if it was one.
-    pub fn breaker_changed(&self, backend: &str, state: i64, to: Option<&str>) {
+    pub(crate) fn breaker_changed(&self, backend: &str, state: i64, to: Option<&str>) {
         self.breaker_state.with_label_values(&[backend]).set(state);
         if let Some(to) = to {
             self.breaker_transitions
@@ -304,7 +317,7 @@ impl Metrics {
 
 /// Every model name that appears in some backend's `models` list or names a model pool (or
 /// one of its aliases), sorted and deduplicated.
-pub fn configured_models(cfg: &Config) -> Vec<String> {
+pub(crate) fn configured_models(cfg: &Config) -> Vec<String> {
     let mut models: Vec<String> = cfg
         .backends
         .iter()
@@ -321,7 +334,7 @@ pub fn configured_models(cfg: &Config) -> Vec<String> {
 }
 
 /// Index into `Metrics::models`, `OTHER_IDX` or `NONE_IDX`.
-pub type ModelIdx = u16;
+pub(crate) type ModelIdx = u16;
 const OTHER_IDX: ModelIdx = u16::MAX;
 const NONE_IDX: ModelIdx = u16::MAX - 1;
 const NO_BACKEND: u16 = u16::MAX;
@@ -373,7 +386,7 @@ impl LocalMetrics {
 
     /// The backend table changed: flush everything recorded under the old slot labels, then
     /// take the new ones (`labels[slot]`, "" for a free slot) and the new model list.
-    pub fn set_backends(&self, labels: Vec<String>, models: Vec<String>) {
+    pub(crate) fn set_backends(&self, labels: Vec<String>, models: Vec<String>) {
         // Backend gauges are not published here: under the old labels they would bring back
         // a backend that was just forgotten. The next flush publishes the new ones.
         self.flush(None);
@@ -428,7 +441,7 @@ impl LocalMetrics {
     }
 
     /// The gap between two chunks relayed to a streaming client.
-    pub fn inter_token(&self, backend: usize, model: ModelIdx, gap: Duration) {
+    pub(crate) fn inter_token(&self, backend: usize, model: ModelIdx, gap: Duration) {
         self.with_histos(backend, model, |h| h.itl.observe(gap.as_secs_f64()));
     }
 
@@ -452,7 +465,7 @@ impl LocalMetrics {
         f(h);
     }
 
-    pub fn upstream_error(&self, backend: usize, kind: &str) {
+    pub(crate) fn upstream_error(&self, backend: usize, kind: &str) {
         self.global
             .upstream_errors
             .with_label_values(&[&self.backend_label(Some(backend)), kind])
@@ -469,7 +482,7 @@ impl LocalMetrics {
         }
     }
 
-    pub fn retry(&self, backend: usize) {
+    pub(crate) fn retry(&self, backend: usize) {
         if let Some(c) = self.retries.borrow_mut().get_mut(backend) {
             *c += 1;
         }
@@ -489,7 +502,7 @@ impl LocalMetrics {
 
     /// Folds local observations into the shared registry. With `backends`, also publishes each
     /// backend's gauges from `backends(slot) -> (up, in flight)` (core 0's cross-core view).
-    pub fn flush(&self, backends: Option<&dyn Fn(usize) -> (bool, u32)>) {
+    pub(crate) fn flush(&self, backends: Option<&dyn Fn(usize) -> (bool, u32)>) {
         let g = &self.global;
         for ((status, b, m), n) in self.requests.borrow_mut().drain() {
             let backend = if b == NO_BACKEND {
@@ -542,7 +555,7 @@ impl LocalMetrics {
 
 /// Routing decisions and the engines' own load, re-exported per backend (its `backend` label,
 /// as the other backend series; removed with them when the backend leaves the table).
-pub struct RoutingMetrics {
+pub(crate) struct RoutingMetrics {
     decisions: IntCounterVec,
     engine_up: IntGaugeVec,
     engine_waiting: prometheus::GaugeVec,
@@ -551,7 +564,7 @@ pub struct RoutingMetrics {
 }
 
 impl RoutingMetrics {
-    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+    pub(crate) fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
         let decisions = IntCounterVec::new(
             Opts::new(
                 "llmproxy_routing_decisions_total",
@@ -597,7 +610,7 @@ impl RoutingMetrics {
     /// Publishes one scrape of the backend labelled `name` (`None`: it failed, or it has not
     /// been scraped yet: the gauges read NaN until a scrape says otherwise).
     /// `load`: requests waiting, requests running, KV-cache use (0..=1) when reported.
-    pub fn engine_reading(&self, name: &str, load: Option<(f64, f64, Option<f64>)>) {
+    pub(crate) fn engine_reading(&self, name: &str, load: Option<(f64, f64, Option<f64>)>) {
         let labels = [name];
         self.engine_up
             .with_label_values(&labels)
@@ -614,13 +627,13 @@ impl RoutingMetrics {
     /// A backend joined: its engine series exist from now on, unknown (NaN) until scraped, so
     /// dashboards and alerts see it before the first scrape.
     /// Counts `n` routing decisions of `strategy` for `reason`.
-    pub fn decided(&self, strategy: &str, reason: &str, n: u64) {
+    pub(crate) fn decided(&self, strategy: &str, reason: &str, n: u64) {
         self.decisions
             .with_label_values(&[strategy, reason])
             .inc_by(n);
     }
 
-    pub fn engine_present(&self, name: &str) {
+    pub(crate) fn engine_present(&self, name: &str) {
         self.engine_up.with_label_values(&[name]).set(0);
         for g in [&self.engine_waiting, &self.engine_running, &self.engine_kv] {
             g.with_label_values(&[name]).set(f64::NAN);
@@ -628,7 +641,7 @@ impl RoutingMetrics {
     }
 
     /// A backend left: its engine series go with it.
-    pub fn forget(&self, name: &str) {
+    pub(crate) fn forget(&self, name: &str) {
         let _ = self.engine_up.remove_label_values(&[name]);
         for g in [&self.engine_waiting, &self.engine_running, &self.engine_kv] {
             let _ = g.remove_label_values(&[name]);

@@ -4,4 +4,4 @@
 
 pub mod logging;
 pub mod metrics;
-pub mod reject;
+pub(crate) mod reject;

@@ -9,7 +9,7 @@ use std::time::Instant;
 use prometheus::{IntCounter, IntCounterVec};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reason {
+pub(crate) enum Reason {
     MissingKey,
     InvalidKey,
     ModelNotAllowed,
@@ -21,7 +21,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 8] = [
+    pub(crate) const ALL: [Reason; 8] = [
         Reason::MissingKey,
         Reason::InvalidKey,
         Reason::ModelNotAllowed,
@@ -32,7 +32,7 @@ impl Reason {
         Reason::MaxConnections,
     ];
 
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Reason::MissingKey => "missing_key",
             Reason::InvalidKey => "invalid_key",
@@ -49,14 +49,14 @@ impl Reason {
 /// Most rejection lines logged per second, process-wide.
 const LINES_PER_SECOND: u64 = 10;
 
-pub struct Rejections {
+pub(crate) struct Rejections {
     counters: Vec<IntCounter>,
     budget: LogBudget,
 }
 
 impl Rejections {
     /// Resolves every reason's counter once, so a rejection costs one atomic add.
-    pub fn new(vec: &IntCounterVec) -> Self {
+    pub(crate) fn new(vec: &IntCounterVec) -> Self {
         Rejections {
             counters: Reason::ALL
                 .iter()
@@ -67,7 +67,7 @@ impl Rejections {
     }
 
     /// Counts a rejection and logs `what` unless the log budget of this second is spent.
-    pub fn note(&self, reason: Reason, what: std::fmt::Arguments<'_>) {
+    pub(crate) fn note(&self, reason: Reason, what: std::fmt::Arguments<'_>) {
         if let Some(c) = self.counters.get(reason as usize) {
             c.inc();
         }

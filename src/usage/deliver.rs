@@ -20,7 +20,7 @@ use crate::config::{HookFormat, Usage as UsageConfig, UsageHook};
 use crate::telemetry::metrics::Metrics;
 
 /// Log target for `usage.log: true` event lines.
-pub const USAGE_LOG: &str = "usage";
+pub(crate) const USAGE_LOG: &str = "usage";
 
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -428,7 +428,7 @@ fn send_batch(agent: &ureq::Agent, url: &str, hook: &UsageHook, batch: &Batch) -
 }
 
 /// `sha256=<hex HMAC-SHA256 of the body>`.
-pub fn sign(secret: &[u8], body: &[u8]) -> String {
+pub(crate) fn sign(secret: &[u8], body: &[u8]) -> String {
     let mut mac = match Hmac::<Sha256>::new_from_slice(secret) {
         Ok(m) => m,
         // HMAC accepts keys of any length; this arm cannot happen.

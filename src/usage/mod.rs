@@ -4,7 +4,7 @@
 //! Events are serialised, spooled and delivered off the cores by `deliver`.
 
 pub mod deliver;
-pub mod spool;
+pub(crate) mod spool;
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -13,8 +13,6 @@ use crossbeam_channel::{Sender, TrySendError};
 use serde::{Deserialize, Serialize};
 
 use crate::encode;
-
-pub use crate::openai::tap::Usage;
 
 /// Events the channel from all cores to the usage thread may hold. The channel itself is
 /// unbounded (a linked list of small blocks) and this bound is checked on send: a bounded
@@ -61,7 +59,7 @@ impl UsageEvent {
     /// The event as one JSON object, byte for byte what `serde_json` makes of it (a test holds
     /// the two equal), written by hand because serialising on the usage thread cost as much CPU
     /// as a core spends proxying a small request.
-    pub fn to_json(&self) -> String {
+    pub(crate) fn to_json(&self) -> String {
         let mut o = String::with_capacity(512);
         let key = |o: &mut String, k: &str| {
             o.push(if o.is_empty() { '{' } else { ',' });

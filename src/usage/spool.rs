@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 const SEGMENT_BYTES: u64 = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
-pub enum SpoolError {
+pub(crate) enum SpoolError {
     #[error("spool is full ({0} bytes pending)")]
     Full(u64),
     #[error("spool I/O: {0}")]
@@ -26,15 +26,15 @@ pub enum SpoolError {
 
 /// A position in the disk log: segment and byte offset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Pos {
+pub(crate) struct Pos {
     seq: u64,
     offset: u64,
 }
 
 /// Events read for one delivery attempt, and where the spool stands after them.
 #[derive(Debug)]
-pub struct Batch {
-    pub lines: Vec<String>,
+pub(crate) struct Batch {
+    pub(crate) lines: Vec<String>,
     end: End,
 }
 
@@ -44,13 +44,13 @@ enum End {
     Disk(Pos),
 }
 
-pub enum Spool {
+pub(crate) enum Spool {
     Memory(MemorySpool),
     Disk(DiskSpool),
 }
 
 impl Spool {
-    pub fn memory(max_bytes: u64) -> Spool {
+    pub(crate) fn memory(max_bytes: u64) -> Spool {
         Spool::Memory(MemorySpool {
             lines: VecDeque::new(),
             bytes: 0,
@@ -58,7 +58,7 @@ impl Spool {
         })
     }
 
-    pub fn open_disk(
+    pub(crate) fn open_disk(
         dir: &Path,
         max_bytes: u64,
         fsync_every: Duration,
@@ -66,7 +66,7 @@ impl Spool {
         DiskSpool::open(dir, max_bytes, fsync_every).map(Spool::Disk)
     }
 
-    pub fn append(&mut self, line: &str) -> Result<(), SpoolError> {
+    pub(crate) fn append(&mut self, line: &str) -> Result<(), SpoolError> {
         match self {
             Spool::Memory(m) => m.append(line),
             Spool::Disk(d) => d.append(line),
@@ -74,7 +74,7 @@ impl Spool {
     }
 
     /// Up to `max` of the oldest undelivered events (without removing them).
-    pub fn peek(&mut self, max: usize) -> Result<Batch, SpoolError> {
+    pub(crate) fn peek(&mut self, max: usize) -> Result<Batch, SpoolError> {
         match self {
             Spool::Memory(m) => Ok(m.peek(max)),
             Spool::Disk(d) => d.peek(max),
@@ -82,7 +82,7 @@ impl Spool {
     }
 
     /// Records that a batch is being sent (disk: persisted, so a restart re-sends it whole).
-    pub fn begin(&mut self, batch: &Batch) -> Result<(), SpoolError> {
+    pub(crate) fn begin(&mut self, batch: &Batch) -> Result<(), SpoolError> {
         match (self, batch.end) {
             (Spool::Disk(d), End::Disk(end)) => d.write_cursor(Some(end)),
             _ => Ok(()),
@@ -90,7 +90,7 @@ impl Spool {
     }
 
     /// The batch was acknowledged (or dead-lettered): forget it.
-    pub fn commit(&mut self, batch: &Batch) -> Result<(), SpoolError> {
+    pub(crate) fn commit(&mut self, batch: &Batch) -> Result<(), SpoolError> {
         match (self, batch.end) {
             (Spool::Memory(m), End::Memory(n)) => {
                 m.commit(n);
@@ -101,26 +101,26 @@ impl Spool {
         }
     }
 
-    pub fn pending_bytes(&self) -> u64 {
+    pub(crate) fn pending_bytes(&self) -> u64 {
         match self {
             Spool::Memory(m) => m.bytes,
             Spool::Disk(d) => d.pending_bytes(),
         }
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.pending_bytes() == 0
     }
 
     /// Makes appended events durable now (disk), e.g. on the fsync interval or at shutdown.
-    pub fn sync(&mut self) -> Result<(), SpoolError> {
+    pub(crate) fn sync(&mut self) -> Result<(), SpoolError> {
         match self {
             Spool::Memory(_) => Ok(()),
             Spool::Disk(d) => d.sync(),
         }
     }
 
-    pub fn sync_if_due(&mut self) -> Result<(), SpoolError> {
+    pub(crate) fn sync_if_due(&mut self) -> Result<(), SpoolError> {
         match self {
             Spool::Memory(_) => Ok(()),
             Spool::Disk(d) if d.dirty && d.last_sync.elapsed() >= d.fsync_every => d.sync(),
@@ -129,7 +129,7 @@ impl Spool {
     }
 
     /// Where permanently rejected events are written (disk spools only).
-    pub fn dead_letter(&mut self, lines: &[String]) -> Result<Option<PathBuf>, SpoolError> {
+    pub(crate) fn dead_letter(&mut self, lines: &[String]) -> Result<Option<PathBuf>, SpoolError> {
         match self {
             Spool::Memory(_) => Ok(None),
             Spool::Disk(d) => {
@@ -148,7 +148,7 @@ impl Spool {
     }
 }
 
-pub struct MemorySpool {
+pub(crate) struct MemorySpool {
     lines: VecDeque<String>,
     bytes: u64,
     max_bytes: u64,
@@ -183,7 +183,7 @@ impl MemorySpool {
     }
 }
 
-pub struct DiskSpool {
+pub(crate) struct DiskSpool {
     dir: PathBuf,
     /// Existing segments, oldest first, with their sizes.
     segments: VecDeque<(u64, u64)>,

@@ -37,7 +37,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 8] = [
+    pub(crate) const ALL: [Reason; 8] = [
         Reason::Balanced,
         Reason::EngineLoad,
         Reason::StaleMetrics,
@@ -48,7 +48,7 @@ impl Reason {
         Reason::FallbackModel,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Reason::Balanced => "balanced",
             Reason::EngineLoad => "engine_load",
@@ -61,7 +61,7 @@ impl Reason {
         }
     }
 
-    pub fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         self as usize
     }
 }
@@ -85,7 +85,7 @@ pub struct Inputs<'a> {
 }
 
 impl<'a> Inputs<'a> {
-    pub fn new(view: &'a LoadView) -> Self {
+    pub(crate) fn new(view: &'a LoadView) -> Self {
         Inputs {
             view,
             engine: None,
@@ -98,15 +98,15 @@ impl<'a> Inputs<'a> {
 /// Tunables of the LLM-aware strategies, copied out of `routing:` once.
 #[derive(Debug, Clone, Copy)]
 pub struct Params {
-    pub max_imbalance: u32,
-    pub queue_weight: f64,
-    pub kv_weight: f64,
-    pub inflight_weight: f64,
-    pub kv_threshold: f64,
+    pub(crate) max_imbalance: u32,
+    pub(crate) queue_weight: f64,
+    pub(crate) kv_weight: f64,
+    pub(crate) inflight_weight: f64,
+    pub(crate) kv_threshold: f64,
 }
 
 impl Params {
-    pub fn from_config(r: &Routing) -> Self {
+    pub(crate) fn from_config(r: &Routing) -> Self {
         Params {
             max_imbalance: r.max_imbalance,
             queue_weight: r.queue_weight.0,
@@ -159,12 +159,12 @@ impl LoadView {
         view
     }
 
-    pub fn backends(&self) -> usize {
+    pub(crate) fn backends(&self) -> usize {
         self.slots.borrow().totals.len()
     }
 
     /// Grows or shrinks to `n` slots; new slots are free (id 0, down).
-    pub fn resize(&self, n: usize) {
+    pub(crate) fn resize(&self, n: usize) {
         let mut s = self.slots.borrow_mut();
         s.counts.resize(n * self.cores, 0);
         s.totals.resize(n, 0);
@@ -173,7 +173,7 @@ impl LoadView {
     }
 
     /// `slot` now holds backend `id` (0 = free): counts start at zero.
-    pub fn reset(&self, slot: usize, id: u64, up: bool) {
+    pub(crate) fn reset(&self, slot: usize, id: u64, up: bool) {
         let mut s = self.slots.borrow_mut();
         if slot >= s.totals.len() {
             return;
@@ -185,12 +185,12 @@ impl LoadView {
         s.ids[slot] = id;
     }
 
-    pub fn id(&self, slot: usize) -> u64 {
+    pub(crate) fn id(&self, slot: usize) -> u64 {
         self.slots.borrow().ids.get(slot).copied().unwrap_or(0)
     }
 
     /// In-flight requests on `backend` across all cores, as far as this core knows.
-    pub fn load(&self, backend: usize) -> u32 {
+    pub(crate) fn load(&self, backend: usize) -> u32 {
         self.slots
             .borrow()
             .totals
@@ -199,7 +199,7 @@ impl LoadView {
             .unwrap_or(0)
     }
 
-    pub fn own(&self, backend: usize) -> u32 {
+    pub(crate) fn own(&self, backend: usize) -> u32 {
         self.slots
             .borrow()
             .counts
@@ -209,7 +209,7 @@ impl LoadView {
     }
 
     /// This core's count on every slot, with the id it is about.
-    pub fn own_counts(&self) -> Vec<(u64, u32)> {
+    pub(crate) fn own_counts(&self) -> Vec<(u64, u32)> {
         (0..self.backends())
             .map(|b| (self.id(b), self.own(b)))
             .collect()
@@ -272,12 +272,12 @@ pub struct Balancer {
 
 /// One slot as the balancer sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Member {
+pub(crate) struct Member {
     /// The backend id (0 = free slot).
-    pub id: u64,
-    pub weight: u32,
+    pub(crate) id: u64,
+    pub(crate) weight: u32,
     /// Rendezvous identity (`hash_bytes` of the backend's URL).
-    pub key: u64,
+    pub(crate) key: u64,
 }
 
 impl Balancer {
@@ -304,7 +304,7 @@ impl Balancer {
     /// The backend table, the strategy or its tunables changed (reload, discovery).
     /// Smooth-weighted state is kept for slots that keep their backend and weight, so a reload
     /// does not reset the interleaving; a slot now holding another backend starts from zero.
-    pub fn update(&self, strategy: Strategy, params: Params, members: &[Member]) {
+    pub(crate) fn update(&self, strategy: Strategy, params: Params, members: &[Member]) {
         self.strategy.set(strategy);
         self.params.set(params);
         let mut current = self.current.borrow_mut();
@@ -321,7 +321,7 @@ impl Balancer {
         *self.keys.borrow_mut() = members.iter().map(|m| m.key).collect();
     }
 
-    pub fn strategy(&self) -> Strategy {
+    pub(crate) fn strategy(&self) -> Strategy {
         self.strategy.get()
     }
 

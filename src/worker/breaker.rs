@@ -8,12 +8,12 @@ use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-pub use crate::control::breakers::{Phase, Report};
+pub(crate) use crate::control::breakers::{Phase, Report};
 use crate::error::Verdict;
 
 /// One core's breaker view and fault streaks, by backend slot.
 #[derive(Default)]
-pub struct CoreBreakers {
+pub(crate) struct CoreBreakers {
     slots: RefCell<Vec<Slot>>,
 }
 
@@ -39,19 +39,19 @@ impl Slot {
 
 impl CoreBreakers {
     /// Grows or shrinks to `n` slots; new slots are free (id 0).
-    pub fn resize(&self, n: usize) {
+    pub(crate) fn resize(&self, n: usize) {
         self.slots.borrow_mut().resize(n, Slot::new(0));
     }
 
     /// `slot` now holds backend `id`: its breaker starts closed with no streak.
-    pub fn reset(&self, slot: usize, id: u64) {
+    pub(crate) fn reset(&self, slot: usize, id: u64) {
         if let Some(s) = self.slots.borrow_mut().get_mut(slot) {
             *s = Slot::new(id);
         }
     }
 
     /// The health thread's decision for backend `id` in `slot` (ignored if it left the slot).
-    pub fn set(&self, slot: usize, id: u64, phase: Phase) {
+    pub(crate) fn set(&self, slot: usize, id: u64, phase: Phase) {
         let mut slots = self.slots.borrow_mut();
         let Some(s) = slots.get_mut(slot).filter(|s| s.id == id) else {
             return;
@@ -69,7 +69,7 @@ impl CoreBreakers {
         s.phase = phase;
     }
 
-    pub fn phase(&self, slot: usize) -> Phase {
+    pub(crate) fn phase(&self, slot: usize) -> Phase {
         self.slots
             .borrow()
             .get(slot)
@@ -77,7 +77,7 @@ impl CoreBreakers {
     }
 
     /// May a request be sent to `slot`? (Half-open: only while nobody has taken the probe.)
-    pub fn eligible(&self, slot: usize) -> bool {
+    pub(crate) fn eligible(&self, slot: usize) -> bool {
         match self.slots.borrow().get(slot).map(|s| &s.phase) {
             None | Some(Phase::Closed) => true,
             Some(Phase::Open) => false,
@@ -87,7 +87,7 @@ impl CoreBreakers {
 
     /// Called once a backend is picked: takes the probe if the breaker is half-open. False when
     /// another core took it first (pick again without this backend).
-    pub fn claim(&self, slot: usize) -> bool {
+    pub(crate) fn claim(&self, slot: usize) -> bool {
         let mut slots = self.slots.borrow_mut();
         let Some(s) = slots.get_mut(slot) else {
             return true;
@@ -106,7 +106,7 @@ impl CoreBreakers {
     }
 
     /// The token of the probe this core holds on `slot`, if any.
-    pub fn probe(&self, slot: usize) -> Option<Arc<AtomicBool>> {
+    pub(crate) fn probe(&self, slot: usize) -> Option<Arc<AtomicBool>> {
         match self.slots.borrow().get(slot) {
             Some(Slot {
                 probing: true,
@@ -119,7 +119,7 @@ impl CoreBreakers {
 
     /// The request carrying the probe `token` ended without a verdict (its client went away):
     /// hand the probe back at once so that another request, on any core, can take it.
-    pub fn release(&self, slot: usize, token: &Arc<AtomicBool>) {
+    pub(crate) fn release(&self, slot: usize, token: &Arc<AtomicBool>) {
         let mut slots = self.slots.borrow_mut();
         let Some(s) = slots.get_mut(slot) else {
             return;
@@ -134,7 +134,7 @@ impl CoreBreakers {
 
     /// Records one exchange with `slot`; returns what the health thread must hear, if anything.
     /// A trip also opens the breaker on this core at once.
-    pub fn record(&self, slot: usize, v: Verdict, threshold: u32) -> Option<Report> {
+    pub(crate) fn record(&self, slot: usize, v: Verdict, threshold: u32) -> Option<Report> {
         let mut slots = self.slots.borrow_mut();
         let s = slots.get_mut(slot)?;
         if s.probing {

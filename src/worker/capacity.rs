@@ -23,7 +23,7 @@ use std::time::Duration;
 use crate::capacity::{Capacity, Gate};
 
 /// One core's view of `Capacity`, and its queue of waiting requests.
-pub struct CoreCapacity {
+pub(crate) struct CoreCapacity {
     shared: Arc<Capacity>,
     version: Cell<u64>,
     gates: RefCell<Vec<Arc<Gate>>>,
@@ -33,7 +33,7 @@ pub struct CoreCapacity {
 }
 
 impl CoreCapacity {
-    pub fn new(shared: Arc<Capacity>) -> Rc<Self> {
+    pub(crate) fn new(shared: Arc<Capacity>) -> Rc<Self> {
         let core = CoreCapacity {
             shared,
             version: Cell::new(u64::MAX),
@@ -122,7 +122,7 @@ impl CoreCapacity {
     }
 
     /// On the core's tick: slots may have freed on other cores.
-    pub fn tick(&self) {
+    pub(crate) fn tick(&self) {
         if !self.waiters.borrow().is_empty() {
             self.wake_next(None);
         }
@@ -146,7 +146,7 @@ impl CoreCapacity {
 }
 
 /// A backend slot held for the length of one attempt.
-pub struct Permit {
+pub(crate) struct Permit {
     core: Rc<CoreCapacity>,
     gate: Arc<Gate>,
 }

@@ -10,7 +10,7 @@ use crate::worker::balance::Reason;
 
 /// One core's routing decision counts by (strategy, reason), folded into the registry on its
 /// tick: counting a pick touches only this core's memory and never allocates.
-pub struct LocalDecisions {
+pub(crate) struct LocalDecisions {
     counts: RefCell<[[u64; Reason::ALL.len()]; STRATEGIES.len()]>,
 }
 
@@ -32,12 +32,12 @@ impl Default for LocalDecisions {
 }
 
 impl LocalDecisions {
-    pub fn record(&self, strategy: Strategy, reason: Reason) {
+    pub(crate) fn record(&self, strategy: Strategy, reason: Reason) {
         let s = STRATEGIES.iter().position(|x| *x == strategy).unwrap_or(0);
         self.counts.borrow_mut()[s][reason.index()] += 1;
     }
 
-    pub fn flush(&self, m: &RoutingMetrics) {
+    pub(crate) fn flush(&self, m: &RoutingMetrics) {
         let mut counts = self.counts.borrow_mut();
         for (s, row) in counts.iter_mut().enumerate() {
             for (r, n) in row.iter_mut().enumerate() {

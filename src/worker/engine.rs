@@ -27,14 +27,14 @@ impl EngineView {
     }
 
     /// Follows the backend table's slot count (new slots have no reading).
-    pub fn resize(&self, slots: usize) {
+    pub(crate) fn resize(&self, slots: usize) {
         self.readings
             .borrow_mut()
             .resize_with(slots, || Cell::new(None));
     }
 
     /// `routing.metrics_stale_after` changed (reload).
-    pub fn set_stale_after(&self, d: Duration) {
+    pub(crate) fn set_stale_after(&self, d: Duration) {
         self.stale_after.set(d);
     }
 
@@ -48,20 +48,21 @@ impl EngineView {
     }
 
     /// Forgets a backend's reading (it was removed or its slot reused).
-    pub fn clear(&self, backend: usize) {
+    pub(crate) fn clear(&self, backend: usize) {
         if let Some(c) = self.readings.borrow().get(backend) {
             c.set(None);
         }
     }
 
     /// The backend's reading if it is fresh at `now`.
-    pub fn fresh(&self, backend: usize, now: Instant) -> Option<EngineLoad> {
+    pub(crate) fn fresh(&self, backend: usize, now: Instant) -> Option<EngineLoad> {
         let r = self.readings.borrow().get(backend)?.get()?;
         (now.saturating_duration_since(r.at) <= self.stale_after.get()).then_some(r.load)
     }
 
-    /// The latest reading whatever its age (for the re-exported gauges).
-    pub fn latest(&self, backend: usize) -> Option<Reading> {
+    /// The latest reading whatever its age.
+    #[cfg(test)]
+    pub(crate) fn latest(&self, backend: usize) -> Option<Reading> {
         self.readings.borrow().get(backend)?.get()
     }
 }

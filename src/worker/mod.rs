@@ -8,9 +8,9 @@
 //! the table and config they started with, so a swap never pulls anything from under them.
 
 pub mod balance;
-pub mod breaker;
-pub mod capacity;
-pub mod decisions;
+pub(crate) mod breaker;
+pub(crate) mod capacity;
+pub(crate) mod decisions;
 pub mod engine;
 #[cfg(test)]
 pub(crate) mod testing;
@@ -41,34 +41,31 @@ use crate::worker::engine::EngineView;
 /// A counter on its own cache line, so cores updating their own never contend.
 #[repr(align(128))]
 #[derive(Default)]
-pub struct PaddedCount(pub AtomicUsize);
+pub(crate) struct PaddedCount(pub AtomicUsize);
 
 /// Process-wide, read-mostly state.
-pub struct Shared {
-    /// The configuration the process started with (listeners, workers: what a reload cannot
-    /// change). Request handling reads `Worker::config()`, which follows reloads.
-    pub config: Arc<Config>,
-    pub draining: AtomicBool,
+pub(crate) struct Shared {
+    pub(crate) draining: AtomicBool,
     /// In-flight requests per core (the drain waits for all to reach zero).
-    pub inflight: Vec<PaddedCount>,
-    pub connections: Vec<PaddedCount>,
-    pub metrics: Arc<Metrics>,
+    pub(crate) inflight: Vec<PaddedCount>,
+    pub(crate) connections: Vec<PaddedCount>,
+    pub(crate) metrics: Arc<Metrics>,
     /// The control-plane thread: drain reports, reload requests.
-    pub plane: Sender<PlaneMsg>,
+    pub(crate) plane: Sender<PlaneMsg>,
     /// Client keys (replaced as a whole when `auth.keys_file` changes).
-    pub keys: Arc<KeyStore>,
+    pub(crate) keys: Arc<KeyStore>,
     /// `limits.max_connections`, counted across cores.
-    pub connection_limit: Arc<ConnectionLimit>,
+    pub(crate) connection_limit: Arc<ConnectionLimit>,
     /// `backends[].max_inflight` and the wait queue, counted across cores.
-    pub capacity: Arc<Capacity>,
+    pub(crate) capacity: Arc<Capacity>,
 }
 
 impl Shared {
-    pub fn draining(&self) -> bool {
+    pub(crate) fn draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
 
-    pub fn total_inflight(&self) -> usize {
+    pub(crate) fn total_inflight(&self) -> usize {
         self.inflight
             .iter()
             .map(|c| c.0.load(Ordering::Acquire))
@@ -76,24 +73,24 @@ impl Shared {
     }
 }
 
-pub struct Worker {
-    pub id: usize,
-    pub shared: Arc<Shared>,
-    pub view: LoadView,
+pub(crate) struct Worker {
+    pub(crate) id: usize,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) view: LoadView,
     /// Circuit breakers by slot (decided on the health thread, streaks counted here).
-    pub breakers: CoreBreakers,
-    pub balancer: Rc<Balancer>,
+    pub(crate) breakers: CoreBreakers,
+    pub(crate) balancer: Rc<Balancer>,
     /// One balancer per model pool (`models:` of the config in force), each with its own
     /// strategy and state; rebuilt when a reload changes the pools.
-    pub pool_balancers: RefCell<Vec<Rc<Balancer>>>,
+    pub(crate) pool_balancers: RefCell<Vec<Rc<Balancer>>>,
     /// The engines' own load readings (`least_load`).
-    pub engine: EngineView,
-    pub decisions: LocalDecisions,
-    pub pool: Pool,
-    pub metrics: LocalMetrics,
-    pub usage: CoreSender,
-    pub auth: CoreAuth,
-    pub capacity: Rc<CoreCapacity>,
+    pub(crate) engine: EngineView,
+    pub(crate) decisions: LocalDecisions,
+    pub(crate) pool: Pool,
+    pub(crate) metrics: LocalMetrics,
+    pub(crate) usage: CoreSender,
+    pub(crate) auth: CoreAuth,
+    pub(crate) capacity: Rc<CoreCapacity>,
     inbox: Receiver<ControlMsg>,
     peers: Broadcast,
     health_tx: Sender<HealthReport>,
@@ -114,7 +111,7 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn new(
+    pub(crate) fn new(
         id: usize,
         shared: Arc<Shared>,
         inbox: Receiver<ControlMsg>,
@@ -157,13 +154,13 @@ impl Worker {
     /// The configuration in force (follows reloads). Hold the `Rc` for as long as needed: a
     /// reload replaces it for later requests only.
     #[allow(clippy::redundant_allocation)]
-    pub fn config(&self) -> Rc<Arc<Config>> {
+    pub(crate) fn config(&self) -> Rc<Arc<Config>> {
         self.config.borrow().clone()
     }
 
     /// The backend set in force.
     #[allow(clippy::redundant_allocation)]
-    pub fn table(&self) -> Rc<Arc<BackendTable>> {
+    pub(crate) fn table(&self) -> Rc<Arc<BackendTable>> {
         self.table.borrow().clone()
     }
 
@@ -282,7 +279,7 @@ impl Worker {
     }
 
     /// Applies every pending message. Cheap when the inbox is empty (one atomic load).
-    pub fn drain_inbox(&self) {
+    pub(crate) fn drain_inbox(&self) {
         for msg in self.inbox.try_iter() {
             match msg {
                 ControlMsg::Load {
@@ -320,7 +317,7 @@ impl Worker {
     }
 
     /// Periodic housekeeping: inbox, drift-healing snapshot, pool expiry, metrics flush.
-    pub fn tick(&self) {
+    pub(crate) fn tick(&self) {
         self.drain_inbox();
         if self.last_snapshot.get().elapsed() >= Duration::from_secs(1) {
             self.last_snapshot.set(Instant::now());
@@ -342,7 +339,7 @@ impl Worker {
 
     /// Folds this core's metrics into the registry; with `backends`, also publishes every
     /// backend's health and in-flight gauges from this core's cross-core view.
-    pub fn flush_metrics(&self, backends: bool) {
+    pub(crate) fn flush_metrics(&self, backends: bool) {
         let view = |i: usize| (self.view.is_up(i), self.view.load(i));
         self.metrics
             .flush(backends.then_some(&view as &dyn Fn(usize) -> (bool, u32)));
@@ -350,7 +347,7 @@ impl Worker {
 
     /// The balancer of a model pool (an index into the `models` of the config in force), or
     /// the top-level one.
-    pub fn balancer_for(&self, pool: Option<usize>) -> Rc<Balancer> {
+    pub(crate) fn balancer_for(&self, pool: Option<usize>) -> Rc<Balancer> {
         pool.and_then(|p| self.pool_balancers.borrow().get(p).cloned())
             .unwrap_or_else(|| self.balancer.clone())
     }
@@ -358,7 +355,7 @@ impl Worker {
     /// Picks a backend with `balancer` for a request with affinity `key`. The caller counts
     /// the decision (`decisions.record`) once the pick is taken: a pick whose backend turns out
     /// full (`admission`) is not a decision.
-    pub fn choose(
+    pub(crate) fn choose(
         &self,
         balancer: &Balancer,
         key: Option<u64>,
@@ -376,7 +373,7 @@ impl Worker {
     }
 
     /// Takes an in-flight slot on `backend`, released when the guard drops.
-    pub fn begin(self: &Rc<Self>, backend: usize) -> InflightGuard {
+    pub(crate) fn begin(self: &Rc<Self>, backend: usize) -> InflightGuard {
         self.change_load(backend, 1);
         InflightGuard {
             worker: self.clone(),
@@ -399,7 +396,7 @@ impl Worker {
 
     /// Passive health: a connect failure marks the backend down here at once and tells the
     /// health thread, which broadcasts it and keeps probing.
-    pub fn report_unreachable(&self, backend: usize) {
+    pub(crate) fn report_unreachable(&self, backend: usize) {
         let id = self.view.id(backend);
         self.view.set_up(backend, id, false);
         let _ = self
@@ -409,7 +406,7 @@ impl Worker {
 
     /// An exchange with `backend` failed: counted by kind, fed to its breaker, and a backend that
     /// cannot be reached is marked down at once (passive health). All three read the error.
-    pub fn upstream_failed(&self, backend: usize, e: &ProxyError) {
+    pub(crate) fn upstream_failed(&self, backend: usize, e: &ProxyError) {
         if let Some(kind) = e.upstream_kind() {
             self.metrics.upstream_error(backend, kind);
         }
@@ -422,13 +419,13 @@ impl Worker {
     }
 
     /// May a request go to `backend` now? Healthy, and its breaker lets requests through.
-    pub fn eligible(&self, backend: usize) -> bool {
+    pub(crate) fn eligible(&self, backend: usize) -> bool {
         self.view.is_up(backend) && self.breakers.eligible(backend)
     }
 
     /// Feeds the outcome of one exchange with `backend` to its breaker; a trip or the end of a
     /// probe goes to the health thread, which decides and tells every core.
-    pub fn outcome(&self, backend: usize, v: Verdict) {
+    pub(crate) fn outcome(&self, backend: usize, v: Verdict) {
         let settings = &self.config().breaker;
         if !settings.enabled {
             return;
@@ -460,7 +457,7 @@ impl Worker {
 
     /// Held by the request that carries `backend`'s half-open probe (if this core holds it): a
     /// request dropped before its verdict hands the probe back instead of leaving it taken.
-    pub fn probe_guard(self: &Rc<Self>, backend: usize) -> Option<ProbeGuard> {
+    pub(crate) fn probe_guard(self: &Rc<Self>, backend: usize) -> Option<ProbeGuard> {
         self.breakers.probe(backend).map(|token| ProbeGuard {
             worker: self.clone(),
             backend,
@@ -469,7 +466,7 @@ impl Worker {
     }
 
     /// A request id unique across cores and restarts without any shared counter.
-    pub fn next_request_id(&self) -> String {
+    pub(crate) fn next_request_id(&self) -> String {
         let n = self.seq.get().wrapping_add(1);
         self.seq.set(n);
         let mut id = String::with_capacity(28);
@@ -482,7 +479,7 @@ impl Worker {
     }
 
     /// Counts one request as in flight on this core for the drain, released on drop.
-    pub fn request_guard(self: &Rc<Self>) -> RequestGuard {
+    pub(crate) fn request_guard(self: &Rc<Self>) -> RequestGuard {
         self.shared.inflight[self.id]
             .0
             .fetch_add(1, Ordering::AcqRel);
@@ -491,7 +488,7 @@ impl Worker {
         }
     }
 
-    pub fn connection_guard(self: &Rc<Self>) -> ConnectionGuard {
+    pub(crate) fn connection_guard(self: &Rc<Self>) -> ConnectionGuard {
         self.shared.connections[self.id]
             .0
             .fetch_add(1, Ordering::Relaxed);
@@ -501,7 +498,7 @@ impl Worker {
     }
 }
 
-pub struct InflightGuard {
+pub(crate) struct InflightGuard {
     worker: Rc<Worker>,
     backend: usize,
 }
@@ -512,7 +509,7 @@ impl Drop for InflightGuard {
     }
 }
 
-pub struct ProbeGuard {
+pub(crate) struct ProbeGuard {
     worker: Rc<Worker>,
     backend: usize,
     token: Arc<std::sync::atomic::AtomicBool>,
@@ -524,7 +521,7 @@ impl Drop for ProbeGuard {
     }
 }
 
-pub struct RequestGuard {
+pub(crate) struct RequestGuard {
     worker: Rc<Worker>,
 }
 
@@ -536,7 +533,7 @@ impl Drop for RequestGuard {
     }
 }
 
-pub struct ConnectionGuard {
+pub(crate) struct ConnectionGuard {
     worker: Rc<Worker>,
 }
 

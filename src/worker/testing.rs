@@ -57,7 +57,6 @@ pub(crate) fn worker_and_health(
     let (health_tx, health_rx) = crossbeam_channel::bounded(16);
     let (usage_tx, _usage_rx) = crossbeam_channel::bounded(16);
     let shared = Arc::new(Shared {
-        config: table.config.clone(),
         draining: AtomicBool::new(false),
         inflight: (0..2).map(|_| PaddedCount::default()).collect(),
         connections: (0..2).map(|_| PaddedCount::default()).collect(),

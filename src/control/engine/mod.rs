@@ -3,8 +3,8 @@
 //! parsed by a small text-format reader (`prom`). Readings reach the cores as
 //! `ControlMsg::Engine`; the cores' side is `worker::engine::EngineView`.
 
-pub mod prom;
-pub mod scrape;
+pub(crate) mod prom;
+pub(crate) mod scrape;
 
 use std::time::Instant;
 

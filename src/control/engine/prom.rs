@@ -8,14 +8,14 @@ use super::EngineLoad;
 
 /// One sample: metric name, the raw text between the braces (may be empty), value.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Sample<'a> {
-    pub name: &'a str,
-    pub labels: &'a str,
-    pub value: f64,
+pub(crate) struct Sample<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) labels: &'a str,
+    pub(crate) value: f64,
 }
 
 /// Every readable sample in `text`, in order.
-pub fn samples(text: &str) -> impl Iterator<Item = Sample<'_>> {
+pub(crate) fn samples(text: &str) -> impl Iterator<Item = Sample<'_>> {
     text.lines().filter_map(sample)
 }
 
@@ -89,7 +89,7 @@ const GAUGES: &[(&str, Field)] = &[
 ];
 
 /// The engine load in a `/metrics` body, or `None` if it has none of the known gauges.
-pub fn engine_load(text: &str) -> Option<EngineLoad> {
+pub(crate) fn engine_load(text: &str) -> Option<EngineLoad> {
     let mut load = EngineLoad::default();
     let mut found = false;
     for s in samples(text) {

@@ -67,7 +67,7 @@ struct Running {
 
 /// Starts the manager thread, which starts a scraper per active backend of `table` (and of
 /// every later table) when some strategy in force reads engine load.
-pub fn spawn(
+pub(crate) fn spawn(
     table: Arc<BackendTable>,
     broadcast: Broadcast,
     metrics: Arc<Metrics>,
