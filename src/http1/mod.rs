@@ -4,7 +4,7 @@
 //! Why not monoio-http's codec on the data path: it has no header/body limits, does not know the
 //! request method (HEAD/204/304), reads close-delimited bodies as empty and batches small chunks in
 //! its encoder, which would hold SSE tokens back. Everything here is synchronous and allocation-light
-//! so it can be unit-tested and fuzzed without a runtime; sockets are driven by `server` and
+//! so it can be unit-tested and fuzzed without a runtime; sockets are driven by `proxy::conn` and
 //! `upstream`.
 
 pub mod chunked;

@@ -354,7 +354,7 @@ impl Worker {
 
     /// Picks a backend with `balancer` for a request with affinity `key`. The caller counts
     /// the decision (`decisions.record`) once the pick is taken: a pick whose backend turns out
-    /// full (`admission`) is not a decision.
+    /// full (`proxy::pick`) is not a decision.
     pub(crate) fn choose(
         &self,
         balancer: &Balancer,

@@ -1,0 +1,363 @@
+use super::*;
+
+#[test]
+fn smooth_weighted_interleaves_exactly() {
+    let b = Balancer::new(Strategy::WeightedRoundRobin, vec![5, 1]);
+    let view = LoadView::new(0, 1, 2);
+    let picks: Vec<usize> = (0..12).map(|_| b.pick(&view, |_| true).unwrap()).collect();
+    assert_eq!(picks.iter().filter(|&&p| p == 0).count(), 10);
+    // Never more than 5 in a row for the heavy one, and the light one is spread out.
+    assert_eq!(picks[..6].iter().filter(|&&p| p == 1).count(), 1);
+    assert_eq!(picks[6..].iter().filter(|&&p| p == 1).count(), 1);
+}
+
+#[test]
+fn round_robin_skips_ineligible() {
+    let b = Balancer::new(Strategy::RoundRobin, vec![1, 1, 1]);
+    let view = LoadView::new(0, 1, 3);
+    let picks: Vec<usize> = (0..6).map(|_| b.pick(&view, |i| i != 1).unwrap()).collect();
+    assert!(!picks.contains(&1));
+    assert_eq!(picks.iter().filter(|&&p| p == 0).count(), 3);
+    assert_eq!(b.pick(&view, |_| false), None);
+}
+
+#[test]
+fn least_connections_uses_all_cores_and_weights() {
+    let view = LoadView::new(0, 2, 2);
+    view.set(1, 0, 1, 3); // another core holds 3 on backend 0
+    view.add_own(1, 1);
+    let b = Balancer::new(Strategy::LeastConnections, vec![1, 1]);
+    for _ in 0..10 {
+        assert_eq!(b.pick(&view, |_| true), Some(1));
+    }
+    // With weight 4, backend 0 at 3 in flight (0.75) beats backend 1 at 1 (1.0).
+    let b = Balancer::new(Strategy::LeastConnections, vec![4, 1]);
+    assert_eq!(b.pick(&view, |_| true), Some(0));
+}
+
+#[test]
+fn least_connections_breaks_ties_randomly() {
+    let view = LoadView::new(0, 1, 3);
+    let b = Balancer::new(Strategy::LeastConnections, vec![1, 1, 1]);
+    let mut seen = [0; 3];
+    for _ in 0..300 {
+        seen[b.pick(&view, |_| true).unwrap()] += 1;
+    }
+    assert!(seen.iter().all(|&n| n > 50), "{seen:?}");
+}
+
+#[test]
+fn power_of_two_prefers_the_less_loaded_of_two_and_skips_ineligible() {
+    let view = LoadView::new(0, 1, 3);
+    view.set(0, 0, 1, 10);
+    view.set(0, 1, 2, 0);
+    view.set(0, 2, 3, 5);
+    let b = Balancer::new(Strategy::PowerOfTwo, vec![1, 1, 1]);
+    let mut seen = [0; 3];
+    for _ in 0..600 {
+        seen[b.pick(&view, |_| true).unwrap()] += 1;
+    }
+    // Backend 0 (heaviest) can never win a pair; 1 (idle) wins every pair it is in.
+    assert_eq!(seen[0], 0, "{seen:?}");
+    assert!(seen[1] > seen[2], "{seen:?}");
+    assert_eq!(b.pick(&view, |i| i == 2), Some(2));
+    assert_eq!(b.pick(&view, |_| false), None);
+    for _ in 0..50 {
+        assert_ne!(b.pick(&view, |i| i != 1), Some(1));
+    }
+}
+
+use crate::worker::engine::{EngineLoad, EngineView, Reading};
+use std::time::Duration;
+
+fn engine(readings: &[Option<(f64, Option<f64>)>], at: Instant) -> EngineView {
+    let e = EngineView::new(readings.len(), Duration::from_secs(2));
+    for (b, r) in readings.iter().enumerate() {
+        if let Some((waiting, kv_usage)) = *r {
+            let load = EngineLoad {
+                waiting,
+                running: 0.0,
+                kv_usage,
+            };
+            e.set(b, Reading { load, at });
+        }
+    }
+    e
+}
+
+fn with_engine<'a>(view: &'a LoadView, e: &'a EngineView, now: Instant) -> Inputs<'a> {
+    Inputs {
+        view,
+        engine: Some(e),
+        key: None,
+        now,
+    }
+}
+
+fn picks(b: &Balancer, input: &Inputs<'_>, n: usize) -> Vec<usize> {
+    let mut seen = vec![0; b.len()];
+    for _ in 0..n {
+        seen[b.choose(input, |_| true).unwrap().backend] += 1;
+    }
+    seen
+}
+
+#[test]
+fn least_load_follows_queue_kv_and_inflight() {
+    let view = LoadView::new(0, 1, 3);
+    let now = Instant::now();
+    let e = engine(
+        &[
+            Some((5.0, Some(0.2))),
+            Some((0.0, Some(0.5))),
+            Some((1.0, Some(0.1))),
+        ],
+        now,
+    );
+    let b = Balancer::new(Strategy::LeastLoad, vec![1, 1, 1]);
+    let input = with_engine(&view, &e, now);
+    // Scores (queue 4, kv 8, inflight 1): 21.6, 4.0, 4.8.
+    let p = b.choose(&input, |_| true).unwrap();
+    assert_eq!((p.backend, p.reason), (1, Reason::EngineLoad));
+    // In-flight counts move the decision between scrapes: +1 in flight on 1 → 5.0 > 4.8.
+    view.set(0, 1, 2, 1);
+    assert_eq!(b.choose(&input, |_| true).unwrap().backend, 2);
+    assert_eq!(b.choose(&input, |i| i == 0).unwrap().backend, 0);
+    assert_eq!(b.choose(&input, |_| false), None);
+    // Weights divide the score: weight 8 on backend 0 makes 21.6 / 8 = 2.7 the lowest.
+    let b = Balancer::new(Strategy::LeastLoad, vec![8, 1, 1]);
+    assert_eq!(b.choose(&input, |_| true).unwrap().backend, 0);
+}
+
+#[test]
+fn least_load_never_picks_a_saturated_cache_while_another_is_below() {
+    let view = LoadView::new(0, 1, 3);
+    let now = Instant::now();
+    // Backend 0 idle but its KV cache is 95% full; 1 and 2 are busy but have room.
+    let e = engine(
+        &[
+            Some((0.0, Some(0.95))),
+            Some((9.0, Some(0.5))),
+            Some((12.0, Some(0.6))),
+        ],
+        now,
+    );
+    view.set(0, 1, 2, 20);
+    let b = Balancer::new(Strategy::LeastLoad, vec![1, 1, 1]);
+    let input = with_engine(&view, &e, now);
+    assert_eq!(picks(&b, &input, 50)[0], 0);
+    // Only saturated candidates left: the least loaded of them, flagged.
+    let p = b.choose(&input, |i| i == 0).unwrap();
+    assert_eq!((p.backend, p.reason), (0, Reason::KvSaturated));
+    // A backend without KV figures (TGI) or without metrics counts as having room.
+    let e = engine(&[Some((0.0, Some(0.95))), Some((3.0, None)), None], now);
+    let input = Inputs {
+        engine: Some(&e),
+        ..input
+    };
+    assert_eq!(picks(&b, &input, 50)[0], 0);
+}
+
+#[test]
+fn least_load_falls_back_to_inflight_when_metrics_are_stale() {
+    let view = LoadView::new(0, 1, 2);
+    let t0 = Instant::now();
+    // Backend 0 reported a deep queue; backend 1 a short one.
+    let e = engine(&[Some((10.0, Some(0.1))), Some((1.0, Some(0.1)))], t0);
+    view.set(0, 0, 1, 1);
+    view.set(0, 1, 2, 3);
+    let b = Balancer::new(Strategy::LeastLoad, vec![1, 1]);
+    let fresh = with_engine(&view, &e, t0 + Duration::from_secs(1));
+    assert_eq!(b.choose(&fresh, |_| true).unwrap().backend, 1);
+    // 2 s later both readings are stale: in-flight alone decides (1 < 3).
+    let stale = Inputs {
+        now: t0 + Duration::from_millis(2500),
+        ..fresh
+    };
+    let p = b.choose(&stale, |_| true).unwrap();
+    assert_eq!((p.backend, p.reason), (0, Reason::StaleMetrics));
+    // No engine view at all behaves the same.
+    let none = Inputs {
+        engine: None,
+        ..fresh
+    };
+    assert_eq!(b.choose(&none, |_| true).unwrap().backend, 0);
+    // Only backend 0 went silent: it is judged by in-flight (1), backend 1 by its
+    // fresh reading (3 + 4×1 + 0.8), so the silent one wins and says why.
+    let e2 = EngineView::new(2, Duration::from_secs(2));
+    let load = |w| EngineLoad {
+        waiting: w,
+        running: 0.0,
+        kv_usage: Some(0.1),
+    };
+    e2.set(
+        0,
+        Reading {
+            load: load(10.0),
+            at: t0,
+        },
+    );
+    let t1 = t0 + Duration::from_millis(2500);
+    e2.set(
+        1,
+        Reading {
+            load: load(1.0),
+            at: t1,
+        },
+    );
+    let mixed = with_engine(&view, &e2, t1);
+    let p = b.choose(&mixed, |_| true).unwrap();
+    assert_eq!((p.backend, p.reason), (0, Reason::StaleMetrics));
+}
+
+#[test]
+fn least_load_breaks_ties_randomly() {
+    let view = LoadView::new(0, 1, 3);
+    let b = Balancer::new(Strategy::LeastLoad, vec![1, 1, 1]);
+    let seen = picks(&b, &Inputs::new(&view), 300);
+    assert!(seen.iter().all(|&n| n > 50), "{seen:?}");
+}
+
+#[test]
+fn consistent_hash_is_sticky_spread_and_minimally_disrupted() {
+    let view = LoadView::new(0, 1, 4);
+    let b = Balancer::new(Strategy::ConsistentHash, vec![1, 1, 1, 1]);
+    let with_key = |k: u64| Inputs {
+        key: Some(k),
+        ..Inputs::new(&view)
+    };
+    let mut per_backend = [0; 4];
+    let mut moved = 0;
+    for k in 0..2000u64 {
+        let key = mix64(k);
+        let p = b.choose(&with_key(key), |_| true).unwrap();
+        assert_eq!(p.reason, Reason::AffinityHit);
+        // Same key, same backend.
+        assert_eq!(
+            b.choose(&with_key(key), |_| true).unwrap().backend,
+            p.backend
+        );
+        per_backend[p.backend] += 1;
+        // Removing backend 3 moves only the keys that were on it.
+        let q = b.choose(&with_key(key), |i| i != 3).unwrap().backend;
+        if q != p.backend {
+            assert_eq!(p.backend, 3);
+            moved += 1;
+        }
+    }
+    assert!(
+        per_backend.iter().all(|&n| n > 380 && n < 620),
+        "{per_backend:?}"
+    );
+    assert_eq!(moved, per_backend[3]);
+    // Weights skew the share: 3:1.
+    let b = Balancer::new(Strategy::ConsistentHash, vec![3, 1]);
+    let view2 = LoadView::new(0, 1, 2);
+    let heavy = (0..2000u64)
+        .filter(|k| {
+            let input = Inputs {
+                key: Some(mix64(*k)),
+                ..Inputs::new(&view2)
+            };
+            b.choose(&input, |_| true).unwrap().backend == 0
+        })
+        .count();
+    assert!((1350..1650).contains(&heavy), "{heavy}");
+}
+
+#[test]
+fn consistent_hash_guards_imbalance_and_handles_missing_keys() {
+    let view = LoadView::new(0, 1, 3);
+    let ids: Vec<u64> = ["a", "b", "c"]
+        .iter()
+        .map(|u| hash_bytes(u.as_bytes()))
+        .collect();
+    let params = Params {
+        max_imbalance: 4,
+        ..Params::default()
+    };
+    let b = Balancer::with(Strategy::ConsistentHash, vec![1, 1, 1], ids, params);
+    let input = Inputs {
+        key: Some(42),
+        ..Inputs::new(&view)
+    };
+    let home = b.choose(&input, |_| true).unwrap().backend;
+    let other = (home + 1) % 3;
+    // Within the bound (home 5, least 1: gap 4): affinity holds.
+    for i in 0..3 {
+        view.set(0, i, i as u64 + 1, if i == home { 5 } else { 1 });
+    }
+    let p = b.choose(&input, |_| true).unwrap();
+    assert_eq!((p.backend, p.reason), (home, Reason::AffinityHit));
+    // Beyond it: the least loaded serves.
+    view.set(0, other, other as u64 + 1, 0);
+    let p = b.choose(&input, |_| true).unwrap();
+    assert_eq!((p.backend, p.reason), (other, Reason::ImbalanceFallback));
+    // No key: least loaded.
+    let p = b.choose(&Inputs::new(&view), |_| true).unwrap();
+    assert_eq!((p.backend, p.reason), (other, Reason::NoKey));
+    assert_eq!(b.choose(&input, |_| false), None);
+}
+
+#[test]
+fn update_resets_only_slots_whose_backend_or_weight_changed() {
+    let view = LoadView::new(0, 1, 3);
+    let m = |id, weight, key| Member { id, weight, key };
+    let b = Balancer::new(Strategy::WeightedRoundRobin, Vec::new());
+    let p = Params::default();
+    b.update(Strategy::WeightedRoundRobin, p, &[m(1, 5, 11), m(2, 1, 22)]);
+    b.pick(&view, |i| i < 2);
+    b.pick(&view, |i| i < 2);
+    let before = b.current.borrow().clone();
+    // Slot 1 now holds another backend (same weight): its state starts over; slot 0 keeps.
+    let members = [m(1, 5, 11), m(7, 1, 77), m(8, 2, 88)];
+    b.update(Strategy::WeightedRoundRobin, p, &members);
+    assert_eq!(*b.current.borrow(), vec![before[0], 0, 0]);
+    assert_eq!(*b.keys.borrow(), vec![11, 77, 88]);
+    // consistent_hash keys on the members' keys, not on slots: the same key set in another
+    // slot order maps a request key to the same backend.
+    let b1 = Balancer::new(Strategy::ConsistentHash, Vec::new());
+    b1.update(
+        Strategy::ConsistentHash,
+        p,
+        &[m(1, 1, 11), m(2, 1, 22), m(3, 1, 33)],
+    );
+    let b2 = Balancer::new(Strategy::ConsistentHash, Vec::new());
+    b2.update(
+        Strategy::ConsistentHash,
+        p,
+        &[m(3, 1, 33), m(1, 1, 11), m(2, 1, 22)],
+    );
+    for k in 0..200u64 {
+        let input = Inputs {
+            key: Some(mix64(k)),
+            ..Inputs::new(&view)
+        };
+        let a = b1.choose(&input, |_| true).unwrap().backend;
+        let c = b2.choose(&input, |_| true).unwrap().backend;
+        assert_eq!(a, (c + 2) % 3, "key {k}");
+    }
+}
+
+#[test]
+fn stable_hash_is_fixed() {
+    // Replicas and releases must agree on where a key goes.
+    assert_eq!(hash_bytes(b""), hash_bytes(b""));
+    assert_ne!(hash_bytes(b"session-1"), hash_bytes(b"session-2"));
+    assert_ne!(hash_bytes(b"a\0"), hash_bytes(b"a"));
+    assert_eq!(hash_bytes(b"session-1"), 0xfa31_a2c0_ad8b_5128_u64);
+}
+
+#[test]
+fn load_view_totals_follow_absolute_updates() {
+    let view = LoadView::new(0, 3, 1);
+    view.set(1, 0, 1, 5);
+    view.set(2, 0, 1, 2);
+    view.add_own(0, 1);
+    assert_eq!(view.load(0), 8);
+    view.set(1, 0, 1, 0);
+    assert_eq!(view.load(0), 3);
+    view.add_own(0, -1);
+    assert_eq!(view.load(0), 2);
+    assert!(!view.set(7, 0, 1, 1));
+}
