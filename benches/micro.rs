@@ -1,6 +1,8 @@
 //! Micro-benchmarks of the per-request hot path (issue 6, item 2; issue 3's per-chunk figure):
 //! request head parse, body inspection, `include_usage` injection, usage extraction from SSE
-//! streams (per chunk) and JSON bodies, one balancer pick per strategy, and metrics recording.
+//! streams (per chunk) and JSON bodies, one balancer pick per strategy, metrics recording, and
+//! the serialisation of one `UsageEvent` (hand-written writer against the serde derive, which is
+//! how `usage/mod.rs` chose its single serialiser; see its header).
 //!
 //! ```sh
 //! cargo bench --bench micro            # all, about a minute
@@ -24,6 +26,7 @@ use llmproxy::http1::{Head, ParseStatus};
 use llmproxy::openai::tap::{Kind, Tap, Usage};
 use llmproxy::openai::{inject_include_usage, inspect};
 use llmproxy::telemetry::metrics::{LocalMetrics, Metrics};
+use llmproxy::usage::{new_event_id, UsageEvent};
 use llmproxy::worker::balance::{Balancer, Inputs, LoadView};
 use llmproxy::worker::engine::{EngineLoad, EngineView, Reading};
 
@@ -364,6 +367,67 @@ fn metrics(c: &mut Criterion) {
     g.finish();
 }
 
+/// A finished streaming chat request as `proxy::account` reports it: every string field set, one
+/// optional count absent. `escaped` puts quotes, backslashes and control characters into the
+/// client-supplied strings (request id, user id), the worst case for the string writer.
+fn usage_event(escaped: bool) -> UsageEvent {
+    let (request_id, user_id) = if escaped {
+        ("req \"7f3a\" \\ retry\t2", "tenant\n4711 \u{1} \"ü\"")
+    } else {
+        ("7f3a9c2e1b4d5a60000c", "tenant-4711")
+    };
+    UsageEvent {
+        event_id: new_event_id(),
+        request_id: request_id.into(),
+        timestamp: "2025-06-01T12:00:00.000Z".into(),
+        model: Some(MODEL.into()),
+        endpoint: CHAT_PATH.into(),
+        backend_url: Some("http://10.0.0.3:8000".into()),
+        is_stream: true,
+        prompt_tokens: 187,
+        completion_tokens: 64,
+        total_tokens: 251,
+        cached_tokens: Some(128),
+        reasoning_tokens: None,
+        status: 200,
+        outcome: "ok".into(),
+        latency_ms: 1850,
+        ttft_ms: Some(42),
+        user_id: Some(user_id.into()),
+        key_id: Some(llmproxy::auth::key_id(
+            "sk-proj-3f9a1c2b7d4e5f60718293a4b5c6d7e8",
+        )),
+    }
+}
+
+/// One event into one JSON line, as the usage intake thread does for every event it spools.
+/// `to_string` is what the derive would replace `to_json` with (the intake keeps one `String` per
+/// line); `to_writer_reused_vec` is the derive's best case, a buffer reused across events.
+fn usage_event_json(c: &mut Criterion) {
+    let mut g = c.benchmark_group("usage_event");
+    g.throughput(Throughput::Elements(1));
+    for (name, escaped) in [("plain", false), ("escaped", true)] {
+        let ev = usage_event(escaped);
+        let line = ev.to_json();
+        assert_eq!(line, serde_json::to_string(&ev).expect("serialise event"));
+        g.bench_function(format!("{name}/to_json"), |b| {
+            b.iter(|| black_box(&ev).to_json())
+        });
+        g.bench_function(format!("{name}/serde_to_string"), |b| {
+            b.iter(|| serde_json::to_string(black_box(&ev)).expect("serialise event"))
+        });
+        let mut buf = Vec::with_capacity(512);
+        g.bench_function(format!("{name}/serde_to_writer_reused_vec"), |b| {
+            b.iter(|| {
+                buf.clear();
+                serde_json::to_writer(&mut buf, black_box(&ev)).expect("serialise event");
+                buf.len()
+            })
+        });
+    }
+    g.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_millis(500))
@@ -375,6 +439,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = hot_path;
     config = config();
-    targets = request_path, usage_extraction, balancer, metrics
+    targets = request_path, usage_extraction, balancer, metrics, usage_event_json
 }
 criterion_main!(hot_path);

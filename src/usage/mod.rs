@@ -231,6 +231,55 @@ mod tests {
         assert_eq!(s.dropped(), 0);
     }
 
+    /// The wire format receivers parse, pinned byte for byte: key order, optional token counts
+    /// left out when absent, other absent values as `null`, serde_json's string escaping.
+    #[test]
+    fn to_json_writes_the_pinned_format() {
+        let mut e = UsageEvent {
+            event_id: "0123456789abcdef0123456789abcdef".into(),
+            request_id: "r\"1".into(),
+            timestamp: "2026-11-26T23:00:00.000Z".into(),
+            model: Some("llama \\ 3".into()),
+            endpoint: "/v1/chat/completions".into(),
+            backend_url: None,
+            is_stream: true,
+            prompt_tokens: 12,
+            completion_tokens: 0,
+            total_tokens: u64::MAX,
+            cached_tokens: Some(3),
+            reasoning_tokens: None,
+            status: 200,
+            outcome: "ok".into(),
+            latency_ms: 5,
+            ttft_ms: None,
+            user_id: Some("ü\n\u{1}\t".into()),
+            key_id: Some("5e5510a1c0ffee00".into()),
+        };
+        assert_eq!(
+            e.to_json(),
+            r#"{"event_id":"0123456789abcdef0123456789abcdef","request_id":"r\"1","timestamp":"2026-11-26T23:00:00.000Z","model":"llama \\ 3","endpoint":"/v1/chat/completions","backend_url":null,"is_stream":true,"prompt_tokens":12,"completion_tokens":0,"total_tokens":18446744073709551615,"cached_tokens":3,"status":200,"outcome":"ok","latency_ms":5,"ttft_ms":null,"user_id":"ü\n\u0001\t","key_id":"5e5510a1c0ffee00"}"#
+        );
+        // What a receiver's JSON parser reads back is what was sent.
+        let v: serde_json::Value = serde_json::from_str(&e.to_json()).unwrap();
+        assert_eq!(v["request_id"], "r\"1");
+        assert_eq!(v["model"], "llama \\ 3");
+        assert_eq!(v["user_id"], "ü\n\u{1}\t");
+        assert_eq!(v["total_tokens"].as_u64(), Some(u64::MAX));
+
+        e.cached_tokens = None;
+        e.reasoning_tokens = Some(0);
+        e.ttft_ms = Some(1);
+        e.backend_url = Some("http://b:1".into());
+        e.model = None;
+        e.is_stream = false;
+        e.user_id = None;
+        e.key_id = None;
+        assert_eq!(
+            e.to_json(),
+            r#"{"event_id":"0123456789abcdef0123456789abcdef","request_id":"r\"1","timestamp":"2026-11-26T23:00:00.000Z","model":null,"endpoint":"/v1/chat/completions","backend_url":"http://b:1","is_stream":false,"prompt_tokens":12,"completion_tokens":0,"total_tokens":18446744073709551615,"reasoning_tokens":0,"status":200,"outcome":"ok","latency_ms":5,"ttft_ms":1,"user_id":null,"key_id":null}"#
+        );
+    }
+
     #[test]
     fn to_json_is_what_serde_json_writes() {
         let mut e = UsageEvent {
