@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the per-request hot path (issue 6, item 2; issue 3's per-chunk figure):
 //! request head parse, body inspection, `include_usage` injection, usage extraction from SSE
-//! streams (per chunk) and JSON bodies, one balancer pick per strategy, and metrics recording.
+//! streams (per chunk) and JSON bodies, one balancer pick per strategy, metrics recording, and
+//! the serialisation of one `UsageEvent` on the usage thread.
 //!
 //! ```sh
 //! cargo bench --bench micro            # all, about a minute
@@ -9,7 +10,9 @@
 //!
 //! Inputs are shaped like real traffic (an OpenAI SDK chat request, a vLLM stream) and built once
 //! outside the timed loops. Every benchmark calls the library exactly as `proxy.rs` does, so a
-//! figure here is a cost the proxy pays per request (or per chunk), not a lower bound.
+//! figure here is a cost the proxy pays per request (or per chunk), not a lower bound. The one
+//! exception is `usage_event/*/serde_*`: the serde derive that `UsageEvent::to_json` replaced,
+//! kept here so that choice (see `usage/mod.rs`) can be re-checked.
 
 use std::hint::black_box;
 use std::net::SocketAddr;
@@ -18,12 +21,14 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use serde::Serialize;
 
 use llmproxy::config::{Config, Strategy};
 use llmproxy::http1::{Head, ParseStatus};
 use llmproxy::openai::tap::{Kind, Tap, Usage};
 use llmproxy::openai::{inject_include_usage, inspect};
 use llmproxy::telemetry::metrics::{LocalMetrics, Metrics};
+use llmproxy::usage::{new_event_id, UsageEvent};
 use llmproxy::worker::balance::{Balancer, Inputs, LoadView};
 use llmproxy::worker::engine::{EngineLoad, EngineView, Reading};
 
@@ -359,6 +364,146 @@ fn metrics(c: &mut Criterion) {
     g.finish();
 }
 
+/// A finished streaming chat request as `proxy::account` reports it: every string field set, one
+/// optional count absent. `escaped` puts quotes, backslashes and control characters into the
+/// client-supplied strings (request id, user id), the worst case for the string writer.
+fn usage_event(escaped: bool) -> UsageEvent {
+    let (request_id, user_id) = if escaped {
+        ("req \"7f3a\" \\ retry\t2", "tenant\n4711 \u{1} \"ü\"")
+    } else {
+        ("7f3a9c2e1b4d5a60000c", "tenant-4711")
+    };
+    UsageEvent {
+        event_id: new_event_id(),
+        request_id: request_id.into(),
+        timestamp: "2025-06-01T12:00:00.000Z".into(),
+        model: Some(MODEL.into()),
+        endpoint: CHAT_PATH.into(),
+        backend_url: Some("http://10.0.0.3:8000".into()),
+        is_stream: true,
+        prompt_tokens: 187,
+        completion_tokens: 64,
+        total_tokens: 251,
+        cached_tokens: Some(128),
+        reasoning_tokens: None,
+        status: 200,
+        outcome: "ok".into(),
+        latency_ms: 1850,
+        ttft_ms: Some(42),
+        user_id: Some(user_id.into()),
+        key_id: Some(llmproxy::auth::key_id(
+            "sk-proj-3f9a1c2b7d4e5f60718293a4b5c6d7e8",
+        )),
+    }
+}
+
+/// What `#[derive(Serialize)]` on `UsageEvent` wrote, the serialiser `UsageEvent::to_json`
+/// replaced: same fields in the same order with the same attributes. It borrows the event's
+/// strings, which serde writes exactly as it writes a `String`, so serialising it costs what
+/// the derive on the event itself cost.
+#[derive(Serialize)]
+struct DerivedEvent<'a> {
+    event_id: &'a str,
+    request_id: &'a str,
+    timestamp: &'a str,
+    model: Option<&'a str>,
+    endpoint: &'a str,
+    backend_url: Option<&'a str>,
+    is_stream: bool,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    total_tokens: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cached_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasoning_tokens: Option<u64>,
+    status: u16,
+    outcome: &'a str,
+    latency_ms: u64,
+    ttft_ms: Option<u64>,
+    user_id: Option<&'a str>,
+    key_id: Option<&'a str>,
+}
+
+impl<'a> DerivedEvent<'a> {
+    fn of(ev: &'a UsageEvent) -> Self {
+        // No `..`: a field added to the event fails to compile here rather than being left out
+        // of the comparison.
+        let UsageEvent {
+            event_id,
+            request_id,
+            timestamp,
+            model,
+            endpoint,
+            backend_url,
+            is_stream,
+            prompt_tokens,
+            completion_tokens,
+            total_tokens,
+            cached_tokens,
+            reasoning_tokens,
+            status,
+            outcome,
+            latency_ms,
+            ttft_ms,
+            user_id,
+            key_id,
+        } = ev;
+        DerivedEvent {
+            event_id,
+            request_id,
+            timestamp,
+            model: model.as_deref(),
+            endpoint,
+            backend_url: backend_url.as_deref(),
+            is_stream: *is_stream,
+            prompt_tokens: *prompt_tokens,
+            completion_tokens: *completion_tokens,
+            total_tokens: *total_tokens,
+            cached_tokens: *cached_tokens,
+            reasoning_tokens: *reasoning_tokens,
+            status: *status,
+            outcome,
+            latency_ms: *latency_ms,
+            ttft_ms: *ttft_ms,
+            user_id: user_id.as_deref(),
+            key_id: key_id.as_deref(),
+        }
+    }
+}
+
+/// One event into one JSON line, as the usage intake thread does for every event it spools:
+/// the hand-written `to_json` against the serde derive. `serde_to_string` is the like-for-like
+/// alternative (the intake keeps one `String` per line); `serde_to_writer_reused_vec` is the
+/// derive's best case, a buffer reused across events. Both must write what `to_json` writes.
+fn usage_event_json(c: &mut Criterion) {
+    let mut g = c.benchmark_group("usage_event");
+    g.throughput(Throughput::Elements(1));
+    for (name, escaped) in [("plain", false), ("escaped", true)] {
+        let ev = usage_event(escaped);
+        let derived = DerivedEvent::of(&ev);
+        assert_eq!(
+            ev.to_json(),
+            serde_json::to_string(&derived).expect("serialise event")
+        );
+        g.bench_function(format!("{name}/to_json"), |b| {
+            b.iter(|| black_box(&ev).to_json())
+        });
+        g.bench_function(format!("{name}/serde_to_string"), |b| {
+            b.iter(|| serde_json::to_string(black_box(&derived)).expect("serialise event"))
+        });
+        let mut buf = Vec::with_capacity(512);
+        g.bench_function(format!("{name}/serde_to_writer_reused_vec"), |b| {
+            b.iter(|| {
+                buf.clear();
+                serde_json::to_writer(&mut buf, black_box(&derived)).expect("serialise event");
+                buf.len()
+            })
+        });
+    }
+    g.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_millis(500))
@@ -370,6 +515,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = hot_path;
     config = config();
-    targets = request_path, usage_extraction, balancer, metrics
+    targets = request_path, usage_extraction, balancer, metrics, usage_event_json
 }
 criterion_main!(hot_path);
