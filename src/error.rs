@@ -56,6 +56,9 @@ pub enum ProxyError {
     Unauthorized(AuthFailure),
     #[error("this API key may not use the model `{0}`")]
     ModelNotAllowed(String),
+    /// An admin endpoint on the main listener, with a key not marked `admin: true`.
+    #[error("this API key may not use admin endpoints (it needs `admin: true`)")]
+    NotAdmin,
     #[error("rate limit reached for {} per minute on this API key; retry after {retry_after} s", limit_name(*.limit))]
     RateLimited { limit: Exceeded, retry_after: u64 },
     /// Every eligible backend is at `max_inflight` and the wait queue is full.
@@ -111,7 +114,7 @@ impl ProxyError {
             UpstreamConnectTimeout | FirstByteTimeout(_) | IdleTimeout(_) | RequestTimeout => 504,
             Internal(_) => 500,
             Unauthorized(_) => 401,
-            ModelNotAllowed(_) => 403,
+            ModelNotAllowed(_) | NotAdmin => 403,
             RateLimited { .. } => 429,
             // Capacity, not the client's quota: 503 + Retry-After is what load balancers and
             // SDKs treat as "try again shortly", and 429 stays reserved for a key's own rates.
@@ -124,7 +127,7 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             BadRequest(_) | HeadTooLarge(_) | BodyTooLarge(_) | RequestReadTimeout
-            | UnknownModel(_) | NotFound(_) | Unauthorized(_) | ModelNotAllowed(_) => {
+            | UnknownModel(_) | NotFound(_) | Unauthorized(_) | ModelNotAllowed(_) | NotAdmin => {
                 "invalid_request_error"
             }
             // OpenAI names the exhausted limit in `type`.
@@ -157,6 +160,7 @@ impl ProxyError {
             Unauthorized(AuthFailure::Missing) => "missing_api_key",
             Unauthorized(AuthFailure::Invalid) => "invalid_api_key",
             ModelNotAllowed(_) => "model_not_allowed",
+            NotAdmin => "admin_key_required",
             RateLimited { .. } => "rate_limit_exceeded",
             QueueFull => "queue_full",
             QueueTimeout(_) => "queue_timeout",

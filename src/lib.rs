@@ -25,6 +25,7 @@ pub mod worker;
 // Internal.
 mod backends;
 mod capacity;
+mod clock;
 mod control;
 mod encode;
 mod hash;

@@ -142,15 +142,8 @@ fn main() -> ExitCode {
 fn check(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     match Config::load(path) {
         Ok(cfg) => {
-            if let Err(e) = runtime::worker_plan(&cfg) {
-                eprintln!("{}: {e}", path.display());
-                return Ok(ExitCode::FAILURE);
-            }
-            if let (Some(file), Err(e)) = (
-                &cfg.auth.keys_file,
-                llmproxy::auth::KeyStore::new(&cfg.auth),
-            ) {
-                eprintln!("{}: auth.keys_file {}: {e}", path.display(), file.display());
+            if let Err(e) = runtime::preflight(&cfg) {
+                eprintln!("{}: {e:#}", path.display());
                 return Ok(ExitCode::FAILURE);
             }
             println!(
@@ -290,7 +283,10 @@ fn serve(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     // Cores push their last events on their next tick; then usage gets what is left of the grace
     // period (at least a moment) to reach the webhook. Undelivered events stay in the spool.
     std::thread::sleep(Duration::from_millis(150));
-    let deadline = (started + grace).max(std::time::Instant::now() + Duration::from_secs(2));
+    let deadline = started
+        .checked_add(grace)
+        .unwrap_or(started)
+        .max(std::time::Instant::now() + Duration::from_secs(2));
     running.flush_usage(deadline);
     if drained {
         log::info!("drained; exiting");

@@ -71,7 +71,7 @@ impl Running {
 
     /// Waits until no request is in flight or `grace` passes; returns whether it drained fully.
     pub fn wait_drained(&self, grace: Duration) -> bool {
-        let deadline = std::time::Instant::now() + grace;
+        let deadline = crate::clock::deadline(grace);
         loop {
             if self.shared.total_inflight() == 0 {
                 return true;
@@ -168,7 +168,22 @@ fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<StdListener> {
 
 /// Binds one listener per worker on the same port. The first bind fixes the port (so `:0`
 /// works); the others join it with SO_REUSEPORT and the kernel spreads connections over them.
+///
+/// SO_REUSEPORT would also let another process join the port (another llmproxy, perhaps with
+/// another config or without auth), and the kernel would split connections between the two. So
+/// a fixed port is first probed with a plain bind, which fails while anyone listens on it.
 fn bind_all(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<StdListener>> {
+    if addr.port() != 0 {
+        match bind(addr, false) {
+            Ok(probe) => drop(probe),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => anyhow::bail!(
+                "{addr}: port {} is already in use by another process (only the workers of one \
+                 llmproxy may share a port)",
+                addr.port()
+            ),
+            Err(e) => return Err(e).with_context(|| format!("binding {addr}")),
+        }
+    }
     let first = bind(addr, true).with_context(|| format!("binding {addr}"))?;
     let actual = first.local_addr()?;
     let mut all = vec![first];
@@ -178,8 +193,25 @@ fn bind_all(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<StdListener>> {
     Ok(all)
 }
 
+/// Everything startup checks that does not need the network or a port: the worker plan, the
+/// keys file, the spool directory. `llmproxy check` runs exactly this, so "ok" means the proxy
+/// will start (short of a port in use).
+pub fn preflight(cfg: &Config) -> anyhow::Result<()> {
+    worker_plan(cfg)?;
+    if let (Some(file), Err(e)) = (&cfg.auth.keys_file, KeyStore::new(&cfg.auth)) {
+        bail!("auth.keys_file {}: {e}", file.display());
+    }
+    let hook = &cfg.usage_hook;
+    if let (true, Some(dir)) = (hook.enabled, &hook.spool_dir) {
+        crate::usage::spool::check_dir(Path::new(dir))
+            .map_err(|e| anyhow!("usage_hook.spool_dir {dir}: {e}"))?;
+    }
+    Ok(())
+}
+
 /// Starts the proxy; `path` is the config file a reload re-reads.
 pub fn start_with(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<Running> {
+    preflight(&cfg)?;
     let (workers, cpus) = worker_plan(&cfg)?;
     let listeners = bind_all(cfg.listen, workers)?;
     let addr = listeners[0].local_addr()?;

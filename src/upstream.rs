@@ -115,7 +115,7 @@ impl Pool {
         }
         list.push(Idle {
             conn,
-            expires: Instant::now() + ttl,
+            expires: crate::clock::deadline(ttl),
         });
     }
 

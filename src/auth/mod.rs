@@ -46,6 +46,7 @@ pub(crate) struct KeyEntry {
     digest: KeyDigest,
     models: Option<Box<[String]>>,
     limits: Option<Arc<KeyLimits>>,
+    admin: bool,
 }
 
 /// Digests are uniformly distributed already: their first 8 bytes are the hash.
@@ -98,6 +99,7 @@ impl KeySet {
                 digest: k.digest,
                 models: k.models.clone().map(Vec::into_boxed_slice),
                 limits,
+                admin: k.admin,
             });
         }
         KeySet { index, entries }
@@ -270,6 +272,16 @@ impl Caller {
         }
     }
 
+    /// Whether this caller may use the admin endpoints on the main listener: with auth on, only
+    /// a key marked `admin: true`; with auth off, anyone who can reach the listener.
+    pub(crate) fn may_administer(&self) -> bool {
+        match self {
+            Caller::Open => true,
+            Caller::Key { .. } => self.entry().is_some_and(|e| e.admin),
+            Caller::Unknown => false,
+        }
+    }
+
     /// Whether a usage event is emitted for this caller (not for failed authentication, which
     /// anyone can cause in any number).
     pub(crate) fn billable(&self) -> bool {
@@ -323,6 +335,7 @@ mod tests {
             models: models.map(|m| m.iter().map(|s| s.to_string()).collect()),
             rpm,
             tpm: 0,
+            admin: false,
         }
     }
 

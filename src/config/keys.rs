@@ -52,6 +52,8 @@ pub struct ApiKey {
     pub rpm: u64,
     /// Tokens per minute (charged from the usage of finished requests); 0 = unlimited.
     pub tpm: u64,
+    /// May use the admin endpoints (`POST /admin/reload`) on the main listener.
+    pub admin: bool,
 }
 
 #[derive(Deserialize)]
@@ -83,7 +85,7 @@ impl Default for RawAuth {
 #[serde(
     deny_unknown_fields,
     default,
-    expecting = "a mapping with name, key or key_sha256, models, rpm, tpm"
+    expecting = "a mapping with name, key or key_sha256, models, rpm, tpm, admin"
 )]
 struct RawKey {
     name: String,
@@ -92,6 +94,7 @@ struct RawKey {
     models: Vec<String>,
     rpm: u64,
     tpm: u64,
+    admin: bool,
 }
 
 /// The shape of `auth.keys_file`.
@@ -178,6 +181,7 @@ fn validate_keys(raw: Vec<RawKey>, at: &str, errors: &mut Vec<String>) -> Vec<Ap
             models: (!k.models.is_empty()).then_some(k.models),
             rpm: k.rpm,
             tpm: k.tpm,
+            admin: k.admin,
         });
     }
     keys

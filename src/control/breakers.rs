@@ -134,7 +134,7 @@ impl Machine {
     fn open(&mut self, now: Instant, s: &Settings) -> Option<Change> {
         self.opens = self.opens.saturating_add(1);
         self.state = State::Open {
-            until: now + self.cooldown(s),
+            until: crate::clock::after(now, self.cooldown(s)),
         };
         Some(Change {
             phase: Phase::Open,

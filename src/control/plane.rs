@@ -21,6 +21,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::backends::{desired, BackendTable, Changes, Registry};
 use crate::capacity::{Capacity, ConnectionLimit};
+use crate::clock;
 use crate::config::Config;
 use crate::control::discovery::Discovery;
 use crate::control::reload::keep_restart_only;
@@ -121,7 +122,7 @@ impl Plane {
         health: &Sender<HealthReport>,
         stop: &AtomicBool,
     ) {
-        let mut next_discovery = Instant::now() + self.discovery.interval();
+        let mut next_discovery = clock::deadline(self.discovery.interval());
         let mut next_resend = Instant::now() + RESEND;
         while !stop.load(Ordering::Relaxed) {
             let now = Instant::now();
@@ -158,7 +159,7 @@ impl Plane {
             }
             let now = Instant::now();
             if now >= next_discovery {
-                next_discovery = now + self.discovery.interval();
+                next_discovery = clock::after(now, self.discovery.interval());
                 if !self.discovery.is_empty() && self.discovery.resolve(None, &self.metrics) {
                     self.apply_backends();
                     self.publish(cores, health);

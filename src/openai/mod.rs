@@ -151,7 +151,7 @@ pub(crate) fn inspect_with(
     user_field: &str,
     prefix_messages: usize,
 ) -> Result<RequestInfo, ProxyError> {
-    if body.is_empty() || !is_json_route(method, path) {
+    if !is_json_route(method, path) {
         return Ok(RequestInfo {
             stream: path == "/generate_stream",
             ..RequestInfo::default()
@@ -159,6 +159,11 @@ pub(crate) fn inspect_with(
     }
     // Validated up front: the parser does not check the strings it skips, and a JSON route's
     // body must be JSON text (UTF-8) as a whole, not just in the members routing reads.
+    if body.is_empty() {
+        return Err(ProxyError::BadRequest(
+            "request body must be a JSON object (it is empty)".into(),
+        ));
+    }
     let text = std::str::from_utf8(body)
         .map_err(|e| ProxyError::BadRequest(format!("request body is not valid UTF-8: {e}")))?;
     // A derived struct also accepts a JSON array (fields by position): `["m", true]` is not a
@@ -456,8 +461,19 @@ mod tests {
             assert!(inspect("POST", "/v1/chat/completions", bad, "user").is_err());
         }
         assert!(inspect("POST", "/other", b"not json", "user").is_ok());
+        assert!(inspect("POST", "/other", b"", "user").is_ok());
+        assert!(inspect("GET", "/v1/models", b"", "user").is_ok());
+        // An empty body is not a JSON object either (issue 20).
+        for path in [
+            "/v1/chat/completions",
+            "/v1/completions",
+            "/generate",
+            "/generate_stream",
+        ] {
+            assert!(inspect("POST", path, b"", "user").is_err(), "{path}");
+        }
         assert!(
-            inspect("POST", "/generate_stream", b"", "user")
+            inspect("POST", "/generate_stream", br#"{"inputs":"x"}"#, "user")
                 .unwrap()
                 .stream
         );

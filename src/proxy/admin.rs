@@ -22,6 +22,14 @@ const POLL: Duration = Duration::from_millis(10);
 /// Answers a local endpoint and accounts for it; returns whether the connection stays open.
 pub(crate) async fn serve(w: &Worker, d: &mut Downstream, req: &Request<'_>, local: Local) -> bool {
     let answer = match local {
+        Local::Reload if !req.caller.may_administer() => {
+            log::warn!(
+                "request {} POST /admin/reload: {}",
+                req.id,
+                ProxyError::NotAdmin
+            );
+            Answer::error(&ProxyError::NotAdmin)
+        }
         Local::Reload => reload(w).await,
         _ => answer(w, local),
     };

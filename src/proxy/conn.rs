@@ -20,6 +20,7 @@ use monoio::net::{TcpListener, TcpStream};
 use crate::auth::{Caller, KeyIdCache};
 use crate::backends::route::Local;
 use crate::capacity::ConnectionSlot;
+use crate::clock;
 use crate::error::ProxyError;
 use crate::http1::head::{BodyFraming, Head, HeadError, ParseStatus};
 use crate::http1::io::{read_more, take_copy};
@@ -134,8 +135,12 @@ async fn serve(
         admin,
         write_timeout: worker.config().timeouts.write,
     };
+    // A new connection gets the header timeout for its first request: keep-alive is for
+    // connections that have served one, and a client that connects and sends nothing must not
+    // hold a connection (and a `max_connections` slot) for the whole keep-alive time.
+    let mut first = true;
     loop {
-        let head = match read_head(&worker, &mut d).await {
+        let head = match read_head(&worker, &mut d, std::mem::take(&mut first)).await {
             Ok(Some(head)) => head,
             Ok(None) => return,
             Err(e) => {
@@ -170,7 +175,11 @@ async fn serve(
 }
 
 /// Reads one request head. `Ok(None)` means the client closed (or idled out) between requests.
-async fn read_head(worker: &Worker, d: &mut Downstream) -> Result<Option<Head>, ProxyError> {
+async fn read_head(
+    worker: &Worker,
+    d: &mut Downstream,
+    first: bool,
+) -> Result<Option<Head>, ProxyError> {
     let cfg = worker.config();
     let max = cfg.limits.max_header_bytes;
     let mut head_deadline: Option<Instant> = None;
@@ -186,6 +195,16 @@ async fn read_head(worker: &Worker, d: &mut Downstream) -> Result<Option<Head>, 
                             "request target must be an absolute path".into(),
                         ));
                     }
+                    // RFC 9112 §3.2: a request with more than one Host is refused; two
+                    // proxies could read two different hosts from it.
+                    if head
+                        .headers()
+                        .filter(|(n, _)| n.eq_ignore_ascii_case(b"host"))
+                        .count()
+                        > 1
+                    {
+                        return Err(ProxyError::BadRequest("more than one Host header".into()));
+                    }
                     return Ok(Some(head));
                 }
                 Ok(ParseStatus::Partial) if d.buf.len() > max => {
@@ -199,9 +218,10 @@ async fn read_head(worker: &Worker, d: &mut Downstream) -> Result<Option<Head>, 
         // Between requests the keep-alive timeout applies; once a head has started, the header
         // timeout bounds the whole head (slowloris).
         let wait = match head_deadline {
-            None if d.buf.is_empty() => cfg.timeouts.keepalive,
+            None if d.buf.is_empty() && !first => cfg.timeouts.keepalive,
+            None if d.buf.is_empty() => cfg.timeouts.header,
             None => {
-                let deadline = Instant::now() + cfg.timeouts.header;
+                let deadline = clock::deadline(cfg.timeouts.header);
                 head_deadline = Some(deadline);
                 cfg.timeouts.header
             }
@@ -217,7 +237,7 @@ async fn read_head(worker: &Worker, d: &mut Downstream) -> Result<Option<Head>, 
             Ok((Ok(_), buf)) => {
                 d.buf = buf;
                 if head_deadline.is_none() {
-                    head_deadline = Some(Instant::now() + cfg.timeouts.header);
+                    head_deadline = Some(clock::deadline(cfg.timeouts.header));
                 }
             }
             Err(_) if started => return Err(ProxyError::RequestReadTimeout),
@@ -249,7 +269,7 @@ async fn read_body(worker: &Worker, d: &mut Downstream, head: &Head) -> Result<B
     }
     // The header timeout bounds the whole body, not each read: a body trickled a byte at a time
     // (slow POST) would otherwise hold the connection forever.
-    let deadline = Instant::now() + cfg.timeouts.header;
+    let deadline = clock::deadline(cfg.timeouts.header);
     match framing {
         BodyFraming::Empty | BodyFraming::UntilClose => Ok(Bytes::new()),
         BodyFraming::Length(n) => {
@@ -306,12 +326,16 @@ async fn read_some(d: &mut Downstream, deadline: Instant) -> Result<(), ProxyErr
 
 /// Who sends this request. Runs before the body is read, so that an unauthenticated client
 /// cannot make the proxy buffer a body. Health and metrics stay open (probes and scrapers carry
-/// no key), and so does the admin listener; everything else needs a key when auth is on.
+/// no key), and so does the admin listener; everything else needs a key when auth is on, and
+/// `POST /admin/reload` on the main listener an `admin: true` key (checked by `admin::serve`).
 fn authenticate(w: &Worker, d: &Downstream, head: &Head) -> Result<Caller, ProxyError> {
-    if d.admin || request::local_route(w, d.admin, head).is_some_and(|l| l != Local::Models) {
+    if d.admin {
         return Ok(Caller::Open);
     }
-    w.auth.identify(head)
+    match request::local_route(w, d.admin, head) {
+        Some(Local::Models | Local::Reload) | None => w.auth.identify(head),
+        Some(_) => Ok(Caller::Open),
+    }
 }
 
 /// Answers a request whose authentication failed (its body unread); returns whether the

@@ -198,6 +198,45 @@ pub(crate) struct DiskSpool {
     dirty: bool,
 }
 
+/// Whether `dir` can hold the spool, without creating anything that would stay: an existing
+/// directory must take a new file; a missing one must be creatable (its nearest existing
+/// ancestor a directory that takes a new file). `llmproxy check` runs this, so that a spool
+/// directory that is a file, or sits where the proxy may not write, fails there and not at
+/// startup.
+pub(crate) fn check_dir(dir: &Path) -> Result<(), String> {
+    let mut at = dir;
+    let existing = loop {
+        match fs::metadata(at) {
+            Ok(m) if m.is_dir() => break at,
+            Ok(_) => return Err(format!("{} is not a directory", at.display())),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) =>
+            {
+                match at.parent() {
+                    Some(parent) if !parent.as_os_str().is_empty() => at = parent,
+                    _ => break Path::new("."),
+                }
+            }
+            Err(e) => return Err(format!("{}: {e}", at.display())),
+        }
+    };
+    let probe = existing.join(format!(".llmproxy-check-{}", std::process::id()));
+    match fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => Err(format!("cannot write in {}: {e}", existing.display())),
+    }
+}
+
 fn seg_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!("seg-{seq:016}.log"))
 }

@@ -224,7 +224,7 @@ impl Scraper {
                     self.metrics.routing.engine_reading(&t.name, None);
                 }
             }
-            let next = started + t.interval;
+            let next = crate::clock::after(started, t.interval);
             while !self.stopped() {
                 let now = Instant::now();
                 if now >= next {
