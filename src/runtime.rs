@@ -19,13 +19,32 @@ use crate::capacity::{Capacity, ConnectionLimit};
 use crate::config::{Config, IoDriver};
 use crate::control::plane::Plane;
 use crate::control::Broadcast;
-use crate::control::PlaneMsg;
+use crate::control::{PlaneMsg, ReloadError};
 use crate::telemetry::metrics::Metrics;
 use crate::usage::deliver::Delivery;
 use crate::worker::{PaddedCount, Shared, Worker};
 
 /// How often each core drains its inbox, flushes metrics and expires pooled connections.
 const TICK: Duration = Duration::from_millis(100);
+
+/// Why a core thread could not start; sent back to `start`, which fails with it. The text carries
+/// the cause (it is the startup error the user reads), so it is not also a `source()`.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CoreError {
+    /// `error` is the OS's errno as monoio reports it (printed by name, as `EINVAL`).
+    #[error("core {core}: pinning to CPU {cpu}: {error:?}")]
+    Pin {
+        core: usize,
+        cpu: usize,
+        error: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("core {core}: runtime: {error}")]
+    Runtime { core: usize, error: std::io::Error },
+    #[error("core {core}: listener: {error}")]
+    Listener { core: usize, error: std::io::Error },
+    #[error("core {core}: io_driver is io_uring, but this thread's io_uring setup failed")]
+    NoIoUring { core: usize },
+}
 
 pub struct Running {
     pub(crate) addr: SocketAddr,
@@ -84,14 +103,14 @@ impl Running {
     }
 
     /// Re-reads the config file (SIGHUP); blocks until the control plane answers.
-    pub fn reload(&self) -> Result<crate::control::Summary, String> {
+    pub fn reload(&self) -> Result<crate::control::Summary, ReloadError> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.shared
             .plane
             .send_timeout(PlaneMsg::Reload { reply: tx }, RELOAD_TIMEOUT)
-            .map_err(|_| "the control plane is not running".to_string())?;
+            .map_err(|_| ReloadError::NotRunning)?;
         rx.recv_timeout(RELOAD_TIMEOUT)
-            .map_err(|_| "the control plane did not answer".to_string())?
+            .map_err(|_| ReloadError::NoAnswer)?
     }
 
     pub fn stop_health(&self) {
@@ -297,7 +316,7 @@ pub fn start_with(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<Running>
 
     let mut admin = admin;
     let io_driver = cfg.io_driver;
-    let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), String>>(workers);
+    let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), CoreError>>(workers);
     for (id, (listener, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
         let shared = shared.clone();
         let broadcast = broadcast.clone();
@@ -312,7 +331,11 @@ pub fn start_with(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<Running>
             .spawn(move || {
                 if let Some(cpu) = cpu {
                     if let Err(e) = monoio::utils::bind_to_cpu_set([cpu]) {
-                        let _ = ready.send(Err(format!("core {id}: pinning to CPU {cpu}: {e:?}")));
+                        let _ = ready.send(Err(CoreError::Pin {
+                            core: id,
+                            cpu,
+                            error: Box::new(e),
+                        }));
                         return;
                     }
                 }
@@ -330,8 +353,8 @@ pub fn start_with(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<Running>
                 };
                 let mut rt = match rt {
                     Ok(rt) => rt,
-                    Err(e) => {
-                        let _ = ready.send(Err(format!("core {id}: runtime: {e}")));
+                    Err(error) => {
+                        let _ = ready.send(Err(CoreError::Runtime { core: id, error }));
                         return;
                     }
                 };
@@ -345,17 +368,14 @@ pub fn start_with(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<Running>
                     };
                     let (main, admin) = match setup() {
                         Ok(l) => l,
-                        Err(e) => {
-                            let _ = ready.send(Err(format!("core {id}: listener: {e}")));
+                        Err(error) => {
+                            let _ = ready.send(Err(CoreError::Listener { core: id, error }));
                             return;
                         }
                     };
                     let legacy = monoio::utils::is_legacy();
                     if legacy && io_driver == IoDriver::IoUring {
-                        let _ = ready.send(Err(format!(
-                            "core {id}: io_driver is io_uring, but this thread's io_uring \
-                             setup failed"
-                        )));
+                        let _ = ready.send(Err(CoreError::NoIoUring { core: id }));
                         return;
                     }
                     log::info!(
@@ -389,7 +409,7 @@ pub fn start_with(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<Running>
     for _ in 0..workers {
         match ready_rx.recv() {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => bail!(e),
+            Ok(Err(e)) => return Err(e.into()),
             Err(_) => bail!("a worker thread exited during startup"),
         }
     }
@@ -402,4 +422,33 @@ pub fn start_with(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<Running>
         stop_health,
         delivery: Some(delivery),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn core_start_failures_name_the_core_and_the_cause() {
+        assert_eq!(
+            CoreError::NoIoUring { core: 1 }.to_string(),
+            "core 1: io_driver is io_uring, but this thread's io_uring setup failed"
+        );
+        let e = CoreError::Listener {
+            core: 0,
+            error: std::io::Error::other("bad fd"),
+        };
+        assert_eq!(e.to_string(), "core 0: listener: bad fd");
+        // The errno is printed by name, as monoio's error debug-prints it. A CPU beyond any
+        // CPU set fails before anything is pinned.
+        let Err(error) = monoio::utils::bind_to_cpu_set([usize::MAX]) else {
+            panic!("CPU usize::MAX was accepted");
+        };
+        let e = CoreError::Pin {
+            core: 2,
+            cpu: 7,
+            error: Box::new(error),
+        };
+        assert_eq!(e.to_string(), "core 2: pinning to CPU 7: EINVAL");
+    }
 }

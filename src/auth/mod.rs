@@ -26,7 +26,7 @@ pub(crate) use crate::config::digest;
 pub use key_id::key_id;
 pub(crate) use key_id::{client_key, KeyIdCache};
 
-use crate::config::{ApiKey, Auth, KeyDigest};
+use crate::config::{ApiKey, Auth, ConfigError, KeyDigest};
 use crate::error::{AuthFailure, ProxyError};
 use crate::http1::Head;
 use ratelimit::{retry_after_secs, Clock, KeyLimits};
@@ -118,6 +118,23 @@ impl KeySet {
     }
 }
 
+/// Why `auth.keys_file` did not replace the key set (the previous keys stay). The text follows
+/// `auth.keys_file <path>: ` in the log and the startup error, so it carries the cause itself
+/// and no `source()` repeats it.
+#[derive(Debug, thiserror::Error)]
+pub enum KeysFileError {
+    #[error("cannot read: {0}")]
+    Read(std::io::Error),
+    /// `path: reason` lines, one per problem.
+    #[error("{0}")]
+    Parse(ConfigError),
+    /// A file key that has the name or the key of an `auth.keys` entry (`with`).
+    #[error("key \"{name}\" clashes with auth.keys entry \"{with}\" (same name or same key)")]
+    Clash { name: String, with: String },
+    #[error("key store lock poisoned")]
+    Poisoned,
+}
+
 /// The process-wide key set and what replaces it.
 pub struct KeyStore {
     enabled: bool,
@@ -133,7 +150,7 @@ pub struct KeyStore {
 impl KeyStore {
     /// Reads `auth.keys_file` once when set: a proxy with auth configured never starts with
     /// keys it could not read.
-    pub fn new(cfg: &Auth) -> Result<KeyStore, String> {
+    pub fn new(cfg: &Auth) -> Result<KeyStore, KeysFileError> {
         let clock = Clock::new();
         let store = KeyStore {
             enabled: cfg.enabled(),
@@ -155,27 +172,24 @@ impl KeyStore {
 
     /// Replaces the key set by the config's keys plus the file's; on any error the current set
     /// stays. Returns the number of keys now in force.
-    pub(crate) fn reload_file(&self, path: &Path) -> Result<usize, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read: {e}"))?;
-        let file_keys = crate::config::parse_keys_file(&text).map_err(|e| e.to_string())?;
+    pub(crate) fn reload_file(&self, path: &Path) -> Result<usize, KeysFileError> {
+        let text = std::fs::read_to_string(path).map_err(KeysFileError::Read)?;
+        let file_keys = crate::config::parse_keys_file(&text).map_err(KeysFileError::Parse)?;
         for k in &file_keys {
             if let Some(c) = self
                 .config_keys
                 .iter()
                 .find(|c| c.name == k.name || ct_eq(&c.digest, &k.digest))
             {
-                return Err(format!(
-                    "key \"{}\" clashes with auth.keys entry \"{}\" (same name or same key)",
-                    k.name, c.name
-                ));
+                return Err(KeysFileError::Clash {
+                    name: k.name.clone(),
+                    with: c.name.clone(),
+                });
             }
         }
         let mut all = self.config_keys.clone();
         all.extend(file_keys);
-        let mut current = self
-            .current
-            .lock()
-            .map_err(|_| "key store lock poisoned".to_string())?;
+        let mut current = self.current.lock().map_err(|_| KeysFileError::Poisoned)?;
         let next = Arc::new(KeySet::build(&all, self.clock, Some(&current)));
         let n = next.len();
         *current = next;
@@ -402,5 +416,44 @@ mod tests {
         assert!(c.check_model("POST", None).is_err());
         assert!(c.check_model("GET", None).is_ok());
         assert!(Caller::Open.check_model("POST", Some("m2")).is_ok());
+    }
+
+    #[test]
+    fn a_keys_file_that_cannot_be_used_says_why_and_keeps_the_keys() {
+        let auth = Auth {
+            keys: vec![key("ops", "sk-oooooooooooooooo", None, 0)],
+            keys_file: None,
+            keys_file_poll: std::time::Duration::from_secs(1),
+            forward_client_key: false,
+        };
+        let store = KeyStore::new(&auth).unwrap();
+        let dir = std::env::temp_dir().join(format!("llmproxy-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+
+        let missing = dir.join("missing.yaml");
+        let e = store.reload_file(&missing).unwrap_err();
+        assert!(matches!(&e, KeysFileError::Read(io) if io.kind() == std::io::ErrorKind::NotFound));
+        assert!(e.to_string().starts_with("cannot read: "), "{e}");
+
+        let broken = dir.join("broken.yaml");
+        std::fs::write(&broken, "keys: [ { name: broken").unwrap();
+        assert!(matches!(
+            store.reload_file(&broken),
+            Err(KeysFileError::Parse(ConfigError::Invalid(_)))
+        ));
+
+        let clash = dir.join("clash.yaml");
+        std::fs::write(
+            &clash,
+            "keys:\n  - { name: ops, key: \"sk-pppppppppppppppp\" }\n",
+        )
+        .unwrap();
+        let e = store.reload_file(&clash).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "key \"ops\" clashes with auth.keys entry \"ops\" (same name or same key)"
+        );
+        assert_eq!(store.version.load(Ordering::Relaxed), 0, "nothing replaced");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -12,10 +12,23 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use crate::config::{self, Config};
+use crate::control::dns::DnsError;
 use crate::telemetry::metrics::Metrics;
 
 /// Bound on one lookup (per record type with a custom resolver).
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why an entry's name did not resolve. Logged after the entry's URL; the text carries the
+/// cause, so no `source()` repeats it.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ResolveError {
+    /// Through `discovery.resolver`.
+    #[error(transparent)]
+    Dns(#[from] DnsError),
+    /// Through the system resolver.
+    #[error("cannot resolve {host}: {error}")]
+    System { host: String, error: std::io::Error },
+}
 
 /// One discovered entry's known addresses.
 #[derive(Debug, Clone, PartialEq)]
@@ -29,12 +42,12 @@ struct Tracked {
 }
 
 /// What one resolution did to an entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub(crate) enum Outcome {
     Changed,
     Unchanged,
     /// Resolution failed; the last good set is kept.
-    Error(String),
+    Error(ResolveError),
     /// No address in the answer; the last good set is kept.
     Empty,
     /// Failing or empty for longer than `stale_after`: the set was dropped.
@@ -56,7 +69,7 @@ impl Outcome {
 /// Applies one resolution result to an entry's set.
 fn update(
     t: &mut Tracked,
-    result: Result<Vec<SocketAddr>, String>,
+    result: Result<Vec<SocketAddr>, ResolveError>,
     now: Instant,
     stale_after: Duration,
 ) -> Outcome {
@@ -184,20 +197,29 @@ impl Discovery {
 
 /// Every address of `host`, with `port`: through `resolver` (UDP) if set, else the system
 /// resolver (which also reads /etc/hosts and applies the search domains).
-fn lookup(resolver: Option<SocketAddr>, host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
+fn lookup(
+    resolver: Option<SocketAddr>,
+    host: &str,
+    port: u16,
+) -> Result<Vec<SocketAddr>, ResolveError> {
     if let Ok(ip) = host.parse::<std::net::IpAddr>() {
         return Ok(vec![SocketAddr::new(ip, port)]);
     }
     match resolver {
-        Some(server) => crate::control::dns::lookup(server, host, LOOKUP_TIMEOUT).map(|ips| {
-            ips.into_iter()
+        Some(server) => {
+            let ips = crate::control::dns::lookup(server, host, LOOKUP_TIMEOUT)?;
+            Ok(ips
+                .into_iter()
                 .map(|ip| SocketAddr::new(ip, port))
-                .collect()
-        }),
+                .collect())
+        }
         None => (host, port)
             .to_socket_addrs()
             .map(Iterator::collect)
-            .map_err(|e| format!("cannot resolve {host}: {e}")),
+            .map_err(|error| ResolveError::System {
+                host: host.to_string(),
+                error,
+            }),
     }
 }
 
@@ -220,40 +242,63 @@ mod tests {
             .collect()
     }
 
+    /// A failed lookup as the custom resolver reports it.
+    fn down() -> ResolveError {
+        ResolveError::Dns(DnsError::Timeout {
+            server: SocketAddr::from(([10, 0, 0, 53], 53)),
+            after: Duration::from_secs(2),
+        })
+    }
+
     #[test]
     fn answers_replace_the_set_and_failures_keep_it_until_stale() {
         let stale = Duration::from_secs(60);
         let t0 = Instant::now();
         let mut t = tracked();
-        assert_eq!(
-            update(&mut t, Err("down".into()), t0, stale),
-            Outcome::Error("down".into())
-        );
-        assert_eq!(
-            update(&mut t, Ok(addrs(&[2, 1, 2])), t0, stale),
-            Outcome::Changed
-        );
+        let outcome = |t: &mut Tracked, r, at| update(t, r, at, stale).label();
+        assert_eq!(outcome(&mut t, Err(down()), t0), "error");
+        assert_eq!(outcome(&mut t, Ok(addrs(&[2, 1, 2])), t0), "changed");
         assert_eq!(t.addrs, addrs(&[1, 2]));
-        assert_eq!(
-            update(&mut t, Ok(addrs(&[1, 2])), t0, stale),
-            Outcome::Unchanged
-        );
+        assert_eq!(outcome(&mut t, Ok(addrs(&[1, 2])), t0), "unchanged");
         let t1 = t0 + Duration::from_secs(30);
-        assert_eq!(update(&mut t, Ok(vec![]), t1, stale), Outcome::Empty);
-        assert_eq!(
-            update(&mut t, Err("x".into()), t1, stale),
-            Outcome::Error("x".into())
-        );
+        assert_eq!(outcome(&mut t, Ok(vec![]), t1), "empty");
+        assert_eq!(outcome(&mut t, Err(down()), t1), "error");
         assert_eq!(t.addrs, addrs(&[1, 2]));
         let t2 = t0 + Duration::from_secs(61);
-        assert_eq!(update(&mut t, Err("x".into()), t2, stale), Outcome::Expired);
+        assert_eq!(outcome(&mut t, Err(down()), t2), "expired");
         assert!(t.addrs.is_empty());
-        assert_eq!(
-            update(&mut t, Err("x".into()), t2, stale),
-            Outcome::Error("x".into())
-        );
-        assert_eq!(update(&mut t, Ok(addrs(&[3])), t2, stale), Outcome::Changed);
+        assert_eq!(outcome(&mut t, Err(down()), t2), "error");
+        assert_eq!(outcome(&mut t, Ok(addrs(&[3])), t2), "changed");
         assert_eq!(t.addrs, addrs(&[3]));
+    }
+
+    #[test]
+    fn resolve_errors_read_as_before() {
+        assert_eq!(
+            down().to_string(),
+            "resolver 10.0.0.53:53: no answer within 2s"
+        );
+        let bad = ResolveError::from(DnsError::BadAnswer {
+            server: SocketAddr::from(([10, 0, 0, 53], 53)),
+            why: crate::control::dns::BadAnswer::Rcode(2),
+        });
+        assert_eq!(
+            bad.to_string(),
+            "resolver 10.0.0.53:53: server answered rcode 2"
+        );
+        let system = ResolveError::System {
+            host: "vllm.svc".into(),
+            error: std::io::Error::other("failed to lookup address information"),
+        };
+        assert_eq!(
+            system.to_string(),
+            "cannot resolve vllm.svc: failed to lookup address information"
+        );
+        let invalid = lookup(Some(SocketAddr::from(([127, 0, 0, 1], 9))), "a..b", 80);
+        assert!(matches!(
+            invalid,
+            Err(ResolveError::Dns(DnsError::InvalidName(_)))
+        ));
     }
 
     #[test]

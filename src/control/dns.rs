@@ -16,36 +16,77 @@ const CLASS_IN: u16 = 1;
 const TYPE_OPT: u16 = 41;
 const UDP_PAYLOAD: u16 = 4096;
 
+/// Why a lookup gave no answer. Discovery logs it after the entry's URL; the text carries the
+/// cause, so no `source()` repeats it.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DnsError {
+    #[error("invalid DNS name \"{0}\"")]
+    InvalidName(String),
+    /// The local UDP socket could not be set up.
+    #[error("udp socket: {0}")]
+    Socket(std::io::Error),
+    /// Connecting to, sending to or receiving from the resolver failed.
+    #[error("resolver {server}: {error}")]
+    Io {
+        server: SocketAddr,
+        error: std::io::Error,
+    },
+    #[error("resolver {server}: no answer within {after:?}")]
+    Timeout { server: SocketAddr, after: Duration },
+    #[error("resolver {server}: {why}")]
+    BadAnswer { server: SocketAddr, why: BadAnswer },
+}
+
+/// What is wrong with a response to our query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum BadAnswer {
+    #[error("server answered rcode {0}")]
+    Rcode(u16),
+    #[error("truncated message")]
+    TruncatedMessage,
+    #[error("truncated record")]
+    TruncatedRecord,
+    #[error("truncated name")]
+    TruncatedName,
+    #[error("bad label type")]
+    BadLabelType,
+    #[error("address record of the wrong length")]
+    AddressLength,
+}
+
 /// Every IPv4 and IPv6 address of `name` (A and AAAA), sorted. NXDOMAIN and "no records" are an
 /// empty list; a timeout, a server failure or a malformed answer is an error.
 pub(crate) fn lookup(
     server: SocketAddr,
     name: &str,
     timeout: Duration,
-) -> Result<Vec<IpAddr>, String> {
+) -> Result<Vec<IpAddr>, DnsError> {
     let bind: SocketAddr = if server.is_ipv4() {
         (Ipv4Addr::UNSPECIFIED, 0).into()
     } else {
         (Ipv6Addr::UNSPECIFIED, 0).into()
     };
-    let sock = UdpSocket::bind(bind).map_err(|e| format!("udp socket: {e}"))?;
-    sock.connect(server)
-        .map_err(|e| format!("resolver {server}: {e}"))?;
+    let io = |error| DnsError::Io { server, error };
+    let timed_out = || DnsError::Timeout {
+        server,
+        after: timeout,
+    };
+    let sock = UdpSocket::bind(bind).map_err(DnsError::Socket)?;
+    sock.connect(server).map_err(io)?;
     let mut out = Vec::new();
     for qtype in [TYPE_A, TYPE_AAAA] {
         let id = fastrand::u16(..);
         let query = encode_query(id, name, qtype)?;
-        sock.send(&query)
-            .map_err(|e| format!("resolver {server}: {e}"))?;
+        sock.send(&query).map_err(io)?;
         let deadline = Instant::now() + timeout;
         let mut buf = vec![0u8; usize::from(UDP_PAYLOAD)];
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(format!("resolver {server}: no answer within {timeout:?}"));
+                return Err(timed_out());
             }
             sock.set_read_timeout(Some(left))
-                .map_err(|e| format!("udp socket: {e}"))?;
+                .map_err(DnsError::Socket)?;
             let n = match sock.recv(&mut buf) {
                 Ok(n) => n,
                 Err(e)
@@ -54,14 +95,14 @@ pub(crate) fn lookup(
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                     ) =>
                 {
-                    return Err(format!("resolver {server}: no answer within {timeout:?}"))
+                    return Err(timed_out())
                 }
-                Err(e) => return Err(format!("resolver {server}: {e}")),
+                Err(e) => return Err(io(e)),
             };
             match parse_response(id, &buf[..n]) {
                 // A stray or late datagram for another query: keep waiting for ours.
                 Err(Malformed::OtherId) => continue,
-                Err(Malformed::Bad(why)) => return Err(format!("resolver {server}: {why}")),
+                Err(Malformed::Bad(why)) => return Err(DnsError::BadAnswer { server, why }),
                 Ok(ips) => {
                     out.extend(ips);
                     break;
@@ -75,10 +116,11 @@ pub(crate) fn lookup(
 }
 
 /// A recursion-desired question for `name` with an EDNS0 OPT record.
-pub(crate) fn encode_query(id: u16, name: &str, qtype: u16) -> Result<Vec<u8>, String> {
+pub(crate) fn encode_query(id: u16, name: &str, qtype: u16) -> Result<Vec<u8>, DnsError> {
     let name = name.strip_suffix('.').unwrap_or(name);
+    let invalid = || DnsError::InvalidName(name.to_string());
     if name.is_empty() || name.len() > 253 {
-        return Err(format!("invalid DNS name \"{name}\""));
+        return Err(invalid());
     }
     let mut q = Vec::with_capacity(32 + name.len());
     q.extend_from_slice(&id.to_be_bytes());
@@ -89,7 +131,7 @@ pub(crate) fn encode_query(id: u16, name: &str, qtype: u16) -> Result<Vec<u8>, S
     q.extend_from_slice(&1u16.to_be_bytes()); // ARCOUNT (OPT)
     for label in name.split('.') {
         if label.is_empty() || label.len() > 63 {
-            return Err(format!("invalid DNS name \"{name}\""));
+            return Err(invalid());
         }
         q.push(label.len() as u8);
         q.extend_from_slice(label.as_bytes());
@@ -109,11 +151,13 @@ pub(crate) fn encode_query(id: u16, name: &str, qtype: u16) -> Result<Vec<u8>, S
 pub(crate) enum Malformed {
     /// Not an answer to the query we sent.
     OtherId,
-    Bad(String),
+    Bad(BadAnswer),
 }
 
-fn bad(why: &str) -> Malformed {
-    Malformed::Bad(why.to_string())
+impl From<BadAnswer> for Malformed {
+    fn from(why: BadAnswer) -> Malformed {
+        Malformed::Bad(why)
+    }
 }
 
 /// The A and AAAA addresses in the answer section of the response to query `id`.
@@ -121,7 +165,7 @@ pub(crate) fn parse_response(id: u16, msg: &[u8]) -> Result<Vec<IpAddr>, Malform
     let u16_at = |at: usize| -> Result<u16, Malformed> {
         msg.get(at..at + 2)
             .map(|b| u16::from_be_bytes([b[0], b[1]]))
-            .ok_or_else(|| bad("truncated message"))
+            .ok_or(BadAnswer::TruncatedMessage.into())
     };
     if u16_at(0)? != id {
         return Err(Malformed::OtherId);
@@ -133,7 +177,7 @@ pub(crate) fn parse_response(id: u16, msg: &[u8]) -> Result<Vec<IpAddr>, Malform
     match flags & 0x000f {
         0 => {}
         3 => return Ok(Vec::new()), // NXDOMAIN: the name has no records at all
-        rcode => return Err(Malformed::Bad(format!("server answered rcode {rcode}"))),
+        rcode => return Err(BadAnswer::Rcode(rcode).into()),
     }
     let qdcount = u16_at(4)?;
     let ancount = u16_at(6)?;
@@ -149,7 +193,7 @@ pub(crate) fn parse_response(id: u16, msg: &[u8]) -> Result<Vec<IpAddr>, Malform
         let len = usize::from(u16_at(at + 8)?);
         let data = msg
             .get(at + 10..at + 10 + len)
-            .ok_or_else(|| bad("truncated record"))?;
+            .ok_or(BadAnswer::TruncatedRecord)?;
         at += 10 + len;
         if class != CLASS_IN {
             continue;
@@ -161,7 +205,7 @@ pub(crate) fn parse_response(id: u16, msg: &[u8]) -> Result<Vec<IpAddr>, Malform
                 b.copy_from_slice(data);
                 ips.push(IpAddr::from(b));
             }
-            (TYPE_A | TYPE_AAAA, _) => return Err(bad("address record of the wrong length")),
+            (TYPE_A | TYPE_AAAA, _) => return Err(BadAnswer::AddressLength.into()),
             _ => {} // CNAME and friends: the addresses follow in the same answer
         }
     }
@@ -171,7 +215,7 @@ pub(crate) fn parse_response(id: u16, msg: &[u8]) -> Result<Vec<IpAddr>, Malform
 /// Offset just past the (possibly compressed) name starting at `at`.
 fn skip_name(msg: &[u8], mut at: usize) -> Result<usize, Malformed> {
     loop {
-        let len = *msg.get(at).ok_or_else(|| bad("truncated name"))?;
+        let len = *msg.get(at).ok_or(BadAnswer::TruncatedName)?;
         match len {
             0 => return Ok(at + 1),
             l if l & 0xc0 == 0xc0 => {
@@ -179,10 +223,10 @@ fn skip_name(msg: &[u8], mut at: usize) -> Result<usize, Malformed> {
                 return if at + 2 <= msg.len() {
                     Ok(at + 2)
                 } else {
-                    Err(bad("truncated name"))
+                    Err(BadAnswer::TruncatedName.into())
                 };
             }
-            l if l & 0xc0 != 0 => return Err(bad("bad label type")),
+            l if l & 0xc0 != 0 => return Err(BadAnswer::BadLabelType.into()),
             l => at += 1 + usize::from(l),
         }
     }
@@ -250,10 +294,10 @@ mod tests {
     fn nxdomain_is_empty_and_failures_are_errors() {
         let q = encode_query(9, "gone", TYPE_A).unwrap();
         assert!(parse_response(9, &answer(&q, 3, &[])).unwrap().is_empty());
-        assert!(matches!(
+        assert_eq!(
             parse_response(9, &answer(&q, 2, &[])),
-            Err(Malformed::Bad(_))
-        ));
+            Err(Malformed::Bad(BadAnswer::Rcode(2)))
+        );
         assert_eq!(
             parse_response(8, &answer(&q, 0, &[])),
             Err(Malformed::OtherId)
@@ -269,10 +313,20 @@ mod tests {
         for cut in 0..r.len() {
             let _ = parse_response(5, &r[..cut]);
         }
+        assert_eq!(
+            parse_response(5, &r[..r.len() - 1]),
+            Err(Malformed::Bad(BadAnswer::TruncatedRecord))
+        );
         let mut wrong_len = answer(&q, 0, &[(TYPE_A, &[10, 0, 0])]);
-        assert!(parse_response(5, &wrong_len).is_err());
+        assert_eq!(
+            parse_response(5, &wrong_len),
+            Err(Malformed::Bad(BadAnswer::AddressLength))
+        );
         wrong_len[12] = 0x80; // reserved label type
-        assert!(parse_response(5, &wrong_len).is_err());
+        assert_eq!(
+            parse_response(5, &wrong_len),
+            Err(Malformed::Bad(BadAnswer::BadLabelType))
+        );
         for _ in 0..2000 {
             let mut junk = r.clone();
             let i = fastrand::usize(2..junk.len());

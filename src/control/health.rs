@@ -29,6 +29,21 @@ use crate::control::breakers::Board;
 use crate::control::{Broadcast, ControlMsg, HealthReport};
 use crate::telemetry::metrics::Metrics;
 
+/// Why a health probe failed. Logged after the backend's URL ("is down: ..."); the text carries
+/// the cause, so no `source()` repeats it.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ProbeError {
+    /// The backend answered, with a status outside 2xx.
+    #[error("status {0}")]
+    Status(u16),
+    /// No answer: connect, timeout, reset or a response that is not HTTP.
+    #[error("{0}")]
+    Transport(Box<ureq::Transport>),
+    /// The probe's thread panicked (a bug, not the backend's fault, but it proves nothing up).
+    #[error("probe panicked")]
+    Panicked,
+}
+
 #[derive(Debug, Clone)]
 struct State {
     up: bool,
@@ -209,7 +224,7 @@ fn probe_all(
     agent: &ureq::Agent,
     backends: &[(usize, &Entry)],
     path: &str,
-) -> Vec<Result<(), String>> {
+) -> Vec<Result<(), ProbeError>> {
     std::thread::scope(|scope| {
         let handles: Vec<_> = backends
             .iter()
@@ -217,12 +232,12 @@ fn probe_all(
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err("probe panicked".into())))
+            .map(|h| h.join().unwrap_or(Err(ProbeError::Panicked)))
             .collect()
     })
 }
 
-fn probe(agent: &ureq::Agent, backend: &Entry, path: &str) -> Result<(), String> {
+fn probe(agent: &ureq::Agent, backend: &Entry, path: &str) -> Result<(), ProbeError> {
     let url = format!(
         "http://{}{}{}",
         backend.spec.addr, backend.spec.base_path, path
@@ -236,8 +251,31 @@ fn probe(agent: &ureq::Agent, backend: &Entry, path: &str) -> Result<(), String>
             );
             Ok(())
         }
-        Ok(resp) => Err(format!("status {}", resp.status())),
-        Err(ureq::Error::Status(code, _)) => Err(format!("status {code}")),
-        Err(e) => Err(e.to_string()),
+        Ok(resp) => Err(ProbeError::Status(resp.status())),
+        Err(ureq::Error::Status(code, _)) => Err(ProbeError::Status(code)),
+        Err(ureq::Error::Transport(t)) => Err(ProbeError::Transport(Box::new(t))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_failures_read_as_before() {
+        assert_eq!(ProbeError::Status(503).to_string(), "status 503");
+        assert_eq!(ProbeError::Panicked.to_string(), "probe panicked");
+        // A transport error reads exactly as ureq's own error does.
+        let refused = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .get("http://127.0.0.1:1/health")
+            .call()
+            .unwrap_err();
+        let words = refused.to_string();
+        let ureq::Error::Transport(t) = refused else {
+            panic!("not a transport error: {words}");
+        };
+        assert_eq!(ProbeError::Transport(Box::new(t)).to_string(), words);
     }
 }

@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::backends::BackendTable;
 use crate::control::breakers::{Phase, Report};
+use crate::control::reload::ReloadError;
 
 /// Bounded so a stalled core cannot make the others grow memory without limit. The bound is
 /// checked on send over an unbounded (block-list) channel, which allocates only for what is
@@ -72,7 +73,7 @@ pub(crate) enum PlaneMsg {
     Drained { core: usize, id: u64, version: u64 },
     /// Re-read the config file; the outcome goes to `reply`.
     Reload {
-        reply: Sender<Result<Summary, String>>,
+        reply: Sender<Result<Summary, ReloadError>>,
     },
 }
 

@@ -14,3 +14,4 @@ pub(crate) mod plane;
 pub(crate) mod reload;
 
 pub(crate) use messages::*;
+pub(crate) use reload::ReloadError;

@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::anyhow;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::backends::{desired, BackendTable, Changes, Registry};
@@ -24,7 +23,7 @@ use crate::capacity::{Capacity, ConnectionLimit};
 use crate::clock;
 use crate::config::Config;
 use crate::control::discovery::Discovery;
-use crate::control::reload::keep_restart_only;
+use crate::control::reload::{keep_restart_only, ReloadError};
 use crate::control::Summary;
 use crate::control::{Broadcast, ControlMsg, HealthReport, PlaneMsg};
 use crate::telemetry::metrics::Metrics;
@@ -48,14 +47,29 @@ pub(crate) struct Plane {
     scraper: Option<Sender<Arc<BackendTable>>>,
 }
 
+/// A static backend that does not resolve, by its index in `backends`. The text carries the
+/// cause (startup prints it through `anyhow`, a reload through `ReloadError`), so it is not also
+/// a `source()`.
+#[derive(Debug, thiserror::Error)]
+pub enum StaticsError {
+    #[error("backends[{index}].url: cannot resolve {host}: {error}")]
+    Lookup {
+        index: usize,
+        host: String,
+        error: std::io::Error,
+    },
+    #[error("backends[{index}].url: {host} has no address")]
+    NoAddress { index: usize, host: String },
+}
+
 /// Resolves static backends: URLs already known keep their address; a new one that does not
 /// resolve is an error (at start and on reload alike: a typo must not silently drop a backend).
 fn resolve_statics(
     cfg: &Config,
     known: &HashMap<String, SocketAddr>,
-) -> anyhow::Result<HashMap<String, SocketAddr>> {
+) -> Result<HashMap<String, SocketAddr>, StaticsError> {
     let mut out = HashMap::new();
-    for (i, b) in cfg.backends.iter().enumerate() {
+    for (index, b) in cfg.backends.iter().enumerate() {
         if b.discover.is_some() {
             continue;
         }
@@ -63,9 +77,16 @@ fn resolve_statics(
             Some(a) => *a,
             None => (b.host.as_str(), b.port)
                 .to_socket_addrs()
-                .map_err(|e| anyhow!("backends[{i}].url: cannot resolve {}: {e}", b.host))?
+                .map_err(|error| StaticsError::Lookup {
+                    index,
+                    host: b.host.clone(),
+                    error,
+                })?
                 .next()
-                .ok_or_else(|| anyhow!("backends[{i}].url: {} has no address", b.host))?,
+                .ok_or_else(|| StaticsError::NoAddress {
+                    index,
+                    host: b.host.clone(),
+                })?,
         };
         out.insert(b.url.clone(), addr);
     }
@@ -237,23 +258,26 @@ impl Plane {
 
     /// Re-reads the config file; on success the new config and backend set are in the registry
     /// (published by the caller). On failure nothing changed.
-    fn reload(&mut self) -> Result<Summary, String> {
+    fn reload(&mut self) -> Result<Summary, ReloadError> {
         let Some(path) = self.path.clone() else {
-            return Err("the proxy was started without a config file".into());
+            return Err(ReloadError::NoConfigFile);
         };
-        let mut new = Config::load(&path).map_err(|e| {
-            let why = format!("{}: {}", path.display(), e.to_string().replace('\n', "; "));
-            log::error!("reload rejected, the running configuration stays: {why}");
-            why
+        let rejected = |e: ReloadError| {
+            log::error!("reload rejected, the running configuration stays: {e}");
+            e
+        };
+        let mut new = Config::load(&path).map_err(|error| {
+            rejected(ReloadError::Invalid {
+                path: path.clone(),
+                error,
+            })
         })?;
         let warnings = keep_restart_only(&self.config, &mut new);
         for w in &warnings {
             log::warn!("reload: {w}");
         }
-        let statics = resolve_statics(&new, &self.statics).map_err(|e| {
-            log::error!("reload rejected, the running configuration stays: {e}");
-            e.to_string()
-        })?;
+        let statics =
+            resolve_statics(&new, &self.statics).map_err(|e| rejected(ReloadError::from(e)))?;
         self.statics = statics;
         let added = self.discovery.configure(&new);
         self.config = Arc::new(new);

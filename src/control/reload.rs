@@ -1,5 +1,6 @@
-//! Hot reload: what a re-read configuration may change. (The admin endpoint that asks for a
-//! reload is `proxy::admin`; the answer travels as `messages::Summary`.)
+//! Hot reload: what a re-read configuration may change, and why a reload failed. (The admin
+//! endpoint that asks for a reload is `proxy::admin`; the answer travels as `messages::Summary` or
+//! a `ReloadError`.)
 //!
 //! The reload itself runs on the control-plane thread (`plane`): re-read and validate the file;
 //! an invalid one is refused and the running config stays; a valid one has its restart-only
@@ -7,7 +8,53 @@
 //! and the new table and config reach every core as one message. Nothing is locked and nothing
 //! in flight is touched: requests finish on the config and backend they started with.
 
-use crate::config::Config;
+use std::path::PathBuf;
+
+use crate::config::{Config, ConfigError};
+use crate::control::plane::StaticsError;
+
+/// Why a reload did not happen. Its text is what the log, the `reload` command and the admin
+/// answer show, so it carries the cause's text itself; none is also returned as `source()`,
+/// which would print it twice in a `{:#}` chain.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// A demo proxy has no file to re-read.
+    #[error("the proxy was started without a config file")]
+    NoConfigFile,
+    /// The file did not load or validate; one line, its problems separated by `; `.
+    #[error("{}: {}", .path.display(), .error.to_string().replace('\n', "; "))]
+    Invalid { path: PathBuf, error: ConfigError },
+    /// A static backend new in the file does not resolve.
+    #[error(transparent)]
+    Statics(#[from] StaticsError),
+    /// The control plane's inbox is full (the admin endpoint does not wait for room).
+    #[error("the control plane is busy; try again")]
+    Busy,
+    /// The control plane's inbox stayed full or closed for the whole wait (SIGHUP).
+    #[error("the control plane is not running")]
+    NotRunning,
+    /// The control plane dropped the request without an answer.
+    #[error("the control plane did not answer")]
+    NoAnswer,
+    /// The control plane is still working on it (resolving names, say) after the admin wait.
+    #[error("reload did not finish in time")]
+    TooSlow,
+}
+
+impl ReloadError {
+    /// The status `POST /admin/reload` answers with: the file's fault is the client's (400); a
+    /// control plane that cannot take or finish the request is a server condition.
+    pub fn status(&self) -> u16 {
+        match self {
+            ReloadError::NoConfigFile | ReloadError::Invalid { .. } | ReloadError::Statics(_) => {
+                400
+            }
+            ReloadError::Busy | ReloadError::NotRunning => 503,
+            ReloadError::NoAnswer => 500,
+            ReloadError::TooSlow => 504,
+        }
+    }
+}
 
 /// Puts the settings that cannot change without a restart back to their running values;
 /// returns one warning per setting that the new file changed.
@@ -60,5 +107,47 @@ mod tests {
         assert_eq!(new.listen, old.listen);
         assert_eq!(new.backends[0].weight, 3);
         assert_eq!(new.retry.attempts, 5);
+    }
+
+    #[test]
+    fn a_bad_file_is_the_clients_fault_and_a_stuck_plane_is_not() {
+        let invalid = ReloadError::Invalid {
+            path: "/etc/llmproxy.yaml".into(),
+            error: ConfigError::Invalid(vec![
+                "backends[0].weight: must be at least 1".into(),
+                "retry.attempts: too large".into(),
+            ]),
+        };
+        assert_eq!(invalid.status(), 400);
+        assert_eq!(
+            invalid.to_string(),
+            "/etc/llmproxy.yaml: backends[0].weight: must be at least 1; retry.attempts: too large"
+        );
+        let unresolved = ReloadError::from(StaticsError::NoAddress {
+            index: 1,
+            host: "gone.example".into(),
+        });
+        assert_eq!(unresolved.status(), 400);
+        assert_eq!(
+            unresolved.to_string(),
+            "backends[1].url: gone.example has no address"
+        );
+        assert_eq!(ReloadError::NoConfigFile.status(), 400);
+        assert_eq!(ReloadError::Busy.status(), 503);
+        assert_eq!(ReloadError::NotRunning.status(), 503);
+        assert_eq!(ReloadError::NoAnswer.status(), 500);
+        assert_eq!(ReloadError::TooSlow.status(), 504);
+        assert_eq!(
+            ReloadError::Busy.to_string(),
+            "the control plane is busy; try again"
+        );
+        assert_eq!(
+            ReloadError::NoAnswer.to_string(),
+            "the control plane did not answer"
+        );
+        assert_eq!(
+            ReloadError::TooSlow.to_string(),
+            "reload did not finish in time"
+        );
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::backends::route::Local;
 use crate::backends::State;
-use crate::control::PlaneMsg;
+use crate::control::{PlaneMsg, ReloadError};
 use crate::error::{error_body, ProxyError};
 use crate::proxy::account::{account, Done};
 use crate::proxy::answer::{respond, Answer};
@@ -111,7 +111,7 @@ async fn reload(w: &Worker) -> Answer {
         .try_send(PlaneMsg::Reload { reply: tx })
         .is_err()
     {
-        return failure(503, "the control plane is busy; try again");
+        return failure(&ReloadError::Busy);
     }
     let deadline = std::time::Instant::now() + ANSWER_TIMEOUT;
     loop {
@@ -120,24 +120,24 @@ async fn reload(w: &Worker) -> Answer {
                 let body = serde_json::json!({"status": "reloaded", "reload": summary});
                 return Answer::json(200, body.to_string().into_bytes());
             }
-            Ok(Err(why)) => return failure(400, &why),
+            Ok(Err(e)) => return failure(&e),
             Err(crossbeam_channel::TryRecvError::Disconnected) => {
-                return failure(500, "the control plane did not answer")
+                return failure(&ReloadError::NoAnswer)
             }
             Err(crossbeam_channel::TryRecvError::Empty) => {}
         }
         if std::time::Instant::now() >= deadline {
-            return failure(504, "reload did not finish in time");
+            return failure(&ReloadError::TooSlow);
         }
         monoio::time::sleep(POLL).await;
     }
 }
 
-fn failure(status: u16, why: &str) -> Answer {
+fn failure(e: &ReloadError) -> Answer {
     let body = error_body(
-        &format!("reload rejected: {why}"),
+        &format!("reload rejected: {e}"),
         "invalid_request_error",
         "reload_failed",
     );
-    Answer::json(status, body)
+    Answer::json(e.status(), body)
 }

@@ -29,6 +29,23 @@ const MAX_BODY: u64 = 4 << 20;
 /// Longest sleep between checks of the stop flags.
 const MAX_WAIT: Duration = Duration::from_millis(100);
 
+/// Why a scrape gave no reading. Logged after the URL ("unusable: ..."); the text carries the
+/// cause, so no `source()` repeats it.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ScrapeError {
+    /// Worded as ureq words it (`<url>: status code <n>`; redirects are off, so it never adds a
+    /// "redirected from"), as the log always showed it.
+    #[error("{url}: status code {code}")]
+    Status { url: String, code: u16 },
+    #[error("{0}")]
+    Transport(Box<ureq::Transport>),
+    #[error("reading body: {0}")]
+    Body(std::io::Error),
+    /// The page parsed, but holds none of the gauges `prom` knows (not vLLM, SGLang or TGI).
+    #[error("no known engine gauges")]
+    NoGauges,
+}
+
 /// Everything one backend's scraper works with; a change restarts it.
 #[derive(Debug, Clone, PartialEq)]
 struct Target {
@@ -236,16 +253,65 @@ impl Scraper {
     }
 }
 
-fn fetch(agent: &ureq::Agent, url: &str, host: &str) -> Result<super::EngineLoad, String> {
+fn fetch(agent: &ureq::Agent, url: &str, host: &str) -> Result<super::EngineLoad, ScrapeError> {
     let resp = agent
         .get(url)
         .set("host", host)
         .call()
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| match e {
+            ureq::Error::Status(code, resp) => ScrapeError::Status {
+                url: resp.get_url().to_string(),
+                code,
+            },
+            ureq::Error::Transport(t) => ScrapeError::Transport(Box::new(t)),
+        })?;
     let mut text = String::new();
     resp.into_reader()
         .take(MAX_BODY)
         .read_to_string(&mut text)
-        .map_err(|e| format!("reading body: {e}"))?;
-    prom::engine_load(&text).ok_or_else(|| "no known engine gauges".to_string())
+        .map_err(ScrapeError::Body)?;
+    prom::engine_load(&text).ok_or(ScrapeError::NoGauges)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write as _;
+
+    /// A one-shot server per response: answers each connection with the next of `responses`.
+    fn serve(responses: &'static [&'static str]) -> SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for r in responses {
+                let (mut c, _) = listener.accept().unwrap();
+                let mut head = [0u8; 1024];
+                let _ = c.read(&mut head);
+                let _ = c.write_all(r.as_bytes());
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn failed_scrapes_say_why_as_the_log_always_did() {
+        let addr = serve(&[
+            "HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 6\r\nconnection: close\r\n\r\nup 1\n\n",
+        ]);
+        let agent = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(5))
+            .redirects(0)
+            .build();
+        let url = format!("http://{addr}/metrics");
+        let e = fetch(&agent, &url, "engine").unwrap_err();
+        assert!(matches!(e, ScrapeError::Status { code: 500, .. }), "{e:?}");
+        assert_eq!(e.to_string(), format!("{url}: status code 500"));
+        let e = fetch(&agent, &url, "engine").unwrap_err();
+        assert!(matches!(e, ScrapeError::NoGauges), "{e:?}");
+        assert_eq!(e.to_string(), "no known engine gauges");
+        // Nobody listens any more: a transport error, worded by ureq.
+        let e = fetch(&agent, &url, "engine").unwrap_err();
+        assert!(matches!(e, ScrapeError::Transport(_)), "{e:?}");
+    }
 }
