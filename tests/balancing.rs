@@ -64,6 +64,23 @@ fn weighted_round_robin_is_exact_and_interleaved() {
 }
 
 #[test]
+fn least_connections_shows_weights_with_sequential_requests() {
+    // Every pick sees both backends idle: the tie is broken by weight (3:1), not at random.
+    let a = Mock::start();
+    let b = Mock::start();
+    let proxy = Proxy::start(
+        &yaml(
+            &[(&a, 3, None), (&b, 1, None)],
+            "strategy: least_connections\n",
+            1,
+        ),
+        &[],
+    );
+    chats_ok(proxy.addr, 40);
+    assert_eq!((a.stat("requests"), b.stat("requests")), (30, 10));
+}
+
+#[test]
 fn round_robin_alternates() {
     let a = Mock::start();
     let b = Mock::start();

@@ -521,41 +521,41 @@ impl Balancer {
 
     /// Lowest in-flight/weight across all cores; ties broken uniformly at random so that cores
     /// picking at the same moment spread out instead of herding onto one backend.
+    /// Fewest in flight per unit of weight, across all cores. Ties go by smooth weighted
+    /// round robin among the tied backends (as nginx's weighted `least_conn`): with sequential
+    /// requests every backend is at 0 in flight, and a random tie-break would split 3:1 weights
+    /// evenly.
     fn least_connections(
         &self,
         view: &LoadView,
         eligible: &impl Fn(usize) -> bool,
     ) -> Option<usize> {
-        let mut best: Option<(usize, u64, u64)> = None; // (backend, load, weight)
-        let mut ties = 0u32;
+        // (load, weight) of the least loaded so far; load/w < bl/bw compared without division.
+        let mut best: Option<(u64, u64)> = None;
+        let mut ties = 0usize;
         for (b, w) in self.weights.borrow().iter().enumerate() {
             if !eligible(b) {
                 continue;
             }
-            let load = u64::from(view.load(b));
-            let w = u64::from(*w).max(1);
+            let (load, w) = (u64::from(view.load(b)), u64::from(*w).max(1));
             match best {
-                None => {
-                    best = Some((b, load, w));
+                Some((bl, bw)) if load * bw > bl * w => {}
+                Some((bl, bw)) if load * bw == bl * w => ties += 1,
+                _ => {
+                    best = Some((load, w));
                     ties = 1;
-                }
-                Some((_, bl, bw)) => {
-                    // load/w < bl/bw without division.
-                    let lhs = load * bw;
-                    let rhs = bl * w;
-                    if lhs < rhs {
-                        best = Some((b, load, w));
-                        ties = 1;
-                    } else if lhs == rhs {
-                        ties += 1;
-                        if fastrand::u32(..ties) == 0 {
-                            best = Some((b, load, w));
-                        }
-                    }
                 }
             }
         }
-        best.map(|(b, _, _)| b)
+        let (bl, bw) = best?;
+        let least = |b: usize| {
+            let w = u64::from(self.weights.borrow().get(b).copied().unwrap_or(1)).max(1);
+            u64::from(view.load(b)) * bw == bl * w
+        };
+        if ties == 1 {
+            return (0..self.len()).find(|&b| eligible(b) && least(b));
+        }
+        self.smooth_weighted(&|b| eligible(b) && least(b))
     }
 }
 

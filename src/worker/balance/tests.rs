@@ -36,14 +36,32 @@ fn least_connections_uses_all_cores_and_weights() {
 }
 
 #[test]
-fn least_connections_breaks_ties_randomly() {
+fn least_connections_breaks_ties_by_weight() {
     let view = LoadView::new(0, 1, 3);
     let b = Balancer::new(Strategy::LeastConnections, vec![1, 1, 1]);
     let mut seen = [0; 3];
     for _ in 0..300 {
         seen[b.pick(&view, |_| true).unwrap()] += 1;
     }
-    assert!(seen.iter().all(|&n| n > 50), "{seen:?}");
+    assert_eq!(seen, [100, 100, 100]);
+    // Sequential requests (all idle): 3:1 weights show as 3:1, not as a coin toss.
+    let b = Balancer::new(Strategy::LeastConnections, vec![3, 1]);
+    let mut seen = [0; 2];
+    for _ in 0..400 {
+        seen[b.pick(&view, |i| i < 2).unwrap()] += 1;
+    }
+    assert_eq!(seen, [300, 100]);
+    // Only the least loaded take part in the rotation.
+    view.add_own(0, 1);
+    let mut seen = [0; 2];
+    for _ in 0..40 {
+        seen[b.pick(&view, |i| i < 2).unwrap()] += 1;
+    }
+    assert_eq!(
+        seen,
+        [0, 40],
+        "1/3 in flight on backend 0 beats 0/1 on backend 1? no"
+    );
 }
 
 #[test]
