@@ -22,6 +22,15 @@ pub mod telemetry;
 pub mod usage;
 pub mod worker;
 
+/// Parsers of the control side that the fuzz targets (`tests/fuzz/`) drive, which are otherwise
+/// internal: the DNS answer reader and the Prometheus text reader both read what the network
+/// sends. Not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::control::dns::fuzz_answer as dns_answer;
+    pub use crate::control::engine::prom::fuzz_engine_load as engine_load;
+}
+
 // Internal.
 mod backends;
 mod capacity;

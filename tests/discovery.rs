@@ -130,6 +130,31 @@ fn an_address_added_under_load_gets_traffic_within_an_interval() {
 }
 
 #[test]
+fn a_truncated_dns_answer_is_completed_over_tcp() {
+    // The resolver's UDP answer holds one address and the truncation bit: taking it as the
+    // whole set would drop the other replicas of a large Service.
+    let mocks = replicas(3, &[]);
+    let all: Vec<&Mock> = mocks.iter().collect();
+    let Answer::Addrs(addrs) = ips(&all) else {
+        unreachable!()
+    };
+    let dns = DnsServer::start(Answer::Truncated(addrs));
+    let proxy = Proxy::start(&yaml(mocks[0].addr.port(), &dns, ""), &[]);
+    let mut want: Vec<String> = mocks.iter().map(label).collect();
+    want.sort();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let mut names: Vec<String> = backends(&proxy).into_iter().map(|b| b.0).collect();
+            names.sort();
+            names == want
+        }),
+        "backends: {:?}; proxy output:\n{}",
+        backends(&proxy),
+        proxy.proc.output()
+    );
+}
+
+#[test]
 fn a_removed_address_finishes_its_stream_and_gets_nothing_new() {
     let mocks = replicas(2, &["--token-delay-ms", "40"]);
     let (a, b) = (&mocks[0], &mocks[1]);

@@ -8,10 +8,14 @@
 mod chunked;
 #[path = "fuzz/config.rs"]
 mod config;
+#[path = "fuzz/dns.rs"]
+mod dns;
 #[path = "fuzz/engine.rs"]
 mod engine;
 #[path = "fuzz/head.rs"]
 mod head;
+#[path = "fuzz/prom.rs"]
+mod prom;
 #[path = "fuzz/rewrite.rs"]
 mod rewrite;
 #[path = "fuzz/sse.rs"]
@@ -40,4 +44,14 @@ fn fuzz_include_usage() {
 #[test]
 fn fuzz_config() {
     engine::run(&config::TARGET);
+}
+
+#[test]
+fn fuzz_dns_answer() {
+    engine::run(&dns::TARGET);
+}
+
+#[test]
+fn fuzz_engine_metrics() {
+    engine::run(&prom::TARGET);
 }

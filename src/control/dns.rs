@@ -1,13 +1,20 @@
-//! A minimal DNS client: A and AAAA queries over UDP to one resolver, for `discovery.resolver`.
-//! It only needs the addresses of one name (a Kubernetes headless Service), so it sends one
-//! question per record type with EDNS0 (4 KiB answers: a few hundred replicas fit without TCP),
-//! and reads the A/AAAA records of the answer section, following nothing (a recursive resolver
-//! has already followed CNAMEs and put the addresses in the answer).
+//! A minimal DNS client: A and AAAA queries to one resolver, for `discovery.resolver`. It only
+//! needs the addresses of one name (a Kubernetes headless Service), so it sends one question per
+//! record type over UDP with EDNS0 (4 KiB answers: a few hundred replicas fit), and reads the A/AAAA
+//! records of the answer section, following nothing (a recursive resolver has already followed
+//! CNAMEs and put the addresses in the answer). An answer with the truncation bit set is not the
+//! whole set — taking it would silently drop replicas of a large Service — so the question is
+//! asked again over TCP (RFC 7766), where nothing is truncated.
+//!
+//! Hand-written rather than a resolver crate: the blocking resolvers on crates.io either follow
+//! the system configuration only (no explicit server) or pull in an async runtime; this needs two
+//! questions to one server, on a thread that may block.
 //!
 //! Everything it reads comes from the network: every length and offset is bounds-checked and
 //! a malformed answer is an error, never a panic.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 const TYPE_A: u16 = 1;
@@ -52,6 +59,8 @@ pub(crate) enum BadAnswer {
     BadLabelType,
     #[error("address record of the wrong length")]
     AddressLength,
+    #[error("answer to another question")]
+    OtherId,
 }
 
 /// Every IPv4 and IPv6 address of `name` (A and AAAA), sorted. NXDOMAIN and "no records" are an
@@ -102,6 +111,10 @@ pub(crate) fn lookup(
             match parse_response(id, &buf[..n]) {
                 // A stray or late datagram for another query: keep waiting for ours.
                 Err(Malformed::OtherId) => continue,
+                Err(Malformed::Truncated) => {
+                    out.extend(over_tcp(server, &query, id, deadline)?);
+                    break;
+                }
                 Err(Malformed::Bad(why)) => return Err(DnsError::BadAnswer { server, why }),
                 Ok(ips) => {
                     out.extend(ips);
@@ -113,6 +126,72 @@ pub(crate) fn lookup(
     out.sort();
     out.dedup();
     Ok(out)
+}
+
+/// Asks `query` (message id `id`) again over TCP, for an answer that did not fit in UDP: a 2-byte
+/// length before each message, both ways; everything within `deadline`.
+fn over_tcp(
+    server: SocketAddr,
+    query: &[u8],
+    id: u16,
+    deadline: Instant,
+) -> Result<Vec<IpAddr>, DnsError> {
+    let io = |error| DnsError::Io { server, error };
+    let left = || deadline.saturating_duration_since(Instant::now());
+    let timed_out = || DnsError::Timeout {
+        server,
+        after: Duration::ZERO,
+    };
+    if left().is_zero() {
+        return Err(timed_out());
+    }
+    let mut conn = TcpStream::connect_timeout(&server, left()).map_err(io)?;
+    let len = u16::try_from(query.len()).map_err(|_| DnsError::InvalidName(String::new()))?;
+    let mut framed = Vec::with_capacity(2 + query.len());
+    framed.extend_from_slice(&len.to_be_bytes());
+    framed.extend_from_slice(query);
+    conn.set_write_timeout(Some(left().max(Duration::from_millis(1))))
+        .map_err(io)?;
+    conn.write_all(&framed).map_err(io)?;
+    let mut read = |buf: &mut [u8]| -> Result<(), DnsError> {
+        let wait = left();
+        if wait.is_zero() {
+            return Err(timed_out());
+        }
+        conn.set_read_timeout(Some(wait)).map_err(io)?;
+        conn.read_exact(buf).map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => timed_out(),
+            _ => io(e),
+        })
+    };
+    let mut len = [0u8; 2];
+    read(&mut len)?;
+    let mut msg = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    read(&mut msg)?;
+    match parse_response(id, &msg) {
+        Ok(ips) => Ok(ips),
+        // Over TCP the whole answer arrived: a truncation bit there is the server's confusion,
+        // and the records it did send are all there is.
+        Err(Malformed::Truncated) => {
+            parse_records(&msg).map_err(|why| DnsError::BadAnswer { server, why })
+        }
+        Err(Malformed::OtherId) => Err(DnsError::BadAnswer {
+            server,
+            why: BadAnswer::OtherId,
+        }),
+        Err(Malformed::Bad(why)) => Err(DnsError::BadAnswer { server, why }),
+    }
+}
+
+/// For the fuzz target: `msg` read as the answer to its own id. `None`: not an answer, or
+/// truncated (the TC bit); `Some(Err)`: malformed; `Some(Ok)`: its addresses.
+pub fn fuzz_answer(msg: &[u8]) -> Option<Result<Vec<IpAddr>, String>> {
+    let id = u16::from_be_bytes([*msg.first()?, *msg.get(1)?]);
+    match parse_response(id, msg) {
+        Ok(ips) => Some(Ok(ips)),
+        Err(Malformed::Bad(why)) => Some(Err(why.to_string())),
+        Err(Malformed::OtherId | Malformed::Truncated) => None,
+    }
 }
 
 /// A recursion-desired question for `name` with an EDNS0 OPT record.
@@ -151,6 +230,8 @@ pub(crate) fn encode_query(id: u16, name: &str, qtype: u16) -> Result<Vec<u8>, D
 pub(crate) enum Malformed {
     /// Not an answer to the query we sent.
     OtherId,
+    /// The answer did not fit (the TC bit): ask again over TCP.
+    Truncated,
     Bad(BadAnswer),
 }
 
@@ -179,6 +260,19 @@ pub(crate) fn parse_response(id: u16, msg: &[u8]) -> Result<Vec<IpAddr>, Malform
         3 => return Ok(Vec::new()), // NXDOMAIN: the name has no records at all
         rcode => return Err(BadAnswer::Rcode(rcode).into()),
     }
+    if flags & 0x0200 != 0 {
+        return Err(Malformed::Truncated);
+    }
+    Ok(parse_records(msg)?)
+}
+
+/// The A and AAAA addresses of a response's answer section (header already checked).
+fn parse_records(msg: &[u8]) -> Result<Vec<IpAddr>, BadAnswer> {
+    let u16_at = |at: usize| -> Result<u16, BadAnswer> {
+        msg.get(at..at + 2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]))
+            .ok_or(BadAnswer::TruncatedMessage)
+    };
     let qdcount = u16_at(4)?;
     let ancount = u16_at(6)?;
     let mut at = 12;
@@ -205,7 +299,7 @@ pub(crate) fn parse_response(id: u16, msg: &[u8]) -> Result<Vec<IpAddr>, Malform
                 b.copy_from_slice(data);
                 ips.push(IpAddr::from(b));
             }
-            (TYPE_A | TYPE_AAAA, _) => return Err(BadAnswer::AddressLength.into()),
+            (TYPE_A | TYPE_AAAA, _) => return Err(BadAnswer::AddressLength),
             _ => {} // CNAME and friends: the addresses follow in the same answer
         }
     }
@@ -213,7 +307,7 @@ pub(crate) fn parse_response(id: u16, msg: &[u8]) -> Result<Vec<IpAddr>, Malform
 }
 
 /// Offset just past the (possibly compressed) name starting at `at`.
-fn skip_name(msg: &[u8], mut at: usize) -> Result<usize, Malformed> {
+fn skip_name(msg: &[u8], mut at: usize) -> Result<usize, BadAnswer> {
     loop {
         let len = *msg.get(at).ok_or(BadAnswer::TruncatedName)?;
         match len {
@@ -223,10 +317,10 @@ fn skip_name(msg: &[u8], mut at: usize) -> Result<usize, Malformed> {
                 return if at + 2 <= msg.len() {
                     Ok(at + 2)
                 } else {
-                    Err(BadAnswer::TruncatedName.into())
+                    Err(BadAnswer::TruncatedName)
                 };
             }
-            l if l & 0xc0 != 0 => return Err(BadAnswer::BadLabelType.into()),
+            l if l & 0xc0 != 0 => return Err(BadAnswer::BadLabelType),
             l => at += 1 + usize::from(l),
         }
     }
@@ -333,5 +427,62 @@ mod tests {
             junk[i] = fastrand::u8(..);
             let _ = parse_response(5, &junk);
         }
+    }
+
+    /// A resolver on one port, UDP and TCP: over UDP it sends the first address with the
+    /// truncation bit set, over TCP all of them (AAAA: none).
+    fn truncating_resolver(addrs: Vec<[u8; 4]>) -> SocketAddr {
+        use std::net::TcpListener;
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let server = udp.local_addr().unwrap();
+        let tcp = TcpListener::bind(server).unwrap();
+        let records = move |q: &[u8], all: bool| {
+            let qtype = u16::from_be_bytes([q[q.len() - 15], q[q.len() - 14]]);
+            let recs: Vec<(u16, &[u8])> = match qtype {
+                TYPE_A if all => addrs.iter().map(|a| (TYPE_A, &a[..])).collect(),
+                TYPE_A => addrs.iter().take(1).map(|a| (TYPE_A, &a[..])).collect(),
+                _ => Vec::new(),
+            };
+            let mut r = answer(q, 0, &recs);
+            if !all && qtype == TYPE_A {
+                r[2] |= 0x02; // TC
+            }
+            r
+        };
+        let for_udp = records.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            for _ in 0..2 {
+                let Ok((n, peer)) = udp.recv_from(&mut buf) else {
+                    return;
+                };
+                let _ = udp.send_to(&for_udp(&buf[..n], false), peer);
+            }
+        });
+        std::thread::spawn(move || {
+            if let Ok((mut conn, _)) = tcp.accept() {
+                let mut len = [0u8; 2];
+                conn.read_exact(&mut len).unwrap();
+                let mut q = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                conn.read_exact(&mut q).unwrap();
+                let r = records(&q, true);
+                conn.write_all(&(r.len() as u16).to_be_bytes()).unwrap();
+                conn.write_all(&r).unwrap();
+            }
+        });
+        server
+    }
+
+    #[test]
+    fn a_truncated_answer_is_asked_again_over_tcp() {
+        let q = encode_query(3, "vllm", TYPE_A).unwrap();
+        let mut r = answer(&q, 0, &[(TYPE_A, &[10, 0, 0, 1])]);
+        r[2] |= 0x02;
+        assert_eq!(parse_response(3, &r), Err(Malformed::Truncated));
+        let all: Vec<[u8; 4]> = (1..=40).map(|i| [10, 0, 1, i]).collect();
+        let server = truncating_resolver(all.clone());
+        let got = lookup(server, "vllm.llm.svc", Duration::from_secs(5)).unwrap();
+        let want: Vec<IpAddr> = all.into_iter().map(IpAddr::from).collect();
+        assert_eq!(got, want, "the UDP answer alone had one address");
     }
 }

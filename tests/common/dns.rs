@@ -1,8 +1,11 @@
-//! A tiny DNS server on 127.0.0.1 (UDP) whose answer the test changes: every A question gets the
-//! current address list (whatever the name), AAAA questions get no records. It can also fail
-//! (SERVFAIL) or go silent (the resolver is down). Stopped when dropped.
+//! A tiny DNS server on 127.0.0.1 (UDP, and TCP on the same port) whose answer the test changes:
+//! every A question gets the current address list (whatever the name), AAAA questions get no
+//! records. It can also fail (SERVFAIL), go silent (the resolver is down), or answer over UDP with
+//! only the first address and the truncation bit set, the whole list over TCP (a large Service).
+//! Stopped when dropped.
 
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -10,6 +13,8 @@ use std::time::Duration;
 #[derive(Debug, Clone)]
 pub enum Answer {
     Addrs(Vec<Ipv4Addr>),
+    /// Over UDP, the first address and TC; over TCP, all of them.
+    Truncated(Vec<Ipv4Addr>),
     ServFail,
     Silent,
 }
@@ -20,6 +25,7 @@ pub struct DnsServer {
     queries: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
+    tcp_thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl DnsServer {
@@ -41,8 +47,37 @@ impl DnsServer {
                     };
                     queries.fetch_add(1, Ordering::Relaxed);
                     let current = answer.lock().unwrap().clone();
-                    if let Some(reply) = respond(&buf[..n], &current) {
+                    if let Some(reply) = respond(&buf[..n], &current, false) {
                         let _ = sock.send_to(&reply, peer);
+                    }
+                }
+            })
+        };
+        let tcp = TcpListener::bind(addr).expect("bind dns tcp");
+        tcp.set_nonblocking(true).expect("nonblocking");
+        let tcp_thread = {
+            let (answer, queries, stop) = (answer.clone(), queries.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((mut conn, _)) = tcp.accept() else {
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    };
+                    let _ = conn.set_nonblocking(false);
+                    let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+                    let mut len = [0u8; 2];
+                    if conn.read_exact(&mut len).is_err() {
+                        continue;
+                    }
+                    let mut q = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                    if conn.read_exact(&mut q).is_err() {
+                        continue;
+                    }
+                    queries.fetch_add(1, Ordering::Relaxed);
+                    let current = answer.lock().unwrap().clone();
+                    if let Some(reply) = respond(&q, &current, true) {
+                        let _ = conn.write_all(&(reply.len() as u16).to_be_bytes());
+                        let _ = conn.write_all(&reply);
                     }
                 }
             })
@@ -53,6 +88,7 @@ impl DnsServer {
             queries,
             stop,
             thread: Some(thread),
+            tcp_thread: Some(tcp_thread),
         }
     }
 
@@ -68,14 +104,17 @@ impl DnsServer {
 impl Drop for DnsServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
+        for t in [self.thread.take(), self.tcp_thread.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = t.join();
         }
     }
 }
 
 /// The reply to one query, or `None` to stay silent.
-fn respond(q: &[u8], answer: &Answer) -> Option<Vec<u8>> {
+fn respond(q: &[u8], answer: &Answer, over_tcp: bool) -> Option<Vec<u8>> {
     if q.len() < 12 {
         return None;
     }
@@ -87,14 +126,20 @@ fn respond(q: &[u8], answer: &Answer) -> Option<Vec<u8>> {
     let qtype = u16::from_be_bytes([*q.get(at + 1)?, *q.get(at + 2)?]);
     let qend = at + 5;
     let question = q.get(12..qend)?;
+    let mut tc = 0u16;
     let (rcode, ips): (u16, Vec<Ipv4Addr>) = match answer {
         Answer::Silent => return None,
         Answer::ServFail => (2, Vec::new()),
         Answer::Addrs(ips) if qtype == 1 => (0, ips.clone()),
-        Answer::Addrs(_) => (0, Vec::new()),
+        Answer::Truncated(ips) if qtype == 1 && over_tcp => (0, ips.clone()),
+        Answer::Truncated(ips) if qtype == 1 => {
+            tc = 0x0200;
+            (0, ips.iter().take(1).copied().collect())
+        }
+        Answer::Addrs(_) | Answer::Truncated(_) => (0, Vec::new()),
     };
     let mut r = q[..2].to_vec();
-    r.extend_from_slice(&(0x8180u16 | rcode).to_be_bytes());
+    r.extend_from_slice(&(0x8180u16 | tc | rcode).to_be_bytes());
     r.extend_from_slice(&1u16.to_be_bytes());
     r.extend_from_slice(&(ips.len() as u16).to_be_bytes());
     r.extend_from_slice(&[0, 0, 0, 0]);

@@ -88,6 +88,11 @@ const GAUGES: &[(&str, Field)] = &[
     ("llamacpp:kv_cache_usage_ratio", Field::Kv),
 ];
 
+/// For the fuzz target: `engine_load` as (waiting, running, KV use).
+pub fn fuzz_engine_load(text: &str) -> Option<(f64, f64, Option<f64>)> {
+    engine_load(text).map(|l| (l.waiting, l.running, l.kv_usage))
+}
+
 /// The engine load in a `/metrics` body, or `None` if it has none of the known gauges.
 pub(crate) fn engine_load(text: &str) -> Option<EngineLoad> {
     let mut load = EngineLoad::default();
