@@ -297,6 +297,9 @@ impl ProxyError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Ok,
+    /// The proxy answered with an error before any backend was asked (a bad request, a
+    /// missing key, a limit, an unknown model).
+    Refused,
     ClientAborted,
     UpstreamError,
     Timeout,
@@ -306,6 +309,7 @@ impl Outcome {
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             Outcome::Ok => "ok",
+            Outcome::Refused => "refused",
             Outcome::ClientAborted => "client_aborted",
             Outcome::UpstreamError => "upstream_error",
             Outcome::Timeout => "timeout",

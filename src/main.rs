@@ -146,6 +146,9 @@ fn check(path: &std::path::Path) -> anyhow::Result<ExitCode> {
                 eprintln!("{}: {e:#}", path.display());
                 return Ok(ExitCode::FAILURE);
             }
+            for w in cfg.warnings() {
+                eprintln!("{}: warning: {w}", path.display());
+            }
             println!(
                 "{}: ok ({} backends, strategy {:?})",
                 path.display(),

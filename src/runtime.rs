@@ -231,6 +231,9 @@ pub fn preflight(cfg: &Config) -> anyhow::Result<()> {
 /// Starts the proxy; `path` is the config file a reload re-reads.
 pub fn start_with(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<Running> {
     preflight(&cfg)?;
+    for w in cfg.warnings() {
+        log::warn!("{w}");
+    }
     let (workers, cpus) = worker_plan(&cfg)?;
     let listeners = bind_all(cfg.listen, workers)?;
     let addr = listeners[0].local_addr()?;

@@ -46,6 +46,20 @@ pub struct Config {
 }
 
 impl Config {
+    /// What is valid but probably not meant: `llmproxy check` prints these, startup logs them.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        let hook = &self.usage_hook;
+        if !hook.enabled && hook.url.is_some() {
+            w.push(
+                "usage_hook.url is set but usage_hook.enabled is false: no usage event will be \
+                 sent (set enabled: true)"
+                    .to_string(),
+            );
+        }
+        w
+    }
+
     /// Whether any strategy in use reads the engines' metrics (so the scrapers must run).
     pub fn uses_engine_load(&self) -> bool {
         self.strategies().any(Strategy::uses_engine_load)

@@ -23,6 +23,9 @@ pub(crate) struct Done<'a> {
     pub(crate) outcome: Outcome,
     pub(crate) first_byte: Option<Instant>,
     pub(crate) usage: Option<Usage>,
+    /// A probe (`/health`, `/metrics`): logged, but not traffic, so not in the request metrics
+    /// (a readiness probe would feed the QPS panel, a failing `/health` the error-ratio alert).
+    pub(crate) probe: bool,
 }
 
 impl<'a> Done<'a> {
@@ -40,6 +43,7 @@ impl<'a> Done<'a> {
             outcome: Outcome::Ok,
             first_byte: None,
             usage: None,
+            probe: false,
         }
     }
 }
@@ -54,13 +58,15 @@ pub(crate) fn account(w: &Worker, d: &Downstream, f: Done<'_>) {
     let is_stream = f.info.is_some_and(|i| i.stream);
     let ttft = f.first_byte.map(|t| t.duration_since(req.received));
     let model_idx = w.metrics.model_index(model);
-    w.metrics.request(
-        f.status,
-        f.backend,
-        model_idx,
-        elapsed,
-        ttft.filter(|_| is_stream),
-    );
+    if !f.probe {
+        w.metrics.request(
+            f.status,
+            f.backend,
+            model_idx,
+            elapsed,
+            ttft.filter(|_| is_stream),
+        );
+    }
     if let Some(u) = &f.usage {
         w.metrics.tokens(
             model_idx,
@@ -154,7 +160,7 @@ fn access_line(
     line.push_str(",\"completion_tokens\":");
     encode::push_u64(&mut line, u.completion_tokens);
     line.push_str(",\"duration_ms\":");
-    encode::push_f64(&mut line, elapsed.as_secs_f64() * 1000.0);
+    encode::push_f64(&mut line, millis(elapsed));
     line.push_str(",\"key_id\":");
     encode::push_json_opt_str(&mut line, key_id);
     line.push_str(",\"method\":");
@@ -173,9 +179,14 @@ fn access_line(
     encode::push_u64(&mut line, u64::from(f.status));
     line.push_str(",\"ttft_ms\":");
     match ttft {
-        Some(t) => encode::push_f64(&mut line, t.as_secs_f64() * 1000.0),
+        Some(t) => encode::push_f64(&mut line, millis(t)),
         None => line.push_str("null"),
     }
     line.push('}');
     line
+}
+
+/// Milliseconds with microsecond resolution (`141.339`, not `141.33900000000002`).
+fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
 }

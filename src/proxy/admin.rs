@@ -35,7 +35,18 @@ pub(crate) async fn serve(w: &Worker, d: &mut Downstream, req: &Request<'_>, loc
     };
     let status = answer.status;
     let keep = respond(d, req, answer, req.close).await;
-    account(w, d, Done::answered(req, None, status));
+    let probe = matches!(
+        local,
+        Local::Health | Local::Metrics | Local::MetricsElsewhere
+    );
+    account(
+        w,
+        d,
+        Done {
+            probe,
+            ..Done::answered(req, None, status)
+        },
+    );
     keep
 }
 

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use crate::error::ProxyError;
+use crate::error::{Outcome, ProxyError};
 use crate::http1::head::Head;
 use crate::http1::write;
 use crate::openai::RequestInfo;
@@ -96,7 +96,11 @@ pub(crate) async fn fail(
     info: Option<&RequestInfo>,
 ) -> bool {
     let keep = error_response(w, d, req, &e, log::Level::Info).await;
-    account(w, d, Done::answered(req, info, e.status()));
+    let done = Done {
+        outcome: Outcome::Refused,
+        ..Done::answered(req, info, e.status())
+    };
+    account(w, d, done);
     keep
 }
 

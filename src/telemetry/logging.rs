@@ -20,14 +20,71 @@ const QUEUE: usize = 16 * 1024;
 static DROPPED: AtomicU64 = AtomicU64::new(0);
 
 struct Logger {
-    level: LevelFilter,
+    filter: Filter,
     format: LogFormat,
     tx: Sender<String>,
 }
 
+/// Which records are written: a default level, and levels for targets (`RUST_LOG`'s
+/// `target=level` directives; the longest matching target prefix wins), so
+/// `RUST_LOG=llmproxy=trace` traces the proxy without the HTTP client library's own trace.
+#[derive(Debug, Clone, PartialEq)]
+struct Filter {
+    default: LevelFilter,
+    targets: Vec<(String, LevelFilter)>,
+}
+
+impl Filter {
+    /// `RUST_LOG` over the configured level: a bare level replaces the default, `target=level`
+    /// directives apply to targets starting with `target` (module paths: `llmproxy`,
+    /// `llmproxy::proxy`, `ureq`, or `access` for access lines). Unreadable parts are ignored.
+    fn parse(configured: LevelFilter, rust_log: Option<&str>) -> Filter {
+        let mut f = Filter {
+            default: configured,
+            targets: Vec::new(),
+        };
+        for part in rust_log.unwrap_or("").split(',').map(str::trim) {
+            match part.split_once('=') {
+                Some((target, level)) => {
+                    if let Ok(level) = level.trim().parse::<LevelFilter>() {
+                        f.targets.push((target.trim().to_string(), level));
+                    }
+                }
+                None => {
+                    if let Ok(level) = part.parse::<LevelFilter>() {
+                        f.default = level;
+                    }
+                }
+            }
+        }
+        // Longest first, so the first match is the most specific.
+        f.targets.sort_by_key(|t| std::cmp::Reverse(t.0.len()));
+        f
+    }
+
+    fn level_for(&self, target: &str) -> LevelFilter {
+        self.targets
+            .iter()
+            .find(|(t, _)| {
+                target == t
+                    || target
+                        .strip_prefix(t.as_str())
+                        .is_some_and(|r| r.starts_with("::"))
+            })
+            .map_or(self.default, |(_, l)| *l)
+    }
+
+    fn max(&self) -> LevelFilter {
+        self.targets
+            .iter()
+            .map(|(_, l)| *l)
+            .fold(self.default, std::cmp::Ord::max)
+    }
+}
+
 impl Log for Logger {
     fn enabled(&self, metadata: &Metadata) -> bool {
-        metadata.level() <= self.level
+        metadata.level() <= self.filter.level_for(metadata.target())
     }
 
     fn log(&self, record: &Record) {
@@ -75,8 +132,38 @@ fn format_line(format: LogFormat, record: &Record) -> String {
             });
             format!("{v}\n")
         }
+        LogFormat::Text if record.target() == ACCESS => {
+            format!("{ts} access {}\n", text_fields(&msg))
+        }
         LogFormat::Text => format!("{ts} {:<5} {}: {msg}\n", record.level(), record.target()),
     }
+}
+
+/// An access line (a JSON object) as `key=value` pairs for `logging.format: text`; strings with
+/// spaces or quotes stay quoted, `null`s are left out.
+fn text_fields(json: &str) -> String {
+    let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(json) else {
+        return json.to_string();
+    };
+    let mut out = String::with_capacity(json.len());
+    for (k, v) in map {
+        let v = match v {
+            serde_json::Value::Null => continue,
+            serde_json::Value::String(s)
+                if !s.is_empty() && !s.contains(|c: char| c.is_whitespace() || c == '"') =>
+            {
+                s
+            }
+            other => other.to_string(),
+        };
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(&k);
+        out.push('=');
+        out.push_str(&v);
+    }
+    out
 }
 
 /// Log lines dropped because the writer could not keep up.
@@ -84,28 +171,16 @@ pub(crate) fn dropped() -> u64 {
     DROPPED.load(Ordering::Relaxed)
 }
 
-/// `RUST_LOG` (a plain level such as `debug`, or `llmproxy=debug`) overrides the configured level.
-fn effective_level(configured: LevelFilter) -> LevelFilter {
-    std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|v| {
-            v.split(',')
-                .filter_map(|part| part.rsplit('=').next())
-                .filter_map(|l| l.trim().parse::<LevelFilter>().ok())
-                .max()
-        })
-        .unwrap_or(configured)
-}
-
 /// Installs the logger once per process; later calls are ignored.
 pub fn init(level: LevelFilter, format: LogFormat) {
-    let level = effective_level(level);
+    let filter = Filter::parse(level, std::env::var("RUST_LOG").ok().as_deref());
+    let max = filter.max();
     let (tx, rx) = crossbeam_channel::bounded::<String>(QUEUE);
-    let logger = Logger { level, format, tx };
+    let logger = Logger { filter, format, tx };
     if log::set_boxed_logger(Box::new(logger)).is_err() {
         return;
     }
-    log::set_max_level(level);
+    log::set_max_level(max);
     let spawned = std::thread::Builder::new()
         .name("llmproxy-log".into())
         .spawn(move || {
@@ -129,5 +204,49 @@ pub fn init(level: LevelFilter, format: LogFormat) {
         });
     if let Err(e) = spawned {
         eprintln!("llmproxy: cannot start the log writer thread: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rust_log_targets_apply_to_their_targets_only() {
+        let f = Filter::parse(LevelFilter::Info, Some("llmproxy=trace"));
+        assert_eq!(f.level_for("llmproxy::proxy::conn"), LevelFilter::Trace);
+        assert_eq!(f.level_for("llmproxy"), LevelFilter::Trace);
+        assert_eq!(f.level_for("ureq::unit"), LevelFilter::Info);
+        assert_eq!(f.level_for("llmproxyx"), LevelFilter::Info);
+        assert_eq!(f.max(), LevelFilter::Trace);
+        let f = Filter::parse(
+            LevelFilter::Info,
+            Some("warn,llmproxy::proxy=debug,access=off"),
+        );
+        assert_eq!(f.level_for("llmproxy::proxy::relay"), LevelFilter::Debug);
+        assert_eq!(f.level_for("llmproxy::control"), LevelFilter::Warn);
+        assert_eq!(f.level_for(ACCESS), LevelFilter::Off);
+        assert_eq!(
+            Filter::parse(LevelFilter::Info, Some("debug")).default,
+            LevelFilter::Debug
+        );
+        assert_eq!(
+            Filter::parse(LevelFilter::Warn, Some("x=nonsense,")).max(),
+            LevelFilter::Warn
+        );
+        assert_eq!(
+            Filter::parse(LevelFilter::Warn, None).max(),
+            LevelFilter::Warn
+        );
+    }
+
+    #[test]
+    fn text_access_lines_are_key_value_pairs() {
+        let line = r#"{"backend":null,"client":"127.0.0.1:5","duration_ms":1.5,"model":"m x","status":200}"#;
+        assert_eq!(
+            text_fields(line),
+            r#"client=127.0.0.1:5 duration_ms=1.5 model="m x" status=200"#
+        );
+        assert_eq!(text_fields("not json"), "not json");
     }
 }

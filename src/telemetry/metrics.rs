@@ -428,28 +428,29 @@ impl LocalMetrics {
             .borrow_mut()
             .entry((status, b, model))
             .or_insert(0) += 1;
-        if let Some(backend) = backend {
-            self.with_histos(backend, model, |h| {
-                let secs = elapsed.as_secs_f64();
-                h.ms.observe(secs * 1000.0);
-                h.seconds.observe(secs);
-                if let Some(t) = ttft {
-                    h.ttft.observe(t.as_secs_f64());
-                }
-            });
-        }
+        // Every counted request is in the latency histograms too, answered by a backend or by
+        // the proxy itself (`backend="none"`), so their counts agree with requests_total.
+        self.with_histos(b, model, |h| {
+            let secs = elapsed.as_secs_f64();
+            h.ms.observe(secs * 1000.0);
+            h.seconds.observe(secs);
+            if let Some(t) = ttft {
+                h.ttft.observe(t.as_secs_f64());
+            }
+        });
     }
 
     /// The gap between two chunks relayed to a streaming client.
     pub(crate) fn inter_token(&self, backend: usize, model: ModelIdx, gap: Duration) {
-        self.with_histos(backend, model, |h| h.itl.observe(gap.as_secs_f64()));
+        self.with_histos(backend as u16, model, |h| h.itl.observe(gap.as_secs_f64()));
     }
 
     /// The local histograms of one (backend, model) pair, created on first use.
-    fn with_histos(&self, backend: usize, model: ModelIdx, f: impl FnOnce(&Histos)) {
+    fn with_histos(&self, backend: u16, model: ModelIdx, f: impl FnOnce(&Histos)) {
         let mut lat = self.latency.borrow_mut();
-        let h = lat.entry((backend as u16, model)).or_insert_with(|| {
-            let (backend, model) = (self.backend_label(Some(backend)), self.model_label(model));
+        let h = lat.entry((backend, model)).or_insert_with(|| {
+            let slot = (backend != NO_BACKEND).then_some(usize::from(backend));
+            let (backend, model) = (self.backend_label(slot), self.model_label(model));
             let labels = [backend.as_str(), model.as_str()];
             Histos {
                 ms: self.global.latency_ms.with_label_values(&labels).local(),

@@ -553,3 +553,18 @@ fn cpus_and_workers() {
         "3 workers but cpus lists 2 CPUs",
     );
 }
+
+#[test]
+fn a_hook_url_without_enabled_is_a_warning() {
+    let idle = ok(&with_backend(
+        "usage_hook: { url: \"http://billing/usage\" }\n",
+    ));
+    let w = idle.warnings();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].contains("usage_hook.enabled is false"), "{w:?}");
+    let on = ok(&with_backend(
+        "usage_hook: { enabled: true, url: \"http://billing/usage\" }\n",
+    ));
+    assert!(on.warnings().is_empty());
+    assert!(ok(MINIMAL).warnings().is_empty());
+}
