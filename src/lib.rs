@@ -29,4 +29,5 @@ mod control;
 mod encode;
 mod hash;
 mod proxy;
+mod tls;
 mod upstream;

@@ -255,6 +255,7 @@ impl Plane {
         })?;
         self.statics = statics;
         let added = self.discovery.configure(&new);
+        self.metrics.tls_certificates(&new);
         self.config = Arc::new(new);
         if !added.is_empty() {
             self.discovery.resolve(Some(&added), &self.metrics);
