@@ -28,6 +28,14 @@ pub enum ProxyError {
     UpstreamConnect(std::io::Error),
     #[error("upstream connect timed out")]
     UpstreamConnectTimeout,
+    /// The backend's TLS certificate failed verification (unknown CA, another name, expired):
+    /// the request was never sent.
+    #[error("upstream TLS certificate rejected: {0}")]
+    UpstreamTlsCertificate(String),
+    /// The TLS handshake with the backend failed otherwise (an alert, such as our client
+    /// certificate refused; a protocol error; the backend closed): the request was never sent.
+    #[error("upstream TLS handshake failed: {0}")]
+    UpstreamTlsHandshake(String),
     /// The connection failed before any response byte arrived (reset, EOF, write error).
     #[error("upstream closed the connection before responding: {0}")]
     UpstreamClosed(String),
@@ -109,8 +117,14 @@ impl ProxyError {
             RequestReadTimeout => 408,
             UnknownModel(_) | NotFound(_) => 404,
             NoHealthyBackend | Draining => 503,
-            UpstreamConnect(_) | UpstreamClosed(_) | UpstreamProtocol(_) | UpstreamStatus(_)
-            | BodyClosed | BodyRead(_) => 502,
+            UpstreamConnect(_)
+            | UpstreamClosed(_)
+            | UpstreamProtocol(_)
+            | UpstreamStatus(_)
+            | BodyClosed
+            | BodyRead(_)
+            | UpstreamTlsCertificate(_)
+            | UpstreamTlsHandshake(_) => 502,
             UpstreamConnectTimeout | FirstByteTimeout(_) | IdleTimeout(_) | RequestTimeout => 504,
             Internal(_) => 500,
             Unauthorized(_) => 401,
@@ -151,6 +165,8 @@ impl ProxyError {
             Draining => "shutting_down",
             UpstreamConnect(_) => "upstream_connect_error",
             UpstreamConnectTimeout => "upstream_connect_timeout",
+            UpstreamTlsCertificate(_) => "upstream_tls_certificate",
+            UpstreamTlsHandshake(_) => "upstream_tls_error",
             UpstreamClosed(_) | BodyClosed | BodyRead(_) => "upstream_closed",
             FirstByteTimeout(_) | IdleTimeout(_) => "upstream_timeout",
             UpstreamProtocol(_) => "upstream_protocol_error",
@@ -175,6 +191,8 @@ impl ProxyError {
             ProxyError::UpstreamConnect(_)
                 | ProxyError::UpstreamConnectTimeout
                 | ProxyError::UpstreamClosed(_)
+                | ProxyError::UpstreamTlsCertificate(_)
+                | ProxyError::UpstreamTlsHandshake(_)
         )
     }
 
@@ -252,6 +270,8 @@ impl ProxyError {
             | UpstreamClosed(_)
             | FirstByteTimeout(_)
             | UpstreamProtocol(_)
+            | UpstreamTlsCertificate(_)
+            | UpstreamTlsHandshake(_)
             | BodyClosed
             | BodyRead(_) => Some(Verdict::Fault),
             UpstreamStatus(s) => Some(Verdict::of_status(*s)),
@@ -273,6 +293,8 @@ impl ProxyError {
             | UpstreamClosed(_)
             | FirstByteTimeout(_)
             | UpstreamProtocol(_)
+            | UpstreamTlsCertificate(_)
+            | UpstreamTlsHandshake(_)
             | UpstreamStatus(_) => Some(self.code()),
             _ => None,
         }

@@ -39,4 +39,5 @@ mod control;
 mod encode;
 mod hash;
 mod proxy;
+mod tls;
 mod upstream;

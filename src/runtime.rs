@@ -255,6 +255,18 @@ pub fn start_with(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<Running>
     let metrics = Arc::new(
         Metrics::new(&cfg, workers, driver).map_err(|e| anyhow!("metrics registry: {e}"))?,
     );
+    metrics.tls_certificates(&cfg);
+    for b in cfg
+        .backends
+        .iter()
+        .filter(|b| b.tls.as_ref().is_some_and(|t| t.insecure_skip_verify))
+    {
+        log::warn!(
+            "INSECURE: backends {}: tls.insecure_skip_verify is true; its certificate is NOT \
+             verified, so anyone on the path can impersonate it and read every request",
+            b.url
+        );
+    }
     let mut plane = Plane::new(cfg.clone(), path, workers, metrics.clone())?;
     let connection_limit = ConnectionLimit::new(cfg.limits.max_connections);
     let capacity = Capacity::from_config(&cfg);

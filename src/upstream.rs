@@ -8,18 +8,22 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use monoio::io::AsyncWriteRentExt;
+use monoio::io::Splitable;
 use monoio::net::TcpStream;
+use rustls::ClientConnection;
 
 use crate::error::ProxyError;
 use crate::http1::head::{Head, ParseStatus};
-use crate::http1::io::read_more;
+use crate::tls::io::{BackendReader, BackendWriter, Reader, Writer};
+use crate::tls::stream::{handshake, HandshakeError};
+use crate::tls::ClientTls;
 
 /// Upper bound for a response head from a backend; real ones are a few hundred bytes.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
 pub(crate) struct UpConn {
-    pub(crate) io: TcpStream,
+    pub(crate) rd: BackendReader,
+    pub(crate) wr: BackendWriter,
     /// Bytes read from the backend and not yet relayed.
     pub(crate) buf: BytesMut,
     /// Came from the pool (so a failure before the first byte may just mean it went stale).
@@ -128,16 +132,42 @@ impl Pool {
     }
 }
 
-pub(crate) async fn connect(addr: SocketAddr, timeout: Duration) -> Result<UpConn, ProxyError> {
-    let io = match monoio::time::timeout(timeout, TcpStream::connect_addr(addr)).await {
-        Ok(Ok(io)) => io,
-        Ok(Err(e)) => return Err(ProxyError::UpstreamConnect(e)),
-        Err(_) => return Err(ProxyError::UpstreamConnectTimeout),
-    };
+/// Connects (and for an https backend, completes the TLS handshake), all under `timeout`. A
+/// TLS failure is its own error: the request is never sent on such a connection.
+pub(crate) async fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+    tls: Option<&ClientTls>,
+) -> Result<UpConn, ProxyError> {
+    match monoio::time::timeout(timeout, open(addr, tls)).await {
+        Ok(r) => r,
+        Err(_) => Err(ProxyError::UpstreamConnectTimeout),
+    }
+}
+
+async fn open(addr: SocketAddr, tls: Option<&ClientTls>) -> Result<UpConn, ProxyError> {
+    let io = TcpStream::connect_addr(addr)
+        .await
+        .map_err(ProxyError::UpstreamConnect)?;
     // Tokens are tiny writes; Nagle would hold them back.
     let _ = io.set_nodelay(true);
+    let (rd, wr) = match tls {
+        None => {
+            let (rd, wr) = io.into_split();
+            (Reader::Plain(rd), Writer::Plain(wr))
+        }
+        Some(tls) => {
+            let conn = ClientConnection::new(tls.config.clone(), tls.server_name.clone())
+                .map_err(|e| ProxyError::UpstreamTlsHandshake(e.to_string()))?;
+            let (rd, wr) = handshake(io, conn, false)
+                .await
+                .map_err(upstream_tls_error)?;
+            (Reader::Tls(Box::new(rd)), Writer::Tls(Box::new(wr)))
+        }
+    };
     Ok(UpConn {
-        io,
+        rd,
+        wr,
         buf: BytesMut::with_capacity(4 * 1024),
         reused: false,
         keepalive_hint: None,
@@ -153,7 +183,7 @@ impl UpConn {
         request: Vec<u8>,
         first_byte: Duration,
     ) -> (Result<Head, ProxyError>, Vec<u8>) {
-        let (res, request) = self.io.write_all(request).await;
+        let (res, request) = self.wr.write_all(request).await;
         if let Err(e) = res {
             return (Err(ProxyError::UpstreamClosed(e.to_string())), request);
         }
@@ -187,7 +217,7 @@ impl UpConn {
                 }
             }
             let buf = std::mem::take(&mut self.buf);
-            let (res, buf) = read_more(&mut self.io, buf).await;
+            let (res, buf) = self.rd.read_more(buf).await;
             self.buf = buf;
             match res {
                 Ok(0) if !received_any => {
@@ -203,6 +233,17 @@ impl UpConn {
                 Err(e) => return Err(ProxyError::UpstreamProtocol(e.to_string())),
             }
         }
+    }
+}
+
+/// A failed handshake with a backend, as the error the client's 502 and the metrics name.
+fn upstream_tls_error(e: HandshakeError) -> ProxyError {
+    match e {
+        HandshakeError::Tls(rustls::Error::InvalidCertificate(c)) => {
+            ProxyError::UpstreamTlsCertificate(format!("{c:?}"))
+        }
+        HandshakeError::Io(e) => ProxyError::UpstreamTlsHandshake(e.to_string()),
+        other => ProxyError::UpstreamTlsHandshake(other.to_string()),
     }
 }
 
@@ -229,7 +270,7 @@ impl UpConn {
     ) -> Result<&[u8], ProxyError> {
         while self.buf.len() < len {
             let buf = std::mem::take(&mut self.buf);
-            match monoio::time::timeout(timeout, read_more(&mut self.io, buf)).await {
+            match monoio::time::timeout(timeout, self.rd.read_more(buf)).await {
                 Ok((Ok(n), buf)) => {
                     self.buf = buf;
                     if n == 0 {

@@ -26,6 +26,7 @@ use std::sync::Arc;
 
 use crate::backends::route::RouteTable;
 use crate::config::{Config, Secret};
+use crate::tls::ClientTls;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum State {
@@ -67,6 +68,8 @@ pub(crate) struct Spec {
     pub(crate) api_key: Option<Secret>,
     /// Where the engine's Prometheus metrics are (after `base_path`), for `least_load`.
     pub(crate) metrics_path: String,
+    /// `Some` for an https backend: how to reach it (roots, client certificate, server name).
+    pub(crate) tls: Option<ClientTls>,
 }
 
 impl Spec {
@@ -142,13 +145,18 @@ pub(crate) fn desired(
             max_inflight: b.max_inflight,
             api_key: b.api_key.clone(),
             metrics_path: b.metrics_path.clone(),
+            tls: b.tls.as_ref().map(|t| t.client.clone()),
         };
         if b.discover.is_some() {
             let prefix = b.name.as_deref().unwrap_or(&b.host);
             for &addr in discovered.get(&b.url).into_iter().flatten() {
                 out.push(spec(
                     addr,
-                    format!("http://{addr}{}", b.base_path),
+                    format!(
+                        "{}://{addr}{}",
+                        if b.tls.is_some() { "https" } else { "http" },
+                        b.base_path
+                    ),
                     format!("{prefix}/{addr}"),
                 ));
             }
@@ -357,6 +365,7 @@ mod tests {
             max_inflight: 0,
             api_key: None,
             metrics_path: "/metrics".into(),
+            tls: None,
         }
     }
 

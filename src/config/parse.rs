@@ -59,6 +59,7 @@ pub(super) struct HttpUrl {
     pub(super) port: u16,
     pub(super) authority: String,
     pub(super) base_path: String,
+    pub(super) https: bool,
 }
 
 pub(super) fn parse_http_url(s: &str, usage: UrlUse) -> Result<HttpUrl, String> {
@@ -69,21 +70,11 @@ pub(super) fn parse_http_url(s: &str, usage: UrlUse) -> Result<HttpUrl, String> 
     let (scheme, rest) = s
         .split_once("://")
         .ok_or_else(|| format!("\"{s}\" has no scheme; expected http://HOST[:PORT][/PATH]"))?;
-    let default_port = match (scheme.to_ascii_lowercase().as_str(), usage) {
-        ("http", _) => 80,
-        ("https", UrlUse::Webhook) => 443,
-        ("https", UrlUse::Backend) => {
-            return Err(
-                "TLS upstreams are not supported; terminate TLS in front or use http://"
-                    .to_string(),
-            )
-        }
-        (_, UrlUse::Backend) => {
-            return Err(format!(
-                "unsupported scheme \"{scheme}\"; only http:// is supported"
-            ))
-        }
-        (_, UrlUse::Webhook) => {
+    let https = scheme.eq_ignore_ascii_case("https");
+    let default_port = match scheme.to_ascii_lowercase().as_str() {
+        "http" => 80,
+        "https" => 443,
+        _ => {
             return Err(format!(
                 "unsupported scheme \"{scheme}\"; only http:// and https:// are supported"
             ))
@@ -161,6 +152,7 @@ pub(super) fn parse_http_url(s: &str, usage: UrlUse) -> Result<HttpUrl, String> 
         port,
         authority,
         base_path: path.trim_end_matches('/').to_string(),
+        https,
     })
 }
 

@@ -6,6 +6,7 @@
 //! reader, so the fields are visible to the `config` module and nowhere else.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -42,6 +43,7 @@ pub(super) struct RawConfig {
     pub(super) logging: Logging,
     pub(super) discovery: RawDiscovery,
     pub(super) auth: RawAuth,
+    pub(super) tls: Option<RawListenTls>,
 }
 
 impl Default for RawConfig {
@@ -68,6 +70,7 @@ impl Default for RawConfig {
             logging: Logging::default(),
             discovery: RawDiscovery::default(),
             auth: RawAuth::default(),
+            tls: None,
         }
     }
 }
@@ -76,7 +79,7 @@ impl Default for RawConfig {
 #[serde(
     deny_unknown_fields,
     default,
-    expecting = "a mapping with url, weight, models, discover, name, max_inflight, api_key, metrics_path"
+    expecting = "a mapping with url, weight, models, discover, name, max_inflight, api_key, metrics_path, tls"
 )]
 pub(super) struct RawBackend {
     pub(super) url: String,
@@ -87,6 +90,7 @@ pub(super) struct RawBackend {
     pub(super) max_inflight: usize,
     pub(super) api_key: Option<String>,
     pub(super) metrics_path: String,
+    pub(super) tls: Option<RawBackendTls>,
 }
 
 impl Default for RawBackend {
@@ -100,6 +104,7 @@ impl Default for RawBackend {
             max_inflight: 0,
             api_key: None,
             metrics_path: "/metrics".to_string(),
+            tls: None,
         }
     }
 }
@@ -164,4 +169,41 @@ impl Default for RawDiscovery {
             resolver: String::new(),
         }
     }
+}
+
+/// `tls:` on `listen`.
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with cert_file, key_file, client_ca_file, handshake_timeout"
+)]
+pub(super) struct RawListenTls {
+    pub(super) cert_file: PathBuf,
+    pub(super) key_file: PathBuf,
+    #[serde(default)]
+    pub(super) client_ca_file: Option<PathBuf>,
+    #[serde(
+        default = "default_handshake_timeout",
+        deserialize_with = "de_duration"
+    )]
+    pub(super) handshake_timeout: Duration,
+}
+
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// `backends[].tls`.
+#[derive(Deserialize, Default)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "a mapping with ca_file, cert_file, key_file, server_name, insecure_skip_verify"
+)]
+pub(super) struct RawBackendTls {
+    pub(super) ca_file: Option<PathBuf>,
+    pub(super) cert_file: Option<PathBuf>,
+    pub(super) key_file: Option<PathBuf>,
+    pub(super) server_name: Option<String>,
+    pub(super) insecure_skip_verify: bool,
 }

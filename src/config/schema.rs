@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -43,6 +44,8 @@ pub struct Config {
     pub logging: Logging,
     pub discovery: Discovery,
     pub auth: Auth,
+    /// `Some`: `listen` speaks TLS only.
+    pub tls: Option<ListenTls>,
 }
 
 impl Config {
@@ -104,6 +107,29 @@ pub struct Backend {
     pub api_key: Option<Secret>,
     /// Path (after `base_path`) of the engine's Prometheus metrics, scraped for `least_load`.
     pub metrics_path: String,
+    /// `Some` for an `https://` URL (and only then).
+    pub tls: Option<BackendTls>,
+}
+
+/// `tls:`: client TLS on `listen`. The files were read and checked at load (the certificate
+/// unexpired, the key its own, the CA a CA); `server` is what they built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// `Some`: clients must present a certificate signed by this CA (mTLS).
+    pub client_ca_file: Option<PathBuf>,
+    /// How long a client may take to complete the handshake.
+    pub handshake_timeout: Duration,
+    pub server: crate::tls::ServerTls,
+}
+
+/// `backends[].tls`: how an `https://` backend is reached; `client` was built from the files at
+/// load (default roots: the Mozilla set built in).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendTls {
+    pub insecure_skip_verify: bool,
+    pub client: crate::tls::ClientTls,
 }
 
 /// How a backend entry's addresses are found.

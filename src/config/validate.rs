@@ -13,8 +13,11 @@ use super::parse::{
     parse_cpu_list, parse_hash_key, parse_http_url, parse_listen, valid_header_name, UrlUse,
 };
 use super::raw::{RawConfig, RawDiscovery, RawPool, RawRouting};
-use super::schema::{Backend, Config, Discovery, ModelPool, Routing, Secret, Strategy};
+use super::schema::{
+    Backend, BackendTls, Config, Discovery, ListenTls, ModelPool, Routing, Secret, Strategy,
+};
 use super::ConfigError;
+use crate::tls::ServerTls;
 
 pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let mut errors: Vec<String> = Vec::new();
@@ -114,7 +117,35 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 continue;
             }
         };
-        let normalised = format!("http://{}{}", url.authority, url.base_path);
+        let tls = match (url.https, b.tls) {
+            (true, t) => {
+                let t = t.unwrap_or_default();
+                match crate::tls::ClientTls::load(
+                    &url.host,
+                    t.ca_file.as_deref(),
+                    t.cert_file.as_deref(),
+                    t.key_file.as_deref(),
+                    t.server_name.as_deref(),
+                    t.insecure_skip_verify,
+                ) {
+                    Ok(client) => Some(BackendTls {
+                        insecure_skip_verify: t.insecure_skip_verify,
+                        client,
+                    }),
+                    Err(e) => {
+                        err(&format!("{at}.tls"), e);
+                        continue;
+                    }
+                }
+            }
+            (false, Some(_)) => {
+                err(&format!("{at}.tls"), "only for an https:// url".to_string());
+                continue;
+            }
+            (false, None) => None,
+        };
+        let scheme = if url.https { "https" } else { "http" };
+        let normalised = format!("{scheme}://{}{}", url.authority, url.base_path);
         if let Some(first) = seen.get(&normalised) {
             err(
                 &format!("{at}.url"),
@@ -136,6 +167,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             max_inflight: b.max_inflight,
             api_key: b.api_key.filter(|k| !k.is_empty()).map(Secret),
             metrics_path: b.metrics_path,
+            tls,
         });
     }
     let discovery = validate_discovery(&raw.discovery, &mut err);
@@ -260,6 +292,28 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         }
     }
 
+    let tls = raw.tls.and_then(|t| {
+        if t.handshake_timeout.is_zero() {
+            err(
+                "tls.handshake_timeout",
+                "must be greater than zero".to_string(),
+            );
+        }
+        match ServerTls::load(&t.cert_file, &t.key_file, t.client_ca_file.as_deref()) {
+            Ok(server) => Some(ListenTls {
+                cert_file: t.cert_file,
+                key_file: t.key_file,
+                client_ca_file: t.client_ca_file,
+                handshake_timeout: t.handshake_timeout,
+                server,
+            }),
+            Err(e) => {
+                err("tls", e);
+                None
+            }
+        }
+    });
+
     let auth = validate_auth(raw.auth, &mut errors);
 
     match (listen, errors.is_empty()) {
@@ -285,6 +339,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             logging: raw.logging,
             discovery,
             auth,
+            tls,
         }),
         _ => Err(ConfigError::Invalid(errors)),
     }
@@ -353,7 +408,10 @@ fn validate_models(
             let mut urls = Vec::with_capacity(list.len());
             for (i, u) in list.iter().enumerate() {
                 let norm = parse_http_url(u, UrlUse::Backend)
-                    .map(|url| format!("http://{}{}", url.authority, url.base_path));
+                    .map(|url| {
+                        let scheme = if url.https { "https" } else { "http" };
+                        format!("{scheme}://{}{}", url.authority, url.base_path)
+                    });
                 match norm {
                     Ok(n) if backends.iter().any(|b| b.url == n) => urls.push(n),
                     Ok(n) => err(

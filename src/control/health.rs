@@ -124,7 +124,7 @@ impl Checker {
             .filter_map(|&s| self.table.get(s).map(|e| (s, e)))
             .filter(|(_, e)| e.state == BackendState::Active)
             .collect();
-        let results = probe_all(&self.agent, &targets, &hc.path);
+        let results = probe_all(&self.agent, &targets, &hc.path, hc.timeout);
         for ((slot, e), ok) in targets.iter().zip(results) {
             let Some(s) = self.states.get_mut(&e.id) else {
                 continue;
@@ -224,11 +224,12 @@ fn probe_all(
     agent: &ureq::Agent,
     backends: &[(usize, &Entry)],
     path: &str,
+    timeout: std::time::Duration,
 ) -> Vec<Result<(), ProbeError>> {
     std::thread::scope(|scope| {
         let handles: Vec<_> = backends
             .iter()
-            .map(|(_, e)| scope.spawn(move || probe(agent, e, path)))
+            .map(|(_, e)| scope.spawn(move || probe(agent, e, path, timeout)))
             .collect();
         handles
             .into_iter()
@@ -237,11 +238,26 @@ fn probe_all(
     })
 }
 
-fn probe(agent: &ureq::Agent, backend: &Entry, path: &str) -> Result<(), ProbeError> {
-    let url = format!(
-        "http://{}{}{}",
-        backend.spec.addr, backend.spec.base_path, path
-    );
+fn probe(
+    agent: &ureq::Agent,
+    backend: &Entry,
+    path: &str,
+    timeout: std::time::Duration,
+) -> Result<(), ProbeError> {
+    let spec = &backend.spec;
+    let path = format!("{}{}", spec.base_path, path);
+    let url = crate::tls::blocking::url(spec.tls.as_ref(), spec.addr, &path);
+    // An https backend gets an agent with its own TLS settings, pinned to its address (the
+    // shared agent's pool is keyed by host, which for TLS is the server name, not the address).
+    let own;
+    let agent = match &spec.tls {
+        None => agent,
+        Some(tls) => {
+            let builder = ureq::AgentBuilder::new().timeout(timeout).redirects(0);
+            own = crate::tls::blocking::agent(builder, Some(tls), spec.addr);
+            &own
+        }
+    };
     match agent.get(&url).set("host", &backend.spec.authority).call() {
         Ok(resp) if (200..300).contains(&resp.status()) => {
             // Drain so the agent can reuse the connection next round.

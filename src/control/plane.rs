@@ -280,6 +280,7 @@ impl Plane {
             resolve_statics(&new, &self.statics).map_err(|e| rejected(ReloadError::from(e)))?;
         self.statics = statics;
         let added = self.discovery.configure(&new);
+        self.metrics.tls_certificates(&new);
         self.config = Arc::new(new);
         if !added.is_empty() {
             self.discovery.resolve(Some(&added), &self.metrics);

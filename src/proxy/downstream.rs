@@ -5,15 +5,13 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
 
-use bytes::BytesMut;
-use monoio::io::{OwnedReadHalf, OwnedWriteHalf};
-use monoio::net::TcpStream;
-
 use crate::auth::KeyIdCache;
+use crate::tls::io::{ClientReader, ClientWriter};
+use bytes::BytesMut;
 
 pub(crate) struct Downstream {
-    pub(crate) rd: OwnedReadHalf<TcpStream>,
-    pub(crate) wr: OwnedWriteHalf<TcpStream>,
+    pub(crate) rd: ClientReader,
+    pub(crate) wr: ClientWriter,
     /// Bytes read from the client and not yet consumed (start of the next request).
     pub(crate) buf: BytesMut,
     pub(crate) peer: SocketAddr,

@@ -6,15 +6,14 @@
 
 use std::rc::Rc;
 
-use monoio::io::OwnedWriteHalf;
-use monoio::net::TcpStream;
-
 use crate::error::{ProxyError, Verdict};
 use crate::http1::head::{BodyFraming, Head};
 use crate::openai;
 use crate::proxy::pick::{pick, Target, Tried};
 use crate::proxy::relay::{relay, Sent};
 use crate::proxy::request::{upstream_request, Exchange, Plan};
+use crate::tls::io::ClientWriter;
+use crate::tls::ClientTls;
 use crate::upstream::{self, UpConn};
 use crate::worker::balance::Reason;
 use crate::worker::Worker;
@@ -26,7 +25,7 @@ pub(crate) async fn forward_with_fallbacks<'a>(
     x: &Exchange<'a>,
     plan: &'a Plan<'_>,
     original: &'a [u8],
-    wr: &mut OwnedWriteHalf<TcpStream>,
+    wr: &mut ClientWriter,
 ) -> Result<Sent, ProxyError> {
     let mut result = forward(w, x, &plan.target, wr).await;
     for (i, (next, body)) in plan.fallbacks.iter().enumerate() {
@@ -59,7 +58,7 @@ async fn forward(
     w: &Rc<Worker>,
     x: &Exchange<'_>,
     target: &Target<'_>,
-    wr: &mut OwnedWriteHalf<TcpStream>,
+    wr: &mut ClientWriter,
 ) -> Result<Sent, ProxyError> {
     let attempts = w.config().retry.attempts;
     let mut tried = Tried::default();
@@ -78,7 +77,7 @@ async fn forward(
             break;
         };
         let request = upstream_request(x, backend);
-        let e = match send(w, b, backend.spec.addr, request).await {
+        let e = match send(w, b, backend.spec.addr, backend.spec.tls.as_ref(), request).await {
             Ok((mut conn, resp)) => {
                 w.outcome(b, Verdict::of_status(resp.status));
                 if matches!(resp.status, 502 | 503) && attempt < attempts && tried.any_left(w) {
@@ -138,6 +137,27 @@ async fn context_exceeded(
     }
 }
 
+/// A new connection to a backend; TLS handshakes are counted by result.
+async fn connect(
+    w: &Worker,
+    addr: std::net::SocketAddr,
+    tls: Option<&ClientTls>,
+) -> Result<UpConn, ProxyError> {
+    let res = upstream::connect(addr, w.config().timeouts.connect, tls).await;
+    if tls.is_some() {
+        let result = match &res {
+            Ok(_) => "ok",
+            Err(ProxyError::UpstreamTlsCertificate(_)) => "certificate",
+            Err(ProxyError::UpstreamConnectTimeout) => "timeout",
+            // Refused or unreachable: no handshake took place.
+            Err(ProxyError::UpstreamConnect(_)) => return res,
+            Err(_) => "error",
+        };
+        w.shared.metrics.tls_handshake("backend", result);
+    }
+    res
+}
+
 /// Sends the request on a pooled connection (or a new one) and waits for the response head. A
 /// pooled connection that fails before any response byte may simply have been closed by the
 /// backend while idle: the request is sent once more on a fresh connection.
@@ -145,12 +165,13 @@ async fn send(
     w: &Worker,
     backend: usize,
     addr: std::net::SocketAddr,
+    tls: Option<&ClientTls>,
     request: Vec<u8>,
 ) -> Result<(UpConn, Head), ProxyError> {
     let t = &w.config().timeouts;
     let mut conn = match w.pool.take(backend) {
         Some(c) => c,
-        None => upstream::connect(addr, t.connect).await?,
+        None => connect(w, addr, tls).await?,
     };
     let (res, request) = conn.exchange(request, t.first_byte).await;
     match res {
@@ -158,7 +179,7 @@ async fn send(
         Err(ProxyError::UpstreamClosed(why)) if conn.reused => {
             log::debug!("pooled connection to backend {backend} was stale ({why}); reconnecting");
             drop(conn);
-            let mut fresh = upstream::connect(addr, t.connect).await?;
+            let mut fresh = connect(w, addr, tls).await?;
             let (res, _) = fresh.exchange(request, t.first_byte).await;
             res.map(|head| (fresh, head))
         }

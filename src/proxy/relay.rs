@@ -11,20 +11,16 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use monoio::buf::SliceMut;
-use monoio::io::{
-    AsyncWriteRentExt, CancelableAsyncReadRent, Canceller, OwnedReadHalf, OwnedWriteHalf,
-};
-use monoio::net::TcpStream;
+use monoio::io::Canceller;
 
 use crate::error::{Outcome, ProxyError};
 use crate::http1::head::{BodyFraming, Head};
 use crate::http1::headers::forwardable;
-use crate::http1::io::read_more;
 use crate::http1::{write, ChunkedDecoder};
 use crate::openai;
 use crate::openai::tap::{Kind as UsageKind, Tap};
 use crate::proxy::request::Exchange;
+use crate::tls::io::{ClientReader, ClientWriter};
 use crate::upstream::UpConn;
 use crate::worker::Worker;
 
@@ -238,7 +234,7 @@ pub(crate) async fn relay(
     backend: usize,
     mut conn: UpConn,
     resp: Head,
-    wr: &mut OwnedWriteHalf<TcpStream>,
+    wr: &mut ClientWriter,
 ) -> Result<Sent, ProxyError> {
     let t = &w.config().timeouts;
     let client = ClientSide {
@@ -302,7 +298,7 @@ pub(crate) async fn relay(
             break;
         }
         let buf = std::mem::take(&mut conn.buf);
-        let e = match monoio::time::timeout(t.idle, read_more(&mut conn.io, buf)).await {
+        let e = match monoio::time::timeout(t.idle, conn.rd.read_more(buf)).await {
             Ok((Ok(0), buf)) if body.framing == BodyFraming::UntilClose => {
                 conn.buf = buf;
                 // The end of a close-delimited body is its connection's end.
@@ -369,12 +365,7 @@ fn note_chunk(c: &Ctx<'_, '_>, last: Option<Instant>) -> Instant {
 
 /// The upstream failed after the head went out: counted, fed to the breaker, logged; what was
 /// decoded before the failure still goes out, then the stream is cut.
-async fn cut(
-    c: &Ctx<'_, '_>,
-    wr: &mut OwnedWriteHalf<TcpStream>,
-    out: Vec<u8>,
-    e: &ProxyError,
-) -> Outcome {
+async fn cut(c: &Ctx<'_, '_>, wr: &mut ClientWriter, out: Vec<u8>, e: &ProxyError) -> Outcome {
     log::warn!("request {}: {e}", c.x.request_id);
     c.w.upstream_failed(c.backend, e);
     if !out.is_empty() {
@@ -389,7 +380,7 @@ async fn cut(
 /// instead of waiting for more); either way the connection is then closed without the last
 /// chunk, so no client can take the body for complete.
 async fn cut_stream(
-    wr: &mut OwnedWriteHalf<TcpStream>,
+    wr: &mut ClientWriter,
     e: &ProxyError,
     event_stream: bool,
     reframe: bool,
@@ -414,7 +405,7 @@ async fn cut_stream(
 /// Writes to the client under the write timeout; false when the client is gone or too slow
 /// (the buffer is lost with a cancelled write, so a fresh one is handed back then).
 pub(crate) async fn write_client(
-    wr: &mut OwnedWriteHalf<TcpStream>,
+    wr: &mut ClientWriter,
     buf: Vec<u8>,
     timeout: Duration,
 ) -> (bool, Vec<u8>) {
@@ -429,7 +420,7 @@ pub(crate) async fn write_client(
 /// arrive meanwhile (a pipelined request) are kept in `buf`, never lost: the read is cancelled
 /// and awaited rather than dropped.
 pub(crate) async fn watch_client<F: Future>(
-    rd: &mut OwnedReadHalf<TcpStream>,
+    rd: &mut ClientReader,
     buf: &mut BytesMut,
     fut: F,
 ) -> Option<F::Output> {
@@ -450,8 +441,7 @@ pub(crate) async fn watch_client<F: Future>(
     } else if b.capacity() - b.len() < WATCH_BUF {
         b.reserve(WATCH_BUF);
     }
-    let (len, cap) = (b.len(), b.capacity());
-    let read = rd.cancelable_read(SliceMut::new(b, len, cap), canceller.handle());
+    let read = rd.cancelable_read_more(b, canceller.handle());
     let mut read = std::pin::pin!(read);
     monoio::select! {
         // The exchange first: a client that closes right after reading the last byte has
@@ -459,12 +449,12 @@ pub(crate) async fn watch_client<F: Future>(
         biased;
         out = &mut fut => {
             let _ = canceller.cancel();
-            let (_, slice) = read.await;
-            *buf = slice.into_inner();
+            let (_, b) = read.await;
+            *buf = b;
             Some(out)
         }
-        (res, slice) = &mut read => {
-            *buf = slice.into_inner();
+        (res, b) = &mut read => {
+            *buf = b;
             match res {
                 Ok(n) if n > 0 => Some(fut.await),
                 _ => None,

@@ -56,6 +56,10 @@ pub struct Metrics {
     pub(crate) discovery_updates: IntCounterVec,
     breaker_state: IntGaugeVec,
     breaker_transitions: IntCounterVec,
+    /// TLS handshakes by side (`client`, `backend`) and result.
+    tls_handshakes: IntCounterVec,
+    /// notAfter of each certificate the proxy presents, in seconds since the epoch.
+    tls_cert_expiry: IntGaugeVec,
     /// Models configured at start (label values until a core learns the current set).
     pub(crate) models: Vec<String>,
     pub(crate) routing: RoutingMetrics,
@@ -234,6 +238,24 @@ impl Metrics {
         registry.register(Box::new(usage_delivery_seconds.clone()))?;
         registry.register(Box::new(build_info))?;
         registry.register(Box::new(discovery_updates.clone()))?;
+        let tls_handshakes = IntCounterVec::new(
+            Opts::new(
+                "llmproxy_tls_handshakes_total",
+                "TLS handshakes by side (client: on listen; backend: to https backends) and result \
+                 (ok, plaintext, timeout, certificate, error)",
+            ),
+            &["side", "result"],
+        )?;
+        registry.register(Box::new(tls_handshakes.clone()))?;
+        let tls_cert_expiry = IntGaugeVec::new(
+            Opts::new(
+                "llmproxy_tls_certificate_expiry_timestamp_seconds",
+                "When each certificate the proxy presents expires (notAfter, Unix seconds): \
+                 certificate=\"listen\" is the serving one, \"backend:NAME\" a client certificate",
+            ),
+            &["certificate"],
+        )?;
+        registry.register(Box::new(tls_cert_expiry.clone()))?;
         let routing = RoutingMetrics::register(&registry)?;
         // Discovered backends appear once found; static ones are known now.
         let backends = cfg
@@ -274,9 +296,38 @@ impl Metrics {
             discovery_updates,
             breaker_state,
             breaker_transitions,
+            tls_handshakes,
+            tls_cert_expiry,
             models: configured_models(cfg),
             routing,
         })
+    }
+
+    /// One TLS handshake ended (`side`: client | backend).
+    pub(crate) fn tls_handshake(&self, side: &str, result: &str) {
+        self.tls_handshakes.with_label_values(&[side, result]).inc();
+    }
+
+    /// Sets the expiry gauges from the configuration in force (startup and every reload).
+    pub(crate) fn tls_certificates(&self, cfg: &Config) {
+        self.tls_cert_expiry.reset();
+        if let Some(t) = &cfg.tls {
+            self.tls_cert_expiry
+                .with_label_values(&["listen"])
+                .set(t.server.expires_unix() as i64);
+            for r in ["ok", "plaintext", "timeout", "error"] {
+                self.tls_handshakes.with_label_values(&["client", r]);
+            }
+        }
+        for b in &cfg.backends {
+            let Some(t) = &b.tls else { continue };
+            let name = b.name.clone().unwrap_or_else(|| b.url.clone());
+            if let Some(exp) = t.client.expires_unix() {
+                self.tls_cert_expiry
+                    .with_label_values(&[&format!("backend:{name}")])
+                    .set(exp as i64);
+            }
+        }
     }
 
     pub(crate) fn encode(&self) -> Vec<u8> {

@@ -74,6 +74,7 @@ usage_hook: { enabled: true, url: "https://billing.example.com/llm-usage", timeo
             max_inflight: 0,
             api_key: None,
             metrics_path: "/metrics".into(),
+            tls: None,
         }]
     );
     assert_eq!(c.strategy, Strategy::LeastConnections);
@@ -260,7 +261,7 @@ fn all_problems_are_reported_at_once() {
         r#"
 listen: "nope"
 backends:
-  - url: https://a
+  - url: ftp://a
     weight: 0
 health_check: { path: health, unhealthy_threshold: 0, healthy_threshold: 0 }
 timeouts: { connect: 0s }
@@ -356,10 +357,10 @@ fn with_backends_builds_a_default_config() {
     assert_eq!(c.backends[1].url, "http://127.0.0.1:9002");
     assert_eq!(c.timeouts, Timeouts::default());
 
-    let bad = vec!["https://x".to_string()];
+    let bad = vec!["ftp://x".to_string()];
     match Config::with_backends(listen, &bad) {
         Err(ConfigError::Invalid(e)) => {
-            assert!(e[0].starts_with("backends[0].url: TLS"), "{e:?}")
+            assert!(e[0].starts_with("backends[0].url: unsupported"), "{e:?}")
         }
         other => panic!("{other:?}"),
     }

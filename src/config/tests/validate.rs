@@ -291,10 +291,6 @@ models:
 #[test]
 fn backend_url_errors() {
     let cases = [
-        (
-            "https://a:8000",
-            "TLS upstreams are not supported; terminate TLS in front or use http://",
-        ),
         ("ftp://a:8000", "unsupported scheme \"ftp\""),
         ("a:8000", "has no scheme"),
         ("http://", "missing host"),
@@ -567,4 +563,28 @@ fn a_hook_url_without_enabled_is_a_warning() {
     ));
     assert!(on.warnings().is_empty());
     assert!(ok(MINIMAL).warnings().is_empty());
+}
+
+#[test]
+fn https_backends_are_accepted_and_tls_needs_https() {
+    let c =
+        Config::from_yaml_str("listen: \"127.0.0.1:0\"\nbackends: [{ url: \"https://a:8443\" }]\n")
+            .unwrap();
+    assert_eq!(c.backends[0].url, "https://a:8443");
+    assert!(c.backends[0].tls.is_some());
+    let e = Config::from_yaml_str(
+        "listen: \"127.0.0.1:0\"\nbackends: [{ url: \"http://a:8000\", tls: { server_name: a } }]\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("backends[0].tls: only for an https:// url"),
+        "{e}"
+    );
+    let e = Config::from_yaml_str(
+        "listen: \"127.0.0.1:0\"\nbackends: [{ url: \"https://a:8443\", tls: { ca_file: /nonexistent/ca.pem } }]\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("backends[0].tls: /nonexistent/ca.pem"), "{e}");
 }

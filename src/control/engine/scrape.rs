@@ -55,6 +55,8 @@ struct Target {
     /// `base_path` + `metrics_path`.
     path: String,
     authority: String,
+    /// `Some` for an https backend.
+    tls: Option<crate::tls::ClientTls>,
     /// The `backend` metrics label.
     name: String,
     interval: Duration,
@@ -70,6 +72,7 @@ impl Target {
             addr: e.spec.addr,
             path: format!("{}{}", e.spec.base_path, e.spec.metrics_path),
             authority: e.spec.authority.clone(),
+            tls: e.spec.tls.clone(),
             name: e.spec.name.clone(),
             interval: r.metrics_interval,
             stale_after: r.metrics_stale_after,
@@ -201,11 +204,9 @@ impl Scraper {
         let t = &self.target;
         // A scrape slower than half the staleness bound is as good as none.
         let timeout = (t.stale_after / 2).max(Duration::from_millis(50));
-        let agent = ureq::AgentBuilder::new()
-            .timeout(timeout)
-            .redirects(0)
-            .build();
-        let url = format!("http://{}{}", t.addr, t.path);
+        let builder = ureq::AgentBuilder::new().timeout(timeout).redirects(0);
+        let agent = crate::tls::blocking::agent(builder, t.tls.as_ref(), t.addr);
+        let url = crate::tls::blocking::url(t.tls.as_ref(), t.addr, &t.path);
         let mut failing = false;
         while !self.stopped() {
             let started = Instant::now();

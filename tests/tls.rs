@@ -1,0 +1,308 @@
+//! TLS both ways over real sockets, with certificates made at test time: client TLS on
+//! `listen` (and mTLS), https backends (and mTLS to them, name checks), rotation on SIGHUP
+//! under an open stream, startup errors that name the file.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use common::tls::{connect, peer_cert, Ca, Forwarder};
+use common::*;
+
+fn yaml_path(p: &std::path::Path) -> String {
+    p.display().to_string()
+}
+
+/// The proxy with `tls:` on listen (cert for 127.0.0.1/localhost), in front of `backends`.
+fn tls_proxy(ca: &Ca, backends: &[String], client_ca: bool, extra: &str) -> Proxy {
+    let dir = temp_dir("tls");
+    let (cert, key) = ca
+        .leaf(&["localhost", "127.0.0.1"], 30)
+        .write(&dir, "server");
+    let mut tls = format!(
+        "tls:\n  cert_file: \"{}\"\n  key_file: \"{}\"\n",
+        yaml_path(&cert),
+        yaml_path(&key)
+    );
+    if client_ca {
+        let ca_path = ca.write(&dir, "ca.crt");
+        tls.push_str(&format!("  client_ca_file: \"{}\"\n", yaml_path(&ca_path)));
+    }
+    Proxy::start(&config(backends, &format!("{tls}{extra}")), &[])
+}
+
+fn chat_request(stream: bool, tokens: u32) -> Vec<u8> {
+    let body = chat_body(stream, tokens);
+    format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Reads until EOF, noting when each read arrived.
+fn read_timed(s: &mut impl Read) -> (Vec<u8>, Vec<Instant>) {
+    let mut out = Vec::new();
+    let mut at = Vec::new();
+    let mut buf = [0u8; 16384];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                out.extend_from_slice(&buf[..n]);
+                at.push(Instant::now());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+    (out, at)
+}
+
+#[test]
+fn a_stream_over_tls_arrives_chunk_by_chunk() {
+    let ca = Ca::new("test ca");
+    let mock = Mock::start_with(&["--token-delay-ms", "100"]);
+    let proxy = tls_proxy(&ca, &[mock.url()], false, "");
+    let mut s = connect(proxy.addr, &ca.pem, "localhost", None).unwrap();
+    assert_eq!(s.conn.alpn_protocol(), Some(&b"http/1.1"[..]));
+    s.write_all(&chat_request(true, 6)).unwrap();
+    s.flush().unwrap();
+    let (body, at) = read_timed(&mut s);
+    let text = String::from_utf8_lossy(&body);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("data: [DONE]"), "{text}");
+    // Six tokens 100 ms apart: they must not arrive in one read at the end.
+    assert!(at.len() >= 4, "only {} reads: buffered? {text}", at.len());
+    let spread = *at.last().unwrap() - at[0];
+    assert!(spread >= Duration::from_millis(300), "spread {spread:?}");
+    let m = tls_metrics(&proxy, &ca);
+    assert!(
+        m.contains("llmproxy_tls_handshakes_total{result=\"ok\",side=\"client\"} 2"),
+        "{m}"
+    );
+    assert!(m.contains("llmproxy_tls_certificate_expiry_timestamp_seconds{certificate=\"listen\"}"));
+}
+
+#[test]
+fn a_plaintext_request_on_the_tls_port_is_closed_without_an_answer_and_counted() {
+    let ca = Ca::new("test ca");
+    let mock = Mock::start();
+    let proxy = tls_proxy(&ca, &[mock.url()], false, "");
+    let mut c = Client::connect(proxy.addr);
+    c.send(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n");
+    let got = c.read_until_closed(Duration::from_secs(5));
+    assert!(got.is_empty(), "answered plaintext: {got:?}");
+    let m = tls_metrics(&proxy, &ca);
+    assert!(
+        m.contains("llmproxy_tls_handshakes_total{result=\"plaintext\",side=\"client\"} 1"),
+        "{m}"
+    );
+}
+
+#[test]
+fn a_client_without_a_required_certificate_is_refused() {
+    let ca = Ca::new("test ca");
+    let mock = Mock::start();
+    let proxy = tls_proxy(&ca, &[mock.url()], true, "");
+    // Without a certificate: the handshake (or, in TLS 1.3, the first read) fails.
+    let refused = match connect(proxy.addr, &ca.pem, "localhost", None) {
+        Err(_) => true,
+        Ok(mut s) => {
+            let _ = s.write_all(&chat_request(false, 2));
+            let mut buf = [0u8; 64];
+            !matches!(s.read(&mut buf), Ok(n) if n > 0)
+        }
+    };
+    assert!(refused, "a client without a certificate got an answer");
+    // With one signed by the CA: served.
+    let client = ca.leaf(&["client-a"], 30);
+    let mut s = connect(proxy.addr, &ca.pem, "localhost", Some(&client)).unwrap();
+    s.write_all(&chat_request(false, 2)).unwrap();
+    let (body, _) = read_timed(&mut s);
+    assert!(String::from_utf8_lossy(&body).starts_with("HTTP/1.1 200"));
+    assert_eq!(mock.stat("requests"), 1);
+}
+
+#[test]
+fn an_https_backend_requiring_a_client_certificate_is_reached() {
+    let ca = Ca::new("backend ca");
+    let mock = Mock::start();
+    let fwd = Forwarder::start(&ca.leaf(&["vllm.test"], 30), Some(&ca.pem), mock.addr);
+    let dir = temp_dir("tls-backend");
+    let ca_path = ca.write(&dir, "ca.crt");
+    let (cert, key) = ca.leaf(&["llmproxy"], 30).write(&dir, "client");
+    let yaml = format!(
+        "listen: \"127.0.0.1:0\"\nworkers: 1\nbackends:\n  - url: \"https://{}\"\n    tls:\n      ca_file: \"{}\"\n      cert_file: \"{}\"\n      key_file: \"{}\"\n      server_name: vllm.test\nhealth_check: {{ interval: 200ms, path: /health, timeout: 500ms }}\n",
+        fwd.addr,
+        yaml_path(&ca_path),
+        yaml_path(&cert),
+        yaml_path(&key)
+    );
+    let proxy = Proxy::start(&yaml, &[]);
+    for _ in 0..3 {
+        let r = post_json(
+            proxy.addr,
+            "/v1/chat/completions",
+            &chat_body(false, 2),
+            &[],
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let r = post_json(proxy.addr, "/v1/chat/completions", &chat_body(true, 3), &[]);
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("[DONE]"));
+    assert_eq!(mock.stat("requests"), 4);
+    // Health checks over the same TLS settings keep it up.
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(metric(&proxy, "llmproxy_backend_up"), Some(1.0));
+    assert!(
+        metric(&proxy, "llmproxy_tls_certificate_expiry_timestamp_seconds").is_some(),
+        "client certificate expiry gauge"
+    );
+}
+
+#[test]
+fn a_backend_certificate_for_another_name_gives_502_and_the_backend_never_sees_the_request() {
+    let ca = Ca::new("backend ca");
+    let mock = Mock::start();
+    let fwd = Forwarder::start(&ca.leaf(&["other.test"], 30), None, mock.addr);
+    let dir = temp_dir("tls-name");
+    let ca_path = ca.write(&dir, "ca.crt");
+    let yaml = format!(
+        "listen: \"127.0.0.1:0\"\nworkers: 1\nbackends:\n  - url: \"https://{}\"\n    tls: {{ ca_file: \"{}\", server_name: vllm.test }}\nhealth_check: {{ interval: 60s, path: /health, timeout: 500ms }}\nretry: {{ attempts: 0 }}\n",
+        fwd.addr,
+        yaml_path(&ca_path)
+    );
+    let proxy = Proxy::start(&yaml, &[]);
+    let r = post_json(
+        proxy.addr,
+        "/v1/chat/completions",
+        &chat_body(false, 2),
+        &[],
+    );
+    r.assert_error(502, "upstream_tls_certificate");
+    assert_eq!(mock.stat("requests"), 0);
+    assert_eq!(fwd.handshakes.load(std::sync::atomic::Ordering::SeqCst), 0);
+    proxy
+        .proc
+        .wait_for_line("upstream TLS certificate rejected", Duration::from_secs(5));
+    assert!(metric(&proxy, "llmproxy_upstream_errors_total{backend=").is_some());
+    let text = get(proxy.addr, "/metrics").text();
+    assert!(text.contains("kind=\"upstream_tls_certificate\""), "{text}");
+    assert!(
+        text.contains("llmproxy_tls_handshakes_total{result=\"certificate\",side=\"backend\"} 1")
+    );
+}
+
+#[test]
+fn rotating_the_files_and_sighup_under_an_open_stream() {
+    let ca = Ca::new("test ca");
+    let mock = Mock::start_with(&["--token-delay-ms", "150"]);
+    let dir = temp_dir("tls-rotate");
+    let (cert, key) = ca.leaf(&["localhost"], 30).write(&dir, "server");
+    let yaml = config(
+        &[mock.url()],
+        &format!(
+            "tls: {{ cert_file: \"{}\", key_file: \"{}\" }}\n",
+            yaml_path(&cert),
+            yaml_path(&key)
+        ),
+    );
+    let proxy = Proxy::start(&yaml, &[]);
+    let mut old = connect(proxy.addr, &ca.pem, "localhost", None).unwrap();
+    let first = peer_cert(&old);
+    old.write_all(&chat_request(true, 10)).unwrap();
+    let mut buf = [0u8; 1024];
+    assert!(old.read(&mut buf).unwrap() > 0, "stream started");
+    // New pair in place, then SIGHUP while the stream runs.
+    ca.leaf(&["localhost"], 60).write(&dir, "server");
+    proxy.proc.signal(libc::SIGHUP);
+    proxy
+        .proc
+        .wait_for_line("configuration reloaded", Duration::from_secs(5));
+    // The new config reaches the core on its next tick.
+    let mut fresh = None;
+    assert!(
+        eventually(Duration::from_secs(3), || {
+            let s = connect(proxy.addr, &ca.pem, "localhost", None).unwrap();
+            let new = peer_cert(&s) != first;
+            fresh = Some(s);
+            new
+        }),
+        "a new connection still got the old certificate"
+    );
+    let fresh = fresh.unwrap();
+    let (rest, _) = read_timed(&mut old);
+    let text = String::from_utf8_lossy(&rest);
+    assert!(
+        text.contains("data: [DONE]"),
+        "the open stream did not complete: {text}"
+    );
+    // A bad pair is refused and the running certificate keeps serving.
+    std::fs::write(&key, ca.leaf(&["localhost"], 30).key).unwrap();
+    proxy.proc.signal(libc::SIGHUP);
+    proxy
+        .proc
+        .wait_for_line("reload rejected", Duration::from_secs(5));
+    let again = connect(proxy.addr, &ca.pem, "localhost", None).unwrap();
+    assert_eq!(peer_cert(&again), peer_cert(&fresh));
+}
+
+#[test]
+fn an_expired_or_mismatched_pair_at_startup_is_an_error_naming_the_file() {
+    let ca = Ca::new("test ca");
+    let dir = temp_dir("tls-bad");
+    let (cert, key) = ca.leaf(&["localhost"], -1).write(&dir, "expired");
+    let yaml = config(
+        &["http://127.0.0.1:1".to_string()],
+        &format!(
+            "tls: {{ cert_file: \"{}\", key_file: \"{}\" }}\n",
+            yaml_path(&cert),
+            yaml_path(&key)
+        ),
+    );
+    let out = check(&yaml);
+    assert!(
+        out.contains("expired") && out.contains("expired.crt"),
+        "{out}"
+    );
+
+    let (cert, _) = ca.leaf(&["localhost"], 30).write(&dir, "a");
+    let (_, other_key) = ca.leaf(&["localhost"], 30).write(&dir, "b");
+    let yaml = config(
+        &["http://127.0.0.1:1".to_string()],
+        &format!(
+            "tls: {{ cert_file: \"{}\", key_file: \"{}\" }}\n",
+            yaml_path(&cert),
+            yaml_path(&other_key)
+        ),
+    );
+    let out = check(&yaml);
+    assert!(out.contains("b.key") && out.contains("a.crt"), "{out}");
+}
+
+/// GET /metrics over TLS (the listener speaks nothing else).
+fn tls_metrics(proxy: &Proxy, ca: &Ca) -> String {
+    let mut s = connect(proxy.addr, &ca.pem, "localhost", None).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let (body, _) = read_timed(&mut s);
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+/// Starts the proxy on a config that must fail; returns its output.
+fn check(yaml: &str) -> String {
+    let dir = temp_dir("tls-check");
+    let path = dir.join("config.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llmproxy"))
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "started with a bad pair");
+    String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout)
+}
