@@ -4,9 +4,16 @@
 //! An enum, not generics over the stream type: the request path (conn, forward, relay, answer)
 //! stays one copy of code. The TLS futures are boxed, so the plaintext arm's futures, which are
 //! inlined into every connection's future, keep their size: the TLS arm costs an allocation per
-//! read or write, small next to the record's encryption.
+//! read or write, small next to the record's encryption. The methods return an `Either` of the
+//! two futures rather than being `async fn`s: an `async fn` wrapper keeps its own copy of the
+//! buffer and a state tag beside the inner future, at every level that awaits it, which made
+//! every connection's future 128 bytes larger.
 
+use std::future::Future;
 use std::io;
+
+use futures_util::future::Either;
+use futures_util::FutureExt;
 
 use bytes::BytesMut;
 use monoio::buf::SliceMut;
@@ -40,49 +47,53 @@ pub(crate) type BackendWriter = Writer<ClientConnection>;
 
 impl<C, SD> Reader<C>
 where
-    C: DerefMut + Deref<Target = ConnectionCommon<SD>>,
-    SD: SideData,
+    C: DerefMut + Deref<Target = ConnectionCommon<SD>> + 'static,
+    SD: SideData + 'static,
 {
     /// Reads once, appending to `buf` (0 = EOF).
-    pub(crate) async fn read_more(&mut self, buf: BytesMut) -> (io::Result<usize>, BytesMut) {
+    pub(crate) fn read_more(
+        &mut self,
+        buf: BytesMut,
+    ) -> impl Future<Output = (io::Result<usize>, BytesMut)> + '_ {
         match self {
-            Reader::Plain(r) => read_more(r, buf).await,
-            Reader::Tls(t) => Box::pin(t.read_more(buf)).await,
+            Reader::Plain(r) => Either::Left(read_more(r, buf)),
+            Reader::Tls(t) => Either::Right(Box::pin(t.read_more(buf))),
         }
     }
 
     /// One read that `cancel` can cancel; bytes that arrived before are kept in `buf`.
-    pub(crate) async fn cancelable_read_more(
+    pub(crate) fn cancelable_read_more(
         &mut self,
         buf: BytesMut,
         cancel: CancelHandle,
-    ) -> (io::Result<usize>, BytesMut) {
+    ) -> impl Future<Output = (io::Result<usize>, BytesMut)> + '_ {
         match self {
             Reader::Plain(r) => {
                 let (len, cap) = (buf.len(), buf.capacity());
-                let (res, slice) = r
-                    .cancelable_read(SliceMut::new(buf, len, cap), cancel)
-                    .await;
-                (res, slice.into_inner())
+                let read = r.cancelable_read(SliceMut::new(buf, len, cap), cancel);
+                Either::Left(read.map(|(res, slice)| (res, slice.into_inner())))
             }
-            Reader::Tls(t) => Box::pin(t.cancelable_read_more(buf, cancel)).await,
+            Reader::Tls(t) => Either::Right(Box::pin(t.cancelable_read_more(buf, cancel))),
         }
     }
 }
 
 impl<C, SD> Writer<C>
 where
-    C: DerefMut + Deref<Target = ConnectionCommon<SD>>,
-    SD: SideData,
+    C: DerefMut + Deref<Target = ConnectionCommon<SD>> + 'static,
+    SD: SideData + 'static,
 {
     /// Writes all of `buf`, handing it back.
-    pub(crate) async fn write_all<B>(&mut self, buf: B) -> (io::Result<usize>, B)
+    pub(crate) fn write_all<B>(
+        &mut self,
+        buf: B,
+    ) -> impl Future<Output = (io::Result<usize>, B)> + '_
     where
-        B: monoio::buf::IoBuf + AsRef<[u8]>,
+        B: monoio::buf::IoBuf + AsRef<[u8]> + 'static,
     {
         match self {
-            Writer::Plain(w) => w.write_all(buf).await,
-            Writer::Tls(t) => Box::pin(t.write_all(buf)).await,
+            Writer::Plain(w) => Either::Left(w.write_all(buf)),
+            Writer::Tls(t) => Either::Right(Box::pin(t.write_all(buf))),
         }
     }
 }
