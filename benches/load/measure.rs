@@ -31,10 +31,6 @@ pub(crate) fn proc_stat_fields(pid: i32) -> Option<Vec<u64>> {
     )
 }
 
-pub(crate) fn proc_comm(pid: i32) -> Option<String> {
-    std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()
-}
-
 pub(crate) fn cpu_secs(pid: i32) -> f64 {
     proc_stat_fields(pid)
         .filter(|f| f.len() > 12)

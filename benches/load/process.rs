@@ -12,8 +12,6 @@ use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::measure::proc_comm;
-
 /// A process started by this benchmark; stopped by its PID when dropped (SIGTERM, then SIGKILL
 /// after 3 s). `extra` are PIDs it started itself (nginx workers), killed by PID if still there.
 pub(crate) struct Proc {
@@ -172,4 +170,9 @@ pub(crate) fn sleep_until(t: Instant, stop: &AtomicBool) -> Result<(), String> {
         }
         std::thread::sleep((t - now).min(Duration::from_millis(50)));
     }
+}
+
+/// The process name the kernel reports (`/proc/PID/comm`).
+pub(crate) fn proc_comm(pid: i32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()
 }
