@@ -13,10 +13,8 @@ use std::{future::pending, time::Duration};
 use http::{Method, Version};
 
 use super::{
-    conn::{Exchange, Flow},
-    generation::Completion,
+    exchange::{Action, Completion, Exchange, Flow},
     hooks::{Framing, Garbage, GARBAGE_CHUNK, GARBAGE_HEAD},
-    route::Action,
     wire::{has_no_body, response_head, ConnHeader, Out, PeerGone, Reply, Writer},
 };
 use crate::http1::{write as h1, BodyFraming};

@@ -12,7 +12,7 @@
 use std::{cell::Cell, io, rc::Rc, sync::atomic::Ordering, time::Duration};
 
 use bytes::Bytes;
-use http::{header, HeaderMap, Method, Version};
+use http::{header, HeaderMap, Version};
 use monoio::{
     buf::{IoBufMut, IoVecBufMut},
     io::{stream::Stream as _, AsyncReadRent, OwnedReadHalf, Splitable},
@@ -29,9 +29,10 @@ use monoio_http::{
 
 use super::{
     answer::answer,
+    exchange::{Exchange, Flow},
     hooks::Hooks,
     route::{is_inference_path, route},
-    server::{ActiveGuard, Server},
+    state::{ActiveGuard, Server},
     wire::{ConnHeader, Out, PeerGone, Reply, Writer},
 };
 use crate::http1::write as h1;
@@ -41,17 +42,6 @@ const MAX_BODY_BYTES: u64 = 64 * 1024 * 1024;
 
 type Reader = RequestDecoder<LentRead>;
 type Request = http::Request<Payload>;
-
-/// What happens to the connection after a response.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Flow {
-    KeepAlive,
-    Close,
-    /// Abort with a TCP reset (`x-mock-reset-after`).
-    Reset,
-    /// The client went away mid-response.
-    Gone,
-}
 
 pub(super) async fn serve_connection(
     stream: TcpStream,
@@ -169,19 +159,6 @@ impl AsyncReadRent for LentRead {
             None => (Err(half_taken()), buf),
         }
     }
-}
-
-/// Everything about one request that the answer depends on.
-pub(super) struct Exchange {
-    pub(super) method: Method,
-    pub(super) path: String,
-    /// Path with query, as received.
-    pub(super) target: String,
-    pub(super) version: Version,
-    pub(super) headers: Vec<(String, String)>,
-    pub(super) body: Bytes,
-    pub(super) keep_alive: bool,
-    pub(super) hooks: Hooks,
 }
 
 /// Serve one request; inference requests are counted in `requests`, `active` and `completed`.

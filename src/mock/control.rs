@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 
 use serde_json::{json, Value};
 
-use super::{conn::Exchange, server::Server, wire::Reply, EngineKnobs};
+use super::{exchange::Exchange, state::Server, wire::Reply, EngineKnobs};
 
 pub(super) fn stats_json(server: &Server) -> Value {
     let s = &server.stats;

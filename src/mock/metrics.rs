@@ -4,7 +4,7 @@
 
 use std::sync::atomic::Ordering;
 
-use super::{server::Server, wire::Reply};
+use super::{state::Server, wire::Reply};
 
 pub(super) fn metrics(server: &Server) -> Reply {
     let model = server

@@ -26,12 +26,15 @@
 mod answer;
 mod conn;
 mod control;
+mod exchange;
 mod generation;
 mod hooks;
+mod json;
 mod metrics;
 mod openai;
 mod route;
 mod server;
+mod state;
 mod tgi;
 mod wire;
 

@@ -9,9 +9,8 @@
 use serde_json::{json, Map, Value};
 
 use super::{
-    conn::Exchange,
-    generation::Kind,
-    generation::{bool_field, count_words, parse_object, sse_event, token_limit, Ask, Completion},
+    exchange::{Ask, Completion, Exchange, Kind},
+    json::{bool_field, count_words, parse_object, sse_event, token_limit},
     wire::Reply,
     MockOptions,
 };

@@ -2,19 +2,17 @@
 //! then the endpoint. Deciding only: nothing here waits or writes (that is `answer`), so the
 //! decision for a request is made before its first byte is sent.
 
-use std::time::Duration;
-
 use http::Method;
 use serde_json::{json, Value};
 
 use super::{
-    conn::Exchange,
     control::{control, stats_json},
-    generation::{generation, Completion, Kind},
+    exchange::{Action, Exchange, Kind},
+    generation::generation,
     hooks::MAX_HOOK_DELAY,
     metrics::metrics,
     openai::embeddings,
-    server::Server,
+    state::Server,
     wire::Reply,
 };
 
@@ -28,27 +26,6 @@ pub(super) fn is_inference_path(path: &str) -> bool {
             | "/generate"
             | "/generate_stream"
     )
-}
-
-/// What to answer.
-pub(super) enum Action {
-    /// Answer at once.
-    Reply(Reply),
-    /// A non-streaming generation: answer after `wait`.
-    Delayed { reply: Reply, wait: Duration },
-    /// An SSE stream.
-    Stream(Completion),
-}
-
-impl Action {
-    /// True when answering involves no waiting, so the peer need not be watched.
-    pub(super) fn is_instant(&self) -> bool {
-        match self {
-            Action::Reply(_) => true,
-            Action::Delayed { wait, .. } => wait.is_zero(),
-            Action::Stream(_) => false,
-        }
-    }
 }
 
 pub(super) fn route(ex: &Exchange, server: &Server) -> Action {

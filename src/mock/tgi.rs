@@ -10,7 +10,8 @@ use std::time::Duration;
 use serde_json::{json, Map, Value};
 
 use super::{
-    generation::{bool_field, count_words, sse_event, token_limit, Ask, Completion, Kind},
+    exchange::{Ask, Completion, Kind},
+    json::{bool_field, count_words, sse_event, token_limit},
     wire::Reply,
 };
 
