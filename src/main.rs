@@ -244,6 +244,7 @@ fn serve(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
             .map(|a| format!(", admin on {a}"))
             .unwrap_or_default()
     );
+    log::info!("{}", running.banner());
     if running.driver() == "epoll" {
         log::warn!(
             "io_uring is unavailable (seccomp or kernel); running on epoll, which costs throughput"

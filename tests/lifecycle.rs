@@ -348,3 +348,32 @@ impl Drop for DemoGuard {
         let _ = self.0.wait();
     }
 }
+
+/// Issue 21 item 7: beside "listening on", one line says what an operator checks first.
+#[test]
+fn startup_banner_lists_backends_strategy_auth_hook_driver_and_admin() {
+    let mock = Mock::start();
+    let hook = webhook::Webhook::start();
+    let yaml = config(
+        &[mock.url()],
+        &format!(
+            "strategy: power_of_two\nadmin_listen: \"127.0.0.1:0\"\nauth: {{ keys: [{{ name: team-a, key: sk-banner-0123456789 }}] }}\n{}",
+            hook.config_yaml()
+        ),
+    );
+    let proxy = Proxy::start(&yaml, &[]);
+    let line = proxy
+        .proc
+        .wait_for_line("config: 1 backends", Duration::from_secs(5));
+    for part in [
+        format!("[{}]", mock.url()),
+        "strategy power_of_two".into(),
+        "auth on (1 keys)".into(),
+        format!("usage hook {}", hook.url()),
+        "io_driver ".into(),
+        "admin listener 127.0.0.1:".into(),
+    ] {
+        assert!(line.contains(&part), "{part:?} missing from {line}");
+    }
+    assert!(!line.contains("sk-banner"), "{line}");
+}
