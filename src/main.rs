@@ -45,17 +45,27 @@ struct RunArgs {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Validate a configuration file and exit (0 = valid, 1 = errors printed).
+    /// Validate a configuration file and exit (0 = valid, 1 = errors printed). Warnings (such as
+    /// a backend name that does not resolve from here) are printed and do not fail the check.
     Check {
+        /// The configuration file (or give it as --config PATH).
+        #[arg(
+            value_name = "PATH",
+            required_unless_present = "config",
+            conflicts_with = "config"
+        )]
+        path: Option<PathBuf>,
         #[arg(short, long, value_name = "PATH")]
-        config: PathBuf,
+        config: Option<PathBuf>,
     },
     /// Ask a running proxy to re-read its config file (POST /admin/reload); same as SIGHUP.
+    /// Give either --config or --admin.
+    #[command(group(clap::ArgGroup::new("target").required(true).args(["config", "admin"])))]
     Reload {
         /// The running proxy's config: the request goes to its admin_listen (else its listen).
-        #[arg(short, long, value_name = "PATH", required_unless_present = "admin")]
+        #[arg(short, long, value_name = "PATH")]
         config: Option<PathBuf>,
-        /// Address of the admin endpoint instead, e.g. 127.0.0.1:9901.
+        /// Address of the admin endpoint instead, e.g. 127.0.0.1:9901 (http:// may be given).
         #[arg(long, value_name = "HOST:PORT")]
         admin: Option<String>,
     },
@@ -100,7 +110,12 @@ fn main() -> ExitCode {
     // Panics are contained per connection; make them visible in the structured log.
     std::panic::set_hook(Box::new(|info| log::error!("panic: {info}")));
     let result = match cli.command {
-        Some(Command::Check { config }) => check(&config),
+        Some(Command::Check { path, config }) => match path.or(config) {
+            Some(p) => check(&p),
+            None => Err(anyhow::anyhow!(
+                "give the configuration file: llmproxy check PATH"
+            )),
+        },
         Some(Command::Demo { port, workers }) => demo(port, workers),
         Some(Command::Reload { config, admin }) => reload(config.as_deref(), admin),
         Some(Command::MockBackend {
@@ -131,37 +146,56 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            log::error!("{e:#}");
-            log::logger().flush();
-            eprintln!("llmproxy: {e:#}");
+            // Once logging is set up the error goes to the log, in its format (where an
+            // operator's log collector finds it); before that, or with logging off, to stderr.
+            // Never both: one error, one line.
+            if log::log_enabled!(log::Level::Error) {
+                log::error!("{e:#}");
+                log::logger().flush();
+            } else {
+                eprintln!("llmproxy: {e:#}");
+            }
             ExitCode::FAILURE
         }
     }
 }
 
 fn check(path: &std::path::Path) -> anyhow::Result<ExitCode> {
-    match Config::load(path) {
-        Ok(cfg) => {
-            if let Err(e) = runtime::preflight(&cfg) {
-                eprintln!("{}: {e:#}", path.display());
-                return Ok(ExitCode::FAILURE);
-            }
-            println!(
-                "{}: ok ({} backends, strategy {:?})",
-                path.display(),
-                cfg.backends.len(),
-                cfg.strategy
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+    let cfg = match load(path) {
+        Ok(cfg) => cfg,
         Err(e) => {
-            eprintln!("{}: invalid configuration", path.display());
-            for line in e.to_string().lines() {
-                eprintln!("  {line}");
-            }
-            Ok(ExitCode::FAILURE)
+            eprintln!("{e:#}");
+            return Ok(ExitCode::FAILURE);
         }
+    };
+    if let Err(e) = runtime::preflight(&cfg) {
+        eprintln!("{}: {e:#}", path.display());
+        return Ok(ExitCode::FAILURE);
     }
+    for w in runtime::warnings(&cfg) {
+        eprintln!("{}: warning: {w}", path.display());
+    }
+    let n = cfg.backends.len();
+    println!(
+        "{}: ok ({n} {}, strategy {})",
+        path.display(),
+        if n == 1 { "backend" } else { "backends" },
+        cfg.strategy.as_str()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Reads and validates the config file; the error names the path once (an I/O error already
+/// carries it) and lists every problem, one per line.
+fn load(path: &std::path::Path) -> anyhow::Result<Config> {
+    Config::load(path).map_err(|e| match e {
+        config::ConfigError::Io { .. } => anyhow::anyhow!("{e}"),
+        config::ConfigError::Invalid(lines) => anyhow::anyhow!(
+            "{}: invalid configuration:\n  {}",
+            path.display(),
+            lines.join("\n  ")
+        ),
+    })
 }
 
 fn apply_overrides(
@@ -186,7 +220,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let Some(path) = args.config else {
         anyhow::bail!("--config PATH is required (or try `llmproxy demo`; see --help)");
     };
-    let mut cfg = Config::load(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let mut cfg = load(&path)?;
     apply_overrides(&mut cfg, args.workers, args.cpus)?;
     logging::init(cfg.logging.level, cfg.logging.format);
     serve(cfg, Some(path))
@@ -195,9 +229,9 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 /// `llmproxy reload`: POSTs /admin/reload to the proxy the config describes.
 fn reload(config: Option<&std::path::Path>, admin: Option<String>) -> anyhow::Result<ExitCode> {
     let target = match (admin, config) {
-        (Some(a), _) => a,
+        (Some(a), _) => admin_authority(&a),
         (None, Some(path)) => {
-            let cfg = Config::load(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            let cfg = load(path)?;
             let mut addr = cfg.admin_listen.unwrap_or(cfg.listen);
             if addr.ip().is_unspecified() {
                 addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
@@ -222,8 +256,19 @@ fn reload(config: Option<&std::path::Path>, admin: Option<String>) -> anyhow::Re
             );
             Ok(ExitCode::FAILURE)
         }
-        Err(e) => anyhow::bail!("{url}: {e}"),
+        // ureq's error already names the URL.
+        Err(e) => anyhow::bail!("{e}"),
     }
+}
+
+/// `--admin` as HOST:PORT, also when given as a URL (`http://host:port/`).
+fn admin_authority(admin: &str) -> String {
+    let a = admin.trim();
+    let a = a
+        .strip_prefix("http://")
+        .or_else(|| a.strip_prefix("HTTP://"))
+        .unwrap_or(a);
+    a.split('/').next().unwrap_or(a).to_string()
 }
 
 fn serve(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<ExitCode> {

@@ -236,6 +236,12 @@ pub fn preflight(cfg: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What `llmproxy check` warns about without failing: static backends whose name does not resolve
+/// from here (the proxy starts with them down and keeps trying).
+pub fn warnings(cfg: &Config) -> Vec<String> {
+    crate::control::plane::unresolved_statics(cfg)
+}
+
 /// Starts the proxy; `path` is the config file a reload re-reads.
 pub fn start_with(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<Running> {
     preflight(&cfg)?;

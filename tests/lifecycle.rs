@@ -377,3 +377,142 @@ fn startup_banner_lists_backends_strategy_auth_hook_driver_and_admin() {
     }
     assert!(!line.contains("sk-banner"), "{line}");
 }
+
+fn run_cli(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Issue 21 item 11: each message once, in the user's words.
+#[test]
+fn cli_messages_name_things_once_and_in_the_users_words() {
+    // A missing file: the path once, the error once.
+    let (code, _, err) = run_cli(&["--config", "/nonexistent.yaml"]);
+    assert_eq!(code, Some(1));
+    assert_eq!(
+        err.trim(),
+        "llmproxy: /nonexistent.yaml: No such file or directory (os error 2)"
+    );
+    let (code, _, err) = run_cli(&["check", "/nonexistent.yaml"]);
+    assert_eq!(code, Some(1));
+    assert_eq!(
+        err.trim(),
+        "/nonexistent.yaml: No such file or directory (os error 2)"
+    );
+
+    // `check` takes the path as an argument too, and says what it checked in words.
+    let dir = temp_dir("cli");
+    let good = dir.join("good.yaml");
+    std::fs::write(
+        &good,
+        "listen: \":8080\"\nbackends:\n  - url: \"http://127.0.0.1:8000\"\n",
+    )
+    .unwrap();
+    let good = good.to_str().unwrap();
+    for args in [vec!["check", good], vec!["check", "--config", good]] {
+        let (code, out, err) = run_cli(&args);
+        assert_eq!(code, Some(0), "{err}");
+        assert_eq!(
+            out.trim(),
+            format!("{good}: ok (1 backend, strategy least_connections)")
+        );
+    }
+
+    // Several problems, one a type error: all reported, none in Rust's words.
+    let bad = dir.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "listen: \":8080\"\nworkers: many\nbackends:\n  - url: \"ftp://b\"\n    weight: x\nretry: { attempts: -1 }\n",
+    )
+    .unwrap();
+    let (code, _, err) = run_cli(&["check", bad.to_str().unwrap()]);
+    assert_eq!(code, Some(1));
+    for line in [
+        "invalid configuration:",
+        "  workers: invalid type: string \"many\", expected a whole number (0 or more)",
+        "  backends[0].weight: invalid type: string \"x\", expected a whole number (0 or more)",
+        "  retry.attempts: invalid value: integer `-1`, expected a whole number (0 or more)",
+        "  backends[0].url: unsupported scheme \"ftp\"",
+    ] {
+        assert!(err.contains(line), "{line:?} missing from:\n{err}");
+    }
+    assert!(!err.contains("u32") && !err.contains("usize"), "{err}");
+
+    // `reload` with neither target names both; `--admin` also takes a URL.
+    let (code, _, err) = run_cli(&["reload"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--config <PATH>|--admin <HOST:PORT>"), "{err}");
+    let (code, _, err) = run_cli(&["reload", "--admin", "http://127.0.0.1:1/"]);
+    assert_eq!(code, Some(1));
+    assert!(!err.contains("http://http"), "{err}");
+    assert_eq!(
+        err.matches("http://127.0.0.1:1/admin/reload").count(),
+        1,
+        "{err}"
+    );
+}
+
+/// Issue 21 item 11: an error after logging started is one log line, not a log line and a
+/// plain copy.
+#[test]
+fn a_startup_error_after_logging_started_is_printed_once() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = temp_dir("twice");
+    let cfg = dir.join("c.yaml");
+    std::fs::write(
+        &cfg,
+        format!("listen: \"127.0.0.1:{port}\"\nbackends:\n  - url: \"http://127.0.0.1:9\"\n"),
+    )
+    .unwrap();
+    let (code, _, err) = run_cli(&["--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, Some(1));
+    assert_eq!(err.matches("already in use").count(), 1, "{err}");
+    let line: serde_json::Value =
+        serde_json::from_str(err.trim()).unwrap_or_else(|e| panic!("{e}: {err}"));
+    assert_eq!(line["level"], "ERROR", "{err}");
+}
+
+/// Issue 21 item 8: a static backend whose name does not resolve (the vLLM Service not created
+/// yet, a typo) is a warning for `check` and a backend down for the proxy, which starts and
+/// serves with the others.
+#[test]
+fn an_unresolvable_backend_name_is_a_warning_not_a_crash() {
+    let mock = Mock::start();
+    let yaml = config(
+        &[mock.url(), "http://vllm.invalid:8000".into()],
+        "discovery: { interval: 300ms }\n",
+    );
+    let dir = temp_dir("unresolved");
+    let path = dir.join("c.yaml");
+    std::fs::write(&path, &yaml).unwrap();
+    let (code, out, err) = run_cli(&["check", path.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains(": ok (2 backends"), "{out}");
+    assert!(
+        err.contains("warning: backends[1].url: cannot resolve vllm.invalid")
+            && err.contains("starts with this backend down"),
+        "{err}"
+    );
+
+    let proxy = Proxy::start(&yaml, &[]);
+    proxy.proc.wait_for_line(
+        "backends[1].url: cannot resolve vllm.invalid",
+        Duration::from_secs(5),
+    );
+    chats_ok(proxy.addr, 5);
+    assert_eq!(mock.stat("requests"), 5);
+    let health = get(proxy.addr, "/health").json();
+    assert_eq!(
+        health["backends"].as_array().map(Vec::len),
+        Some(1),
+        "{health}"
+    );
+    // Retried every discovery.interval (quietly: one warning a minute), and still alive.
+    std::thread::sleep(Duration::from_millis(800));
+    chats_ok(proxy.addr, 2);
+}
