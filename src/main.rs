@@ -14,6 +14,8 @@ use llmproxy::config::{self, Config};
 use llmproxy::telemetry::logging;
 use llmproxy::{mock, runtime};
 
+mod demo;
+
 /// Thread-per-core io_uring reverse proxy for self-hosted LLM inference servers
 /// (vLLM, TGI, SGLang, llama.cpp, any OpenAI-compatible server).
 #[derive(Parser)]
@@ -223,7 +225,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut cfg = load(&path)?;
     apply_overrides(&mut cfg, args.workers, args.cpus)?;
     logging::init(cfg.logging.level, cfg.logging.format);
-    serve(cfg, Some(path))
+    serve(cfg, Some(path), |_| {})
 }
 
 /// `llmproxy reload`: POSTs /admin/reload to the proxy the config describes.
@@ -271,7 +273,8 @@ fn admin_authority(admin: &str) -> String {
     a.split('/').next().unwrap_or(a).to_string()
 }
 
-fn serve(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+/// Runs the proxy until a stop signal; `started` is told the bound address.
+fn serve(cfg: Config, path: Option<PathBuf>, started: fn(SocketAddr)) -> anyhow::Result<ExitCode> {
     let grace = cfg.shutdown_grace;
     // Registered before any thread starts so every thread inherits the mask-free default and the
     // main thread is the one that sees SIGTERM/SIGINT/SIGHUP.
@@ -290,6 +293,8 @@ fn serve(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
             .unwrap_or_default()
     );
     log::info!("{}", running.banner());
+    log::logger().flush();
+    started(running.addr());
     if running.driver() == "epoll" {
         log::warn!(
             "io_uring is unavailable (seccomp or kernel); running on epoll, which costs throughput"
@@ -347,33 +352,8 @@ fn serve(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
 }
 
 fn demo(port: u16, workers: Option<usize>) -> anyhow::Result<ExitCode> {
-    let mut backends = Vec::new();
-    for _ in 0..2 {
-        let handle = mock::spawn(mock::MockOptions {
-            ttft: Duration::from_millis(150),
-            token_delay: Duration::from_millis(40),
-            ..mock::MockOptions::default()
-        })
-        .context("starting a simulated backend")?;
-        backends.push(format!("http://{}", handle.addr));
-    }
-    let listen: SocketAddr = ([127, 0, 0, 1], port).into();
-    let mut cfg = Config::with_backends(listen, &backends)?;
-    cfg.health_check.interval = Duration::from_secs(2);
-    cfg.shutdown_grace = Duration::from_secs(5);
-    cfg.logging.format = config::LogFormat::Text;
+    let mut cfg = demo::config(port)?;
     apply_overrides(&mut cfg, workers, None)?;
     logging::init(cfg.logging.level, cfg.logging.format);
-    let base = format!("http://127.0.0.1:{port}");
-    println!(
-        "llmproxy demo: simulated backends at {}",
-        backends.join(", ")
-    );
-    println!("proxy on {base}; try (Ctrl-C to stop):\n");
-    println!(
-        "  curl -N {base}/v1/chat/completions -H 'content-type: application/json' \\\n    -d '{{\"model\":\"mock-model\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"Hello there\"}}]}}'\n"
-    );
-    println!("  curl {base}/health\n");
-    println!("  curl {base}/metrics\n");
-    serve(cfg, None)
+    serve(cfg, None, demo::announce)
 }

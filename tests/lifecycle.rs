@@ -341,6 +341,39 @@ fn demo_runs_with_nothing_else() {
     drop(demo);
 }
 
+/// Issue 21 item 9: the demo shows metering too: each usage event is printed, with its
+/// event_id, once the in-process receiver has it. `--port 0` picks a free port and the demo
+/// prints the real one.
+#[test]
+fn demo_prints_each_usage_event_when_delivered() {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["demo", "--port", "0", "--workers", "1"]);
+    let demo = Proc::spawn(cmd);
+    let line = demo.wait_for_line("proxy on http://", Duration::from_secs(10));
+    let addr = parse_addr(&line);
+    assert_ne!(addr.port(), 0, "{line}");
+    let r = post_json(addr, "/v1/chat/completions", &chat_body(true, 3), &[]);
+    assert_eq!(r.status, 200);
+    let request_id = r.header("x-request-id").map(str::to_string);
+    let line = demo.wait_for_line("usage event: {", Duration::from_secs(10));
+    let event: serde_json::Value =
+        serde_json::from_str(line.trim_start_matches("usage event: ")).expect("event JSON");
+    assert_eq!(
+        event["event_id"].as_str().map(str::len),
+        Some(32),
+        "{event}"
+    );
+    assert_eq!(event["completion_tokens"], 3, "{event}");
+    assert_eq!(event["is_stream"], true, "{event}");
+    assert_eq!(event["model"], "mock-model", "{event}");
+    if let Some(id) = request_id {
+        assert_eq!(event["request_id"], id.as_str(), "{event}");
+    }
+    // One request, one event.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(demo.output().matches("usage event: {").count(), 1);
+}
+
 struct DemoGuard(std::process::Child);
 impl Drop for DemoGuard {
     fn drop(&mut self) {

@@ -59,9 +59,10 @@ pub(crate) fn banner(cfg: &Config, s: &Started) -> String {
         (Some(_), false) => "usage hook off (url set, enabled: false)".to_string(),
         (None, _) => "usage hook off".to_string(),
     };
-    let admin = match s.admin {
-        Some(a) => format!("admin listener {a}"),
-        None => "admin endpoints on the main listener (admin keys only)".to_string(),
+    let admin = match (s.admin, cfg.auth.enabled()) {
+        (Some(a), _) => format!("admin listener {a}"),
+        (None, true) => "admin endpoints on the main listener (admin keys only)".to_string(),
+        (None, false) => "admin endpoints on the main listener (open to anyone)".to_string(),
     };
     format!(
         "config: {} backends [{}]; strategy {}; auth {auth}; {usage}; io_driver {} ({} workers); {admin}",
@@ -110,7 +111,7 @@ mod tests {
             "config: 2 backends [a=http://10.0.0.1:8000, http://pool.svc:8000 (dns discovery)]; \
              strategy power_of_two; auth off (no keys configured: anyone may call); usage hook \
              https://billing.example/hook, spool /var/spool/llmproxy; io_driver epoll (2 workers); \
-             admin endpoints on the main listener (admin keys only)"
+             admin endpoints on the main listener (open to anyone)"
         );
         assert!(!line.contains("listening on") && !line.contains("admin on "));
     }
