@@ -549,3 +549,58 @@ fn an_unresolvable_backend_name_is_a_warning_not_a_crash() {
     std::thread::sleep(Duration::from_millis(800));
     chats_ok(proxy.addr, 2);
 }
+
+/// Issue 21 item 10: `/ready` (the readiness probe) is 200 while the process serves, even with
+/// every backend down and with auth on (no key needed, like `/health`), and 503 once draining;
+/// `/health` (for load balancers) stays 503 while no backend is up.
+#[test]
+fn ready_is_up_without_backends_and_down_while_draining() {
+    let mock = Mock::start_with(&["--ttft-ms", "1500"]);
+    let dead = "http://127.0.0.1:9".to_string();
+    let yaml = config(
+        &[dead],
+        "shutdown_grace: 10s\nauth: { keys: [{ name: a, key: sk-ready-0123456789 }] }\n",
+    );
+    let mut proxy = Proxy::start(&yaml, &[]);
+    assert!(eventually(Duration::from_secs(5), || get(
+        proxy.addr, "/health"
+    )
+    .status
+        == 503));
+    let r = get(proxy.addr, "/ready");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["status"], "ready");
+
+    // Draining: a slow stream keeps the process alive, a connection opened before asks.
+    let yaml = config(
+        &[mock.url()],
+        "shutdown_grace: 10s\nauth: { keys: [{ name: a, key: sk-ready-0123456789 }] }\n",
+    );
+    proxy = Proxy::start(&yaml, &[]);
+    let addr = proxy.addr;
+    let mut probe = Client::connect(addr);
+    probe.send(b"GET /ready HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(probe.read_response().status, 200);
+    let slow = std::thread::spawn(move || {
+        post_json(
+            addr,
+            "/v1/chat/completions",
+            &chat_body(true, 2),
+            &[("authorization", "Bearer sk-ready-0123456789")],
+        )
+        .status
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    proxy.proc.signal(libc::SIGTERM);
+    let mut status = 200;
+    assert!(
+        eventually(Duration::from_secs(2), || {
+            let r = probe.read_response_after(b"GET /ready HTTP/1.1\r\nHost: t\r\n\r\n");
+            status = r.status;
+            status == 503 && r.json()["status"] == "draining"
+        }),
+        "last /ready status {status}"
+    );
+    assert_eq!(slow.join().unwrap(), 200);
+    assert_eq!(proxy.proc.wait_exit(Duration::from_secs(10)), Some(0));
+}
