@@ -109,6 +109,8 @@ run env LLMPROXY_BACKEND_URL=http://vllm:8000 "$LLMPROXY" check --config deploym
 
 # --- Helm chart -------------------------------------------------------------------------------
 CHART=deployments/helm/llmproxy
+# The PrometheusRule template carries the shipped rules; Helm reads files inside the chart only.
+run cmp deployments/prometheus/alerts.yml "$CHART/files/alerts.yml"
 run helm lint --strict "$CHART"
 run helm lint --strict "$CHART" -f "$CHART/ci/all-features-values.yaml"
 mkdir -p "$WORK/helm"

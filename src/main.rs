@@ -14,6 +14,8 @@ use llmproxy::config::{self, Config};
 use llmproxy::telemetry::logging;
 use llmproxy::{mock, runtime};
 
+mod demo;
+
 /// Thread-per-core io_uring reverse proxy for self-hosted LLM inference servers
 /// (vLLM, TGI, SGLang, llama.cpp, any OpenAI-compatible server).
 #[derive(Parser)]
@@ -45,17 +47,27 @@ struct RunArgs {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Validate a configuration file and exit (0 = valid, 1 = errors printed).
+    /// Validate a configuration file and exit (0 = valid, 1 = errors printed). Warnings (such as
+    /// a backend name that does not resolve from here) are printed and do not fail the check.
     Check {
+        /// The configuration file (or give it as --config PATH).
+        #[arg(
+            value_name = "PATH",
+            required_unless_present = "config",
+            conflicts_with = "config"
+        )]
+        path: Option<PathBuf>,
         #[arg(short, long, value_name = "PATH")]
-        config: PathBuf,
+        config: Option<PathBuf>,
     },
     /// Ask a running proxy to re-read its config file (POST /admin/reload); same as SIGHUP.
+    /// Give either --config or --admin.
+    #[command(group(clap::ArgGroup::new("target").required(true).args(["config", "admin"])))]
     Reload {
         /// The running proxy's config: the request goes to its admin_listen (else its listen).
-        #[arg(short, long, value_name = "PATH", required_unless_present = "admin")]
+        #[arg(short, long, value_name = "PATH")]
         config: Option<PathBuf>,
-        /// Address of the admin endpoint instead, e.g. 127.0.0.1:9901.
+        /// Address of the admin endpoint instead, e.g. 127.0.0.1:9901 (http:// may be given).
         #[arg(long, value_name = "HOST:PORT")]
         admin: Option<String>,
     },
@@ -100,7 +112,12 @@ fn main() -> ExitCode {
     // Panics are contained per connection; make them visible in the structured log.
     std::panic::set_hook(Box::new(|info| log::error!("panic: {info}")));
     let result = match cli.command {
-        Some(Command::Check { config }) => check(&config),
+        Some(Command::Check { path, config }) => match path.or(config) {
+            Some(p) => check(&p),
+            None => Err(anyhow::anyhow!(
+                "give the configuration file: llmproxy check PATH"
+            )),
+        },
         Some(Command::Demo { port, workers }) => demo(port, workers),
         Some(Command::Reload { config, admin }) => reload(config.as_deref(), admin),
         Some(Command::MockBackend {
@@ -131,40 +148,56 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            log::error!("{e:#}");
-            log::logger().flush();
-            eprintln!("llmproxy: {e:#}");
+            // Once logging is set up the error goes to the log, in its format (where an
+            // operator's log collector finds it); before that, or with logging off, to stderr.
+            // Never both: one error, one line.
+            if log::log_enabled!(log::Level::Error) {
+                log::error!("{e:#}");
+                log::logger().flush();
+            } else {
+                eprintln!("llmproxy: {e:#}");
+            }
             ExitCode::FAILURE
         }
     }
 }
 
 fn check(path: &std::path::Path) -> anyhow::Result<ExitCode> {
-    match Config::load(path) {
-        Ok(cfg) => {
-            if let Err(e) = runtime::preflight(&cfg) {
-                eprintln!("{}: {e:#}", path.display());
-                return Ok(ExitCode::FAILURE);
-            }
-            for w in cfg.warnings() {
-                eprintln!("{}: warning: {w}", path.display());
-            }
-            println!(
-                "{}: ok ({} backends, strategy {:?})",
-                path.display(),
-                cfg.backends.len(),
-                cfg.strategy
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+    let cfg = match load(path) {
+        Ok(cfg) => cfg,
         Err(e) => {
-            eprintln!("{}: invalid configuration", path.display());
-            for line in e.to_string().lines() {
-                eprintln!("  {line}");
-            }
-            Ok(ExitCode::FAILURE)
+            eprintln!("{e:#}");
+            return Ok(ExitCode::FAILURE);
         }
+    };
+    if let Err(e) = runtime::preflight(&cfg) {
+        eprintln!("{}: {e:#}", path.display());
+        return Ok(ExitCode::FAILURE);
     }
+    for w in runtime::warnings(&cfg) {
+        eprintln!("{}: warning: {w}", path.display());
+    }
+    let n = cfg.backends.len();
+    println!(
+        "{}: ok ({n} {}, strategy {})",
+        path.display(),
+        if n == 1 { "backend" } else { "backends" },
+        cfg.strategy.as_str()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Reads and validates the config file; the error names the path once (an I/O error already
+/// carries it) and lists every problem, one per line.
+fn load(path: &std::path::Path) -> anyhow::Result<Config> {
+    Config::load(path).map_err(|e| match e {
+        config::ConfigError::Io { .. } => anyhow::anyhow!("{e}"),
+        config::ConfigError::Invalid(lines) => anyhow::anyhow!(
+            "{}: invalid configuration:\n  {}",
+            path.display(),
+            lines.join("\n  ")
+        ),
+    })
 }
 
 fn apply_overrides(
@@ -189,18 +222,18 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let Some(path) = args.config else {
         anyhow::bail!("--config PATH is required (or try `llmproxy demo`; see --help)");
     };
-    let mut cfg = Config::load(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let mut cfg = load(&path)?;
     apply_overrides(&mut cfg, args.workers, args.cpus)?;
     logging::init(cfg.logging.level, cfg.logging.format);
-    serve(cfg, Some(path))
+    serve(cfg, Some(path), |_| {})
 }
 
 /// `llmproxy reload`: POSTs /admin/reload to the proxy the config describes.
 fn reload(config: Option<&std::path::Path>, admin: Option<String>) -> anyhow::Result<ExitCode> {
     let target = match (admin, config) {
-        (Some(a), _) => a,
+        (Some(a), _) => admin_authority(&a),
         (None, Some(path)) => {
-            let cfg = Config::load(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            let cfg = load(path)?;
             let mut addr = cfg.admin_listen.unwrap_or(cfg.listen);
             if addr.ip().is_unspecified() {
                 addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
@@ -225,11 +258,23 @@ fn reload(config: Option<&std::path::Path>, admin: Option<String>) -> anyhow::Re
             );
             Ok(ExitCode::FAILURE)
         }
-        Err(e) => anyhow::bail!("{url}: {e}"),
+        // ureq's error already names the URL.
+        Err(e) => anyhow::bail!("{e}"),
     }
 }
 
-fn serve(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+/// `--admin` as HOST:PORT, also when given as a URL (`http://host:port/`).
+fn admin_authority(admin: &str) -> String {
+    let a = admin.trim();
+    let a = a
+        .strip_prefix("http://")
+        .or_else(|| a.strip_prefix("HTTP://"))
+        .unwrap_or(a);
+    a.split('/').next().unwrap_or(a).to_string()
+}
+
+/// Runs the proxy until a stop signal; `started` is told the bound address.
+fn serve(cfg: Config, path: Option<PathBuf>, started: fn(SocketAddr)) -> anyhow::Result<ExitCode> {
     let grace = cfg.shutdown_grace;
     // Registered before any thread starts so every thread inherits the mask-free default and the
     // main thread is the one that sees SIGTERM/SIGINT/SIGHUP.
@@ -247,6 +292,9 @@ fn serve(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
             .map(|a| format!(", admin on {a}"))
             .unwrap_or_default()
     );
+    log::info!("{}", running.banner());
+    log::logger().flush();
+    started(running.addr());
     if running.driver() == "epoll" {
         log::warn!(
             "io_uring is unavailable (seccomp or kernel); running on epoll, which costs throughput"
@@ -304,33 +352,8 @@ fn serve(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
 }
 
 fn demo(port: u16, workers: Option<usize>) -> anyhow::Result<ExitCode> {
-    let mut backends = Vec::new();
-    for _ in 0..2 {
-        let handle = mock::spawn(mock::MockOptions {
-            ttft: Duration::from_millis(150),
-            token_delay: Duration::from_millis(40),
-            ..mock::MockOptions::default()
-        })
-        .context("starting a simulated backend")?;
-        backends.push(format!("http://{}", handle.addr));
-    }
-    let listen: SocketAddr = ([127, 0, 0, 1], port).into();
-    let mut cfg = Config::with_backends(listen, &backends)?;
-    cfg.health_check.interval = Duration::from_secs(2);
-    cfg.shutdown_grace = Duration::from_secs(5);
-    cfg.logging.format = config::LogFormat::Text;
+    let mut cfg = demo::config(port)?;
     apply_overrides(&mut cfg, workers, None)?;
     logging::init(cfg.logging.level, cfg.logging.format);
-    let base = format!("http://127.0.0.1:{port}");
-    println!(
-        "llmproxy demo: simulated backends at {}",
-        backends.join(", ")
-    );
-    println!("proxy on {base}; try (Ctrl-C to stop):\n");
-    println!(
-        "  curl -N {base}/v1/chat/completions -H 'content-type: application/json' \\\n    -d '{{\"model\":\"mock-model\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"Hello there\"}}]}}'\n"
-    );
-    println!("  curl {base}/health\n");
-    println!("  curl {base}/metrics\n");
-    serve(cfg, None)
+    serve(cfg, None, demo::announce)
 }

@@ -53,6 +53,8 @@ pub struct Running {
     pub(crate) driver: &'static str,
     stop_health: Arc<AtomicBool>,
     delivery: Option<Delivery>,
+    /// The startup banner (see `telemetry::banner`).
+    banner: String,
 }
 
 /// How long `reload` waits for the control plane's answer.
@@ -76,6 +78,12 @@ impl Running {
     /// `io_uring` or `epoll`.
     pub fn driver(&self) -> &'static str {
         self.driver
+    }
+
+    /// One line with what an operator checks first: backends, strategy, auth, usage hook, io
+    /// driver, admin listener.
+    pub fn banner(&self) -> &str {
+        &self.banner
     }
 
     /// Requests in flight across all cores.
@@ -226,6 +234,15 @@ pub fn preflight(cfg: &Config) -> anyhow::Result<()> {
             .map_err(|e| anyhow!("usage_hook.spool_dir {dir}: {e}"))?;
     }
     Ok(())
+}
+
+/// What `llmproxy check` warns about without failing: what the config says but probably does
+/// not mean (`Config::warnings`), and static backends whose name does not resolve from here (the
+/// proxy starts with them down and keeps trying).
+pub fn warnings(cfg: &Config) -> Vec<String> {
+    let mut w = cfg.warnings();
+    w.extend(crate::control::plane::unresolved_statics(cfg));
+    w
 }
 
 /// Starts the proxy; `path` is the config file a reload re-reads.
@@ -429,7 +446,17 @@ pub fn start_with(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<Running>
         }
     }
     drop(usage_tx);
+    let banner = crate::telemetry::banner::banner(
+        &cfg,
+        &crate::telemetry::banner::Started {
+            keys: shared.keys.len(),
+            driver,
+            workers,
+            admin: admin_addr,
+        },
+    );
     Ok(Running {
+        banner,
         addr,
         admin_addr,
         shared,

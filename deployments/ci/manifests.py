@@ -2,8 +2,9 @@
 """Checks on rendered Kubernetes manifests that kubernetes-validate cannot make, for validate.sh.
 
   manifests.py split RENDERED CORE CUSTOM   write built-in kinds to CORE, custom resources to CUSTOM
-  manifests.py custom FILE                  check custom resources: ServiceMonitor, against the
-                                            fields of the Prometheus Operator's CRD that we use
+  manifests.py custom FILE                  check custom resources: ServiceMonitor and
+                                            PrometheusRule, against the fields of the Prometheus
+                                            Operator's CRDs that we use
   manifests.py config LLMPROXY FILE...      run `LLMPROXY check` on every ConfigMap's config.yaml,
                                             with every Secret's data of the same file as environment
                                             (the chart hands a Secret to the proxy as env variables)
@@ -27,6 +28,85 @@ DURATION = {
     "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$",
 }
 STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+METADATA = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
+        "namespace": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
+        "labels": STRING_MAP,
+        "annotations": STRING_MAP,
+    },
+}
+# The Operator's RelabelConfig.
+RELABEL = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "sourceLabels": {"type": "array", "items": {"type": "string"}},
+            "separator": {"type": "string"},
+            "targetLabel": {"type": "string"},
+            "regex": {"type": "string"},
+            "modulus": {"type": "integer"},
+            "replacement": {"type": "string"},
+            "action": {"enum": ["replace", "Replace", "keep", "Keep", "drop", "Drop", "hashmod",
+                                "HashMod", "labelmap", "LabelMap", "labeldrop", "LabelDrop",
+                                "labelkeep", "LabelKeep", "lowercase", "Lowercase", "uppercase",
+                                "Uppercase", "keepequal", "KeepEqual", "dropequal", "DropEqual"]},
+        },
+    },
+}
+PROMETHEUS_RULE = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PrometheusRule"},
+        "metadata": METADATA,
+        "spec": {
+            "type": "object",
+            "required": ["groups"],
+            "additionalProperties": False,
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["name", "rules"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1},
+                            "interval": DURATION,
+                            "rules": {
+                                "type": "array",
+                                "minItems": 1,
+                                "items": {
+                                    "type": "object",
+                                    "required": ["expr"],
+                                    "additionalProperties": False,
+                                    "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+                                    "properties": {
+                                        "alert": {"type": "string"},
+                                        "record": {"type": "string"},
+                                        "expr": {"type": ["string", "integer"]},
+                                        "for": DURATION,
+                                        "keep_firing_for": DURATION,
+                                        "labels": STRING_MAP,
+                                        "annotations": STRING_MAP,
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
 SERVICE_MONITOR = {
     "type": "object",
     "required": ["apiVersion", "kind", "metadata", "spec"],
@@ -34,21 +114,21 @@ SERVICE_MONITOR = {
     "properties": {
         "apiVersion": {"const": "monitoring.coreos.com/v1"},
         "kind": {"const": "ServiceMonitor"},
-        "metadata": {
-            "type": "object",
-            "required": ["name"],
-            "properties": {
-                "name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
-                "labels": STRING_MAP,
-                "annotations": STRING_MAP,
-            },
-        },
+        "metadata": METADATA,
         "spec": {
             "type": "object",
             "required": ["selector", "endpoints"],
             "additionalProperties": False,
             "properties": {
                 "jobLabel": {"type": "string"},
+                "namespaceSelector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "any": {"type": "boolean"},
+                        "matchNames": {"type": "array", "items": {"type": "string"}},
+                    },
+                },
                 "selector": {
                     "type": "object",
                     "additionalProperties": False,
@@ -66,6 +146,8 @@ SERVICE_MONITOR = {
                             "scheme": {"enum": ["http", "https"]},
                             "interval": DURATION,
                             "scrapeTimeout": DURATION,
+                            "relabelings": RELABEL,
+                            "metricRelabelings": RELABEL,
                         },
                     },
                 },
@@ -94,19 +176,23 @@ def split(rendered, core, custom):
     return 0
 
 
+SCHEMAS = {"ServiceMonitor": SERVICE_MONITOR, "PrometheusRule": PROMETHEUS_RULE}
+
+
 def custom(path):
     failed = 0
     for doc in load(path):
-        if doc.get("kind") != "ServiceMonitor":
+        schema = SCHEMAS.get(doc.get("kind"))
+        if schema is None:
             print(f"FAIL {path}: {name_of(doc)}: no schema for this custom resource")
             failed += 1
             continue
-        errors = list(jsonschema.Draft7Validator(SERVICE_MONITOR).iter_errors(doc))
+        errors = list(jsonschema.Draft7Validator(schema).iter_errors(doc))
         for e in errors:
             print(f"FAIL {path}: {name_of(doc)}: {'.'.join(map(str, e.path)) or '.'}: {e.message}")
         failed += len(errors)
         if not errors:
-            print(f"OK   {path}: {name_of(doc)} matches the ServiceMonitor fields we use")
+            print(f"OK   {path}: {name_of(doc)} matches the {doc['kind']} fields we use")
     return 1 if failed else 0
 
 

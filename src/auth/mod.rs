@@ -197,6 +197,11 @@ impl KeyStore {
         Ok(n)
     }
 
+    /// Keys in force now (for the startup banner).
+    pub(crate) fn len(&self) -> usize {
+        self.snapshot().map_or(0, |s| s.len())
+    }
+
     fn snapshot(&self) -> Option<Arc<KeySet>> {
         self.current.lock().ok().map(|c| c.clone())
     }

@@ -15,6 +15,8 @@ pub(crate) type Eligible<'a> = (usize, &'a str, Option<&'a [String]>);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Local {
     Health,
+    /// `/ready`: the process is up, its config loaded and it is not draining (backends aside).
+    Ready,
     Metrics,
     Models,
     /// `/metrics` asked on the main listener while an admin listener serves it: never proxied
@@ -210,6 +212,7 @@ impl RouteTable {
         }
         match path {
             "/health" => Some(Local::Health),
+            "/ready" => Some(Local::Ready),
             "/metrics" if metrics_here => Some(Local::Metrics),
             "/metrics" => Some(Local::MetricsElsewhere),
             "/v1/models" if self.model_list.is_some() => Some(Local::Models),

@@ -8,11 +8,12 @@ use std::env::VarError;
 use std::net::SocketAddr;
 use std::path::Path;
 
+use serde_path_to_error::Segment;
 use serde_yaml::Value;
 
 use super::raw::{RawBackend, RawConfig};
 use super::validate::validate;
-use super::{path_error, Config, ConfigError};
+use super::{path_line, Config, ConfigError};
 
 impl Config {
     pub fn from_yaml_str(text: &str) -> Result<Config, ConfigError> {
@@ -65,9 +66,77 @@ pub(super) fn from_yaml_with_env(text: &str, env: EnvLookup) -> Result<Config, C
         return Err(ConfigError::Invalid(errors));
     }
 
-    let raw: RawConfig =
-        serde_path_to_error::deserialize(value).map_err(|e| path_error(e, "config"))?;
-    validate(raw)
+    deserialize_all(value)
+}
+
+/// At most this many type errors are collected from one file (each costs one more pass).
+const MAX_TYPE_ERRORS: usize = 50;
+
+/// Deserialises into the raw shapes, then validates, reporting every problem at once. serde stops
+/// at the first type error, so the value at each failing path is taken out (its default applies)
+/// and the document is read again; the problems `validate` then finds are added, except those at
+/// a path already reported (the default standing in for a removed value is not the user's).
+fn deserialize_all(mut value: Value) -> Result<Config, ConfigError> {
+    let mut errors = Vec::new();
+    let mut removed: Vec<String> = Vec::new();
+    loop {
+        match serde_path_to_error::deserialize::<_, RawConfig>(value.clone()) {
+            Ok(raw) if errors.is_empty() => return validate(raw),
+            Ok(raw) => {
+                if let Err(ConfigError::Invalid(more)) = validate(raw) {
+                    errors.extend(more.into_iter().filter(|line| {
+                        !removed.iter().any(|p| {
+                            line.strip_prefix(p.as_str())
+                                .is_some_and(|rest| rest.starts_with([':', '.', '[']))
+                        })
+                    }));
+                }
+                return Err(ConfigError::Invalid(errors));
+            }
+            Err(e) => {
+                let segments: Vec<Segment> = e.path().iter().cloned().collect();
+                let path = e.path().to_string();
+                // The same path failing again means what stands in for it does not fit either.
+                if removed.contains(&path) {
+                    return Err(ConfigError::Invalid(errors));
+                }
+                errors.push(path_line(e, "config"));
+                if errors.len() >= MAX_TYPE_ERRORS || !remove_at(&mut value, &segments) {
+                    return Err(ConfigError::Invalid(errors));
+                }
+                removed.push(path);
+            }
+        }
+    }
+}
+
+/// Removes the value at `path` from `value`; false when there is no such value (or the path is
+/// the whole document), which ends the collection.
+fn remove_at(value: &mut Value, path: &[Segment]) -> bool {
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut at = value;
+    for segment in parents {
+        let next = match (segment, at) {
+            (Segment::Seq { index }, Value::Sequence(items)) => items.get_mut(*index),
+            (Segment::Map { key }, Value::Mapping(map)) => map.get_mut(key.as_str()),
+            _ => None,
+        };
+        match next {
+            Some(v) => at = v,
+            None => return false,
+        }
+    }
+    match (last, at) {
+        (Segment::Seq { index }, Value::Sequence(items)) if *index < items.len() => {
+            // Keep the indexes of later items: an empty mapping takes an entry's defaults.
+            items[*index] = Value::Mapping(Default::default());
+            true
+        }
+        (Segment::Map { key }, Value::Mapping(map)) => map.remove(key.as_str()).is_some(),
+        _ => false,
+    }
 }
 
 /// Replaces `${VAR}` in every string value (not in keys), recording `path: reason` per failure.

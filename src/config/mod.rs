@@ -46,11 +46,16 @@ pub enum ConfigError {
 
 /// A deserialisation error as `path: reason` (`whole: reason` at the top level).
 fn path_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>, whole: &str) -> ConfigError {
+    ConfigError::Invalid(vec![path_line(e, whole)])
+}
+
+/// One `path: reason` line, the reason in the user's words (see `parse::in_users_words`).
+fn path_line<E: std::fmt::Display>(e: serde_path_to_error::Error<E>, whole: &str) -> String {
     let path = e.path().to_string();
-    let inner = e.into_inner();
-    ConfigError::Invalid(vec![if path == "." {
+    let inner = parse::in_users_words(&e.into_inner().to_string());
+    if path == "." {
         format!("{whole}: {inner}")
     } else {
         format!("{path}: {inner}")
-    }])
+    }
 }

@@ -14,6 +14,31 @@ use serde::Deserialize;
 
 use super::HashKey;
 
+/// serde's reason with Rust's type names put in the user's words: `expected u32` becomes
+/// `expected a whole number (0 or more)`, `unit value` an empty value, and so on. Reasons from
+/// our own parsers already are, and pass through.
+pub(super) fn in_users_words(reason: &str) -> String {
+    let reason = reason.replacen(
+        "invalid type: unit value",
+        "invalid type: an empty value",
+        1,
+    );
+    let Some((head, expected)) = reason.rsplit_once(", expected ") else {
+        return reason;
+    };
+    let words = match expected {
+        "u8" | "u16" | "u32" | "u64" | "usize" => "a whole number (0 or more)",
+        "i8" | "i16" | "i32" | "i64" | "isize" => "a whole number",
+        "f32" | "f64" => "a number",
+        "a boolean" => "true or false",
+        "a sequence" => "a list",
+        "a map" => "a mapping",
+        "a string" => "text (a string)",
+        _ => return reason,
+    };
+    format!("{head}, expected {words}")
+}
+
 /// `":PORT"` (all interfaces), `"HOST:PORT"`, `"[v6]:PORT"`; a host name resolves to its first
 /// address.
 pub(super) fn parse_listen(s: &str) -> Result<SocketAddr, String> {
@@ -183,7 +208,15 @@ pub(super) fn parse_duration(s: &str) -> Result<Duration, String> {
         ));
     }
     let d = humantime::parse_duration(t).map_err(|e| {
-        format!("invalid duration \"{t}\": {e} (use e.g. \"250ms\", \"10s\", \"30m\", \"1h\")")
+        // humantime's own words ("expected number at 0") point into the string; say what to write.
+        let why = match e {
+            humantime::DurationError::UnknownUnit { unit, .. } => {
+                format!("unknown unit \"{unit}\"")
+            }
+            humantime::DurationError::NumberOverflow => "the number is too large".to_string(),
+            _ => "expected a number with a unit".to_string(),
+        };
+        format!("invalid duration \"{t}\": {why} (e.g. \"250ms\", \"10s\", \"30m\", \"1h\")")
     })?;
     if d > MAX_DURATION {
         return Err(format!(

@@ -1,6 +1,7 @@
 //! The control-plane thread: owns the master backend set (`backends::Registry`) and the running
 //! configuration, and is the only place that changes either. Three things change them: DNS
-//! discovery rounds (every `discovery.interval`), reloads (SIGHUP, `POST /admin/reload`) and
+//! discovery rounds (every `discovery.interval`, which also retry the static backend names that
+//! did not resolve yet: such a backend is down, never fatal), reloads (SIGHUP, `POST /admin/reload`) and
 //! cores reporting that a draining backend has no request left. Each change is published as a
 //! new immutable `BackendTable` to every core's inbox, to the health thread and to the
 //! engine-metrics scraper.
@@ -45,6 +46,9 @@ pub(crate) struct Plane {
     limits: Option<(Arc<Capacity>, Arc<ConnectionLimit>)>,
     /// The engine-metrics scraper, which follows the table like the health thread.
     scraper: Option<Sender<Arc<BackendTable>>>,
+    lookup: Lookup,
+    /// When unresolved static backends were last warned about.
+    warned_unresolved: Option<Instant>,
 }
 
 /// A static backend that does not resolve, by its index in `backends`. The text carries the
@@ -62,39 +66,93 @@ pub enum StaticsError {
     NoAddress { index: usize, host: String },
 }
 
-/// Resolves static backends: URLs already known keep their address; a new one that does not
-/// resolve is an error (at start and on reload alike: a typo must not silently drop a backend).
+/// How a static backend's host is looked up: the system resolver, or a stand-in in tests.
+pub(crate) type Lookup = fn(&str, u16) -> std::io::Result<Vec<SocketAddr>>;
+
+fn system_lookup(host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+    (host, port).to_socket_addrs().map(Iterator::collect)
+}
+
+/// Static backends whose host did not resolve, with why.
+type Unresolved = Vec<(String, StaticsError)>;
+
+/// Resolves static backends: URLs already known keep their address (a name is looked up once;
+/// a backend that moves is a reload). Returns those that resolved and, for the others, why not:
+/// the caller decides whether that is fatal (a reload adding a new one) or a backend down (at
+/// start, and one already waiting for its name).
 fn resolve_statics(
     cfg: &Config,
     known: &HashMap<String, SocketAddr>,
-) -> Result<HashMap<String, SocketAddr>, StaticsError> {
+    lookup: Lookup,
+) -> (HashMap<String, SocketAddr>, Unresolved) {
     let mut out = HashMap::new();
+    let mut unresolved = Vec::new();
     for (index, b) in cfg.backends.iter().enumerate() {
         if b.discover.is_some() {
             continue;
         }
-        let addr = match known.get(&b.url) {
-            Some(a) => *a,
-            None => (b.host.as_str(), b.port)
-                .to_socket_addrs()
-                .map_err(|error| StaticsError::Lookup {
+        if let Some(a) = known.get(&b.url) {
+            out.insert(b.url.clone(), *a);
+            continue;
+        }
+        match lookup(&b.host, b.port) {
+            Ok(addrs) => match addrs.first() {
+                Some(a) => {
+                    out.insert(b.url.clone(), *a);
+                }
+                None => unresolved.push((
+                    b.url.clone(),
+                    StaticsError::NoAddress {
+                        index,
+                        host: b.host.clone(),
+                    },
+                )),
+            },
+            Err(error) => unresolved.push((
+                b.url.clone(),
+                StaticsError::Lookup {
                     index,
                     host: b.host.clone(),
                     error,
-                })?
-                .next()
-                .ok_or_else(|| StaticsError::NoAddress {
-                    index,
-                    host: b.host.clone(),
-                })?,
-        };
-        out.insert(b.url.clone(), addr);
+                },
+            )),
+        }
     }
-    Ok(out)
+    (out, unresolved)
+}
+
+/// Static backends whose name does not resolve now, as warnings (`llmproxy check`): the proxy
+/// would start with them down.
+pub(crate) fn unresolved_statics(cfg: &Config) -> Vec<String> {
+    let (_, unresolved) = resolve_statics(cfg, &HashMap::new(), system_lookup);
+    unresolved
+        .into_iter()
+        .map(|(_, e)| {
+            format!(
+                "{e} (the proxy starts with this backend down and retries every {:?})",
+                cfg.discovery.interval
+            )
+        })
+        .collect()
+}
+
+/// How often an unresolved static backend is warned about again (it is retried every
+/// `discovery.interval`, which is too often to log each time).
+const UNRESOLVED_WARN_EVERY: Duration = Duration::from_secs(60);
+
+fn warn_unresolved(unresolved: &Unresolved, interval: Duration) {
+    for (_, e) in unresolved {
+        log::warn!(
+            "{e}; this backend is down until its name resolves (retried every {interval:?})"
+        );
+    }
 }
 
 impl Plane {
-    /// Resolves the backends for the first table: static ones must resolve; discovered ones are
+    /// Resolves the backends for the first table. A static backend whose name does not resolve
+    /// (its Service not created yet, a typo) is left out, logged, and looked up again every
+    /// `discovery.interval`: the proxy starts without it rather than not at all (under
+    /// Kubernetes, exiting would be a crash loop until the name exists). Discovered backends are
     /// resolved once here (a failure only logs: discovery keeps trying).
     pub(crate) fn new(
         cfg: Arc<Config>,
@@ -102,7 +160,22 @@ impl Plane {
         cores: usize,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Plane> {
-        let statics = resolve_statics(&cfg, &HashMap::new())?;
+        Plane::with_lookup(cfg, path, cores, metrics, system_lookup)
+    }
+
+    pub(crate) fn with_lookup(
+        cfg: Arc<Config>,
+        path: Option<PathBuf>,
+        cores: usize,
+        metrics: Arc<Metrics>,
+        lookup: Lookup,
+    ) -> anyhow::Result<Plane> {
+        let (statics, unresolved) = resolve_statics(&cfg, &HashMap::new(), lookup);
+        let mut warned_unresolved = None;
+        if !unresolved.is_empty() {
+            warn_unresolved(&unresolved, cfg.discovery.interval);
+            warned_unresolved = Some(Instant::now());
+        }
         let mut discovery = Discovery::new(&cfg);
         discovery.resolve(None, &metrics);
         let registry = Registry::new(cores, desired(&cfg, &statics, &discovery.sets()));
@@ -117,6 +190,8 @@ impl Plane {
             current,
             limits: None,
             scraper: None,
+            lookup,
+            warned_unresolved,
         })
     }
 
@@ -181,7 +256,9 @@ impl Plane {
             let now = Instant::now();
             if now >= next_discovery {
                 next_discovery = clock::after(now, self.discovery.interval());
-                if !self.discovery.is_empty() && self.discovery.resolve(None, &self.metrics) {
+                let discovered =
+                    !self.discovery.is_empty() && self.discovery.resolve(None, &self.metrics);
+                if self.retry_statics() || discovered {
                     self.apply_backends();
                     self.publish(cores, health);
                 }
@@ -191,6 +268,38 @@ impl Plane {
                 self.send(cores, health);
             }
         }
+    }
+
+    /// Looks up again the static backends whose name did not resolve yet; returns whether any
+    /// did now (the caller applies and publishes).
+    fn retry_statics(&mut self) -> bool {
+        let waiting = self
+            .config
+            .backends
+            .iter()
+            .any(|b| b.discover.is_none() && !self.statics.contains_key(&b.url));
+        if !waiting {
+            return false;
+        }
+        let (statics, unresolved) = resolve_statics(&self.config, &self.statics, self.lookup);
+        let found: Vec<(&String, &SocketAddr)> = statics
+            .iter()
+            .filter(|(url, _)| !self.statics.contains_key(*url))
+            .collect();
+        for (url, addr) in &found {
+            log::info!("backend {url} resolved to {addr}; it joins the backend set");
+        }
+        let changed = !found.is_empty();
+        if !unresolved.is_empty()
+            && self
+                .warned_unresolved
+                .is_none_or(|t| t.elapsed() >= UNRESOLVED_WARN_EVERY)
+        {
+            warn_unresolved(&unresolved, self.config.discovery.interval);
+            self.warned_unresolved = Some(Instant::now());
+        }
+        self.statics = statics;
+        changed
     }
 
     /// Diffs the desired backend set against the registry; logs what changed.
@@ -276,8 +385,19 @@ impl Plane {
         for w in &warnings {
             log::warn!("reload: {w}");
         }
-        let statics =
-            resolve_statics(&new, &self.statics).map_err(|e| rejected(ReloadError::from(e)))?;
+        // A backend the running config already had waiting for its name keeps waiting; a reload
+        // that adds a name which does not resolve is refused (the operator is there to read the
+        // answer, and a typo must not silently leave a backend out).
+        let (statics, unresolved) = resolve_statics(&new, &self.statics, self.lookup);
+        let waiting = |url: &str| {
+            self.config
+                .backends
+                .iter()
+                .any(|b| b.discover.is_none() && b.url == url)
+        };
+        if let Some((_, e)) = unresolved.into_iter().find(|(url, _)| !waiting(url)) {
+            return Err(rejected(ReloadError::from(e)));
+        }
         self.statics = statics;
         let added = self.discovery.configure(&new);
         self.metrics.tls_certificates(&new);
@@ -300,5 +420,111 @@ impl Plane {
             updated: changes.updated,
             warnings,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    /// `vllm` resolves once `VLLM_EXISTS` is set; `typo` never does.
+    static VLLM_EXISTS: AtomicBool = AtomicBool::new(false);
+
+    fn fake_dns(host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+        match host {
+            "vllm" if VLLM_EXISTS.load(Ordering::SeqCst) => Ok(vec![([10, 0, 0, 7], port).into()]),
+            "known" => Ok(vec![([10, 0, 0, 1], port).into()]),
+            "empty" => Ok(vec![]),
+            _ => Err(std::io::Error::other("no such host")),
+        }
+    }
+
+    fn urls(p: &Plane) -> Vec<String> {
+        let mut v: Vec<String> = p
+            .table()
+            .entries()
+            .map(|(_, e)| e.spec.url.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn unresolved_statics_are_reported_not_fatal() {
+        let cfg = Config::from_yaml_str(
+            "backends: [{ url: \"http://known:1\" }, { url: \"http://typo:2\" }, { url: \"http://empty:3\" }]\n",
+        )
+        .unwrap();
+        let (ok, bad) = resolve_statics(&cfg, &HashMap::new(), fake_dns);
+        assert_eq!(ok.len(), 1);
+        let texts: Vec<String> = bad.iter().map(|(_, e)| e.to_string()).collect();
+        assert_eq!(
+            texts,
+            [
+                "backends[1].url: cannot resolve typo: no such host",
+                "backends[2].url: empty has no address"
+            ]
+        );
+    }
+
+    /// Issue 21 item 8: the Helm chart's default `http://vllm:8000` before the vLLM Service
+    /// exists. The proxy starts with that backend down and adds it once the name resolves.
+    #[test]
+    fn a_static_backend_joins_when_its_name_starts_resolving() {
+        let cfg = Arc::new(
+            Config::from_yaml_str(
+                "backends: [{ url: \"http://known:1\" }, { url: \"http://vllm:8000\" }]\n",
+            )
+            .unwrap(),
+        );
+        let metrics = Arc::new(Metrics::new(&cfg, 1, "test").unwrap());
+        let mut plane = Plane::with_lookup(cfg, None, 1, metrics, fake_dns).unwrap();
+        assert_eq!(urls(&plane), ["http://known:1"]);
+        assert!(!plane.retry_statics(), "still unresolved: nothing changes");
+        VLLM_EXISTS.store(true, Ordering::SeqCst);
+        assert!(plane.retry_statics());
+        plane.apply_backends();
+        plane.current = plane.registry.publish(plane.config.clone());
+        assert_eq!(urls(&plane), ["http://known:1", "http://vllm:8000"]);
+        assert_eq!(
+            plane.statics["http://vllm:8000"],
+            ([10, 0, 0, 7], 8000).into()
+        );
+        assert!(
+            !plane.retry_statics(),
+            "resolved names are not looked up again"
+        );
+    }
+
+    /// Reload: a backend already waiting for its name keeps waiting (the reload succeeds); a
+    /// reload that adds a name which does not resolve is refused, as before.
+    #[test]
+    fn reload_keeps_a_waiting_backend_and_refuses_a_new_unresolved_one() {
+        let dir = std::env::temp_dir().join(format!("llmproxy-plane-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.yaml");
+        let first = "backends: [{ url: \"http://known:1\" }, { url: \"http://typo:2\" }]\n";
+        std::fs::write(&path, first).unwrap();
+        let cfg = Arc::new(Config::from_yaml_str(first).unwrap());
+        let metrics = Arc::new(Metrics::new(&cfg, 1, "test").unwrap());
+        let mut plane = Plane::with_lookup(cfg, Some(path.clone()), 1, metrics, fake_dns).unwrap();
+        plane
+            .reload()
+            .expect("the waiting backend does not block a reload");
+        std::fs::write(
+            &path,
+            "backends: [{ url: \"http://known:1\" }, { url: \"http://typo:2\" }, { url: \"http://typo2:3\" }]\n",
+        )
+        .unwrap();
+        let e = plane
+            .reload()
+            .expect_err("a new unresolved name is refused");
+        assert_eq!(
+            e.to_string(),
+            "backends[2].url: cannot resolve typo2: no such host"
+        );
+        assert_eq!(plane.config.backends.len(), 2, "nothing applied");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -23,7 +23,7 @@ pub(crate) struct Done<'a> {
     pub(crate) outcome: Outcome,
     pub(crate) first_byte: Option<Instant>,
     pub(crate) usage: Option<Usage>,
-    /// A probe (`/health`, `/metrics`): logged, but not traffic, so not in the request metrics
+    /// A probe (`/health`, `/ready`, `/metrics`): logged, but not traffic, so not in the request metrics
     /// (a readiness probe would feed the QPS panel, a failing `/health` the error-ratio alert).
     pub(crate) probe: bool,
 }

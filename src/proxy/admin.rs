@@ -1,4 +1,4 @@
-//! The proxy's own endpoints, answered on the core without a backend: `/health`, `/metrics`,
+//! The proxy's own endpoints, answered on the core without a backend: `/health`, `/ready`, `/metrics`,
 //! `/v1/models` and `POST /admin/reload` (which asks the control plane and polls for its answer,
 //! so the core never blocks on it).
 
@@ -37,7 +37,7 @@ pub(crate) async fn serve(w: &Worker, d: &mut Downstream, req: &Request<'_>, loc
     let keep = respond(d, req, answer, req.close).await;
     let probe = matches!(
         local,
-        Local::Health | Local::Metrics | Local::MetricsElsewhere
+        Local::Health | Local::Ready | Local::Metrics | Local::MetricsElsewhere
     );
     account(
         w,
@@ -54,6 +54,7 @@ pub(crate) async fn serve(w: &Worker, d: &mut Downstream, req: &Request<'_>, loc
 fn answer(w: &Worker, local: Local) -> Answer {
     match local {
         Local::Health => health(w),
+        Local::Ready => ready(w),
         Local::Metrics => {
             // This core's view is the freshest at hand; other cores flush on their tick.
             w.drain_inbox();
@@ -111,6 +112,18 @@ fn health(w: &Worker) -> Answer {
     };
     let body = serde_json::json!({"status": state, "backends": backends});
     Answer::json(status, body.to_string().into_bytes())
+}
+
+/// `/ready`: 200 while the process serves and is not draining, whatever the backends' state (a
+/// proxy with every backend down still answers every request, with a JSON 503), so a readiness
+/// probe on it lets a rollout converge before the backends exist; `/health` is for load
+/// balancers, which should route around a proxy with nothing behind it.
+fn ready(w: &Worker) -> Answer {
+    if w.shared.draining() {
+        Answer::json(503, br#"{"status":"draining"}"#.to_vec())
+    } else {
+        Answer::json(200, br#"{"status":"ready"}"#.to_vec())
+    }
 }
 
 /// `POST /admin/reload`: asks the control plane to reload and waits for its answer without

@@ -2,6 +2,7 @@
 //! and the counters of requests refused on purpose. A leaf: it takes plain numbers and names from
 //! the request path and imports nothing of it.
 
+pub(crate) mod banner;
 pub mod logging;
 pub mod metrics;
 pub(crate) mod reject;

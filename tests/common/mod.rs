@@ -35,7 +35,7 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(mut cmd: Command) -> Proc {
+    pub fn spawn(mut cmd: Command) -> Proc {
         cmd.stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .stdin(Stdio::null());
@@ -133,7 +133,7 @@ impl Drop for Proc {
     }
 }
 
-fn parse_addr(line: &str) -> SocketAddr {
+pub fn parse_addr(line: &str) -> SocketAddr {
     let idx = line.find("127.0.0.1:").expect("address in line");
     let rest = &line[idx..];
     let end = rest

@@ -383,3 +383,40 @@ fn yaml_merge_keys() {
     assert_eq!(c.backends[1].weight, 4);
     assert_eq!(c.backends[1].url, "http://b:1");
 }
+
+/// Issue 21 item 11: a type error no longer hides the other problems of the file, and the
+/// reasons say what to write, not Rust's type names.
+#[test]
+fn every_problem_is_reported_when_type_errors_sit_among_others() {
+    let errs = errors(
+        "listen: \":8080\"\nworkers: many\nbackends:\n  - url: \"http://a:8000\"\n    weight: x\n  - url: \"ftp://b\"\n    wieght: 2\nretry: { attempts: -1 }\ntimeouts: { connect: abc }\nusage_hook: { enabled: yes please }\n",
+    );
+    assert_eq!(
+        errs,
+        [
+            "workers: invalid type: string \"many\", expected a whole number (0 or more)",
+            "usage_hook.enabled: invalid type: string \"yes please\", expected true or false",
+            "backends[0].weight: invalid type: string \"x\", expected a whole number (0 or more)",
+            "backends[1].wieght: unknown field `wieght`, expected one of `url`, `weight`, `models`, `discover`, `name`, `max_inflight`, `api_key`, `metrics_path`, `tls`",
+            "retry.attempts: invalid value: integer `-1`, expected a whole number (0 or more)",
+            "timeouts.connect: invalid duration \"abc\": expected a number with a unit (e.g. \"250ms\", \"10s\", \"30m\", \"1h\")",
+            "backends[1].url: unsupported scheme \"ftp\"; only http:// and https:// are supported",
+        ]
+    );
+}
+
+#[test]
+fn a_list_item_of_the_wrong_shape_is_reported_once() {
+    let errs = errors("backends: [5, { url: \"http://a:1\", weight: 0 }]\n");
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    assert!(
+        errs[0].starts_with("backends[0]: invalid type: integer `5`"),
+        "{errs:#?}"
+    );
+    assert!(errs[1].starts_with("backends[1].weight: "), "{errs:#?}");
+    let errs = errors("backends: [{ url: \"http://a:1\", models: [a, { b: 1 }] }]\n");
+    assert_eq!(
+        errs,
+        ["backends[0].models[1]: invalid type: map, expected text (a string)"]
+    );
+}
