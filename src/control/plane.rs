@@ -24,7 +24,7 @@ use crate::capacity::{Capacity, ConnectionLimit};
 use crate::clock;
 use crate::config::Config;
 use crate::control::discovery::Discovery;
-use crate::control::reload::{keep_restart_only, ReloadError};
+use crate::control::reload::{keep_restart_only, ReloadError, StaticsError};
 use crate::control::Summary;
 use crate::control::{Broadcast, ControlMsg, HealthReport, PlaneMsg};
 use crate::telemetry::metrics::Metrics;
@@ -49,21 +49,6 @@ pub(crate) struct Plane {
     lookup: Lookup,
     /// When unresolved static backends were last warned about.
     warned_unresolved: Option<Instant>,
-}
-
-/// A static backend that does not resolve, by its index in `backends`. The text carries the
-/// cause (startup prints it through `anyhow`, a reload through `ReloadError`), so it is not also
-/// a `source()`.
-#[derive(Debug, thiserror::Error)]
-pub enum StaticsError {
-    #[error("backends[{index}].url: cannot resolve {host}: {error}")]
-    Lookup {
-        index: usize,
-        host: String,
-        error: std::io::Error,
-    },
-    #[error("backends[{index}].url: {host} has no address")]
-    NoAddress { index: usize, host: String },
 }
 
 /// How a static backend's host is looked up: the system resolver, or a stand-in in tests.

@@ -11,11 +11,25 @@
 use std::path::PathBuf;
 
 use crate::config::{Config, ConfigError};
-use crate::control::plane::StaticsError;
 
 /// Why a reload did not happen. Its text is what the log, the `reload` command and the admin
 /// answer show, so it carries the cause's text itself; none is also returned as `source()`,
 /// which would print it twice in a `{:#}` chain.
+/// A static backend that does not resolve, by its index in `backends`. The text carries the
+/// cause (startup prints it through `anyhow`, a reload through `ReloadError`), so it is not also
+/// a `source()`.
+#[derive(Debug, thiserror::Error)]
+pub enum StaticsError {
+    #[error("backends[{index}].url: cannot resolve {host}: {error}")]
+    Lookup {
+        index: usize,
+        host: String,
+        error: std::io::Error,
+    },
+    #[error("backends[{index}].url: {host} has no address")]
+    NoAddress { index: usize, host: String },
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
     /// A demo proxy has no file to re-read.
