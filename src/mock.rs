@@ -1273,6 +1273,7 @@ fn plan_generation(ex: &Exchange, server: &Server, kind: Kind) -> Result<Action,
         .and_then(Value::as_str)
         .unwrap_or(&server.opts.model)
         .to_string();
+    let mut running_usage = false;
     let (prompt_tokens, completion_tokens, stream, include_usage, details) = match kind {
         Kind::Chat | Kind::Text => {
             let prompt = if kind == Kind::Chat {
@@ -1284,10 +1285,15 @@ fn plan_generation(ex: &Exchange, server: &Server, kind: Kind) -> Result<Action,
                 Some(n) => Some(n),
                 None => token_limit(&map, "max_completion_tokens")?,
             };
-            let include_usage = match map.get("stream_options") {
-                Some(Value::Object(o)) => bool_field(o, "include_usage")?,
-                _ => false,
+            let (include_usage, continuous) = match map.get("stream_options") {
+                Some(Value::Object(o)) => (
+                    bool_field(o, "include_usage")?,
+                    bool_field(o, "continuous_usage_stats")?,
+                ),
+                _ => (false, false),
             };
+            // vLLM: running usage only with include_usage as well.
+            running_usage = include_usage && continuous;
             let stream = bool_field(&map, "stream")?;
             (
                 prompt,
@@ -1338,6 +1344,7 @@ fn plan_generation(ex: &Exchange, server: &Server, kind: Kind) -> Result<Action,
         prompt_tokens,
         completion_tokens,
         include_usage,
+        running_usage,
     };
     if stream {
         return Ok(Action::Stream(completion));
@@ -1406,6 +1413,9 @@ struct Completion {
     prompt_tokens: u64,
     completion_tokens: u32,
     include_usage: bool,
+    /// `stream_options.continuous_usage_stats` (with `include_usage`): like vLLM, every chunk
+    /// carries the usage so far.
+    running_usage: bool,
 }
 
 impl Completion {
@@ -1462,8 +1472,9 @@ impl Completion {
         body
     }
 
-    /// An OpenAI stream chunk around one choice (`None` = the usage chunk).
-    fn openai_chunk(&self, choice: Option<Value>) -> Vec<u8> {
+    /// An OpenAI stream chunk around one choice (`None` = the usage chunk); `done`: tokens
+    /// generated up to and including this chunk.
+    fn openai_chunk(&self, choice: Option<Value>, done: u32) -> Vec<u8> {
         let object = if self.kind == Kind::Chat {
             "chat.completion.chunk"
         } else {
@@ -1476,7 +1487,13 @@ impl Completion {
             Some(choice) => {
                 chunk["choices"] = json!([choice]);
                 chunk["timings"] = json!({"predicted_ms": 1.0});
-                if self.include_usage {
+                if self.running_usage {
+                    chunk["usage"] = json!({
+                        "prompt_tokens": self.prompt_tokens,
+                        "completion_tokens": done,
+                        "total_tokens": self.prompt_tokens + u64::from(done),
+                    });
+                } else if self.include_usage {
                     chunk["usage"] = Value::Null;
                 }
             }
@@ -1491,10 +1508,13 @@ impl Completion {
     /// The events sent before the first token (the chat role delta).
     fn opening_events(&self) -> Vec<Vec<u8>> {
         match self.kind {
-            Kind::Chat => vec![self.openai_chunk(Some(json!({
-                "index": 0, "delta": {"role": "assistant", "content": ""},
-                "logprobs": null, "finish_reason": null,
-            })))],
+            Kind::Chat => vec![self.openai_chunk(
+                Some(json!({
+                    "index": 0, "delta": {"role": "assistant", "content": ""},
+                    "logprobs": null, "finish_reason": null,
+                })),
+                0,
+            )],
             _ => Vec::new(),
         }
     }
@@ -1502,12 +1522,18 @@ impl Completion {
     fn token_event(&self, i: u32) -> Vec<u8> {
         let text = self.token_text(i);
         match self.kind {
-            Kind::Chat => self.openai_chunk(Some(json!({
-                "index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": null,
-            }))),
-            Kind::Text => self.openai_chunk(Some(json!({
-                "index": 0, "text": text, "logprobs": null, "finish_reason": null,
-            }))),
+            Kind::Chat => self.openai_chunk(
+                Some(json!({
+                    "index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": null,
+                })),
+                i + 1,
+            ),
+            Kind::Text => self.openai_chunk(
+                Some(json!({
+                    "index": 0, "text": text, "logprobs": null, "finish_reason": null,
+                })),
+                i + 1,
+            ),
             Kind::Tgi | Kind::TgiStream => {
                 let last = i + 1 == self.completion_tokens;
                 let (generated, details) = if last {
@@ -1547,9 +1573,10 @@ impl Completion {
             // TGI's last token event carries the finish; there is no `[DONE]`.
             Kind::Tgi | Kind::TgiStream => return Vec::new(),
         };
-        let mut events = vec![self.openai_chunk(Some(finish))];
+        let n = self.completion_tokens;
+        let mut events = vec![self.openai_chunk(Some(finish), n)];
         if self.include_usage {
-            events.push(self.openai_chunk(None));
+            events.push(self.openai_chunk(None, n));
         }
         events.push(b"data: [DONE]\n\n".to_vec());
         events
@@ -1753,7 +1780,22 @@ mod tests {
             prompt_tokens: 3,
             completion_tokens: n,
             include_usage,
+            running_usage: false,
         }
+    }
+
+    #[test]
+    fn running_usage_like_vllm() {
+        let mut c = completion(Kind::Chat, 2, true);
+        c.running_usage = true;
+        let first = event_json(&c.opening_events()[0]);
+        assert_eq!(first["usage"]["completion_tokens"], 0);
+        let second = event_json(&c.token_event(1));
+        assert_eq!(second["usage"]["completion_tokens"], 2);
+        assert_eq!(second["usage"]["prompt_tokens"], 3);
+        let closing = c.closing_events();
+        assert_eq!(event_json(&closing[0])["usage"]["total_tokens"], 5);
+        assert_eq!(event_json(&closing[1])["choices"], json!([]));
     }
 
     /// Parse `data: {json}\n\n` (or TGI's `data:{json}\n\n`).

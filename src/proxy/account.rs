@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::encode;
 use crate::error::Outcome;
-use crate::openai::tap::Usage;
+use crate::openai::tap::{Source, Usage};
 use crate::openai::{self, RequestInfo};
 use crate::proxy::downstream::Downstream;
 use crate::proxy::request::Request;
@@ -23,6 +23,8 @@ pub(crate) struct Done<'a> {
     pub(crate) outcome: Outcome,
     pub(crate) first_byte: Option<Instant>,
     pub(crate) usage: Option<Usage>,
+    /// The model the backend was asked for (after an alias rewrite or a fallback).
+    pub(crate) served_model: Option<&'a str>,
 }
 
 impl<'a> Done<'a> {
@@ -40,6 +42,7 @@ impl<'a> Done<'a> {
             outcome: Outcome::Ok,
             first_byte: None,
             usage: None,
+            served_model: None,
         }
     }
 }
@@ -116,6 +119,9 @@ pub(crate) fn account(w: &Worker, d: &Downstream, f: Done<'_>) {
         ttft_ms: ttft.map(|t| t.as_millis() as u64),
         user_id,
         key_id,
+        // Nothing reported: whatever was counted (0 when nothing was relayed).
+        usage_source: f.usage.map_or(Source::Counted, |u| u.source).as_str(),
+        served_model: f.served_model.map(str::to_owned),
     };
     if let Err(ev) = w.usage.send(event) {
         w.shared

@@ -114,6 +114,7 @@ pub(crate) async fn handle(
         outcome,
         first_byte: x.first_byte.get(),
         usage: x.tap.borrow().usage(),
+        served_model: x.served_model.get(),
     };
     account(w, d, done);
     keep
