@@ -298,14 +298,19 @@ pub(crate) fn usage_to_strip(info: &RequestInfo) -> (bool, bool) {
 
 /// `body` (as `inject_include_usage` made it) without the `continuous_usage_stats` member it
 /// added, for a backend that rejects it. `None` when there is no such member.
-pub(crate) fn without_running_usage(body: &[u8]) -> Option<Vec<u8>> {
-    const MEMBER: &[u8] = br#""continuous_usage_stats":true"#;
-    // Inside the top-level `stream_options` (the client's text cannot hold this unescaped
-    // elsewhere but as a key of some nested object, which this skips).
+pub fn without_running_usage(body: &[u8]) -> Option<Vec<u8>> {
+    const KEY: &[u8] = br#""continuous_usage_stats""#;
+    // The member of the top-level `stream_options` object, not a key of the same name nested
+    // anywhere (inside it or elsewhere); the proxy wrote it as `"continuous_usage_stats":true`.
     let opts = top_level_value(body, b"stream_options")?;
-    let at = opts + memchr::memmem::find(&body[opts..], MEMBER)?;
+    let opts = opts + body[opts..].iter().position(|b| !b.is_ascii_whitespace())?;
+    let value = opts + top_level_value(&body[opts..], b"continuous_usage_stats")?;
+    let at = memchr::memmem::rfind(&body[..value], KEY)?;
+    if !body[value..].starts_with(b"true") {
+        return None;
+    }
     let mut from = at;
-    let mut to = at + MEMBER.len();
+    let mut to = value + 4;
     if body.get(to) == Some(&b',') {
         to += 1;
     } else if from > 0 && body[from - 1] == b',' {

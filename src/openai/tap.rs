@@ -524,7 +524,14 @@ impl Tap {
         // stays linear).
         let mut from = if joined { self.searched.min(buf.len()) } else { 0 };
         while let Some(end) = event_end(buf, from) {
-            let verdict = self.on_event(&buf[start..end]);
+            // An event past the bound is never inspected, whether or not it arrived in one read
+            // (so what the client gets does not depend on how the body was split).
+            let verdict = if end - start > self.max_event {
+                self.note_oversized();
+                Verdict::Pass
+            } else {
+                self.on_event(&buf[start..end])
+            };
             if let Some(emit) = emit.as_deref_mut() {
                 // Strip mode: everything before this event goes out first, in order.
                 if verdict != Verdict::Pass || self.held.is_some() || self.edit.is_some() {
@@ -555,13 +562,7 @@ impl Tap {
             let mut tail = Vec::with_capacity(2);
             keep_tail(&mut tail, &buf[start..]);
             self.oversized = Some(tail);
-            if self.oversized_events == 0 {
-                log::warn!(
-                    "SSE event over {} bytes: relayed without inspecting it for usage",
-                    self.max_event
-                );
-            }
-            self.oversized_events += 1;
+            self.note_oversized();
             pending.clear();
             self.searched = 0;
         } else {
@@ -578,6 +579,16 @@ impl Tap {
             self.searched = pending.len().saturating_sub(2);
         }
         self.pending = pending;
+    }
+
+    fn note_oversized(&mut self) {
+        if self.oversized_events == 0 {
+            log::warn!(
+                "SSE event over {} bytes: relayed without inspecting it for usage",
+                self.max_event
+            );
+        }
+        self.oversized_events += 1;
     }
 
     /// Looks at one complete event and says what happens to it in strip mode.
