@@ -226,8 +226,14 @@ fn usage_extraction(c: &mut Criterion) {
     let split = split_reads(&events);
     let stream_bytes: usize = events.iter().map(Vec::len).sum();
     let mut out = Vec::with_capacity(stream_bytes);
-    let observe = Kind::OpenAiSse { strip: false, running: false };
-    let strip = Kind::OpenAiSse { strip: true, running: false };
+    let observe = Kind::OpenAiSse {
+        strip: false,
+        running: false,
+    };
+    let strip = Kind::OpenAiSse {
+        strip: true,
+        running: false,
+    };
     // Check once that each variant sees the usage and forwards what it should.
     for (kind, reads) in [(observe, &events), (strip, &events), (strip, &split)] {
         let u = run_stream(kind, reads, &mut out).expect("stream usage");

@@ -120,7 +120,9 @@ fn read_k_tokens_then_leave(addr: SocketAddr, id: &str, k: usize, total: u32) {
 }
 
 fn count_tokens(raw: &[u8]) -> usize {
-    String::from_utf8_lossy(raw).matches("\"content\":\"tok").count()
+    String::from_utf8_lossy(raw)
+        .matches("\"content\":\"tok")
+        .count()
 }
 
 #[test]
@@ -135,7 +137,9 @@ fn streams_aborted_by_the_client_are_billed_the_tokens_produced() {
             let k = 1 + fastrand::usize(..40);
             ks.push(k);
             let addr = proxy.addr;
-            std::thread::spawn(move || read_k_tokens_then_leave(addr, &format!("abort-{i}"), k, total))
+            std::thread::spawn(move || {
+                read_k_tokens_then_leave(addr, &format!("abort-{i}"), k, total)
+            })
         })
         .collect();
     for t in threads {
@@ -150,10 +154,7 @@ fn streams_aborted_by_the_client_are_billed_the_tokens_produced() {
         let got = e["completion_tokens"].as_u64().unwrap() as usize;
         // The client saw k tokens; a few more may have been in flight (each 15 ms apart) when
         // the proxy noticed it leave.
-        assert!(
-            got >= *k && got <= k + 4,
-            "k {k} billed {got}: {e}"
-        );
+        assert!(got >= *k && got <= k + 4, "k {k} billed {got}: {e}");
         assert_eq!(e["prompt_tokens"], 3, "{e}");
         assert_eq!(e["usage_source"], "reported", "{e}");
         assert_eq!(e["outcome"], "client_aborted", "{e}");
@@ -271,9 +272,10 @@ fn a_backend_that_rejects_running_usage_is_asked_without_it() {
         assert_eq!(ev[i]["completion_tokens"], 1);
         assert_eq!(ev[i]["prompt_tokens"], 2);
     }
-    proxy
-        .proc
-        .wait_for_line("rejects stream_options.continuous_usage_stats", Duration::from_secs(2));
+    proxy.proc.wait_for_line(
+        "rejects stream_options.continuous_usage_stats",
+        Duration::from_secs(2),
+    );
     let seen = requests.load(Ordering::SeqCst);
     // One rejection, then three answered requests.
     assert_eq!(seen, 4);
@@ -291,14 +293,15 @@ fn an_endless_event_passes_uninspected_with_bounded_memory_and_cpu() {
             }
         }
     });
-    let (hook, proxy) = setup(
-        &[url],
-        "usage:\n  max_event_bytes: 64KiB\n",
-        1,
-    );
+    let (hook, proxy) = setup(&[url], "usage:\n  max_event_bytes: 64KiB\n", 1);
     let cpu = |pid: i32| -> f64 {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect();
         let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
         ticks / 100.0
     };
@@ -335,17 +338,28 @@ fn an_endless_event_passes_uninspected_with_bounded_memory_and_cpu() {
 
 #[test]
 fn a_20_mib_json_answer_is_billed() {
-    let (url, _) = backend(|body, conn, _| {
+    let (url, _) = backend(|_, conn, _| {
         let mut out = br#"{"object":"list","data":[{"object":"embedding","embedding":["#.to_vec();
         while out.len() < 20 << 20 {
             out.extend_from_slice(b"0.0123456789,");
         }
-        out.extend_from_slice(br#"0.5]}],"model":"e","usage":{"prompt_tokens":12345,"total_tokens":12345}}"#);
-        let _ = write!(conn, "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n", out.len());
+        out.extend_from_slice(
+            br#"0.5]}],"model":"e","usage":{"prompt_tokens":12345,"total_tokens":12345}}"#,
+        );
+        let _ = write!(
+            conn,
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            out.len()
+        );
         let _ = conn.write_all(&out);
     });
     let (hook, proxy) = setup(&[url], "", 1);
-    let r = post_json(proxy.addr, "/v1/embeddings", r#"{"model":"e","input":"x"}"#, &[]);
+    let r = post_json(
+        proxy.addr,
+        "/v1/embeddings",
+        r#"{"model":"e","input":"x"}"#,
+        &[],
+    );
     assert_eq!(r.status, 200);
     assert!(r.body.len() > 20 << 20);
     let ev = hook.wait_events(1);

@@ -616,7 +616,10 @@ mod tests {
             400,
             br#"{"error":{"message":"Unrecognized request argument supplied: stream_options.continuous_usage_stats"}}"#
         ));
-        assert!(!rejects_running_usage(400, br#"{"error":"bad temperature"}"#));
+        assert!(!rejects_running_usage(
+            400,
+            br#"{"error":"bad temperature"}"#
+        ));
         assert!(!rejects_running_usage(500, b"continuous_usage_stats"));
     }
 
@@ -633,7 +636,10 @@ mod tests {
             response_kind("/v1/embeddings", 200, false, (false, false)),
             Kind::OpenAiJson
         );
-        assert_eq!(response_kind("/generate", 200, false, (false, false)), Kind::TgiJson);
+        assert_eq!(
+            response_kind("/generate", 200, false, (false, false)),
+            Kind::TgiJson
+        );
         assert_eq!(
             response_kind("/generate_stream", 200, true, (false, false)),
             Kind::TgiSse

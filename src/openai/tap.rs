@@ -395,9 +395,7 @@ impl Tap {
                     self.pending.extend_from_slice(data);
                 }
             }
-            Kind::OpenAiSse { strip, running } if strip || running => {
-                self.scan(data, Some(emit))
-            }
+            Kind::OpenAiSse { strip, running } if strip || running => self.scan(data, Some(emit)),
             Kind::OpenAiSse { .. } | Kind::TgiSse => {
                 emit(data);
                 self.scan(data, None);
@@ -522,7 +520,11 @@ impl Tap {
         let mut run_start = 0;
         // Only what was not searched before is searched (a long event arriving in small reads
         // stays linear).
-        let mut from = if joined { self.searched.min(buf.len()) } else { 0 };
+        let mut from = if joined {
+            self.searched.min(buf.len())
+        } else {
+            0
+        };
         while let Some(end) = event_end(buf, from) {
             // An event past the bound is never inspected, whether or not it arrived in one read
             // (so what the client gets does not depend on how the body was split).

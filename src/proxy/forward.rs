@@ -9,13 +9,13 @@ use std::rc::Rc;
 use monoio::io::OwnedWriteHalf;
 use monoio::net::TcpStream;
 
+use crate::backends::Entry;
 use crate::error::{ProxyError, Verdict};
 use crate::http1::head::{BodyFraming, Head};
 use crate::openai;
 use crate::proxy::pick::{pick, Target, Tried};
 use crate::proxy::relay::{relay, Sent};
 use crate::proxy::request::{upstream_request, Exchange, Plan};
-use crate::backends::Entry;
 use crate::upstream::{self, UpConn};
 use crate::worker::balance::Reason;
 use crate::worker::Worker;

@@ -102,9 +102,8 @@ fn check(input: &[u8]) -> u64 {
     }
 
     let rewritten = inject_include_usage(path, body, &info);
-    let needed = info.stream
-        && !(info.include_usage && info.continuous_usage)
-        && takes_stream_options(path);
+    let needed =
+        info.stream && !(info.include_usage && info.continuous_usage) && takes_stream_options(path);
     let Some(out) = rewritten else {
         assert!(!needed, "a stream without include_usage was left alone");
         return feature(("unchanged", info.stream, info.include_usage));

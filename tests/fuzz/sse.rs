@@ -55,8 +55,14 @@ const KINDS: [Kind; 7] = [
         strip: false,
         running: true,
     },
-    Kind::OpenAiSse { strip: true, running: false },
-    Kind::OpenAiSse { strip: false, running: false },
+    Kind::OpenAiSse {
+        strip: true,
+        running: false,
+    },
+    Kind::OpenAiSse {
+        strip: false,
+        running: false,
+    },
     Kind::TgiSse,
     Kind::OpenAiJson,
     Kind::TgiJson,

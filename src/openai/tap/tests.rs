@@ -57,7 +57,13 @@ const STREAM: &str = concat!(
 fn sse_usage_at_every_split_point() {
     let b = STREAM.as_bytes();
     for cut in 0..b.len() {
-        let (out, u) = run(Kind::OpenAiSse { strip: false, running: false }, &[&b[..cut], &b[cut..]]);
+        let (out, u) = run(
+            Kind::OpenAiSse {
+                strip: false,
+                running: false,
+            },
+            &[&b[..cut], &b[cut..]],
+        );
         assert_eq!(out, b, "observe mode forwards everything, cut {cut}");
         let u = u.expect("usage");
         assert_eq!(
@@ -76,7 +82,13 @@ fn absurd_counts_saturate_instead_of_overflowing() {
     let sse = format!(
         "data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":{max},\"completion_tokens\":1}}}}\n\n"
     );
-    let (_, u) = run(Kind::OpenAiSse { strip: true, running: false }, &[sse.as_bytes()]);
+    let (_, u) = run(
+        Kind::OpenAiSse {
+            strip: true,
+            running: false,
+        },
+        &[sse.as_bytes()],
+    );
     assert_eq!(u.expect("usage").total_tokens, max);
     let tgi = format!("{{\"details\":{{\"generated_tokens\":{max},\"input_length\":2}}}}");
     let (_, u) = run(Kind::TgiJson, &[tgi.as_bytes()]);
@@ -94,7 +106,13 @@ fn strip_removes_only_the_usage_only_event() {
     let mut expected = b[..start].to_vec();
     expected.extend_from_slice(&b[end..]);
     for cut in 0..b.len() {
-        let (out, u) = run(Kind::OpenAiSse { strip: true, running: false }, &[&b[..cut], &b[cut..]]);
+        let (out, u) = run(
+            Kind::OpenAiSse {
+                strip: true,
+                running: false,
+            },
+            &[&b[..cut], &b[cut..]],
+        );
         assert_eq!(
             String::from_utf8_lossy(&out),
             String::from_utf8_lossy(&expected),
@@ -104,7 +122,13 @@ fn strip_removes_only_the_usage_only_event() {
     }
     // Byte by byte too.
     let parts: Vec<&[u8]> = b.chunks(1).collect();
-    let (out, _) = run(Kind::OpenAiSse { strip: true, running: false }, &parts);
+    let (out, _) = run(
+        Kind::OpenAiSse {
+            strip: true,
+            running: false,
+        },
+        &parts,
+    );
     assert_eq!(out, expected);
 }
 
@@ -125,13 +149,25 @@ fn fields_moved_onto_the_usage_chunk_go_back_to_the_finish_chunk() {
     );
     let b = with_usage.as_bytes();
     for cut in 0..b.len() {
-        let (out, u) = run(Kind::OpenAiSse { strip: true, running: false }, &[&b[..cut], &b[cut..]]);
+        let (out, u) = run(
+            Kind::OpenAiSse {
+                strip: true,
+                running: false,
+            },
+            &[&b[..cut], &b[cut..]],
+        );
         assert_eq!(String::from_utf8_lossy(&out), expected, "cut {cut}");
         assert_eq!(u.unwrap().total_tokens, 4);
     }
     // A finish chunk with nothing after it is released at the end of the body.
     let only = "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n";
-    let (out, _) = run(Kind::OpenAiSse { strip: true, running: false }, &[only.as_bytes()]);
+    let (out, _) = run(
+        Kind::OpenAiSse {
+            strip: true,
+            running: false,
+        },
+        &[only.as_bytes()],
+    );
     assert_eq!(out, only.as_bytes());
 }
 
@@ -139,7 +175,13 @@ fn fields_moved_onto_the_usage_chunk_go_back_to_the_finish_chunk() {
 fn usage_on_a_chunk_with_choices_is_kept_and_counted() {
     // llama.cpp / some servers: usage on the finish chunk, which must not be removed.
     let s = "data: {\"choices\":[{\"index\":0,\"delta\":{}}],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":5}}\r\n\r\ndata: [DONE]\r\n\r\n";
-    let (out, u) = run(Kind::OpenAiSse { strip: true, running: false }, &[s.as_bytes()]);
+    let (out, u) = run(
+        Kind::OpenAiSse {
+            strip: true,
+            running: false,
+        },
+        &[s.as_bytes()],
+    );
     assert_eq!(out, s.as_bytes());
     assert_eq!(u.unwrap().total_tokens, 6);
 }
@@ -147,7 +189,13 @@ fn usage_on_a_chunk_with_choices_is_kept_and_counted() {
 #[test]
 fn last_usage_wins_and_null_is_skipped() {
     let s = "data: {\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1}}\n\ndata: {\"usage\": null}\n\ndata: {\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":4}}\n\n";
-    let (_, u) = run(Kind::OpenAiSse { strip: false, running: false }, &[s.as_bytes()]);
+    let (_, u) = run(
+        Kind::OpenAiSse {
+            strip: false,
+            running: false,
+        },
+        &[s.as_bytes()],
+    );
     assert_eq!(u.unwrap().completion_tokens, 4);
     assert!(!has_non_null(b"{\"usage\" :  null}", b"\"usage\""));
     assert!(has_non_null(b"{\"usage\":{}}", b"\"usage\""));
@@ -274,7 +322,9 @@ fn running_usage_is_removed_as_the_client_would_have_seen_it() {
 #[test]
 fn an_aborted_stream_is_billed_its_last_running_usage() {
     let b = RUNNING.as_bytes();
-    let cut = RUNNING.find("data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"b\"}").unwrap();
+    let cut = RUNNING
+        .find("data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"b\"}")
+        .unwrap();
     let mut tap = Tap::new(Kind::OpenAiSse {
         strip: true,
         running: true,
@@ -282,7 +332,10 @@ fn an_aborted_stream_is_billed_its_last_running_usage() {
     // The next event is half there: not counted, not sent.
     tap.feed(&b[..cut + 30], &mut |_| {});
     let u = tap.usage().unwrap();
-    assert_eq!((u.prompt_tokens, u.completion_tokens, u.total_tokens), (5, 1, 6));
+    assert_eq!(
+        (u.prompt_tokens, u.completion_tokens, u.total_tokens),
+        (5, 1, 6)
+    );
     assert_eq!(u.source, Source::Reported);
 }
 
@@ -307,7 +360,13 @@ fn llama_cpp_timings_stand_in_for_usage() {
         "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}],\"timings\":{\"cache_n\":3,\"prompt_n\":2,\"predicted_n\":1,\"predicted_ms\":1.5}}\n\n",
         "data: {\"choices\":[{\"delta\":{\"content\":\"b\"}}],\"timings\":{\"cache_n\":3,\"prompt_n\":2,\"predicted_n\":2}}\n\n",
     );
-    let (out, u) = run(Kind::OpenAiSse { strip: true, running: true }, &[s.as_bytes()]);
+    let (out, u) = run(
+        Kind::OpenAiSse {
+            strip: true,
+            running: true,
+        },
+        &[s.as_bytes()],
+    );
     assert_eq!(out, s.as_bytes());
     let u = u.unwrap();
     assert_eq!(
@@ -327,10 +386,19 @@ fn without_any_usage_the_relayed_deltas_are_counted() {
         "data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
         "data: [DONE]\n\n",
     );
-    let (out, u) = run(Kind::OpenAiSse { strip: true, running: true }, &[s.as_bytes()]);
+    let (out, u) = run(
+        Kind::OpenAiSse {
+            strip: true,
+            running: true,
+        },
+        &[s.as_bytes()],
+    );
     assert_eq!(out, s.as_bytes());
     let u = u.unwrap();
-    assert_eq!((u.prompt_tokens, u.completion_tokens, u.total_tokens), (0, 3, 3));
+    assert_eq!(
+        (u.prompt_tokens, u.completion_tokens, u.total_tokens),
+        (0, 3, 3)
+    );
     assert_eq!(u.source, Source::Counted);
     // TGI without details: one token per event.
     let t = "data:{\"token\":{\"id\":1,\"text\":\"a\"},\"details\":null}\n\ndata:{\"token\":{\"id\":2,\"text\":\"b\"},\"details\":null}\n\n";
@@ -400,7 +468,9 @@ fn usage_of_a_json_body_of_any_size() {
     while body.len() < 20 << 20 {
         body.extend_from_slice(b"0.125,\"usage\",{\"usage\":1},");
     }
-    body.extend_from_slice(br#"0]}],"model":"m","usage":{"prompt_tokens":7,"total_tokens":7},"x":"\"}"}"#);
+    body.extend_from_slice(
+        br#"0]}],"model":"m","usage":{"prompt_tokens":7,"total_tokens":7},"x":"\"}"}"#,
+    );
     for read in [65536, 1 << 20, 7 << 20] {
         let mut tap = Tap::new(Kind::OpenAiJson);
         let mut n = 0;
