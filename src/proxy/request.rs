@@ -213,8 +213,9 @@ pub(crate) struct Exchange<'a> {
     pub(crate) stream: bool,
     pub(crate) model_idx: ModelIdx,
     /// Watches the response for usage; outside the relay future so that an aborted request
-    /// still reports what arrived before the abort.
-    pub(crate) tap: RefCell<Tap>,
+    /// still reports what arrived before the abort. Boxed: it is a few hundred bytes that every
+    /// connection's future would otherwise carry (`the_connection_future_does_not_grow`).
+    pub(crate) tap: RefCell<Box<Tap>>,
     /// Remove the client's API key headers from what goes upstream.
     pub(crate) strip_client_key: bool,
 }
@@ -246,7 +247,7 @@ impl<'a> Exchange<'a> {
             first_byte: Cell::new(None),
             stream: info.stream,
             model_idx: w.metrics.model_index(info.model.as_deref()),
-            tap: RefCell::new(Tap::new(UsageKind::None)),
+            tap: RefCell::new(Box::new(Tap::new(UsageKind::None))),
             strip_client_key: w.auth.store().strip_client_key(),
         }
     }
