@@ -226,8 +226,14 @@ fn usage_extraction(c: &mut Criterion) {
     let split = split_reads(&events);
     let stream_bytes: usize = events.iter().map(Vec::len).sum();
     let mut out = Vec::with_capacity(stream_bytes);
-    let observe = Kind::OpenAiSse { strip: false };
-    let strip = Kind::OpenAiSse { strip: true };
+    let observe = Kind::OpenAiSse {
+        strip: false,
+        running: false,
+    };
+    let strip = Kind::OpenAiSse {
+        strip: true,
+        running: false,
+    };
     // Check once that each variant sees the usage and forwards what it should.
     for (kind, reads) in [(observe, &events), (strip, &events), (strip, &split)] {
         let u = run_stream(kind, reads, &mut out).expect("stream usage");
@@ -394,6 +400,8 @@ fn usage_event(escaped: bool) -> UsageEvent {
         key_id: Some(llmproxy::auth::key_id(
             "sk-proj-3f9a1c2b7d4e5f60718293a4b5c6d7e8",
         )),
+        usage_source: "reported",
+        served_model: Some(MODEL.into()),
     }
 }
 
@@ -423,6 +431,8 @@ struct DerivedEvent<'a> {
     ttft_ms: Option<u64>,
     user_id: Option<&'a str>,
     key_id: Option<&'a str>,
+    usage_source: &'a str,
+    served_model: Option<&'a str>,
 }
 
 impl<'a> DerivedEvent<'a> {
@@ -448,6 +458,8 @@ impl<'a> DerivedEvent<'a> {
             ttft_ms,
             user_id,
             key_id,
+            usage_source,
+            served_model,
         } = ev;
         DerivedEvent {
             event_id,
@@ -468,6 +480,8 @@ impl<'a> DerivedEvent<'a> {
             ttft_ms: *ttft_ms,
             user_id: user_id.as_deref(),
             key_id: key_id.as_deref(),
+            usage_source,
+            served_model: served_model.as_deref(),
         }
     }
 }

@@ -261,6 +261,8 @@ fn event(seq: usize, key: &str) -> UsageEvent {
         ttft_ms: Some(42),
         user_id: Some("tenant-4711".into()),
         key_id: Some(key.to_string()),
+        usage_source: "reported",
+        served_model: Some(MODEL.into()),
     }
 }
 

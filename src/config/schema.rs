@@ -495,6 +495,10 @@ pub struct Usage {
     /// Ask streaming backends for usage (`stream_options.include_usage`) when the client did not,
     /// and remove the extra usage chunk from what the client receives.
     pub inject_include_usage: bool,
+    /// Most bytes of one SSE event the usage tap holds back to inspect; a longer event goes on
+    /// to the client uninspected (its usage, if any, is not read).
+    #[serde(deserialize_with = "de_size_usize")]
+    pub max_event_bytes: usize,
     pub identity: Identity,
     /// Also write each usage event as a log line.
     pub log: bool,
@@ -504,6 +508,7 @@ impl Default for Usage {
     fn default() -> Self {
         Usage {
             inject_include_usage: true,
+            max_event_bytes: crate::openai::tap::DEFAULT_MAX_EVENT,
             identity: Identity::default(),
             log: false,
         }

@@ -75,6 +75,9 @@ pub(super) struct Ask {
     pub(super) stream: bool,
     /// OpenAI `stream_options.include_usage`.
     pub(super) include_usage: bool,
+    /// `stream_options.continuous_usage_stats` with `include_usage`: like vLLM, every chunk
+    /// carries the usage so far.
+    pub(super) running_usage: bool,
     /// TGI `parameters.details`.
     pub(super) details: bool,
 }
@@ -89,4 +92,6 @@ pub(super) struct Completion {
     pub(super) prompt_tokens: u64,
     pub(super) completion_tokens: u32,
     pub(super) include_usage: bool,
+    /// See `Ask::running_usage`.
+    pub(super) running_usage: bool,
 }

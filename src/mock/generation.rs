@@ -63,6 +63,7 @@ fn plan_generation(ex: &Exchange, server: &Server, kind: Kind) -> Result<Action,
         prompt_tokens,
         completion_tokens,
         include_usage: ask.include_usage,
+        running_usage: ask.running_usage,
     };
     if ask.stream {
         return Ok(Action::Stream(completion));
@@ -131,6 +132,7 @@ pub(super) mod tests {
             prompt_tokens: 3,
             completion_tokens: n,
             include_usage,
+            running_usage: false,
         }
     }
 

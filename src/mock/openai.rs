@@ -30,9 +30,12 @@ pub(super) fn ask(map: &Map<String, Value>, kind: Kind, default_tokens: u32) -> 
         Some(n) => Some(n),
         None => token_limit(map, "max_completion_tokens")?,
     };
-    let include_usage = match map.get("stream_options") {
-        Some(Value::Object(o)) => bool_field(o, "include_usage")?,
-        _ => false,
+    let (include_usage, continuous) = match map.get("stream_options") {
+        Some(Value::Object(o)) => (
+            bool_field(o, "include_usage")?,
+            bool_field(o, "continuous_usage_stats")?,
+        ),
+        _ => (false, false),
     };
     let stream = bool_field(map, "stream")?;
     Ok(Ask {
@@ -40,6 +43,8 @@ pub(super) fn ask(map: &Map<String, Value>, kind: Kind, default_tokens: u32) -> 
         completion_tokens: limit.unwrap_or(default_tokens),
         stream,
         include_usage,
+        // vLLM: running usage only with include_usage as well.
+        running_usage: include_usage && continuous,
         details: false,
     })
 }
@@ -108,8 +113,9 @@ impl Completion {
         })
     }
 
-    /// An OpenAI stream chunk around one choice (`None` = the usage chunk).
-    fn openai_chunk(&self, choice: Option<Value>) -> Vec<u8> {
+    /// An OpenAI stream chunk around one choice (`None` = the usage chunk); `done`: tokens
+    /// generated up to and including this chunk.
+    fn openai_chunk(&self, choice: Option<Value>, done: u32) -> Vec<u8> {
         let object = if self.kind == Kind::Chat {
             "chat.completion.chunk"
         } else {
@@ -122,7 +128,13 @@ impl Completion {
             Some(choice) => {
                 chunk["choices"] = json!([choice]);
                 chunk["timings"] = json!({"predicted_ms": 1.0});
-                if self.include_usage {
+                if self.running_usage {
+                    chunk["usage"] = json!({
+                        "prompt_tokens": self.prompt_tokens,
+                        "completion_tokens": done,
+                        "total_tokens": self.prompt_tokens + u64::from(done),
+                    });
+                } else if self.include_usage {
                     chunk["usage"] = Value::Null;
                 }
             }
@@ -137,10 +149,13 @@ impl Completion {
     /// The chat role delta; text completions open with their first token.
     pub(super) fn openai_opening(&self) -> Vec<Vec<u8>> {
         match self.kind {
-            Kind::Chat => vec![self.openai_chunk(Some(json!({
-                "index": 0, "delta": {"role": "assistant", "content": ""},
-                "logprobs": null, "finish_reason": null,
-            })))],
+            Kind::Chat => vec![self.openai_chunk(
+                Some(json!({
+                    "index": 0, "delta": {"role": "assistant", "content": ""},
+                    "logprobs": null, "finish_reason": null,
+                })),
+                0,
+            )],
             _ => Vec::new(),
         }
     }
@@ -148,12 +163,18 @@ impl Completion {
     pub(super) fn openai_token(&self, i: u32) -> Vec<u8> {
         let text = self.token_text(i);
         match self.kind {
-            Kind::Chat => self.openai_chunk(Some(json!({
-                "index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": null,
-            }))),
-            _ => self.openai_chunk(Some(json!({
-                "index": 0, "text": text, "logprobs": null, "finish_reason": null,
-            }))),
+            Kind::Chat => self.openai_chunk(
+                Some(json!({
+                    "index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": null,
+                })),
+                i + 1,
+            ),
+            _ => self.openai_chunk(
+                Some(json!({
+                    "index": 0, "text": text, "logprobs": null, "finish_reason": null,
+                })),
+                i + 1,
+            ),
         }
     }
 
@@ -165,9 +186,10 @@ impl Completion {
             }
             _ => json!({"index": 0, "text": "", "logprobs": null, "finish_reason": "length"}),
         };
-        let mut events = vec![self.openai_chunk(Some(finish))];
+        let n = self.completion_tokens;
+        let mut events = vec![self.openai_chunk(Some(finish), n)];
         if self.include_usage {
-            events.push(self.openai_chunk(None));
+            events.push(self.openai_chunk(None, n));
         }
         events.push(b"data: [DONE]\n\n".to_vec());
         events
@@ -234,6 +256,20 @@ mod tests {
         let closing = c.closing_events();
         assert_eq!(closing.len(), 2);
         assert_eq!(closing[1], b"data: [DONE]\n\n");
+    }
+
+    #[test]
+    fn running_usage_like_vllm() {
+        let mut c = completion(Kind::Chat, 2, true);
+        c.running_usage = true;
+        let first = event_json(&c.opening_events()[0]);
+        assert_eq!(first["usage"]["completion_tokens"], 0);
+        let second = event_json(&c.token_event(1));
+        assert_eq!(second["usage"]["completion_tokens"], 2);
+        assert_eq!(second["usage"]["prompt_tokens"], 3);
+        let closing = c.closing_events();
+        assert_eq!(event_json(&closing[0])["usage"]["completion_tokens"], 2);
+        assert_eq!(event_json(&closing[1])["choices"], serde_json::json!([]));
     }
 
     #[test]

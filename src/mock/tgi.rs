@@ -31,6 +31,7 @@ pub(super) fn ask(map: &Map<String, Value>, kind: Kind, default_tokens: u32) -> 
         completion_tokens,
         stream: kind == Kind::TgiStream,
         include_usage: false,
+        running_usage: false,
         details,
     })
 }

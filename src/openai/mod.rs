@@ -19,7 +19,7 @@ use serde_json::value::RawValue;
 
 use crate::error::ProxyError;
 use crate::hash::hash_bytes;
-use crate::openai::tap::Kind;
+use crate::openai::tap::{top_level_value, Kind};
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RequestInfo {
@@ -28,6 +28,8 @@ pub struct RequestInfo {
     /// `stream_options.include_usage` was present (true or false) / was true.
     pub has_stream_options: bool,
     pub include_usage: bool,
+    /// `stream_options.continuous_usage_stats` was true (running usage in every chunk).
+    pub continuous_usage: bool,
     /// The body's user field (as configured by `usage.identity.user_body_field`).
     pub user: Option<String>,
     /// Byte range of the `model` string token (quotes included) in the body, for a rewrite.
@@ -116,6 +118,8 @@ impl<'de: 'a, 'a> Deserialize<'de> for FirstMessages<'a> {
 struct StreamOptions {
     #[serde(default)]
     include_usage: Option<bool>,
+    #[serde(default)]
+    continuous_usage_stats: Option<bool>,
 }
 
 fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
@@ -223,8 +227,14 @@ pub(crate) fn inspect_with(
         has_stream_options: peek.stream_options.is_some(),
         include_usage: peek
             .stream_options
-            .flatten()
+            .as_ref()
+            .and_then(|o| o.as_ref())
             .and_then(|o| o.include_usage)
+            .unwrap_or(false),
+        continuous_usage: peek
+            .stream_options
+            .flatten()
+            .and_then(|o| o.continuous_usage_stats)
             .unwrap_or(false),
         user,
     })
@@ -240,25 +250,35 @@ fn takes_stream_options(path: &str) -> bool {
     path == "/v1/chat/completions" || path == "/v1/completions"
 }
 
-/// The body to send upstream when the proxy must ask for streamed usage itself, or `None`
-/// when the client's body goes upstream unchanged.
+/// The member the proxy adds to ask for running usage; engines that do not know it ignore it
+/// (vLLM and SGLang then put the cumulative usage in every chunk), a few reject it.
+pub const RUNNING_USAGE: &str = "continuous_usage_stats";
+
+/// The body to send upstream when the proxy must ask for streamed usage itself —
+/// `stream_options: {include_usage: true, continuous_usage_stats: true}`, so that the final
+/// usage arrives and, on engines that support it, every chunk carries the usage so far (an
+/// aborted stream is then billed what was generated) — or `None` when the client's body goes
+/// upstream unchanged (not a stream, or the client asked for both itself).
 pub fn inject_include_usage(path: &str, body: &[u8], info: &RequestInfo) -> Option<Vec<u8>> {
-    if !info.stream || info.include_usage || !takes_stream_options(path) {
+    if !info.stream || (info.include_usage && info.continuous_usage) || !takes_stream_options(path)
+    {
         return None;
     }
     if !info.has_stream_options {
         // Common case: splice the member in after the opening brace; the body is known to be
         // a JSON object with at least `stream`, so a comma always follows correctly.
         let open = body.iter().position(|b| *b == b'{')?;
-        let mut out = Vec::with_capacity(body.len() + 40);
+        let mut out = Vec::with_capacity(body.len() + 72);
         out.extend_from_slice(&body[..=open]);
-        out.extend_from_slice(br#""stream_options":{"include_usage":true},"#);
+        out.extend_from_slice(
+            br#""stream_options":{"include_usage":true,"continuous_usage_stats":true},"#,
+        );
         out.extend_from_slice(&body[open + 1..]);
         return Some(out);
     }
-    // stream_options present without include_usage: true — rewrite that object (rare). Members
-    // are carried over as their raw text: a round trip through `Value` would turn an integer
-    // beyond u64 into an f64 and change what the client sent (found by fuzzing).
+    // stream_options present without both set — rewrite that object (rare). Members are carried
+    // over as their raw text: a round trip through `Value` would turn an integer beyond u64 into
+    // an f64 and change what the client sent (found by fuzzing).
     let mut top: BTreeMap<String, &RawValue> = serde_json::from_slice(body).ok()?;
     let mut opts: BTreeMap<String, &RawValue> = top
         .get("stream_options")
@@ -266,9 +286,50 @@ pub fn inject_include_usage(path: &str, body: &[u8], info: &RequestInfo) -> Opti
         .unwrap_or_default();
     let yes = RawValue::from_string("true".to_owned()).ok()?;
     opts.insert("include_usage".to_owned(), &yes);
+    opts.insert(RUNNING_USAGE.to_owned(), &yes);
     let opts = serde_json::value::to_raw_value(&opts).ok()?;
     top.insert("stream_options".to_owned(), &opts);
     serde_json::to_vec(&top).ok()
+}
+
+/// What the client did not ask for and the tap must remove: (the usage-only chunk, the running
+/// usage of every other chunk). vLLM sends running usage only with `include_usage` too.
+pub(crate) fn usage_to_strip(info: &RequestInfo) -> (bool, bool) {
+    (
+        !info.include_usage,
+        !(info.include_usage && info.continuous_usage),
+    )
+}
+
+/// `body` (as `inject_include_usage` made it) without the `continuous_usage_stats` member it
+/// added, for a backend that rejects it. `None` when there is no such member.
+pub fn without_running_usage(body: &[u8]) -> Option<Vec<u8>> {
+    const KEY: &[u8] = br#""continuous_usage_stats""#;
+    // The member of the top-level `stream_options` object, not a key of the same name nested
+    // anywhere (inside it or elsewhere); the proxy wrote it as `"continuous_usage_stats":true`.
+    let opts = top_level_value(body, b"stream_options")?;
+    let opts = opts + body[opts..].iter().position(|b| !b.is_ascii_whitespace())?;
+    let value = opts + top_level_value(&body[opts..], b"continuous_usage_stats")?;
+    let at = memchr::memmem::rfind(&body[..value], KEY)?;
+    if !body[value..].starts_with(b"true") {
+        return None;
+    }
+    let mut from = at;
+    let mut to = value + 4;
+    if body.get(to) == Some(&b',') {
+        to += 1;
+    } else if from > 0 && body[from - 1] == b',' {
+        from -= 1;
+    }
+    let mut out = Vec::with_capacity(body.len());
+    out.extend_from_slice(&body[..from]);
+    out.extend_from_slice(&body[to..]);
+    Some(out)
+}
+
+/// Whether a 4xx body says the backend does not accept `continuous_usage_stats`.
+pub(crate) fn rejects_running_usage(status: u16, body: &[u8]) -> bool {
+    matches!(status, 400 | 422) && memchr::memmem::find(body, RUNNING_USAGE.as_bytes()).is_some()
 }
 
 /// `body` with the `model` token at `span` replaced by `model` (JSON-escaped): a splice, the
@@ -313,14 +374,24 @@ pub(crate) fn is_context_length_error(body: &[u8]) -> bool {
 }
 
 /// How to read usage off a response.
-pub(crate) fn response_kind(path: &str, status: u16, event_stream: bool, injected: bool) -> Kind {
+/// `strip`: what of the usage the tap removes (see `usage_to_strip`), `(false, false)` when the
+/// proxy asked for nothing.
+pub(crate) fn response_kind(
+    path: &str,
+    status: u16,
+    event_stream: bool,
+    strip: (bool, bool),
+) -> Kind {
     if !(200..300).contains(&status) {
         return Kind::None;
     }
     match path {
         "/generate" => Kind::TgiJson,
         "/generate_stream" => Kind::TgiSse,
-        p if p.starts_with("/v1/") && event_stream => Kind::OpenAiSse { strip: injected },
+        p if p.starts_with("/v1/") && event_stream => Kind::OpenAiSse {
+            strip: strip.0,
+            running: strip.1,
+        },
         p if p.starts_with("/v1/") => Kind::OpenAiJson,
         _ => Kind::None,
     }
@@ -512,29 +583,85 @@ mod tests {
         assert!(text.contains(r#""z":1e400"#), "{text}");
         let b = br#"{"stream":false}"#;
         assert!(inject_include_usage("/v1/chat/completions", b, &info(b)).is_none());
-        let b = br#"{"stream":true,"stream_options":{"include_usage":true}}"#;
+        let b = br#"{"stream":true,"stream_options":{"include_usage":true,"continuous_usage_stats":true}}"#;
         assert!(inject_include_usage("/v1/chat/completions", b, &info(b)).is_none());
         let b = br#"{"stream":true}"#;
         assert!(inject_include_usage("/v1/embeddings", b, &info(b)).is_none());
     }
 
     #[test]
+    fn running_usage_is_asked_for_and_can_be_taken_back() {
+        // Nothing asked: both added by a splice; the tap removes both.
+        let body = br#"{"model":"m","stream":true,"messages":[{"content":"x"}]}"#;
+        let i = info(body);
+        assert_eq!(usage_to_strip(&i), (true, true));
+        let out = inject_include_usage("/v1/chat/completions", body, &i).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["stream_options"]["continuous_usage_stats"], true);
+        let plain = without_running_usage(&out).unwrap();
+        assert_eq!(
+            plain,
+            br#"{"stream_options":{"include_usage":true},"model":"m","stream":true,"messages":[{"content":"x"}]}"#
+        );
+        // The client asked for include_usage only: the running usage is added, and removed
+        // from its stream, the final chunk stays.
+        let body = br#"{"stream":true,"stream_options":{"include_usage":true}}"#;
+        let i = info(body);
+        assert!(i.include_usage && !i.continuous_usage);
+        assert_eq!(usage_to_strip(&i), (false, true));
+        let out = inject_include_usage("/v1/chat/completions", body, &i).unwrap();
+        assert_eq!(
+            out,
+            br#"{"stream":true,"stream_options":{"continuous_usage_stats":true,"include_usage":true}}"#
+        );
+        assert_eq!(
+            without_running_usage(&out).unwrap(),
+            br#"{"stream":true,"stream_options":{"include_usage":true}}"#
+        );
+        // Both asked: the stream is the client's.
+        let body = br#"{"stream":true,"stream_options":{"include_usage":true,"continuous_usage_stats":true}}"#;
+        let i = info(body);
+        assert_eq!(usage_to_strip(&i), (false, false));
+        // continuous_usage_stats without include_usage gives nothing on vLLM: both removed.
+        let body = br#"{"stream":true,"stream_options":{"continuous_usage_stats":true}}"#;
+        assert_eq!(usage_to_strip(&info(body)), (true, true));
+        // Only a member of the top-level stream_options is taken back.
+        let nested = br#"{"tools":{"continuous_usage_stats":true},"stream_options":{}}"#;
+        assert_eq!(without_running_usage(nested), None);
+        assert!(rejects_running_usage(
+            400,
+            br#"{"error":{"message":"Unrecognized request argument supplied: stream_options.continuous_usage_stats"}}"#
+        ));
+        assert!(!rejects_running_usage(
+            400,
+            br#"{"error":"bad temperature"}"#
+        ));
+        assert!(!rejects_running_usage(500, b"continuous_usage_stats"));
+    }
+
+    #[test]
     fn response_kinds() {
         assert_eq!(
-            response_kind("/v1/chat/completions", 200, true, true),
-            Kind::OpenAiSse { strip: true }
+            response_kind("/v1/chat/completions", 200, true, (true, true)),
+            Kind::OpenAiSse {
+                strip: true,
+                running: true
+            }
         );
         assert_eq!(
-            response_kind("/v1/embeddings", 200, false, false),
+            response_kind("/v1/embeddings", 200, false, (false, false)),
             Kind::OpenAiJson
         );
-        assert_eq!(response_kind("/generate", 200, false, false), Kind::TgiJson);
         assert_eq!(
-            response_kind("/generate_stream", 200, true, false),
+            response_kind("/generate", 200, false, (false, false)),
+            Kind::TgiJson
+        );
+        assert_eq!(
+            response_kind("/generate_stream", 200, true, (false, false)),
             Kind::TgiSse
         );
         assert_eq!(
-            response_kind("/v1/chat/completions", 500, false, false),
+            response_kind("/v1/chat/completions", 500, false, (false, false)),
             Kind::None
         );
     }

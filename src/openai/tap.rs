@@ -2,12 +2,26 @@
 //!
 //! `Tap` sits between the upstream body decoder and the client framing: every piece of body data
 //! goes through `feed`, which forwards it (via `emit`) and watches it for usage. For SSE it splits
-//! events incrementally (an event may span reads, a read may hold many events) and takes usage
-//! from any event that carries a non-null one — the last wins, because vLLM, TGI, SGLang and
-//! llama.cpp differ in which chunk carries it. When the proxy injected `include_usage` itself, the
-//! usage-only event (`"choices": []`) is removed so the client sees the stream it asked for; only
-//! then are partial events held until complete. Non-streaming JSON bodies are parsed once at the
-//! end. Events without a `"usage"` (or with `"usage": null`) are never JSON-parsed.
+//! events incrementally (an event may span reads, a read may hold many events; the search for an
+//! event's end resumes where the last read left it, so the work is linear in the body) and takes
+//! usage from any event that carries a non-null one — the last wins, because vLLM, TGI, SGLang
+//! and llama.cpp differ in which chunk carries it, and because with running usage
+//! (`continuous_usage_stats`) every chunk carries the cumulative count, so an aborted stream is
+//! billed what the backend produced up to its last chunk. llama.cpp's `timings` (on every chunk)
+//! stand in when no usage came; failing both, the content deltas relayed are counted.
+//!
+//! When the proxy asked for usage the client did not ask for, the tap removes it so the client
+//! sees the stream it would have seen without the proxy: the usage-only event (`"choices": []`),
+//! and the running `usage` member of every other chunk. Only then are partial events held until
+//! complete, and never more than `max_event` bytes of one event: past that bound the event's
+//! bytes go on to the client uninspected (a backend that never ends an event cannot make the
+//! proxy buffer without bound or spend a core rescanning it). Events without a `"usage"` (or with
+//! `"usage": null`) are never JSON-parsed, and a running usage is kept as raw text and parsed
+//! only when asked for (once, when the request is accounted).
+//!
+//! Non-streaming JSON bodies are kept up to `MAX_JSON_BODY` and parsed once at the end; a larger
+//! body is scanned structurally as it passes (`JsonScan`, linear, holding only the value of the
+//! one top-level member it looks for), so the usage of an answer of any size is found.
 
 use std::sync::OnceLock;
 
@@ -15,9 +29,35 @@ use memchr::memmem::{Finder, FinderRev};
 use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 
-/// Non-streaming bodies larger than this are relayed but not parsed for usage (an embeddings
-/// response of that size is pathological; its usage is then reported as unknown, and logged).
+/// Non-streaming bodies up to this size are kept and parsed once at the end (the fast path);
+/// larger ones are scanned as they pass.
 const MAX_JSON_BODY: usize = 8 << 20;
+
+/// Most bytes of one SSE event held back for inspection, unless configured
+/// (`usage.max_event_bytes`).
+pub const DEFAULT_MAX_EVENT: usize = 1 << 20;
+
+/// Most bytes of the one JSON value a `JsonScan` captures (a `usage` object is under 1 KiB).
+const MAX_CAPTURE: usize = 64 * 1024;
+
+/// Where an event's token counts came from.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The engine's own figures (final or running usage, llama.cpp's timings, TGI's details).
+    #[default]
+    Reported,
+    /// The proxy counted the content deltas it relayed (the engine reported nothing).
+    Counted,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Reported => "reported",
+            Source::Counted => "counted",
+        }
+    }
+}
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Usage {
@@ -28,6 +68,8 @@ pub struct Usage {
     pub cached_tokens: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning_tokens: Option<u64>,
+    #[serde(skip)]
+    pub source: Source,
 }
 
 /// What kind of response body the tap is looking at.
@@ -37,19 +79,21 @@ pub enum Kind {
     None,
     /// OpenAI-style JSON with a top-level `usage`.
     OpenAiJson,
-    /// OpenAI-style SSE; `strip` removes the usage-only event the proxy asked for.
-    OpenAiSse { strip: bool },
+    /// OpenAI-style SSE. `strip`: remove the usage-only event (the client did not ask for
+    /// `include_usage`); `running`: remove the running `usage` of the other chunks (the client did
+    /// not ask for `continuous_usage_stats`) — as `"usage":null` when the client asked for
+    /// `include_usage` (OpenAI's shape for it), else by removing the member.
+    OpenAiSse { strip: bool, running: bool },
     /// TGI `/generate`: `details.generated_tokens` (and the `x-*-tokens` headers).
     TgiJson,
-    /// TGI `/generate_stream`: the final event's `details`.
+    /// TGI `/generate_stream`: one token per event, the final event's `details`.
     TgiSse,
 }
 
 impl Kind {
-    /// The tap may hold back and remove bytes (the usage-only event the proxy asked for), so the
-    /// body's length is not known until it ends.
+    /// The tap may hold back and change bytes, so the body's length is not known until it ends.
     pub(crate) fn holds_back(self) -> bool {
-        matches!(self, Kind::OpenAiSse { strip: true })
+        matches!(self, Kind::OpenAiSse { strip, running } if strip || running)
     }
 }
 
@@ -91,16 +135,40 @@ impl From<UsageJson> for Usage {
             total_tokens: u.total_tokens.unwrap_or(prompt.saturating_add(completion)),
             cached_tokens: u.prompt_tokens_details.and_then(|d| d.cached_tokens),
             reasoning_tokens: u.completion_tokens_details.and_then(|d| d.reasoning_tokens),
+            source: Source::Reported,
         }
     }
 }
 
+/// llama.cpp's per-chunk `timings`: `prompt_n` prompt tokens evaluated (the cached ones,
+/// `cache_n`, are not among them), `predicted_n` tokens generated so far.
 #[derive(Deserialize)]
-struct OpenAiChunk {
+struct Timings {
     #[serde(default)]
-    usage: Option<UsageJson>,
+    prompt_n: Option<u64>,
     #[serde(default)]
-    choices: Option<Vec<IgnoredAny>>,
+    predicted_n: Option<u64>,
+    #[serde(default)]
+    cache_n: Option<u64>,
+}
+
+impl Timings {
+    fn usage(self) -> Option<Usage> {
+        let completion = self.predicted_n?;
+        let cached = self.cache_n;
+        let prompt = self
+            .prompt_n
+            .unwrap_or(0)
+            .saturating_add(cached.unwrap_or(0));
+        Some(Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: prompt.saturating_add(completion),
+            cached_tokens: cached,
+            reasoning_tokens: None,
+            source: Source::Reported,
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -119,15 +187,53 @@ struct TgiDetails {
     prefill: Option<Vec<IgnoredAny>>,
 }
 
+impl TgiDetails {
+    fn usage(self) -> Usage {
+        let prompt = self
+            .input_length
+            .or_else(|| self.prefill.map(|p| p.len() as u64))
+            .unwrap_or(0);
+        let completion = self.generated_tokens.unwrap_or(0);
+        Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: prompt.saturating_add(completion),
+            cached_tokens: None,
+            reasoning_tokens: None,
+            source: Source::Reported,
+        }
+    }
+}
+
 /// Where a tap forwards the bytes that go on to the client.
 type Emit<'a> = &'a mut dyn FnMut(&[u8]);
 
 pub struct Tap {
     kind: Kind,
-    /// SSE: bytes of an event not yet complete. JSON: the body so far.
+    /// Most bytes of one SSE event held for inspection.
+    max_event: usize,
+    /// SSE: bytes of an event not yet complete. JSON: the body so far (up to `MAX_JSON_BODY`).
     pending: Vec<u8>,
-    too_big: bool,
+    /// SSE: where the search for the pending event's end resumes (what was searched already,
+    /// less the two bytes a blank line may start with).
+    searched: usize,
+    /// SSE: inside an event longer than `max_event`, whose bytes pass uninspected until it ends;
+    /// its last bytes (an event's end may straddle reads).
+    oversized: Option<Vec<u8>>,
+    oversized_events: u64,
+    /// JSON bodies over `MAX_JSON_BODY`: scanned as they pass.
+    json_scan: Option<Box<JsonScan>>,
+    /// Final figures from a JSON body or TGI's `details`.
     usage: Option<Usage>,
+    /// OpenAI SSE: the raw JSON of the last non-null `usage` seen (parsed when asked for).
+    last_usage: Vec<u8>,
+    /// llama.cpp: the raw JSON of the last `timings` seen.
+    last_timings: Vec<u8>,
+    /// A chunk with choices carried a usage before its finish chunk: the engine sends running
+    /// usage (so a finish chunk's usage is running usage too, not one it always sends).
+    running_seen: bool,
+    /// Content deltas (OpenAI) or token events (TGI) relayed.
+    counted: u64,
     /// TGI's `x-prompt-tokens` / `x-generated-tokens` response headers.
     header_prompt: Option<u64>,
     header_completion: Option<u64>,
@@ -136,6 +242,18 @@ pub struct Tap {
     /// Strip mode: the finish chunk, held until the next event shows whether a removed usage
     /// chunk carries fields (llama.cpp's `timings`) that belong on it.
     held: Option<Vec<u8>>,
+    /// The current event's running usage to remove: its byte range in the event, and whether
+    /// `null` takes its place.
+    edit: Option<Edit>,
+    /// Reused for edited events.
+    scratch: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Edit {
+    from: usize,
+    to: usize,
+    null: bool,
 }
 
 /// What strip mode does with one event.
@@ -200,15 +318,30 @@ fn append_members(event: &[u8], extra: &[u8]) -> Vec<u8> {
 
 impl Tap {
     pub fn new(kind: Kind) -> Tap {
+        Tap::with_max_event(kind, DEFAULT_MAX_EVENT)
+    }
+
+    /// A tap that holds at most `max_event` bytes of one SSE event.
+    pub fn with_max_event(kind: Kind, max_event: usize) -> Tap {
         Tap {
             kind,
+            max_event: max_event.max(1),
             pending: Vec::new(),
-            too_big: false,
+            searched: 0,
+            oversized: None,
+            oversized_events: 0,
+            json_scan: None,
             usage: None,
+            last_usage: Vec::new(),
+            last_timings: Vec::new(),
+            running_seen: false,
+            counted: 0,
             header_prompt: None,
             header_completion: None,
             events: 0,
             held: None,
+            edit: None,
+            scratch: Vec::new(),
         }
     }
 
@@ -218,7 +351,7 @@ impl Tap {
         self.header_completion = completion;
     }
 
-    /// Whether this tap may hold bytes back (only when it removes events).
+    /// Whether this tap may hold bytes back (only when it removes or changes events).
     pub(crate) fn holds_back(&self) -> bool {
         self.kind.holds_back()
     }
@@ -227,23 +360,43 @@ impl Tap {
         self.events
     }
 
+    /// SSE events that outgrew the bound and went on uninspected.
+    pub fn oversized_events(&self) -> u64 {
+        self.oversized_events
+    }
+
+    /// Bytes held back now (bounded by the maximum event size, plus one held finish chunk).
+    pub fn held_bytes(&self) -> usize {
+        self.pending.len() + self.held.as_ref().map_or(0, Vec::len)
+    }
+
     /// Forwards `data` through `emit` (possibly minus a removed event) and watches it for usage.
     pub fn feed(&mut self, data: &[u8], emit: &mut dyn FnMut(&[u8])) {
         match self.kind {
             Kind::None => emit(data),
             Kind::OpenAiJson | Kind::TgiJson => {
                 emit(data);
-                if !self.too_big {
-                    if self.pending.len() + data.len() > MAX_JSON_BODY {
-                        self.too_big = true;
-                        self.pending = Vec::new();
+                if let Some(scan) = self.json_scan.as_mut() {
+                    scan.feed(data);
+                } else if self.pending.len() + data.len() > MAX_JSON_BODY {
+                    // Too big to keep: from here on the body is scanned as it passes, starting
+                    // with what was kept (once).
+                    let key: &'static [u8] = if self.kind == Kind::OpenAiJson {
+                        b"usage"
                     } else {
-                        self.pending.extend_from_slice(data);
-                    }
+                        b"details"
+                    };
+                    let mut scan = Box::new(JsonScan::new(key));
+                    scan.feed(&self.pending);
+                    scan.feed(data);
+                    self.pending = Vec::new();
+                    self.json_scan = Some(scan);
+                } else {
+                    self.pending.extend_from_slice(data);
                 }
             }
-            Kind::OpenAiSse { strip: true } => self.scan(data, Some(emit)),
-            Kind::OpenAiSse { strip: false } | Kind::TgiSse => {
+            Kind::OpenAiSse { strip, running } if strip || running => self.scan(data, Some(emit)),
+            Kind::OpenAiSse { .. } | Kind::TgiSse => {
                 emit(data);
                 self.scan(data, None);
             }
@@ -254,8 +407,15 @@ impl Tap {
     pub fn finish(&mut self, emit: &mut dyn FnMut(&[u8])) {
         match self.kind {
             Kind::OpenAiJson | Kind::TgiJson => {
-                if self.too_big {
-                    log::warn!("response body over {MAX_JSON_BODY} bytes: usage not extracted");
+                if let Some(scan) = self.json_scan.take() {
+                    match scan.found {
+                        Some(value) => self.parse_member(&value),
+                        None => log::warn!(
+                            "response body of {} bytes: no top-level {} found",
+                            scan.seen,
+                            String::from_utf8_lossy(scan.key)
+                        ),
+                    }
                 } else {
                     let body = std::mem::take(&mut self.pending);
                     self.parse_json_body(&body);
@@ -270,6 +430,7 @@ impl Tap {
                         self.route(&rest, verdict, emit);
                     }
                 }
+                self.edit = None;
                 if let Some(held) = self.held.take() {
                     emit(&held);
                 }
@@ -278,9 +439,36 @@ impl Tap {
         }
     }
 
-    /// Usage as known now (the final answer once the body ended).
+    /// Usage as known now (the final answer once the body ended): the engine's last reported
+    /// figures, else llama.cpp's last timings, else (streams) what the proxy counted.
     pub fn usage(&self) -> Option<Usage> {
         let mut u = self.usage;
+        if u.is_none() && !self.last_usage.is_empty() {
+            u = serde_json::from_slice::<UsageJson>(&self.last_usage)
+                .ok()
+                .map(Usage::from);
+        }
+        let timings = || {
+            (!self.last_timings.is_empty())
+                .then(|| serde_json::from_slice::<Timings>(&self.last_timings).ok())
+                .flatten()
+        };
+        match u.as_mut() {
+            None => u = timings().and_then(Timings::usage),
+            Some(u) if u.cached_tokens.is_none() => {
+                u.cached_tokens = timings().and_then(|t| t.cache_n);
+            }
+            Some(_) => {}
+        }
+        let streams = matches!(self.kind, Kind::OpenAiSse { .. } | Kind::TgiSse);
+        if u.is_none() && streams && self.events > 0 {
+            u = Some(Usage {
+                completion_tokens: self.counted,
+                total_tokens: self.counted,
+                source: Source::Counted,
+                ..Usage::default()
+            });
+        }
         if self.header_prompt.is_some() || self.header_completion.is_some() {
             let base = u.unwrap_or_default();
             let prompt = self.header_prompt.unwrap_or(base.prompt_tokens);
@@ -289,6 +477,7 @@ impl Tap {
                 prompt_tokens: prompt,
                 completion_tokens: completion,
                 total_tokens: prompt.saturating_add(completion),
+                source: Source::Reported,
                 ..base
             });
         }
@@ -296,8 +485,29 @@ impl Tap {
     }
 
     /// Splits complete events out of `pending + data`; with `emit`, forwards all but removed
-    /// events and keeps the incomplete tail; without, only watches.
+    /// events (edited ones changed) and keeps the incomplete tail; without, only watches.
     fn scan(&mut self, data: &[u8], mut emit: Option<Emit<'_>>) {
+        let mut data = data;
+        if let Some(tail) = self.oversized.as_mut() {
+            // Inside an event past the bound: only its end is looked for.
+            let end = oversized_end(tail, data);
+            let pass = &data[..end.unwrap_or(data.len())];
+            if let Some(emit) = emit.as_deref_mut() {
+                if !pass.is_empty() {
+                    emit(pass);
+                }
+            }
+            match end {
+                Some(end) => {
+                    self.oversized = None;
+                    data = &data[end..];
+                }
+                None => {
+                    keep_tail(tail, data);
+                    return;
+                }
+            }
+        }
         // The pending buffer is taken out while events are looked at (they need `&mut self`) and
         // put back with its allocation, so steady streaming allocates nothing.
         let mut pending = std::mem::take(&mut self.pending);
@@ -308,11 +518,25 @@ impl Tap {
         let buf: &[u8] = if joined { &pending } else { data };
         let mut start = 0;
         let mut run_start = 0;
-        while let Some(end) = event_end(buf, start) {
-            let verdict = self.on_event(&buf[start..end]);
+        // Only what was not searched before is searched (a long event arriving in small reads
+        // stays linear).
+        let mut from = if joined {
+            self.searched.min(buf.len())
+        } else {
+            0
+        };
+        while let Some(end) = event_end(buf, from) {
+            // An event past the bound is never inspected, whether or not it arrived in one read
+            // (so what the client gets does not depend on how the body was split).
+            let verdict = if end - start > self.max_event {
+                self.note_oversized();
+                Verdict::Pass
+            } else {
+                self.on_event(&buf[start..end])
+            };
             if let Some(emit) = emit.as_deref_mut() {
                 // Strip mode: everything before this event goes out first, in order.
-                if verdict != Verdict::Pass || self.held.is_some() {
+                if verdict != Verdict::Pass || self.held.is_some() || self.edit.is_some() {
                     if run_start < start {
                         emit(&buf[run_start..start]);
                     }
@@ -320,19 +544,53 @@ impl Tap {
                     self.route(&buf[start..end], verdict, emit);
                 }
             }
+            self.edit = None;
             start = end;
+            from = end;
         }
-        if let Some(emit) = emit {
-            if run_start < start {
-                emit(&buf[run_start..start]);
+        let rest_len = buf.len() - start;
+        if rest_len > self.max_event {
+            // An event past the bound: what is held goes out as it is, and so does the rest of
+            // the event as it arrives, uninspected.
+            if let Some(emit) = emit.as_deref_mut() {
+                if run_start < start {
+                    emit(&buf[run_start..start]);
+                }
+                if let Some(held) = self.held.take() {
+                    emit(&held);
+                }
+                emit(&buf[start..]);
             }
-        }
-        if joined {
-            pending.drain(..start);
+            let mut tail = Vec::with_capacity(2);
+            keep_tail(&mut tail, &buf[start..]);
+            self.oversized = Some(tail);
+            self.note_oversized();
+            pending.clear();
+            self.searched = 0;
         } else {
-            pending.extend_from_slice(&data[start..]);
+            if let Some(emit) = emit {
+                if run_start < start {
+                    emit(&buf[run_start..start]);
+                }
+            }
+            if joined {
+                pending.drain(..start);
+            } else {
+                pending.extend_from_slice(&data[start..]);
+            }
+            self.searched = pending.len().saturating_sub(2);
         }
         self.pending = pending;
+    }
+
+    fn note_oversized(&mut self) {
+        if self.oversized_events == 0 {
+            log::warn!(
+                "SSE event over {} bytes: relayed without inspecting it for usage",
+                self.max_event
+            );
+        }
+        self.oversized_events += 1;
     }
 
     /// Looks at one complete event and says what happens to it in strip mode.
@@ -346,7 +604,8 @@ impl Tap {
                     let line = &rest[..nl];
                     let line = line.strip_suffix(b"\r").unwrap_or(line);
                     let payload = line.strip_prefix(b" ").unwrap_or(line);
-                    return self.on_payload(payload);
+                    let at = event.len() - rest.len() + (line.len() - payload.len());
+                    return self.on_payload(payload, Some(at));
                 }
             }
         }
@@ -358,9 +617,13 @@ impl Tap {
         let Some(first) = data_lines.next() else {
             return Verdict::Pass;
         };
-        let joined;
-        let payload: &[u8] = match data_lines.next() {
-            None => first,
+        match data_lines.next() {
+            None => {
+                // One data line among other fields: still a slice of the event, so editable.
+                let at = (first.as_ptr() as usize).wrapping_sub(event.as_ptr() as usize);
+                let at = (at <= event.len()).then_some(at);
+                self.on_payload(first, at)
+            }
             Some(second) => {
                 let mut v = first.to_vec();
                 v.push(b'\n');
@@ -369,43 +632,67 @@ impl Tap {
                     v.push(b'\n');
                     v.extend_from_slice(more);
                 }
-                joined = v;
-                &joined
+                // Joined lines are not the event's bytes: nothing in them can be edited.
+                self.on_payload(&v, None)
             }
-        };
-        self.on_payload(payload)
+        }
     }
 
-    /// Looks at the data of one event (its `data:` lines joined).
-    fn on_payload(&mut self, payload: &[u8]) -> Verdict {
+    /// Looks at the data of one event (its `data:` lines joined); `at`: where the payload sits
+    /// in the event, when it is a slice of it.
+    fn on_payload(&mut self, payload: &[u8], at: Option<usize>) -> Verdict {
         match self.kind {
-            Kind::OpenAiSse { strip } => {
-                if !has_non_null(payload, b"\"usage\"") {
-                    if strip && has_non_null(payload, b"\"finish_reason\"") {
-                        return Verdict::HoldFinish;
+            Kind::OpenAiSse { strip, running } => {
+                let finish = (strip || running) && has_non_null(payload, b"\"finish_reason\"");
+                let Some(m) = usage_member(payload) else {
+                    if self.last_usage.is_empty() && has_content(payload) {
+                        self.counted += 1;
                     }
-                    return Verdict::Pass;
-                }
-                let Ok(chunk) = serde_json::from_slice::<OpenAiChunk>(payload) else {
-                    return Verdict::Pass;
+                    if let Some((a, b)) = member_value(payload, b"\"timings\"") {
+                        self.last_timings.clear();
+                        self.last_timings.extend_from_slice(&payload[a..b]);
+                    }
+                    return if strip && finish {
+                        Verdict::HoldFinish
+                    } else {
+                        Verdict::Pass
+                    };
                 };
-                let usage_only = chunk.choices.as_ref().is_some_and(Vec::is_empty);
-                match chunk.usage {
-                    Some(u) => {
-                        self.usage = Some(u.into());
-                        if strip && usage_only {
-                            Verdict::Strip(extra_fields(payload))
-                        } else {
-                            Verdict::Pass
-                        }
+                self.last_usage.clear();
+                self.last_usage
+                    .extend_from_slice(&payload[m.value_start..m.value_end]);
+                if usage_only(payload) {
+                    return if strip {
+                        Verdict::Strip(extra_fields(payload))
+                    } else {
+                        Verdict::Pass
+                    };
+                }
+                if !finish {
+                    self.running_seen = true;
+                }
+                // A finish chunk's usage is running usage only when earlier chunks had it too
+                // (some servers always put the final usage there: that stays).
+                if running && self.running_seen {
+                    if let Some(at) = at {
+                        self.edit = Some(m.edit(payload, !strip).shift(at));
                     }
-                    None => Verdict::Pass,
+                }
+                if strip && finish {
+                    Verdict::HoldFinish
+                } else {
+                    Verdict::Pass
                 }
             }
             Kind::TgiSse => {
+                if has_non_null(payload, b"\"token\"") {
+                    self.counted += 1;
+                }
                 if has_non_null(payload, b"\"details\"") {
                     if let Ok(body) = serde_json::from_slice::<TgiBody>(payload) {
-                        self.take_tgi(body);
+                        if let Some(d) = body.details {
+                            self.usage = Some(d.usage());
+                        }
                     }
                 }
                 Verdict::Pass
@@ -414,8 +701,21 @@ impl Tap {
         }
     }
 
-    /// Strip mode: sends an event on, holds it, or removes it.
+    /// Strip mode: sends an event on (edited if need be), holds it, or removes it.
     fn route(&mut self, event: &[u8], verdict: Verdict, emit: &mut dyn FnMut(&[u8])) {
+        let mut edited = std::mem::take(&mut self.scratch);
+        edited.clear();
+        let event: &[u8] = match self.edit.take() {
+            Some(e) if e.from <= e.to && e.to <= event.len() => {
+                edited.extend_from_slice(&event[..e.from]);
+                if e.null {
+                    edited.extend_from_slice(b"null");
+                }
+                edited.extend_from_slice(&event[e.to..]);
+                &edited
+            }
+            _ => event,
+        };
         match verdict {
             Verdict::Strip(extra) => {
                 if let Some(held) = self.held.take() {
@@ -439,6 +739,7 @@ impl Tap {
                 emit(event);
             }
         }
+        self.scratch = edited;
     }
 
     fn parse_json_body(&mut self, body: &[u8]) {
@@ -465,25 +766,59 @@ impl Tap {
         }
     }
 
+    /// The value of the member a `JsonScan` found in a large body.
+    fn parse_member(&mut self, value: &[u8]) {
+        match self.kind {
+            Kind::OpenAiJson => {
+                if let Ok(Some(u)) = serde_json::from_slice::<Option<UsageJson>>(value) {
+                    self.usage = Some(u.into());
+                }
+            }
+            Kind::TgiJson => {
+                if let Ok(Some(d)) = serde_json::from_slice::<Option<TgiDetails>>(value) {
+                    self.usage = Some(d.usage());
+                }
+            }
+            _ => {}
+        }
+    }
+
     fn take_tgi(&mut self, body: TgiBody) {
         if let Some(d) = body.details {
-            let prompt = d
-                .input_length
-                .or_else(|| d.prefill.map(|p| p.len() as u64))
-                .unwrap_or(0);
-            let completion = d.generated_tokens.unwrap_or(0);
-            self.usage = Some(Usage {
-                prompt_tokens: prompt,
-                completion_tokens: completion,
-                total_tokens: prompt.saturating_add(completion),
-                cached_tokens: None,
-                reasoning_tokens: None,
-            });
+            self.usage = Some(d.usage());
         }
     }
 }
 
-/// Index just past the blank line that ends the event starting at `from`, if complete.
+/// Keeps the last two bytes of `tail + data` in `tail`.
+fn keep_tail(tail: &mut Vec<u8>, data: &[u8]) {
+    if data.len() >= 2 {
+        tail.clear();
+        tail.extend_from_slice(&data[data.len() - 2..]);
+    } else {
+        tail.extend_from_slice(data);
+        let extra = tail.len().saturating_sub(2);
+        tail.drain(..extra);
+    }
+}
+
+/// Where in `data` the event whose last bytes were `tail` ends (just past its blank line).
+fn oversized_end(tail: &[u8], data: &[u8]) -> Option<usize> {
+    // A blank line is at most 3 bytes: one straddling the read boundary shows in this window.
+    let mut window = [0u8; 5];
+    let head = &data[..data.len().min(3)];
+    let n = tail.len() + head.len();
+    window[..tail.len()].copy_from_slice(tail);
+    window[tail.len()..n].copy_from_slice(head);
+    if let Some(end) = event_end(&window[..n], 0) {
+        if end > tail.len() {
+            return Some(end - tail.len());
+        }
+    }
+    event_end(data, 0)
+}
+
+/// Index just past the blank line that ends an event, looking at line ends from `from` on.
 fn event_end(buf: &[u8], from: usize) -> Option<usize> {
     let mut i = from;
     while let Some(p) = memchr::memchr(b'\n', &buf[i..]) {
@@ -496,6 +831,320 @@ fn event_end(buf: &[u8], from: usize) -> Option<usize> {
         }
     }
     None
+}
+
+/// A chunk's `usage` member: where its key starts and its (non-null) value lies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Member {
+    key_start: usize,
+    value_start: usize,
+    value_end: usize,
+}
+
+impl Member {
+    /// The range that removes the member (with one comma next to it) or, for `null`, its value.
+    fn edit(self, payload: &[u8], null: bool) -> Edit {
+        if null {
+            return Edit {
+                from: self.value_start,
+                to: self.value_end,
+                null: true,
+            };
+        }
+        let before = payload[..self.key_start].trim_ascii_end();
+        if before.last() == Some(&b',') {
+            return Edit {
+                from: before.len() - 1,
+                to: self.value_end,
+                null: false,
+            };
+        }
+        // The first member: the comma after it goes.
+        let after = &payload[self.value_end..];
+        let trimmed = after.trim_ascii_start();
+        let to = match trimmed.strip_prefix(b",") {
+            Some(rest) => payload.len() - rest.trim_ascii_start().len(),
+            None => self.value_end,
+        };
+        Edit {
+            from: self.key_start,
+            to,
+            null: false,
+        }
+    }
+}
+
+impl Edit {
+    fn shift(self, by: usize) -> Edit {
+        Edit {
+            from: self.from + by,
+            to: self.to + by,
+            null: self.null,
+        }
+    }
+}
+
+/// The last `"usage"` member of a chunk with a value other than `null`. A chunk's strings escape
+/// their quotes, so a quoted `"usage"` followed by a colon is a key; chunks nest no other usage.
+fn usage_member(payload: &[u8]) -> Option<Member> {
+    static USAGE: OnceLock<FinderRev<'static>> = OnceLock::new();
+    let finder = USAGE.get_or_init(|| FinderRev::new(b"\"usage\""));
+    let mut end = payload.len();
+    while let Some(at) = finder.rfind(&payload[..end]) {
+        end = at;
+        let after = &payload[at + 7..];
+        let Some(value) = after.trim_ascii_start().strip_prefix(b":") else {
+            continue;
+        };
+        let value = value.trim_ascii_start();
+        if value.is_empty() || value.starts_with(b"null") {
+            return None;
+        }
+        let value_start = payload.len() - value.len();
+        let value_end = value_start + json_value_len(value)?;
+        return Some(Member {
+            key_start: at,
+            value_start,
+            value_end,
+        });
+    }
+    None
+}
+
+/// The range of the (non-null) value of the first `key` (quoted) member of `payload`.
+fn member_value(payload: &[u8], key: &[u8]) -> Option<(usize, usize)> {
+    static TIMINGS: OnceLock<Finder<'static>> = OnceLock::new();
+    let finder = match key {
+        b"\"timings\"" => TIMINGS.get_or_init(|| Finder::new(b"\"timings\"")),
+        _ => return None,
+    };
+    let at = finder.find(payload)?;
+    let value = payload[at + key.len()..]
+        .trim_ascii_start()
+        .strip_prefix(b":")?
+        .trim_ascii_start();
+    if value.starts_with(b"null") {
+        return None;
+    }
+    let start = payload.len() - value.len();
+    Some((start, start + json_value_len(value)?))
+}
+
+/// Length of the JSON value at the start of `v` (objects and arrays matched, strings skipped),
+/// if it is complete.
+fn json_value_len(v: &[u8]) -> Option<usize> {
+    match v.first()? {
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut i = 0;
+            while let Some(off) = memchr::memchr3(b'"', b'{', b'}', &v[i..])
+                .into_iter()
+                .chain(memchr::memchr2(b'[', b']', &v[i..]))
+                .min()
+            {
+                let at = i + off;
+                match v[at] {
+                    b'"' => {
+                        i = string_end(v, at + 1)? + 1;
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    _ => {
+                        depth = depth.checked_sub(1)?;
+                        if depth == 0 {
+                            return Some(at + 1);
+                        }
+                    }
+                }
+                i = at + 1;
+            }
+            None
+        }
+        b'"' => string_end(v, 1).map(|e| e + 1),
+        _ => Some(
+            v.iter()
+                .position(|b| matches!(b, b',' | b'}' | b']') || b.is_ascii_whitespace())
+                .unwrap_or(v.len()),
+        ),
+    }
+}
+
+/// A usage-only chunk: `"choices"` is an empty array.
+fn usage_only(payload: &[u8]) -> bool {
+    static CHOICES: OnceLock<Finder<'static>> = OnceLock::new();
+    let finder = CHOICES.get_or_init(|| Finder::new(b"\"choices\""));
+    let Some(at) = finder.find(payload) else {
+        return false;
+    };
+    let rest = payload[at + 9..].trim_ascii_start();
+    rest.strip_prefix(b":")
+        .map(<[u8]>::trim_ascii_start)
+        .and_then(|r| r.strip_prefix(b"["))
+        .is_some_and(|r| r.trim_ascii_start().starts_with(b"]"))
+}
+
+/// A chunk that relays generated text: a non-empty `content`, `text` or `reasoning_content`
+/// string (what the proxy counts when the engine reports no usage).
+fn has_content(payload: &[u8]) -> bool {
+    static CONTENT: OnceLock<Finder<'static>> = OnceLock::new();
+    static TEXT: OnceLock<Finder<'static>> = OnceLock::new();
+    static REASONING: OnceLock<Finder<'static>> = OnceLock::new();
+    let finders = [
+        CONTENT.get_or_init(|| Finder::new(b"\"content\"")),
+        TEXT.get_or_init(|| Finder::new(b"\"text\"")),
+        REASONING.get_or_init(|| Finder::new(b"\"reasoning_content\"")),
+    ];
+    finders.iter().any(|f| {
+        let mut from = 0;
+        while let Some(pos) = f.find(&payload[from..]) {
+            from += pos + f.needle().len();
+            let rest = payload[from..].trim_ascii_start();
+            if let Some(value) = rest.strip_prefix(b":") {
+                let value = value.trim_ascii_start();
+                if value.starts_with(b"\"") && !value.starts_with(b"\"\"") {
+                    return true;
+                }
+            }
+        }
+        false
+    })
+}
+
+/// A structural scan of a JSON body too large to keep: finds the top-level member `key` as the
+/// bytes pass (strings skipped, nesting tracked across reads) and keeps only its value. Linear,
+/// and holds at most `MAX_CAPTURE` bytes.
+struct JsonScan {
+    key: &'static [u8],
+    seen: u64,
+    /// Nesting of objects and arrays.
+    depth: u32,
+    /// The body is an object (only then are depth-1 strings keys).
+    object: Option<bool>,
+    in_str: bool,
+    escaped: bool,
+    state: ScanState,
+    /// Key bytes matched by the current depth-1 string (`None`: it differs).
+    matched: Option<usize>,
+    value: Vec<u8>,
+    found: Option<Vec<u8>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ScanState {
+    Idle,
+    /// In a depth-1 string that may be the key.
+    Key,
+    /// After the key's closing quote, before its colon.
+    AfterKey,
+    /// In the key's value.
+    Value,
+}
+
+impl JsonScan {
+    fn new(key: &'static [u8]) -> JsonScan {
+        JsonScan {
+            key,
+            seen: 0,
+            depth: 0,
+            object: None,
+            in_str: false,
+            escaped: false,
+            state: ScanState::Idle,
+            matched: None,
+            value: Vec::new(),
+            found: None,
+        }
+    }
+
+    fn feed(&mut self, data: &[u8]) {
+        self.seen += data.len() as u64;
+        let mut i = 0;
+        while i < data.len() {
+            if self.in_str && !self.escaped && self.state == ScanState::Idle {
+                // The bulk of a body is text: jump to the next quote or backslash.
+                match memchr::memchr2(b'"', b'\\', &data[i..]) {
+                    Some(off) => i += off,
+                    None => return,
+                }
+            }
+            let b = data[i];
+            i += 1;
+            if self.state == ScanState::Value {
+                if !self.in_str && self.depth == 1 && matches!(b, b',' | b'}') {
+                    self.found = Some(std::mem::take(&mut self.value));
+                    self.state = ScanState::Idle;
+                } else if self.value.len() < MAX_CAPTURE {
+                    self.value.push(b);
+                } else {
+                    // Not a usage object: give up on it, keep scanning.
+                    self.value = Vec::new();
+                    self.state = ScanState::Idle;
+                }
+            }
+            if self.in_str {
+                if self.escaped {
+                    self.escaped = false;
+                    self.matched = None;
+                } else if b == b'\\' {
+                    self.escaped = true;
+                    self.matched = None;
+                } else if b == b'"' {
+                    self.in_str = false;
+                    if self.state == ScanState::Key {
+                        self.state = if self.matched == Some(self.key.len()) {
+                            ScanState::AfterKey
+                        } else {
+                            ScanState::Idle
+                        };
+                    }
+                } else if self.state == ScanState::Key {
+                    self.matched = self
+                        .matched
+                        .filter(|&m| self.key.get(m) == Some(&b))
+                        .map(|m| m + 1);
+                }
+                continue;
+            }
+            match b {
+                b'"' => {
+                    self.in_str = true;
+                    if self.state == ScanState::AfterKey {
+                        self.state = ScanState::Idle;
+                    }
+                    if self.state == ScanState::Idle && self.depth == 1 && self.object == Some(true)
+                    {
+                        self.state = ScanState::Key;
+                        self.matched = Some(0);
+                    }
+                }
+                b'{' | b'[' => {
+                    if self.object.is_none() {
+                        self.object = Some(b == b'{');
+                    }
+                    if self.state == ScanState::AfterKey {
+                        self.state = ScanState::Idle;
+                    }
+                    self.depth = self.depth.saturating_add(1);
+                }
+                b'}' | b']' => {
+                    if self.state == ScanState::AfterKey {
+                        self.state = ScanState::Idle;
+                    }
+                    self.depth = self.depth.saturating_sub(1);
+                }
+                b':' if self.state == ScanState::AfterKey => {
+                    self.state = ScanState::Value;
+                    self.value.clear();
+                }
+                b' ' | b'\t' | b'\r' | b'\n' => {}
+                _ => {
+                    if self.state == ScanState::AfterKey {
+                        self.state = ScanState::Idle;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The value of `key` in the top-level JSON object of `body`, deserialised alone.
@@ -628,10 +1277,12 @@ fn has_non_null(payload: &[u8], key: &[u8]) -> bool {
     static USAGE: OnceLock<Finder<'static>> = OnceLock::new();
     static DETAILS: OnceLock<Finder<'static>> = OnceLock::new();
     static FINISH: OnceLock<Finder<'static>> = OnceLock::new();
+    static TOKEN: OnceLock<Finder<'static>> = OnceLock::new();
     let finder = match key {
         b"\"usage\"" => USAGE.get_or_init(|| Finder::new(b"\"usage\"")),
         b"\"details\"" => DETAILS.get_or_init(|| Finder::new(b"\"details\"")),
         b"\"finish_reason\"" => FINISH.get_or_init(|| Finder::new(b"\"finish_reason\"")),
+        b"\"token\"" => TOKEN.get_or_init(|| Finder::new(b"\"token\"")),
         // Every key the tap asks about is listed above; an unknown one is never "present".
         _ => return false,
     };

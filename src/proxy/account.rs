@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::encode;
 use crate::error::Outcome;
-use crate::openai::tap::Usage;
+use crate::openai::tap::{Source, Usage};
 use crate::openai::{self, RequestInfo};
 use crate::proxy::downstream::Downstream;
 use crate::proxy::request::Request;
@@ -26,6 +26,8 @@ pub(crate) struct Done<'a> {
     /// A probe (`/health`, `/ready`, `/metrics`): logged, but not traffic, so not in the request metrics
     /// (a readiness probe would feed the QPS panel, a failing `/health` the error-ratio alert).
     pub(crate) probe: bool,
+    /// The model the backend was asked for (after an alias rewrite or a fallback).
+    pub(crate) served_model: Option<&'a str>,
 }
 
 impl<'a> Done<'a> {
@@ -44,6 +46,7 @@ impl<'a> Done<'a> {
             first_byte: None,
             usage: None,
             probe: false,
+            served_model: None,
         }
     }
 }
@@ -122,6 +125,9 @@ pub(crate) fn account(w: &Worker, d: &Downstream, f: Done<'_>) {
         ttft_ms: ttft.map(|t| t.as_millis() as u64),
         user_id,
         key_id,
+        // Nothing reported: whatever was counted (0 when nothing was relayed).
+        usage_source: f.usage.map_or(Source::Counted, |u| u.source).as_str(),
+        served_model: f.served_model.map(str::to_owned),
     };
     if let Err(ev) = w.usage.send(event) {
         w.shared

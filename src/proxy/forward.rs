@@ -6,6 +6,7 @@
 
 use std::rc::Rc;
 
+use crate::backends::Entry;
 use crate::error::{ProxyError, Verdict};
 use crate::http1::head::{BodyFraming, Head};
 use crate::openai;
@@ -76,8 +77,7 @@ async fn forward(
         let Some(backend) = lease.entry() else {
             break;
         };
-        let request = upstream_request(x, backend);
-        let e = match send(w, b, backend.spec.addr, backend.spec.tls.as_ref(), request).await {
+        let e = match send_asking(w, x, b, backend).await {
             Ok((mut conn, resp)) => {
                 w.outcome(b, Verdict::of_status(resp.status));
                 if matches!(resp.status, 502 | 503) && attempt < attempts && tried.any_left(w) {
@@ -112,6 +112,67 @@ async fn forward(
         last_err = Some(e);
     }
     Err(last_err.unwrap_or(ProxyError::NoHealthyBackend))
+}
+
+/// Sends the request to `backend`, with the running usage the proxy asks for unless this backend
+/// rejects it. A backend that answers the request with a 400 naming `continuous_usage_stats` is
+/// remembered (on this core) and asked again at once without it: nothing reached the client yet.
+async fn send_asking(
+    w: &Worker,
+    x: &Exchange<'_>,
+    b: usize,
+    backend: &Entry,
+) -> Result<(UpConn, Head), ProxyError> {
+    let body = x.body.get();
+    let url = &backend.spec.url;
+    if x.added_running.get() && w.no_running_usage.borrow().contains(url) {
+        if let Some(plain) = openai::without_running_usage(body) {
+            let request = upstream_request(x, backend, &plain);
+            return send(w, b, backend.spec.addr, backend.spec.tls.as_ref(), request).await;
+        }
+    }
+    let request = upstream_request(x, backend, body);
+    let (mut conn, resp) =
+        send(w, b, backend.spec.addr, backend.spec.tls.as_ref(), request).await?;
+    if !x.added_running.get() || !rejects_running_usage(w, x, &mut conn, &resp).await? {
+        return Ok((conn, resp));
+    }
+    let Some(plain) = openai::without_running_usage(body) else {
+        return Ok((conn, resp));
+    };
+    log::warn!(
+        "request {}: backend {url} rejects stream_options.{}; asking it without from now on \
+         (aborted streams from it are billed what the proxy counted)",
+        x.request_id,
+        openai::RUNNING_USAGE
+    );
+    w.no_running_usage.borrow_mut().insert(url.clone());
+    drop(conn);
+    let request = upstream_request(x, backend, &plain);
+    send(w, b, backend.spec.addr, backend.spec.tls.as_ref(), request).await
+}
+
+/// Whether the response is a 400 that names `continuous_usage_stats`. Small fixed-length error
+/// bodies are read (and stay buffered for relaying if it is not).
+async fn rejects_running_usage(
+    w: &Worker,
+    x: &Exchange<'_>,
+    conn: &mut UpConn,
+    resp: &Head,
+) -> Result<bool, ProxyError> {
+    const MAX_ERROR_BODY: u64 = 64 * 1024;
+    if !matches!(resp.status, 400 | 422) {
+        return Ok(false);
+    }
+    match resp.response_framing(x.head.method()) {
+        Ok(BodyFraming::Length(n)) if n <= MAX_ERROR_BODY => {
+            let body = conn
+                .buffer_body(n as usize, w.config().timeouts.first_byte)
+                .await?;
+            Ok(openai::rejects_running_usage(resp.status, body))
+        }
+        _ => Ok(false),
+    }
 }
 
 /// Whether the response is an engine's "prompt longer than the context" error. Small

@@ -115,6 +115,7 @@ pub(crate) async fn handle(
         first_byte: x.first_byte.get(),
         usage: x.tap.borrow().usage(),
         probe: false,
+        served_model: x.served_model.get(),
     };
     account(w, d, done);
     keep

@@ -61,8 +61,9 @@ pub(crate) struct ClientSide<'a> {
     /// HTTP/1.1 (else 1.0: no chunks, keep-alive only when asked for).
     pub(crate) http11: bool,
     pub(crate) request_id: &'a str,
-    /// The proxy injected `include_usage`: the usage-only event is removed.
-    pub(crate) injected: bool,
+    /// What of the usage the proxy asked for is removed: (the usage-only event, the running
+    /// usage of other chunks).
+    pub(crate) strip: (bool, bool),
     /// The connection closes after this response anyway (asked for, or draining).
     pub(crate) close: bool,
 }
@@ -99,12 +100,15 @@ pub(crate) fn plan_response(
     let event_stream = resp
         .header("content-type")
         .is_some_and(|v| v.starts_with(b"text/event-stream"));
-    let mut kind = openai::response_kind(c.path, status, event_stream, c.injected);
+    let mut kind = openai::response_kind(c.path, status, event_stream, c.strip);
     if kind.holds_back() && !c.http11 {
         // An HTTP/1.0 client with a fixed-length body cannot have an event removed; it is rare
         // enough to let it see the usage chunk rather than buffer the whole stream.
         if let BodyFraming::Length(_) = framing {
-            kind = UsageKind::OpenAiSse { strip: false };
+            kind = UsageKind::OpenAiSse {
+                strip: false,
+                running: false,
+            };
         }
     }
     let chunked_out = matches!(framing, BodyFraming::Chunked | BodyFraming::UntilClose)
@@ -242,7 +246,7 @@ pub(crate) async fn relay(
         path: x.head.path(),
         http11: x.head.version == 1,
         request_id: x.request_id,
-        injected: x.injected.get(),
+        strip: x.strip.get(),
         // A drain that began while the backend worked: say so in this head, so the client opens
         // its next request elsewhere instead of racing the process exit on this connection.
         close: x.close || w.shared.draining(),
@@ -250,7 +254,7 @@ pub(crate) async fn relay(
     let plan = plan_response(&client, &resp, conn.buf.len())?;
     let status = resp.status;
     x.status.set(status);
-    start_tap(x, plan.kind, &resp);
+    start_tap(x, plan.kind, &resp, w.config().usage.max_event_bytes);
     let sent = |outcome, close| Sent::new(status, outcome, close);
     let head_len = plan.head.len();
     let c = Ctx {
@@ -336,9 +340,9 @@ struct Ctx<'a, 'x> {
 }
 
 /// Sets up the usage tap for this response (TGI's `/generate` also reports counts in headers).
-fn start_tap(x: &Exchange<'_>, kind: UsageKind, resp: &Head) {
+fn start_tap(x: &Exchange<'_>, kind: UsageKind, resp: &Head, max_event: usize) {
     let mut tap = x.tap.borrow_mut();
-    *tap = Tap::new(kind);
+    **tap = Tap::with_max_event(kind, max_event);
     if kind == UsageKind::TgiJson {
         let num = |h: &str| {
             resp.header_str(h)
@@ -484,7 +488,7 @@ mod tests {
             path: "/v1/chat/completions",
             http11,
             request_id: "rid-1",
-            injected: false,
+            strip: (false, false),
             close: false,
         }
     }
@@ -513,11 +517,11 @@ mod tests {
     #[test]
     fn response_heads_follow_the_framing_rules() {
         let strip = ClientSide {
-            injected: true,
+            strip: (true, true),
             ..client("POST", true)
         };
         let strip_10 = ClientSide {
-            injected: true,
+            strip: (true, true),
             ..client("POST", false)
         };
         let draining = ClientSide {
@@ -709,18 +713,24 @@ mod tests {
     #[test]
     fn usage_kinds_follow_the_endpoint_and_status() {
         let strip = ClientSide {
-            injected: true,
+            strip: (true, true),
             ..client("POST", true)
         };
         let kind =
             |c: &ClientSide<'_>, raw: &str| plan_response(c, &upstream(raw), 0).unwrap().kind;
         assert_eq!(
             kind(&strip, SSE_CHUNKED),
-            UsageKind::OpenAiSse { strip: true }
+            UsageKind::OpenAiSse {
+                strip: true,
+                running: true
+            }
         );
         assert_eq!(
             kind(&client("POST", true), SSE_CHUNKED),
-            UsageKind::OpenAiSse { strip: false }
+            UsageKind::OpenAiSse {
+                strip: false,
+                running: false
+            }
         );
         assert_eq!(
             kind(&client("POST", true), JSON_LENGTH),

@@ -82,19 +82,25 @@ pub(crate) fn inspect(cfg: &Config, head: &Head, body: &[u8]) -> Result<RequestI
     )
 }
 
-/// A request body rewritten for upstream (`None`: the client's as it is), and whether
-/// `include_usage` was injected into it.
-pub(crate) struct UpstreamBody {
+/// A request body rewritten for upstream (`None`: the client's as it is), what of the usage the
+/// proxy asked for the tap must remove, and the model it asks for.
+pub(crate) struct UpstreamBody<'a> {
     pub(crate) rewritten: Option<Vec<u8>>,
-    pub(crate) injected: bool,
+    /// (the usage-only chunk, the running usage): see `openai::usage_to_strip`.
+    pub(crate) strip: (bool, bool),
+    /// The proxy added `continuous_usage_stats` (the client did not ask for it): a backend that
+    /// rejects it is asked again without it.
+    pub(crate) added_running: bool,
+    /// The model the backend is asked for (after an alias rewrite or a fallback).
+    pub(crate) served: Option<&'a str>,
 }
 
 /// Where a request may go: its own route, then each fallback pool with the body it needs.
 pub(crate) struct Plan<'a> {
     pub(crate) target: Target<'a>,
-    pub(crate) body: UpstreamBody,
+    pub(crate) body: UpstreamBody<'a>,
     /// Empty (unallocated) without pools.
-    pub(crate) fallbacks: Vec<(Target<'a>, UpstreamBody)>,
+    pub(crate) fallbacks: Vec<(Target<'a>, UpstreamBody<'a>)>,
 }
 
 impl<'a> Plan<'a> {
@@ -141,24 +147,35 @@ impl<'a> Plan<'a> {
 
 /// The body to send upstream for a route, when it differs from the client's: the model renamed
 /// (a splice), `include_usage` injected.
-fn upstream_body(
+fn upstream_body<'a>(
     cfg: &Config,
     head: &Head,
     body: &[u8],
-    info: &RequestInfo,
-    rewrite: Option<&str>,
-) -> UpstreamBody {
+    info: &'a RequestInfo,
+    rewrite: Option<&'a str>,
+) -> UpstreamBody<'a> {
     let renamed = rewrite
         .zip(info.model_span)
         .and_then(|(m, span)| openai::rewrite_model(body, span, m));
+    let served = match renamed {
+        Some(_) => rewrite,
+        None => info.model.as_deref(),
+    };
     let base = renamed.as_deref().unwrap_or(body);
     let injected = if cfg.usage.inject_include_usage {
         openai::inject_include_usage(head.path(), base, info)
     } else {
         None
     };
+    let strip = if injected.is_some() {
+        openai::usage_to_strip(info)
+    } else {
+        (false, false)
+    };
     UpstreamBody {
-        injected: injected.is_some(),
+        added_running: injected.is_some() && !info.continuous_usage,
+        strip,
+        served,
         rewritten: injected.or(renamed),
     }
 }
@@ -170,8 +187,12 @@ pub(crate) struct Exchange<'a> {
     /// The body sent upstream (the client's, or with `include_usage` injected, or the model
     /// renamed); changes when a fallback pool is tried.
     pub(crate) body: Cell<&'a [u8]>,
-    /// The proxy added `include_usage`, so the usage-only event is removed from the stream.
-    pub(crate) injected: Cell<bool>,
+    /// What of the usage the proxy asked for is removed from the stream (see `UpstreamBody`).
+    pub(crate) strip: Cell<(bool, bool)>,
+    /// The proxy added `continuous_usage_stats` to `body`.
+    pub(crate) added_running: Cell<bool>,
+    /// The model the backend is asked for.
+    pub(crate) served_model: Cell<Option<&'a str>>,
     /// Another pool may still serve: a context-length error is not relayed but reported.
     pub(crate) may_fall_back: Cell<bool>,
     /// The backend rejected the prompt as longer than its context (and it was not relayed).
@@ -192,8 +213,9 @@ pub(crate) struct Exchange<'a> {
     pub(crate) stream: bool,
     pub(crate) model_idx: ModelIdx,
     /// Watches the response for usage; outside the relay future so that an aborted request
-    /// still reports what arrived before the abort.
-    pub(crate) tap: RefCell<Tap>,
+    /// still reports what arrived before the abort. Boxed: it is a few hundred bytes that every
+    /// connection's future would otherwise carry (`the_connection_future_does_not_grow`).
+    pub(crate) tap: RefCell<Box<Tap>>,
     /// Remove the client's API key headers from what goes upstream.
     pub(crate) strip_client_key: bool,
 }
@@ -210,7 +232,9 @@ impl<'a> Exchange<'a> {
         Exchange {
             head: req.head,
             body: Cell::new(plan.body.rewritten.as_deref().unwrap_or(original)),
-            injected: Cell::new(plan.body.injected),
+            strip: Cell::new(plan.body.strip),
+            added_running: Cell::new(plan.body.added_running),
+            served_model: Cell::new(plan.body.served),
             may_fall_back: Cell::new(!plan.fallbacks.is_empty()),
             context_exceeded: Cell::new(false),
             request_id: &req.id,
@@ -223,16 +247,18 @@ impl<'a> Exchange<'a> {
             first_byte: Cell::new(None),
             stream: info.stream,
             model_idx: w.metrics.model_index(info.model.as_deref()),
-            tap: RefCell::new(Tap::new(UsageKind::None)),
+            tap: RefCell::new(Box::new(Tap::new(UsageKind::None))),
             strip_client_key: w.auth.store().strip_client_key(),
         }
     }
 
     /// Switches to a fallback pool's body.
-    pub(crate) fn fall_back(&self, original: &'a [u8], body: &'a UpstreamBody, more: bool) {
+    pub(crate) fn fall_back(&self, original: &'a [u8], body: &'a UpstreamBody<'_>, more: bool) {
         self.context_exceeded.set(false);
         self.body.set(body.rewritten.as_deref().unwrap_or(original));
-        self.injected.set(body.injected);
+        self.strip.set(body.strip);
+        self.added_running.set(body.added_running);
+        self.served_model.set(body.served);
         self.may_fall_back.set(more);
     }
 }
@@ -240,10 +266,9 @@ impl<'a> Exchange<'a> {
 /// The request as it goes to `backend`: its path under the backend's base path, the client's
 /// headers minus hop-by-hop ones and the proxy's own, the backend's credential,
 /// `X-Forwarded-For` and `X-Request-Id`, and the (possibly rewritten) body.
-pub(crate) fn upstream_request(x: &Exchange<'_>, backend: &Entry) -> Vec<u8> {
+pub(crate) fn upstream_request(x: &Exchange<'_>, backend: &Entry, body: &[u8]) -> Vec<u8> {
     let backend = &backend.spec;
     let head = x.head;
-    let body = x.body.get();
     let mut out = Vec::with_capacity(head.raw_len() + body.len() + 256);
     out.extend_from_slice(head.method().as_bytes());
     out.push(b' ');

@@ -53,6 +53,12 @@ pub struct UsageEvent {
     pub ttft_ms: Option<u64>,
     pub user_id: Option<String>,
     pub key_id: Option<String>,
+    /// Where the token counts came from: `reported` (the engine's own figures, final or
+    /// running) or `counted` (the proxy counted what it relayed).
+    pub usage_source: &'static str,
+    /// The model that served the request after an alias rewrite or a fallback (`model` stays
+    /// what the client asked for).
+    pub served_model: Option<String>,
 }
 
 /// A random 128-bit id, hex encoded: the idempotency key of one event.
@@ -114,6 +120,12 @@ impl UsageEvent {
         encode::push_json_opt_str(&mut o, self.user_id.as_deref());
         key(&mut o, "key_id");
         encode::push_json_opt_str(&mut o, self.key_id.as_deref());
+        // Added after the seed's fields, so each event still starts with exactly the bytes it
+        // had before they existed.
+        key(&mut o, "usage_source");
+        encode::push_json_str(&mut o, self.usage_source);
+        key(&mut o, "served_model");
+        encode::push_json_opt_str(&mut o, self.served_model.as_deref());
         o.push('}');
         o
     }
@@ -213,6 +225,8 @@ mod tests {
             ttft_ms: None,
             user_id: None,
             key_id: None,
+            usage_source: "reported",
+            served_model: None,
         }
     }
 
@@ -259,10 +273,12 @@ mod tests {
             ttft_ms: None,
             user_id: Some("ü\n\u{1}\t".into()),
             key_id: Some("5e5510a1c0ffee00".into()),
+            usage_source: "reported",
+            served_model: Some("llama-3-8b".into()),
         };
         assert_eq!(
             e.to_json(),
-            r#"{"event_id":"0123456789abcdef0123456789abcdef","request_id":"r\"1","timestamp":"2026-11-26T23:00:00.000Z","model":"llama \\ 3","endpoint":"/v1/chat/completions","backend_url":null,"is_stream":true,"prompt_tokens":12,"completion_tokens":0,"total_tokens":18446744073709551615,"cached_tokens":3,"status":200,"outcome":"ok","latency_ms":5,"ttft_ms":null,"user_id":"ü\n\u0001\t","key_id":"5e5510a1c0ffee00"}"#
+            r#"{"event_id":"0123456789abcdef0123456789abcdef","request_id":"r\"1","timestamp":"2026-11-26T23:00:00.000Z","model":"llama \\ 3","endpoint":"/v1/chat/completions","backend_url":null,"is_stream":true,"prompt_tokens":12,"completion_tokens":0,"total_tokens":18446744073709551615,"cached_tokens":3,"status":200,"outcome":"ok","latency_ms":5,"ttft_ms":null,"user_id":"ü\n\u0001\t","key_id":"5e5510a1c0ffee00","usage_source":"reported","served_model":"llama-3-8b"}"#
         );
         // What a receiver's JSON parser reads back is what was sent.
         let v: serde_json::Value = serde_json::from_str(&e.to_json()).unwrap();
@@ -279,9 +295,11 @@ mod tests {
         e.is_stream = false;
         e.user_id = None;
         e.key_id = None;
+        e.usage_source = "counted";
+        e.served_model = None;
         assert_eq!(
             e.to_json(),
-            r#"{"event_id":"0123456789abcdef0123456789abcdef","request_id":"r\"1","timestamp":"2026-11-26T23:00:00.000Z","model":null,"endpoint":"/v1/chat/completions","backend_url":"http://b:1","is_stream":false,"prompt_tokens":12,"completion_tokens":0,"total_tokens":18446744073709551615,"reasoning_tokens":0,"status":200,"outcome":"ok","latency_ms":5,"ttft_ms":1,"user_id":null,"key_id":null}"#
+            r#"{"event_id":"0123456789abcdef0123456789abcdef","request_id":"r\"1","timestamp":"2026-11-26T23:00:00.000Z","model":null,"endpoint":"/v1/chat/completions","backend_url":"http://b:1","is_stream":false,"prompt_tokens":12,"completion_tokens":0,"total_tokens":18446744073709551615,"reasoning_tokens":0,"status":200,"outcome":"ok","latency_ms":5,"ttft_ms":1,"user_id":null,"key_id":null,"usage_source":"counted","served_model":null}"#
         );
     }
 }

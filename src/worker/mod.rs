@@ -107,6 +107,10 @@ pub(crate) struct Worker {
     pool_names: RefCell<Vec<String>>,
     /// Draining backend ids this core has reported drained since the last table change.
     drained_sent: RefCell<Vec<u64>>,
+    /// URLs of backends that rejected `stream_options.continuous_usage_stats` (a 400 naming
+    /// it): this core asks them without it from then on. Per core: each core learns it from
+    /// one rejected (and retried) request of its own, which costs less than sharing it.
+    pub(crate) no_running_usage: RefCell<std::collections::HashSet<String>>,
     started: Instant,
 }
 
@@ -145,6 +149,7 @@ impl Worker {
             config: RefCell::new(Rc::new(cfg)),
             pool_names: RefCell::new(Vec::new()),
             drained_sent: RefCell::new(Vec::new()),
+            no_running_usage: RefCell::new(std::collections::HashSet::new()),
             started: Instant::now(),
         };
         w.install(&table, true);

@@ -13,6 +13,9 @@ import argparse
 import hashlib
 import http.client
 import json
+import os
+import random
+import re
 import socket
 import sys
 import threading
@@ -548,6 +551,41 @@ def check_abort(px, ll):
     return generated
 
 
+CONTENT_DELTA = re.compile(rb'"content":"(?!")')
+
+
+def check_random_aborts(px, n=6):
+    """Streams the client leaves after a random number k of content deltas: each is billed what
+    the client received plus at most the chunks in flight (issue 14), never 0."""
+    step(f"{n} streams aborted at random points")
+    rng = random.Random(os.environ.get("E2E_SEED", "14"))
+    for i in range(n):
+        k = rng.randint(1, 24)
+        rid = new_id(f"abort-at-{k}")
+        body = json.dumps(chat_body(ABORT_MAX_TOKENS, True)).encode()
+        s = socket.create_connection(px, timeout=30)
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: e2e\r\ncontent-type: application/json\r\n"
+            + f"x-request-id: {rid}\r\ncontent-length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        got = b""
+        t0 = time.monotonic()
+        while len(CONTENT_DELTA.findall(got)) < k and time.monotonic() - t0 < 30:
+            part = s.recv(65536)
+            if not part:
+                break
+            got += part
+        s.close()
+        received = len(CONTENT_DELTA.findall(got))
+        check(received >= k, f"abort-at-{k}: client read {k} tokens before leaving",
+              f"{received} content deltas in {len(got)} bytes")
+        REQUESTS.append({"name": f"abort-at-{k}", "request_id": rid, "want": None,
+                         "outcome": "client_aborted", "stream": True, "resp": None,
+                         "received": received})
+        time.sleep(0.3)
+
+
 def check_keepalive(px, ll, gaps=(6.0, 5.0, 4.5)):
     """llama.cpp closes a keep-alive connection after 5 s idle. Requests on one client
     connection (so one proxy core, one upstream pool) with idle gaps around that limit."""
@@ -731,6 +769,18 @@ def check_events(events_file, abort_generated):
                     if v is not None and ev.get(k) != v:
                         problems.append(f"{k} {ev.get(k)} != server's {v}")
             fields += f" | server said {want}"
+        elif "received" in e:
+            # Aborted at a random point: billed what the client received, plus at most the
+            # chunks that were in flight when the proxy saw it leave.
+            got = ev.get("completion_tokens") or 0
+            if not e["received"] <= got <= e["received"] + 8:
+                problems.append(f"completion {got} not within [{e['received']}, {e['received'] + 8}]")
+            if ev.get("usage_source") not in ("reported", "counted"):
+                problems.append(f"usage_source {ev.get('usage_source')}")
+            prompt = SERVER_PROMPT.get("chat")
+            if ev.get("usage_source") == "reported" and prompt and ev.get("prompt_tokens") != prompt:
+                problems.append(f"prompt {ev.get('prompt_tokens')} != server's {prompt}")
+            fields += f" | client received {e['received']} tokens, source {ev.get('usage_source')}"
         else:
             # Aborted: usage arrives only at the end of a stream, so what was billed is at most
             # what the server generated.
@@ -761,6 +811,7 @@ def main():
         check_concurrent(px, ll)
         check_context_exceeded(px, ll)
         abort_generated = check_abort(px, ll)
+        check_random_aborts(px)
         check_reuse_after_stream(px)
         check_keepalive(px, ll)
         check_connection_max(px)

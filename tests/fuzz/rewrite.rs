@@ -8,7 +8,7 @@
 use std::collections::HashSet;
 use std::fmt;
 
-use llmproxy::openai::{inject_include_usage, inspect};
+use llmproxy::openai::{inject_include_usage, inspect, without_running_usage};
 use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::Value;
 
@@ -29,6 +29,9 @@ pub const TARGET: Target = Target {
         b"\"stream_options\":{}",
         b"{\"include_usage\":false}",
         b"{\"include_usage\":true}",
+        b"\"continuous_usage_stats\":true",
+        b"\"continuous_usage_stats\":false",
+        b"{\"a\":{\"continuous_usage_stats\":true}}",
         b"\"include_usage\":null",
         b"\"model\":\"m\"",
         b"\"user\":\"u\"",
@@ -92,10 +95,15 @@ fn check(input: &[u8]) -> u64 {
             info.include_usage,
             v["stream_options"]["include_usage"] == true
         );
+        assert_eq!(
+            info.continuous_usage,
+            v["stream_options"]["continuous_usage_stats"] == true
+        );
     }
 
     let rewritten = inject_include_usage(path, body, &info);
-    let needed = info.stream && !info.include_usage && takes_stream_options(path);
+    let needed =
+        info.stream && !(info.include_usage && info.continuous_usage) && takes_stream_options(path);
     let Some(out) = rewritten else {
         assert!(!needed, "a stream without include_usage was left alone");
         return feature(("unchanged", info.stream, info.include_usage));
@@ -127,10 +135,26 @@ fn check(input: &[u8]) -> u64 {
     let opts_after = a.as_object_mut().and_then(|m| m.remove("stream_options"));
     assert_eq!(a, b, "the rewrite changed other members");
     if let (Some(Value::Object(mut ob)), Some(Value::Object(mut oa))) = (opts_before, opts_after) {
-        ob.remove("include_usage");
-        oa.remove("include_usage");
+        for k in ["include_usage", "continuous_usage_stats"] {
+            ob.remove(k);
+            oa.remove(k);
+        }
         assert_eq!(oa, ob, "the rewrite lost stream_options members");
     }
+    // Asked for running usage; a backend that rejects it gets the same body without that member.
+    assert_eq!(after["stream_options"]["continuous_usage_stats"], true);
+    let plain = without_running_usage(&out).expect("the running-usage member can be taken back");
+    let plain: Value = serde_json::from_slice(&plain).unwrap_or_else(|e| {
+        panic!(
+            "body without running usage is not JSON ({e}): {}",
+            String::from_utf8_lossy(&out)
+        )
+    });
+    let mut expected = after.clone();
+    if let Some(Value::Object(o)) = expected.get_mut("stream_options") {
+        o.remove("continuous_usage_stats");
+    }
+    assert_eq!(plain, expected, "taking running usage back changed more");
     feature((
         "rewritten",
         before.get("stream_options").map(Value::is_object),

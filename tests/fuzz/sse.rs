@@ -32,6 +32,10 @@ pub const TARGET: Target = Target {
         b"\"finish_reason\":\"length\"",
         b"\"timings\":{\"predicted_ms\":1.5}",
         b"\"details\":{\"generated_tokens\":5,\"input_length\":3}",
+        b"\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":1}",
+        b"\"timings\":{\"prompt_n\":2,\"predicted_n\":3,\"cache_n\":1}",
+        b"\"delta\":{\"content\":\"a\"}",
+        b"\"token\":{\"id\":1}",
         b"\"generated_tokens\":",
         b"{",
         b"}",
@@ -42,9 +46,23 @@ pub const TARGET: Target = Target {
     check,
 };
 
-const KINDS: [Kind; 5] = [
-    Kind::OpenAiSse { strip: true },
-    Kind::OpenAiSse { strip: false },
+const KINDS: [Kind; 7] = [
+    Kind::OpenAiSse {
+        strip: true,
+        running: true,
+    },
+    Kind::OpenAiSse {
+        strip: false,
+        running: true,
+    },
+    Kind::OpenAiSse {
+        strip: true,
+        running: false,
+    },
+    Kind::OpenAiSse {
+        strip: false,
+        running: false,
+    },
     Kind::TgiSse,
     Kind::OpenAiJson,
     Kind::TgiJson,
@@ -57,8 +75,8 @@ struct Tapped {
     events: u64,
 }
 
-fn run(kind: Kind, parts: &[&[u8]]) -> Tapped {
-    let mut tap = Tap::new(kind);
+fn run(kind: Kind, max_event: usize, parts: &[&[u8]]) -> Tapped {
+    let mut tap = Tap::with_max_event(kind, max_event);
     let mut out = Vec::new();
     for part in parts {
         tap.feed(part, &mut |d| out.extend_from_slice(d));
@@ -76,8 +94,10 @@ fn check(input: &[u8]) -> u64 {
         return 0;
     };
     let kind = KINDS[usize::from(selector) % KINDS.len()];
-    let whole = run(kind, &[body]);
-    let strips = kind == (Kind::OpenAiSse { strip: true });
+    // Every other input with a small event bound, so events past it are exercised too.
+    let max_event = if selector & 0x80 != 0 { 96 } else { 1 << 20 };
+    let whole = run(kind, max_event, &[body]);
+    let strips = matches!(kind, Kind::OpenAiSse { strip, running } if strip || running);
     if !strips {
         assert!(whole.out == body, "a relaying tap changed the body");
     } else if memchr::memmem::find(body, b"usage").is_none() {
@@ -88,11 +108,12 @@ fn check(input: &[u8]) -> u64 {
     }
     let mut rng = rng_for(input);
     for _ in 0..2 {
-        let split = run(kind, &pieces(body, &cuts(body.len(), &mut rng)));
+        let split = run(kind, max_event, &pieces(body, &cuts(body.len(), &mut rng)));
         assert_eq!(split, whole, "the tap depends on how the body was split");
     }
     feature((
-        selector % 5,
+        selector % 7,
+        max_event,
         whole.usage.is_some(),
         whole.events.min(4),
         whole.out.len() == body.len(),

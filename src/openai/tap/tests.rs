@@ -57,7 +57,13 @@ const STREAM: &str = concat!(
 fn sse_usage_at_every_split_point() {
     let b = STREAM.as_bytes();
     for cut in 0..b.len() {
-        let (out, u) = run(Kind::OpenAiSse { strip: false }, &[&b[..cut], &b[cut..]]);
+        let (out, u) = run(
+            Kind::OpenAiSse {
+                strip: false,
+                running: false,
+            },
+            &[&b[..cut], &b[cut..]],
+        );
         assert_eq!(out, b, "observe mode forwards everything, cut {cut}");
         let u = u.expect("usage");
         assert_eq!(
@@ -76,7 +82,13 @@ fn absurd_counts_saturate_instead_of_overflowing() {
     let sse = format!(
         "data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":{max},\"completion_tokens\":1}}}}\n\n"
     );
-    let (_, u) = run(Kind::OpenAiSse { strip: true }, &[sse.as_bytes()]);
+    let (_, u) = run(
+        Kind::OpenAiSse {
+            strip: true,
+            running: false,
+        },
+        &[sse.as_bytes()],
+    );
     assert_eq!(u.expect("usage").total_tokens, max);
     let tgi = format!("{{\"details\":{{\"generated_tokens\":{max},\"input_length\":2}}}}");
     let (_, u) = run(Kind::TgiJson, &[tgi.as_bytes()]);
@@ -94,7 +106,13 @@ fn strip_removes_only_the_usage_only_event() {
     let mut expected = b[..start].to_vec();
     expected.extend_from_slice(&b[end..]);
     for cut in 0..b.len() {
-        let (out, u) = run(Kind::OpenAiSse { strip: true }, &[&b[..cut], &b[cut..]]);
+        let (out, u) = run(
+            Kind::OpenAiSse {
+                strip: true,
+                running: false,
+            },
+            &[&b[..cut], &b[cut..]],
+        );
         assert_eq!(
             String::from_utf8_lossy(&out),
             String::from_utf8_lossy(&expected),
@@ -104,7 +122,13 @@ fn strip_removes_only_the_usage_only_event() {
     }
     // Byte by byte too.
     let parts: Vec<&[u8]> = b.chunks(1).collect();
-    let (out, _) = run(Kind::OpenAiSse { strip: true }, &parts);
+    let (out, _) = run(
+        Kind::OpenAiSse {
+            strip: true,
+            running: false,
+        },
+        &parts,
+    );
     assert_eq!(out, expected);
 }
 
@@ -125,13 +149,25 @@ fn fields_moved_onto_the_usage_chunk_go_back_to_the_finish_chunk() {
     );
     let b = with_usage.as_bytes();
     for cut in 0..b.len() {
-        let (out, u) = run(Kind::OpenAiSse { strip: true }, &[&b[..cut], &b[cut..]]);
+        let (out, u) = run(
+            Kind::OpenAiSse {
+                strip: true,
+                running: false,
+            },
+            &[&b[..cut], &b[cut..]],
+        );
         assert_eq!(String::from_utf8_lossy(&out), expected, "cut {cut}");
         assert_eq!(u.unwrap().total_tokens, 4);
     }
     // A finish chunk with nothing after it is released at the end of the body.
     let only = "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n";
-    let (out, _) = run(Kind::OpenAiSse { strip: true }, &[only.as_bytes()]);
+    let (out, _) = run(
+        Kind::OpenAiSse {
+            strip: true,
+            running: false,
+        },
+        &[only.as_bytes()],
+    );
     assert_eq!(out, only.as_bytes());
 }
 
@@ -139,7 +175,13 @@ fn fields_moved_onto_the_usage_chunk_go_back_to_the_finish_chunk() {
 fn usage_on_a_chunk_with_choices_is_kept_and_counted() {
     // llama.cpp / some servers: usage on the finish chunk, which must not be removed.
     let s = "data: {\"choices\":[{\"index\":0,\"delta\":{}}],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":5}}\r\n\r\ndata: [DONE]\r\n\r\n";
-    let (out, u) = run(Kind::OpenAiSse { strip: true }, &[s.as_bytes()]);
+    let (out, u) = run(
+        Kind::OpenAiSse {
+            strip: true,
+            running: false,
+        },
+        &[s.as_bytes()],
+    );
     assert_eq!(out, s.as_bytes());
     assert_eq!(u.unwrap().total_tokens, 6);
 }
@@ -147,7 +189,13 @@ fn usage_on_a_chunk_with_choices_is_kept_and_counted() {
 #[test]
 fn last_usage_wins_and_null_is_skipped() {
     let s = "data: {\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1}}\n\ndata: {\"usage\": null}\n\ndata: {\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":4}}\n\n";
-    let (_, u) = run(Kind::OpenAiSse { strip: false }, &[s.as_bytes()]);
+    let (_, u) = run(
+        Kind::OpenAiSse {
+            strip: false,
+            running: false,
+        },
+        &[s.as_bytes()],
+    );
     assert_eq!(u.unwrap().completion_tokens, 4);
     assert!(!has_non_null(b"{\"usage\" :  null}", b"\"usage\""));
     assert!(has_non_null(b"{\"usage\":{}}", b"\"usage\""));
@@ -201,4 +249,246 @@ fn tgi_bodies_events_and_headers() {
     assert_eq!(out, s.as_bytes());
     let u = u.unwrap();
     assert_eq!((u.prompt_tokens, u.completion_tokens), (3, 2));
+}
+
+/// vLLM with `continuous_usage_stats`: every chunk carries the usage so far.
+const RUNNING: &str = concat!(
+    "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}],\"usage\":{\"prompt_tokens\":5,\"total_tokens\":5,\"completion_tokens\":0}}\n\n",
+    "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"}}],\"usage\":{\"prompt_tokens\":5,\"total_tokens\":6,\"completion_tokens\":1}}\n\n",
+    "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"b\"},\"finish_reason\":\"length\"}],\"usage\":{\"prompt_tokens\":5,\"total_tokens\":7,\"completion_tokens\":2,\"prompt_tokens_details\":{\"cached_tokens\":4}}}\n\n",
+    "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"total_tokens\":7,\"completion_tokens\":2,\"prompt_tokens_details\":{\"cached_tokens\":4}}}\n\n",
+    "data: [DONE]\n\n"
+);
+
+fn without_usage(null: bool) -> String {
+    let mut out = String::new();
+    for event in RUNNING.split_inclusive("\n\n") {
+        if event.contains("\"choices\":[]") {
+            if null {
+                out.push_str(event);
+            }
+            continue;
+        }
+        match event.find(",\"usage\":") {
+            Some(at) => {
+                let end = event.rfind("}\n\n").unwrap();
+                out.push_str(&event[..at]);
+                if null {
+                    out.push_str(",\"usage\":null");
+                }
+                out.push_str(&event[end..]);
+            }
+            None => out.push_str(event),
+        }
+    }
+    out
+}
+
+#[test]
+fn running_usage_is_removed_as_the_client_would_have_seen_it() {
+    let b = RUNNING.as_bytes();
+    // (strip the usage-only chunk, strip running usage) → what the client sees.
+    let cases = [
+        ((true, true), without_usage(false)),
+        ((false, true), without_usage(true)),
+        ((false, false), RUNNING.to_string()),
+    ];
+    for ((strip, running), expected) in cases {
+        for cut in 0..b.len() {
+            let (out, u) = run(Kind::OpenAiSse { strip, running }, &[&b[..cut], &b[cut..]]);
+            assert_eq!(
+                String::from_utf8_lossy(&out),
+                expected,
+                "strip {strip} running {running} cut {cut}"
+            );
+            let u = u.unwrap();
+            assert_eq!((u.prompt_tokens, u.completion_tokens), (5, 2));
+            assert_eq!(u.cached_tokens, Some(4));
+            assert_eq!(u.source, Source::Reported);
+        }
+    }
+    // The member comes first: it goes with the comma after it.
+    let first = "data: {\"usage\":{\"completion_tokens\":1}, \"choices\":[{\"delta\":{}}]}\n\n";
+    let (out, _) = run(
+        Kind::OpenAiSse {
+            strip: true,
+            running: true,
+        },
+        &[first.as_bytes()],
+    );
+    assert_eq!(out, b"data: {\"choices\":[{\"delta\":{}}]}\n\n");
+}
+
+#[test]
+fn an_aborted_stream_is_billed_its_last_running_usage() {
+    let b = RUNNING.as_bytes();
+    let cut = RUNNING
+        .find("data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"b\"}")
+        .unwrap();
+    let mut tap = Tap::new(Kind::OpenAiSse {
+        strip: true,
+        running: true,
+    });
+    // The next event is half there: not counted, not sent.
+    tap.feed(&b[..cut + 30], &mut |_| {});
+    let u = tap.usage().unwrap();
+    assert_eq!(
+        (u.prompt_tokens, u.completion_tokens, u.total_tokens),
+        (5, 1, 6)
+    );
+    assert_eq!(u.source, Source::Reported);
+}
+
+#[test]
+fn usage_on_the_finish_chunk_alone_is_not_running_usage() {
+    // llama.cpp and others put the final usage on the finish chunk: it stays.
+    let s = "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1}}\n\ndata: [DONE]\n\n";
+    let (out, u) = run(
+        Kind::OpenAiSse {
+            strip: true,
+            running: true,
+        },
+        &[s.as_bytes()],
+    );
+    assert_eq!(String::from_utf8_lossy(&out), s);
+    assert_eq!(u.unwrap().total_tokens, 2);
+}
+
+#[test]
+fn llama_cpp_timings_stand_in_for_usage() {
+    let s = concat!(
+        "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}],\"timings\":{\"cache_n\":3,\"prompt_n\":2,\"predicted_n\":1,\"predicted_ms\":1.5}}\n\n",
+        "data: {\"choices\":[{\"delta\":{\"content\":\"b\"}}],\"timings\":{\"cache_n\":3,\"prompt_n\":2,\"predicted_n\":2}}\n\n",
+    );
+    let (out, u) = run(
+        Kind::OpenAiSse {
+            strip: true,
+            running: true,
+        },
+        &[s.as_bytes()],
+    );
+    assert_eq!(out, s.as_bytes());
+    let u = u.unwrap();
+    assert_eq!(
+        (u.prompt_tokens, u.completion_tokens, u.cached_tokens),
+        (5, 2, Some(3))
+    );
+    assert_eq!(u.source, Source::Reported);
+}
+
+#[test]
+fn without_any_usage_the_relayed_deltas_are_counted() {
+    let s = concat!(
+        "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n",
+        "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n",
+        "data: {\"choices\":[{\"delta\":{\"reasoning_content\":\"hm\"}}]}\n\n",
+        "data: {\"choices\":[{\"text\": \"c\"}]}\n\n",
+        "data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+        "data: [DONE]\n\n",
+    );
+    let (out, u) = run(
+        Kind::OpenAiSse {
+            strip: true,
+            running: true,
+        },
+        &[s.as_bytes()],
+    );
+    assert_eq!(out, s.as_bytes());
+    let u = u.unwrap();
+    assert_eq!(
+        (u.prompt_tokens, u.completion_tokens, u.total_tokens),
+        (0, 3, 3)
+    );
+    assert_eq!(u.source, Source::Counted);
+    // TGI without details: one token per event.
+    let t = "data:{\"token\":{\"id\":1,\"text\":\"a\"},\"details\":null}\n\ndata:{\"token\":{\"id\":2,\"text\":\"b\"},\"details\":null}\n\n";
+    let (_, u) = run(Kind::TgiSse, &[t.as_bytes()]);
+    let u = u.unwrap();
+    assert_eq!((u.completion_tokens, u.source), (2, Source::Counted));
+}
+
+#[test]
+fn an_endless_event_is_relayed_uninspected_within_the_bound() {
+    for (strip, running) in [(true, true), (false, false)] {
+        let mut tap = Tap::with_max_event(Kind::OpenAiSse { strip, running }, 1000);
+        let mut out = Vec::new();
+        let head = b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"x\":\"";
+        tap.feed(head, &mut |d| out.extend_from_slice(d));
+        let filler = [b'x'; 300];
+        let mut sent = head.len();
+        for _ in 0..100 {
+            tap.feed(&filler, &mut |d| out.extend_from_slice(d));
+            sent += filler.len();
+            assert!(tap.held_bytes() <= 1000, "held {}", tap.held_bytes());
+        }
+        // Everything went on (in strip mode too), the end of the event is found across reads,
+        // and the events after it are inspected again.
+        assert_eq!(out.len(), sent);
+        let rest = b"\"}\n";
+        let after = b"\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":9}}\n\ndata: [DONE]\n\n";
+        tap.feed(rest, &mut |d| out.extend_from_slice(d));
+        tap.feed(after, &mut |d| out.extend_from_slice(d));
+        tap.finish(&mut |d| out.extend_from_slice(d));
+        assert_eq!(tap.oversized_events(), 1);
+        assert_eq!(tap.usage().unwrap().completion_tokens, 9);
+        let expected_len = sent + rest.len() + after.len()
+            - if strip {
+                after.len() - "\n".len() - "data: [DONE]\n\n".len()
+            } else {
+                0
+            };
+        assert_eq!(out.len(), expected_len, "strip {strip}");
+    }
+}
+
+#[test]
+fn a_long_event_in_small_reads_is_scanned_in_linear_time() {
+    // 4 MiB in 64-byte reads: rescanning from the start on every read took minutes.
+    let mut tap = Tap::with_max_event(
+        Kind::OpenAiSse {
+            strip: true,
+            running: true,
+        },
+        8 << 20,
+    );
+    let started = std::time::Instant::now();
+    let mut n = 0usize;
+    tap.feed(b"data: {\"a\":\"", &mut |d| n += d.len());
+    for _ in 0..(4 << 20) / 64 {
+        tap.feed(&[b'y'; 64], &mut |d| n += d.len());
+    }
+    tap.feed(b"\"}\n\n", &mut |d| n += d.len());
+    assert_eq!(n, 12 + (4 << 20) + 4);
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+}
+
+#[test]
+fn usage_of_a_json_body_of_any_size() {
+    let mut body = br#"{"object":"list","data":[{"embedding":["#.to_vec();
+    while body.len() < 20 << 20 {
+        body.extend_from_slice(b"0.125,\"usage\",{\"usage\":1},");
+    }
+    body.extend_from_slice(
+        br#"0]}],"model":"m","usage":{"prompt_tokens":7,"total_tokens":7},"x":"\"}"}"#,
+    );
+    for read in [65536, 1 << 20, 7 << 20] {
+        let mut tap = Tap::new(Kind::OpenAiJson);
+        let mut n = 0;
+        for part in body.chunks(read) {
+            tap.feed(part, &mut |d| n += d.len());
+        }
+        tap.finish(&mut |_| {});
+        assert_eq!(n, body.len());
+        let u = tap.usage().expect("usage of a 20 MiB body");
+        assert_eq!((u.prompt_tokens, u.total_tokens), (7, 7));
+    }
+    // The scanner itself at every split of a small body: nested and quoted usages are not it.
+    let small = br#"{"a":{"usage":{"prompt_tokens":1}},"b":"\"usage\":{\"prompt_tokens\":2}","usage" : {"prompt_tokens":3,"completion_tokens":4},"c":[1]}"#;
+    for cut in 0..small.len() {
+        let mut s = JsonScan::new(b"usage");
+        s.feed(&small[..cut]);
+        s.feed(&small[cut..]);
+        let v: serde_json::Value = serde_json::from_slice(&s.found.unwrap()).unwrap();
+        assert_eq!(v["prompt_tokens"], 3, "cut {cut}");
+    }
 }
