@@ -5,12 +5,41 @@
 //!
 //! Requests are charged when admitted. Tokens are charged after the request, from its usage, so a
 //! request is admitted while the token bucket is not empty and a big answer may drive it into
-//! debt: the key then waits until the debt is paid off. Limits are per process.
+//! debt: the key then waits until the debt is paid off.
+//!
+//! With `ratelimit.store: local` the limits are per process. With `store: redis` the same
+//! buckets stay the cores' only view — a core never talks to Redis and never waits for it — and
+//! the sync thread (`control::ratelimit_sync`) reconciles them with a bucket per key and limit in
+//! Redis every `sync_interval`:
+//! 1. every admission / token charge also adds its units to the bucket's `pending` counter;
+//! 2. the thread swaps `pending` to 0 and sends it (the key's consumption in this process since
+//!    the last sync) to a Lua script, which, atomically in Redis, leaks the shared level at the
+//!    key's rate for the time since its last update (Redis's own clock, so replicas' clocks do
+//!    not matter), adds every replica's push, and returns the new shared level;
+//! 3. `fold` makes the local bucket hold that level plus what this process admitted since the
+//!    swap (`pending` again): the next admissions see every replica's consumption.
+//!
+//! Error bound. Between two syncs a replica sees only its own consumption. With N replicas and
+//! `h` units of headroom at the last sync, a key can be admitted at most
+//! `(N-1) × (h + rate × sync_interval / 60 s)` units over its limit within one sync interval (each
+//! replica may spend the same headroom and its own refill); for `rpm: 120`, 3 replicas,
+//! `100ms` and an exhausted bucket that is at most 2 × 0.2 = 0.4 → 0 or 1 request. The excess is
+//! not lost: it is in the shared level, which goes into debt, and every replica waits it off, so
+//! over any longer period the key gets its rate, not N × it. A full bucket (`h` = a minute's
+//! allowance) is the worst case: N replicas hit at the same instant with a full bucket can each
+//! take it before the next sync.
+//!
+//! While the store fails, `ratelimit.on_store_error` decides (`StoreState`); consumption during
+//! an outage is not pushed afterwards (it was governed by that mode, and pushing it would put a
+//! key into debt for an outage it did not cause). A store that comes back empty is seeded with
+//! the pushing replica's own level, so a restart does not hand every key a fresh burst.
 
 pub(crate) use crate::error::Exceeded;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use crate::config::OnStoreError;
 
 /// The bucket size in time: one minute's allowance.
 const WINDOW_NS: u64 = 60_000_000_000;
@@ -21,6 +50,9 @@ pub(crate) struct Gcra {
     rate: u64,
     /// Nanoseconds after `Clock::epoch` at which the bucket is full again.
     tat: AtomicU64,
+    /// Units taken or charged since the sync thread last collected them (unused, but as cheap as
+    /// the `tat` update beside it on the same cache line, with `store: local`).
+    pending: AtomicU64,
 }
 
 impl Gcra {
@@ -28,6 +60,7 @@ impl Gcra {
         Gcra {
             rate: rate_per_minute.max(1),
             tat: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
         }
     }
 
@@ -55,7 +88,10 @@ impl Gcra {
                 .tat
                 .compare_exchange_weak(tat, next, Ordering::Relaxed, Ordering::Relaxed)
             {
-                Ok(_) => return Ok(()),
+                Ok(_) => {
+                    self.pending.fetch_add(units, Ordering::Relaxed);
+                    return Ok(());
+                }
                 Err(actual) => tat = actual,
             }
         }
@@ -80,6 +116,40 @@ impl Gcra {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |tat| {
                 Some(tat.max(now).saturating_add(cost))
             });
+        self.pending.fetch_add(units, Ordering::Relaxed);
+    }
+
+    /// The units consumed in this process since the last call (the sync thread's push).
+    pub(crate) fn take_pending(&self) -> u64 {
+        self.pending.swap(0, Ordering::Relaxed)
+    }
+
+    /// How full the bucket is at `now`, in units (above `rate` = in debt).
+    pub(crate) fn level(&self, now: u64) -> f64 {
+        let used = self.tat.load(Ordering::Relaxed).saturating_sub(now);
+        used as f64 * self.rate as f64 / WINDOW_NS as f64
+    }
+
+    /// Makes the bucket hold `shared` units (the store's level, every replica's consumption
+    /// included, as of the push) plus what this process consumed since the push.
+    pub(crate) fn fold(&self, now: u64, shared: f64) {
+        let base = shared.max(0.0) * WINDOW_NS as f64 / self.rate as f64;
+        let mut tat = self.tat.load(Ordering::Relaxed);
+        loop {
+            // Read after `tat`: a take that moved `tat` before our exchange bumps `pending`
+            // right after it, so at worst one in-flight unit per core is missed until the next
+            // sync pushes it.
+            let since = self.cost(self.pending.load(Ordering::Relaxed));
+            // `as` saturates: a level past u64 nanoseconds is a debt of centuries.
+            let next = now.saturating_add(base as u64).saturating_add(since);
+            match self
+                .tat
+                .compare_exchange_weak(tat, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return,
+                Err(actual) => tat = actual,
+            }
+        }
     }
 }
 
@@ -122,11 +192,61 @@ impl KeyLimits {
         Ok(())
     }
 
+    /// The request bucket, if the key has one (for the sync thread).
+    pub(crate) fn rpm(&self) -> Option<&Gcra> {
+        self.rpm.as_ref()
+    }
+
+    /// The token bucket, if the key has one (for the sync thread).
+    pub(crate) fn tpm(&self) -> Option<&Gcra> {
+        self.tpm.as_ref()
+    }
+
+    /// Now on this key's clock.
+    pub(crate) fn now(&self) -> u64 {
+        self.clock.ns(Instant::now())
+    }
+
     /// Charges the tokens a finished request used.
     pub(crate) fn charge_tokens(&self, tokens: u64) {
         if let (Some(t), true) = (&self.tpm, tokens > 0) {
             t.charge(self.clock.ns(Instant::now()), tokens);
         }
+    }
+}
+
+/// Whether the shared store answers, as the sync thread last saw it, and what admission does
+/// when it does not. One per process with `store: redis`; cores read it with one relaxed load.
+#[derive(Debug)]
+pub(crate) struct StoreState {
+    on_error: OnStoreError,
+    up: AtomicBool,
+    /// `Retry-After` for `deny`: the store is retried every `sync_interval`.
+    retry_after: u64,
+}
+
+impl StoreState {
+    pub(crate) fn new(on_error: OnStoreError, sync_interval: Duration) -> Self {
+        StoreState {
+            on_error,
+            // Until the first sync says otherwise the local buckets decide, as they would
+            // with a store that just answered.
+            up: AtomicBool::new(true),
+            retry_after: retry_after_secs(sync_interval),
+        }
+    }
+
+    pub(crate) fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::Relaxed);
+    }
+
+    pub(crate) fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// What admission does now: `None` while the store answers.
+    pub(crate) fn failing(&self) -> Option<(OnStoreError, u64)> {
+        (!self.is_up()).then_some((self.on_error, self.retry_after))
     }
 }
 

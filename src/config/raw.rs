@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use super::keys::RawAuth;
 use super::parse::{de_duration, CpuSpec};
+use super::ratelimit::RawRateLimit;
 use super::schema::{
     Breaker, DiscoverKind, Discovery, HealthCheck, IoDriver, Limits, Logging, Pool, Real, Retry,
     Routing, Strategy, Timeouts, Usage, UsageHook,
@@ -42,6 +43,7 @@ pub(super) struct RawConfig {
     pub(super) logging: Logging,
     pub(super) discovery: RawDiscovery,
     pub(super) auth: RawAuth,
+    pub(super) ratelimit: RawRateLimit,
 }
 
 impl Default for RawConfig {
@@ -68,6 +70,7 @@ impl Default for RawConfig {
             logging: Logging::default(),
             discovery: RawDiscovery::default(),
             auth: RawAuth::default(),
+            ratelimit: RawRateLimit::default(),
         }
     }
 }

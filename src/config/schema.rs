@@ -43,6 +43,8 @@ pub struct Config {
     pub logging: Logging,
     pub discovery: Discovery,
     pub auth: Auth,
+    /// Where per-key rate state lives (`ratelimit:`).
+    pub ratelimit: super::RateLimit,
 }
 
 impl Config {

@@ -59,6 +59,8 @@ pub struct Metrics {
     /// Models configured at start (label values until a core learns the current set).
     pub(crate) models: Vec<String>,
     pub(crate) routing: RoutingMetrics,
+    /// `Some` with `ratelimit.store: redis`.
+    pub(crate) ratelimit_store: Option<super::ratestore::RateStoreMetrics>,
 }
 
 impl Metrics {
@@ -235,6 +237,12 @@ impl Metrics {
         registry.register(Box::new(build_info))?;
         registry.register(Box::new(discovery_updates.clone()))?;
         let routing = RoutingMetrics::register(&registry)?;
+        let ratelimit_store = match cfg.ratelimit.store {
+            crate::config::RateStore::Redis => {
+                Some(super::ratestore::RateStoreMetrics::register(&registry)?)
+            }
+            crate::config::RateStore::Local => None,
+        };
         // Discovered backends appear once found; static ones are known now.
         let backends = cfg
             .backends
@@ -276,6 +284,7 @@ impl Metrics {
             breaker_transitions,
             models: configured_models(cfg),
             routing,
+            ratelimit_store,
         })
     }
 

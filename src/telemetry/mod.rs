@@ -4,4 +4,5 @@
 
 pub mod logging;
 pub mod metrics;
+pub(crate) mod ratestore;
 pub(crate) mod reject;
