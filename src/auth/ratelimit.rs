@@ -378,6 +378,141 @@ mod tests {
     }
 
     #[test]
+    fn pending_counts_what_was_taken_and_charged_once() {
+        let g = Gcra::new(10);
+        assert!(g.take(0, 1).is_ok());
+        assert!(g.take(0, 3).is_ok());
+        g.charge(0, 20);
+        // A refused take charges nothing.
+        assert!(g.take(0, 1).is_err());
+        assert_eq!(g.take_pending(), 24);
+        assert_eq!(g.take_pending(), 0);
+    }
+
+    #[test]
+    fn fold_holds_the_shared_level_plus_what_came_after_the_push() {
+        let g = Gcra::new(60);
+        for _ in 0..10 {
+            assert!(g.take(0, 1).is_ok());
+        }
+        assert_eq!(g.take_pending(), 10);
+        // Two more while the push is on its way.
+        assert!(g.take(0, 1).is_ok() && g.take(0, 1).is_ok());
+        // The store says 30 in all (ours and two other replicas'): 32 with the two since.
+        g.fold(0, 30.0);
+        assert!((g.level(0) - 32.0).abs() < 1e-6, "{}", g.level(0));
+        let mut more = 0;
+        while g.take(0, 1).is_ok() {
+            more += 1;
+        }
+        assert_eq!(more, 28);
+        // The store may also be lower than our view (it leaked, or restarted and was seeded
+        // lower): the shared level wins.
+        g.take_pending();
+        g.fold(0, 5.0);
+        assert!((g.level(0) - 5.0).abs() < 1e-6);
+        // Debt survives the fold: 90 at 60/min is 30 s beyond the full bucket.
+        g.fold(0, 90.0);
+        let wait = g.take(0, 1).unwrap_err();
+        assert!(wait > Duration::from_millis(30_999) && wait < Duration::from_secs(32));
+    }
+
+    /// The sync script's arithmetic (`control::ratelimit_sync::SCRIPT`), step for step: leak
+    /// the stored level at `rate` per minute since its last update, add the push; a missing
+    /// bucket takes the pusher's own level.
+    fn store_merge(
+        stored: Option<(f64, u64)>,
+        now: u64,
+        rate: u64,
+        push: u64,
+        seed: f64,
+    ) -> (f64, u64) {
+        let level = match stored {
+            Some((l, t)) => {
+                let elapsed = now.saturating_sub(t) as f64;
+                (l - elapsed * rate as f64 / WINDOW_NS as f64).max(0.0) + push as f64
+            }
+            None => seed.max(push as f64),
+        };
+        (level, now)
+    }
+
+    #[test]
+    fn the_store_leaks_at_the_rate_and_seeds_a_missing_bucket() {
+        // 60/min leaks one per second.
+        let (l, t) = store_merge(Some((10.0, 0)), 4 * S, 60, 2, 0.0);
+        assert!((l - 8.0).abs() < 1e-9 && t == 4 * S);
+        // Never below empty, however long ago.
+        assert_eq!(store_merge(Some((10.0, 0)), 100 * S, 60, 1, 0.0).0, 1.0);
+        // Restarted empty: the pusher's level (which already holds its push), not a free burst.
+        assert_eq!(store_merge(None, 0, 60, 3, 42.0).0, 42.0);
+        assert_eq!(store_merge(None, 0, 60, 3, 0.0).0, 3.0);
+    }
+
+    /// N replicas, each asked for far more than the limit, syncing every 100 ms through the
+    /// modelled store: the total stays within the documented bound in every interval and the
+    /// long-run rate is the key's, not N times it.
+    #[test]
+    fn replicas_sharing_a_store_get_the_rate_once_within_the_bound() {
+        const MS: u64 = 1_000_000;
+        let (rate, n, sync) = (120u64, 3usize, 100 * MS);
+        let replicas: Vec<Gcra> = (0..n).map(|_| Gcra::new(rate)).collect();
+        let mut stored = None;
+        let mut admitted = 0u64;
+        let mut in_interval = 0u64;
+        let mut worst_interval = 0u64;
+        // Ten simulated minutes, one attempt per replica per millisecond.
+        let end = 600_000 * MS;
+        let mut now = 0;
+        while now < end {
+            for r in &replicas {
+                if r.take(now, 1).is_ok() {
+                    admitted += 1;
+                    in_interval += 1;
+                }
+            }
+            now += MS;
+            if now % sync == 0 {
+                for r in &replicas {
+                    let push = r.take_pending();
+                    let merged = store_merge(stored, now, rate, push, r.level(now));
+                    stored = Some(merged);
+                    r.fold(now, merged.0);
+                }
+                if now > 60_000 * MS {
+                    worst_interval = worst_interval.max(in_interval);
+                }
+                in_interval = 0;
+            }
+        }
+        // A minute's burst plus ten minutes of refill, within a few requests.
+        let ideal = rate + rate * 10;
+        eprintln!("admitted {admitted} (ideal {ideal}); most in one interval {worst_interval}");
+        assert!(
+            admitted >= ideal - 2 && admitted <= ideal + 2 * n as u64,
+            "admitted {admitted}, ideal {ideal}"
+        );
+        // Past the burst the headroom at a sync is at most one interval's refill, so one
+        // interval admits at most N × (headroom + refill) = 3 × 0.4, rounded up per replica.
+        let refill_per_sync = rate as f64 * (sync as f64 / WINDOW_NS as f64);
+        let bound = (n as f64 * 2.0 * refill_per_sync).ceil() as u64 + n as u64;
+        assert!(
+            worst_interval <= bound,
+            "{worst_interval} in one interval, bound {bound}"
+        );
+    }
+
+    #[test]
+    fn store_state_says_what_admission_does_while_down() {
+        let s = StoreState::new(OnStoreError::Deny, Duration::from_millis(100));
+        assert_eq!(s.failing(), None);
+        s.set_up(false);
+        assert_eq!(s.failing(), Some((OnStoreError::Deny, 1)));
+        s.set_up(true);
+        assert!(s.is_up());
+    }
+
+    #[test]
     fn retry_after_rounds_up() {
         assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
         assert_eq!(retry_after_secs(Duration::from_secs(2)), 2);
