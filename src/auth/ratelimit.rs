@@ -19,15 +19,18 @@
 //! 3. `fold` makes the local bucket hold that level plus what this process admitted since the
 //!    swap (`pending` again): the next admissions see every replica's consumption.
 //!
-//! Error bound. Between two syncs a replica sees only its own consumption. With N replicas and
-//! `h` units of headroom at the last sync, a key can be admitted at most
-//! `(N-1) × (h + rate × sync_interval / 60 s)` units over its limit within one sync interval (each
-//! replica may spend the same headroom and its own refill); for `rpm: 120`, 3 replicas,
-//! `100ms` and an exhausted bucket that is at most 2 × 0.2 = 0.4 → 0 or 1 request. The excess is
-//! not lost: it is in the shared level, which goes into debt, and every replica waits it off, so
-//! over any longer period the key gets its rate, not N × it. A full bucket (`h` = a minute's
+//! Error bound. A replica sees another's consumption at most two sync intervals (plus a round
+//! trip) after it happened: pushed at the other replica's next tick, pulled at its own next
+//! tick (the replicas' ticks are not aligned). Within that window each replica may spend the
+//! same headroom `h` (what the shared bucket had left at its last fold) and its own refill, so
+//! with N replicas a key can be admitted at most
+//! `(N-1) × (h + rate × 2 × sync_interval / 60 s)` units over its limit; for `rpm: 120`, 3
+//! replicas, `100ms` and an exhausted bucket that is 2 × 0.4 = 0.8 → 0 or 1 request. The excess
+//! is not lost: it is in the shared level, which goes into debt, and every replica waits it off,
+//! so over any longer period the key gets its rate, not N × it. A full bucket (`h` = a minute's
 //! allowance) is the worst case: N replicas hit at the same instant with a full bucket can each
-//! take it before the next sync.
+//! take it before the next sync. Tokens are charged when a request finishes, so `tpm` adds, as
+//! in one process, the requests admitted while the bucket was not yet empty.
 //!
 //! While the store fails, `ratelimit.on_store_error` decides (`StoreState`); consumption during
 //! an outage is not pushed afterwards (it was governed by that mode, and pushing it would put a
@@ -493,7 +496,8 @@ mod tests {
             "admitted {admitted}, ideal {ideal}"
         );
         // Past the burst the headroom at a sync is at most one interval's refill, so one
-        // interval admits at most N × (headroom + refill) = 3 × 0.4, rounded up per replica.
+        // interval admits at most N × (headroom + refill), rounded up per replica. (The
+        // simulated replicas sync in step, so consumption is seen after one interval here.)
         let refill_per_sync = rate as f64 * (sync as f64 / WINDOW_NS as f64);
         let bound = (n as f64 * 2.0 * refill_per_sync).ceil() as u64 + n as u64;
         assert!(

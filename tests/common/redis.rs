@@ -82,6 +82,16 @@ impl Redis {
         }
     }
 
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) it: a store that accepts nothing and answers nothing.
+    pub fn freeze(&self, frozen: bool) {
+        let pid = self.child.as_ref().expect("redis-server running").id() as i32;
+        let sig = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        // The libc crate exposes kill as unsafe; our own child's PID.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::kill(pid, sig) };
+        assert_eq!(rc, 0, "kill({pid}, {sig})");
+    }
+
     /// One inline command; the raw reply (empty when unreachable).
     pub fn command(&self, cmd: &str) -> String {
         let Ok(mut s) = TcpStream::connect_timeout(&self.addr(), Duration::from_millis(500)) else {
@@ -99,6 +109,10 @@ impl Redis {
 
 impl Drop for Redis {
     fn drop(&mut self) {
+        if self.child.is_some() {
+            // A frozen process still dies of SIGKILL; thawing first is only for tidiness.
+            self.freeze(false);
+        }
         self.kill();
     }
 }
