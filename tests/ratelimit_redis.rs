@@ -274,6 +274,31 @@ fn redis_killed_allow_mode_admits_past_the_limit() {
 }
 
 #[test]
+fn rediss_urls_share_limits_over_tls() {
+    let dir = temp_dir("redis-tls");
+    let Some(redis) = Redis::start_tls(&dir) else {
+        return;
+    };
+    let mock = Mock::start();
+    let keys = format!("    - {{ name: a, key: \"{KEY}\", rpm: 4 }}\n");
+    let yaml = yaml(&mock, &redis, &keys, "deny");
+    assert!(yaml.contains("rediss://"));
+    // The server's CA is trusted through SSL_CERT_FILE (rustls-native-certs reads it).
+    let ca = dir.join("ca.pem");
+    let ca = ca.to_str().unwrap();
+    let proxies: Vec<Proxy> = (0..2)
+        .map(|_| Proxy::start_env(&yaml, &[], &[("SSL_CERT_FILE", ca)]))
+        .collect();
+    let (admitted, _) = drive(&proxies, KEY, 8, Duration::from_millis(300), 1);
+    let total = admitted.iter().sum::<u64>();
+    assert!((4..=5).contains(&total), "admitted {admitted:?}");
+    for p in &proxies {
+        assert_eq!(store_up(p), Some(1.0));
+        assert_eq!(metric(p, "llmproxy_ratelimit_sync_errors_total"), Some(0.0));
+    }
+}
+
+#[test]
 fn check_names_the_path_of_bad_ratelimit_settings() {
     let dir = temp_dir("ratelimit-check");
     for (body, needles) in [

@@ -5,12 +5,15 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub struct Redis {
     child: Option<Child>,
     pub port: u16,
+    /// `Some` for a TLS-only server: the directory with `ca.pem`, `srv.pem`, `srv.key`.
+    tls: Option<PathBuf>,
 }
 
 fn binary() -> Option<&'static str> {
@@ -39,13 +42,40 @@ impl Redis {
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .expect("a free port");
-        let mut r = Redis { child: None, port };
+        let mut r = Redis {
+            child: None,
+            port,
+            tls: None,
+        };
+        r.restart();
+        Some(r)
+    }
+
+    /// A TLS-only server whose certificate is signed by a CA made now in `dir` (`ca.pem`, for the
+    /// client's trust store). `None` (after saying why) without `openssl` or `redis-server`.
+    pub fn start_tls(dir: &Path) -> Option<Redis> {
+        let made = make_certs(dir);
+        if !made {
+            if std::env::var_os("LLMPROXY_REQUIRE_REDIS").is_some() {
+                panic!("could not make test certificates with openssl");
+            }
+            eprintln!("SKIPPED: openssl could not make test certificates");
+            return None;
+        }
+        let mut r = Redis::start()?;
+        r.kill();
+        r.tls = Some(dir.to_path_buf());
         r.restart();
         Some(r)
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}/0", self.port)
     }
 
     fn addr(&self) -> SocketAddr {
@@ -55,8 +85,19 @@ impl Redis {
     /// Starts (again, empty) on the same port.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "redis-server is already running");
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        let mut cmd = Command::new("redis-server");
+        match &self.tls {
+            None => cmd.args(["--port", &self.port.to_string()]),
+            Some(dir) => cmd
+                .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(dir.join("srv.pem"))
+                .arg("--tls-key-file")
+                .arg(dir.join("srv.key"))
+                .args(["--tls-auth-clients", "no"]),
+        };
+        let child = cmd
+            .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -66,7 +107,11 @@ impl Redis {
         self.child = Some(child);
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(10) {
-            if self.command("PING").starts_with("+PONG") {
+            let up = match self.tls {
+                None => self.command("PING").starts_with("+PONG"),
+                Some(_) => TcpStream::connect(self.addr()).is_ok(),
+            };
+            if up {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -115,4 +160,67 @@ impl Drop for Redis {
         }
         self.kill();
     }
+}
+
+/// A CA and a server certificate for 127.0.0.1 signed by it (a self-signed leaf is refused by
+/// rustls as a CA used as an end entity).
+fn make_certs(dir: &Path) -> bool {
+    let openssl = |args: &[&str]| {
+        Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .is_ok()
+        && openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=llmproxy-test-ca",
+        ])
+        && openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "srv.key",
+            "-out",
+            "srv.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])
+        && openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "srv.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "srv.pem",
+            "-days",
+            "1",
+            "-extfile",
+            "ext.cnf",
+        ])
 }
