@@ -100,12 +100,17 @@ run hadolint --failure-threshold info Dockerfile
 run checkov --quiet --compact --skip-download --framework dockerfile -f Dockerfile
 
 # --- docker compose ---------------------------------------------------------------------------
-for profile in gpu mock; do
+for profile in gpu mock redis; do
   run docker-compose -f deployments/docker-compose.yml --profile "$profile" config -q
 done
 run compose-lint check --config deployments/.compose-lint.yml --strict-config --fail-on low -q \
   deployments/docker-compose.yml
-run env LLMPROXY_BACKEND_URL=http://vllm:8000 "$LLMPROXY" check --config deployments/compose/llmproxy.yaml
+for store in local redis; do
+  run env LLMPROXY_BACKEND_URL=http://vllm:8000 LLMPROXY_RATELIMIT_STORE=$store \
+    LLMPROXY_REDIS_URL=redis://redis:6379/0 "$LLMPROXY" check --config deployments/compose/llmproxy.yaml
+done
+# The all-features chart reads the Redis password from a Secret it does not render.
+export LLMPROXY_REDIS_PASSWORD=validate-placeholder
 
 # --- Helm chart -------------------------------------------------------------------------------
 CHART=deployments/helm/llmproxy

@@ -67,7 +67,7 @@ pub enum ProxyError {
     /// An admin endpoint on the main listener, with a key not marked `admin: true`.
     #[error("this API key may not use admin endpoints (it needs `admin: true`)")]
     NotAdmin,
-    #[error("rate limit reached for {} per minute on this API key; retry after {retry_after} s", limit_name(*.limit))]
+    #[error("{}", rate_message(*.limit, *.retry_after))]
     RateLimited { limit: Exceeded, retry_after: u64 },
     /// Every eligible backend is at `max_inflight` and the wait queue is full.
     #[error("all backends for this request are at capacity and the wait queue is full")]
@@ -81,6 +81,8 @@ pub enum ProxyError {
 pub enum Exceeded {
     Requests,
     Tokens,
+    /// The shared rate-limit store is unreachable and `ratelimit.on_store_error` is `deny`.
+    StoreDown,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,8 +104,21 @@ impl std::fmt::Display for AuthFailure {
 
 fn limit_name(e: Exceeded) -> &'static str {
     match e {
-        Exceeded::Requests => "requests",
+        Exceeded::Requests | Exceeded::StoreDown => "requests",
         Exceeded::Tokens => "tokens",
+    }
+}
+
+fn rate_message(e: Exceeded, retry_after: u64) -> String {
+    match e {
+        Exceeded::StoreDown => format!(
+            "the shared rate-limit store is unavailable and this proxy refuses rate-limited keys \
+             meanwhile; retry after {retry_after} s"
+        ),
+        _ => format!(
+            "rate limit reached for {} per minute on this API key; retry after {retry_after} s",
+            limit_name(e)
+        ),
     }
 }
 
@@ -253,6 +268,10 @@ impl ProxyError {
                 limit: Exceeded::Tokens,
                 ..
             } => Some(Reason::TokenRate),
+            RateLimited {
+                limit: Exceeded::StoreDown,
+                ..
+            } => Some(Reason::RateStoreDown),
             QueueFull => Some(Reason::QueueFull),
             QueueTimeout(_) => Some(Reason::QueueTimeout),
             _ => None,

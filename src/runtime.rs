@@ -14,8 +14,10 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::auth::ratelimit::StoreState;
 use crate::auth::KeyStore;
 use crate::capacity::{Capacity, ConnectionLimit};
+use crate::config::RateStore;
 use crate::config::{Config, IoDriver};
 use crate::control::plane::Plane;
 use crate::control::Broadcast;
@@ -290,10 +292,33 @@ pub fn start_with(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<Running>
     plane.attach_limits(capacity.clone(), connection_limit.clone());
     let table = plane.table();
     let (plane_tx, plane_rx) = crossbeam_channel::bounded(4096);
-    let keys = Arc::new(KeyStore::new(&cfg.auth).map_err(|e| {
-        let file = cfg.auth.keys_file.as_deref().unwrap_or(Path::new(""));
-        anyhow!("auth.keys_file {}: {e}", file.display())
-    })?);
+    // With `ratelimit.store: redis` the cores read the store's state; the sync thread sets it.
+    let rate_store = (cfg.ratelimit.store == RateStore::Redis).then(|| {
+        Arc::new(StoreState::new(
+            cfg.ratelimit.on_store_error,
+            cfg.ratelimit.sync_interval,
+        ))
+    });
+    let keys = Arc::new(
+        KeyStore::with_store(&cfg.auth, rate_store.clone()).map_err(|e| {
+            let file = cfg.auth.keys_file.as_deref().unwrap_or(Path::new(""));
+            anyhow!("auth.keys_file {}: {e}", file.display())
+        })?,
+    );
+    if let Some(state) = rate_store {
+        crate::control::ratelimit_sync::spawn(
+            keys.clone(),
+            state,
+            Some(metrics.clone()),
+            &cfg.ratelimit,
+        )
+        .context("starting the rate-limit sync thread")?;
+        log::info!(
+            "ratelimit: per-key limits shared through Redis, synced every {:?}, on_store_error {}",
+            cfg.ratelimit.sync_interval,
+            cfg.ratelimit.on_store_error.as_str()
+        );
+    }
     if let Some(path) = &cfg.auth.keys_file {
         crate::control::keys_watch::watch(keys.clone(), path.clone(), cfg.auth.keys_file_poll)
             .context("starting the keys_file watcher")?;

@@ -221,6 +221,8 @@ pub(crate) fn run_target(
             | TargetKind::LlmproxyLog
             | TargetKind::Llmproxy2w
             | TargetKind::LlmproxyEpoll
+            | TargetKind::LlmproxyKeys
+            | TargetKind::LlmproxyRedis
     ) {
         notes.push(llmproxy_metrics_note(running.addr));
         if kind == TargetKind::LlmproxyLog {
@@ -277,7 +279,24 @@ pub(crate) fn llmproxy_metrics_note(addr: SocketAddr) -> String {
     let text = String::from_utf8_lossy(&body);
     let mut driver = "?".to_string();
     let mut completion = 0.0;
+    let value = |line: &str| {
+        line.rsplit(' ')
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // Rate-limit targets: refusals (must be none) and the Redis syncs behind them.
+    let (mut rejected, mut syncs, mut sync_secs, mut sync_errors) = (0.0, None, 0.0, 0.0);
     for line in text.lines() {
+        if line.starts_with("llmproxy_rejected_total{") {
+            rejected += value(line);
+        } else if line.starts_with("llmproxy_ratelimit_sync_seconds_count") {
+            syncs = Some(value(line));
+        } else if line.starts_with("llmproxy_ratelimit_sync_seconds_sum") {
+            sync_secs = value(line);
+        } else if line.starts_with("llmproxy_ratelimit_sync_errors_total") {
+            sync_errors = value(line);
+        }
         if line.starts_with("llmproxy_build_info{") {
             if let Some(d) = line.split("driver=\"").nth(1) {
                 driver = d.split('"').next().unwrap_or("?").to_string();
@@ -291,7 +310,19 @@ pub(crate) fn llmproxy_metrics_note(addr: SocketAddr) -> String {
                 .unwrap_or(0.0);
         }
     }
-    format!("llmproxy driver {driver}, usage extracted: {completion:.0} completion tokens counted")
+    let mut note = format!(
+        "llmproxy driver {driver}, usage extracted: {completion:.0} completion tokens counted"
+    );
+    if rejected > 0.0 {
+        note.push_str(&format!(", {rejected:.0} requests rejected"));
+    }
+    if let Some(n) = syncs.filter(|n| *n > 0.0) {
+        note.push_str(&format!(
+            ", {n:.0} Redis syncs of {:.2} ms mean, {sync_errors:.0} failed",
+            sync_secs / n * 1e3
+        ));
+    }
+    note
 }
 
 pub(crate) struct Startup {

@@ -30,16 +30,24 @@ pub(crate) enum TargetKind {
     Llmproxy2w,
     /// llmproxy with `io_driver: epoll`: what io_uring is worth, in the same run.
     LlmproxyEpoll,
+    /// Opt-in: the clients' key configured with `rpm`/`tpm` far above the load, per-process
+    /// buckets (`ratelimit.store: local`): the request path of a rate-limited key.
+    LlmproxyKeys,
+    /// Opt-in: the same with `ratelimit.store: redis` against a redis-server the benchmark starts
+    /// (pinned with the mock): what sharing the limits costs the request path.
+    LlmproxyRedis,
 }
 
 impl TargetKind {
-    pub(crate) const ALL: [TargetKind; 6] = [
+    pub(crate) const ALL: [TargetKind; 8] = [
         TargetKind::Direct,
         TargetKind::Llmproxy,
         TargetKind::LlmproxyLog,
         TargetKind::Nginx,
         TargetKind::Llmproxy2w,
         TargetKind::LlmproxyEpoll,
+        TargetKind::LlmproxyKeys,
+        TargetKind::LlmproxyRedis,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -50,6 +58,8 @@ impl TargetKind {
             TargetKind::Nginx => "nginx",
             TargetKind::Llmproxy2w => "llmproxy-2w",
             TargetKind::LlmproxyEpoll => "llmproxy-epoll",
+            TargetKind::LlmproxyKeys => "llmproxy-keys",
+            TargetKind::LlmproxyRedis => "llmproxy-redis",
         }
     }
 
@@ -61,6 +71,8 @@ impl TargetKind {
             "nginx" => Some(TargetKind::Nginx),
             "llmproxy-2w" | "llmproxy2w" => Some(TargetKind::Llmproxy2w),
             "llmproxy-epoll" => Some(TargetKind::LlmproxyEpoll),
+            "llmproxy-keys" => Some(TargetKind::LlmproxyKeys),
+            "llmproxy-redis" => Some(TargetKind::LlmproxyRedis),
             _ => None,
         }
     }
@@ -127,6 +139,8 @@ pub(crate) struct Running {
     /// From just before spawning to the first proxied 200.
     pub(crate) ready_after: Duration,
     pub(crate) log: Option<PathBuf>,
+    /// A process the target needs (the redis-server of `llmproxy-redis`), stopped with it.
+    pub(crate) sidecar: Option<Proc>,
 }
 
 pub(crate) fn start_target(
@@ -143,15 +157,59 @@ pub(crate) fn start_target(
             pids: Vec::new(),
             ready_after: Duration::ZERO,
             log: None,
+            sidecar: None,
         }),
-        TargetKind::Llmproxy => start_llmproxy(ctx, mock, false, "0", "auto", tag, conns),
-        TargetKind::LlmproxyLog => start_llmproxy(ctx, mock, true, "0", "auto", tag, conns),
-        TargetKind::Llmproxy2w => start_llmproxy(ctx, mock, false, "0,1", "auto", tag, conns),
-        TargetKind::LlmproxyEpoll => start_llmproxy(ctx, mock, false, "0", "epoll", tag, conns),
+        TargetKind::Llmproxy => start_llmproxy(ctx, mock, false, "0", "auto", tag, conns, ""),
+        TargetKind::LlmproxyLog => start_llmproxy(ctx, mock, true, "0", "auto", tag, conns, ""),
+        TargetKind::Llmproxy2w => start_llmproxy(ctx, mock, false, "0,1", "auto", tag, conns, ""),
+        TargetKind::LlmproxyEpoll => start_llmproxy(ctx, mock, false, "0", "epoll", tag, conns, ""),
+        TargetKind::LlmproxyKeys => {
+            let extra = format!("{BENCH_KEY_LIMITS}ratelimit:\n  store: local\n");
+            start_llmproxy(ctx, mock, false, "0", "auto", tag, conns, &extra)
+        }
+        TargetKind::LlmproxyRedis => {
+            let (redis, port) = start_redis(ctx, tag)?;
+            let extra = format!(
+                "{BENCH_KEY_LIMITS}ratelimit:\n  store: redis\n  \
+                 redis_url: \"redis://127.0.0.1:{port}/0\"\n  sync_interval: 100ms\n"
+            );
+            let mut running = start_llmproxy(ctx, mock, false, "0", "auto", tag, conns, &extra)?;
+            running.sidecar = Some(redis);
+            Ok(running)
+        }
         TargetKind::Nginx => start_nginx(ctx, mock, tag, conns),
     }
 }
 
+/// The clients' key (`workload::chat_request` sends it) with limits the load never reaches: one
+/// request per 60 ns and a token per 60 ps refill, so every request takes the limiter's whole
+/// path and none is refused.
+const BENCH_KEY_LIMITS: &str = "auth:\n  keys:\n    - name: bench\n      \
+     key: \"sk-bench-0123456789abcdef\"\n      rpm: 1000000000\n      tpm: 1000000000000\n";
+
+/// A redis-server for `llmproxy-redis`, pinned to CPU 1 with the mock, no persistence.
+fn start_redis(ctx: &Ctx, tag: &str) -> Result<(Proc, u16), String> {
+    let port = free_port()?;
+    let log = ctx.tmp.join(format!("redis-{tag}.log"));
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", "1", "redis-server", "--port", &port.to_string()])
+        .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdin(Stdio::null())
+        .stdout(File::create(&log).map_err(|e| e.to_string())?)
+        .stderr(Stdio::null());
+    let proc = Proc::spawn("redis-server", cmd)?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let started = Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        if started.elapsed() > Duration::from_secs(10) {
+            return Err(format!("redis-server did not listen: {}", tail(&log, 5)));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok((proc, port))
+}
+
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn start_llmproxy(
     ctx: &Ctx,
     mock: SocketAddr,
@@ -160,6 +218,7 @@ pub(crate) fn start_llmproxy(
     io_driver: &str,
     tag: &str,
     conns: usize,
+    extra: &str,
 ) -> Result<Running, String> {
     let port = free_port()?;
     let pool = conns.max(64);
@@ -175,7 +234,7 @@ pub(crate) fn start_llmproxy(
          backends:\n  - url: \"http://{mock}\"\n\
          pool:\n  max_idle_per_backend: {pool}\n\
          usage:\n  inject_include_usage: true\n\
-         logging:\n  level: info\n  format: json\n  access_log: {access_log}\n"
+         logging:\n  level: info\n  format: json\n  access_log: {access_log}\n{extra}"
     );
     std::fs::write(&config, yaml).map_err(|e| e.to_string())?;
     // The access log goes to stderr, redirected to a file (a real file, not /dev/null, so its
@@ -201,6 +260,7 @@ pub(crate) fn start_llmproxy(
         proc: Some(proc),
         ready_after,
         log: Some(log),
+        sidecar: None,
     })
 }
 
@@ -303,6 +363,7 @@ pub(crate) fn start_nginx(
         pids,
         ready_after,
         log: Some(prefix.join("error.log")),
+        sidecar: None,
     })
 }
 

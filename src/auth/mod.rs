@@ -26,10 +26,12 @@ pub(crate) use crate::config::digest;
 pub use key_id::key_id;
 pub(crate) use key_id::{client_key, KeyIdCache};
 
+use crate::config::OnStoreError;
 use crate::config::{ApiKey, Auth, ConfigError, KeyDigest};
+use crate::error::Exceeded;
 use crate::error::{AuthFailure, ProxyError};
 use crate::http1::Head;
-use ratelimit::{retry_after_secs, Clock, KeyLimits};
+use ratelimit::{retry_after_secs, Clock, KeyLimits, StoreState};
 
 /// Compares two digests in time independent of where they differ.
 pub(crate) fn ct_eq(a: &KeyDigest, b: &KeyDigest) -> bool {
@@ -78,12 +80,19 @@ pub(crate) struct KeySet {
     /// Digest prefix → entries with that prefix (one, unless digests collide in 64 bits).
     index: HashMap<u64, Vec<usize>, BuildHasherDefault<PrefixHasher>>,
     entries: Vec<KeyEntry>,
+    /// The shared store's state (`ratelimit.store: redis`); `None` = per-process limits.
+    store: Option<Arc<StoreState>>,
 }
 
 impl KeySet {
     /// Builds the set, keeping the rate-limit state of `previous` keys with the same name and
     /// rates.
-    fn build(keys: &[ApiKey], clock: Clock, previous: Option<&KeySet>) -> KeySet {
+    fn build(
+        keys: &[ApiKey],
+        clock: Clock,
+        previous: Option<&KeySet>,
+        store: Option<Arc<StoreState>>,
+    ) -> KeySet {
         let mut index: HashMap<u64, Vec<usize>, BuildHasherDefault<PrefixHasher>> =
             HashMap::default();
         let mut entries = Vec::with_capacity(keys.len());
@@ -102,7 +111,11 @@ impl KeySet {
                 admin: k.admin,
             });
         }
-        KeySet { index, entries }
+        KeySet {
+            index,
+            entries,
+            store,
+        }
     }
 
     fn find(&self, d: &KeyDigest) -> Option<usize> {
@@ -115,6 +128,13 @@ impl KeySet {
 
     pub(crate) fn len(&self) -> usize {
         self.entries.len()
+    }
+
+    /// Each rate-limited key's name and limits (for the sync thread).
+    pub(crate) fn limited(&self) -> impl Iterator<Item = (&str, &KeyLimits)> {
+        self.entries
+            .iter()
+            .filter_map(|e| Some((&*e.name, e.limits.as_deref()?)))
     }
 }
 
@@ -145,20 +165,36 @@ pub struct KeyStore {
     current: Mutex<Arc<KeySet>>,
     /// Bumped on every replacement; cores compare it with the version they hold.
     version: AtomicU64,
+    store: Option<Arc<StoreState>>,
 }
 
 impl KeyStore {
     /// Reads `auth.keys_file` once when set: a proxy with auth configured never starts with
     /// keys it could not read.
     pub fn new(cfg: &Auth) -> Result<KeyStore, KeysFileError> {
+        KeyStore::with_store(cfg, None)
+    }
+
+    /// A key store whose limits are shared through a store (`ratelimit.store: redis`): cores
+    /// consult `store` for whether it answers.
+    pub(crate) fn with_store(
+        cfg: &Auth,
+        store: Option<Arc<StoreState>>,
+    ) -> Result<KeyStore, KeysFileError> {
         let clock = Clock::new();
         let store = KeyStore {
             enabled: cfg.enabled(),
             strip_client_key: cfg.enabled() && !cfg.forward_client_key,
             clock,
             config_keys: cfg.keys.clone(),
-            current: Mutex::new(Arc::new(KeySet::build(&cfg.keys, clock, None))),
+            current: Mutex::new(Arc::new(KeySet::build(
+                &cfg.keys,
+                clock,
+                None,
+                store.clone(),
+            ))),
             version: AtomicU64::new(0),
+            store,
         };
         if let Some(path) = &cfg.keys_file {
             store.reload_file(path)?;
@@ -190,7 +226,12 @@ impl KeyStore {
         let mut all = self.config_keys.clone();
         all.extend(file_keys);
         let mut current = self.current.lock().map_err(|_| KeysFileError::Poisoned)?;
-        let next = Arc::new(KeySet::build(&all, self.clock, Some(&current)));
+        let next = Arc::new(KeySet::build(
+            &all,
+            self.clock,
+            Some(&current),
+            self.store.clone(),
+        ));
         let n = next.len();
         *current = next;
         self.version.fetch_add(1, Ordering::Release);
@@ -202,7 +243,7 @@ impl KeyStore {
         self.snapshot().map_or(0, |s| s.len())
     }
 
-    fn snapshot(&self) -> Option<Arc<KeySet>> {
+    pub(crate) fn snapshot(&self) -> Option<Arc<KeySet>> {
         self.current.lock().ok().map(|c| c.clone())
     }
 }
@@ -222,7 +263,7 @@ impl CoreAuth {
     pub(crate) fn new(store: Arc<KeyStore>) -> CoreAuth {
         let keys = store
             .snapshot()
-            .unwrap_or_else(|| Arc::new(KeySet::build(&[], store.clock, None)));
+            .unwrap_or_else(|| Arc::new(KeySet::build(&[], store.clock, None, None)));
         CoreAuth {
             version: Cell::new(store.version.load(Ordering::Acquire)),
             keys: RefCell::new(Rc::new(CoreKeys(keys))),
@@ -322,11 +363,25 @@ impl Caller {
         }
     }
 
-    /// Takes one request from the key's rates.
+    /// Takes one request from the key's rates. While a shared store fails,
+    /// `ratelimit.on_store_error` decides instead: `allow` admits, `deny` refuses, `local` goes
+    /// on with this process's buckets.
     pub(crate) fn admit(&self, at: Instant) -> Result<(), ProxyError> {
         let Some(limits) = self.entry().and_then(|e| e.limits.as_deref()) else {
             return Ok(());
         };
+        if let Caller::Key { keys, .. } = self {
+            match keys.0.store.as_deref().and_then(StoreState::failing) {
+                None | Some((OnStoreError::Local, _)) => {}
+                Some((OnStoreError::Allow, _)) => return Ok(()),
+                Some((OnStoreError::Deny, retry_after)) => {
+                    return Err(ProxyError::RateLimited {
+                        limit: Exceeded::StoreDown,
+                        retry_after,
+                    })
+                }
+            }
+        }
         limits
             .admit(at)
             .map_err(|(limit, wait)| ProxyError::RateLimited {
@@ -380,6 +435,7 @@ mod tests {
             ],
             Clock::new(),
             None,
+            None,
         );
         assert_eq!(set.find(&digest("sk-bbbbbbbbbbbbbbbb")), Some(1));
         assert_eq!(set.find(&digest("sk-aaaaaaaaaaaaaaaa")), Some(0));
@@ -389,16 +445,23 @@ mod tests {
     #[test]
     fn rate_state_survives_a_rebuild_with_the_same_rates() {
         let clock = Clock::new();
-        let old = KeySet::build(&[key("a", "sk-aaaaaaaaaaaaaaaa", None, 1)], clock, None);
+        let old = KeySet::build(
+            &[key("a", "sk-aaaaaaaaaaaaaaaa", None, 1)],
+            clock,
+            None,
+            None,
+        );
         let keep = KeySet::build(
             &[key("a", "sk-aaaaaaaaaaaaaaaa", None, 1)],
             clock,
             Some(&old),
+            None,
         );
         let changed = KeySet::build(
             &[key("a", "sk-aaaaaaaaaaaaaaaa", None, 2)],
             clock,
             Some(&old),
+            None,
         );
         let l = |s: &KeySet| s.entries[0].limits.clone().unwrap();
         assert!(Arc::ptr_eq(&l(&old), &l(&keep)));
@@ -410,6 +473,7 @@ mod tests {
         let set = Rc::new(CoreKeys(Arc::new(KeySet::build(
             &[key("a", "sk-aaaaaaaaaaaaaaaa", Some(&["m1"]), 0)],
             Clock::new(),
+            None,
             None,
         ))));
         let c = Caller::Key { keys: set, idx: 0 };

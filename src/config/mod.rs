@@ -17,6 +17,7 @@
 mod keys;
 mod load;
 mod parse;
+mod ratelimit;
 mod raw;
 mod schema;
 mod validate;
@@ -26,6 +27,7 @@ mod tests;
 
 pub use keys::{digest, parse_keys_file, ApiKey, Auth, KeyDigest};
 pub use parse::parse_cpu_list;
+pub use ratelimit::{OnStoreError, RateLimit, RateStore};
 pub use schema::{
     Backend, BackendTls, Breaker, Config, DiscoverKind, Discovery, HashKey, HealthCheck,
     HookFormat, Identity, IoDriver, Limits, ListenTls, LogFormat, Logging, ModelPool, Pool, Real,

@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use super::keys::RawAuth;
 use super::parse::{de_duration, CpuSpec};
+use super::ratelimit::RawRateLimit;
 use super::schema::{
     Breaker, DiscoverKind, Discovery, HealthCheck, IoDriver, Limits, Logging, Pool, Real, Retry,
     Routing, Strategy, Timeouts, Usage, UsageHook,
@@ -44,6 +45,7 @@ pub(super) struct RawConfig {
     pub(super) discovery: RawDiscovery,
     pub(super) auth: RawAuth,
     pub(super) tls: Option<RawListenTls>,
+    pub(super) ratelimit: RawRateLimit,
 }
 
 impl Default for RawConfig {
@@ -71,6 +73,7 @@ impl Default for RawConfig {
             discovery: RawDiscovery::default(),
             auth: RawAuth::default(),
             tls: None,
+            ratelimit: RawRateLimit::default(),
         }
     }
 }

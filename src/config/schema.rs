@@ -46,6 +46,8 @@ pub struct Config {
     pub auth: Auth,
     /// `Some`: `listen` speaks TLS only.
     pub tls: Option<ListenTls>,
+    /// Where per-key rate state lives (`ratelimit:`).
+    pub ratelimit: super::RateLimit,
 }
 
 impl Config {

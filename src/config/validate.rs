@@ -12,6 +12,7 @@ use super::keys::validate_auth;
 use super::parse::{
     parse_cpu_list, parse_hash_key, parse_http_url, parse_listen, valid_header_name, UrlUse,
 };
+use super::ratelimit::validate_ratelimit;
 use super::raw::{RawConfig, RawDiscovery, RawPool, RawRouting};
 use super::schema::{
     Backend, BackendTls, Config, Discovery, ListenTls, ModelPool, Routing, Secret, Strategy,
@@ -315,6 +316,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     });
 
     let auth = validate_auth(raw.auth, &mut errors);
+    let ratelimit = validate_ratelimit(raw.ratelimit, &mut errors);
 
     match (listen, errors.is_empty()) {
         (Some(listen), true) => Ok(Config {
@@ -340,6 +342,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             discovery,
             auth,
             tls,
+            ratelimit,
         }),
         _ => Err(ConfigError::Invalid(errors)),
     }

@@ -98,6 +98,8 @@ pub(crate) fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<String> {
     keep!(logging.format, "logging.format");
     // Keys listed in the config are read once; `auth.keys_file` is the way to change keys live.
     keep!(auth, "auth");
+    // The store's sync thread is started once, with these settings.
+    keep!(ratelimit, "ratelimit");
     warnings
 }
 

@@ -63,6 +63,8 @@ pub struct Metrics {
     /// Models configured at start (label values until a core learns the current set).
     pub(crate) models: Vec<String>,
     pub(crate) routing: RoutingMetrics,
+    /// `Some` with `ratelimit.store: redis`.
+    pub(crate) ratelimit_store: Option<super::ratestore::RateStoreMetrics>,
 }
 
 impl Metrics {
@@ -257,6 +259,12 @@ impl Metrics {
         )?;
         registry.register(Box::new(tls_cert_expiry.clone()))?;
         let routing = RoutingMetrics::register(&registry)?;
+        let ratelimit_store = match cfg.ratelimit.store {
+            crate::config::RateStore::Redis => {
+                Some(super::ratestore::RateStoreMetrics::register(&registry)?)
+            }
+            crate::config::RateStore::Local => None,
+        };
         // Discovered backends appear once found; static ones are known now.
         let backends = cfg
             .backends
@@ -300,6 +308,7 @@ impl Metrics {
             tls_cert_expiry,
             models: configured_models(cfg),
             routing,
+            ratelimit_store,
         })
     }
 

@@ -5,4 +5,5 @@
 pub(crate) mod banner;
 pub mod logging;
 pub mod metrics;
+pub(crate) mod ratestore;
 pub(crate) mod reject;

@@ -15,18 +15,21 @@ pub(crate) enum Reason {
     ModelNotAllowed,
     RequestRate,
     TokenRate,
+    /// `ratelimit.on_store_error: deny` while the shared store fails.
+    RateStoreDown,
     QueueFull,
     QueueTimeout,
     MaxConnections,
 }
 
 impl Reason {
-    pub(crate) const ALL: [Reason; 8] = [
+    pub(crate) const ALL: [Reason; 9] = [
         Reason::MissingKey,
         Reason::InvalidKey,
         Reason::ModelNotAllowed,
         Reason::RequestRate,
         Reason::TokenRate,
+        Reason::RateStoreDown,
         Reason::QueueFull,
         Reason::QueueTimeout,
         Reason::MaxConnections,
@@ -39,6 +42,7 @@ impl Reason {
             Reason::ModelNotAllowed => "model_not_allowed",
             Reason::RequestRate => "rate_limit_requests",
             Reason::TokenRate => "rate_limit_tokens",
+            Reason::RateStoreDown => "rate_limit_store_down",
             Reason::QueueFull => "queue_full",
             Reason::QueueTimeout => "queue_timeout",
             Reason::MaxConnections => "max_connections",

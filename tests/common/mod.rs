@@ -5,6 +5,7 @@
 
 pub mod dns;
 pub mod load;
+pub mod redis;
 pub mod tls;
 pub mod webhook;
 

@@ -22,6 +22,7 @@ fn parse(yaml: &str) -> Result<Config, ConfigError> {
         "BILLING_URL" => Ok("https://billing.example.com/usage".to_string()),
         "BACKEND_HOST" => Ok("vllm-7".to_string()),
         "EMPTY" => Ok(String::new()),
+        "REDIS_PASSWORD" => Ok("s3cret".to_string()),
         _ => Err(VarError::NotPresent),
     })
 }

@@ -588,3 +588,94 @@ fn https_backends_are_accepted_and_tls_needs_https() {
     .to_string();
     assert!(e.contains("backends[0].tls: /nonexistent/ca.pem"), "{e}");
 }
+
+#[test]
+fn ratelimit_defaults_to_per_process_buckets() {
+    let c = ok(MINIMAL);
+    assert_eq!(c.ratelimit, RateLimit::default());
+    assert_eq!(c.ratelimit.store, RateStore::Local);
+    assert_eq!(c.ratelimit.sync_interval, Duration::from_millis(100));
+    assert_eq!(c.ratelimit.on_store_error, OnStoreError::Local);
+    assert_eq!(c.ratelimit.redis_url, None);
+}
+
+#[test]
+fn ratelimit_redis_store_with_a_password_from_the_environment() {
+    let c = ok(&with_backend(
+        "ratelimit:\n  store: redis\n  redis_url: \"redis://:${REDIS_PASSWORD}@redis:6379/2\"\n  \
+         sync_interval: 250ms\n  on_store_error: deny\n  key_prefix: \"prod:rl:\"\n",
+    ));
+    let r = &c.ratelimit;
+    assert_eq!(r.store, RateStore::Redis);
+    assert_eq!(
+        r.redis_url.as_ref().map(Secret::expose),
+        Some("redis://:s3cret@redis:6379/2")
+    );
+    // Never printed.
+    assert!(!format!("{c:?}").contains("s3cret"));
+    assert_eq!(r.sync_interval, Duration::from_millis(250));
+    assert_eq!(r.on_store_error, OnStoreError::Deny);
+    assert_eq!(r.key_prefix, "prod:rl:");
+    let tls = ok(&with_backend(
+        "ratelimit: { store: redis, redis_url: \"rediss://redis:6380\", on_store_error: allow }\n",
+    ));
+    assert_eq!(tls.ratelimit.on_store_error, OnStoreError::Allow);
+}
+
+#[test]
+fn ratelimit_errors_name_their_path() {
+    let rl = |body: &str| with_backend(&format!("ratelimit: {body}\n"));
+    assert_error(
+        &rl("{ store: redis }"),
+        "ratelimit.redis_url",
+        "is required when store is redis",
+    );
+    assert_error(
+        &rl("{ store: redis, redis_url: \"http://redis:6379\" }"),
+        "ratelimit.redis_url",
+        "must be a redis:// or rediss:// URL",
+    );
+    // Checked with the local store too, and without echoing the URL (it may hold a password).
+    let errs = errors(&rl("{ redis_url: \"redis://:pw@redis:99999/0\" }"));
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with("ratelimit.redis_url: is not a valid Redis URL")),
+        "{errs:?}"
+    );
+    assert!(!errs.iter().any(|e| e.contains("pw@")), "{errs:?}");
+    assert_error(
+        &rl("{ store: redis, redis_url: \"redis://r:6379/${NOPE}\" }"),
+        "ratelimit.redis_url",
+        "environment variable NOPE is not set",
+    );
+    assert_error(
+        &rl("{ on_store_error: maybe }"),
+        "ratelimit.on_store_error",
+        "unknown variant",
+    );
+    assert_error(
+        &rl("{ store: memcached }"),
+        "ratelimit.store",
+        "unknown variant",
+    );
+    assert_error(
+        &rl("{ sync_interval: 5ms }"),
+        "ratelimit.sync_interval",
+        "between 10ms and 10s",
+    );
+    assert_error(
+        &rl("{ sync_interval: 1m }"),
+        "ratelimit.sync_interval",
+        "between 10ms and 10s",
+    );
+    assert_error(
+        &rl("{ key_prefix: \"\" }"),
+        "ratelimit.key_prefix",
+        "must not be empty",
+    );
+    assert_error(
+        &rl("{ stor: redis }"),
+        "ratelimit.stor",
+        "unknown field `stor`",
+    );
+}
