@@ -1,0 +1,529 @@
+//! Byte-level JSON and SSE scanning for the usage tap: where an event ends, the top-level
+//! members a chunk carries (`usage`, `timings`, `choices` content), and the incremental scan that
+//! finds a top-level member of a JSON body of any size. No parsing into values: a chunk is looked
+//! at in place, and only the few bytes that matter are copied. Everything here reads bytes from a
+//! backend, so every index is bounds-checked and malformed input is a `None`, never a panic.
+
+use std::sync::OnceLock;
+
+use memchr::memmem::{Finder, FinderRev};
+
+use super::*;
+
+/// Keeps the last two bytes of `tail + data` in `tail`.
+pub(super) fn keep_tail(tail: &mut Vec<u8>, data: &[u8]) {
+    if data.len() >= 2 {
+        tail.clear();
+        tail.extend_from_slice(&data[data.len() - 2..]);
+    } else {
+        tail.extend_from_slice(data);
+        let extra = tail.len().saturating_sub(2);
+        tail.drain(..extra);
+    }
+}
+
+/// Where in `data` the event whose last bytes were `tail` ends (just past its blank line).
+pub(super) fn oversized_end(tail: &[u8], data: &[u8]) -> Option<usize> {
+    // A blank line is at most 3 bytes: one straddling the read boundary shows in this window.
+    let mut window = [0u8; 5];
+    let head = &data[..data.len().min(3)];
+    let n = tail.len() + head.len();
+    window[..tail.len()].copy_from_slice(tail);
+    window[tail.len()..n].copy_from_slice(head);
+    if let Some(end) = event_end(&window[..n], 0) {
+        if end > tail.len() {
+            return Some(end - tail.len());
+        }
+    }
+    event_end(data, 0)
+}
+
+/// Index just past the blank line that ends an event, looking at line ends from `from` on.
+pub(super) fn event_end(buf: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
+    while let Some(p) = memchr::memchr(b'\n', &buf[i..]) {
+        let nl = i + p;
+        match buf.get(nl + 1) {
+            Some(b'\n') => return Some(nl + 2),
+            Some(b'\r') if buf.get(nl + 2) == Some(&b'\n') => return Some(nl + 3),
+            Some(_) => i = nl + 1,
+            None => return None,
+        }
+    }
+    None
+}
+
+/// A chunk's `usage` member: where its key starts and its (non-null) value lies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Member {
+    pub(super) key_start: usize,
+    pub(super) value_start: usize,
+    pub(super) value_end: usize,
+}
+
+impl Member {
+    /// The range that removes the member (with one comma next to it) or, for `null`, its value.
+    pub(super) fn edit(self, payload: &[u8], null: bool) -> Edit {
+        if null {
+            return Edit {
+                from: self.value_start,
+                to: self.value_end,
+                null: true,
+            };
+        }
+        let before = payload[..self.key_start].trim_ascii_end();
+        if before.last() == Some(&b',') {
+            return Edit {
+                from: before.len() - 1,
+                to: self.value_end,
+                null: false,
+            };
+        }
+        // The first member: the comma after it goes.
+        let after = &payload[self.value_end..];
+        let trimmed = after.trim_ascii_start();
+        let to = match trimmed.strip_prefix(b",") {
+            Some(rest) => payload.len() - rest.trim_ascii_start().len(),
+            None => self.value_end,
+        };
+        Edit {
+            from: self.key_start,
+            to,
+            null: false,
+        }
+    }
+}
+
+impl Edit {
+    pub(super) fn shift(self, by: usize) -> Edit {
+        Edit {
+            from: self.from + by,
+            to: self.to + by,
+            null: self.null,
+        }
+    }
+}
+
+/// The last `"usage"` member of a chunk with a value other than `null`. A chunk's strings escape
+/// their quotes, so a quoted `"usage"` followed by a colon is a key; chunks nest no other usage.
+///
+/// Searched backwards for its `u` (SIMD `memrchr`): the member is usually last, and a reverse
+/// `memmem` search (two-way, a byte at a time) cost a few hundred instructions per chunk.
+pub(super) fn usage_member(payload: &[u8]) -> Option<Member> {
+    let mut end = payload.len();
+    while let Some(u) = memchr::memrchr(b'u', &payload[..end]) {
+        end = u;
+        let Some(at) = u.checked_sub(1) else {
+            break;
+        };
+        if payload[at] != b'"' || !payload[u..].starts_with(b"usage\"") {
+            continue;
+        }
+        let after = &payload[at + 7..];
+        let Some(value) = after.trim_ascii_start().strip_prefix(b":") else {
+            continue;
+        };
+        let value = value.trim_ascii_start();
+        if value.is_empty() || value.starts_with(b"null") {
+            return None;
+        }
+        let value_start = payload.len() - value.len();
+        let value_end = value_start + json_value_len(value)?;
+        return Some(Member {
+            key_start: at,
+            value_start,
+            value_end,
+        });
+    }
+    None
+}
+
+/// The range of the (non-null) value of the first `key` (quoted) member of `payload`.
+pub(super) fn member_value(payload: &[u8], key: &[u8]) -> Option<(usize, usize)> {
+    static TIMINGS: OnceLock<Finder<'static>> = OnceLock::new();
+    let finder = match key {
+        b"\"timings\"" => TIMINGS.get_or_init(|| Finder::new(b"\"timings\"")),
+        _ => return None,
+    };
+    let at = finder.find(payload)?;
+    let value = payload[at + key.len()..]
+        .trim_ascii_start()
+        .strip_prefix(b":")?
+        .trim_ascii_start();
+    if value.starts_with(b"null") {
+        return None;
+    }
+    let start = payload.len() - value.len();
+    Some((start, start + json_value_len(value)?))
+}
+
+/// Length of the JSON value at the start of `v` (objects and arrays matched, strings skipped),
+/// if it is complete.
+pub(super) fn json_value_len(v: &[u8]) -> Option<usize> {
+    match v.first()? {
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut i = 0;
+            while let Some(off) = memchr::memchr3(b'"', b'{', b'}', &v[i..])
+                .into_iter()
+                .chain(memchr::memchr2(b'[', b']', &v[i..]))
+                .min()
+            {
+                let at = i + off;
+                match v[at] {
+                    b'"' => {
+                        i = string_end(v, at + 1)? + 1;
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    _ => {
+                        depth = depth.checked_sub(1)?;
+                        if depth == 0 {
+                            return Some(at + 1);
+                        }
+                    }
+                }
+                i = at + 1;
+            }
+            None
+        }
+        b'"' => string_end(v, 1).map(|e| e + 1),
+        _ => Some(
+            v.iter()
+                .position(|b| matches!(b, b',' | b'}' | b']') || b.is_ascii_whitespace())
+                .unwrap_or(v.len()),
+        ),
+    }
+}
+
+/// A usage-only chunk: `"choices"` is an empty array.
+pub(super) fn usage_only(payload: &[u8]) -> bool {
+    static CHOICES: OnceLock<Finder<'static>> = OnceLock::new();
+    let finder = CHOICES.get_or_init(|| Finder::new(b"\"choices\""));
+    let Some(at) = finder.find(payload) else {
+        return false;
+    };
+    let rest = payload[at + 9..].trim_ascii_start();
+    rest.strip_prefix(b":")
+        .map(<[u8]>::trim_ascii_start)
+        .and_then(|r| r.strip_prefix(b"["))
+        .is_some_and(|r| r.trim_ascii_start().starts_with(b"]"))
+}
+
+/// A chunk that relays generated text: a non-empty `content`, `text` or `reasoning_content`
+/// string (what the proxy counts when the engine reports no usage).
+pub(super) fn has_content(payload: &[u8]) -> bool {
+    static CONTENT: OnceLock<Finder<'static>> = OnceLock::new();
+    static TEXT: OnceLock<Finder<'static>> = OnceLock::new();
+    static REASONING: OnceLock<Finder<'static>> = OnceLock::new();
+    let finders = [
+        CONTENT.get_or_init(|| Finder::new(b"\"content\"")),
+        TEXT.get_or_init(|| Finder::new(b"\"text\"")),
+        REASONING.get_or_init(|| Finder::new(b"\"reasoning_content\"")),
+    ];
+    finders.iter().any(|f| {
+        let mut from = 0;
+        while let Some(pos) = f.find(&payload[from..]) {
+            from += pos + f.needle().len();
+            let rest = payload[from..].trim_ascii_start();
+            if let Some(value) = rest.strip_prefix(b":") {
+                let value = value.trim_ascii_start();
+                if value.starts_with(b"\"") && !value.starts_with(b"\"\"") {
+                    return true;
+                }
+            }
+        }
+        false
+    })
+}
+
+/// A structural scan of a JSON body too large to keep: finds the top-level member `key` as the
+/// bytes pass (strings skipped, nesting tracked across reads) and keeps only its value. Linear,
+/// and holds at most `MAX_CAPTURE` bytes.
+pub(super) struct JsonScan {
+    pub(super) key: &'static [u8],
+    pub(super) seen: u64,
+    /// Nesting of objects and arrays.
+    pub(super) depth: u32,
+    /// The body is an object (only then are depth-1 strings keys).
+    pub(super) object: Option<bool>,
+    pub(super) in_str: bool,
+    pub(super) escaped: bool,
+    pub(super) state: ScanState,
+    /// Key bytes matched by the current depth-1 string (`None`: it differs).
+    pub(super) matched: Option<usize>,
+    pub(super) value: Vec<u8>,
+    pub(super) found: Option<Vec<u8>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ScanState {
+    Idle,
+    /// In a depth-1 string that may be the key.
+    Key,
+    /// After the key's closing quote, before its colon.
+    AfterKey,
+    /// In the key's value.
+    Value,
+}
+
+impl JsonScan {
+    pub(super) fn new(key: &'static [u8]) -> JsonScan {
+        JsonScan {
+            key,
+            seen: 0,
+            depth: 0,
+            object: None,
+            in_str: false,
+            escaped: false,
+            state: ScanState::Idle,
+            matched: None,
+            value: Vec::new(),
+            found: None,
+        }
+    }
+
+    pub(super) fn feed(&mut self, data: &[u8]) {
+        self.seen += data.len() as u64;
+        let mut i = 0;
+        while i < data.len() {
+            if self.in_str && !self.escaped && self.state == ScanState::Idle {
+                // The bulk of a body is text: jump to the next quote or backslash.
+                match memchr::memchr2(b'"', b'\\', &data[i..]) {
+                    Some(off) => i += off,
+                    None => return,
+                }
+            }
+            let b = data[i];
+            i += 1;
+            if self.state == ScanState::Value {
+                if !self.in_str && self.depth == 1 && matches!(b, b',' | b'}') {
+                    self.found = Some(std::mem::take(&mut self.value));
+                    self.state = ScanState::Idle;
+                } else if self.value.len() < MAX_CAPTURE {
+                    self.value.push(b);
+                } else {
+                    // Not a usage object: give up on it, keep scanning.
+                    self.value = Vec::new();
+                    self.state = ScanState::Idle;
+                }
+            }
+            if self.in_str {
+                if self.escaped {
+                    self.escaped = false;
+                    self.matched = None;
+                } else if b == b'\\' {
+                    self.escaped = true;
+                    self.matched = None;
+                } else if b == b'"' {
+                    self.in_str = false;
+                    if self.state == ScanState::Key {
+                        self.state = if self.matched == Some(self.key.len()) {
+                            ScanState::AfterKey
+                        } else {
+                            ScanState::Idle
+                        };
+                    }
+                } else if self.state == ScanState::Key {
+                    self.matched = self
+                        .matched
+                        .filter(|&m| self.key.get(m) == Some(&b))
+                        .map(|m| m + 1);
+                }
+                continue;
+            }
+            match b {
+                b'"' => {
+                    self.in_str = true;
+                    if self.state == ScanState::AfterKey {
+                        self.state = ScanState::Idle;
+                    }
+                    if self.state == ScanState::Idle && self.depth == 1 && self.object == Some(true)
+                    {
+                        self.state = ScanState::Key;
+                        self.matched = Some(0);
+                    }
+                }
+                b'{' | b'[' => {
+                    if self.object.is_none() {
+                        self.object = Some(b == b'{');
+                    }
+                    if self.state == ScanState::AfterKey {
+                        self.state = ScanState::Idle;
+                    }
+                    self.depth = self.depth.saturating_add(1);
+                }
+                b'}' | b']' => {
+                    if self.state == ScanState::AfterKey {
+                        self.state = ScanState::Idle;
+                    }
+                    self.depth = self.depth.saturating_sub(1);
+                }
+                b':' if self.state == ScanState::AfterKey => {
+                    self.state = ScanState::Value;
+                    self.value.clear();
+                }
+                b' ' | b'\t' | b'\r' | b'\n' => {}
+                _ => {
+                    if self.state == ScanState::AfterKey {
+                        self.state = ScanState::Idle;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The value of `key` in the top-level JSON object of `body`, deserialised alone.
+///
+/// Servers put `usage` last or nearly so, so the last `"usage":` is tried first: it is the
+/// top-level key exactly when, after its value, the first brace that closes more than it opens
+/// is the body's final byte. Anything else (a nested `usage` later in the body, odd layouts) falls
+/// back to a structural scan from the start.
+pub(crate) fn top_level<T: serde::de::DeserializeOwned>(body: &[u8], key: &[u8]) -> Option<T> {
+    let parse_at = |at: usize| -> Option<(T, usize)> {
+        let mut values = serde_json::Deserializer::from_slice(&body[at..]).into_iter::<T>();
+        let v = values.next()?.ok()?;
+        Some((v, at + values.byte_offset()))
+    };
+    if let Some(at) = last_key_value(body, key) {
+        if let Some((v, end)) = parse_at(at) {
+            if closes_object_last(body, end) {
+                return Some(v);
+            }
+        }
+    }
+    parse_at(top_level_value(body, key)?).map(|(v, _)| v)
+}
+
+/// Just past the colon of the last `"key":` in `body`.
+pub(super) fn last_key_value(body: &[u8], key: &[u8]) -> Option<usize> {
+    // The searcher for the one key asked on every response is built once.
+    static USAGE: OnceLock<FinderRev<'static>> = OnceLock::new();
+    let owned;
+    let finder = if key == b"usage" {
+        USAGE.get_or_init(|| FinderRev::new(b"\"usage\""))
+    } else {
+        let mut quoted = Vec::with_capacity(key.len() + 2);
+        quoted.push(b'"');
+        quoted.extend_from_slice(key);
+        quoted.push(b'"');
+        owned = FinderRev::new(&quoted).into_owned();
+        &owned
+    };
+    let quoted_len = key.len() + 2;
+    let mut end = body.len();
+    while let Some(at) = finder.rfind(&body[..end]) {
+        let rest = body[at + quoted_len..].trim_ascii_start();
+        if rest.first() == Some(&b':') {
+            return Some(body.len() - rest.len() + 1);
+        }
+        end = at;
+    }
+    None
+}
+
+/// True when, scanning `body` from `from` (outside any string), the first `}` that closes an
+/// object opened before `from` is the last non-blank byte of `body`.
+pub(super) fn closes_object_last(body: &[u8], from: usize) -> bool {
+    let mut depth = 0usize;
+    let mut i = from;
+    while i < body.len() {
+        match body[i] {
+            b'"' => match string_end(body, i + 1) {
+                Some(end) => i = end,
+                None => return false,
+            },
+            b'{' => depth += 1,
+            b'}' if depth == 0 => return body[i + 1..].trim_ascii().is_empty(),
+            b'}' => depth -= 1,
+            _ => {}
+        }
+        i += 1;
+    }
+    false
+}
+
+/// Where the value of `key` in the top-level JSON object starts (just after its colon), found by
+/// a structural scan: strings are skipped (so a quoted `"usage":` inside a message is never taken
+/// for the key) and only keys at brace depth 1 count. Arrays need no tracking: an object key
+/// inside an array sits at brace depth 2 or more. Returns `None` for anything that is not a JSON
+/// object or has no such key; the value itself is checked by whoever deserialises it.
+pub(crate) fn top_level_value(body: &[u8], key: &[u8]) -> Option<usize> {
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return None;
+    }
+    let mut depth = 0usize;
+    let mut i = 0;
+    while let Some(off) = memchr::memchr3(b'"', b'{', b'}', &body[i..]) {
+        let at = i + off;
+        match body[at] {
+            b'{' => depth += 1,
+            b'}' => {
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    return None;
+                }
+            }
+            _ => {
+                let end = string_end(body, at + 1)?;
+                let after = end + 1;
+                let rest = body[after..].trim_ascii_start();
+                let is_key = rest.first() == Some(&b':');
+                if depth == 1 && is_key && &body[at + 1..end] == key {
+                    return Some(body.len() - rest.len() + 1);
+                }
+                i = after;
+                continue;
+            }
+        }
+        i = at + 1;
+    }
+    None
+}
+
+/// Index of the quote closing the JSON string whose contents start at `from`.
+pub(super) fn string_end(body: &[u8], mut from: usize) -> Option<usize> {
+    loop {
+        let off = memchr::memchr2(b'"', b'\\', &body[from..])?;
+        let at = from + off;
+        if body[at] == b'"' {
+            return Some(at);
+        }
+        from = at + 2;
+        if from > body.len() {
+            return None;
+        }
+    }
+}
+
+/// True when `key` occurs followed by a value other than `null` — the cheap test that spares
+/// a JSON parse for the ordinary token chunk (`"usage": null` on vLLM/OpenAI chunks).
+pub(super) fn has_non_null(payload: &[u8], key: &[u8]) -> bool {
+    // Searchers are built once: constructing one per event cost more than the search itself.
+    static USAGE: OnceLock<Finder<'static>> = OnceLock::new();
+    static DETAILS: OnceLock<Finder<'static>> = OnceLock::new();
+    static FINISH: OnceLock<Finder<'static>> = OnceLock::new();
+    static TOKEN: OnceLock<Finder<'static>> = OnceLock::new();
+    let finder = match key {
+        b"\"usage\"" => USAGE.get_or_init(|| Finder::new(b"\"usage\"")),
+        b"\"details\"" => DETAILS.get_or_init(|| Finder::new(b"\"details\"")),
+        b"\"finish_reason\"" => FINISH.get_or_init(|| Finder::new(b"\"finish_reason\"")),
+        b"\"token\"" => TOKEN.get_or_init(|| Finder::new(b"\"token\"")),
+        // Every key the tap asks about is listed above; an unknown one is never "present".
+        _ => return false,
+    };
+    // `find` in a loop rather than `find_iter`: the iterator copies the searcher on creation,
+    // which on a 200-byte chunk costs as much as the search.
+    let mut from = 0;
+    while let Some(pos) = finder.find(&payload[from..]) {
+        from += pos + key.len();
+        let rest = payload[from..].trim_ascii_start();
+        if let Some(value) = rest.strip_prefix(b":") {
+            if !value.trim_ascii_start().starts_with(b"null") {
+                return true;
+            }
+        }
+    }
+    false
+}
