@@ -1,5 +1,5 @@
 //! The control side: threads that may block (the control plane, health checks and the breaker
-//! board, DNS discovery, engine-metrics scrapers, the keys-file watcher) and the typed messages
+//! board, DNS discovery, engine-metrics scrapers, the keys-file watcher; the plane also watches the TLS files) and the typed messages
 //! they exchange with the cores. Nothing here runs on a core, and nothing here reads per-core
 //! state: what a core needs to know reaches it as a `ControlMsg` in its inbox.
 
@@ -12,6 +12,8 @@ pub(crate) mod keys_watch;
 pub(crate) mod messages;
 pub(crate) mod plane;
 pub(crate) mod reload;
+pub(crate) mod stamp;
+pub(crate) mod tls_watch;
 
 pub(crate) use messages::*;
 pub(crate) use reload::ReloadError;
