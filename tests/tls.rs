@@ -165,6 +165,62 @@ fn an_https_backend_requiring_a_client_certificate_is_reached() {
 }
 
 #[test]
+fn backend_connections_after_the_first_resume_the_tls_session() {
+    // No idle pool: every request opens a backend connection, so each pays a handshake; after
+    // the first, they resume the session (the proxy keeps a session cache per backend entry).
+    let ca = Ca::new("backend ca");
+    let mock = Mock::start();
+    let fwd = Forwarder::start(&ca.leaf(&["vllm.test"], 30), None, mock.addr);
+    let dir = temp_dir("tls-resume");
+    let ca_path = ca.write(&dir, "ca.crt");
+    let yaml = format!(
+        "listen: \"127.0.0.1:0\"\nworkers: 1\nbackends:\n  - url: \"https://{}\"\n    tls: {{ ca_file: \"{}\", server_name: vllm.test }}\npool: {{ max_idle_per_backend: 0 }}\nhealth_check: {{ interval: 1h, path: /health, timeout: 1s }}\n",
+        fwd.addr,
+        yaml_path(&ca_path),
+    );
+    let proxy = Proxy::start(&yaml, &[]);
+    for _ in 0..4 {
+        let r = post_json(
+            proxy.addr,
+            "/v1/chat/completions",
+            &chat_body(false, 2),
+            &[],
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let (all, resumed) = (
+        fwd.handshakes.load(std::sync::atomic::Ordering::SeqCst),
+        fwd.resumed.load(std::sync::atomic::Ordering::SeqCst),
+    );
+    assert!(all >= 4, "{all} handshakes");
+    assert!(resumed >= 3, "{resumed} of {all} handshakes resumed");
+}
+
+#[test]
+fn insecure_skip_verify_reaches_a_backend_with_an_unknown_certificate_and_warns() {
+    let unknown = Ca::new("nobody trusts this");
+    let mock = Mock::start();
+    let fwd = Forwarder::start(&unknown.leaf(&["elsewhere.test"], 30), None, mock.addr);
+    let yaml = format!(
+        "listen: \"127.0.0.1:0\"\nworkers: 1\nbackends:\n  - url: \"https://{}\"\n    tls: {{ insecure_skip_verify: true }}\nhealth_check: {{ interval: 200ms, path: /health, timeout: 500ms }}\n",
+        fwd.addr
+    );
+    let proxy = Proxy::start(&yaml, &[]);
+    proxy.proc.wait_for_line("INSECURE", Duration::from_secs(5));
+    let r = post_json(
+        proxy.addr,
+        "/v1/chat/completions",
+        &chat_body(false, 2),
+        &[],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(mock.stat("requests"), 1);
+    // Health checks skip verification too.
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(metric(&proxy, "llmproxy_backend_up"), Some(1.0));
+}
+
+#[test]
 fn a_backend_certificate_for_another_name_gives_502_and_the_backend_never_sees_the_request() {
     let ca = Ca::new("backend ca");
     let mock = Mock::start();
