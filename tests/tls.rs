@@ -221,6 +221,62 @@ fn insecure_skip_verify_reaches_a_backend_with_an_unknown_certificate_and_warns(
 }
 
 #[test]
+fn a_discovered_https_backend_is_verified_against_the_entrys_host_name() {
+    // `discover: dns` with an https URL: each address found is reached over TLS and its
+    // certificate checked against the entry's host (pool.test), not the address.
+    let ca = Ca::new("pool ca");
+    let dir = temp_dir("tls-dns");
+    let ca_path = ca.write(&dir, "ca.crt");
+    let dns = common::dns::DnsServer::start(common::dns::Answer::Addrs(vec![
+        std::net::Ipv4Addr::LOCALHOST,
+    ]));
+    let proxy_for = |fwd: &Forwarder| {
+        Proxy::start(
+            &format!(
+                "listen: \"127.0.0.1:0\"\nworkers: 1\nbackends:\n  - url: \"https://pool.test:{}\"\n    discover: dns\n    name: pool\n    tls: {{ ca_file: \"{}\" }}\ndiscovery: {{ interval: 300ms, resolver: \"{}\" }}\nhealth_check: {{ interval: 1h, path: /health, timeout: 1s }}\n",
+                fwd.addr.port(),
+                yaml_path(&ca_path),
+                dns.addr
+            ),
+            &[],
+        )
+    };
+    let mock = Mock::start();
+    let good = Forwarder::start(&ca.leaf(&["pool.test"], 30), None, mock.addr);
+    let proxy = proxy_for(&good);
+    let mut status = 0;
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            status = post_json(
+                proxy.addr,
+                "/v1/chat/completions",
+                &chat_body(false, 2),
+                &[],
+            )
+            .status;
+            status == 200
+        }),
+        "last status {status}"
+    );
+    drop(proxy);
+
+    // The same address with a certificate for another name: 502, never forwarded.
+    let other = Forwarder::start(&ca.leaf(&["other.test"], 30), None, mock.addr);
+    let before = mock.stat("requests");
+    let proxy = proxy_for(&other);
+    std::thread::sleep(Duration::from_millis(700));
+    let r = post_json(
+        proxy.addr,
+        "/v1/chat/completions",
+        &chat_body(false, 2),
+        &[],
+    );
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(r.text().contains("upstream_tls_certificate"), "{}", r.text());
+    assert_eq!(mock.stat("requests"), before);
+}
+
+#[test]
 fn a_backend_certificate_for_another_name_gives_502_and_the_backend_never_sees_the_request() {
     let ca = Ca::new("backend ca");
     let mock = Mock::start();
