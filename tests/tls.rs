@@ -272,7 +272,11 @@ fn a_discovered_https_backend_is_verified_against_the_entrys_host_name() {
         &[],
     );
     assert_eq!(r.status, 502, "{}", r.text());
-    assert!(r.text().contains("upstream_tls_certificate"), "{}", r.text());
+    assert!(
+        r.text().contains("upstream_tls_certificate"),
+        "{}",
+        r.text()
+    );
     assert_eq!(mock.stat("requests"), before);
 }
 
