@@ -47,6 +47,7 @@ need_debs=()
 command -v python3 >/dev/null || need_debs+=(python3)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need_debs+=(python3-venv)
 command -v systemd-analyze >/dev/null || need_debs+=(systemd)
+command -v openssl >/dev/null || need_debs+=(openssl)   # throwaway pairs for `tls:` configs
 if [ ${#need_debs[@]} -gt 0 ]; then
   apt_install "${need_debs[@]}"
 fi

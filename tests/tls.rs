@@ -165,6 +165,122 @@ fn an_https_backend_requiring_a_client_certificate_is_reached() {
 }
 
 #[test]
+fn backend_connections_after_the_first_resume_the_tls_session() {
+    // No idle pool: every request opens a backend connection, so each pays a handshake; after
+    // the first, they resume the session (the proxy keeps a session cache per backend entry).
+    let ca = Ca::new("backend ca");
+    let mock = Mock::start();
+    let fwd = Forwarder::start(&ca.leaf(&["vllm.test"], 30), None, mock.addr);
+    let dir = temp_dir("tls-resume");
+    let ca_path = ca.write(&dir, "ca.crt");
+    let yaml = format!(
+        "listen: \"127.0.0.1:0\"\nworkers: 1\nbackends:\n  - url: \"https://{}\"\n    tls: {{ ca_file: \"{}\", server_name: vllm.test }}\npool: {{ max_idle_per_backend: 0 }}\nhealth_check: {{ interval: 1h, path: /health, timeout: 1s }}\n",
+        fwd.addr,
+        yaml_path(&ca_path),
+    );
+    let proxy = Proxy::start(&yaml, &[]);
+    for _ in 0..4 {
+        let r = post_json(
+            proxy.addr,
+            "/v1/chat/completions",
+            &chat_body(false, 2),
+            &[],
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let (all, resumed) = (
+        fwd.handshakes.load(std::sync::atomic::Ordering::SeqCst),
+        fwd.resumed.load(std::sync::atomic::Ordering::SeqCst),
+    );
+    assert!(all >= 4, "{all} handshakes");
+    assert!(resumed >= 3, "{resumed} of {all} handshakes resumed");
+}
+
+#[test]
+fn insecure_skip_verify_reaches_a_backend_with_an_unknown_certificate_and_warns() {
+    let unknown = Ca::new("nobody trusts this");
+    let mock = Mock::start();
+    let fwd = Forwarder::start(&unknown.leaf(&["elsewhere.test"], 30), None, mock.addr);
+    let yaml = format!(
+        "listen: \"127.0.0.1:0\"\nworkers: 1\nbackends:\n  - url: \"https://{}\"\n    tls: {{ insecure_skip_verify: true }}\nhealth_check: {{ interval: 200ms, path: /health, timeout: 500ms }}\n",
+        fwd.addr
+    );
+    let proxy = Proxy::start(&yaml, &[]);
+    proxy.proc.wait_for_line("INSECURE", Duration::from_secs(5));
+    let r = post_json(
+        proxy.addr,
+        "/v1/chat/completions",
+        &chat_body(false, 2),
+        &[],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(mock.stat("requests"), 1);
+    // Health checks skip verification too.
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(metric(&proxy, "llmproxy_backend_up"), Some(1.0));
+}
+
+#[test]
+fn a_discovered_https_backend_is_verified_against_the_entrys_host_name() {
+    // `discover: dns` with an https URL: each address found is reached over TLS and its
+    // certificate checked against the entry's host (pool.test), not the address.
+    let ca = Ca::new("pool ca");
+    let dir = temp_dir("tls-dns");
+    let ca_path = ca.write(&dir, "ca.crt");
+    let dns = common::dns::DnsServer::start(common::dns::Answer::Addrs(vec![
+        std::net::Ipv4Addr::LOCALHOST,
+    ]));
+    let proxy_for = |fwd: &Forwarder| {
+        Proxy::start(
+            &format!(
+                "listen: \"127.0.0.1:0\"\nworkers: 1\nbackends:\n  - url: \"https://pool.test:{}\"\n    discover: dns\n    name: pool\n    tls: {{ ca_file: \"{}\" }}\ndiscovery: {{ interval: 300ms, resolver: \"{}\" }}\nhealth_check: {{ interval: 1h, path: /health, timeout: 1s }}\n",
+                fwd.addr.port(),
+                yaml_path(&ca_path),
+                dns.addr
+            ),
+            &[],
+        )
+    };
+    let mock = Mock::start();
+    let good = Forwarder::start(&ca.leaf(&["pool.test"], 30), None, mock.addr);
+    let proxy = proxy_for(&good);
+    let mut status = 0;
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            status = post_json(
+                proxy.addr,
+                "/v1/chat/completions",
+                &chat_body(false, 2),
+                &[],
+            )
+            .status;
+            status == 200
+        }),
+        "last status {status}"
+    );
+    drop(proxy);
+
+    // The same address with a certificate for another name: 502, never forwarded.
+    let other = Forwarder::start(&ca.leaf(&["other.test"], 30), None, mock.addr);
+    let before = mock.stat("requests");
+    let proxy = proxy_for(&other);
+    std::thread::sleep(Duration::from_millis(700));
+    let r = post_json(
+        proxy.addr,
+        "/v1/chat/completions",
+        &chat_body(false, 2),
+        &[],
+    );
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(
+        r.text().contains("upstream_tls_certificate"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(mock.stat("requests"), before);
+}
+
+#[test]
 fn a_backend_certificate_for_another_name_gives_502_and_the_backend_never_sees_the_request() {
     let ca = Ca::new("backend ca");
     let mock = Mock::start();
@@ -249,6 +365,145 @@ fn rotating_the_files_and_sighup_under_an_open_stream() {
         .wait_for_line("reload rejected", Duration::from_secs(5));
     let again = connect(proxy.addr, &ca.pem, "localhost", None).unwrap();
     assert_eq!(peer_cert(&again), peer_cert(&fresh));
+}
+
+/// Starts a 10-token stream (150 ms apart) on a fresh TLS connection; returns it once the first
+/// bytes arrived, with the certificate it was served.
+fn open_stream(proxy: &Proxy, ca: &Ca) -> (common::tls::TlsStream, Vec<u8>) {
+    let mut s = connect(proxy.addr, &ca.pem, "localhost", None).unwrap();
+    let cert = peer_cert(&s);
+    s.write_all(&chat_request(true, 10)).unwrap();
+    let mut buf = [0u8; 1024];
+    assert!(s.read(&mut buf).unwrap() > 0, "stream started");
+    (s, cert)
+}
+
+/// Waits (bounded) until a new connection is served a certificate other than `old`.
+fn new_cert_within(proxy: &Proxy, ca: &Ca, old: &[u8], within: Duration) -> Vec<u8> {
+    let mut got = old.to_vec();
+    let changed = eventually(within, || {
+        got = peer_cert(&connect(proxy.addr, &ca.pem, "localhost", None).unwrap());
+        got != old
+    });
+    assert!(changed, "a new connection still got the old certificate");
+    got
+}
+
+fn finishes(mut s: common::tls::TlsStream) {
+    let (rest, _) = read_timed(&mut s);
+    let text = String::from_utf8_lossy(&rest);
+    assert!(
+        text.contains("data: [DONE]"),
+        "the open stream did not complete: {text}"
+    );
+}
+
+fn count_lines(proxy: &Proxy, needle: &str) -> usize {
+    proxy
+        .proc
+        .output()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .count()
+}
+
+#[test]
+fn rewriting_the_files_without_sighup_rotates_and_a_broken_pair_keeps_the_old_one() {
+    let ca = Ca::new("test ca");
+    let mock = Mock::start_with(&["--token-delay-ms", "150"]);
+    let dir = temp_dir("tls-watch");
+    let (cert, key) = ca.leaf(&["localhost"], 30).write(&dir, "server");
+    let yaml = config(
+        &[mock.url()],
+        &format!(
+            "tls: {{ cert_file: \"{}\", key_file: \"{}\" }}\n",
+            yaml_path(&cert),
+            yaml_path(&key)
+        ),
+    );
+    let proxy = Proxy::start(&yaml, &[]);
+    let (old, first) = open_stream(&proxy, &ca);
+    // Rewritten in place, the certificate first and the key after it (so the watcher may see a
+    // mismatched pair in between: refused, then taken once the key is there too). No SIGHUP.
+    ca.leaf(&["localhost"], 60).write(&dir, "server");
+    let second = new_cert_within(&proxy, &ca, &first, Duration::from_secs(5));
+    proxy
+        .proc
+        .wait_for_line("tls: certificate files changed", Duration::from_secs(1));
+    finishes(old);
+
+    // A broken certificate: refused with a log line, the running one keeps serving.
+    let refused = count_lines(&proxy, "changed certificate files are refused");
+    std::fs::write(&cert, "not a certificate\n").unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || count_lines(
+            &proxy,
+            "changed certificate files are refused"
+        ) > refused),
+        "no refusal logged: {}",
+        proxy.proc.output()
+    );
+    let line = proxy
+        .proc
+        .output()
+        .lines()
+        .rfind(|l| l.contains("changed certificate files are refused"))
+        .unwrap()
+        .to_string();
+    assert!(line.contains("server.crt"), "{line}");
+    let again = connect(proxy.addr, &ca.pem, "localhost", None).unwrap();
+    assert_eq!(peer_cert(&again), second);
+    // Still serving requests, and a good pair after the broken one is taken.
+    ca.leaf(&["localhost"], 90).write(&dir, "server");
+    new_cert_within(&proxy, &ca, &second, Duration::from_secs(5));
+}
+
+#[test]
+fn a_secret_update_that_swaps_a_symlink_rotates_under_an_open_stream() {
+    // The layout a Kubernetes Secret volume has: tls.crt -> ..data/tls.crt, ..data -> a
+    // timestamped directory; an update writes a new directory and renames a new ..data link
+    // over the old one (atomic), so the files' paths never change but what they point at does.
+    let ca = Ca::new("test ca");
+    let mock = Mock::start_with(&["--token-delay-ms", "150"]);
+    let dir = temp_dir("tls-secret");
+    let v1 = dir.join("..v1");
+    std::fs::create_dir(&v1).unwrap();
+    let l1 = ca.leaf(&["localhost"], 30);
+    std::fs::write(v1.join("tls.crt"), &l1.cert).unwrap();
+    std::fs::write(v1.join("tls.key"), &l1.key).unwrap();
+    std::os::unix::fs::symlink("..v1", dir.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/tls.crt", dir.join("tls.crt")).unwrap();
+    std::os::unix::fs::symlink("..data/tls.key", dir.join("tls.key")).unwrap();
+    let yaml = config(
+        &[mock.url()],
+        &format!(
+            "tls: {{ cert_file: \"{}\", key_file: \"{}\" }}\n",
+            yaml_path(&dir.join("tls.crt")),
+            yaml_path(&dir.join("tls.key"))
+        ),
+    );
+    let proxy = Proxy::start(&yaml, &[]);
+    let (old, first) = open_stream(&proxy, &ca);
+    let v2 = dir.join("..v2");
+    std::fs::create_dir(&v2).unwrap();
+    let l2 = ca.leaf(&["localhost"], 60);
+    std::fs::write(v2.join("tls.crt"), &l2.cert).unwrap();
+    std::fs::write(v2.join("tls.key"), &l2.key).unwrap();
+    std::os::unix::fs::symlink("..v2", dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    std::fs::remove_dir_all(&v1).unwrap();
+    let second = new_cert_within(&proxy, &ca, &first, Duration::from_secs(5));
+    use rustls::pki_types::pem::PemObject;
+    let want = rustls::pki_types::CertificateDer::pem_slice_iter(l2.cert.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap();
+    assert_eq!(second, want.as_ref());
+    finishes(old);
+    assert!(!proxy
+        .proc
+        .output()
+        .contains("changed certificate files are refused"));
 }
 
 #[test]

@@ -5,6 +5,11 @@
 //! CPU 1 with the mock), so per request it only parses and counts: the request is one shared
 //! `Bytes`, the read buffer is reused, samples go to preallocated vectors. Every wait is bounded
 //! by the end of the window, so all its connections are closed when the window ends.
+//!
+//! TLS targets (`Spec::tls`): rustls's `ClientConnection` driven by hand over the same monoio
+//! stream (ciphertext in and out of the socket with the same reads and writes, plaintext parsed
+//! the same way), so a TLS run differs from a plaintext one only by the TLS work itself, on both
+//! sides, and no extra hop or thread. Its client-side cost lands on CPU 1 (load side CPU).
 
 use std::cell::{Cell, RefCell};
 use std::io;
@@ -64,6 +69,8 @@ pub(crate) struct Spec {
     pub(crate) t1: Instant,
     pub(crate) finder: memmem::Finder<'static>,
     pub(crate) stop: Arc<AtomicBool>,
+    /// Some: speak TLS to the target (verifying `localhost` against the bench's CA).
+    pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Spec {
@@ -123,21 +130,116 @@ const MIN_ROOM: usize = 4096;
 
 struct Conn {
     stream: monoio::net::TcpStream,
-    /// Unread bytes; what was parsed is consumed from the front.
+    /// Unread bytes (plaintext); what was parsed is consumed from the front.
     buf: BytesMut,
     acc: Rc<RefCell<Acc>>,
+    tls: Option<Box<Tls>>,
+}
+
+/// A TLS client session and its ciphertext read buffer.
+struct Tls {
+    conn: rustls::ClientConnection,
+    raw: Vec<u8>,
 }
 
 impl Conn {
-    async fn open(addr: SocketAddr, acc: &Rc<RefCell<Acc>>) -> io::Result<Conn> {
-        let stream = monoio::net::TcpStream::connect(addr).await?;
+    async fn open(spec: &Spec, acc: &Rc<RefCell<Acc>>) -> io::Result<Conn> {
+        let stream = monoio::net::TcpStream::connect(spec.addr).await?;
         stream.set_nodelay(true)?;
         acc.borrow_mut().connections += 1;
-        Ok(Conn {
+        let tls = match &spec.tls {
+            None => None,
+            Some(cfg) => {
+                let name = rustls::pki_types::ServerName::try_from("localhost")
+                    .map_err(io::Error::other)?;
+                let conn =
+                    rustls::ClientConnection::new(cfg.clone(), name).map_err(io::Error::other)?;
+                Some(Box::new(Tls {
+                    conn,
+                    raw: Vec::with_capacity(READ_BUF),
+                }))
+            }
+        };
+        let mut c = Conn {
             stream,
             buf: BytesMut::with_capacity(READ_BUF),
             acc: acc.clone(),
-        })
+            tls,
+        };
+        if c.tls.is_some() {
+            c.handshake()
+                .await
+                .map_err(|_| io::Error::other("TLS handshake"))?;
+        }
+        Ok(c)
+    }
+
+    async fn handshake(&mut self) -> Result<(), Failure> {
+        loop {
+            self.flush_tls().await?;
+            let handshaking = self.tls.as_ref().is_some_and(|t| t.conn.is_handshaking());
+            if !handshaking {
+                return Ok(());
+            }
+            self.read_tls().await?;
+        }
+    }
+
+    /// Writes whatever rustls has queued (handshake records, encrypted requests).
+    async fn flush_tls(&mut self) -> Result<(), Failure> {
+        let Some(t) = self.tls.as_mut() else {
+            return Ok(());
+        };
+        if !t.conn.wants_write() {
+            return Ok(());
+        }
+        let mut out = Vec::new();
+        while t.conn.wants_write() {
+            t.conn.write_tls(&mut out).map_err(|_| Failure::Io)?;
+        }
+        let (res, _) = self.stream.write_all(out).await;
+        res.map(|_| ()).map_err(|_| Failure::Io)
+    }
+
+    /// One socket read of ciphertext into rustls.
+    async fn read_tls(&mut self) -> Result<(), Failure> {
+        let Some(t) = self.tls.as_mut() else {
+            return Err(Failure::Protocol);
+        };
+        let raw = std::mem::take(&mut t.raw);
+        let (res, mut raw) = self.stream.read(raw).await;
+        let n = res.map_err(|_| Failure::Io)?;
+        if n == 0 {
+            return Err(Failure::Closed);
+        }
+        let t = self.tls.as_mut().ok_or(Failure::Protocol)?;
+        let mut rd = &raw[..];
+        while !rd.is_empty() {
+            t.conn.read_tls(&mut rd).map_err(|_| Failure::Protocol)?;
+            t.conn
+                .process_new_packets()
+                .map_err(|_| Failure::Protocol)?;
+        }
+        raw.clear();
+        t.raw = raw;
+        Ok(())
+    }
+
+    async fn send(&mut self, request: &Bytes) -> Result<(), Failure> {
+        match self.tls.as_mut() {
+            None => {
+                let (res, _) = self.stream.write_all(request.clone()).await;
+                res.map(|_| ()).map_err(|_| Failure::Io)
+            }
+            Some(t) => {
+                use std::io::Write;
+                t.conn
+                    .writer()
+                    .write_all(request)
+                    .map_err(|_| Failure::Io)?;
+                self.flush_tls().await
+            }
+        }
     }
 
     /// Read more bytes after the unread ones. `reserve` first moves the unread bytes (at most a
@@ -149,6 +251,9 @@ impl Conn {
         } else if self.buf.capacity() - self.buf.len() < MIN_ROOM {
             self.buf.reserve(READ_BUF / 2);
         }
+        if self.tls.is_some() {
+            return self.fill_tls().await;
+        }
         let buf = std::mem::take(&mut self.buf);
         let len = buf.len();
         let (res, slice) = self.stream.read(buf.slice_mut(len..)).await;
@@ -157,6 +262,28 @@ impl Conn {
             Ok(0) => Err(Failure::Closed),
             Ok(_) => Ok(()),
             Err(_) => Err(Failure::Io),
+        }
+    }
+
+    /// Plaintext from rustls into `buf`, reading ciphertext from the socket until there is some.
+    async fn fill_tls(&mut self) -> Result<(), Failure> {
+        loop {
+            let t = self.tls.as_mut().ok_or(Failure::Protocol)?;
+            // Through a stack buffer: only the bytes there are get copied (no zeroing of the
+            // whole free room per read).
+            let mut chunk = [0u8; 16 * 1024];
+            match std::io::Read::read(&mut t.conn.reader(), &mut chunk) {
+                Ok(0) => return Err(Failure::Closed),
+                Ok(n) => {
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return Err(Failure::Protocol),
+            }
+            // Key updates or tickets may want an answer.
+            self.flush_tls().await?;
+            self.read_tls().await?;
         }
     }
 }
@@ -201,8 +328,7 @@ async fn exchange(
     acc: &RefCell<Acc>,
     start: Instant,
 ) -> Result<bool, Failure> {
-    let (res, _) = c.stream.write_all(spec.request.clone()).await;
-    res.map_err(|_| Failure::Io)?;
+    c.send(&spec.request).await?;
     let head = loop {
         if let Some(h) = parse_head(&mut c.buf, "POST").map_err(|_| Failure::Protocol)? {
             break h;
@@ -318,7 +444,7 @@ async fn client(idx: usize, spec: Rc<Spec>, acc: Rc<RefCell<Acc>>, live: Live) {
         }
         let mut c = match conn.take() {
             Some(c) => c,
-            None => match monoio::time::timeout(spec.t1 - now, Conn::open(spec.addr, &acc)).await {
+            None => match monoio::time::timeout(spec.t1 - now, Conn::open(&spec, &acc)).await {
                 Err(_) => break,
                 Ok(Ok(c)) => c,
                 Ok(Err(_)) => {

@@ -67,10 +67,34 @@ pub(crate) fn blocking_request(
     req: &[u8],
     timeout: Duration,
 ) -> io::Result<(u16, Vec<u8>)> {
-    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    blocking_request_tls(addr, req, timeout, None)
+}
+
+/// `blocking_request`, over TLS when `tls` is given (verifying `localhost`).
+pub(crate) fn blocking_request_tls(
+    addr: SocketAddr,
+    req: &[u8],
+    timeout: Duration,
+    tls: Option<&std::sync::Arc<rustls::ClientConfig>>,
+) -> io::Result<(u16, Vec<u8>)> {
+    let s = TcpStream::connect_timeout(&addr, timeout)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_nodelay(true)?;
+    match tls {
+        None => request_on(s, req),
+        Some(cfg) => {
+            let name =
+                rustls::pki_types::ServerName::try_from("localhost").map_err(io::Error::other)?;
+            let conn =
+                rustls::ClientConnection::new(cfg.clone(), name).map_err(io::Error::other)?;
+            request_on(rustls::StreamOwned::new(conn, s), req)
+        }
+    }
+}
+
+fn request_on(mut s: impl Read + Write, req: &[u8]) -> io::Result<(u16, Vec<u8>)> {
     s.write_all(req)?;
+    s.flush()?;
     let method = req
         .iter()
         .position(|&b| b == b' ')

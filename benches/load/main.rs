@@ -120,6 +120,7 @@ fn run(opts: &Options) -> Result<String, String> {
         tmp: tmp.path.clone(),
         stop: stop.clone(),
         nofile,
+        tls: targets::BenchTls::new(&tmp.path)?,
     };
     let mut targets = opts.targets.clone();
     if ctx.nginx.is_none() && targets.contains(&TargetKind::Nginx) {
@@ -217,6 +218,7 @@ fn run(opts: &Options) -> Result<String, String> {
         return Err("interrupted; every process started was stopped".into());
     }
     targets_section(&mut out, &all, &startup);
+    report::tls_section(&mut out, &all, &startup);
     outln!(out, "- load average at end: {}", measure::loadavg());
     outln!(
         out,

@@ -18,8 +18,8 @@ Options (each also settable by the environment variable in brackets):
   --warmup S        unmeasured seconds before each run   [LOAD_WARMUP_SECS, default 1]
   --workloads LIST  w1,w2,w3 and the opt-in w4 (10,000 streams at 1 token/s)
                                                          [LOAD_WORKLOADS, default w1,w2,w3]
-  --targets LIST    direct,llmproxy,llmproxy-log,nginx,llmproxy-2w,llmproxy-epoll and the
-                    opt-in llmproxy-keys, llmproxy-redis (the clients' key rate-limited,
+  --targets LIST    direct,llmproxy,llmproxy-log,nginx,llmproxy-2w,llmproxy-epoll,llmproxy-tls
+                    and the opt-in llmproxy-keys, llmproxy-redis (the clients' key rate-limited,
                     ratelimit.store local / redis; the latter starts a redis-server)
                                                          [LOAD_TARGETS, default all but opt-ins]
   --startup-runs N  timed starts for the startup figure  [LOAD_STARTUP_RUNS, default 5; 0 = skip]
@@ -104,7 +104,7 @@ impl Options {
         let mut chosen = Vec::new();
         for t in targets.split(',').filter(|s| !s.trim().is_empty()) {
             let kind = TargetKind::parse(t).ok_or_else(|| {
-                format!("unknown target {t:?} (direct, llmproxy, llmproxy-log, nginx, llmproxy-2w, llmproxy-epoll, llmproxy-keys, llmproxy-redis)")
+                format!("unknown target {t:?} (direct, llmproxy, llmproxy-log, nginx, llmproxy-2w, llmproxy-epoll, llmproxy-tls, llmproxy-keys, llmproxy-redis)")
             })?;
             if !chosen.contains(&kind) {
                 chosen.push(kind);

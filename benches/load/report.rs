@@ -525,3 +525,89 @@ pub(crate) fn startup_table(out: &mut String, startup: &[Startup], runs: usize) 
         );
     outln!(out);
 }
+
+/// Issue 16's targets: llmproxy with client TLS against plaintext llmproxy in the same run. The
+/// stream memory is compared both as the whole RSS and above the idle proxy's RSS (the startup
+/// figure), since the fixed part is the same for both.
+pub(crate) fn tls_section(
+    out: &mut String,
+    all: &[(Workload, Vec<RunResult>)],
+    startup: &[Startup],
+) {
+    let get = |id: &str| {
+        all.iter()
+            .find(|(w, _)| w.id == id)
+            .map(|(_, r)| r.as_slice())
+    };
+    let pair = |id: &str| get(id).and_then(|r| find(r, "llmproxy-tls").zip(find(r, "llmproxy")));
+    if pair("w1").is_none() && pair("w4").is_none() {
+        return;
+    }
+    // Reported, not a target: what TLS costs the proxy per request; unlike req/s it does not
+    // depend on whether the proxy's CPU was the bottleneck in this run.
+    let cpu = pair("w1").and_then(|(t, p)| t.cpu_us_per_req().zip(p.cpu_us_per_req()));
+    outln!(out);
+    outln!(out, "### Issue 16 (TLS) targets, as measured in this run");
+    outln!(out);
+    let mut line = |what: String, v: Verdict| {
+        let tag = match v {
+            Verdict::Holds => "holds",
+            Verdict::Misses => "MISSED",
+            Verdict::Unknown => "not measured",
+        };
+        outln!(out, "- [{tag}] {what}");
+    };
+    let rps = pair("w1").map(|(t, p)| (t.rps(), p.rps()));
+    line(
+        format!(
+            "W1 over TLS (keep-alive): req/s ≥ 0.8× plaintext — {}",
+            rps.map_or("–".into(), |(t, p)| format!(
+                "{} vs {} (×{:.2})",
+                thousands(t),
+                thousands(p),
+                t / p
+            ))
+        ),
+        verdict(rps.map(|(t, p)| t >= 0.8 * p)),
+    );
+    match pair("w4") {
+        Some((t, p)) => {
+            let (tr, pr) = (t.rss_mb().unwrap_or(0.0), p.rss_mb().unwrap_or(0.0));
+            let idle = startup
+                .iter()
+                .find(|s| s.target == "llmproxy")
+                .map(|s| s.idle.rss_kib as f64 / 1024.0);
+            let above = idle.map(|i| (tr - i, pr - i));
+            line(
+                format!(
+                    "W4 {} TLS streams vs {} plaintext: memory < 2× — RSS {tr:.1} MB vs {pr:.1} MB (×{:.2}){}; errors {} vs {}",
+                    thousands(t.streaming_at_end as f64),
+                    thousands(p.streaming_at_end as f64),
+                    tr / pr,
+                    above.map_or(String::new(), |(a, b)| format!(
+                        ", above the idle proxy's {:.1} MB: {a:.1} MB vs {b:.1} MB (×{:.2})",
+                        idle.unwrap_or(0.0),
+                        a / b
+                    )),
+                    t.errors,
+                    p.errors
+                ),
+                verdict(Some(match above {
+                    Some((a, b)) => a < 2.0 * b,
+                    None => tr < 2.0 * pr,
+                })),
+            );
+        }
+        None => line(
+            "W4 TLS streams' memory (LOAD_WORKLOADS=w4 LOAD_W4_STREAMS=2000)".into(),
+            Verdict::Unknown,
+        ),
+    }
+    if let Some((a, b)) = cpu {
+        outln!(
+            out,
+            "- [reported] W1 proxy CPU per request, TLS vs plaintext — {a:.1} µs vs {b:.1} µs (×{:.2})",
+            a / b
+        );
+    }
+}

@@ -103,6 +103,7 @@ pub(crate) fn run_target(
         t1,
         finder: memmem::Finder::new(TOKEN_MARK),
         stop: ctx.stop.clone(),
+        tls: running.tls.clone(),
     };
     let load = spawn_load(spec);
     let load_pids = [mock.proc.pid(), self_pid];

@@ -1,5 +1,5 @@
 //! What is measured — direct (no proxy), llmproxy (plain, with access log, two workers, epoll
-//! driver), nginx — and the mock backend behind them: their configuration, how each is started
+//! driver, client TLS), nginx — and the mock backend behind them: their configuration, how each is started
 //! and pinned (proxy on CPU 0, mock on CPU 1) and the readiness probe (a real proxied request
 //! answered 200, which is also the startup figure). Every llmproxy default stays except what a
 //! fair comparison needs, said beside each setting: a change here changes what BENCHMARKS.md
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use memchr::memmem;
 
-use crate::http::blocking_request;
+use crate::http::blocking_request_tls;
 use crate::measure::children_of;
 use crate::process::{free_port, tail, Proc};
 use crate::workload::{chat_request, Workload, TOKENS};
@@ -36,10 +36,12 @@ pub(crate) enum TargetKind {
     /// Opt-in: the same with `ratelimit.store: redis` against a redis-server the benchmark starts
     /// (pinned with the mock): what sharing the limits costs the request path.
     LlmproxyRedis,
+    /// llmproxy with client TLS on `listen` (issue 16): what TLS costs, against `Llmproxy`.
+    LlmproxyTls,
 }
 
 impl TargetKind {
-    pub(crate) const ALL: [TargetKind; 8] = [
+    pub(crate) const ALL: [TargetKind; 9] = [
         TargetKind::Direct,
         TargetKind::Llmproxy,
         TargetKind::LlmproxyLog,
@@ -48,6 +50,7 @@ impl TargetKind {
         TargetKind::LlmproxyEpoll,
         TargetKind::LlmproxyKeys,
         TargetKind::LlmproxyRedis,
+        TargetKind::LlmproxyTls,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -60,6 +63,7 @@ impl TargetKind {
             TargetKind::LlmproxyEpoll => "llmproxy-epoll",
             TargetKind::LlmproxyKeys => "llmproxy-keys",
             TargetKind::LlmproxyRedis => "llmproxy-redis",
+            TargetKind::LlmproxyTls => "llmproxy-tls",
         }
     }
 
@@ -73,6 +77,7 @@ impl TargetKind {
             "llmproxy-epoll" => Some(TargetKind::LlmproxyEpoll),
             "llmproxy-keys" => Some(TargetKind::LlmproxyKeys),
             "llmproxy-redis" => Some(TargetKind::LlmproxyRedis),
+            "llmproxy-tls" => Some(TargetKind::LlmproxyTls),
             _ => None,
         }
     }
@@ -85,6 +90,54 @@ pub(crate) struct Ctx {
     pub(crate) nginx: Option<PathBuf>,
     pub(crate) tmp: PathBuf,
     pub(crate) stop: Arc<AtomicBool>,
+    pub(crate) tls: BenchTls,
+}
+
+/// The TLS target's certificate (for `localhost`, from a CA made at start with rcgen, written
+/// into the temporary directory) and the client config that trusts it.
+pub(crate) struct BenchTls {
+    cert: PathBuf,
+    key: PathBuf,
+    pub(crate) client: Arc<rustls::ClientConfig>,
+}
+
+impl BenchTls {
+    pub(crate) fn new(dir: &Path) -> Result<BenchTls, String> {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let e = |e: rcgen::Error| e.to_string();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(e)?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate().map_err(e)?;
+        let ca_cert = ca.self_signed(&ca_key).map_err(e)?;
+        let issuer = Issuer::new(ca, ca_key);
+        let leaf_key = KeyPair::generate().map_err(e)?;
+        let leaf = CertificateParams::new(vec!["localhost".to_string()])
+            .map_err(e)?
+            .signed_by(&leaf_key, &issuer)
+            .map_err(e)?;
+        let cert = dir.join("tls.crt");
+        let key = dir.join("tls.key");
+        std::fs::write(&cert, leaf.pem()).map_err(|e| e.to_string())?;
+        std::fs::write(&key, leaf_key.serialize_pem()).map_err(|e| e.to_string())?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(ca_cert.der().clone())
+            .map_err(|e| e.to_string())?;
+        // The proxy's defaults (TLS 1.3 preferred, ALPN http/1.1): what a client would get.
+        let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        client.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(BenchTls {
+            cert,
+            key,
+            client: Arc::new(client),
+        })
+    }
 }
 
 pub(crate) struct Mock {
@@ -141,6 +194,8 @@ pub(crate) struct Running {
     pub(crate) log: Option<PathBuf>,
     /// A process the target needs (the redis-server of `llmproxy-redis`), stopped with it.
     pub(crate) sidecar: Option<Proc>,
+    /// Some: the target speaks TLS and this is the client config to reach it.
+    pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 pub(crate) fn start_target(
@@ -158,14 +213,16 @@ pub(crate) fn start_target(
             ready_after: Duration::ZERO,
             log: None,
             sidecar: None,
+            tls: None,
         }),
-        TargetKind::Llmproxy => start_llmproxy(ctx, mock, false, "0", "auto", tag, conns, ""),
-        TargetKind::LlmproxyLog => start_llmproxy(ctx, mock, true, "0", "auto", tag, conns, ""),
-        TargetKind::Llmproxy2w => start_llmproxy(ctx, mock, false, "0,1", "auto", tag, conns, ""),
-        TargetKind::LlmproxyEpoll => start_llmproxy(ctx, mock, false, "0", "epoll", tag, conns, ""),
+        TargetKind::Llmproxy
+        | TargetKind::LlmproxyLog
+        | TargetKind::Llmproxy2w
+        | TargetKind::LlmproxyEpoll
+        | TargetKind::LlmproxyTls => start_llmproxy(ctx, mock, kind, tag, conns, ""),
         TargetKind::LlmproxyKeys => {
             let extra = format!("{BENCH_KEY_LIMITS}ratelimit:\n  store: local\n");
-            start_llmproxy(ctx, mock, false, "0", "auto", tag, conns, &extra)
+            start_llmproxy(ctx, mock, kind, tag, conns, &extra)
         }
         TargetKind::LlmproxyRedis => {
             let (redis, port) = start_redis(ctx, tag)?;
@@ -173,7 +230,7 @@ pub(crate) fn start_target(
                 "{BENCH_KEY_LIMITS}ratelimit:\n  store: redis\n  \
                  redis_url: \"redis://127.0.0.1:{port}/0\"\n  sync_interval: 100ms\n"
             );
-            let mut running = start_llmproxy(ctx, mock, false, "0", "auto", tag, conns, &extra)?;
+            let mut running = start_llmproxy(ctx, mock, kind, tag, conns, &extra)?;
             running.sidecar = Some(redis);
             Ok(running)
         }
@@ -209,17 +266,28 @@ fn start_redis(ctx: &Ctx, tag: &str) -> Result<(Proc, u16), String> {
     Ok((proc, port))
 }
 
-#[allow(clippy::too_many_arguments)]
+/// llmproxy in the configuration `kind` names: the access log, two workers, the epoll driver,
+/// client TLS or a rate-limited key, one at a time, each against the plain `llmproxy`.
 pub(crate) fn start_llmproxy(
     ctx: &Ctx,
     mock: SocketAddr,
-    access_log: bool,
-    cpus: &str,
-    io_driver: &str,
+    kind: TargetKind,
     tag: &str,
     conns: usize,
     extra: &str,
 ) -> Result<Running, String> {
+    let access_log = kind == TargetKind::LlmproxyLog;
+    let cpus = if kind == TargetKind::Llmproxy2w {
+        "0,1"
+    } else {
+        "0"
+    };
+    let io_driver = if kind == TargetKind::LlmproxyEpoll {
+        "epoll"
+    } else {
+        "auto"
+    };
+    let tls = kind == TargetKind::LlmproxyTls;
     let port = free_port()?;
     let pool = conns.max(64);
     let config = ctx.tmp.join(format!("llmproxy-{tag}.yaml"));
@@ -236,6 +304,18 @@ pub(crate) fn start_llmproxy(
          usage:\n  inject_include_usage: true\n\
          logging:\n  level: info\n  format: json\n  access_log: {access_log}\n{extra}"
     );
+    // The TLS target: the same, with client TLS on listen (keep-alive connections, so the
+    // handshake is paid once per connection, as a client with a pool would).
+    let yaml = if tls {
+        format!(
+            "{yaml}tls:\n  cert_file: \"{}\"\n  key_file: \"{}\"\n",
+            ctx.tls.cert.display(),
+            ctx.tls.key.display()
+        )
+    } else {
+        yaml
+    };
+    let client_tls = tls.then(|| ctx.tls.client.clone());
     std::fs::write(&config, yaml).map_err(|e| e.to_string())?;
     // The access log goes to stderr, redirected to a file (a real file, not /dev/null, so its
     // cost is the cost of a production log).
@@ -253,7 +333,7 @@ pub(crate) fn start_llmproxy(
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let started = Instant::now();
     let mut proc = Proc::spawn("llmproxy", cmd)?;
-    let ready_after = wait_ready(addr, &mut proc, started, &log)?;
+    let ready_after = wait_ready(addr, &mut proc, started, &log, client_tls.as_ref())?;
     Ok(Running {
         addr,
         pids: vec![proc.pid()],
@@ -261,6 +341,7 @@ pub(crate) fn start_llmproxy(
         ready_after,
         log: Some(log),
         sidecar: None,
+        tls: client_tls,
     })
 }
 
@@ -341,7 +422,7 @@ pub(crate) fn start_nginx(
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let started = Instant::now();
     let mut proc = Proc::spawn("nginx", cmd)?;
-    let ready_after = wait_ready(addr, &mut proc, started, &prefix.join("error.log"))?;
+    let ready_after = wait_ready(addr, &mut proc, started, &prefix.join("error.log"), None)?;
     let master = proc.pid();
     let deadline = Instant::now() + Duration::from_secs(5);
     let workers = loop {
@@ -364,6 +445,7 @@ pub(crate) fn start_nginx(
         ready_after,
         log: Some(prefix.join("error.log")),
         sidecar: None,
+        tls: None,
     })
 }
 
@@ -373,6 +455,7 @@ pub(crate) fn wait_ready(
     proc: &mut Proc,
     started: Instant,
     log: &Path,
+    tls: Option<&Arc<rustls::ClientConfig>>,
 ) -> Result<Duration, String> {
     // The same request as W1's, answered at once whatever the workload's token delay (the
     // mock's per-request knob; proxies forward the header).
@@ -384,7 +467,7 @@ pub(crate) fn wait_ready(
     let deadline = started + Duration::from_secs(10);
     let mut last: String;
     loop {
-        match blocking_request(addr, &req, Duration::from_secs(2)) {
+        match blocking_request_tls(addr, &req, Duration::from_secs(2), tls) {
             Ok((200, _)) => return Ok(started.elapsed()),
             Ok((status, body)) => {
                 last = format!("status {status}: {}", String::from_utf8_lossy(&body))

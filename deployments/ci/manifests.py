@@ -7,7 +7,9 @@
                                             Operator's CRDs that we use
   manifests.py config LLMPROXY FILE...      run `LLMPROXY check` on every ConfigMap's config.yaml,
                                             with every Secret's data of the same file as environment
-                                            (the chart hands a Secret to the proxy as env variables)
+                                            (the chart hands a Secret to the proxy as env variables);
+                                            a `tls:` block's files (a mounted Secret, absent here)
+                                            are replaced by a throwaway pair made with openssl
 
 Needs PyYAML and jsonschema (both come with checkov). Prints one line per object it checked.
 """
@@ -196,6 +198,25 @@ def custom(path):
     return 1 if failed else 0
 
 
+def with_test_tls(text, tmp):
+    """The config text with its `tls:` files (if any) pointing at a fresh self-signed pair in
+    `tmp` (also the client CA): the rest of the config is what gets checked."""
+    cfg = yaml.safe_load(text)
+    tls = cfg.get("tls") if isinstance(cfg, dict) else None
+    if not isinstance(tls, dict):
+        return text
+    crt, key = os.path.join(tmp, "tls.crt"), os.path.join(tmp, "tls.key")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-subj", "/CN=llmproxy",
+                    "-days", "2", "-keyout", key, "-out", crt], check=True, capture_output=True)
+    for k in ("cert_file", "client_ca_file"):
+        if k in tls:
+            tls[k] = crt
+    if "key_file" in tls:
+        tls["key_file"] = key
+    return yaml.safe_dump(cfg)
+
+
 def config(llmproxy, paths):
     failed = 0
     for path in paths:
@@ -207,12 +228,13 @@ def config(llmproxy, paths):
         for d in docs:
             if d.get("kind") != "ConfigMap" or "config.yaml" not in (d.get("data") or {}):
                 continue
-            with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
-                f.write(d["data"]["config.yaml"])
-                f.flush()
-                r = subprocess.run([llmproxy, "check", "--config", f.name], env=env,
+            with tempfile.TemporaryDirectory() as tmp:
+                cfg_path = os.path.join(tmp, "config.yaml")
+                with open(cfg_path, "w") as f:
+                    f.write(with_test_tls(d["data"]["config.yaml"], tmp))
+                r = subprocess.run([llmproxy, "check", "--config", cfg_path], env=env,
                                    capture_output=True, text=True)
-            out = (r.stdout + r.stderr).strip().replace(f.name, "config.yaml")
+            out = (r.stdout + r.stderr).strip().replace(cfg_path, "config.yaml")
             print(f"{'OK  ' if r.returncode == 0 else 'FAIL'} {path}: {name_of(d)}: llmproxy check: {out}")
             failed += r.returncode != 0
     return 1 if failed else 0

@@ -3,32 +3,12 @@
 //! when it changes. A broken file keeps the previous keys. Cores never wait for it: they pick up
 //! the new set by its version number (`auth::CoreAuth`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use crate::auth::KeyStore;
-
-/// What identifies a version of the keys file: a Secret update swaps a symlink (new inode), an
-/// edit changes size or mtime.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Stamp {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    mtime: Option<SystemTime>,
-}
-
-fn stamp(path: &Path) -> Option<Stamp> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path).ok()?;
-    Some(Stamp {
-        dev: m.dev(),
-        ino: m.ino(),
-        len: m.len(),
-        mtime: m.modified().ok(),
-    })
-}
+use crate::control::stamp::stamp;
 
 /// Starts the thread that re-reads `path` whenever it changes.
 pub(crate) fn watch(

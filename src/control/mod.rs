@@ -1,5 +1,5 @@
 //! The control side: threads that may block (the control plane, health checks and the breaker
-//! board, DNS discovery, engine-metrics scrapers, the keys-file watcher, the rate-limit store sync) and the typed messages
+//! board, DNS discovery, engine-metrics scrapers, the keys-file watcher, the rate-limit store sync; the plane also watches the TLS files) and the typed messages
 //! they exchange with the cores. Nothing here runs on a core, and nothing here reads per-core
 //! state: what a core needs to know reaches it as a `ControlMsg` in its inbox.
 
@@ -13,6 +13,8 @@ pub(crate) mod messages;
 pub(crate) mod plane;
 pub(crate) mod ratelimit_sync;
 pub(crate) mod reload;
+pub(crate) mod stamp;
+pub(crate) mod tls_watch;
 
 pub(crate) use messages::*;
 pub(crate) use reload::ReloadError;

@@ -1,9 +1,10 @@
 //! The control-plane thread: owns the master backend set (`backends::Registry`) and the running
-//! configuration, and is the only place that changes either. Three things change them: DNS
+//! configuration, and is the only place that changes either. Four things change them: DNS
 //! discovery rounds (every `discovery.interval`, which also retry the static backend names that
-//! did not resolve yet: such a backend is down, never fatal), reloads (SIGHUP, `POST /admin/reload`) and
-//! cores reporting that a draining backend has no request left. Each change is published as a
-//! new immutable `BackendTable` to every core's inbox, to the health thread and to the
+//! did not resolve yet: such a backend is down, never fatal), reloads (SIGHUP, `POST
+//! /admin/reload`), the listen certificate's files changing (`tls_watch`, polled every second)
+//! and cores reporting that a draining backend has no request left. Each change is published as
+//! a new immutable `BackendTable` to every core's inbox, to the health thread and to the
 //! engine-metrics scraper.
 //!
 //! It blocks freely (DNS, reading the config file) because no request ever waits on it; it must
@@ -25,6 +26,7 @@ use crate::clock;
 use crate::config::Config;
 use crate::control::discovery::Discovery;
 use crate::control::reload::{keep_restart_only, ReloadError, StaticsError};
+use crate::control::tls_watch::{self, TlsWatch};
 use crate::control::Summary;
 use crate::control::{Broadcast, ControlMsg, HealthReport, PlaneMsg};
 use crate::telemetry::metrics::Metrics;
@@ -49,6 +51,8 @@ pub(crate) struct Plane {
     lookup: Lookup,
     /// When unresolved static backends were last warned about.
     warned_unresolved: Option<Instant>,
+    /// The listen certificate's files, re-read when they change (`tls_watch`).
+    tls_watch: TlsWatch,
 }
 
 /// How a static backend's host is looked up: the system resolver, or a stand-in in tests.
@@ -167,7 +171,6 @@ impl Plane {
         let current = registry.publish(cfg.clone());
         Ok(Plane {
             registry,
-            config: cfg,
             path,
             statics,
             discovery,
@@ -177,6 +180,8 @@ impl Plane {
             scraper: None,
             lookup,
             warned_unresolved,
+            tls_watch: TlsWatch::new(&cfg),
+            config: cfg,
         })
     }
 
@@ -205,10 +210,12 @@ impl Plane {
     ) {
         let mut next_discovery = clock::deadline(self.discovery.interval());
         let mut next_resend = Instant::now() + RESEND;
+        let mut next_tls = Instant::now() + tls_watch::POLL;
         while !stop.load(Ordering::Relaxed) {
             let now = Instant::now();
             let wait = next_discovery
                 .min(next_resend)
+                .min(next_tls)
                 .saturating_duration_since(now)
                 .min(MAX_WAIT);
             let changed = match inbox.recv_timeout(wait) {
@@ -245,6 +252,12 @@ impl Plane {
                     !self.discovery.is_empty() && self.discovery.resolve(None, &self.metrics);
                 if self.retry_statics() || discovered {
                     self.apply_backends();
+                    self.publish(cores, health);
+                }
+            }
+            if now >= next_tls {
+                next_tls = now + tls_watch::POLL;
+                if self.tls_watch.changed() && self.rotate_tls() {
                     self.publish(cores, health);
                 }
             }
@@ -350,6 +363,37 @@ impl Plane {
         }
     }
 
+    /// The listen certificate's files changed: the running config with the pair built anew
+    /// (published by the caller when this returns true), or, when they do not build, a log line
+    /// and the running certificate stays.
+    fn rotate_tls(&mut self) -> bool {
+        match tls_watch::rebuild(&self.config) {
+            None => false,
+            Some(Err(e)) => {
+                log::error!(
+                    "tls: the changed certificate files are refused, the running certificate \
+                     keeps serving: {e}"
+                );
+                false
+            }
+            Some(Ok(new)) => {
+                self.metrics.tls_certificates(&new);
+                if let Some(t) = &new.tls {
+                    log::info!(
+                        "tls: certificate files changed; new handshakes use {} (expires at {} s \
+                         since the epoch)",
+                        t.cert_file.display(),
+                        t.server.expires_unix()
+                    );
+                }
+                self.config = Arc::new(new);
+                // Cores take a new config only with a new table version.
+                self.registry.bump();
+                true
+            }
+        }
+    }
+
     /// Re-reads the config file; on success the new config and backend set are in the registry
     /// (published by the caller). On failure nothing changed.
     fn reload(&mut self) -> Result<Summary, ReloadError> {
@@ -386,6 +430,8 @@ impl Plane {
         self.statics = statics;
         let added = self.discovery.configure(&new);
         self.metrics.tls_certificates(&new);
+        // The reload just read the (possibly other) files: watch those, as of now.
+        self.tls_watch = TlsWatch::new(&new);
         self.config = Arc::new(new);
         if !added.is_empty() {
             self.discovery.resolve(Some(&added), &self.metrics);

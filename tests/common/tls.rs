@@ -140,6 +140,8 @@ pub struct Forwarder {
     pub addr: SocketAddr,
     /// Handshakes that completed.
     pub handshakes: Arc<AtomicUsize>,
+    /// Of those, the ones that resumed an earlier session (no certificate exchange).
+    pub resumed: Arc<AtomicUsize>,
 }
 
 impl Forwarder {
@@ -168,20 +170,30 @@ impl Forwarder {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let handshakes = Arc::new(AtomicUsize::new(0));
-        let count = handshakes.clone();
+        let resumed = Arc::new(AtomicUsize::new(0));
+        let counts = (handshakes.clone(), resumed.clone());
         std::thread::spawn(move || {
             for tcp in listener.incoming() {
                 let Ok(tcp) = tcp else { return };
                 let cfg = cfg.clone();
-                let count = count.clone();
-                std::thread::spawn(move || serve(tcp, cfg, to, count));
+                let counts = counts.clone();
+                std::thread::spawn(move || serve(tcp, cfg, to, counts));
             }
         });
-        Forwarder { addr, handshakes }
+        Forwarder {
+            addr,
+            handshakes,
+            resumed,
+        }
     }
 }
 
-fn serve(tcp: TcpStream, cfg: Arc<rustls::ServerConfig>, to: SocketAddr, count: Arc<AtomicUsize>) {
+fn serve(
+    tcp: TcpStream,
+    cfg: Arc<rustls::ServerConfig>,
+    to: SocketAddr,
+    (count, resumed): (Arc<AtomicUsize>, Arc<AtomicUsize>),
+) {
     let conn = rustls::ServerConnection::new(cfg).unwrap();
     let mut tls = rustls::StreamOwned::new(conn, tcp);
     while tls.conn.is_handshaking() {
@@ -190,6 +202,9 @@ fn serve(tcp: TcpStream, cfg: Arc<rustls::ServerConfig>, to: SocketAddr, count: 
         }
     }
     count.fetch_add(1, Ordering::SeqCst);
+    if tls.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+        resumed.fetch_add(1, Ordering::SeqCst);
+    }
     let Ok(up) = TcpStream::connect(to) else {
         return;
     };
