@@ -321,6 +321,7 @@ fn balancer(c: &mut Criterion) {
             view: &view,
             engine: Some(&engine),
             key: Some(0x5e55_10a1),
+            blocks: &[],
             now,
         };
         g.bench_function(name, |b| {

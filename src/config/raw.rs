@@ -14,8 +14,8 @@ use serde::Deserialize;
 use super::keys::RawAuth;
 use super::parse::{de_duration, CpuSpec};
 use super::schema::{
-    Breaker, DiscoverKind, Discovery, HealthCheck, IoDriver, Limits, Logging, Pool, Real, Retry,
-    Routing, Strategy, Timeouts, Usage, UsageHook,
+    Breaker, DiscoverKind, Discovery, HealthCheck, IoDriver, Limits, Logging, Pool, PrefixCache,
+    Real, Retry, Routing, Strategy, Timeouts, Usage, UsageHook,
 };
 
 #[derive(Deserialize)]
@@ -122,6 +122,7 @@ pub(super) struct RawRouting {
     pub(super) kv_weight: Real,
     pub(super) inflight_weight: Real,
     pub(super) kv_threshold: Real,
+    pub(super) prefix_cache: PrefixCache,
 }
 
 impl Default for RawRouting {
@@ -136,6 +137,7 @@ impl Default for RawRouting {
             kv_weight: d.kv_weight,
             inflight_weight: d.inflight_weight,
             kv_threshold: d.kv_threshold,
+            prefix_cache: d.prefix_cache,
         }
     }
 }
