@@ -15,7 +15,7 @@ use std::cell::{Cell, RefCell};
 use std::time::Instant;
 
 use crate::config::{Routing, Strategy};
-pub use crate::hash::{hash_bytes, mix64};
+pub use crate::hash::{block_chain, hash_bytes, mix64};
 use crate::worker::engine::{EngineLoad, EngineView};
 use crate::worker::prefix::PrefixIndex;
 
@@ -106,7 +106,7 @@ pub struct Inputs<'a> {
 }
 
 impl<'a> Inputs<'a> {
-    pub(crate) fn new(view: &'a LoadView) -> Self {
+    pub fn new(view: &'a LoadView) -> Self {
         Inputs {
             view,
             engine: None,
