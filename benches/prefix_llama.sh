@@ -114,7 +114,12 @@ for line in sys.stdin:
         c[m.group(1)] = c.get(m.group(1), 0) + int(m.group(2))
 print("/".join(str(v) for _, v in sorted(c.items())))')
   echo "$strategy $res $shares" >>"$WORK/results"
-  python3 -c 'import json, sys; r = json.loads(sys.argv[2]); print(f"| {sys.argv[1]} | {r[\"requests\"]} ({r[\"errors\"]} errors) | {r[\"reuse\"]:.2f} | {r[\"median_s\"]:.2f} | {r[\"p90_s\"]:.2f} | {sys.argv[3]} | {r[\"wall_s\"]} |")' "$strategy" "$res" "$shares"
+  python3 - "$strategy" "$res" "$shares" <<'PY'
+import json, sys
+r = json.loads(sys.argv[2])
+print("| %s | %d (%d errors) | %.2f | %.2f | %.2f | %s | %s |" % (
+    sys.argv[1], r["requests"], r["errors"], r["reuse"], r["median_s"], r["p90_s"], sys.argv[3], r["wall_s"]))
+PY
   for pid in "$PROXY" "${LLAMA[@]##*:}"; do stop "$pid"; done
 done
 
