@@ -29,7 +29,7 @@ use llmproxy::openai::tap::{Kind, Tap, Usage};
 use llmproxy::openai::{inject_include_usage, inspect};
 use llmproxy::telemetry::metrics::{LocalMetrics, Metrics};
 use llmproxy::usage::{new_event_id, UsageEvent};
-use llmproxy::worker::balance::{Balancer, Inputs, LoadView};
+use llmproxy::worker::balance::{block_chain, Balancer, Inputs, LoadView, Params};
 use llmproxy::worker::engine::{EngineLoad, EngineView, Reading};
 
 const CHAT_PATH: &str = "/v1/chat/completions";
@@ -327,12 +327,45 @@ fn balancer(c: &mut Criterion) {
             view: &view,
             engine: Some(&engine),
             key: Some(0x5e55_10a1),
+            blocks: &[],
             now,
         };
         g.bench_function(name, |b| {
             b.iter(|| balancer.choose(black_box(&input), |i| mask[i] && view.is_up(i)))
         });
     }
+    // prefix_cache: decision plus index update for a 16 KiB prompt (64 blocks of 256 bytes)
+    // over 8 backends, against an index warmed with 64 such prompts per backend.
+    let prompt = |i: u64| -> Vec<u64> {
+        let text: Vec<u8> = (0..16 * 1024u64)
+            .map(|j| b'a' + ((i * 7 + j / 256 * 3 + j) % 26) as u8)
+            .collect();
+        let mut chain = Vec::new();
+        block_chain(&text, 256, 128, &mut chain);
+        chain
+    };
+    let params = Params::default().prefix_cache(8192, 4.0);
+    let keys = (0..BACKENDS as u64).collect();
+    let balancer = Balancer::with(Strategy::PrefixCache, vec![1; BACKENDS], keys, params);
+    let prompts: Vec<Vec<u64>> = (0..BACKENDS as u64 * 64).map(prompt).collect();
+    for (i, p) in prompts.iter().enumerate() {
+        balancer.learn(i % BACKENDS, p);
+    }
+    let mut next = 0usize;
+    g.bench_function("prefix_cache_pick_and_learn_16KiB", |b| {
+        b.iter(|| {
+            next = (next + 1) % prompts.len();
+            let input = Inputs {
+                blocks: &prompts[next],
+                ..Inputs::new(&view)
+            };
+            let pick = balancer.choose(black_box(&input), |i| mask[i] && view.is_up(i));
+            if let Some(p) = pick {
+                balancer.learn(p.backend, &prompts[next]);
+            }
+            pick
+        })
+    });
     g.finish();
 }
 

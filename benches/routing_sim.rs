@@ -87,27 +87,46 @@ fn trace(rate: f64) -> Vec<Session> {
 struct Req {
     session: usize,
     turn: usize,
+    /// The cache entry this request can reuse: its session's history, or a shared prefix.
+    cache_id: u64,
+    /// Shared prefix (hot-prefix scenario): its tokens stay cached (in use by many), and only
+    /// `reusable` of the prompt can come from the cache.
+    shared: bool,
+    reusable: u64,
     prompt: u64,
     output: u64,
     generated: u64,
     arrival: f64,
 }
 
-#[derive(Default)]
 struct Gpu {
+    /// KV cache capacity in tokens.
+    kv: u64,
     busy: bool,
     waiting: VecDeque<usize>,
     running: Vec<usize>,
     /// Tokens held by running sequences.
     active: u64,
-    /// session → (cached tokens, last use), the prefix cache.
-    cache: HashMap<usize, (u64, f64)>,
+    /// cache id → (cached tokens, last use), the prefix cache.
+    cache: HashMap<u64, (u64, f64)>,
     cached: u64,
 }
 
 impl Gpu {
+    fn new(kv: u64) -> Self {
+        Gpu {
+            kv,
+            busy: false,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            active: 0,
+            cache: HashMap::new(),
+            cached: 0,
+        }
+    }
+
     fn evict_for(&mut self, need: u64) -> bool {
-        while self.active + self.cached + need > KV_CAPACITY {
+        while self.active + self.cached + need > self.kv {
             let Some((&s, _)) = self
                 .cache
                 .iter()
@@ -125,8 +144,17 @@ impl Gpu {
 
 #[derive(PartialEq, Eq, PartialOrd, Ord)]
 enum Ev {
-    Arrive { session: usize, turn: usize },
-    GpuDone { backend: usize },
+    Arrive {
+        session: usize,
+        turn: usize,
+    },
+    /// One request of the hot-prefix trace.
+    One {
+        req: usize,
+    },
+    GpuDone {
+        backend: usize,
+    },
     Scrape,
 }
 
@@ -165,14 +193,47 @@ impl<'a> Sim<'a> {
         let g = &mut self.gpus[b];
         if let Some(&r) = g.waiting.front() {
             let req = &self.reqs[r];
+            if req.shared {
+                // A shared prefix stays in the cache for every request using it; a miss
+                // computes it and caches it at once (the GPU runs one prefill at a time, so
+                // the next request on it sees it).
+                let hit = g.cache.get(&req.cache_id).map_or(0, |(t, _)| *t);
+                let unique = req.prompt - req.reusable;
+                let fits = g.running.len() < MAX_BATCH
+                    && if hit > 0 {
+                        g.cache.insert(req.cache_id, (hit, now));
+                        g.evict_for(unique)
+                    } else {
+                        g.evict_for(req.prompt)
+                            .then(|| {
+                                g.cache.insert(req.cache_id, (req.reusable, now));
+                                g.cached += req.reusable;
+                            })
+                            .is_some()
+                    };
+                if fits {
+                    g.waiting.pop_front();
+                    g.active += unique;
+                    g.busy = true;
+                    self.prompt_tokens += req.prompt;
+                    self.cached_tokens += hit;
+                    let cost = PREFILL_FIXED + PREFILL_PER_TOKEN * (req.prompt - hit) as f64;
+                    self.op[b] = Some(Some(r));
+                    self.push(now + cost, Ev::GpuDone { backend: b });
+                    return;
+                }
+            }
+        }
+        if let Some(&r) = g.waiting.front().filter(|&&r| !self.reqs[r].shared) {
+            let req = &self.reqs[r];
             let hit = g
                 .cache
-                .get(&req.session)
+                .get(&req.cache_id)
                 .map_or(0, |(t, _)| *t)
                 .min(req.prompt);
             // The cached history becomes this sequence's own KV; the rest is computed.
             let fits = g.running.len() < MAX_BATCH && {
-                if let Some((tokens, _)) = g.cache.remove(&req.session) {
+                if let Some((tokens, _)) = g.cache.remove(&req.cache_id) {
                     g.cached -= tokens;
                     g.active += hit;
                     g.evict_for(req.prompt - hit)
@@ -194,7 +255,7 @@ impl<'a> Sim<'a> {
             if hit > 0 {
                 // Not admitted yet: its history goes back to the cache.
                 g.active -= hit;
-                g.cache.insert(req.session, (hit, now));
+                g.cache.insert(req.cache_id, (hit, now));
                 g.cached += hit;
             }
         }
@@ -225,16 +286,22 @@ impl<'a> Sim<'a> {
                         still.push(r);
                         continue;
                     }
+                    let g = &mut self.gpus[b];
+                    view.add_own(b, -1);
+                    self.remaining -= 1;
+                    if req.shared {
+                        g.active -= req.prompt - req.reusable + req.generated;
+                        continue;
+                    }
                     // Finished: the whole conversation so far stays cached.
                     let total = req.prompt + req.generated;
-                    let g = &mut self.gpus[b];
                     g.active -= total;
-                    g.cache.insert(req.session, (total, now));
+                    if let Some((old, _)) = g.cache.insert(req.cache_id, (total, now)) {
+                        g.cached -= old;
+                    }
                     g.cached += total;
                     g.evict_for(0);
-                    view.add_own(b, -1);
                     let (s, turn) = (req.session, req.turn);
-                    self.remaining -= 1;
                     if turn + 1 < self.sessions[s].turns.len() {
                         next_turns.push((s, turn + 1));
                     }
@@ -265,12 +332,89 @@ struct Outcome {
     requests: usize,
 }
 
-fn run(strategy: Strategy, sessions: &[Session]) -> Outcome {
+/// Tokens per prefix-cache block, as `prefix_cache` sees prompts (256 bytes ≈ 64 tokens).
+const BLOCK_TOKENS: u64 = 64;
+/// Blocks hashed per request at most (the proxy's `max_blocks` default).
+const MAX_BLOCKS: u64 = 128;
+
+/// The hot-prefix scenario: many independent requests (no session), each a long shared system
+/// prompt of Zipf-distributed popularity plus a short question of its own.
+const HOT_PREFIXES: usize = 32;
+const HOT_PREFIX_TOKENS: u64 = 4_000;
+const HOT_REQUESTS: usize = 4_000;
+/// Requests per second: moderate and heavy.
+const HOT_RATES: [f64; 2] = [6.0, 9.0];
+/// KV per GPU so that all prefixes together need about 70% of the cluster's KV.
+const HOT_KV: u64 = 46_000;
+
+struct HotReq {
+    at: f64,
+    prefix: usize,
+    user: u64,
+    reply: u64,
+}
+
+fn hot_trace(rate: f64) -> Vec<HotReq> {
+    let mut rng = fastrand::Rng::with_seed(SEED ^ 0x407);
+    let exp = |mean: f64, rng: &mut fastrand::Rng| -mean * (1.0 - rng.f64()).ln();
+    // Zipf(1.0): prefix k drawn with weight 1 / (k + 1).
+    let weights: Vec<f64> = (0..HOT_PREFIXES).map(|k| 1.0 / (k + 1) as f64).collect();
+    let total: f64 = weights.iter().sum();
+    let mut t = 0.0;
+    (0..HOT_REQUESTS)
+        .map(|_| {
+            t += exp(1.0 / rate, &mut rng);
+            let mut x = rng.f64() * total;
+            let prefix = weights
+                .iter()
+                .position(|w| {
+                    x -= w;
+                    x < 0.0
+                })
+                .unwrap_or(HOT_PREFIXES - 1);
+            HotReq {
+                at: t,
+                prefix,
+                user: rng.u64(50..=300),
+                reply: rng.u64(50..=250),
+            }
+        })
+        .collect()
+}
+
+enum Workload<'a> {
+    /// Multi-turn chats; `consistent_hash` keys on the session.
+    Chats(&'a [Session]),
+    /// Independent requests on hot prefixes; `consistent_hash` keys on the prefix (`prefix:1`).
+    Hot(&'a [HotReq]),
+}
+
+/// The block chain `prefix_cache` would compute: `shared` tokens of content `id` (stable), then
+/// the rest unique to request `uid`.
+fn chain(id: u64, shared: u64, prompt: u64, uid: u64) -> Vec<u64> {
+    (0..(prompt / BLOCK_TOKENS).min(MAX_BLOCKS))
+        .map(|i| {
+            if (i + 1) * BLOCK_TOKENS <= shared {
+                mix64(mix64(id) ^ i)
+            } else {
+                mix64(mix64(uid ^ 0xdead_beef) ^ i)
+            }
+        })
+        .collect()
+}
+
+fn run(strategy: Strategy, work: &Workload<'_>) -> Outcome {
     fastrand::seed(SEED);
     let ids: Vec<u64> = (0..BACKENDS)
         .map(|i| llmproxy::worker::balance::hash_bytes(format!("http://gpu-{i}:8000").as_bytes()))
         .collect();
-    let balancer = Balancer::with(strategy, vec![1; BACKENDS], ids, Params::default());
+    let (sessions, hot, kv): (&[Session], &[HotReq], u64) = match work {
+        Workload::Chats(s) => (s, &[], KV_CAPACITY),
+        Workload::Hot(h) => (&[], h, HOT_KV),
+    };
+    // The index remembers about as many blocks as the GPU's KV holds.
+    let params = Params::default().prefix_cache((kv / BLOCK_TOKENS) as usize, 4.0);
+    let balancer = Balancer::with(strategy, vec![1; BACKENDS], ids, params);
     let view = LoadView::new(0, 1, BACKENDS);
     let engine = EngineView::new(BACKENDS, Duration::from_secs(2));
     let base = Instant::now();
@@ -278,7 +422,7 @@ fn run(strategy: Strategy, sessions: &[Session]) -> Outcome {
 
     let mut sim = Sim {
         sessions,
-        gpus: (0..BACKENDS).map(|_| Gpu::default()).collect(),
+        gpus: (0..BACKENDS).map(|_| Gpu::new(kv)).collect(),
         reqs: Vec::new(),
         events: BinaryHeap::new(),
         seq: 0,
@@ -287,7 +431,7 @@ fn run(strategy: Strategy, sessions: &[Session]) -> Outcome {
         prompt_tokens: 0,
         cached_tokens: 0,
         served: [0; BACKENDS],
-        remaining: sessions.iter().map(|s| s.turns.len()).sum(),
+        remaining: sessions.iter().map(|s| s.turns.len()).sum::<usize>() + hot.len(),
     };
     for (s, sess) in sessions.iter().enumerate() {
         sim.push(
@@ -298,36 +442,40 @@ fn run(strategy: Strategy, sessions: &[Session]) -> Outcome {
             },
         );
     }
+    for (i, h) in hot.iter().enumerate() {
+        sim.push(h.at, Ev::One { req: i });
+    }
     sim.push(0.0, Ev::Scrape);
     while let Some(Reverse((t, _, ev))) = sim.events.pop() {
         let now = t as f64 / 1e9;
-        match ev {
+        let req = match ev {
             Ev::Arrive { session, turn } => {
-                let input = Inputs {
-                    view: &view,
-                    engine: Some(&engine),
-                    key: Some(mix64(session as u64)),
-                    now: at(now),
-                };
-                let Some(pick) = balancer.choose(&input, |_| true) else {
-                    continue;
-                };
-                let b = pick.backend;
-                view.add_own(b, 1);
-                sim.served[b] += 1;
                 let prompt = sim.prompt_of(session, turn);
-                let output = sessions[session].turns[turn].reply;
-                sim.reqs.push(Req {
+                Req {
                     session,
                     turn,
+                    cache_id: session as u64,
+                    shared: false,
+                    reusable: prompt,
                     prompt,
-                    output,
+                    output: sessions[session].turns[turn].reply,
                     generated: 0,
                     arrival: now,
-                });
-                let r = sim.reqs.len() - 1;
-                sim.gpus[b].waiting.push_back(r);
-                sim.kick(b, now);
+                }
+            }
+            Ev::One { req } => {
+                let h = &hot[req];
+                Req {
+                    session: req,
+                    turn: 0,
+                    cache_id: 1 << 40 | h.prefix as u64,
+                    shared: true,
+                    reusable: HOT_PREFIX_TOKENS,
+                    prompt: HOT_PREFIX_TOKENS + h.user,
+                    output: h.reply,
+                    generated: 0,
+                    arrival: now,
+                }
             }
             Ev::GpuDone { backend } => {
                 for (s, turn) in sim.gpu_done(backend, now, &view) {
@@ -335,21 +483,43 @@ fn run(strategy: Strategy, sessions: &[Session]) -> Outcome {
                     sim.push(now + think, Ev::Arrive { session: s, turn });
                 }
                 sim.kick(backend, now);
+                continue;
             }
             Ev::Scrape => {
                 for (b, g) in sim.gpus.iter().enumerate() {
                     let load = EngineLoad {
                         waiting: g.waiting.len() as f64,
                         running: g.running.len() as f64,
-                        kv_usage: Some(g.active as f64 / KV_CAPACITY as f64),
+                        kv_usage: Some(g.active as f64 / g.kv as f64),
                     };
                     engine.set(b, Reading { load, at: at(now) });
                 }
                 if sim.remaining > 0 {
                     sim.push(now + SCRAPE, Ev::Scrape);
                 }
+                continue;
             }
-        }
+        };
+        let uid = sim.reqs.len() as u64;
+        let blocks = chain(req.cache_id, req.reusable, req.prompt, uid);
+        let input = Inputs {
+            view: &view,
+            engine: Some(&engine),
+            key: Some(mix64(req.cache_id)),
+            blocks: &blocks,
+            now: at(now),
+        };
+        let Some(pick) = balancer.choose(&input, |_| true) else {
+            continue;
+        };
+        let b = pick.backend;
+        balancer.learn(b, &blocks);
+        view.add_own(b, 1);
+        sim.served[b] += 1;
+        sim.reqs.push(req);
+        let r = sim.reqs.len() - 1;
+        sim.gpus[b].waiting.push_back(r);
+        sim.kick(b, now);
     }
     let mut ttft = std::mem::take(&mut sim.ttft);
     ttft.sort_by(f64::total_cmp);
@@ -363,33 +533,58 @@ fn run(strategy: Strategy, sessions: &[Session]) -> Outcome {
     }
 }
 
+const STRATEGIES: [Strategy; 6] = [
+    Strategy::RoundRobin,
+    Strategy::LeastConnections,
+    Strategy::PowerOfTwo,
+    Strategy::LeastLoad,
+    Strategy::ConsistentHash,
+    Strategy::PrefixCache,
+];
+
 fn main() {
     let started = Instant::now();
-    println!("routing_sim: {BACKENDS} GPUs, {SESSIONS} chats, seed {SEED:#x}\n");
+    println!("routing_sim: {BACKENDS} GPUs, seed {SEED:#x}\n");
     println!(
-        "| load | strategy | mean TTFT (ms) | p99 TTFT (ms) | prefix cache hit rate | requests per GPU |"
+        "Multi-turn chats ({SESSIONS} sessions; consistent_hash keys on the session header, \
+         prefix_cache sees only the prompt):\n"
     );
-    println!("|---|---|---:|---:|---:|---|");
+    header("load");
     for rate in SESSION_RATES {
-        table(rate);
+        let sessions = trace(rate);
+        let turns: usize = sessions.iter().map(|s| s.turns.len()).sum();
+        table(
+            &format!("{rate} chats/s"),
+            &Workload::Chats(&sessions),
+            turns,
+        );
+    }
+    println!(
+        "\nHot prefixes ({HOT_PREFIXES} system prompts of {HOT_PREFIX_TOKENS} tokens, Zipf(1.0), \
+         {HOT_REQUESTS} requests, no session; KV {HOT_KV} tokens per GPU; consistent_hash keys \
+         on the system prompt, prefix:1):\n"
+    );
+    header("load");
+    for rate in HOT_RATES {
+        let reqs = hot_trace(rate);
+        table(&format!("{rate} req/s"), &Workload::Hot(&reqs), reqs.len());
     }
     println!("\n(simulated in {:.1?})", started.elapsed());
 }
 
-fn table(rate: f64) {
-    let sessions = trace(rate);
-    let turns: usize = sessions.iter().map(|s| s.turns.len()).sum();
-    for strategy in [
-        Strategy::RoundRobin,
-        Strategy::LeastConnections,
-        Strategy::PowerOfTwo,
-        Strategy::LeastLoad,
-        Strategy::ConsistentHash,
-    ] {
-        let o = run(strategy, &sessions);
-        assert_eq!(o.requests, turns, "every turn is served");
+fn header(load: &str) {
+    println!(
+        "| {load} | strategy | mean TTFT (ms) | p99 TTFT (ms) | prefix cache hit rate | requests per GPU |"
+    );
+    println!("|---|---|---:|---:|---:|---|");
+}
+
+fn table(load: &str, work: &Workload<'_>, expected: usize) {
+    for strategy in STRATEGIES {
+        let o = run(strategy, work);
+        assert_eq!(o.requests, expected, "every request is served");
         println!(
-            "| {rate} chats/s | {} | {:.0} | {:.0} | {:.1}% | {:?} |",
+            "| {load} | {} | {:.0} | {:.0} | {:.1}% | {:?} |",
             strategy.as_str(),
             o.mean_ttft * 1000.0,
             o.p99_ttft * 1000.0,

@@ -30,8 +30,8 @@ pub use parse::parse_cpu_list;
 pub use ratelimit::{OnStoreError, RateLimit, RateStore};
 pub use schema::{
     Backend, BackendTls, Breaker, Config, DiscoverKind, Discovery, HashKey, HealthCheck,
-    HookFormat, Identity, IoDriver, Limits, ListenTls, LogFormat, Logging, ModelPool, Pool, Real,
-    Retry, Routing, Secret, Strategy, Timeouts, Usage, UsageHook,
+    HookFormat, Identity, IoDriver, Limits, ListenTls, LogFormat, Logging, ModelPool, Pool,
+    PrefixCache, Real, Retry, Routing, Secret, Strategy, Timeouts, Usage, UsageHook,
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -15,8 +15,8 @@ use super::keys::RawAuth;
 use super::parse::{de_duration, CpuSpec};
 use super::ratelimit::RawRateLimit;
 use super::schema::{
-    Breaker, DiscoverKind, Discovery, HealthCheck, IoDriver, Limits, Logging, Pool, Real, Retry,
-    Routing, Strategy, Timeouts, Usage, UsageHook,
+    Breaker, DiscoverKind, Discovery, HealthCheck, IoDriver, Limits, Logging, Pool, PrefixCache,
+    Real, Retry, Routing, Strategy, Timeouts, Usage, UsageHook,
 };
 
 #[derive(Deserialize)]
@@ -125,6 +125,7 @@ pub(super) struct RawRouting {
     pub(super) kv_weight: Real,
     pub(super) inflight_weight: Real,
     pub(super) kv_threshold: Real,
+    pub(super) prefix_cache: PrefixCache,
 }
 
 impl Default for RawRouting {
@@ -139,6 +140,7 @@ impl Default for RawRouting {
             kv_weight: d.kv_weight,
             inflight_weight: d.inflight_weight,
             kv_threshold: d.kv_threshold,
+            prefix_cache: d.prefix_cache,
         }
     }
 }

@@ -189,6 +189,9 @@ pub enum Strategy {
     LeastLoad,
     /// Rendezvous hashing on a per-request key, guarded by `routing.max_imbalance`.
     ConsistentHash,
+    /// The backend that probably holds most of the prompt in its KV cache, traded against
+    /// in-flight load (`routing.prefix_cache`).
+    PrefixCache,
 }
 
 impl Strategy {
@@ -200,6 +203,7 @@ impl Strategy {
             Strategy::PowerOfTwo => "power_of_two",
             Strategy::LeastLoad => "least_load",
             Strategy::ConsistentHash => "consistent_hash",
+            Strategy::PrefixCache => "prefix_cache",
         }
     }
 
@@ -251,6 +255,35 @@ pub struct Routing {
     pub inflight_weight: Real,
     /// Backends whose KV cache use (0-1) is above this are avoided while any other is not.
     pub kv_threshold: Real,
+    pub prefix_cache: PrefixCache,
+}
+
+/// `prefix_cache`'s tunables: how a prompt is cut into blocks, how many blocks are remembered
+/// per backend, and what a cache miss is worth against load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "a mapping")]
+pub struct PrefixCache {
+    /// Bytes of prompt text per block (about 4 bytes per token: 256 ≈ 64 tokens).
+    pub block_bytes: usize,
+    /// Blocks hashed per request at most (block_bytes × max_blocks bytes of prompt).
+    pub max_blocks: usize,
+    /// Blocks remembered per backend (least recently used go first): size it for the engine's
+    /// prefix cache (KV tokens × 4 / block_bytes).
+    pub capacity_blocks: usize,
+    /// A whole-prompt cache miss costs as much as this many requests in flight: a backend
+    /// holding the prefix keeps it until it has this many more in flight than one without.
+    pub miss_cost: Real,
+}
+
+impl Default for PrefixCache {
+    fn default() -> Self {
+        PrefixCache {
+            block_bytes: 256,
+            max_blocks: 128,
+            capacity_blocks: 8192,
+            miss_cost: Real(4.0),
+        }
+    }
 }
 
 impl Default for Routing {
@@ -264,6 +297,7 @@ impl Default for Routing {
             kv_weight: Real(8.0),
             inflight_weight: Real(1.0),
             kv_threshold: Real(0.9),
+            prefix_cache: PrefixCache::default(),
         }
     }
 }

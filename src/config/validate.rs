@@ -471,6 +471,7 @@ fn validate_routing(raw: RawRouting, err: &mut impl FnMut(&str, String)) -> Rout
         ("routing.kv_weight", raw.kv_weight),
         ("routing.inflight_weight", raw.inflight_weight),
         ("routing.kv_threshold", raw.kv_threshold),
+        ("routing.prefix_cache.miss_cost", raw.prefix_cache.miss_cost),
     ] {
         if !(v.0.is_finite() && v.0 >= 0.0) {
             err(path, format!("must be a non-negative number, got {}", v.0));
@@ -482,6 +483,26 @@ fn validate_routing(raw: RawRouting, err: &mut impl FnMut(&str, String)) -> Rout
     ] {
         if d.is_zero() {
             err(path, "must be greater than zero".to_string());
+        }
+    }
+    let pc = raw.prefix_cache;
+    for (path, v, lo, hi) in [
+        (
+            "routing.prefix_cache.block_bytes",
+            pc.block_bytes,
+            16,
+            65536,
+        ),
+        ("routing.prefix_cache.max_blocks", pc.max_blocks, 1, 4096),
+        (
+            "routing.prefix_cache.capacity_blocks",
+            pc.capacity_blocks,
+            1,
+            1 << 24,
+        ),
+    ] {
+        if !(lo..=hi).contains(&v) {
+            err(path, format!("must be between {lo} and {hi}, got {v}"));
         }
     }
     if raw.metrics_stale_after <= raw.metrics_interval {
@@ -502,5 +523,6 @@ fn validate_routing(raw: RawRouting, err: &mut impl FnMut(&str, String)) -> Rout
         kv_weight: raw.kv_weight,
         inflight_weight: raw.inflight_weight,
         kv_threshold: raw.kv_threshold,
+        prefix_cache: raw.prefix_cache,
     }
 }

@@ -51,6 +51,14 @@ pub(crate) enum ControlMsg {
         id: u64,
         reading: crate::control::engine::Reading,
     },
+    /// `prefix_cache`: another core sent a prompt with this block chain to `backend` (holding
+    /// `id`), through the balancer of model pool `pool` (`None`: the top-level one).
+    Prefix {
+        pool: Option<usize>,
+        backend: usize,
+        id: u64,
+        blocks: Arc<[u64]>,
+    },
 }
 
 /// Sent to the health thread.

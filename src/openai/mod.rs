@@ -18,7 +18,7 @@ use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
 use crate::error::ProxyError;
-use crate::hash::hash_bytes;
+use crate::hash::{block_chain, hash_bytes};
 use crate::openai::tap::{top_level_value, Kind};
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -38,6 +38,17 @@ pub struct RequestInfo {
     /// (the first `prefix` messages, or the start of `prompt`) when asked for.
     pub user_key: Option<u64>,
     pub prefix_key: Option<u64>,
+    /// `prefix_cache`'s block chain (`hash::block_chain`) of the prompt as the engine will see
+    /// it: the chat messages in order (first to last, raw JSON) or the completion `prompt`.
+    /// Empty unless asked for. Boxed: it lives in every connection's future.
+    pub blocks: Box<[u64]>,
+}
+
+/// How `inspect_with` cuts a prompt into blocks for `prefix_cache`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Blocks {
+    pub(crate) bytes: usize,
+    pub(crate) max: usize,
 }
 
 /// How much of each message (or of a completions `prompt`) the prefix key hashes: bounds the
@@ -69,7 +80,11 @@ struct Peek<'a> {
 /// anyway (no allocation, no second parse). Anything that is not an array captures nothing;
 /// validating messages is the backend's business.
 #[derive(Default)]
-struct FirstMessages<'a>([Option<&'a RawValue>; MAX_PREFIX_MESSAGES]);
+struct FirstMessages<'a>(
+    [Option<&'a RawValue>; MAX_PREFIX_MESSAGES],
+    /// The last message: with the first it spans the whole conversation.
+    Option<&'a RawValue>,
+);
 
 impl<'de: 'a, 'a> Deserialize<'de> for FirstMessages<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -83,11 +98,17 @@ impl<'de: 'a, 'a> Deserialize<'de> for FirstMessages<'a> {
                 let mut out = FirstMessages::default();
                 for slot in out.0.iter_mut() {
                     match seq.next_element::<&'de RawValue>()? {
-                        Some(m) => *slot = Some(m),
+                        Some(m) => {
+                            *slot = Some(m);
+                            out.1 = Some(m);
+                        }
                         None => return Ok(out),
                     }
                 }
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                // Borrowed raw text: no allocation, only the position is kept.
+                while let Some(m) = seq.next_element::<&'de RawValue>()? {
+                    out.1 = Some(m);
+                }
                 Ok(out)
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
@@ -144,7 +165,7 @@ pub fn inspect(
     body: &[u8],
     user_field: &str,
 ) -> Result<RequestInfo, ProxyError> {
-    inspect_with(method, path, body, user_field, 0)
+    inspect_with(method, path, body, user_field, 0, None)
 }
 
 /// `inspect`, also hashing the first `prefix_messages` messages (0: none) into `prefix_key`.
@@ -154,6 +175,7 @@ pub(crate) fn inspect_with(
     body: &[u8],
     user_field: &str,
     prefix_messages: usize,
+    blocks: Option<Blocks>,
 ) -> Result<RequestInfo, ProxyError> {
     if !is_json_route(method, path) {
         return Ok(RequestInfo {
@@ -209,6 +231,25 @@ pub(crate) fn inspect_with(
         }
         _ => None,
     };
+    // Raw values borrow from `body`: their pointers give their positions.
+    let offset =
+        |raw: &RawValue| (raw.get().as_ptr() as usize).wrapping_sub(body.as_ptr() as usize);
+    let prompt_span = match (&peek.messages, peek.prompt) {
+        (Some(FirstMessages([Some(first), ..], Some(last))), _) => {
+            Some((offset(first), offset(last) + last.get().len()))
+        }
+        (_, Some(prompt)) => Some((offset(prompt), offset(prompt) + prompt.get().len())),
+        _ => None,
+    }
+    .filter(|&(a, b)| a <= b && b <= body.len());
+    let blocks = match (blocks, prompt_span) {
+        (Some(cut), Some((a, b))) => {
+            let mut chain = Vec::new();
+            block_chain(&body[a..b], cut.bytes, cut.max, &mut chain);
+            chain.into_boxed_slice()
+        }
+        _ => Box::default(),
+    };
     let user_key = peek.user.as_deref().map(|u| hash_bytes(u.as_bytes()));
     let user = match user_field {
         "" => None,
@@ -223,6 +264,7 @@ pub(crate) fn inspect_with(
         model_span,
         user_key,
         prefix_key,
+        blocks,
         stream: peek.stream.unwrap_or(false) || path == "/generate_stream",
         has_stream_options: peek.stream_options.is_some(),
         include_usage: peek
@@ -426,7 +468,7 @@ mod tests {
     }
 
     fn keyed(body: &[u8], prefix: usize) -> RequestInfo {
-        inspect_with("POST", "/v1/chat/completions", body, "user", prefix).unwrap()
+        inspect_with("POST", "/v1/chat/completions", body, "user", prefix, None).unwrap()
     }
 
     #[test]
@@ -464,9 +506,67 @@ mod tests {
             "/v1/chat/completions",
             br#"{"messages":[1,"#,
             "user",
-            2
+            2,
+            None
         )
         .is_err());
+    }
+
+    #[test]
+    fn prompt_blocks_cover_the_conversation_in_order() {
+        let cut = Some(Blocks { bytes: 16, max: 64 });
+        let chain = |body: &[u8]| {
+            inspect_with("POST", "/v1/chat/completions", body, "user", 0, cut)
+                .unwrap()
+                .blocks
+        };
+        let system = "s".repeat(100);
+        let t1 = format!(
+            r#"{{"model":"m","messages":[{{"role":"system","content":"{system}"}},{{"role":"user","content":"first question"}}]}}"#
+        );
+        let t2 = format!(
+            r#"{{"messages":[{{"role":"system","content":"{system}"}},{{"role":"user","content":"first question"}},{{"role":"assistant","content":"an answer"}},{{"role":"user","content":"and more"}}],"model":"m"}}"#
+        );
+        let other = format!(
+            r#"{{"model":"m","messages":[{{"role":"system","content":"{system}"}},{{"role":"user","content":"other"}}]}}"#
+        );
+        let (a, b, c) = (
+            chain(t1.as_bytes()),
+            chain(t2.as_bytes()),
+            chain(other.as_bytes()),
+        );
+        // The next turn extends the conversation: it shares every full block of the first
+        // (the last one ends inside `}`, `]` ... which the longer text has as `},{`).
+        assert!(b.len() > a.len());
+        let shared = a.iter().zip(&*b).take_while(|(x, y)| x == y).count();
+        assert!(shared >= a.len() - 1, "{shared} of {}", a.len());
+        // Same system prompt, another question: the system prompt's blocks only.
+        let common = a.iter().zip(&*c).take_while(|(x, y)| x == y).count();
+        assert!(common >= 100 / 16 && common < a.len(), "{common}");
+        // Completions: the prompt string; no body text outside it counts.
+        let p = |body: &[u8]| {
+            inspect_with("POST", "/v1/completions", body, "user", 0, cut)
+                .unwrap()
+                .blocks
+        };
+        let long = "w".repeat(64);
+        assert_eq!(
+            p(format!(r#"{{"prompt":"{long}","max_tokens":1}}"#).as_bytes()),
+            p(format!(r#"{{"max_tokens":99,"prompt":"{long}"}}"#).as_bytes())
+        );
+        // Not asked for, or nothing to cut: empty.
+        assert!(inspect_with(
+            "POST",
+            "/v1/chat/completions",
+            t1.as_bytes(),
+            "user",
+            0,
+            None
+        )
+        .unwrap()
+        .blocks
+        .is_empty());
+        assert!(chain(br#"{"messages":[]}"#).is_empty());
     }
 
     #[test]

@@ -34,6 +34,8 @@ pub(crate) struct Target<'a> {
     pub(crate) lookup: Option<&'a str>,
     /// The request's `consistent_hash` key.
     pub(crate) affinity: Option<u64>,
+    /// The prompt's block chain (`prefix_cache`; empty otherwise).
+    pub(crate) blocks: &'a [u64],
 }
 
 /// Per backend slot, what this request may still do with it. One allocation per request, kept
@@ -127,10 +129,16 @@ pub(crate) async fn pick(
     tried.fit(route.mask);
     loop {
         let eligible = |i: usize| tried.candidate(i) && w.eligible(i);
-        let Some(taken) = take_or_wait(w, &balancer, target.affinity, eligible).await? else {
+        let keys = Keys {
+            affinity: target.affinity,
+            blocks: target.blocks,
+        };
+        let Some(taken) = take_or_wait(w, &balancer, keys, eligible).await? else {
             return Err(ProxyError::NoHealthyBackend);
         };
         if let Some(lease) = lease(w, &table, balancer.strategy(), taken, tried) {
+            // Only a pick that was taken teaches the index (here and on the other cores).
+            w.learn(&balancer, route.pool, lease.backend, target.blocks);
             return Ok(lease);
         }
     }
@@ -176,17 +184,24 @@ enum Attempt {
     NoneEligible,
 }
 
+/// What the strategy may key on.
+#[derive(Clone, Copy)]
+struct Keys<'a> {
+    affinity: Option<u64>,
+    blocks: &'a [u64],
+}
+
 /// One look for an eligible backend with room, taking its permit.
 fn try_take(
     w: &Worker,
     balancer: &Balancer,
-    key: Option<u64>,
+    key: Keys<'_>,
     eligible: &impl Fn(usize) -> bool,
 ) -> Attempt {
     let core = &w.capacity;
     core.refresh();
     if !core.limited() {
-        return match w.choose(balancer, key, eligible) {
+        return match w.choose(balancer, key.affinity, key.blocks, eligible) {
             Some(p) => Attempt::Got(Taken {
                 backend: p.backend,
                 permit: None,
@@ -198,7 +213,9 @@ fn try_take(
     // A gate may fill between the look and the increment (another core): try the next one, at
     // most once per backend.
     for _ in 0..=w.view.backends() {
-        let Some(p) = w.choose(balancer, key, |i| eligible(i) && core.has_room(i)) else {
+        let Some(p) = w.choose(balancer, key.affinity, key.blocks, |i| {
+            eligible(i) && core.has_room(i)
+        }) else {
             break;
         };
         if let Ok(permit) = core.acquire(p.backend) {
@@ -221,7 +238,7 @@ fn try_take(
 async fn take_or_wait(
     w: &Worker,
     balancer: &Balancer,
-    key: Option<u64>,
+    key: Keys<'_>,
     eligible: impl Fn(usize) -> bool,
 ) -> Result<Option<Taken>, ProxyError> {
     match try_take(w, balancer, key, &eligible) {
@@ -295,6 +312,7 @@ mod tests {
             route: table.routes.route(None).unwrap(),
             lookup: None,
             affinity: None,
+            blocks: &[],
         };
         pick(w, &target, tried).await
     }
@@ -386,6 +404,7 @@ mod tests {
                 route: table.routes.route(None).unwrap(),
                 lookup: None,
                 affinity: None,
+                blocks: &[],
             },
             &mut tried,
         ))

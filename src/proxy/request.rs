@@ -10,7 +10,7 @@ use std::time::Instant;
 use crate::auth::Caller;
 use crate::backends::route::Local;
 use crate::backends::{BackendTable, Entry};
-use crate::config::Config;
+use crate::config::{Config, Strategy};
 use crate::error::ProxyError;
 use crate::http1::head::Head;
 use crate::http1::headers::forwardable;
@@ -73,12 +73,21 @@ pub(crate) fn inspect(cfg: &Config, head: &Head, body: &[u8]) -> Result<RequestI
     } else {
         0
     };
+    let pc = &cfg.routing.prefix_cache;
+    let blocks = cfg
+        .strategies()
+        .any(|s| s == Strategy::PrefixCache)
+        .then_some(openai::Blocks {
+            bytes: pc.block_bytes,
+            max: pc.max_blocks,
+        });
     openai::inspect_with(
         head.method(),
         head.path(),
         body,
         &cfg.usage.identity.user_body_field,
         prefix,
+        blocks,
     )
 }
 
@@ -128,6 +137,7 @@ impl<'a> Plan<'a> {
                     route: r,
                     lookup: r.rewrite,
                     affinity,
+                    blocks: &info.blocks,
                 };
                 (target, upstream_body(&cfg, head, body, info, r.rewrite))
             })
@@ -138,6 +148,7 @@ impl<'a> Plan<'a> {
                 route,
                 lookup: info.model.as_deref(),
                 affinity,
+                blocks: &info.blocks,
             },
             body: upstream_body(&cfg, head, body, info, route.rewrite),
             fallbacks,

@@ -6,13 +6,18 @@
 //! request's affinity key, the time) so a pick never allocates, locks or caches a backend count
 //! beyond the balancer's own weights; every pick also says why it was made (`Reason`), which
 //! feeds `llmproxy_routing_decisions_total`.
+//!
+//! `prefix_cache` keeps state of its own: an approximate index of the prompt blocks each backend
+//! was sent (`worker::prefix`), learnt from this core's picks (`learn`, called once a pick is
+//! taken) and from the other cores' picks (the same call, on their messages).
 
 use std::cell::{Cell, RefCell};
 use std::time::Instant;
 
 use crate::config::{Routing, Strategy};
-pub use crate::hash::{hash_bytes, mix64};
+pub use crate::hash::{block_chain, hash_bytes, mix64};
 use crate::worker::engine::{EngineLoad, EngineView};
+use crate::worker::prefix::PrefixIndex;
 
 /// Why a backend was chosen (a bounded label set).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,10 +39,18 @@ pub enum Reason {
     /// The request's model pool had no healthy backend, or the backend rejected the prompt as
     /// too long: another model's pool served it (set by the proxy, not by a strategy).
     FallbackModel,
+    /// `prefix_cache`: the backend holding the longest part of the prompt.
+    CacheHit,
+    /// `prefix_cache`: no backend holds any of the prompt (or it is shorter than a block);
+    /// least loaded, ties at random.
+    CacheMiss,
+    /// `prefix_cache`: a backend holds more of the prompt, but it was too busy; this one was
+    /// cheaper (and now holds the prompt too).
+    LoadSpill,
 }
 
 impl Reason {
-    pub(crate) const ALL: [Reason; 8] = [
+    pub(crate) const ALL: [Reason; 11] = [
         Reason::Balanced,
         Reason::EngineLoad,
         Reason::StaleMetrics,
@@ -46,6 +59,9 @@ impl Reason {
         Reason::ImbalanceFallback,
         Reason::NoKey,
         Reason::FallbackModel,
+        Reason::CacheHit,
+        Reason::CacheMiss,
+        Reason::LoadSpill,
     ];
 
     pub(crate) fn as_str(self) -> &'static str {
@@ -58,6 +74,9 @@ impl Reason {
             Reason::ImbalanceFallback => "imbalance_fallback",
             Reason::NoKey => "no_key",
             Reason::FallbackModel => "fallback_model",
+            Reason::CacheHit => "cache_hit",
+            Reason::CacheMiss => "cache_miss",
+            Reason::LoadSpill => "load_spill",
         }
     }
 
@@ -81,15 +100,18 @@ pub struct Inputs<'a> {
     pub engine: Option<&'a EngineView>,
     /// The request's affinity key (`consistent_hash`).
     pub key: Option<u64>,
+    /// The prompt's block chain (`prefix_cache`; `hash::block_chain`).
+    pub blocks: &'a [u64],
     pub now: Instant,
 }
 
 impl<'a> Inputs<'a> {
-    pub(crate) fn new(view: &'a LoadView) -> Self {
+    pub fn new(view: &'a LoadView) -> Self {
         Inputs {
             view,
             engine: None,
             key: None,
+            blocks: &[],
             now: Instant::now(),
         }
     }
@@ -103,6 +125,8 @@ pub struct Params {
     pub(crate) kv_weight: f64,
     pub(crate) inflight_weight: f64,
     pub(crate) kv_threshold: f64,
+    pub(crate) miss_cost: f64,
+    pub(crate) prefix_capacity: usize,
 }
 
 impl Params {
@@ -113,6 +137,18 @@ impl Params {
             kv_weight: r.kv_weight.0,
             inflight_weight: r.inflight_weight.0,
             kv_threshold: r.kv_threshold.0,
+            miss_cost: r.prefix_cache.miss_cost.0,
+            prefix_capacity: r.prefix_cache.capacity_blocks,
+        }
+    }
+
+    /// `prefix_cache`'s blocks remembered per backend and the in-flight worth of a miss (for
+    /// the simulation and benches, which build balancers without a config).
+    pub fn prefix_cache(self, capacity_blocks: usize, miss_cost: f64) -> Self {
+        Params {
+            prefix_capacity: capacity_blocks,
+            miss_cost,
+            ..self
         }
     }
 }
@@ -268,6 +304,8 @@ pub struct Balancer {
     next: Cell<usize>,
     /// Smooth weighted round robin state (nginx's `current_weight`).
     current: RefCell<Vec<i64>>,
+    /// `prefix_cache`: what each slot's backend was recently sent (empty for other strategies).
+    prefix: RefCell<PrefixIndex>,
 }
 
 /// One slot as the balancer sees it.
@@ -298,6 +336,11 @@ impl Balancer {
             // Cores start at different offsets so they don't all hit backend 0 first.
             next: Cell::new(fastrand::usize(..n.max(1))),
             current: RefCell::new(vec![0; n]),
+            prefix: RefCell::new({
+                let mut ix = PrefixIndex::new(params.prefix_capacity);
+                ix.resize(n);
+                ix
+            }),
         }
     }
 
@@ -311,9 +354,16 @@ impl Balancer {
         let mut weights = self.weights.borrow_mut();
         let mut owners = self.owners.borrow_mut();
         current.resize(members.len(), 0);
+        let mut prefix = self.prefix.borrow_mut();
+        prefix.set_capacity(params.prefix_capacity);
+        prefix.resize(members.len());
         for (slot, m) in members.iter().enumerate() {
             if owners.get(slot) != Some(&m.id) || weights.get(slot) != Some(&m.weight) {
                 current[slot] = 0;
+            }
+            if owners.get(slot) != Some(&m.id) {
+                // Another backend (or none) in this slot: it holds none of the old one's cache.
+                prefix.forget(slot);
             }
         }
         *weights = members.iter().map(|m| m.weight).collect();
@@ -350,7 +400,79 @@ impl Balancer {
             Strategy::PowerOfTwo => balanced(self.power_of_two(view, &eligible)),
             Strategy::LeastLoad => self.least_load(input, &eligible),
             Strategy::ConsistentHash => self.consistent_hash(input, &eligible),
+            Strategy::PrefixCache => self.prefix_cache(input, &eligible),
         }
+    }
+
+    /// A pick of `backend` for a prompt with this block chain was taken (here or on another
+    /// core): the backend now probably holds it. Only `prefix_cache` remembers anything.
+    pub fn learn(&self, backend: usize, blocks: &[u64]) {
+        if self.strategy.get() == Strategy::PrefixCache && !blocks.is_empty() {
+            self.prefix.borrow_mut().record(backend, blocks);
+        }
+    }
+
+    /// The backend in `slot` went down or restarted: its KV cache is gone.
+    pub(crate) fn forget(&self, slot: usize) {
+        self.prefix.borrow_mut().forget(slot);
+    }
+
+    /// Leading blocks of `blocks` that `backend` probably holds (tests, the simulation).
+    pub fn cached_blocks(&self, backend: usize, blocks: &[u64]) -> usize {
+        self.prefix.borrow().matched(backend, blocks)
+    }
+
+    /// Cost = `miss_cost` × the share of the prompt the backend probably lacks + its requests
+    /// in flight (per unit of weight); the cheapest wins, ties at random (cores and misses
+    /// spread out). A hot prefix therefore stays on its backend until that backend has
+    /// `miss_cost` more in flight than an idle one, then spills, and the spill target learns
+    /// the prefix too. The pick itself only reads the index; `learn` updates it once the pick
+    /// is taken.
+    fn prefix_cache(&self, input: &Inputs<'_>, eligible: &impl Fn(usize) -> bool) -> Option<Pick> {
+        let n = input.blocks.len();
+        let miss_cost = self.params.get().miss_cost;
+        let index = self.prefix.borrow();
+        // (backend, cost, matched blocks, ties)
+        let mut best: Option<(usize, f64, usize, u32)> = None;
+        let mut most = 0usize;
+        for b in 0..self.len() {
+            if !eligible(b) {
+                continue;
+            }
+            let matched = if n == 0 {
+                0
+            } else {
+                index.matched(b, input.blocks)
+            };
+            most = most.max(matched);
+            let missing = if n == 0 {
+                1.0
+            } else {
+                (n - matched) as f64 / n as f64
+            };
+            let load = f64::from(input.view.load(b)) / f64::from(self.weight(b));
+            let cost = miss_cost * missing + load;
+            match &mut best {
+                None => best = Some((b, cost, matched, 1)),
+                Some((_, c, _, ties)) if cost == *c => {
+                    *ties += 1;
+                    if fastrand::u32(..*ties) == 0 {
+                        best = Some((b, cost, matched, *ties));
+                    }
+                }
+                Some((_, c, _, _)) if cost < *c => best = Some((b, cost, matched, 1)),
+                Some(_) => {}
+            }
+        }
+        let (backend, _, matched, _) = best?;
+        let reason = if most == 0 {
+            Reason::CacheMiss
+        } else if matched == most {
+            Reason::CacheHit
+        } else {
+            Reason::LoadSpill
+        };
+        Some(Pick { backend, reason })
     }
 
     fn weight(&self, b: usize) -> u32 {

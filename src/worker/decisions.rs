@@ -14,13 +14,14 @@ pub(crate) struct LocalDecisions {
     counts: RefCell<[[u64; Reason::ALL.len()]; STRATEGIES.len()]>,
 }
 
-const STRATEGIES: [Strategy; 6] = [
+const STRATEGIES: [Strategy; 7] = [
     Strategy::RoundRobin,
     Strategy::WeightedRoundRobin,
     Strategy::LeastConnections,
     Strategy::PowerOfTwo,
     Strategy::LeastLoad,
     Strategy::ConsistentHash,
+    Strategy::PrefixCache,
 ];
 
 impl Default for LocalDecisions {

@@ -12,6 +12,7 @@ pub(crate) mod breaker;
 pub(crate) mod capacity;
 pub(crate) mod decisions;
 pub mod engine;
+pub(crate) mod prefix;
 #[cfg(test)]
 pub(crate) mod testing;
 
@@ -26,7 +27,7 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::auth::{CoreAuth, KeyStore};
 use crate::backends::{BackendTable, State};
 use crate::capacity::{Capacity, ConnectionLimit};
-use crate::config::Config;
+use crate::config::{Config, Strategy};
 use crate::control::{Broadcast, ControlMsg, HealthReport, PlaneMsg};
 use crate::error::{ProxyError, Verdict};
 use crate::telemetry::metrics::{LocalMetrics, Metrics};
@@ -303,11 +304,25 @@ impl Worker {
                 ControlMsg::Health { backend, id, up } => {
                     if self.view.id(backend) == id && self.view.is_up(backend) != up {
                         log::debug!("core {}: backend {backend} up={up}", self.id);
+                        if !up {
+                            // Down means restarted or gone: its KV cache cannot be trusted.
+                            self.forget_prefixes(backend);
+                        }
                     }
                     self.view.set_up(backend, id, up);
                 }
                 ControlMsg::Breaker { backend, id, phase } => self.breakers.set(backend, id, phase),
                 ControlMsg::Table(table) => self.apply_table(table),
+                ControlMsg::Prefix {
+                    pool,
+                    backend,
+                    id,
+                    blocks,
+                } => {
+                    if self.view.id(backend) == id {
+                        self.balancer_for(pool).learn(backend, &blocks);
+                    }
+                }
                 ControlMsg::Engine {
                     backend,
                     id,
@@ -350,6 +365,14 @@ impl Worker {
             .flush(backends.then_some(&view as &dyn Fn(usize) -> (bool, u32)));
     }
 
+    /// Every balancer forgets what `slot`'s backend held (`prefix_cache`).
+    fn forget_prefixes(&self, slot: usize) {
+        self.balancer.forget(slot);
+        for b in self.pool_balancers.borrow().iter() {
+            b.forget(slot);
+        }
+    }
+
     /// The balancer of a model pool (an index into the `models` of the config in force), or
     /// the top-level one.
     pub(crate) fn balancer_for(&self, pool: Option<usize>) -> Rc<Balancer> {
@@ -364,6 +387,7 @@ impl Worker {
         &self,
         balancer: &Balancer,
         key: Option<u64>,
+        blocks: &[u64],
         eligible: impl Fn(usize) -> bool,
     ) -> Option<Pick> {
         let engine = balancer.strategy().uses_engine_load();
@@ -371,10 +395,40 @@ impl Worker {
             view: &self.view,
             engine: engine.then_some(&self.engine),
             key,
+            blocks,
             // Only engine readings age; other strategies skip the clock read.
             now: if engine { Instant::now() } else { self.started },
         };
         balancer.choose(&input, eligible)
+    }
+
+    /// A pick of `backend` for a prompt with this block chain was taken through `balancer`
+    /// (the top-level one or pool `pool`'s): `prefix_cache` remembers it and tells the other
+    /// cores, so a burst of one new prefix over several cores does not warm it on several
+    /// backends. One shared allocation per pick, sent only by `prefix_cache` balancers; a full
+    /// inbox drops the news (the index is approximate; the load view is what must not drift).
+    pub(crate) fn learn(
+        &self,
+        balancer: &Balancer,
+        pool: Option<usize>,
+        backend: usize,
+        blocks: &[u64],
+    ) {
+        if balancer.strategy() != Strategy::PrefixCache || blocks.is_empty() {
+            return;
+        }
+        balancer.learn(backend, blocks);
+        if self.peers.cores() > 1 {
+            self.peers.send_others(
+                Some(self.id),
+                &ControlMsg::Prefix {
+                    pool,
+                    backend,
+                    id: self.view.id(backend),
+                    blocks: blocks.into(),
+                },
+            );
+        }
     }
 
     /// Takes an in-flight slot on `backend`, released when the guard drops.

@@ -183,6 +183,38 @@ fn routing_section() {
     assert_eq!(c.routing.metrics_interval, Duration::from_millis(100));
     assert_eq!(c.routing.kv_threshold, Real(0.8));
     assert_eq!(c.routing.queue_weight, Real(2.0));
+    let c = ok(&with_backend(
+        "strategy: prefix_cache\nrouting:\n  prefix_cache: { block_bytes: 128, max_blocks: 64, \
+             capacity_blocks: 32, miss_cost: 2.5 }\n",
+    ));
+    assert_eq!(c.strategy, Strategy::PrefixCache);
+    let pc = c.routing.prefix_cache;
+    assert_eq!(
+        (
+            pc.block_bytes,
+            pc.max_blocks,
+            pc.capacity_blocks,
+            pc.miss_cost
+        ),
+        (128, 64, 32, Real(2.5))
+    );
+    for (yaml, path) in [
+        ("block_bytes: 4", "routing.prefix_cache.block_bytes"),
+        ("max_blocks: 0", "routing.prefix_cache.max_blocks"),
+        ("capacity_blocks: 0", "routing.prefix_cache.capacity_blocks"),
+        ("miss_cost: -1", "routing.prefix_cache.miss_cost"),
+    ] {
+        assert_error(
+            &with_backend(&format!("routing: {{ prefix_cache: {{ {yaml} }} }}\n")),
+            path,
+            "",
+        );
+    }
+    assert_error(
+        &with_backend("routing: { prefix_cache: { blocks: 3 } }\n"),
+        "routing.prefix_cache.blocks",
+        "unknown field",
+    );
     assert_error(
         &with_backend("routing: { hash_key: \"cookie:x\" }\n"),
         "routing.hash_key",

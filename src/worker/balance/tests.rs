@@ -108,6 +108,7 @@ fn with_engine<'a>(view: &'a LoadView, e: &'a EngineView, now: Instant) -> Input
         view,
         engine: Some(e),
         key: None,
+        blocks: &[],
         now,
     }
 }
@@ -378,4 +379,138 @@ fn load_view_totals_follow_absolute_updates() {
     view.add_own(0, -1);
     assert_eq!(view.load(0), 2);
     assert!(!view.set(7, 0, 1, 1));
+}
+
+/// A prompt of `n` blocks whose first `shared` blocks belong to family `p`.
+fn prompt(p: u64, shared: usize, n: usize, salt: u64) -> Vec<u64> {
+    (0..n as u64)
+        .map(|i| {
+            if (i as usize) < shared {
+                mix64(p << 32 | i)
+            } else {
+                mix64(salt << 40 | p << 32 | i)
+            }
+        })
+        .collect()
+}
+
+fn prefix_balancer(n: usize, miss_cost: f64) -> Balancer {
+    let params = Params::default().prefix_cache(1000, miss_cost);
+    let keys = (0..n as u64).map(mix64).collect();
+    Balancer::with(Strategy::PrefixCache, vec![1; n], keys, params)
+}
+
+fn on<'a>(view: &'a LoadView, blocks: &'a [u64]) -> Inputs<'a> {
+    Inputs {
+        blocks,
+        ..Inputs::new(view)
+    }
+}
+
+#[test]
+fn prefix_cache_returns_a_prompt_to_the_backend_that_has_it() {
+    fastrand::seed(7);
+    let b = prefix_balancer(4, 4.0);
+    let view = LoadView::new(0, 1, 4);
+    let first = prompt(1, 10, 12, 0);
+    let p = b.choose(&on(&view, &first), |_| true).unwrap();
+    assert_eq!(p.reason, Reason::CacheMiss);
+    b.learn(p.backend, &first);
+    // Same system prompt, another question: same backend, whatever the others' load.
+    for salt in 1..20 {
+        let again = prompt(1, 10, 12, salt);
+        let q = b.choose(&on(&view, &again), |_| true).unwrap();
+        assert_eq!((q.backend, q.reason), (p.backend, Reason::CacheHit));
+    }
+    // Not eligible (down, tried): among those left, nobody has it.
+    let q = b.choose(&on(&view, &first), |i| i != p.backend).unwrap();
+    assert_ne!(q.backend, p.backend);
+    assert_eq!(q.reason, Reason::CacheMiss);
+    assert_eq!(b.cached_blocks(p.backend, &first), 12);
+    // Another strategy learns nothing.
+    let rr = Balancer::new(Strategy::RoundRobin, vec![1; 2]);
+    rr.learn(0, &first);
+    assert_eq!(rr.cached_blocks(0, &first), 0);
+}
+
+#[test]
+fn prefix_cache_spreads_misses_even_at_low_concurrency() {
+    fastrand::seed(11);
+    let b = prefix_balancer(4, 4.0);
+    let view = LoadView::new(0, 1, 4);
+    let mut counts = [0u32; 4];
+    // Sequential requests (nothing in flight), every prompt new: not all to one replica.
+    for p in 0..400 {
+        let blocks = prompt(p + 100, 8, 8, 0);
+        let pick = b.choose(&on(&view, &blocks), |_| true).unwrap();
+        assert_eq!(pick.reason, Reason::CacheMiss);
+        b.learn(pick.backend, &blocks);
+        counts[pick.backend] += 1;
+    }
+    assert!(counts.iter().all(|&c| c > 70), "{counts:?}");
+    // Prompts shorter than a block are misses too, and go to the least loaded.
+    view.add_own(0, 2);
+    view.add_own(1, 1);
+    view.add_own(3, 1);
+    let p = b.choose(&on(&view, &[]), |_| true).unwrap();
+    assert_eq!((p.backend, p.reason), (2, Reason::CacheMiss));
+}
+
+#[test]
+fn a_hot_prefix_spills_from_a_busy_backend_and_is_then_known_on_both() {
+    fastrand::seed(3);
+    let b = prefix_balancer(2, 4.0);
+    let view = LoadView::new(0, 1, 2);
+    let hot = prompt(1, 20, 20, 0);
+    b.learn(0, &hot);
+    // Up to miss_cost more in flight, the prefix's backend keeps it.
+    view.add_own(0, 3);
+    assert_eq!(b.choose(&on(&view, &hot), |_| true).unwrap().backend, 0);
+    // Beyond, the idle backend is cheaper than the queue.
+    view.add_own(0, 2);
+    let p = b.choose(&on(&view, &hot), |_| true).unwrap();
+    assert_eq!((p.backend, p.reason), (1, Reason::LoadSpill));
+    b.learn(1, &hot);
+    // Both hold it now: the less loaded wins as a hit.
+    let p = b.choose(&on(&view, &hot), |_| true).unwrap();
+    assert_eq!((p.backend, p.reason), (1, Reason::CacheHit));
+    // A partial match is worth its share: 10 of 20 blocks on 0 (load 5) vs nothing on an
+    // idle 1 → 4 × 0.5 + 5 > 4 × 1 + 0: backend 1.
+    let b = prefix_balancer(2, 4.0);
+    b.learn(0, &prompt(1, 10, 10, 0));
+    let half = prompt(1, 10, 20, 9);
+    let p = b.choose(&on(&view, &half), |_| true).unwrap();
+    assert_eq!((p.backend, p.reason), (1, Reason::LoadSpill));
+    view.add_own(0, -4);
+    let p = b.choose(&on(&view, &half), |_| true).unwrap();
+    assert_eq!((p.backend, p.reason), (0, Reason::CacheHit));
+}
+
+#[test]
+fn a_backend_that_leaves_or_restarts_loses_what_it_held() {
+    let b = prefix_balancer(2, 4.0);
+    let hot = prompt(1, 8, 8, 0);
+    b.learn(0, &hot);
+    b.learn(1, &hot);
+    b.forget(1);
+    assert_eq!(b.cached_blocks(1, &hot), 0);
+    assert_eq!(b.cached_blocks(0, &hot), 8);
+    // Slot 0 now holds another backend (reload, discovery): it starts empty; slot 1 kept.
+    b.learn(1, &hot);
+    let params = Params::default().prefix_cache(1000, 4.0);
+    let members = [
+        Member {
+            id: 9,
+            weight: 1,
+            key: 9,
+        },
+        Member {
+            id: 2,
+            weight: 1,
+            key: mix64(1),
+        },
+    ];
+    b.update(Strategy::PrefixCache, params, &members);
+    assert_eq!(b.cached_blocks(0, &hot), 0);
+    assert_eq!(b.cached_blocks(1, &hot), 8);
 }
