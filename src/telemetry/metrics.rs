@@ -228,9 +228,7 @@ impl Metrics {
         registry.register(Box::new(requests_queued.clone()))?;
         registry.register(Box::new(workers_gauge))?;
         // process_cpu_seconds_total, process_resident_memory_bytes, open fds, ... (Linux).
-        registry.register(Box::new(
-            prometheus::process_collector::ProcessCollector::for_self(),
-        ))?;
+        registry.register(Box::new(super::process::ProcessCollector::new()?))?;
         registry.register(Box::new(ttft_seconds.clone()))?;
         registry.register(Box::new(itl_seconds.clone()))?;
         registry.register(Box::new(upstream_errors.clone()))?;

@@ -5,5 +5,6 @@
 pub(crate) mod banner;
 pub mod logging;
 pub mod metrics;
+mod process;
 pub(crate) mod ratestore;
 pub(crate) mod reject;
