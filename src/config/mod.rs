@@ -32,6 +32,7 @@ pub use schema::{
     Backend, BackendTls, Breaker, Config, DiscoverKind, Discovery, HashKey, HealthCheck,
     HookFormat, Identity, IoDriver, Limits, ListenTls, LogFormat, Logging, ModelPool, Pool,
     PrefixCache, Real, Retry, Routing, Secret, Strategy, Timeouts, Usage, UsageHook,
+    DEFAULT_MAX_EVENT_BYTES,
 };
 
 #[derive(Debug, thiserror::Error)]

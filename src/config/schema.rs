@@ -50,6 +50,10 @@ pub struct Config {
     pub ratelimit: super::RateLimit,
 }
 
+/// Most bytes of one SSE event held back for inspection, unless configured
+/// (`usage.max_event_bytes`).
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 1 << 20;
+
 impl Config {
     /// What is valid but probably not meant: `llmproxy check` prints these, startup logs them.
     pub fn warnings(&self) -> Vec<String> {
@@ -544,7 +548,7 @@ impl Default for Usage {
     fn default() -> Self {
         Usage {
             inject_include_usage: true,
-            max_event_bytes: crate::openai::tap::DEFAULT_MAX_EVENT,
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
             identity: Identity::default(),
             log: false,
         }

@@ -30,9 +30,7 @@ use serde::{Deserialize, Serialize};
 /// larger ones are scanned as they pass.
 const MAX_JSON_BODY: usize = 8 << 20;
 
-/// Most bytes of one SSE event held back for inspection, unless configured
-/// (`usage.max_event_bytes`).
-pub const DEFAULT_MAX_EVENT: usize = 1 << 20;
+pub use crate::config::DEFAULT_MAX_EVENT_BYTES as DEFAULT_MAX_EVENT;
 
 /// Most bytes of the one JSON value a `JsonScan` captures (a `usage` object is under 1 KiB).
 const MAX_CAPTURE: usize = 64 * 1024;
