@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use crate::config::Config;
+use crate::config::{Config, Scheduling};
+use crate::scheduler::FairQueue;
 
 // ---------------------------------------------------------------------------------------------
 // Connections.
@@ -84,6 +85,9 @@ pub(crate) struct Capacity {
     pub(crate) queued: AtomicUsize,
     pub(crate) queue_size: AtomicUsize,
     queue_timeout_ms: AtomicU64,
+    /// `limits.scheduling: fair`: the process-wide queue (off under `fifo`, whose queues are
+    /// per core, in `worker::capacity`).
+    pub(crate) fair: FairQueue,
 }
 
 impl Capacity {
@@ -94,6 +98,7 @@ impl Capacity {
             queued: AtomicUsize::new(0),
             queue_size: AtomicUsize::new(0),
             queue_timeout_ms: AtomicU64::new(0),
+            fair: FairQueue::new(false, Duration::from_secs(5)),
         };
         c.set_queue(queue_size, queue_timeout);
         c.set_limits(limits);
@@ -103,7 +108,12 @@ impl Capacity {
     /// Queue bounds from the config; backend limits arrive with each backend table
     /// (`set_limits`, by slot), since discovery decides which slot a backend has.
     pub(crate) fn from_config(cfg: &Config) -> Arc<Self> {
-        Capacity::new(&[], cfg.limits.queue_size, cfg.limits.queue_timeout)
+        let mut c = Capacity::new(&[], cfg.limits.queue_size, cfg.limits.queue_timeout);
+        if let Some(c) = Arc::get_mut(&mut c) {
+            let fair = cfg.limits.scheduling == Scheduling::Fair;
+            c.fair = FairQueue::new(fair, cfg.limits.promote_after);
+        }
+        c
     }
 
     pub(crate) fn set_queue(&self, size: usize, timeout: Duration) {

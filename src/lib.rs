@@ -39,5 +39,6 @@ mod control;
 mod encode;
 mod hash;
 mod proxy;
+mod scheduler;
 mod tls;
 mod upstream;

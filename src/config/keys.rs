@@ -12,6 +12,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::parse::de_duration;
+use super::schema::Priority;
 use super::{path_error, ConfigError};
 
 /// SHA-256 of an API key: the only form in which keys are kept.
@@ -54,6 +55,8 @@ pub struct ApiKey {
     pub tpm: u64,
     /// May use the admin endpoints (`POST /admin/reload`) on the main listener.
     pub admin: bool,
+    /// Its requests' class while they wait for a backend slot.
+    pub priority: Priority,
 }
 
 #[derive(Deserialize)]
@@ -85,7 +88,7 @@ impl Default for RawAuth {
 #[serde(
     deny_unknown_fields,
     default,
-    expecting = "a mapping with name, key or key_sha256, models, rpm, tpm, admin"
+    expecting = "a mapping with name, key or key_sha256, models, rpm, tpm, admin, priority"
 )]
 struct RawKey {
     name: String,
@@ -95,6 +98,7 @@ struct RawKey {
     rpm: u64,
     tpm: u64,
     admin: bool,
+    priority: Priority,
 }
 
 /// The shape of `auth.keys_file`.
@@ -182,6 +186,7 @@ fn validate_keys(raw: Vec<RawKey>, at: &str, errors: &mut Vec<String>) -> Vec<Ap
             rpm: k.rpm,
             tpm: k.tpm,
             admin: k.admin,
+            priority: k.priority,
         });
     }
     keys

@@ -28,8 +28,8 @@ pub use keys::{digest, parse_keys_file, ApiKey, Auth, KeyDigest};
 pub use parse::parse_cpu_list;
 pub use schema::{
     Backend, BackendTls, Breaker, Config, DiscoverKind, Discovery, HashKey, HealthCheck,
-    HookFormat, Identity, IoDriver, Limits, ListenTls, LogFormat, Logging, ModelPool, Pool, Real,
-    Retry, Routing, Secret, Strategy, Timeouts, Usage, UsageHook,
+    HookFormat, Identity, IoDriver, Limits, ListenTls, LogFormat, Logging, ModelPool, Pool,
+    Priority, Real, Retry, Routing, Scheduling, Secret, Strategy, Timeouts, Usage, UsageHook,
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -173,6 +173,50 @@ pub enum IoDriver {
     Epoll,
 }
 
+/// The order in which waiting requests get backend slots (`limits.scheduling`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scheduling {
+    /// Highest class first, keys taking turns within a class, process-wide.
+    #[default]
+    Fair,
+    /// First come first served, per core.
+    Fifo,
+}
+
+/// A request's class when it waits for a backend slot (`auth.keys[].priority`, lowered by the
+/// `x-llmproxy-priority` header). Ordered: `High < Normal < Low` (the smaller goes first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    High,
+    #[default]
+    Normal,
+    Low,
+}
+
+impl Priority {
+    pub const ALL: [Priority; 3] = [Priority::High, Priority::Normal, Priority::Low];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::High => "high",
+            Priority::Normal => "normal",
+            Priority::Low => "low",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Priority> {
+        Priority::ALL
+            .into_iter()
+            .find(|p| p.as_str().eq_ignore_ascii_case(s.trim()))
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
 /// How a backend is picked among the healthy ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -359,6 +403,11 @@ pub struct Limits {
     /// Longest such a wait.
     #[serde(deserialize_with = "de_duration")]
     pub queue_timeout: Duration,
+    /// Who gets a backend slot that frees while requests wait.
+    pub scheduling: Scheduling,
+    /// Under `fair`, a request that has waited this long goes before every class (no starvation).
+    #[serde(deserialize_with = "de_duration")]
+    pub promote_after: Duration,
 }
 
 impl Default for Limits {
@@ -369,6 +418,8 @@ impl Default for Limits {
             max_connections: 100_000,
             queue_size: 1024,
             queue_timeout: Duration::from_secs(30),
+            scheduling: Scheduling::Fair,
+            promote_after: Duration::from_secs(5),
         }
     }
 }

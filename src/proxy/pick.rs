@@ -14,12 +14,13 @@
 
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::backends::route::Route;
 use crate::backends::{BackendTable, Entry};
 use crate::config::Strategy;
 use crate::error::ProxyError;
+use crate::scheduler::Flow;
 use crate::worker::balance::{Balancer, Reason};
 use crate::worker::capacity::{Permit, Wake, POLL};
 use crate::worker::{InflightGuard, ProbeGuard, Worker};
@@ -34,6 +35,8 @@ pub(crate) struct Target<'a> {
     pub(crate) lookup: Option<&'a str>,
     /// The request's `consistent_hash` key.
     pub(crate) affinity: Option<u64>,
+    /// Who waits, should it have to (`limits.scheduling: fair`).
+    pub(crate) flow: Flow,
 }
 
 /// Per backend slot, what this request may still do with it. One allocation per request, kept
@@ -127,7 +130,7 @@ pub(crate) async fn pick(
     tried.fit(route.mask);
     loop {
         let eligible = |i: usize| tried.candidate(i) && w.eligible(i);
-        let Some(taken) = take_or_wait(w, &balancer, target.affinity, eligible).await? else {
+        let Some(taken) = take_or_wait(w, &balancer, target, eligible).await? else {
             return Err(ProxyError::NoHealthyBackend);
         };
         if let Some(lease) = lease(w, &table, balancer.strategy(), taken, tried) {
@@ -195,6 +198,15 @@ fn try_take(
             None => Attempt::NoneEligible,
         };
     }
+    // Under `fair`, requests already wait: this one queues behind them (the queue hands it a
+    // free slot at once if it is its turn).
+    if core.backlogged() && core.fair() {
+        return if (0..w.view.backends()).any(eligible) {
+            Attempt::AllFull
+        } else {
+            Attempt::NoneEligible
+        };
+    }
     // A gate may fill between the look and the increment (another core): try the next one, at
     // most once per backend.
     for _ in 0..=w.view.backends() {
@@ -221,15 +233,19 @@ fn try_take(
 async fn take_or_wait(
     w: &Worker,
     balancer: &Balancer,
-    key: Option<u64>,
+    target: &Target<'_>,
     eligible: impl Fn(usize) -> bool,
 ) -> Result<Option<Taken>, ProxyError> {
+    let key = target.affinity;
     match try_take(w, balancer, key, &eligible) {
         Attempt::Got(t) => return Ok(Some(t)),
         Attempt::NoneEligible => return Ok(None),
         Attempt::AllFull => {}
     }
     let core = &w.capacity;
+    if core.fair() {
+        return wait_fair(w, target.flow, eligible).await;
+    }
     let Some(ticket) = core.enqueue() else {
         return Err(ProxyError::QueueFull);
     };
@@ -255,6 +271,69 @@ async fn take_or_wait(
             // Only a baton goes round the queue: a poll or a nudge that finds nothing stays put.
             Attempt::AllFull if wake == Wake::Baton => ticket.pass_on(),
             Attempt::AllFull => {}
+        }
+    }
+}
+
+/// How often a request waiting in the fair queue looks again at which backends it may use
+/// (health, breakers) and at its deadline; slots are handed to it, whichever core frees them.
+const FAIR_RECHECK: Duration = Duration::from_millis(100);
+
+/// Waits in the process-wide fair queue (`limits.scheduling: fair`) until a slot is handed over.
+/// `Ok(None)`: no eligible backend left.
+async fn wait_fair(
+    w: &Worker,
+    flow: Flow,
+    eligible: impl Fn(usize) -> bool,
+) -> Result<Option<Taken>, ProxyError> {
+    let core = &w.capacity;
+    let since = Instant::now();
+    let timeout = core.queue_timeout();
+    let deadline = since.checked_add(timeout);
+    let mask = |w: &Worker| -> Vec<bool> { (0..w.view.backends()).map(&eligible).collect() };
+    let mut allowed = mask(w);
+    // Once per slot handed over that this core no longer sees as eligible (bounded: each
+    // round rules that backend out for this wait).
+    loop {
+        if !allowed.iter().any(|&e| e) {
+            return Ok(None);
+        }
+        let Some(ticket) = core.enqueue_fair(flow, since, allowed.clone()) else {
+            return Err(ProxyError::QueueFull);
+        };
+        loop {
+            if let Some((grant, permit)) = ticket.grant() {
+                if eligible(grant.backend) {
+                    return Ok(Some(Taken {
+                        backend: grant.backend,
+                        permit,
+                        reason: Reason::Balanced,
+                    }));
+                }
+                // Went down in this core's view since it joined: the slot goes on to the next
+                // waiter, and this request joins again (keeping its age) without that backend.
+                drop(ticket);
+                drop(permit);
+                if let Some(a) = allowed.get_mut(grant.backend) {
+                    *a = false;
+                }
+                break;
+            }
+            let left = deadline.map_or(timeout, |d| d.saturating_duration_since(Instant::now()));
+            if left.is_zero() {
+                return Err(ProxyError::QueueTimeout(timeout));
+            }
+            let _ = monoio::time::timeout(left.min(FAIR_RECHECK), ticket.granted()).await;
+            w.drain_inbox();
+            core.refresh();
+            let now = mask(w);
+            if !now.iter().any(|&e| e) {
+                return Ok(None);
+            }
+            if now != allowed {
+                ticket.set_mask(now.clone());
+                allowed = now;
+            }
         }
     }
 }
@@ -295,6 +374,7 @@ mod tests {
             route: table.routes.route(None).unwrap(),
             lookup: None,
             affinity: None,
+            flow: Flow::default(),
         };
         pick(w, &target, tried).await
     }
@@ -386,6 +466,7 @@ mod tests {
                 route: table.routes.route(None).unwrap(),
                 lookup: None,
                 affinity: None,
+                flow: Flow::default(),
             },
             &mut tried,
         ))

@@ -19,6 +19,7 @@ use crate::openai::tap::{Kind as UsageKind, Tap};
 use crate::openai::{self, RequestInfo};
 use crate::proxy::affinity;
 use crate::proxy::pick::Target;
+use crate::scheduler::Flow;
 use crate::telemetry::metrics::ModelIdx;
 use crate::worker::{InflightGuard, Worker};
 
@@ -104,6 +105,7 @@ impl<'a> Plan<'a> {
         body: &[u8],
         info: &'a RequestInfo,
         table: &'a BackendTable,
+        flow: Flow,
     ) -> Result<Self, ProxyError> {
         let cfg = w.config();
         let routes = &table.routes;
@@ -122,6 +124,7 @@ impl<'a> Plan<'a> {
                     route: r,
                     lookup: r.rewrite,
                     affinity,
+                    flow,
                 };
                 (target, upstream_body(&cfg, head, body, info, r.rewrite))
             })
@@ -132,6 +135,7 @@ impl<'a> Plan<'a> {
                 route,
                 lookup: info.model.as_deref(),
                 affinity,
+                flow,
             },
             body: upstream_body(&cfg, head, body, info, route.rewrite),
             fallbacks,
