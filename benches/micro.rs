@@ -394,6 +394,7 @@ fn usage_event(escaped: bool) -> UsageEvent {
         key_id: Some(llmproxy::auth::key_id(
             "sk-proj-3f9a1c2b7d4e5f60718293a4b5c6d7e8",
         )),
+        priority: None,
     }
 }
 
@@ -423,6 +424,7 @@ struct DerivedEvent<'a> {
     ttft_ms: Option<u64>,
     user_id: Option<&'a str>,
     key_id: Option<&'a str>,
+    priority: Option<&'a str>,
 }
 
 impl<'a> DerivedEvent<'a> {
@@ -448,6 +450,7 @@ impl<'a> DerivedEvent<'a> {
             ttft_ms,
             user_id,
             key_id,
+            priority,
         } = ev;
         DerivedEvent {
             event_id,
@@ -468,6 +471,7 @@ impl<'a> DerivedEvent<'a> {
             ttft_ms: *ttft_ms,
             user_id: user_id.as_deref(),
             key_id: key_id.as_deref(),
+            priority: *priority,
         }
     }
 }

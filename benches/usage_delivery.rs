@@ -261,6 +261,7 @@ fn event(seq: usize, key: &str) -> UsageEvent {
         ttft_ms: Some(42),
         user_id: Some("tenant-4711".into()),
         key_id: Some(key.to_string()),
+        priority: None,
     }
 }
 

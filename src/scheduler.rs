@@ -22,7 +22,7 @@
 //! cores), or hold the lock across an await.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Waker;
 use std::time::{Duration, Instant};
@@ -248,13 +248,6 @@ impl Handoff {
     }
 }
 
-/// Counters the metrics read (process-wide, monotonic).
-#[derive(Default)]
-pub(crate) struct FairStats {
-    pub(crate) dispatched: [AtomicU64; 3],
-    pub(crate) promoted: AtomicU64,
-}
-
 struct Inner {
     sched: Scheduler,
     handoffs: HashMap<u64, Arc<Handoff>>,
@@ -267,7 +260,6 @@ pub(crate) struct FairQueue {
     /// Requests in the scheduler: read without the lock by every freed slot.
     waiting: AtomicUsize,
     inner: Mutex<Inner>,
-    pub(crate) stats: FairStats,
 }
 
 impl FairQueue {
@@ -280,7 +272,6 @@ impl FairQueue {
                 handoffs: HashMap::new(),
                 next_id: 0,
             }),
-            stats: FairStats::default(),
         }
     }
 
@@ -406,10 +397,6 @@ impl FairQueue {
             }
             inner.sched.served(&choice);
             self.waiting.fetch_sub(1, Ordering::SeqCst);
-            self.stats.dispatched[choice.class.index()].fetch_add(1, Ordering::Relaxed);
-            if choice.promoted {
-                self.stats.promoted.fetch_add(1, Ordering::Relaxed);
-            }
             let grant = Grant {
                 backend: choice.backend,
                 counted: gate.is_some(),
@@ -605,7 +592,6 @@ mod tests {
         );
         let grant = cb.poll_grant(None).unwrap();
         assert_eq!((grant.backend, grant.counted, grant.class), (0, true, HIGH));
-        assert_eq!(q.stats.dispatched[HIGH.index()].load(Ordering::Relaxed), 1);
         // The low waiter gives up: nothing left behind.
         q.leave(&g, a, &ca);
         assert!(!q.backlogged());

@@ -266,7 +266,14 @@ async fn take_or_wait(
             .unwrap_or(Wake::None);
         w.drain_inbox();
         match try_take(w, balancer, key, &eligible) {
-            Attempt::Got(t) => return Ok(Some(t)),
+            Attempt::Got(t) => {
+                let waited =
+                    deadline.map_or(timeout, |d| d.saturating_duration_since(Instant::now()));
+                let waited = timeout.saturating_sub(waited);
+                let class = target.flow.class.as_str();
+                w.shared.metrics.queue.dispatched(class, waited, false);
+                return Ok(Some(t));
+            }
             Attempt::NoneEligible => return Ok(None),
             // Only a baton goes round the queue: a poll or a nudge that finds nothing stays put.
             Attempt::AllFull if wake == Wake::Baton => ticket.pass_on(),
@@ -304,6 +311,9 @@ async fn wait_fair(
         loop {
             if let Some((grant, permit)) = ticket.grant() {
                 if eligible(grant.backend) {
+                    let class = grant.class.as_str();
+                    let metrics = &w.shared.metrics.queue;
+                    metrics.dispatched(class, since.elapsed(), grant.promoted);
                     return Ok(Some(Taken {
                         backend: grant.backend,
                         permit,

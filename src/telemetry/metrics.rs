@@ -63,6 +63,8 @@ pub struct Metrics {
     /// Models configured at start (label values until a core learns the current set).
     pub(crate) models: Vec<String>,
     pub(crate) routing: RoutingMetrics,
+    /// The wait for a backend slot by class (`limits.scheduling`).
+    pub(crate) queue: QueueMetrics,
 }
 
 impl Metrics {
@@ -257,6 +259,7 @@ impl Metrics {
         )?;
         registry.register(Box::new(tls_cert_expiry.clone()))?;
         let routing = RoutingMetrics::register(&registry)?;
+        let queue = QueueMetrics::register(&registry)?;
         // Discovered backends appear once found; static ones are known now.
         let backends = cfg
             .backends
@@ -300,6 +303,7 @@ impl Metrics {
             tls_cert_expiry,
             models: configured_models(cfg),
             routing,
+            queue,
         })
     }
 
@@ -717,5 +721,77 @@ mod tests {
             local.tokens.borrow()[&NONE_IDX],
             [u64::MAX, u64::MAX, u64::MAX, 0]
         );
+    }
+}
+
+/// Requests that waited for a backend slot, by class (`high`, `normal`, `low`): how many wait
+/// now, how long each waited, how many were served and how many only after promotion.
+pub(crate) struct QueueMetrics {
+    waiting: IntGaugeVec,
+    wait_seconds: HistogramVec,
+    dispatches: IntCounterVec,
+    promotions: prometheus::IntCounter,
+}
+
+impl QueueMetrics {
+    pub(crate) fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let waiting = IntGaugeVec::new(
+            Opts::new(
+                "llmproxy_queue_waiting",
+                "Requests waiting for a backend slot, by class (limits.scheduling: fair)",
+            ),
+            &["class"],
+        )?;
+        let wait_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "llmproxy_queue_wait_seconds",
+                "Time a request waited for a backend slot before it got one, by class",
+            )
+            .buckets(SECONDS_BUCKETS.to_vec()),
+            &["class"],
+        )?;
+        let dispatches = IntCounterVec::new(
+            Opts::new(
+                "llmproxy_queue_dispatches_total",
+                "Requests that waited for a backend slot and got one, by class",
+            ),
+            &["class"],
+        )?;
+        let promotions = prometheus::IntCounter::new(
+            "llmproxy_queue_promotions_total",
+            "Requests served ahead of every class after waiting limits.promote_after",
+        )?;
+        registry.register(Box::new(waiting.clone()))?;
+        registry.register(Box::new(wait_seconds.clone()))?;
+        registry.register(Box::new(dispatches.clone()))?;
+        registry.register(Box::new(promotions.clone()))?;
+        for class in ["high", "normal", "low"] {
+            waiting.with_label_values(&[class]);
+            dispatches.with_label_values(&[class]);
+        }
+        Ok(QueueMetrics {
+            waiting,
+            wait_seconds,
+            dispatches,
+            promotions,
+        })
+    }
+
+    /// A request that waited got its slot.
+    pub(crate) fn dispatched(&self, class: &str, waited: Duration, promoted: bool) {
+        self.dispatches.with_label_values(&[class]).inc();
+        self.wait_seconds
+            .with_label_values(&[class])
+            .observe(waited.as_secs_f64());
+        if promoted {
+            self.promotions.inc();
+        }
+    }
+
+    /// At each scrape: requests waiting now, per class.
+    pub(crate) fn set_waiting(&self, per_class: &[(&str, usize)]) {
+        for (class, n) in per_class {
+            self.waiting.with_label_values(&[class]).set(*n as i64);
+        }
     }
 }

@@ -53,6 +53,9 @@ pub struct UsageEvent {
     pub ttft_ms: Option<u64>,
     pub user_id: Option<String>,
     pub key_id: Option<String>,
+    /// The class the request would wait as for a backend slot (`high`, `normal`, `low`);
+    /// `None` for requests refused before that was known.
+    pub priority: Option<&'static str>,
 }
 
 /// A random 128-bit id, hex encoded: the idempotency key of one event.
@@ -114,6 +117,8 @@ impl UsageEvent {
         encode::push_json_opt_str(&mut o, self.user_id.as_deref());
         key(&mut o, "key_id");
         encode::push_json_opt_str(&mut o, self.key_id.as_deref());
+        key(&mut o, "priority");
+        encode::push_json_opt_str(&mut o, self.priority);
         o.push('}');
         o
     }
@@ -213,6 +218,7 @@ mod tests {
             ttft_ms: None,
             user_id: None,
             key_id: None,
+            priority: None,
         }
     }
 
@@ -259,10 +265,11 @@ mod tests {
             ttft_ms: None,
             user_id: Some("ü\n\u{1}\t".into()),
             key_id: Some("5e5510a1c0ffee00".into()),
+            priority: Some("normal"),
         };
         assert_eq!(
             e.to_json(),
-            r#"{"event_id":"0123456789abcdef0123456789abcdef","request_id":"r\"1","timestamp":"2026-11-26T23:00:00.000Z","model":"llama \\ 3","endpoint":"/v1/chat/completions","backend_url":null,"is_stream":true,"prompt_tokens":12,"completion_tokens":0,"total_tokens":18446744073709551615,"cached_tokens":3,"status":200,"outcome":"ok","latency_ms":5,"ttft_ms":null,"user_id":"ü\n\u0001\t","key_id":"5e5510a1c0ffee00"}"#
+            r#"{"event_id":"0123456789abcdef0123456789abcdef","request_id":"r\"1","timestamp":"2026-11-26T23:00:00.000Z","model":"llama \\ 3","endpoint":"/v1/chat/completions","backend_url":null,"is_stream":true,"prompt_tokens":12,"completion_tokens":0,"total_tokens":18446744073709551615,"cached_tokens":3,"status":200,"outcome":"ok","latency_ms":5,"ttft_ms":null,"user_id":"ü\n\u0001\t","key_id":"5e5510a1c0ffee00","priority":"normal"}"#
         );
         // What a receiver's JSON parser reads back is what was sent.
         let v: serde_json::Value = serde_json::from_str(&e.to_json()).unwrap();
@@ -281,7 +288,7 @@ mod tests {
         e.key_id = None;
         assert_eq!(
             e.to_json(),
-            r#"{"event_id":"0123456789abcdef0123456789abcdef","request_id":"r\"1","timestamp":"2026-11-26T23:00:00.000Z","model":null,"endpoint":"/v1/chat/completions","backend_url":"http://b:1","is_stream":false,"prompt_tokens":12,"completion_tokens":0,"total_tokens":18446744073709551615,"reasoning_tokens":0,"status":200,"outcome":"ok","latency_ms":5,"ttft_ms":1,"user_id":null,"key_id":null}"#
+            r#"{"event_id":"0123456789abcdef0123456789abcdef","request_id":"r\"1","timestamp":"2026-11-26T23:00:00.000Z","model":null,"endpoint":"/v1/chat/completions","backend_url":"http://b:1","is_stream":false,"prompt_tokens":12,"completion_tokens":0,"total_tokens":18446744073709551615,"reasoning_tokens":0,"status":200,"outcome":"ok","latency_ms":5,"ttft_ms":1,"user_id":null,"key_id":null,"priority":"normal"}"#
         );
     }
 }
