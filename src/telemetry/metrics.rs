@@ -705,25 +705,6 @@ impl RoutingMetrics {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn absurd_token_counts_saturate() {
-        let cfg =
-            Config::with_backends("127.0.0.1:0".parse().unwrap(), &["http://a:1".into()]).unwrap();
-        let local = LocalMetrics::new(Arc::new(Metrics::new(&cfg, 1, "epoll").unwrap()), &cfg);
-        let huge = [u64::MAX, u64::MAX, u64::MAX, 0];
-        local.tokens(NONE_IDX, huge);
-        local.tokens(NONE_IDX, huge);
-        assert_eq!(
-            local.tokens.borrow()[&NONE_IDX],
-            [u64::MAX, u64::MAX, u64::MAX, 0]
-        );
-    }
-}
-
 /// Requests that waited for a backend slot, by class (`high`, `normal`, `low`): how many wait
 /// now, how long each waited, how many were served and how many only after promotion.
 pub(crate) struct QueueMetrics {
@@ -793,5 +774,24 @@ impl QueueMetrics {
         for (class, n) in per_class {
             self.waiting.with_label_values(&[class]).set(*n as i64);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absurd_token_counts_saturate() {
+        let cfg =
+            Config::with_backends("127.0.0.1:0".parse().unwrap(), &["http://a:1".into()]).unwrap();
+        let local = LocalMetrics::new(Arc::new(Metrics::new(&cfg, 1, "epoll").unwrap()), &cfg);
+        let huge = [u64::MAX, u64::MAX, u64::MAX, 0];
+        local.tokens(NONE_IDX, huge);
+        local.tokens(NONE_IDX, huge);
+        assert_eq!(
+            local.tokens.borrow()[&NONE_IDX],
+            [u64::MAX, u64::MAX, u64::MAX, 0]
+        );
     }
 }
