@@ -108,12 +108,14 @@ impl Capacity {
     /// Queue bounds from the config; backend limits arrive with each backend table
     /// (`set_limits`, by slot), since discovery decides which slot a backend has.
     pub(crate) fn from_config(cfg: &Config) -> Arc<Self> {
-        let mut c = Capacity::new(&[], cfg.limits.queue_size, cfg.limits.queue_timeout);
-        if let Some(c) = Arc::get_mut(&mut c) {
-            let fair = cfg.limits.scheduling == Scheduling::Fair;
-            c.fair = FairQueue::new(fair, cfg.limits.promote_after);
-        }
+        let c = Capacity::new(&[], cfg.limits.queue_size, cfg.limits.queue_timeout);
+        c.set_scheduling(cfg.limits.scheduling, cfg.limits.promote_after);
         c
+    }
+
+    pub(crate) fn set_scheduling(&self, scheduling: Scheduling, promote_after: Duration) {
+        let fair = scheduling == Scheduling::Fair;
+        self.fair.configure(fair, promote_after);
     }
 
     pub(crate) fn set_queue(&self, size: usize, timeout: Duration) {

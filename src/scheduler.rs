@@ -275,6 +275,15 @@ impl FairQueue {
         }
     }
 
+    /// `limits.scheduling` and `limits.promote_after` (startup and reload). Requests already
+    /// waiting in either kind of queue are served from it as before.
+    pub(crate) fn configure(&self, on: bool, promote_after: Duration) {
+        self.on.store(on, Ordering::Relaxed);
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.sched.promote_after = promote_after;
+        }
+    }
+
     pub(crate) fn on(&self) -> bool {
         self.on.load(Ordering::Relaxed)
     }
