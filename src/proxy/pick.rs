@@ -449,6 +449,45 @@ mod tests {
     }
 
     #[test]
+    fn a_freed_slot_goes_to_the_higher_class_not_the_first_in_line() {
+        use crate::config::Priority;
+        let w = core(1, &[1]);
+        run(async {
+            let held = pick_any(&w, &mut Tried::default()).await.unwrap();
+            let table = w.table();
+            let target = |class| Target {
+                table: &table,
+                route: table.routes.route(None).unwrap(),
+                lookup: None,
+                affinity: None,
+                flow: Flow {
+                    key: class as u64,
+                    class,
+                },
+            };
+            let (low_t, high_t) = (target(Priority::Low), target(Priority::High));
+            let (mut t1, mut t2) = (Tried::default(), Tried::default());
+            let mut low = Box::pin(pick(&w, &low_t, &mut t1));
+            let mut high = Box::pin(pick(&w, &high_t, &mut t2));
+            let mut cx = Context::from_waker(Waker::noop());
+            assert!(low.as_mut().poll(&mut cx).is_pending());
+            assert!(high.as_mut().poll(&mut cx).is_pending());
+            assert_eq!(w.shared.capacity.queued(), 2);
+            drop(held);
+            assert!(!w.capacity.has_room(0), "handed over, not freed");
+            let Poll::Ready(Ok(lease)) = high.as_mut().poll(&mut cx) else {
+                panic!("the high request did not get the slot");
+            };
+            assert!(low.as_mut().poll(&mut cx).is_pending());
+            assert_eq!(w.shared.capacity.queued(), 1);
+            // Its slot goes on to the low one when it is done.
+            drop(lease);
+            assert!(matches!(low.as_mut().poll(&mut cx), Poll::Ready(Ok(_))));
+            assert_eq!(w.shared.capacity.queued(), 0);
+        });
+    }
+
+    #[test]
     fn a_lost_half_open_claim_picks_again_without_that_backend() {
         let w = core(2, &[0, 0]);
         let token = half_open(&w, 0);

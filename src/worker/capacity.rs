@@ -170,6 +170,11 @@ impl CoreCapacity {
         if !self.waiters.borrow().is_empty() {
             self.wake_next(None);
         }
+        // Slots can also appear without a permit given back (a reload raised a limit).
+        if self.shared.fair.backlogged() {
+            self.refresh();
+            self.shared.fair.freed(&self.gates.borrow());
+        }
     }
 
     /// A place in the queue, or `None` when the process-wide queue is full.
