@@ -435,6 +435,7 @@ fn usage_event(escaped: bool) -> UsageEvent {
         )),
         usage_source: "reported",
         served_model: Some(MODEL.into()),
+        priority: None,
     }
 }
 
@@ -466,6 +467,7 @@ struct DerivedEvent<'a> {
     key_id: Option<&'a str>,
     usage_source: &'a str,
     served_model: Option<&'a str>,
+    priority: Option<&'a str>,
 }
 
 impl<'a> DerivedEvent<'a> {
@@ -493,6 +495,7 @@ impl<'a> DerivedEvent<'a> {
             key_id,
             usage_source,
             served_model,
+            priority,
         } = ev;
         DerivedEvent {
             event_id,
@@ -515,6 +518,7 @@ impl<'a> DerivedEvent<'a> {
             key_id: key_id.as_deref(),
             usage_source,
             served_model: served_model.as_deref(),
+            priority: *priority,
         }
     }
 }

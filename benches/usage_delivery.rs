@@ -263,6 +263,7 @@ fn event(seq: usize, key: &str) -> UsageEvent {
         key_id: Some(key.to_string()),
         usage_source: "reported",
         served_model: Some(MODEL.into()),
+        priority: None,
     }
 }
 

@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use crate::config::Config;
+use crate::config::{Config, Scheduling};
+use crate::gate::Gate;
+use crate::scheduler::FairQueue;
 
 // ---------------------------------------------------------------------------------------------
 // Connections.
@@ -62,21 +64,6 @@ impl Drop for ConnectionSlot {
 // ---------------------------------------------------------------------------------------------
 // Backend slots.
 
-/// One backend's in-flight count and limit, process-wide.
-#[derive(Default)]
-pub(crate) struct Gate {
-    /// 0 = unlimited.
-    pub(crate) limit: AtomicUsize,
-    pub(crate) used: AtomicUsize,
-}
-
-impl Gate {
-    pub(crate) fn has_room(&self) -> bool {
-        let limit = self.limit.load(Ordering::Relaxed);
-        limit == 0 || self.used.load(Ordering::Relaxed) < limit
-    }
-}
-
 /// The process-wide table of backend gates and the wait-queue bounds.
 pub(crate) struct Capacity {
     pub(crate) gates: RwLock<Vec<Arc<Gate>>>,
@@ -84,6 +71,9 @@ pub(crate) struct Capacity {
     pub(crate) queued: AtomicUsize,
     pub(crate) queue_size: AtomicUsize,
     queue_timeout_ms: AtomicU64,
+    /// `limits.scheduling: fair`: the process-wide queue (off under `fifo`, whose queues are
+    /// per core, in `worker::capacity`).
+    pub(crate) fair: FairQueue,
 }
 
 impl Capacity {
@@ -94,6 +84,7 @@ impl Capacity {
             queued: AtomicUsize::new(0),
             queue_size: AtomicUsize::new(0),
             queue_timeout_ms: AtomicU64::new(0),
+            fair: FairQueue::new(false, Duration::from_secs(5)),
         };
         c.set_queue(queue_size, queue_timeout);
         c.set_limits(limits);
@@ -103,7 +94,14 @@ impl Capacity {
     /// Queue bounds from the config; backend limits arrive with each backend table
     /// (`set_limits`, by slot), since discovery decides which slot a backend has.
     pub(crate) fn from_config(cfg: &Config) -> Arc<Self> {
-        Capacity::new(&[], cfg.limits.queue_size, cfg.limits.queue_timeout)
+        let c = Capacity::new(&[], cfg.limits.queue_size, cfg.limits.queue_timeout);
+        c.set_scheduling(cfg.limits.scheduling, cfg.limits.promote_after);
+        c
+    }
+
+    pub(crate) fn set_scheduling(&self, scheduling: Scheduling, promote_after: Duration) {
+        let fair = scheduling == Scheduling::Fair;
+        self.fair.configure(fair, promote_after);
     }
 
     pub(crate) fn set_queue(&self, size: usize, timeout: Duration) {

@@ -27,10 +27,11 @@ pub use key_id::key_id;
 pub(crate) use key_id::{client_key, KeyIdCache};
 
 use crate::config::OnStoreError;
-use crate::config::{ApiKey, Auth, ConfigError, KeyDigest};
+use crate::config::{ApiKey, Auth, ConfigError, KeyDigest, Priority};
 use crate::error::Exceeded;
 use crate::error::{AuthFailure, ProxyError};
 use crate::http1::Head;
+use crate::scheduler::Flow;
 use ratelimit::{retry_after_secs, Clock, KeyLimits, StoreState};
 
 /// Compares two digests in time independent of where they differ.
@@ -49,6 +50,7 @@ pub(crate) struct KeyEntry {
     models: Option<Box<[String]>>,
     limits: Option<Arc<KeyLimits>>,
     admin: bool,
+    priority: Priority,
 }
 
 /// Digests are uniformly distributed already: their first 8 bytes are the hash.
@@ -109,6 +111,7 @@ impl KeySet {
                 models: k.models.clone().map(Vec::into_boxed_slice),
                 limits,
                 admin: k.admin,
+                priority: k.priority,
             });
         }
         KeySet {
@@ -304,6 +307,9 @@ impl CoreAuth {
     }
 }
 
+/// Lowers a request's class (`Caller::flow`).
+pub(crate) const PRIORITY_HEADER: &str = "x-llmproxy-priority";
+
 /// The caller of one request, as far as it is known.
 pub(crate) enum Caller {
     /// Authentication is off: `key_id` is derived from whatever key the client sent.
@@ -340,6 +346,28 @@ impl Caller {
             Caller::Key { .. } => self.entry().is_some_and(|e| e.admin),
             Caller::Unknown => false,
         }
+    }
+
+    /// Who waits, when this request must wait for a backend slot: the key (its digest prefix;
+    /// one flow for everyone with auth off) and the class, the key's own unless the
+    /// `x-llmproxy-priority` header lowers it (it can never raise it).
+    pub(crate) fn flow(&self, head: &Head) -> Result<Flow, ProxyError> {
+        let (key, own) = match self.entry() {
+            Some(e) => (prefix(&e.digest), e.priority),
+            None => (0, Priority::Normal),
+        };
+        let class = match head.header(PRIORITY_HEADER) {
+            None => own,
+            Some(v) => match std::str::from_utf8(v).ok().and_then(Priority::parse) {
+                Some(asked) => asked.max(own),
+                None => {
+                    return Err(ProxyError::BadRequest(format!(
+                        "{PRIORITY_HEADER} must be high, normal or low"
+                    )))
+                }
+            },
+        };
+        Ok(Flow { key, class })
     }
 
     /// Whether a usage event is emitted for this caller (not for failed authentication, which
@@ -410,6 +438,7 @@ mod tests {
             rpm,
             tpm: 0,
             admin: false,
+            priority: Priority::Normal,
         }
     }
 

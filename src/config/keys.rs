@@ -54,6 +54,8 @@ pub struct ApiKey {
     pub tpm: u64,
     /// May use the admin endpoints (`POST /admin/reload`) on the main listener.
     pub admin: bool,
+    /// Its requests' class while they wait for a backend slot.
+    pub priority: Priority,
 }
 
 #[derive(Deserialize)]
@@ -85,7 +87,7 @@ impl Default for RawAuth {
 #[serde(
     deny_unknown_fields,
     default,
-    expecting = "a mapping with name, key or key_sha256, models, rpm, tpm, admin"
+    expecting = "a mapping with name, key or key_sha256, models, rpm, tpm, admin, priority"
 )]
 struct RawKey {
     name: String,
@@ -95,6 +97,7 @@ struct RawKey {
     rpm: u64,
     tpm: u64,
     admin: bool,
+    priority: Priority,
 }
 
 /// The shape of `auth.keys_file`.
@@ -182,6 +185,7 @@ fn validate_keys(raw: Vec<RawKey>, at: &str, errors: &mut Vec<String>) -> Vec<Ap
             rpm: k.rpm,
             tpm: k.tpm,
             admin: k.admin,
+            priority: k.priority,
         });
     }
     keys
@@ -212,4 +216,37 @@ fn parse_hex_digest(s: &str) -> Option<KeyDigest> {
         out[i] = u8::from_str_radix(text, 16).ok()?;
     }
     Some(out)
+}
+
+/// A request's class when it waits for a backend slot (`auth.keys[].priority`, lowered by the
+/// `x-llmproxy-priority` header). Ordered: `High < Normal < Low` (the smaller goes first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    High,
+    #[default]
+    Normal,
+    Low,
+}
+
+impl Priority {
+    pub const ALL: [Priority; 3] = [Priority::High, Priority::Normal, Priority::Low];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::High => "high",
+            Priority::Normal => "normal",
+            Priority::Low => "low",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Priority> {
+        Priority::ALL
+            .into_iter()
+            .find(|p| p.as_str().eq_ignore_ascii_case(s.trim()))
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
 }

@@ -25,13 +25,13 @@ mod validate;
 #[cfg(test)]
 mod tests;
 
-pub use keys::{digest, parse_keys_file, ApiKey, Auth, KeyDigest};
+pub use keys::{digest, parse_keys_file, ApiKey, Auth, KeyDigest, Priority};
 pub use parse::parse_cpu_list;
 pub use ratelimit::{OnStoreError, RateLimit, RateStore};
 pub use schema::{
     Backend, BackendTls, Breaker, Config, DiscoverKind, Discovery, HashKey, HealthCheck,
     HookFormat, Identity, IoDriver, Limits, ListenTls, LogFormat, Logging, ModelPool, Pool,
-    PrefixCache, Real, Retry, Routing, Secret, Strategy, Timeouts, Usage, UsageHook,
+    PrefixCache, Real, Retry, Routing, Scheduling, Secret, Strategy, Timeouts, Usage, UsageHook,
     DEFAULT_MAX_EVENT_BYTES,
 };
 

@@ -179,6 +179,17 @@ pub enum IoDriver {
     Epoll,
 }
 
+/// The order in which waiting requests get backend slots (`limits.scheduling`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scheduling {
+    /// Highest class first, keys taking turns within a class, process-wide.
+    #[default]
+    Fair,
+    /// First come first served, per core.
+    Fifo,
+}
+
 /// How a backend is picked among the healthy ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -399,6 +410,11 @@ pub struct Limits {
     /// Longest such a wait.
     #[serde(deserialize_with = "de_duration")]
     pub queue_timeout: Duration,
+    /// Who gets a backend slot that frees while requests wait.
+    pub scheduling: Scheduling,
+    /// Under `fair`, a request that has waited this long goes before every class (no starvation).
+    #[serde(deserialize_with = "de_duration")]
+    pub promote_after: Duration,
 }
 
 impl Default for Limits {
@@ -409,6 +425,8 @@ impl Default for Limits {
             max_connections: 100_000,
             queue_size: 1024,
             queue_timeout: Duration::from_secs(30),
+            scheduling: Scheduling::Fair,
+            promote_after: Duration::from_secs(5),
         }
     }
 }

@@ -234,6 +234,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         ("usage_hook.flush_interval", raw.usage_hook.flush_interval),
         ("usage_hook.spool_fsync", raw.usage_hook.spool_fsync),
         ("limits.queue_timeout", raw.limits.queue_timeout),
+        ("limits.promote_after", raw.limits.promote_after),
         ("auth.keys_file_poll", raw.auth.keys_file_poll),
     ] {
         if d.is_zero() {

@@ -351,6 +351,7 @@ impl Plane {
         capacity.set_limits(&per_slot);
         let limits = &self.config.limits;
         capacity.set_queue(limits.queue_size, limits.queue_timeout);
+        capacity.set_scheduling(limits.scheduling, limits.promote_after);
         connections.set_max(limits.max_connections);
     }
 

@@ -92,8 +92,21 @@ pub(crate) fn account(w: &Worker, d: &Downstream, f: Done<'_>) {
     let head = req.head;
     let metered = openai::is_json_route(head.method(), head.path());
     let key_id = req.caller.key_id(head, metered, &d.key_ids);
+    // Known once the request was read (`info`); an invalid header was refused before that.
+    let priority = f
+        .info
+        .and_then(|_| req.caller.flow(head).ok())
+        .map(|flow| flow.class.as_str());
     if cfg.logging.access_log && log::log_enabled!(target: ACCESS, log::Level::Info) {
-        let line = access_line(d, &f, backend_url, key_id.as_deref(), elapsed, ttft);
+        let line = access_line(
+            d,
+            &f,
+            backend_url,
+            key_id.as_deref(),
+            priority,
+            elapsed,
+            ttft,
+        );
         log::info!(target: ACCESS, "{line}");
     }
     if !metered || !req.caller.billable() {
@@ -128,6 +141,7 @@ pub(crate) fn account(w: &Worker, d: &Downstream, f: Done<'_>) {
         // Nothing reported: whatever was counted (0 when nothing was relayed).
         usage_source: f.usage.map_or(Source::Counted, |u| u.source).as_str(),
         served_model: f.served_model.map(str::to_owned),
+        priority,
     };
     if let Err(ev) = w.usage.send(event) {
         w.shared
@@ -151,6 +165,7 @@ fn access_line(
     f: &Done<'_>,
     backend_url: Option<&str>,
     key_id: Option<&str>,
+    priority: Option<&str>,
     elapsed: Duration,
     ttft: Option<Duration>,
 ) -> String {
@@ -177,6 +192,8 @@ fn access_line(
     encode::push_json_str(&mut line, f.outcome.as_str());
     line.push_str(",\"path\":");
     encode::push_json_str(&mut line, head.path());
+    line.push_str(",\"priority\":");
+    encode::push_json_opt_str(&mut line, priority);
     line.push_str(",\"prompt_tokens\":");
     encode::push_u64(&mut line, u.prompt_tokens);
     line.push_str(",\"request_id\":");

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::backends::route::Local;
 use crate::backends::State;
+use crate::config::Priority;
 use crate::control::{PlaneMsg, ReloadError};
 use crate::error::{error_body, ProxyError};
 use crate::proxy::account::{account, Done};
@@ -67,6 +68,9 @@ fn answer(w: &Worker, local: Local) -> Answer {
             g.connections_active.set(sum(&w.shared.connections));
             g.requests_inflight.set(sum(&w.shared.inflight));
             g.requests_queued.set(w.shared.capacity.queued() as i64);
+            let per_class = w.shared.capacity.fair.per_class();
+            let per_class = Priority::ALL.map(|p| (p.as_str(), per_class[p.index()]));
+            g.queue.set_waiting(&per_class);
             Answer {
                 content_type: "text/plain; version=0.0.4",
                 ..Answer::json(200, g.encode())

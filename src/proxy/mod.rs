@@ -72,12 +72,14 @@ pub(crate) async fn handle(
     };
     let admitted = caller
         .check_model(head.method(), info.model.as_deref())
-        .and_then(|()| caller.admit(received));
-    if let Err(e) = admitted {
-        return fail(w, d, &req, e, Some(&info)).await;
-    }
+        .and_then(|()| caller.flow(&head))
+        .and_then(|flow| caller.admit(received).map(|()| flow));
+    let flow = match admitted {
+        Ok(flow) => flow,
+        Err(e) => return fail(w, d, &req, e, Some(&info)).await,
+    };
     let table = w.table();
-    let plan = match Plan::new(w, &head, &body, &info, &table) {
+    let plan = match Plan::new(w, &head, &body, &info, &table, flow) {
         Ok(plan) => plan,
         Err(e) => return fail(w, d, &req, e, Some(&info)).await,
     };

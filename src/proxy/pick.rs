@@ -14,12 +14,13 @@
 
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::backends::route::Route;
 use crate::backends::{BackendTable, Entry};
 use crate::config::Strategy;
 use crate::error::ProxyError;
+use crate::scheduler::Flow;
 use crate::worker::balance::{Balancer, Reason};
 use crate::worker::capacity::{Permit, Wake, POLL};
 use crate::worker::{InflightGuard, ProbeGuard, Worker};
@@ -36,6 +37,8 @@ pub(crate) struct Target<'a> {
     pub(crate) affinity: Option<u64>,
     /// The prompt's block chain (`prefix_cache`; empty otherwise).
     pub(crate) blocks: &'a [u64],
+    /// Who waits, should it have to (`limits.scheduling: fair`).
+    pub(crate) flow: Flow,
 }
 
 /// Per backend slot, what this request may still do with it. One allocation per request, kept
@@ -129,11 +132,7 @@ pub(crate) async fn pick(
     tried.fit(route.mask);
     loop {
         let eligible = |i: usize| tried.candidate(i) && w.eligible(i);
-        let keys = Keys {
-            affinity: target.affinity,
-            blocks: target.blocks,
-        };
-        let Some(taken) = take_or_wait(w, &balancer, keys, eligible).await? else {
+        let Some(taken) = take_or_wait(w, &balancer, target, eligible).await? else {
             return Err(ProxyError::NoHealthyBackend);
         };
         if let Some(lease) = lease(w, &table, balancer.strategy(), taken, tried) {
@@ -210,6 +209,15 @@ fn try_take(
             None => Attempt::NoneEligible,
         };
     }
+    // Under `fair`, requests already wait: this one queues behind them (the queue hands it a
+    // free slot at once if it is its turn).
+    if core.backlogged() && core.fair() {
+        return if (0..w.view.backends()).any(eligible) {
+            Attempt::AllFull
+        } else {
+            Attempt::NoneEligible
+        };
+    }
     // A gate may fill between the look and the increment (another core): try the next one, at
     // most once per backend.
     for _ in 0..=w.view.backends() {
@@ -238,15 +246,22 @@ fn try_take(
 async fn take_or_wait(
     w: &Worker,
     balancer: &Balancer,
-    key: Keys<'_>,
+    target: &Target<'_>,
     eligible: impl Fn(usize) -> bool,
 ) -> Result<Option<Taken>, ProxyError> {
+    let key = Keys {
+        affinity: target.affinity,
+        blocks: target.blocks,
+    };
     match try_take(w, balancer, key, &eligible) {
         Attempt::Got(t) => return Ok(Some(t)),
         Attempt::NoneEligible => return Ok(None),
         Attempt::AllFull => {}
     }
     let core = &w.capacity;
+    if core.fair() {
+        return wait_fair(w, target.flow, eligible).await;
+    }
     let Some(ticket) = core.enqueue() else {
         return Err(ProxyError::QueueFull);
     };
@@ -267,11 +282,84 @@ async fn take_or_wait(
             .unwrap_or(Wake::None);
         w.drain_inbox();
         match try_take(w, balancer, key, &eligible) {
-            Attempt::Got(t) => return Ok(Some(t)),
+            Attempt::Got(t) => {
+                let waited =
+                    deadline.map_or(timeout, |d| d.saturating_duration_since(Instant::now()));
+                let waited = timeout.saturating_sub(waited);
+                let class = target.flow.class.as_str();
+                w.shared.metrics.queue.dispatched(class, waited, false);
+                return Ok(Some(t));
+            }
             Attempt::NoneEligible => return Ok(None),
             // Only a baton goes round the queue: a poll or a nudge that finds nothing stays put.
             Attempt::AllFull if wake == Wake::Baton => ticket.pass_on(),
             Attempt::AllFull => {}
+        }
+    }
+}
+
+/// How often a request waiting in the fair queue looks again at which backends it may use
+/// (health, breakers) and at its deadline; slots are handed to it, whichever core frees them.
+const FAIR_RECHECK: Duration = Duration::from_millis(100);
+
+/// Waits in the process-wide fair queue (`limits.scheduling: fair`) until a slot is handed over.
+/// `Ok(None)`: no eligible backend left.
+async fn wait_fair(
+    w: &Worker,
+    flow: Flow,
+    eligible: impl Fn(usize) -> bool,
+) -> Result<Option<Taken>, ProxyError> {
+    let core = &w.capacity;
+    let since = Instant::now();
+    let timeout = core.queue_timeout();
+    let deadline = since.checked_add(timeout);
+    let mask = |w: &Worker| -> Vec<bool> { (0..w.view.backends()).map(&eligible).collect() };
+    let mut allowed = mask(w);
+    // Once per slot handed over that this core no longer sees as eligible (bounded: each
+    // round rules that backend out for this wait).
+    loop {
+        if !allowed.iter().any(|&e| e) {
+            return Ok(None);
+        }
+        let Some(ticket) = core.enqueue_fair(flow, since, allowed.clone()) else {
+            return Err(ProxyError::QueueFull);
+        };
+        loop {
+            if let Some((grant, permit)) = ticket.grant() {
+                if eligible(grant.backend) {
+                    let class = grant.class.as_str();
+                    let metrics = &w.shared.metrics.queue;
+                    metrics.dispatched(class, since.elapsed(), grant.promoted);
+                    return Ok(Some(Taken {
+                        backend: grant.backend,
+                        permit,
+                        reason: Reason::Balanced,
+                    }));
+                }
+                // Went down in this core's view since it joined: the slot goes on to the next
+                // waiter, and this request joins again (keeping its age) without that backend.
+                drop(ticket);
+                drop(permit);
+                if let Some(a) = allowed.get_mut(grant.backend) {
+                    *a = false;
+                }
+                break;
+            }
+            let left = deadline.map_or(timeout, |d| d.saturating_duration_since(Instant::now()));
+            if left.is_zero() {
+                return Err(ProxyError::QueueTimeout(timeout));
+            }
+            let _ = monoio::time::timeout(left.min(FAIR_RECHECK), ticket.granted()).await;
+            w.drain_inbox();
+            core.refresh();
+            let now = mask(w);
+            if !now.iter().any(|&e| e) {
+                return Ok(None);
+            }
+            if now != allowed {
+                ticket.set_mask(now.clone());
+                allowed = now;
+            }
         }
     }
 }
@@ -313,6 +401,7 @@ mod tests {
             lookup: None,
             affinity: None,
             blocks: &[],
+            flow: Flow::default(),
         };
         pick(w, &target, tried).await
     }
@@ -377,6 +466,46 @@ mod tests {
     }
 
     #[test]
+    fn a_freed_slot_goes_to_the_higher_class_not_the_first_in_line() {
+        use crate::config::Priority;
+        let w = core(1, &[1]);
+        run(async {
+            let held = pick_any(&w, &mut Tried::default()).await.unwrap();
+            let table = w.table();
+            let target = |class| Target {
+                table: &table,
+                route: table.routes.route(None).unwrap(),
+                lookup: None,
+                affinity: None,
+                blocks: &[],
+                flow: Flow {
+                    key: class as u64,
+                    class,
+                },
+            };
+            let (low_t, high_t) = (target(Priority::Low), target(Priority::High));
+            let (mut t1, mut t2) = (Tried::default(), Tried::default());
+            let mut low = Box::pin(pick(&w, &low_t, &mut t1));
+            let mut high = Box::pin(pick(&w, &high_t, &mut t2));
+            let mut cx = Context::from_waker(Waker::noop());
+            assert!(low.as_mut().poll(&mut cx).is_pending());
+            assert!(high.as_mut().poll(&mut cx).is_pending());
+            assert_eq!(w.shared.capacity.queued(), 2);
+            drop(held);
+            assert!(!w.capacity.has_room(0), "handed over, not freed");
+            let Poll::Ready(Ok(lease)) = high.as_mut().poll(&mut cx) else {
+                panic!("the high request did not get the slot");
+            };
+            assert!(low.as_mut().poll(&mut cx).is_pending());
+            assert_eq!(w.shared.capacity.queued(), 1);
+            // Its slot goes on to the low one when it is done.
+            drop(lease);
+            assert!(matches!(low.as_mut().poll(&mut cx), Poll::Ready(Ok(_))));
+            assert_eq!(w.shared.capacity.queued(), 0);
+        });
+    }
+
+    #[test]
     fn a_lost_half_open_claim_picks_again_without_that_backend() {
         let w = core(2, &[0, 0]);
         let token = half_open(&w, 0);
@@ -405,6 +534,7 @@ mod tests {
                 lookup: None,
                 affinity: None,
                 blocks: &[],
+                flow: Flow::default(),
             },
             &mut tried,
         ))

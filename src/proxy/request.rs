@@ -19,6 +19,7 @@ use crate::openai::tap::{Kind as UsageKind, Tap};
 use crate::openai::{self, RequestInfo};
 use crate::proxy::affinity;
 use crate::proxy::pick::Target;
+use crate::scheduler::Flow;
 use crate::telemetry::metrics::ModelIdx;
 use crate::worker::{InflightGuard, Worker};
 
@@ -119,6 +120,7 @@ impl<'a> Plan<'a> {
         body: &[u8],
         info: &'a RequestInfo,
         table: &'a BackendTable,
+        flow: Flow,
     ) -> Result<Self, ProxyError> {
         let cfg = w.config();
         let routes = &table.routes;
@@ -138,6 +140,7 @@ impl<'a> Plan<'a> {
                     lookup: r.rewrite,
                     affinity,
                     blocks: &info.blocks,
+                    flow,
                 };
                 (target, upstream_body(&cfg, head, body, info, r.rewrite))
             })
@@ -149,6 +152,7 @@ impl<'a> Plan<'a> {
                 lookup: info.model.as_deref(),
                 affinity,
                 blocks: &info.blocks,
+                flow,
             },
             body: upstream_body(&cfg, head, body, info, route.rewrite),
             fallbacks,

@@ -14,18 +14,14 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+use super::buckets::SECONDS_BUCKETS;
+pub(crate) use super::queue::QueueMetrics;
 use crate::config::Config;
 
 /// Model label for a model no backend is configured for.
 pub(crate) const OTHER: &str = "other";
 /// Backend/model label when there was none (answered locally, or no `model` in the body).
 pub(crate) const NONE: &str = "none";
-
-/// LLM latencies span a 1 ms cache hit to a 10 minute generation.
-const SECONDS_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-    120.0, 300.0, 600.0,
-];
 
 pub struct Metrics {
     pub(crate) registry: Registry,
@@ -65,6 +61,8 @@ pub struct Metrics {
     pub(crate) routing: RoutingMetrics,
     /// `Some` with `ratelimit.store: redis`.
     pub(crate) ratelimit_store: Option<super::ratestore::RateStoreMetrics>,
+    /// The wait for a backend slot by class (`limits.scheduling`).
+    pub(crate) queue: QueueMetrics,
 }
 
 impl Metrics {
@@ -263,6 +261,7 @@ impl Metrics {
             }
             crate::config::RateStore::Local => None,
         };
+        let queue = QueueMetrics::register(&registry)?;
         // Discovered backends appear once found; static ones are known now.
         let backends = cfg
             .backends
@@ -307,6 +306,7 @@ impl Metrics {
             models: configured_models(cfg),
             routing,
             ratelimit_store,
+            queue,
         })
     }
 

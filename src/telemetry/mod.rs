@@ -3,8 +3,10 @@
 //! the request path and imports nothing of it.
 
 pub(crate) mod banner;
+mod buckets;
 pub mod logging;
 pub mod metrics;
 mod process;
+pub(crate) mod queue;
 pub(crate) mod ratestore;
 pub(crate) mod reject;

@@ -59,6 +59,9 @@ pub struct UsageEvent {
     /// The model that served the request after an alias rewrite or a fallback (`model` stays
     /// what the client asked for).
     pub served_model: Option<String>,
+    /// The class the request would wait as for a backend slot (`high`, `normal`, `low`);
+    /// `None` for requests refused before that was known.
+    pub priority: Option<&'static str>,
 }
 
 /// A random 128-bit id, hex encoded: the idempotency key of one event.
@@ -126,6 +129,8 @@ impl UsageEvent {
         encode::push_json_str(&mut o, self.usage_source);
         key(&mut o, "served_model");
         encode::push_json_opt_str(&mut o, self.served_model.as_deref());
+        key(&mut o, "priority");
+        encode::push_json_opt_str(&mut o, self.priority);
         o.push('}');
         o
     }
@@ -227,6 +232,7 @@ mod tests {
             key_id: None,
             usage_source: "reported",
             served_model: None,
+            priority: None,
         }
     }
 
@@ -275,10 +281,11 @@ mod tests {
             key_id: Some("5e5510a1c0ffee00".into()),
             usage_source: "reported",
             served_model: Some("llama-3-8b".into()),
+            priority: Some("normal"),
         };
         assert_eq!(
             e.to_json(),
-            r#"{"event_id":"0123456789abcdef0123456789abcdef","request_id":"r\"1","timestamp":"2026-11-26T23:00:00.000Z","model":"llama \\ 3","endpoint":"/v1/chat/completions","backend_url":null,"is_stream":true,"prompt_tokens":12,"completion_tokens":0,"total_tokens":18446744073709551615,"cached_tokens":3,"status":200,"outcome":"ok","latency_ms":5,"ttft_ms":null,"user_id":"ü\n\u0001\t","key_id":"5e5510a1c0ffee00","usage_source":"reported","served_model":"llama-3-8b"}"#
+            r#"{"event_id":"0123456789abcdef0123456789abcdef","request_id":"r\"1","timestamp":"2026-11-26T23:00:00.000Z","model":"llama \\ 3","endpoint":"/v1/chat/completions","backend_url":null,"is_stream":true,"prompt_tokens":12,"completion_tokens":0,"total_tokens":18446744073709551615,"cached_tokens":3,"status":200,"outcome":"ok","latency_ms":5,"ttft_ms":null,"user_id":"ü\n\u0001\t","key_id":"5e5510a1c0ffee00","usage_source":"reported","served_model":"llama-3-8b","priority":"normal"}"#
         );
         // What a receiver's JSON parser reads back is what was sent.
         let v: serde_json::Value = serde_json::from_str(&e.to_json()).unwrap();
@@ -299,7 +306,7 @@ mod tests {
         e.served_model = None;
         assert_eq!(
             e.to_json(),
-            r#"{"event_id":"0123456789abcdef0123456789abcdef","request_id":"r\"1","timestamp":"2026-11-26T23:00:00.000Z","model":null,"endpoint":"/v1/chat/completions","backend_url":"http://b:1","is_stream":false,"prompt_tokens":12,"completion_tokens":0,"total_tokens":18446744073709551615,"reasoning_tokens":0,"status":200,"outcome":"ok","latency_ms":5,"ttft_ms":1,"user_id":null,"key_id":null,"usage_source":"counted","served_model":null}"#
+            r#"{"event_id":"0123456789abcdef0123456789abcdef","request_id":"r\"1","timestamp":"2026-11-26T23:00:00.000Z","model":null,"endpoint":"/v1/chat/completions","backend_url":"http://b:1","is_stream":false,"prompt_tokens":12,"completion_tokens":0,"total_tokens":18446744073709551615,"reasoning_tokens":0,"status":200,"outcome":"ok","latency_ms":5,"ttft_ms":1,"user_id":null,"key_id":null,"usage_source":"counted","served_model":null,"priority":"normal"}"#
         );
     }
 }

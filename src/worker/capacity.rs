@@ -9,6 +9,11 @@
 //! that goes away or a request timeout leaves no trace in the queue. The order is FIFO per core
 //! only: a request arriving as a slot frees may take it before a waiter does (throughput first;
 //! `queue_timeout` bounds the wait).
+//!
+//! That is `limits.scheduling: fifo`. Under `fair` (the default) this queue stays empty: waiters
+//! join the process-wide [`crate::scheduler::FairQueue`] instead ([`FairTicket`]), which hands a
+//! freed slot, from any core, straight to the request that goes next. A permit given back here
+//! tells that queue (one atomic load while nobody waits).
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -20,7 +25,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use crate::capacity::{Capacity, Gate};
+use std::time::Instant;
+
+use crate::capacity::Capacity;
+use crate::gate::Gate;
+use crate::scheduler::{Flow, Grant, Handoff};
 
 /// One core's view of `Capacity`, and its queue of waiting requests.
 pub(crate) struct CoreCapacity {
@@ -121,10 +130,51 @@ impl CoreCapacity {
         self.shared.queue_timeout()
     }
 
+    /// `limits.scheduling: fair`.
+    pub(crate) fn fair(&self) -> bool {
+        self.shared.fair.on()
+    }
+
+    /// Under `fair`, requests wait: an arrival queues behind them instead of taking a slot.
+    pub(crate) fn backlogged(&self) -> bool {
+        self.shared.fair.backlogged()
+    }
+
+    /// A place in the process-wide fair queue (`None`: the queue is full). The request may
+    /// have been handed a slot already: look with [`FairTicket::grant`].
+    pub(crate) fn enqueue_fair(
+        self: &Rc<Self>,
+        flow: Flow,
+        since: Instant,
+        mask: Vec<bool>,
+    ) -> Option<FairTicket> {
+        let shared = &self.shared;
+        let size = shared.queue_size.load(Ordering::Relaxed);
+        if shared.queued.fetch_add(1, Ordering::AcqRel) >= size {
+            shared.queued.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        let gates = self.gates.borrow();
+        let Some((id, cell)) = shared.fair.join(&gates, flow, since, mask) else {
+            shared.queued.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        };
+        Some(FairTicket {
+            core: self.clone(),
+            id,
+            cell,
+        })
+    }
+
     /// On the core's tick: slots may have freed on other cores.
     pub(crate) fn tick(&self) {
         if !self.waiters.borrow().is_empty() {
             self.wake_next(None);
+        }
+        // Slots can also appear without a permit given back (a reload raised a limit).
+        if self.shared.fair.backlogged() {
+            self.refresh();
+            self.shared.fair.freed(&self.gates.borrow());
         }
     }
 
@@ -153,8 +203,76 @@ pub(crate) struct Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.gate.used.fetch_sub(1, Ordering::AcqRel);
+        // SeqCst: pairs with the fair queue's count of waiters (see `FairQueue::freed`).
+        self.gate.used.fetch_sub(1, Ordering::SeqCst);
+        self.core.shared.fair.freed(&self.core.gates.borrow());
         self.core.wake_next(None);
+    }
+}
+
+/// A place in the process-wide fair queue; leaving it (any way) frees the place and gives back
+/// a slot handed to it and not taken.
+pub(crate) struct FairTicket {
+    core: Rc<CoreCapacity>,
+    id: u64,
+    cell: Arc<Handoff>,
+}
+
+impl FairTicket {
+    /// The slot handed to this request, as a permit, once one was.
+    pub(crate) fn grant(&self) -> Option<(Grant, Option<Permit>)> {
+        let g = self.cell.poll_grant(None)?;
+        // The dispatching core may have had a newer gate table than this core's cache.
+        let gate = g.counted.then(|| {
+            self.core
+                .gates
+                .borrow()
+                .get(g.backend)
+                .cloned()
+                .or_else(|| {
+                    let gates = self.core.shared.gates.read().ok()?;
+                    gates.get(g.backend).cloned()
+                })
+        });
+        let gate = gate.flatten();
+        let permit = gate.map(|gate| Permit {
+            core: self.core.clone(),
+            gate,
+        });
+        Some((g, permit))
+    }
+
+    /// Resolves once a slot was handed over (the grant itself is read by `grant`).
+    pub(crate) fn granted(&self) -> Granted<'_> {
+        Granted(&self.cell)
+    }
+
+    /// The backends this request may use changed (health, breakers).
+    pub(crate) fn set_mask(&self, mask: Vec<bool>) {
+        let gates = self.core.gates.borrow();
+        self.core.shared.fair.set_mask(&gates, self.id, mask);
+    }
+}
+
+impl Drop for FairTicket {
+    fn drop(&mut self) {
+        let gates = self.core.gates.borrow();
+        self.core.shared.fair.leave(&gates, self.id, &self.cell);
+        self.core.shared.queued.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+pub(crate) struct Granted<'a>(&'a Handoff);
+
+impl Future for Granted<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0.has_grant(cx.waker()) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
     }
 }
 

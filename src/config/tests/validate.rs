@@ -711,3 +711,43 @@ fn ratelimit_errors_name_their_path() {
         "unknown field `stor`",
     );
 }
+
+#[test]
+fn scheduling_and_priorities() {
+    let c = ok(MINIMAL);
+    assert_eq!(c.limits.scheduling, Scheduling::Fair);
+    assert_eq!(c.limits.promote_after, Duration::from_secs(5));
+    let c = ok(&with_backend(
+        "limits: { scheduling: fifo, promote_after: 750ms }\n\
+         auth: { keys: [{ name: a, key: \"0123456789abcdef\", priority: low }, \
+         { name: b, key: \"0123456789abcdeg\" }] }\n",
+    ));
+    assert_eq!(c.limits.scheduling, Scheduling::Fifo);
+    assert_eq!(c.limits.promote_after, Duration::from_millis(750));
+    assert_eq!(c.auth.keys[0].priority, Priority::Low);
+    assert_eq!(c.auth.keys[1].priority, Priority::Normal);
+    assert_error(
+        &with_backend("limits: { scheduling: lifo }\n"),
+        "limits.scheduling",
+        "unknown variant `lifo`, expected `fair` or `fifo`",
+    );
+    assert_error(
+        &with_backend("limits: { promote_after: 0s }\n"),
+        "limits.promote_after",
+        "greater than zero",
+    );
+    assert_error(
+        &with_backend(
+            "auth: { keys: [{ name: a, key: \"0123456789abcdef\", priority: urgent }] }\n",
+        ),
+        "auth.keys[0].priority",
+        "unknown variant `urgent`, expected one of `high`, `normal`, `low`",
+    );
+    let keys =
+        parse_keys_file("keys:\n  - { name: x, key: \"0123456789abcdef\", priority: high }\n")
+            .unwrap();
+    assert_eq!(keys[0].priority, Priority::High);
+    assert!(
+        parse_keys_file("keys: [{ name: x, key: \"0123456789abcdef\", priority: 1 }]").is_err()
+    );
+}
