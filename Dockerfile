@@ -49,7 +49,7 @@ STOPSIGNAL SIGTERM
 # Exec form, no shell: the probe is a 1 MiB static binary (deployments/docker/healthcheck.rs) that
 # exits 0 only on a 2xx from /health.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
-  CMD ["/usr/local/bin/llmproxy-healthcheck", "http://127.0.0.1:8080/health"]
+  CMD ["/usr/local/bin/llmproxy-healthcheck", "http://127.0.0.1:8080/ready"]
 ENTRYPOINT ["/usr/local/bin/llmproxy"]
 CMD ["--config", "/etc/llmproxy/config.yaml"]
 

@@ -96,7 +96,7 @@ expect_line() {
 expect_line "user=65532:65532"
 expect_line "stopsignal=SIGTERM"
 expect_line "ports=8080/tcp "
-expect_line 'healthcheck=["CMD","/usr/local/bin/llmproxy-healthcheck","http://127.0.0.1:8080/health"]'
+expect_line 'healthcheck=["CMD","/usr/local/bin/llmproxy-healthcheck","http://127.0.0.1:8080/ready"]'
 expect_line 'entrypoint=["/usr/local/bin/llmproxy"]'
 expect_line 'cmd=["--config","/etc/llmproxy/config.yaml"]'
 checked "image config: user 65532:65532, STOPSIGNAL SIGTERM, EXPOSE 8080, HEALTHCHECK, entrypoint and cmd"
@@ -148,7 +148,7 @@ EOF
   run "${PODMAN[@]}" run -d --name "$CONTAINER" --network host \
     --ulimit nofile=20000:20000 --ulimit nproc=4096:4096 \
     -v "$WORK/config.yaml:/etc/llmproxy/config.yaml:ro" --add-host mock-backend.test:127.0.0.1 \
-    --health-cmd "[\"/usr/local/bin/llmproxy-healthcheck\",\"http://127.0.0.1:$port/health\"]" \
+    --health-cmd "[\"/usr/local/bin/llmproxy-healthcheck\",\"http://127.0.0.1:$port/ready\"]" \
     --health-interval disable \
     "$@" "$IMAGE"
 

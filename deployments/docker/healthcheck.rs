@@ -2,7 +2,7 @@
 //!
 //! The runtime image is `scratch` (no shell, no curl, no wget), so the probe is this one file of
 //! std-only Rust, compiled with `rustc` next to the proxy and statically linked like it. It sends
-//! `GET URL` (default `http://127.0.0.1:8080/health`, plain HTTP only) and exits 0 when the status is
+//! `GET URL` (default `http://127.0.0.1:8080/ready`, plain HTTP only) and exits 0 when the status is
 //! 2xx, 1 otherwise — so a draining proxy (503) or one that does not answer within 2 s is unhealthy.
 //! It prints the status line (or the error), which `docker inspect` shows in the health log.
 
@@ -11,7 +11,7 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::process::ExitCode;
 use std::time::Duration;
 
-const DEFAULT_URL: &str = "http://127.0.0.1:8080/health";
+const DEFAULT_URL: &str = "http://127.0.0.1:8080/ready";
 const TIMEOUT: Duration = Duration::from_secs(2);
 
 fn main() -> ExitCode {
