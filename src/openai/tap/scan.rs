@@ -164,12 +164,35 @@ pub(super) fn json_value_len(v: &[u8]) -> Option<usize> {
         b'{' | b'[' => {
             let mut depth = 0usize;
             let mut i = 0;
-            while let Some(off) = memchr::memchr3(b'"', b'{', b'}', &v[i..])
-                .into_iter()
-                .chain(memchr::memchr2(b'[', b']', &v[i..]))
-                .min()
-            {
-                let at = i + off;
+            // Each search's next hit is remembered until passed: searching the rest of the value
+            // for a `[`/`]` at every quote and brace made a chunk's `choices` (many strings, no
+            // bracket after the first) quadratic, a thousand instructions per chunk.
+            let mut quote_or_brace_cache: Option<Option<usize>> = None;
+            let mut bracket_cache: Option<Option<usize>> = None;
+            let next = |cache: &mut Option<Option<usize>>,
+                        i: usize,
+                        find: &dyn Fn(&[u8]) -> Option<usize>| {
+                match *cache {
+                    Some(Some(at)) if at >= i => Some(at),
+                    Some(None) => None,
+                    _ => {
+                        let at = find(&v[i..]).map(|o| i + o);
+                        *cache = Some(at);
+                        at
+                    }
+                }
+            };
+            loop {
+                let quote_or_brace = next(&mut quote_or_brace_cache, i, &|s| {
+                    memchr::memchr3(b'"', b'{', b'}', s)
+                });
+                let next_bracket = next(&mut bracket_cache, i, &|s| memchr::memchr2(b'[', b']', s));
+                let Some(at) = (match (quote_or_brace, next_bracket) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }) else {
+                    break;
+                };
                 match v[at] {
                     b'"' => {
                         i = string_end(v, at + 1)? + 1;

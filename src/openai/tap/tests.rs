@@ -492,3 +492,33 @@ fn usage_of_a_json_body_of_any_size() {
         assert_eq!(v["prompt_tokens"], 3, "cut {cut}");
     }
 }
+
+#[test]
+fn json_value_len_matches_brackets_braces_and_strings() {
+    let cases: [(&[u8], Option<usize>); 9] = [
+        (br#"{"a":1},"b":2"#, Some(7)),
+        (br#"[{"a":[1,2]},{"b":"]}"}] tail"#, Some(24)),
+        (br#"{"s":"{[\"}]"}, more"#, Some(14)),
+        (br#"{"x":[[[]]],"y":{"z":[]}}"#, Some(25)),
+        (br#""str\"ing",1"#, Some(10)),
+        (b"123,", Some(3)),
+        (br#"{"open":[1,2"#, None),
+        (br#"{"a":"unterminated}"#, None),
+        (b"]", Some(0)),
+    ];
+    for (v, want) in cases {
+        assert_eq!(
+            scan::json_value_len(v),
+            want,
+            "{}",
+            String::from_utf8_lossy(v)
+        );
+    }
+    // Many strings and no bracket after the first: found, and in one pass.
+    let mut big = b"{\"choices\":[".to_vec();
+    for i in 0..2000 {
+        big.extend_from_slice(format!("{{\"k{i}\":\"v{i}\"}},").as_bytes());
+    }
+    big.extend_from_slice(b"{}]}, \"usage\":null");
+    assert_eq!(scan::json_value_len(&big), Some(big.len() - 14));
+}
