@@ -49,6 +49,20 @@ pub fn chunk(out: &mut Vec<u8>, data: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// One chunk made of several slices (an event with a member cut out), without joining them first.
+pub fn chunk_parts(out: &mut Vec<u8>, parts: &[&[u8]]) {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    if len == 0 {
+        return;
+    }
+    out.extend_from_slice(hex(len as u64, &mut [0; 16]));
+    out.extend_from_slice(b"\r\n");
+    for part in parts {
+        out.extend_from_slice(part);
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
 pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 
 #[cfg(test)]
@@ -75,5 +89,13 @@ mod tests {
         chunk(&mut v, &[b'a'; 0x100]);
         let text = String::from_utf8(v).unwrap();
         assert!(text.starts_with("HTTP/1.1 200 OK\r\nx: 18446744073709551615\r\ny: 0\r\n100\r\naa"));
+    }
+
+    #[test]
+    fn chunk_parts_frames_the_pieces_as_one_chunk() {
+        let mut v = Vec::new();
+        chunk_parts(&mut v, &[b"data: {\"a\":1", b"", b"}\n\n"]);
+        chunk_parts(&mut v, &[b"", b""]);
+        assert_eq!(v, b"f\r\ndata: {\"a\":1}\n\n\r\n");
     }
 }

@@ -201,7 +201,25 @@ impl TgiDetails {
 }
 
 /// Where a tap forwards the bytes that go on to the client.
-type Emit<'a> = &'a mut dyn FnMut(&[u8]);
+pub trait Sink {
+    fn put(&mut self, data: &[u8]);
+
+    /// The pieces of one edited event, in order: written as one piece where the sink frames
+    /// what it is given (one chunk on the client's side), with no copy joining them first.
+    fn put_parts(&mut self, parts: &[&[u8]]) {
+        for part in parts {
+            self.put(part);
+        }
+    }
+}
+
+impl<F: FnMut(&[u8])> Sink for F {
+    fn put(&mut self, data: &[u8]) {
+        self(data)
+    }
+}
+
+type Emit<'a> = &'a mut dyn Sink;
 
 pub struct Tap {
     kind: Kind,
@@ -240,8 +258,6 @@ pub struct Tap {
     /// The current event's running usage to remove: its byte range in the event, and whether
     /// `null` takes its place.
     edit: Option<Edit>,
-    /// Reused for edited events.
-    scratch: Vec<u8>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -276,25 +292,10 @@ const CHUNK_MEMBERS: &[&str] = &[
     "obfuscation",
 ];
 
-/// `,"name":value` for every non-standard member of `payload`, values as their raw JSON text.
+/// `,"name":value` for every non-standard member of `payload`, values as their raw JSON text,
+/// in the order they came (nothing for a payload that is not one well-formed object).
 fn extra_fields(payload: &[u8]) -> Vec<u8> {
-    type Members<'a> = std::collections::BTreeMap<String, &'a serde_json::value::RawValue>;
-    let Ok(members) = serde_json::from_slice::<Members<'_>>(payload) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for (name, value) in members {
-        if CHUNK_MEMBERS.contains(&name.as_str()) {
-            continue;
-        }
-        out.push(b',');
-        if let Ok(key) = serde_json::to_vec(&name) {
-            out.extend_from_slice(&key);
-        }
-        out.push(b':');
-        out.extend_from_slice(value.get().as_bytes());
-    }
-    out
+    extra_members(payload, CHUNK_MEMBERS).unwrap_or_default()
 }
 
 /// Inserts `extra` (`,"name":value...`) before the closing brace of the event's JSON object.
@@ -336,7 +337,6 @@ impl Tap {
             events: 0,
             held: None,
             edit: None,
-            scratch: Vec::new(),
         }
     }
 
@@ -366,11 +366,11 @@ impl Tap {
     }
 
     /// Forwards `data` through `emit` (possibly minus a removed event) and watches it for usage.
-    pub fn feed(&mut self, data: &[u8], emit: &mut dyn FnMut(&[u8])) {
+    pub fn feed(&mut self, data: &[u8], emit: &mut dyn Sink) {
         match self.kind {
-            Kind::None => emit(data),
+            Kind::None => emit.put(data),
             Kind::OpenAiJson | Kind::TgiJson => {
-                emit(data);
+                emit.put(data);
                 if let Some(scan) = self.json_scan.as_mut() {
                     scan.feed(data);
                 } else if self.pending.len() + data.len() > MAX_JSON_BODY {
@@ -392,14 +392,14 @@ impl Tap {
             }
             Kind::OpenAiSse { strip, running } if strip || running => self.scan(data, Some(emit)),
             Kind::OpenAiSse { .. } | Kind::TgiSse => {
-                emit(data);
+                emit.put(data);
                 self.scan(data, None);
             }
         }
     }
 
     /// End of body: flushes anything held back and parses a JSON body.
-    pub fn finish(&mut self, emit: &mut dyn FnMut(&[u8])) {
+    pub fn finish(&mut self, emit: &mut dyn Sink) {
         match self.kind {
             Kind::OpenAiJson | Kind::TgiJson => {
                 if let Some(scan) = self.json_scan.take() {
@@ -427,7 +427,7 @@ impl Tap {
                 }
                 self.edit = None;
                 if let Some(held) = self.held.take() {
-                    emit(&held);
+                    emit.put(&held);
                 }
             }
             Kind::None => {}
@@ -489,7 +489,7 @@ impl Tap {
             let pass = &data[..end.unwrap_or(data.len())];
             if let Some(emit) = emit.as_deref_mut() {
                 if !pass.is_empty() {
-                    emit(pass);
+                    emit.put(pass);
                 }
             }
             match end {
@@ -533,7 +533,7 @@ impl Tap {
                 // Strip mode: everything before this event goes out first, in order.
                 if verdict != Verdict::Pass || self.held.is_some() || self.edit.is_some() {
                     if run_start < start {
-                        emit(&buf[run_start..start]);
+                        emit.put(&buf[run_start..start]);
                     }
                     run_start = end;
                     self.route(&buf[start..end], verdict, emit);
@@ -549,12 +549,12 @@ impl Tap {
             // the event as it arrives, uninspected.
             if let Some(emit) = emit.as_deref_mut() {
                 if run_start < start {
-                    emit(&buf[run_start..start]);
+                    emit.put(&buf[run_start..start]);
                 }
                 if let Some(held) = self.held.take() {
-                    emit(&held);
+                    emit.put(&held);
                 }
-                emit(&buf[start..]);
+                emit.put(&buf[start..]);
             }
             let mut tail = Vec::with_capacity(2);
             keep_tail(&mut tail, &buf[start..]);
@@ -565,7 +565,7 @@ impl Tap {
         } else {
             if let Some(emit) = emit {
                 if run_start < start {
-                    emit(&buf[run_start..start]);
+                    emit.put(&buf[run_start..start]);
                 }
             }
             if joined {
@@ -638,8 +638,18 @@ impl Tap {
     fn on_payload(&mut self, payload: &[u8], at: Option<usize>) -> Verdict {
         match self.kind {
             Kind::OpenAiSse { strip, running } => {
-                let finish = (strip || running) && has_non_null(payload, b"\"finish_reason\"");
-                let Some(m) = usage_member(payload) else {
+                let usage = usage_member(payload);
+                // The usage object never holds a finish reason: only the rest is searched.
+                let finish = (strip || running)
+                    && match usage {
+                        Some(m) => {
+                            let tail = &payload[m.value_end..];
+                            has_finish(&payload[..m.key_start])
+                                || (tail.len() > 16 && has_finish(tail))
+                        }
+                        None => has_finish(payload),
+                    };
+                let Some(m) = usage else {
                     if self.last_usage.is_empty() && has_content(payload) {
                         self.counted += 1;
                     }
@@ -697,44 +707,47 @@ impl Tap {
     }
 
     /// Strip mode: sends an event on (edited if need be), holds it, or removes it.
-    fn route(&mut self, event: &[u8], verdict: Verdict, emit: &mut dyn FnMut(&[u8])) {
-        let mut edited = std::mem::take(&mut self.scratch);
-        edited.clear();
-        let event: &[u8] = match self.edit.take() {
-            Some(e) if e.from <= e.to && e.to <= event.len() => {
-                edited.extend_from_slice(&event[..e.from]);
-                if e.null {
-                    edited.extend_from_slice(b"null");
-                }
-                edited.extend_from_slice(&event[e.to..]);
-                &edited
-            }
-            _ => event,
+    fn route(&mut self, event: &[u8], verdict: Verdict, emit: &mut dyn Sink) {
+        // An edited event is its bytes around the removed usage (and `null` in its place).
+        let edit = self
+            .edit
+            .take()
+            .filter(|e| e.from <= e.to && e.to <= event.len());
+        let parts: [&[u8]; 3] = match edit {
+            Some(e) => [
+                &event[..e.from],
+                if e.null { b"null" } else { b"" },
+                &event[e.to..],
+            ],
+            None => [event, b"", b""],
         };
         match verdict {
             Verdict::Strip(extra) => {
                 if let Some(held) = self.held.take() {
                     if extra.is_empty() {
-                        emit(&held);
+                        emit.put(&held);
                     } else {
-                        emit(&append_members(&held, &extra));
+                        emit.put(&append_members(&held, &extra));
                     }
                 }
             }
             Verdict::HoldFinish => {
                 if let Some(prev) = self.held.take() {
-                    emit(&prev);
+                    emit.put(&prev);
                 }
-                self.held = Some(event.to_vec());
+                self.held = Some(parts.concat());
             }
             Verdict::Pass => {
                 if let Some(prev) = self.held.take() {
-                    emit(&prev);
+                    emit.put(&prev);
                 }
-                emit(event);
+                if edit.is_some() {
+                    emit.put_parts(&parts);
+                } else {
+                    emit.put(event);
+                }
             }
         }
-        self.scratch = edited;
     }
 
     fn parse_json_body(&mut self, body: &[u8]) {

@@ -18,7 +18,7 @@ use crate::http1::head::{BodyFraming, Head};
 use crate::http1::headers::forwardable;
 use crate::http1::{write, ChunkedDecoder};
 use crate::openai;
-use crate::openai::tap::{Kind as UsageKind, Tap};
+use crate::openai::tap::{Kind as UsageKind, Sink, Tap};
 use crate::proxy::request::Exchange;
 use crate::tls::io::{ClientReader, ClientWriter};
 use crate::upstream::UpConn;
@@ -183,7 +183,7 @@ impl Body {
         if self.finished {
             return Ok(());
         }
-        let mut emit = |data: &[u8]| emit(out, reframe, data);
+        let mut emit = ToClient { out, reframe };
         match self.framing {
             BodyFraming::Length(_) => {
                 let take = (buf.len() as u64).min(self.left) as usize;
@@ -214,6 +214,28 @@ impl Body {
     }
 }
 
+/// The body's bytes on their way to the client: framed as chunks when the proxy reframes.
+struct ToClient<'a> {
+    out: &'a mut Vec<u8>,
+    reframe: bool,
+}
+
+impl Sink for ToClient<'_> {
+    fn put(&mut self, data: &[u8]) {
+        emit(self.out, self.reframe, data);
+    }
+
+    fn put_parts(&mut self, parts: &[&[u8]]) {
+        if self.reframe {
+            write::chunk_parts(self.out, parts);
+        } else {
+            for part in parts {
+                self.out.extend_from_slice(part);
+            }
+        }
+    }
+}
+
 fn emit(out: &mut Vec<u8>, reframe: bool, data: &[u8]) {
     if reframe {
         write::chunk(out, data);
@@ -224,7 +246,7 @@ fn emit(out: &mut Vec<u8>, reframe: bool, data: &[u8]) {
 
 /// The body ended: whatever the tap held back goes out, then the last chunk.
 fn finish(tap: &mut Tap, out: &mut Vec<u8>, reframe: bool) {
-    tap.finish(&mut |data: &[u8]| emit(out, reframe, data));
+    tap.finish(&mut ToClient { out, reframe });
     if reframe {
         out.extend_from_slice(write::LAST_CHUNK);
     }

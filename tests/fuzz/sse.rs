@@ -79,9 +79,9 @@ fn run(kind: Kind, max_event: usize, parts: &[&[u8]]) -> Tapped {
     let mut tap = Tap::with_max_event(kind, max_event);
     let mut out = Vec::new();
     for part in parts {
-        tap.feed(part, &mut |d| out.extend_from_slice(d));
+        tap.feed(part, &mut |d: &[u8]| out.extend_from_slice(d));
     }
-    tap.finish(&mut |d| out.extend_from_slice(d));
+    tap.finish(&mut |d: &[u8]| out.extend_from_slice(d));
     Tapped {
         out,
         usage: tap.usage(),

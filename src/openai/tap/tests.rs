@@ -39,9 +39,9 @@ fn run(kind: Kind, parts: &[&[u8]]) -> (Vec<u8>, Option<Usage>) {
     let mut tap = Tap::new(kind);
     let mut out = Vec::new();
     for p in parts {
-        tap.feed(p, &mut |d| out.extend_from_slice(d));
+        tap.feed(p, &mut |d: &[u8]| out.extend_from_slice(d));
     }
-    tap.finish(&mut |d| out.extend_from_slice(d));
+    tap.finish(&mut |d: &[u8]| out.extend_from_slice(d));
     (out, tap.usage())
 }
 
@@ -237,8 +237,8 @@ fn tgi_bodies_events_and_headers() {
     assert_eq!(u.unwrap().completion_tokens, 5);
     let mut tap = Tap::new(Kind::TgiJson);
     tap.set_header_counts(Some(9), Some(5));
-    tap.feed(br#"{"generated_text":"x"}"#, &mut |_| {});
-    tap.finish(&mut |_| {});
+    tap.feed(br#"{"generated_text":"x"}"#, &mut |_: &[u8]| {});
+    tap.finish(&mut |_: &[u8]| {});
     let u = tap.usage().unwrap();
     assert_eq!(
         (u.prompt_tokens, u.completion_tokens, u.total_tokens),
@@ -330,7 +330,7 @@ fn an_aborted_stream_is_billed_its_last_running_usage() {
         running: true,
     });
     // The next event is half there: not counted, not sent.
-    tap.feed(&b[..cut + 30], &mut |_| {});
+    tap.feed(&b[..cut + 30], &mut |_: &[u8]| {});
     let u = tap.usage().unwrap();
     assert_eq!(
         (u.prompt_tokens, u.completion_tokens, u.total_tokens),
@@ -413,11 +413,11 @@ fn an_endless_event_is_relayed_uninspected_within_the_bound() {
         let mut tap = Tap::with_max_event(Kind::OpenAiSse { strip, running }, 1000);
         let mut out = Vec::new();
         let head = b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"x\":\"";
-        tap.feed(head, &mut |d| out.extend_from_slice(d));
+        tap.feed(head, &mut |d: &[u8]| out.extend_from_slice(d));
         let filler = [b'x'; 300];
         let mut sent = head.len();
         for _ in 0..100 {
-            tap.feed(&filler, &mut |d| out.extend_from_slice(d));
+            tap.feed(&filler, &mut |d: &[u8]| out.extend_from_slice(d));
             sent += filler.len();
             assert!(tap.held_bytes() <= 1000, "held {}", tap.held_bytes());
         }
@@ -426,9 +426,9 @@ fn an_endless_event_is_relayed_uninspected_within_the_bound() {
         assert_eq!(out.len(), sent);
         let rest = b"\"}\n";
         let after = b"\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":9}}\n\ndata: [DONE]\n\n";
-        tap.feed(rest, &mut |d| out.extend_from_slice(d));
-        tap.feed(after, &mut |d| out.extend_from_slice(d));
-        tap.finish(&mut |d| out.extend_from_slice(d));
+        tap.feed(rest, &mut |d: &[u8]| out.extend_from_slice(d));
+        tap.feed(after, &mut |d: &[u8]| out.extend_from_slice(d));
+        tap.finish(&mut |d: &[u8]| out.extend_from_slice(d));
         assert_eq!(tap.oversized_events(), 1);
         assert_eq!(tap.usage().unwrap().completion_tokens, 9);
         let expected_len = sent + rest.len() + after.len()
@@ -453,11 +453,11 @@ fn a_long_event_in_small_reads_is_scanned_in_linear_time() {
     );
     let started = std::time::Instant::now();
     let mut n = 0usize;
-    tap.feed(b"data: {\"a\":\"", &mut |d| n += d.len());
+    tap.feed(b"data: {\"a\":\"", &mut |d: &[u8]| n += d.len());
     for _ in 0..(4 << 20) / 64 {
-        tap.feed(&[b'y'; 64], &mut |d| n += d.len());
+        tap.feed(&[b'y'; 64], &mut |d: &[u8]| n += d.len());
     }
-    tap.feed(b"\"}\n\n", &mut |d| n += d.len());
+    tap.feed(b"\"}\n\n", &mut |d: &[u8]| n += d.len());
     assert_eq!(n, 12 + (4 << 20) + 4);
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
 }
@@ -475,9 +475,9 @@ fn usage_of_a_json_body_of_any_size() {
         let mut tap = Tap::new(Kind::OpenAiJson);
         let mut n = 0;
         for part in body.chunks(read) {
-            tap.feed(part, &mut |d| n += d.len());
+            tap.feed(part, &mut |d: &[u8]| n += d.len());
         }
-        tap.finish(&mut |_| {});
+        tap.finish(&mut |_: &[u8]| {});
         assert_eq!(n, body.len());
         let u = tap.usage().expect("usage of a 20 MiB body");
         assert_eq!((u.prompt_tokens, u.total_tokens), (7, 7));
@@ -521,4 +521,162 @@ fn json_value_len_matches_brackets_braces_and_strings() {
     }
     big.extend_from_slice(b"{}]}, \"usage\":null");
     assert_eq!(scan::json_value_len(&big), Some(big.len() - 14));
+}
+
+/// The scalar walk hands over to the SIMD one at a fixed span: a value whose strings, escapes,
+/// nesting or end fall on either side of it, at every offset, measures what serde_json says.
+#[test]
+fn json_value_len_agrees_with_serde_across_the_scalar_span() {
+    for pad in 200..300 {
+        for inner in [r#""a\"b{c}""#, r#"{"k":[1,{"x":"]"}]}"#, r#""\\""#, "[]"] {
+            let value = format!(r#"{{"p":"{}","q":{inner},"r":[{inner}]}}"#, "x".repeat(pad));
+            let text = format!("{value} ,\"after\":{{}}}}");
+            let mut values =
+                serde_json::Deserializer::from_str(&text).into_iter::<serde_json::Value>();
+            assert!(values.next().is_some_and(|v| v.is_ok()));
+            let want_len = values.byte_offset();
+            assert_eq!(
+                scan::json_value_len(text.as_bytes()),
+                Some(want_len),
+                "pad {pad} inner {inner}"
+            );
+            // Cut anywhere inside: incomplete.
+            for cut in [pad, pad + 5, want_len - 1] {
+                assert_eq!(
+                    scan::json_value_len(&text.as_bytes()[..cut]),
+                    None,
+                    "cut {cut}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn extra_members_keeps_unknown_top_level_members_raw_and_in_order() {
+    let standard = CHUNK_MEMBERS;
+    let payload = br#" {"id":"x","choices":[],"timings":{"prompt_n":3,"s":"}"}, "usage" : {"a":1},"z\"q":[1,2] ,"n":null} "#;
+    assert_eq!(
+        scan::extra_members(payload, standard).as_deref(),
+        Some(&br#","timings":{"prompt_n":3,"s":"}"},"z\"q":[1,2],"n":null"#[..])
+    );
+    assert_eq!(
+        scan::extra_members(b"{}", standard).as_deref(),
+        Some(&b""[..])
+    );
+    assert_eq!(
+        scan::extra_members(br#"{"id":"x","usage":{}}"#, standard).as_deref(),
+        Some(&b""[..])
+    );
+    for bad in [
+        &br#"{"a":1"#[..],
+        br#"{"a":}"#,
+        br#"{"a" 1}"#,
+        br#"["a"]"#,
+        br#"{"a":1} trailing"#,
+        br#"{a:1}"#,
+        b"",
+    ] {
+        assert_eq!(
+            scan::extra_members(bad, standard),
+            None,
+            "{}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+}
+
+#[test]
+fn has_finish_finds_a_non_null_finish_reason_in_any_choice() {
+    let yes: [&[u8]; 4] = [
+        br#"{"choices":[{"finish_reason":"stop"}]}"#,
+        br#"{"choices":[{"finish_reason":null},{"finish_reason" : "length"}]}"#,
+        br#"{"a_b":1,"choices":[{"delta":{"content":"x_y"},"finish_reason":"stop"}]}"#,
+        br#"{"finish_reason":{"type":"stop"}}"#,
+    ];
+    let no: [&[u8]; 5] = [
+        br#"{"choices":[{"finish_reason":null}]}"#,
+        br#"{"choices":[{"finish_reason" :  null}],"usage":{"prompt_tokens":1}}"#,
+        br#"{"choices":[{"delta":{"content":"finish_reason"}}]}"#,
+        b"_finish_reason",
+        b"",
+    ];
+    for p in yes {
+        assert!(scan::has_finish(p), "{}", String::from_utf8_lossy(p));
+    }
+    for p in no {
+        assert!(!scan::has_finish(p), "{}", String::from_utf8_lossy(p));
+    }
+}
+
+#[test]
+fn usage_only_wants_an_empty_choices_array() {
+    let yes: [&[u8]; 3] = [
+        br#"{"choices":[],"usage":{"prompt_tokens":1}}"#,
+        br#"{"id":"x","choices" : [ ] ,"usage":{}}"#,
+        br#"{"a":[1],"choices":[]}"#,
+    ];
+    let no: [&[u8]; 4] = [
+        br#"{"choices":[{"delta":{}}],"usage":{}}"#,
+        br#"{"choices":[{"logprobs":{"content":[]}}]}"#,
+        br#"{"choices":[{"delta":{"content":"\"choices\":[]"}}]}"#,
+        b"[]",
+    ];
+    for p in yes {
+        assert!(scan::usage_only(p), "{}", String::from_utf8_lossy(p));
+    }
+    for p in no {
+        assert!(!scan::usage_only(p), "{}", String::from_utf8_lossy(p));
+    }
+}
+
+/// The plainest walk of a nested value, a byte at a time: what the fast walks must agree with.
+fn reference_value_len(v: &[u8]) -> Option<usize> {
+    let (mut depth, mut i) = (0usize, 0);
+    while i < v.len() {
+        match v[i] {
+            b'"' => loop {
+                i += 1;
+                match v.get(i)? {
+                    b'"' => break,
+                    b'\\' => i += 1,
+                    _ => {}
+                }
+            },
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => {
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    return Some(i + 1);
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+#[test]
+fn quote_or_backslash_search_finds_the_first_at_every_offset() {
+    for len in 0..40 {
+        for at in 0..len {
+            for b in [b'"', b'\\'] {
+                for second in [None, Some(1), Some(3), Some(9)] {
+                    let mut s = vec![b'a'; len];
+                    s[at] = b;
+                    if let Some(d) = second.filter(|d| at + d < len) {
+                        s[at + d] = b'"';
+                    }
+                    let value = [b"{\"".as_slice(), &s, b"\"}"].concat();
+                    assert_eq!(
+                        scan::json_value_len(&value),
+                        reference_value_len(&value),
+                        "{}",
+                        String::from_utf8_lossy(&value)
+                    );
+                }
+            }
+        }
+    }
 }
