@@ -16,7 +16,9 @@
 //! waiter (on whatever core; monoio's `sync` wakers cross threads). Nobody can take a handed-over
 //! slot from under it, and a waiter never races new arrivals, which is what makes the order hold
 //! process-wide. The lock is taken only while requests wait; with an empty queue a freed slot
-//! costs one atomic load more than under `fifo`, and with no `max_inflight` anywhere, nothing.
+//! costs one atomic load more than under `fifo`, and with no `max_inflight` anywhere (and
+//! `limits.saturation: inflight`), nothing. A slot is the gate's limit in force: `max_inflight`
+//! or an engine-queue window (`crate::gate`), whichever is lower.
 //!
 //! Why process-wide and not per core: the kernel spreads connections over the cores
 //! (SO_REUSEPORT), not keys, so per-core turns would give a key with connections on every core
@@ -202,7 +204,7 @@ fn usable(mask: &[bool], room: &[usize]) -> Option<usize> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Grant {
     pub(crate) backend: usize,
-    /// The gate's count was taken for it (false: the backend has no limit).
+    /// The gate's count was taken for it (false: the backend's requests are not counted).
     pub(crate) counted: bool,
     pub(crate) class: Priority,
     pub(crate) promoted: bool,
@@ -387,27 +389,18 @@ impl FairQueue {
                 return;
             }
             for (i, r) in room.iter_mut().enumerate() {
-                *r = match gates.get(i) {
-                    None => usize::MAX,
-                    Some(g) => {
-                        let limit = g.limit.load(Ordering::SeqCst);
-                        if limit == 0 {
-                            usize::MAX
-                        } else {
-                            limit.saturating_sub(g.used.load(Ordering::SeqCst))
-                        }
-                    }
+                *r = match gates.get(i).map(|g| (g, g.cap())) {
+                    None | Some((_, 0)) => usize::MAX,
+                    Some((g, cap)) => cap.saturating_sub(g.used.load(Ordering::SeqCst)),
                 };
             }
             let Some(choice) = inner.sched.next(now, &room) else {
                 return;
             };
-            let gate = gates
-                .get(choice.backend)
-                .filter(|g| g.limit.load(Ordering::SeqCst) > 0);
+            let gate = gates.get(choice.backend).filter(|g| g.counts());
             if let Some(g) = gate {
-                let limit = g.limit.load(Ordering::SeqCst);
-                if g.used.fetch_add(1, Ordering::SeqCst) >= limit {
+                let cap = g.cap();
+                if g.used.fetch_add(1, Ordering::SeqCst) >= cap && cap > 0 {
                     // Taken meanwhile by an arrival on another core: look again.
                     g.used.fetch_sub(1, Ordering::SeqCst);
                     continue;

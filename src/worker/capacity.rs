@@ -36,7 +36,8 @@ pub(crate) struct CoreCapacity {
     shared: Arc<Capacity>,
     version: Cell<u64>,
     gates: RefCell<Vec<Arc<Gate>>>,
-    /// Some gate has a limit: otherwise picking never looks at the gates.
+    /// Some gate counts requests (a limit, or `engine_queue`): otherwise picking never looks at
+    /// the gates.
     limited: Cell<bool>,
     waiters: RefCell<VecDeque<Rc<Waiter>>>,
 }
@@ -61,8 +62,7 @@ impl CoreCapacity {
             return;
         }
         if let Ok(gates) = self.shared.gates.read() {
-            self.limited
-                .set(gates.iter().any(|g| g.limit.load(Ordering::Relaxed) > 0));
+            self.limited.set(gates.iter().any(|g| g.counts()));
             *self.gates.borrow_mut() = gates.clone();
             self.version.set(v);
         }
@@ -75,17 +75,18 @@ impl CoreCapacity {
             .is_none_or(|g| g.has_room())
     }
 
-    /// Takes a slot on `backend`: `Ok(None)` when it has no limit, `Err` when it is full.
+    /// Takes a slot on `backend`: `Ok(None)` when it is not counted, `Err` when it is full.
     pub(crate) fn acquire(self: &Rc<Self>, backend: usize) -> Result<Option<Permit>, ()> {
         let gates = self.gates.borrow();
         let Some(gate) = gates.get(backend) else {
             return Ok(None);
         };
-        let limit = gate.limit.load(Ordering::Relaxed);
-        if limit == 0 {
+        if !gate.counts() {
             return Ok(None);
         }
-        if gate.used.fetch_add(1, Ordering::AcqRel) >= limit {
+        // 0: counted (`limits.saturation: engine_queue`) but without a limit right now.
+        let cap = gate.cap();
+        if gate.used.fetch_add(1, Ordering::AcqRel) >= cap && cap > 0 {
             gate.used.fetch_sub(1, Ordering::AcqRel);
             return Err(());
         }

@@ -713,6 +713,32 @@ fn ratelimit_errors_name_their_path() {
 }
 
 #[test]
+fn saturation_by_engine_queue_needs_a_strategy_that_scrapes() {
+    assert_eq!(ok(MINIMAL).limits.saturation, Saturation::Inflight);
+    let c = ok(&with_backend(
+        "strategy: least_load\nlimits: { saturation: engine_queue }\n",
+    ));
+    assert_eq!(c.limits.saturation, Saturation::EngineQueue);
+    // A pool's least_load is enough: its backends are scraped.
+    let c = ok(r#"
+backends: [{ url: "http://a:1", models: [m] }]
+models: { m: { strategy: least_load } }
+limits: { saturation: engine_queue }
+"#);
+    assert_eq!(c.limits.saturation, Saturation::EngineQueue);
+    assert_error(
+        &with_backend("limits: { saturation: engine_queue }\n"),
+        "limits.saturation",
+        "scraped only under strategy least_load",
+    );
+    assert_error(
+        &with_backend("strategy: least_load\nlimits: { saturation: queue }\n"),
+        "limits.saturation",
+        "unknown variant `queue`, expected `inflight` or `engine_queue`",
+    );
+}
+
+#[test]
 fn scheduling_and_priorities() {
     let c = ok(MINIMAL);
     assert_eq!(c.limits.scheduling, Scheduling::Fair);
