@@ -454,4 +454,36 @@ mod tests {
         drop(t3);
         assert_eq!(t2.me.wake.get(), Wake::Baton);
     }
+
+    #[test]
+    fn an_engine_queue_fills_a_backend_until_completions_drain_it() {
+        use crate::config::Saturation;
+        let cap = Capacity::new(&[0], 8, Duration::from_secs(1));
+        cap.fair.configure(true, Duration::from_secs(60));
+        cap.set_saturation(Saturation::EngineQueue);
+        let core = CoreCapacity::new(cap.clone());
+        assert!(core.limited(), "every request counted");
+        let held: Vec<Permit> = (0..3).map(|_| core.acquire(0).unwrap().unwrap()).collect();
+        // Two of the three wait in the engine: one runs, so one is this process's window.
+        cap.engine_reading(0, 2.0, Instant::now(), Duration::from_secs(60));
+        assert!(core.acquire(0).is_err() && !core.has_room(0));
+        let ticket = core
+            .enqueue_fair(Flow::default(), Instant::now(), vec![true])
+            .unwrap();
+        let mut held = held.into_iter();
+        drop(held.next());
+        drop(held.next());
+        assert!(ticket.grant().is_none(), "the engine's queue is still draining");
+        drop(held.next());
+        let (grant, permit) = ticket.grant().expect("the last completion lets it in");
+        assert!(grant.counted && permit.is_some());
+        drop((ticket, permit));
+        // Switched off: not counted, no window.
+        cap.set_saturation(Saturation::Inflight);
+        core.refresh();
+        assert!(!core.limited() && matches!(core.acquire(0), Ok(None)));
+        // Readings are ignored while it is off.
+        cap.engine_reading(0, 9.0, Instant::now(), Duration::from_secs(60));
+        assert!(core.has_room(0));
+    }
 }
