@@ -17,6 +17,8 @@ const NORMAL: &str = "sk-fair-normal-0123456789abcdef";
 const LOW: &str = "sk-fair-low-0123456789abcdef";
 const BIG: &str = "sk-fair-big-0123456789abcdef";
 const SMALL: &str = "sk-fair-small-0123456789abcdef";
+const HEAVY: &str = "sk-fair-heavy-0123456789abcdef";
+const LIGHT: &str = "sk-fair-light-0123456789abcdef";
 
 fn keys() -> String {
     format!(
@@ -25,7 +27,9 @@ fn keys() -> String {
          \x20   - {{ name: normal, key: \"{NORMAL}\" }}\n\
          \x20   - {{ name: low, key: \"{LOW}\", priority: low }}\n\
          \x20   - {{ name: big, key: \"{BIG}\" }}\n\
-         \x20   - {{ name: small, key: \"{SMALL}\" }}\n"
+         \x20   - {{ name: small, key: \"{SMALL}\" }}\n\
+         \x20   - {{ name: heavy, key: \"{HEAVY}\", weight: 2 }}\n\
+         \x20   - {{ name: light, key: \"{LIGHT}\", weight: 1 }}\n"
     )
 }
 
@@ -217,6 +221,25 @@ fn keys_get_equal_shares_under_fair_and_shares_by_connections_under_fifo() {
     println!("small key's share (8 vs 24 clients): fair {fair:.2}, fifo {fifo:.2}");
     assert!((0.42..=0.58).contains(&fair), "fair share {fair:.2}");
     assert!(fifo < 0.35, "fifo share {fifo:.2}");
+}
+
+#[test]
+fn a_key_of_weight_two_gets_twice_the_share_of_a_key_of_weight_one() {
+    let _serial = serial();
+    let mocks = gpu_mocks();
+    let proxy = saturated(&mocks, "fair");
+    let window = Arc::new(Mutex::new(false));
+    // As many clients each: both stay backlogged (32 clients for 8 slots).
+    let heavy = Crowd::start(proxy.addr, HEAVY, 16, window.clone());
+    let light = Crowd::start(proxy.addr, LIGHT, 16, window.clone());
+    std::thread::sleep(Duration::from_secs(3));
+    *window.lock().unwrap() = true;
+    std::thread::sleep(Duration::from_secs(8));
+    *window.lock().unwrap() = false;
+    let (h, l) = (heavy.finish(), light.finish());
+    let share = h as f64 / (h + l) as f64;
+    println!("weights 2:1, 16 clients each: heavy {h} answers, light {l} (share {share:.2})");
+    assert!((0.59..=0.75).contains(&share), "heavy share {share:.2}");
 }
 
 /// A proxy whose one backend serves one request at a time, with `limits` and the keys.

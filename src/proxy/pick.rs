@@ -483,6 +483,7 @@ mod tests {
                 flow: Flow {
                     key: class as u64,
                     class,
+                    weight: 1,
                 },
             };
             let (low_t, high_t) = (target(Priority::Low), target(Priority::High));

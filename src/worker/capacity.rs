@@ -473,7 +473,10 @@ mod tests {
         let mut held = held.into_iter();
         drop(held.next());
         drop(held.next());
-        assert!(ticket.grant().is_none(), "the engine's queue is still draining");
+        assert!(
+            ticket.grant().is_none(),
+            "the engine's queue is still draining"
+        );
         drop(held.next());
         let (grant, permit) = ticket.grant().expect("the last completion lets it in");
         assert!(grant.counted && permit.is_some());

@@ -739,6 +739,33 @@ limits: { saturation: engine_queue }
 }
 
 #[test]
+fn key_weights_default_to_one_and_are_bounded() {
+    let c = ok(&with_backend(
+        "auth: { keys: [{ name: a, key: \"0123456789abcdef\", weight: 3 }, \
+         { name: b, key: \"0123456789abcdeg\" }] }\n",
+    ));
+    assert_eq!((c.auth.keys[0].weight, c.auth.keys[1].weight), (3, 1));
+    for bad in ["0", "1001"] {
+        assert_error(
+            &with_backend(&format!(
+                "auth: {{ keys: [{{ name: a, key: \"0123456789abcdef\", weight: {bad} }}] }}\n"
+            )),
+            "auth.keys[0].weight",
+            "must be 1 to 1000",
+        );
+    }
+    assert_error(
+        &with_backend("auth: { keys: [{ name: a, key: \"0123456789abcdef\", weight: -1 }] }\n"),
+        "auth.keys[0].weight",
+        "",
+    );
+    let keys =
+        parse_keys_file("keys:\n  - { name: x, key: \"0123456789abcdef\", weight: 2 }\n").unwrap();
+    assert_eq!(keys[0].weight, 2);
+    assert!(parse_keys_file("keys: [{ name: x, key: \"0123456789abcdef\", weight: 0 }]").is_err());
+}
+
+#[test]
 fn scheduling_and_priorities() {
     let c = ok(MINIMAL);
     assert_eq!(c.limits.scheduling, Scheduling::Fair);
