@@ -7,12 +7,16 @@
 //! their slot index in a table that may grow and change limits at run time (`set_limits`, from
 //! the control plane); each core caches the table (`worker::capacity`) and refreshes it only when
 //! its version moved, so with no limit configured the request path pays one atomic load.
+//!
+//! Under `limits.saturation: engine_queue` every request is counted (limited or not) and the
+//! engine scrapers feed each gate's engine-queue cap (`crate::gate`); a cap that rises or lapses
+//! reaches waiters through the scraper's own dispatch (fair) and the cores' polls and ticks.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::config::{Config, Scheduling};
+use crate::config::{Config, Saturation, Scheduling};
 use crate::gate::Gate;
 use crate::scheduler::FairQueue;
 
@@ -74,6 +78,8 @@ pub(crate) struct Capacity {
     /// `limits.scheduling: fair`: the process-wide queue (off under `fifo`, whose queues are
     /// per core, in `worker::capacity`).
     pub(crate) fair: FairQueue,
+    /// `limits.saturation: engine_queue`.
+    engine_queue: AtomicBool,
 }
 
 impl Capacity {
@@ -85,6 +91,7 @@ impl Capacity {
             queue_size: AtomicUsize::new(0),
             queue_timeout_ms: AtomicU64::new(0),
             fair: FairQueue::new(false, Duration::from_secs(5)),
+            engine_queue: AtomicBool::new(false),
         };
         c.set_queue(queue_size, queue_timeout);
         c.set_limits(limits);
@@ -96,7 +103,50 @@ impl Capacity {
     pub(crate) fn from_config(cfg: &Config) -> Arc<Self> {
         let c = Capacity::new(&[], cfg.limits.queue_size, cfg.limits.queue_timeout);
         c.set_scheduling(cfg.limits.scheduling, cfg.limits.promote_after);
+        c.set_saturation(cfg.limits.saturation);
         c
+    }
+
+    /// `limits.saturation` (startup and reload). Turned on, requests admitted before are not
+    /// counted: the window may let that many more through until they finish.
+    pub(crate) fn set_saturation(&self, saturation: Saturation) {
+        let on = saturation == Saturation::EngineQueue;
+        if self.engine_queue.swap(on, Ordering::AcqRel) == on {
+            return;
+        }
+        if let Ok(gates) = self.gates.read() {
+            for g in gates.iter() {
+                g.count_all.store(on, Ordering::Relaxed);
+                if !on {
+                    g.clear_engine_cap();
+                }
+            }
+        }
+        self.version.fetch_add(1, Ordering::Release);
+        if let Ok(gates) = self.gates.read() {
+            self.fair.freed(&gates);
+        }
+    }
+
+    /// An engine reading for backend `slot` (from its scraper thread): under `engine_queue`,
+    /// renews the backend's cap and hands out what it frees. Never called on a core.
+    pub(crate) fn engine_reading(
+        &self,
+        slot: usize,
+        waiting: f64,
+        at: Instant,
+        valid_for: Duration,
+    ) {
+        if !self.engine_queue.load(Ordering::Acquire) {
+            return;
+        }
+        let Ok(gates) = self.gates.read() else {
+            return;
+        };
+        if let Some(g) = gates.get(slot) {
+            g.engine_reading(waiting, at, valid_for);
+            self.fair.freed(&gates);
+        }
     }
 
     pub(crate) fn set_scheduling(&self, scheduling: Scheduling, promote_after: Duration) {
@@ -120,8 +170,11 @@ impl Capacity {
         let Ok(mut gates) = self.gates.write() else {
             return;
         };
+        let count_all = self.engine_queue.load(Ordering::Acquire);
         while gates.len() < limits.len() {
-            gates.push(Arc::new(Gate::default()));
+            let g = Gate::default();
+            g.count_all.store(count_all, Ordering::Relaxed);
+            gates.push(Arc::new(g));
         }
         for (i, g) in gates.iter().enumerate() {
             let limit = limits.get(i).copied().unwrap_or(0);

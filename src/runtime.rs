@@ -357,6 +357,7 @@ pub fn start_with(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<Running>
         table.clone(),
         broadcast.clone(),
         shared.metrics.clone(),
+        shared.capacity.clone(),
         scrape_rx,
         stop_health.clone(),
     )

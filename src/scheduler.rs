@@ -4,11 +4,13 @@
 //! Two halves. [`Scheduler`] is the pure decision, deterministic and tested without sockets: the
 //! request that has waited longer than `limits.promote_after` goes first (oldest first, so
 //! nothing starves), then the highest class (`high`, `normal`, `low`); within a class the keys
-//! take turns: the key served longest ago goes next, whatever its number of connections or
-//! waiting requests (round robin over backlogged keys: deficit round robin with one dispatch as
-//! the quantum and the cost). A key's turn is kept only while it has requests waiting; a key that
-//! starts waiting joins the rotation at the place of the key served longest ago, so it cannot
-//! jump ahead of keys that waited through several turns.
+//! take turns in proportion to their weights (`auth.keys[].weight`, default 1), whatever their
+//! number of connections or waiting requests: each dispatch advances the key's pass by
+//! `STRIDE / weight` and the key with the lowest pass goes next, the one served longest ago
+//! among equals (stride scheduling, the deterministic form of weighted round robin; with equal
+//! weights it is round robin over backlogged keys). A key's turn is kept only while it has
+//! requests waiting; a key that starts waiting joins at the pass and place of the key furthest
+//! behind, so it cannot jump ahead of keys that waited through several turns.
 //!
 //! [`FairQueue`] is the shared state the cores use: one mutex around the scheduler and the
 //! waiters' hand-off cells. A slot is handed over, not announced: whoever frees a slot while
@@ -16,7 +18,9 @@
 //! waiter (on whatever core; monoio's `sync` wakers cross threads). Nobody can take a handed-over
 //! slot from under it, and a waiter never races new arrivals, which is what makes the order hold
 //! process-wide. The lock is taken only while requests wait; with an empty queue a freed slot
-//! costs one atomic load more than under `fifo`, and with no `max_inflight` anywhere, nothing.
+//! costs one atomic load more than under `fifo`, and with no `max_inflight` anywhere (and
+//! `limits.saturation: inflight`), nothing. A slot is the gate's limit in force: `max_inflight`
+//! or an engine-queue window (`crate::gate`), whichever is lower.
 //!
 //! Why process-wide and not per core: the kernel spreads connections over the cores
 //! (SO_REUSEPORT), not keys, so per-core turns would give a key with connections on every core
@@ -39,12 +43,18 @@ use std::time::{Duration, Instant};
 use crate::config::Priority;
 use crate::gate::Gate;
 
-/// Who waits: the fairness key (a client key's digest prefix; 0 with auth off) and the class.
+/// Who waits: the fairness key (a client key's digest prefix; 0 with auth off), the class and
+/// the key's weight (0 counts as 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct Flow {
     pub(crate) key: u64,
     pub(crate) class: Priority,
+    pub(crate) weight: u32,
 }
+
+/// A weight-1 key's pass advance per dispatch: 1000 × lcm(1..=10), so weights up to 10 share
+/// exactly, and up to 1000 (the config's bound) within one part in 2,520.
+const STRIDE: u64 = 2_520_000;
 
 /// One request's place in the scheduler.
 struct Entry {
@@ -60,6 +70,9 @@ struct KeyTurn {
     waiting: usize,
     /// The dispatch number of its last turn.
     last: u64,
+    /// Its weighted turns so far (see the module header).
+    pass: u64,
+    weight: u32,
 }
 
 /// A waiting request chosen for a backend.
@@ -103,12 +116,17 @@ impl Scheduler {
     }
 
     pub(crate) fn push(&mut self, id: u64, flow: Flow, since: Instant, mask: Vec<bool>) {
-        let joining = self.keys.values().map(|k| k.last).min();
-        let last = joining.unwrap_or(self.dispatches);
-        self.keys
-            .entry(flow.key)
-            .or_insert(KeyTurn { waiting: 0, last })
-            .waiting += 1;
+        let behind = self.keys.values().map(|k| (k.pass, k.last)).min();
+        let (pass, last) = behind.unwrap_or((0, self.dispatches));
+        let turn = self.keys.entry(flow.key).or_insert(KeyTurn {
+            waiting: 0,
+            last,
+            pass,
+            weight: 1,
+        });
+        turn.waiting += 1;
+        // A reload may have changed it: the newest request says.
+        turn.weight = flow.weight.max(1);
         self.entries.push(Entry {
             id,
             flow,
@@ -142,7 +160,7 @@ impl Scheduler {
     /// beyond the slice has none), and the backend it gets (its usable one with the most
     /// room). Nothing changes until [`Scheduler::served`].
     pub(crate) fn next(&self, now: Instant, room: &[usize]) -> Option<Choice> {
-        let mut best: Option<((u8, u64, Instant, u64), Choice)> = None;
+        let mut best: Option<(Rank, Choice)> = None;
         for e in &self.entries {
             let Some(backend) = usable(&e.mask, room) else {
                 continue;
@@ -151,10 +169,13 @@ impl Scheduler {
             // Promoted requests go first, oldest first; then by class, the key served longest
             // ago, and the oldest of its requests.
             let rank = if promoted {
-                (0, 0, e.since, e.id)
+                (0, 0, 0, e.since, e.id)
             } else {
-                let last = self.keys.get(&e.flow.key).map_or(0, |k| k.last);
-                (1 + e.flow.class as u8, last, e.since, e.id)
+                let turn = self
+                    .keys
+                    .get(&e.flow.key)
+                    .map_or((0, 0), |k| (k.pass, k.last));
+                (1 + e.flow.class as u8, turn.0, turn.1, e.since, e.id)
             };
             if best.as_ref().is_none_or(|(r, _)| rank < *r) {
                 let choice = Choice {
@@ -180,10 +201,14 @@ impl Scheduler {
             self.dispatches += 1;
             if let Some(k) = key.and_then(|k| self.keys.get_mut(&k)) {
                 k.last = self.dispatches;
+                k.pass = k.pass.saturating_add(STRIDE / u64::from(k.weight.max(1)));
             }
         }
     }
 }
+
+/// Lower goes first: promoted (0) or 1 + class, the key's pass and last turn, age, id.
+type Rank = (u8, u64, u64, Instant, u64);
 
 fn usable(mask: &[bool], room: &[usize]) -> Option<usize> {
     let mut best: Option<(usize, usize)> = None;
@@ -202,7 +227,7 @@ fn usable(mask: &[bool], room: &[usize]) -> Option<usize> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Grant {
     pub(crate) backend: usize,
-    /// The gate's count was taken for it (false: the backend has no limit).
+    /// The gate's count was taken for it (false: the backend's requests are not counted).
     pub(crate) counted: bool,
     pub(crate) class: Priority,
     pub(crate) promoted: bool,
@@ -387,27 +412,18 @@ impl FairQueue {
                 return;
             }
             for (i, r) in room.iter_mut().enumerate() {
-                *r = match gates.get(i) {
-                    None => usize::MAX,
-                    Some(g) => {
-                        let limit = g.limit.load(Ordering::SeqCst);
-                        if limit == 0 {
-                            usize::MAX
-                        } else {
-                            limit.saturating_sub(g.used.load(Ordering::SeqCst))
-                        }
-                    }
+                *r = match gates.get(i).map(|g| (g, g.cap())) {
+                    None | Some((_, 0)) => usize::MAX,
+                    Some((g, cap)) => cap.saturating_sub(g.used.load(Ordering::SeqCst)),
                 };
             }
             let Some(choice) = inner.sched.next(now, &room) else {
                 return;
             };
-            let gate = gates
-                .get(choice.backend)
-                .filter(|g| g.limit.load(Ordering::SeqCst) > 0);
+            let gate = gates.get(choice.backend).filter(|g| g.counts());
             if let Some(g) = gate {
-                let limit = g.limit.load(Ordering::SeqCst);
-                if g.used.fetch_add(1, Ordering::SeqCst) >= limit {
+                let cap = g.cap();
+                if g.used.fetch_add(1, Ordering::SeqCst) >= cap && cap > 0 {
                     // Taken meanwhile by an arrival on another core: look again.
                     g.used.fetch_sub(1, Ordering::SeqCst);
                     continue;
@@ -443,7 +459,11 @@ mod tests {
     const LOW: Priority = Priority::Low;
 
     fn flow(key: u64, class: Priority) -> Flow {
-        Flow { key, class }
+        Flow {
+            key,
+            class,
+            weight: 1,
+        }
     }
 
     /// Serves `n` requests one slot at a time (one backend), returning the keys served.
@@ -522,6 +542,31 @@ mod tests {
             vec![true],
         );
         assert_eq!(serve(&mut s, t0, 3), [1, 3, 2]);
+    }
+
+    #[test]
+    fn weighted_keys_share_in_proportion() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(Duration::from_secs(60));
+        let mut id = 0;
+        for (key, weight) in [(1, 2), (2, 1), (3, 1)] {
+            for _ in 0..40 {
+                let f = Flow {
+                    key,
+                    class: NORMAL,
+                    weight,
+                };
+                s.push(id, f, t0, vec![true]);
+                id += 1;
+            }
+        }
+        let served = serve(&mut s, t0, 40);
+        let share = |key| served.iter().filter(|&&k| k == key).count();
+        assert_eq!((share(1), share(2), share(3)), (20, 10, 10), "{served:?}");
+        // Interleaved, not in bursts: key 1 twice in every four dispatches.
+        for four in served.chunks(4) {
+            assert_eq!(four.iter().filter(|&&k| k == 1).count(), 2, "{served:?}");
+        }
     }
 
     #[test]

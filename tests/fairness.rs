@@ -17,6 +17,8 @@ const NORMAL: &str = "sk-fair-normal-0123456789abcdef";
 const LOW: &str = "sk-fair-low-0123456789abcdef";
 const BIG: &str = "sk-fair-big-0123456789abcdef";
 const SMALL: &str = "sk-fair-small-0123456789abcdef";
+const HEAVY: &str = "sk-fair-heavy-0123456789abcdef";
+const LIGHT: &str = "sk-fair-light-0123456789abcdef";
 
 fn keys() -> String {
     format!(
@@ -25,7 +27,9 @@ fn keys() -> String {
          \x20   - {{ name: normal, key: \"{NORMAL}\" }}\n\
          \x20   - {{ name: low, key: \"{LOW}\", priority: low }}\n\
          \x20   - {{ name: big, key: \"{BIG}\" }}\n\
-         \x20   - {{ name: small, key: \"{SMALL}\" }}\n"
+         \x20   - {{ name: small, key: \"{SMALL}\" }}\n\
+         \x20   - {{ name: heavy, key: \"{HEAVY}\", weight: 2 }}\n\
+         \x20   - {{ name: light, key: \"{LIGHT}\", weight: 1 }}\n"
     )
 }
 
@@ -219,6 +223,25 @@ fn keys_get_equal_shares_under_fair_and_shares_by_connections_under_fifo() {
     assert!(fifo < 0.35, "fifo share {fifo:.2}");
 }
 
+#[test]
+fn a_key_of_weight_two_gets_twice_the_share_of_a_key_of_weight_one() {
+    let _serial = serial();
+    let mocks = gpu_mocks();
+    let proxy = saturated(&mocks, "fair");
+    let window = Arc::new(Mutex::new(false));
+    // As many clients each: both stay backlogged (32 clients for 8 slots).
+    let heavy = Crowd::start(proxy.addr, HEAVY, 16, window.clone());
+    let light = Crowd::start(proxy.addr, LIGHT, 16, window.clone());
+    std::thread::sleep(Duration::from_secs(3));
+    *window.lock().unwrap() = true;
+    std::thread::sleep(Duration::from_secs(8));
+    *window.lock().unwrap() = false;
+    let (h, l) = (heavy.finish(), light.finish());
+    let share = h as f64 / (h + l) as f64;
+    println!("weights 2:1, 16 clients each: heavy {h} answers, light {l} (share {share:.2})");
+    assert!((0.59..=0.75).contains(&share), "heavy share {share:.2}");
+}
+
 /// A proxy whose one backend serves one request at a time, with `limits` and the keys.
 fn one_slot(mock: &Mock, limits: &str) -> Proxy {
     one_slot_on(mock, 2, limits)
@@ -354,4 +377,224 @@ fn the_priority_header_lowers_a_class_but_never_raises_it() {
     );
     r.assert_error(400, "bad_request");
     assert!(r.text().contains("x-llmproxy-priority"), "{}", r.text());
+}
+
+// ---------------------------------------------------------------------------------------------
+// `limits.saturation: engine_queue`: no max_inflight, the engines' own queues decide.
+
+/// Two mock engines of the issue's speed whose batch holds 4 (the rest queue inside the engine
+/// and show on its `/metrics`); `least_load`, scraped every 50 ms; no `max_inflight`.
+fn engines(mocks: &[Mock], saturation: &str) -> Proxy {
+    let mut yaml = String::from("listen: \"127.0.0.1:0\"\nworkers: 2\nbackends:\n");
+    for m in mocks {
+        m.control(r#"{"engine": {"max_running": 4}}"#);
+        yaml.push_str(&format!("  - {{ url: \"{}\" }}\n", m.url()));
+    }
+    yaml.push_str(&format!(
+        "strategy: least_load\nrouting: {{ metrics_interval: 50ms, metrics_stale_after: 500ms }}\n\
+         limits: {{ saturation: {saturation}, queue_size: 1024, queue_timeout: 60s }}\n{}",
+        keys()
+    ));
+    Proxy::start(&yaml, &[])
+}
+
+/// A low key keeps 24 requests going, a high key sends one every 0.6 s: the high key's p95 time
+/// to first token, and the engines' mean running count while it ran.
+fn high_among_low_on_engines(saturation: &str) -> (Duration, f64) {
+    let mocks = gpu_mocks();
+    let proxy = engines(&mocks, saturation);
+    let crowd = Crowd::start(proxy.addr, LOW, 24, Arc::new(Mutex::new(true)));
+    // The first 24 reach the engines before any reading shows their queues (16 deep); let
+    // them drain.
+    std::thread::sleep(Duration::from_secs(3));
+    let addr = proxy.addr;
+    let mut busy = Vec::new();
+    let probes: Vec<_> = (0..12)
+        .map(|i| {
+            std::thread::sleep(Duration::from_millis(if i == 0 { 0 } else { 600 }));
+            busy.push(mocks.iter().map(|m| m.stat("active")).sum::<u64>() as f64);
+            std::thread::spawn(move || stream_chat(addr, HIGH, &[]))
+        })
+        .collect();
+    let mut ttfts = Vec::new();
+    for p in probes {
+        let (status, ttft) = p.join().unwrap();
+        assert_eq!(status, 200);
+        ttfts.push(ttft);
+    }
+    crowd.finish();
+    println!("saturation {saturation}: high key TTFTs {ttfts:?}");
+    (p95(ttfts), busy.iter().sum::<f64>() / busy.len() as f64)
+}
+
+#[test]
+fn an_engine_queue_counts_as_saturation_so_priorities_work_without_max_inflight() {
+    let _serial = serial();
+    let (on, on_busy) = high_among_low_on_engines("engine_queue");
+    let (off, off_busy) = high_among_low_on_engines("inflight");
+    println!(
+        "high key p95 TTFT among 24 low clients, engines of batch 4, no max_inflight: \
+         engine_queue {on:?} (requests at the engines {on_busy:.1}), inflight {off:?} \
+         ({off_busy:.1})"
+    );
+    assert!(on <= Duration::from_millis(1500), "engine_queue p95 {on:?}");
+    assert!(
+        on.as_secs_f64() <= 0.5 * off.as_secs_f64(),
+        "engine_queue {on:?} vs inflight {off:?}"
+    );
+    // The batches stay full: the proxy holds back only what would have queued in the engines.
+    assert!(
+        on_busy >= 7.0,
+        "engines short of work: {on_busy}/8 at the engines"
+    );
+}
+
+/// `n` streamed chats at once on `key`: how long until all were answered.
+fn burst(addr: SocketAddr, n: usize) -> Duration {
+    let start = Instant::now();
+    let all: Vec<_> = (0..n)
+        .map(|_| std::thread::spawn(move || stream_chat(addr, NORMAL, &[])))
+        .collect();
+    for t in all {
+        assert_eq!(t.join().unwrap().0, 200);
+    }
+    start.elapsed()
+}
+
+#[test]
+fn an_engine_queue_never_stalls_admission_and_a_silent_one_stops_counting() {
+    let _serial = serial();
+    // An engine whose queue never empties (another tenant's requests, say): this proxy's
+    // requests go one at a time, and all of them go.
+    let mock = Mock::start_with(&["--ttft-ms", "300", "--token-delay-ms", "5"]);
+    mock.control(r#"{"engine": {"waiting": 50}}"#);
+    let proxy = Proxy::start(
+        &format!(
+            "listen: \"127.0.0.1:0\"\nworkers: 2\nbackends: [{{ url: \"{}\" }}]\n\
+             strategy: least_load\nrouting: {{ metrics_interval: 50ms, metrics_stale_after: 400ms }}\n\
+             limits: {{ saturation: engine_queue, queue_timeout: 30s }}\n{}",
+            mock.url(),
+            keys()
+        ),
+        &[],
+    );
+    // Let the first reading arrive.
+    assert!(eventually(Duration::from_secs(5), || {
+        metric(&proxy, "llmproxy_backend_engine_waiting").is_some_and(|v| v >= 50.0)
+    }));
+    let held = burst(proxy.addr, 4);
+    println!("4 requests on an engine reporting a queue: {held:?}");
+    assert!(
+        held >= Duration::from_millis(1200),
+        "not held back: {held:?}"
+    );
+    // Its /metrics goes silent: after metrics_stale_after the queue no longer counts.
+    mock.control(r#"{"engine": {"hang": true}}"#);
+    std::thread::sleep(Duration::from_millis(900));
+    let free = burst(proxy.addr, 4);
+    println!("4 requests once its metrics went silent: {free:?}");
+    assert!(
+        free < Duration::from_millis(1000),
+        "still held back: {free:?}"
+    );
+    // It answers again: held again.
+    mock.control(r#"{"engine": {"hang": false}}"#);
+    std::thread::sleep(Duration::from_millis(900));
+    let again = burst(proxy.addr, 4);
+    assert!(
+        again >= Duration::from_millis(1200),
+        "not held back: {again:?}"
+    );
+
+    // A backend whose metrics_path serves nothing is never held back at all.
+    let proxy = Proxy::start(
+        &format!(
+            "listen: \"127.0.0.1:0\"\nworkers: 2\n\
+             backends: [{{ url: \"{}\", metrics_path: /no-metrics }}]\n\
+             strategy: least_load\nrouting: {{ metrics_interval: 50ms, metrics_stale_after: 400ms }}\n\
+             limits: {{ saturation: engine_queue }}\n{}",
+            mock.url(),
+            keys()
+        ),
+        &[],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let unscraped = burst(proxy.addr, 4);
+    assert!(
+        unscraped < Duration::from_millis(1000),
+        "held back: {unscraped:?}"
+    );
+}
+
+#[test]
+fn a_client_leaving_the_engine_queue_wait_frees_its_place_at_once() {
+    let _serial = serial();
+    let mock = Mock::start();
+    mock.control(r#"{"engine": {"waiting": 5}}"#);
+    let proxy = Proxy::start(
+        &format!(
+            "listen: \"127.0.0.1:0\"\nworkers: 2\nbackends: [{{ url: \"{}\" }}]\n\
+             strategy: least_load\nrouting: {{ metrics_interval: 50ms }}\n\
+             limits: {{ saturation: engine_queue, queue_timeout: 30s }}\n{}",
+            mock.url(),
+            keys()
+        ),
+        &[],
+    );
+    assert!(eventually(Duration::from_secs(5), || {
+        metric(&proxy, "llmproxy_backend_engine_waiting").is_some_and(|v| v >= 5.0)
+    }));
+    // One request holds the one place the queued engine leaves this proxy.
+    let addr = proxy.addr;
+    let holder = std::thread::spawn(move || {
+        post_json(
+            addr,
+            "/v1/chat/completions",
+            &chat_body(false, 1),
+            &[
+                ("Authorization", &format!("Bearer {NORMAL}")),
+                ("x-mock-ttft-ms", "2000"),
+            ],
+        )
+        .status
+    });
+    assert!(eventually(Duration::from_secs(5), || mock.stat("active") == 1));
+    // Summed over the classes.
+    let queued = || -> f64 {
+        get(proxy.addr, "/metrics")
+            .text()
+            .lines()
+            .filter(|l| l.starts_with("llmproxy_queue_waiting{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let mut waiter = Client::connect(addr);
+    let raw = post_raw(
+        "/v1/chat/completions",
+        &chat_body(false, 1),
+        &[("Authorization", &format!("Bearer {LOW}"))],
+        false,
+    );
+    waiter.send(raw.as_bytes());
+    assert!(eventually(Duration::from_secs(3), || queued() == 1.0));
+    let requests = mock.stat("requests");
+    drop(waiter);
+    assert!(
+        eventually(Duration::from_millis(300), || queued() == 0.0),
+        "the place was not freed"
+    );
+    assert_eq!(holder.join().unwrap(), 200);
+    assert_eq!(
+        mock.stat("requests"),
+        requests,
+        "the gone request reached the engine"
+    );
+    // The next one is served once the holder is done.
+    let r = post_json(
+        addr,
+        "/v1/chat/completions",
+        &chat_body(false, 1),
+        &[("Authorization", &format!("Bearer {HIGH}"))],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
 }

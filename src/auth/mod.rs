@@ -51,6 +51,7 @@ pub(crate) struct KeyEntry {
     limits: Option<Arc<KeyLimits>>,
     admin: bool,
     priority: Priority,
+    weight: u32,
 }
 
 /// Digests are uniformly distributed already: their first 8 bytes are the hash.
@@ -112,6 +113,7 @@ impl KeySet {
                 limits,
                 admin: k.admin,
                 priority: k.priority,
+                weight: k.weight,
             });
         }
         KeySet {
@@ -349,12 +351,12 @@ impl Caller {
     }
 
     /// Who waits, when this request must wait for a backend slot: the key (its digest prefix;
-    /// one flow for everyone with auth off) and the class, the key's own unless the
+    /// one flow for everyone with auth off), its weight and the class, the key's own unless the
     /// `x-llmproxy-priority` header lowers it (it can never raise it).
     pub(crate) fn flow(&self, head: &Head) -> Result<Flow, ProxyError> {
-        let (key, own) = match self.entry() {
-            Some(e) => (prefix(&e.digest), e.priority),
-            None => (0, Priority::Normal),
+        let (key, own, weight) = match self.entry() {
+            Some(e) => (prefix(&e.digest), e.priority, e.weight),
+            None => (0, Priority::Normal, 1),
         };
         let class = match head.header(PRIORITY_HEADER) {
             None => own,
@@ -367,7 +369,7 @@ impl Caller {
                 }
             },
         };
-        Ok(Flow { key, class })
+        Ok(Flow { key, class, weight })
     }
 
     /// Whether a usage event is emitted for this caller (not for failed authentication, which
@@ -439,6 +441,7 @@ mod tests {
             tpm: 0,
             admin: false,
             priority: Priority::Normal,
+            weight: 1,
         }
     }
 

@@ -56,6 +56,9 @@ pub struct ApiKey {
     pub admin: bool,
     /// Its requests' class while they wait for a backend slot.
     pub priority: Priority,
+    /// Its share of the turns within its class while keys wait (`fair`): a key of weight 2 gets
+    /// twice the dispatches of a key of weight 1 when both have requests waiting.
+    pub weight: u32,
 }
 
 #[derive(Deserialize)]
@@ -87,7 +90,7 @@ impl Default for RawAuth {
 #[serde(
     deny_unknown_fields,
     default,
-    expecting = "a mapping with name, key or key_sha256, models, rpm, tpm, admin, priority"
+    expecting = "a mapping with name, key or key_sha256, models, rpm, tpm, admin, priority, weight"
 )]
 struct RawKey {
     name: String,
@@ -98,6 +101,7 @@ struct RawKey {
     tpm: u64,
     admin: bool,
     priority: Priority,
+    weight: Option<u32>,
 }
 
 /// The shape of `auth.keys_file`.
@@ -106,6 +110,9 @@ struct RawKey {
 struct RawKeysFile {
     keys: Vec<RawKey>,
 }
+
+/// The largest `weight`: the fair queue's turn arithmetic stays exact below it.
+const MAX_WEIGHT: u32 = 1000;
 
 /// Raw keys shorter than this are refused: they could be guessed.
 const MIN_KEY_LEN: usize = 16;
@@ -173,6 +180,10 @@ fn validate_keys(raw: Vec<RawKey>, at: &str, errors: &mut Vec<String>) -> Vec<Ap
                 errors.push(format!("{at}.models[{j}]: model name must not be empty"));
             }
         }
+        let weight = k.weight.unwrap_or(1);
+        if !(1..=MAX_WEIGHT).contains(&weight) {
+            errors.push(format!("{at}.weight: must be 1 to {MAX_WEIGHT}"));
+        }
         let Some(digest) = digest else { continue };
         if let Some(o) = keys.iter().find(|o| o.digest == digest) {
             errors.push(format!("{at}: same key as \"{}\"", o.name));
@@ -186,6 +197,7 @@ fn validate_keys(raw: Vec<RawKey>, at: &str, errors: &mut Vec<String>) -> Vec<Ap
             tpm: k.tpm,
             admin: k.admin,
             priority: k.priority,
+            weight,
         });
     }
     keys

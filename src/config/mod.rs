@@ -31,8 +31,8 @@ pub use ratelimit::{OnStoreError, RateLimit, RateStore};
 pub use schema::{
     Backend, BackendTls, Breaker, Config, DiscoverKind, Discovery, HashKey, HealthCheck,
     HookFormat, Identity, IoDriver, Limits, ListenTls, LogFormat, Logging, ModelPool, Pool,
-    PrefixCache, Real, Retry, Routing, Scheduling, Secret, Strategy, Timeouts, Usage, UsageHook,
-    DEFAULT_MAX_EVENT_BYTES,
+    PrefixCache, Real, Retry, Routing, Saturation, Scheduling, Secret, Strategy, Timeouts, Usage,
+    UsageHook, DEFAULT_MAX_EVENT_BYTES,
 };
 
 #[derive(Debug, thiserror::Error)]

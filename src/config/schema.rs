@@ -190,6 +190,18 @@ pub enum Scheduling {
     Fifo,
 }
 
+/// When a backend counts as full for admission (`limits.saturation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Saturation {
+    /// At its `max_inflight` (never, without one).
+    #[default]
+    Inflight,
+    /// Also when its engine's scraped queue says so (`capacity::engine_cap`): requests then wait
+    /// in the proxy's queue, in the scheduler's order, rather than in the engine's FIFO.
+    EngineQueue,
+}
+
 /// How a backend is picked among the healthy ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -415,6 +427,8 @@ pub struct Limits {
     /// Under `fair`, a request that has waited this long goes before every class (no starvation).
     #[serde(deserialize_with = "de_duration")]
     pub promote_after: Duration,
+    /// When a backend is full: at `max_inflight`, or also when its engine reports a queue.
+    pub saturation: Saturation,
 }
 
 impl Default for Limits {
@@ -427,6 +441,7 @@ impl Default for Limits {
             queue_timeout: Duration::from_secs(30),
             scheduling: Scheduling::Fair,
             promote_after: Duration::from_secs(5),
+            saturation: Saturation::Inflight,
         }
     }
 }

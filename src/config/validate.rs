@@ -15,7 +15,8 @@ use super::parse::{
 use super::ratelimit::validate_ratelimit;
 use super::raw::{RawConfig, RawDiscovery, RawPool, RawRouting};
 use super::schema::{
-    Backend, BackendTls, Config, Discovery, ListenTls, ModelPool, Routing, Secret, Strategy,
+    Backend, BackendTls, Config, Discovery, ListenTls, ModelPool, Routing, Saturation, Secret,
+    Strategy,
 };
 use super::ConfigError;
 use crate::tls::ServerTls;
@@ -315,6 +316,20 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             }
         }
     });
+
+    // An error, not a warning: without a `least_load` strategy nothing scrapes engine metrics,
+    // so the switch could never act, and `llmproxy check` should say so before a deploy.
+    let scraped = std::iter::once(raw.strategy)
+        .chain(models.iter().map(|p| p.strategy))
+        .any(Strategy::uses_engine_load);
+    if raw.limits.saturation == Saturation::EngineQueue && !scraped {
+        err(
+            "limits.saturation",
+            "engine_queue needs engine metrics, which are scraped only under strategy least_load \
+             (top level or a models pool); no strategy in use reads them"
+                .to_string(),
+        );
+    }
 
     let auth = validate_auth(raw.auth, &mut errors);
     let ratelimit = validate_ratelimit(raw.ratelimit, &mut errors);

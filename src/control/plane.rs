@@ -352,6 +352,7 @@ impl Plane {
         let limits = &self.config.limits;
         capacity.set_queue(limits.queue_size, limits.queue_timeout);
         capacity.set_scheduling(limits.scheduling, limits.promote_after);
+        capacity.set_saturation(limits.saturation);
         connections.set_max(limits.max_connections);
     }
 

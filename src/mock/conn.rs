@@ -29,7 +29,7 @@ use monoio_http::{
 
 use super::{
     answer::answer,
-    exchange::{Exchange, Flow},
+    exchange::{Action, Exchange, Flow},
     hooks::Hooks,
     route::{is_inference_path, route},
     state::{ActiveGuard, Server},
@@ -271,17 +271,36 @@ async fn respond(
         return Flow::Reset;
     }
     let action = route(&exchange, server);
-    let instant =
-        action.is_instant() && !exchange.hooks.stall_head && exchange.hooks.stall_after.is_none();
+    // A generation (not an error answer) takes a place in the simulated engine batch.
+    let batched = is_inference_path(&exchange.path)
+        && !matches!(action, Action::Reply(_))
+        && server.engine.get().max_running > 0.0;
+    let instant = action.is_instant()
+        && !batched
+        && !exchange.hooks.stall_head
+        && exchange.hooks.stall_after.is_none();
     if instant {
         answer(&action, &exchange, writer).await
     } else {
+        let generate = async {
+            let _in_batch = match batched {
+                // Saturating float-to-int cast of a non-negative whole number.
+                true => Some(
+                    server
+                        .batch
+                        .enter(|| server.engine.get().max_running as usize)
+                        .await,
+                ),
+                false => None,
+            };
+            answer(&action, &exchange, writer).await
+        };
         // Something to wait for: watch the read half so a client that leaves is noticed at once.
         monoio::select! {
             // The answer first: a client that closes right after the last byte was written
             // must not turn a complete response into a disconnect.
             biased;
-            flow = answer(&action, &exchange, writer) => flow,
+            flow = generate => flow,
             _ = watch_peer(peer) => Flow::Gone,
         }
     }

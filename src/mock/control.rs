@@ -26,7 +26,8 @@ pub(super) fn stats_json(server: &Server) -> Value {
 
 /// `POST /mock/control`: `{"health_status": 503, "fail_status": 500, "reset_every": 2}`; absent
 /// keys stay as they are, `null` clears. Engine gauges: `{"engine": {"waiting": 3, "running": 2,
-/// "kv_usage": 0.5, "hang": true}}` (`running: null` reports the requests being served).
+/// "kv_usage": 0.5, "hang": true, "max_running": 8}}` (`running: null` reports the requests being
+/// served; `max_running` makes the mock an engine with that batch size, see `state::Batch`).
 /// `{"context_limit": N}` answers longer requests with vLLM's context-length error.
 pub(super) fn control(ex: &Exchange, server: &Server) -> Reply {
     let body: Value = match serde_json::from_slice(&ex.body) {
@@ -43,7 +44,11 @@ pub(super) fn control(ex: &Exchange, server: &Server) -> Reply {
     }
     if let Some(engine) = body.get("engine") {
         match engine_knobs(engine, server.engine.get()) {
-            Ok(k) => server.engine.set(k),
+            Ok(k) => {
+                server.engine.set(k);
+                // A larger batch may admit waiting generations now.
+                server.batch.wake_front();
+            }
             Err(e) => return Reply::error(400, &e),
         }
     }
@@ -98,6 +103,7 @@ fn engine_knobs(v: &Value, mut k: EngineKnobs) -> Result<EngineKnobs, String> {
             "running" if val.is_null() => k.running = None,
             "running" => k.running = Some(num()?),
             "kv_usage" => k.kv_usage = num()?,
+            "max_running" => k.max_running = num()?.floor(),
             "hang" => {
                 k.hang = val
                     .as_bool()
@@ -120,6 +126,8 @@ mod tests {
         assert_eq!((k.waiting, k.running, k.kv_usage), (3.0, Some(2.0), 0.0));
         let k = engine_knobs(&json!({"running": null, "hang": true}), k).expect("knobs");
         assert_eq!((k.waiting, k.running, k.hang), (3.0, None, true));
+        let k = engine_knobs(&json!({"max_running": 8}), k).expect("knobs");
+        assert_eq!((k.max_running, k.waiting), (8.0, 3.0));
         assert!(engine_knobs(&json!({"waiting": -1}), base).is_err());
         assert!(engine_knobs(&json!({"speed": 1}), base).is_err());
         assert!(engine_knobs(&json!([]), base).is_err());

@@ -1,6 +1,7 @@
 //! The vLLM-style `/metrics` the mock serves for the proxy's `least_load` scraper: the three
 //! gauges it reads, with the values `/mock/control` set (running defaults to the requests being
-//! served right now). The text is built per scrape; it is never on the inference path.
+//! served right now; with a batch size set, to those in the batch, and the ones queued for it
+//! add to waiting). The text is built per scrape; it is never on the inference path.
 
 use std::sync::atomic::Ordering;
 
@@ -14,10 +15,14 @@ pub(super) fn metrics(server: &Server) -> Reply {
         .replace('"', "\\\"")
         .replace('\n', "\\n");
     let e = server.engine.get();
-    let running = e
-        .running
-        .unwrap_or(server.stats.active.load(Ordering::Relaxed) as f64);
-    let (waiting, kv) = (e.waiting, e.kv_usage);
+    let batch = &server.batch;
+    let served = if e.max_running > 0.0 {
+        batch.running() as f64
+    } else {
+        server.stats.active.load(Ordering::Relaxed) as f64
+    };
+    let running = e.running.unwrap_or(served);
+    let (waiting, kv) = (e.waiting + batch.waiting() as f64, e.kv_usage);
     let body = format!(
         "# HELP vllm:num_requests_running Number of requests in model execution batches.\n\
          # TYPE vllm:num_requests_running gauge\n\

@@ -77,6 +77,10 @@ pub struct EngineKnobs {
     pub kv_usage: f64,
     /// `/metrics` never answers (the connection stays open, silent).
     pub hang: bool,
+    /// The engine's batch (vLLM's `max_num_seqs`): at most this many generations at once, the
+    /// rest wait first come first served before their time to first token starts, and count in
+    /// `waiting` and not in `running`. 0 = no limit.
+    pub max_running: f64,
 }
 
 impl Default for EngineKnobs {
@@ -86,6 +90,7 @@ impl Default for EngineKnobs {
             running: None,
             kv_usage: 0.0,
             hang: false,
+            max_running: 0.0,
         }
     }
 }

@@ -16,7 +16,11 @@ use std::{
 
 use monoio::net::{TcpListener, TcpStream};
 
-use super::{conn::serve_connection, state::Server, MockOptions, MockStats};
+use super::{
+    conn::serve_connection,
+    state::{Batch, Server},
+    MockOptions, MockStats,
+};
 
 /// Build the runtime, bind, report the address, accept forever.
 pub(super) fn serve(
@@ -42,6 +46,7 @@ pub(super) fn serve(
             reset_every: Cell::new(0),
             inference_seen: Cell::new(0),
             next_id: Cell::new(0),
+            batch: Batch::default(),
         });
         loop {
             match listener.accept().await.and_then(adopt) {

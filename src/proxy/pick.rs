@@ -10,7 +10,9 @@
 //! between the look and the take on another core: then the next choice); the breaker's one
 //! process-wide probe is claimed (losing that race rules the backend out for this request and
 //! the balancer is asked again); only then is the decision counted. With every eligible backend
-//! full, the request waits in its core's queue (`worker::capacity`) within `queue_timeout`.
+//! full (at `max_inflight`, or at its engine-queue window under `limits.saturation:
+//! engine_queue`, see `crate::gate`), the request waits (`worker::capacity`, `crate::scheduler`)
+//! within `queue_timeout`.
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -481,6 +483,7 @@ mod tests {
                 flow: Flow {
                     key: class as u64,
                     class,
+                    weight: 1,
                 },
             };
             let (low_t, high_t) = (target(Priority::Low), target(Priority::High));

@@ -36,7 +36,8 @@ pub(crate) struct CoreCapacity {
     shared: Arc<Capacity>,
     version: Cell<u64>,
     gates: RefCell<Vec<Arc<Gate>>>,
-    /// Some gate has a limit: otherwise picking never looks at the gates.
+    /// Some gate counts requests (a limit, or `engine_queue`): otherwise picking never looks at
+    /// the gates.
     limited: Cell<bool>,
     waiters: RefCell<VecDeque<Rc<Waiter>>>,
 }
@@ -61,8 +62,7 @@ impl CoreCapacity {
             return;
         }
         if let Ok(gates) = self.shared.gates.read() {
-            self.limited
-                .set(gates.iter().any(|g| g.limit.load(Ordering::Relaxed) > 0));
+            self.limited.set(gates.iter().any(|g| g.counts()));
             *self.gates.borrow_mut() = gates.clone();
             self.version.set(v);
         }
@@ -75,17 +75,18 @@ impl CoreCapacity {
             .is_none_or(|g| g.has_room())
     }
 
-    /// Takes a slot on `backend`: `Ok(None)` when it has no limit, `Err` when it is full.
+    /// Takes a slot on `backend`: `Ok(None)` when it is not counted, `Err` when it is full.
     pub(crate) fn acquire(self: &Rc<Self>, backend: usize) -> Result<Option<Permit>, ()> {
         let gates = self.gates.borrow();
         let Some(gate) = gates.get(backend) else {
             return Ok(None);
         };
-        let limit = gate.limit.load(Ordering::Relaxed);
-        if limit == 0 {
+        if !gate.counts() {
             return Ok(None);
         }
-        if gate.used.fetch_add(1, Ordering::AcqRel) >= limit {
+        // 0: counted (`limits.saturation: engine_queue`) but without a limit right now.
+        let cap = gate.cap();
+        if gate.used.fetch_add(1, Ordering::AcqRel) >= cap && cap > 0 {
             gate.used.fetch_sub(1, Ordering::AcqRel);
             return Err(());
         }
@@ -452,5 +453,40 @@ mod tests {
         assert_eq!(t2.me.wake.get(), Wake::Baton);
         drop(t3);
         assert_eq!(t2.me.wake.get(), Wake::Baton);
+    }
+
+    #[test]
+    fn an_engine_queue_fills_a_backend_until_completions_drain_it() {
+        use crate::config::Saturation;
+        let cap = Capacity::new(&[0], 8, Duration::from_secs(1));
+        cap.fair.configure(true, Duration::from_secs(60));
+        cap.set_saturation(Saturation::EngineQueue);
+        let core = CoreCapacity::new(cap.clone());
+        assert!(core.limited(), "every request counted");
+        let held: Vec<Permit> = (0..3).map(|_| core.acquire(0).unwrap().unwrap()).collect();
+        // Two of the three wait in the engine: one runs, so one is this process's window.
+        cap.engine_reading(0, 2.0, Instant::now(), Duration::from_secs(60));
+        assert!(core.acquire(0).is_err() && !core.has_room(0));
+        let ticket = core
+            .enqueue_fair(Flow::default(), Instant::now(), vec![true])
+            .unwrap();
+        let mut held = held.into_iter();
+        drop(held.next());
+        drop(held.next());
+        assert!(
+            ticket.grant().is_none(),
+            "the engine's queue is still draining"
+        );
+        drop(held.next());
+        let (grant, permit) = ticket.grant().expect("the last completion lets it in");
+        assert!(grant.counted && permit.is_some());
+        drop((ticket, permit));
+        // Switched off: not counted, no window.
+        cap.set_saturation(Saturation::Inflight);
+        core.refresh();
+        assert!(!core.limited() && matches!(core.acquire(0), Ok(None)));
+        // Readings are ignored while it is off.
+        cap.engine_reading(0, 9.0, Instant::now(), Duration::from_secs(60));
+        assert!(core.has_room(0));
     }
 }

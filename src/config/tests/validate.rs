@@ -713,6 +713,59 @@ fn ratelimit_errors_name_their_path() {
 }
 
 #[test]
+fn saturation_by_engine_queue_needs_a_strategy_that_scrapes() {
+    assert_eq!(ok(MINIMAL).limits.saturation, Saturation::Inflight);
+    let c = ok(&with_backend(
+        "strategy: least_load\nlimits: { saturation: engine_queue }\n",
+    ));
+    assert_eq!(c.limits.saturation, Saturation::EngineQueue);
+    // A pool's least_load is enough: its backends are scraped.
+    let c = ok(r#"
+backends: [{ url: "http://a:1", models: [m] }]
+models: { m: { strategy: least_load } }
+limits: { saturation: engine_queue }
+"#);
+    assert_eq!(c.limits.saturation, Saturation::EngineQueue);
+    assert_error(
+        &with_backend("limits: { saturation: engine_queue }\n"),
+        "limits.saturation",
+        "scraped only under strategy least_load",
+    );
+    assert_error(
+        &with_backend("strategy: least_load\nlimits: { saturation: queue }\n"),
+        "limits.saturation",
+        "unknown variant `queue`, expected `inflight` or `engine_queue`",
+    );
+}
+
+#[test]
+fn key_weights_default_to_one_and_are_bounded() {
+    let c = ok(&with_backend(
+        "auth: { keys: [{ name: a, key: \"0123456789abcdef\", weight: 3 }, \
+         { name: b, key: \"0123456789abcdeg\" }] }\n",
+    ));
+    assert_eq!((c.auth.keys[0].weight, c.auth.keys[1].weight), (3, 1));
+    for bad in ["0", "1001"] {
+        assert_error(
+            &with_backend(&format!(
+                "auth: {{ keys: [{{ name: a, key: \"0123456789abcdef\", weight: {bad} }}] }}\n"
+            )),
+            "auth.keys[0].weight",
+            "must be 1 to 1000",
+        );
+    }
+    assert_error(
+        &with_backend("auth: { keys: [{ name: a, key: \"0123456789abcdef\", weight: -1 }] }\n"),
+        "auth.keys[0].weight",
+        "",
+    );
+    let keys =
+        parse_keys_file("keys:\n  - { name: x, key: \"0123456789abcdef\", weight: 2 }\n").unwrap();
+    assert_eq!(keys[0].weight, 2);
+    assert!(parse_keys_file("keys: [{ name: x, key: \"0123456789abcdef\", weight: 0 }]").is_err());
+}
+
+#[test]
 fn scheduling_and_priorities() {
     let c = ok(MINIMAL);
     assert_eq!(c.limits.scheduling, Scheduling::Fair);

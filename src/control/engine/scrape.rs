@@ -9,6 +9,10 @@
 //! leaves or starts draining has its scraper stopped, and a reload that changes the routing
 //! settings restarts them. Scrapers are keyed by backend id and every reading carries the id,
 //! so a reading about a backend that has since left its slot is dropped by the cores.
+//!
+//! Under `limits.saturation: engine_queue` a reading also renews the backend's engine-queue cap
+//! (`crate::gate`) in the process-wide capacity table, here and not on the cores: the cap is
+//! one value per backend, and this thread is its one writer.
 
 use std::collections::HashMap;
 use std::io::Read as _;
@@ -21,6 +25,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use super::{prom, Reading};
 use crate::backends::{BackendTable, Entry, State};
+use crate::capacity::Capacity;
 use crate::control::{Broadcast, ControlMsg};
 use crate::telemetry::metrics::Metrics;
 
@@ -91,6 +96,7 @@ pub(crate) fn spawn(
     table: Arc<BackendTable>,
     broadcast: Broadcast,
     metrics: Arc<Metrics>,
+    capacity: Arc<Capacity>,
     tables: Receiver<Arc<BackendTable>>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
@@ -100,6 +106,7 @@ pub(crate) fn spawn(
             let mut m = Manager {
                 broadcast,
                 metrics,
+                capacity,
                 stop,
                 running: HashMap::new(),
                 version: None,
@@ -112,6 +119,7 @@ pub(crate) fn spawn(
 struct Manager {
     broadcast: Broadcast,
     metrics: Arc<Metrics>,
+    capacity: Arc<Capacity>,
     stop: Arc<AtomicBool>,
     /// By backend id.
     running: HashMap<u64, Running>,
@@ -167,6 +175,7 @@ impl Manager {
                 target: target.clone(),
                 broadcast: self.broadcast.clone(),
                 metrics: self.metrics.clone(),
+                capacity: self.capacity.clone(),
                 stop: self.stop.clone(),
                 own: own.clone(),
             };
@@ -189,6 +198,7 @@ struct Scraper {
     target: Target,
     broadcast: Broadcast,
     metrics: Arc<Metrics>,
+    capacity: Arc<Capacity>,
     /// The process is stopping.
     stop: Arc<AtomicBool>,
     /// This backend left the table (or its settings changed).
@@ -224,6 +234,8 @@ impl Scraper {
                     self.metrics
                         .routing
                         .engine_reading(&t.name, Some((load.waiting, load.running, load.kv_usage)));
+                    self.capacity
+                        .engine_reading(t.slot, load.waiting, started, t.stale_after);
                     let reading = Reading { load, at: started };
                     self.broadcast.send_all(&ControlMsg::Engine {
                         backend: t.slot,
