@@ -229,10 +229,12 @@ fn usage_extraction(c: &mut Criterion) {
     let observe = Kind::OpenAiSse {
         strip: false,
         running: false,
+        timings: false,
     };
     let strip = Kind::OpenAiSse {
         strip: true,
         running: false,
+        timings: false,
     };
     // Check once that each variant sees the usage and forwards what it should.
     for (kind, reads) in [(observe, &events), (strip, &events), (strip, &split)] {

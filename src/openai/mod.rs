@@ -369,6 +369,33 @@ pub fn without_running_usage(body: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// llama.cpp's request member for `timings` on every streamed chunk (it sends them on the last
+/// one only otherwise).
+pub(crate) const PER_TOKEN_TIMINGS: &str = "timings_per_token";
+
+/// `body` with `"timings_per_token":true` added as its first member, for a llama.cpp server whose
+/// streams otherwise report their counts only at the end. `None` when the body already has the
+/// member (the client asked itself: nothing to remove then) or is not a JSON object.
+pub(crate) fn with_per_token_timings(body: &[u8]) -> Option<Vec<u8>> {
+    if top_level_value(body, PER_TOKEN_TIMINGS.as_bytes()).is_some() {
+        return None;
+    }
+    let open = body.iter().position(|b| !b.is_ascii_whitespace())?;
+    if body[open] != b'{' {
+        return None;
+    }
+    let rest = &body[open + 1..];
+    let empty = rest.trim_ascii_start().starts_with(b"}");
+    let mut out = Vec::with_capacity(body.len() + 26);
+    out.extend_from_slice(&body[..=open]);
+    out.extend_from_slice(br#""timings_per_token":true"#);
+    if !empty {
+        out.push(b',');
+    }
+    out.extend_from_slice(rest);
+    Some(out)
+}
+
 /// Whether a 4xx body says the backend does not accept `continuous_usage_stats`.
 pub(crate) fn rejects_running_usage(status: u16, body: &[u8]) -> bool {
     matches!(status, 400 | 422) && memchr::memmem::find(body, RUNNING_USAGE.as_bytes()).is_some()
@@ -423,6 +450,7 @@ pub(crate) fn response_kind(
     status: u16,
     event_stream: bool,
     strip: (bool, bool),
+    timings: bool,
 ) -> Kind {
     if !(200..300).contains(&status) {
         return Kind::None;
@@ -433,6 +461,7 @@ pub(crate) fn response_kind(
         p if p.starts_with("/v1/") && event_stream => Kind::OpenAiSse {
             strip: strip.0,
             running: strip.1,
+            timings,
         },
         p if p.starts_with("/v1/") => Kind::OpenAiJson,
         _ => Kind::None,
@@ -742,27 +771,51 @@ mod tests {
     #[test]
     fn response_kinds() {
         assert_eq!(
-            response_kind("/v1/chat/completions", 200, true, (true, true)),
+            response_kind("/v1/chat/completions", 200, true, (true, true), false),
             Kind::OpenAiSse {
                 strip: true,
-                running: true
+                running: true,
+                timings: false
             }
         );
         assert_eq!(
-            response_kind("/v1/embeddings", 200, false, (false, false)),
+            response_kind("/v1/embeddings", 200, false, (false, false), false),
             Kind::OpenAiJson
         );
         assert_eq!(
-            response_kind("/generate", 200, false, (false, false)),
+            response_kind("/generate", 200, false, (false, false), false),
             Kind::TgiJson
         );
         assert_eq!(
-            response_kind("/generate_stream", 200, true, (false, false)),
+            response_kind("/generate_stream", 200, true, (false, false), false),
             Kind::TgiSse
         );
         assert_eq!(
-            response_kind("/v1/chat/completions", 500, false, (false, false)),
+            response_kind("/v1/chat/completions", 500, false, (false, false), false),
             Kind::None
         );
+    }
+
+    #[test]
+    fn per_token_timings_are_asked_for_once() {
+        let got = with_per_token_timings(br#" {"model":"m","stream":true}"#).unwrap();
+        assert_eq!(
+            got,
+            br#" {"timings_per_token":true,"model":"m","stream":true}"#
+        );
+        assert_eq!(
+            with_per_token_timings(b"{ }").unwrap(),
+            br#"{"timings_per_token":true }"#
+        );
+        // The client asked itself (whatever the value): left alone, and nothing is removed.
+        assert!(with_per_token_timings(br#"{"timings_per_token":false}"#).is_none());
+        // A nested member of that name is not the top-level one.
+        let nested = br#"{"x":{"timings_per_token":1}}"#;
+        assert_eq!(
+            with_per_token_timings(nested).unwrap(),
+            br#"{"timings_per_token":true,"x":{"timings_per_token":1}}"#
+        );
+        assert!(with_per_token_timings(b"[1]").is_none());
+        assert!(with_per_token_timings(b"").is_none());
     }
 }

@@ -23,9 +23,6 @@
 //! body is scanned structurally as it passes (`JsonScan`, linear, holding only the value of the
 //! one top-level member it looks for), so the usage of an answer of any size is found.
 
-use serde::de::IgnoredAny;
-use serde::{Deserialize, Serialize};
-
 /// Non-streaming bodies up to this size are kept and parsed once at the end (the fast path);
 /// larger ones are scanned as they pass.
 const MAX_JSON_BODY: usize = 8 << 20;
@@ -34,38 +31,6 @@ pub use crate::config::DEFAULT_MAX_EVENT_BYTES as DEFAULT_MAX_EVENT;
 
 /// Most bytes of the one JSON value a `JsonScan` captures (a `usage` object is under 1 KiB).
 const MAX_CAPTURE: usize = 64 * 1024;
-
-/// Where an event's token counts came from.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    /// The engine's own figures (final or running usage, llama.cpp's timings, TGI's details).
-    #[default]
-    Reported,
-    /// The proxy counted the content deltas it relayed (the engine reported nothing).
-    Counted,
-}
-
-impl Source {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Source::Reported => "reported",
-            Source::Counted => "counted",
-        }
-    }
-}
-
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Usage {
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-    pub total_tokens: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cached_tokens: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reasoning_tokens: Option<u64>,
-    #[serde(skip)]
-    pub source: Source,
-}
 
 /// What kind of response body the tap is looking at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,8 +42,14 @@ pub enum Kind {
     /// OpenAI-style SSE. `strip`: remove the usage-only event (the client did not ask for
     /// `include_usage`); `running`: remove the running `usage` of the other chunks (the client did
     /// not ask for `continuous_usage_stats`) — as `"usage":null` when the client asked for
-    /// `include_usage` (OpenAI's shape for it), else by removing the member.
-    OpenAiSse { strip: bool, running: bool },
+    /// `include_usage` (OpenAI's shape for it), else by removing the member; `timings`: remove
+    /// llama.cpp's `timings` from the chunks it only puts them on because the proxy asked for
+    /// `timings_per_token` (every chunk but the finish and usage-only ones).
+    OpenAiSse {
+        strip: bool,
+        running: bool,
+        timings: bool,
+    },
     /// TGI `/generate`: `details.generated_tokens` (and the `x-*-tokens` headers).
     TgiJson,
     /// TGI `/generate_stream`: one token per event, the final event's `details`.
@@ -88,115 +59,7 @@ pub enum Kind {
 impl Kind {
     /// The tap may hold back and change bytes, so the body's length is not known until it ends.
     pub(crate) fn holds_back(self) -> bool {
-        matches!(self, Kind::OpenAiSse { strip, running } if strip || running)
-    }
-}
-
-#[derive(Deserialize)]
-struct UsageJson {
-    #[serde(default, alias = "input_tokens")]
-    prompt_tokens: Option<u64>,
-    #[serde(default, alias = "output_tokens")]
-    completion_tokens: Option<u64>,
-    #[serde(default)]
-    total_tokens: Option<u64>,
-    #[serde(default, alias = "input_tokens_details")]
-    prompt_tokens_details: Option<PromptDetails>,
-    #[serde(default, alias = "output_tokens_details")]
-    completion_tokens_details: Option<CompletionDetails>,
-}
-
-#[derive(Deserialize)]
-struct PromptDetails {
-    #[serde(default)]
-    cached_tokens: Option<u64>,
-}
-
-#[derive(Deserialize)]
-struct CompletionDetails {
-    #[serde(default)]
-    reasoning_tokens: Option<u64>,
-}
-
-impl From<UsageJson> for Usage {
-    fn from(u: UsageJson) -> Usage {
-        let prompt = u.prompt_tokens.unwrap_or(0);
-        let completion = u.completion_tokens.unwrap_or(0);
-        Usage {
-            prompt_tokens: prompt,
-            completion_tokens: completion,
-            // Counts come from the backend: an absurd one must not overflow (a panic in debug
-            // builds, a wrapped total in release).
-            total_tokens: u.total_tokens.unwrap_or(prompt.saturating_add(completion)),
-            cached_tokens: u.prompt_tokens_details.and_then(|d| d.cached_tokens),
-            reasoning_tokens: u.completion_tokens_details.and_then(|d| d.reasoning_tokens),
-            source: Source::Reported,
-        }
-    }
-}
-
-/// llama.cpp's per-chunk `timings`: `prompt_n` prompt tokens evaluated (the cached ones,
-/// `cache_n`, are not among them), `predicted_n` tokens generated so far.
-#[derive(Deserialize)]
-struct Timings {
-    #[serde(default)]
-    prompt_n: Option<u64>,
-    #[serde(default)]
-    predicted_n: Option<u64>,
-    #[serde(default)]
-    cache_n: Option<u64>,
-}
-
-impl Timings {
-    fn usage(self) -> Option<Usage> {
-        let completion = self.predicted_n?;
-        let cached = self.cache_n;
-        let prompt = self
-            .prompt_n
-            .unwrap_or(0)
-            .saturating_add(cached.unwrap_or(0));
-        Some(Usage {
-            prompt_tokens: prompt,
-            completion_tokens: completion,
-            total_tokens: prompt.saturating_add(completion),
-            cached_tokens: cached,
-            reasoning_tokens: None,
-            source: Source::Reported,
-        })
-    }
-}
-
-#[derive(Deserialize)]
-struct TgiBody {
-    #[serde(default)]
-    details: Option<TgiDetails>,
-}
-
-#[derive(Deserialize)]
-struct TgiDetails {
-    #[serde(default)]
-    generated_tokens: Option<u64>,
-    #[serde(default)]
-    input_length: Option<u64>,
-    #[serde(default)]
-    prefill: Option<Vec<IgnoredAny>>,
-}
-
-impl TgiDetails {
-    fn usage(self) -> Usage {
-        let prompt = self
-            .input_length
-            .or_else(|| self.prefill.map(|p| p.len() as u64))
-            .unwrap_or(0);
-        let completion = self.generated_tokens.unwrap_or(0);
-        Usage {
-            prompt_tokens: prompt,
-            completion_tokens: completion,
-            total_tokens: prompt.saturating_add(completion),
-            cached_tokens: None,
-            reasoning_tokens: None,
-            source: Source::Reported,
-        }
+        matches!(self, Kind::OpenAiSse { strip, running, timings } if strip || running || timings)
     }
 }
 
@@ -242,6 +105,11 @@ pub struct Tap {
     last_usage: Vec<u8>,
     /// llama.cpp: the raw JSON of the last `timings` seen.
     last_timings: Vec<u8>,
+    /// `timings` came on a chunk that neither finishes nor is the usage-only one (llama.cpp
+    /// asked for `timings_per_token`, or a server that always sends them).
+    timings_midway: bool,
+    /// `timings` came on the finish or the usage-only chunk.
+    timings_at_end: bool,
     /// A chunk with choices carried a usage before its finish chunk: the engine sends running
     /// usage (so a finish chunk's usage is running usage too, not one it always sends).
     running_seen: bool,
@@ -330,6 +198,8 @@ impl Tap {
             usage: None,
             last_usage: Vec::new(),
             last_timings: Vec::new(),
+            timings_midway: false,
+            timings_at_end: false,
             running_seen: false,
             counted: 0,
             header_prompt: None,
@@ -349,6 +219,13 @@ impl Tap {
     /// Whether this tap may hold bytes back (only when it removes or changes events).
     pub(crate) fn holds_back(&self) -> bool {
         self.kind.holds_back()
+    }
+
+    /// The stream came from a server that reports llama.cpp's `timings` at its end only, with
+    /// no running usage: asked for `timings_per_token`, it would report them on every chunk, so
+    /// that an aborted stream is billed the server's own counts.
+    pub(crate) fn timings_at_end_only(&self) -> bool {
+        self.timings_at_end && !self.timings_midway && !self.running_seen
     }
 
     pub fn events(&self) -> u64 {
@@ -390,7 +267,11 @@ impl Tap {
                     self.pending.extend_from_slice(data);
                 }
             }
-            Kind::OpenAiSse { strip, running } if strip || running => self.scan(data, Some(emit)),
+            Kind::OpenAiSse {
+                strip,
+                running,
+                timings,
+            } if strip || running || timings => self.scan(data, Some(emit)),
             Kind::OpenAiSse { .. } | Kind::TgiSse => {
                 emit.put(data);
                 self.scan(data, None);
@@ -637,10 +518,15 @@ impl Tap {
     /// in the event, when it is a slice of it.
     fn on_payload(&mut self, payload: &[u8], at: Option<usize>) -> Verdict {
         match self.kind {
-            Kind::OpenAiSse { strip, running } => {
+            Kind::OpenAiSse {
+                strip,
+                running,
+                timings,
+            } => {
                 let usage = usage_member(payload);
                 // The usage object never holds a finish reason: only the rest is searched.
-                let finish = (strip || running)
+                let finish_known = strip || running || timings;
+                let finish = finish_known
                     && match usage {
                         Some(m) => {
                             let tail = &payload[m.value_end..];
@@ -653,9 +539,20 @@ impl Tap {
                     if self.last_usage.is_empty() && has_content(payload) {
                         self.counted += 1;
                     }
-                    if let Some((a, b)) = member_value(payload, b"\"timings\"") {
+                    if let Some(t) = timings_member(payload) {
                         self.last_timings.clear();
-                        self.last_timings.extend_from_slice(&payload[a..b]);
+                        self.last_timings
+                            .extend_from_slice(&payload[t.value_start..t.value_end]);
+                        // Known already when anything is removed; else looked for only here.
+                        let finish = finish || (!finish_known && has_finish(payload));
+                        if finish {
+                            self.timings_at_end = true;
+                        } else {
+                            self.timings_midway = true;
+                            if let (true, Some(at)) = (timings, at) {
+                                self.edit = Some(t.edit(payload, false).shift(at));
+                            }
+                        }
                     }
                     return if strip && finish {
                         Verdict::HoldFinish
@@ -667,6 +564,13 @@ impl Tap {
                 self.last_usage
                     .extend_from_slice(&payload[m.value_start..m.value_end]);
                 if usage_only(payload) {
+                    // llama.cpp puts its final timings here when usage was asked for.
+                    if let Some(t) = timings_member(payload) {
+                        self.last_timings.clear();
+                        self.last_timings
+                            .extend_from_slice(&payload[t.value_start..t.value_end]);
+                        self.timings_at_end = true;
+                    }
                     return if strip {
                         Verdict::Strip(extra_fields(payload))
                     } else {
@@ -798,7 +702,11 @@ impl Tap {
     }
 }
 
+mod figures;
 mod scan;
+
+pub use figures::{Source, Usage};
+use figures::{TgiBody, TgiDetails, Timings, UsageJson};
 
 pub(crate) use scan::top_level_value;
 use scan::*;

@@ -4,6 +4,7 @@
 //! before answering, a 502/503 answer while another backend is left), never after. When the
 //! request's model pool cannot serve at all, its fallback pools are tried in order.
 
+use std::borrow::Cow;
 use std::rc::Rc;
 
 use crate::backends::Entry;
@@ -123,21 +124,29 @@ async fn send_asking(
     b: usize,
     backend: &Entry,
 ) -> Result<(UpConn, Head), ProxyError> {
-    let body = x.body.get();
     let url = &backend.spec.url;
+    let mut body = Cow::Borrowed(x.body.get());
     if x.added_running.get() && w.no_running_usage.borrow().contains(url) {
-        if let Some(plain) = openai::without_running_usage(body) {
-            let request = upstream_request(x, backend, &plain);
-            return send(w, b, backend.spec.addr, backend.spec.tls.as_ref(), request).await;
+        if let Some(plain) = openai::without_running_usage(&body) {
+            body = Cow::Owned(plain);
         }
     }
-    let request = upstream_request(x, backend, body);
+    // Only where the proxy asks for usage itself (it then owns what the client sees of it).
+    let mut timings = false;
+    if (x.added_running.get() || x.strip.get().0) && w.per_token_timings.borrow().contains(url) {
+        if let Some(asking) = openai::with_per_token_timings(&body) {
+            body = Cow::Owned(asking);
+            timings = true;
+        }
+    }
+    x.added_timings.set(timings);
+    let request = upstream_request(x, backend, &body);
     let (mut conn, resp) =
         send(w, b, backend.spec.addr, backend.spec.tls.as_ref(), request).await?;
     if !x.added_running.get() || !rejects_running_usage(w, x, &mut conn, &resp).await? {
         return Ok((conn, resp));
     }
-    let Some(plain) = openai::without_running_usage(body) else {
+    let Some(plain) = openai::without_running_usage(&body) else {
         return Ok((conn, resp));
     };
     log::warn!(

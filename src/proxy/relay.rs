@@ -64,6 +64,8 @@ pub(crate) struct ClientSide<'a> {
     /// What of the usage the proxy asked for is removed: (the usage-only event, the running
     /// usage of other chunks).
     pub(crate) strip: (bool, bool),
+    /// The proxy asked llama.cpp for `timings_per_token`: the tap removes them again.
+    pub(crate) timings: bool,
     /// The connection closes after this response anyway (asked for, or draining).
     pub(crate) close: bool,
 }
@@ -100,7 +102,7 @@ pub(crate) fn plan_response(
     let event_stream = resp
         .header("content-type")
         .is_some_and(|v| v.starts_with(b"text/event-stream"));
-    let mut kind = openai::response_kind(c.path, status, event_stream, c.strip);
+    let mut kind = openai::response_kind(c.path, status, event_stream, c.strip, c.timings);
     if kind.holds_back() && !c.http11 {
         // An HTTP/1.0 client with a fixed-length body cannot have an event removed; it is rare
         // enough to let it see the usage chunk rather than buffer the whole stream.
@@ -108,6 +110,7 @@ pub(crate) fn plan_response(
             kind = UsageKind::OpenAiSse {
                 strip: false,
                 running: false,
+                timings: false,
             };
         }
     }
@@ -269,6 +272,7 @@ pub(crate) async fn relay(
         http11: x.head.version == 1,
         request_id: x.request_id,
         strip: x.strip.get(),
+        timings: x.added_timings.get(),
         // A drain that began while the backend worked: say so in this head, so the client opens
         // its next request elsewhere instead of racing the process exit on this connection.
         close: x.close || w.shared.draining(),
@@ -344,11 +348,32 @@ pub(crate) async fn relay(
         };
         return Ok(sent(cut(&c, wr, out, &e).await, true));
     }
+    learn_timings(w, x, backend);
     // Bytes after the end of the body: the backend is confused; don't reuse it.
     if plan.reusable && conn.buf.is_empty() {
         w.pool.put(backend, conn);
     }
     Ok(sent(Outcome::Ok, plan.close))
+}
+
+/// A complete stream that carried llama.cpp's `timings` at its end only: this core asks that
+/// backend for them on every chunk from now on (see `Worker::per_token_timings`).
+fn learn_timings(w: &Worker, x: &Exchange<'_>, backend: usize) {
+    if x.added_timings.get() || !x.tap.borrow().timings_at_end_only() {
+        return;
+    }
+    let table = w.table();
+    let Some(entry) = table.get(backend) else {
+        return;
+    };
+    let url = &entry.spec.url;
+    if w.per_token_timings.borrow_mut().insert(url.clone()) {
+        log::info!(
+            "backend {url} reports llama.cpp timings at the end of a stream only: asking it for {} \
+             from now on, so that aborted streams are billed its own counts",
+            openai::PER_TOKEN_TIMINGS
+        );
+    }
 }
 
 /// What the relay's helpers need to know of it.
@@ -511,6 +536,7 @@ mod tests {
             http11,
             request_id: "rid-1",
             strip: (false, false),
+            timings: false,
             close: false,
         }
     }
@@ -744,14 +770,16 @@ mod tests {
             kind(&strip, SSE_CHUNKED),
             UsageKind::OpenAiSse {
                 strip: true,
-                running: true
+                running: true,
+                timings: false
             }
         );
         assert_eq!(
             kind(&client("POST", true), SSE_CHUNKED),
             UsageKind::OpenAiSse {
                 strip: false,
-                running: false
+                running: false,
+                timings: false
             }
         );
         assert_eq!(

@@ -206,6 +206,8 @@ pub(crate) struct Exchange<'a> {
     pub(crate) strip: Cell<(bool, bool)>,
     /// The proxy added `continuous_usage_stats` to `body`.
     pub(crate) added_running: Cell<bool>,
+    /// This attempt's body asks llama.cpp for `timings_per_token` (the proxy added it).
+    pub(crate) added_timings: Cell<bool>,
     /// The model the backend is asked for.
     pub(crate) served_model: Cell<Option<&'a str>>,
     /// Another pool may still serve: a context-length error is not relayed but reported.
@@ -249,6 +251,7 @@ impl<'a> Exchange<'a> {
             body: Cell::new(plan.body.rewritten.as_deref().unwrap_or(original)),
             strip: Cell::new(plan.body.strip),
             added_running: Cell::new(plan.body.added_running),
+            added_timings: Cell::new(false),
             served_model: Cell::new(plan.body.served),
             may_fall_back: Cell::new(!plan.fallbacks.is_empty()),
             context_exceeded: Cell::new(false),

@@ -112,6 +112,10 @@ pub(crate) struct Worker {
     /// it): this core asks them without it from then on. Per core: each core learns it from
     /// one rejected (and retried) request of its own, which costs less than sharing it.
     pub(crate) no_running_usage: RefCell<std::collections::HashSet<String>>,
+    /// URLs of backends whose streams carried llama.cpp's `timings` at their end only: this core
+    /// asks them for `timings_per_token` from then on, so an aborted stream is billed the
+    /// server's own running counts. Learnt per core from one complete stream, like the above.
+    pub(crate) per_token_timings: RefCell<std::collections::HashSet<String>>,
     started: Instant,
 }
 
@@ -151,6 +155,7 @@ impl Worker {
             pool_names: RefCell::new(Vec::new()),
             drained_sent: RefCell::new(Vec::new()),
             no_running_usage: RefCell::new(std::collections::HashSet::new()),
+            per_token_timings: RefCell::new(std::collections::HashSet::new()),
             started: Instant::now(),
         };
         w.install(&table, true);

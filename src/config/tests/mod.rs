@@ -11,6 +11,7 @@ use super::load::from_yaml_with_env;
 use super::parse::{parse_duration, parse_size, MAX_DURATION};
 use super::*;
 
+mod limits;
 mod load;
 mod parse;
 mod validate;

@@ -138,23 +138,25 @@ pub(super) fn usage_member(payload: &[u8]) -> Option<Member> {
     None
 }
 
-/// The range of the (non-null) value of the first `key` (quoted) member of `payload`.
-pub(super) fn member_value(payload: &[u8], key: &[u8]) -> Option<(usize, usize)> {
+/// The first `"timings"` member of a chunk (llama.cpp's), when its value is not `null`.
+pub(super) fn timings_member(payload: &[u8]) -> Option<Member> {
     static TIMINGS: OnceLock<Finder<'static>> = OnceLock::new();
-    let finder = match key {
-        b"\"timings\"" => TIMINGS.get_or_init(|| Finder::new(b"\"timings\"")),
-        _ => return None,
-    };
-    let at = finder.find(payload)?;
-    let value = payload[at + key.len()..]
+    const KEY: &[u8] = b"\"timings\"";
+    let finder = TIMINGS.get_or_init(|| Finder::new(KEY));
+    let key_start = finder.find(payload)?;
+    let value = payload[key_start + KEY.len()..]
         .trim_ascii_start()
         .strip_prefix(b":")?
         .trim_ascii_start();
     if value.starts_with(b"null") {
         return None;
     }
-    let start = payload.len() - value.len();
-    Some((start, start + json_value_len(value)?))
+    let value_start = payload.len() - value.len();
+    Some(Member {
+        key_start,
+        value_start,
+        value_end: value_start + json_value_len(value)?,
+    })
 }
 
 /// Length of the JSON value at the start of `v` (objects and arrays matched, strings skipped),

@@ -61,6 +61,7 @@ fn sse_usage_at_every_split_point() {
             Kind::OpenAiSse {
                 strip: false,
                 running: false,
+                timings: false,
             },
             &[&b[..cut], &b[cut..]],
         );
@@ -86,6 +87,7 @@ fn absurd_counts_saturate_instead_of_overflowing() {
         Kind::OpenAiSse {
             strip: true,
             running: false,
+            timings: false,
         },
         &[sse.as_bytes()],
     );
@@ -110,6 +112,7 @@ fn strip_removes_only_the_usage_only_event() {
             Kind::OpenAiSse {
                 strip: true,
                 running: false,
+                timings: false,
             },
             &[&b[..cut], &b[cut..]],
         );
@@ -126,6 +129,7 @@ fn strip_removes_only_the_usage_only_event() {
         Kind::OpenAiSse {
             strip: true,
             running: false,
+            timings: false,
         },
         &parts,
     );
@@ -153,6 +157,7 @@ fn fields_moved_onto_the_usage_chunk_go_back_to_the_finish_chunk() {
             Kind::OpenAiSse {
                 strip: true,
                 running: false,
+                timings: false,
             },
             &[&b[..cut], &b[cut..]],
         );
@@ -165,6 +170,7 @@ fn fields_moved_onto_the_usage_chunk_go_back_to_the_finish_chunk() {
         Kind::OpenAiSse {
             strip: true,
             running: false,
+            timings: false,
         },
         &[only.as_bytes()],
     );
@@ -179,6 +185,7 @@ fn usage_on_a_chunk_with_choices_is_kept_and_counted() {
         Kind::OpenAiSse {
             strip: true,
             running: false,
+            timings: false,
         },
         &[s.as_bytes()],
     );
@@ -193,6 +200,7 @@ fn last_usage_wins_and_null_is_skipped() {
         Kind::OpenAiSse {
             strip: false,
             running: false,
+            timings: false,
         },
         &[s.as_bytes()],
     );
@@ -295,7 +303,14 @@ fn running_usage_is_removed_as_the_client_would_have_seen_it() {
     ];
     for ((strip, running), expected) in cases {
         for cut in 0..b.len() {
-            let (out, u) = run(Kind::OpenAiSse { strip, running }, &[&b[..cut], &b[cut..]]);
+            let (out, u) = run(
+                Kind::OpenAiSse {
+                    strip,
+                    running,
+                    timings: false,
+                },
+                &[&b[..cut], &b[cut..]],
+            );
             assert_eq!(
                 String::from_utf8_lossy(&out),
                 expected,
@@ -313,6 +328,7 @@ fn running_usage_is_removed_as_the_client_would_have_seen_it() {
         Kind::OpenAiSse {
             strip: true,
             running: true,
+            timings: false,
         },
         &[first.as_bytes()],
     );
@@ -328,6 +344,7 @@ fn an_aborted_stream_is_billed_its_last_running_usage() {
     let mut tap = Tap::new(Kind::OpenAiSse {
         strip: true,
         running: true,
+        timings: false,
     });
     // The next event is half there: not counted, not sent.
     tap.feed(&b[..cut + 30], &mut |_: &[u8]| {});
@@ -347,6 +364,7 @@ fn usage_on_the_finish_chunk_alone_is_not_running_usage() {
         Kind::OpenAiSse {
             strip: true,
             running: true,
+            timings: false,
         },
         &[s.as_bytes()],
     );
@@ -364,6 +382,7 @@ fn llama_cpp_timings_stand_in_for_usage() {
         Kind::OpenAiSse {
             strip: true,
             running: true,
+            timings: false,
         },
         &[s.as_bytes()],
     );
@@ -390,6 +409,7 @@ fn without_any_usage_the_relayed_deltas_are_counted() {
         Kind::OpenAiSse {
             strip: true,
             running: true,
+            timings: false,
         },
         &[s.as_bytes()],
     );
@@ -410,7 +430,14 @@ fn without_any_usage_the_relayed_deltas_are_counted() {
 #[test]
 fn an_endless_event_is_relayed_uninspected_within_the_bound() {
     for (strip, running) in [(true, true), (false, false)] {
-        let mut tap = Tap::with_max_event(Kind::OpenAiSse { strip, running }, 1000);
+        let mut tap = Tap::with_max_event(
+            Kind::OpenAiSse {
+                strip,
+                running,
+                timings: false,
+            },
+            1000,
+        );
         let mut out = Vec::new();
         let head = b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"x\":\"";
         tap.feed(head, &mut |d: &[u8]| out.extend_from_slice(d));
@@ -448,6 +475,7 @@ fn a_long_event_in_small_reads_is_scanned_in_linear_time() {
         Kind::OpenAiSse {
             strip: true,
             running: true,
+            timings: false,
         },
         8 << 20,
     );
@@ -679,4 +707,117 @@ fn quote_or_backslash_search_finds_the_first_at_every_offset() {
             }
         }
     }
+}
+
+/// llama.cpp asked for `include_usage` and `timings_per_token` (by the proxy), as it streams:
+/// the role chunk, content chunks each with the running `timings`, the finish chunk, and the
+/// usage-only chunk with the final `usage` and `timings`.
+fn llama_stream(tokens: usize) -> Vec<String> {
+    let head = r#""created":1,"id":"c","model":"m","system_fingerprint":"b1","object":"chat.completion.chunk""#;
+    let timings = |n: usize| {
+        format!(
+            r#""timings":{{"cache_n":21,"prompt_n":5,"prompt_ms":79.1,"predicted_n":{n},"predicted_ms":3.5}}"#
+        )
+    };
+    let mut events = vec![format!(
+        r#"data: {{"choices":[{{"finish_reason":null,"index":0,"delta":{{"role":"assistant","content":null}}}}],{head}}}"#
+    )];
+    for i in 1..=tokens {
+        events.push(format!(
+            r#"data: {{"choices":[{{"finish_reason":null,"index":0,"delta":{{"content":"t{i}"}}}}],{head},{}}}"#,
+            timings(i)
+        ));
+    }
+    events.push(format!(
+        r#"data: {{"choices":[{{"finish_reason":"length","index":0,"delta":{{}}}}],{head}}}"#
+    ));
+    events.push(format!(
+        r#"data: {{"choices":[],{head},"usage":{{"completion_tokens":{tokens},"prompt_tokens":26,"total_tokens":{},"prompt_tokens_details":{{"cached_tokens":21}}}},{}}}"#,
+        tokens + 26,
+        timings(tokens)
+    ));
+    events.push("data: [DONE]".into());
+    events.into_iter().map(|e| e + "\n\n").collect()
+}
+
+#[test]
+fn per_token_timings_the_proxy_asked_for_are_removed_and_bill_an_aborted_stream() {
+    let llama = Kind::OpenAiSse {
+        strip: true,
+        running: true,
+        timings: true,
+    };
+    let events = llama_stream(3);
+    let all = events.concat();
+    let (out, u) = run(llama, &[all.as_bytes()]);
+    let out = String::from_utf8(out).unwrap();
+    // What llama.cpp sends a client that asked for nothing: no timings until the finish chunk,
+    // which carries the final ones; no usage chunk.
+    assert_eq!(out.matches("\"timings\"").count(), 1, "{out}");
+    let finish = out.lines().find(|l| l.contains("\"length\"")).unwrap();
+    assert!(finish.contains(r#""predicted_n":3"#), "{finish}");
+    assert!(!out.contains("\"usage\""), "{out}");
+    let want_content: Vec<&str> = out.lines().filter(|l| l.contains("\"t2\"")).collect();
+    assert_eq!(
+        want_content,
+        [
+            r#"data: {"choices":[{"finish_reason":null,"index":0,"delta":{"content":"t2"}}],"created":1,"id":"c","model":"m","system_fingerprint":"b1","object":"chat.completion.chunk"}"#
+        ]
+    );
+    for l in out.lines().filter(|l| l.starts_with("data: {")) {
+        serde_json::from_str::<serde_json::Value>(&l[6..]).unwrap();
+    }
+    let u = u.unwrap();
+    assert_eq!(
+        (u.prompt_tokens, u.completion_tokens, u.cached_tokens),
+        (26, 3, Some(21))
+    );
+    assert_eq!(u.source, Source::Reported);
+
+    // Aborted after two content chunks: the last timings received are the bill.
+    let mut tap = Tap::new(llama);
+    let mut seen = Vec::new();
+    for e in &events[..3] {
+        tap.feed(e.as_bytes(), &mut |d: &[u8]| seen.extend_from_slice(d));
+    }
+    let u = tap.usage().unwrap();
+    assert_eq!(
+        (u.prompt_tokens, u.completion_tokens, u.cached_tokens),
+        (26, 2, Some(21))
+    );
+    assert_eq!(u.source, Source::Reported);
+    assert!(!String::from_utf8(seen).unwrap().contains("timings"));
+}
+
+#[test]
+fn a_stream_with_timings_at_its_end_only_is_recognised() {
+    let plain = Kind::OpenAiSse {
+        strip: true,
+        running: true,
+        timings: false,
+    };
+    // llama.cpp without `timings_per_token`: timings on the usage-only chunk alone.
+    let events: Vec<String> = llama_stream(3)
+        .into_iter()
+        .map(|e| {
+            if e.contains(r#""content":"t"#) {
+                let cut = e.find(r#","timings""#).unwrap();
+                format!("{}}}\n\n", &e[..cut])
+            } else {
+                e
+            }
+        })
+        .collect();
+    let mut tap = Tap::new(plain);
+    tap.feed(events.concat().as_bytes(), &mut |_: &[u8]| {});
+    tap.finish(&mut |_: &[u8]| {});
+    assert!(tap.timings_at_end_only());
+    // With them on every chunk (asked for, or a server that always sends them): not again.
+    let mut tap = Tap::new(plain);
+    tap.feed(llama_stream(3).concat().as_bytes(), &mut |_: &[u8]| {});
+    assert!(!tap.timings_at_end_only());
+    // vLLM-style running usage: never.
+    let mut tap = Tap::new(plain);
+    tap.feed(STREAM.as_bytes(), &mut |_: &[u8]| {});
+    assert!(!tap.timings_at_end_only());
 }
