@@ -402,12 +402,7 @@ pub fn start_with(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<Running>
                         .enable_timer()
                         .build()
                         .map(Into::into),
-                    IoDriver::Auto | IoDriver::IoUring => {
-                        monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-                            .with_entries(4096)
-                            .enable_timer()
-                            .build()
-                    }
+                    IoDriver::Auto | IoDriver::IoUring => uring_runtime(id),
                 };
                 let mut rt = match rt {
                     Ok(rt) => rt,
@@ -490,6 +485,59 @@ pub fn start_with(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<Running>
         stop_health,
         delivery: Some(delivery),
     })
+}
+
+/// Sets flags on a ring builder.
+type UringFlags = fn(&mut io_uring::Builder) -> &mut io_uring::Builder;
+
+/// The ring's set-up flags. A core's ring is created, entered and waited on by that core's
+/// thread alone (SINGLE_ISSUER), and monoio waits for completions by entering the ring with
+/// GETEVENTS (its park), so the kernel can run completion work when the thread asks for it
+/// (DEFER_TASKRUN) instead of interrupting it with task work (COOP_TASKRUN is what older kernels
+/// get). `LLMPROXY_URING_FLAGS=none` builds a plain ring (for before/after measurements).
+fn uring_flags() -> Vec<(&'static str, UringFlags)> {
+    if std::env::var("LLMPROXY_URING_FLAGS").is_ok_and(|v| v == "none") {
+        return Vec::new();
+    }
+    vec![
+        ("single_issuer+defer_taskrun", |b| {
+            b.setup_single_issuer().setup_defer_taskrun()
+        }),
+        ("coop_taskrun", |b| {
+            b.setup_coop_taskrun().setup_taskrun_flag()
+        }),
+    ]
+}
+
+/// A core's io_uring runtime (epoll when the kernel has no io_uring), with the most helpful
+/// set-up flags the kernel accepts: each set is tried in turn, then none.
+fn uring_runtime(
+    core: usize,
+) -> std::io::Result<
+    monoio::FusionRuntime<
+        monoio::time::TimeDriver<monoio::IoUringDriver>,
+        monoio::time::TimeDriver<monoio::LegacyDriver>,
+    >,
+> {
+    let build = |urb: io_uring::Builder| {
+        monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+            .with_entries(4096)
+            .uring_builder(urb)
+            .enable_timer()
+            .build()
+    };
+    for (name, flags) in uring_flags() {
+        let mut urb = io_uring::IoUring::builder();
+        flags(&mut urb);
+        match build(urb) {
+            Ok(rt) => {
+                log::debug!("core {core}: io_uring set up with {name}");
+                return Ok(rt);
+            }
+            Err(e) => log::debug!("core {core}: io_uring with {name} refused ({e})"),
+        }
+    }
+    build(io_uring::IoUring::builder())
 }
 
 #[cfg(test)]

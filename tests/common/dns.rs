@@ -30,7 +30,15 @@ pub struct DnsServer {
 
 impl DnsServer {
     pub fn start(answer: Answer) -> DnsServer {
-        let sock = UdpSocket::bind("127.0.0.1:0").expect("bind dns");
+        // UDP and TCP on the same port: a UDP port the kernel picked may be taken for TCP by
+        // another test running at the same time, so a few ports are tried.
+        let (sock, tcp) = (0..50)
+            .find_map(|_| {
+                let sock = UdpSocket::bind("127.0.0.1:0").expect("bind dns");
+                let tcp = TcpListener::bind(sock.local_addr().expect("addr")).ok()?;
+                Some((sock, tcp))
+            })
+            .expect("a port free for both UDP and TCP");
         sock.set_read_timeout(Some(Duration::from_millis(50)))
             .expect("timeout");
         let addr = sock.local_addr().expect("addr");
@@ -53,7 +61,6 @@ impl DnsServer {
                 }
             })
         };
-        let tcp = TcpListener::bind(addr).expect("bind dns tcp");
         tcp.set_nonblocking(true).expect("nonblocking");
         let tcp_thread = {
             let (answer, queries, stop) = (answer.clone(), queries.clone(), stop.clone());
