@@ -118,6 +118,9 @@ METRICS = {
     "llmproxy_backend_engine_kv_cache_usage_ratio": ("gauge", {"backend"}),
     "llmproxy_tls_handshakes_total": ("counter", {"side", "result"}),
     "llmproxy_tls_certificate_expiry_timestamp_seconds": ("gauge", {"certificate"}),
+    "llmproxy_ratelimit_store_up": ("gauge", set()),
+    "llmproxy_ratelimit_sync_seconds": ("histogram", set()),
+    "llmproxy_ratelimit_sync_errors_total": ("counter", set()),
     # Not exported by llmproxy: Prometheus records it for every scrape target.
     "up": ("gauge", set()),
 }
@@ -125,6 +128,10 @@ METRICS = {
 # certificates) cannot show them; the contract above still checks their names and labels.
 CONDITIONAL = {
     "llmproxy_tls_certificate_expiry_timestamp_seconds",  # with tls: on listen or backends[].tls
+    # with ratelimit.store: redis
+    "llmproxy_ratelimit_store_up",
+    "llmproxy_ratelimit_sync_seconds",
+    "llmproxy_ratelimit_sync_errors_total",
 }
 TARGET_LABELS = {"job", "instance", "__name__"}  # added by Prometheus at scrape time
 

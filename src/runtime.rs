@@ -17,8 +17,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::auth::ratelimit::StoreState;
 use crate::auth::KeyStore;
 use crate::capacity::{Capacity, ConnectionLimit};
-use crate::config::RateStore;
 use crate::config::{Config, IoDriver};
+use crate::config::{OnStoreError, RateStore};
 use crate::control::plane::Plane;
 use crate::control::Broadcast;
 use crate::control::{PlaneMsg, ReloadError};
@@ -299,8 +299,14 @@ pub fn start_with(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<Running>
             cfg.ratelimit.sync_interval,
         ))
     });
+    // With `on_store_error: local` a failing store changes nothing on the request path (the
+    // local buckets decide either way), so the cores are not given its state to look at: their
+    // path is exactly `store: local`'s.
+    let admission_store = rate_store
+        .clone()
+        .filter(|_| cfg.ratelimit.on_store_error != OnStoreError::Local);
     let keys = Arc::new(
-        KeyStore::with_store(&cfg.auth, rate_store.clone()).map_err(|e| {
+        KeyStore::with_store(&cfg.auth, admission_store).map_err(|e| {
             let file = cfg.auth.keys_file.as_deref().unwrap_or(Path::new(""));
             anyhow!("auth.keys_file {}: {e}", file.display())
         })?,

@@ -83,7 +83,8 @@ pub(crate) struct KeySet {
     /// Digest prefix → entries with that prefix (one, unless digests collide in 64 bits).
     index: HashMap<u64, Vec<usize>, BuildHasherDefault<PrefixHasher>>,
     entries: Vec<KeyEntry>,
-    /// The shared store's state (`ratelimit.store: redis`); `None` = per-process limits.
+    /// The shared store's state (`ratelimit.store: redis` with `on_store_error` `allow` or
+    /// `deny`); `None` = the local buckets decide even while the store fails.
     store: Option<Arc<StoreState>>,
 }
 
@@ -180,8 +181,9 @@ impl KeyStore {
         KeyStore::with_store(cfg, None)
     }
 
-    /// A key store whose limits are shared through a store (`ratelimit.store: redis`): cores
-    /// consult `store` for whether it answers.
+    /// A key store whose admission depends on whether a shared store answers
+    /// (`ratelimit.store: redis` with `on_store_error` `allow` or `deny`): cores consult
+    /// `store` for that.
     pub(crate) fn with_store(
         cfg: &Auth,
         store: Option<Arc<StoreState>>,
