@@ -16,7 +16,8 @@ fn a_usage_hook_url_without_enabled_is_warned_about_in_check_and_at_startup() {
         &[mock.url()],
         "usage_hook: { url: \"http://127.0.0.1:9/usage\" }\n",
     );
-    let path = temp_dir("idle-hook").join("config.yaml");
+    let dir = temp_dir("idle-hook");
+    let path = dir.join("config.yaml");
     std::fs::write(&path, &yaml).expect("write config");
     let out = Command::new(BIN)
         .args(["check", "--config"])

@@ -47,10 +47,12 @@ fn run(args: &[&str], limit: Duration) -> (Option<i32>, String) {
     (code, out)
 }
 
-fn write_config(tag: &str, yaml: &str) -> std::path::PathBuf {
-    let path = temp_dir(tag).join("config.yaml");
+/// The config written to a fresh directory (kept until the returned guard drops).
+fn write_config(tag: &str, yaml: &str) -> (TempDir, std::path::PathBuf) {
+    let dir = temp_dir(tag);
+    let path = dir.join("config.yaml");
     std::fs::write(&path, yaml).expect("write config");
-    path
+    (dir, path)
 }
 
 #[test]
@@ -69,7 +71,7 @@ fn check_refuses_a_spool_dir_that_startup_would_refuse() {
             "listen: \"127.0.0.1:0\"\nbackends: [{{ url: \"http://127.0.0.1:9\" }}]\n\
              usage_hook: {{ enabled: true, url: \"http://127.0.0.1:9/usage\", spool_dir: \"{spool}\" }}\n"
         );
-        let path = write_config("spool-check", &yaml);
+        let (_dir, path) = write_config("spool-check", &yaml);
         let path = path.to_str().expect("utf-8 path");
         let (code, out) = run(&["check", "--config", path], Duration::from_secs(20));
         assert_eq!(code, Some(1), "check passed: {out}");
@@ -89,7 +91,7 @@ fn check_refuses_a_spool_dir_that_startup_would_refuse() {
          usage_hook: {{ enabled: true, url: \"http://127.0.0.1:9/usage\", spool_dir: \"{}\" }}\n",
         ok.display()
     );
-    let path = write_config("spool-ok", &yaml);
+    let (_dir, path) = write_config("spool-ok", &yaml);
     let (code, out) = run(
         &["check", "--config", path.to_str().expect("utf-8 path")],
         Duration::from_secs(20),
@@ -145,7 +147,7 @@ fn a_second_process_cannot_share_a_port_in_use() {
         "listen: \"127.0.0.1:0\"",
         &format!("listen: \"127.0.0.1:{port}\""),
     );
-    let path = write_config("second", &yaml);
+    let (_dir, path) = write_config("second", &yaml);
     let (code, out) = run(
         &["--config", path.to_str().expect("utf-8 path")],
         Duration::from_secs(20),

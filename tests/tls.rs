@@ -29,7 +29,9 @@ fn tls_proxy(ca: &Ca, backends: &[String], client_ca: bool, extra: &str) -> Prox
         let ca_path = ca.write(&dir, "ca.crt");
         tls.push_str(&format!("  client_ca_file: \"{}\"\n", yaml_path(&ca_path)));
     }
-    Proxy::start(&config(backends, &format!("{tls}{extra}")), &[])
+    let mut proxy = Proxy::start(&config(backends, &format!("{tls}{extra}")), &[]);
+    proxy.keep.push(dir);
+    proxy
 }
 
 fn chat_request(stream: bool, tokens: u32) -> Vec<u8> {

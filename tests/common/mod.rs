@@ -21,12 +21,35 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_llmproxy");
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
-pub fn temp_dir(tag: &str) -> PathBuf {
+/// A directory of one test's files, removed with everything in it when dropped (a run of the
+/// suite used to leave thousands behind in /tmp).
+pub struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::path::Path> for TempDir {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn temp_dir(tag: &str) -> TempDir {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!("llmproxy-test-{}-{tag}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create temp dir");
-    dir
+    TempDir(dir)
 }
 
 /// A child process killed (by PID) on drop, with its stderr captured line by line.
@@ -209,7 +232,9 @@ impl Mock {
 pub struct Proxy {
     pub proc: Proc,
     pub addr: SocketAddr,
-    pub dir: PathBuf,
+    pub dir: TempDir,
+    /// Other directories the proxy reads (certificates...), removed after it stopped.
+    pub keep: Vec<TempDir>,
 }
 
 impl Proxy {
@@ -230,7 +255,12 @@ impl Proxy {
         let proc = Proc::spawn(cmd);
         let line = proc.wait_for_line("listening on", Duration::from_secs(10));
         let addr = parse_addr(&line);
-        Proxy { proc, addr, dir }
+        Proxy {
+            proc,
+            addr,
+            dir,
+            keep: Vec::new(),
+        }
     }
 
     /// Lines of captured output that parse as JSON objects with `"type":"access"`.
