@@ -287,6 +287,8 @@ pub struct PrefixCache {
     pub capacity_blocks: usize,
     /// A whole-prompt cache miss costs as much as this many requests in flight: a backend
     /// holding the prefix keeps it until it has this many more in flight than one without.
+    /// 8 by default: at 4 (the first default) routing_sim's chats spilled seven times as often
+    /// and lost 17% of mean TTFT to `consistent_hash(session)` by recomputing whole histories.
     pub miss_cost: Real,
 }
 
@@ -296,7 +298,7 @@ impl Default for PrefixCache {
             block_bytes: 256,
             max_blocks: 128,
             capacity_blocks: 8192,
-            miss_cost: Real(4.0),
+            miss_cost: Real(8.0),
         }
     }
 }
