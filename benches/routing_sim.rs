@@ -610,8 +610,9 @@ fn table(load: &str, work: &Workload<'_>, expected: usize) {
 /// × the prompt tokens prefilled in it, so a request sharing a server with a cold prefill waits
 /// for it (a cold prompt about 3 s, a warm one about 0.12 s, as measured on this machine).
 ///
-/// `best static placement` is not a strategy: the hot prompt and one other on one server, the
-/// other four on the second, whatever the load. It bounds what prefix affinity can buy here.
+/// `static placement` is not a strategy: the hot prompt and one other on one server, the
+/// other four on the second, whatever the load: what affinity chosen knowing the popularity
+/// in advance gets here.
 mod slots {
     use super::*;
 
@@ -674,7 +675,7 @@ mod slots {
             .collect()
     }
 
-    /// `None`: the best static placement instead of a strategy.
+    /// `None`: the static placement instead of a strategy.
     pub(super) fn run(strategy: Option<Strategy>, clients: usize, seed: u64) -> Outcome {
         fastrand::seed(seed);
         let ids: Vec<u64> = (0..SERVERS)
@@ -898,7 +899,7 @@ mod slots {
                 }
                 println!(
                     "| {clients} | {} | {:.2} | {:.2} | {:.2} | {:?} |",
-                    strategy.map_or("best static placement", |s| s.as_str()),
+                    strategy.map_or("static placement", |s| s.as_str()),
                     mean(|o| o.reuse),
                     mean(|o| o.median),
                     mean(|o| o.p90),
