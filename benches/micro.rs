@@ -346,7 +346,7 @@ fn balancer(c: &mut Criterion) {
         block_chain(&text, 256, 128, &mut chain);
         chain
     };
-    let params = Params::default().prefix_cache(8192, 4.0);
+    let params = Params::default().prefix_cache(8192, 8.0);
     let keys = (0..BACKENDS as u64).collect();
     let balancer = Balancer::with(Strategy::PrefixCache, vec![1; BACKENDS], keys, params);
     let prompts: Vec<Vec<u64>> = (0..BACKENDS as u64 * 64).map(prompt).collect();

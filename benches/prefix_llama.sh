@@ -3,16 +3,17 @@
 # PyPI, `--parallel 2 --cache-ram 0 -t 1`: each keeps only its two slots' last prompts, as a GPU
 # under KV pressure does), llmproxy with 2 workers in front, the workload of prefix_llama.py (six
 # long system prompts, the hottest 40% of the traffic, 4 clients, no session header), once per
-# strategy, each with freshly started servers. Prints a table and checks prefix_cache against
-# round_robin (reuse >= 0.6 and >= 1.5x, median latency <= 0.7x, each server >= a quarter of the
-# requests); exits 1 when a check fails. Bounded: PREFIX_REQUESTS requests per strategy
-# (default 40), a few minutes on 2 cores.
+# strategy, each with freshly started servers and an unmeasured warm-up (each system prompt once).
+# Prints a table and checks prefix_cache against round_robin (reuse >= 0.6 and >= 1.5x, median
+# latency <= 0.7x, each server >= a quarter of the measured requests); exits 1 when a check
+# fails. Bounded: PREFIX_REQUESTS requests per strategy (default 40), a few minutes on 2 cores.
 #
 #   bash benches/prefix_llama.sh
 #
 # Environment: LLMPROXY_BIN (default: cargo build --release --locked), XDG_CACHE_HOME (venv and
 # model in llmproxy-ci/, shared with tests/e2e/real_backend.sh), PREFIX_REQUESTS,
-# PREFIX_STRATEGIES (default "round_robin consistent_hash least_connections prefix_cache").
+# PREFIX_CLIENTS (default 4), PREFIX_STRATEGIES (default "round_robin consistent_hash
+# least_connections prefix_cache").
 # Everything listens on 127.0.0.1; every process started here is stopped by its PID.
 set -euo pipefail
 export PYTHONDONTWRITEBYTECODE=1
@@ -23,6 +24,7 @@ CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/llmproxy-ci"
 VENV="$CACHE/e2e-venv"
 MODEL="$CACHE/models/gemma-3-270m-q4_k_m.gguf"
 REQUESTS="${PREFIX_REQUESTS:-40}"
+CLIENTS="${PREFIX_CLIENTS:-4}"
 STRATEGIES="${PREFIX_STRATEGIES:-round_robin consistent_hash least_connections prefix_cache}"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/llmproxy-prefix.XXXXXX")"
 PIDS=()
@@ -104,15 +106,9 @@ EOF
   PROXY=$!
   PIDS+=($PROXY)
   wait_ok "http://127.0.0.1:$pport/health" "$PROXY" 30
-  res=$(python3 "$HERE/prefix_llama.py" "http://127.0.0.1:$pport" "$REQUESTS" 4 15)
-  shares=$(curl -fs "http://127.0.0.1:$pport/metrics" | python3 -c '
-import re, sys
-c = {}
-for line in sys.stdin:
-    m = re.match(r"llmproxy_requests_total\{[^}]*backend=\"([^\"]+)\"[^}]*\} (\d+)", line)
-    if m:
-        c[m.group(1)] = c.get(m.group(1), 0) + int(m.group(2))
-print("/".join(str(v) for _, v in sorted(c.items())))')
+  res=$(python3 "$HERE/prefix_llama.py" "http://127.0.0.1:$pport" "$REQUESTS" "$CLIENTS" 15 \
+    "http://127.0.0.1:$pport/metrics")
+  shares=$(python3 -c 'import json, sys; print("/".join(map(str, json.loads(sys.argv[1])["per_backend"])))' "$res")
   echo "$strategy $res $shares" >>"$WORK/results"
   python3 - "$strategy" "$res" "$shares" <<'PY'
 import json, sys

@@ -1,6 +1,7 @@
 //! LLM-aware routing end to end: `least_load` on the mocks' engine metrics (and its fallback to
-//! in-flight counts when a metrics endpoint goes silent), `consistent_hash` affinity, model
-//! pools with aliases and fallbacks.
+//! in-flight counts when a metrics endpoint goes silent), `consistent_hash` affinity,
+//! `prefix_cache` (a hot prefix stays, then spills; misses spread), model pools with aliases and
+//! fallbacks.
 
 mod common;
 
@@ -438,4 +439,113 @@ fn model_pools_follow_a_reload() {
     let served: std::collections::HashSet<u64> =
         (0..4).map(|_| port_of(&chat_for("quick", 1))).collect();
     assert_eq!(served, [port(&a), port(&c)].into_iter().collect());
+}
+
+fn prefix_config(mocks: &[&Mock], routing: &str) -> String {
+    let urls: Vec<String> = mocks.iter().map(|m| m.url()).collect();
+    config(
+        &urls,
+        &format!("strategy: prefix_cache\nrouting: {{ prefix_cache: {{ {routing} }} }}\n"),
+    )
+}
+
+/// A chat whose system prompt `system` (about 2 KiB: 8 blocks of 256 bytes) is followed by a
+/// short question of its own.
+fn prefix_chat(system: usize, question: usize) -> String {
+    let words: String = (0..300)
+        .map(|i| format!("w{}-{} ", system, i % 17))
+        .collect();
+    format!(
+        r#"{{"model":"m","messages":[{{"role":"system","content":"Profile {system}: {words}"}},{{"role":"user","content":"Question {question}?"}}]}}"#
+    )
+}
+
+#[test]
+fn prefix_cache_keeps_a_hot_prefix_and_spills_it_when_its_backend_is_much_busier() {
+    let a = Mock::start();
+    let b = Mock::start();
+    // A whole-prompt miss is worth 2 requests in flight: the hot prefix's backend keeps it up
+    // to about 2 more in flight than the other, then the next one spills.
+    let proxy = Proxy::start(&prefix_config(&[&a, &b], "miss_cost: 2"), &[]);
+    let home = served_by(&proxy, &prefix_chat(1, 0), &[]);
+    for q in 1..6 {
+        assert_eq!(
+            served_by(&proxy, &prefix_chat(1, q), &[]),
+            home,
+            "question {q}"
+        );
+    }
+    let (home_mock, other_mock) = if home == port(&a) { (&a, &b) } else { (&b, &a) };
+    let (home_before, other_before) = (requests(home_mock), requests(other_mock));
+    assert_eq!(
+        other_before, 0,
+        "a known prefix never went to the other backend"
+    );
+    // A burst of the hot prefix, each held 1.5 s, started 50 ms apart: the home takes the first
+    // two, then it is much busier than the idle one and the rest spill (and the second copy is
+    // then used as well).
+    std::thread::scope(|s| {
+        for q in 0..6 {
+            let proxy = &proxy;
+            s.spawn(move || {
+                let r = post_chat(
+                    proxy,
+                    &prefix_chat(1, 100 + q),
+                    &[("x-mock-ttft-ms", "1500")],
+                );
+                assert_eq!(r.status, 200, "{}", r.text());
+            });
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let (at_home, spilled) = (
+        requests(home_mock) - home_before,
+        requests(other_mock) - other_before,
+    );
+    assert_eq!(at_home + spilled, 6);
+    assert!(
+        at_home >= 2,
+        "the home keeps the prefix while only a little busier: {at_home}"
+    );
+    assert!(spilled >= 2, "a much busier home spills: {spilled}");
+    assert_decisions(&proxy, "prefix_cache", "load_spill", 1.0);
+    assert_decisions(&proxy, "prefix_cache", "cache_hit", 7.0);
+    // Both hold it now: sequential requests of the prefix are hits wherever they go.
+    let hits = metric(
+        &proxy,
+        "llmproxy_routing_decisions_total{reason=\"cache_hit\",strategy=\"prefix_cache\"}",
+    )
+    .unwrap_or(0.0);
+    for q in 0..4 {
+        served_by(&proxy, &prefix_chat(1, 200 + q), &[]);
+    }
+    assert_decisions(&proxy, "prefix_cache", "cache_hit", hits + 4.0);
+}
+
+#[test]
+fn prefix_cache_spreads_misses_and_returns_each_prompt_to_its_backend() {
+    let mocks = [Mock::start(), Mock::start(), Mock::start()];
+    let refs: Vec<&Mock> = mocks.iter().collect();
+    let proxy = Proxy::start(&prefix_config(&refs, ""), &["--workers", "2"]);
+    // One request at a time, every system prompt new: nothing in flight anywhere, so every
+    // backend ties and the misses must spread (not all to the first backend).
+    let homes: Vec<u64> = (0..30)
+        .map(|p| served_by(&proxy, &prefix_chat(p, 0), &[]))
+        .collect();
+    for m in &mocks {
+        let n = homes.iter().filter(|&&h| h == port(m)).count();
+        assert!(n >= 3, "30 misses should reach every backend: {homes:?}");
+    }
+    assert_decisions(&proxy, "prefix_cache", "cache_miss", 30.0);
+    // Each prompt again with another question, on whichever core accepts the connection (the
+    // cores tell each other their picks): back to the backend that has it.
+    std::thread::sleep(Duration::from_millis(100));
+    for (p, &home) in homes.iter().enumerate() {
+        assert_eq!(
+            served_by(&proxy, &prefix_chat(p, 1), &[]),
+            home,
+            "prompt {p} left its backend"
+        );
+    }
+    assert_decisions(&proxy, "prefix_cache", "cache_hit", 30.0);
 }
