@@ -715,3 +715,6 @@ pub(super) fn has_non_null(payload: &[u8], key: &[u8]) -> bool {
     }
     false
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,309 @@
+//! `benches/prefix_llama.sh` as a model, to see what any router can get out of it: two
+//! llama.cpp servers with two slots each and no host prompt cache, six system prompts of 700
+//! tokens (the hottest 40% of the requests, the others 12% each) plus a 15-token question,
+//! 4 tokens out, closed-loop clients, an unmeasured warm-up of each prompt once.
+//!
+//! The engine, as llama.cpp's server behaves: a slot keeps its last prompt; a request takes the
+//! idle slot holding its prompt, else the least recently used idle slot (evicting it); with no
+//! idle slot it waits in the server and takes the next slot to free, whatever that slot held.
+//! One thread computes every busy slot in one batch per step: a step costs `STEP` + `PER_TOKEN`
+//! × the prompt tokens prefilled in it, so a request sharing a server with a cold prefill waits
+//! for it (a cold prompt about 3 s, a warm one about 0.12 s, as measured on this machine).
+//!
+//! `static placement` is not a strategy: the hot prompt and one other on one server, the
+//! other four on the second, whatever the load: what affinity chosen knowing the popularity
+//! in advance gets here.
+
+use super::*;
+
+const SERVERS: usize = 2;
+const SLOTS: usize = 2;
+const PROMPTS: usize = 6;
+const SYSTEM: u64 = 700;
+const QUESTION: u64 = 15;
+const OUTPUT: u32 = 4;
+const STEP: f64 = 0.025;
+const PER_TOKEN: f64 = 0.0042;
+const REQUESTS: usize = 400;
+/// The benchmark's `capacity_blocks`.
+const CAPACITY: usize = 32;
+
+#[derive(Clone, Copy, Default)]
+struct Slot {
+    prompt: Option<usize>,
+    busy: Option<usize>,
+    last: f64,
+    prefill: u64,
+    left: u32,
+    /// Part of the step the server is computing.
+    in_step: bool,
+}
+
+struct Server {
+    slots: [Slot; SLOTS],
+    deferred: VecDeque<usize>,
+    stepping: bool,
+}
+
+struct Request {
+    prompt: usize,
+    sent: f64,
+    done: f64,
+    cached: u64,
+    server: usize,
+    measured: bool,
+}
+
+pub(super) struct Outcome {
+    pub reuse: f64,
+    pub median: f64,
+    pub p90: f64,
+    pub shares: [u64; SERVERS],
+}
+
+/// The request plan: prompt per request, hottest 40%.
+fn plan(seed: u64) -> Vec<usize> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    (0..REQUESTS)
+        .map(|_| {
+            if rng.f64() < 0.4 {
+                0
+            } else {
+                rng.usize(1..PROMPTS)
+            }
+        })
+        .collect()
+}
+
+/// `None`: the static placement instead of a strategy.
+pub(super) fn run(strategy: Option<Strategy>, clients: usize, seed: u64) -> Outcome {
+    fastrand::seed(seed);
+    let ids: Vec<u64> = (0..SERVERS)
+        .map(|i| hash_bytes(format!("http://127.0.0.1:{}", 9000 + i).as_bytes()))
+        .collect();
+    let params = Params::default().prefix_cache(CAPACITY, 8.0);
+    let balancer = Balancer::with(
+        strategy.unwrap_or(Strategy::RoundRobin),
+        vec![1; SERVERS],
+        ids,
+        params,
+    );
+    let view = LoadView::new(0, 1, SERVERS);
+    let mut servers: Vec<Server> = (0..SERVERS)
+        .map(|_| Server {
+            slots: [Slot::default(); SLOTS],
+            deferred: VecDeque::new(),
+            stepping: false,
+        })
+        .collect();
+    // Warm-up (one at a time, not measured), then the plan.
+    let todo: Vec<usize> = (0..PROMPTS).chain(plan(seed)).collect();
+    let mut next = 0usize;
+    let mut reqs: Vec<Request> = Vec::new();
+    // (time, seq, server): a step of `server` ends (or, at its first request, starts).
+    let mut events: BinaryHeap<Reverse<(u64, u64, usize)>> = BinaryHeap::new();
+    let mut seq = 0u64;
+    let mut now = 0.0f64;
+
+    // Sends the next request of the plan (a client's turn), if any is left.
+    let send = |now: f64,
+                next: &mut usize,
+                reqs: &mut Vec<Request>,
+                servers: &mut Vec<Server>,
+                events: &mut BinaryHeap<Reverse<(u64, u64, usize)>>,
+                seq: &mut u64|
+     -> bool {
+        let Some(&prompt) = todo.get(*next) else {
+            return false;
+        };
+        let r = *next;
+        *next += 1;
+        let shared = SYSTEM - SYSTEM % BLOCK_TOKENS;
+        let blocks = chain(prompt as u64, shared, SYSTEM + QUESTION, r as u64);
+        let server = match strategy {
+            None => usize::from(prompt >= 2),
+            Some(_) => {
+                let input = Inputs {
+                    key: Some(mix64(prompt as u64)),
+                    blocks: &blocks,
+                    ..Inputs::new(&view)
+                };
+                let Some(pick) = balancer.choose(&input, |_| true) else {
+                    return false;
+                };
+                balancer.learn(pick.backend, &blocks);
+                pick.backend
+            }
+        };
+        view.add_own(server, 1);
+        reqs.push(Request {
+            prompt,
+            sent: now,
+            done: 0.0,
+            cached: 0,
+            server,
+            measured: r >= PROMPTS,
+        });
+        assign(&mut servers[server], reqs, r, now);
+        if !servers[server].stepping {
+            servers[server].stepping = true;
+            *seq += 1;
+            events.push(Reverse((ns(now), *seq, server)));
+        }
+        true
+    };
+
+    send(
+        now,
+        &mut next,
+        &mut reqs,
+        &mut servers,
+        &mut events,
+        &mut seq,
+    );
+    while let Some(Reverse((t, _, s))) = events.pop() {
+        now = t as f64 / 1e9;
+        // The server's step ends: the slots that were in it progress (a request that
+        // arrived during the step waits for the next one).
+        let mut finished = Vec::new();
+        for slot in servers[s].slots.iter_mut() {
+            let Some(r) = slot.busy.filter(|_| slot.in_step) else {
+                continue;
+            };
+            slot.prefill = 0;
+            slot.left -= 1;
+            if slot.left == 0 {
+                slot.busy = None;
+                slot.last = now;
+                finished.push(r);
+            }
+        }
+        for &r in &finished {
+            reqs[r].done = now;
+            view.add_own(s, -1);
+            if let Some(d) = servers[s].deferred.pop_front() {
+                assign(&mut servers[s], &mut reqs, d, now);
+            }
+        }
+        // Each finished request frees its client. The warm-up runs one at a time; when its
+        // last request is done, every client starts.
+        for &r in &finished {
+            let turns = if r + 1 == PROMPTS { clients } else { 1 };
+            for _ in 0..turns {
+                send(
+                    now,
+                    &mut next,
+                    &mut reqs,
+                    &mut servers,
+                    &mut events,
+                    &mut seq,
+                );
+            }
+        }
+        // The next step: every busy slot, its prompt tokens priced.
+        let server = &mut servers[s];
+        let mut tokens = 0;
+        for slot in server.slots.iter_mut() {
+            slot.in_step = slot.busy.is_some();
+            tokens += if slot.in_step { slot.prefill } else { 0 };
+        }
+        if server.slots.iter().any(|x| x.in_step) {
+            seq += 1;
+            let end = now + STEP + PER_TOKEN * tokens as f64;
+            events.push(Reverse((ns(end), seq, s)));
+        } else {
+            server.stepping = false;
+        }
+    }
+    let measured: Vec<&Request> = reqs.iter().filter(|r| r.measured).collect();
+    assert_eq!(measured.len(), REQUESTS, "every request is served");
+    let mut lat: Vec<f64> = measured.iter().map(|r| r.done - r.sent).collect();
+    lat.sort_by(f64::total_cmp);
+    let mut shares = [0; SERVERS];
+    for r in &measured {
+        shares[r.server] += 1;
+    }
+    let cached: u64 = measured.iter().map(|r| r.cached).sum();
+    Outcome {
+        reuse: cached as f64 / (measured.len() as u64 * (SYSTEM + QUESTION)) as f64,
+        median: lat[lat.len() / 2],
+        p90: lat[lat.len() * 9 / 10],
+        shares,
+    }
+}
+
+/// Request `r` arrives at `server`: an idle slot holding its prompt, else the least recently
+/// used idle slot, else it waits for the next slot to free.
+fn assign(server: &mut Server, reqs: &mut [Request], r: usize, now: f64) {
+    let prompt = reqs[r].prompt;
+    let idle = |x: &Slot| x.busy.is_none();
+    let pick = server
+        .slots
+        .iter()
+        .position(|x| idle(x) && x.prompt == Some(prompt))
+        .or_else(|| {
+            (0..SLOTS)
+                .filter(|&i| idle(&server.slots[i]))
+                .min_by(|&a, &b| server.slots[a].last.total_cmp(&server.slots[b].last))
+        });
+    let Some(i) = pick else {
+        server.deferred.push_back(r);
+        return;
+    };
+    let slot = &mut server.slots[i];
+    let cached = if slot.prompt == Some(prompt) {
+        SYSTEM
+    } else {
+        0
+    };
+    reqs[r].cached = cached;
+    *slot = Slot {
+        prompt: Some(prompt),
+        busy: Some(r),
+        last: now,
+        prefill: SYSTEM + QUESTION - cached,
+        left: OUTPUT,
+        in_step: false,
+    };
+}
+
+pub(super) fn tables() {
+    let seeds = [15u64, 16, 17, 18, 19];
+    println!(
+        "\nTwo llama.cpp servers (the model of benches/prefix_llama.sh: {SLOTS} slots each, \
+         {PROMPTS} system prompts of {SYSTEM} tokens, hottest 40%, {REQUESTS} requests after a \
+         warm-up, mean of {} seeds; consistent_hash keys on the system prompt):\n",
+        seeds.len()
+    );
+    println!(
+        "| clients | strategy | prefix reuse | median latency (s) | p90 latency (s) | requests per server |"
+    );
+    println!("|---|---|---:|---:|---:|---|");
+    for clients in [2, 4] {
+        let rows = [
+            Some(Strategy::RoundRobin),
+            Some(Strategy::LeastConnections),
+            Some(Strategy::ConsistentHash),
+            Some(Strategy::PrefixCache),
+            None,
+        ];
+        for strategy in rows {
+            let runs: Vec<Outcome> = seeds.iter().map(|&s| run(strategy, clients, s)).collect();
+            let mean = |f: fn(&Outcome) -> f64| runs.iter().map(f).sum::<f64>() / runs.len() as f64;
+            let mut shares = [0u64; SERVERS];
+            for o in &runs {
+                for (t, s) in shares.iter_mut().zip(o.shares) {
+                    *t += s;
+                }
+            }
+            println!(
+                "| {clients} | {} | {:.2} | {:.2} | {:.2} | {:?} |",
+                strategy.map_or("static placement", |s| s.as_str()),
+                mean(|o| o.reuse),
+                mean(|o| o.median),
+                mean(|o| o.p90),
+                shares.map(|s| s / runs.len() as u64)
+            );
+        }
+    }
+}

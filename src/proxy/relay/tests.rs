@@ -1,0 +1,287 @@
+//! `plan_response` table: framing, reframing, what the tap removes, keep-alive, for each kind of
+//! client and upstream head.
+
+use bytes::BytesMut;
+
+use super::*;
+use crate::http1::ParseStatus;
+
+fn upstream(raw: &str) -> Head {
+    let mut buf = BytesMut::from(raw);
+    match Head::parse_response(&mut buf) {
+        Ok(ParseStatus::Complete(head)) => head,
+        _ => panic!("not a complete response head: {raw:?}"),
+    }
+}
+
+fn client<'a>(method: &'a str, http11: bool) -> ClientSide<'a> {
+    ClientSide {
+        method,
+        path: "/v1/chat/completions",
+        http11,
+        request_id: "rid-1",
+        strip: (false, false),
+        timings: false,
+        close: false,
+    }
+}
+
+const SSE_CHUNKED: &str =
+    "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+const SSE_LENGTH: &str =
+    "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 120\r\n\r\n";
+const JSON_LENGTH: &str =
+    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 42\r\nx-request-id: theirs\r\n\r\n";
+
+/// One row: what the client is, what the backend answered, and what the client must get.
+struct Row {
+    name: &'static str,
+    client: ClientSide<'static>,
+    upstream: &'static str,
+    framing: BodyFraming,
+    reframe: bool,
+    close: bool,
+    reusable: bool,
+    /// Header lines the client's head must carry, and must not.
+    has: &'static [&'static str],
+    lacks: &'static [&'static str],
+}
+
+#[test]
+fn response_heads_follow_the_framing_rules() {
+    let strip = ClientSide {
+        strip: (true, true),
+        ..client("POST", true)
+    };
+    let strip_10 = ClientSide {
+        strip: (true, true),
+        ..client("POST", false)
+    };
+    let draining = ClientSide {
+        close: true,
+        ..client("POST", true)
+    };
+    let rows = [
+        Row {
+            name: "HEAD keeps the length it would have had, sends no body",
+            client: client("HEAD", true),
+            upstream: "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
+            framing: BodyFraming::Empty,
+            reframe: false,
+            close: false,
+            reusable: true,
+            has: &["content-length: 5"],
+            lacks: &["transfer-encoding"],
+        },
+        Row {
+            name: "204 carries no length",
+            client: client("POST", true),
+            upstream: "HTTP/1.1 204 No Content\r\n\r\n",
+            framing: BodyFraming::Empty,
+            reframe: false,
+            close: false,
+            reusable: true,
+            has: &["HTTP/1.1 204"],
+            lacks: &["content-length", "transfer-encoding"],
+        },
+        Row {
+            name: "304 carries no length",
+            client: client("GET", true),
+            upstream: "HTTP/1.1 304 Not Modified\r\n\r\n",
+            framing: BodyFraming::Empty,
+            reframe: false,
+            close: false,
+            reusable: true,
+            has: &["HTTP/1.1 304"],
+            lacks: &["content-length", "transfer-encoding"],
+        },
+        Row {
+            name: "1xx carries no length",
+            client: client("POST", true),
+            upstream: "HTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n",
+            framing: BodyFraming::Empty,
+            reframe: false,
+            close: false,
+            reusable: true,
+            has: &["HTTP/1.1 103", "link: </x>"],
+            lacks: &["content-length"],
+        },
+        Row {
+            name: "an empty 200 says so",
+            client: client("POST", true),
+            upstream: "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+            framing: BodyFraming::Empty,
+            reframe: false,
+            close: false,
+            reusable: true,
+            has: &["content-length: 0"],
+            lacks: &["transfer-encoding"],
+        },
+        Row {
+            name: "a fixed length is relayed as it is, our request id replaces theirs",
+            client: client("POST", true),
+            upstream: JSON_LENGTH,
+            framing: BodyFraming::Length(42),
+            reframe: false,
+            close: false,
+            reusable: true,
+            has: &["content-length: 42", "x-request-id: rid-1"],
+            lacks: &["theirs", "transfer-encoding", "connection:"],
+        },
+        Row {
+            name: "HTTP/1.1 client behind a chunked stream gets our chunks",
+            client: client("POST", true),
+            upstream: SSE_CHUNKED,
+            framing: BodyFraming::Chunked,
+            reframe: true,
+            close: false,
+            reusable: true,
+            has: &["transfer-encoding: chunked"],
+            lacks: &["content-length", "connection:"],
+        },
+        Row {
+            name: "HTTP/1.0 client behind a chunked stream: the close ends its body",
+            client: client("POST", false),
+            upstream: SSE_CHUNKED,
+            framing: BodyFraming::Chunked,
+            reframe: false,
+            close: true,
+            reusable: true,
+            has: &["connection: close"],
+            lacks: &["transfer-encoding", "content-length"],
+        },
+        Row {
+            name: "HTTP/1.0 client with a fixed length is kept alive explicitly",
+            client: client("POST", false),
+            upstream: JSON_LENGTH,
+            framing: BodyFraming::Length(42),
+            reframe: false,
+            close: false,
+            reusable: true,
+            has: &["content-length: 42", "connection: keep-alive"],
+            lacks: &["transfer-encoding"],
+        },
+        Row {
+            name: "stripping the usage event makes a fixed length unknowable: chunks",
+            client: strip,
+            upstream: SSE_LENGTH,
+            framing: BodyFraming::Length(120),
+            reframe: true,
+            close: false,
+            reusable: true,
+            has: &["transfer-encoding: chunked"],
+            lacks: &["content-length"],
+        },
+        Row {
+            name: "HTTP/1.0 client with a fixed length: nothing is stripped",
+            client: strip_10,
+            upstream: SSE_LENGTH,
+            framing: BodyFraming::Length(120),
+            reframe: false,
+            close: false,
+            reusable: true,
+            has: &["content-length: 120", "connection: keep-alive"],
+            lacks: &["transfer-encoding"],
+        },
+        Row {
+            name: "a body delimited by the upstream's close: chunks, never pooled",
+            client: client("POST", true),
+            upstream: "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n",
+            framing: BodyFraming::UntilClose,
+            reframe: true,
+            close: false,
+            reusable: false,
+            has: &["transfer-encoding: chunked"],
+            lacks: &["content-length"],
+        },
+        Row {
+            name: "draining (or a client that asked) closes after this response",
+            client: draining,
+            upstream: JSON_LENGTH,
+            framing: BodyFraming::Length(42),
+            reframe: false,
+            close: true,
+            reusable: true,
+            has: &["connection: close", "content-length: 42"],
+            lacks: &["keep-alive"],
+        },
+        Row {
+            name: "an upstream that will close cannot be pooled",
+            client: client("POST", true),
+            upstream: "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n",
+            framing: BodyFraming::Length(2),
+            reframe: false,
+            close: false,
+            reusable: false,
+            has: &["content-length: 2"],
+            lacks: &["connection"],
+        },
+    ];
+    for row in rows {
+        let plan = plan_response(&row.client, &upstream(row.upstream), 0).unwrap();
+        let head = String::from_utf8(plan.head.clone())
+            .unwrap()
+            .to_ascii_lowercase();
+        let name = row.name;
+        assert_eq!(plan.framing, row.framing, "{name}");
+        assert_eq!(plan.reframe, row.reframe, "{name}");
+        assert_eq!(plan.close, row.close, "{name}");
+        assert_eq!(plan.reusable, row.reusable, "{name}");
+        assert!(head.ends_with("\r\n\r\n"), "{name}: {head}");
+        for h in row.has {
+            assert!(
+                head.contains(&h.to_ascii_lowercase()),
+                "{name}: no {h:?} in {head}"
+            );
+        }
+        for h in row.lacks {
+            assert!(
+                !head.contains(&h.to_ascii_lowercase()),
+                "{name}: {h:?} in {head}"
+            );
+        }
+    }
+}
+
+#[test]
+fn usage_kinds_follow_the_endpoint_and_status() {
+    let strip = ClientSide {
+        strip: (true, true),
+        ..client("POST", true)
+    };
+    let kind = |c: &ClientSide<'_>, raw: &str| plan_response(c, &upstream(raw), 0).unwrap().kind;
+    assert_eq!(
+        kind(&strip, SSE_CHUNKED),
+        UsageKind::OpenAiSse {
+            strip: true,
+            running: true,
+            timings: false
+        }
+    );
+    assert_eq!(
+        kind(&client("POST", true), SSE_CHUNKED),
+        UsageKind::OpenAiSse {
+            strip: false,
+            running: false,
+            timings: false
+        }
+    );
+    assert_eq!(
+        kind(&client("POST", true), JSON_LENGTH),
+        UsageKind::OpenAiJson
+    );
+    let error = "HTTP/1.1 500 Oops\r\ncontent-length: 0\r\n\r\n";
+    assert_eq!(kind(&client("POST", true), error), UsageKind::None);
+    assert!(
+        plan_response(&client("POST", true), &upstream(SSE_CHUNKED), 0)
+            .unwrap()
+            .event_stream
+    );
+}
+
+#[test]
+fn a_smuggling_shaped_upstream_head_is_a_protocol_error() {
+    let raw = "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n";
+    let e = plan_response(&client("POST", true), &upstream(raw), 0).unwrap_err();
+    assert_eq!(e.upstream_kind(), Some("upstream_protocol_error"));
+}
