@@ -49,17 +49,19 @@ pub fn chunk(out: &mut Vec<u8>, data: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// One chunk made of several slices (an event with a member cut out), without joining them first.
-pub fn chunk_parts(out: &mut Vec<u8>, parts: &[&[u8]]) {
-    let len: usize = parts.iter().map(|p| p.len()).sum();
+/// Frames `out[start..]` as one chunk (its header moved in front of it): for a body whose
+/// pieces are appended first and framed once their total is known. Nothing when it is empty.
+pub fn frame_chunk_from(out: &mut Vec<u8>, start: usize) {
+    let len = out.len().saturating_sub(start);
     if len == 0 {
         return;
     }
-    out.extend_from_slice(hex(len as u64, &mut [0; 16]));
-    out.extend_from_slice(b"\r\n");
-    for part in parts {
-        out.extend_from_slice(part);
-    }
+    let mut digits = [0; 16];
+    let size = hex(len as u64, &mut digits);
+    let mut head = [0u8; 18];
+    head[..size.len()].copy_from_slice(size);
+    head[size.len()..size.len() + 2].copy_from_slice(b"\r\n");
+    out.splice(start..start, head[..size.len() + 2].iter().copied());
     out.extend_from_slice(b"\r\n");
 }
 
@@ -92,10 +94,16 @@ mod tests {
     }
 
     #[test]
-    fn chunk_parts_frames_the_pieces_as_one_chunk() {
-        let mut v = Vec::new();
-        chunk_parts(&mut v, &[b"data: {\"a\":1", b"", b"}\n\n"]);
-        chunk_parts(&mut v, &[b"", b""]);
-        assert_eq!(v, b"f\r\ndata: {\"a\":1}\n\n\r\n");
+    fn a_chunk_framed_after_its_bytes() {
+        let mut v = b"head".to_vec();
+        v.extend_from_slice(&[b'x'; 300]);
+        frame_chunk_from(&mut v, 4);
+        let mut want = b"head12c\r\n".to_vec();
+        want.extend_from_slice(&[b'x'; 300]);
+        want.extend_from_slice(b"\r\n");
+        assert_eq!(v, want);
+        let mut v = b"head".to_vec();
+        frame_chunk_from(&mut v, 4);
+        assert_eq!(v, b"head");
     }
 }

@@ -186,7 +186,7 @@ impl Body {
         if self.finished {
             return Ok(());
         }
-        let mut emit = ToClient { out, reframe };
+        let mut emit = ToClient::new(out, reframe);
         match self.framing {
             BodyFraming::Length(_) => {
                 let take = (buf.len() as u64).min(self.left) as usize;
@@ -210,6 +210,7 @@ impl Body {
             }
             BodyFraming::Empty => {}
         }
+        drop(emit);
         if self.finished {
             finish(tap, out, reframe);
         }
@@ -217,39 +218,53 @@ impl Body {
     }
 }
 
-/// The body's bytes on their way to the client: framed as chunks when the proxy reframes.
+/// The body's bytes on their way to the client. Reframed, all that one drain puts (one upstream
+/// read: often several SSE events) goes out as one chunk, framed when it is dropped, when its
+/// size is known: one header and one move of the bytes instead of a header per event. Nothing
+/// is held back: a drain's bytes go out in the write that follows it.
 struct ToClient<'a> {
     out: &'a mut Vec<u8>,
     reframe: bool,
+    /// Where the open chunk's bytes start in `out`.
+    open: Option<usize>,
 }
 
-impl Sink for ToClient<'_> {
-    fn put(&mut self, data: &[u8]) {
-        emit(self.out, self.reframe, data);
-    }
-
-    fn put_parts(&mut self, parts: &[&[u8]]) {
-        if self.reframe {
-            write::chunk_parts(self.out, parts);
-        } else {
-            for part in parts {
-                self.out.extend_from_slice(part);
-            }
+impl<'a> ToClient<'a> {
+    fn new(out: &'a mut Vec<u8>, reframe: bool) -> Self {
+        ToClient {
+            out,
+            reframe,
+            open: None,
         }
     }
 }
 
-fn emit(out: &mut Vec<u8>, reframe: bool, data: &[u8]) {
-    if reframe {
-        write::chunk(out, data);
-    } else {
-        out.extend_from_slice(data);
+impl Sink for ToClient<'_> {
+    fn put(&mut self, data: &[u8]) {
+        if self.reframe && self.open.is_none() {
+            self.open = Some(self.out.len());
+        }
+        self.out.extend_from_slice(data);
+    }
+
+    fn put_parts(&mut self, parts: &[&[u8]]) {
+        for part in parts {
+            self.put(part);
+        }
+    }
+}
+
+impl Drop for ToClient<'_> {
+    fn drop(&mut self) {
+        if let Some(start) = self.open.take() {
+            write::frame_chunk_from(self.out, start);
+        }
     }
 }
 
 /// The body ended: whatever the tap held back goes out, then the last chunk.
 fn finish(tap: &mut Tap, out: &mut Vec<u8>, reframe: bool) {
-    tap.finish(&mut ToClient { out, reframe });
+    tap.finish(&mut ToClient::new(out, reframe));
     if reframe {
         out.extend_from_slice(write::LAST_CHUNK);
     }
