@@ -7,11 +7,15 @@
 #
 #   benches/callgrind.sh [BINARY...]      default: target/release/llmproxy
 #   CALLGRIND_N1=300 CALLGRIND_N2=1800    request counts (8 keep-alive connections)
+#   CALLGRIND_ACCESS_LOG=off,json,text    access-log modes to measure (default: off): `off` is
+#                                         `access_log: false`; `json`/`text` turn it on in that
+#                                         format (level info; lines go to a file)
 #
-# Needs valgrind and python3. Metering is on (usage events to a local sink), access log off,
-# one worker, on epoll: valgrind does not emulate io_uring (a proxy on it never starts under
-# callgrind), so these figures are the epoll driver's user space. Prints one line per binary and
-# workload.
+# Needs valgrind and python3. Metering is on (usage events to a local sink), access log off
+# unless asked for, one worker, on epoll: valgrind does not emulate io_uring (a proxy on it never
+# starts under callgrind), so these figures are the epoll driver's user space. Prints one line
+# per binary, access-log mode and workload: the core thread's instructions per request, and the
+# sum over all of the process's threads (the log writer and usage threads work per request too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n1=${CALLGRIND_N1:-300}
@@ -74,18 +78,23 @@ if errors: sys.exit(f"{len(errors)} errors: {errors[:5]}")
 PY
 }
 
-# Instructions of the busiest thread (the one core) for N requests of a workload.
+# Instructions of the busiest thread (the one core) and of all threads, for N requests of a
+# workload: "core total".
 measure() {
-  local bin=$1 n=$2 stream=$3 port cfg out pid
+  local bin=$1 n=$2 stream=$3 access=$4 port cfg out pid logging
   port=$(free_port)
   cfg="$work/proxy.yaml"
+  case $access in
+    off) logging="{ level: warn, access_log: false }" ;;
+    *) logging="{ level: info, access_log: true, format: $access }" ;;
+  esac
   cat >"$cfg" <<YAML
 listen: "127.0.0.1:$port"
 workers: 1
 io_driver: epoll
 backends: [{ url: "http://127.0.0.1:$mock_port" }]
 health_check: { interval: 1h }
-logging: { level: warn, access_log: false }
+logging: $logging
 usage_hook: { enabled: true, url: "http://127.0.0.1:$sink_port/usage" }
 YAML
   out=$(mktemp -d "$work/cg.XXXXXX")
@@ -96,14 +105,17 @@ YAML
   drive "$port" "$n" "$stream"
   kill -TERM "$pid"
   wait "$pid" || true
-  grep -h '^summary:' "$out"/cg.* | awk '{print $2}' | sort -n | tail -1
+  echo "$(grep -h '^summary:' "$out"/cg.* | awk '{print $2}' | sort -n | tail -1) $(grep -h '^summary:' "$out"/cg.* | awk '{s += $2} END {print s}')"
 }
 
+IFS=, read -r -a modes <<<"${CALLGRIND_ACCESS_LOG:-off}"
 for bin in "${bins[@]}"; do
-  for w in "W1 0" "W2 1"; do
-    set -- $w
-    a=$(measure "$bin" "$n1" "$2")
-    b=$(measure "$bin" "$n2" "$2")
-    echo "$bin $1: $(( (b - a) / (n2 - n1) )) instructions/request (core thread; $a @ $n1, $b @ $n2)"
+  for mode in "${modes[@]}"; do
+    for w in "W1 0" "W2 1"; do
+      set -- $w
+      read -r a at < <(measure "$bin" "$n1" "$2" "$mode")
+      read -r b bt < <(measure "$bin" "$n2" "$2" "$mode")
+      echo "$bin access_log=$mode $1: $(( (b - a) / (n2 - n1) )) instructions/request core thread, $(( (bt - at) / (n2 - n1) )) all threads ($a / $at @ $n1, $b / $bt @ $n2)"
+    done
   done
 done

@@ -113,14 +113,100 @@ pub(crate) fn push_opt_u64(out: &mut String, v: Option<u64>) {
     }
 }
 
-/// Appends a float as a JSON number (Rust's shortest round-trip form, never an exponent);
+/// The reference for `push_millis`: a float as a JSON number (Rust's shortest round-trip form, never an exponent);
 /// non-finite values, which JSON cannot carry, become `null`.
-pub(crate) fn push_f64(out: &mut String, v: f64) {
+#[cfg(test)]
+fn push_f64(out: &mut String, v: f64) {
     if v.is_finite() {
         let _ = write!(out, "{v}");
     } else {
         out.push_str("null");
     }
+}
+
+/// Appends a socket address as `Display` writes it (`127.0.0.1:5`, `[::1]:5`); IPv4, the common
+/// case, without `core::fmt`.
+pub(crate) fn push_socket_addr(out: &mut String, addr: &std::net::SocketAddr) {
+    match addr {
+        std::net::SocketAddr::V4(a) => {
+            for (i, o) in a.ip().octets().iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                push_u64(out, u64::from(*o));
+            }
+            out.push(':');
+            push_u64(out, u64::from(a.port()));
+        }
+        std::net::SocketAddr::V6(a) => {
+            let _ = write!(out, "{a}");
+        }
+    }
+}
+
+/// Appends milliseconds given in microseconds (`141.339`, `2`, `0.05`): the shortest form that
+/// reads back as `micros as f64 / 1000.0`, as `push_f64` writes that float.
+pub(crate) fn push_millis(out: &mut String, micros: u64) {
+    push_u64(out, micros / 1000);
+    let frac = micros % 1000;
+    if frac != 0 {
+        let digits = [
+            b'0' + (frac / 100) as u8,
+            b'0' + (frac / 10 % 10) as u8,
+            b'0' + (frac % 10) as u8,
+        ];
+        let len = if frac.is_multiple_of(100) {
+            1
+        } else if frac.is_multiple_of(10) {
+            2
+        } else {
+            3
+        };
+        out.push('.');
+        for &d in &digits[..len] {
+            out.push(char::from(d));
+        }
+    }
+}
+
+/// Appends `t` as RFC 3339 UTC with milliseconds (`2026-12-06T02:34:16.123Z`), exactly as
+/// `humantime::format_rfc3339_millis` writes it, without `core::fmt`. Times before 1970 are
+/// written as 1970-01-01T00:00:00.000Z.
+pub(crate) fn push_rfc3339_millis(out: &mut String, t: std::time::SystemTime) {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's `civil_from_days`).
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    let two = |out: &mut String, v: u64| {
+        out.push(char::from(b'0' + (v / 10 % 10) as u8));
+        out.push(char::from(b'0' + (v % 10) as u8));
+    };
+    two(out, year / 100);
+    two(out, year % 100);
+    out.push('-');
+    two(out, month);
+    out.push('-');
+    two(out, day);
+    out.push('T');
+    two(out, rem / 3600);
+    out.push(':');
+    two(out, rem / 60 % 60);
+    out.push(':');
+    two(out, rem % 60);
+    out.push('.');
+    let ms = u64::from(d.subsec_millis());
+    out.push(char::from(b'0' + (ms / 100) as u8));
+    two(out, ms % 100);
+    out.push('Z');
 }
 
 #[cfg(test)]
@@ -162,6 +248,25 @@ mod tests {
             push_f64(&mut out, v);
             assert_eq!(serde_json::from_str::<f64>(&out).unwrap(), v, "{out}");
         }
+        for us in [
+            0u64,
+            1,
+            10,
+            100,
+            120,
+            1000,
+            1001,
+            1010,
+            1100,
+            141_339,
+            2_000_000,
+            987_654_321,
+        ] {
+            let (mut a, mut b) = (String::new(), String::new());
+            push_millis(&mut a, us);
+            push_f64(&mut b, us as f64 / 1000.0);
+            assert_eq!(a, b, "{us}");
+        }
         let mut out = String::new();
         push_f64(&mut out, f64::NAN);
         assert_eq!(out, "null");
@@ -171,5 +276,45 @@ mod tests {
         out.clear();
         push_hex(&mut out, u128::MAX, 32);
         assert_eq!(out, "f".repeat(32));
+    }
+
+    #[test]
+    fn socket_addrs_match_display() {
+        for a in [
+            "127.0.0.1:5",
+            "0.0.0.0:0",
+            "255.255.255.255:65535",
+            "10.0.20.3:8080",
+            "[::1]:5",
+        ] {
+            let a: std::net::SocketAddr = a.parse().unwrap();
+            let mut out = String::new();
+            push_socket_addr(&mut out, &a);
+            assert_eq!(out, a.to_string());
+        }
+    }
+
+    #[test]
+    fn timestamps_match_humantime() {
+        use std::time::{Duration, UNIX_EPOCH};
+        let mut secs: Vec<u64> = vec![
+            0,
+            59,
+            86_399,
+            86_400,
+            951_782_400,
+            951_868_799,
+            4_102_444_800,
+        ];
+        // A day every ~37 days for 200 years, at varying times of day (leap years, month ends).
+        secs.extend((0..2000u64).map(|i| i * 3_196_877 + i * 7919 % 86_400));
+        for s in secs {
+            for ms in [0u32, 7, 42, 999] {
+                let t = UNIX_EPOCH + Duration::new(s, ms * 1_000_000 + 123);
+                let mut out = String::new();
+                push_rfc3339_millis(&mut out, t);
+                assert_eq!(out, humantime::format_rfc3339_millis(t).to_string());
+            }
+        }
     }
 }

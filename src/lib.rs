@@ -34,6 +34,7 @@ pub mod fuzzing {
 
 // Internal.
 mod backends;
+mod batch;
 mod capacity;
 mod clock;
 mod control;

@@ -446,6 +446,12 @@ pub fn start_with(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<Running>
                         id, shared, inbox, broadcast, health_tx, usage_tx, table,
                     ));
                     let _ = ready.send(Ok(()));
+                    let flusher = worker.clone();
+                    monoio::spawn(async move {
+                        if let Some(a) = &flusher.access {
+                            a.run().await;
+                        }
+                    });
                     let ticker = worker.clone();
                     monoio::spawn(async move {
                         loop {

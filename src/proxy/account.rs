@@ -10,7 +10,7 @@ use crate::openai::tap::{Source, Usage};
 use crate::openai::{self, RequestInfo};
 use crate::proxy::downstream::Downstream;
 use crate::proxy::request::Request;
-use crate::telemetry::logging::ACCESS;
+use crate::telemetry::logging::{AccessFields, ACCESS};
 use crate::usage::{self, UsageEvent};
 use crate::worker::Worker;
 
@@ -98,16 +98,20 @@ pub(crate) fn account(w: &Worker, d: &Downstream, f: Done<'_>) {
         .and_then(|_| req.caller.flow(head).ok())
         .map(|flow| flow.class.as_str());
     if cfg.logging.access_log && log::log_enabled!(target: ACCESS, log::Level::Info) {
-        let line = access_line(
-            d,
-            &f,
-            backend_url,
-            key_id.as_deref(),
-            priority,
-            elapsed,
-            ttft,
-        );
-        log::info!(target: ACCESS, "{line}");
+        if let Some(access) = &w.access {
+            access.line(|l| {
+                access_fields(
+                    l,
+                    d,
+                    &f,
+                    backend_url,
+                    key_id.as_deref(),
+                    priority,
+                    elapsed,
+                    ttft,
+                );
+            });
+        }
     }
     if !metered || !req.caller.billable() {
         return;
@@ -158,9 +162,11 @@ pub(crate) fn account(w: &Worker, d: &Downstream, f: Done<'_>) {
     }
 }
 
-/// The access-log line: one JSON object, keys in sorted order (as the `serde_json::json!` map
-/// this replaced wrote them), written without `core::fmt` (see `encode`).
-fn access_line(
+/// The access-log line's fields, keys in sorted order (as the `serde_json::json!` map this
+/// replaced wrote them), written into the core's batch by hand (see `telemetry::logging`).
+#[allow(clippy::too_many_arguments)]
+fn access_fields(
+    l: &mut AccessFields<'_>,
     d: &Downstream,
     f: &Done<'_>,
     backend_url: Option<&str>,
@@ -168,48 +174,28 @@ fn access_line(
     priority: Option<&str>,
     elapsed: Duration,
     ttft: Option<Duration>,
-) -> String {
+) {
     let (req, model) = (f.req, f.info.and_then(|i| i.model.as_deref()));
     let head = req.head;
     let u = f.usage.unwrap_or_default();
-    // Keys in sorted order, as the `serde_json::json!` map this replaced wrote them.
-    let mut line = String::with_capacity(384);
-    line.push_str("{\"backend\":");
-    encode::push_json_opt_str(&mut line, backend_url);
-    line.push_str(",\"client\":");
-    encode::push_json_str(&mut line, &d.peer.to_string());
-    line.push_str(",\"completion_tokens\":");
-    encode::push_u64(&mut line, u.completion_tokens);
-    line.push_str(",\"duration_ms\":");
-    encode::push_f64(&mut line, millis(elapsed));
-    line.push_str(",\"key_id\":");
-    encode::push_json_opt_str(&mut line, key_id);
-    line.push_str(",\"method\":");
-    encode::push_json_str(&mut line, head.method());
-    line.push_str(",\"model\":");
-    encode::push_json_opt_str(&mut line, model);
-    line.push_str(",\"outcome\":");
-    encode::push_json_str(&mut line, f.outcome.as_str());
-    line.push_str(",\"path\":");
-    encode::push_json_str(&mut line, head.path());
-    line.push_str(",\"priority\":");
-    encode::push_json_opt_str(&mut line, priority);
-    line.push_str(",\"prompt_tokens\":");
-    encode::push_u64(&mut line, u.prompt_tokens);
-    line.push_str(",\"request_id\":");
-    encode::push_json_str(&mut line, &req.id);
-    line.push_str(",\"status\":");
-    encode::push_u64(&mut line, u64::from(f.status));
-    line.push_str(",\"ttft_ms\":");
-    match ttft {
-        Some(t) => encode::push_f64(&mut line, millis(t)),
-        None => line.push_str("null"),
-    }
-    line.push('}');
-    line
+    l.str("backend", backend_url);
+    l.plain("client", |out| encode::push_socket_addr(out, &d.peer));
+    l.u64("completion_tokens", u.completion_tokens);
+    l.millis("duration_ms", Some(micros(elapsed)));
+    l.str("key_id", key_id);
+    l.str("method", Some(head.method()));
+    l.str("model", model);
+    l.str("outcome", Some(f.outcome.as_str()));
+    l.str("path", Some(head.path()));
+    l.str("priority", priority);
+    l.u64("prompt_tokens", u.prompt_tokens);
+    l.str("request_id", Some(&req.id));
+    l.u64("status", u64::from(f.status));
+    l.millis("ttft_ms", ttft.map(micros));
 }
 
-/// Milliseconds with microsecond resolution (`141.339`, not `141.33900000000002`).
-fn millis(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
+/// Whole microseconds, rounded: access lines give milliseconds with microsecond resolution
+/// (`141.339`, not `141.33900000000002`).
+fn micros(d: Duration) -> u64 {
+    ((d.as_nanos() + 500) / 1000) as u64
 }
