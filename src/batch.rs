@@ -16,6 +16,7 @@ use std::future::poll_fn;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Poll, Waker};
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
@@ -32,6 +33,10 @@ pub struct Batch {
     pub text: String,
     pub lines: usize,
 }
+
+/// Every core's side of a channel is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Closed;
 
 /// What the cores and the consumer share.
 #[derive(Debug, Default)]
@@ -82,6 +87,16 @@ pub fn channel(capacity: usize) -> (Handoff, Consumer) {
 }
 
 impl Consumer {
+    /// The next batch, waiting at most `timeout` (`Ok(None)`); `Err(Closed)` once every core's
+    /// side is gone and nothing is left.
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Option<Batch>, Closed> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(b) => Ok(Some(self.taken(b))),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => Ok(None),
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(Closed),
+        }
+    }
+
     /// A batch if one is waiting.
     pub fn try_recv(&self) -> Option<Batch> {
         self.rx.try_recv().ok().map(|b| self.taken(b))
@@ -204,7 +219,6 @@ impl CoreBatch {
     }
 
     /// Lines this core holds (written, not yet handed over).
-    #[cfg(test)]
     pub fn held(&self) -> usize {
         self.lines.get()
     }

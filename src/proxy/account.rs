@@ -11,7 +11,7 @@ use crate::openai::{self, RequestInfo};
 use crate::proxy::downstream::Downstream;
 use crate::proxy::request::Request;
 use crate::telemetry::logging::{AccessFields, ACCESS};
-use crate::usage::{self, UsageEvent};
+use crate::usage::{Text, UsageRecord};
 use crate::worker::Worker;
 
 /// Everything known about a request once it is over.
@@ -120,16 +120,16 @@ pub(crate) fn account(w: &Worker, d: &Downstream, f: Done<'_>) {
     let user_id = (!identity.user_header.is_empty())
         .then(|| head.header_str(&identity.user_header))
         .flatten()
-        .map(str::to_owned)
-        .or_else(|| f.info.and_then(|i| i.user.clone()));
+        .or_else(|| f.info.and_then(|i| i.user.as_deref()));
     let u = f.usage.unwrap_or_default();
-    let event = UsageEvent {
-        event_id: usage::new_event_id(),
-        request_id: req.id.clone(),
-        timestamp: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-        model: model.map(str::to_owned),
-        endpoint: head.path().to_string(),
-        backend_url: backend_url.map(str::to_owned),
+    // Written on this core straight from what it borrows (no owned strings: see `usage`).
+    let event = UsageRecord {
+        event_id: Text::Hex(fastrand::u128(..)),
+        request_id: &req.id,
+        timestamp: Text::Time(std::time::SystemTime::now()),
+        model,
+        endpoint: head.path(),
+        backend_url,
         is_stream,
         prompt_tokens: u.prompt_tokens,
         completion_tokens: u.completion_tokens,
@@ -137,17 +137,17 @@ pub(crate) fn account(w: &Worker, d: &Downstream, f: Done<'_>) {
         cached_tokens: u.cached_tokens,
         reasoning_tokens: u.reasoning_tokens,
         status: f.status,
-        outcome: f.outcome.as_str().to_string(),
+        outcome: f.outcome.as_str(),
         latency_ms: elapsed.as_millis() as u64,
         ttft_ms: ttft.map(|t| t.as_millis() as u64),
         user_id,
-        key_id,
+        key_id: key_id.as_deref(),
         // Nothing reported: whatever was counted (0 when nothing was relayed).
         usage_source: f.usage.map_or(Source::Counted, |u| u.source).as_str(),
-        served_model: f.served_model.map(str::to_owned),
+        served_model: f.served_model,
         priority,
     };
-    if let Err(ev) = w.usage.send(event) {
+    if !w.usage.send(&event) {
         w.shared
             .metrics
             .usage_events
@@ -155,9 +155,9 @@ pub(crate) fn account(w: &Worker, d: &Downstream, f: Done<'_>) {
             .inc();
         log::error!(
             "usage event dropped (channel and overflow full): request {} model {:?} tokens {}",
-            ev.request_id,
-            ev.model,
-            ev.total_tokens
+            event.request_id,
+            event.model,
+            event.total_tokens
         );
     }
 }

@@ -32,7 +32,7 @@ use crate::control::{Broadcast, ControlMsg, HealthReport, PlaneMsg};
 use crate::error::{ProxyError, Verdict};
 use crate::telemetry::metrics::{LocalMetrics, Metrics};
 use crate::upstream::Pool;
-use crate::usage::{CoreSender, UsageEvent};
+use crate::usage::{CoreSender, Handoff};
 use crate::worker::balance::{Balancer, Inputs, LoadView, Member, Params, Pick};
 use crate::worker::breaker::CoreBreakers;
 use crate::worker::capacity::CoreCapacity;
@@ -128,7 +128,7 @@ impl Worker {
         inbox: Receiver<ControlMsg>,
         peers: Broadcast,
         health_tx: Sender<HealthReport>,
-        usage_tx: Sender<UsageEvent>,
+        usage_tx: Handoff,
         table: Arc<BackendTable>,
     ) -> Self {
         let cfg = table.config.clone();
