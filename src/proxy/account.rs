@@ -10,7 +10,7 @@ use crate::openai::tap::{Source, Usage};
 use crate::openai::{self, RequestInfo};
 use crate::proxy::downstream::Downstream;
 use crate::proxy::request::Request;
-use crate::telemetry::logging::{AccessFields, ACCESS};
+use crate::telemetry::logging::{access_key, AccessFields, ACCESS};
 use crate::usage::{Text, UsageRecord};
 use crate::worker::Worker;
 
@@ -178,20 +178,22 @@ fn access_fields(
     let (req, model) = (f.req, f.info.and_then(|i| i.model.as_deref()));
     let head = req.head;
     let u = f.usage.unwrap_or_default();
-    l.str("backend", backend_url);
-    l.plain("client", |out| encode::push_socket_addr(out, &d.peer));
-    l.u64("completion_tokens", u.completion_tokens);
-    l.millis("duration_ms", Some(micros(elapsed)));
-    l.str("key_id", key_id);
-    l.str("method", Some(head.method()));
-    l.str("model", model);
-    l.str("outcome", Some(f.outcome.as_str()));
-    l.str("path", Some(head.path()));
-    l.str("priority", priority);
-    l.u64("prompt_tokens", u.prompt_tokens);
-    l.str("request_id", Some(&req.id));
-    l.u64("status", u64::from(f.status));
-    l.millis("ttft_ms", ttft.map(micros));
+    l.str(access_key!("backend"), backend_url);
+    l.plain(access_key!("client"), |out| {
+        encode::push_socket_addr(out, &d.peer)
+    });
+    l.u64(access_key!("completion_tokens"), u.completion_tokens);
+    l.millis(access_key!("duration_ms"), Some(micros(elapsed)));
+    l.str(access_key!("key_id"), key_id);
+    l.str(access_key!("method"), Some(head.method()));
+    l.str(access_key!("model"), model);
+    l.str(access_key!("outcome"), Some(f.outcome.as_str()));
+    l.str(access_key!("path"), Some(head.path()));
+    l.str(access_key!("priority"), priority);
+    l.u64(access_key!("prompt_tokens"), u.prompt_tokens);
+    l.str(access_key!("request_id"), Some(&req.id));
+    l.u64(access_key!("status"), u64::from(f.status));
+    l.millis(access_key!("ttft_ms"), ttft.map(micros));
 }
 
 /// Whole microseconds, rounded: access lines give milliseconds with microsecond resolution

@@ -287,27 +287,37 @@ pub(crate) struct AccessFields<'a> {
     text: bool,
 }
 
-impl AccessFields<'_> {
-    fn key(&mut self, k: &str) {
-        if self.text {
-            self.out.push(' ');
-            self.out.push_str(k);
-            self.out.push('=');
-        } else {
-            self.out.push_str(",\"");
-            self.out.push_str(k);
-            self.out.push_str("\":");
+/// A field's name as both formats write it in front of the value (`,"name":` and ` name=`), so
+/// it goes out in one copy: `access_key!("name")`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AccessKey {
+    pub(crate) json: &'static str,
+    pub(crate) text: &'static str,
+}
+
+macro_rules! access_key {
+    ($name:literal) => {
+        $crate::telemetry::logging::AccessKey {
+            json: concat!(",\"", $name, "\":"),
+            text: concat!(" ", $name, "="),
         }
+    };
+}
+pub(crate) use access_key;
+
+impl AccessFields<'_> {
+    fn key(&mut self, k: AccessKey) {
+        self.out.push_str(if self.text { k.text } else { k.json });
     }
 
-    fn null(&mut self, k: &str) {
+    fn null(&mut self, k: AccessKey) {
         if !self.text {
             self.key(k);
             self.out.push_str("null");
         }
     }
 
-    pub(crate) fn str(&mut self, k: &str, v: Option<&str>) {
+    pub(crate) fn str(&mut self, k: AccessKey, v: Option<&str>) {
         let Some(v) = v else {
             return self.null(k);
         };
@@ -321,7 +331,7 @@ impl AccessFields<'_> {
 
     /// A string `write` appends that never needs escaping and is never empty nor holds
     /// whitespace (an address).
-    pub(crate) fn plain(&mut self, k: &str, write: impl FnOnce(&mut String)) {
+    pub(crate) fn plain(&mut self, k: AccessKey, write: impl FnOnce(&mut String)) {
         self.key(k);
         if !self.text {
             self.out.push('"');
@@ -332,13 +342,13 @@ impl AccessFields<'_> {
         }
     }
 
-    pub(crate) fn u64(&mut self, k: &str, v: u64) {
+    pub(crate) fn u64(&mut self, k: AccessKey, v: u64) {
         self.key(k);
         encode::push_u64(self.out, v);
     }
 
     /// Milliseconds with microsecond resolution, as `encode::push_millis` writes them.
-    pub(crate) fn millis(&mut self, k: &str, micros: Option<u64>) {
+    pub(crate) fn millis(&mut self, k: AccessKey, micros: Option<u64>) {
         let Some(us) = micros else {
             return self.null(k);
         };
@@ -441,12 +451,12 @@ mod tests {
             for format in [LogFormat::Json, LogFormat::Text] {
                 let mut got = String::new();
                 write_access(&mut got, format, now, |l| {
-                    l.str("backend", backend);
-                    l.plain("client", |o| o.push_str(client));
-                    l.u64("completion_tokens", 3);
-                    l.millis("duration_ms", Some(dur));
-                    l.str("model", model);
-                    l.millis("ttft_ms", ttft);
+                    l.str(access_key!("backend"), backend);
+                    l.plain(access_key!("client"), |o| o.push_str(client));
+                    l.u64(access_key!("completion_tokens"), 3);
+                    l.millis(access_key!("duration_ms"), Some(dur));
+                    l.str(access_key!("model"), model);
+                    l.millis(access_key!("ttft_ms"), ttft);
                 });
                 // The object as account.rs built it before, through serde_json for the values.
                 let ms = |us: u64| serde_json::to_string(&(us as f64 / 1000.0)).unwrap();
