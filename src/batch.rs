@@ -25,7 +25,9 @@ const FLUSH_BYTES: usize = 32 * 1024;
 /// What a fresh buffer is allocated with (most batches are a few lines).
 const INITIAL_BYTES: usize = 4 * 1024;
 /// Buffers larger than this are not kept for reuse (one burst should not pin its memory).
-const KEEP_BYTES: usize = 256 * 1024;
+const KEEP_BYTES: usize = 64 * 1024;
+/// Emptied buffers kept for reuse per channel.
+const SPARES: usize = 32;
 
 /// One core's lines, newline-terminated, in the order they were written.
 #[derive(Debug)]
@@ -68,8 +70,9 @@ pub struct Consumer {
 /// A channel from the cores to one consumer that holds at most `capacity` lines.
 pub fn channel(capacity: usize) -> (Handoff, Consumer) {
     let (tx, rx) = crossbeam_channel::unbounded();
-    // Enough spare buffers for every core to have one in flight and one being written.
-    let (spare_tx, spare_rx) = crossbeam_channel::bounded(256);
+    // A few spare buffers per channel: enough that a core rarely allocates, few enough that the
+    // buffers of one burst are not kept (at most SPARES × KEEP_BYTES stay resident).
+    let (spare_tx, spare_rx) = crossbeam_channel::bounded(SPARES);
     let link = Arc::new(Link::default());
     (
         Handoff {

@@ -199,39 +199,55 @@ pub(crate) fn push_millis(out: &mut String, micros: u64) {
     }
 }
 
-/// Appends `t` as RFC 3339 UTC with milliseconds (`2026-12-06T02:34:16.123Z`), exactly as
-/// `humantime::format_rfc3339_millis` writes it, without `core::fmt`. Times before 1970 are
-/// written as 1970-01-01T00:00:00.000Z.
+/// Appends `t` as RFC 3339 UTC with milliseconds (`Rfc3339Millis`).
+#[cfg(test)]
 pub(crate) fn push_rfc3339_millis(out: &mut String, t: std::time::SystemTime) {
-    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's `civil_from_days`).
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z % 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    let mut b = *b"0000-00-00T00:00:00.000Z";
-    let two = |b: &mut [u8; 24], at: usize, v: u64| {
-        b[at] = b'0' + (v / 10 % 10) as u8;
-        b[at + 1] = b'0' + (v % 10) as u8;
-    };
-    two(&mut b, 0, year / 100);
-    two(&mut b, 2, year % 100);
-    two(&mut b, 5, month);
-    two(&mut b, 8, day);
-    two(&mut b, 11, rem / 3600);
-    two(&mut b, 14, rem / 60 % 60);
-    two(&mut b, 17, rem % 60);
-    let ms = u64::from(d.subsec_millis());
-    b[20] = b'0' + (ms / 100) as u8;
-    two(&mut b, 21, ms % 100);
-    push_ascii(out, &b);
+    Rfc3339Millis::new(t).push(out);
+}
+
+/// A time as RFC 3339 UTC with milliseconds (`2026-12-06T02:34:16.123Z`), exactly as
+/// `humantime::format_rfc3339_millis` writes it, without `core::fmt`; formatted once per request
+/// and copied into both its access line and its usage event. Times before 1970 are written as
+/// 1970-01-01T00:00:00.000Z.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rfc3339Millis([u8; 24]);
+
+impl Rfc3339Millis {
+    pub fn new(t: std::time::SystemTime) -> Self {
+        let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let secs = d.as_secs();
+        let (days, rem) = (secs / 86_400, secs % 86_400);
+        // Civil date from days since 1970-01-01 (Howard Hinnant's `civil_from_days`).
+        let z = days + 719_468;
+        let era = z / 146_097;
+        let doe = z % 146_097;
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = doy - (153 * mp + 2) / 5 + 1;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        let year = yoe + era * 400 + u64::from(month <= 2);
+        let mut b = *b"0000-00-00T00:00:00.000Z";
+        let two = |b: &mut [u8; 24], at: usize, v: u64| {
+            b[at] = b'0' + (v / 10 % 10) as u8;
+            b[at + 1] = b'0' + (v % 10) as u8;
+        };
+        two(&mut b, 0, year / 100);
+        two(&mut b, 2, year % 100);
+        two(&mut b, 5, month);
+        two(&mut b, 8, day);
+        two(&mut b, 11, rem / 3600);
+        two(&mut b, 14, rem / 60 % 60);
+        two(&mut b, 17, rem % 60);
+        let ms = u64::from(d.subsec_millis());
+        b[20] = b'0' + (ms / 100) as u8;
+        two(&mut b, 21, ms % 100);
+        Rfc3339Millis(b)
+    }
+
+    pub(crate) fn push(&self, out: &mut String) {
+        push_ascii(out, &self.0);
+    }
 }
 
 #[cfg(test)]

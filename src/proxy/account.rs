@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::encode;
+use crate::encode::{self, Rfc3339Millis};
 use crate::error::Outcome;
 use crate::openai::tap::{Source, Usage};
 use crate::openai::{self, RequestInfo};
@@ -97,9 +97,12 @@ pub(crate) fn account(w: &Worker, d: &Downstream, f: Done<'_>) {
         .info
         .and_then(|_| req.caller.flow(head).ok())
         .map(|flow| flow.class.as_str());
+    // The time is formatted once, for the access line and the usage event alike.
+    let ts = std::cell::OnceCell::new();
+    let stamp = || ts.get_or_init(|| Rfc3339Millis::new(std::time::SystemTime::now()));
     if cfg.logging.access_log && log::log_enabled!(target: ACCESS, log::Level::Info) {
         if let Some(access) = &w.access {
-            access.line(|l| {
+            access.line(stamp(), |l| {
                 access_fields(
                     l,
                     d,
@@ -126,7 +129,7 @@ pub(crate) fn account(w: &Worker, d: &Downstream, f: Done<'_>) {
     let event = UsageRecord {
         event_id: Text::Hex(fastrand::u128(..)),
         request_id: &req.id,
-        timestamp: Text::Time(std::time::SystemTime::now()),
+        timestamp: Text::Time(*stamp()),
         model,
         endpoint: head.path(),
         backend_url,

@@ -18,7 +18,7 @@ use log::{LevelFilter, Log, Metadata, Record};
 
 use crate::batch::{self, Consumer, CoreBatch, Handoff};
 use crate::config::LogFormat;
-use crate::encode;
+use crate::encode::{self, Rfc3339Millis};
 
 /// Target used for one-JSON-object-per-request access lines.
 pub(crate) const ACCESS: &str = "access";
@@ -235,11 +235,9 @@ impl CoreAccess {
 
     /// Writes one access line: the envelope (`ts`, …), then the fields `fields` adds, in the
     /// order it adds them. A line this core cannot hold (the writer stuck) is dropped and counted.
-    pub(crate) fn line(&self, fields: impl FnOnce(&mut AccessFields<'_>)) {
+    pub(crate) fn line(&self, ts: &Rfc3339Millis, fields: impl FnOnce(&mut AccessFields<'_>)) {
         let format = self.format;
-        let ok = self
-            .batch
-            .push(|out| write_access(out, format, SystemTime::now(), fields));
+        let ok = self.batch.push(|out| write_access(out, format, ts, fields));
         if !ok {
             DROPPED.fetch_add(1, Ordering::Relaxed);
         }
@@ -261,21 +259,30 @@ impl CoreAccess {
 fn write_access(
     out: &mut String,
     format: LogFormat,
-    now: SystemTime,
+    ts: &Rfc3339Millis,
     fields: impl FnOnce(&mut AccessFields<'_>),
 ) {
     let text = format == LogFormat::Text;
     if text {
-        encode::push_rfc3339_millis(out, now);
+        ts.push(out);
         out.push_str(" access");
     } else {
         out.push_str("{\"ts\":\"");
-        encode::push_rfc3339_millis(out, now);
+        ts.push(out);
         out.push_str("\",\"level\":\"INFO\",\"type\":\"access\"");
     }
     fields(&mut AccessFields { out, text });
     if !text {
         out.push('}');
+    }
+}
+
+/// No whitespace (Unicode's, as `char::is_whitespace`) and no `"`: bytewise for ASCII.
+fn no_space_or_quote(v: &str) -> bool {
+    if v.is_ascii() {
+        !v.bytes().any(|b| matches!(b, b'\t'..=b'\r' | b' ' | b'"'))
+    } else {
+        !v.contains(|c: char| c.is_whitespace() || c == '"')
     }
 }
 
@@ -322,7 +329,7 @@ impl AccessFields<'_> {
             return self.null(k);
         };
         self.key(k);
-        if self.text && !v.is_empty() && !v.contains(|c: char| c.is_whitespace() || c == '"') {
+        if self.text && !v.is_empty() && no_space_or_quote(v) {
             self.out.push_str(v);
         } else {
             encode::push_json_str(self.out, v);
@@ -431,6 +438,21 @@ mod tests {
     }
 
     #[test]
+    fn the_ascii_space_test_is_char_is_whitespace() {
+        for c in (0..=0x7fu8)
+            .map(char::from)
+            .chain(['\u{85}', '\u{a0}', 'é', '\u{3000}'])
+        {
+            let v = format!("a{c}b");
+            assert_eq!(
+                no_space_or_quote(&v),
+                !(c.is_whitespace() || c == '"'),
+                "{c:?}"
+            );
+        }
+    }
+
+    #[test]
     fn access_lines_are_written_exactly_as_before() {
         let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_796_000_000_123);
         let ts = humantime::format_rfc3339_millis(now).to_string();
@@ -450,7 +472,7 @@ mod tests {
         for (backend, client, model, dur, ttft) in samples {
             for format in [LogFormat::Json, LogFormat::Text] {
                 let mut got = String::new();
-                write_access(&mut got, format, now, |l| {
+                write_access(&mut got, format, &Rfc3339Millis::new(now), |l| {
                     l.str(access_key!("backend"), backend);
                     l.plain(access_key!("client"), |o| o.push_str(client));
                     l.u64(access_key!("completion_tokens"), 3);

@@ -21,11 +21,11 @@ pub mod deliver;
 pub(crate) mod spool;
 
 use std::cell::Cell;
-use std::time::SystemTime;
 
 use crate::batch::{self, CoreBatch};
 pub use crate::batch::{Consumer, Handoff};
 use crate::encode;
+pub use crate::encode::Rfc3339Millis as Timestamp;
 
 /// Events the channel from all cores to the usage thread may hold. The channel itself is
 /// unbounded (a linked list of small blocks) and this bound is checked on send: a bounded
@@ -88,7 +88,7 @@ pub enum Text<'a> {
     /// A random 128-bit id, written as `new_event_id` would have.
     Hex(u128),
     /// RFC 3339 UTC with milliseconds, as `humantime::format_rfc3339_millis` writes it.
-    Time(SystemTime),
+    Time(Timestamp),
 }
 
 impl Text<'_> {
@@ -102,7 +102,7 @@ impl Text<'_> {
             }
             Text::Time(t) => {
                 o.push('"');
-                encode::push_rfc3339_millis(o, t);
+                t.push(o);
                 o.push('"');
             }
         }
@@ -378,7 +378,7 @@ mod tests {
         e.timestamp = humantime::format_rfc3339_millis(now).to_string();
         let mut r = e.record();
         r.event_id = Text::Hex(id);
-        r.timestamp = Text::Time(now);
+        r.timestamp = Text::Time(Timestamp::new(now));
         let mut line = String::from("x");
         r.write_json(&mut line);
         assert_eq!(line, format!("x{}", e.to_json()));
