@@ -7,6 +7,9 @@
 #
 #   benches/callgrind.sh [BINARY...]      default: target/release/llmproxy
 #   CALLGRIND_N1=300 CALLGRIND_N2=1800    request counts
+#   CALLGRIND_ACCESS_LOG=off,json,text    access-log modes to measure (default: off): `off` is
+#                                         `access_log: false`; `json`/`text` turn it on in that
+#                                         format (level info; lines go to a file)
 #   CALLGRIND_WORKLOADS="W1 W2"           which workloads
 #   CALLGRIND_CONNS=8                     keep-alive connections (1: one request at a time, so
 #                                         every request wakes the core alone and the figure
@@ -29,7 +32,8 @@
 # requests/s is that. Between runs of the same binary the core figure moves by about 1-2% (how
 # the epoll loop's wake-ups fall): compare medians of a few rounds, not single runs.
 #
-# Needs valgrind and python3. Metering is on (usage events to a local sink), access log off,
+# Needs valgrind and python3. Metering is on (usage events to a local sink), access log off unless
+# CALLGRIND_ACCESS_LOG asks for it,
 # one worker, on epoll: valgrind does not emulate io_uring (a proxy on it never starts under
 # callgrind), so these figures are the epoll driver's user space. Prints one line per binary and
 # workload.
@@ -121,16 +125,20 @@ KEY=sk-bench-0123456789abcdef
 # without one) and the syncs it made (from /metrics, read after the last request; the read costs
 # the same in every run, so it cancels in the difference).
 measure() {
-  local bin=$1 n=$2 stream=$3 store=$4 port cfg out pid syncs=0
+  local bin=$1 n=$2 stream=$3 store=$4 access=${5:-off} port cfg out pid syncs=0 logging
   port=$(free_port)
   cfg="$work/proxy.yaml"
+  case $access in
+    off) logging="{ level: warn, access_log: false }" ;;
+    *) logging="{ level: info, access_log: true, format: $access }" ;;
+  esac
   cat >"$cfg" <<YAML
 listen: "127.0.0.1:$port"
 workers: 1
 io_driver: epoll
 backends: [{ url: "http://127.0.0.1:$mock_port" }]
 health_check: { interval: 1h }
-logging: { level: warn, access_log: false }
+logging: $logging
 usage_hook: { enabled: true, url: "http://127.0.0.1:$sink_port/usage" }
 YAML
   if [ -n "$store" ]; then
@@ -176,12 +184,17 @@ PY
 }
 
 if [ -z "$stores" ]; then
+  IFS=, read -r -a modes <<<"${CALLGRIND_ACCESS_LOG:-off}"
   for bin in "${bins[@]}"; do
-    for w in $workloads; do
-      stream=0; [ "$w" = W2 ] && stream=1
-      read -r a _ _ _ < <(measure "$bin" "$n1" "$stream" "")
-      read -r b _ _ _ < <(measure "$bin" "$n2" "$stream" "")
-      echo "$bin $w: $(( (b - a) / (n2 - n1) )) instructions/request (core thread; $a @ $n1, $b @ $n2)"
+    for mode in "${modes[@]}"; do
+      for w in $workloads; do
+        stream=0; [ "$w" = W2 ] && stream=1
+        read -r a at _ _ < <(measure "$bin" "$n1" "$stream" "" "$mode")
+        read -r b bt _ _ < <(measure "$bin" "$n2" "$stream" "" "$mode")
+        label="$bin $w"
+        [ "$mode" = off ] || label+=" access_log=$mode"
+        echo "$label: $(( (b - a) / (n2 - n1) )) instructions/request (core thread; $a @ $n1, $b @ $n2), $(( (bt - at) / (n2 - n1) )) all threads"
+      done
     done
   done
   exit 0

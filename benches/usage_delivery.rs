@@ -12,8 +12,8 @@
 //! once with the in-memory spool and once with a disk spool in a temporary directory (removed
 //! afterwards). Two runs per spool:
 //!
-//! - full speed: one producer thread pushes 200,000 events into the bounded channel (blocking
-//!   `send`, so the channel's backpressure paces it); reported: events/s and batches/s from the
+//! - full speed: one producer thread pushes 200,000 events through `CoreSender` as fast as the
+//!   bounded channel takes them (a refused event is retried, so the channel's bound paces it); reported: events/s and batches/s from the
 //!   first send to the last event received.
 //! - paced: 10,000 events/s for 5 s through `CoreSender`, as a core sends them (never blocking,
 //!   overflow retried on a 1 ms tick); reported: delivery lag per event (received − sent) against
@@ -364,7 +364,7 @@ fn run(spool: SpoolKind, load: Load) -> anyhow::Result<Outcome> {
         &["http://10.0.0.3:8000".to_string()],
     )?;
     let metrics = Arc::new(Metrics::new(&cfg, 1, "bench")?);
-    let (tx, rx) = crossbeam_channel::bounded(CHANNEL_CAPACITY);
+    let (tx, rx) = llmproxy::usage::channel();
     let delivery = Delivery::start(&hook, &UsageConfig::default(), rx, metrics.clone())?;
 
     let key = key_id("sk-bench-key");
@@ -375,12 +375,23 @@ fn run(spool: SpoolKind, load: Load) -> anyhow::Result<Outcome> {
             .spawn(move || -> u64 {
                 match load {
                     Load::FullSpeed(n) => {
+                        // As fast as the channel takes them: a refused event is retried after
+                        // handing over what the producer holds.
+                        let core = CoreSender::new(tx);
                         for seq in 0..n {
                             let ev = event(seq, &key);
                             tracker.sent(seq);
-                            if tx.send(ev).is_err() {
-                                break;
+                            while !core.send(&ev.record()) {
+                                core.tick();
+                                thread::sleep(Duration::from_micros(100));
                             }
+                            if seq % 64 == 63 {
+                                core.tick();
+                            }
+                        }
+                        while core.backlog() > 0 {
+                            core.tick();
+                            thread::sleep(Duration::from_micros(100));
                         }
                         0
                     }
@@ -394,7 +405,7 @@ fn run(spool: SpoolKind, load: Load) -> anyhow::Result<Outcome> {
                             while seq < due {
                                 tracker.sent(seq);
                                 // A refused event is counted by `dropped()`.
-                                let _ = core.send(event(seq, &key));
+                                let _ = core.send(&event(seq, &key).record());
                                 seq += 1;
                             }
                             core.tick();

@@ -7,7 +7,7 @@
 //! rate-limit store sync, and the messages to the cores) and `usage` delivery. Below both:
 //! `backends` (the table both sides read), `capacity` (process-wide counters), `upstream` (backend
 //! connections and the per-core pool), `auth`, `openai`, `http1`, `config`, `telemetry`, `error`,
-//! `encode`.
+//! `encode`, `batch` (per-core line batches for the log writer and the usage intake).
 #![forbid(unsafe_code)]
 
 // The public surface: what the binary, the benchmarks, the fuzz targets and the integration
@@ -34,6 +34,7 @@ pub mod fuzzing {
 
 // Internal.
 mod backends;
+mod batch;
 mod capacity;
 mod clock;
 mod control;

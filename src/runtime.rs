@@ -341,7 +341,7 @@ pub fn start_with(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<Running>
     });
     let (broadcast, inboxes) = Broadcast::new(workers);
     let (health_tx, health_rx) = crossbeam_channel::bounded(1024);
-    let (usage_tx, usage_rx) = crossbeam_channel::unbounded();
+    let (usage_tx, usage_rx) = crate::usage::channel();
     let delivery = Delivery::start(
         &cfg.usage_hook,
         &cfg.usage,
@@ -447,6 +447,15 @@ pub fn start_with(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<Running>
                         id, shared, inbox, broadcast, health_tx, usage_tx, table,
                     ));
                     let _ = ready.send(Ok(()));
+                    let flusher = worker.clone();
+                    // The turn-end flushes of this core's access lines and usage events.
+                    let usage_flusher = worker.clone();
+                    monoio::spawn(async move { usage_flusher.usage.run().await });
+                    monoio::spawn(async move {
+                        if let Some(a) = &flusher.access {
+                            a.run().await;
+                        }
+                    });
                     let ticker = worker.clone();
                     monoio::spawn(async move {
                         loop {

@@ -1,7 +1,8 @@
 //! Graceful drain under load: SIGTERM while many clients stream back to back. Every request of a
 //! client that was already connected completes (none fails, none is cut), `/health` turns 503 at
 //! once so a load balancer stops sending, the proxy exits 0, and every request's usage event
-//! reaches the webhook before it does. (tests/lifecycle.rs covers one stream through a drain.)
+//! reaches the webhook, and its access line stderr, before it does. (tests/lifecycle.rs covers
+//! one stream through a drain.)
 
 mod common;
 
@@ -94,6 +95,16 @@ fn sigterm_under_streaming_load_fails_no_connected_client() {
         .wait_for_line("drained; exiting", Duration::from_secs(5));
     // Every request that was answered was also billed, before the process went away.
     let n = served.load(Ordering::SeqCst);
+    // ... and logged: the access lines a core still held when the drain ended were handed over.
+    let chats = || {
+        proxy
+            .access_lines()
+            .iter()
+            .filter(|l| l["path"] == "/v1/chat/completions")
+            .count()
+    };
+    assert!(eventually(Duration::from_secs(5), || chats() >= n));
+    assert_eq!(chats(), n);
     let events = hook.wait_events_within(n, Duration::from_secs(5));
     assert_eq!(events.len(), n);
     assert!(events

@@ -4,14 +4,14 @@
 
 use std::time::{Duration, Instant};
 
-use crate::encode;
+use crate::encode::{self, Rfc3339Millis};
 use crate::error::Outcome;
 use crate::openai::tap::{Source, Usage};
 use crate::openai::{self, RequestInfo};
 use crate::proxy::downstream::Downstream;
 use crate::proxy::request::Request;
-use crate::telemetry::logging::ACCESS;
-use crate::usage::{self, UsageEvent};
+use crate::telemetry::logging::{access_key, AccessFields, ACCESS};
+use crate::usage::{Text, UsageRecord};
 use crate::worker::Worker;
 
 /// Everything known about a request once it is over.
@@ -97,17 +97,24 @@ pub(crate) fn account(w: &Worker, d: &Downstream, f: Done<'_>) {
         .info
         .and_then(|_| req.caller.flow(head).ok())
         .map(|flow| flow.class.as_str());
+    // The time is formatted once, for the access line and the usage event alike.
+    let ts = std::cell::OnceCell::new();
+    let stamp = || ts.get_or_init(|| Rfc3339Millis::new(std::time::SystemTime::now()));
     if cfg.logging.access_log && log::log_enabled!(target: ACCESS, log::Level::Info) {
-        let line = access_line(
-            d,
-            &f,
-            backend_url,
-            key_id.as_deref(),
-            priority,
-            elapsed,
-            ttft,
-        );
-        log::info!(target: ACCESS, "{line}");
+        if let Some(access) = &w.access {
+            access.line(stamp(), |l| {
+                access_fields(
+                    l,
+                    d,
+                    &f,
+                    backend_url,
+                    key_id.as_deref(),
+                    priority,
+                    elapsed,
+                    ttft,
+                );
+            });
+        }
     }
     if !metered || !req.caller.billable() {
         return;
@@ -116,16 +123,16 @@ pub(crate) fn account(w: &Worker, d: &Downstream, f: Done<'_>) {
     let user_id = (!identity.user_header.is_empty())
         .then(|| head.header_str(&identity.user_header))
         .flatten()
-        .map(str::to_owned)
-        .or_else(|| f.info.and_then(|i| i.user.clone()));
+        .or_else(|| f.info.and_then(|i| i.user.as_deref()));
     let u = f.usage.unwrap_or_default();
-    let event = UsageEvent {
-        event_id: usage::new_event_id(),
-        request_id: req.id.clone(),
-        timestamp: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-        model: model.map(str::to_owned),
-        endpoint: head.path().to_string(),
-        backend_url: backend_url.map(str::to_owned),
+    // Written on this core straight from what it borrows (no owned strings: see `usage`).
+    let event = UsageRecord {
+        event_id: Text::Hex(fastrand::u128(..)),
+        request_id: &req.id,
+        timestamp: Text::Time(*stamp()),
+        model,
+        endpoint: head.path(),
+        backend_url,
         is_stream,
         prompt_tokens: u.prompt_tokens,
         completion_tokens: u.completion_tokens,
@@ -133,17 +140,17 @@ pub(crate) fn account(w: &Worker, d: &Downstream, f: Done<'_>) {
         cached_tokens: u.cached_tokens,
         reasoning_tokens: u.reasoning_tokens,
         status: f.status,
-        outcome: f.outcome.as_str().to_string(),
+        outcome: f.outcome.as_str(),
         latency_ms: elapsed.as_millis() as u64,
         ttft_ms: ttft.map(|t| t.as_millis() as u64),
         user_id,
-        key_id,
+        key_id: key_id.as_deref(),
         // Nothing reported: whatever was counted (0 when nothing was relayed).
         usage_source: f.usage.map_or(Source::Counted, |u| u.source).as_str(),
-        served_model: f.served_model.map(str::to_owned),
+        served_model: f.served_model,
         priority,
     };
-    if let Err(ev) = w.usage.send(event) {
+    if !w.usage.send(&event) {
         w.shared
             .metrics
             .usage_events
@@ -151,16 +158,18 @@ pub(crate) fn account(w: &Worker, d: &Downstream, f: Done<'_>) {
             .inc();
         log::error!(
             "usage event dropped (channel and overflow full): request {} model {:?} tokens {}",
-            ev.request_id,
-            ev.model,
-            ev.total_tokens
+            event.request_id,
+            event.model,
+            event.total_tokens
         );
     }
 }
 
-/// The access-log line: one JSON object, keys in sorted order (as the `serde_json::json!` map
-/// this replaced wrote them), written without `core::fmt` (see `encode`).
-fn access_line(
+/// The access-log line's fields, keys in sorted order (as the `serde_json::json!` map this
+/// replaced wrote them), written into the core's batch by hand (see `telemetry::logging`).
+#[allow(clippy::too_many_arguments)]
+fn access_fields(
+    l: &mut AccessFields<'_>,
     d: &Downstream,
     f: &Done<'_>,
     backend_url: Option<&str>,
@@ -168,48 +177,30 @@ fn access_line(
     priority: Option<&str>,
     elapsed: Duration,
     ttft: Option<Duration>,
-) -> String {
+) {
     let (req, model) = (f.req, f.info.and_then(|i| i.model.as_deref()));
     let head = req.head;
     let u = f.usage.unwrap_or_default();
-    // Keys in sorted order, as the `serde_json::json!` map this replaced wrote them.
-    let mut line = String::with_capacity(384);
-    line.push_str("{\"backend\":");
-    encode::push_json_opt_str(&mut line, backend_url);
-    line.push_str(",\"client\":");
-    encode::push_json_str(&mut line, &d.peer.to_string());
-    line.push_str(",\"completion_tokens\":");
-    encode::push_u64(&mut line, u.completion_tokens);
-    line.push_str(",\"duration_ms\":");
-    encode::push_f64(&mut line, millis(elapsed));
-    line.push_str(",\"key_id\":");
-    encode::push_json_opt_str(&mut line, key_id);
-    line.push_str(",\"method\":");
-    encode::push_json_str(&mut line, head.method());
-    line.push_str(",\"model\":");
-    encode::push_json_opt_str(&mut line, model);
-    line.push_str(",\"outcome\":");
-    encode::push_json_str(&mut line, f.outcome.as_str());
-    line.push_str(",\"path\":");
-    encode::push_json_str(&mut line, head.path());
-    line.push_str(",\"priority\":");
-    encode::push_json_opt_str(&mut line, priority);
-    line.push_str(",\"prompt_tokens\":");
-    encode::push_u64(&mut line, u.prompt_tokens);
-    line.push_str(",\"request_id\":");
-    encode::push_json_str(&mut line, &req.id);
-    line.push_str(",\"status\":");
-    encode::push_u64(&mut line, u64::from(f.status));
-    line.push_str(",\"ttft_ms\":");
-    match ttft {
-        Some(t) => encode::push_f64(&mut line, millis(t)),
-        None => line.push_str("null"),
-    }
-    line.push('}');
-    line
+    l.str(access_key!("backend"), backend_url);
+    l.plain(access_key!("client"), |out| {
+        encode::push_socket_addr(out, &d.peer)
+    });
+    l.u64(access_key!("completion_tokens"), u.completion_tokens);
+    l.millis(access_key!("duration_ms"), Some(micros(elapsed)));
+    l.str(access_key!("key_id"), key_id);
+    l.str(access_key!("method"), Some(head.method()));
+    l.str(access_key!("model"), model);
+    l.str(access_key!("outcome"), Some(f.outcome.as_str()));
+    l.str(access_key!("path"), Some(head.path()));
+    l.str(access_key!("priority"), priority);
+    l.u64(access_key!("prompt_tokens"), u.prompt_tokens);
+    l.str(access_key!("request_id"), Some(&req.id));
+    l.u64(access_key!("status"), u64::from(f.status));
+    l.millis(access_key!("ttft_ms"), ttft.map(micros));
 }
 
-/// Milliseconds with microsecond resolution (`141.339`, not `141.33900000000002`).
-fn millis(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
+/// Whole microseconds, rounded: access lines give milliseconds with microsecond resolution
+/// (`141.339`, not `141.33900000000002`).
+fn micros(d: Duration) -> u64 {
+    ((d.as_nanos() + 500) / 1000) as u64
 }

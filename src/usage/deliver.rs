@@ -10,12 +10,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
 use super::spool::{Batch, Spool, SpoolError};
-use super::UsageEvent;
+use super::Consumer;
 use crate::config::{HookFormat, Usage as UsageConfig, UsageHook};
 use crate::telemetry::metrics::Metrics;
 
@@ -60,7 +59,7 @@ impl Delivery {
     pub fn start(
         hook: &UsageHook,
         usage: &UsageConfig,
-        rx: Receiver<UsageEvent>,
+        rx: Consumer,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Delivery> {
         let spool = match &hook.spool_dir {
@@ -119,7 +118,7 @@ impl Delivery {
         })
     }
 
-    /// Graceful stop: drain the channel into the spool, try to deliver until `deadline`, and
+    /// Graceful stop: drain the channel (and what the cores still hold) into the spool, try to deliver until `deadline`, and
     /// leave whatever is still undelivered in the spool for the next start.
     pub fn shutdown(mut self, deadline: Instant) {
         self.shared.stop_intake.store(true, Ordering::SeqCst);
@@ -144,26 +143,34 @@ impl Delivery {
     }
 }
 
-fn intake(shared: &Shared, rx: &Receiver<UsageEvent>, enabled: bool, log_events: bool) {
-    let mut lines: Vec<String> = Vec::with_capacity(1024);
-    loop {
-        match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(ev) => {
-                lines.clear();
-                for ev in std::iter::once(ev).chain(rx.try_iter().take(1023)) {
-                    lines.push(ev.to_json());
-                }
-                if log_events {
-                    for l in &lines {
-                        log::info!(target: USAGE_LOG, "{l}");
-                    }
-                }
-                if enabled {
-                    append(shared, &lines);
+/// How long a stopping intake waits for events a core still holds (a core hands them over at the
+/// end of its turn, or on its tick when the channel was full).
+const STOP_WAIT: Duration = Duration::from_secs(1);
+
+fn intake(shared: &Shared, rx: &Consumer, enabled: bool, log_events: bool) {
+    let mut stop_seen: Option<Instant> = None;
+    while let Ok(got) = rx.recv_timeout(Duration::from_millis(100)) {
+        if let Some(first) = got {
+            // Whatever else is waiting goes into the spool under the same lock.
+            let mut batches = vec![first];
+            while batches.len() < 64 {
+                match rx.try_recv() {
+                    Some(b) => batches.push(b),
+                    None => break,
                 }
             }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => break,
+            let lines = || batches.iter().flat_map(|b| b.text.lines());
+            if log_events {
+                for l in lines() {
+                    log::info!(target: USAGE_LOG, "{l}");
+                }
+            }
+            if enabled {
+                append(shared, lines());
+            }
+            for b in batches {
+                rx.give_back(b);
+            }
         }
         if enabled {
             let mut st = shared.lock();
@@ -171,13 +178,16 @@ fn intake(shared: &Shared, rx: &Receiver<UsageEvent>, enabled: bool, log_events:
                 log::error!("usage spool: fsync failed: {e}");
             }
         }
-        if shared.stop_intake.load(Ordering::SeqCst) && rx.is_empty() {
-            break;
+        if shared.stop_intake.load(Ordering::SeqCst) {
+            let since = *stop_seen.get_or_insert_with(Instant::now);
+            if rx.idle() || since.elapsed() >= STOP_WAIT {
+                break;
+            }
         }
     }
 }
 
-fn append(shared: &Shared, lines: &[String]) {
+fn append<'a>(shared: &Shared, lines: impl Iterator<Item = &'a str>) {
     let m = &shared.metrics;
     let mut st = shared.lock();
     let mut added = 0;

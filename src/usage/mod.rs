@@ -1,9 +1,13 @@
-//! Usage metering: one `UsageEvent` per finished inference request, streaming or not, aborted or
-//! not. Cores build events and hand them to `CoreSender`, which never blocks: a bounded channel,
-//! then a small per-core overflow retried on the tick, and only beyond that a counted drop.
-//! Events are serialised, spooled and delivered off the cores by `deliver`.
+//! Usage metering: one event per finished inference request, streaming or not, aborted or not.
+//! A core writes each event's JSON line straight from what it borrows (`UsageRecord`: no owned
+//! strings) into its own buffer, handed to the usage intake once per event-loop turn
+//! (`crate::batch`; the intake gives the buffers back). Before, a core allocated the event's ten
+//! strings and the intake freed them: every event moved memory from the cores' allocator caches
+//! to another thread's. `CoreSender` never blocks: a bounded channel, then what a core may hold
+//! itself (flushed again on the tick), and only beyond that a counted drop. Events are spooled
+//! and delivered off the cores by `deliver`.
 //!
-//! `UsageEvent::to_json` is the event's only serialiser: every spool line, log line and webhook
+//! `UsageRecord::write_json` is the event's only serialiser: every spool line, log line and webhook
 //! body (single or batch) is made of its output, and `tests::to_json_writes_the_pinned_format`
 //! pins that output byte for byte, because receivers parse it. It is written by hand rather than
 //! derived with serde because it is faster on the usage thread, which serialises every event:
@@ -16,12 +20,12 @@
 pub mod deliver;
 pub(crate) mod spool;
 
-use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
+use std::cell::Cell;
 
-use crossbeam_channel::{Sender, TrySendError};
-
+use crate::batch::{self, CoreBatch};
+pub use crate::batch::{Consumer, Handoff};
 use crate::encode;
+pub use crate::encode::Rfc3339Millis as Timestamp;
 
 /// Events the channel from all cores to the usage thread may hold. The channel itself is
 /// unbounded (a linked list of small blocks) and this bound is checked on send: a bounded
@@ -30,6 +34,11 @@ use crate::encode;
 pub const CHANNEL_CAPACITY: usize = 64 * 1024;
 /// Events a core keeps itself while the channel is full, before it counts drops.
 const OVERFLOW_MAX: usize = 16 * 1024;
+
+/// The channel from the cores (one `CoreSender` each) to the usage intake.
+pub fn channel() -> (Handoff, Consumer) {
+    batch::channel(CHANNEL_CAPACITY)
+}
 
 /// The billing contract (DESIGN.md §5). Field names follow the seed's webhook payload; its raw
 /// `api_key` is replaced by `key_id`, a hash that cannot be turned back into the key.
@@ -71,133 +80,200 @@ pub fn new_event_id() -> String {
     s
 }
 
+/// A string field of `UsageRecord` that a core does not have as a string: written straight into
+/// the line.
+#[derive(Debug, Clone, Copy)]
+pub enum Text<'a> {
+    Given(&'a str),
+    /// A random 128-bit id, written as `new_event_id` would have.
+    Hex(u128),
+    /// RFC 3339 UTC with milliseconds, as `humantime::format_rfc3339_millis` writes it.
+    Time(Timestamp),
+}
+
+impl Text<'_> {
+    fn write_json(&self, o: &mut String) {
+        match *self {
+            Text::Given(s) => encode::push_json_str(o, s),
+            Text::Hex(v) => {
+                o.push('"');
+                encode::push_hex(o, v, 32);
+                o.push('"');
+            }
+            Text::Time(t) => {
+                o.push('"');
+                t.push(o);
+                o.push('"');
+            }
+        }
+    }
+}
+
+/// A usage event as a core has it: every string borrowed. Same fields, same meaning, same JSON as
+/// `UsageEvent` (which is this with owned strings, for tests and tools).
+#[derive(Debug, Clone, Copy)]
+pub struct UsageRecord<'a> {
+    pub event_id: Text<'a>,
+    pub request_id: &'a str,
+    pub timestamp: Text<'a>,
+    pub model: Option<&'a str>,
+    pub endpoint: &'a str,
+    pub backend_url: Option<&'a str>,
+    pub is_stream: bool,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+    pub cached_tokens: Option<u64>,
+    pub reasoning_tokens: Option<u64>,
+    pub status: u16,
+    pub outcome: &'a str,
+    pub latency_ms: u64,
+    pub ttft_ms: Option<u64>,
+    pub user_id: Option<&'a str>,
+    pub key_id: Option<&'a str>,
+    pub usage_source: &'static str,
+    pub served_model: Option<&'a str>,
+    pub priority: Option<&'static str>,
+}
+
 impl UsageEvent {
-    /// The event as one JSON object in the format receivers parse (see the module header):
-    /// fields in declaration order, `cached_tokens` and `reasoning_tokens` left out when absent,
-    /// every other absent value `null`, strings escaped as serde_json escapes them.
+    /// The event as one JSON object (`UsageRecord::write_json`).
     pub fn to_json(&self) -> String {
         let mut o = String::with_capacity(512);
+        self.record().write_json(&mut o);
+        o
+    }
+
+    /// The event with its strings borrowed.
+    pub fn record(&self) -> UsageRecord<'_> {
+        UsageRecord {
+            event_id: Text::Given(&self.event_id),
+            request_id: &self.request_id,
+            timestamp: Text::Given(&self.timestamp),
+            model: self.model.as_deref(),
+            endpoint: &self.endpoint,
+            backend_url: self.backend_url.as_deref(),
+            is_stream: self.is_stream,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            total_tokens: self.total_tokens,
+            cached_tokens: self.cached_tokens,
+            reasoning_tokens: self.reasoning_tokens,
+            status: self.status,
+            outcome: &self.outcome,
+            latency_ms: self.latency_ms,
+            ttft_ms: self.ttft_ms,
+            user_id: self.user_id.as_deref(),
+            key_id: self.key_id.as_deref(),
+            usage_source: self.usage_source,
+            served_model: self.served_model.as_deref(),
+            priority: self.priority,
+        }
+    }
+}
+
+impl UsageRecord<'_> {
+    /// Appends the event as one JSON object in the format receivers parse (see the module
+    /// header): fields in declaration order, `cached_tokens` and `reasoning_tokens` left out when
+    /// absent, every other absent value `null`, strings escaped as serde_json escapes them.
+    pub fn write_json(&self, o: &mut String) {
+        let start = o.len();
         let key = |o: &mut String, k: &str| {
-            o.push(if o.is_empty() { '{' } else { ',' });
+            o.push(if o.len() == start { '{' } else { ',' });
             o.push('"');
             o.push_str(k);
             o.push_str("\":");
         };
-        key(&mut o, "event_id");
-        encode::push_json_str(&mut o, &self.event_id);
-        key(&mut o, "request_id");
-        encode::push_json_str(&mut o, &self.request_id);
-        key(&mut o, "timestamp");
-        encode::push_json_str(&mut o, &self.timestamp);
-        key(&mut o, "model");
-        encode::push_json_opt_str(&mut o, self.model.as_deref());
-        key(&mut o, "endpoint");
-        encode::push_json_str(&mut o, &self.endpoint);
-        key(&mut o, "backend_url");
-        encode::push_json_opt_str(&mut o, self.backend_url.as_deref());
-        key(&mut o, "is_stream");
+        key(o, "event_id");
+        self.event_id.write_json(o);
+        key(o, "request_id");
+        encode::push_json_str(o, self.request_id);
+        key(o, "timestamp");
+        self.timestamp.write_json(o);
+        key(o, "model");
+        encode::push_json_opt_str(o, self.model);
+        key(o, "endpoint");
+        encode::push_json_str(o, self.endpoint);
+        key(o, "backend_url");
+        encode::push_json_opt_str(o, self.backend_url);
+        key(o, "is_stream");
         o.push_str(if self.is_stream { "true" } else { "false" });
-        key(&mut o, "prompt_tokens");
-        encode::push_u64(&mut o, self.prompt_tokens);
-        key(&mut o, "completion_tokens");
-        encode::push_u64(&mut o, self.completion_tokens);
-        key(&mut o, "total_tokens");
-        encode::push_u64(&mut o, self.total_tokens);
+        key(o, "prompt_tokens");
+        encode::push_u64(o, self.prompt_tokens);
+        key(o, "completion_tokens");
+        encode::push_u64(o, self.completion_tokens);
+        key(o, "total_tokens");
+        encode::push_u64(o, self.total_tokens);
         if let Some(v) = self.cached_tokens {
-            key(&mut o, "cached_tokens");
-            encode::push_u64(&mut o, v);
+            key(o, "cached_tokens");
+            encode::push_u64(o, v);
         }
         if let Some(v) = self.reasoning_tokens {
-            key(&mut o, "reasoning_tokens");
-            encode::push_u64(&mut o, v);
+            key(o, "reasoning_tokens");
+            encode::push_u64(o, v);
         }
-        key(&mut o, "status");
-        encode::push_u64(&mut o, u64::from(self.status));
-        key(&mut o, "outcome");
-        encode::push_json_str(&mut o, &self.outcome);
-        key(&mut o, "latency_ms");
-        encode::push_u64(&mut o, self.latency_ms);
-        key(&mut o, "ttft_ms");
-        encode::push_opt_u64(&mut o, self.ttft_ms);
-        key(&mut o, "user_id");
-        encode::push_json_opt_str(&mut o, self.user_id.as_deref());
-        key(&mut o, "key_id");
-        encode::push_json_opt_str(&mut o, self.key_id.as_deref());
+        key(o, "status");
+        encode::push_u64(o, u64::from(self.status));
+        key(o, "outcome");
+        encode::push_json_str(o, self.outcome);
+        key(o, "latency_ms");
+        encode::push_u64(o, self.latency_ms);
+        key(o, "ttft_ms");
+        encode::push_opt_u64(o, self.ttft_ms);
+        key(o, "user_id");
+        encode::push_json_opt_str(o, self.user_id);
+        key(o, "key_id");
+        encode::push_json_opt_str(o, self.key_id);
         // Added after the seed's fields, so each event still starts with exactly the bytes it
         // had before they existed.
-        key(&mut o, "usage_source");
-        encode::push_json_str(&mut o, self.usage_source);
-        key(&mut o, "served_model");
-        encode::push_json_opt_str(&mut o, self.served_model.as_deref());
-        key(&mut o, "priority");
-        encode::push_json_opt_str(&mut o, self.priority);
+        key(o, "usage_source");
+        encode::push_json_str(o, self.usage_source);
+        key(o, "served_model");
+        encode::push_json_opt_str(o, self.served_model);
+        key(o, "priority");
+        encode::push_json_opt_str(o, self.priority);
         o.push('}');
-        o
     }
 }
 
-/// One core's way out for events.
+/// One core's way out for events (see the module header). Never blocks.
 pub struct CoreSender {
-    tx: Sender<UsageEvent>,
-    overflow: RefCell<VecDeque<UsageEvent>>,
+    batch: CoreBatch,
     dropped: Cell<u64>,
 }
 
 impl CoreSender {
-    pub fn new(tx: Sender<UsageEvent>) -> Self {
+    pub fn new(out: Handoff) -> Self {
         CoreSender {
-            tx,
-            overflow: RefCell::new(VecDeque::new()),
+            batch: CoreBatch::new(out, OVERFLOW_MAX),
             dropped: Cell::new(0),
         }
     }
 
-    /// Never blocks. Order is kept: once something waits in the overflow, new events queue
-    /// behind it.
-    pub fn send(&self, ev: UsageEvent) -> Result<(), Box<UsageEvent>> {
-        let mut overflow = self.overflow.borrow_mut();
-        if overflow.is_empty() && self.tx.len() < CHANNEL_CAPACITY {
-            match self.tx.try_send(ev) {
-                Ok(()) => return Ok(()),
-                Err(TrySendError::Full(ev)) | Err(TrySendError::Disconnected(ev)) => {
-                    if overflow.len() < OVERFLOW_MAX {
-                        overflow.push_back(ev);
-                        return Ok(());
-                    }
-                    self.dropped.set(self.dropped.get() + 1);
-                    return Err(Box::new(ev));
-                }
-            }
-        }
-        if overflow.len() < OVERFLOW_MAX {
-            overflow.push_back(ev);
-            Ok(())
-        } else {
+    /// Writes the event into this core's batch. Order is kept. `false` (counted in `dropped`)
+    /// when the core already holds `OVERFLOW_MAX` events the intake has not taken.
+    pub fn send(&self, ev: &UsageRecord<'_>) -> bool {
+        let ok = self.batch.push(|o| ev.write_json(o));
+        if !ok {
             self.dropped.set(self.dropped.get() + 1);
-            Err(Box::new(ev))
         }
+        ok
     }
 
-    /// Moves what waits in the overflow into the channel, as far as it has room.
+    /// Hands what this core holds to the intake, as far as the channel has room (the tick; a
+    /// running core also does it at the end of every turn, `run`).
     pub fn tick(&self) {
-        let mut overflow = self.overflow.borrow_mut();
-        while let Some(ev) = overflow.pop_front() {
-            if self.tx.len() >= CHANNEL_CAPACITY {
-                overflow.push_front(ev);
-                break;
-            }
-            match self.tx.try_send(ev) {
-                Ok(()) => {}
-                Err(TrySendError::Full(ev)) | Err(TrySendError::Disconnected(ev)) => {
-                    overflow.push_front(ev);
-                    break;
-                }
-            }
-        }
+        self.batch.flush();
     }
 
+    /// The turn-end flush task (`crate::batch::CoreBatch::run`).
+    pub async fn run(&self) {
+        self.batch.run().await;
+    }
+
+    /// Events this core holds that the intake has not taken yet.
     pub fn backlog(&self) -> usize {
-        self.overflow.borrow().len()
+        self.batch.held()
     }
 
     /// Events this core had to drop (both channel and overflow full).
@@ -236,24 +312,76 @@ mod tests {
         }
     }
 
+    fn taken(rx: &Consumer) -> Vec<u64> {
+        let mut got = Vec::new();
+        while let Some(b) = rx.try_recv() {
+            for line in b.text.lines() {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                got.push(v["prompt_tokens"].as_u64().unwrap());
+            }
+            rx.give_back(b);
+        }
+        got
+    }
+
+    /// The intake stuck: the core holds what the channel cannot take, in order, hands it over
+    /// on the tick once there is room, and counts (never waits for) what is beyond its bound.
     #[test]
     fn overflow_keeps_order_and_drains_on_tick() {
-        let (tx, rx) = crossbeam_channel::bounded(2);
+        let (tx, rx) = batch::channel(2);
         let s = CoreSender::new(tx);
-        for n in 0..5 {
-            s.send(ev(n)).unwrap();
+        for n in 0..2 {
+            assert!(s.send(&ev(n).record()));
+        }
+        s.tick();
+        for n in 2..5 {
+            assert!(s.send(&ev(n).record()));
+            s.tick();
         }
         assert_eq!(s.backlog(), 3);
-        let got: Vec<u64> = rx.try_iter().map(|e| e.prompt_tokens).collect();
-        assert_eq!(got, vec![0, 1]);
+        assert!(!rx.idle(), "events held on a core are pending");
+        assert_eq!(taken(&rx), vec![0, 1]);
         s.tick();
-        s.send(ev(5)).unwrap();
-        let got: Vec<u64> = rx.try_iter().map(|e| e.prompt_tokens).collect();
-        assert_eq!(got, vec![2, 3]);
+        assert!(s.send(&ev(5).record()));
         s.tick();
-        let got: Vec<u64> = rx.try_iter().map(|e| e.prompt_tokens).collect();
-        assert_eq!(got, vec![4, 5]);
+        assert_eq!(taken(&rx), vec![2, 3, 4]);
+        s.tick();
+        assert_eq!(taken(&rx), vec![5]);
+        assert!(rx.idle());
         assert_eq!(s.dropped(), 0);
+
+        let (tx, rx) = batch::channel(1);
+        let s = CoreSender::new(tx);
+        assert!(s.send(&ev(0).record()));
+        s.tick();
+        for n in 1..=OVERFLOW_MAX as u64 {
+            assert!(s.send(&ev(n).record()));
+        }
+        assert!(!s.send(&ev(0).record()));
+        assert_eq!(s.dropped(), 1);
+        assert_eq!(taken(&rx), vec![0]);
+        s.tick();
+        assert_eq!(taken(&rx), (1..=OVERFLOW_MAX as u64).collect::<Vec<_>>());
+    }
+
+    /// What a core writes without owning a string is what the owned event serialises to.
+    #[test]
+    fn a_record_with_generated_fields_writes_what_the_event_would() {
+        let now = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_796_000_000_123);
+        let id = 0x0123_4567_89ab_cdef_0011_2233_4455_6677_u128;
+        let mut e = ev(7);
+        e.event_id = {
+            let mut s = String::new();
+            encode::push_hex(&mut s, id, 32);
+            s
+        };
+        e.timestamp = humantime::format_rfc3339_millis(now).to_string();
+        let mut r = e.record();
+        r.event_id = Text::Hex(id);
+        r.timestamp = Text::Time(Timestamp::new(now));
+        let mut line = String::from("x");
+        r.write_json(&mut line);
+        assert_eq!(line, format!("x{}", e.to_json()));
     }
 
     /// The wire format receivers parse, pinned byte for byte: key order, optional token counts

@@ -32,7 +32,7 @@ use crate::control::{Broadcast, ControlMsg, HealthReport, PlaneMsg};
 use crate::error::{ProxyError, Verdict};
 use crate::telemetry::metrics::{LocalMetrics, Metrics};
 use crate::upstream::Pool;
-use crate::usage::{CoreSender, UsageEvent};
+use crate::usage::{CoreSender, Handoff};
 use crate::worker::balance::{Balancer, Inputs, LoadView, Member, Params, Pick};
 use crate::worker::breaker::CoreBreakers;
 use crate::worker::capacity::CoreCapacity;
@@ -90,6 +90,8 @@ pub(crate) struct Worker {
     pub(crate) pool: Pool,
     pub(crate) metrics: LocalMetrics,
     pub(crate) usage: CoreSender,
+    /// This core's access-log batch (`None` when the process logger is not ours).
+    pub(crate) access: Option<crate::telemetry::logging::CoreAccess>,
     pub(crate) auth: CoreAuth,
     pub(crate) capacity: Rc<CoreCapacity>,
     inbox: Receiver<ControlMsg>,
@@ -126,7 +128,7 @@ impl Worker {
         inbox: Receiver<ControlMsg>,
         peers: Broadcast,
         health_tx: Sender<HealthReport>,
-        usage_tx: Sender<UsageEvent>,
+        usage_tx: Handoff,
         table: Arc<BackendTable>,
     ) -> Self {
         let cfg = table.config.clone();
@@ -141,6 +143,7 @@ impl Worker {
             pool: Pool::new(0, cfg.pool.max_idle_per_backend, cfg.pool.idle_timeout),
             metrics: LocalMetrics::new(shared.metrics.clone(), &cfg),
             usage: CoreSender::new(usage_tx),
+            access: crate::telemetry::logging::CoreAccess::new(),
             auth: CoreAuth::new(shared.keys.clone()),
             capacity: CoreCapacity::new(shared.capacity.clone()),
             shared,
@@ -358,6 +361,9 @@ impl Worker {
         self.pool.prune();
         self.capacity.tick();
         self.usage.tick();
+        if let Some(a) = &self.access {
+            a.flush();
+        }
         self.flush_metrics(self.id == 0);
         self.decisions.flush(&self.shared.metrics.routing);
     }

@@ -55,7 +55,7 @@ pub(crate) fn worker_and_health(
     let (peers, _inboxes) = Broadcast::new(2);
     let (plane_tx, plane_rx) = crossbeam_channel::bounded(16);
     let (health_tx, health_rx) = crossbeam_channel::bounded(16);
-    let (usage_tx, _usage_rx) = crossbeam_channel::bounded(16);
+    let (usage_tx, _usage_rx) = crate::usage::channel();
     let shared = Arc::new(Shared {
         draining: AtomicBool::new(false),
         inflight: (0..2).map(|_| PaddedCount::default()).collect(),
