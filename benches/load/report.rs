@@ -353,12 +353,13 @@ pub(crate) fn targets_section(
                 l.rss_mb().unwrap_or(0.0),
                 l.errors,
                 // Fewer streams than asked (the open-files limit): what 10,000 would take at
-                // this run's memory per stream above the idle proxy.
+                // this run's memory per open request above the idle proxy (every open client
+                // connection holds one; a stream not yet answered holds as much as one that is).
                 match (idle, l.rss_mb()) {
-                    (Some(idle), Some(rss)) if (1..10_000).contains(&l.streaming_at_end) => {
-                        let per = (rss - idle) / l.streaming_at_end as f64;
+                    (Some(idle), Some(rss)) if (1..10_000).contains(&l.connections_at_end) => {
+                        let per = (rss - idle) / l.connections_at_end as f64;
                         format!(
-                            "; {:.1} KB per stream above the idle {idle:.1} MB: {:.1} MB at 10,000",
+                            "; {:.1} KB per open request above the idle {idle:.1} MB: {:.1} MB at 10,000",
                             per * 1024.0,
                             idle + per * 10_000.0
                         )
