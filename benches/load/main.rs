@@ -131,12 +131,12 @@ fn run(opts: &Options) -> Result<String, String> {
     let mut targets = opts.targets.clone();
     if ctx.nginx.is_none() && targets.contains(&TargetKind::Nginx) {
         eprintln!(
-            "nginx is not installed (apt-get install -y nginx-light): skipping the nginx target"
+            "nginx not found (apt-get install -y nginx-light) or LOAD_NGINX=off: skipping the nginx target"
         );
     }
     if ctx.haproxy.is_none() && targets.contains(&TargetKind::Haproxy) {
         eprintln!(
-            "haproxy is not installed (apt-get install -y haproxy): skipping the haproxy target"
+            "haproxy not found (apt-get install -y haproxy) or LOAD_HAPROXY=off: skipping the haproxy target"
         );
     }
     if ctx.nginx.is_none() {
