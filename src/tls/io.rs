@@ -62,8 +62,8 @@ where
     }
 
     /// Reads once into the room `buf` already has when it is at least `min_room` (else it grows
-    /// by a page first, as `read_more` does). TLS reads keep their own sizes: rustls decrypts
-    /// whole records, whatever room the plaintext buffer has.
+    /// by a page first, as `read_more` does). Over TLS this is the plaintext buffer (the socket
+    /// read goes to the ciphertext buffer, which keeps its size).
     pub(crate) fn read_with_room(
         &mut self,
         buf: BytesMut,
@@ -71,7 +71,7 @@ where
     ) -> impl Future<Output = (io::Result<usize>, BytesMut)> + '_ {
         match self {
             Reader::Plain(r) => Either::Left(read_with_room(r, buf, min_room)),
-            Reader::Tls(t) => Either::Right(Box::pin(t.read_more(buf))),
+            Reader::Tls(t) => Either::Right(Box::pin(t.read_with_room(buf, min_room))),
         }
     }
 
