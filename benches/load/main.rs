@@ -1,5 +1,5 @@
-//! Load benchmark (issue 6): llmproxy against nginx and a direct connection, in the same run, on
-//! loopback. Results and method: BENCHMARKS.md.
+//! Load benchmark (issues 6 and 17): llmproxy against nginx, HAProxy and a direct connection, in
+//! the same run, on loopback. Results and method: BENCHMARKS.md.
 //!
 //! ```sh
 //! cargo build --release && cargo bench --bench load
@@ -10,7 +10,7 @@
 //! It builds nothing: it runs the release binary (`LLMPROXY_BIN`, else
 //! `$CARGO_TARGET_DIR/release/llmproxy`, else `target/release/llmproxy` under the crate). Layout on
 //! the two CPUs: the proxy under test on CPU 0 (`--cpus 0` and `taskset -c 0`; nginx with one
-//! worker and `worker_cpu_affinity`), the mock backend (`llmproxy mock-backend`, `taskset -c 1`)
+//! worker and `worker_cpu_affinity`, HAProxy with `nbthread 1` and `cpu-map`), the mock backend (`llmproxy mock-backend`, `taskset -c 1`)
 //! and this process's load generator (one monoio thread) on CPU 1. Each run is bounded (warm-up +
 //! `LOAD_SECS`), every process started here is stopped by its PID when its guard drops (also on a
 //! panic or Ctrl-C), and with `PR_SET_PDEATHSIG` if this process is killed outright.
@@ -26,7 +26,7 @@
 //! and the progress lines on stderr; measuring is `run`'s and `measure`'s, the tables `report`'s.
 //! The parts:
 //! - `options`: command line and environment; `workload`: W1..W4 and the request they send;
-//! - `targets`: what is measured (direct, llmproxy in its configurations, nginx) and how each is
+//! - `targets`: what is measured (direct, llmproxy in its configurations, nginx, HAProxy) and how each is
 //!   configured, started and probed until ready; `process`: the PID guards those run under;
 //! - `client`: the load generator; `http`: its HTTP/1.1 response reading (llmproxy::http1);
 //! - `measure`: /proc sampling and perf; `run`: one target under one workload, turned into
@@ -59,6 +59,9 @@ use report::{machine_header, startup_table, table, targets_section, thousands};
 use run::{measure_startup, run_target, RunResult};
 use targets::{start_mock, Ctx, TargetKind};
 use workload::workload;
+
+/// Open files a proxy needs besides two sockets per stream (see the W4 cap in `run`).
+const NOFILE_MARGIN: u64 = 64;
 
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
@@ -106,7 +109,8 @@ fn run(opts: &Options) -> Result<String, String> {
             );
         }
     }
-    let nofile = raise_nofile();
+    let nofile_set = raise_nofile();
+    let nofile = nofile_set.limit;
     // The orchestration (this thread) stays off the proxy's CPU; children are pinned explicitly.
     monoio::utils::bind_to_cpu_set([1]).map_err(|e| format!("cannot pin to CPU 1: {e}"))?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -116,7 +120,9 @@ fn run(opts: &Options) -> Result<String, String> {
     let tmp = TempDir::new(opts.keep_tmp)?;
     let ctx = Ctx {
         bin: opts.bin.clone(),
+        base_bin: opts.base_bin.clone(),
         nginx: opts.nginx.clone(),
+        haproxy: opts.haproxy.clone(),
         tmp: tmp.path.clone(),
         stop: stop.clone(),
         nofile,
@@ -124,21 +130,31 @@ fn run(opts: &Options) -> Result<String, String> {
     };
     let mut targets = opts.targets.clone();
     if ctx.nginx.is_none() && targets.contains(&TargetKind::Nginx) {
-        eprintln!("nginx is not installed (apt-get install -y nginx): comparing with direct only");
+        eprintln!(
+            "nginx not found (apt-get install -y nginx-light) or LOAD_NGINX=off: skipping the nginx target"
+        );
+    }
+    if ctx.haproxy.is_none() && targets.contains(&TargetKind::Haproxy) {
+        eprintln!(
+            "haproxy not found (apt-get install -y haproxy) or LOAD_HAPROXY=off: skipping the haproxy target"
+        );
     }
     if ctx.nginx.is_none() {
         targets.retain(|t| *t != TargetKind::Nginx);
     }
+    if ctx.haproxy.is_none() {
+        targets.retain(|t| *t != TargetKind::Haproxy);
+    }
 
     let mut out = String::new();
-    machine_header(&mut out, opts, nofile, cpus.len());
+    machine_header(&mut out, opts, &nofile_set, cpus.len());
 
     // Startup and idle memory.
     let mut startup = Vec::new();
     if opts.startup_runs > 0 {
         let base = workload("w1")?;
         let mock = start_mock(&ctx, &base)?;
-        for kind in [TargetKind::Llmproxy, TargetKind::Nginx] {
+        for kind in [TargetKind::Llmproxy, TargetKind::Nginx, TargetKind::Haproxy] {
             if !targets.contains(&kind) {
                 continue;
             }
@@ -159,8 +175,10 @@ fn run(opts: &Options) -> Result<String, String> {
         }
         let mut wl = wl.clone();
         // A proxy holds two sockets per stream; keep below the open-files limit (containers
-        // often cap it and only a privileged process may raise it).
-        let most = usize::try_from(nofile.saturating_sub(1000) / 2).unwrap_or(usize::MAX);
+        // often cap it and only a privileged process may raise it). The margin is the proxies'
+        // own descriptors: llmproxy's listeners, ring, eventfds, log and stdio (about 20), and
+        // HAProxy's 14 beyond two per connection.
+        let most = usize::try_from(nofile.saturating_sub(NOFILE_MARGIN) / 2).unwrap_or(usize::MAX);
         if wl.id == "w4" && wl.conns > most {
             eprintln!(
                 "[w4] {} streams need about {} open files in the proxy; the limit is {nofile}: running {most}",

@@ -9,7 +9,7 @@ use crate::targets::TargetKind;
 use crate::workload::{workload, Workload};
 
 pub(crate) const HELP: &str = "\
-load benchmark: llmproxy vs nginx vs direct (see BENCHMARKS.md)
+load benchmark: llmproxy vs nginx vs HAProxy vs direct (see BENCHMARKS.md)
 
   cargo build --release && cargo bench --bench load [-- OPTIONS]
 
@@ -18,9 +18,11 @@ Options (each also settable by the environment variable in brackets):
   --warmup S        unmeasured seconds before each run   [LOAD_WARMUP_SECS, default 1]
   --workloads LIST  w1,w2,w3 and the opt-in w4 (10,000 streams at 1 token/s)
                                                          [LOAD_WORKLOADS, default w1,w2,w3]
-  --targets LIST    direct,llmproxy,llmproxy-log,nginx,llmproxy-2w,llmproxy-epoll,llmproxy-tls
+  --targets LIST    direct,llmproxy,llmproxy-log,nginx,haproxy,llmproxy-2w,llmproxy-epoll,
+                    llmproxy-tls
                     and the opt-in llmproxy-keys, llmproxy-redis (the clients' key rate-limited,
-                    ratelimit.store local / redis; the latter starts a redis-server)
+                    ratelimit.store local / redis; the latter starts a redis-server) and
+                    llmproxy-base (llmproxy's configuration on the binary LOAD_BASE_BIN)
                                                          [LOAD_TARGETS, default all but opt-ins]
   --startup-runs N  timed starts for the startup figure  [LOAD_STARTUP_RUNS, default 5; 0 = skip]
   --out PATH        also write the report (Markdown)     [LOAD_OUT]
@@ -32,12 +34,16 @@ Environment only:
   LLMPROXY_BIN      llmproxy binary (default $CARGO_TARGET_DIR/release/llmproxy, then
                     target/release/llmproxy in the crate)
   LOAD_NGINX        nginx binary (default: `nginx` on PATH or /usr/sbin/nginx; `off` skips nginx)
+  LOAD_BASE_BIN     the llmproxy-base target's binary (an older build, to compare in one run)
+  LOAD_HAPROXY      haproxy binary (default: `haproxy` on PATH or /usr/sbin/haproxy; `off` skips it)
   LOAD_W1_CONNS=64 LOAD_W2_CONNS=64 LOAD_W3_STREAMS=256 LOAD_W4_STREAMS=10000
 ";
 
 pub(crate) struct Options {
     pub(crate) bin: PathBuf,
+    pub(crate) base_bin: Option<PathBuf>,
     pub(crate) nginx: Option<PathBuf>,
+    pub(crate) haproxy: Option<PathBuf>,
     pub(crate) secs: f64,
     pub(crate) warmup: f64,
     pub(crate) workloads: Vec<Workload>,
@@ -55,7 +61,7 @@ impl Options {
         let mut warmup = env("LOAD_WARMUP_SECS").unwrap_or_else(|| "1".into());
         let mut workloads = env("LOAD_WORKLOADS").unwrap_or_else(|| "w1,w2,w3".into());
         let mut targets = env("LOAD_TARGETS").unwrap_or_else(|| {
-            "direct,llmproxy,llmproxy-log,nginx,llmproxy-2w,llmproxy-epoll".into()
+            "direct,llmproxy,llmproxy-log,nginx,haproxy,llmproxy-2w,llmproxy-epoll".into()
         });
         let mut startup = env("LOAD_STARTUP_RUNS").unwrap_or_else(|| "5".into());
         let mut out = env("LOAD_OUT").map(PathBuf::from);
@@ -104,7 +110,7 @@ impl Options {
         let mut chosen = Vec::new();
         for t in targets.split(',').filter(|s| !s.trim().is_empty()) {
             let kind = TargetKind::parse(t).ok_or_else(|| {
-                format!("unknown target {t:?} (direct, llmproxy, llmproxy-log, nginx, llmproxy-2w, llmproxy-epoll, llmproxy-tls, llmproxy-keys, llmproxy-redis)")
+                format!("unknown target {t:?} (direct, llmproxy, llmproxy-log, nginx, haproxy, llmproxy-2w, llmproxy-epoll, llmproxy-tls, llmproxy-keys, llmproxy-redis, llmproxy-base)")
             })?;
             if !chosen.contains(&kind) {
                 chosen.push(kind);
@@ -121,7 +127,9 @@ impl Options {
             .map_err(|_| format!("LOAD_STARTUP_RUNS: {startup:?} is not a number"))?;
         Ok(Options {
             bin: find_llmproxy()?,
-            nginx: find_nginx(),
+            base_bin: std::env::var_os("LOAD_BASE_BIN").map(PathBuf::from),
+            nginx: find_program("LOAD_NGINX", "nginx"),
+            haproxy: find_program("LOAD_HAPROXY", "haproxy"),
             secs,
             warmup,
             workloads,
@@ -170,8 +178,10 @@ pub(crate) fn find_llmproxy() -> Result<PathBuf, String> {
     ))
 }
 
-pub(crate) fn find_nginx() -> Option<PathBuf> {
-    match std::env::var("LOAD_NGINX") {
+/// A comparison proxy: `$var` if set (`off` or `0`: none), else `name` on PATH or in /usr/sbin
+/// (where Debian puts nginx and haproxy, often not on a user's PATH).
+pub(crate) fn find_program(var: &str, name: &str) -> Option<PathBuf> {
+    match std::env::var(var) {
         Ok(v) if v.eq_ignore_ascii_case("off") || v == "0" => return None,
         Ok(v) if !v.trim().is_empty() => return Some(PathBuf::from(v)),
         _ => {}
@@ -179,7 +189,7 @@ pub(crate) fn find_nginx() -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain([PathBuf::from("/usr/sbin")])
-        .map(|d| d.join("nginx"))
+        .map(|d| d.join(name))
         .find(|p| p.is_file())
 }
 

@@ -81,30 +81,78 @@ impl Drop for Proc {
     }
 }
 
-/// Raise the open-file limit as far as allowed (children inherit it): w4 needs ~20,000 sockets
-/// in the proxy and 10,000 here.
-pub(crate) fn raise_nofile() -> u64 {
+/// The open-files limit every process of the run gets, and what set it.
+pub(crate) struct Nofile {
+    pub(crate) limit: u64,
+    /// For the report: what was asked for, and why it is not more.
+    pub(crate) note: String,
+}
+
+/// What W4 needs: 10,000 streams are 20,000 sockets in the proxy, 10,000 here and in the mock.
+const NOFILE_WANTED: u64 = 65_536;
+
+/// Raises the open-files limit, soft and hard, as far as allowed (children inherit it). Raising
+/// the hard limit needs CAP_SYS_RESOURCE; the kernel's ceiling is /proc/sys/fs/nr_open.
+pub(crate) fn raise_nofile() -> Nofile {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
     // SAFETY: getrlimit/setrlimit with a valid pointer to a local.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return 0;
+            return Nofile {
+                limit: 0,
+                note: "getrlimit failed".into(),
+            };
         }
-        let want = lim.rlim_max.max(65_536);
+        let hard = lim.rlim_max;
+        let want = hard.max(NOFILE_WANTED.min(nr_open.unwrap_or(NOFILE_WANTED)));
         let raised = libc::rlimit {
             rlim_cur: want,
             rlim_max: want,
         };
         if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-            return want;
+            return Nofile {
+                limit: want,
+                note: format!("soft and hard raised to {want} (hard was {hard})"),
+            };
         }
-        lim.rlim_cur = lim.rlim_max;
+        let err = std::io::Error::last_os_error();
+        lim.rlim_cur = hard;
         libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        lim.rlim_cur
+        let cap = if has_cap_sys_resource() {
+            "with"
+        } else {
+            "without"
+        };
+        Nofile {
+            limit: hard,
+            note: format!(
+                "soft raised to the hard limit {hard}; raising the hard limit to {want} failed ({err}): \
+                 this process runs {cap} CAP_SYS_RESOURCE, the kernel allows {}",
+                nr_open.map_or("?".into(), |n| n.to_string())
+            ),
+        }
     }
+}
+
+/// Whether this process may raise a hard resource limit (CAP_SYS_RESOURCE, bit 24 of CapEff).
+fn has_cap_sys_resource() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let hex = s
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))?
+                .trim()
+                .to_string();
+            u64::from_str_radix(&hex, 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << 24) != 0)
 }
 
 /// The CPUs this process may run on (it needs 0 and 1).

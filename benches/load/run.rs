@@ -224,6 +224,7 @@ pub(crate) fn run_target(
             | TargetKind::LlmproxyEpoll
             | TargetKind::LlmproxyKeys
             | TargetKind::LlmproxyRedis
+            | TargetKind::LlmproxyBase
     ) {
         notes.push(llmproxy_metrics_note(running.addr));
         if kind == TargetKind::LlmproxyLog {

@@ -1,5 +1,5 @@
 //! What is measured — direct (no proxy), llmproxy (plain, with access log, two workers, epoll
-//! driver, client TLS), nginx — and the mock backend behind them: their configuration, how each is started
+//! driver, client TLS), nginx, HAProxy — and the mock backend behind them: their configuration, how each is started
 //! and pinned (proxy on CPU 0, mock on CPU 1) and the readiness probe (a real proxied request
 //! answered 200, which is also the startup figure). Every llmproxy default stays except what a
 //! fair comparison needs, said beside each setting: a change here changes what BENCHMARKS.md
@@ -27,6 +27,8 @@ pub(crate) enum TargetKind {
     Llmproxy,
     LlmproxyLog,
     Nginx,
+    /// HAProxy (issue 17), configured like nginx: the other C proxy llmproxy is held against.
+    Haproxy,
     Llmproxy2w,
     /// llmproxy with `io_driver: epoll`: what io_uring is worth, in the same run.
     LlmproxyEpoll,
@@ -38,19 +40,24 @@ pub(crate) enum TargetKind {
     LlmproxyRedis,
     /// llmproxy with client TLS on `listen` (issue 16): what TLS costs, against `Llmproxy`.
     LlmproxyTls,
+    /// Opt-in: plain `llmproxy`'s configuration run by another binary (`LOAD_BASE_BIN`, an older
+    /// build): before and after a change, in the same run.
+    LlmproxyBase,
 }
 
 impl TargetKind {
-    pub(crate) const ALL: [TargetKind; 9] = [
+    pub(crate) const ALL: [TargetKind; 11] = [
         TargetKind::Direct,
         TargetKind::Llmproxy,
         TargetKind::LlmproxyLog,
         TargetKind::Nginx,
+        TargetKind::Haproxy,
         TargetKind::Llmproxy2w,
         TargetKind::LlmproxyEpoll,
         TargetKind::LlmproxyKeys,
         TargetKind::LlmproxyRedis,
         TargetKind::LlmproxyTls,
+        TargetKind::LlmproxyBase,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -59,11 +66,13 @@ impl TargetKind {
             TargetKind::Llmproxy => "llmproxy",
             TargetKind::LlmproxyLog => "llmproxy+log",
             TargetKind::Nginx => "nginx",
+            TargetKind::Haproxy => "haproxy",
             TargetKind::Llmproxy2w => "llmproxy-2w",
             TargetKind::LlmproxyEpoll => "llmproxy-epoll",
             TargetKind::LlmproxyKeys => "llmproxy-keys",
             TargetKind::LlmproxyRedis => "llmproxy-redis",
             TargetKind::LlmproxyTls => "llmproxy-tls",
+            TargetKind::LlmproxyBase => "llmproxy-base",
         }
     }
 
@@ -73,11 +82,13 @@ impl TargetKind {
             "llmproxy" => Some(TargetKind::Llmproxy),
             "llmproxy-log" | "llmproxy+log" => Some(TargetKind::LlmproxyLog),
             "nginx" => Some(TargetKind::Nginx),
+            "haproxy" => Some(TargetKind::Haproxy),
             "llmproxy-2w" | "llmproxy2w" => Some(TargetKind::Llmproxy2w),
             "llmproxy-epoll" => Some(TargetKind::LlmproxyEpoll),
             "llmproxy-keys" => Some(TargetKind::LlmproxyKeys),
             "llmproxy-redis" => Some(TargetKind::LlmproxyRedis),
             "llmproxy-tls" => Some(TargetKind::LlmproxyTls),
+            "llmproxy-base" => Some(TargetKind::LlmproxyBase),
             _ => None,
         }
     }
@@ -87,7 +98,10 @@ pub(crate) struct Ctx {
     /// The open-files limit every child inherits.
     pub(crate) nofile: u64,
     pub(crate) bin: PathBuf,
+    /// `LOAD_BASE_BIN`: the binary of the `llmproxy-base` target.
+    pub(crate) base_bin: Option<PathBuf>,
     pub(crate) nginx: Option<PathBuf>,
+    pub(crate) haproxy: Option<PathBuf>,
     pub(crate) tmp: PathBuf,
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) tls: BenchTls,
@@ -219,7 +233,8 @@ pub(crate) fn start_target(
         | TargetKind::LlmproxyLog
         | TargetKind::Llmproxy2w
         | TargetKind::LlmproxyEpoll
-        | TargetKind::LlmproxyTls => start_llmproxy(ctx, mock, kind, tag, conns, ""),
+        | TargetKind::LlmproxyTls
+        | TargetKind::LlmproxyBase => start_llmproxy(ctx, mock, kind, tag, conns, ""),
         TargetKind::LlmproxyKeys => {
             let extra = format!("{BENCH_KEY_LIMITS}ratelimit:\n  store: local\n");
             start_llmproxy(ctx, mock, kind, tag, conns, &extra)
@@ -235,6 +250,7 @@ pub(crate) fn start_target(
             Ok(running)
         }
         TargetKind::Nginx => start_nginx(ctx, mock, tag, conns),
+        TargetKind::Haproxy => start_haproxy(ctx, mock, tag, conns),
     }
 }
 
@@ -320,9 +336,16 @@ pub(crate) fn start_llmproxy(
     // The access log goes to stderr, redirected to a file (a real file, not /dev/null, so its
     // cost is the cost of a production log).
     let log = ctx.tmp.join(format!("llmproxy-{tag}.log"));
+    let bin = match kind {
+        TargetKind::LlmproxyBase => ctx
+            .base_bin
+            .as_ref()
+            .ok_or("llmproxy-base needs LOAD_BASE_BIN")?,
+        _ => &ctx.bin,
+    };
     let mut cmd = Command::new("taskset");
     cmd.args(["-c", cpus])
-        .arg(&ctx.bin)
+        .arg(bin)
         .arg("--config")
         .arg(&config)
         .args(["--cpus", cpus])
@@ -444,6 +467,79 @@ pub(crate) fn start_nginx(
         pids,
         ready_after,
         log: Some(prefix.join("error.log")),
+        sidecar: None,
+        tls: None,
+    })
+}
+
+/// HAProxy as a plain reverse proxy, set up like nginx: one thread pinned to CPU 0 (`nbthread 1`,
+/// `cpu-map`, and `taskset`), `mode http` with keep-alive on both sides, idle server connections
+/// shared between clients (`http-reuse always`), `option http-no-delay` (no Nagle-style merging
+/// of small writes: every SSE event goes out when it arrives, as with llmproxy and nginx's
+/// `proxy_buffering off`), no logging, and timeouts longer than any stream of the run. Buffers are
+/// HAProxy's defaults (`tune.bufsize` 16 KiB, allocated only while data is in flight).
+pub(crate) fn start_haproxy(
+    ctx: &Ctx,
+    mock: SocketAddr,
+    tag: &str,
+    conns: usize,
+) -> Result<Running, String> {
+    let haproxy = ctx.haproxy.as_ref().ok_or("haproxy is not installed")?;
+    let port = free_port()?;
+    let dir = ctx.tmp.join(format!("haproxy-{tag}"));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    // HAProxy sizes its file descriptors from `maxconn` (2 × maxconn + 14 with this
+    // configuration) and refuses to start when that is above an open-files limit it cannot
+    // raise (`strict-limits`, its default): every connection the run opens, within the limit.
+    let nofile = usize::try_from(ctx.nofile).unwrap_or(usize::MAX);
+    let maxconn = (conns + 1024).min(nofile.saturating_sub(32) / 2);
+    let conf = format!(
+        "global
+             nbthread 1
+             cpu-map 1/1 0
+             maxconn {maxconn}
+         defaults
+             mode http
+             option http-keep-alive
+             option http-no-delay
+             http-reuse always
+             timeout connect 5s
+             timeout client 1h
+             timeout server 1h
+             timeout http-request 10s
+             timeout http-keep-alive 75s
+         frontend bench
+             bind 127.0.0.1:{port} backlog 4096
+             maxconn {maxconn}
+             default_backend mock
+         backend mock
+             server mock {mock}
+"
+    );
+    let conf_path = dir.join("haproxy.cfg");
+    std::fs::write(&conf_path, conf).map_err(|e| e.to_string())?;
+    let log_path = dir.join("stderr.log");
+    let log = File::create(&log_path).map_err(|e| e.to_string())?;
+    let log2 = log.try_clone().map_err(|e| e.to_string())?;
+    // `-db`: foreground, one process (no master-worker), so its PID is the proxy's.
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", "0"])
+        .arg(haproxy)
+        .args(["-db", "-f"])
+        .arg(&conf_path)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let started = Instant::now();
+    let mut proc = Proc::spawn("haproxy", cmd)?;
+    let ready_after = wait_ready(addr, &mut proc, started, &log_path, None)?;
+    Ok(Running {
+        addr,
+        pids: vec![proc.pid()],
+        proc: Some(proc),
+        ready_after,
+        log: Some(log_path),
         sidecar: None,
         tls: None,
     })

@@ -9,12 +9,28 @@ use monoio::io::AsyncReadRent;
 /// holds one, and with thousands of streams open, larger buffers were most of the memory.
 const READ_RESERVE: usize = 4 * 1024;
 
-/// Reads once, appending to `buf`. Returns the number of bytes read (0 = EOF).
-pub async fn read_more<R: AsyncReadRent>(
+/// `read_more` grows the buffer first when it has less room than this.
+pub(crate) const READ_ROOM: usize = READ_RESERVE / 2;
+
+/// Reads once, appending to `buf`. Returns the number of bytes read (0 = EOF). (A plain fn
+/// returning the inner future: an `async fn` wrapper would add its own state to every future
+/// that awaits it.)
+pub fn read_more<R: AsyncReadRent>(
+    io: &mut R,
+    buf: BytesMut,
+) -> impl std::future::Future<Output = (std::io::Result<usize>, BytesMut)> + '_ {
+    read_with_room(io, buf, READ_ROOM)
+}
+
+/// Reads once into `buf`'s spare room, appending; the buffer grows by a page first only when
+/// that room is below `min_room`. A small `min_room` lets a caller wait in a small buffer it
+/// chose (a slow stream waiting for its next token), where `read_more` would grow it to a page.
+pub async fn read_with_room<R: AsyncReadRent>(
     io: &mut R,
     mut buf: BytesMut,
+    min_room: usize,
 ) -> (std::io::Result<usize>, BytesMut) {
-    if buf.capacity() - buf.len() < READ_RESERVE / 2 {
+    if buf.capacity() - buf.len() < min_room.max(1) {
         buf.reserve(READ_RESERVE);
     }
     let len = buf.len();

@@ -416,8 +416,9 @@ mod tests {
     /// must not grow it. 4,864 bytes in a debug build at 97d682c, before `proxy/` was split; still
     /// 4,864 with TLS (issue 16: the plain-or-TLS halves return an `Either` of the two futures,
     /// the TLS one boxed); 4,736 once the usage tap was boxed (issue 14), 4,864 again with the
-    /// request's queue identity for fair admission (issue 18).
-    const MAX_CONNECTION_FUTURE: usize = 4_864;
+    /// request's queue identity for fair admission (issue 18); 4,480 once the client watch's
+    /// timer no longer sat beside its read (issue 17: memory per stream).
+    const MAX_CONNECTION_FUTURE: usize = 4_480;
 
     #[test]
     fn the_connection_future_does_not_grow() {
@@ -443,5 +444,115 @@ mod tests {
             size <= MAX_CONNECTION_FUTURE,
             "{size} > {MAX_CONNECTION_FUTURE}"
         );
+    }
+
+    /// What an open stream's two boxed futures are made of: prints the size of each future the
+    /// request path awaits (`cargo test --lib future_sizes -- --nocapture`), largest first. An
+    /// async fn's future is as large as its largest await point, streaming or not.
+    #[test]
+    fn future_sizes() {
+        use crate::proxy::request::{inspect, Exchange, Plan};
+        let cfg = config(&["http://127.0.0.1:1"]);
+        let (w, _inbox, _plane) = worker(registry(&cfg, 2).publish(cfg.clone()));
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let _client = TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            let (stream, peer) = listener.accept().await.unwrap();
+            let (rd, wr) = stream.into_split();
+            let mut d = Downstream {
+                key_ids: KeyIdCache::default(),
+                rd: Reader::Plain(rd),
+                wr: Writer::Plain(wr),
+                buf: BytesMut::new(),
+                peer,
+                peer_ip: peer.ip().to_string().into(),
+                admin: false,
+                write_timeout: Duration::from_secs(1),
+            };
+            let raw = "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 60\r\n\r\n";
+            let mut buf = BytesMut::from(raw);
+            let Ok(ParseStatus::Complete(head)) = Head::parse_request(&mut buf) else {
+                panic!("head")
+            };
+            let body = Bytes::from_static(br#"{"model":"m","stream":true,"messages":[]}"#);
+            let caller = Caller::Open;
+            let mut sizes: Vec<(&str, usize)> = Vec::new();
+            sizes.push((
+                "conn::read_head",
+                std::mem::size_of_val(&read_head(&w, &mut d, true)),
+            ));
+            let canceller = monoio::io::Canceller::new();
+            sizes.push((
+                "ClientReader::cancelable_read_more",
+                std::mem::size_of_val(
+                    &d.rd
+                        .cancelable_read_more(BytesMut::new(), canceller.handle()),
+                ),
+            ));
+            sizes.push((
+                "conn::read_body",
+                std::mem::size_of_val(&read_body(&w, &mut d, &head)),
+            ));
+            let now = Instant::now();
+            let req = Request::new(&w, &head, now, &caller);
+            sizes.push((
+                "admin::serve",
+                std::mem::size_of_val(&proxy::admin::serve(&w, &mut d, &req, Local::Health)),
+            ));
+            sizes.push((
+                "answer::fail",
+                std::mem::size_of_val(&fail(&w, &mut d, &req, ProxyError::RequestTimeout, None)),
+            ));
+            sizes.push((
+                "answer::reject",
+                std::mem::size_of_val(&reject(&w, &mut d, &ProxyError::RequestTimeout, None)),
+            ));
+            let info = inspect(&w.config(), &head, &body).unwrap();
+            let table = w.table();
+            let plan =
+                Plan::new(&w, &head, &body, &info, &table, caller.flow(&head).unwrap()).unwrap();
+            let x = Exchange::new(&w, &req, d.peer_ip.clone(), &info, &body, &plan);
+            let Downstream { rd, wr, buf, .. } = &mut d;
+            let fwd = proxy::forward::forward_with_fallbacks(&w, &x, &plan, &body, wr);
+            sizes.push((
+                "forward::forward_with_fallbacks (boxed)",
+                std::mem::size_of_val(&fwd),
+            ));
+            let fwd = monoio::time::timeout(Duration::from_secs(1), Box::pin(fwd));
+            sizes.push(("timeout(Box<forward>)", std::mem::size_of_val(&fwd)));
+            let watch = proxy::relay::watch_client(rd, buf, fwd);
+            sizes.push((
+                "relay::watch_client(timeout(Box<forward>))",
+                std::mem::size_of_val(&watch),
+            ));
+            drop(watch);
+            sizes.push((
+                "monoio::time::sleep",
+                std::mem::size_of_val(&monoio::time::sleep(Duration::from_secs(1))),
+            ));
+            drop(x);
+            drop(plan);
+            let h = proxy::handle(&w, &mut d, head, body, now, Caller::Open);
+            sizes.push(("proxy::handle", std::mem::size_of_val(&h)));
+            drop(h);
+            sizes.push(("Request", std::mem::size_of::<Request<'_>>()));
+            sizes.push(("Plan", std::mem::size_of::<Plan<'_>>()));
+            sizes.push(("Exchange", std::mem::size_of::<Exchange<'_>>()));
+            sizes.push(("RequestInfo", std::mem::size_of_val(&info)));
+            sizes.push(("Downstream", std::mem::size_of::<Downstream>()));
+            sizes.sort_by_key(|s| std::cmp::Reverse(s.1));
+            for (name, size) in &sizes {
+                eprintln!("{size:>6}  {name}");
+            }
+            // A stream holds this one inline in its connection's future (debug-build sizes).
+            let handle = sizes.iter().find(|s| s.0 == "proxy::handle").map(|s| s.1);
+            assert!(handle <= Some(3_584), "{handle:?}");
+        });
     }
 }

@@ -241,7 +241,10 @@ async fn send(
     let t = &w.config().timeouts;
     let mut conn = match w.pool.take(backend) {
         Some(c) => c,
-        None => connect(w, addr, tls).await?,
+        // Boxed: a new connection is the rare case with pooling, and its future (connect
+        // timeout, TLS handshake) was the largest state of this one, so every open stream's
+        // exchange future carried it (2.8 of 4.9 KB).
+        None => Box::pin(connect(w, addr, tls)).await?,
     };
     let (res, request) = conn.exchange(request, t.first_byte).await;
     match res {
@@ -249,10 +252,125 @@ async fn send(
         Err(ProxyError::UpstreamClosed(why)) if conn.reused => {
             log::debug!("pooled connection to backend {backend} was stale ({why}); reconnecting");
             drop(conn);
-            let mut fresh = connect(w, addr, tls).await?;
+            let mut fresh = Box::pin(connect(w, addr, tls)).await?;
             let (res, _) = fresh.exchange(request, t.first_byte).await;
             res.map(|head| (fresh, head))
         }
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use bytes::{Bytes, BytesMut};
+    use monoio::io::Splitable;
+    use monoio::net::{TcpListener, TcpStream};
+
+    use super::*;
+    use crate::auth::Caller;
+    use crate::http1::ParseStatus;
+    use crate::proxy::request::{inspect, Request};
+    use crate::tls::io::Writer;
+    use crate::worker::testing::*;
+
+    /// What the boxed exchange future of every open stream is made of: the size of each future
+    /// `forward` awaits (`cargo test --lib exchange_future_sizes -- --nocapture`). Pinned like
+    /// the connection future: 4,864 bytes (debug build) before issue 17 boxed the connect.
+    const MAX_EXCHANGE_FUTURE: usize = 3_072;
+
+    #[test]
+    fn exchange_future_sizes() {
+        let cfg = config(&["http://127.0.0.1:1"]);
+        let (w, _inbox, _plane) = worker(registry(&cfg, 2).publish(cfg.clone()));
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let client = TcpStream::connect(addr).await.unwrap();
+            let (_rd, wr) = client.into_split();
+            let mut wr: ClientWriter = Writer::Plain(wr);
+            let raw = "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 60\r\n\r\n";
+            let mut buf = BytesMut::from(raw);
+            let Ok(ParseStatus::Complete(head)) = Head::parse_request(&mut buf) else {
+                panic!("head")
+            };
+            let body = Bytes::from_static(br#"{"model":"m","stream":true,"messages":[]}"#);
+            let caller = Caller::Open;
+            let req = Request::new(&w, &head, Instant::now(), &caller);
+            let info = inspect(&w.config(), &head, &body).unwrap();
+            let table = w.table();
+            let plan =
+                Plan::new(&w, &head, &body, &info, &table, caller.flow(&head).unwrap()).unwrap();
+            let x = Exchange::new(&w, &req, "127.0.0.1".into(), &info, &body, &plan);
+            let entry = table.get(0).unwrap();
+            let mut sizes: Vec<(&str, usize)> = Vec::new();
+            let mut tried = Tried::default();
+            sizes.push((
+                "forward_with_fallbacks",
+                std::mem::size_of_val(&forward_with_fallbacks(&w, &x, &plan, &body, &mut wr)),
+            ));
+            sizes.push((
+                "forward",
+                std::mem::size_of_val(&forward(&w, &x, &plan.target, &mut wr)),
+            ));
+            sizes.push((
+                "pick",
+                std::mem::size_of_val(&pick(&w, &plan.target, &mut tried)),
+            ));
+            sizes.push((
+                "send_asking",
+                std::mem::size_of_val(&send_asking(&w, &x, 0, entry)),
+            ));
+            sizes.push((
+                "send",
+                std::mem::size_of_val(&send(&w, 0, addr, None, Vec::new())),
+            ));
+            sizes.push(("connect", std::mem::size_of_val(&connect(&w, addr, None))));
+            let mut conn = upstream::connect(addr, Duration::from_secs(1), None)
+                .await
+                .unwrap();
+            let mut rbuf = BytesMut::from("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n");
+            let Ok(ParseStatus::Complete(resp)) = Head::parse_response(&mut rbuf) else {
+                panic!("response head")
+            };
+            sizes.push((
+                "context_exceeded",
+                std::mem::size_of_val(&context_exceeded(&w, &x, &mut conn, &resp)),
+            ));
+            sizes.push((
+                "rejects_running_usage",
+                std::mem::size_of_val(&rejects_running_usage(&w, &x, &mut conn, &resp)),
+            ));
+            sizes.push(("UpConn", std::mem::size_of::<UpConn>()));
+            sizes.push(("Head", std::mem::size_of::<Head>()));
+            sizes.push(("ProxyError", std::mem::size_of::<ProxyError>()));
+            sizes.push(("Sent", std::mem::size_of::<Sent>()));
+            sizes.push((
+                "write_client",
+                std::mem::size_of_val(&crate::proxy::relay::write_client(
+                    &mut wr,
+                    Vec::new(),
+                    Duration::from_secs(1),
+                )),
+            ));
+            sizes.push((
+                "relay",
+                std::mem::size_of_val(&relay(&w, &x, 0, conn, resp, &mut wr)),
+            ));
+            sizes.sort_by_key(|s| std::cmp::Reverse(s.1));
+            for (name, size) in &sizes {
+                eprintln!("{size:>6}  {name}");
+            }
+            let exchange = sizes
+                .iter()
+                .find(|s| s.0 == "forward_with_fallbacks")
+                .map(|s| s.1);
+            assert!(exchange <= Some(MAX_EXCHANGE_FUTURE), "{exchange:?}");
+        });
     }
 }

@@ -16,6 +16,7 @@ use monoio::io::Canceller;
 use crate::error::{Outcome, ProxyError};
 use crate::http1::head::{BodyFraming, Head};
 use crate::http1::headers::forwardable;
+use crate::http1::io::READ_ROOM;
 use crate::http1::{write, ChunkedDecoder};
 use crate::openai;
 use crate::openai::tap::{Kind as UsageKind, Sink, Tap};
@@ -28,8 +29,24 @@ use crate::worker::Worker;
 /// extra delay before an abandoned request is cancelled upstream.
 const WATCH_AFTER: Duration = Duration::from_millis(5);
 
-/// Room for what a client may send while its response is still running.
-const WATCH_BUF: usize = 512;
+/// Room for what a client may send while its response is still running. The watch only has to
+/// see the client leave (EOF or an error); bytes it does read (a pipelined request) end the
+/// watch, and the rest of them is read after the response, so a few dozen bytes do. Every open
+/// stream holds this buffer.
+const WATCH_BUF: usize = 64;
+
+/// Body writes at least this far apart make a stream slow (tokens at a reader's pace, not a
+/// transfer): between its writes it keeps as little as it can (see `relay`).
+const SLOW_GAP: Duration = Duration::from_millis(10);
+
+/// The read buffer a slow stream waits in: an SSE token event is a few hundred bytes.
+const SLOW_READ_BUF: usize = 1024;
+
+/// A slow stream reads into the room its buffer has down to this; below, it grows by a page.
+const SLOW_MIN_ROOM: usize = 256;
+
+/// Room for the framing around the body bytes of one write (chunk size line and CRLFs).
+const FRAMING_ROOM: usize = 32;
 
 /// The result of a response that was (at least partly) sent to the client.
 pub(crate) struct Sent {
@@ -310,7 +327,16 @@ pub(crate) async fn relay(
     let mut body = Body::new(plan.framing);
     let mut first = true;
     let mut last_chunk: Option<Instant> = None;
+    // Slow: the last two body writes were `SLOW_GAP` or more apart. A slow stream spends almost
+    // all its life waiting for the next token, and with thousands open what each holds while it
+    // waits is the proxy's memory: it frees its write buffer after every write and waits in a
+    // small read buffer. (One allocation per token, at a few tokens per second; a fast stream
+    // keeps both buffers.)
+    let mut slow = false;
     loop {
+        if out.capacity() == 0 {
+            out.reserve(conn.buf.len() + FRAMING_ROOM);
+        }
         let drained = body.drain(
             &mut conn.buf,
             &mut x.tap.borrow_mut(),
@@ -321,7 +347,7 @@ pub(crate) async fn relay(
             if first {
                 return Err(e);
             }
-            return Ok(sent(cut(&c, wr, out, &e).await, true));
+            return Ok(sent(Box::pin(cut(&c, wr, out, &e)).await, true));
         }
         if !out.is_empty() || first {
             let carries_body = !first || out.len() > head_len;
@@ -329,7 +355,9 @@ pub(crate) async fn relay(
             out = buf;
             out.clear();
             if ok && carries_body {
-                last_chunk = Some(note_chunk(&c, last_chunk));
+                let now = note_chunk(&c, last_chunk);
+                slow = last_chunk.is_some_and(|prev| now.duration_since(prev) >= SLOW_GAP);
+                last_chunk = Some(now);
             }
             if first {
                 first = false;
@@ -342,8 +370,15 @@ pub(crate) async fn relay(
         if body.finished {
             break;
         }
+        let mut min_room = READ_ROOM;
+        if slow {
+            out = Vec::new();
+            small_read_buf(&mut conn.buf);
+            min_room = SLOW_MIN_ROOM;
+        }
         let buf = std::mem::take(&mut conn.buf);
-        let e = match monoio::time::timeout(t.idle, conn.rd.read_more(buf)).await {
+        let read = conn.rd.read_with_room(buf, min_room);
+        let e = match monoio::time::timeout(t.idle, read).await {
             Ok((Ok(0), buf)) if body.framing == BodyFraming::UntilClose => {
                 conn.buf = buf;
                 // The end of a close-delimited body is its connection's end.
@@ -361,7 +396,9 @@ pub(crate) async fn relay(
             Ok((Err(e), _)) => ProxyError::BodyRead(e),
             Err(_) => ProxyError::IdleTimeout(t.idle),
         };
-        return Ok(sent(cut(&c, wr, out, &e).await, true));
+        // Boxed: a cut stream is rare, and its two writes would be the largest state of the
+        // relay that every open stream holds.
+        return Ok(sent(Box::pin(cut(&c, wr, out, &e)).await, true));
     }
     learn_timings(w, x, backend);
     // Bytes after the end of the body: the backend is confused; don't reuse it.
@@ -369,6 +406,21 @@ pub(crate) async fn relay(
         w.pool.put(backend, conn);
     }
     Ok(sent(Outcome::Ok, plan.close))
+}
+
+/// Moves what a slow stream's read buffer holds (usually nothing, or the few bytes of a chunk's
+/// end) into a `SLOW_READ_BUF` one, when the buffer is larger than that or has too little room
+/// left to read into (the consumed front of a buffer is not room: reserving would allocate a
+/// page and more). Leftovers too large for it stay where they are.
+fn small_read_buf(buf: &mut BytesMut) {
+    let room = buf.capacity() - buf.len();
+    if (buf.capacity() > SLOW_READ_BUF || room < SLOW_MIN_ROOM)
+        && buf.len() <= SLOW_READ_BUF - SLOW_MIN_ROOM
+    {
+        let mut small = BytesMut::with_capacity(SLOW_READ_BUF);
+        small.extend_from_slice(buf);
+        *buf = small;
+    }
 }
 
 /// A complete stream that carried llama.cpp's `timings` at its end only: this core asks that
@@ -496,12 +548,24 @@ pub(crate) async fn watch_client<F: Future>(
     if let Ok(out) = monoio::time::timeout(WATCH_AFTER, &mut fut).await {
         return Some(out);
     }
+    // Its own future, awaited after the timer's is gone: the two then share their space in
+    // this one (inline, the timer's 640 bytes stayed beside the watch's state for the whole
+    // stream).
+    watching(rd, buf, fut).await
+}
+
+/// `watch_client` once the exchange has run for `WATCH_AFTER`.
+async fn watching<F: Future>(
+    rd: &mut ClientReader,
+    buf: &mut BytesMut,
+    mut fut: std::pin::Pin<&mut F>,
+) -> Option<F::Output> {
     let canceller = Canceller::new();
     let mut b = std::mem::take(buf);
     // A long exchange (a stream) holds this buffer only to notice the client leaving (or to keep
     // a pipelined request): an empty page-sized buffer is swapped for a small one, because with
-    // thousands of open streams a page each was a fifth of the proxy's memory. The next
-    // request's read grows it again.
+    // thousands of open streams a page each was a fifth of the proxy's memory (512 bytes, then
+    // 64). The next request's read grows it again.
     if b.is_empty() {
         b = BytesMut::with_capacity(WATCH_BUF);
     } else if b.capacity() - b.len() < WATCH_BUF {

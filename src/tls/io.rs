@@ -26,7 +26,7 @@ use std::ops::{Deref, DerefMut};
 use rustls::{ClientConnection, ConnectionCommon, ServerConnection, SideData};
 
 use super::stream::{TlsRead, TlsWrite};
-use crate::http1::io::read_more;
+use crate::http1::io::{read_more, read_with_room};
 
 pub(crate) enum Reader<C> {
     Plain(OwnedReadHalf<TcpStream>),
@@ -58,6 +58,20 @@ where
         match self {
             Reader::Plain(r) => Either::Left(read_more(r, buf)),
             Reader::Tls(t) => Either::Right(Box::pin(t.read_more(buf))),
+        }
+    }
+
+    /// Reads once into the room `buf` already has when it is at least `min_room` (else it grows
+    /// by a page first, as `read_more` does). Over TLS this is the plaintext buffer (the socket
+    /// read goes to the ciphertext buffer, which keeps its size).
+    pub(crate) fn read_with_room(
+        &mut self,
+        buf: BytesMut,
+        min_room: usize,
+    ) -> impl Future<Output = (io::Result<usize>, BytesMut)> + '_ {
+        match self {
+            Reader::Plain(r) => Either::Left(read_with_room(r, buf, min_room)),
+            Reader::Tls(t) => Either::Right(Box::pin(t.read_with_room(buf, min_room))),
         }
     }
 

@@ -217,8 +217,18 @@ where
     }
 
     /// Reads once, appending plaintext to `buf` (0 = EOF), like `http1::io::read_more`.
-    pub(crate) async fn read_more(&mut self, mut buf: BytesMut) -> (io::Result<usize>, BytesMut) {
-        if buf.capacity() - buf.len() < RAW_RESERVE / 2 {
+    pub(crate) async fn read_more(&mut self, buf: BytesMut) -> (io::Result<usize>, BytesMut) {
+        self.read_with_room(buf, RAW_RESERVE / 2).await
+    }
+
+    /// `read_more` that grows `buf` only when it has less room than `min_room`, like
+    /// `http1::io::read_with_room` (a slow stream's small buffer stays small).
+    pub(crate) async fn read_with_room(
+        &mut self,
+        mut buf: BytesMut,
+        min_room: usize,
+    ) -> (io::Result<usize>, BytesMut) {
+        if buf.capacity() - buf.len() < min_room.max(1) {
             buf.reserve(RAW_RESERVE);
         }
         self.read_inner(buf, None).await

@@ -285,3 +285,34 @@ fn a_smuggling_shaped_upstream_head_is_a_protocol_error() {
     let e = plan_response(&client("POST", true), &upstream(raw), 0).unwrap_err();
     assert_eq!(e.upstream_kind(), Some("upstream_protocol_error"));
 }
+
+#[test]
+fn a_slow_stream_waits_in_a_small_read_buffer() {
+    // A page with nothing in it: swapped for a small buffer.
+    let mut buf = BytesMut::with_capacity(4096);
+    small_read_buf(&mut buf);
+    assert_eq!(buf.capacity(), SLOW_READ_BUF);
+    // The end of a chunk left over: kept, in a small buffer.
+    let mut buf = BytesMut::with_capacity(4096);
+    buf.extend_from_slice(b"x\r\n");
+    let _ = buf.split_to(1);
+    small_read_buf(&mut buf);
+    assert_eq!((&buf[..], buf.capacity()), (&b"\r\n"[..], SLOW_READ_BUF));
+    // A small buffer whose front was consumed has little room left: a fresh small one
+    // instead of a page.
+    let mut buf = BytesMut::with_capacity(SLOW_READ_BUF);
+    buf.extend_from_slice(&[b'a'; SLOW_READ_BUF - 100]);
+    let _ = buf.split_to(SLOW_READ_BUF - 110);
+    small_read_buf(&mut buf);
+    assert_eq!((buf.len(), buf.capacity()), (10, SLOW_READ_BUF));
+    // A small buffer with room is left alone; so is a large leftover (a burst).
+    let mut buf = BytesMut::with_capacity(SLOW_READ_BUF);
+    buf.extend_from_slice(b"abc");
+    let ptr = buf.as_ptr();
+    small_read_buf(&mut buf);
+    assert_eq!(buf.as_ptr(), ptr);
+    let mut buf = BytesMut::with_capacity(8192);
+    buf.extend_from_slice(&[b'a'; 2000]);
+    small_read_buf(&mut buf);
+    assert_eq!((buf.len(), buf.capacity()), (2000, 8192));
+}
