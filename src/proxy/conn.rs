@@ -424,11 +424,7 @@ mod tests {
     fn the_connection_future_does_not_grow() {
         let cfg = config(&["http://127.0.0.1:1"]);
         let (w, _inbox, _plane) = worker(registry(&cfg, 2).publish(cfg.clone()));
-        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-            .enable_timer()
-            .build()
-            .unwrap();
-        let size = rt.block_on(async move {
+        let size = block_on(async move {
             let listener = TcpListener::bind("127.0.0.1:0").unwrap();
             let client = TcpStream::connect(listener.local_addr().unwrap())
                 .await
@@ -454,11 +450,7 @@ mod tests {
         use crate::proxy::request::{inspect, Exchange, Plan};
         let cfg = config(&["http://127.0.0.1:1"]);
         let (w, _inbox, _plane) = worker(registry(&cfg, 2).publish(cfg.clone()));
-        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-            .enable_timer()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
+        block_on(async move {
             let listener = TcpListener::bind("127.0.0.1:0").unwrap();
             let _client = TcpStream::connect(listener.local_addr().unwrap())
                 .await
@@ -475,12 +467,7 @@ mod tests {
                 admin: false,
                 write_timeout: Duration::from_secs(1),
             };
-            let raw = "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 60\r\n\r\n";
-            let mut buf = BytesMut::from(raw);
-            let Ok(ParseStatus::Complete(head)) = Head::parse_request(&mut buf) else {
-                panic!("head")
-            };
-            let body = Bytes::from_static(br#"{"model":"m","stream":true,"messages":[]}"#);
+            let (head, body) = streaming_chat();
             let caller = Caller::Open;
             let mut sizes: Vec<(&str, usize)> = Vec::new();
             sizes.push((
@@ -546,12 +533,8 @@ mod tests {
             sizes.push(("Exchange", std::mem::size_of::<Exchange<'_>>()));
             sizes.push(("RequestInfo", std::mem::size_of_val(&info)));
             sizes.push(("Downstream", std::mem::size_of::<Downstream>()));
-            sizes.sort_by_key(|s| std::cmp::Reverse(s.1));
-            for (name, size) in &sizes {
-                eprintln!("{size:>6}  {name}");
-            }
             // A stream holds this one inline in its connection's future (debug-build sizes).
-            let handle = sizes.iter().find(|s| s.0 == "proxy::handle").map(|s| s.1);
+            let handle = report_sizes(&mut sizes, "proxy::handle");
             assert!(handle <= Some(3_584), "{handle:?}");
         });
     }

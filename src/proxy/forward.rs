@@ -264,7 +264,7 @@ async fn send(
 mod tests {
     use std::time::{Duration, Instant};
 
-    use bytes::{Bytes, BytesMut};
+    use bytes::BytesMut;
     use monoio::io::Splitable;
     use monoio::net::{TcpListener, TcpStream};
 
@@ -284,22 +284,13 @@ mod tests {
     fn exchange_future_sizes() {
         let cfg = config(&["http://127.0.0.1:1"]);
         let (w, _inbox, _plane) = worker(registry(&cfg, 2).publish(cfg.clone()));
-        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-            .enable_timer()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
+        block_on(async move {
             let listener = TcpListener::bind("127.0.0.1:0").unwrap();
             let addr = listener.local_addr().unwrap();
             let client = TcpStream::connect(addr).await.unwrap();
             let (_rd, wr) = client.into_split();
             let mut wr: ClientWriter = Writer::Plain(wr);
-            let raw = "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 60\r\n\r\n";
-            let mut buf = BytesMut::from(raw);
-            let Ok(ParseStatus::Complete(head)) = Head::parse_request(&mut buf) else {
-                panic!("head")
-            };
-            let body = Bytes::from_static(br#"{"model":"m","stream":true,"messages":[]}"#);
+            let (head, body) = streaming_chat();
             let caller = Caller::Open;
             let req = Request::new(&w, &head, Instant::now(), &caller);
             let info = inspect(&w.config(), &head, &body).unwrap();
@@ -362,14 +353,7 @@ mod tests {
                 "relay",
                 std::mem::size_of_val(&relay(&w, &x, 0, conn, resp, &mut wr)),
             ));
-            sizes.sort_by_key(|s| std::cmp::Reverse(s.1));
-            for (name, size) in &sizes {
-                eprintln!("{size:>6}  {name}");
-            }
-            let exchange = sizes
-                .iter()
-                .find(|s| s.0 == "forward_with_fallbacks")
-                .map(|s| s.1);
+            let exchange = report_sizes(&mut sizes, "forward_with_fallbacks");
             assert!(exchange <= Some(MAX_EXCHANGE_FUTURE), "{exchange:?}");
         });
     }

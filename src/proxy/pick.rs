@@ -386,14 +386,6 @@ mod tests {
         w
     }
 
-    fn run<F: std::future::Future>(f: F) -> F::Output {
-        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-            .enable_timer()
-            .build()
-            .unwrap();
-        rt.block_on(f)
-    }
-
     /// Picks for a request without a model (every backend routed).
     async fn pick_any(w: &Rc<Worker>, tried: &mut Tried) -> Result<Lease, ProxyError> {
         let table = w.table();
@@ -420,7 +412,7 @@ mod tests {
         let w = core(2, &[1, 1]);
         let token = half_open(&w, 0);
         w.view.set_up(1, w.view.id(1), false);
-        let lease = run(pick_any(&w, &mut Tried::default())).unwrap();
+        let lease = block_on(pick_any(&w, &mut Tried::default())).unwrap();
         assert_eq!(lease.backend(), 0);
         assert_eq!(w.view.own(0), 1, "in flight");
         assert!(!w.capacity.has_room(0), "permit taken");
@@ -435,7 +427,7 @@ mod tests {
     #[test]
     fn the_request_keeps_its_in_flight_count_after_the_lease_is_gone() {
         let w = core(1, &[1]);
-        let mut lease = run(pick_any(&w, &mut Tried::default())).unwrap();
+        let mut lease = block_on(pick_any(&w, &mut Tried::default())).unwrap();
         let in_flight = lease.take_in_flight();
         drop(lease);
         assert!(w.capacity.has_room(0), "the permit is the attempt's");
@@ -451,7 +443,7 @@ mod tests {
     #[test]
     fn a_pick_dropped_while_queued_leaves_no_trace() {
         let w = core(1, &[1]);
-        run(async {
+        block_on(async {
             let held = pick_any(&w, &mut Tried::default()).await.unwrap();
             let mut tried = Tried::default();
             let mut waiting = Box::pin(pick_any(&w, &mut tried));
@@ -471,7 +463,7 @@ mod tests {
     fn a_freed_slot_goes_to_the_higher_class_not_the_first_in_line() {
         use crate::config::Priority;
         let w = core(1, &[1]);
-        run(async {
+        block_on(async {
             let held = pick_any(&w, &mut Tried::default()).await.unwrap();
             let table = w.table();
             let target = |class| Target {
@@ -529,7 +521,7 @@ mod tests {
         // The probe frees up again (the other core's request ended), but this request has
         // ruled backend 0 out: it goes to 1.
         token.store(false, Ordering::Release);
-        let lease = run(pick(
+        let lease = block_on(pick(
             &w,
             &Target {
                 table: &table,
@@ -549,12 +541,12 @@ mod tests {
     fn running_out_of_candidates_is_no_healthy_backend() {
         let w = core(2, &[0, 0]);
         let mut tried = Tried::default();
-        let a = run(pick_any(&w, &mut tried)).unwrap();
-        let b = run(pick_any(&w, &mut tried)).unwrap();
+        let a = block_on(pick_any(&w, &mut tried)).unwrap();
+        let b = block_on(pick_any(&w, &mut tried)).unwrap();
         assert_ne!(a.backend(), b.backend(), "a retry never reuses a backend");
         assert!(!tried.any_left(&w));
         assert!(matches!(
-            run(pick_any(&w, &mut tried)),
+            block_on(pick_any(&w, &mut tried)),
             Err(ProxyError::NoHealthyBackend)
         ));
         // A backend that is down is no candidate either.
@@ -562,7 +554,7 @@ mod tests {
         w.view.set_up(0, w.view.id(0), false);
         w.view.set_up(1, w.view.id(1), false);
         assert!(matches!(
-            run(pick_any(&w, &mut Tried::default())),
+            block_on(pick_any(&w, &mut Tried::default())),
             Err(ProxyError::NoHealthyBackend)
         ));
     }
@@ -573,7 +565,7 @@ mod tests {
         w.shared
             .capacity
             .set_queue(0, std::time::Duration::from_millis(20));
-        run(async {
+        block_on(async {
             let _held = pick_any(&w, &mut Tried::default()).await.unwrap();
             let e = pick_any(&w, &mut Tried::default()).await.err();
             assert!(matches!(e, Some(ProxyError::QueueFull)), "{e:?}");

@@ -76,3 +76,34 @@ pub(crate) fn statics(urls: &[&str]) -> std::collections::HashMap<String, std::n
         .map(|u| (u.to_string(), u["http://".len()..].parse().unwrap()))
         .collect()
 }
+
+/// Runs `f` to completion on a fresh single-threaded epoll runtime with timers.
+pub(crate) fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+        .enable_timer()
+        .build()
+        .unwrap();
+    rt.block_on(f)
+}
+
+/// A streamed chat request as the cores see it: its parsed head and body.
+pub(crate) fn streaming_chat() -> (crate::http1::head::Head, bytes::Bytes) {
+    let raw = "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 60\r\n\r\n";
+    let mut buf = bytes::BytesMut::from(raw);
+    let Ok(crate::http1::ParseStatus::Complete(head)) =
+        crate::http1::head::Head::parse_request(&mut buf)
+    else {
+        panic!("head")
+    };
+    let body = bytes::Bytes::from_static(br#"{"model":"m","stream":true,"messages":[]}"#);
+    (head, body)
+}
+
+/// Prints future sizes largest first (`-- --nocapture`) and returns the one named `pinned`.
+pub(crate) fn report_sizes(sizes: &mut [(&str, usize)], pinned: &str) -> Option<usize> {
+    sizes.sort_by_key(|s| std::cmp::Reverse(s.1));
+    for (name, size) in sizes.iter() {
+        eprintln!("{size:>6}  {name}");
+    }
+    sizes.iter().find(|s| s.0 == pinned).map(|s| s.1)
+}
