@@ -685,18 +685,14 @@ pub(super) fn string_end(body: &[u8], mut from: usize) -> Option<usize> {
     }
 }
 
-/// True when `key` occurs followed by a value other than `null` — the cheap test that spares
-/// a JSON parse for the ordinary token chunk (`"usage": null` on vLLM/OpenAI chunks).
+/// True when `key` (TGI's `"token"` or `"details"`) occurs followed by a value other than
+/// `null` — the cheap test that spares a JSON parse of the ordinary token event.
 pub(super) fn has_non_null(payload: &[u8], key: &[u8]) -> bool {
     // Searchers are built once: constructing one per event cost more than the search itself.
-    static USAGE: OnceLock<Finder<'static>> = OnceLock::new();
     static DETAILS: OnceLock<Finder<'static>> = OnceLock::new();
-    static FINISH: OnceLock<Finder<'static>> = OnceLock::new();
     static TOKEN: OnceLock<Finder<'static>> = OnceLock::new();
     let finder = match key {
-        b"\"usage\"" => USAGE.get_or_init(|| Finder::new(b"\"usage\"")),
         b"\"details\"" => DETAILS.get_or_init(|| Finder::new(b"\"details\"")),
-        b"\"finish_reason\"" => FINISH.get_or_init(|| Finder::new(b"\"finish_reason\"")),
         b"\"token\"" => TOKEN.get_or_init(|| Finder::new(b"\"token\"")),
         // Every key the tap asks about is listed above; an unknown one is never "present".
         _ => return false,

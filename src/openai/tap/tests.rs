@@ -205,17 +205,11 @@ fn last_usage_wins_and_null_is_skipped() {
         &[s.as_bytes()],
     );
     assert_eq!(u.unwrap().completion_tokens, 4);
-    assert!(!has_non_null(b"{\"usage\" :  null}", b"\"usage\""));
-    assert!(has_non_null(b"{\"usage\":{}}", b"\"usage\""));
+    assert!(usage_member(b"{\"usage\" :  null}").is_none());
+    assert!(usage_member(b"{\"usage\":{}}").is_some());
     // A token chunk (finish_reason null) is never held back.
-    assert!(!has_non_null(
-        b"{\"finish_reason\":null}",
-        b"\"finish_reason\""
-    ));
-    assert!(has_non_null(
-        b"{\"finish_reason\":\"stop\"}",
-        b"\"finish_reason\""
-    ));
+    assert!(!has_finish(b"{\"finish_reason\":null}"));
+    assert!(has_finish(b"{\"finish_reason\":\"stop\"}"));
 }
 
 #[test]
