@@ -63,17 +63,11 @@ impl Kind {
     }
 }
 
-/// Where a tap forwards the bytes that go on to the client.
+/// Where a tap forwards the bytes that go on to the client: a closure, or the relay's framing
+/// writer (which frames what one read brings as one chunk, so an edited event's pieces need no
+/// copy joining them).
 pub trait Sink {
     fn put(&mut self, data: &[u8]);
-
-    /// The pieces of one edited event, in order: written as one piece where the sink frames
-    /// what it is given (one chunk on the client's side), with no copy joining them first.
-    fn put_parts(&mut self, parts: &[&[u8]]) {
-        for part in parts {
-            self.put(part);
-        }
-    }
 }
 
 impl<F: FnMut(&[u8])> Sink for F {
@@ -645,10 +639,8 @@ impl Tap {
                 if let Some(prev) = self.held.take() {
                     emit.put(&prev);
                 }
-                if edit.is_some() {
-                    emit.put_parts(&parts);
-                } else {
-                    emit.put(event);
+                for part in parts.iter().filter(|p| !p.is_empty()) {
+                    emit.put(part);
                 }
             }
         }

@@ -263,12 +263,6 @@ impl Sink for ToClient<'_> {
         }
         self.out.extend_from_slice(data);
     }
-
-    fn put_parts(&mut self, parts: &[&[u8]]) {
-        for part in parts {
-            self.put(part);
-        }
-    }
 }
 
 impl Drop for ToClient<'_> {
