@@ -8,6 +8,10 @@
 //! `backends` (the table both sides read), `capacity` (process-wide counters), `upstream` (backend
 //! connections and the per-core pool), `auth`, `openai`, `http1`, `config`, `telemetry`, `error`,
 //! `encode`, `batch` (per-core line batches for the log writer and the usage intake).
+
+// Nothing outside tests may panic on what input, the network or the disk can make fail: every
+// fallible call outside `#[cfg(test)]` is handled (clippy checks it in every non-test build).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 #![forbid(unsafe_code)]
 
 // The public surface: what the binary, the benchmarks, the fuzz targets and the integration

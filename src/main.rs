@@ -1,5 +1,7 @@
 //! CLI → config → start threads → wait for signals → drain → exit.
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
