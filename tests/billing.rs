@@ -415,6 +415,19 @@ static LLAMA_BODIES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::
 
 fn llama_answer(body: &str, conn: &mut TcpStream, _: usize) {
     LLAMA_BODIES.lock().unwrap().push(body.to_owned());
+    llama_stream_answer(body, conn);
+}
+
+/// What `llama_answer_cores` received (a test of its own: tests run side by side).
+static LLAMA_BODIES_CORES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+fn llama_answer_cores(body: &str, conn: &mut TcpStream, _: usize) {
+    LLAMA_BODIES_CORES.lock().unwrap().push(body.to_owned());
+    llama_stream_answer(body, conn);
+}
+
+/// llama.cpp's stream for `body` (its `max_tokens` content deltas, 10 ms apart).
+fn llama_stream_answer(body: &str, conn: &mut TcpStream) {
     let tokens = body
         .split("\"max_tokens\":")
         .nth(1)
@@ -515,4 +528,42 @@ fn llama_cpp_streams_are_asked_for_per_token_timings_and_aborted_ones_billed_fro
         assert_eq!(e["usage_source"], "reported", "{e}");
         assert_eq!(e["outcome"], "client_aborted", "{e}");
     }
+}
+
+/// Connections land on the cores as SO_REUSEPORT spreads them: what one core learns from a
+/// complete stream, every core asks by the next request, or half the aborted streams would be
+/// billed the proxy's count instead of llama.cpp's.
+#[test]
+fn what_one_core_learns_of_llama_cpp_every_core_asks() {
+    let (url, _) = backend(llama_answer_cores);
+    let (hook, proxy) = setup(&[url], "", 2);
+    let plain = chat("", 3);
+    let r = post_json(proxy.addr, "/v1/chat/completions", &plain, &[]);
+    assert_eq!(r.status, 200);
+    proxy
+        .proc
+        .wait_for_line("asking it for timings_per_token", Duration::from_secs(2));
+    // The other core's inbox is drained at its next pick or tick (at most a tick away).
+    std::thread::sleep(Duration::from_millis(300));
+    // Fresh connections: each lands on either core.
+    for i in 0..16 {
+        let r = post_json(proxy.addr, "/v1/chat/completions", &plain, &[]);
+        assert_eq!(r.status, 200, "request {i}");
+    }
+    let bodies = LLAMA_BODIES_CORES.lock().unwrap().clone();
+    assert_eq!(bodies.len(), 17);
+    let asked = bodies[1..]
+        .iter()
+        .filter(|b| b.contains(r#""timings_per_token":true"#))
+        .count();
+    assert_eq!(asked, 16, "{bodies:#?}");
+    let ev = hook.wait_events(17);
+    assert!(ev.iter().all(|e| e["usage_source"] == "reported"));
+    // The lesson is logged once, by the core that learnt it.
+    let log = proxy.proc.output();
+    assert_eq!(
+        log.matches("asking it for timings_per_token").count(),
+        1,
+        "{log}"
+    );
 }

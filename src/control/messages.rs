@@ -51,6 +51,12 @@ pub(crate) enum ControlMsg {
         id: u64,
         reading: crate::control::engine::Reading,
     },
+    /// Another core learnt how backend `id` answers (`worker::traits`).
+    Trait {
+        backend: usize,
+        id: u64,
+        learnt: Trait,
+    },
     /// `prefix_cache`: another core sent a prompt with this block chain to `backend` (holding
     /// `id`), through the balancer of model pool `pool` (`None`: the top-level one).
     Prefix {
@@ -59,6 +65,16 @@ pub(crate) enum ControlMsg {
         id: u64,
         blocks: Arc<[u64]>,
     },
+}
+
+/// How a backend's engine answers, learnt by a core from one of its requests (kept by
+/// `worker::traits`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Trait {
+    /// Answers a 400 naming `continuous_usage_stats`: asked without it.
+    NoRunningUsage,
+    /// llama.cpp with `timings` at a stream's end only: asked for `timings_per_token`.
+    PerTokenTimings,
 }
 
 /// Sent to the health thread.

@@ -573,6 +573,12 @@ impl Tap {
                 }
                 if !finish {
                     self.running_seen = true;
+                } else if let Some(t) = timings_member(payload) {
+                    // llama.cpp's `/v1/completions` ends with usage and timings on one chunk.
+                    self.last_timings.clear();
+                    self.last_timings
+                        .extend_from_slice(&payload[t.value_start..t.value_end]);
+                    self.timings_at_end = true;
                 }
                 // A finish chunk's usage is running usage only when earlier chunks had it too
                 // (some servers always put the final usage there: that stays).

@@ -18,6 +18,7 @@ use crate::tls::io::ClientWriter;
 use crate::tls::ClientTls;
 use crate::upstream::{self, UpConn};
 use crate::worker::balance::Reason;
+use crate::worker::traits::Trait;
 use crate::worker::Worker;
 
 /// `forward` on the request's route, then on each fallback pool while the previous one had no
@@ -126,14 +127,15 @@ async fn send_asking(
 ) -> Result<(UpConn, Head), ProxyError> {
     let url = &backend.spec.url;
     let mut body = Cow::Borrowed(x.body.get());
-    if x.added_running.get() && w.no_running_usage.borrow().contains(url) {
+    let has = |t| w.traits.has(b, backend.id, t);
+    if x.added_running.get() && has(Trait::NoRunningUsage) {
         if let Some(plain) = openai::without_running_usage(&body) {
             body = Cow::Owned(plain);
         }
     }
     // Only where the proxy asks for usage itself (it then owns what the client sees of it).
     let mut timings = false;
-    if (x.added_running.get() || x.strip.get().0) && w.per_token_timings.borrow().contains(url) {
+    if (x.added_running.get() || x.strip.get().0) && has(Trait::PerTokenTimings) {
         if let Some(asking) = openai::with_per_token_timings(&body) {
             body = Cow::Owned(asking);
             timings = true;
@@ -149,13 +151,14 @@ async fn send_asking(
     let Some(plain) = openai::without_running_usage(&body) else {
         return Ok((conn, resp));
     };
-    log::warn!(
-        "request {}: backend {url} rejects stream_options.{}; asking it without from now on \
-         (aborted streams from it are billed what the proxy counted)",
-        x.request_id,
-        openai::RUNNING_USAGE
-    );
-    w.no_running_usage.borrow_mut().insert(url.clone());
+    if w.learn_trait(b, Trait::NoRunningUsage) {
+        log::warn!(
+            "request {}: backend {url} rejects stream_options.{}; asking it without from now on \
+             (aborted streams from it are billed what the proxy counted)",
+            x.request_id,
+            openai::RUNNING_USAGE
+        );
+    }
     drop(conn);
     let request = upstream_request(x, backend, &plain);
     send(w, b, backend.spec.addr, backend.spec.tls.as_ref(), request).await

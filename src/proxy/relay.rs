@@ -23,6 +23,7 @@ use crate::openai::tap::{Kind as UsageKind, Sink, Tap};
 use crate::proxy::request::Exchange;
 use crate::tls::io::{ClientReader, ClientWriter};
 use crate::upstream::UpConn;
+use crate::worker::traits::Trait;
 use crate::worker::Worker;
 
 /// How long an exchange runs before the client socket is watched for a disconnect. Bounds the
@@ -417,18 +418,17 @@ fn small_read_buf(buf: &mut BytesMut) {
     }
 }
 
-/// A complete stream that carried llama.cpp's `timings` at its end only: this core asks that
-/// backend for them on every chunk from now on (see `Worker::per_token_timings`).
+/// A complete stream that carried llama.cpp's `timings` at its end only: every core asks that
+/// backend for them on every chunk from now on (`worker::traits`).
 fn learn_timings(w: &Worker, x: &Exchange<'_>, backend: usize) {
     if x.added_timings.get() || !x.tap.borrow().timings_at_end_only() {
         return;
     }
-    let table = w.table();
-    let Some(entry) = table.get(backend) else {
+    if !w.learn_trait(backend, Trait::PerTokenTimings) {
         return;
-    };
-    let url = &entry.spec.url;
-    if w.per_token_timings.borrow_mut().insert(url.clone()) {
+    }
+    let table = w.table();
+    if let Some(url) = table.get(backend).map(|e| &e.spec.url) {
         log::info!(
             "backend {url} reports llama.cpp timings at the end of a stream only: asking it for {} \
              from now on, so that aborted streams are billed its own counts",

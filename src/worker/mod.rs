@@ -15,6 +15,7 @@ pub mod engine;
 pub(crate) mod prefix;
 #[cfg(test)]
 pub(crate) mod testing;
+pub(crate) mod traits;
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -38,6 +39,7 @@ use crate::worker::breaker::CoreBreakers;
 use crate::worker::capacity::CoreCapacity;
 use crate::worker::decisions::LocalDecisions;
 use crate::worker::engine::EngineView;
+use crate::worker::traits::{Trait, Traits};
 
 /// A counter on its own cache line, so cores updating their own never contend.
 #[repr(align(128))]
@@ -110,14 +112,8 @@ pub(crate) struct Worker {
     pool_names: RefCell<Vec<String>>,
     /// Draining backend ids this core has reported drained since the last table change.
     drained_sent: RefCell<Vec<u64>>,
-    /// URLs of backends that rejected `stream_options.continuous_usage_stats` (a 400 naming
-    /// it): this core asks them without it from then on. Per core: each core learns it from
-    /// one rejected (and retried) request of its own, which costs less than sharing it.
-    pub(crate) no_running_usage: RefCell<std::collections::HashSet<String>>,
-    /// URLs of backends whose streams carried llama.cpp's `timings` at their end only: this core
-    /// asks them for `timings_per_token` from then on, so an aborted stream is billed the
-    /// server's own running counts. Learnt per core from one complete stream, like the above.
-    pub(crate) per_token_timings: RefCell<std::collections::HashSet<String>>,
+    /// How each backend's engine answers where it changes what the proxy asks (`traits`).
+    pub(crate) traits: Traits,
     started: Instant,
 }
 
@@ -157,8 +153,7 @@ impl Worker {
             config: RefCell::new(Rc::new(cfg)),
             pool_names: RefCell::new(Vec::new()),
             drained_sent: RefCell::new(Vec::new()),
-            no_running_usage: RefCell::new(std::collections::HashSet::new()),
-            per_token_timings: RefCell::new(std::collections::HashSet::new()),
+            traits: Traits::default(),
             started: Instant::now(),
         };
         w.install(&table, true);
@@ -315,6 +310,7 @@ impl Worker {
                         if !up {
                             // Down means restarted or gone: its KV cache cannot be trusted.
                             self.forget_prefixes(backend);
+                            self.traits.forget(backend);
                         }
                     }
                     self.view.set_up(backend, id, up);
@@ -330,6 +326,13 @@ impl Worker {
                     if self.view.id(backend) == id {
                         self.balancer_for(pool).learn(backend, &blocks);
                     }
+                }
+                ControlMsg::Trait {
+                    backend,
+                    id,
+                    learnt,
+                } => {
+                    self.traits.learn(backend, id, learnt);
                 }
                 ControlMsg::Engine {
                     backend,
@@ -440,6 +443,22 @@ impl Worker {
                 },
             );
         }
+    }
+
+    /// This core learnt `t` of the backend in `slot` from one of its requests: the other cores
+    /// are told. Whether it is news here (the caller logs it once).
+    pub(crate) fn learn_trait(&self, slot: usize, t: Trait) -> bool {
+        let id = self.view.id(slot);
+        let news = self.traits.learn(slot, id, t);
+        if news && self.peers.cores() > 1 {
+            let msg = ControlMsg::Trait {
+                backend: slot,
+                id,
+                learnt: t,
+            };
+            self.peers.send_others(Some(self.id), &msg);
+        }
+        news
     }
 
     /// Takes an in-flight slot on `backend`, released when the guard drops.

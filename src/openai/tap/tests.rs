@@ -626,4 +626,18 @@ fn a_stream_with_timings_at_its_end_only_is_recognised() {
     let mut tap = Tap::new(plain);
     tap.feed(STREAM.as_bytes(), &mut |_: &[u8]| {});
     assert!(!tap.timings_at_end_only());
+    // llama.cpp's `/v1/completions` (as it streams it): usage and timings on the finish chunk.
+    let completion = concat!(
+        "data: {\"choices\":[{\"text\":\" I\",\"index\":0,\"finish_reason\":null}],",
+        "\"object\":\"text_completion\"}\n\n",
+        "data: {\"choices\":[{\"text\":\"\",\"index\":0,\"finish_reason\":\"length\"}],",
+        "\"object\":\"text_completion\",\"usage\":{\"completion_tokens\":1,",
+        "\"prompt_tokens\":3,\"total_tokens\":4,\"prompt_tokens_details\":{\"cached_tokens\":0}},",
+        "\"timings\":{\"cache_n\":0,\"prompt_n\":3,\"predicted_n\":1}}\n\n",
+        "data: [DONE]\n\n",
+    );
+    let mut tap = Tap::new(plain);
+    tap.feed(completion.as_bytes(), &mut |_: &[u8]| {});
+    tap.finish(&mut |_: &[u8]| {});
+    assert!(tap.timings_at_end_only());
 }
