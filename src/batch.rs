@@ -28,6 +28,13 @@ const INITIAL_BYTES: usize = 4 * 1024;
 const KEEP_BYTES: usize = 64 * 1024;
 /// Emptied buffers kept for reuse per channel.
 const SPARES: usize = 32;
+/// How long a consumer waits after taking what was there before it waits for more. A consumer
+/// blocked in a receive is woken by the first batch a core hands over (a futex wake and two
+/// context switches on the core's CPU, once per event-loop turn: thousands per second under
+/// load); one that lingers is not waiting, so the cores' sends stay an atomic load, and it
+/// takes everything that arrived meanwhile in one go. A line is written at most this much
+/// later; the first line after a quiet spell still wakes it at once.
+pub const LINGER: Duration = Duration::from_millis(2);
 
 /// One core's lines, newline-terminated, in the order they were written.
 #[derive(Debug)]

@@ -75,8 +75,27 @@ fn plan(seed: u64) -> Vec<usize> {
         .collect()
 }
 
-/// `None`: the static placement instead of a strategy.
-pub(super) fn run(strategy: Option<Strategy>, clients: usize, seed: u64) -> Outcome {
+/// How requests are placed.
+#[derive(Clone, Copy)]
+enum Policy {
+    Strategy(Strategy),
+    /// Not a strategy: the hot prompt and one other on one server, the rest on the other.
+    Static,
+    /// Not built: a router that knows every slot's prompt (as `max_inflight` equal to the slots
+    /// and the engine's `/slots` would tell it) and holds requests itself. A request goes to an
+    /// idle slot holding its prompt; while a busy slot holds it, it waits for that slot (up to
+    /// `MAX_WAIT`); else it takes the idle slot whose prompt is least wanted; else it waits.
+    SlotAware,
+}
+
+/// How long a slot-aware router holds a request for the slot that holds its prompt.
+const MAX_WAIT: f64 = 2.0;
+
+fn run_policy(policy: Policy, clients: usize, seed: u64) -> Outcome {
+    let strategy = match policy {
+        Policy::Strategy(s) => Some(s),
+        _ => None,
+    };
     fastrand::seed(seed);
     let ids: Vec<u64> = (0..SERVERS)
         .map(|i| hash_bytes(format!("http://127.0.0.1:{}", 9000 + i).as_bytes()))
@@ -104,6 +123,8 @@ pub(super) fn run(strategy: Option<Strategy>, clients: usize, seed: u64) -> Outc
     let mut events: BinaryHeap<Reverse<(u64, u64, usize)>> = BinaryHeap::new();
     let mut seq = 0u64;
     let mut now = 0.0f64;
+    // Slot-aware: requests the router holds, in arrival order.
+    let waiting: std::cell::RefCell<VecDeque<usize>> = Default::default();
 
     // Sends the next request of the plan (a client's turn), if any is left.
     let send = |now: f64,
@@ -120,6 +141,18 @@ pub(super) fn run(strategy: Option<Strategy>, clients: usize, seed: u64) -> Outc
         *next += 1;
         let shared = SYSTEM - SYSTEM % BLOCK_TOKENS;
         let blocks = chain(prompt as u64, shared, SYSTEM + QUESTION, r as u64);
+        if matches!(policy, Policy::SlotAware) {
+            reqs.push(Request {
+                prompt,
+                sent: now,
+                done: 0.0,
+                cached: 0,
+                server: usize::MAX,
+                measured: r >= PROMPTS,
+            });
+            waiting.borrow_mut().push_back(r);
+            return true;
+        }
         let server = match strategy {
             None => usize::from(prompt >= 2),
             Some(_) => {
@@ -161,8 +194,30 @@ pub(super) fn run(strategy: Option<Strategy>, clients: usize, seed: u64) -> Outc
         &mut events,
         &mut seq,
     );
+    if matches!(policy, Policy::SlotAware) {
+        dispatch(
+            &waiting,
+            &mut reqs,
+            &mut servers,
+            &mut events,
+            &mut seq,
+            now,
+        );
+    }
     while let Some(Reverse((t, _, s))) = events.pop() {
         now = t as f64 / 1e9;
+        if s == usize::MAX {
+            // A held request's wait ran out.
+            dispatch(
+                &waiting,
+                &mut reqs,
+                &mut servers,
+                &mut events,
+                &mut seq,
+                now,
+            );
+            continue;
+        }
         // The server's step ends: the slots that were in it progress (a request that
         // arrived during the step waits for the next one).
         let mut finished = Vec::new();
@@ -180,7 +235,9 @@ pub(super) fn run(strategy: Option<Strategy>, clients: usize, seed: u64) -> Outc
         }
         for &r in &finished {
             reqs[r].done = now;
-            view.add_own(s, -1);
+            if !matches!(policy, Policy::SlotAware) {
+                view.add_own(s, -1);
+            }
             if let Some(d) = servers[s].deferred.pop_front() {
                 assign(&mut servers[s], &mut reqs, d, now);
             }
@@ -199,6 +256,16 @@ pub(super) fn run(strategy: Option<Strategy>, clients: usize, seed: u64) -> Outc
                     &mut seq,
                 );
             }
+        }
+        if matches!(policy, Policy::SlotAware) {
+            dispatch(
+                &waiting,
+                &mut reqs,
+                &mut servers,
+                &mut events,
+                &mut seq,
+                now,
+            );
         }
         // The next step: every busy slot, its prompt tokens priced.
         let server = &mut servers[s];
@@ -229,6 +296,106 @@ pub(super) fn run(strategy: Option<Strategy>, clients: usize, seed: u64) -> Outc
         median: lat[lat.len() / 2],
         p90: lat[lat.len() * 9 / 10],
         shares,
+    }
+}
+
+/// The slot-aware router places what it holds: first every request whose prompt an idle slot
+/// holds, then in arrival order each request no busy slot can serve soon, on the server whose
+/// idle slot (the one llama.cpp would take: least recently used) holds the least wanted prompt.
+fn dispatch(
+    waiting: &std::cell::RefCell<VecDeque<usize>>,
+    reqs: &mut [Request],
+    servers: &mut [Server],
+    events: &mut BinaryHeap<Reverse<(u64, u64, usize)>>,
+    seq: &mut u64,
+    now: f64,
+) {
+    let mut waiting = waiting.borrow_mut();
+    let idle_with = |servers: &[Server], p: usize| {
+        (0..SERVERS).find(|&s| {
+            servers[s]
+                .slots
+                .iter()
+                .any(|x| x.busy.is_none() && x.prompt == Some(p))
+        })
+    };
+    let mut start = |server: usize, r: usize, reqs: &mut [Request], servers: &mut [Server]| {
+        reqs[r].server = server;
+        assign(&mut servers[server], reqs, r, now);
+        if !servers[server].stepping {
+            servers[server].stepping = true;
+            *seq += 1;
+            events.push(Reverse((ns(now), *seq, server)));
+        }
+    };
+    // Pass 1: exact slot matches.
+    let mut i = 0;
+    while i < waiting.len() {
+        let r = waiting[i];
+        if let Some(s) = idle_with(servers, reqs[r].prompt) {
+            waiting.remove(i);
+            start(s, r, reqs, servers);
+        } else {
+            i += 1;
+        }
+    }
+    // Pass 2: the rest, oldest first.
+    let mut i = 0;
+    while i < waiting.len() {
+        let r = waiting[i];
+        let p = reqs[r].prompt;
+        let held_busy = servers.iter().any(|s| {
+            s.slots
+                .iter()
+                .any(|x| x.busy.is_some() && x.prompt == Some(p))
+        });
+        if held_busy && now - reqs[r].sent < MAX_WAIT - 1e-6 {
+            i += 1;
+            continue;
+        }
+        // The idle slot llama.cpp would take on each server, and how much its prompt is wanted
+        // (the hot prompt most; a prompt another slot also holds least).
+        let worth = |s: usize| -> Option<(u32, f64)> {
+            let slots = &servers[s].slots;
+            let j = (0..SLOTS)
+                .filter(|&j| slots[j].busy.is_none())
+                .min_by(|&a, &b| slots[a].last.total_cmp(&slots[b].last))?;
+            let Some(q) = slots[j].prompt else {
+                return Some((0, 0.0));
+            };
+            let copies = servers
+                .iter()
+                .flat_map(|x| x.slots.iter())
+                .filter(|x| x.prompt == Some(q))
+                .count();
+            let want = if copies > 1 {
+                1
+            } else if q == 0 {
+                3
+            } else {
+                2
+            };
+            Some((want, slots[j].last))
+        };
+        let best = (0..SERVERS)
+            .filter_map(|s| worth(s).map(|w| (w, s)))
+            .min_by(|a, b| a.0 .0.cmp(&b.0 .0).then(a.0 .1.total_cmp(&b.0 .1)));
+        match best {
+            Some((_, s)) => {
+                waiting.remove(i);
+                start(s, r, reqs, servers);
+            }
+            None => break,
+        }
+    }
+    // Wake up when the oldest held request's wait runs out.
+    if let Some(&r) = waiting.front() {
+        let at = reqs[r].sent + MAX_WAIT;
+        // (Time is kept in whole nanoseconds: an event due now must not be set again.)
+        if at > now + 1e-6 {
+            *seq += 1;
+            events.push(Reverse((ns(at), *seq, usize::MAX)));
+        }
     }
 }
 
@@ -281,14 +448,18 @@ pub(super) fn tables() {
     println!("|---|---|---:|---:|---:|---|");
     for clients in [2, 4] {
         let rows = [
-            Some(Strategy::RoundRobin),
-            Some(Strategy::LeastConnections),
-            Some(Strategy::ConsistentHash),
-            Some(Strategy::PrefixCache),
-            None,
+            Policy::Strategy(Strategy::RoundRobin),
+            Policy::Strategy(Strategy::LeastConnections),
+            Policy::Strategy(Strategy::ConsistentHash),
+            Policy::Strategy(Strategy::PrefixCache),
+            Policy::Static,
+            Policy::SlotAware,
         ];
-        for strategy in rows {
-            let runs: Vec<Outcome> = seeds.iter().map(|&s| run(strategy, clients, s)).collect();
+        for policy in rows {
+            let runs: Vec<Outcome> = seeds
+                .iter()
+                .map(|&s| run_policy(policy, clients, s))
+                .collect();
             let mean = |f: fn(&Outcome) -> f64| runs.iter().map(f).sum::<f64>() / runs.len() as f64;
             let mut shares = [0u64; SERVERS];
             for o in &runs {
@@ -298,7 +469,11 @@ pub(super) fn tables() {
             }
             println!(
                 "| {clients} | {} | {:.2} | {:.2} | {:.2} | {:?} |",
-                strategy.map_or("static placement", |s| s.as_str()),
+                match policy {
+                    Policy::Strategy(s) => s.as_str(),
+                    Policy::Static => "static placement",
+                    Policy::SlotAware => "slot-aware router holding requests (not built)",
+                },
                 mean(|o| o.reuse),
                 mean(|o| o.median),
                 mean(|o| o.p90),

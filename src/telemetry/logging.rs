@@ -215,6 +215,8 @@ fn write_loop(rx: &Receiver<String>, access: &Consumer) {
         let mut out = stderr.lock();
         let _ = out.write_all(&batch);
         let _ = out.flush();
+        drop(out);
+        std::thread::sleep(batch::LINGER);
     }
 }
 

@@ -171,6 +171,7 @@ fn intake(shared: &Shared, rx: &Consumer, enabled: bool, log_events: bool) {
             for b in batches {
                 rx.give_back(b);
             }
+            std::thread::sleep(crate::batch::LINGER);
         }
         if enabled {
             let mut st = shared.lock();
