@@ -314,9 +314,7 @@ impl Tap {
     pub fn usage(&self) -> Option<Usage> {
         let mut u = self.usage;
         if u.is_none() && !self.last_usage.is_empty() {
-            u = serde_json::from_slice::<UsageJson>(&self.last_usage)
-                .ok()
-                .map(Usage::from);
+            u = UsageJson::from_slice(&self.last_usage).map(Usage::from);
         }
         let timings = || {
             (!self.last_timings.is_empty())
@@ -657,7 +655,12 @@ impl Tap {
             Kind::OpenAiJson => {
                 // Only the `usage` object is deserialised: a full parse of the response (every
                 // choice's text validated and skipped) was a tenth of a request's CPU.
-                if let Some(u) = top_level::<Option<UsageJson>>(body, b"usage").flatten() {
+                let parse_at = |at| {
+                    UsageJson::scan(body, at)
+                        .map(|(u, end)| (Some(u), end))
+                        .or_else(|| serde_value_at::<Option<UsageJson>>(body, at))
+                };
+                if let Some(u) = top_level_with(body, b"usage", parse_at).flatten() {
                     self.usage = Some(u.into());
                 }
             }
@@ -680,7 +683,7 @@ impl Tap {
     fn parse_member(&mut self, value: &[u8]) {
         match self.kind {
             Kind::OpenAiJson => {
-                if let Ok(Some(u)) = serde_json::from_slice::<Option<UsageJson>>(value) {
+                if let Some(u) = UsageJson::from_slice(value) {
                     self.usage = Some(u.into());
                 }
             }
