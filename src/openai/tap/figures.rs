@@ -90,13 +90,8 @@ impl UsageJson {
         };
         let mut seen = 0u8;
         let end = members(b, at, |key, i| {
-            let field: u8 = match key {
-                b"prompt_tokens" | b"input_tokens" => 0,
-                b"completion_tokens" | b"output_tokens" => 1,
-                b"total_tokens" => 2,
-                b"prompt_tokens_details" | b"input_tokens_details" => 3,
-                b"completion_tokens_details" | b"output_tokens_details" => 4,
-                _ => return uint(b, i).map(|(_, end)| end),
+            let Some(field) = usage_field(key) else {
+                return uint(b, i).map(|(_, end)| end);
             };
             // serde refuses a field given twice (an alias counts as its field).
             if seen & (1 << field) != 0 {
@@ -130,6 +125,25 @@ impl UsageJson {
             Some(end)
         })?;
         Some((u, end))
+    }
+}
+
+/// Which `UsageJson` field a key names (aliases included): the first byte picks the one name
+/// it can be (a chain of slice comparisons cost a hundred instructions a key).
+fn usage_field(key: &[u8]) -> Option<u8> {
+    let (name, field): (&[u8], u8) = match key.first()? {
+        b'p' => (b"prompt_tokens", 0),
+        b'i' => (b"input_tokens", 0),
+        b'c' => (b"completion_tokens", 1),
+        b'o' => (b"output_tokens", 1),
+        b't' => (b"total_tokens", 2),
+        _ => return None,
+    };
+    let rest = key.strip_prefix(name)?;
+    match rest {
+        b"" => Some(field),
+        b"_details" if field != 2 => Some(field + 3),
+        _ => None,
     }
 }
 
@@ -176,10 +190,7 @@ fn members(
             return None;
         }
         let start = i + 1;
-        let len = b
-            .get(start..)?
-            .iter()
-            .position(|&c| c == b'"' || c == b'\\' || !(0x20..0x80).contains(&c))?;
+        let len = key_len(b.get(start..)?)?;
         if b[start + len] != b'"' {
             return None;
         }
@@ -196,23 +207,52 @@ fn members(
     }
 }
 
+/// Bytes before the first `"`, `\\`, control or non-ASCII byte of `s` (where a plain key
+/// ends), eight at a time (SWAR; each test exact, as in `encode::any_escape`).
+fn key_len(s: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let zero_byte = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+    let stop = |x: u64| {
+        (x.wrapping_sub(ONES * 0x20) & !x & HIGH)
+            | (x & HIGH)
+            | zero_byte(x ^ (ONES * u64::from(b'"')))
+            | zero_byte(x ^ (ONES * u64::from(b'\\')))
+    };
+    let mut words = s.chunks_exact(8);
+    let mut base = 0;
+    for word in words.by_ref() {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(word);
+        let hits = stop(u64::from_le_bytes(w));
+        if hits != 0 {
+            return Some(base + (hits.trailing_zeros() / 8) as usize);
+        }
+        base += 8;
+    }
+    words
+        .remainder()
+        .iter()
+        .position(|&c| c == b'"' || c == b'\\' || !(0x20..0x80).contains(&c))
+        .map(|o| base + o)
+}
+
 /// An unsigned integer that fits a u64 (`Some`) or `null` (`None`), and where it ends. What
 /// follows is checked by `members` (a `,` or `}`), so `1.5`, `1e3` and `01` are never taken.
 fn uint(b: &[u8], i: usize) -> Option<(Option<u64>, usize)> {
     if b.get(i..)?.starts_with(b"null") {
         return Some((None, i + 4));
     }
-    let mut n = 0u64;
-    let mut j = i;
-    while let Some(&d) = b.get(j).filter(|d| d.is_ascii_digit()) {
-        n = n.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
-        j += 1;
-        if n == 0 {
-            // A leading zero ends the number (`0`; `01` is not JSON).
-            break;
-        }
+    let digits = b.get(i..)?;
+    let len = digits.iter().take_while(|d| d.is_ascii_digit()).count();
+    // Nineteen digits always fit a u64 (longer ones go to serde), and `01` is not JSON.
+    if len == 0 || len > 19 || (len > 1 && digits[0] == b'0') {
+        return None;
     }
-    (j > i).then_some((Some(n), j))
+    let n = digits[..len]
+        .iter()
+        .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+    Some((Some(n), i + len))
 }
 
 impl From<UsageJson> for Usage {

@@ -78,6 +78,13 @@ fn usage_read_by_hand_agrees_with_serde() {
         r#"[1,2]"#,
         "",
         "{\"prompt_tokens\":\u{c}1}",
+        r#"{"prompt_tokensX":1,"total_tokens_details":2,"prompt_tokens_detail":3,"p":4,"":5}"#,
+        r#"{"completion_tokens_details":{"reasoning_tokens":12345678901234567890}}"#,
+        r#"{"total_tokens":1234567890123456789,"prompt_tokens":9999999999999999999}"#,
+        "{\"a_long_unknown_key\u{7f}\":1,\"prompt_tokens\":2}",
+        "{\"a_long_unknown_\u{e9}_key\":1,\"prompt_tokens\":2}",
+        "{\"a_long_unknown_key_\\\"\":1,\"prompt_tokens\":2}",
+        "{\"a_long_unknown_k\tey\":1,\"prompt_tokens\":2}",
     ];
     let serde = |v: &[u8]| {
         serde_json::from_slice::<Option<UsageJson>>(v)
