@@ -233,8 +233,31 @@ pub struct Rfc3339Millis([u8; 24]);
 
 impl Rfc3339Millis {
     pub fn new(t: std::time::SystemTime) -> Self {
+        thread_local! {
+            /// The last second formatted on this thread: requests finishing within the same
+            /// second only write their milliseconds (the civil date's divisions cost more than
+            /// the rest of the line).
+            static LAST: std::cell::Cell<(u64, Rfc3339Millis)> =
+                const { std::cell::Cell::new((u64::MAX, Rfc3339Millis([0; 24]))) };
+        }
         let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         let secs = d.as_secs();
+        let ms = u64::from(d.subsec_millis());
+        LAST.with(|last| {
+            let (at, mut stamp) = last.get();
+            if at != secs {
+                stamp = Rfc3339Millis::of_second(secs);
+                last.set((secs, stamp));
+            }
+            stamp.0[20] = b'0' + (ms / 100) as u8;
+            stamp.0[21] = b'0' + (ms / 10 % 10) as u8;
+            stamp.0[22] = b'0' + (ms % 10) as u8;
+            stamp
+        })
+    }
+
+    /// The whole second `secs` (since 1970) with `.000` milliseconds.
+    fn of_second(secs: u64) -> Self {
         let (days, rem) = (secs / 86_400, secs % 86_400);
         // Civil date from days since 1970-01-01 (Howard Hinnant's `civil_from_days`).
         let z = days + 719_468;
@@ -258,9 +281,6 @@ impl Rfc3339Millis {
         two(&mut b, 11, rem / 3600);
         two(&mut b, 14, rem / 60 % 60);
         two(&mut b, 17, rem % 60);
-        let ms = u64::from(d.subsec_millis());
-        b[20] = b'0' + (ms / 100) as u8;
-        two(&mut b, 21, ms % 100);
         Rfc3339Millis(b)
     }
 
