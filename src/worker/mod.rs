@@ -13,6 +13,7 @@ pub(crate) mod capacity;
 pub(crate) mod decisions;
 pub mod engine;
 pub(crate) mod prefix;
+pub(crate) mod spare;
 #[cfg(test)]
 pub(crate) mod testing;
 pub(crate) mod traits;
@@ -90,6 +91,8 @@ pub(crate) struct Worker {
     pub(crate) engine: EngineView,
     pub(crate) decisions: LocalDecisions,
     pub(crate) pool: Pool,
+    /// Client write buffers kept from one response for the next.
+    pub(crate) spare: spare::Spare,
     pub(crate) metrics: LocalMetrics,
     pub(crate) usage: CoreSender,
     /// This core's access-log batch (`None` when the process logger is not ours).
@@ -138,6 +141,7 @@ impl Worker {
             engine: EngineView::new(0, cfg.routing.metrics_stale_after),
             decisions: LocalDecisions::default(),
             pool: Pool::new(0, cfg.pool.max_idle_per_backend, cfg.pool.idle_timeout),
+            spare: spare::Spare::default(),
             metrics: LocalMetrics::new(shared.metrics.clone(), &cfg),
             usage: CoreSender::new(usage_tx),
             access: crate::telemetry::logging::CoreAccess::new(),
