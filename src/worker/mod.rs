@@ -657,7 +657,11 @@ mod tests {
 
     #[test]
     fn request_ids_are_the_prefix_then_the_count_in_hex() {
-        for (r, core) in [(0u64, 0usize), (u64::MAX, 3), (0x0123_4567_89ab_cdef, 0x1_2345)] {
+        for (r, core) in [
+            (0u64, 0usize),
+            (u64::MAX, 3),
+            (0x0123_4567_89ab_cdef, 0x1_2345),
+        ] {
             let p = request_id_prefix(r, core);
             assert_eq!(&p[..], format!("{r:016x}{:04x}", core & 0xffff).as_bytes());
         }

@@ -47,7 +47,11 @@ mod tests {
         spare.give(b);
         let again = spare.take(100);
         assert!(again.is_empty() && again.capacity() >= 1500);
-        assert_eq!(again.as_ptr(), at, "the same allocation is handed out again");
+        assert_eq!(
+            again.as_ptr(),
+            at,
+            "the same allocation is handed out again"
+        );
         // Too large, or too many: freed.
         spare.give(Vec::with_capacity(MAX_BYTES + 1));
         for _ in 0..HELD + 3 {

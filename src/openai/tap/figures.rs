@@ -74,7 +74,9 @@ impl UsageJson {
     pub(super) fn from_slice(v: &[u8]) -> Option<UsageJson> {
         match UsageJson::scan(v, 0) {
             Some((u, end)) if skip_ws(v, end) == v.len() => Some(u),
-            _ => serde_json::from_slice::<Option<UsageJson>>(v).ok().flatten(),
+            _ => serde_json::from_slice::<Option<UsageJson>>(v)
+                .ok()
+                .flatten(),
         }
     }
 

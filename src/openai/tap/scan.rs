@@ -40,12 +40,20 @@ pub(super) fn oversized_end(tail: &[u8], data: &[u8]) -> Option<usize> {
 
 /// Index just past the blank line that ends an event, looking at line ends from `from` on.
 pub(super) fn event_end(buf: &[u8], from: usize) -> Option<usize> {
+    event_end_lines(buf, from).map(|(end, _)| end)
+}
+
+/// `event_end`, and the first line end it met (the index of its `\n`): when the search began at
+/// the event's start, that is the end of the event's first line.
+pub(super) fn event_end_lines(buf: &[u8], from: usize) -> Option<(usize, usize)> {
     let mut i = from;
+    let mut first = None;
     while let Some(p) = memchr::memchr(b'\n', &buf[i..]) {
         let nl = i + p;
+        let first = *first.get_or_insert(nl);
         match buf.get(nl + 1) {
-            Some(b'\n') => return Some(nl + 2),
-            Some(b'\r') if buf.get(nl + 2) == Some(&b'\n') => return Some(nl + 3),
+            Some(b'\n') => return Some((nl + 2, first)),
+            Some(b'\r') if buf.get(nl + 2) == Some(&b'\n') => return Some((nl + 3, first)),
             Some(_) => i = nl + 1,
             None => return None,
         }

@@ -98,7 +98,11 @@ fn usage_read_by_hand_agrees_with_serde() {
     }
     for case in cases {
         let v = case.as_bytes();
-        assert_eq!(UsageJson::from_slice(v).map(Usage::from), serde(v), "{case}");
+        assert_eq!(
+            UsageJson::from_slice(v).map(Usage::from),
+            serde(v),
+            "{case}"
+        );
         for body in [
             format!(r#"{{"id":"x","choices":[{{"text":"usage"}}],"usage":{case}}}"#),
             format!(r#"{{"usage":{case},"model":"m"}}"#),
@@ -728,4 +732,35 @@ fn a_stream_with_timings_at_its_end_only_is_recognised() {
     tap.feed(completion.as_bytes(), &mut |_: &[u8]| {});
     tap.finish(&mut |_: &[u8]| {});
     assert!(tap.timings_at_end_only());
+}
+
+/// Events whose first line end the search for their end already met (a read that starts at an
+/// event) and events it did not (a read that resumes inside one) come out the same: one-line
+/// events with `\n` and `\r\n` endings, a multi-line one, a comment line first.
+#[test]
+fn an_event_reads_the_same_however_its_bytes_arrive() {
+    let stream = concat!(
+        "data: {\"choices\":[{\"delta\":{\"content\":\"a\"},\"finish_reason\":null}],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1,\"total_tokens\":4}}\r\n\r\n",
+        ": keep-alive\ndata: {\"choices\":[{\"delta\":{\"content\":\"b\"},\"finish_reason\":null}],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2,\"total_tokens\":5}}\n\n",
+        "data: {\"choices\":[{\"delta\":{},\ndata: \"finish_reason\":\"stop\"}],\"usage\":null}\n\n",
+        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2,\"total_tokens\":5}}\r\n\r\n",
+        "data:[DONE]\n\n",
+    )
+    .as_bytes();
+    let kind = Kind::OpenAiSse {
+        strip: true,
+        running: true,
+        timings: false,
+    };
+    let whole = run(kind, &[stream]);
+    assert!(whole.1.is_some());
+    for cut in 0..stream.len() {
+        assert_eq!(
+            run(kind, &[&stream[..cut], &stream[cut..]]),
+            whole,
+            "cut {cut}"
+        );
+    }
+    let bytes: Vec<&[u8]> = stream.chunks(1).collect();
+    assert_eq!(run(kind, &bytes), whole);
 }
