@@ -289,7 +289,9 @@ fn parse_length(v: &[u8]) -> Option<u64> {
     if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    std::str::from_utf8(v).ok()?.parse().ok()
+    // Nineteen digits always fit a u64: folded by hand (`str::parse` cost a hundred and fifty
+    // instructions a head, twice per request).
+    Some(v.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0')))
 }
 
 fn map_err(e: httparse::Error) -> HeadError {
@@ -396,6 +398,30 @@ mod tests {
         assert_eq!(h.status, 200);
         assert_eq!(h.reason(), "");
         assert_eq!(h.header_str("content-length"), Some("0"));
+    }
+
+    #[test]
+    fn content_lengths_read_as_str_parse_reads_them() {
+        for v in [
+            "0",
+            "7",
+            "007",
+            "1234",
+            "9999999999999999999",
+            "18446744073709551615",
+            "",
+            "-1",
+            "+1",
+            "1 ",
+            "1.0",
+            "0x10",
+            "99999999999999999999",
+        ] {
+            let want = (v.len() <= 19 && v.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| v.parse::<u64>().ok())
+                .flatten();
+            assert_eq!(parse_length(v.as_bytes()), want, "{v:?}");
+        }
     }
 
     #[test]

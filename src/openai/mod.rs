@@ -204,9 +204,18 @@ pub(crate) fn inspect_with(
     })?;
     let (model, model_span) = match peek.model {
         Some(raw) => {
-            let name: String = serde_json::from_str(raw.get()).map_err(|_| {
-                ProxyError::BadRequest(format!("model must be a string, got {}", raw.get()))
-            })?;
+            // A string token the parser already checked: without escapes its text is its value.
+            let plain = raw
+                .get()
+                .strip_prefix('"')
+                .and_then(|t| t.strip_suffix('"'))
+                .filter(|t| !t.contains('\\'));
+            let name: String = match plain {
+                Some(t) => t.to_owned(),
+                None => serde_json::from_str(raw.get()).map_err(|_| {
+                    ProxyError::BadRequest(format!("model must be a string, got {}", raw.get()))
+                })?,
+            };
             // `raw` borrows from `body`: its offset is the token's position.
             let start = (raw.get().as_ptr() as usize).wrapping_sub(body.as_ptr() as usize);
             let span =

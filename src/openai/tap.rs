@@ -295,7 +295,7 @@ impl Tap {
                 // A final event without its blank line still counts (some servers end that way).
                 let rest = std::mem::take(&mut self.pending);
                 if !rest.is_empty() {
-                    let verdict = self.on_event(&rest);
+                    let verdict = self.on_event(&rest, None);
                     if self.holds_back() {
                         self.route(&rest, verdict, emit);
                     }
@@ -314,9 +314,7 @@ impl Tap {
     pub fn usage(&self) -> Option<Usage> {
         let mut u = self.usage;
         if u.is_none() && !self.last_usage.is_empty() {
-            u = serde_json::from_slice::<UsageJson>(&self.last_usage)
-                .ok()
-                .map(Usage::from);
+            u = UsageJson::from_slice(&self.last_usage).map(Usage::from);
         }
         let timings = || {
             (!self.last_timings.is_empty())
@@ -395,14 +393,16 @@ impl Tap {
         } else {
             0
         };
-        while let Some(end) = event_end(buf, from) {
+        while let Some((end, first_nl)) = event_end_lines(buf, from) {
+            // The search met the event's first line end only if it began at the event's start.
+            let first_nl = (from == start).then_some(first_nl - start);
             // An event past the bound is never inspected, whether or not it arrived in one read
             // (so what the client gets does not depend on how the body was split).
             let verdict = if end - start > self.max_event {
                 self.note_oversized();
                 Verdict::Pass
             } else {
-                self.on_event(&buf[start..end])
+                self.on_event(&buf[start..end], first_nl)
             };
             if let Some(emit) = emit.as_deref_mut() {
                 // Strip mode: everything before this event goes out first, in order.
@@ -464,12 +464,19 @@ impl Tap {
     }
 
     /// Looks at one complete event and says what happens to it in strip mode.
-    fn on_event(&mut self, event: &[u8]) -> Verdict {
+    /// `first_nl`: where the event's first line ends (its `\n`), when the search for the
+    /// event's end already found it.
+    fn on_event(&mut self, event: &[u8], first_nl: Option<usize>) -> Verdict {
         self.events += 1;
         // The usual event is one `data:` line: take it without walking the event line by line
-        // (that walk was a quarter of a streamed request's CPU).
+        // (that walk was a quarter of a streamed request's CPU), and without searching again for
+        // the line end the event's own search met (a `memchr` call per event).
         if let Some(rest) = event.strip_prefix(b"data:") {
-            if let Some(nl) = memchr::memchr(b'\n', rest) {
+            let nl = match first_nl {
+                Some(nl) => nl.checked_sub(5),
+                None => memchr::memchr(b'\n', rest),
+            };
+            if let Some(nl) = nl {
                 if rest[nl..].iter().all(|b| matches!(b, b'\n' | b'\r')) {
                     let line = &rest[..nl];
                     let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -657,7 +664,12 @@ impl Tap {
             Kind::OpenAiJson => {
                 // Only the `usage` object is deserialised: a full parse of the response (every
                 // choice's text validated and skipped) was a tenth of a request's CPU.
-                if let Some(u) = top_level::<Option<UsageJson>>(body, b"usage").flatten() {
+                let parse_at = |at| {
+                    UsageJson::scan(body, at)
+                        .map(|(u, end)| (Some(u), end))
+                        .or_else(|| serde_value_at::<Option<UsageJson>>(body, at))
+                };
+                if let Some(u) = top_level_with(body, b"usage", parse_at).flatten() {
                     self.usage = Some(u.into());
                 }
             }
@@ -680,7 +692,7 @@ impl Tap {
     fn parse_member(&mut self, value: &[u8]) {
         match self.kind {
             Kind::OpenAiJson => {
-                if let Ok(Some(u)) = serde_json::from_slice::<Option<UsageJson>>(value) {
+                if let Some(u) = UsageJson::from_slice(value) {
                     self.usage = Some(u.into());
                 }
             }

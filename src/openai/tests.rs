@@ -16,6 +16,18 @@ fn reads_model_stream_options_and_user() {
     let i = info(br#"{"model":"a\u0062","stream":true,"stream_options":{"include_usage":true}}"#);
     assert_eq!(i.model.as_deref(), Some("ab"));
     assert!(i.include_usage);
+    assert_eq!(
+        info(br#"{"model":"","stream":false}"#).model.as_deref(),
+        Some("")
+    );
+    assert_eq!(
+        info(br#"{"model" : "q\"x\\"}"#).model.as_deref(),
+        Some("q\"x\\")
+    );
+    for bad in [&br#"{"model":5}"#[..], br#"{"model":["m"]}"#] {
+        let e = inspect("POST", "/v1/chat/completions", bad, "user");
+        assert!(matches!(e, Err(ProxyError::BadRequest(_))), "{e:?}");
+    }
     let i = inspect(
         "POST",
         "/v1/chat/completions",

@@ -287,12 +287,9 @@ async fn read_head(
                 d.buf = buf;
                 return Ok(None);
             }
-            Ok((Ok(_), buf)) => {
-                d.buf = buf;
-                if head_deadline.is_none() {
-                    head_deadline = Some(clock::deadline(cfg.timeouts.header));
-                }
-            }
+            // The header timeout starts with the head's first bytes: it is set on the next turn,
+            // only if they are not yet the whole head (a clock read saved on almost every request).
+            Ok((Ok(_), buf)) => d.buf = buf,
             Err(_) if started => return Err(ProxyError::RequestReadTimeout),
             Err(_) => return Ok(None),
         }
@@ -322,13 +319,15 @@ async fn read_body(worker: &Worker, d: &mut Downstream, head: &Head) -> Result<B
     }
     // The header timeout bounds the whole body, not each read: a body trickled a byte at a time
     // (slow POST) would otherwise hold the connection forever.
-    let deadline = clock::deadline(cfg.timeouts.header);
+    // Taken when the first read is needed (most bodies came with their head: no clock read).
+    let mut deadline = None;
+    let mut deadline = || *deadline.get_or_insert_with(|| clock::deadline(cfg.timeouts.header));
     match framing {
         BodyFraming::Empty | BodyFraming::UntilClose => Ok(Bytes::new()),
         BodyFraming::Length(n) => {
             let n = usize::try_from(n).map_err(|_| ProxyError::BodyTooLarge(max))?;
             while d.buf.len() < n {
-                read_some(d, deadline).await?;
+                read_some(d, deadline()).await?;
             }
             // Small bodies are copied, like heads (see `take_copy`); a large one has grown the
             // buffer for itself and takes that allocation along.
@@ -352,7 +351,7 @@ async fn read_body(worker: &Worker, d: &mut Downstream, head: &Head) -> Result<B
                 if dec.is_done() {
                     return Ok(Bytes::from(body));
                 }
-                read_some(d, deadline).await?;
+                read_some(d, deadline()).await?;
             }
         }
     }

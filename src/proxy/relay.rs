@@ -108,10 +108,20 @@ pub(crate) struct ResponsePlan {
 /// fixed-length, and fixed-length bodies the usage tap may shorten; an HTTP/1.0 client cannot
 /// take chunks, so its body ends with the connection.
 /// `room`: bytes of body already buffered, so the head's buffer can take them without growing.
+#[cfg(test)]
 pub(crate) fn plan_response(
     c: &ClientSide<'_>,
     resp: &Head,
     room: usize,
+) -> Result<ResponsePlan, ProxyError> {
+    plan_response_in(c, resp, Vec::with_capacity(1024 + room))
+}
+
+/// `plan_response`, the head written into `head` (empty, from the core's spare buffers).
+pub(crate) fn plan_response_in(
+    c: &ClientSide<'_>,
+    resp: &Head,
+    mut head: Vec<u8>,
 ) -> Result<ResponsePlan, ProxyError> {
     let framing = resp
         .response_framing(c.method)
@@ -136,7 +146,6 @@ pub(crate) fn plan_response(
         || (kind.holds_back() && matches!(framing, BodyFraming::Length(_)));
     let close = c.close || (chunked_out && !c.http11);
 
-    let mut head = Vec::with_capacity(1024 + room);
     write::status_line(&mut head, status, resp.reason());
     for (name, value) in forwardable(resp, &["x-request-id"]) {
         write::header(&mut head, name, value);
@@ -304,7 +313,7 @@ pub(crate) async fn relay(
         // its next request elsewhere instead of racing the process exit on this connection.
         close: x.close || w.shared.draining(),
     };
-    let plan = plan_response(&client, &resp, conn.buf.len())?;
+    let plan = plan_response_in(&client, &resp, w.spare.take(1024 + conn.buf.len()))?;
     let status = resp.status;
     x.status.set(status);
     start_tap(x, plan.kind, &resp, w.config().usage.max_event_bytes);
@@ -395,6 +404,7 @@ pub(crate) async fn relay(
         // relay that every open stream holds.
         return Ok(sent(Box::pin(cut(&c, wr, out, &e)).await, true));
     }
+    w.spare.give(out);
     learn_timings(w, x, backend);
     // Bytes after the end of the body: the backend is confused; don't reuse it.
     if plan.reusable && conn.buf.is_empty() {

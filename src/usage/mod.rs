@@ -177,60 +177,59 @@ impl UsageRecord<'_> {
     /// header): fields in declaration order, `cached_tokens` and `reasoning_tokens` left out when
     /// absent, every other absent value `null`, strings escaped as serde_json escapes them.
     pub fn write_json(&self, o: &mut String) {
-        let start = o.len();
-        let key = |o: &mut String, k: &str| {
-            o.push(if o.len() == start { '{' } else { ',' });
-            o.push('"');
-            o.push_str(k);
-            o.push_str("\":");
-        };
-        key(o, "event_id");
+        // Each key with the comma before it is one constant: one copy, not four pushes.
+        macro_rules! key {
+            ($o:expr, $k:literal) => {
+                $o.push_str(concat!(",\"", $k, "\":"))
+            };
+        }
+        o.push_str("{\"event_id\":");
         self.event_id.write_json(o);
-        key(o, "request_id");
+        key!(o, "request_id");
         encode::push_json_str(o, self.request_id);
-        key(o, "timestamp");
+        key!(o, "timestamp");
         self.timestamp.write_json(o);
-        key(o, "model");
+        key!(o, "model");
         encode::push_json_opt_str(o, self.model);
-        key(o, "endpoint");
+        key!(o, "endpoint");
         encode::push_json_str(o, self.endpoint);
-        key(o, "backend_url");
+        key!(o, "backend_url");
         encode::push_json_opt_str(o, self.backend_url);
-        key(o, "is_stream");
+        key!(o, "is_stream");
         o.push_str(if self.is_stream { "true" } else { "false" });
-        key(o, "prompt_tokens");
+        key!(o, "prompt_tokens");
         encode::push_u64(o, self.prompt_tokens);
-        key(o, "completion_tokens");
+        key!(o, "completion_tokens");
         encode::push_u64(o, self.completion_tokens);
-        key(o, "total_tokens");
+        key!(o, "total_tokens");
         encode::push_u64(o, self.total_tokens);
         if let Some(v) = self.cached_tokens {
-            key(o, "cached_tokens");
+            key!(o, "cached_tokens");
             encode::push_u64(o, v);
         }
         if let Some(v) = self.reasoning_tokens {
-            key(o, "reasoning_tokens");
+            key!(o, "reasoning_tokens");
             encode::push_u64(o, v);
         }
-        key(o, "status");
+        key!(o, "status");
         encode::push_u64(o, u64::from(self.status));
-        key(o, "outcome");
+        key!(o, "outcome");
         encode::push_json_str(o, self.outcome);
-        key(o, "latency_ms");
+        key!(o, "latency_ms");
         encode::push_u64(o, self.latency_ms);
-        key(o, "ttft_ms");
+        key!(o, "ttft_ms");
         encode::push_opt_u64(o, self.ttft_ms);
-        key(o, "user_id");
+        key!(o, "user_id");
         encode::push_json_opt_str(o, self.user_id);
-        key(o, "key_id");
+        key!(o, "key_id");
         encode::push_json_opt_str(o, self.key_id);
         // Added after the seed's fields, so each event still starts with exactly the bytes it
         // had before they existed.
-        key(o, "usage_source");
+        key!(o, "usage_source");
         encode::push_json_str(o, self.usage_source);
-        key(o, "served_model");
+        key!(o, "served_model");
         encode::push_json_opt_str(o, self.served_model);
-        key(o, "priority");
+        key!(o, "priority");
         encode::push_json_opt_str(o, self.priority);
         o.push('}');
     }

@@ -13,6 +13,7 @@ pub(crate) mod capacity;
 pub(crate) mod decisions;
 pub mod engine;
 pub(crate) mod prefix;
+pub(crate) mod spare;
 #[cfg(test)]
 pub(crate) mod testing;
 pub(crate) mod traits;
@@ -90,6 +91,8 @@ pub(crate) struct Worker {
     pub(crate) engine: EngineView,
     pub(crate) decisions: LocalDecisions,
     pub(crate) pool: Pool,
+    /// Client write buffers kept from one response for the next.
+    pub(crate) spare: spare::Spare,
     pub(crate) metrics: LocalMetrics,
     pub(crate) usage: CoreSender,
     /// This core's access-log batch (`None` when the process logger is not ours).
@@ -100,7 +103,8 @@ pub(crate) struct Worker {
     peers: Broadcast,
     health_tx: Sender<HealthReport>,
     seq: Cell<u64>,
-    id_prefix: u64,
+    /// The fixed start of this core's request ids: a random u64 and the core's index in hex.
+    id_prefix: [u8; 20],
     last_snapshot: Cell<Instant>,
     // `Rc<Arc<_>>` on purpose: requests clone the `Rc` (a core-local count); cloning the `Arc`
     // per request would bounce its shared count between all cores.
@@ -137,6 +141,7 @@ impl Worker {
             engine: EngineView::new(0, cfg.routing.metrics_stale_after),
             decisions: LocalDecisions::default(),
             pool: Pool::new(0, cfg.pool.max_idle_per_backend, cfg.pool.idle_timeout),
+            spare: spare::Spare::default(),
             metrics: LocalMetrics::new(shared.metrics.clone(), &cfg),
             usage: CoreSender::new(usage_tx),
             access: crate::telemetry::logging::CoreAccess::new(),
@@ -147,7 +152,7 @@ impl Worker {
             peers,
             health_tx,
             seq: Cell::new(0),
-            id_prefix: fastrand::u64(..),
+            id_prefix: request_id_prefix(fastrand::u64(..), id),
             last_snapshot: Cell::new(Instant::now()),
             table: RefCell::new(Rc::new(table.clone())),
             config: RefCell::new(Rc::new(cfg)),
@@ -558,13 +563,14 @@ impl Worker {
     pub(crate) fn next_request_id(&self) -> String {
         let n = self.seq.get().wrapping_add(1);
         self.seq.set(n);
-        let mut id = String::with_capacity(28);
-        crate::encode::push_hex(&mut id, u128::from(self.id_prefix), 16);
-        crate::encode::push_hex(&mut id, self.id as u128, 4);
+        let mut id = [0u8; 36];
+        id[..20].copy_from_slice(&self.id_prefix);
         // Eight digits, more once a core has served 2^32 requests (never wraps around).
         let digits = (16 - n.leading_zeros() as usize / 4).max(8);
-        crate::encode::push_hex(&mut id, u128::from(n), digits);
-        id
+        id[20..20 + digits].copy_from_slice(&crate::encode::hex16(n)[16 - digits..]);
+        let mut out = String::with_capacity(28);
+        out.push_str(std::str::from_utf8(&id[..20 + digits]).unwrap_or_default());
+        out
     }
 
     /// Counts one request as in flight on this core for the drain, released on drop.
@@ -585,6 +591,14 @@ impl Worker {
             worker: self.clone(),
         }
     }
+}
+
+/// A request id's fixed start: `random` as 16 hex digits, then the core's index as 4.
+fn request_id_prefix(random: u64, core: usize) -> [u8; 20] {
+    let mut p = [0u8; 20];
+    p[..16].copy_from_slice(&crate::encode::hex16(random));
+    p[16..].copy_from_slice(&crate::encode::hex16(core as u64)[12..]);
+    p
 }
 
 pub(crate) struct InflightGuard {
@@ -640,6 +654,25 @@ mod tests {
     use crate::backends::desired;
 
     use crate::worker::testing::*;
+
+    #[test]
+    fn request_ids_are_the_prefix_then_the_count_in_hex() {
+        for (r, core) in [
+            (0u64, 0usize),
+            (u64::MAX, 3),
+            (0x0123_4567_89ab_cdef, 0x1_2345),
+        ] {
+            let p = request_id_prefix(r, core);
+            assert_eq!(&p[..], format!("{r:016x}{:04x}", core & 0xffff).as_bytes());
+        }
+        let cfg = testing::config(&["http://127.0.0.1:1"]);
+        let (w, _inbox, _plane) = testing::worker(testing::registry(&cfg, 2).publish(cfg.clone()));
+        let prefix = std::str::from_utf8(&w.id_prefix).unwrap().to_owned();
+        assert_eq!(w.next_request_id(), format!("{prefix}00000001"));
+        w.seq.set(0xffff_fffe);
+        assert_eq!(w.next_request_id(), format!("{prefix}ffffffff"));
+        assert_eq!(w.next_request_id(), format!("{prefix}100000000"));
+    }
 
     #[test]
     fn breaker_trips_are_reported_and_a_reused_slot_starts_closed() {

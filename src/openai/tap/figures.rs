@@ -62,6 +62,201 @@ pub(super) struct CompletionDetails {
     reasoning_tokens: Option<u64>,
 }
 
+/// Reading a usage value by hand: serde's derive for `UsageJson` (aliases, options, a visitor
+/// per details object, `IgnoredAny` for the rest) cost about 1,500 instructions per response, a
+/// tenth of the proxy's own work on a non-streaming request. The shapes engines send — members
+/// whose values are unsigned integers or `null`, the two details objects of the same kind — are
+/// read here; anything else (strings, floats, arrays, escapes or non-ASCII bytes in keys, a
+/// field given twice, a trailing comma) is left to serde, so every answer is serde's.
+impl UsageJson {
+    /// A whole value that is a usage object (`serde_json::from_slice::<Option<UsageJson>>`,
+    /// `null` and errors alike `None`).
+    pub(super) fn from_slice(v: &[u8]) -> Option<UsageJson> {
+        match UsageJson::scan(v, 0) {
+            Some((u, end)) if skip_ws(v, end) == v.len() => Some(u),
+            _ => serde_json::from_slice::<Option<UsageJson>>(v)
+                .ok()
+                .flatten(),
+        }
+    }
+
+    /// The object starting at `at` (after JSON whitespace) and the offset just past its `}`;
+    /// `None`: not a shape read here (ask serde).
+    pub(super) fn scan(b: &[u8], at: usize) -> Option<(UsageJson, usize)> {
+        let mut u = UsageJson {
+            prompt_tokens: None,
+            completion_tokens: None,
+            total_tokens: None,
+            prompt_tokens_details: None,
+            completion_tokens_details: None,
+        };
+        let mut seen = 0u8;
+        let end = members(b, at, |key, i| {
+            let Some(field) = usage_field(key) else {
+                return uint(b, i).map(|(_, end)| end);
+            };
+            // serde refuses a field given twice (an alias counts as its field).
+            if seen & (1 << field) != 0 {
+                return None;
+            }
+            seen |= 1 << field;
+            let end = match field {
+                0..=2 => {
+                    let (v, end) = uint(b, i)?;
+                    match field {
+                        0 => u.prompt_tokens = v,
+                        1 => u.completion_tokens = v,
+                        _ => u.total_tokens = v,
+                    }
+                    end
+                }
+                _ if b[i..].starts_with(b"null") => i + 4,
+                3 => {
+                    let (v, end) = details(b, i, b"cached_tokens")?;
+                    u.prompt_tokens_details = Some(PromptDetails { cached_tokens: v });
+                    end
+                }
+                _ => {
+                    let (v, end) = details(b, i, b"reasoning_tokens")?;
+                    u.completion_tokens_details = Some(CompletionDetails {
+                        reasoning_tokens: v,
+                    });
+                    end
+                }
+            };
+            Some(end)
+        })?;
+        Some((u, end))
+    }
+}
+
+/// Which `UsageJson` field a key names (aliases included): the first byte picks the one name
+/// it can be (a chain of slice comparisons cost a hundred instructions a key).
+fn usage_field(key: &[u8]) -> Option<u8> {
+    let (name, field): (&[u8], u8) = match key.first()? {
+        b'p' => (b"prompt_tokens", 0),
+        b'i' => (b"input_tokens", 0),
+        b'c' => (b"completion_tokens", 1),
+        b'o' => (b"output_tokens", 1),
+        b't' => (b"total_tokens", 2),
+        _ => return None,
+    };
+    let rest = key.strip_prefix(name)?;
+    match rest {
+        b"" => Some(field),
+        b"_details" if field != 2 => Some(field + 3),
+        _ => None,
+    }
+}
+
+/// A details object: the count under `want` (once at most), other members integers or `null`.
+fn details(b: &[u8], at: usize, want: &[u8]) -> Option<(Option<u64>, usize)> {
+    let (mut v, mut seen) = (None, false);
+    let end = members(b, at, |key, i| {
+        let (n, end) = uint(b, i)?;
+        if key == want {
+            if seen {
+                return None;
+            }
+            (v, seen) = (n, true);
+        }
+        Some(end)
+    })?;
+    Some((v, end))
+}
+
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while matches!(b.get(i), Some(b' ' | b'\n' | b'\r' | b'\t')) {
+        i += 1;
+    }
+    i
+}
+
+/// The members of the object at `at` (after whitespace), each value read by `value(key, start)`
+/// which returns where it ends; the offset just past the closing `}`.
+fn members(
+    b: &[u8],
+    at: usize,
+    mut value: impl FnMut(&[u8], usize) -> Option<usize>,
+) -> Option<usize> {
+    let mut i = skip_ws(b, at);
+    if b.get(i) != Some(&b'{') {
+        return None;
+    }
+    i = skip_ws(b, i + 1);
+    if b.get(i) == Some(&b'}') {
+        return Some(i + 1);
+    }
+    loop {
+        if b.get(i) != Some(&b'"') {
+            return None;
+        }
+        let start = i + 1;
+        let len = key_len(b.get(start..)?)?;
+        if b[start + len] != b'"' {
+            return None;
+        }
+        i = skip_ws(b, start + len + 1);
+        if b.get(i) != Some(&b':') {
+            return None;
+        }
+        i = skip_ws(b, value(&b[start..start + len], skip_ws(b, i + 1))?);
+        match b.get(i) {
+            Some(b',') => i = skip_ws(b, i + 1),
+            Some(b'}') => return Some(i + 1),
+            _ => return None,
+        }
+    }
+}
+
+/// Bytes before the first `"`, `\\`, control or non-ASCII byte of `s` (where a plain key
+/// ends), eight at a time (SWAR; each test exact, as in `encode::any_escape`).
+fn key_len(s: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let zero_byte = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+    let stop = |x: u64| {
+        (x.wrapping_sub(ONES * 0x20) & !x & HIGH)
+            | (x & HIGH)
+            | zero_byte(x ^ (ONES * u64::from(b'"')))
+            | zero_byte(x ^ (ONES * u64::from(b'\\')))
+    };
+    let mut words = s.chunks_exact(8);
+    let mut base = 0;
+    for word in words.by_ref() {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(word);
+        let hits = stop(u64::from_le_bytes(w));
+        if hits != 0 {
+            return Some(base + (hits.trailing_zeros() / 8) as usize);
+        }
+        base += 8;
+    }
+    words
+        .remainder()
+        .iter()
+        .position(|&c| c == b'"' || c == b'\\' || !(0x20..0x80).contains(&c))
+        .map(|o| base + o)
+}
+
+/// An unsigned integer that fits a u64 (`Some`) or `null` (`None`), and where it ends. What
+/// follows is checked by `members` (a `,` or `}`), so `1.5`, `1e3` and `01` are never taken.
+fn uint(b: &[u8], i: usize) -> Option<(Option<u64>, usize)> {
+    if b.get(i..)?.starts_with(b"null") {
+        return Some((None, i + 4));
+    }
+    let digits = b.get(i..)?;
+    let len = digits.iter().take_while(|d| d.is_ascii_digit()).count();
+    // Nineteen digits always fit a u64 (longer ones go to serde), and `01` is not JSON.
+    if len == 0 || len > 19 || (len > 1 && digits[0] == b'0') {
+        return None;
+    }
+    let n = digits[..len]
+        .iter()
+        .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+    Some((Some(n), i + len))
+}
+
 impl From<UsageJson> for Usage {
     fn from(u: UsageJson) -> Usage {
         let prompt = u.prompt_tokens.unwrap_or(0);

@@ -35,6 +35,98 @@ fn top_level_takes_the_last_key_only_when_it_is_top_level() {
     );
 }
 
+/// The hand reading of a usage value answers what serde answers, for the shapes it reads and
+/// for every shape it leaves to serde; and so does the body lookup built on it.
+#[test]
+fn usage_read_by_hand_agrees_with_serde() {
+    let cases: &[&str] = &[
+        r#"{"prompt_tokens":7,"completion_tokens":2,"total_tokens":9}"#,
+        r#" { "prompt_tokens" : 7 , "completion_tokens":2 }  "#,
+        "{\n\t\"input_tokens\":\r 1,\"output_tokens\":0}",
+        r#"{}"#,
+        r#"null"#,
+        r#"{"prompt_tokens":null,"total_tokens":18446744073709551615}"#,
+        r#"{"prompt_tokens":18446744073709551616}"#,
+        r#"{"prompt_tokens":1.0}"#,
+        r#"{"prompt_tokens":1e3}"#,
+        r#"{"prompt_tokens":-1}"#,
+        r#"{"prompt_tokens":01}"#,
+        r#"{"prompt_tokens":0,"completion_tokens":10}"#,
+        r#"{"prompt_tokens":"7"}"#,
+        r#"{"prompt_tokens":7,"prompt_tokens":8}"#,
+        r#"{"prompt_tokens":7,"input_tokens":8}"#,
+        r#"{"prompt_tokens":7,}"#,
+        r#"{"prompt_tokens":7"#,
+        r#"{"prompt_tokens":7}x"#,
+        r#"{"prompt_tokens":7} "#,
+        r#"{"prompt_tokens":nul}"#,
+        r#"{"prompt_tokens":nullx}"#,
+        r#"{"prompt_tokens":true}"#,
+        r#"{"other":1.5,"prompt_tokens":3}"#,
+        r#"{"other":[1],"prompt_tokens":3}"#,
+        r#"{"other":{"a":1},"prompt_tokens":3}"#,
+        r#"{"other":null,"other":2,"prompt_tokens":3}"#,
+        r#"{"pr\u006fmpt_tokens":3}"#,
+        "{\"prompt_tokens\u{e9}\":3}",
+        r#"{"prompt_tokens_details":{"cached_tokens":3,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":1}}"#,
+        r#"{"input_tokens_details":{"cached_tokens":null},"output_tokens_details":null}"#,
+        r#"{"prompt_tokens_details":{"cached_tokens":3,"cached_tokens":4}}"#,
+        r#"{"prompt_tokens_details":{"cached_tokens":3},"input_tokens_details":{}}"#,
+        r#"{"prompt_tokens_details":{},"completion_tokens_details":{"x":"y"}}"#,
+        r#"{"prompt_tokens_details":[],"total_tokens":1}"#,
+        r#"{"prompt_tokens_details":nul}"#,
+        r#"[1,2]"#,
+        "",
+        "{\"prompt_tokens\":\u{c}1}",
+        r#"{"prompt_tokensX":1,"total_tokens_details":2,"prompt_tokens_detail":3,"p":4,"":5}"#,
+        r#"{"completion_tokens_details":{"reasoning_tokens":12345678901234567890}}"#,
+        r#"{"total_tokens":1234567890123456789,"prompt_tokens":9999999999999999999}"#,
+        "{\"a_long_unknown_key\u{7f}\":1,\"prompt_tokens\":2}",
+        "{\"a_long_unknown_\u{e9}_key\":1,\"prompt_tokens\":2}",
+        "{\"a_long_unknown_key_\\\"\":1,\"prompt_tokens\":2}",
+        "{\"a_long_unknown_k\tey\":1,\"prompt_tokens\":2}",
+    ];
+    let serde = |v: &[u8]| {
+        serde_json::from_slice::<Option<UsageJson>>(v)
+            .ok()
+            .flatten()
+            .map(Usage::from)
+    };
+    // The usual shapes are read by hand, not handed on.
+    for case in [cases[0], cases[1], cases[28], cases[29]] {
+        assert!(UsageJson::scan(case.as_bytes(), 0).is_some(), "{case}");
+    }
+    for case in cases {
+        let v = case.as_bytes();
+        assert_eq!(
+            UsageJson::from_slice(v).map(Usage::from),
+            serde(v),
+            "{case}"
+        );
+        for body in [
+            format!(r#"{{"id":"x","choices":[{{"text":"usage"}}],"usage":{case}}}"#),
+            format!(r#"{{"usage":{case},"model":"m"}}"#),
+            format!(r#"{{"usage":{case}}} "#),
+        ] {
+            let b = body.as_bytes();
+            let by_hand = |at| {
+                UsageJson::scan(b, at)
+                    .map(|(u, end)| (Some(u), end))
+                    .or_else(|| serde_value_at::<Option<UsageJson>>(b, at))
+            };
+            assert_eq!(
+                top_level_with(b, b"usage", by_hand)
+                    .flatten()
+                    .map(Usage::from),
+                top_level::<Option<UsageJson>>(b, b"usage")
+                    .flatten()
+                    .map(Usage::from),
+                "{body}"
+            );
+        }
+    }
+}
+
 fn run(kind: Kind, parts: &[&[u8]]) -> (Vec<u8>, Option<Usage>) {
     let mut tap = Tap::new(kind);
     let mut out = Vec::new();
@@ -640,4 +732,35 @@ fn a_stream_with_timings_at_its_end_only_is_recognised() {
     tap.feed(completion.as_bytes(), &mut |_: &[u8]| {});
     tap.finish(&mut |_: &[u8]| {});
     assert!(tap.timings_at_end_only());
+}
+
+/// Events whose first line end the search for their end already met (a read that starts at an
+/// event) and events it did not (a read that resumes inside one) come out the same: one-line
+/// events with `\n` and `\r\n` endings, a multi-line one, a comment line first.
+#[test]
+fn an_event_reads_the_same_however_its_bytes_arrive() {
+    let stream = concat!(
+        "data: {\"choices\":[{\"delta\":{\"content\":\"a\"},\"finish_reason\":null}],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1,\"total_tokens\":4}}\r\n\r\n",
+        ": keep-alive\ndata: {\"choices\":[{\"delta\":{\"content\":\"b\"},\"finish_reason\":null}],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2,\"total_tokens\":5}}\n\n",
+        "data: {\"choices\":[{\"delta\":{},\ndata: \"finish_reason\":\"stop\"}],\"usage\":null}\n\n",
+        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2,\"total_tokens\":5}}\r\n\r\n",
+        "data:[DONE]\n\n",
+    )
+    .as_bytes();
+    let kind = Kind::OpenAiSse {
+        strip: true,
+        running: true,
+        timings: false,
+    };
+    let whole = run(kind, &[stream]);
+    assert!(whole.1.is_some());
+    for cut in 0..stream.len() {
+        assert_eq!(
+            run(kind, &[&stream[..cut], &stream[cut..]]),
+            whole,
+            "cut {cut}"
+        );
+    }
+    let bytes: Vec<&[u8]> = stream.chunks(1).collect();
+    assert_eq!(run(kind, &bytes), whole);
 }
