@@ -140,7 +140,7 @@ fn run(opts: &Options) -> Result<String, String> {
         );
     }
     if ctx.nginx.is_none() {
-        targets.retain(|t| *t != TargetKind::Nginx);
+        targets.retain(|t| !matches!(t, TargetKind::Nginx | TargetKind::NginxIds));
     }
     if ctx.haproxy.is_none() {
         targets.retain(|t| *t != TargetKind::Haproxy);

@@ -22,7 +22,8 @@ Options (each also settable by the environment variable in brackets):
                     llmproxy-tls
                     and the opt-in llmproxy-keys, llmproxy-redis (the clients' key rate-limited,
                     ratelimit.store local / redis; the latter starts a redis-server) and
-                    llmproxy-base (llmproxy's configuration on the binary LOAD_BASE_BIN)
+                    llmproxy-base (llmproxy's configuration on the binary LOAD_BASE_BIN),
+                    nginx-ids (nginx adding the X-Forwarded-For and X-Request-Id headers llmproxy adds)
                                                          [LOAD_TARGETS, default all but opt-ins]
   --startup-runs N  timed starts for the startup figure  [LOAD_STARTUP_RUNS, default 5; 0 = skip]
   --out PATH        also write the report (Markdown)     [LOAD_OUT]
@@ -110,7 +111,7 @@ impl Options {
         let mut chosen = Vec::new();
         for t in targets.split(',').filter(|s| !s.trim().is_empty()) {
             let kind = TargetKind::parse(t).ok_or_else(|| {
-                format!("unknown target {t:?} (direct, llmproxy, llmproxy-log, nginx, haproxy, llmproxy-2w, llmproxy-epoll, llmproxy-tls, llmproxy-keys, llmproxy-redis, llmproxy-base)")
+                format!("unknown target {t:?} (direct, llmproxy, llmproxy-log, nginx, haproxy, llmproxy-2w, llmproxy-epoll, llmproxy-tls, llmproxy-keys, llmproxy-redis, llmproxy-base, nginx-ids)")
             })?;
             if !chosen.contains(&kind) {
                 chosen.push(kind);

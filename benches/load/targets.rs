@@ -43,10 +43,14 @@ pub(crate) enum TargetKind {
     /// Opt-in: plain `llmproxy`'s configuration run by another binary (`LOAD_BASE_BIN`, an older
     /// build): before and after a change, in the same run.
     LlmproxyBase,
+    /// Opt-in: nginx adding what llmproxy adds to every exchange (`X-Forwarded-For` and
+    /// `X-Request-Id` upstream, `X-Request-Id` to the client): what those headers cost the load
+    /// side, apart from the proxy.
+    NginxIds,
 }
 
 impl TargetKind {
-    pub(crate) const ALL: [TargetKind; 11] = [
+    pub(crate) const ALL: [TargetKind; 12] = [
         TargetKind::Direct,
         TargetKind::Llmproxy,
         TargetKind::LlmproxyLog,
@@ -58,6 +62,7 @@ impl TargetKind {
         TargetKind::LlmproxyRedis,
         TargetKind::LlmproxyTls,
         TargetKind::LlmproxyBase,
+        TargetKind::NginxIds,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -73,6 +78,7 @@ impl TargetKind {
             TargetKind::LlmproxyRedis => "llmproxy-redis",
             TargetKind::LlmproxyTls => "llmproxy-tls",
             TargetKind::LlmproxyBase => "llmproxy-base",
+            TargetKind::NginxIds => "nginx-ids",
         }
     }
 
@@ -89,6 +95,7 @@ impl TargetKind {
             "llmproxy-redis" => Some(TargetKind::LlmproxyRedis),
             "llmproxy-tls" => Some(TargetKind::LlmproxyTls),
             "llmproxy-base" => Some(TargetKind::LlmproxyBase),
+            "nginx-ids" => Some(TargetKind::NginxIds),
             _ => None,
         }
     }
@@ -249,7 +256,8 @@ pub(crate) fn start_target(
             running.sidecar = Some(redis);
             Ok(running)
         }
-        TargetKind::Nginx => start_nginx(ctx, mock, tag, conns),
+        TargetKind::Nginx => start_nginx(ctx, mock, tag, conns, false),
+        TargetKind::NginxIds => start_nginx(ctx, mock, tag, conns, true),
         TargetKind::Haproxy => start_haproxy(ctx, mock, tag, conns),
     }
 }
@@ -373,8 +381,16 @@ pub(crate) fn start_nginx(
     mock: SocketAddr,
     tag: &str,
     conns: usize,
+    ids: bool,
 ) -> Result<Running, String> {
     let nginx = ctx.nginx.as_ref().ok_or("nginx is not installed")?;
+    let ids = if ids {
+        "            proxy_set_header X-Forwarded-For $remote_addr;\n\
+                     proxy_set_header X-Request-Id $request_id;\n\
+                     add_header X-Request-Id $request_id always;\n"
+    } else {
+        ""
+    };
     let port = free_port()?;
     let prefix = ctx.tmp.join(format!("nginx-{tag}"));
     std::fs::create_dir_all(&prefix).map_err(|e| e.to_string())?;
@@ -422,6 +438,7 @@ pub(crate) fn start_nginx(
          \x20           proxy_http_version 1.1;\n\
          \x20           proxy_set_header Connection \"\";\n\
          \x20           proxy_buffering off;\n\
+         {ids}\
          \x20       }}\n\
          \x20   }}\n\
          }}\n"
