@@ -315,7 +315,6 @@ impl Worker {
                         if !up {
                             // Down means restarted or gone: its KV cache cannot be trusted.
                             self.forget_prefixes(backend);
-                            self.traits.forget(backend);
                         }
                     }
                     self.view.set_up(backend, id, up);

@@ -7,8 +7,10 @@
 //! and billing aborted streams from the proxy's count meanwhile.
 //!
 //! Kept by backend slot with the backend's id (as the breakers are), so the per-request read is
-//! an index and a compare, and a backend that leaves its slot, or goes down (restarted, perhaps
-//! as another engine), is learnt afresh.
+//! an index and a compare, and a backend that leaves its slot is learnt afresh. A backend that
+//! goes down keeps what it taught: a restart is nearly always the same engine, and forgetting on
+//! every health flap would bill the aborted streams of each flap from the proxy's count until
+//! the next complete stream (the prefix index forgets, since a restart loses the KV cache).
 
 use std::cell::RefCell;
 
@@ -52,13 +54,6 @@ impl Traits {
         s.1 |= t.bit();
         news
     }
-
-    /// The backend in `slot` went down or left: what it taught is forgotten.
-    pub(crate) fn forget(&self, slot: usize) {
-        if let Some(s) = self.slots.borrow_mut().get_mut(slot) {
-            *s = (0, 0);
-        }
-    }
 }
 
 #[cfg(test)]
@@ -79,8 +74,5 @@ mod tests {
         assert!(t.learn(3, 8, Trait::NoRunningUsage));
         assert!(!t.has(3, 7, Trait::PerTokenTimings));
         assert!(!t.has(3, 8, Trait::PerTokenTimings));
-        t.forget(3);
-        assert!(!t.has(3, 8, Trait::NoRunningUsage));
-        t.forget(99);
     }
 }
