@@ -1,4 +1,5 @@
-//! Unit tests of the per-core state: request ids, breaker reports and reused slots, and how a new backend table is taken in.
+//! Unit tests of the per-core state: request ids, breaker reports and reused slots, and how a
+//! new backend table is taken in.
 
 use super::*;
 use crate::backends::desired;
