@@ -86,30 +86,15 @@ fn needs_escape(b: u8) -> bool {
     b < 0x20 || b == b'"' || b == b'\\'
 }
 
-/// Whether any byte is a control character, `"` or `\`: eight bytes per step (SWAR; each test
-/// is exact, bytes of 0x80 and above included), the tail padded with spaces.
+/// Whether any byte is a control character, `"` or `\`, eight bytes per step.
 fn any_escape(bytes: &[u8]) -> bool {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
-    let zero_byte = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
-    let hit = |x: u64| {
-        // A byte below 0x20, or equal to '"' or '\\'.
-        (x.wrapping_sub(ONES * 0x20) & !x & HIGH)
-            | zero_byte(x ^ (ONES * u64::from(b'"')))
-            | zero_byte(x ^ (ONES * u64::from(b'\\')))
-    };
-    let mut chunks = bytes.chunks_exact(8);
-    for c in &mut chunks {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(c);
-        if hit(u64::from_le_bytes(w)) != 0 {
-            return true;
-        }
-    }
-    let rest = chunks.remainder();
-    let mut w = [b' '; 8];
-    w[..rest.len()].copy_from_slice(rest);
-    hit(u64::from_le_bytes(w)) != 0
+    use crate::swar::{below, equal, first};
+    first(
+        bytes,
+        |x| below(x, 0x20) | equal(x, b'"') | equal(x, b'\\'),
+        needs_escape,
+    )
+    .is_some()
 }
 
 /// Appends an optional string as a JSON string or `null`.

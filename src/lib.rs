@@ -47,5 +47,6 @@ mod gate;
 mod hash;
 mod proxy;
 mod scheduler;
+mod swar;
 mod tls;
 mod upstream;

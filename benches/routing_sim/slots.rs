@@ -177,12 +177,7 @@ fn run_policy(policy: Policy, clients: usize, seed: u64) -> Outcome {
             server,
             measured: r >= PROMPTS,
         });
-        assign(&mut servers[server], reqs, r, now);
-        if !servers[server].stepping {
-            servers[server].stepping = true;
-            *seq += 1;
-            events.push(Reverse((ns(now), *seq, server)));
-        }
+        start(server, r, reqs, servers, events, seq, now);
         true
     };
 
@@ -319,22 +314,14 @@ fn dispatch(
                 .any(|x| x.busy.is_none() && x.prompt == Some(p))
         })
     };
-    let mut start = |server: usize, r: usize, reqs: &mut [Request], servers: &mut [Server]| {
-        reqs[r].server = server;
-        assign(&mut servers[server], reqs, r, now);
-        if !servers[server].stepping {
-            servers[server].stepping = true;
-            *seq += 1;
-            events.push(Reverse((ns(now), *seq, server)));
-        }
-    };
     // Pass 1: exact slot matches.
     let mut i = 0;
     while i < waiting.len() {
         let r = waiting[i];
         if let Some(s) = idle_with(servers, reqs[r].prompt) {
             waiting.remove(i);
-            start(s, r, reqs, servers);
+            reqs[r].server = s;
+            start(s, r, reqs, servers, events, seq, now);
         } else {
             i += 1;
         }
@@ -383,7 +370,8 @@ fn dispatch(
         match best {
             Some((_, s)) => {
                 waiting.remove(i);
-                start(s, r, reqs, servers);
+                reqs[r].server = s;
+                start(s, r, reqs, servers, events, seq, now);
             }
             None => break,
         }
@@ -396,6 +384,24 @@ fn dispatch(
             *seq += 1;
             events.push(Reverse((ns(at), *seq, usize::MAX)));
         }
+    }
+}
+
+/// Request `r` goes to `server`, which starts stepping if it was idle.
+fn start(
+    server: usize,
+    r: usize,
+    reqs: &mut [Request],
+    servers: &mut [Server],
+    events: &mut BinaryHeap<Reverse<(u64, u64, usize)>>,
+    seq: &mut u64,
+    now: f64,
+) {
+    assign(&mut servers[server], reqs, r, now);
+    if !servers[server].stepping {
+        servers[server].stepping = true;
+        *seq += 1;
+        events.push(Reverse((ns(now), *seq, server)));
     }
 }
 

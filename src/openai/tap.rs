@@ -541,9 +541,7 @@ impl Tap {
                         self.counted += 1;
                     }
                     if let Some(t) = timings_member(payload) {
-                        self.last_timings.clear();
-                        self.last_timings
-                            .extend_from_slice(&payload[t.value_start..t.value_end]);
+                        self.keep_timings(payload, &t);
                         // Known already when anything is removed; else looked for only here.
                         let finish = finish || (!finish_known && has_finish(payload));
                         if finish {
@@ -566,12 +564,7 @@ impl Tap {
                     .extend_from_slice(&payload[m.value_start..m.value_end]);
                 if usage_only(payload) {
                     // llama.cpp puts its final timings here when usage was asked for.
-                    if let Some(t) = timings_member(payload) {
-                        self.last_timings.clear();
-                        self.last_timings
-                            .extend_from_slice(&payload[t.value_start..t.value_end]);
-                        self.timings_at_end = true;
-                    }
+                    self.end_timings(payload);
                     return if strip {
                         Verdict::Strip(extra_fields(payload))
                     } else {
@@ -580,12 +573,9 @@ impl Tap {
                 }
                 if !finish {
                     self.running_seen = true;
-                } else if let Some(t) = timings_member(payload) {
+                } else {
                     // llama.cpp's `/v1/completions` ends with usage and timings on one chunk.
-                    self.last_timings.clear();
-                    self.last_timings
-                        .extend_from_slice(&payload[t.value_start..t.value_end]);
-                    self.timings_at_end = true;
+                    self.end_timings(payload);
                 }
                 // A finish chunk's usage is running usage only when earlier chunks had it too
                 // (some servers always put the final usage there: that stays).
@@ -614,6 +604,22 @@ impl Tap {
                 Verdict::Pass
             }
             _ => Verdict::Pass,
+        }
+    }
+
+    /// Keeps `payload`'s `timings` value (member `t`) as the last seen.
+    fn keep_timings(&mut self, payload: &[u8], t: &Member) {
+        self.last_timings.clear();
+        self.last_timings
+            .extend_from_slice(&payload[t.value_start..t.value_end]);
+    }
+
+    /// A chunk that ends the stream (the usage-only one, or a finish chunk with usage): its
+    /// `timings`, if it has any, are the final ones.
+    fn end_timings(&mut self, payload: &[u8]) {
+        if let Some(t) = timings_member(payload) {
+            self.keep_timings(payload, &t);
+            self.timings_at_end = true;
         }
     }
 

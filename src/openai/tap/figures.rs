@@ -210,33 +210,14 @@ fn members(
 }
 
 /// Bytes before the first `"`, `\\`, control or non-ASCII byte of `s` (where a plain key
-/// ends), eight at a time (SWAR; each test exact, as in `encode::any_escape`).
+/// ends), eight at a time.
 fn key_len(s: &[u8]) -> Option<usize> {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
-    let zero_byte = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
-    let stop = |x: u64| {
-        (x.wrapping_sub(ONES * 0x20) & !x & HIGH)
-            | (x & HIGH)
-            | zero_byte(x ^ (ONES * u64::from(b'"')))
-            | zero_byte(x ^ (ONES * u64::from(b'\\')))
-    };
-    let mut words = s.chunks_exact(8);
-    let mut base = 0;
-    for word in words.by_ref() {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(word);
-        let hits = stop(u64::from_le_bytes(w));
-        if hits != 0 {
-            return Some(base + (hits.trailing_zeros() / 8) as usize);
-        }
-        base += 8;
-    }
-    words
-        .remainder()
-        .iter()
-        .position(|&c| c == b'"' || c == b'\\' || !(0x20..0x80).contains(&c))
-        .map(|o| base + o)
+    use crate::swar::{below, equal, first, non_ascii};
+    first(
+        s,
+        |x| below(x, 0x20) | non_ascii(x) | equal(x, b'"') | equal(x, b'\\'),
+        |c| c == b'"' || c == b'\\' || !(0x20..0x80).contains(&c),
+    )
 }
 
 /// An unsigned integer that fits a u64 (`Some`) or `null` (`None`), and where it ends. What

@@ -244,34 +244,15 @@ fn nested_len_scalar(v: &[u8]) -> Option<Result<usize, Resume>> {
     }))
 }
 
-/// The first `"` or `\\` in `s`, eight bytes at a time (SWAR): keys of a usage object are a
-/// dozen bytes or more, where a byte loop costs four times as much and `memchr`'s set-up more.
+/// The first `"` or `\\` in `s`, eight bytes at a time: keys of a usage object are a dozen
+/// bytes or more, where a byte loop costs four times as much and `memchr`'s set-up more.
 fn quote_or_backslash(s: &[u8]) -> Option<usize> {
-    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
-    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
-    // The high bit of every byte of `w` equal to `b` (exact for the lowest one, which is all
-    // that is used: a borrow only propagates upwards).
-    let matches = |w: u64, b: u8| {
-        let x = w ^ (ONES * u64::from(b));
-        x.wrapping_sub(ONES) & !x & HIGHS
-    };
-    let mut words = s.chunks_exact(8);
-    let mut base = 0;
-    for word in words.by_ref() {
-        let mut bytes = [0u8; 8];
-        bytes.copy_from_slice(word);
-        let w = u64::from_le_bytes(bytes);
-        let hits = matches(w, b'"') | matches(w, b'\\');
-        if hits != 0 {
-            return Some(base + (hits.trailing_zeros() / 8) as usize);
-        }
-        base += 8;
-    }
-    words
-        .remainder()
-        .iter()
-        .position(|b| *b == b'"' || *b == b'\\')
-        .map(|o| base + o)
+    use crate::swar::{equal, first};
+    first(
+        s,
+        |w| equal(w, b'"') | equal(w, b'\\'),
+        |b| b == b'"' || b == b'\\',
+    )
 }
 
 /// The rest of a long nested value: jumps between quotes, braces and brackets with SIMD searches.
