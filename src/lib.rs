@@ -48,5 +48,6 @@ mod hash;
 mod proxy;
 mod scheduler;
 mod swar;
+mod timer;
 mod tls;
 mod upstream;

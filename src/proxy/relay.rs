@@ -382,7 +382,7 @@ pub(crate) async fn relay(
         }
         let buf = std::mem::take(&mut conn.buf);
         let read = conn.rd.read_with_room(buf, min_room);
-        let e = match monoio::time::timeout(t.idle, read).await {
+        let e = match crate::timer::timeout(t.idle, read).await {
             Ok((Ok(0), buf)) if body.framing == BodyFraming::UntilClose => {
                 conn.buf = buf;
                 // The end of a close-delimited body is its connection's end.
@@ -531,7 +531,7 @@ pub(crate) async fn write_client(
     buf: Vec<u8>,
     timeout: Duration,
 ) -> (bool, Vec<u8>) {
-    match monoio::time::timeout(timeout, wr.write_all(buf)).await {
+    match crate::timer::timeout(timeout, wr.write_all(buf)).await {
         Ok((res, buf)) => (res.is_ok(), buf),
         Err(_) => (false, Vec::new()),
     }
@@ -549,7 +549,7 @@ pub(crate) async fn watch_client<F: Future>(
     let mut fut = std::pin::pin!(fut);
     // Most exchanges finish within a few milliseconds; only the ones that don't pay for a socket
     // watch (a read and its cancellation on every request would cost two ring operations).
-    if let Ok(out) = monoio::time::timeout(WATCH_AFTER, &mut fut).await {
+    if let Ok(out) = crate::timer::timeout(WATCH_AFTER, &mut fut).await {
         return Some(out);
     }
     // Its own future, awaited after the timer's is gone: the two then share their space in

@@ -395,8 +395,7 @@ fn send_batch(agent: &ureq::Agent, url: &str, hook: &UsageHook, batch: &Batch) -
         }
         HookFormat::Single => batch.lines.first().cloned().unwrap_or_default(),
     };
-    // Same events, same body, same key: a batch re-sent after a crash is recognisable.
-    let key = hex(&Sha256::digest(body.as_bytes())[..16]);
+    let key = batch_key(&batch.lines);
     let signature = hook
         .secret
         .as_ref()
@@ -449,6 +448,25 @@ pub(crate) fn sign(secret: &[u8], body: &[u8]) -> String {
     format!("sha256={}", hex(&mac.finalize().into_bytes()))
 }
 
+/// A batch's `Idempotency-Key`: its events' ids, in order, hashed. The same events give the same
+/// key, so a batch re-sent after a crash is recognisable. Only the ids are hashed, not the body:
+/// SHA-256 over whole events was nine tenths of this thread's instructions (about half a
+/// microsecond per event natively), and an event's id already names it. A line that does not
+/// start with its id (none is written so; the fallback keeps the key defined) is hashed whole.
+fn batch_key(lines: &[String]) -> String {
+    const ID: &str = "{\"event_id\":\"";
+    let mut h = Sha256::new();
+    for line in lines {
+        let id = line
+            .strip_prefix(ID)
+            .and_then(|rest| rest.split_once('"'))
+            .map_or(line.as_str(), |(id, _)| id);
+        h.update(id.as_bytes());
+        h.update(b"\n");
+    }
+    hex(&h.finalize()[..16])
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -464,6 +482,24 @@ mod tests {
             sig,
             "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
+    }
+
+    #[test]
+    fn a_batch_key_names_its_events_in_order() {
+        let line = |id: &str, n: u32| format!("{{\"event_id\":\"{id}\",\"n\":{n}}}");
+        let ab = [line("a1", 1), line("b2", 2)];
+        // The ids decide, not the rest of the line...
+        assert_eq!(batch_key(&ab), batch_key(&[line("a1", 7), line("b2", 8)]));
+        // ...in order, and one id more or less is another batch.
+        assert_ne!(batch_key(&ab), batch_key(&[line("b2", 2), line("a1", 1)]));
+        assert_ne!(batch_key(&ab), batch_key(&[line("a1", 1)]));
+        assert_ne!(batch_key(&ab), batch_key(&[line("a1b2", 1)]));
+        // A line without its id first is hashed whole.
+        assert_ne!(
+            batch_key(&["{\"x\":1}".into()]),
+            batch_key(&["{\"x\":2}".into()])
+        );
+        assert_eq!(batch_key(&ab).len(), 32);
     }
 
     #[test]
