@@ -183,7 +183,10 @@ fn run_policy(policy: Policy, clients: usize, seed: u64) -> Outcome {
                 let Some(pick) = balancer.choose(&input, |_| true) else {
                     return false;
                 };
-                if let Some(g) = pick.slot.and_then(|k| balancer.occupy_slot(pick.backend, k)) {
+                if let Some(g) = pick
+                    .slot
+                    .and_then(|k| balancer.occupy_slot(pick.backend, k))
+                {
                     pinned.borrow_mut().insert(r, g);
                 }
                 balancer.learn_slot(pick.backend, pick.slot, &blocks);
