@@ -9,7 +9,8 @@ struct Candidate {
     backend: usize,
     slot: Option<usize>,
     cost: f64,
-    /// The backend's in flight per unit of weight.
+    /// The backend's in flight per unit of weight (engine slots only: a whole backend has its
+    /// load in its cost).
     load: f64,
     /// When the engine slot was last given a prompt (0 = never; 0 for a whole backend).
     stamp: u64,
@@ -110,7 +111,9 @@ impl Balancer {
                 backend: b,
                 slot: None,
                 cost: miss_cost * missing(matched) + load,
-                load,
+                // The load is in the cost already; equal costs stay a fair draw, as they were
+                // before engine slots existed.
+                load: 0.0,
                 stamp: 0,
                 matched,
                 busy: 0,
