@@ -442,6 +442,32 @@ mod tests {
     }
 
     #[test]
+    fn engine_slot_boards_follow_the_slots_key_and_outlive_other_changes() {
+        let with = |slots, weight| Spec {
+            slots,
+            ..spec("a", 1, weight)
+        };
+        let board = |r: &Registry| r.slots[0].as_ref().unwrap().busy.clone();
+        let mut r = Registry::new(2, vec![with(2, 1)]);
+        let first = board(&r).unwrap();
+        assert_eq!(first.len(), 2);
+        // Another weight: the same board (requests pinned now keep counting on it).
+        r.apply(vec![with(2, 3)]);
+        assert!(Arc::ptr_eq(&first, &board(&r).unwrap()));
+        assert!(Arc::ptr_eq(
+            &first,
+            r.publish(cfg()).get(0).unwrap().busy.as_ref().unwrap()
+        ));
+        // Another slot count: a new board; none without slots.
+        r.apply(vec![with(4, 3)]);
+        let second = board(&r).unwrap();
+        assert!(!Arc::ptr_eq(&first, &second));
+        assert_eq!(second.len(), 4);
+        r.apply(vec![with(0, 3)]);
+        assert!(board(&r).is_none());
+    }
+
+    #[test]
     fn removed_backends_drain_until_every_core_reports_then_free_their_slot() {
         let mut r = Registry::new(2, vec![spec("a", 1, 1), spec("a", 2, 1)]);
         let c = r.apply(vec![spec("a", 2, 1)]);
