@@ -9,7 +9,8 @@ questions are fixed by SEED, whatever order the clients take them in).
 Prints one JSON line: requests, errors, prefix reuse (sum of llama.cpp's own
 usage.prompt_tokens_details.cached_tokens over sum of prompt_tokens), median and p90 latency.
 With a METRICS_URL argument it also reads the proxy's requests per backend after the warm-up
-and reports the measured requests' share per backend ("per_backend").
+and reports the measured requests' share per backend ("per_backend"), and the proxy's routing
+decisions by reason over the measured requests ("decisions").
 Standard library only.
 """
 
@@ -41,6 +42,17 @@ def per_backend(metrics_url):
     with urllib.request.urlopen(metrics_url, timeout=10) as r:
         for line in r.read().decode().splitlines():
             m = re.match(r'llmproxy_requests_total\{[^}]*backend="([^"]+)"[^}]*\} (\d+)', line)
+            if m:
+                counts[m.group(1)] = counts.get(m.group(1), 0) + int(m.group(2))
+    return counts
+
+
+def decisions(metrics_url):
+    """The proxy's routing decisions so far, by reason (every strategy's)."""
+    counts = {}
+    with urllib.request.urlopen(metrics_url, timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            m = re.match(r'llmproxy_routing_decisions_total\{reason="([^"]+)"[^}]*\} (\d+)', line)
             if m:
                 counts[m.group(1)] = counts.get(m.group(1), 0) + int(m.group(2))
     return counts
@@ -99,6 +111,7 @@ def main():
         send(url, prompts, p, f"Warm-up: name a {WORDS[p]}.") is None for p in range(len(prompts))
     )
     before = settled(metrics_url, len(prompts)) if metrics_url else {}
+    decided = decisions(metrics_url) if metrics_url else {}
     lock = threading.Lock()
     todo = list(enumerate(plan))
     results = []
@@ -124,15 +137,19 @@ def main():
     lat = sorted(r[0] for r in ok)
     prompt = sum(r[1] for r in ok)
     shares = []
+    reasons = {}
     if metrics_url:
         after = settled(metrics_url, sum(before.values()) + len(results))
         shares = [after[b] - before.get(b, 0) for b in sorted(after)]
+        reasons = {k: v - decided.get(k, 0) for k, v in decisions(metrics_url).items()}
+        reasons = {k: v for k, v in reasons.items() if v}
     print(
         json.dumps(
             {
                 "requests": len(ok),
                 "errors": len(results) - len(ok) + warm_failed,
                 "per_backend": shares,
+                "decisions": reasons,
                 "reuse": round(sum(r[2] for r in ok) / max(prompt, 1), 3),
                 "median_s": round(statistics.median(lat), 3) if lat else None,
                 "p90_s": round(lat[int(len(lat) * 0.9)], 3) if lat else None,

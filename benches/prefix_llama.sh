@@ -4,16 +4,20 @@
 # under KV pressure does), llmproxy with 2 workers in front, the workload of prefix_llama.py (six
 # long system prompts, the hottest 40% of the traffic, 4 clients, no session header), once per
 # strategy, each with freshly started servers and an unmeasured warm-up (each system prompt once).
-# Prints a table and checks prefix_cache against round_robin (reuse >= 0.6 and >= 1.5x, median
-# latency <= 0.7x, each server >= a quarter of the measured requests); exits 1 when a check
-# fails. Bounded: PREFIX_REQUESTS requests per strategy (default 40), a few minutes on 2 cores.
+# `prefix_cache_slots` is no strategy of its own: `prefix_cache` with `slots: 2` declared on both
+# backends, so the proxy pins each request to an engine slot (`id_slot`) and a request whose
+# prompt a busy slot holds waits in the server for that slot.
+# Prints a table and checks prefix_cache_slots (or, without that row, prefix_cache) against
+# round_robin (reuse >= 0.6 and >= 1.5x, median latency <= 0.7x, each server >= a quarter of the
+# measured requests); exits 1 when a check fails. Bounded: PREFIX_REQUESTS requests per strategy
+# (default 40), a few minutes on 2 cores.
 #
 #   bash benches/prefix_llama.sh
 #
 # Environment: LLMPROXY_BIN (default: cargo build --release --locked), XDG_CACHE_HOME (venv and
 # model in llmproxy-ci/, shared with tests/e2e/real_backend.sh), PREFIX_REQUESTS,
 # PREFIX_CLIENTS (default 4), PREFIX_STRATEGIES (default "round_robin consistent_hash
-# least_connections prefix_cache").
+# least_connections prefix_cache prefix_cache_slots").
 # Everything listens on 127.0.0.1; every process started here is stopped by its PID.
 set -euo pipefail
 export PYTHONDONTWRITEBYTECODE=1
@@ -25,7 +29,7 @@ VENV="$CACHE/e2e-venv"
 MODEL="$CACHE/models/gemma-3-270m-q4_k_m.gguf"
 REQUESTS="${PREFIX_REQUESTS:-40}"
 CLIENTS="${PREFIX_CLIENTS:-4}"
-STRATEGIES="${PREFIX_STRATEGIES:-round_robin consistent_hash least_connections prefix_cache}"
+STRATEGIES="${PREFIX_STRATEGIES:-round_robin consistent_hash least_connections prefix_cache prefix_cache_slots}"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/llmproxy-prefix.XXXXXX")"
 PIDS=()
 
@@ -85,14 +89,17 @@ for strategy in $STRATEGIES; do
   done
   for l in "${LLAMA[@]}"; do wait_ok "http://127.0.0.1:${l%%:*}/health" "${l##*:}" 120; done
   pport=$(free_port)
+  # The servers' --parallel, declared for the slot-pinning run only.
+  slots=""
+  [ "$strategy" = prefix_cache_slots ] && slots=", slots: 2"
   cat >"$WORK/proxy.yaml" <<EOF
 listen: "127.0.0.1:$pport"
 workers: 2
 shutdown_grace: 1s
 backends:
-  - url: "http://127.0.0.1:${LLAMA[0]%%:*}"
-  - url: "http://127.0.0.1:${LLAMA[1]%%:*}"
-strategy: $strategy
+  - { url: "http://127.0.0.1:${LLAMA[0]%%:*}"$slots }
+  - { url: "http://127.0.0.1:${LLAMA[1]%%:*}"$slots }
+strategy: ${strategy%_slots}
 routing:
   hash_key: "prefix:1"
   prefix_cache:
@@ -115,6 +122,9 @@ import json, sys
 r = json.loads(sys.argv[2])
 print("| %s | %d (%d errors) | %.2f | %.2f | %.2f | %s | %s |" % (
     sys.argv[1], r["requests"], r["errors"], r["reuse"], r["median_s"], r["p90_s"], sys.argv[3], r["wall_s"]))
+if r.get("decisions"):
+    print("  routing decisions (measured requests): " + ", ".join(
+        "%s %d" % kv for kv in sorted(r["decisions"].items())), file=sys.stderr)
 PY
   for pid in "$PROXY" "${LLAMA[@]##*:}"; do stop "$pid"; done
 done
@@ -126,10 +136,12 @@ for line in open(sys.argv[1]):
     name, rest = line.split(" ", 1)
     js, shares = rest.rsplit(" ", 1)
     rows[name] = (json.loads(js), [int(x) for x in shares.split("/") if x])
-if "prefix_cache" not in rows or "round_robin" not in rows:
+name = "prefix_cache_slots" if "prefix_cache_slots" in rows else "prefix_cache"
+if name not in rows or "round_robin" not in rows:
     sys.exit(0)
-pc, rr = rows["prefix_cache"][0], rows["round_robin"][0]
-shares = rows["prefix_cache"][1]
+pc, rr = rows[name][0], rows["round_robin"][0]
+shares = rows[name][1]
+print(f"checks of {name} against round_robin:")
 checks = [
     ("no errors", pc["errors"] == 0),
     (f"reuse {pc['reuse']} >= 0.6", pc["reuse"] >= 0.6),

@@ -549,3 +549,94 @@ fn prefix_cache_spreads_misses_and_returns_each_prompt_to_its_backend() {
     }
     assert_decisions(&proxy, "prefix_cache", "cache_hit", 30.0);
 }
+
+/// The body a backend received for `body` sent through the proxy to `path` (the mock echoes
+/// it), and which mock it was.
+fn upstream_body(proxy: &Proxy, path: &str, body: &str) -> (u64, String) {
+    let r = post_json(proxy.addr, path, body, &[("x-mock-echo", "1")]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    (
+        v["port"].as_u64().unwrap_or(0),
+        v["body"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+/// The `id_slot` llama.cpp would read in an upstream body (`None`: not pinned).
+fn id_slot(body: &str) -> Option<u64> {
+    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    v.get("id_slot")?.as_u64()
+}
+
+#[test]
+fn prefix_cache_pins_each_prompt_to_its_own_engine_slot_with_id_slot() {
+    let a = Mock::start();
+    let b = Mock::start();
+    // `a` declares two engine slots (llama.cpp `--parallel 2`); `b` declares none (one shared
+    // cache, as vLLM's) and is down to start with, so `a` takes every pick first.
+    let yaml = format!(
+        "listen: \"127.0.0.1:0\"\nworkers: 2\nbackends:\n  - {{ url: \"{}\", slots: 2 }}\n  - {{ url: \"{}\" }}\n\
+         health_check: {{ interval: 1s, path: /health, timeout: 500ms }}\nstrategy: prefix_cache\n",
+        a.url(),
+        b.url()
+    );
+    b.control(r#"{"health_status": 503}"#);
+    let proxy = Proxy::start(&yaml, &["--workers", "2"]);
+    assert!(eventually(Duration::from_secs(5), || {
+        metric(
+            &proxy,
+            &format!("llmproxy_backend_up{{backend=\"{}\"}}", b.url()),
+        ) == Some(0.0)
+    }));
+    // Two system prompts, one after the other: each takes an engine slot of its own, and keeps
+    // coming back to it with every new question, whichever core takes the connection.
+    let (pa, first) = upstream_body(&proxy, "/v1/chat/completions", &prefix_chat(1, 0));
+    let (pb, second) = upstream_body(&proxy, "/v1/chat/completions", &prefix_chat(2, 0));
+    assert_eq!((pa, pb), (port(&a), port(&a)));
+    let (sa, sb) = (id_slot(&first), id_slot(&second));
+    assert!(sa.is_some() && sb.is_some() && sa != sb, "{sa:?} {sb:?}");
+    // The rest of the body is what the client sent.
+    let v: serde_json::Value = serde_json::from_str(&first).unwrap();
+    let sent: serde_json::Value = serde_json::from_str(&prefix_chat(1, 0)).unwrap();
+    assert_eq!(v["messages"], sent["messages"]);
+    std::thread::sleep(Duration::from_millis(100));
+    for q in 1..6 {
+        let (_, body) = upstream_body(&proxy, "/v1/chat/completions", &prefix_chat(1, q));
+        assert_eq!(id_slot(&body), sa, "prompt 1, question {q}");
+        let (_, body) = upstream_body(&proxy, "/v1/chat/completions", &prefix_chat(2, q));
+        assert_eq!(id_slot(&body), sb, "prompt 2, question {q}");
+    }
+    assert_decisions(&proxy, "prefix_cache", "cache_hit", 10.0);
+    // Bodies without a prompt to place are forwarded as sent, not pinned, and nothing breaks:
+    // no messages; messages that are not an array; a prompt shorter than a block; a body that
+    // is not JSON on a route the proxy does not read (llama.cpp's own `/completion`).
+    for (path, body) in [
+        ("/v1/chat/completions", r#"{"model":"m"}"#),
+        ("/v1/chat/completions", r#"{"model":"m","messages":"hi"}"#),
+        ("/v1/completions", r#"{"model":"m","prompt":"short"}"#),
+        ("/completion", "prompt=not json at all"),
+    ] {
+        let (_, got) = upstream_body(&proxy, path, body);
+        assert_eq!(got, body, "{path}: forwarded unchanged");
+    }
+    // A client's own id_slot is kept as it is.
+    let own = prefix_chat(1, 50).replacen('{', r#"{"id_slot":7,"#, 1);
+    let (_, got) = upstream_body(&proxy, "/v1/chat/completions", &own);
+    assert_eq!(got, own);
+    // Not JSON on a JSON route: the client's error, as ever; the proxy goes on pinning.
+    let r = post_json(proxy.addr, "/v1/chat/completions", "{not json", &[]);
+    r.assert_error(400, "bad_request");
+    let (_, body) = upstream_body(&proxy, "/v1/chat/completions", &prefix_chat(2, 99));
+    assert_eq!(id_slot(&body), sb);
+    // The backend without slots, once up, is scored as a whole: never pinned.
+    b.control(r#"{"health_status": 200}"#);
+    a.control(r#"{"health_status": 503}"#);
+    assert!(eventually(Duration::from_secs(5), || {
+        metric(
+            &proxy,
+            &format!("llmproxy_backend_up{{backend=\"{}\"}}", a.url()),
+        ) == Some(0.0)
+    }));
+    let (p, body) = upstream_body(&proxy, "/v1/chat/completions", &prefix_chat(1, 60));
+    assert_eq!((p, id_slot(&body)), (port(&b), None));
+}

@@ -13,6 +13,12 @@
 //! `static placement` is not a strategy: the hot prompt and one other on one server, the
 //! other four on the second, whatever the load: what affinity chosen knowing the popularity
 //! in advance gets here.
+//!
+//! `prefix_cache, slots: 2` is the strategy with the servers' slots declared: the balancer picks
+//! an engine slot and the request is pinned to it (llama.cpp's `id_slot`): a pinned request whose
+//! slot is busy waits in the server for that slot, and a slot that frees is taken first by a
+//! request waiting for it (llama.cpp's `pop_deferred_task(id_slot)`), else by the oldest unpinned
+//! one.
 
 use super::*;
 
@@ -52,6 +58,8 @@ struct Request {
     cached: u64,
     server: usize,
     measured: bool,
+    /// The engine slot it is pinned to (`id_slot`).
+    pin: Option<usize>,
 }
 
 pub(super) struct Outcome {
@@ -86,6 +94,8 @@ enum Policy {
     /// idle slot holding its prompt; while a busy slot holds it, it waits for that slot (up to
     /// `MAX_WAIT`); else it takes the idle slot whose prompt is least wanted; else it waits.
     SlotAware,
+    /// `prefix_cache` with `slots: 2` declared: requests pinned to the engine slot it picks.
+    Pinned,
 }
 
 /// How long a slot-aware router holds a request for the slot that holds its prompt.
@@ -94,6 +104,7 @@ const MAX_WAIT: f64 = 2.0;
 fn run_policy(policy: Policy, clients: usize, seed: u64) -> Outcome {
     let strategy = match policy {
         Policy::Strategy(s) => Some(s),
+        Policy::Pinned => Some(Strategy::PrefixCache),
         _ => None,
     };
     fastrand::seed(seed);
@@ -108,6 +119,13 @@ fn run_policy(policy: Policy, clients: usize, seed: u64) -> Outcome {
         params,
     );
     let view = LoadView::new(0, 1, SERVERS);
+    if matches!(policy, Policy::Pinned) {
+        for s in 0..SERVERS {
+            balancer.set_engine_slots(s, SLOTS);
+        }
+    }
+    // The engine-slot counts each pinned request holds until it is done.
+    let pinned = std::cell::RefCell::new(HashMap::new());
     let mut servers: Vec<Server> = (0..SERVERS)
         .map(|_| Server {
             slots: [Slot::default(); SLOTS],
@@ -149,12 +167,13 @@ fn run_policy(policy: Policy, clients: usize, seed: u64) -> Outcome {
                 cached: 0,
                 server: usize::MAX,
                 measured: r >= PROMPTS,
+                pin: None,
             });
             waiting.borrow_mut().push_back(r);
             return true;
         }
-        let server = match strategy {
-            None => usize::from(prompt >= 2),
+        let (server, pin) = match strategy {
+            None => (usize::from(prompt >= 2), None),
             Some(_) => {
                 let input = Inputs {
                     key: Some(mix64(prompt as u64)),
@@ -164,8 +183,14 @@ fn run_policy(policy: Policy, clients: usize, seed: u64) -> Outcome {
                 let Some(pick) = balancer.choose(&input, |_| true) else {
                     return false;
                 };
-                balancer.learn(pick.backend, &blocks);
-                pick.backend
+                if let Some(g) = pick
+                    .slot
+                    .and_then(|k| balancer.occupy_slot(pick.backend, k))
+                {
+                    pinned.borrow_mut().insert(r, g);
+                }
+                balancer.learn_slot(pick.backend, pick.slot, &blocks);
+                (pick.backend, pick.slot)
             }
         };
         view.add_own(server, 1);
@@ -176,6 +201,7 @@ fn run_policy(policy: Policy, clients: usize, seed: u64) -> Outcome {
             cached: 0,
             server,
             measured: r >= PROMPTS,
+            pin,
         });
         start(server, r, reqs, servers, events, seq, now);
         true
@@ -216,7 +242,7 @@ fn run_policy(policy: Policy, clients: usize, seed: u64) -> Outcome {
         // The server's step ends: the slots that were in it progress (a request that
         // arrived during the step waits for the next one).
         let mut finished = Vec::new();
-        for slot in servers[s].slots.iter_mut() {
+        for (k, slot) in servers[s].slots.iter_mut().enumerate() {
             let Some(r) = slot.busy.filter(|_| slot.in_step) else {
                 continue;
             };
@@ -225,18 +251,26 @@ fn run_policy(policy: Policy, clients: usize, seed: u64) -> Outcome {
             if slot.left == 0 {
                 slot.busy = None;
                 slot.last = now;
-                finished.push(r);
+                finished.push((r, k));
             }
         }
-        for &r in &finished {
+        for &(r, k) in &finished {
             reqs[r].done = now;
             if !matches!(policy, Policy::SlotAware) {
                 view.add_own(s, -1);
             }
-            if let Some(d) = servers[s].deferred.pop_front() {
+            pinned.borrow_mut().remove(&r);
+            // The freed slot goes to a request pinned to it, else to the oldest unpinned one.
+            let deferred = &mut servers[s].deferred;
+            let next = deferred
+                .iter()
+                .position(|&d| reqs[d].pin == Some(k))
+                .or_else(|| deferred.iter().position(|&d| reqs[d].pin.is_none()));
+            if let Some(d) = next.and_then(|i| deferred.remove(i)) {
                 assign(&mut servers[s], &mut reqs, d, now);
             }
         }
+        let finished: Vec<usize> = finished.into_iter().map(|(r, _)| r).collect();
         // Each finished request frees its client. The warm-up runs one at a time; when its
         // last request is done, every client starts.
         for &r in &finished {
@@ -405,20 +439,24 @@ fn start(
     }
 }
 
-/// Request `r` arrives at `server`: an idle slot holding its prompt, else the least recently
-/// used idle slot, else it waits for the next slot to free.
+/// Request `r` arrives at `server`: pinned, its slot if idle (else it waits for that slot);
+/// unpinned, an idle slot holding its prompt, else the least recently used idle slot, else it
+/// waits for the next slot to free.
 fn assign(server: &mut Server, reqs: &mut [Request], r: usize, now: f64) {
     let prompt = reqs[r].prompt;
     let idle = |x: &Slot| x.busy.is_none();
-    let pick = server
-        .slots
-        .iter()
-        .position(|x| idle(x) && x.prompt == Some(prompt))
-        .or_else(|| {
-            (0..SLOTS)
-                .filter(|&i| idle(&server.slots[i]))
-                .min_by(|&a, &b| server.slots[a].last.total_cmp(&server.slots[b].last))
-        });
+    let pick = match reqs[r].pin {
+        Some(k) => Some(k).filter(|&k| idle(&server.slots[k])),
+        None => server
+            .slots
+            .iter()
+            .position(|x| idle(x) && x.prompt == Some(prompt))
+            .or_else(|| {
+                (0..SLOTS)
+                    .filter(|&i| idle(&server.slots[i]))
+                    .min_by(|&a, &b| server.slots[a].last.total_cmp(&server.slots[b].last))
+            }),
+    };
     let Some(i) = pick else {
         server.deferred.push_back(r);
         return;
@@ -460,6 +498,7 @@ pub(super) fn tables() {
             Policy::Strategy(Strategy::PrefixCache),
             Policy::Static,
             Policy::SlotAware,
+            Policy::Pinned,
         ];
         for policy in rows {
             let runs: Vec<Outcome> = seeds
@@ -478,7 +517,8 @@ pub(super) fn tables() {
                 match policy {
                     Policy::Strategy(s) => s.as_str(),
                     Policy::Static => "static placement",
-                    Policy::SlotAware => "slot-aware router holding requests (not built)",
+                    Policy::SlotAware => "slot-aware router holding requests (model)",
+                    Policy::Pinned => "prefix_cache, slots: 2 (id_slot)",
                 },
                 mean(|o| o.reuse),
                 mean(|o| o.median),

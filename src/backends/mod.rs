@@ -18,12 +18,14 @@
 //! pick (which scans all slots) without bound. Reuse is safe because a slot is only reused after
 //! all cores have drained it, and per-core state is reset whenever a slot's id changes.
 
+pub(crate) mod engine_slots;
 pub(crate) mod route;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::backends::engine_slots::SlotBusy;
 use crate::backends::route::RouteTable;
 use crate::config::{Config, Secret};
 use crate::tls::ClientTls;
@@ -64,6 +66,8 @@ pub(crate) struct Spec {
     pub(crate) discovered: bool,
     /// Requests in flight allowed on this backend across the process; 0 = unlimited.
     pub(crate) max_inflight: usize,
+    /// The engine's slots, each with a KV cache of its own (`backends[].slots`); 0 = one shared.
+    pub(crate) slots: usize,
     /// Sent upstream as `Authorization: Bearer`.
     pub(crate) api_key: Option<Secret>,
     /// Where the engine's Prometheus metrics are (after `base_path`), for `least_load`.
@@ -91,6 +95,14 @@ pub(crate) struct Entry {
     pub(crate) up_initially: bool,
     /// The table version in which it started draining (reports from before are stale).
     pub(crate) draining_since: u64,
+    /// Requests pinned to each engine slot (`spec.slots` of them; `None` without slots), shared
+    /// by every core and every table version while `spec.slots` stays the same.
+    pub(crate) busy: Option<Arc<SlotBusy>>,
+}
+
+/// A new board for `slots` engine slots (none for an engine with one shared cache).
+fn board(slots: usize) -> Option<Arc<SlotBusy>> {
+    (slots > 0).then(|| SlotBusy::new(slots))
 }
 
 /// One immutable version of the backend set, shared by every core.
@@ -143,6 +155,7 @@ pub(crate) fn desired(
             models: b.models.clone(),
             discovered: b.discover.is_some(),
             max_inflight: b.max_inflight,
+            slots: b.slots,
             api_key: b.api_key.clone(),
             metrics_path: b.metrics_path.clone(),
             tls: b.tls.as_ref().map(|t| t.client.clone()),
@@ -220,6 +233,7 @@ impl Registry {
     fn insert(&mut self, spec: Spec, up_initially: bool) {
         let entry = Entry {
             id: self.next_id,
+            busy: board(spec.slots),
             spec,
             state: State::Active,
             up_initially,
@@ -253,6 +267,9 @@ impl Registry {
                         changes.added.push(spec.name.clone());
                     } else if spec != e.spec {
                         changes.updated.push(spec.name.clone());
+                    }
+                    if spec.slots != e.spec.slots {
+                        e.busy = board(spec.slots);
                     }
                     e.spec = spec;
                 }
@@ -363,6 +380,7 @@ mod tests {
             models: None,
             discovered: true,
             max_inflight: 0,
+            slots: 0,
             api_key: None,
             metrics_path: "/metrics".into(),
             tls: None,
@@ -421,6 +439,32 @@ mod tests {
         // Nothing changed: no new version.
         assert!(r.apply(vec![spec("a", 1, 1), spec("a", 2, 5)]).is_empty());
         assert_eq!(r.version(), 2);
+    }
+
+    #[test]
+    fn engine_slot_boards_follow_the_slots_key_and_outlive_other_changes() {
+        let with = |slots, weight| Spec {
+            slots,
+            ..spec("a", 1, weight)
+        };
+        let board = |r: &Registry| r.slots[0].as_ref().unwrap().busy.clone();
+        let mut r = Registry::new(2, vec![with(2, 1)]);
+        let first = board(&r).unwrap();
+        assert_eq!(first.len(), 2);
+        // Another weight: the same board (requests pinned now keep counting on it).
+        r.apply(vec![with(2, 3)]);
+        assert!(Arc::ptr_eq(&first, &board(&r).unwrap()));
+        assert!(Arc::ptr_eq(
+            &first,
+            r.publish(cfg()).get(0).unwrap().busy.as_ref().unwrap()
+        ));
+        // Another slot count: a new board; none without slots.
+        r.apply(vec![with(4, 3)]);
+        let second = board(&r).unwrap();
+        assert!(!Arc::ptr_eq(&first, &second));
+        assert_eq!(second.len(), 4);
+        r.apply(vec![with(0, 3)]);
+        assert!(board(&r).is_none());
     }
 
     #[test]

@@ -82,7 +82,7 @@ impl Default for RawConfig {
 #[serde(
     deny_unknown_fields,
     default,
-    expecting = "a mapping with url, weight, models, discover, name, max_inflight, api_key, metrics_path, tls"
+    expecting = "a mapping with url, weight, models, discover, name, max_inflight, slots, api_key, metrics_path, tls"
 )]
 pub(super) struct RawBackend {
     pub(super) url: String,
@@ -91,6 +91,7 @@ pub(super) struct RawBackend {
     pub(super) discover: Option<DiscoverKind>,
     pub(super) name: Option<String>,
     pub(super) max_inflight: usize,
+    pub(super) slots: Option<usize>,
     pub(super) api_key: Option<String>,
     pub(super) metrics_path: String,
     pub(super) tls: Option<RawBackendTls>,
@@ -105,6 +106,7 @@ impl Default for RawBackend {
             discover: None,
             name: None,
             max_inflight: 0,
+            slots: None,
             api_key: None,
             metrics_path: "/metrics".to_string(),
             tls: None,

@@ -109,6 +109,10 @@ pub struct Backend {
     pub name: Option<String>,
     /// Most requests in flight on this backend across the process; 0 = unlimited.
     pub max_inflight: usize,
+    /// Sequences the engine serves at once, each with a KV cache of its own (llama.cpp's
+    /// `--parallel`); 0 = not declared (one shared cache, as vLLM and SGLang keep). Under
+    /// `prefix_cache` a declared backend gets each request pinned to one of its slots.
+    pub slots: usize,
     /// Sent upstream as `Authorization: Bearer <key>`; `None` = none (an empty value counts as none).
     pub api_key: Option<Secret>,
     /// Path (after `base_path`) of the engine's Prometheus metrics, scraped for `least_load`.

@@ -21,6 +21,10 @@ use super::schema::{
 use super::ConfigError;
 use crate::tls::ServerTls;
 
+/// Most `backends[].slots`: each slot is a candidate `prefix_cache` scores on every pick, and
+/// llama.cpp splits its context between them (256 slots of a 128k context are 512 tokens each).
+pub(crate) const MAX_SLOTS: usize = 256;
+
 pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let mut errors: Vec<String> = Vec::new();
     let mut err = |path: &str, reason: String| errors.push(format!("{path}: {reason}"));
@@ -99,6 +103,14 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 }
             }
         }
+        if let Some(n) = b.slots {
+            if !(1..=MAX_SLOTS).contains(&n) {
+                err(
+                    &format!("{at}.slots"),
+                    format!("must be 1 to {MAX_SLOTS} (the engine's parallel sequences), got {n}"),
+                );
+            }
+        }
         if !b.metrics_path.starts_with('/')
             || b.metrics_path
                 .chars()
@@ -167,6 +179,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             discover: b.discover,
             name: b.name,
             max_inflight: b.max_inflight,
+            slots: b.slots.unwrap_or(0),
             api_key: b.api_key.filter(|k| !k.is_empty()).map(Secret),
             metrics_path: b.metrics_path,
             tls,

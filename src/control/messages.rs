@@ -58,11 +58,13 @@ pub(crate) enum ControlMsg {
         learnt: Trait,
     },
     /// `prefix_cache`: another core sent a prompt with this block chain to `backend` (holding
-    /// `id`), through the balancer of model pool `pool` (`None`: the top-level one).
+    /// `id`), pinned to its engine slot `slot` if any, through the balancer of model pool `pool`
+    /// (`None`: the top-level one).
     Prefix {
         pool: Option<usize>,
         backend: usize,
         id: u64,
+        slot: Option<usize>,
         blocks: Arc<[u64]>,
     },
 }

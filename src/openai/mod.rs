@@ -405,6 +405,35 @@ pub(crate) fn with_per_token_timings(body: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// llama.cpp's request member naming the slot that must serve it; a task pinned to a busy slot
+/// waits in the server until that slot frees (and is the first to take it).
+pub(crate) const ID_SLOT: &str = "id_slot";
+
+/// `body` with `"id_slot":K` added as its first member, pinning the request to engine slot `slot`
+/// (`prefix_cache` on a backend with `slots`). `None` when the body is not a JSON object or
+/// already names a slot (the client's own pin is kept; the proxy's picture of that slot may then
+/// be wrong until it is next pinned).
+pub(crate) fn with_id_slot(body: &[u8], slot: usize) -> Option<Vec<u8>> {
+    if top_level_value(body, ID_SLOT.as_bytes()).is_some() {
+        return None;
+    }
+    let open = body.iter().position(|b| !b.is_ascii_whitespace())?;
+    if body[open] != b'{' {
+        return None;
+    }
+    let rest = &body[open + 1..];
+    let empty = rest.trim_ascii_start().starts_with(b"}");
+    let mut out = Vec::with_capacity(body.len() + 16);
+    out.extend_from_slice(&body[..=open]);
+    out.extend_from_slice(br#""id_slot":"#);
+    out.extend_from_slice(slot.to_string().as_bytes());
+    if !empty {
+        out.push(b',');
+    }
+    out.extend_from_slice(rest);
+    Some(out)
+}
+
 /// Whether a 4xx body says the backend does not accept `continuous_usage_stats`.
 pub(crate) fn rejects_running_usage(status: u16, body: &[u8]) -> bool {
     matches!(status, 400 | 422) && memchr::memmem::find(body, RUNNING_USAGE.as_bytes()).is_some()

@@ -363,3 +363,22 @@ fn per_token_timings_are_asked_for_once() {
     assert!(with_per_token_timings(b"[1]").is_none());
     assert!(with_per_token_timings(b"").is_none());
 }
+
+#[test]
+fn id_slot_pins_a_json_object_once() {
+    let got = with_id_slot(br#" {"model":"m","messages":[]}"#, 3).unwrap();
+    assert_eq!(got, br#" {"id_slot":3,"model":"m","messages":[]}"#);
+    let v: serde_json::Value = serde_json::from_slice(&got).unwrap();
+    assert_eq!(v["id_slot"], 3);
+    assert_eq!(with_id_slot(b"{}", 0).unwrap(), br#"{"id_slot":0}"#);
+    // The client's own pin (whatever its value) is kept; a nested member is not it.
+    assert!(with_id_slot(br#"{"id_slot":-1,"model":"m"}"#, 1).is_none());
+    assert_eq!(
+        with_id_slot(br#"{"x":{"id_slot":1}}"#, 2).unwrap(),
+        br#"{"id_slot":2,"x":{"id_slot":1}}"#
+    );
+    // Not a JSON object: left alone.
+    assert!(with_id_slot(b"[1]", 1).is_none());
+    assert!(with_id_slot(b"", 1).is_none());
+    assert!(with_id_slot(b"not json", 1).is_none());
+}

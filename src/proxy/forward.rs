@@ -79,7 +79,7 @@ async fn forward(
         let Some(backend) = lease.entry() else {
             break;
         };
-        let e = match send_asking(w, x, b, backend).await {
+        let e = match send_asking(w, x, b, lease.slot(), backend).await {
             Ok((mut conn, resp)) => {
                 w.outcome(b, Verdict::of_status(resp.status));
                 if matches!(resp.status, 502 | 503) && attempt < attempts && tried.any_left(w) {
@@ -119,14 +119,19 @@ async fn forward(
 /// Sends the request to `backend`, with the running usage the proxy asks for unless this backend
 /// rejects it. A backend that answers the request with a 400 naming `continuous_usage_stats` is
 /// remembered (on this core) and asked again at once without it: nothing reached the client yet.
+/// A pick pinned to an engine slot (`slot`) names it in the body (`id_slot`).
 async fn send_asking(
     w: &Worker,
     x: &Exchange<'_>,
     b: usize,
+    slot: Option<usize>,
     backend: &Entry,
 ) -> Result<(UpConn, Head), ProxyError> {
     let url = &backend.spec.url;
     let mut body = Cow::Borrowed(x.body.get());
+    if let Some(pinned) = slot.and_then(|k| openai::with_id_slot(&body, k)) {
+        body = Cow::Owned(pinned);
+    }
     let has = |t| w.traits.has(b, backend.id, t);
     if x.added_running.get() && has(Trait::NoRunningUsage) {
         if let Some(plain) = openai::without_running_usage(&body) {
@@ -318,7 +323,7 @@ mod tests {
             ));
             sizes.push((
                 "send_asking",
-                std::mem::size_of_val(&send_asking(&w, &x, 0, entry)),
+                std::mem::size_of_val(&send_asking(&w, &x, 0, None, entry)),
             ));
             sizes.push((
                 "send",

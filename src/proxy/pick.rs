@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 
 use crate::backends::route::Route;
 use crate::backends::{BackendTable, Entry};
-use crate::config::Strategy;
 use crate::error::ProxyError;
 use crate::scheduler::Flow;
 use crate::worker::balance::{Balancer, Reason};
@@ -88,6 +87,8 @@ impl Tried {
 /// in-flight count go back before the permit wakes the next waiter of the queue.
 pub(crate) struct Lease {
     backend: usize,
+    /// The engine slot the request is pinned to (`id_slot`), when the pick chose one.
+    slot: Option<usize>,
     /// The table the backend was picked from: `entry()` stays valid whatever reloads happen.
     #[allow(clippy::redundant_allocation)]
     table: Rc<Arc<BackendTable>>,
@@ -99,6 +100,11 @@ pub(crate) struct Lease {
 impl Lease {
     pub(crate) fn backend(&self) -> usize {
         self.backend
+    }
+
+    /// The engine slot to pin the request to (`prefix_cache` on a backend with `slots`).
+    pub(crate) fn slot(&self) -> Option<usize> {
+        self.slot
     }
 
     pub(crate) fn entry(&self) -> Option<&Entry> {
@@ -137,9 +143,15 @@ pub(crate) async fn pick(
         let Some(taken) = take_or_wait(w, &balancer, target, eligible).await? else {
             return Err(ProxyError::NoHealthyBackend);
         };
-        if let Some(lease) = lease(w, &table, balancer.strategy(), taken, tried) {
+        if let Some(lease) = lease(w, &table, &balancer, taken, tried) {
             // Only a pick that was taken teaches the index (here and on the other cores).
-            w.learn(&balancer, route.pool, lease.backend, target.blocks);
+            w.learn(
+                &balancer,
+                route.pool,
+                lease.backend,
+                lease.slot,
+                target.blocks,
+            );
             return Ok(lease);
         }
     }
@@ -152,7 +164,7 @@ pub(crate) async fn pick(
 fn lease(
     w: &Rc<Worker>,
     table: &Rc<Arc<BackendTable>>,
-    strategy: Strategy,
+    balancer: &Balancer,
     taken: Taken,
     tried: &mut Tried,
 ) -> Option<Lease> {
@@ -161,11 +173,18 @@ fn lease(
     if !w.breakers.claim(b) || table.get(b).is_none() {
         return None;
     }
-    w.decisions.record(strategy, taken.reason);
+    w.decisions.record(balancer.strategy(), taken.reason);
+    let mut in_flight = w.begin(b);
+    // Counted before this core picks again: the next pick (here or on another core) sees the
+    // engine slot busy.
+    let slot = taken.slot.and_then(|k| balancer.occupy(b, k));
+    let pinned = slot.as_ref().map(|g| g.slot());
+    in_flight.hold_slot(slot);
     Some(Lease {
         backend: b,
+        slot: pinned,
         _probe: w.probe_guard(b),
-        in_flight: Some(w.begin(b)),
+        in_flight: Some(in_flight),
         _permit: taken.permit,
         table: table.clone(),
     })
@@ -176,6 +195,8 @@ struct Taken {
     backend: usize,
     permit: Option<Permit>,
     reason: Reason,
+    /// The engine slot chosen with it (`Pick::slot`).
+    slot: Option<usize>,
 }
 
 enum Attempt {
@@ -207,6 +228,7 @@ fn try_take(
                 backend: p.backend,
                 permit: None,
                 reason: p.reason,
+                slot: p.slot,
             }),
             None => Attempt::NoneEligible,
         };
@@ -233,6 +255,7 @@ fn try_take(
                 backend: p.backend,
                 permit,
                 reason: p.reason,
+                slot: p.slot,
             });
         }
     }
@@ -336,6 +359,7 @@ async fn wait_fair(
                         backend: grant.backend,
                         permit,
                         reason: Reason::Balanced,
+                        slot: None,
                     }));
                 }
                 // Went down in this core's view since it joined: the slot goes on to the next
@@ -513,9 +537,9 @@ mod tests {
             backend: 0,
             permit: None,
             reason: Reason::Balanced,
+            slot: None,
         };
-        let strategy = w.balancer.strategy();
-        assert!(lease(&w, &table, strategy, taken, &mut tried).is_none());
+        assert!(lease(&w, &table, &w.balancer, taken, &mut tried).is_none());
         assert_eq!(w.view.own(0), 0, "nothing taken");
         assert!(!tried.candidate(0));
         // The probe frees up again (the other core's request ended), but this request has

@@ -9,15 +9,22 @@
 //!
 //! `prefix_cache` keeps state of its own: an approximate index of the prompt blocks each backend
 //! was sent (`worker::prefix`), learnt from this core's picks (`learn`, called once a pick is
-//! taken) and from the other cores' picks (the same call, on their messages).
+//! taken) and from the other cores' picks (the same call, on their messages). On a backend that
+//! declares `slots` it picks an engine slot too (the `slot` of the `Pick`, which the proxy pins
+//! the request to with llama.cpp's `id_slot`), scoring each slot by its last prompt
+//! (`prefix::SlotPrompts`, per core) and the requests pinned to it (process-wide atomics,
+//! `backends::engine_slots`).
 
 use std::cell::{Cell, RefCell};
+use std::sync::Arc;
 use std::time::Instant;
+
+use crate::backends::engine_slots::{SlotBusy, SlotGuard};
 
 use crate::config::{Routing, Strategy};
 pub use crate::hash::{block_chain, hash_bytes, mix64};
 use crate::worker::engine::{EngineLoad, EngineView};
-use crate::worker::prefix::PrefixIndex;
+use crate::worker::prefix::{PrefixIndex, SlotPrompts};
 
 /// Why a backend was chosen (a bounded label set).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,10 +54,15 @@ pub enum Reason {
     /// `prefix_cache`: a backend holds more of the prompt, but it was too busy; this one was
     /// cheaper (and now holds the prompt too).
     LoadSpill,
+    /// `prefix_cache` on a backend with `slots`: the engine slot holding the longest part of
+    /// the prompt, busy at the pick: the request waits in the engine for that slot (llama.cpp
+    /// defers a task pinned to a busy slot until it frees) rather than recomputing the prompt
+    /// in an idle one and evicting what that one held.
+    SlotWait,
 }
 
 impl Reason {
-    pub(crate) const ALL: [Reason; 11] = [
+    pub(crate) const ALL: [Reason; 12] = [
         Reason::Balanced,
         Reason::EngineLoad,
         Reason::StaleMetrics,
@@ -62,6 +74,7 @@ impl Reason {
         Reason::CacheHit,
         Reason::CacheMiss,
         Reason::LoadSpill,
+        Reason::SlotWait,
     ];
 
     pub(crate) fn as_str(self) -> &'static str {
@@ -77,6 +90,7 @@ impl Reason {
             Reason::CacheHit => "cache_hit",
             Reason::CacheMiss => "cache_miss",
             Reason::LoadSpill => "load_spill",
+            Reason::SlotWait => "slot_wait",
         }
     }
 
@@ -90,6 +104,8 @@ impl Reason {
 pub struct Pick {
     pub backend: usize,
     pub reason: Reason,
+    /// `prefix_cache` on a backend with `slots`: the engine slot to pin the request to.
+    pub slot: Option<usize>,
 }
 
 /// What one pick may consult besides the in-flight view.
@@ -306,16 +322,20 @@ pub struct Balancer {
     current: RefCell<Vec<i64>>,
     /// `prefix_cache`: what each slot's backend was recently sent (empty for other strategies).
     prefix: RefCell<PrefixIndex>,
+    /// `prefix_cache`: what each engine slot of a backend with `slots` last held.
+    engine: RefCell<SlotPrompts>,
 }
 
 /// One slot as the balancer sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(crate) struct Member {
     /// The backend id (0 = free slot).
     pub(crate) id: u64,
     pub(crate) weight: u32,
     /// Rendezvous identity (`hash_bytes` of the backend's URL).
     pub(crate) key: u64,
+    /// Requests pinned to each of its engine slots (`backends[].slots`; `None`: not declared).
+    pub(crate) busy: Option<Arc<SlotBusy>>,
 }
 
 impl Balancer {
@@ -341,7 +361,30 @@ impl Balancer {
                 ix.resize(n);
                 ix
             }),
+            engine: RefCell::new({
+                let mut sp = SlotPrompts::new();
+                sp.resize(n);
+                sp
+            }),
         }
+    }
+
+    /// `backend`'s engine keeps `slots` KV caches of its own (`backends[].slots`; 0 = one
+    /// shared): for the simulation and benches, which build balancers without a table.
+    pub fn set_engine_slots(&self, backend: usize, slots: usize) {
+        let busy = (slots > 0).then(|| SlotBusy::new(slots));
+        self.engine.borrow_mut().set_board(backend, busy.as_ref());
+    }
+
+    /// Counts a request pinned to engine `slot` of `backend` until the guard drops (`None`: the
+    /// backend has no such slot). The proxy holds it for the request's life (`proxy::pick`).
+    pub(crate) fn occupy(&self, backend: usize, slot: usize) -> Option<SlotGuard> {
+        self.engine.borrow().board(backend)?.occupy(slot)
+    }
+
+    /// `occupy` for the simulation: the guard as an opaque value.
+    pub fn occupy_slot(&self, backend: usize, slot: usize) -> Option<impl Drop> {
+        self.occupy(backend, slot)
     }
 
     /// The backend table, the strategy or its tunables changed (reload, discovery).
@@ -357,6 +400,8 @@ impl Balancer {
         let mut prefix = self.prefix.borrow_mut();
         prefix.set_capacity(params.prefix_capacity);
         prefix.resize(members.len());
+        let mut engine = self.engine.borrow_mut();
+        engine.resize(members.len());
         for (slot, m) in members.iter().enumerate() {
             if owners.get(slot) != Some(&m.id) || weights.get(slot) != Some(&m.weight) {
                 current[slot] = 0;
@@ -364,7 +409,9 @@ impl Balancer {
             if owners.get(slot) != Some(&m.id) {
                 // Another backend (or none) in this slot: it holds none of the old one's cache.
                 prefix.forget(slot);
+                engine.forget(slot);
             }
+            engine.set_board(slot, m.busy.as_ref());
         }
         *weights = members.iter().map(|m| m.weight).collect();
         *owners = members.iter().map(|m| m.id).collect();
@@ -391,6 +438,7 @@ impl Balancer {
             b.map(|backend| Pick {
                 backend,
                 reason: Reason::Balanced,
+                slot: None,
             })
         };
         match self.strategy.get() {
@@ -407,72 +455,30 @@ impl Balancer {
     /// A pick of `backend` for a prompt with this block chain was taken (here or on another
     /// core): the backend now probably holds it. Only `prefix_cache` remembers anything.
     pub fn learn(&self, backend: usize, blocks: &[u64]) {
-        if self.strategy.get() == Strategy::PrefixCache && !blocks.is_empty() {
-            self.prefix.borrow_mut().record(backend, blocks);
+        self.learn_slot(backend, None, blocks);
+    }
+
+    /// `learn`, for a pick pinned to engine slot `slot` (`Pick::slot`): that slot now holds
+    /// this prompt and nothing else.
+    pub fn learn_slot(&self, backend: usize, slot: Option<usize>, blocks: &[u64]) {
+        if self.strategy.get() != Strategy::PrefixCache || blocks.is_empty() {
+            return;
+        }
+        match slot {
+            Some(k) => self.engine.borrow_mut().record(backend, k, blocks),
+            None => self.prefix.borrow_mut().record(backend, blocks),
         }
     }
 
     /// The backend in `slot` went down or restarted: its KV cache is gone.
     pub(crate) fn forget(&self, slot: usize) {
         self.prefix.borrow_mut().forget(slot);
+        self.engine.borrow_mut().forget(slot);
     }
 
     /// Leading blocks of `blocks` that `backend` probably holds (tests, the simulation).
     pub fn cached_blocks(&self, backend: usize, blocks: &[u64]) -> usize {
         self.prefix.borrow().matched(backend, blocks)
-    }
-
-    /// Cost = `miss_cost` × the share of the prompt the backend probably lacks + its requests
-    /// in flight (per unit of weight); the cheapest wins, ties at random (cores and misses
-    /// spread out). A hot prefix therefore stays on its backend until that backend has
-    /// `miss_cost` more in flight than an idle one, then spills, and the spill target learns
-    /// the prefix too. The pick itself only reads the index; `learn` updates it once the pick
-    /// is taken.
-    fn prefix_cache(&self, input: &Inputs<'_>, eligible: &impl Fn(usize) -> bool) -> Option<Pick> {
-        let n = input.blocks.len();
-        let miss_cost = self.params.get().miss_cost;
-        let index = self.prefix.borrow();
-        // (backend, cost, matched blocks, ties)
-        let mut best: Option<(usize, f64, usize, u32)> = None;
-        let mut most = 0usize;
-        for b in 0..self.len() {
-            if !eligible(b) {
-                continue;
-            }
-            let matched = if n == 0 {
-                0
-            } else {
-                index.matched(b, input.blocks)
-            };
-            most = most.max(matched);
-            let missing = if n == 0 {
-                1.0
-            } else {
-                (n - matched) as f64 / n as f64
-            };
-            let load = f64::from(input.view.load(b)) / f64::from(self.weight(b));
-            let cost = miss_cost * missing + load;
-            match &mut best {
-                None => best = Some((b, cost, matched, 1)),
-                Some((_, c, _, ties)) if cost == *c => {
-                    *ties += 1;
-                    if fastrand::u32(..*ties) == 0 {
-                        best = Some((b, cost, matched, *ties));
-                    }
-                }
-                Some((_, c, _, _)) if cost < *c => best = Some((b, cost, matched, 1)),
-                Some(_) => {}
-            }
-        }
-        let (backend, _, matched, _) = best?;
-        let reason = if most == 0 {
-            Reason::CacheMiss
-        } else if matched == most {
-            Reason::CacheHit
-        } else {
-            Reason::LoadSpill
-        };
-        Some(Pick { backend, reason })
     }
 
     fn weight(&self, b: usize) -> u32 {
@@ -536,7 +542,11 @@ impl Balancer {
             (None, Some((b, _, _, _))) => (b, Reason::KvSaturated),
             (None, None) => return None,
         };
-        Some(Pick { backend, reason })
+        Some(Pick {
+            backend,
+            reason,
+            slot: None,
+        })
     }
 
     /// Weighted rendezvous hashing: every candidate draws `-w / ln(u)` from a hash of (key,
@@ -550,7 +560,11 @@ impl Balancer {
     ) -> Option<Pick> {
         let least = |reason| {
             self.least_connections(input.view, eligible)
-                .map(|backend| Pick { backend, reason })
+                .map(|backend| Pick {
+                    backend,
+                    reason,
+                    slot: None,
+                })
         };
         let Some(key) = input.key else {
             return least(Reason::NoKey);
@@ -577,6 +591,7 @@ impl Balancer {
         Some(Pick {
             backend: b,
             reason: Reason::AffinityHit,
+            slot: None,
         })
     }
 
@@ -681,5 +696,6 @@ impl Balancer {
     }
 }
 
+mod prefix;
 #[cfg(test)]
 mod tests;

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::auth::{CoreAuth, KeyStore};
+use crate::backends::engine_slots::SlotGuard;
 use crate::backends::{BackendTable, State};
 use crate::capacity::{Capacity, ConnectionLimit};
 use crate::config::{Config, Strategy};
@@ -244,11 +245,13 @@ impl Worker {
                     id: e.id,
                     weight: e.spec.weight,
                     key: balance::hash_bytes(e.spec.url.as_bytes()),
+                    busy: e.busy.clone(),
                 },
                 None => Member {
                     id: 0,
                     weight: 1,
                     key: 0,
+                    busy: None,
                 },
             })
             .collect();
@@ -325,10 +328,11 @@ impl Worker {
                     pool,
                     backend,
                     id,
+                    slot,
                     blocks,
                 } => {
                     if self.view.id(backend) == id {
-                        self.balancer_for(pool).learn(backend, &blocks);
+                        self.balancer_for(pool).learn_slot(backend, slot, &blocks);
                     }
                 }
                 ControlMsg::Trait {
@@ -420,22 +424,24 @@ impl Worker {
         balancer.choose(&input, eligible)
     }
 
-    /// A pick of `backend` for a prompt with this block chain was taken through `balancer`
-    /// (the top-level one or pool `pool`'s): `prefix_cache` remembers it and tells the other
-    /// cores, so a burst of one new prefix over several cores does not warm it on several
-    /// backends. One shared allocation per pick, sent only by `prefix_cache` balancers; a full
-    /// inbox drops the news (the index is approximate; the load view is what must not drift).
+    /// A pick of `backend` (pinned to its engine slot `slot`, if any) for a prompt with this
+    /// block chain was taken through `balancer` (the top-level one or pool `pool`'s):
+    /// `prefix_cache` remembers it and tells the other cores, so a burst of one new prefix over
+    /// several cores does not warm it on several backends. One shared allocation per pick, sent
+    /// only by `prefix_cache` balancers; a full inbox drops the news (the index is approximate;
+    /// the load view is what must not drift, and the engine slots' busy counts are atomics).
     pub(crate) fn learn(
         &self,
         balancer: &Balancer,
         pool: Option<usize>,
         backend: usize,
+        slot: Option<usize>,
         blocks: &[u64],
     ) {
         if balancer.strategy() != Strategy::PrefixCache || blocks.is_empty() {
             return;
         }
-        balancer.learn(backend, blocks);
+        balancer.learn_slot(backend, slot, blocks);
         if self.peers.cores() > 1 {
             self.peers.send_others(
                 Some(self.id),
@@ -443,6 +449,7 @@ impl Worker {
                     pool,
                     backend,
                     id: self.view.id(backend),
+                    slot,
                     blocks: blocks.into(),
                 },
             );
@@ -471,6 +478,7 @@ impl Worker {
         InflightGuard {
             worker: self.clone(),
             backend,
+            _slot: None,
         }
     }
 
@@ -603,6 +611,15 @@ fn request_id_prefix(random: u64, core: usize) -> [u8; 20] {
 pub(crate) struct InflightGuard {
     worker: Rc<Worker>,
     backend: usize,
+    /// The engine slot the request is pinned to (`prefix_cache` on a backend with `slots`):
+    /// counted for as long as the backend's in-flight count.
+    _slot: Option<SlotGuard>,
+}
+
+impl InflightGuard {
+    pub(crate) fn hold_slot(&mut self, slot: Option<SlotGuard>) {
+        self._slot = slot;
+    }
 }
 
 impl Drop for InflightGuard {

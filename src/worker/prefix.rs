@@ -10,9 +10,22 @@
 //! pointer structure has to be kept consistent. Maps and queues are sized once for the
 //! configured capacity, so the pick path does not allocate in steady state. Memory per backend
 //! is bounded by `capacity` entries in the map and `2 × capacity + max chain` in the queue.
+//!
+//! A backend that declares `slots` (an engine whose every slot keeps a KV cache of its own and,
+//! as llama.cpp's without a host prompt cache, only its last prompt) is pictured differently, in
+//! [`SlotPrompts`]: per engine slot, the chain of the last prompt pinned to it. The LRU above would
+//! say "this backend holds the prompt" while the slot holding it is busy; llama.cpp then gives the
+//! request another, idle slot, which recomputes the prompt and evicts the one it held. Per slot the
+//! pick can pin the request to the slot that holds its prompt and let it wait there
+//! (`balance::Balancer::prefix_cache`). Like the index it is per core, learnt from this core's
+//! picks and the other cores' messages; how busy each slot is is process-wide
+//! (`backends::engine_slots`).
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
+
+use crate::backends::engine_slots::SlotBusy;
 
 /// Keys are already 64-bit hashes: hashing them again would only cost time.
 #[derive(Default)]
@@ -155,6 +168,138 @@ impl PrefixIndex {
     }
 }
 
+/// Per backend with `slots`: what each engine slot last held, and the process-wide board of
+/// how many requests are pinned to each.
+pub(crate) struct SlotPrompts {
+    backends: Vec<Engine>,
+    stamp: u64,
+}
+
+#[derive(Default)]
+struct Engine {
+    busy: Option<Arc<SlotBusy>>,
+    held: Vec<Held>,
+}
+
+/// One engine slot's last prompt.
+#[derive(Default)]
+struct Held {
+    chain: Vec<u64>,
+    /// When it was pinned there (this core's order of picks and messages); 0 = never.
+    stamp: u64,
+}
+
+/// One engine slot as a pick sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SlotView {
+    /// Leading blocks of the prompt this slot holds.
+    pub(crate) matched: usize,
+    /// Requests pinned to it now, across all cores.
+    pub(crate) busy: u32,
+    /// When it was last given a prompt (0 = never: the slot to fill first).
+    pub(crate) stamp: u64,
+}
+
+impl SlotPrompts {
+    pub(crate) fn new() -> Self {
+        SlotPrompts {
+            backends: Vec::new(),
+            stamp: 0,
+        }
+    }
+
+    /// Follows the backend table (`n` table slots).
+    pub(crate) fn resize(&mut self, n: usize) {
+        self.backends.resize_with(n, Engine::default);
+    }
+
+    /// `backend`'s board (`None`: no slots declared). A different board (another backend, or
+    /// another slot count) starts from nothing.
+    pub(crate) fn set_board(&mut self, backend: usize, busy: Option<&Arc<SlotBusy>>) {
+        let Some(e) = self.backends.get_mut(backend) else {
+            return;
+        };
+        let same = match (&e.busy, busy) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if !same {
+            e.held.clear();
+            e.held
+                .resize_with(busy.map_or(0, |b| b.len()), Held::default);
+            e.busy = busy.cloned();
+        }
+    }
+
+    /// Engine slots of `backend` (0: not declared).
+    pub(crate) fn slots(&self, backend: usize) -> usize {
+        self.backends.get(backend).map_or(0, |e| e.held.len())
+    }
+
+    pub(crate) fn board(&self, backend: usize) -> Option<&Arc<SlotBusy>> {
+        self.backends.get(backend)?.busy.as_ref()
+    }
+
+    /// Engine slot `k` of `backend` against a prompt with this chain.
+    pub(crate) fn view(&self, backend: usize, k: usize, chain: &[u64]) -> SlotView {
+        let Some(e) = self.backends.get(backend) else {
+            return SlotView {
+                matched: 0,
+                busy: 0,
+                stamp: 0,
+            };
+        };
+        let held = e.held.get(k);
+        SlotView {
+            matched: held.map_or(0, |h| common_prefix(&h.chain, chain)),
+            busy: e.busy.as_ref().map_or(0, |b| b.busy(k)),
+            stamp: held.map_or(0, |h| h.stamp),
+        }
+    }
+
+    /// A prompt with this chain was pinned to engine slot `k` of `backend`: the slot now holds
+    /// it (and nothing it held before).
+    pub(crate) fn record(&mut self, backend: usize, k: usize, chain: &[u64]) {
+        self.stamp += 1;
+        let stamp = self.stamp;
+        let Some(h) = self
+            .backends
+            .get_mut(backend)
+            .and_then(|e| e.held.get_mut(k))
+        else {
+            return;
+        };
+        h.chain.clear();
+        h.chain.extend_from_slice(chain);
+        h.stamp = stamp;
+    }
+
+    /// The backend restarted or left: its slots hold nothing.
+    pub(crate) fn forget(&mut self, backend: usize) {
+        if let Some(e) = self.backends.get_mut(backend) {
+            for h in &mut e.held {
+                *h = Held::default();
+            }
+        }
+    }
+}
+
+/// Leading entries two block chains share. A chain entry hashes its whole prefix, so equal
+/// entries at `i` mean equal entries before it: a binary search.
+fn common_prefix(a: &[u64], b: &[u64]) -> usize {
+    let (mut lo, mut hi) = (0, a.len().min(b.len()));
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if a[mid] == b[mid] {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,5 +382,45 @@ mod tests {
         zero.resize(1);
         zero.record(0, &chain(1, 10));
         assert_eq!(zero.len(0), 0);
+    }
+
+    #[test]
+    fn an_engine_slot_holds_its_last_prompt_only() {
+        let board = SlotBusy::new(2);
+        let mut sp = SlotPrompts::new();
+        sp.resize(2);
+        sp.set_board(0, Some(&board));
+        assert_eq!((sp.slots(0), sp.slots(1)), (2, 0));
+        let v = sp.view(0, 0, &chain(1, 10));
+        assert_eq!((v.matched, v.busy, v.stamp), (0, 0, 0));
+        sp.record(0, 0, &chain(1, 10));
+        assert_eq!(sp.view(0, 0, &chain(1, 10)).matched, 10);
+        assert_eq!(sp.view(0, 0, &chain(1, 4)).matched, 4);
+        assert_eq!(sp.view(0, 0, &chain(1, 30)).matched, 10);
+        assert_eq!(sp.view(0, 1, &chain(1, 10)).matched, 0, "per slot");
+        // A different question after the same system prompt: the shared blocks match.
+        let mut other = chain(1, 8);
+        other.extend(chain(7, 3));
+        assert_eq!(sp.view(0, 0, &other).matched, 8);
+        sp.record(0, 0, &chain(2, 10));
+        assert_eq!(sp.view(0, 0, &chain(1, 10)).matched, 0, "evicted");
+        let _g = board.occupy(0).unwrap();
+        assert_eq!(sp.view(0, 0, &chain(2, 10)).busy, 1);
+        assert!(sp.view(0, 0, &[]).stamp > 0);
+        // Out of range: ignored.
+        sp.record(0, 5, &chain(1, 10));
+        sp.record(9, 0, &chain(1, 10));
+        assert_eq!(sp.view(9, 0, &chain(1, 10)).matched, 0);
+        sp.forget(0);
+        assert_eq!(sp.view(0, 0, &chain(2, 10)).matched, 0);
+        // The same board keeps what is known; another one (a new slot count) starts over.
+        sp.record(0, 1, &chain(3, 10));
+        sp.set_board(0, Some(&board));
+        assert_eq!(sp.view(0, 1, &chain(3, 10)).matched, 10);
+        sp.set_board(0, Some(&SlotBusy::new(3)));
+        assert_eq!(sp.slots(0), 3);
+        assert_eq!(sp.view(0, 1, &chain(3, 10)).matched, 0);
+        sp.set_board(0, None);
+        assert_eq!(sp.slots(0), 0);
     }
 }

@@ -151,6 +151,7 @@ backends:
 limits: { queue_size: 0, queue_timeout: 250ms }
 "#);
     assert_eq!(c.backends[0].max_inflight, 4);
+    assert_eq!(c.backends[0].slots, 0, "not declared");
     assert_eq!(
         c.backends[0].api_key.as_ref().map(Secret::expose),
         Some("upstream-secret")
@@ -619,4 +620,28 @@ fn https_backends_are_accepted_and_tls_needs_https() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("backends[0].tls: /nonexistent/ca.pem"), "{e}");
+}
+
+#[test]
+fn backend_slots_are_declared_within_bounds() {
+    let c = ok(r#"
+backends:
+  - { url: "http://a:1", slots: 2 }
+  - { url: "http://b:1", slots: 256 }
+  - { url: "http://c:1" }
+strategy: prefix_cache
+"#);
+    assert_eq!(
+        c.backends.iter().map(|b| b.slots).collect::<Vec<_>>(),
+        [2, 256, 0]
+    );
+    let y = "backends:\n  - { url: \"http://a:1\", slots: 0 }\n  - { url: \"http://b:1\", slots: 257 }\n";
+    assert_error(
+        y,
+        "backends[0].slots",
+        "must be 1 to 256 (the engine's parallel sequences), got 0",
+    );
+    assert_error(y, "backends[1].slots", "must be 1 to 256");
+    let e = parse("backends:\n  - { url: \"http://a:1\", slots: -1 }\n").unwrap_err();
+    assert!(e.to_string().contains("slots"), "{e}");
 }

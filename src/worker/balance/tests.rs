@@ -321,7 +321,12 @@ fn consistent_hash_guards_imbalance_and_handles_missing_keys() {
 #[test]
 fn update_resets_only_slots_whose_backend_or_weight_changed() {
     let view = LoadView::new(0, 1, 3);
-    let m = |id, weight, key| Member { id, weight, key };
+    let m = |id, weight, key| Member {
+        id,
+        weight,
+        key,
+        busy: None,
+    };
     let b = Balancer::new(Strategy::WeightedRoundRobin, Vec::new());
     let p = Params::default();
     b.update(Strategy::WeightedRoundRobin, p, &[m(1, 5, 11), m(2, 1, 22)]);
@@ -503,14 +508,136 @@ fn a_backend_that_leaves_or_restarts_loses_what_it_held() {
             id: 9,
             weight: 1,
             key: 9,
+            busy: None,
         },
         Member {
             id: 2,
             weight: 1,
             key: mix64(1),
+            busy: None,
         },
     ];
     b.update(Strategy::PrefixCache, params, &members);
     assert_eq!(b.cached_blocks(0, &hot), 0);
     assert_eq!(b.cached_blocks(1, &hot), 8);
+}
+
+/// Two servers with two engine slots each (llama.cpp `--parallel 2`), `miss_cost` 8.
+fn slot_balancer() -> Balancer {
+    let b = prefix_balancer(2, 8.0);
+    b.set_engine_slots(0, 2);
+    b.set_engine_slots(1, 2);
+    b
+}
+
+/// Chooses and learns (as a taken pick does); the slot guard is the caller's to hold.
+fn take(b: &Balancer, view: &LoadView, blocks: &[u64]) -> Pick {
+    let p = b.choose(&on(view, blocks), |_| true).unwrap();
+    b.learn_slot(p.backend, p.slot, blocks);
+    p
+}
+
+#[test]
+fn engine_slots_fill_empty_ones_first_spread_over_servers_and_come_back_warm() {
+    fastrand::seed(5);
+    let b = slot_balancer();
+    let view = LoadView::new(0, 1, 2);
+    // Four prompts, one after the other (nothing in flight): each takes a slot never used,
+    // two per server.
+    let prompts: Vec<Vec<u64>> = (1..=4).map(|p| prompt(p, 10, 11, 0)).collect();
+    let mut placed = Vec::new();
+    for p in &prompts {
+        let pick = take(&b, &view, p);
+        assert_eq!(pick.reason, Reason::CacheMiss);
+        placed.push((pick.backend, pick.slot.unwrap()));
+    }
+    let mut sorted = placed.clone();
+    sorted.sort();
+    assert_eq!(sorted, [(0, 0), (0, 1), (1, 0), (1, 1)], "{placed:?}");
+    // The same system prompt with another question goes back to its slot.
+    for (i, p) in (1..=4).enumerate() {
+        let again = prompt(p, 10, 11, 7);
+        let pick = b.choose(&on(&view, &again), |_| true).unwrap();
+        assert_eq!(
+            (pick.backend, pick.slot.unwrap(), pick.reason),
+            (placed[i].0, placed[i].1, Reason::CacheHit)
+        );
+    }
+    // A fifth prompt evicts the slot given a prompt longest ago (prompt 1's), and prompt 1
+    // then has no slot left.
+    let fifth = take(&b, &view, &prompt(5, 10, 11, 0));
+    assert_eq!((fifth.backend, fifth.slot.unwrap()), placed[0]);
+    let p1 = b.choose(&on(&view, &prompts[0]), |_| true).unwrap();
+    assert_eq!(p1.reason, Reason::CacheMiss);
+}
+
+#[test]
+fn a_busy_warm_slot_is_waited_for_until_miss_cost_requests_queue_on_it() {
+    fastrand::seed(9);
+    let b = slot_balancer();
+    let view = LoadView::new(0, 1, 2);
+    let hot = prompt(1, 10, 11, 0);
+    let first = take(&b, &view, &hot);
+    let (s, k) = (first.backend, first.slot.unwrap());
+    // Busy with one request: the next one with the same prompt waits for it rather than
+    // taking an idle slot (which would recompute the prompt and evict another).
+    let mut held = vec![b.occupy_slot(s, k).unwrap()];
+    view.add_own(s, 1);
+    let p = b
+        .choose(&on(&view, &prompt(1, 10, 11, 3)), |_| true)
+        .unwrap();
+    assert_eq!(
+        (p.backend, p.slot, p.reason),
+        (s, Some(k), Reason::SlotWait)
+    );
+    // 1 block of 11 missing there (the question) and 7 queued: 8 × 1/11 + 7 < 8: still waits.
+    for _ in 1..7 {
+        held.push(b.occupy_slot(s, k).unwrap());
+    }
+    let p = b
+        .choose(&on(&view, &prompt(1, 10, 11, 3)), |_| true)
+        .unwrap();
+    assert_eq!((p.backend, p.slot), (s, Some(k)));
+    // One more queued: an idle slot is cheaper now; the prompt spills and is then in two slots.
+    held.push(b.occupy_slot(s, k).unwrap());
+    let p = take(&b, &view, &prompt(1, 10, 11, 3));
+    assert_eq!(p.reason, Reason::LoadSpill);
+    assert_ne!((p.backend, p.slot), (s, Some(k)));
+    assert_ne!(
+        p.backend, s,
+        "the idle server, not the busy one's other slot"
+    );
+    drop(held);
+    let p = b.choose(&on(&view, &hot), |_| true).unwrap();
+    assert_eq!(p.reason, Reason::CacheHit);
+}
+
+#[test]
+fn a_prompt_without_blocks_is_not_pinned_and_unslotted_backends_keep_todays_pick() {
+    fastrand::seed(13);
+    let b = prefix_balancer(3, 8.0);
+    b.set_engine_slots(0, 2);
+    let view = LoadView::new(0, 1, 3);
+    view.add_own(1, 1);
+    view.add_own(2, 1);
+    // No blocks (not JSON, no messages, a short prompt): the least loaded backend, no slot.
+    let p = b.choose(&on(&view, &[]), |_| true).unwrap();
+    assert_eq!((p.backend, p.slot, p.reason), (0, None, Reason::CacheMiss));
+    // A backend without slots is scored as a whole and learns in its LRU index.
+    let hot = prompt(1, 10, 10, 0);
+    b.learn(2, &hot);
+    let p = b.choose(&on(&view, &hot), |_| true).unwrap();
+    assert_eq!((p.backend, p.slot, p.reason), (2, None, Reason::CacheHit));
+    // Only prefix_cache pins.
+    let rr = Balancer::new(Strategy::RoundRobin, vec![1; 2]);
+    rr.set_engine_slots(0, 2);
+    assert_eq!(rr.choose(&on(&view, &hot), |_| true).unwrap().slot, None);
+    // A restart forgets every slot's prompt.
+    let s = slot_balancer();
+    let p = take(&s, &view, &hot);
+    s.forget(p.backend);
+    assert_eq!(
+        s.choose(&on(&view, &hot), |_| true).unwrap().reason,
+        Reason::CacheMiss
+    );
 }
