@@ -112,6 +112,7 @@ METRICS = {
     "llmproxy_backend_breaker_state": ("gauge", {"backend"}),
     "llmproxy_breaker_transitions_total": ("counter", {"backend", "to"}),
     "llmproxy_routing_decisions_total": ("counter", {"strategy", "reason"}),
+    "llmproxy_prefix_cache_matched_share": ("histogram", set()),
     "llmproxy_backend_engine_metrics_up": ("gauge", {"backend"}),
     "llmproxy_backend_engine_waiting": ("gauge", {"backend"}),
     "llmproxy_backend_engine_running": ("gauge", {"backend"}),

@@ -550,6 +550,35 @@ fn prefix_cache_spreads_misses_and_returns_each_prompt_to_its_backend() {
     assert_decisions(&proxy, "prefix_cache", "cache_hit", 30.0);
 }
 
+#[test]
+fn prefix_cache_reports_how_much_of_each_prompt_its_pick_held() {
+    let a = Mock::start();
+    let b = Mock::start();
+    let proxy = Proxy::start(&prefix_config(&[&a, &b], ""), &[]);
+    // A new prompt (nothing of it held anywhere), the same system prompt with another question
+    // (all of it held: only whole blocks are hashed, and the question's text falls in the last,
+    // partial one), and a body shorter than a block (not counted).
+    served_by(&proxy, &prefix_chat(7, 0), &[]);
+    served_by(&proxy, &prefix_chat(7, 1), &[]);
+    chat(&proxy, &[]);
+    let count = "llmproxy_prefix_cache_matched_share_count";
+    assert!(
+        eventually(Duration::from_secs(3), || metric(&proxy, count)
+            == Some(2.0)),
+        "{count} = {:?}",
+        metric(&proxy, count)
+    );
+    let bucket = |le: &str| {
+        metric(
+            &proxy,
+            &format!("llmproxy_prefix_cache_matched_share_bucket{{le=\"{le}\"}}"),
+        )
+    };
+    assert_eq!(bucket("0"), Some(1.0), "the miss held nothing");
+    assert_eq!(bucket("0.99"), Some(1.0), "the hit held all of its prompt");
+    assert_eq!(bucket("+Inf"), Some(2.0));
+}
+
 /// The body a backend received for `body` sent through the proxy to `path` (the mock echoes
 /// it), and which mock it was.
 fn upstream_body(proxy: &Proxy, path: &str, body: &str) -> (u64, String) {

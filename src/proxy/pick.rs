@@ -174,6 +174,9 @@ fn lease(
         return None;
     }
     w.decisions.record(balancer.strategy(), taken.reason);
+    if let Some(share) = taken.share {
+        w.decisions.matched_share(share);
+    }
     let mut in_flight = w.begin(b);
     // Counted before this core picks again: the next pick (here or on another core) sees the
     // engine slot busy.
@@ -197,6 +200,8 @@ struct Taken {
     reason: Reason,
     /// The engine slot chosen with it (`Pick::slot`).
     slot: Option<usize>,
+    /// How much of the prompt it holds (`Pick::share`).
+    share: Option<f64>,
 }
 
 enum Attempt {
@@ -229,6 +234,7 @@ fn try_take(
                 permit: None,
                 reason: p.reason,
                 slot: p.slot,
+                share: p.share,
             }),
             None => Attempt::NoneEligible,
         };
@@ -256,6 +262,7 @@ fn try_take(
                 permit,
                 reason: p.reason,
                 slot: p.slot,
+                share: p.share,
             });
         }
     }
@@ -360,6 +367,7 @@ async fn wait_fair(
                         permit,
                         reason: Reason::Balanced,
                         slot: None,
+                        share: None,
                     }));
                 }
                 // Went down in this core's view since it joined: the slot goes on to the next
@@ -538,6 +546,7 @@ mod tests {
             permit: None,
             reason: Reason::Balanced,
             slot: None,
+            share: None,
         };
         assert!(lease(&w, &table, &w.balancer, taken, &mut tried).is_none());
         assert_eq!(w.view.own(0), 0, "nothing taken");

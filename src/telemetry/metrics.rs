@@ -616,6 +616,7 @@ impl LocalMetrics {
 /// as the other backend series; removed with them when the backend leaves the table).
 pub(crate) struct RoutingMetrics {
     decisions: IntCounterVec,
+    matched_share: Histogram,
     engine_up: IntGaugeVec,
     engine_waiting: prometheus::GaugeVec,
     engine_running: prometheus::GaugeVec,
@@ -652,13 +653,23 @@ impl RoutingMetrics {
             "llmproxy_backend_engine_kv_cache_usage_ratio",
             "KV-cache use of the backend's engine, 0-1 (last scrape)",
         )?;
+        let matched_share = Histogram::with_opts(
+            HistogramOpts::new(
+                "llmproxy_prefix_cache_matched_share",
+                "prefix_cache picks of a prompt of at least one block, by the share of its blocks \
+                 the chosen backend (or engine slot) was thought to hold",
+            )
+            .buckets(vec![0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99]),
+        )?;
         registry.register(Box::new(decisions.clone()))?;
+        registry.register(Box::new(matched_share.clone()))?;
         registry.register(Box::new(engine_up.clone()))?;
         registry.register(Box::new(engine_waiting.clone()))?;
         registry.register(Box::new(engine_running.clone()))?;
         registry.register(Box::new(engine_kv.clone()))?;
         Ok(RoutingMetrics {
             decisions,
+            matched_share,
             engine_up,
             engine_waiting,
             engine_running,
@@ -685,6 +696,11 @@ impl RoutingMetrics {
 
     /// A backend joined: its engine series exist from now on, unknown (NaN) until scraped, so
     /// dashboards and alerts see it before the first scrape.
+    /// A core's own copy of `llmproxy_prefix_cache_matched_share`, flushed on its tick.
+    pub(crate) fn local_matched_share(&self) -> LocalHistogram {
+        self.matched_share.local()
+    }
+
     /// Counts `n` routing decisions of `strategy` for `reason`.
     pub(crate) fn decided(&self, strategy: &str, reason: &str, n: u64) {
         self.decisions

@@ -100,12 +100,15 @@ impl Reason {
 }
 
 /// A backend and why it was picked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Pick {
     pub backend: usize,
     pub reason: Reason,
     /// `prefix_cache` on a backend with `slots`: the engine slot to pin the request to.
     pub slot: Option<usize>,
+    /// `prefix_cache`, for a prompt of at least one block: the share of its blocks the picked
+    /// backend (or engine slot) is thought to hold (`llmproxy_prefix_cache_matched_share`).
+    pub share: Option<f64>,
 }
 
 /// What one pick may consult besides the in-flight view.
@@ -439,6 +442,7 @@ impl Balancer {
                 backend,
                 reason: Reason::Balanced,
                 slot: None,
+                share: None,
             })
         };
         match self.strategy.get() {
@@ -546,6 +550,7 @@ impl Balancer {
             backend,
             reason,
             slot: None,
+            share: None,
         })
     }
 
@@ -564,6 +569,7 @@ impl Balancer {
                     backend,
                     reason,
                     slot: None,
+                    share: None,
                 })
         };
         let Some(key) = input.key else {
@@ -592,6 +598,7 @@ impl Balancer {
             backend: b,
             reason: Reason::AffinityHit,
             slot: None,
+            share: None,
         })
     }
 

@@ -140,7 +140,7 @@ impl Worker {
             balancer: Rc::new(Balancer::new(cfg.strategy, Vec::new())),
             pool_balancers: RefCell::new(Vec::new()),
             engine: EngineView::new(0, cfg.routing.metrics_stale_after),
-            decisions: LocalDecisions::default(),
+            decisions: LocalDecisions::new(&shared.metrics.routing),
             pool: Pool::new(0, cfg.pool.max_idle_per_backend, cfg.pool.idle_timeout),
             spare: spare::Spare::default(),
             metrics: LocalMetrics::new(shared.metrics.clone(), &cfg),

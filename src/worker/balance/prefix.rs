@@ -133,6 +133,7 @@ impl Balancer {
             backend: c.backend,
             reason,
             slot: c.slot,
+            share: (n > 0).then(|| c.matched as f64 / n as f64),
         })
     }
 }
