@@ -549,7 +549,10 @@ pub(crate) async fn watch_client<F: Future>(
     let mut fut = std::pin::pin!(fut);
     // Most exchanges finish within a few milliseconds; only the ones that don't pay for a socket
     // watch (a read and its cancellation on every request would cost two ring operations).
-    if let Ok(out) = crate::timer::timeout(WATCH_AFTER, &mut fut).await {
+    // monoio's own timer, not a pooled one (`crate::timer`): this one is rarely reached, and a
+    // pooled timer given back armed this close to its deadline would, once reused for a later
+    // one, still wake the loop at this one (the wheel moves an extended timer lazily).
+    if let Ok(out) = monoio::time::timeout(WATCH_AFTER, &mut fut).await {
         return Some(out);
     }
     // Its own future, awaited after the timer's is gone: the two then share their space in
