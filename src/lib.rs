@@ -48,6 +48,5 @@ mod hash;
 mod proxy;
 mod scheduler;
 mod swar;
-mod timer;
 mod tls;
 mod upstream;

@@ -139,7 +139,7 @@ pub(crate) async fn connect(
     timeout: Duration,
     tls: Option<&ClientTls>,
 ) -> Result<UpConn, ProxyError> {
-    match crate::timer::timeout(timeout, open(addr, tls)).await {
+    match monoio::time::timeout(timeout, open(addr, tls)).await {
         Ok(r) => r,
         Err(_) => Err(ProxyError::UpstreamConnectTimeout),
     }
@@ -187,7 +187,7 @@ impl UpConn {
         if let Err(e) = res {
             return (Err(ProxyError::UpstreamClosed(e.to_string())), request);
         }
-        let head = match crate::timer::timeout(first_byte, self.read_head()).await {
+        let head = match monoio::time::timeout(first_byte, self.read_head()).await {
             Ok(r) => r,
             Err(_) => Err(ProxyError::FirstByteTimeout(first_byte)),
         };
@@ -270,7 +270,7 @@ impl UpConn {
     ) -> Result<&[u8], ProxyError> {
         while self.buf.len() < len {
             let buf = std::mem::take(&mut self.buf);
-            match crate::timer::timeout(timeout, self.rd.read_more(buf)).await {
+            match monoio::time::timeout(timeout, self.rd.read_more(buf)).await {
                 Ok((Ok(n), buf)) => {
                     self.buf = buf;
                     if n == 0 {

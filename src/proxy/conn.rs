@@ -206,7 +206,7 @@ async fn accept_tls(
             return None;
         }
     };
-    let result = crate::timer::timeout(tls.handshake_timeout, handshake(stream, conn, true)).await;
+    let result = monoio::time::timeout(tls.handshake_timeout, handshake(stream, conn, true)).await;
     let label = match &result {
         Ok(Ok(_)) => "ok",
         Ok(Err(HandshakeError::NotTls)) => "plaintext",
@@ -282,7 +282,7 @@ async fn read_head(
         };
         let buf = std::mem::take(&mut d.buf);
         let started = !buf.is_empty();
-        match crate::timer::timeout(wait, d.rd.read_more(buf)).await {
+        match monoio::time::timeout(wait, d.rd.read_more(buf)).await {
             Ok((Ok(0), buf)) | Ok((Err(_), buf)) => {
                 d.buf = buf;
                 return Ok(None);
@@ -361,7 +361,7 @@ async fn read_body(worker: &Worker, d: &mut Downstream, head: &Head) -> Result<B
 async fn read_some(d: &mut Downstream, deadline: Instant) -> Result<(), ProxyError> {
     let buf = std::mem::take(&mut d.buf);
     let wait = deadline.saturating_duration_since(Instant::now());
-    match crate::timer::timeout(wait, d.rd.read_more(buf)).await {
+    match monoio::time::timeout(wait, d.rd.read_more(buf)).await {
         Ok((Ok(n), buf)) if n > 0 => {
             d.buf = buf;
             Ok(())
@@ -510,7 +510,7 @@ mod tests {
                 "forward::forward_with_fallbacks (boxed)",
                 std::mem::size_of_val(&fwd),
             ));
-            let fwd = crate::timer::timeout(Duration::from_secs(1), Box::pin(fwd));
+            let fwd = monoio::time::timeout(Duration::from_secs(1), Box::pin(fwd));
             sizes.push(("timeout(Box<forward>)", std::mem::size_of_val(&fwd)));
             let watch = proxy::relay::watch_client(rd, buf, fwd);
             sizes.push((

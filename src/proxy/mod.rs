@@ -85,7 +85,7 @@ pub(crate) async fn handle(
     };
     let x = Exchange::new(w, &req, d.peer_ip.clone(), &info, &body, &plan);
     let Downstream { rd, wr, buf, .. } = d;
-    let forward = crate::timer::timeout(
+    let forward = monoio::time::timeout(
         w.config().timeouts.request,
         Box::pin(forward_with_fallbacks(w, &x, &plan, &body, wr)),
     );

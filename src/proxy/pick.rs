@@ -309,7 +309,7 @@ async fn take_or_wait(
         } else {
             left
         };
-        let wake = crate::timer::timeout(wait, ticket.woken())
+        let wake = monoio::time::timeout(wait, ticket.woken())
             .await
             .unwrap_or(Wake::None);
         w.drain_inbox();
@@ -383,7 +383,7 @@ async fn wait_fair(
             if left.is_zero() {
                 return Err(ProxyError::QueueTimeout(timeout));
             }
-            let _ = crate::timer::timeout(left.min(FAIR_RECHECK), ticket.granted()).await;
+            let _ = monoio::time::timeout(left.min(FAIR_RECHECK), ticket.granted()).await;
             w.drain_inbox();
             core.refresh();
             let now = mask(w);

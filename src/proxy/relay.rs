@@ -382,7 +382,7 @@ pub(crate) async fn relay(
         }
         let buf = std::mem::take(&mut conn.buf);
         let read = conn.rd.read_with_room(buf, min_room);
-        let e = match crate::timer::timeout(t.idle, read).await {
+        let e = match monoio::time::timeout(t.idle, read).await {
             Ok((Ok(0), buf)) if body.framing == BodyFraming::UntilClose => {
                 conn.buf = buf;
                 // The end of a close-delimited body is its connection's end.
@@ -531,7 +531,7 @@ pub(crate) async fn write_client(
     buf: Vec<u8>,
     timeout: Duration,
 ) -> (bool, Vec<u8>) {
-    match crate::timer::timeout(timeout, wr.write_all(buf)).await {
+    match monoio::time::timeout(timeout, wr.write_all(buf)).await {
         Ok((res, buf)) => (res.is_ok(), buf),
         Err(_) => (false, Vec::new()),
     }
@@ -549,9 +549,6 @@ pub(crate) async fn watch_client<F: Future>(
     let mut fut = std::pin::pin!(fut);
     // Most exchanges finish within a few milliseconds; only the ones that don't pay for a socket
     // watch (a read and its cancellation on every request would cost two ring operations).
-    // monoio's own timer, not a pooled one (`crate::timer`): this one is rarely reached, and a
-    // pooled timer given back armed this close to its deadline would, once reused for a later
-    // one, still wake the loop at this one (the wheel moves an extended timer lazily).
     if let Ok(out) = monoio::time::timeout(WATCH_AFTER, &mut fut).await {
         return Some(out);
     }
