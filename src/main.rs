@@ -18,6 +18,9 @@ use llmproxy::{mock, runtime};
 
 mod demo;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Thread-per-core io_uring reverse proxy for self-hosted LLM inference servers
 /// (vLLM, TGI, SGLang, llama.cpp, any OpenAI-compatible server).
 #[derive(Parser)]
