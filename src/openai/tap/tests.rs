@@ -764,3 +764,41 @@ fn an_event_reads_the_same_however_its_bytes_arrive() {
     let bytes: Vec<&[u8]> = stream.chunks(1).collect();
     assert_eq!(run(kind, &bytes), whole);
 }
+
+/// The shortcut past serde for timings that name no count answers what serde answers, counted
+/// the way `usage` uses it (no counts at all is no timings).
+#[test]
+fn timings_without_counts_read_as_serde_reads_them() {
+    let cases: &[&[u8]] = &[
+        b"",
+        br#"{"predicted_ms":1.0}"#,
+        br#"{"predicted_ms":1.0,"prompt_ms":2}"#,
+        br#"{"cache_n":3}"#,
+        br#"{"prompt_n":2,"predicted_n":1}"#,
+        br#"{"predicted_n":null}"#,
+        br#"{"cache\u005fn":4}"#,
+        br#"{"x":"_n\""}"#,
+        br#"{"predicted_n":1"#,
+        br#"not json"#,
+        br#"{"predicted_n":"1"}"#,
+        br#"{"predicted_n":1,"predicted_n":2}"#,
+        br#"[1]"#,
+        br#"[]"#,
+        br#"{}"#,
+        br#" {"cache_n":1}"#,
+    ];
+    for raw in cases {
+        let by_serde = serde_json::from_slice::<Timings>(raw)
+            .ok()
+            .filter(|t| t.prompt_n.is_some() || t.predicted_n.is_some() || t.cache_n.is_some());
+        let got = Timings::from_slice(raw);
+        assert_eq!(
+            got.as_ref().map(|t| (t.prompt_n, t.predicted_n, t.cache_n)),
+            by_serde
+                .as_ref()
+                .map(|t| (t.prompt_n, t.predicted_n, t.cache_n)),
+            "{}",
+            String::from_utf8_lossy(raw)
+        );
+    }
+}
