@@ -257,3 +257,26 @@ fn flat_values_measure_what_the_walk_measures() {
     }
     assert!(checked > 50_000, "{checked}");
 }
+
+/// The searchers built once find what `memchr` and `memrchr` find, at every length across the
+/// vector widths and with the byte at every offset, once or twice.
+#[test]
+fn byte_searchers_find_what_memchr_finds() {
+    for len in 0..140usize {
+        for at in 0..=len {
+            for also in [None, Some(at / 2), Some(len.saturating_sub(1))] {
+                let mut s = vec![b'x'; len];
+                for i in [Some(at), also].into_iter().flatten().filter(|&i| i < len) {
+                    s[i] = b'_';
+                }
+                assert_eq!(UNDERSCORE.find(&s), memchr::memchr(b'_', &s), "{len} {at}");
+                assert_eq!(
+                    UNDERSCORE.rfind(&s),
+                    memchr::memrchr(b'_', &s),
+                    "{len} {at}"
+                );
+                assert_eq!(NEWLINE.find(&s), memchr::memchr(b'\n', &s), "{len} {at}");
+            }
+        }
+    }
+}
