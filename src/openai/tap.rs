@@ -316,11 +316,7 @@ impl Tap {
         if u.is_none() && !self.last_usage.is_empty() {
             u = UsageJson::from_slice(&self.last_usage).map(Usage::from);
         }
-        let timings = || {
-            (!self.last_timings.is_empty())
-                .then(|| serde_json::from_slice::<Timings>(&self.last_timings).ok())
-                .flatten()
-        };
+        let timings = || Timings::from_slice(&self.last_timings);
         match u.as_mut() {
             None => u = timings().and_then(Timings::usage),
             Some(u) if u.cached_tokens.is_none() => {

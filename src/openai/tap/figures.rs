@@ -260,14 +260,31 @@ impl From<UsageJson> for Usage {
 #[derive(Deserialize)]
 pub(super) struct Timings {
     #[serde(default)]
-    prompt_n: Option<u64>,
+    pub(super) prompt_n: Option<u64>,
     #[serde(default)]
-    predicted_n: Option<u64>,
+    pub(super) predicted_n: Option<u64>,
     #[serde(default)]
     pub(super) cache_n: Option<u64>,
 }
 
 impl Timings {
+    /// The counts in llama.cpp's raw `timings`, `None` when there are none (or it is not JSON).
+    /// In an object without a backslash a key is its own bytes, so timings that name none of
+    /// the three (`{"predicted_ms":1.0}` on every chunk of some servers) hold nothing to bill,
+    /// and serde (about 550 instructions for that float, on every streamed request) is not
+    /// asked. Anything else goes to serde (which reads a struct from an array too).
+    pub(super) fn from_slice(raw: &[u8]) -> Option<Timings> {
+        let named = match raw.first() {
+            None => false,
+            Some(b'{') => raw.contains(&b'\\') || raw.windows(3).any(|w| w == b"_n\""),
+            Some(_) => true,
+        };
+        named
+            .then(|| serde_json::from_slice::<Timings>(raw).ok())
+            .flatten()
+            .filter(|t| t.prompt_n.is_some() || t.predicted_n.is_some() || t.cache_n.is_some())
+    }
+
     pub(super) fn usage(self) -> Option<Usage> {
         let completion = self.predicted_n?;
         let cached = self.cache_n;

@@ -178,3 +178,105 @@ fn quote_or_backslash_search_finds_the_first_at_every_offset() {
         }
     }
 }
+
+/// The old walk alone, without `flat_len`'s shortcut.
+fn walk_len(v: &[u8]) -> Option<usize> {
+    match nested_len_scalar(v)? {
+        Ok(len) => Some(len),
+        Err(resume) => nested_len_simd(v, resume),
+    }
+}
+
+/// The shortcut for flat values answers what the walk answers, on the shapes a tap meets (a
+/// running usage, timings) and on what can go wrong in them: strings holding braces, brackets,
+/// escaped quotes, backslashes, `|`, `#` after a quote, non-ASCII bytes; nesting; arrays; blanks;
+/// every truncation; and every byte of each replaced by each byte that matters to either.
+#[test]
+fn flat_values_measure_what_the_walk_measures() {
+    let shapes: &[&str] = &[
+        r#"{"completion_tokens":16,"prompt_tokens":2,"total_tokens":18}"#,
+        r#"{"prompt_tokens":5,"total_tokens":7,"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":4}}"#,
+        r#"{ "prompt_tokens" : 5 , "completion_tokens" : 2 }"#,
+        "{\n\t\"prompt_tokens\":\r5}",
+        r#"{"predicted_ms":1.0}"#,
+        r#"{"cache_n":21,"prompt_n":5,"prompt_ms":79.1,"predicted_n":3,"predicted_ms":3.5}"#,
+        r#"{}"#,
+        r#"[]"#,
+        r#"[1,2,3]"#,
+        r#"["a","b}","c]"]"#,
+        r#"{"s":"}"}"#,
+        r#"{"s":"]","t":1}"#,
+        r#"{"s":"{"}"#,
+        r#"{"s":"a\"}b"}"#,
+        r#"{"s":"\\"}"#,
+        r#"{"s":"|"}"#,
+        r##"{"s":"#","t":"#}"}"##,
+        "{\"s\":\"\u{e9}}\u{1F600}\",\"n\":1}",
+        r#"{"a":[1,{"b":"}"}],"c":2}"#,
+        r#"{"a":null,"b":true,"c":false,"d":-1.5e3}"#,
+        r#"{"a":1]"#,
+        r#"[1}"#,
+        r#"{"open":"#,
+        r#"{"#,
+        r#"{"a":1"#,
+        r#"{"k":"v"}} , "more":{"x":1}}"#,
+        r#"{"completion_tokens":16,"prompt_tokens":2,"total_tokens":18}}"#,
+    ];
+    let subs: &[u8] = b"\"\\{}[]|#: ,\n\x80\xff\x7b\x5c";
+    let mut checked = 0;
+    for shape in shapes {
+        // The value followed by what a chunk has after it, padded past a word or two.
+        for pad in ["", "}", ",\"id\":\"x\"}", "                }"] {
+            let mut full = shape.as_bytes().to_vec();
+            full.extend_from_slice(pad.as_bytes());
+            for cut in 1..=full.len() {
+                let t = &full[..cut];
+                let text = String::from_utf8_lossy(t);
+                assert_eq!(json_value_len(t), walk_len(t), "{text:?}");
+                checked += 1;
+            }
+            for at in 1..full.len() {
+                for &b in subs {
+                    let mut t = full.clone();
+                    t[at] = b;
+                    let text = String::from_utf8_lossy(&t);
+                    assert_eq!(json_value_len(&t), walk_len(&t), "{text:?}");
+                    checked += 1;
+                }
+            }
+        }
+    }
+    // Every byte value at every offset of a 40-byte flat object.
+    for at in 1..39 {
+        for b in 0..=255u8 {
+            let mut t = br#"{"aaaaaaaaaaaaa":1,"bbbbbbbbbbbbbbb":22}"#.to_vec();
+            t[at] = b;
+            assert_eq!(json_value_len(&t), walk_len(&t), "{at} {b}");
+            checked += 1;
+        }
+    }
+    assert!(checked > 50_000, "{checked}");
+}
+
+/// The searchers built once find what `memchr` and `memrchr` find, at every length across the
+/// vector widths and with the byte at every offset, once or twice.
+#[test]
+fn byte_searchers_find_what_memchr_finds() {
+    for len in 0..140usize {
+        for at in 0..=len {
+            for also in [None, Some(at / 2), Some(len.saturating_sub(1))] {
+                let mut s = vec![b'x'; len];
+                for i in [Some(at), also].into_iter().flatten().filter(|&i| i < len) {
+                    s[i] = b'_';
+                }
+                assert_eq!(UNDERSCORE.find(&s), memchr::memchr(b'_', &s), "{len} {at}");
+                assert_eq!(
+                    UNDERSCORE.rfind(&s),
+                    memchr::memrchr(b'_', &s),
+                    "{len} {at}"
+                );
+                assert_eq!(NEWLINE.find(&s), memchr::memchr(b'\n', &s), "{len} {at}");
+            }
+        }
+    }
+}
