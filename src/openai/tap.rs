@@ -716,6 +716,7 @@ impl Tap {
 
 mod figures;
 mod scan;
+mod search;
 
 pub use figures::{Source, Usage};
 use figures::{TgiBody, TgiDetails, Timings, UsageJson};

@@ -8,56 +8,8 @@ use std::sync::OnceLock;
 
 use memchr::memmem::{Finder, FinderRev};
 
+use super::search::{BRACKET, NEWLINE, U, UNDERSCORE};
 use super::*;
-
-/// `memchr::memchr`/`memrchr` for one byte, through an AVX2 searcher built once: the tap
-/// searches a chunk of a few hundred bytes about six times, and each `memchr::memchr` call's
-/// dispatch and needle set-up were a fifth of its cost. Without AVX2, the plain calls.
-pub(super) struct Byte {
-    byte: u8,
-    #[cfg(target_arch = "x86_64")]
-    avx2: OnceLock<Option<memchr::arch::x86_64::avx2::memchr::One>>,
-}
-
-impl Byte {
-    const fn new(byte: u8) -> Byte {
-        Byte {
-            byte,
-            #[cfg(target_arch = "x86_64")]
-            avx2: OnceLock::new(),
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    fn avx2(&self) -> Option<&memchr::arch::x86_64::avx2::memchr::One> {
-        self.avx2
-            .get_or_init(|| memchr::arch::x86_64::avx2::memchr::One::new(self.byte))
-            .as_ref()
-    }
-
-    #[inline]
-    pub(super) fn find(&self, s: &[u8]) -> Option<usize> {
-        #[cfg(target_arch = "x86_64")]
-        if let Some(one) = self.avx2() {
-            return one.find(s);
-        }
-        memchr::memchr(self.byte, s)
-    }
-
-    #[inline]
-    pub(super) fn rfind(&self, s: &[u8]) -> Option<usize> {
-        #[cfg(target_arch = "x86_64")]
-        if let Some(one) = self.avx2() {
-            return one.rfind(s);
-        }
-        memchr::memrchr(self.byte, s)
-    }
-}
-
-static NEWLINE: Byte = Byte::new(b'\n');
-static UNDERSCORE: Byte = Byte::new(b'_');
-static BRACKET: Byte = Byte::new(b'[');
-static U: Byte = Byte::new(b'u');
 
 /// Keeps the last two bytes of `tail + data` in `tail`.
 pub(super) fn keep_tail(tail: &mut Vec<u8>, data: &[u8]) {
