@@ -433,9 +433,16 @@ mod tests {
     /// truncation bit set, over TCP all of them (AAAA: none).
     fn truncating_resolver(addrs: Vec<[u8; 4]>) -> SocketAddr {
         use std::net::TcpListener;
-        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        // The UDP port the kernel picks may be held on the TCP side (another test's outgoing
+        // connection, say): try fresh ports until one is free on both, a bounded number of times.
+        let (udp, tcp) = (0..50)
+            .find_map(|_| {
+                let udp = UdpSocket::bind("127.0.0.1:0").ok()?;
+                let tcp = TcpListener::bind(udp.local_addr().ok()?).ok()?;
+                Some((udp, tcp))
+            })
+            .expect("a port free for both UDP and TCP");
         let server = udp.local_addr().unwrap();
-        let tcp = TcpListener::bind(server).unwrap();
         let records = move |q: &[u8], all: bool| {
             let qtype = u16::from_be_bytes([q[q.len() - 15], q[q.len() - 14]]);
             let recs: Vec<(u16, &[u8])> = match qtype {
