@@ -386,7 +386,13 @@ pub(crate) const PER_TOKEN_TIMINGS: &str = "timings_per_token";
 /// streams otherwise report their counts only at the end. `None` when the body already has the
 /// member (the client asked itself: nothing to remove then) or is not a JSON object.
 pub(crate) fn with_per_token_timings(body: &[u8]) -> Option<Vec<u8>> {
-    if top_level_value(body, PER_TOKEN_TIMINGS.as_bytes()).is_some() {
+    with_first_member(body, PER_TOKEN_TIMINGS, "true")
+}
+
+/// `body` with `"key":value` added as the object's first member; `None` when the body already
+/// has a top-level `key` or is not a JSON object. `value` is JSON text.
+fn with_first_member(body: &[u8], key: &str, value: &str) -> Option<Vec<u8>> {
+    if top_level_value(body, key.as_bytes()).is_some() {
         return None;
     }
     let open = body.iter().position(|b| !b.is_ascii_whitespace())?;
@@ -395,9 +401,12 @@ pub(crate) fn with_per_token_timings(body: &[u8]) -> Option<Vec<u8>> {
     }
     let rest = &body[open + 1..];
     let empty = rest.trim_ascii_start().starts_with(b"}");
-    let mut out = Vec::with_capacity(body.len() + 26);
+    let mut out = Vec::with_capacity(body.len() + key.len() + value.len() + 4);
     out.extend_from_slice(&body[..=open]);
-    out.extend_from_slice(br#""timings_per_token":true"#);
+    out.push(b'"');
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(b"\":");
+    out.extend_from_slice(value.as_bytes());
     if !empty {
         out.push(b',');
     }
@@ -414,24 +423,7 @@ pub(crate) const ID_SLOT: &str = "id_slot";
 /// already names a slot (the client's own pin is kept; the proxy's picture of that slot may then
 /// be wrong until it is next pinned).
 pub(crate) fn with_id_slot(body: &[u8], slot: usize) -> Option<Vec<u8>> {
-    if top_level_value(body, ID_SLOT.as_bytes()).is_some() {
-        return None;
-    }
-    let open = body.iter().position(|b| !b.is_ascii_whitespace())?;
-    if body[open] != b'{' {
-        return None;
-    }
-    let rest = &body[open + 1..];
-    let empty = rest.trim_ascii_start().starts_with(b"}");
-    let mut out = Vec::with_capacity(body.len() + 16);
-    out.extend_from_slice(&body[..=open]);
-    out.extend_from_slice(br#""id_slot":"#);
-    out.extend_from_slice(slot.to_string().as_bytes());
-    if !empty {
-        out.push(b',');
-    }
-    out.extend_from_slice(rest);
-    Some(out)
+    with_first_member(body, ID_SLOT, &slot.to_string())
 }
 
 /// Whether a 4xx body says the backend does not accept `continuous_usage_stats`.
