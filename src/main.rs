@@ -98,6 +98,10 @@ enum Command {
         /// Delay between tokens.
         #[arg(long, default_value_t = 0)]
         token_delay_ms: u64,
+        /// With no delays, write a whole stream at once (head, events, end) instead of one
+        /// write per event.
+        #[arg(long)]
+        burst: bool,
         /// Completion tokens when a request sets no max_tokens.
         #[arg(long, default_value_t = 16)]
         tokens: u32,
@@ -131,6 +135,7 @@ fn main() -> ExitCode {
             port,
             ttft_ms,
             token_delay_ms,
+            burst,
             tokens,
             model,
             engine_waiting,
@@ -140,6 +145,7 @@ fn main() -> ExitCode {
             port,
             ttft: Duration::from_millis(ttft_ms),
             token_delay: Duration::from_millis(token_delay_ms),
+            burst,
             tokens,
             model,
             engine: mock::EngineKnobs {

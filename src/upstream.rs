@@ -21,6 +21,15 @@ use crate::tls::ClientTls;
 /// Upper bound for a response head from a backend; real ones are a few hundred bytes.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
+/// What a read from a backend first makes room for: a page, like nginx's proxy buffer (with
+/// thousands of streams open, larger buffers were most of the memory).
+const FIRST_READ: usize = 4 * 1024;
+
+/// The most a read grows to once reads fill the buffer (HAProxy's default buffer size). A fast
+/// engine's events arrive together; read in 4 KiB, a 6 KB burst became two reads and two writes
+/// to the client, the second a segment and a wake-up of its own on both sides.
+const MAX_READ: usize = 16 * 1024;
+
 pub(crate) struct UpConn {
     pub(crate) rd: BackendReader,
     pub(crate) wr: BackendWriter,
@@ -30,6 +39,35 @@ pub(crate) struct UpConn {
     pub(crate) reused: bool,
     /// The backend's own `Keep-Alive: timeout=N`, if it announced one.
     pub(crate) keepalive_hint: Option<Duration>,
+    /// Room the next read gets.
+    room: ReadRoom,
+}
+
+/// How much room a read from a backend gets: `FIRST_READ`, doubled up to `MAX_READ` each time a
+/// read fills the buffer (more was waiting in the socket: a backend that bursts keeps
+/// bursting, and the room stays with the pooled connection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ReadRoom(usize);
+
+impl ReadRoom {
+    pub(crate) const fn new() -> ReadRoom {
+        ReadRoom(FIRST_READ)
+    }
+
+    /// Before a read: room for the whole size, when the buffer is smaller than that or less than
+    /// half of it is left.
+    pub(crate) fn make(self, buf: &mut BytesMut) {
+        if buf.capacity() < self.0 || buf.capacity() - buf.len() < self.0 / 2 {
+            buf.reserve(self.0);
+        }
+    }
+
+    /// After a read of `n` bytes into `buf`.
+    pub(crate) fn after(&mut self, buf: &BytesMut, n: usize) {
+        if n > 0 && buf.len() == buf.capacity() {
+            self.0 = (self.0 * 2).min(MAX_READ);
+        }
+    }
 }
 
 struct Idle {
@@ -168,9 +206,10 @@ async fn open(addr: SocketAddr, tls: Option<&ClientTls>) -> Result<UpConn, Proxy
     Ok(UpConn {
         rd,
         wr,
-        buf: BytesMut::with_capacity(4 * 1024),
+        buf: BytesMut::with_capacity(FIRST_READ),
         reused: false,
         keepalive_hint: None,
+        room: ReadRoom::new(),
     })
 }
 
@@ -216,9 +255,13 @@ impl UpConn {
                     Err(e) => return Err(ProxyError::UpstreamProtocol(e.to_string())),
                 }
             }
+            self.make_room();
             let buf = std::mem::take(&mut self.buf);
             let (res, buf) = self.rd.read_more(buf).await;
             self.buf = buf;
+            if let Ok(n) = res {
+                self.after_read(n);
+            }
             match res {
                 Ok(0) if !received_any => {
                     return Err(ProxyError::UpstreamClosed("connection closed".into()))
@@ -261,6 +304,17 @@ fn keepalive_timeout(head: &Head) -> Option<Duration> {
 }
 
 impl UpConn {
+    /// Before a read: room for it (`ReadRoom`).
+    pub(crate) fn make_room(&mut self) {
+        self.room.make(&mut self.buf);
+    }
+
+    /// After a read of `n` bytes: a read that filled the buffer widens the next ones. (Not
+    /// called for a slow stream's reads: its small buffer filling up says nothing of bursts.)
+    pub(crate) fn after_read(&mut self, n: usize) {
+        self.room.after(&self.buf, n);
+    }
+
     /// Reads until the first `len` body bytes are buffered (an error response the proxy must
     /// look at before relaying it); they stay in `buf`, where relaying picks them up.
     pub(crate) async fn buffer_body(
@@ -285,5 +339,48 @@ impl UpConn {
             }
         }
         Ok(&self.buf[..len])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads `n` bytes into `buf` as a socket would (into its spare room), then tells `room`.
+    fn read(room: &mut ReadRoom, buf: &mut BytesMut, n: usize) -> usize {
+        room.make(buf);
+        let n = n.min(buf.capacity() - buf.len());
+        buf.extend_from_slice(&vec![b'x'; n]);
+        room.after(buf, n);
+        n
+    }
+
+    #[test]
+    fn reads_widen_only_while_they_fill_the_buffer() {
+        let mut room = ReadRoom::new();
+        let mut buf = BytesMut::with_capacity(FIRST_READ);
+        // A 6 KB burst: the first read fills a page and leaves the rest waiting.
+        assert_eq!(read(&mut room, &mut buf, 6000), FIRST_READ);
+        assert_eq!(room, ReadRoom(2 * FIRST_READ));
+        buf.clear();
+        // The next burst of the same size is read whole, and the room stays as it is.
+        assert_eq!(read(&mut room, &mut buf, 6000), 6000);
+        assert_eq!(room, ReadRoom(2 * FIRST_READ));
+        // Bursts that keep filling it widen it up to MAX_READ, and no further.
+        for _ in 0..6 {
+            buf.clear();
+            read(&mut room, &mut buf, 1 << 20);
+        }
+        assert_eq!(room, ReadRoom(MAX_READ));
+        assert!(buf.capacity() <= 2 * MAX_READ, "{}", buf.capacity());
+        // Small reads leave a fresh connection's page as it is.
+        let mut room = ReadRoom::new();
+        let mut buf = BytesMut::with_capacity(FIRST_READ);
+        for _ in 0..4 {
+            buf.clear();
+            read(&mut room, &mut buf, 300);
+        }
+        assert_eq!(room, ReadRoom::new());
+        assert_eq!(buf.capacity(), FIRST_READ);
     }
 }

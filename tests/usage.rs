@@ -96,6 +96,36 @@ fn stream_without_include_usage_is_metered_and_relayed_unchanged() {
     assert!(ev[0]["ttft_ms"].is_u64());
 }
 
+/// A fast engine's whole stream in one write (`x-mock-burst`): the proxy reads every event in
+/// one read, takes the running usage out of each and the usage chunk out of the stream, and
+/// bills the final count, as when the events come one read each.
+#[test]
+fn a_stream_read_in_one_piece_is_metered_and_relayed_unchanged() {
+    let (mock, hook, proxy) = setup("");
+    let burst = [("x-mock-burst", "1")];
+    let r = post_json(
+        proxy.addr,
+        "/v1/chat/completions",
+        &chat_body(true, 12),
+        &burst,
+    );
+    assert_eq!(r.status, 200);
+    let direct = post_json(
+        mock.addr,
+        "/v1/chat/completions",
+        &chat_body(true, 12),
+        &burst,
+    );
+    let expected = data_events(&direct.body);
+    assert_eq!(expected.len(), 14, "role, 12 tokens, finish");
+    assert_eq!(data_events(&r.body), expected);
+    assert!(r.text().ends_with("data: [DONE]\n\n"));
+    let ev = hook.wait_events(1);
+    assert_eq!(ev[0]["completion_tokens"], 12);
+    assert_eq!(ev[0]["prompt_tokens"], 3);
+    assert_eq!(ev[0]["outcome"], "ok");
+}
+
 #[test]
 fn stream_with_include_usage_reaches_the_client_unchanged() {
     let (_mock, hook, proxy) = setup("");

@@ -25,7 +25,7 @@
 //! This file owns the order of a run (startup figures, then each workload against each target)
 //! and the progress lines on stderr; measuring is `run`'s and `measure`'s, the tables `report`'s.
 //! The parts:
-//! - `options`: command line and environment; `workload`: W1..W4 and the request they send;
+//! - `options`: command line and environment; `workload`: W1..W5 and the request they send;
 //! - `targets`: what is measured (direct, llmproxy in its configurations, nginx, HAProxy) and how each is
 //!   configured, started and probed until ready; `process`: the PID guards those run under;
 //! - `client`: the load generator; `http`: its HTTP/1.1 response reading (llmproxy::http1);

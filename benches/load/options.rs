@@ -16,7 +16,8 @@ load benchmark: llmproxy vs nginx vs HAProxy vs direct (see BENCHMARKS.md)
 Options (each also settable by the environment variable in brackets):
   --secs S          measured seconds per run             [LOAD_SECS, default 10]
   --warmup S        unmeasured seconds before each run   [LOAD_WARMUP_SECS, default 1]
-  --workloads LIST  w1,w2,w3 and the opt-in w4 (10,000 streams at 1 token/s)
+  --workloads LIST  w1,w2,w3 and the opt-ins w4 (10,000 streams at 1 token/s) and w5
+                    (w2 with each stream written by the mock at once)
                                                          [LOAD_WORKLOADS, default w1,w2,w3]
   --targets LIST    direct,llmproxy,llmproxy-log,nginx,haproxy,llmproxy-2w,llmproxy-epoll,
                     llmproxy-tls
@@ -37,7 +38,7 @@ Environment only:
   LOAD_NGINX        nginx binary (default: `nginx` on PATH or /usr/sbin/nginx; `off` skips nginx)
   LOAD_BASE_BIN     the llmproxy-base target's binary (an older build, to compare in one run)
   LOAD_HAPROXY      haproxy binary (default: `haproxy` on PATH or /usr/sbin/haproxy; `off` skips it)
-  LOAD_W1_CONNS=64 LOAD_W2_CONNS=64 LOAD_W3_STREAMS=256 LOAD_W4_STREAMS=10000
+  LOAD_W1_CONNS=64 LOAD_W2_CONNS=64 LOAD_W3_STREAMS=256 LOAD_W4_STREAMS=10000 LOAD_W5_CONNS=64
 ";
 
 pub(crate) struct Options {

@@ -174,6 +174,7 @@ pub(crate) fn start_mock(ctx: &Ctx, wl: &Workload) -> Result<Mock, String> {
         .args(["mock-backend", "--port", "0", "--ttft-ms", "0"])
         .args(["--token-delay-ms", &wl.token_delay_ms.to_string()])
         .args(["--tokens", &wl.tokens.to_string()])
+        .args(wl.burst.then_some("--burst"))
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -22,6 +22,9 @@ pub(crate) struct Workload {
     /// Completion tokens per request (`max_tokens`).
     pub(crate) tokens: u32,
     pub(crate) token_delay_ms: u64,
+    /// The mock writes each stream at once (`mock-backend --burst`): the proxy reads all of a
+    /// stream's events in one read, so its work per event shows instead of its work per read.
+    pub(crate) burst: bool,
     /// A request not finished within this is an error (None: streams meant to outlive the run).
     pub(crate) timeout: Option<Duration>,
     /// Connections are opened spread over this time, before the warm-up.
@@ -49,6 +52,7 @@ pub(crate) fn workload(id: &str) -> Result<Workload, String> {
                 stream: false,
                 tokens: TOKENS,
                 token_delay_ms: 0,
+                burst: false,
                 timeout: Some(Duration::from_secs(5)),
                 ramp: Duration::ZERO,
             }
@@ -64,6 +68,7 @@ pub(crate) fn workload(id: &str) -> Result<Workload, String> {
                 stream: true,
                 tokens: TOKENS,
                 token_delay_ms: 0,
+                burst: false,
                 timeout: Some(Duration::from_secs(5)),
                 ramp: Duration::ZERO,
             }
@@ -77,6 +82,7 @@ pub(crate) fn workload(id: &str) -> Result<Workload, String> {
                 stream: true,
                 tokens: TOKENS,
                 token_delay_ms: 20,
+                burst: false,
                 timeout: Some(Duration::from_secs(5)),
                 ramp: Duration::ZERO,
             }
@@ -91,11 +97,28 @@ pub(crate) fn workload(id: &str) -> Result<Workload, String> {
                 // Longer than any run: every stream stays open for the whole window.
                 tokens: 100_000,
                 token_delay_ms: 1000,
+                burst: false,
                 timeout: None,
                 ramp: Duration::from_secs(3),
             }
         }
-        other => return Err(format!("unknown workload {other:?} (w1, w2, w3, w4)")),
+        "w5" => {
+            let conns = env_usize("LOAD_W5_CONNS", 64)?;
+            Workload {
+                id: "w5",
+                title: format!(
+                    "W5 streaming chat, {TOKENS} tokens written at once, {conns} connections"
+                ),
+                conns,
+                stream: true,
+                tokens: TOKENS,
+                token_delay_ms: 0,
+                burst: true,
+                timeout: Some(Duration::from_secs(5)),
+                ramp: Duration::ZERO,
+            }
+        }
+        other => return Err(format!("unknown workload {other:?} (w1, w2, w3, w4, w5)")),
     })
 }
 

@@ -118,7 +118,8 @@ async fn write_reply(reply: &Reply, ex: &Exchange, out: &mut Out<'_>) -> Result<
 }
 
 /// An SSE stream: head at once, the opening events after ttft, then one event per token spaced
-/// by token_delay, then the closing events. Each event is its own chunk in its own write.
+/// by token_delay, then the closing events. Each event is its own chunk in its own write, but
+/// for a burst without delays (`Hooks::burst`): head, events and end in one write.
 async fn write_stream(
     completion: &Completion,
     ex: &Exchange,
@@ -143,11 +144,20 @@ async fn write_stream(
         framing,
         conn,
     );
-    out.flush().await?;
-
-    sleep(hooks.ttft).await;
+    let burst = hooks.burst
+        && hooks.ttft.is_zero()
+        && hooks.token_delay.is_zero()
+        && !hooks.chunk_split
+        && hooks.stall_after.is_none()
+        && hooks.reset_after.is_none();
+    let each = Flush::Each(hooks.chunk_split);
+    let flush = if burst { Flush::AtEnd } else { each };
+    if !burst {
+        out.flush().await?;
+        sleep(hooks.ttft).await;
+    }
     for event in completion.opening_events() {
-        send_event(out, &event, chunked, hooks.chunk_split).await?;
+        send_event(out, &event, chunked, flush).await?;
     }
     for i in 0..=completion.completion_tokens {
         if hooks.reset_after == Some(i) {
@@ -159,7 +169,7 @@ async fn write_stream(
         if i == completion.completion_tokens {
             break;
         }
-        if i > 0 {
+        if i > 0 && !burst {
             sleep(hooks.token_delay).await;
         }
         if i == 1 && hooks.garbage == Some(Garbage::Chunk) {
@@ -167,25 +177,36 @@ async fn write_stream(
             out.flush().await?;
             return Ok(Flow::Close);
         }
-        send_event(out, &completion.token_event(i), chunked, hooks.chunk_split).await?;
+        send_event(out, &completion.token_event(i), chunked, flush).await?;
     }
     for event in completion.closing_events() {
-        send_event(out, &event, chunked, hooks.chunk_split).await?;
+        send_event(out, &event, chunked, flush).await?;
     }
     if chunked {
         out.buf.extend_from_slice(h1::LAST_CHUNK);
+    }
+    if chunked || burst {
         out.flush().await?;
     }
     Ok(after_response(close))
 }
 
-/// One event in one write, or (`x-mock-chunk-split`) in two chunks with a pause between, which
-/// is how a proxy's SSE parser meets an event torn across reads.
+/// When a stream's events are written.
+#[derive(Clone, Copy)]
+enum Flush {
+    /// Each in its own write, or (`x-mock-chunk-split`: true) in two chunks with a pause between,
+    /// which is how a proxy's SSE parser meets an event torn across reads.
+    Each(bool),
+    /// All in the stream's last write (a burst).
+    AtEnd,
+}
+
+/// One event framed into `out`, written as `flush` says.
 async fn send_event(
     out: &mut Out<'_>,
     event: &[u8],
     chunked: bool,
-    split: bool,
+    flush: Flush,
 ) -> Result<(), PeerGone> {
     let frame = |buf: &mut Vec<u8>, data: &[u8]| {
         if chunked {
@@ -193,6 +214,13 @@ async fn send_event(
         } else {
             buf.extend_from_slice(data);
         }
+    };
+    let split = match flush {
+        Flush::AtEnd => {
+            frame(&mut out.buf, event);
+            return Ok(());
+        }
+        Flush::Each(split) => split,
     };
     if split && event.len() > 1 {
         let (first, second) = event.split_at(event.len() / 2);

@@ -44,6 +44,8 @@ pub(super) struct Hooks {
     pub(super) status: Option<u16>,
     pub(super) ttft: Duration,
     pub(super) token_delay: Duration,
+    /// `x-mock-burst` (or the `burst` option): a stream without delays leaves in one write.
+    pub(super) burst: bool,
     pub(super) tokens: u32,
     pub(super) reset_after: Option<u32>,
     pub(super) stall_head: bool,
@@ -126,6 +128,7 @@ impl Hooks {
             status,
             ttft: millis("x-mock-ttft-ms")?.unwrap_or(opts.ttft),
             token_delay: millis("x-mock-token-delay-ms")?.unwrap_or(opts.token_delay),
+            burst: opts.burst || flag("x-mock-burst")?,
             tokens: number("x-mock-tokens", text("x-mock-tokens")?)?.unwrap_or(opts.tokens),
             reset_after: number("x-mock-reset-after", text("x-mock-reset-after")?)?,
             stall_head,

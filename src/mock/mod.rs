@@ -58,6 +58,11 @@ pub struct MockOptions {
     pub ttft: Duration,
     /// Delay between tokens.
     pub token_delay: Duration,
+    /// A stream with no delays leaves in one write (head, every event, the last chunk) instead
+    /// of one write per event: what a proxy meets when a fast engine's events all arrived before
+    /// it read (the benchmark's W5), so its per-event work is not hidden behind one read and
+    /// one write per event.
+    pub burst: bool,
     /// Completion tokens when the request has no `max_tokens`.
     pub tokens: u32,
     /// Model id reported by `/v1/models` and used when a request names none.
@@ -102,6 +107,7 @@ impl Default for MockOptions {
             port: 0,
             ttft: Duration::ZERO,
             token_delay: Duration::ZERO,
+            burst: false,
             tokens: 16,
             model: "mock-model".to_string(),
             engine: EngineKnobs::default(),

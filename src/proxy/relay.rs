@@ -379,6 +379,8 @@ pub(crate) async fn relay(
             out = Vec::new();
             small_read_buf(&mut conn.buf);
             min_room = SLOW_MIN_ROOM;
+        } else {
+            conn.make_room();
         }
         let buf = std::mem::take(&mut conn.buf);
         let read = conn.rd.read_with_room(buf, min_room);
@@ -393,8 +395,12 @@ pub(crate) async fn relay(
                 return Ok(sent(Outcome::Ok, plan.close));
             }
             Ok((Ok(0), _)) => ProxyError::BodyClosed,
-            Ok((Ok(_), buf)) => {
+            Ok((Ok(n), buf)) => {
                 conn.buf = buf;
+                // A slow stream's small buffer filling up says nothing of bursts.
+                if !slow {
+                    conn.after_read(n);
+                }
                 continue;
             }
             Ok((Err(e), _)) => ProxyError::BodyRead(e),
