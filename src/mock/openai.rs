@@ -10,7 +10,7 @@ use serde_json::{json, Map, Value};
 
 use super::{
     exchange::{Ask, Completion, Exchange, Kind},
-    json::{bool_field, count_words, parse_object, sse_event, token_limit},
+    json::{bool_field, count_words, parse_object, token_limit},
     wire::Reply,
     MockOptions,
 };
@@ -114,80 +114,99 @@ impl Completion {
     }
 
     /// An OpenAI stream chunk around one choice (`None` = the usage chunk); `done`: tokens
-    /// generated up to and including this chunk.
-    fn openai_chunk(&self, choice: Option<Value>, done: u32) -> Vec<u8> {
-        let object = if self.kind == Kind::Chat {
-            "chat.completion.chunk"
-        } else {
-            "text_completion"
-        };
-        let mut chunk = json!({
-            "id": self.id, "object": object, "created": self.created, "model": self.model,
+    /// generated up to and including this chunk. Written directly, in the order and shape
+    /// `serde_json` gives the same object (`value_chunk` in the tests, compared on every shape):
+    /// built as a `Value`, the chunks of a fast stream were most of the mock's CPU, which the
+    /// load benchmark's clients share.
+    fn openai_chunk(&self, choice: Option<Choice<'_>>, done: u32) -> Vec<u8> {
+        let mut o = Vec::with_capacity(320);
+        o.extend_from_slice(b"data: {\"choices\":[");
+        if let Some(choice) = choice {
+            self.write_choice(&mut o, choice);
+        }
+        o.extend_from_slice(b"],\"created\":");
+        o.extend_from_slice(self.created.to_string().as_bytes());
+        o.extend_from_slice(b",\"id\":");
+        json_str(&mut o, &self.id);
+        o.extend_from_slice(b",\"model\":");
+        json_str(&mut o, &self.model);
+        o.extend_from_slice(b",\"object\":\"");
+        o.extend_from_slice(match self.kind {
+            Kind::Chat => b"chat.completion.chunk\"".as_slice(),
+            _ => b"text_completion\"".as_slice(),
         });
         match choice {
-            Some(choice) => {
-                chunk["choices"] = json!([choice]);
-                chunk["timings"] = json!({"predicted_ms": 1.0});
+            Some(_) => {
+                o.extend_from_slice(br#","timings":{"predicted_ms":1.0}"#);
                 if self.running_usage {
-                    chunk["usage"] = json!({
-                        "prompt_tokens": self.prompt_tokens,
-                        "completion_tokens": done,
-                        "total_tokens": self.prompt_tokens + u64::from(done),
-                    });
+                    self.write_usage(&mut o, done);
                 } else if self.include_usage {
-                    chunk["usage"] = Value::Null;
+                    o.extend_from_slice(br#","usage":null"#);
                 }
             }
-            None => {
-                chunk["choices"] = json!([]);
-                chunk["usage"] = self.usage();
-            }
+            None => self.write_usage(&mut o, self.completion_tokens),
         }
-        sse_event("data: ", &chunk)
+        o.extend_from_slice(b"}\n\n");
+        o
+    }
+
+    fn write_choice(&self, o: &mut Vec<u8>, choice: Choice<'_>) {
+        match (self.kind, choice) {
+            (Kind::Chat, Choice::Opening) => o.extend_from_slice(
+                br#"{"delta":{"content":"","role":"assistant"},"finish_reason":null,"index":0,"logprobs":null}"#,
+            ),
+            (Kind::Chat, Choice::Token(text)) => {
+                o.extend_from_slice(br#"{"delta":{"content":"#);
+                json_str(o, text);
+                o.extend_from_slice(br#"},"finish_reason":null,"index":0,"logprobs":null}"#);
+            }
+            (Kind::Chat, Choice::Finish) => o.extend_from_slice(
+                br#"{"delta":{},"finish_reason":"length","index":0,"logprobs":null}"#,
+            ),
+            (_, Choice::Opening | Choice::Token(_)) => {
+                let text = match choice {
+                    Choice::Token(text) => text,
+                    _ => "",
+                };
+                o.extend_from_slice(br#"{"finish_reason":null,"index":0,"logprobs":null,"text":"#);
+                json_str(o, text);
+                o.push(b'}');
+            }
+            (_, Choice::Finish) => o.extend_from_slice(
+                br#"{"finish_reason":"length","index":0,"logprobs":null,"text":""}"#,
+            ),
+        }
+    }
+
+    /// `,"usage":{...}` with `done` completion tokens.
+    fn write_usage(&self, o: &mut Vec<u8>, done: u32) {
+        let total = self.prompt_tokens + u64::from(done);
+        o.extend_from_slice(
+            format!(
+                r#","usage":{{"completion_tokens":{done},"prompt_tokens":{},"total_tokens":{total}}}"#,
+                self.prompt_tokens
+            )
+            .as_bytes(),
+        );
     }
 
     /// The chat role delta; text completions open with their first token.
     pub(super) fn openai_opening(&self) -> Vec<Vec<u8>> {
         match self.kind {
-            Kind::Chat => vec![self.openai_chunk(
-                Some(json!({
-                    "index": 0, "delta": {"role": "assistant", "content": ""},
-                    "logprobs": null, "finish_reason": null,
-                })),
-                0,
-            )],
+            Kind::Chat => vec![self.openai_chunk(Some(Choice::Opening), 0)],
             _ => Vec::new(),
         }
     }
 
     pub(super) fn openai_token(&self, i: u32) -> Vec<u8> {
         let text = self.token_text(i);
-        match self.kind {
-            Kind::Chat => self.openai_chunk(
-                Some(json!({
-                    "index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": null,
-                })),
-                i + 1,
-            ),
-            _ => self.openai_chunk(
-                Some(json!({
-                    "index": 0, "text": text, "logprobs": null, "finish_reason": null,
-                })),
-                i + 1,
-            ),
-        }
+        self.openai_chunk(Some(Choice::Token(&text)), i + 1)
     }
 
     /// Finish chunk, usage chunk (if asked), `[DONE]`.
     pub(super) fn openai_closing(&self) -> Vec<Vec<u8>> {
-        let finish = match self.kind {
-            Kind::Chat => {
-                json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": "length"})
-            }
-            _ => json!({"index": 0, "text": "", "logprobs": null, "finish_reason": "length"}),
-        };
         let n = self.completion_tokens;
-        let mut events = vec![self.openai_chunk(Some(finish), n)];
+        let mut events = vec![self.openai_chunk(Some(Choice::Finish), n)];
         if self.include_usage {
             events.push(self.openai_chunk(None, n));
         }
@@ -196,10 +215,103 @@ impl Completion {
     }
 }
 
+/// The choice a stream chunk carries.
+#[derive(Debug, Clone, Copy)]
+enum Choice<'a> {
+    /// Chat's role delta.
+    Opening,
+    Token(&'a str),
+    Finish,
+}
+
+/// `s` as a JSON string (serde_json's escaping).
+fn json_str(o: &mut Vec<u8>, s: &str) {
+    // Writing to a Vec cannot fail; the string is pushed unescaped only if it somehow did.
+    if serde_json::to_writer(&mut *o, s).is_err() {
+        o.extend_from_slice(s.as_bytes());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::mock::generation::tests::{completion, event_json};
+
+    /// The chunk as the mock built it before it wrote chunks directly: a `serde_json::Value`
+    /// (keys in `serde_json`'s order), serialised.
+    fn value_chunk(c: &Completion, choice: Option<Choice<'_>>, done: u32) -> Vec<u8> {
+        let choice = choice.map(|ch| {
+            let (delta, text, finish) = match ch {
+                Choice::Opening => (json!({"role": "assistant", "content": ""}), "", Value::Null),
+                Choice::Token(t) => (json!({ "content": t }), t, Value::Null),
+                Choice::Finish => (json!({}), "", json!("length")),
+            };
+            match c.kind {
+                Kind::Chat => {
+                    json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+                }
+                _ => json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish}),
+            }
+        });
+        let object = match c.kind {
+            Kind::Chat => "chat.completion.chunk",
+            _ => "text_completion",
+        };
+        let mut chunk =
+            json!({"id": c.id, "object": object, "created": c.created, "model": c.model});
+        let usage = |done: u32| {
+            json!({"prompt_tokens": c.prompt_tokens, "completion_tokens": done,
+                   "total_tokens": c.prompt_tokens + u64::from(done)})
+        };
+        match choice {
+            Some(choice) => {
+                chunk["choices"] = json!([choice]);
+                chunk["timings"] = json!({"predicted_ms": 1.0});
+                if c.running_usage {
+                    chunk["usage"] = usage(done);
+                } else if c.include_usage {
+                    chunk["usage"] = Value::Null;
+                }
+            }
+            None => {
+                chunk["choices"] = json!([]);
+                chunk["usage"] = usage(c.completion_tokens);
+            }
+        }
+        format!("data: {chunk}\n\n").into_bytes()
+    }
+
+    #[test]
+    fn chunks_are_what_serde_json_writes_for_them() {
+        for kind in [Kind::Chat, Kind::Text] {
+            for (include, running) in [(false, false), (true, false), (true, true)] {
+                let mut c = completion(kind, 3, include);
+                c.running_usage = running;
+                c.id = "chatcmpl-\"odd\\id\u{1}é".to_string();
+                c.model = "org/model \"quoted\"".to_string();
+                c.created = 1_796_552_103;
+                let choices = [
+                    Some(Choice::Opening),
+                    Some(Choice::Token("tok0 ")),
+                    Some(Choice::Token("a \"quote\", a \\ and \n\t\u{7f}ü")),
+                    Some(Choice::Finish),
+                    None,
+                ];
+                for choice in choices {
+                    if kind == Kind::Text && matches!(choice, Some(Choice::Opening)) {
+                        continue;
+                    }
+                    for done in [0, 2, 3] {
+                        assert_eq!(
+                            String::from_utf8(c.openai_chunk(choice, done)).unwrap(),
+                            String::from_utf8(value_chunk(&c, choice, done)).unwrap(),
+                            "{kind:?} include {include} running {running} {choice:?} {done}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn counts_words_in_messages() {
