@@ -49,6 +49,7 @@ mod measure;
 mod options;
 mod process;
 mod report;
+mod rounds;
 mod run;
 mod targets;
 mod workload;
@@ -58,7 +59,7 @@ use process::{allowed_cpus, raise_nofile, TempDir};
 use report::{machine_header, startup_table, table, targets_section, thousands};
 use run::{measure_startup, run_target, RunResult};
 use targets::{start_mock, Ctx, TargetKind};
-use workload::workload;
+use workload::{workload, Workload};
 
 /// Open files a proxy needs besides two sockets per stream (see the W4 cap in `run`).
 const NOFILE_MARGIN: u64 = 64;
@@ -66,6 +67,7 @@ const NOFILE_MARGIN: u64 = 64;
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         http::self_check();
+        rounds::self_check();
         return;
     }
     let opts = match Options::parse() {
@@ -200,36 +202,38 @@ fn run(opts: &Options) -> Result<String, String> {
             measure::loadavg()
         );
         let mock = start_mock(&ctx, wl)?;
-        let mut results = Vec::new();
-        for &kind in &targets {
-            if stop.load(Ordering::Relaxed) {
-                break;
+        let mut rounds = Vec::new();
+        for round in 1..=opts.rounds {
+            let mut results = Vec::new();
+            for &kind in &targets {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let r = run_target(&ctx, opts, wl, kind, &mock).unwrap_or_else(|e| RunResult {
+                    target: kind.name().to_string(),
+                    failed: Some(e),
+                    ..RunResult::default()
+                });
+                log_result(wl, &r);
+                results.push(r);
             }
-            let r = run_target(&ctx, opts, wl, kind, &mock).unwrap_or_else(|e| RunResult {
-                target: kind.name().to_string(),
-                failed: Some(e),
-                ..RunResult::default()
-            });
-            match &r.failed {
-                Some(e) => eprintln!("[{}] {}: FAILED: {e}", wl.id, r.target),
-                None => eprintln!(
-                    "[{}] {:<13} {:>9} req/s  p99 {:>7} ms  TTFT p99 {:>7} ms  errors {}  proxy CPU {:>5}  {:>6} µs/req  RSS {} MB  other CPU {:.0}%",
-                    wl.id,
-                    r.target,
-                    thousands(r.rps()),
-                    report::f2(r.lat[1]),
-                    report::f2(r.ttft[1]),
-                    r.errors,
-                    r.cpu_pct().map_or("–".into(), |c| format!("{c:.0}%")),
-                    report::f1(r.cpu_us_per_req()),
-                    report::f1(r.rss_mb()),
-                    r.other_cpu
-                ),
+            let mut titled = wl.clone();
+            if opts.rounds > 1 {
+                titled.title = format!("{} — round {round} of {}", wl.title, opts.rounds);
             }
-            results.push(r);
+            table(&mut out, &titled, &results);
+            rounds.push(results);
         }
         drop(mock);
-        table(&mut out, wl, &results);
+        let results = if opts.rounds > 1 {
+            let medians = rounds::medians(&rounds);
+            let mut titled = wl.clone();
+            titled.title = format!("{} — medians of {} rounds", wl.title, opts.rounds);
+            table(&mut out, &titled, &medians);
+            medians
+        } else {
+            rounds.pop().unwrap_or_default()
+        };
         all.push((wl.clone(), results));
     }
     if stop.load(Ordering::Relaxed) {
@@ -246,4 +250,24 @@ fn run(opts: &Options) -> Result<String, String> {
          (both on CPU 1); other CPU = time CPUs 0 and 1 spent on processes outside this benchmark (noise)."
     );
     Ok(out)
+}
+
+/// The one-line progress report of a run, on stderr.
+fn log_result(wl: &Workload, r: &RunResult) {
+    match &r.failed {
+        Some(e) => eprintln!("[{}] {}: FAILED: {e}", wl.id, r.target),
+        None => eprintln!(
+            "[{}] {:<13} {:>9} req/s  p99 {:>7} ms  TTFT p99 {:>7} ms  errors {}  proxy CPU {:>5}  {:>6} µs/req  RSS {} MB  other CPU {:.0}%",
+            wl.id,
+            r.target,
+            thousands(r.rps()),
+            report::f2(r.lat[1]),
+            report::f2(r.ttft[1]),
+            r.errors,
+            r.cpu_pct().map_or("–".into(), |c| format!("{c:.0}%")),
+            report::f1(r.cpu_us_per_req()),
+            report::f1(r.rss_mb()),
+            r.other_cpu
+        ),
+    }
 }

@@ -27,6 +27,9 @@ Options (each also settable by the environment variable in brackets):
                     nginx-ids (nginx adding the X-Forwarded-For and X-Request-Id headers llmproxy adds)
                                                          [LOAD_TARGETS, default all but opt-ins]
   --startup-runs N  timed starts for the startup figure  [LOAD_STARTUP_RUNS, default 5; 0 = skip]
+  --rounds N        run every workload's targets N times in turn; each round gets its table,
+                    then a table of the medians, on which the targets are judged
+                                                         [LOAD_ROUNDS, default 1]
   --out PATH        also write the report (Markdown)     [LOAD_OUT]
   --keep-tmp        keep configs and logs                [LOAD_KEEP_TMP=1]
   --perf DIR        record `perf record -e cpu-clock -g` of each proxy during its window into
@@ -51,6 +54,8 @@ pub(crate) struct Options {
     pub(crate) workloads: Vec<Workload>,
     pub(crate) targets: Vec<TargetKind>,
     pub(crate) startup_runs: usize,
+    /// Rounds per workload (every target once per round, in turn).
+    pub(crate) rounds: usize,
     pub(crate) out: Option<PathBuf>,
     pub(crate) keep_tmp: bool,
     pub(crate) perf: Option<PathBuf>,
@@ -66,6 +71,7 @@ impl Options {
             "direct,llmproxy,llmproxy-log,nginx,haproxy,llmproxy-2w,llmproxy-epoll".into()
         });
         let mut startup = env("LOAD_STARTUP_RUNS").unwrap_or_else(|| "5".into());
+        let mut rounds = env("LOAD_ROUNDS").unwrap_or_else(|| "1".into());
         let mut out = env("LOAD_OUT").map(PathBuf::from);
         let mut keep_tmp = env("LOAD_KEEP_TMP").is_some_and(|v| v != "0");
         let mut perf = env("LOAD_PERF").map(PathBuf::from);
@@ -88,6 +94,7 @@ impl Options {
                 "--workloads" => workloads = value("--workloads")?,
                 "--targets" => targets = value("--targets")?,
                 "--startup-runs" => startup = value("--startup-runs")?,
+                "--rounds" => rounds = value("--rounds")?,
                 "--out" => out = Some(PathBuf::from(value("--out")?)),
                 "--keep-tmp" => keep_tmp = true,
                 "--perf" => perf = Some(PathBuf::from(value("--perf")?)),
@@ -127,6 +134,14 @@ impl Options {
             .trim()
             .parse()
             .map_err(|_| format!("LOAD_STARTUP_RUNS: {startup:?} is not a number"))?;
+        let rounds = match rounds.trim().parse::<usize>() {
+            Ok(n) if (1..=20).contains(&n) => n,
+            _ => {
+                return Err(format!(
+                    "LOAD_ROUNDS: {rounds:?} must be a number in 1..=20"
+                ))
+            }
+        };
         Ok(Options {
             bin: find_llmproxy()?,
             base_bin: std::env::var_os("LOAD_BASE_BIN").map(PathBuf::from),
@@ -137,6 +152,7 @@ impl Options {
             workloads,
             targets,
             startup_runs,
+            rounds,
             out,
             keep_tmp,
             perf,

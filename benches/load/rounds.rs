@@ -1,0 +1,148 @@
+//! Several rounds of one workload folded into one result per target, so that a target is judged
+//! on the median of runs rather than on one run: on this 2-core machine the same binary's CPU per
+//! request moves by ±5% between back-to-back runs, and W3's TTFT p99 by several milliseconds.
+
+use crate::measure::Usage;
+use crate::run::RunResult;
+
+/// The median of the values present (the mean of the middle two for an even count).
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+/// One result per target (in the rounds' order) whose every figure is that figure's median over
+/// the rounds the target completed: requests per second, CPU per request (and so CPU share),
+/// latency, TTFT and token-gap percentiles, memory, the load side's figures; errors are summed.
+/// A target that failed in every round stays failed. Each figure is its own median, so they need
+/// not come from one run.
+pub(crate) fn medians(rounds: &[Vec<RunResult>]) -> Vec<RunResult> {
+    let Some(first) = rounds.first() else {
+        return Vec::new();
+    };
+    (0..first.len())
+        .map(|i| {
+            let runs: Vec<&RunResult> = rounds
+                .iter()
+                .filter_map(|r| r.get(i))
+                .filter(|r| r.failed.is_none())
+                .collect();
+            let target = first[i].target.clone();
+            if runs.is_empty() {
+                return RunResult {
+                    target,
+                    failed: first[i].failed.clone(),
+                    ..RunResult::default()
+                };
+            }
+            let m = |f: &dyn Fn(&RunResult) -> Option<f64>| {
+                median(runs.iter().filter_map(|r| f(r)).collect())
+            };
+            let pct = |f: &dyn Fn(&RunResult) -> [Option<f64>; 3]| {
+                [0, 1, 2].map(|k| m(&|r: &RunResult| f(r)[k]))
+            };
+            // Over a one-second window `ok` is the rate; the proxy's CPU seconds are then its CPU
+            // per request times that rate, which makes CPU share and CPU per request the medians.
+            let rps = m(&|r: &RunResult| Some(r.rps())).unwrap_or(0.0);
+            let ok = rps.round() as u64;
+            let kib = |f: &dyn Fn(&Usage) -> u64| {
+                m(&|r: &RunResult| r.proxy.map(|(_, b)| f(&b) as f64))
+                    .map_or(0, |v| v.round() as u64)
+            };
+            let proxy = m(&|r: &RunResult| r.cpu_us_per_req()).map(|us| {
+                let end = Usage {
+                    cpu: us * ok as f64 / 1e6,
+                    rss_kib: kib(&|u| u.rss_kib),
+                    hwm_kib: kib(&|u| u.hwm_kib),
+                    pss_kib: kib(&|u| u.pss_kib),
+                };
+                (Usage::default(), end)
+            });
+            RunResult {
+                target,
+                failed: None,
+                secs: 1.0,
+                ok,
+                lat: pct(&|r| r.lat),
+                ttft: pct(&|r| r.ttft),
+                gap: pct(&|r| r.gap),
+                errors: runs.iter().map(|r| r.errors).sum(),
+                proxy,
+                load_cpu: m(&|r: &RunResult| Some(r.load_cpu)).unwrap_or(0.0),
+                other_cpu: m(&|r: &RunResult| Some(r.other_cpu)).unwrap_or(0.0),
+                steal: m(&|r: &RunResult| Some(r.steal)).unwrap_or(0.0),
+                tokens: m(&|r: &RunResult| Some(r.tokens as f64 / r.secs))
+                    .map_or(0, |v| v.round() as u64),
+                streaming_at_end: m(&|r: &RunResult| Some(r.streaming_at_end as f64))
+                    .map_or(0, |v| v.round() as i64),
+                connections_at_end: m(&|r: &RunResult| Some(r.connections_at_end as f64))
+                    .map_or(0, |v| v.round() as i64),
+                note: format!("medians of {} rounds", runs.len()),
+                load_us_per_req: m(&|r: &RunResult| r.load_us_per_req),
+                switches: None,
+                segments: m(&|r: &RunResult| r.segments),
+                ..RunResult::default()
+            }
+        })
+        .collect()
+}
+
+/// Checks `medians` on made-up rounds (run by `cargo test --benches`, which runs this benchmark
+/// without `--bench`: see `main`).
+pub(crate) fn self_check() {
+    let run = |rps: f64, cpu_us: f64, ttft_p99: f64| {
+        let ok = (rps * 8.0) as u64;
+        RunResult {
+            target: "llmproxy".into(),
+            secs: 8.0,
+            ok,
+            ttft: [Some(1.0), Some(ttft_p99), None],
+            proxy: Some((
+                Usage::default(),
+                Usage {
+                    cpu: cpu_us * ok as f64 / 1e6,
+                    rss_kib: 10_240,
+                    ..Usage::default()
+                },
+            )),
+            ..RunResult::default()
+        }
+    };
+    // Every figure is its own median.
+    let rounds = vec![
+        vec![run(1000.0, 12.0, 5.0)],
+        vec![run(1100.0, 11.0, 1.0)],
+        vec![run(900.0, 13.0, 2.0)],
+    ];
+    let m = medians(&rounds);
+    assert_eq!(m.len(), 1);
+    assert!((m[0].rps() - 1000.0).abs() < 0.5, "{}", m[0].rps());
+    let cpu = m[0].cpu_us_per_req().unwrap_or(0.0);
+    assert!((cpu - 12.0).abs() < 0.05, "{cpu}");
+    assert_eq!(m[0].ttft[1], Some(2.0));
+    assert_eq!(m[0].ttft[2], None);
+    assert_eq!(m[0].rss_mb(), Some(10.0));
+    assert!((m[0].cpu_pct().unwrap_or(0.0) - 1.2).abs() < 0.01);
+    // Failed rounds are left out; a target failed in every round stays failed.
+    let failed = || RunResult {
+        target: "nginx".into(),
+        failed: Some("no".into()),
+        ..RunResult::default()
+    };
+    assert!(medians(&[vec![failed()], vec![failed()]])[0]
+        .failed
+        .is_some());
+    let m = medians(&[vec![run(1000.0, 12.0, 5.0)], vec![failed()]]);
+    assert!(m[0].failed.is_none());
+    assert!((m[0].cpu_us_per_req().unwrap_or(0.0) - 12.0).abs() < 0.05);
+    eprintln!("load benchmark: rounds self-check passed");
+}
