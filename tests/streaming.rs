@@ -273,6 +273,22 @@ fn total_request_timeout_applies() {
         &[("x-mock-ttft-ms", "3000")],
     );
     r.assert_error(504, "request_timeout");
+    // A deadline shorter than the wait before the client socket is watched (5 ms) ends the
+    // exchange at the deadline, not at the watch.
+    let (_mock, proxy) = start(
+        &[],
+        "timeouts: { request: 2ms }\nretry: { attempts: 0 }\n",
+        &[],
+    );
+    let sent = Instant::now();
+    let r = post_json(
+        proxy.addr,
+        "/v1/chat/completions",
+        &chat_body(false, 1),
+        &[("x-mock-ttft-ms", "3000")],
+    );
+    r.assert_error(504, "request_timeout");
+    assert!(sent.elapsed() < Duration::from_secs(2), "{:?}", sent.elapsed());
 }
 
 #[test]

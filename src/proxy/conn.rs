@@ -510,11 +510,11 @@ mod tests {
                 "forward::forward_with_fallbacks (boxed)",
                 std::mem::size_of_val(&fwd),
             ));
-            let fwd = monoio::time::timeout(Duration::from_secs(1), Box::pin(fwd));
-            sizes.push(("timeout(Box<forward>)", std::mem::size_of_val(&fwd)));
-            let watch = proxy::relay::watch_client(rd, buf, fwd);
+            let started = std::time::Instant::now();
+            let deadline = started + Duration::from_secs(1);
+            let watch = proxy::relay::watch_client(rd, buf, started, deadline, Box::pin(fwd));
             sizes.push((
-                "relay::watch_client(timeout(Box<forward>))",
+                "relay::watch_client(Box<forward>)",
                 std::mem::size_of_val(&watch),
             ));
             drop(watch);

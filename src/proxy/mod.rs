@@ -31,13 +31,14 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use crate::auth::Caller;
+use crate::clock;
 use crate::error::{Outcome, ProxyError};
 use crate::http1::head::Head;
 use crate::proxy::account::{account, Done};
 use crate::proxy::answer::{error_response, fail, respond, Answer};
 use crate::proxy::downstream::Downstream;
 use crate::proxy::forward::forward_with_fallbacks;
-use crate::proxy::relay::{watch_client, Sent};
+use crate::proxy::relay::{watch_client, Sent, TimedOut};
 use crate::proxy::request::{Exchange, Plan, Request};
 use crate::worker::Worker;
 
@@ -85,11 +86,10 @@ pub(crate) async fn handle(
     };
     let x = Exchange::new(w, &req, d.peer_ip.clone(), &info, &body, &plan);
     let Downstream { rd, wr, buf, .. } = d;
-    let forward = monoio::time::timeout(
-        w.config().timeouts.request,
-        Box::pin(forward_with_fallbacks(w, &x, &plan, &body, wr)),
-    );
-    let result = watch_client(rd, buf, forward).await;
+    let forward = Box::pin(forward_with_fallbacks(w, &x, &plan, &body, wr));
+    let started = Instant::now();
+    let deadline = clock::after(started, w.config().timeouts.request);
+    let result = watch_client(rd, buf, started, deadline, forward).await;
     let (status, outcome, keep) = match result {
         None => (x.status.get(), Outcome::ClientAborted, false),
         Some(Ok(Ok(Sent {
@@ -101,12 +101,12 @@ pub(crate) async fn handle(
             let keep = error_response(w, d, &req, &e, log::Level::Warn).await;
             (e.status(), e.outcome(), keep)
         }
-        Some(Err(_elapsed)) if !x.head_sent.get() => {
+        Some(Err(TimedOut)) if !x.head_sent.get() => {
             let e = ProxyError::RequestTimeout;
             respond(d, &req, Answer::error(&e), true).await;
             (e.status(), Outcome::Timeout, false)
         }
-        Some(Err(_elapsed)) => (x.status.get(), Outcome::Timeout, false),
+        Some(Err(TimedOut)) => (x.status.get(), Outcome::Timeout, false),
     };
     let done = Done {
         req: &req,

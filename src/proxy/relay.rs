@@ -543,25 +543,43 @@ pub(crate) async fn write_client(
     }
 }
 
-/// Runs `fut` while watching the client socket. EOF or an error on the socket means the client
-/// went away: `fut` is dropped (cancelling the upstream exchange) and `None` returned. Bytes that
-/// arrive meanwhile (a pipelined request) are kept in `buf`, never lost: the read is cancelled
-/// and awaited rather than dropped.
+/// The exchange ran past its deadline (`timeouts.request`).
+#[derive(Debug)]
+pub(crate) struct TimedOut;
+
+/// Runs `fut` until `deadline` while watching the client socket. EOF or an error on the socket
+/// means the client went away: `fut` is dropped (cancelling the upstream exchange) and `None`
+/// returned. Bytes that arrive meanwhile (a pipelined request) are kept in `buf`, never lost: the
+/// read is cancelled and awaited rather than dropped.
+///
+/// One timer at a time, both from `started`: until `WATCH_AFTER` (most exchanges end well
+/// before), then until `deadline` while the socket is watched. A timer for the deadline beside
+/// the watch's own was one clock read and one entry in and out of the timer wheel per request.
 pub(crate) async fn watch_client<F: Future>(
     rd: &mut ClientReader,
     buf: &mut BytesMut,
+    started: Instant,
+    deadline: Instant,
     fut: F,
-) -> Option<F::Output> {
+) -> Option<Result<F::Output, TimedOut>> {
+    use monoio::time::Instant as At;
     let mut fut = std::pin::pin!(fut);
     // Most exchanges finish within a few milliseconds; only the ones that don't pay for a socket
     // watch (a read and its cancellation on every request would cost two ring operations).
-    if let Ok(out) = monoio::time::timeout(WATCH_AFTER, &mut fut).await {
-        return Some(out);
+    let watch_at = crate::clock::after(started, WATCH_AFTER);
+    let first = At::from_std(watch_at.min(deadline));
+    if let Ok(out) = monoio::time::timeout_at(first, &mut fut).await {
+        return Some(Ok(out));
     }
-    // Its own future, awaited after the timer's is gone: the two then share their space in
-    // this one (inline, the timer's 640 bytes stayed beside the watch's state for the whole
+    if deadline <= watch_at {
+        return Some(Err(TimedOut));
+    }
+    // Its own future, awaited after the first timer's is gone: the two then share their space
+    // in this one (inline, the timer's 640 bytes stayed beside the watch's state for the whole
     // stream).
-    watching(rd, buf, fut).await
+    let timed = std::pin::pin!(monoio::time::timeout_at(At::from_std(deadline), fut));
+    let out = watching(rd, buf, timed).await?;
+    Some(out.map_err(|_| TimedOut))
 }
 
 /// `watch_client` once the exchange has run for `WATCH_AFTER`.
