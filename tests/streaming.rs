@@ -288,7 +288,11 @@ fn total_request_timeout_applies() {
         &[("x-mock-ttft-ms", "3000")],
     );
     r.assert_error(504, "request_timeout");
-    assert!(sent.elapsed() < Duration::from_secs(2), "{:?}", sent.elapsed());
+    assert!(
+        sent.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        sent.elapsed()
+    );
 }
 
 #[test]
