@@ -150,8 +150,11 @@ async fn write_stream(
         && !hooks.chunk_split
         && hooks.stall_after.is_none()
         && hooks.reset_after.is_none();
-    let each = Flush::Each(hooks.chunk_split);
-    let flush = if burst { Flush::AtEnd } else { each };
+    let flush = if burst {
+        Flush::AtEnd
+    } else {
+        Flush::Each(hooks.chunk_split)
+    };
     if !burst {
         out.flush().await?;
         sleep(hooks.ttft).await;

@@ -8,6 +8,8 @@
 
 use serde_json::{json, Map, Value};
 
+use crate::encode::decimal;
+
 use super::{
     exchange::{Ask, Completion, Exchange, Kind},
     json::{bool_field, count_words, parse_object, token_limit},
@@ -125,7 +127,7 @@ impl Completion {
             self.write_choice(&mut o, choice);
         }
         o.extend_from_slice(b"],\"created\":");
-        o.extend_from_slice(self.created.to_string().as_bytes());
+        o.extend_from_slice(decimal(self.created, &mut [0; 20]));
         o.extend_from_slice(b",\"id\":");
         json_str(&mut o, &self.id);
         o.extend_from_slice(b",\"model\":");
@@ -180,14 +182,15 @@ impl Completion {
 
     /// `,"usage":{...}` with `done` completion tokens.
     fn write_usage(&self, o: &mut Vec<u8>, done: u32) {
-        let total = self.prompt_tokens + u64::from(done);
-        o.extend_from_slice(
-            format!(
-                r#","usage":{{"completion_tokens":{done},"prompt_tokens":{},"total_tokens":{total}}}"#,
-                self.prompt_tokens
-            )
-            .as_bytes(),
-        );
+        let mut digits = [0; 20];
+        o.extend_from_slice(br#","usage":{"completion_tokens":"#);
+        o.extend_from_slice(decimal(u64::from(done), &mut digits));
+        o.extend_from_slice(br#","prompt_tokens":"#);
+        o.extend_from_slice(decimal(self.prompt_tokens, &mut digits));
+        o.extend_from_slice(br#","total_tokens":"#);
+        let total = self.prompt_tokens.saturating_add(u64::from(done));
+        o.extend_from_slice(decimal(total, &mut digits));
+        o.push(b'}');
     }
 
     /// The chat role delta; text completions open with their first token.
