@@ -37,6 +37,7 @@ pub mod fuzzing {
 }
 
 // Internal.
+mod alarm;
 mod backends;
 mod batch;
 mod capacity;

@@ -12,6 +12,7 @@ use monoio::io::Splitable;
 use monoio::net::TcpStream;
 use rustls::ClientConnection;
 
+use crate::alarm::Alarm;
 use crate::error::ProxyError;
 use crate::http1::head::{Head, ParseStatus};
 use crate::tls::io::{BackendReader, BackendWriter, Reader, Writer};
@@ -221,12 +222,16 @@ impl UpConn {
         &mut self,
         request: Vec<u8>,
         first_byte: Duration,
+        alarm: &mut Alarm,
     ) -> (Result<Head, ProxyError>, Vec<u8>) {
         let (res, request) = self.wr.write_all(request).await;
         if let Err(e) = res {
             return (Err(ProxyError::UpstreamClosed(e.to_string())), request);
         }
-        let head = match monoio::time::timeout(first_byte, self.read_head()).await {
+        let head = match alarm
+            .within(Instant::now(), first_byte, self.read_head())
+            .await
+        {
             Ok(r) => r,
             Err(_) => Err(ProxyError::FirstByteTimeout(first_byte)),
         };

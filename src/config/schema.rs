@@ -402,6 +402,18 @@ pub struct Timeouts {
     pub write: Duration,
 }
 
+impl Timeouts {
+    /// The shortest of the timeouts one connection's reads and writes run under, one after the
+    /// other (its `Alarm` is never set further away than this).
+    pub(crate) fn shortest_wait(&self) -> Duration {
+        self.header
+            .min(self.keepalive)
+            .min(self.first_byte)
+            .min(self.idle)
+            .min(self.write)
+    }
+}
+
 impl Default for Timeouts {
     fn default() -> Self {
         Timeouts {

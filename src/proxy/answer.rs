@@ -62,7 +62,7 @@ pub(crate) async fn respond(d: &mut Downstream, req: &Request<'_>, a: Answer, cl
         out.extend_from_slice(&a.body);
     }
     // Bounded like a stream: a client that never reads must not hold its connection forever.
-    let (ok, _) = write_client(&mut d.wr, out, d.write_timeout).await;
+    let (ok, _) = write_client(&mut d.wr, &mut d.alarm, out, d.write_timeout).await;
     ok && !close
 }
 
@@ -117,7 +117,7 @@ pub(crate) async fn reject(w: &Worker, d: &mut Downstream, e: &ProxyError, head:
     write::header(&mut out, "connection", b"close");
     write::end_head(&mut out);
     out.extend_from_slice(&body);
-    let _ = write_client(&mut d.wr, out, d.write_timeout).await;
+    let _ = write_client(&mut d.wr, &mut d.alarm, out, d.write_timeout).await;
     w.metrics.request(
         e.status(),
         None,

@@ -85,8 +85,10 @@ pub(crate) async fn handle(
         Err(e) => return fail(w, d, &req, e, Some(&info)).await,
     };
     let x = Exchange::new(w, &req, d.peer_ip.clone(), &info, &body, &plan);
-    let Downstream { rd, wr, buf, .. } = d;
-    let forward = Box::pin(forward_with_fallbacks(w, &x, &plan, &body, wr));
+    let Downstream {
+        rd, wr, buf, alarm, ..
+    } = d;
+    let forward = Box::pin(forward_with_fallbacks(w, &x, &plan, &body, wr, alarm));
     let started = Instant::now();
     let deadline = clock::after(started, w.config().timeouts.request);
     let result = watch_client(rd, buf, started, deadline, forward).await;

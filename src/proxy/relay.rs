@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use monoio::io::Canceller;
 
+use crate::alarm::Alarm;
 use crate::error::{Outcome, ProxyError};
 use crate::http1::head::{BodyFraming, Head};
 use crate::http1::headers::forwardable;
@@ -300,6 +301,7 @@ pub(crate) async fn relay(
     mut conn: UpConn,
     resp: Head,
     wr: &mut ClientWriter,
+    alarm: &mut Alarm,
 ) -> Result<Sent, ProxyError> {
     let t = &w.config().timeouts;
     let client = ClientSide {
@@ -351,17 +353,19 @@ pub(crate) async fn relay(
             if first {
                 return Err(e);
             }
-            return Ok(sent(Box::pin(cut(&c, wr, out, &e)).await, true));
+            return Ok(sent(Box::pin(cut(&c, wr, alarm, out, &e)).await, true));
         }
+        let mut wrote_at = None;
         if !out.is_empty() || first {
             let carries_body = !first || out.len() > head_len;
-            let (ok, buf) = write_client(wr, out, t.write).await;
+            let (ok, buf) = write_client(wr, alarm, out, t.write).await;
             out = buf;
             out.clear();
             if ok && carries_body {
                 let now = note_chunk(&c, last_chunk);
                 slow = last_chunk.is_some_and(|prev| now.duration_since(prev) >= SLOW_GAP);
                 last_chunk = Some(now);
+                wrote_at = Some(now);
             }
             if first {
                 first = false;
@@ -384,12 +388,14 @@ pub(crate) async fn relay(
         }
         let buf = std::mem::take(&mut conn.buf);
         let read = conn.rd.read_with_room(buf, min_room);
-        let e = match monoio::time::timeout(t.idle, read).await {
+        // From the end of the write: a slow client's write is no backend's idleness.
+        let now = wrote_at.unwrap_or_else(Instant::now);
+        let e = match alarm.within(now, t.idle, read).await {
             Ok((Ok(0), buf)) if body.framing == BodyFraming::UntilClose => {
                 conn.buf = buf;
                 // The end of a close-delimited body is its connection's end.
                 finish(&mut x.tap.borrow_mut(), &mut out, plan.reframe);
-                if !out.is_empty() && !write_client(wr, out, t.write).await.0 {
+                if !out.is_empty() && !write_client(wr, alarm, out, t.write).await.0 {
                     return Ok(sent(Outcome::ClientAborted, true));
                 }
                 return Ok(sent(Outcome::Ok, plan.close));
@@ -408,7 +414,7 @@ pub(crate) async fn relay(
         };
         // Boxed: a cut stream is rare, and its two writes would be the largest state of the
         // relay that every open stream holds.
-        return Ok(sent(Box::pin(cut(&c, wr, out, &e)).await, true));
+        return Ok(sent(Box::pin(cut(&c, wr, alarm, out, &e)).await, true));
     }
     w.spare.give(out);
     learn_timings(w, x, backend);
@@ -493,13 +499,19 @@ fn note_chunk(c: &Ctx<'_, '_>, last: Option<Instant>) -> Instant {
 
 /// The upstream failed after the head went out: counted, fed to the breaker, logged; what was
 /// decoded before the failure still goes out, then the stream is cut.
-async fn cut(c: &Ctx<'_, '_>, wr: &mut ClientWriter, out: Vec<u8>, e: &ProxyError) -> Outcome {
+async fn cut(
+    c: &Ctx<'_, '_>,
+    wr: &mut ClientWriter,
+    alarm: &mut Alarm,
+    out: Vec<u8>,
+    e: &ProxyError,
+) -> Outcome {
     log::warn!("request {}: {e}", c.x.request_id);
     c.w.upstream_failed(c.backend, e);
     if !out.is_empty() {
-        let _ = write_client(wr, out, c.write_timeout).await;
+        let _ = write_client(wr, alarm, out, c.write_timeout).await;
     }
-    cut_stream(wr, e, c.event_stream, c.reframe, c.write_timeout).await;
+    cut_stream(wr, alarm, e, c.event_stream, c.reframe, c.write_timeout).await;
     e.outcome()
 }
 
@@ -509,6 +521,7 @@ async fn cut(c: &Ctx<'_, '_>, wr: &mut ClientWriter, out: Vec<u8>, e: &ProxyErro
 /// chunk, so no client can take the body for complete.
 async fn cut_stream(
     wr: &mut ClientWriter,
+    alarm: &mut Alarm,
     e: &ProxyError,
     event_stream: bool,
     reframe: bool,
@@ -527,17 +540,21 @@ async fn cut_stream(
     } else {
         event
     };
-    let _ = write_client(wr, out, timeout).await;
+    let _ = write_client(wr, alarm, out, timeout).await;
 }
 
 /// Writes to the client under the write timeout; false when the client is gone or too slow
 /// (the buffer is lost with a cancelled write, so a fresh one is handed back then).
 pub(crate) async fn write_client(
     wr: &mut ClientWriter,
+    alarm: &mut Alarm,
     buf: Vec<u8>,
     timeout: Duration,
 ) -> (bool, Vec<u8>) {
-    match monoio::time::timeout(timeout, wr.write_all(buf)).await {
+    match alarm
+        .within(Instant::now(), timeout, wr.write_all(buf))
+        .await
+    {
         Ok((res, buf)) => (res.is_ok(), buf),
         Err(_) => (false, Vec::new()),
     }
