@@ -290,6 +290,19 @@ async fn take_or_wait(
         Attempt::NoneEligible => return Ok(None),
         Attempt::AllFull => {}
     }
+    // Boxed: waiting is the saturated case, and its timers (640 bytes each) would otherwise sit
+    // in every request's future, which is copied whole into its box once per request.
+    Box::pin(wait_for_room(w, balancer, target, key, eligible)).await
+}
+
+/// Every eligible backend is full: waits in this core's queue (or the fair one) for a slot.
+async fn wait_for_room(
+    w: &Worker,
+    balancer: &Balancer,
+    target: &Target<'_>,
+    key: Keys<'_>,
+    eligible: impl Fn(usize) -> bool,
+) -> Result<Option<Taken>, ProxyError> {
     let core = &w.capacity;
     if core.fair() {
         return wait_fair(w, target.flow, eligible).await;
