@@ -1,5 +1,11 @@
-//! One timer for a run of I/O operations that follow each other, each under its own timeout (a
-//! stream's reads and writes, one after the other).
+//! One timer for a run of I/O operations that follow each other, each under its own timeout: a
+//! client connection's reads and writes, and its requests' first-byte waits and upstream body
+//! reads (`Downstream::alarm`).
+//!
+//! The operations must not overlap: the one `Sleep` serves one operation at a time, and an
+//! operation polled beside another under the same alarm could move the timer past the other's
+//! deadline. The request path is sequential; the client watch (`relay::watch_client`), which runs
+//! beside the exchange, keeps its own timer.
 //!
 //! Why not `monoio::time::timeout` around each one: every call reads the clock, puts a timer in
 //! the wheel and takes it out again when the operation ends first, which it nearly always does. A
