@@ -37,18 +37,16 @@ pub(crate) struct Alarm {
     sleep: Pin<Box<Sleep>>,
     /// No operation arms the timer further away than this from its start.
     step: Duration,
-    /// The timer was set since it was made or last rang.
-    armed: bool,
 }
 
 impl Alarm {
-    /// An alarm for operations whose timeouts are all at least `step` (none is armed yet).
+    /// An alarm for operations whose timeouts are all at least `step`. Its timer starts at the
+    /// farthest deadline there is, so the first operation sets it.
     pub(crate) fn new(step: Duration) -> Alarm {
         let never = At::from_std(clock::deadline(Duration::MAX));
         Alarm {
             sleep: Box::pin(monoio::time::sleep_until(never)),
             step: step.max(Duration::from_millis(1)),
-            armed: false,
         }
     }
 
@@ -70,8 +68,8 @@ impl Alarm {
         fut: F,
     ) -> Until<'_, F> {
         let soon = clock::after(now, self.step).min(deadline);
-        // A timer that rang while no operation ran (after the last one ended early) is set anew.
-        if !self.armed || self.sleep.is_elapsed() || soon < self.sleep.deadline().into_std() {
+        // A timer that rang (while no operation ran, or ending the last one) is set anew.
+        if self.sleep.is_elapsed() || soon < self.sleep.deadline().into_std() {
             self.set(soon);
         }
         Until {
@@ -83,7 +81,6 @@ impl Alarm {
 
     fn set(&mut self, at: Instant) {
         self.sleep.as_mut().reset(At::from_std(at));
-        self.armed = true;
     }
 }
 
@@ -109,7 +106,6 @@ impl<F: Future> Future for Until<'_, F> {
         }
         let (alarm, deadline) = (&mut **this.alarm, *this.deadline);
         while alarm.sleep.as_mut().poll(cx).is_ready() {
-            alarm.armed = false;
             let rang = alarm.sleep.deadline().into_std();
             if rang >= deadline {
                 return Poll::Ready(Err(Elapsed));

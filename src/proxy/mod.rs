@@ -30,6 +30,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
+use crate::alarm::Elapsed;
 use crate::auth::Caller;
 use crate::clock;
 use crate::error::{Outcome, ProxyError};
@@ -38,7 +39,7 @@ use crate::proxy::account::{account, Done};
 use crate::proxy::answer::{error_response, fail, respond, Answer};
 use crate::proxy::downstream::Downstream;
 use crate::proxy::forward::forward_with_fallbacks;
-use crate::proxy::relay::{watch_client, Sent, TimedOut};
+use crate::proxy::relay::{watch_client, Sent};
 use crate::proxy::request::{Exchange, Plan, Request};
 use crate::worker::Worker;
 
@@ -103,12 +104,12 @@ pub(crate) async fn handle(
             let keep = error_response(w, d, &req, &e, log::Level::Warn).await;
             (e.status(), e.outcome(), keep)
         }
-        Some(Err(TimedOut)) if !x.head_sent.get() => {
+        Some(Err(Elapsed)) if !x.head_sent.get() => {
             let e = ProxyError::RequestTimeout;
             respond(d, &req, Answer::error(&e), true).await;
             (e.status(), Outcome::Timeout, false)
         }
-        Some(Err(TimedOut)) => (x.status.get(), Outcome::Timeout, false),
+        Some(Err(Elapsed)) => (x.status.get(), Outcome::Timeout, false),
     };
     let done = Done {
         req: &req,

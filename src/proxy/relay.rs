@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use monoio::io::Canceller;
 
-use crate::alarm::Alarm;
+use crate::alarm::{Alarm, Elapsed};
 use crate::error::{Outcome, ProxyError};
 use crate::http1::head::{BodyFraming, Head};
 use crate::http1::headers::forwardable;
@@ -560,14 +560,10 @@ pub(crate) async fn write_client(
     }
 }
 
-/// The exchange ran past its deadline (`timeouts.request`).
-#[derive(Debug)]
-pub(crate) struct TimedOut;
-
-/// Runs `fut` until `deadline` while watching the client socket. EOF or an error on the socket
-/// means the client went away: `fut` is dropped (cancelling the upstream exchange) and `None`
-/// returned. Bytes that arrive meanwhile (a pipelined request) are kept in `buf`, never lost: the
-/// read is cancelled and awaited rather than dropped.
+/// Runs `fut` until `deadline` (`timeouts.request`; past it, `Elapsed`) while watching the client
+/// socket. EOF or an error on the socket means the client went away: `fut` is dropped (cancelling
+/// the upstream exchange) and `None` returned. Bytes that arrive meanwhile (a pipelined request)
+/// are kept in `buf`, never lost: the read is cancelled and awaited rather than dropped.
 ///
 /// One timer at a time, both from `started`: until `WATCH_AFTER` (most exchanges end well
 /// before), then until `deadline` while the socket is watched. A timer for the deadline beside
@@ -578,7 +574,7 @@ pub(crate) async fn watch_client<F: Future>(
     started: Instant,
     deadline: Instant,
     fut: F,
-) -> Option<Result<F::Output, TimedOut>> {
+) -> Option<Result<F::Output, Elapsed>> {
     use monoio::time::Instant as At;
     let mut fut = std::pin::pin!(fut);
     // Most exchanges finish within a few milliseconds; only the ones that don't pay for a socket
@@ -589,14 +585,14 @@ pub(crate) async fn watch_client<F: Future>(
         return Some(Ok(out));
     }
     if deadline <= watch_at {
-        return Some(Err(TimedOut));
+        return Some(Err(Elapsed));
     }
     // Its own future, awaited after the first timer's is gone: the two then share their space
     // in this one (inline, the timer's 640 bytes stayed beside the watch's state for the whole
     // stream).
     let timed = std::pin::pin!(monoio::time::timeout_at(At::from_std(deadline), fut));
     let out = watching(rd, buf, timed).await?;
-    Some(out.map_err(|_| TimedOut))
+    Some(out.map_err(|_| Elapsed))
 }
 
 /// `watch_client` once the exchange has run for `WATCH_AFTER`.
