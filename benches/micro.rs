@@ -80,18 +80,21 @@ fn sse(payload: &serde_json::Value) -> Vec<u8> {
     e
 }
 
+/// One chunk of a vLLM chat stream.
+fn vllm_chunk(choices: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
+        "id": "chatcmpl-6f1c0b8a2d3e4f5a9b7c8d9e0f1a2b3c",
+        "object": "chat.completion.chunk",
+        "created": 1_718_000_000u64,
+        "model": MODEL,
+        "choices": choices,
+    })
+}
+
 /// A vLLM chat stream with `include_usage`: role event, token events, finish event, usage-only
 /// event, `[DONE]` — one event per read, as vLLM flushes them.
 fn vllm_stream() -> Vec<Vec<u8>> {
-    let chunk = |choices: serde_json::Value| {
-        serde_json::json!({
-            "id": "chatcmpl-6f1c0b8a2d3e4f5a9b7c8d9e0f1a2b3c",
-            "object": "chat.completion.chunk",
-            "created": 1_718_000_000u64,
-            "model": MODEL,
-            "choices": choices,
-        })
-    };
+    let chunk = vllm_chunk;
     let mut events = vec![sse(&chunk(serde_json::json!([
         {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}
     ])))];
@@ -109,6 +112,41 @@ fn vllm_stream() -> Vec<Vec<u8>> {
         "prompt_tokens_details": null,
     });
     events.push(sse(&usage));
+    events.push(b"data: [DONE]\n\n".to_vec());
+    events
+}
+
+/// The stream the proxy gets when it asked vLLM for running usage (`continuous_usage_stats`):
+/// every chunk carries the cumulative `usage`, which the tap removes for a client that did not
+/// ask for it (the load benchmark's W2 and W5).
+fn vllm_running_stream() -> Vec<Vec<u8>> {
+    let chunk = |choices: serde_json::Value, completion: usize| {
+        let mut c = vllm_chunk(choices);
+        c["usage"] = serde_json::json!({"prompt_tokens": 187, "total_tokens": 187 + completion,
+                                        "completion_tokens": completion});
+        c
+    };
+    let mut events = vec![sse(&chunk(
+        serde_json::json!([
+            {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}
+        ]),
+        0,
+    ))];
+    for i in 0..STREAM_TOKENS {
+        events.push(sse(&chunk(
+            serde_json::json!([
+                {"index": 0, "delta": {"content": format!(" word{i}")}, "logprobs": null, "finish_reason": null, "stop_reason": null}
+            ]),
+            i + 1,
+        )));
+    }
+    events.push(sse(&chunk(
+        serde_json::json!([
+            {"index": 0, "delta": {"content": ""}, "logprobs": null, "finish_reason": "length", "stop_reason": null}
+        ]),
+        STREAM_TOKENS,
+    )));
+    events.push(sse(&chunk(serde_json::json!([]), STREAM_TOKENS)));
     events.push(b"data: [DONE]\n\n".to_vec());
     events
 }
@@ -261,6 +299,33 @@ fn usage_extraction(c: &mut Criterion) {
     });
     g.bench_function("strip_split_reads", |b| {
         b.iter(|| run_stream(strip, &split, &mut out))
+    });
+    g.finish();
+
+    // Running usage removed from every chunk: the stream as one read (W5: the backend wrote it
+    // at once) and one event per read (W2).
+    let running = vllm_running_stream();
+    let burst = [running.concat()];
+    let running_strip = Kind::OpenAiSse {
+        strip: true,
+        running: true,
+        timings: false,
+    };
+    for reads in [&running[..], &burst[..]] {
+        let u = run_stream(running_strip, reads, &mut out).expect("stream usage");
+        assert_eq!(u.completion_tokens, STREAM_TOKENS as u64);
+        assert!(
+            !out.windows(7).any(|w| w == b"\"usage\""),
+            "running usage left in"
+        );
+    }
+    let mut g = c.benchmark_group("usage/sse_vllm_running");
+    g.throughput(Throughput::Elements(running.len() as u64));
+    g.bench_function("strip_event_reads", |b| {
+        b.iter(|| run_stream(running_strip, &running, &mut out))
+    });
+    g.bench_function("strip_one_read", |b| {
+        b.iter(|| run_stream(running_strip, &burst, &mut out))
     });
     g.finish();
 

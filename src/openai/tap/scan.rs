@@ -421,21 +421,20 @@ pub(super) fn has_finish(payload: &[u8]) -> bool {
 }
 
 /// A usage-only chunk: `"choices"` is an empty array. Found from the chunk's few `[` (a `memmem`
-/// search for the key cost twice as much on every streamed chunk).
+/// search for the key cost twice as much on every streamed chunk); the first `"choices"` array
+/// decides, so a chunk with choices costs one search that stops there, not one to its end (and
+/// an empty `choices` nested further on cannot make a chunk with text look usage-only).
 pub(super) fn usage_only(payload: &[u8]) -> bool {
     let mut from = 0;
     while let Some(off) = BRACKET.find(&payload[from..]) {
         let at = from + off;
         from = at + 1;
-        if !payload[at + 1..].trim_ascii_start().starts_with(b"]") {
-            continue;
-        }
         let key = payload[..at]
             .trim_ascii_end()
             .strip_suffix(b":")
             .map(<[u8]>::trim_ascii_end);
         if key.is_some_and(|k| k.ends_with(b"\"choices\"")) {
-            return true;
+            return payload[at + 1..].trim_ascii_start().starts_with(b"]");
         }
     }
     false

@@ -229,6 +229,36 @@ fn strip_removes_only_the_usage_only_event() {
 }
 
 #[test]
+fn only_the_first_choices_array_makes_a_chunk_usage_only() {
+    // A chunk with text and running usage, and an extension member after its choices that
+    // happens to hold an empty `choices`: it is a text chunk (its usage edited out), never the
+    // usage-only chunk that strip mode removes whole.
+    let stream = concat!(
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"}}],",
+        "\"ext\":{\"choices\": [ ]},\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n\n",
+        "data: {\"choices\" : [ ],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n\n",
+        "data: [DONE]\n\n"
+    );
+    let (out, u) = run(
+        Kind::OpenAiSse {
+            strip: true,
+            running: true,
+            timings: false,
+        },
+        &[stream.as_bytes()],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        concat!(
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"}}],",
+            "\"ext\":{\"choices\": [ ]}}\n\n",
+            "data: [DONE]\n\n"
+        )
+    );
+    assert_eq!(u.expect("usage").completion_tokens, 1);
+}
+
+#[test]
 fn fields_moved_onto_the_usage_chunk_go_back_to_the_finish_chunk() {
     // llama.cpp: without include_usage, `timings` rides on the finish chunk; with it, on the
     // usage-only chunk. The client must see the former.
