@@ -68,6 +68,7 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         http::self_check();
         rounds::self_check();
+        report::self_check();
         return;
     }
     let opts = match Options::parse() {
@@ -171,6 +172,7 @@ fn run(opts: &Options) -> Result<String, String> {
     }
 
     let mut all = Vec::new();
+    let mut per_round = Vec::new();
     for wl in &opts.workloads {
         if stop.load(Ordering::Relaxed) {
             break;
@@ -225,6 +227,7 @@ fn run(opts: &Options) -> Result<String, String> {
             rounds.push(results);
         }
         drop(mock);
+        per_round.push((wl.clone(), report::round_cpu(&rounds)));
         let results = if opts.rounds > 1 {
             let medians = rounds::medians(&rounds);
             let mut titled = wl.clone();
@@ -240,6 +243,7 @@ fn run(opts: &Options) -> Result<String, String> {
         return Err("interrupted; every process started was stopped".into());
     }
     targets_section(&mut out, &all, &startup);
+    report::rounds_section(&mut out, &per_round);
     report::tls_section(&mut out, &all, &startup);
     outln!(out, "- load average at end: {}", measure::loadavg());
     outln!(

@@ -28,7 +28,8 @@ Options (each also settable by the environment variable in brackets):
                                                          [LOAD_TARGETS, default all but opt-ins]
   --startup-runs N  timed starts for the startup figure  [LOAD_STARTUP_RUNS, default 5; 0 = skip]
   --rounds N        run every workload's targets N times in turn; each round gets its table,
-                    then a table of the medians, on which the targets are judged
+                    then a table of the medians, on which the targets are judged, and llmproxy's
+                    CPU per request against the cheaper C proxy round by round
                                                          [LOAD_ROUNDS, default 1]
   --out PATH        also write the report (Markdown)     [LOAD_OUT]
   --keep-tmp        keep configs and logs                [LOAD_KEEP_TMP=1]

@@ -419,6 +419,114 @@ pub(crate) fn targets_section(
     outln!(out);
 }
 
+/// One round's llmproxy against the cheaper C proxy of that round: CPU µs per request of each,
+/// and whose the cheaper figure is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct RoundCpu {
+    pub(crate) llmproxy: f64,
+    pub(crate) cheaper: f64,
+    pub(crate) who: &'static str,
+}
+
+/// Per round (in order), llmproxy's CPU per request against the cheaper of nginx and HAProxy in
+/// the same round; rounds where either is missing are left out. The medians can sit on either
+/// side of 1 while the rounds do too: this says how often each side won.
+pub(crate) fn round_cpu(rounds: &[Vec<RunResult>]) -> Vec<RoundCpu> {
+    rounds
+        .iter()
+        .filter_map(|r| {
+            let llmproxy = find(r, "llmproxy")?.cpu_us_per_req()?;
+            let (cheaper, who) = cheaper_cpu(r)?;
+            Some(RoundCpu {
+                llmproxy,
+                cheaper,
+                who,
+            })
+        })
+        .collect()
+}
+
+/// With several rounds: llmproxy's CPU per request against the cheaper C proxy round by round,
+/// and in how many rounds it was at or below it (the verdicts above are on the medians).
+pub(crate) fn rounds_section(out: &mut String, per_round: &[(Workload, Vec<RoundCpu>)]) {
+    if per_round.iter().all(|(_, r)| r.len() < 2) {
+        return;
+    }
+    outln!(
+        out,
+        "### llmproxy's CPU per request against the cheaper of nginx and HAProxy, round by round"
+    );
+    outln!(out);
+    for (wl, rounds) in per_round.iter().filter(|(_, r)| r.len() >= 2) {
+        let each: Vec<String> = rounds
+            .iter()
+            .map(|r| {
+                format!(
+                    "×{:.2} ({:.1} / {} {:.1})",
+                    r.llmproxy / r.cheaper,
+                    r.llmproxy,
+                    r.who,
+                    r.cheaper
+                )
+            })
+            .collect();
+        let at_or_below = rounds.iter().filter(|r| r.llmproxy <= r.cheaper).count();
+        outln!(
+            out,
+            "- {}: {}; at or below in {at_or_below} of {} rounds",
+            wl.id.to_uppercase(),
+            each.join(", "),
+            rounds.len()
+        );
+    }
+    outln!(out);
+}
+
+/// Checks `round_cpu` and `rounds_section` on made-up rounds (run by `cargo test --benches`).
+pub(crate) fn self_check() {
+    use crate::measure::Usage;
+    let run = |target: &str, cpu_us: f64| RunResult {
+        target: target.into(),
+        secs: 8.0,
+        ok: 8_000,
+        proxy: Some((
+            Usage::default(),
+            Usage {
+                cpu: cpu_us * 8_000.0 / 1e6,
+                ..Usage::default()
+            },
+        )),
+        ..RunResult::default()
+    };
+    let rounds = vec![
+        vec![
+            run("llmproxy", 12.4),
+            run("nginx", 12.2),
+            run("haproxy", 12.8),
+        ],
+        vec![
+            run("llmproxy", 12.0),
+            run("nginx", 12.5),
+            run("haproxy", 12.1),
+        ],
+        // No C proxy in this round: left out.
+        vec![run("llmproxy", 12.0)],
+    ];
+    let r = round_cpu(&rounds);
+    assert_eq!(r.len(), 2);
+    assert_eq!(r[0].who, "nginx");
+    assert_eq!(r[1].who, "haproxy");
+    assert!((r[0].cheaper - 12.2).abs() < 1e-9 && (r[1].llmproxy - 12.0).abs() < 1e-9);
+    let mut out = String::new();
+    let wl = crate::workload::workload("w1").unwrap_or_else(|e| panic!("{e}"));
+    rounds_section(&mut out, &[(wl, r)]);
+    assert!(
+        out.contains("- W1: ×1.02 (12.4 / nginx 12.2), ×0.99 (12.0 / haproxy 12.1); at or below in 1 of 2 rounds"),
+        "{out}"
+    );
+    eprintln!("load benchmark: report self-check passed");
+}
+
 /// The lower CPU per request of nginx and HAProxy in this workload, and whose it is.
 pub(crate) fn cheaper_cpu(results: &[RunResult]) -> Option<(f64, &'static str)> {
     ["nginx", "haproxy"]
