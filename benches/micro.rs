@@ -92,61 +92,44 @@ fn vllm_chunk(choices: serde_json::Value) -> serde_json::Value {
 }
 
 /// A vLLM chat stream with `include_usage`: role event, token events, finish event, usage-only
-/// event, `[DONE]` — one event per read, as vLLM flushes them.
-fn vllm_stream() -> Vec<Vec<u8>> {
-    let chunk = vllm_chunk;
-    let mut events = vec![sse(&chunk(serde_json::json!([
-        {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}
-    ])))];
+/// event, `[DONE]` — one event per read, as vLLM flushes them. `running`: every chunk also
+/// carries the cumulative `usage`, as when the proxy asks for `continuous_usage_stats` (the tap
+/// removes it for a client that did not ask for it: the load benchmark's W2 and W5).
+fn vllm_stream(running: bool) -> Vec<Vec<u8>> {
+    let chunk = |choices: serde_json::Value, completion: usize| {
+        let mut c = vllm_chunk(choices);
+        if running {
+            c["usage"] = serde_json::json!({"prompt_tokens": 187, "total_tokens": 187 + completion,
+                                            "completion_tokens": completion});
+        }
+        sse(&c)
+    };
+    let mut events = vec![chunk(
+        serde_json::json!([
+            {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}
+        ]),
+        0,
+    )];
     for i in 0..STREAM_TOKENS {
-        events.push(sse(&chunk(serde_json::json!([
-            {"index": 0, "delta": {"content": format!(" word{i}")}, "logprobs": null, "finish_reason": null}
-        ]))));
+        events.push(chunk(
+            serde_json::json!([
+                {"index": 0, "delta": {"content": format!(" word{i}")}, "logprobs": null, "finish_reason": null}
+            ]),
+            i + 1,
+        ));
     }
-    events.push(sse(&chunk(serde_json::json!([
-        {"index": 0, "delta": {"content": ""}, "logprobs": null, "finish_reason": "length", "stop_reason": null}
-    ]))));
-    let mut usage = chunk(serde_json::json!([]));
+    events.push(chunk(
+        serde_json::json!([
+            {"index": 0, "delta": {"content": ""}, "logprobs": null, "finish_reason": "length", "stop_reason": null}
+        ]),
+        STREAM_TOKENS,
+    ));
+    let mut usage = vllm_chunk(serde_json::json!([]));
     usage["usage"] = serde_json::json!({
         "prompt_tokens": 187, "total_tokens": 251, "completion_tokens": STREAM_TOKENS,
         "prompt_tokens_details": null,
     });
     events.push(sse(&usage));
-    events.push(b"data: [DONE]\n\n".to_vec());
-    events
-}
-
-/// The stream the proxy gets when it asked vLLM for running usage (`continuous_usage_stats`):
-/// every chunk carries the cumulative `usage`, which the tap removes for a client that did not
-/// ask for it (the load benchmark's W2 and W5).
-fn vllm_running_stream() -> Vec<Vec<u8>> {
-    let chunk = |choices: serde_json::Value, completion: usize| {
-        let mut c = vllm_chunk(choices);
-        c["usage"] = serde_json::json!({"prompt_tokens": 187, "total_tokens": 187 + completion,
-                                        "completion_tokens": completion});
-        c
-    };
-    let mut events = vec![sse(&chunk(
-        serde_json::json!([
-            {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}
-        ]),
-        0,
-    ))];
-    for i in 0..STREAM_TOKENS {
-        events.push(sse(&chunk(
-            serde_json::json!([
-                {"index": 0, "delta": {"content": format!(" word{i}")}, "logprobs": null, "finish_reason": null, "stop_reason": null}
-            ]),
-            i + 1,
-        )));
-    }
-    events.push(sse(&chunk(
-        serde_json::json!([
-            {"index": 0, "delta": {"content": ""}, "logprobs": null, "finish_reason": "length", "stop_reason": null}
-        ]),
-        STREAM_TOKENS,
-    )));
-    events.push(sse(&chunk(serde_json::json!([]), STREAM_TOKENS)));
     events.push(b"data: [DONE]\n\n".to_vec());
     events
 }
@@ -260,7 +243,7 @@ fn run_stream(kind: Kind, reads: &[Vec<u8>], out: &mut Vec<u8>) -> Option<Usage>
 }
 
 fn usage_extraction(c: &mut Criterion) {
-    let events = vllm_stream();
+    let events = vllm_stream(false);
     let split = split_reads(&events);
     let stream_bytes: usize = events.iter().map(Vec::len).sum();
     let mut out = Vec::with_capacity(stream_bytes);
@@ -304,7 +287,7 @@ fn usage_extraction(c: &mut Criterion) {
 
     // Running usage removed from every chunk: the stream as one read (W5: the backend wrote it
     // at once) and one event per read (W2).
-    let running = vllm_running_stream();
+    let running = vllm_stream(true);
     let burst = [running.concat()];
     let running_strip = Kind::OpenAiSse {
         strip: true,

@@ -404,7 +404,7 @@ impl Tap {
                 // The usual edit (a running usage out of a chunk that goes on): the bytes before
                 // it go out with what precedes the event, and the bytes after it join what
                 // follows, so a burst of edited events costs one copy each, not three.
-                let edit = self.edit.filter(|e| e.from <= e.to && e.to <= end - start);
+                let edit = self.edit.and_then(|e| e.within(end - start));
                 if let (Verdict::Pass, None, Some(e)) = (&verdict, &self.held, edit) {
                     if run_start < start + e.from {
                         emit.put(&buf[run_start..start + e.from]);
@@ -634,10 +634,7 @@ impl Tap {
     /// Strip mode: sends an event on (edited if need be), holds it, or removes it.
     fn route(&mut self, event: &[u8], verdict: Verdict, emit: &mut dyn Sink) {
         // An edited event is its bytes around the removed usage (and `null` in its place).
-        let edit = self
-            .edit
-            .take()
-            .filter(|e| e.from <= e.to && e.to <= event.len());
+        let edit = self.edit.take().and_then(|e| e.within(event.len()));
         let parts: [&[u8]; 3] = match edit {
             Some(e) => [
                 &event[..e.from],

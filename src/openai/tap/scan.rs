@@ -108,6 +108,12 @@ impl Member {
 }
 
 impl Edit {
+    /// The edit, if its range lies within an event of `len` bytes (it always should: a range
+    /// that does not is dropped rather than trusted).
+    pub(super) fn within(self, len: usize) -> Option<Edit> {
+        (self.from <= self.to && self.to <= len).then_some(self)
+    }
+
     pub(super) fn shift(self, by: usize) -> Edit {
         Edit {
             from: self.from + by,
