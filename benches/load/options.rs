@@ -43,6 +43,8 @@ Environment only:
   LOAD_BASE_BIN     the llmproxy-base target's binary (an older build, to compare in one run)
   LOAD_HAPROXY      haproxy binary (default: `haproxy` on PATH or /usr/sbin/haproxy; `off` skips it)
   LOAD_W1_CONNS=64 LOAD_W2_CONNS=64 LOAD_W3_STREAMS=256 LOAD_W4_STREAMS=10000 LOAD_W5_CONNS=64
+  LOAD_W3_SECS      W3's shortest window, used when longer than LOAD_SECS (default 30: its TTFT
+                    p99 needs the samples; 0 = LOAD_SECS)
 ";
 
 pub(crate) struct Options {

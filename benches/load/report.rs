@@ -524,6 +524,15 @@ pub(crate) fn self_check() {
         out.contains("- W1: ×1.02 (12.4 / nginx 12.2), ×0.99 (12.0 / haproxy 12.1); at or below in 1 of 2 rounds"),
         "{out}"
     );
+    // W3's TTFT p99 gets its longer window unless LOAD_W3_SECS says otherwise; the others run
+    // LOAD_SECS.
+    if std::env::var_os("LOAD_W3_SECS").is_none() {
+        let w3 = crate::workload::workload("w3").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(w3.window_secs(8.0), 30.0);
+        assert_eq!(w3.window_secs(60.0), 60.0);
+    }
+    let w1 = crate::workload::workload("w1").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(w1.window_secs(8.0), 8.0);
     eprintln!("load benchmark: report self-check passed");
 }
 
@@ -604,8 +613,12 @@ pub(crate) fn machine_header(out: &mut String, opts: &Options, nofile: &Nofile, 
     outln!(out, "- haproxy: {haproxy}");
     outln!(
         out,
-        "- runs: {} s measured after {} s warm-up, closed loop, keep-alive; proxy on CPU 0, mock backend + load generator on CPU 1; open files limit {} ({})",
-        opts.secs, opts.warmup, nofile.limit, nofile.note
+        "- runs: {} s measured{} after {} s warm-up, closed loop, keep-alive; proxy on CPU 0, mock backend + load generator on CPU 1; open files limit {} ({})",
+        opts.secs,
+        longer_windows(opts),
+        opts.warmup,
+        nofile.limit,
+        nofile.note
     );
     outln!(out, "- load average at start: {}", loadavg());
     if let Some(dir) = &opts.perf {
@@ -619,6 +632,28 @@ pub(crate) fn machine_header(out: &mut String, opts: &Options, nofile: &Nofile, 
 }
 
 /// The commit of the working tree and whether src/ differs from it (read-only git commands).
+/// The workloads measured over a longer window than `LOAD_SECS`, for the run's header:
+/// " (W3: 30 s)", or nothing.
+fn longer_windows(opts: &Options) -> String {
+    let longer: Vec<String> = opts
+        .workloads
+        .iter()
+        .filter(|w| w.window_secs(opts.secs) > opts.secs)
+        .map(|w| {
+            format!(
+                "{}: {} s",
+                w.id.to_ascii_uppercase(),
+                w.window_secs(opts.secs)
+            )
+        })
+        .collect();
+    if longer.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", longer.join(", "))
+    }
+}
+
 pub(crate) fn source_state() -> String {
     let dir = env!("CARGO_MANIFEST_DIR");
     let git = |args: &[&str]| {

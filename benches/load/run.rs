@@ -89,7 +89,8 @@ pub(crate) fn run_target(
     let self_pid = i32::try_from(std::process::id()).unwrap_or(0);
     let warmup = Duration::from_secs_f64(opts.warmup);
     let t0 = Instant::now() + wl.ramp + warmup;
-    let t1 = t0 + Duration::from_secs_f64(opts.secs);
+    let window_secs = wl.window_secs(opts.secs);
+    let t1 = t0 + Duration::from_secs_f64(window_secs);
     let spec = Spec {
         addr: running.addr,
         conns: wl.conns,
@@ -109,7 +110,7 @@ pub(crate) fn run_target(
     let load_pids = [mock.proc.pid(), self_pid];
     let window = sleep_until(t0, &ctx.stop).map(|()| Sample::take(&running.pids, &load_pids));
     let mut perf = match (&opts.perf, window.is_ok() && !running.pids.is_empty()) {
-        (Some(dir), true) => start_perf(dir, &tag, &running.pids, opts.secs),
+        (Some(dir), true) => start_perf(dir, &tag, &running.pids, window_secs),
         _ => None,
     };
     let end = window.and_then(|start| {
