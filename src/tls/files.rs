@@ -206,6 +206,8 @@ impl ClientTls {
     }
 }
 
+/// As for `ServerTls`: a reload reads the files again and builds anew, so equal means the same
+/// build (a reload therefore lists every https backend as updated, and its new client is used).
 impl PartialEq for ClientTls {
     fn eq(&self, other: &Self) -> bool {
         Arc::ptr_eq(&self.config, &other.config)
