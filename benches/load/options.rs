@@ -104,14 +104,6 @@ impl Options {
                 other => return Err(format!("unknown argument {other:?}\n\n{HELP}")),
             }
         }
-        let seconds = |name: &str, v: &str, min: f64| -> Result<f64, String> {
-            match v.trim().parse::<f64>() {
-                Ok(s) if s >= min && s <= 3600.0 => Ok(s),
-                _ => Err(format!(
-                    "{name}: {v:?} must be a number of seconds in {min}..=3600"
-                )),
-            }
-        };
         let secs = seconds("LOAD_SECS", &secs, 0.5)?;
         let warmup = seconds("LOAD_WARMUP_SECS", &warmup, 0.0)?;
         let workloads = workloads
@@ -227,4 +219,14 @@ pub(crate) fn newest_mtime(dir: &Path) -> Option<SystemTime> {
         newest = newest.max(t);
     }
     newest
+}
+
+/// A number of seconds from the environment or the command line, in `min..=3600`.
+pub(crate) fn seconds(name: &str, v: &str, min: f64) -> Result<f64, String> {
+    match v.trim().parse::<f64>() {
+        Ok(s) if s >= min && s <= 3600.0 => Ok(s),
+        _ => Err(format!(
+            "{name}: {v:?} must be a number of seconds in {min}..=3600"
+        )),
+    }
 }

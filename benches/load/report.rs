@@ -631,7 +631,6 @@ pub(crate) fn machine_header(out: &mut String, opts: &Options, nofile: &Nofile, 
     outln!(out);
 }
 
-/// The commit of the working tree and whether src/ differs from it (read-only git commands).
 /// The workloads measured over a longer window than `LOAD_SECS`, for the run's header:
 /// " (W3: 30 s)", or nothing.
 fn longer_windows(opts: &Options) -> String {
@@ -654,6 +653,7 @@ fn longer_windows(opts: &Options) -> String {
     }
 }
 
+/// The commit of the working tree and whether src/ differs from it (read-only git commands).
 pub(crate) fn source_state() -> String {
     let dir = env!("CARGO_MANIFEST_DIR");
     let git = |args: &[&str]| {

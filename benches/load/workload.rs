@@ -48,12 +48,7 @@ impl Workload {
 /// samples above the p99 on each side; the W1/W2/W5 rates need no more than `LOAD_SECS`.
 fn w3_min_secs() -> Result<f64, String> {
     match std::env::var("LOAD_W3_SECS") {
-        Ok(v) => match v.trim().parse::<f64>() {
-            Ok(s) if (0.0..=3600.0).contains(&s) => Ok(s),
-            _ => Err(format!(
-                "LOAD_W3_SECS={v:?} must be a number of seconds in 0..=3600"
-            )),
-        },
+        Ok(v) => crate::options::seconds("LOAD_W3_SECS", &v, 0.0),
         Err(_) => Ok(30.0),
     }
 }
