@@ -52,6 +52,7 @@ mod report;
 mod rounds;
 mod run;
 mod targets;
+mod wire;
 mod workload;
 
 use options::Options;
@@ -69,6 +70,7 @@ fn main() {
         http::self_check();
         rounds::self_check();
         report::self_check();
+        wire::self_check();
         return;
     }
     let opts = match Options::parse() {

@@ -15,6 +15,7 @@ use crate::measure::{clk_tck, percentiles, start_perf, usage, Sample, Usage};
 use crate::options::Options;
 use crate::process::sleep_until;
 use crate::targets::{start_target, Ctx, Mock, TargetKind};
+use crate::wire;
 use crate::workload::{chat_request, Workload, TOKEN_MARK};
 
 #[derive(Default)]
@@ -42,6 +43,8 @@ pub(crate) struct RunResult {
     pub(crate) switches: Option<(f64, f64)>,
     /// TCP segments sent (all hops) per completed request.
     pub(crate) segments: Option<f64>,
+    /// The same, split by the proxy's two hops and direction (`wire`).
+    pub(crate) wire: Option<wire::PerRequest>,
 }
 
 impl RunResult {
@@ -108,14 +111,27 @@ pub(crate) fn run_target(
     };
     let load = spawn_load(spec);
     let load_pids = [mock.proc.pid(), self_pid];
-    let window = sleep_until(t0, &ctx.stop).map(|()| Sample::take(&running.pids, &load_pids));
+    // The proxy's sockets by hop and the requests the mock completed (not for `direct`: no
+    // proxy), read after the CPU figures.
+    let hops = || {
+        if running.pids.is_empty() {
+            return None;
+        }
+        let sockets = wire::snapshot(running.addr.port(), mock.addr.port())?;
+        Some((sockets, mock_stat(mock.addr, "completed")?))
+    };
+    let hops_end = t1 - Duration::from_secs_f64((window_secs / 10.0).min(0.25));
+    let window =
+        sleep_until(t0, &ctx.stop).map(|()| (Sample::take(&running.pids, &load_pids), hops()));
     let mut perf = match (&opts.perf, window.is_ok() && !running.pids.is_empty()) {
         (Some(dir), true) => start_perf(dir, &tag, &running.pids, window_secs),
         _ => None,
     };
     let end = window.and_then(|start| {
+        sleep_until(hops_end, &ctx.stop)?;
+        let hops = hops();
         sleep_until(t1, &ctx.stop)?;
-        Ok((start, Sample::take(&running.pids, &load_pids)))
+        Ok((start, (Sample::take(&running.pids, &load_pids), hops)))
     });
     let acc = load
         .join()
@@ -128,7 +144,7 @@ pub(crate) fn run_target(
         }
     }
     drop(perf);
-    let (s0, s1) = end?;
+    let ((s0, wire0), (s1, wire1)) = end?;
     let secs = (t1 - t0).as_secs_f64();
     let mut acc = acc;
 
@@ -158,6 +174,10 @@ pub(crate) fn run_target(
     r.steal = 100.0 * steal as f64 / tick / secs;
     r.load_us_per_req = (r.ok > 0).then(|| load_cpu * 1e6 / r.ok as f64);
     r.segments = (r.ok > 0).then(|| s1.segments.saturating_sub(s0.segments) as f64 / r.ok as f64);
+    r.wire = match (&wire0, &wire1) {
+        (Some((a, n0)), Some((b, n1))) => wire::per_request(a, b, n1.saturating_sub(*n0)),
+        _ => None,
+    };
     r.switches = (r.ok > 0).then(|| {
         let per = |a: u64, b: u64| b.saturating_sub(a) as f64 / r.ok as f64;
         (
@@ -198,6 +218,9 @@ pub(crate) fn run_target(
     }
     if let Some(segs) = r.segments {
         notes.push(format!("{segs:.1} TCP segments/req"));
+    }
+    if let Some(w) = &r.wire {
+        notes.push(w.note());
     }
     if let Some((proxy, load)) = r.switches {
         if running.pids.is_empty() {
