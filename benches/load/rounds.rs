@@ -4,6 +4,7 @@
 
 use crate::measure::Usage;
 use crate::run::RunResult;
+use crate::wire::PerRequest;
 
 /// The median of the values present (the mean of the middle two for an even count).
 fn median(mut v: Vec<f64>) -> Option<f64> {
@@ -67,6 +68,17 @@ pub(crate) fn medians(rounds: &[Vec<RunResult>]) -> Vec<RunResult> {
                 };
                 (Usage::default(), end)
             });
+            // Segments by hop: each figure its own median, when every round has them.
+            let wire = (0..8)
+                .map(|k| m(&|r: &RunResult| r.wire.map(|w| w.fields()[k])))
+                .collect::<Option<Vec<f64>>>()
+                .and_then(|v| <[f64; 8]>::try_from(v).ok())
+                .map(PerRequest::from_fields)
+                .filter(|_| runs.iter().all(|r| r.wire.is_some()));
+            let note = match &wire {
+                Some(w) => format!("medians of {} rounds; {}", runs.len(), w.note()),
+                None => format!("medians of {} rounds", runs.len()),
+            };
             RunResult {
                 target,
                 failed: None,
@@ -86,7 +98,8 @@ pub(crate) fn medians(rounds: &[Vec<RunResult>]) -> Vec<RunResult> {
                     .map_or(0, |v| v.round() as i64),
                 connections_at_end: m(&|r: &RunResult| Some(r.connections_at_end as f64))
                     .map_or(0, |v| v.round() as i64),
-                note: format!("medians of {} rounds", runs.len()),
+                note,
+                wire,
                 load_us_per_req: m(&|r: &RunResult| r.load_us_per_req),
                 switches: None,
                 segments: m(&|r: &RunResult| r.segments),
@@ -144,5 +157,21 @@ pub(crate) fn self_check() {
     let m = medians(&[vec![run(1000.0, 12.0, 5.0)], vec![failed()]]);
     assert!(m[0].failed.is_none());
     assert!((m[0].cpu_us_per_req().unwrap_or(0.0) - 12.0).abs() < 0.05);
+    // Segments by hop: each figure its own median, and said in the medians' note.
+    let hops = |k: f64| PerRequest::from_fields([1.0, 3.0, 12.0 + k, 0.0, 1.0, 8.0 - k, 21.0, 0.0]);
+    let with_hops = |k: f64| RunResult {
+        wire: Some(hops(k)),
+        ..run(1000.0, 12.0, 5.0)
+    };
+    let m = medians(&[
+        vec![with_hops(0.0)],
+        vec![with_hops(2.0)],
+        vec![with_hops(1.0)],
+    ]);
+    assert_eq!(m[0].wire, Some(hops(1.0)));
+    assert!(m[0].note.contains("segments/req by hop"), "{}", m[0].note);
+    // A round without them: no median claimed.
+    let m = medians(&[vec![with_hops(0.0)], vec![run(1000.0, 12.0, 5.0)]]);
+    assert_eq!(m[0].wire, None);
     eprintln!("load benchmark: rounds self-check passed");
 }

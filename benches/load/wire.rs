@@ -146,6 +146,34 @@ pub(crate) fn per_request(a: &Snapshot, b: &Snapshot, requests: u64) -> Option<P
 }
 
 impl PerRequest {
+    /// The figures in a fixed order (`from_fields` takes them back): rounds fold each one into
+    /// its median.
+    pub(crate) fn fields(&self) -> [f64; 8] {
+        [
+            self.from_client,
+            self.client_acks,
+            self.to_client,
+            self.acks_to_client,
+            self.to_backend,
+            self.acks_to_backend,
+            self.from_backend,
+            self.backend_acks,
+        ]
+    }
+
+    pub(crate) fn from_fields(f: [f64; 8]) -> PerRequest {
+        PerRequest {
+            from_client: f[0],
+            client_acks: f[1],
+            to_client: f[2],
+            acks_to_client: f[3],
+            to_backend: f[4],
+            acks_to_backend: f[5],
+            from_backend: f[6],
+            backend_acks: f[7],
+        }
+    }
+
     /// One line for the run's notes: data segments and pure ACKs, each way, on each hop.
     pub(crate) fn note(&self) -> String {
         format!(
@@ -203,25 +231,14 @@ pub(crate) fn self_check() {
         backend_acks: 10.0 / 110.0,
     };
     let close = |x: f64, y: f64| (x - y).abs() < 1e-9;
-    let fields = |p: &PerRequest| {
-        [
-            p.from_client,
-            p.client_acks,
-            p.to_client,
-            p.acks_to_client,
-            p.to_backend,
-            p.acks_to_backend,
-            p.from_backend,
-            p.backend_acks,
-        ]
-    };
     assert!(
-        fields(&r)
+        r.fields()
             .iter()
-            .zip(fields(&want))
+            .zip(want.fields())
             .all(|(x, y)| close(*x, y)),
         "{r:?} != {want:?}"
     );
+    assert_eq!(PerRequest::from_fields(r.fields()), r);
     assert!(per_request(&a, &b, 0).is_none());
     assert!(r.note().starts_with("segments/req by hop"), "{}", r.note());
     eprintln!("load benchmark: wire self-check passed");
