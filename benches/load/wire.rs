@@ -176,17 +176,12 @@ impl PerRequest {
 
     /// One line for the run's notes: data segments and pure ACKs, each way, on each hop.
     pub(crate) fn note(&self) -> String {
+        let [from_client, client_acks, to_client, acks_to_client, to_backend, acks_to_backend, from_backend, backend_acks] =
+            self.fields();
         format!(
-            "segments/req by hop (data + ACKs): client→proxy {:.1} + {:.1}, proxy→client {:.1} + \
-             {:.1}; proxy→backend {:.1} + {:.1}, backend→proxy {:.1} + {:.1}",
-            self.from_client,
-            self.client_acks,
-            self.to_client,
-            self.acks_to_client,
-            self.to_backend,
-            self.acks_to_backend,
-            self.from_backend,
-            self.backend_acks,
+            "segments/req by hop (data + ACKs): client→proxy {from_client:.1} + {client_acks:.1}, \
+             proxy→client {to_client:.1} + {acks_to_client:.1}; proxy→backend {to_backend:.1} + \
+             {acks_to_backend:.1}, backend→proxy {from_backend:.1} + {backend_acks:.1}"
         )
     }
 }
