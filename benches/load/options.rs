@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use crate::targets::TargetKind;
-use crate::workload::{workload, Workload};
+use crate::workload::{seconds, workload, Workload};
 
 pub(crate) const HELP: &str = "\
 load benchmark: llmproxy vs nginx vs HAProxy vs direct (see BENCHMARKS.md)
@@ -219,14 +219,4 @@ pub(crate) fn newest_mtime(dir: &Path) -> Option<SystemTime> {
         newest = newest.max(t);
     }
     newest
-}
-
-/// A number of seconds from the environment or the command line, in `min..=3600`.
-pub(crate) fn seconds(name: &str, v: &str, min: f64) -> Result<f64, String> {
-    match v.trim().parse::<f64>() {
-        Ok(s) if s >= min && s <= 3600.0 => Ok(s),
-        _ => Err(format!(
-            "{name}: {v:?} must be a number of seconds in {min}..=3600"
-        )),
-    }
 }

@@ -48,8 +48,19 @@ impl Workload {
 /// samples above the p99 on each side; the W1/W2/W5 rates need no more than `LOAD_SECS`.
 fn w3_min_secs() -> Result<f64, String> {
     match std::env::var("LOAD_W3_SECS") {
-        Ok(v) => crate::options::seconds("LOAD_W3_SECS", &v, 0.0),
+        Ok(v) => seconds("LOAD_W3_SECS", &v, 0.0),
         Err(_) => Ok(30.0),
+    }
+}
+
+/// A number of seconds from the environment or the command line, in `min..=3600` (here, with
+/// `env_usize`, so that the options and the workloads parse alike without importing each other).
+pub(crate) fn seconds(name: &str, v: &str, min: f64) -> Result<f64, String> {
+    match v.trim().parse::<f64>() {
+        Ok(s) if s >= min && s <= 3600.0 => Ok(s),
+        _ => Err(format!(
+            "{name}: {v:?} must be a number of seconds in {min}..=3600"
+        )),
     }
 }
 
