@@ -186,8 +186,8 @@ impl PerRequest {
     }
 }
 
-/// Checked under `cargo test` (the bench binary without `--bench`): parsing of `ss` output and
-/// the per-request arithmetic, including a socket that appeared during the window.
+/// Run by `cargo test --benches` and `.ci/run` (the bench binary without `--bench`): parsing of
+/// `ss` output and the per-request arithmetic, including a socket that appeared in the window.
 pub(crate) fn self_check() {
     let before = parse(
         "0      0      127.0.0.1:38117 127.0.0.1:43522\n\
