@@ -44,6 +44,7 @@ macro_rules! outln {
 }
 
 mod client;
+mod hook;
 mod http;
 mod measure;
 mod options;
@@ -67,6 +68,7 @@ const NOFILE_MARGIN: u64 = 64;
 
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
+        hook::self_check();
         http::self_check();
         rounds::self_check();
         report::self_check();
@@ -126,6 +128,7 @@ fn run(opts: &Options) -> Result<String, String> {
     let ctx = Ctx {
         bin: opts.bin.clone(),
         base_bin: opts.base_bin.clone(),
+        base_hook: opts.base_hook,
         nginx: opts.nginx.clone(),
         haproxy: opts.haproxy.clone(),
         tmp: tmp.path.clone(),

@@ -19,8 +19,10 @@ Options (each also settable by the environment variable in brackets):
   --workloads LIST  w1,w2,w3 and the opt-ins w4 (10,000 streams at 1 token/s) and w5
                     (w2 with each stream written by the mock at once)
                                                          [LOAD_WORKLOADS, default w1,w2,w3]
-  --targets LIST    direct,llmproxy,llmproxy-log,nginx,haproxy,llmproxy-2w,llmproxy-epoll,
-                    llmproxy-tls
+  --targets LIST    direct,llmproxy,llmproxy-log,llmproxy-hook,nginx,haproxy,llmproxy-2w,
+                    llmproxy-epoll,llmproxy-tls
+                    (llmproxy-hook: usage events delivered to a webhook receiver in this process,
+                    through a spool, as README's first snippet configures it)
                     and the opt-in llmproxy-keys, llmproxy-redis (the clients' key rate-limited,
                     ratelimit.store local / redis; the latter starts a redis-server) and
                     llmproxy-base (llmproxy's configuration on the binary LOAD_BASE_BIN),
@@ -41,6 +43,7 @@ Environment only:
                     target/release/llmproxy in the crate)
   LOAD_NGINX        nginx binary (default: `nginx` on PATH or /usr/sbin/nginx; `off` skips nginx)
   LOAD_BASE_BIN     the llmproxy-base target's binary (an older build, to compare in one run)
+  LOAD_BASE_HOOK=1  llmproxy-base runs llmproxy-hook's configuration instead of llmproxy's
   LOAD_HAPROXY      haproxy binary (default: `haproxy` on PATH or /usr/sbin/haproxy; `off` skips it)
   LOAD_W1_CONNS=64 LOAD_W2_CONNS=64 LOAD_W3_STREAMS=256 LOAD_W4_STREAMS=10000 LOAD_W5_CONNS=64
   LOAD_W3_SECS      W3's shortest window, used when longer than LOAD_SECS (default 30: its TTFT
@@ -50,6 +53,8 @@ Environment only:
 pub(crate) struct Options {
     pub(crate) bin: PathBuf,
     pub(crate) base_bin: Option<PathBuf>,
+    /// `LOAD_BASE_HOOK`: the base binary runs with the usage hook (against `llmproxy-hook`).
+    pub(crate) base_hook: bool,
     pub(crate) nginx: Option<PathBuf>,
     pub(crate) haproxy: Option<PathBuf>,
     pub(crate) secs: f64,
@@ -71,7 +76,8 @@ impl Options {
         let mut warmup = env("LOAD_WARMUP_SECS").unwrap_or_else(|| "1".into());
         let mut workloads = env("LOAD_WORKLOADS").unwrap_or_else(|| "w1,w2,w3".into());
         let mut targets = env("LOAD_TARGETS").unwrap_or_else(|| {
-            "direct,llmproxy,llmproxy-log,nginx,haproxy,llmproxy-2w,llmproxy-epoll".into()
+            "direct,llmproxy,llmproxy-log,llmproxy-hook,nginx,haproxy,llmproxy-2w,llmproxy-epoll"
+                .into()
         });
         let mut startup = env("LOAD_STARTUP_RUNS").unwrap_or_else(|| "5".into());
         let mut rounds = env("LOAD_ROUNDS").unwrap_or_else(|| "1".into());
@@ -140,6 +146,7 @@ impl Options {
         Ok(Options {
             bin: find_llmproxy()?,
             base_bin: std::env::var_os("LOAD_BASE_BIN").map(PathBuf::from),
+            base_hook: env("LOAD_BASE_HOOK").is_some_and(|v| v != "0"),
             nginx: find_program("LOAD_NGINX", "nginx"),
             haproxy: find_program("LOAD_HAPROXY", "haproxy"),
             secs,

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use memchr::memmem;
 
 use crate::client::{spawn_load, Spec, FAILURE_KINDS};
+use crate::hook;
 use crate::http::get;
 use crate::measure::{clk_tck, percentiles, start_perf, usage, Sample, Usage};
 use crate::options::Options;
@@ -45,7 +46,13 @@ pub(crate) struct RunResult {
     pub(crate) segments: Option<f64>,
     /// The same, split by the proxy's two hops and direction (`wire`).
     pub(crate) wire: Option<wire::PerRequest>,
+    /// `llmproxy-hook`: what the webhook receiver held once the proxy's usage settled.
+    pub(crate) hook: Option<hook::Settled>,
 }
+
+/// How long after the window the hook target's events may take to reach the receiver (the
+/// batches' flush interval is 1 s; the spool may hold a backlog from the window).
+const HOOK_SETTLE: Duration = Duration::from_secs(20);
 
 impl RunResult {
     pub(crate) fn rps(&self) -> f64 {
@@ -145,6 +152,12 @@ pub(crate) fn run_target(
     }
     drop(perf);
     let ((s0, wire0), (s1, wire1)) = end?;
+    // Billing's side, after the window's figures were taken (waiting costs the proxy nothing
+    // that is measured).
+    let settled = running
+        .hook
+        .as_ref()
+        .map(|h| hook::settle(h, running.addr, t1, HOOK_SETTLE));
     let secs = (t1 - t0).as_secs_f64();
     let mut acc = acc;
 
@@ -240,10 +253,18 @@ pub(crate) fn run_target(
     if acc.reconnects > 0 {
         notes.push(format!("{} reconnects (Connection: close)", acc.reconnects));
     }
+    if let Some(settled) = &settled {
+        notes.push(settled.note());
+        if !settled.complete() {
+            eprintln!("[{}] warning: {}", wl.id, settled.note());
+        }
+    }
+    r.hook = settled;
     if matches!(
         kind,
         TargetKind::Llmproxy
             | TargetKind::LlmproxyLog
+            | TargetKind::LlmproxyHook
             | TargetKind::Llmproxy2w
             | TargetKind::LlmproxyEpoll
             | TargetKind::LlmproxyKeys

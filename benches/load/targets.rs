@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use memchr::memmem;
 
+use crate::hook::Receiver;
 use crate::http::blocking_request_tls;
 use crate::measure::children_of;
 use crate::process::{free_port, tail, Proc};
@@ -40,6 +41,10 @@ pub(crate) enum TargetKind {
     LlmproxyRedis,
     /// llmproxy with client TLS on `listen` (issue 16): what TLS costs, against `Llmproxy`.
     LlmproxyTls,
+    /// llmproxy as the README's first snippet runs it: every usage event delivered to a webhook
+    /// (this process's receiver, `hook`) through a disk spool. Its CPU includes the delivery
+    /// thread's; the run checks that every request answered reached the receiver.
+    LlmproxyHook,
     /// Opt-in: plain `llmproxy`'s configuration run by another binary (`LOAD_BASE_BIN`, an older
     /// build): before and after a change, in the same run.
     LlmproxyBase,
@@ -50,7 +55,7 @@ pub(crate) enum TargetKind {
 }
 
 impl TargetKind {
-    pub(crate) const ALL: [TargetKind; 12] = [
+    pub(crate) const ALL: [TargetKind; 13] = [
         TargetKind::Direct,
         TargetKind::Llmproxy,
         TargetKind::LlmproxyLog,
@@ -61,6 +66,7 @@ impl TargetKind {
         TargetKind::LlmproxyKeys,
         TargetKind::LlmproxyRedis,
         TargetKind::LlmproxyTls,
+        TargetKind::LlmproxyHook,
         TargetKind::LlmproxyBase,
         TargetKind::NginxIds,
     ];
@@ -77,6 +83,7 @@ impl TargetKind {
             TargetKind::LlmproxyKeys => "llmproxy-keys",
             TargetKind::LlmproxyRedis => "llmproxy-redis",
             TargetKind::LlmproxyTls => "llmproxy-tls",
+            TargetKind::LlmproxyHook => "llmproxy-hook",
             TargetKind::LlmproxyBase => "llmproxy-base",
             TargetKind::NginxIds => "nginx-ids",
         }
@@ -94,6 +101,7 @@ impl TargetKind {
             "llmproxy-keys" => Some(TargetKind::LlmproxyKeys),
             "llmproxy-redis" => Some(TargetKind::LlmproxyRedis),
             "llmproxy-tls" => Some(TargetKind::LlmproxyTls),
+            "llmproxy-hook" => Some(TargetKind::LlmproxyHook),
             "llmproxy-base" => Some(TargetKind::LlmproxyBase),
             "nginx-ids" => Some(TargetKind::NginxIds),
             _ => None,
@@ -107,6 +115,8 @@ pub(crate) struct Ctx {
     pub(crate) bin: PathBuf,
     /// `LOAD_BASE_BIN`: the binary of the `llmproxy-base` target.
     pub(crate) base_bin: Option<PathBuf>,
+    /// `LOAD_BASE_HOOK`: `llmproxy-base` runs `llmproxy-hook`'s configuration.
+    pub(crate) base_hook: bool,
     pub(crate) nginx: Option<PathBuf>,
     pub(crate) haproxy: Option<PathBuf>,
     pub(crate) tmp: PathBuf,
@@ -218,6 +228,8 @@ pub(crate) struct Running {
     pub(crate) sidecar: Option<Proc>,
     /// Some: the target speaks TLS and this is the client config to reach it.
     pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
+    /// The webhook receiver of `llmproxy-hook`.
+    pub(crate) hook: Option<Receiver>,
 }
 
 pub(crate) fn start_target(
@@ -236,13 +248,16 @@ pub(crate) fn start_target(
             log: None,
             sidecar: None,
             tls: None,
+            hook: None,
         }),
         TargetKind::Llmproxy
         | TargetKind::LlmproxyLog
         | TargetKind::Llmproxy2w
         | TargetKind::LlmproxyEpoll
-        | TargetKind::LlmproxyTls
-        | TargetKind::LlmproxyBase => start_llmproxy(ctx, mock, kind, tag, conns, ""),
+        | TargetKind::LlmproxyTls => start_llmproxy(ctx, mock, kind, tag, conns, ""),
+        TargetKind::LlmproxyBase if !ctx.base_hook => {
+            start_llmproxy(ctx, mock, kind, tag, conns, "")
+        }
         TargetKind::LlmproxyKeys => {
             let extra = format!("{BENCH_KEY_LIMITS}ratelimit:\n  store: local\n");
             start_llmproxy(ctx, mock, kind, tag, conns, &extra)
@@ -255,6 +270,18 @@ pub(crate) fn start_target(
             );
             let mut running = start_llmproxy(ctx, mock, kind, tag, conns, &extra)?;
             running.sidecar = Some(redis);
+            Ok(running)
+        }
+        TargetKind::LlmproxyHook | TargetKind::LlmproxyBase => {
+            let hook = Receiver::start()?;
+            let spool = ctx.tmp.join(format!("spool-{tag}"));
+            let extra = format!(
+                "usage_hook:\n  enabled: true\n  url: \"http://{}/usage\"\n  spool_dir: \"{}\"\n",
+                hook.addr,
+                spool.display()
+            );
+            let mut running = start_llmproxy(ctx, mock, kind, tag, conns, &extra)?;
+            running.hook = Some(hook);
             Ok(running)
         }
         TargetKind::Nginx => start_nginx(ctx, mock, tag, conns, false),
@@ -374,6 +401,7 @@ pub(crate) fn start_llmproxy(
         log: Some(log),
         sidecar: None,
         tls: client_tls,
+        hook: None,
     })
 }
 
@@ -487,6 +515,7 @@ pub(crate) fn start_nginx(
         log: Some(prefix.join("error.log")),
         sidecar: None,
         tls: None,
+        hook: None,
     })
 }
 
@@ -560,6 +589,7 @@ pub(crate) fn start_haproxy(
         log: Some(log_path),
         sidecar: None,
         tls: None,
+        hook: None,
     })
 }
 
