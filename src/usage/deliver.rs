@@ -38,6 +38,9 @@ struct Shared {
     stop_intake: AtomicBool,
     /// The sender should deliver what it can, then stop.
     stopping: AtomicBool,
+    /// Events per POST: the sender is woken when this many are pending (or the first of them
+    /// arrives, to set its flush timer), not at every hand-over in between.
+    batch_max: usize,
     metrics: Arc<Metrics>,
 }
 
@@ -90,6 +93,7 @@ impl Delivery {
             wake: Condvar::new(),
             stop_intake: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
+            batch_max: batch_max(hook),
             metrics,
         });
         let intake = {
@@ -159,14 +163,13 @@ fn intake(shared: &Shared, rx: &Consumer, enabled: bool, log_events: bool) {
                     None => break,
                 }
             }
-            let lines = || batches.iter().flat_map(|b| b.text.lines());
             if log_events {
-                for l in lines() {
+                for l in batches.iter().flat_map(|b| b.text.lines()) {
                     log::info!(target: USAGE_LOG, "{l}");
                 }
             }
             if enabled {
-                append(shared, lines());
+                append(shared, batches.iter().map(|b| (b.text.as_str(), b.lines)));
             }
             for b in batches {
                 rx.give_back(b);
@@ -188,25 +191,23 @@ fn intake(shared: &Shared, rx: &Consumer, enabled: bool, log_events: bool) {
     }
 }
 
-fn append<'a>(shared: &Shared, lines: impl Iterator<Item = &'a str>) {
+/// `blocks`: newline-terminated lines, and how many.
+fn append<'a>(shared: &Shared, blocks: impl Iterator<Item = (&'a str, usize)>) {
     let m = &shared.metrics;
     let mut st = shared.lock();
-    let mut added = 0;
-    for line in lines {
-        match st.spool.append(line) {
-            Ok(()) => added += 1,
-            Err(SpoolError::Full(pending)) => {
-                m.usage_events.with_label_values(&["dropped"]).inc();
-                log::error!("usage spool full ({pending} bytes pending): event dropped: {line}");
+    let (added, refused) = st.spool.append_all(blocks);
+    for (line, e) in refused {
+        m.usage_events.with_label_values(&["dropped"]).inc();
+        match e {
+            SpoolError::Full(pending) => {
+                log::error!("usage spool full ({pending} bytes pending): event dropped: {line}")
             }
-            Err(e) => {
-                m.usage_events.with_label_values(&["dropped"]).inc();
-                log::error!("usage spool write failed ({e}): event dropped: {line}");
-            }
+            e => log::error!("usage spool write failed ({e}): event dropped: {line}"),
         }
     }
     if added > 0 {
-        if st.pending == 0 {
+        let before = st.pending;
+        if before == 0 {
             st.oldest = Some(Instant::now());
         }
         st.pending = st.pending.saturating_add(added);
@@ -214,7 +215,19 @@ fn append<'a>(shared: &Shared, lines: impl Iterator<Item = &'a str>) {
             .with_label_values(&["spooled"])
             .inc_by(added as u64);
         m.usage_spool_bytes.set(st.spool.pending_bytes() as i64);
-        shared.wake.notify_one();
+        // A sender that is waiting has either nothing (and must learn when the first event is
+        // due) or less than a batch (and wakes by itself when its oldest is due): a wake at every
+        // hand-over in between would be two context switches on a core's CPU for nothing.
+        if before == 0 || (before < shared.batch_max && st.pending >= shared.batch_max) {
+            shared.wake.notify_one();
+        }
+    }
+}
+
+fn batch_max(hook: &UsageHook) -> usize {
+    match hook.format {
+        HookFormat::Batch => hook.batch_max.max(1),
+        HookFormat::Single => 1,
     }
 }
 
@@ -230,10 +243,7 @@ fn sender(shared: &Shared, hook: &UsageHook) {
         return;
     };
     let agent = ureq::AgentBuilder::new().timeout(hook.timeout).build();
-    let batch_max = match hook.format {
-        HookFormat::Batch => hook.batch_max,
-        HookFormat::Single => 1,
-    };
+    let batch_max = shared.batch_max;
     let mut failures: u32 = 0;
     // A batch that failed is re-sent exactly as it was (same events, same Idempotency-Key).
     let mut retry: Option<Batch> = None;

@@ -6,15 +6,31 @@
 //! far delivery has been acknowledged (and the end of the batch in flight, so that after a crash
 //! the same batch is re-sent whole, under the same idempotency key). Fully delivered segments are
 //! deleted. A new segment is started on every open, so a line torn by a crash is never appended to.
+//!
+//! What a delivered batch costs the disk, at hundreds of batches a second: the intake's lines go
+//! out in one `write` per hand-over (a crash still tears at most the last line), the cursor is
+//! one fixed-width record overwritten in place (not a file created, synced and renamed twice per
+//! batch), made durable before every send (so a crash re-sends the batch in flight under its key)
+//! but not after every acknowledgement (a crash after one re-sends that batch once more, which the
+//! key makes harmless), and lines this process wrote are not parsed again when read back.
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Segments rotate at this size so delivered data can be deleted while the spool is in use.
 const SEGMENT_BYTES: u64 = 64 << 20;
+
+/// The cursor record's length: four numbers of up to 20 digits, their spaces and a newline. Every
+/// write is this long, so a shorter record never leaves a longer one's tail behind; it lies in
+/// the file's first 512-byte sector, which a disk writes whole.
+const CURSOR_LEN: usize = 4 * 20 + 3 + 1;
+
+/// A write buffer larger than this is not kept between hand-overs.
+const KEEP_BUF: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum SpoolError {
@@ -22,6 +38,9 @@ pub(crate) enum SpoolError {
     Full(u64),
     #[error("spool I/O: {0}")]
     Io(#[from] std::io::Error),
+    /// The write that held this line with others failed.
+    #[error("spool write: {0}")]
+    Lost(std::sync::Arc<SpoolError>),
 }
 
 /// A position in the disk log: segment and byte offset.
@@ -66,10 +85,55 @@ impl Spool {
         DiskSpool::open(dir, max_bytes, fsync_every).map(Spool::Disk)
     }
 
+    /// Appends every line of `blocks` (newline-terminated lines, and how many; on disk with one
+    /// write for all, a block that fits the bound copied whole), returning how many were kept and
+    /// the lines that were not, and why: refused by the bound, or lost with a failed write.
+    pub(crate) fn append_all<'a>(
+        &mut self,
+        blocks: impl Iterator<Item = (&'a str, usize)>,
+    ) -> (usize, Vec<(String, SpoolError)>) {
+        let mut refused = Vec::new();
+        let mut added = 0;
+        for (block, lines) in blocks {
+            if let Spool::Disk(d) = self {
+                if d.append_block(block) {
+                    added += lines;
+                    continue;
+                }
+            }
+            for line in block.lines() {
+                let res = match self {
+                    Spool::Memory(m) => m.append(line),
+                    Spool::Disk(d) => d.append(line),
+                };
+                match res {
+                    Ok(()) => added += 1,
+                    Err(e) => refused.push((line.to_string(), e)),
+                }
+            }
+        }
+        if let Spool::Disk(d) = self {
+            if let Err((e, lost)) = d.flush() {
+                let e = std::sync::Arc::new(e);
+                for line in lost {
+                    added -= 1;
+                    refused.push((line, SpoolError::Lost(e.clone())));
+                }
+            }
+        }
+        (added, refused)
+    }
+
+    #[cfg(test)]
     pub(crate) fn append(&mut self, line: &str) -> Result<(), SpoolError> {
-        match self {
-            Spool::Memory(m) => m.append(line),
-            Spool::Disk(d) => d.append(line),
+        let block = format!("{line}\n");
+        match self
+            .append_all(std::iter::once((block.as_str(), 1)))
+            .1
+            .pop()
+        {
+            Some((_, e)) => Err(e),
+            None => Ok(()),
         }
     }
 
@@ -84,7 +148,7 @@ impl Spool {
     /// Records that a batch is being sent (disk: persisted, so a restart re-sends it whole).
     pub(crate) fn begin(&mut self, batch: &Batch) -> Result<(), SpoolError> {
         match (self, batch.end) {
-            (Spool::Disk(d), End::Disk(end)) => d.write_cursor(Some(end)),
+            (Spool::Disk(d), End::Disk(end)) => d.write_cursor(Some(end), true),
             _ => Ok(()),
         }
     }
@@ -123,7 +187,11 @@ impl Spool {
     pub(crate) fn sync_if_due(&mut self) -> Result<(), SpoolError> {
         match self {
             Spool::Memory(_) => Ok(()),
-            Spool::Disk(d) if d.dirty && d.last_sync.elapsed() >= d.fsync_every => d.sync(),
+            Spool::Disk(d)
+                if (d.dirty || d.cursor_dirty) && d.last_sync.elapsed() >= d.fsync_every =>
+            {
+                d.sync()
+            }
             Spool::Disk(_) => Ok(()),
         }
     }
@@ -196,6 +264,15 @@ pub(crate) struct DiskSpool {
     fsync_every: Duration,
     last_sync: Instant,
     dirty: bool,
+    /// Lines appended since the last `flush`, written by it in one go.
+    out: Vec<u8>,
+    /// The `cursor` file, overwritten in place.
+    cursor: File,
+    /// The cursor was written since it was last made durable.
+    cursor_dirty: bool,
+    /// The first segment this process wrote: lines from earlier ones (a previous run's, maybe torn
+    /// or damaged) are checked before they are sent; this run's are whole by construction.
+    own_from: u64,
 }
 
 /// Whether `dir` can hold the spool, without creating anything that would stay: an existing
@@ -282,6 +359,14 @@ impl DiskSpool {
             .append(true)
             .open(seg_path(dir, next))?;
         segments.push_back((next, 0));
+        // A cursor file of an older version was replaced through this name.
+        let _ = fs::remove_file(dir.join("cursor.tmp"));
+        let cursor = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join("cursor"))?;
         sync_dir(dir);
         let spool = DiskSpool {
             dir: dir.to_path_buf(),
@@ -293,6 +378,10 @@ impl DiskSpool {
             fsync_every,
             last_sync: Instant::now(),
             dirty: false,
+            out: Vec::new(),
+            cursor,
+            cursor_dirty: false,
+            own_from: next,
         };
         Ok(spool)
     }
@@ -307,37 +396,77 @@ impl DiskSpool {
             Some((seq, _)) if *seq == self.read.seq => self.read.offset,
             _ => 0,
         };
-        total.saturating_sub(done)
+        (total + self.out.len() as u64).saturating_sub(done)
     }
 
+    /// Buffers newline-terminated lines for `flush` if all of them fit the bound.
+    fn append_block(&mut self, block: &str) -> bool {
+        let fits = self.pending_bytes() + block.len() as u64 <= self.max_bytes;
+        if fits && block.ends_with('\n') {
+            self.out.extend_from_slice(block.as_bytes());
+            return true;
+        }
+        false
+    }
+
+    /// Buffers a line for `flush`, within the bound.
     fn append(&mut self, line: &str) -> Result<(), SpoolError> {
         let len = line.len() as u64 + 1;
         let pending = self.pending_bytes();
         if pending + len > self.max_bytes {
             return Err(SpoolError::Full(pending));
         }
-        if self.segments.back().is_some_and(|s| s.1 >= SEGMENT_BYTES) {
-            self.sync()?;
-            let next = self.writer_seq() + 1;
-            self.writer = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(seg_path(&self.dir, next))?;
-            self.segments.push_back((next, 0));
-            sync_dir(&self.dir);
+        self.out.extend_from_slice(line.as_bytes());
+        self.out.push(b'\n');
+        Ok(())
+    }
+
+    /// Writes the buffered lines in one write (a crash tears at most the last line, which replay
+    /// skips), then rotates a full segment and syncs when the interval is due. A failed write
+    /// loses the buffered lines: they are handed back to be counted and logged. A failed rotation
+    /// or sync loses nothing (the lines are in the file) and is only logged.
+    fn flush(&mut self) -> Result<(), (SpoolError, Vec<String>)> {
+        if self.out.is_empty() {
+            return Ok(());
         }
-        let mut buf = Vec::with_capacity(line.len() + 1);
-        buf.extend_from_slice(line.as_bytes());
-        buf.push(b'\n');
-        // One write per line: a crash tears at most the last line, which replay skips.
-        self.writer.write_all(&buf)?;
+        if let Err(e) = self.writer.write_all(&self.out) {
+            let lost = String::from_utf8_lossy(&self.out)
+                .lines()
+                .map(str::to_string)
+                .collect();
+            self.out.clear();
+            return Err((e.into(), lost));
+        }
         if let Some(last) = self.segments.back_mut() {
-            last.1 += len;
+            last.1 += self.out.len() as u64;
+        }
+        self.out.clear();
+        if self.out.capacity() > KEEP_BUF {
+            self.out = Vec::new();
         }
         self.dirty = true;
-        if self.last_sync.elapsed() >= self.fsync_every {
-            self.sync()?;
+        if self.segments.back().is_some_and(|s| s.1 >= SEGMENT_BYTES) {
+            if let Err(e) = self.rotate() {
+                log::error!("usage spool: cannot start a new segment ({e}); the current one grows");
+            }
         }
+        if self.last_sync.elapsed() >= self.fsync_every {
+            if let Err(e) = self.sync() {
+                log::error!("usage spool: fsync failed: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> Result<(), SpoolError> {
+        self.sync()?;
+        let next = self.writer_seq() + 1;
+        self.writer = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(seg_path(&self.dir, next))?;
+        self.segments.push_back((next, 0));
+        sync_dir(&self.dir);
         Ok(())
     }
 
@@ -345,6 +474,10 @@ impl DiskSpool {
         if self.dirty {
             self.writer.sync_data()?;
             self.dirty = false;
+        }
+        if self.cursor_dirty {
+            self.cursor.sync_data()?;
+            self.cursor_dirty = false;
         }
         self.last_sync = Instant::now();
         Ok(())
@@ -388,7 +521,9 @@ impl DiskSpool {
                 }
                 pos.offset += n as u64;
                 let text = line.trim_end();
-                if serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() {
+                if seq >= self.own_from
+                    || serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
+                {
                     lines.push(text.to_string());
                 } else {
                     log::warn!("usage spool: skipping an unreadable line in segment {seq}");
@@ -406,13 +541,20 @@ impl DiskSpool {
         if self.replay_end.is_some_and(|r| end >= r) {
             self.replay_end = None;
         }
-        self.write_cursor(None)?;
+        // Not synced here: until the next `begin` (or sync) a crash re-sends this batch under its
+        // key, as the record `begin` made durable says.
+        self.write_cursor(None, false)?;
         // Delete segments that are entirely delivered (never the one being written).
         let writer = self.writer_seq();
         while let Some(&(seq, size)) = self.segments.front() {
             let done = seq < self.read.seq || (seq == self.read.seq && self.read.offset >= size);
             if seq == writer || !done {
                 break;
+            }
+            // The cursor past it must be durable before the segment goes.
+            if self.cursor_dirty {
+                self.cursor.sync_data()?;
+                self.cursor_dirty = false;
             }
             let _ = fs::remove_file(seg_path(&self.dir, seq));
             self.segments.pop_front();
@@ -428,20 +570,26 @@ impl DiskSpool {
         Ok(())
     }
 
-    /// `cursor`: "seq offset" of the delivered position, plus "seq offset" of the batch in flight.
-    fn write_cursor(&mut self, inflight: Option<Pos>) -> Result<(), SpoolError> {
-        let mut text = format!("{} {}", self.read.seq, self.read.offset);
+    /// `cursor`: "seq offset" of the delivered position, plus "seq offset" of the batch in flight,
+    /// padded with spaces to `CURSOR_LEN` and written over the last record; `durable`: synced
+    /// before returning.
+    fn write_cursor(&mut self, inflight: Option<Pos>, durable: bool) -> Result<(), SpoolError> {
+        use std::io::Write as _;
+        let mut record = [b' '; CURSOR_LEN];
+        let mut text = &mut record[..CURSOR_LEN - 1];
+        // Four u64s and three spaces fit in CURSOR_LEN - 1 bytes, so these writes cannot fail.
+        let _ = write!(text, "{} {}", self.read.seq, self.read.offset);
         if let Some(p) = inflight {
-            text.push_str(&format!(" {} {}", p.seq, p.offset));
+            let _ = write!(text, " {} {}", p.seq, p.offset);
         }
-        text.push('\n');
-        let tmp = self.dir.join("cursor.tmp");
-        {
-            let mut f = File::create(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            f.sync_data()?;
+        record[CURSOR_LEN - 1] = b'\n';
+        self.cursor.write_all_at(&record, 0)?;
+        if durable {
+            self.cursor.sync_data()?;
+            self.cursor_dirty = false;
+        } else {
+            self.cursor_dirty = true;
         }
-        fs::rename(&tmp, self.dir.join("cursor"))?;
         Ok(())
     }
 }
@@ -473,102 +621,4 @@ fn sync_dir(dir: &Path) {
 use std::io::Read as _;
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn dir(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("llmproxy-spool-{tag}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&d);
-        d
-    }
-
-    fn line(n: usize) -> String {
-        format!("{{\"event_id\":\"e{n}\"}}")
-    }
-
-    #[test]
-    fn memory_spool_bounds_and_commits() {
-        let mut s = Spool::memory(64);
-        for n in 0..3 {
-            s.append(&line(n)).unwrap();
-        }
-        assert!(matches!(
-            s.append(&"x".repeat(100)),
-            Err(SpoolError::Full(_))
-        ));
-        let b = s.peek(2).unwrap();
-        assert_eq!(b.lines, vec![line(0), line(1)]);
-        s.commit(&b).unwrap();
-        assert_eq!(s.peek(10).unwrap().lines, vec![line(2)]);
-    }
-
-    #[test]
-    fn disk_spool_survives_reopen_and_resends_the_inflight_batch_whole() {
-        let d = dir("reopen");
-        let mut s = Spool::open_disk(&d, 1 << 20, Duration::from_secs(1)).unwrap();
-        for n in 0..5 {
-            s.append(&line(n)).unwrap();
-        }
-        let b = s.peek(2).unwrap();
-        s.commit(&b).unwrap();
-        let inflight = s.peek(2).unwrap();
-        assert_eq!(inflight.lines, vec![line(2), line(3)]);
-        s.begin(&inflight).unwrap();
-        s.sync().unwrap();
-        drop(s); // "crash" with a batch in flight
-        let mut s = Spool::open_disk(&d, 1 << 20, Duration::from_secs(1)).unwrap();
-        s.append(&line(5)).unwrap();
-        // The first batch after the restart is exactly the one that was in flight.
-        let again = s.peek(10).unwrap();
-        assert_eq!(again.lines, vec![line(2), line(3)]);
-        s.commit(&again).unwrap();
-        let rest = s.peek(10).unwrap();
-        assert_eq!(rest.lines, vec![line(4), line(5)]);
-        s.commit(&rest).unwrap();
-        assert!(s.is_empty());
-        // Delivered segments are gone; only the one being written remains.
-        let segs = fs::read_dir(&d)
-            .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .unwrap()
-                    .file_name()
-                    .to_string_lossy()
-                    .starts_with("seg-")
-            })
-            .count();
-        assert_eq!(segs, 1);
-        let _ = fs::remove_dir_all(&d);
-    }
-
-    #[test]
-    fn disk_spool_skips_torn_lines_and_respects_its_bound() {
-        let d = dir("torn");
-        let mut s = Spool::open_disk(&d, 200, Duration::from_secs(1)).unwrap();
-        s.append(&line(0)).unwrap();
-        s.sync().unwrap();
-        drop(s);
-        // Simulate a crash mid-write in that segment.
-        let seg = fs::read_dir(&d)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .find(|p| p.to_string_lossy().contains("seg-"))
-            .unwrap();
-        let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
-        f.write_all(b"{\"event_id\":\"tor").unwrap();
-        drop(f);
-        let mut s = Spool::open_disk(&d, 200, Duration::from_secs(1)).unwrap();
-        s.append(&line(1)).unwrap();
-        let b = s.peek(10).unwrap();
-        assert_eq!(b.lines, vec![line(0), line(1)]);
-        s.commit(&b).unwrap();
-        for n in 0..20 {
-            if s.append(&line(n)).is_err() {
-                assert!(n > 3, "bound reached too early");
-                let _ = fs::remove_dir_all(&d);
-                return;
-            }
-        }
-        panic!("spool_max_bytes was not enforced");
-    }
-}
+mod tests;

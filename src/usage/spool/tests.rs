@@ -1,0 +1,174 @@
+use super::*;
+
+fn dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("llmproxy-spool-{tag}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&d);
+    d
+}
+
+fn line(n: usize) -> String {
+    format!("{{\"event_id\":\"e{n}\"}}")
+}
+
+#[test]
+fn memory_spool_bounds_and_commits() {
+    let mut s = Spool::memory(64);
+    for n in 0..3 {
+        s.append(&line(n)).unwrap();
+    }
+    assert!(matches!(
+        s.append(&"x".repeat(100)),
+        Err(SpoolError::Full(_))
+    ));
+    let b = s.peek(2).unwrap();
+    assert_eq!(b.lines, vec![line(0), line(1)]);
+    s.commit(&b).unwrap();
+    assert_eq!(s.peek(10).unwrap().lines, vec![line(2)]);
+}
+
+#[test]
+fn disk_spool_survives_reopen_and_resends_the_inflight_batch_whole() {
+    let d = dir("reopen");
+    let mut s = Spool::open_disk(&d, 1 << 20, Duration::from_secs(1)).unwrap();
+    for n in 0..5 {
+        s.append(&line(n)).unwrap();
+    }
+    let b = s.peek(2).unwrap();
+    s.commit(&b).unwrap();
+    let inflight = s.peek(2).unwrap();
+    assert_eq!(inflight.lines, vec![line(2), line(3)]);
+    s.begin(&inflight).unwrap();
+    s.sync().unwrap();
+    drop(s); // "crash" with a batch in flight
+    let mut s = Spool::open_disk(&d, 1 << 20, Duration::from_secs(1)).unwrap();
+    s.append(&line(5)).unwrap();
+    // The first batch after the restart is exactly the one that was in flight.
+    let again = s.peek(10).unwrap();
+    assert_eq!(again.lines, vec![line(2), line(3)]);
+    s.commit(&again).unwrap();
+    let rest = s.peek(10).unwrap();
+    assert_eq!(rest.lines, vec![line(4), line(5)]);
+    s.commit(&rest).unwrap();
+    assert!(s.is_empty());
+    // Delivered segments are gone; only the one being written remains.
+    let segs = fs::read_dir(&d)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("seg-")
+        })
+        .count();
+    assert_eq!(segs, 1);
+    let _ = fs::remove_dir_all(&d);
+}
+
+#[test]
+fn the_cursor_is_one_fixed_record_and_an_older_cursor_file_is_read_then_overwritten() {
+    let d = dir("cursor");
+    fs::create_dir_all(&d).unwrap();
+    // An older version's spool: a segment with three events, two delivered, and the cursor
+    // it wrote through a temporary file (left behind by a crash before the rename).
+    let seg = seg_path(&d, 1);
+    let text: String = (0..3).map(|n| line(n) + "\n").collect();
+    fs::write(&seg, &text).unwrap();
+    let two = (line(0).len() + line(1).len() + 2) as u64;
+    fs::write(d.join("cursor"), format!("1 {two}\n")).unwrap();
+    fs::write(d.join("cursor.tmp"), "1 0\n").unwrap();
+    let mut s = Spool::open_disk(&d, 1 << 20, Duration::from_secs(1)).unwrap();
+    assert!(!d.join("cursor.tmp").exists());
+    let b = s.peek(10).unwrap();
+    assert_eq!(b.lines, vec![line(2)]);
+    s.begin(&b).unwrap();
+    let record = fs::read(d.join("cursor")).unwrap();
+    assert_eq!(record.len(), CURSOR_LEN);
+    assert_eq!(record.last(), Some(&b'\n'));
+    assert_eq!(
+        read_cursor(&d).unwrap(),
+        (
+            Some(Pos {
+                seq: 1,
+                offset: two
+            }),
+            // The batch ends where the next segment (this run's) begins.
+            Some(Pos { seq: 2, offset: 0 })
+        )
+    );
+    s.commit(&b).unwrap();
+    // The shorter record replaced the longer one whole: no in-flight batch is left over.
+    assert_eq!(fs::read(d.join("cursor")).unwrap().len(), CURSOR_LEN);
+    assert_eq!(read_cursor(&d).unwrap().1, None);
+    drop(s);
+    let mut s = Spool::open_disk(&d, 1 << 20, Duration::from_secs(1)).unwrap();
+    assert!(s.is_empty());
+    assert!(s.peek(10).unwrap().lines.is_empty());
+    let _ = fs::remove_dir_all(&d);
+}
+
+#[test]
+fn a_damaged_line_of_an_earlier_run_is_skipped_and_this_runs_lines_go_out_as_written() {
+    let d = dir("damaged");
+    fs::create_dir_all(&d).unwrap();
+    fs::write(
+        seg_path(&d, 1),
+        format!("{}\n{{\"event_id\":\x01garbage\n{}\n", line(0), line(1)),
+    )
+    .unwrap();
+    let mut s = Spool::open_disk(&d, 1 << 20, Duration::from_secs(1)).unwrap();
+    let block = format!("{}\n{}\n", line(2), line(3));
+    let (added, refused) = s.append_all(std::iter::once((block.as_str(), 2)));
+    assert_eq!((added, refused.len()), (2, 0));
+    let b = s.peek(10).unwrap();
+    assert_eq!(b.lines, vec![line(0), line(1), line(2), line(3)]);
+    let _ = fs::remove_dir_all(&d);
+}
+
+#[test]
+fn append_all_keeps_what_fits_and_names_what_it_refused() {
+    let d = dir("refused");
+    let one = line(0).len() as u64 + 1;
+    let mut s = Spool::open_disk(&d, 2 * one, Duration::from_secs(1)).unwrap();
+    // Too large as a block: line by line, the first two fit.
+    let block = format!("{}\n{}\n{}\n", line(0), line(1), line(2));
+    let (added, refused) = s.append_all(std::iter::once((block.as_str(), 3)));
+    assert_eq!(added, 2);
+    assert_eq!(refused.len(), 1);
+    assert_eq!(refused[0].0, line(2));
+    assert!(matches!(refused[0].1, SpoolError::Full(_)));
+    assert_eq!(s.pending_bytes(), 2 * one);
+    assert_eq!(s.peek(10).unwrap().lines, vec![line(0), line(1)]);
+    let _ = fs::remove_dir_all(&d);
+}
+
+#[test]
+fn disk_spool_skips_torn_lines_and_respects_its_bound() {
+    let d = dir("torn");
+    let mut s = Spool::open_disk(&d, 200, Duration::from_secs(1)).unwrap();
+    s.append(&line(0)).unwrap();
+    s.sync().unwrap();
+    drop(s);
+    // Simulate a crash mid-write in that segment.
+    let seg = fs::read_dir(&d)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().contains("seg-"))
+        .unwrap();
+    let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
+    f.write_all(b"{\"event_id\":\"tor").unwrap();
+    drop(f);
+    let mut s = Spool::open_disk(&d, 200, Duration::from_secs(1)).unwrap();
+    s.append(&line(1)).unwrap();
+    let b = s.peek(10).unwrap();
+    assert_eq!(b.lines, vec![line(0), line(1)]);
+    s.commit(&b).unwrap();
+    for n in 0..20 {
+        if s.append(&line(n)).is_err() {
+            assert!(n > 3, "bound reached too early");
+            let _ = fs::remove_dir_all(&d);
+            return;
+        }
+    }
+    panic!("spool_max_bytes was not enforced");
+}
