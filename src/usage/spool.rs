@@ -10,9 +10,13 @@
 //! What a delivered batch costs the disk, at hundreds of batches a second: the intake's lines go
 //! out in one `write` per hand-over (a crash still tears at most the last line), the cursor is
 //! one fixed-width record overwritten in place (not a file created, synced and renamed twice per
-//! batch), made durable before every send (so a crash re-sends the batch in flight under its key)
-//! but not after every acknowledgement (a crash after one re-sends that batch once more, which the
-//! key makes harmless), and lines this process wrote are not parsed again when read back.
+//! batch), and lines this process wrote are not parsed again when read back. The cursor is
+//! synced with the events, every `spool_fsync`, not at every batch: a process that dies (panic,
+//! SIGKILL, OOM) leaves its writes in the page cache, so the batch in flight is re-sent whole
+//! under its key; only a power loss or kernel crash can take the cursor back as far as one
+//! interval, re-sending what was delivered in it (maybe cut into other batches, under other
+//! keys: receivers deduplicate by `event_id`) — the same interval whose appended events it can
+//! lose. Before a delivered segment is deleted the cursor past it is synced.
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
@@ -148,7 +152,7 @@ impl Spool {
     /// Records that a batch is being sent (disk: persisted, so a restart re-sends it whole).
     pub(crate) fn begin(&mut self, batch: &Batch) -> Result<(), SpoolError> {
         match (self, batch.end) {
-            (Spool::Disk(d), End::Disk(end)) => d.write_cursor(Some(end), true),
+            (Spool::Disk(d), End::Disk(end)) => d.write_cursor(Some(end)),
             _ => Ok(()),
         }
     }
@@ -541,9 +545,7 @@ impl DiskSpool {
         if self.replay_end.is_some_and(|r| end >= r) {
             self.replay_end = None;
         }
-        // Not synced here: until the next `begin` (or sync) a crash re-sends this batch under its
-        // key, as the record `begin` made durable says.
-        self.write_cursor(None, false)?;
+        self.write_cursor(None)?;
         // Delete segments that are entirely delivered (never the one being written).
         let writer = self.writer_seq();
         while let Some(&(seq, size)) = self.segments.front() {
@@ -571,9 +573,8 @@ impl DiskSpool {
     }
 
     /// `cursor`: "seq offset" of the delivered position, plus "seq offset" of the batch in flight,
-    /// padded with spaces to `CURSOR_LEN` and written over the last record; `durable`: synced
-    /// before returning.
-    fn write_cursor(&mut self, inflight: Option<Pos>, durable: bool) -> Result<(), SpoolError> {
+    /// padded with spaces to `CURSOR_LEN` and written over the last record (synced by `sync`).
+    fn write_cursor(&mut self, inflight: Option<Pos>) -> Result<(), SpoolError> {
         use std::io::Write as _;
         let mut record = [b' '; CURSOR_LEN];
         let mut text = &mut record[..CURSOR_LEN - 1];
@@ -584,12 +585,7 @@ impl DiskSpool {
         }
         record[CURSOR_LEN - 1] = b'\n';
         self.cursor.write_all_at(&record, 0)?;
-        if durable {
-            self.cursor.sync_data()?;
-            self.cursor_dirty = false;
-        } else {
-            self.cursor_dirty = true;
-        }
+        self.cursor_dirty = true;
         Ok(())
     }
 }
