@@ -172,3 +172,29 @@ fn disk_spool_skips_torn_lines_and_respects_its_bound() {
     }
     panic!("spool_max_bytes was not enforced");
 }
+
+#[test]
+fn a_failed_write_hands_every_buffered_line_back_as_lost_and_the_spool_stays_consistent() {
+    let d = dir("lost");
+    let mut s = Spool::open_disk(&d, 1 << 20, Duration::from_secs(1)).unwrap();
+    s.append(&line(0)).unwrap();
+    let before = s.pending_bytes();
+    // The segment's writer replaced by a read-only handle: the next write fails (EBADF).
+    let Spool::Disk(disk) = &mut s else {
+        panic!("not a disk spool");
+    };
+    let seg = seg_path(&d, disk.writer_seq());
+    disk.writer = File::open(&seg).unwrap();
+    let block = format!("{}\n{}\n", line(1), line(2));
+    let (added, refused) = s.append_all(std::iter::once((block.as_str(), 2)));
+    assert_eq!(added, 0);
+    let lost: Vec<&str> = refused.iter().map(|(l, _)| l.as_str()).collect();
+    assert_eq!(lost, vec![line(1), line(2)]);
+    assert!(refused
+        .iter()
+        .all(|(_, e)| matches!(e, SpoolError::Lost(_))));
+    // Nothing half-counted: the bound and the next batch see only what was written.
+    assert_eq!(s.pending_bytes(), before);
+    assert_eq!(s.peek(10).unwrap().lines, vec![line(0)]);
+    let _ = fs::remove_dir_all(&d);
+}
