@@ -119,8 +119,8 @@ impl Spool {
         if let Spool::Disk(d) = self {
             if let Err((e, lost)) = d.flush() {
                 let e = std::sync::Arc::new(e);
+                added = added.saturating_sub(lost.len());
                 for line in lost {
-                    added -= 1;
                     refused.push((line, SpoolError::Lost(e.clone())));
                 }
             }
@@ -434,6 +434,11 @@ impl DiskSpool {
             return Ok(());
         }
         if let Err(e) = self.writer.write_all(&self.out) {
+            // Whatever part of it did land is cut off again, so that the file ends where the
+            // segment's size says and the next write starts a line there.
+            if let Some(&(_, size)) = self.segments.back() {
+                let _ = self.writer.set_len(size);
+            }
             let lost = String::from_utf8_lossy(&self.out)
                 .lines()
                 .map(str::to_string)
