@@ -190,7 +190,7 @@ fn a_backend_killed_mid_run_fails_no_later_request() {
     assert!(eventually(Duration::from_secs(3), || {
         get(proxy.addr, "/health").json()["backends"][1]["up"] == false
     }));
-    assert!(proxy.proc.output().contains("is down"));
+    proxy.proc.wait_for_line("is down", Duration::from_secs(3));
 }
 
 #[test]

@@ -251,7 +251,9 @@ fn resolver_failures_keep_the_last_set_until_stale() {
     ) >= 2.0));
     both_get_traffic(a, b, 5);
     load.finish_clean(10);
-    assert!(proxy.proc.output().contains("keeping the last 2 addresses"));
+    proxy
+        .proc
+        .wait_for_line("keeping the last 2 addresses", Duration::from_secs(3));
 
     // Past stale_after the set is dropped (an answer that old is no longer trusted)...
     if went_down.elapsed() < Duration::from_secs(6) {

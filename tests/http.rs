@@ -158,9 +158,14 @@ fn malformed_and_smuggling_requests_get_400_and_close() {
     assert_eq!(mock.stat("requests"), 0);
     // The worker is still alive and serving.
     assert_eq!(get(proxy.addr, "/health").status, 200);
-    assert!(
-        proxy.proc.output().contains("bad_request") || proxy.proc.output().contains("malformed")
-    );
+    // Log lines reach stderr through the log writer thread, which batches them (up to a few ms
+    // after the answer): wait for the line instead of reading the output once.
+    let logged = |out: &str| out.contains("bad_request") || out.contains("malformed");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !logged(&proxy.proc.output()) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(logged(&proxy.proc.output()), "{}", proxy.proc.output());
 }
 
 #[test]

@@ -310,7 +310,7 @@ fn sigterm_drains_running_streams_then_exits_zero() {
     assert!(text.ends_with("0\r\n\r\n"));
     assert_eq!(proxy.proc.wait_exit(Duration::from_secs(5)), Some(0));
     assert!(t0.elapsed() < Duration::from_secs(5));
-    assert!(proxy.proc.output().contains("drained"));
+    proxy.proc.wait_for_line("drained", Duration::from_secs(3));
 }
 
 #[test]

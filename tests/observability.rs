@@ -144,7 +144,7 @@ fn text_logs_and_rust_log_override() {
     );
     assert_eq!(get(proxy.addr, "/health").status, 200);
     // RUST_LOG=debug wins over level: warn, so info lines (like the listening line) appear.
-    assert!(proxy.proc.output().contains(" INFO "));
+    proxy.proc.wait_for_line(" INFO ", Duration::from_secs(3));
     assert!(serde_json::from_str::<serde_json::Value>(
         &proxy
             .proc
