@@ -5,8 +5,9 @@
 //! It counts the usage events it receives (each one object with an `"event_id"`, however the
 //! proxy batches them), so the run can say how many of the requests the proxy answered reached
 //! billing and how long after the load stopped the last one did. It parses with llmproxy's own
-//! head parser; bodies are `Content-Length` framed (ureq's). A chunked body is read to its end
-//! too, so a change of the sender's framing is counted, not hung on.
+//! head parser and reads bodies with the probes' reader (`http::read_framed_body`):
+//! `Content-Length` (ureq's) or chunked, so a change of the sender's framing is counted, not
+//! hung on.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -14,9 +15,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
-use llmproxy::http1::{BodyFraming, ChunkedDecoder, Head, ParseStatus};
+use bytes::BytesMut;
+use llmproxy::http1::{BodyFraming, Head, ParseStatus};
 use memchr::memmem;
+
+use crate::http::read_framed_body;
 
 /// A head longer than this is not a usage POST.
 const MAX_HEAD: usize = 64 * 1024;
@@ -114,50 +117,21 @@ fn serve(mut sock: TcpStream, counts: &Counts, stop: &AtomicBool) -> Result<(), 
                 Err(_) => return Err(()),
             }
         };
-        let body = read_body(&mut sock, &mut buf, framing, stop)?;
+        // A request that runs until the close has no framing: not a POST this receiver reads.
+        if framing == BodyFraming::UntilClose {
+            return Err(());
+        }
+        let more = |buf: &mut BytesMut| match fill(&mut sock, buf, stop) {
+            Ok(true) => Ok(()),
+            _ => Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+        };
+        let body = read_framed_body(&mut buf, framing, more).map_err(|_| ())?;
         counts
             .events
             .fetch_add(finder.find_iter(&body).count() as u64, Ordering::Relaxed);
         counts.posts.fetch_add(1, Ordering::Relaxed);
         sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
             .map_err(|_| ())?;
-    }
-}
-
-fn read_body(
-    sock: &mut TcpStream,
-    buf: &mut BytesMut,
-    framing: BodyFraming,
-    stop: &AtomicBool,
-) -> Result<Vec<u8>, ()> {
-    match framing {
-        BodyFraming::Empty => Ok(Vec::new()),
-        BodyFraming::Length(n) => {
-            let n = usize::try_from(n).map_err(|_| ())?;
-            while buf.len() < n {
-                if !fill(sock, buf, stop)? {
-                    return Err(());
-                }
-            }
-            Ok(buf.split_to(n).to_vec())
-        }
-        BodyFraming::Chunked => {
-            let mut dec = ChunkedDecoder::new();
-            let mut body = Vec::new();
-            loop {
-                let consumed = dec
-                    .decode(buf, |data: &[u8]| body.extend_from_slice(data))
-                    .map_err(|_| ())?;
-                buf.advance(consumed);
-                if dec.is_done() {
-                    return Ok(body);
-                }
-                if !fill(sock, buf, stop)? {
-                    return Err(());
-                }
-            }
-        }
-        BodyFraming::UntilClose => Err(()),
     }
 }
 

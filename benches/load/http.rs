@@ -118,35 +118,48 @@ fn request_on(mut s: impl Read + Write, req: &[u8]) -> io::Result<(u16, Vec<u8>)
             Err(Malformed) => return Err(bad("malformed response head")),
         }
     };
+    let body = read_framed_body(&mut buf, reply.framing, fill)?;
+    Ok((reply.status, body))
+}
+
+/// Reads one message body framed as `framing` out of `buf`, consuming it (bytes after it stay
+/// for the next message); `fill` reads more into `buf` and fails at the peer's close. Shared by
+/// the blocking probes (responses) and the webhook receiver (requests).
+pub(crate) fn read_framed_body(
+    buf: &mut BytesMut,
+    framing: BodyFraming,
+    mut fill: impl FnMut(&mut BytesMut) -> io::Result<()>,
+) -> io::Result<Vec<u8>> {
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
     let mut body = Vec::new();
-    match reply.framing {
+    match framing {
         BodyFraming::Empty => {}
         BodyFraming::Length(n) => {
             let n = usize::try_from(n).map_err(|_| bad("Content-Length too large"))?;
             while buf.len() < n {
-                fill(&mut buf)?;
+                fill(buf)?;
             }
-            body.extend_from_slice(&buf[..n]);
+            body.extend_from_slice(&buf.split_to(n));
         }
         BodyFraming::Chunked => {
             let mut dec = ChunkedDecoder::new();
             loop {
                 let used = dec
-                    .decode(&buf, |d| body.extend_from_slice(d))
+                    .decode(buf, |d| body.extend_from_slice(d))
                     .map_err(|_| bad("malformed chunked body"))?;
                 buf.advance(used);
                 if dec.is_done() {
                     break;
                 }
-                fill(&mut buf)?;
+                fill(buf)?;
             }
         }
         BodyFraming::UntilClose => {
-            while fill(&mut buf).is_ok() {}
-            body.extend_from_slice(&buf);
+            while fill(buf).is_ok() {}
+            body.extend_from_slice(&buf.split());
         }
     }
-    Ok((reply.status, body))
+    Ok(body)
 }
 
 pub(crate) fn get(addr: SocketAddr, path: &str) -> io::Result<(u16, Vec<u8>)> {

@@ -580,7 +580,6 @@ impl DiskSpool {
     /// `cursor`: "seq offset" of the delivered position, plus "seq offset" of the batch in flight,
     /// padded with spaces to `CURSOR_LEN` and written over the last record (synced by `sync`).
     fn write_cursor(&mut self, inflight: Option<Pos>) -> Result<(), SpoolError> {
-        use std::io::Write as _;
         let mut record = [b' '; CURSOR_LEN];
         let mut text = &mut record[..CURSOR_LEN - 1];
         // Four u64s and three spaces fit in CURSOR_LEN - 1 bytes, so these writes cannot fail.
