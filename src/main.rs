@@ -1,6 +1,8 @@
 //! CLI → config → start threads → wait for signals → drain → exit.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+// No unsafe code, as in the library, but for `allocator` (see its header).
+#![deny(unsafe_code)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,11 +18,13 @@ use llmproxy::config::{self, Config};
 use llmproxy::telemetry::logging;
 use llmproxy::{mock, runtime};
 
+mod allocator;
 mod demo;
 
-/// mimalloc rather than glibc's malloc: measured cheaper per request (see Cargo.toml).
+/// mimalloc rather than glibc's malloc: measured cheaper per request (see Cargo.toml and
+/// `allocator`).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: allocator::Mimalloc = allocator::Mimalloc;
 
 /// Thread-per-core io_uring reverse proxy for self-hosted LLM inference servers
 /// (vLLM, TGI, SGLang, llama.cpp, any OpenAI-compatible server).
