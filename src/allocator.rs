@@ -30,6 +30,29 @@ fn plain(size: usize, align: usize) -> bool {
     align <= PLAIN_ALIGN && size.is_multiple_of(align)
 }
 
+/// `plain(size)` when `plain` holds for the layout, else `aligned(size, align)`: the one choice
+/// `alloc` and `alloc_zeroed` share.
+///
+/// # Safety
+/// Both calls must be mimalloc allocation functions of that signature.
+#[inline]
+#[allow(unsafe_code)]
+unsafe fn allocate(
+    layout: Layout,
+    plain_call: unsafe extern "C" fn(usize) -> *mut c_void,
+    aligned_call: unsafe extern "C" fn(usize, usize) -> *mut c_void,
+) -> *mut u8 {
+    let (size, align) = (layout.size(), layout.align());
+    // SAFETY: the caller passes mimalloc's functions, which accept any size.
+    unsafe {
+        if plain(size, align) {
+            plain_call(size).cast()
+        } else {
+            aligned_call(size, align).cast()
+        }
+    }
+}
+
 // SAFETY: every pointer handed out comes from mimalloc and is freed by `mi_free`, which takes
 // blocks from both the plain and the aligned entry points. A plain call is made only when
 // `plain` holds, where mimalloc's block layout guarantees the alignment (module header);
@@ -39,28 +62,14 @@ fn plain(size: usize, align: usize) -> bool {
 unsafe impl GlobalAlloc for Mimalloc {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let (size, align) = (layout.size(), layout.align());
         // SAFETY: mimalloc's allocation calls accept any size; null reports failure.
-        unsafe {
-            if plain(size, align) {
-                mi::mi_malloc(size).cast()
-            } else {
-                mi::mi_malloc_aligned(size, align).cast()
-            }
-        }
+        unsafe { allocate(layout, mi::mi_malloc, mi::mi_malloc_aligned) }
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let (size, align) = (layout.size(), layout.align());
         // SAFETY: as in `alloc`.
-        unsafe {
-            if plain(size, align) {
-                mi::mi_zalloc(size).cast()
-            } else {
-                mi::mi_zalloc_aligned(size, align).cast()
-            }
-        }
+        unsafe { allocate(layout, mi::mi_zalloc, mi::mi_zalloc_aligned) }
     }
 
     #[inline]
