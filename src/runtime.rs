@@ -537,9 +537,14 @@ fn uring_runtime(
         monoio::time::TimeDriver<monoio::LegacyDriver>,
     >,
 > {
+    // 1,024 submission slots (and the kernel's default of twice as many completion slots): the
+    // ring is mapped whole, so 4,096 cost 404 KB resident per core against 104 KB, and bought
+    // nothing (BENCHMARKS.md, row 45). A turn that queues more than 1,024 operations submits
+    // the full queue and goes on (monoio), and completions beyond the completion ring wait in
+    // the kernel's overflow list (IORING_FEAT_NODROP, which every kernel monoio runs on has).
     let build = |urb: io_uring::Builder| {
         monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-            .with_entries(4096)
+            .with_entries(1024)
             .uring_builder(urb)
             .enable_timer()
             .build()
