@@ -255,8 +255,9 @@ fn run(opts: &Options) -> Result<String, String> {
         out,
         "- columns: latency = request written → last body byte; TTFT = request written → first content token; \
          proxy CPU = utime+stime of the proxy's processes during the window (100% = one core); \
-         RSS end = VmRSS at the end of the window, peak = VmHWM; load side CPU = mock backend + load generator \
-         (both on CPU 1); other CPU = time CPUs 0 and 1 spent on processes outside this benchmark (noise)."
+         RSS end = VmRSS near the end of the window (the last tenth, at most 0.25 s before it, \
+         while every stream is still open), peak = VmHWM; load side CPU = mock backend + load \
+         generator (both on CPU 1); other CPU = time CPUs 0 and 1 spent on processes outside this benchmark (noise)."
     );
     Ok(out)
 }

@@ -59,9 +59,15 @@ pub(crate) fn medians(rounds: &[Vec<RunResult>]) -> Vec<RunResult> {
                 m(&|r: &RunResult| r.proxy.map(|(_, b)| f(&b) as f64))
                     .map_or(0, |v| v.round() as u64)
             };
-            let proxy = m(&|r: &RunResult| r.cpu_us_per_req()).map(|us| {
+            // A window without requests (W4's streams never finish) has no CPU per request: its
+            // CPU is the median share, and its memory counts all the same.
+            let cpu = match m(&|r: &RunResult| r.cpu_us_per_req()) {
+                Some(us) => Some(us * ok as f64 / 1e6),
+                None => m(&|r: &RunResult| r.cpu_pct()).map(|pct| pct / 100.0),
+            };
+            let proxy = cpu.map(|cpu| {
                 let end = Usage {
-                    cpu: us * ok as f64 / 1e6,
+                    cpu,
                     rss_kib: kib(&|u| u.rss_kib),
                     hwm_kib: kib(&|u| u.hwm_kib),
                     pss_kib: kib(&|u| u.pss_kib),
@@ -173,5 +179,27 @@ pub(crate) fn self_check() {
     // A round without them: no median claimed.
     let m = medians(&[vec![with_hops(0.0)], vec![run(1000.0, 12.0, 5.0)]]);
     assert_eq!(m[0].wire, None);
+    // W4: streams that never finish (no requests), memory and CPU share still their medians.
+    let held = |mib: u64, cpu: f64| RunResult {
+        target: "llmproxy".into(),
+        secs: 8.0,
+        proxy: Some((
+            Usage::default(),
+            Usage {
+                cpu: cpu * 8.0,
+                rss_kib: mib * 1024,
+                ..Usage::default()
+            },
+        )),
+        ..RunResult::default()
+    };
+    let m = medians(&[
+        vec![held(117, 0.24)],
+        vec![held(50, 0.26)],
+        vec![held(116, 0.25)],
+    ]);
+    assert_eq!(m[0].rss_mb(), Some(116.0));
+    assert!((m[0].cpu_pct().unwrap_or(0.0) - 25.0).abs() < 0.01);
+    assert_eq!(m[0].cpu_us_per_req(), None);
     eprintln!("load benchmark: rounds self-check passed");
 }

@@ -137,8 +137,17 @@ pub(crate) fn run_target(
     let end = window.and_then(|start| {
         sleep_until(hops_end, &ctx.stop)?;
         let hops = hops();
+        // Memory while every stream is still open: at t1 the load generator starts closing
+        // them, and a sample taken then raced the teardown (W4 read 50 MB for 117 MB held).
+        let held = usage(&running.pids);
         sleep_until(t1, &ctx.stop)?;
-        Ok((start, (Sample::take(&running.pids, &load_pids), hops)))
+        let mut last = Sample::take(&running.pids, &load_pids);
+        last.proxy = Usage {
+            cpu: last.proxy.cpu,
+            hwm_kib: last.proxy.hwm_kib,
+            ..held
+        };
+        Ok((start, (last, hops)))
     });
     let acc = load
         .join()
