@@ -509,18 +509,18 @@ impl DiskSpool {
             }
             let mut f = File::open(seg_path(&self.dir, seq))?;
             f.seek(SeekFrom::Start(pos.offset))?;
-            let mut reader = BufReader::new(f).take(size - pos.offset);
-            let mut line = String::new();
+            let mut reader = BufReader::with_capacity(READ_BUF, f.take(size - pos.offset));
+            let mut line = Vec::new();
             loop {
                 if limit.is_some_and(|l| pos >= l) || (limit.is_none() && lines.len() >= max) {
                     break 'segments;
                 }
                 line.clear();
-                let n = reader.read_line(&mut line)?;
+                let n = read_line(&mut reader, &mut line)?;
                 if n == 0 {
                     break;
                 }
-                if !line.ends_with('\n') {
+                if line.last() != Some(&b'\n') {
                     // A line torn by a crash (only possible in an old segment): skip the rest.
                     if seq != writer {
                         log::warn!("usage spool: skipping a torn line in segment {seq}");
@@ -529,13 +529,17 @@ impl DiskSpool {
                     break;
                 }
                 pos.offset += n as u64;
-                let text = line.trim_end();
-                if seq >= self.own_from
-                    || serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
-                {
-                    lines.push(text.to_string());
-                } else {
-                    log::warn!("usage spool: skipping an unreadable line in segment {seq}");
+                // Bytes that are not UTF-8 can only be damage in an earlier run's segment (this
+                // run writes `str`s): skipped like any unreadable line, not an error that would
+                // stop delivery at that line for good.
+                match std::str::from_utf8(&line).map(str::trim_end) {
+                    Ok(text)
+                        if seq >= self.own_from
+                            || serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() =>
+                    {
+                        lines.push(text.to_owned());
+                    }
+                    _ => log::warn!("usage spool: skipping an unreadable line in segment {seq}"),
                 }
             }
         }
@@ -610,6 +614,34 @@ fn read_cursor(dir: &Path) -> Result<(Option<Pos>, Option<Pos>), SpoolError> {
             .map(|(&seq, &offset)| Pos { seq, offset })
     };
     Ok((pos(0), pos(2)))
+}
+
+/// A batch of 100 events is about 40 KB: read in one or two `read`s, not five of `BufReader`'s
+/// default 8 KiB.
+const READ_BUF: usize = 64 << 10;
+
+/// Appends the next line of `r` to `line`, newline included (none at the end of the input), and
+/// returns its length. `BufRead::read_until` would do, but it searches with `core`'s generic
+/// `memchr`, the sender's largest cost after the batch key under callgrind; the `memchr` crate
+/// searches with SIMD.
+fn read_line(r: &mut impl BufRead, line: &mut Vec<u8>) -> std::io::Result<usize> {
+    let start = line.len();
+    loop {
+        let buf = r.fill_buf()?;
+        if buf.is_empty() {
+            break;
+        }
+        let (take, done) = match memchr::memchr(b'\n', buf) {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        line.extend_from_slice(&buf[..take]);
+        r.consume(take);
+        if done {
+            break;
+        }
+    }
+    Ok(line.len() - start)
 }
 
 fn sync_dir(dir: &Path) {

@@ -125,6 +125,54 @@ fn a_damaged_line_of_an_earlier_run_is_skipped_and_this_runs_lines_go_out_as_wri
     let _ = fs::remove_dir_all(&d);
 }
 
+/// Bytes that are not UTF-8 in an earlier run's segment are one more unreadable line: skipped,
+/// and the lines after them delivered (they used to fail every read of the batch, for good).
+#[test]
+fn a_line_that_is_not_utf8_is_skipped_and_delivery_goes_on() {
+    let d = dir("not-utf8");
+    fs::create_dir_all(&d).unwrap();
+    let mut old = format!("{}\n", line(0)).into_bytes();
+    old.extend_from_slice(b"{\"event_id\":\"\xff\xfe\"}\n");
+    old.extend_from_slice(format!("{}\n", line(1)).as_bytes());
+    fs::write(seg_path(&d, 1), old).unwrap();
+    let mut s = Spool::open_disk(&d, 1 << 20, Duration::from_secs(1)).unwrap();
+    s.append(&line(2)).unwrap();
+    let b = s.peek(10).unwrap();
+    assert_eq!(b.lines, vec![line(0), line(1), line(2)]);
+    s.commit(&b).unwrap();
+    assert!(s.peek(10).unwrap().lines.is_empty());
+    let _ = fs::remove_dir_all(&d);
+}
+
+/// Lines longer than the read buffer, and batches that end inside it, come back whole and in
+/// order across reads.
+#[test]
+fn lines_longer_than_the_read_buffer_come_back_whole() {
+    let d = dir("long");
+    let mut s = Spool::open_disk(&d, 1 << 24, Duration::from_secs(1)).unwrap();
+    let long = |n: usize| {
+        format!(
+            "{{\"event_id\":\"e{n}\",\"pad\":\"{}\"}}",
+            "x".repeat(READ_BUF + n)
+        )
+    };
+    let all: Vec<String> = (0..5).map(long).chain((5..300).map(line)).collect();
+    for l in &all {
+        s.append(l).unwrap();
+    }
+    let mut got = Vec::new();
+    loop {
+        let b = s.peek(7).unwrap();
+        if b.lines.is_empty() {
+            break;
+        }
+        got.extend(b.lines.iter().cloned());
+        s.commit(&b).unwrap();
+    }
+    assert_eq!(got, all);
+    let _ = fs::remove_dir_all(&d);
+}
+
 #[test]
 fn append_all_keeps_what_fits_and_names_what_it_refused() {
     let d = dir("refused");
