@@ -39,6 +39,7 @@ pub(crate) fn hex16(v: u64) -> [u8; 16] {
 
 /// Appends bytes known to be ASCII (digits, hex): a few (most numbers) a char at a time, more
 /// in one copy (checking them as UTF-8 first costs about forty instructions whatever the length).
+#[inline]
 fn push_ascii(out: &mut String, ascii: &[u8]) {
     if ascii.len() <= 8 {
         out.extend(ascii.iter().map(|&b| char::from(b)));
@@ -47,16 +48,27 @@ fn push_ascii(out: &mut String, ascii: &[u8]) {
     }
 }
 
-/// Appends `s` as a JSON string literal, quotes included.
+/// Appends `s` as a JSON string literal, quotes included. Most strings need no escaping at all:
+/// they are tested eight bytes at a time and copied whole, inlined where they are written, and
+/// the escaping loop is a call of its own, so that the common case does not save and restore
+/// the registers the loop needs (about forty instructions a call, fifteen calls a request with
+/// the access log on).
+#[inline]
 pub(crate) fn push_json_str(out: &mut String, s: &str) {
+    if any_escape(s.as_bytes()) {
+        return push_json_escaped(out, s);
+    }
     out.reserve(s.len() + 2);
     out.push('"');
-    // Most strings need no escaping at all: test eight bytes at a time and copy them whole.
-    if !any_escape(s.as_bytes()) {
-        out.push_str(s);
-        out.push('"');
-        return;
-    }
+    out.push_str(s);
+    out.push('"');
+}
+
+#[cold]
+#[inline(never)]
+fn push_json_escaped(out: &mut String, s: &str) {
+    out.reserve(s.len() + 2);
+    out.push('"');
     let bytes = s.as_bytes();
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
