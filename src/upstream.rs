@@ -14,7 +14,7 @@ use rustls::ClientConnection;
 
 use crate::alarm::Alarm;
 use crate::error::ProxyError;
-use crate::http1::head::{Head, ParseStatus};
+use crate::http1::head::{Head, Name, ParseStatus};
 use crate::tls::io::{BackendReader, BackendWriter, Reader, Writer};
 use crate::tls::stream::{handshake, HandshakeError};
 use crate::tls::ClientTls;
@@ -297,7 +297,7 @@ fn upstream_tls_error(e: HandshakeError) -> ProxyError {
 
 /// `Keep-Alive: timeout=5, max=100` → 5 s.
 fn keepalive_timeout(head: &Head) -> Option<Duration> {
-    let v = head.header_str("keep-alive")?;
+    let v = head.get_str(Name::KeepAlive)?;
     v.split(',').find_map(|p| {
         let (k, v) = p.split_once('=')?;
         if k.trim().eq_ignore_ascii_case("timeout") {

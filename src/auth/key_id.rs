@@ -6,7 +6,7 @@ use std::cell::RefCell;
 use sha2::{Digest, Sha256};
 
 use crate::encode;
-use crate::http1::Head;
+use crate::http1::head::{Head, Name};
 
 /// A short, stable, non-reversible name for an API key: `key-` + 16 hex digits of SHA-256.
 pub fn key_id(raw_key: &str) -> String {
@@ -41,13 +41,13 @@ impl KeyIdCache {
 
 /// The API key a client presented (`Authorization: Bearer …` or `x-api-key`).
 pub(crate) fn client_key(head: &Head) -> Option<&str> {
-    if let Some(v) = head.header_str("authorization") {
+    if let Some(v) = head.get_str(Name::Authorization) {
         let v = v.trim();
         if v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ") {
             return Some(v[7..].trim());
         }
     }
-    head.header_str("x-api-key").map(str::trim)
+    head.get_str(Name::XApiKey).map(str::trim)
 }
 
 #[cfg(test)]

@@ -30,7 +30,7 @@ use crate::config::OnStoreError;
 use crate::config::{ApiKey, Auth, ConfigError, KeyDigest, Priority};
 use crate::error::Exceeded;
 use crate::error::{AuthFailure, ProxyError};
-use crate::http1::Head;
+use crate::http1::head::{Head, Name};
 use crate::scheduler::Flow;
 use ratelimit::{retry_after_secs, Clock, KeyLimits, StoreState};
 
@@ -360,7 +360,7 @@ impl Caller {
             Some(e) => (prefix(&e.digest), e.priority, e.weight),
             None => (0, Priority::Normal, 1),
         };
-        let class = match head.header(PRIORITY_HEADER) {
+        let class = match head.get(Name::XLlmproxyPriority) {
             None => own,
             Some(v) => match std::str::from_utf8(v).ok().and_then(Priority::parse) {
                 Some(asked) => asked.max(own),

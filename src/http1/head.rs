@@ -3,12 +3,124 @@
 //! could exploit (both Content-Length and Transfer-Encoding, conflicting lengths, unknown codings)
 //! is an error, never a guess.
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use bytes::Bytes;
 
 /// Most heads seen in practice have < 30 headers; more than this is abuse.
 pub const MAX_HEADERS: usize = 100;
+
+/// The header names the proxy itself reads, drops or rewrites, recognised once per head
+/// (`Name::of`, one name comparison per header at most) so that body framing, lookups and the
+/// forwarding filter compare a tag instead of names: those ran ten to twenty case-insensitive
+/// name comparisons per header and head, a few hundred instructions per request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Name {
+    /// Any other name: found by comparing the name itself.
+    Other,
+    Authorization,
+    Connection,
+    ContentLength,
+    ContentType,
+    Expect,
+    Host,
+    KeepAlive,
+    ProxyAuthenticate,
+    ProxyAuthorization,
+    ProxyConnection,
+    Te,
+    Trailer,
+    TransferEncoding,
+    Upgrade,
+    XApiKey,
+    XForwardedFor,
+    XLlmproxyPriority,
+    XRequestId,
+}
+
+impl Name {
+    /// The known name `name` is, compared without regard to case.
+    pub fn of(name: &[u8]) -> Name {
+        let first = name.first().map_or(0, u8::to_ascii_lowercase);
+        // By length, then first letter: at most one comparison of the whole name.
+        let candidate = match (name.len(), first) {
+            (2, _) => Name::Te,
+            (4, _) => Name::Host,
+            (6, _) => Name::Expect,
+            (7, b't') => Name::Trailer,
+            (7, b'u') => Name::Upgrade,
+            (9, _) => Name::XApiKey,
+            (10, b'c') => Name::Connection,
+            (10, b'k') => Name::KeepAlive,
+            (12, b'c') => Name::ContentType,
+            (12, b'x') => Name::XRequestId,
+            (13, _) => Name::Authorization,
+            (14, _) => Name::ContentLength,
+            (15, _) => Name::XForwardedFor,
+            (16, _) => Name::ProxyConnection,
+            (17, _) => Name::TransferEncoding,
+            (18, _) => Name::ProxyAuthenticate,
+            (19, b'p') => Name::ProxyAuthorization,
+            (19, b'x') => Name::XLlmproxyPriority,
+            _ => return Name::Other,
+        };
+        if candidate.as_str().as_bytes().eq_ignore_ascii_case(name) {
+            candidate
+        } else {
+            Name::Other
+        }
+    }
+
+    /// The name in lower case ("" for `Other`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Name::Other => "",
+            Name::Authorization => "authorization",
+            Name::Connection => "connection",
+            Name::ContentLength => "content-length",
+            Name::ContentType => "content-type",
+            Name::Expect => "expect",
+            Name::Host => "host",
+            Name::KeepAlive => "keep-alive",
+            Name::ProxyAuthenticate => "proxy-authenticate",
+            Name::ProxyAuthorization => "proxy-authorization",
+            Name::ProxyConnection => "proxy-connection",
+            Name::Te => "te",
+            Name::Trailer => "trailer",
+            Name::TransferEncoding => "transfer-encoding",
+            Name::Upgrade => "upgrade",
+            Name::XApiKey => "x-api-key",
+            Name::XForwardedFor => "x-forwarded-for",
+            Name::XLlmproxyPriority => "x-llmproxy-priority",
+            Name::XRequestId => "x-request-id",
+        }
+    }
+
+    /// Hop-by-hop (RFC 9110 §7.6.1): describes one connection, never forwarded.
+    pub fn is_hop_by_hop(self) -> bool {
+        matches!(
+            self,
+            Name::Connection
+                | Name::KeepAlive
+                | Name::ProxyConnection
+                | Name::Te
+                | Name::Trailer
+                | Name::TransferEncoding
+                | Name::Upgrade
+                | Name::ProxyAuthorization
+                | Name::ProxyAuthenticate
+        )
+    }
+}
+
+/// One header: where its name and value lie in the head's bytes, and which known name it is.
+#[derive(Debug, Clone)]
+struct Field {
+    name: Range<usize>,
+    value: Range<usize>,
+    known: Name,
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum HeadError {
@@ -46,7 +158,7 @@ pub struct Head {
     pub status: u16,
     /// Minor version: 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub version: u8,
-    headers: Vec<(Range<usize>, Range<usize>)>,
+    headers: Vec<Field>,
     /// Request: the method when it is a standard one (no UTF-8 check per call).
     known_method: Option<&'static str>,
     /// Request: the target, checked as UTF-8 once ("" if it is not), and where its path ends.
@@ -71,13 +183,26 @@ fn offset(base: &[u8], part: &[u8]) -> Range<usize> {
     }
 }
 
+fn fields(base: &[u8], headers: &[httparse::Header<'_>]) -> Vec<Field> {
+    headers
+        .iter()
+        .map(|h| Field {
+            name: offset(base, h.name.as_bytes()),
+            value: offset(base, h.value),
+            known: Name::of(h.name.as_bytes()),
+        })
+        .collect()
+}
+
 impl Head {
     /// Parses a request head from the front of `buf`. On success the head's bytes are split off
     /// `buf` (the caller keeps what follows: body or the next pipelined request).
     pub fn parse_request(buf: &mut bytes::BytesMut) -> Result<ParseStatus, HeadError> {
-        let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut storage);
-        let len = match req.parse(buf) {
+        // Left uninitialised: httparse writes only the headers it finds (filling all hundred cost
+        // more than parsing a typical head's few).
+        let mut storage = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut []);
+        let len = match req.parse_with_uninit_headers(buf, &mut storage) {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => return Ok(ParseStatus::Partial),
             Err(e) => return Err(map_err(e)),
@@ -85,11 +210,7 @@ impl Head {
         let base: &[u8] = &buf[..];
         let method = offset(base, req.method.unwrap_or("").as_bytes());
         let version = req.version.unwrap_or(1);
-        let headers = req
-            .headers
-            .iter()
-            .map(|h| (offset(base, h.name.as_bytes()), offset(base, h.value)))
-            .collect();
+        let headers = fields(base, req.headers);
         let known_method = known_method(req.method.unwrap_or(""));
         let target_str: Box<str> = req.path.unwrap_or("").into();
         let path_len = memchr::memchr(b'?', target_str.as_bytes()).unwrap_or(target_str.len());
@@ -108,9 +229,10 @@ impl Head {
 
     /// Parses a response head from the front of `buf`, splitting it off on success.
     pub fn parse_response(buf: &mut bytes::BytesMut) -> Result<ParseStatus, HeadError> {
-        let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut res = httparse::Response::new(&mut storage);
-        let len = match res.parse(buf) {
+        let mut storage = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut res = httparse::Response::new(&mut []);
+        let parser = httparse::ParserConfig::default();
+        let len = match parser.parse_response_with_uninit_headers(&mut res, buf, &mut storage) {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => return Ok(ParseStatus::Partial),
             Err(e) => return Err(map_err(e)),
@@ -119,11 +241,7 @@ impl Head {
         let reason = offset(base, res.reason.unwrap_or("").as_bytes());
         let status = res.code.unwrap_or(0);
         let version = res.version.unwrap_or(1);
-        let headers = res
-            .headers
-            .iter()
-            .map(|h| (offset(base, h.name.as_bytes()), offset(base, h.value)))
-            .collect();
+        let headers = fields(base, res.headers);
         let raw = crate::http1::io::take_copy(buf, len);
         Ok(ParseStatus::Complete(Head {
             raw,
@@ -168,9 +286,36 @@ impl Head {
 
     /// Header names and values as raw bytes (names are tokens, so ASCII).
     pub fn headers(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.fields().map(|(_, n, v)| (n, v))
+    }
+
+    /// The headers with the known name each is (`Name::Other` for the rest).
+    pub fn fields(&self) -> impl Iterator<Item = (Name, &[u8], &[u8])> {
+        self.headers.iter().map(move |f| {
+            (
+                f.known,
+                &self.raw[f.name.clone()],
+                &self.raw[f.value.clone()],
+            )
+        })
+    }
+
+    /// The values of the headers called `name`, in order.
+    fn values(&self, name: Name) -> impl Iterator<Item = &[u8]> {
         self.headers
             .iter()
-            .map(move |(n, v)| (&self.raw[n.clone()], &self.raw[v.clone()]))
+            .filter(move |f| f.known == name)
+            .map(move |f| &self.raw[f.value.clone()])
+    }
+
+    /// First value of a known header.
+    pub fn get(&self, name: Name) -> Option<&[u8]> {
+        self.values(name).next()
+    }
+
+    /// How many headers are called `name`.
+    pub fn count(&self, name: Name) -> usize {
+        self.values(name).count()
     }
 
     pub fn header_count(&self) -> usize {
@@ -178,29 +323,37 @@ impl Head {
     }
 
     /// First value of a header (case-insensitive name). Compares raw bytes: lookups happen
-    /// several times per request and must not validate UTF-8 each time.
+    /// several times per request and must not validate UTF-8 each time. A known name is found
+    /// by its tag (`get` skips classifying `name`); any other is compared only with the
+    /// headers that are not known names.
     pub fn header(&self, name: &str) -> Option<&[u8]> {
         let name = name.as_bytes();
-        self.headers
-            .iter()
-            .find(|(n, _)| self.raw[n.clone()].eq_ignore_ascii_case(name))
-            .map(|(_, v)| &self.raw[v.clone()])
+        match Name::of(name) {
+            Name::Other => self
+                .headers
+                .iter()
+                .filter(|f| f.known == Name::Other)
+                .find(|f| self.raw[f.name.clone()].eq_ignore_ascii_case(name))
+                .map(|f| &self.raw[f.value.clone()]),
+            known => self.get(known),
+        }
     }
 
     pub fn header_str(&self, name: &str) -> Option<&str> {
         self.header(name).and_then(|v| std::str::from_utf8(v).ok())
     }
 
+    /// First value of a known header, if it is UTF-8.
+    pub fn get_str(&self, name: Name) -> Option<&str> {
+        self.get(name).and_then(|v| std::str::from_utf8(v).ok())
+    }
+
     /// True when some `Connection` header lists `token`.
     pub fn connection_has(&self, token: &str) -> bool {
-        self.headers
-            .iter()
-            .filter(|(n, _)| self.raw[n.clone()].eq_ignore_ascii_case(b"connection"))
-            .map(|(_, v)| &self.raw[v.clone()])
-            .any(|v| {
-                v.split(|b| *b == b',')
-                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
-            })
+        self.values(Name::Connection).any(|v| {
+            v.split(|b| *b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+        })
     }
 
     /// Whether the peer wants the connection kept open after this message.
@@ -239,8 +392,8 @@ impl Head {
         let mut length: Option<u64> = None;
         let mut chunked = false;
         let mut saw_te = false;
-        for (name, value) in self.headers() {
-            if name.eq_ignore_ascii_case(b"content-length") {
+        for (name, _, value) in self.fields() {
+            if name == Name::ContentLength {
                 // A list ("5, 5") or repeated header must agree exactly; anything else is smuggling.
                 for part in value.split(|b| *b == b',') {
                     let n = parse_length(part.trim_ascii())
@@ -250,7 +403,7 @@ impl Head {
                     }
                     length = Some(n);
                 }
-            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            } else if name == Name::TransferEncoding {
                 saw_te = true;
                 let codings: Vec<&[u8]> = value
                     .split(|b| *b == b',')
@@ -434,5 +587,153 @@ mod tests {
         assert!(req("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
             .unwrap()
             .keep_alive());
+    }
+
+    const KNOWN: [Name; 18] = [
+        Name::Authorization,
+        Name::Connection,
+        Name::ContentLength,
+        Name::ContentType,
+        Name::Expect,
+        Name::Host,
+        Name::KeepAlive,
+        Name::ProxyAuthenticate,
+        Name::ProxyAuthorization,
+        Name::ProxyConnection,
+        Name::Te,
+        Name::Trailer,
+        Name::TransferEncoding,
+        Name::Upgrade,
+        Name::XApiKey,
+        Name::XForwardedFor,
+        Name::XLlmproxyPriority,
+        Name::XRequestId,
+    ];
+
+    #[test]
+    fn every_known_name_is_recognised_in_any_case_and_nothing_else_is() {
+        for k in KNOWN {
+            let lower = k.as_str();
+            assert_eq!(Name::of(lower.as_bytes()), k);
+            assert_eq!(Name::of(lower.to_ascii_uppercase().as_bytes()), k);
+            let mixed: String = lower
+                .chars()
+                .enumerate()
+                .map(|(i, c)| {
+                    if i % 2 == 0 {
+                        c.to_ascii_uppercase()
+                    } else {
+                        c
+                    }
+                })
+                .collect();
+            assert_eq!(Name::of(mixed.as_bytes()), k, "{mixed}");
+            // Same length, one letter off (first or last): another name.
+            let mut off = lower.as_bytes().to_vec();
+            let last = off.len() - 1;
+            off[last] = if off[last] == b'z' { b'y' } else { b'z' };
+            assert_eq!(Name::of(&off), Name::Other, "{off:?}");
+            off = lower.as_bytes().to_vec();
+            off[0] = b'q';
+            assert_eq!(Name::of(&off), Name::Other, "{off:?}");
+            // A prefix or an extension is not the name.
+            assert_eq!(Name::of(&lower.as_bytes()[..last]), Name::Other);
+            assert_eq!(Name::of(format!("{lower}s").as_bytes()), Name::Other);
+        }
+        for other in [
+            "",
+            "a",
+            "accept",
+            "user-agent",
+            "x-custom",
+            "te ",
+            "hosts",
+            "cookie",
+        ] {
+            assert_eq!(Name::of(other.as_bytes()), Name::Other, "{other}");
+        }
+        let hop: Vec<&str> = KNOWN
+            .into_iter()
+            .filter(|k| k.is_hop_by_hop())
+            .map(Name::as_str)
+            .collect();
+        assert_eq!(
+            hop,
+            [
+                "connection",
+                "keep-alive",
+                "proxy-authenticate",
+                "proxy-authorization",
+                "proxy-connection",
+                "te",
+                "trailer",
+                "transfer-encoding",
+                "upgrade"
+            ]
+        );
+    }
+
+    #[test]
+    fn lookups_by_known_name_and_by_any_name_agree() {
+        let h = req(
+            "POST / HTTP/1.1\r\nHOST: a\r\nX-Custom: 1\r\nContent-Type: text/plain\r\n\
+             x-request-id: r1\r\nX-Custom: 2\r\nConnection: keep-alive, X-Custom\r\n\
+             Content-Length: 0\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(h.header("host"), Some(&b"a"[..]));
+        assert_eq!(h.get(Name::Host), Some(&b"a"[..]));
+        assert_eq!(h.header("content-TYPE"), Some(&b"text/plain"[..]));
+        assert_eq!(h.get_str(Name::XRequestId), Some("r1"));
+        assert_eq!(h.header("x-custom"), Some(&b"1"[..]));
+        assert_eq!(h.header_str("X-CUSTOM"), Some("1"));
+        assert_eq!(h.header("x-missing"), None);
+        assert_eq!(h.get(Name::Authorization), None);
+        assert_eq!(h.count(Name::Host), 1);
+        assert!(h.connection_has("x-custom"));
+        assert!(h.connection_has("keep-alive"));
+        assert!(!h.connection_has("close"));
+        let known: Vec<Name> = h.fields().map(|(k, _, _)| k).collect();
+        assert_eq!(
+            known,
+            [
+                Name::Host,
+                Name::Other,
+                Name::ContentType,
+                Name::XRequestId,
+                Name::Other,
+                Name::Connection,
+                Name::ContentLength
+            ]
+        );
+    }
+
+    #[test]
+    fn a_head_with_the_most_headers_parses_and_one_more_is_refused() {
+        let head = |n: usize| {
+            let mut s = String::from("GET / HTTP/1.1\r\n");
+            for i in 0..n {
+                s.push_str(&format!("x-h{i}: {i}\r\n"));
+            }
+            s + "\r\n"
+        };
+        let h = req(&head(MAX_HEADERS)).unwrap();
+        assert_eq!(h.header_count(), MAX_HEADERS);
+        assert_eq!(h.header_str("x-h99"), Some("99"));
+        assert!(matches!(
+            req(&head(MAX_HEADERS + 1)),
+            Err(HeadError::TooManyHeaders)
+        ));
+        let mut b = BytesMut::from(
+            format!(
+                "HTTP/1.1 200 OK\r\n{}",
+                &head(MAX_HEADERS)["GET / HTTP/1.1\r\n".len()..]
+            )
+            .as_bytes(),
+        );
+        let ParseStatus::Complete(r) = Head::parse_response(&mut b).unwrap() else {
+            panic!("partial")
+        };
+        assert_eq!(r.header_count(), MAX_HEADERS);
     }
 }

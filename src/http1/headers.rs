@@ -2,50 +2,32 @@
 //! sender named in `Connection` describe one TCP connection and are never forwarded, in either
 //! direction. Framing headers are dropped too: the proxy always re-frames the bodies it sends.
 
-use super::head::Head;
-
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authorization",
-    "proxy-authenticate",
-];
-
-/// Headers that the proxy sets itself and therefore never copies.
-const REFRAMED: &[&str] = &["content-length", "expect"];
-
-pub fn is_hop_by_hop(name: &[u8]) -> bool {
-    HOP_BY_HOP
-        .iter()
-        .any(|h| h.as_bytes().eq_ignore_ascii_case(name))
-}
+use super::head::{Head, Name};
 
 /// The headers of `head` that may be forwarded, with `skip` naming extra headers the caller
-/// rewrites itself (e.g. `host`, `x-forwarded-for`).
+/// rewrites itself (e.g. `host`, `x-forwarded-for`). Content-Length and Expect are dropped
+/// too: the proxy sets both itself.
 pub fn forwardable<'a>(
     head: &'a Head,
-    skip: &'a [&'a str],
+    skip: &'a [Name],
 ) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + 'a {
+    // Tokens naming a hop-by-hop header (`keep-alive`, the common one) are dropped anyway, and
+    // leaving them out keeps this list empty, unallocated, for most requests.
     let named: Vec<&[u8]> = head
-        .headers()
-        .filter(|(n, _)| n.eq_ignore_ascii_case(b"connection"))
-        .flat_map(|(_, v)| v.split(|b| *b == b','))
+        .fields()
+        .filter(|(n, _, _)| *n == Name::Connection)
+        .flat_map(|(_, _, v)| v.split(|b| *b == b','))
         .map(|t| t.trim_ascii())
-        .filter(|t| !t.is_empty())
+        .filter(|t| !t.is_empty() && !Name::of(t).is_hop_by_hop())
         .collect();
-    head.headers().filter(move |(name, _)| {
-        !is_hop_by_hop(name)
-            && !REFRAMED
-                .iter()
-                .any(|h| h.as_bytes().eq_ignore_ascii_case(name))
-            && !skip.iter().any(|h| h.as_bytes().eq_ignore_ascii_case(name))
-            && !named.iter().any(|t| t.eq_ignore_ascii_case(name))
-    })
+    head.fields()
+        .filter(move |(known, name, _)| {
+            !known.is_hop_by_hop()
+                && !matches!(known, Name::ContentLength | Name::Expect)
+                && !skip.contains(known)
+                && !named.iter().any(|t| t.eq_ignore_ascii_case(name))
+        })
+        .map(|(_, name, value)| (name, value))
 }
 
 #[cfg(test)]
@@ -62,7 +44,7 @@ mod tests {
         let ParseStatus::Complete(h) = Head::parse_request(&mut b).unwrap() else {
             panic!()
         };
-        let names: Vec<&[u8]> = forwardable(&h, &["host"]).map(|(n, _)| n).collect();
+        let names: Vec<&[u8]> = forwardable(&h, &[Name::Host]).map(|(n, _)| n).collect();
         assert_eq!(names, vec![&b"X-Keep"[..]]);
     }
 }

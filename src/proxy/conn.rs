@@ -25,7 +25,7 @@ use crate::capacity::ConnectionSlot;
 use crate::clock;
 use crate::config::ListenTls;
 use crate::error::ProxyError;
-use crate::http1::head::{BodyFraming, Head, HeadError, ParseStatus};
+use crate::http1::head::{BodyFraming, Head, HeadError, Name, ParseStatus};
 use crate::http1::io::take_copy;
 use crate::http1::ChunkedDecoder;
 use crate::proxy::answer::{fail, reject};
@@ -252,12 +252,7 @@ async fn read_head(
                     }
                     // RFC 9112 §3.2: a request with more than one Host is refused; two
                     // proxies could read two different hosts from it.
-                    if head
-                        .headers()
-                        .filter(|(n, _)| n.eq_ignore_ascii_case(b"host"))
-                        .count()
-                        > 1
-                    {
+                    if head.count(Name::Host) > 1 {
                         return Err(ProxyError::BadRequest("more than one Host header".into()));
                     }
                     return Ok(Some(head));
@@ -309,7 +304,7 @@ async fn read_body(worker: &Worker, d: &mut Downstream, head: &Head) -> Result<B
     }
     if framing != BodyFraming::Empty
         && head
-            .header("expect")
+            .get(Name::Expect)
             .is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue"))
         && d.buf.is_empty()
     {

@@ -15,7 +15,7 @@ use monoio::io::Canceller;
 
 use crate::alarm::{Alarm, Elapsed};
 use crate::error::{Outcome, ProxyError};
-use crate::http1::head::{BodyFraming, Head};
+use crate::http1::head::{BodyFraming, Head, Name};
 use crate::http1::headers::forwardable;
 use crate::http1::io::READ_ROOM;
 use crate::http1::{write, ChunkedDecoder};
@@ -129,7 +129,7 @@ pub(crate) fn plan_response_in(
         .map_err(|e| ProxyError::UpstreamProtocol(e.to_string()))?;
     let status = resp.status;
     let event_stream = resp
-        .header("content-type")
+        .get(Name::ContentType)
         .is_some_and(|v| v.starts_with(b"text/event-stream"));
     let mut kind = openai::response_kind(c.path, status, event_stream, c.strip, c.timings);
     if kind.holds_back() && !c.http11 {
@@ -148,13 +148,13 @@ pub(crate) fn plan_response_in(
     let close = c.close || (chunked_out && !c.http11);
 
     write::status_line(&mut head, status, resp.reason());
-    for (name, value) in forwardable(resp, &["x-request-id"]) {
+    for (name, value) in forwardable(resp, &[Name::XRequestId]) {
         write::header(&mut head, name, value);
     }
     write::header(&mut head, "x-request-id", c.request_id.as_bytes());
     match framing {
         BodyFraming::Empty if c.method == "HEAD" => {
-            if let Some(len) = resp.header("content-length") {
+            if let Some(len) = resp.get(Name::ContentLength) {
                 write::header(&mut head, "content-length", len);
             }
         }

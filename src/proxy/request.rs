@@ -12,7 +12,7 @@ use crate::backends::route::Local;
 use crate::backends::{BackendTable, Entry};
 use crate::config::{Config, Strategy};
 use crate::error::ProxyError;
-use crate::http1::head::Head;
+use crate::http1::head::{Head, Name};
 use crate::http1::headers::forwardable;
 use crate::http1::write;
 use crate::openai::tap::{Kind as UsageKind, Tap};
@@ -56,7 +56,7 @@ pub(crate) fn local_route(w: &Worker, admin: bool, head: &Head) -> Option<Local>
 
 /// The client's `x-request-id` if it is usable, else a fresh one.
 pub(crate) fn request_id(w: &Worker, head: Option<&Head>) -> String {
-    head.and_then(|h| h.header_str("x-request-id"))
+    head.and_then(|h| h.get_str(Name::XRequestId))
         .filter(|v| valid_request_id(v))
         .map(str::to_owned)
         .unwrap_or_else(|| w.next_request_id())
@@ -296,14 +296,19 @@ pub(crate) fn upstream_request(x: &Exchange<'_>, backend: &Entry, body: &[u8]) -
     write::header(&mut out, "host", backend.authority.as_bytes());
     // The proxy's own headers, plus the client's key when it must not travel upstream, plus the
     // client's Authorization when the backend gets its own credential.
-    const OWN: &[&str] = &["host", "x-forwarded-for", "x-request-id"];
-    const OWN_AUTHZ: &[&str] = &["host", "x-forwarded-for", "x-request-id", "authorization"];
-    const OWN_KEYS: &[&str] = &[
-        "host",
-        "x-forwarded-for",
-        "x-request-id",
-        "authorization",
-        "x-api-key",
+    const OWN: &[Name] = &[Name::Host, Name::XForwardedFor, Name::XRequestId];
+    const OWN_AUTHZ: &[Name] = &[
+        Name::Host,
+        Name::XForwardedFor,
+        Name::XRequestId,
+        Name::Authorization,
+    ];
+    const OWN_KEYS: &[Name] = &[
+        Name::Host,
+        Name::XForwardedFor,
+        Name::XRequestId,
+        Name::Authorization,
+        Name::XApiKey,
     ];
     let skip = match (x.strip_client_key, &backend.api_key) {
         (true, _) => OWN_KEYS,
@@ -319,7 +324,7 @@ pub(crate) fn upstream_request(x: &Exchange<'_>, backend: &Entry, body: &[u8]) -
         out.extend_from_slice(b"\r\n");
     }
     let ip = &*x.client_ip;
-    match head.header("x-forwarded-for") {
+    match head.get(Name::XForwardedFor) {
         Some(prev) if !prev.is_empty() => {
             let mut v = prev.to_vec();
             v.extend_from_slice(b", ");
