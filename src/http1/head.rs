@@ -8,6 +8,8 @@ use std::ops::Range;
 
 use bytes::Bytes;
 
+use crate::swar;
+
 /// Most heads seen in practice have < 30 headers; more than this is abuse.
 pub const MAX_HEADERS: usize = 100;
 
@@ -43,29 +45,30 @@ impl Name {
     /// The known name `name` is, compared without regard to case.
     pub fn of(name: &[u8]) -> Name {
         let first = name.first().map_or(0, u8::to_ascii_lowercase);
-        // By length, then first letter: at most one comparison of the whole name.
+        // By length and first letter: at most one comparison of the whole name, and none for
+        // most other names (Accept, Date, Server, User-Agent...).
         let candidate = match (name.len(), first) {
-            (2, _) => Name::Te,
-            (4, _) => Name::Host,
-            (6, _) => Name::Expect,
+            (2, b't') => Name::Te,
+            (4, b'h') => Name::Host,
+            (6, b'e') => Name::Expect,
             (7, b't') => Name::Trailer,
             (7, b'u') => Name::Upgrade,
-            (9, _) => Name::XApiKey,
+            (9, b'x') => Name::XApiKey,
             (10, b'c') => Name::Connection,
             (10, b'k') => Name::KeepAlive,
             (12, b'c') => Name::ContentType,
             (12, b'x') => Name::XRequestId,
-            (13, _) => Name::Authorization,
-            (14, _) => Name::ContentLength,
-            (15, _) => Name::XForwardedFor,
-            (16, _) => Name::ProxyConnection,
-            (17, _) => Name::TransferEncoding,
-            (18, _) => Name::ProxyAuthenticate,
+            (13, b'a') => Name::Authorization,
+            (14, b'c') => Name::ContentLength,
+            (15, b'x') => Name::XForwardedFor,
+            (16, b'p') => Name::ProxyConnection,
+            (17, b't') => Name::TransferEncoding,
+            (18, b'p') => Name::ProxyAuthenticate,
             (19, b'p') => Name::ProxyAuthorization,
             (19, b'x') => Name::XLlmproxyPriority,
             _ => return Name::Other,
         };
-        if candidate.as_str().as_bytes().eq_ignore_ascii_case(name) {
+        if eq_lower(name, candidate.as_str().as_bytes()) {
             candidate
         } else {
             Name::Other
@@ -112,6 +115,34 @@ impl Name {
                 | Name::ProxyAuthenticate
         )
     }
+}
+
+/// `name` in ASCII lower case is `lower` (which is lower case): eight bytes at a time from
+/// eight letters on (the last word overlapping the one before), where the byte loop of
+/// `eq_ignore_ascii_case` cost about six instructions a byte.
+fn eq_lower(name: &[u8], lower: &[u8]) -> bool {
+    let n = name.len();
+    if n != lower.len() {
+        return false;
+    }
+    if n < 8 {
+        return name
+            .iter()
+            .zip(lower)
+            .all(|(a, b)| a.to_ascii_lowercase() == *b);
+    }
+    let word_eq = |at: usize| {
+        let word = |s: &[u8]| {
+            s.get(at..at + 8)
+                .and_then(|w| <[u8; 8]>::try_from(w).ok())
+                .map(u64::from_le_bytes)
+        };
+        match (word(name), word(lower)) {
+            (Some(a), Some(b)) => a | (swar::between(a, b'A' - 1, b'Z' + 1) >> 2) == b,
+            _ => false,
+        }
+    };
+    (0..n - 8).step_by(8).all(word_eq) && word_eq(n - 8)
 }
 
 /// One header: where its name and value lie in the head's bytes, and which known name it is.
@@ -392,29 +423,40 @@ impl Head {
         let mut length: Option<u64> = None;
         let mut chunked = false;
         let mut saw_te = false;
-        for (name, _, value) in self.fields() {
-            if name == Name::ContentLength {
-                // A list ("5, 5") or repeated header must agree exactly; anything else is smuggling.
-                for part in value.split(|b| *b == b',') {
-                    let n = parse_length(part.trim_ascii())
-                        .ok_or(HeadError::Framing("invalid Content-Length"))?;
-                    if length.is_some_and(|l| l != n) {
-                        return Err(HeadError::Framing("conflicting Content-Length values"));
+        // Straight over the fields: only two names matter, and the other headers' bytes are
+        // never looked at.
+        for f in &self.headers {
+            match f.known {
+                Name::ContentLength => {
+                    // A list ("5, 5") or repeated header must agree exactly; anything else is
+                    // smuggling.
+                    for part in self.raw[f.value.clone()].split(|b| *b == b',') {
+                        let n = parse_length(part.trim_ascii())
+                            .ok_or(HeadError::Framing("invalid Content-Length"))?;
+                        if length.is_some_and(|l| l != n) {
+                            return Err(HeadError::Framing("conflicting Content-Length values"));
+                        }
+                        length = Some(n);
                     }
-                    length = Some(n);
                 }
-            } else if name == Name::TransferEncoding {
-                saw_te = true;
-                let codings: Vec<&[u8]> = value
-                    .split(|b| *b == b',')
-                    .map(|t| t.trim_ascii())
-                    .filter(|t| !t.is_empty())
-                    .collect();
-                // Only "chunked", once, is understood; anything else cannot be framed safely.
-                if chunked || codings.len() != 1 || !codings[0].eq_ignore_ascii_case(b"chunked") {
-                    return Err(HeadError::Framing("unsupported Transfer-Encoding"));
+                Name::TransferEncoding => {
+                    saw_te = true;
+                    let mut codings = self.raw[f.value.clone()]
+                        .split(|b| *b == b',')
+                        .map(|t| t.trim_ascii())
+                        .filter(|t| !t.is_empty());
+                    let only = codings.next();
+                    // Only "chunked", once, is understood; anything else cannot be framed
+                    // safely.
+                    if chunked
+                        || codings.next().is_some()
+                        || !only.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
+                    {
+                        return Err(HeadError::Framing("unsupported Transfer-Encoding"));
+                    }
+                    chunked = true;
                 }
-                chunked = true;
+                _ => {}
             }
         }
         if saw_te && length.is_some() {
@@ -671,6 +713,29 @@ mod tests {
                 "upgrade"
             ]
         );
+    }
+
+    /// Every byte value at every position of names of every length up to 19: the word-wise
+    /// comparison agrees with `eq_ignore_ascii_case`.
+    #[test]
+    fn eq_lower_agrees_with_the_byte_loop() {
+        let base = b"x-llmproxy-priority";
+        for n in 0..=base.len() {
+            let lower = &base[..n];
+            for at in 0..n {
+                for b in 0..=255u8 {
+                    let mut name = lower.to_vec();
+                    name[at] = b;
+                    assert_eq!(
+                        eq_lower(&name, lower),
+                        name.eq_ignore_ascii_case(lower),
+                        "{name:?}"
+                    );
+                }
+            }
+            assert!(eq_lower(&lower.to_ascii_uppercase(), lower));
+            assert!(!eq_lower(&base[..n.saturating_sub(1)], lower) || n == 0);
+        }
     }
 
     #[test]
