@@ -311,6 +311,11 @@ impl Head {
         self.str_at(&self.first)
     }
 
+    /// The reason phrase's bytes (`reason` without its UTF-8 check).
+    pub fn reason_bytes(&self) -> &[u8] {
+        &self.raw[self.first.clone()]
+    }
+
     pub fn raw_len(&self) -> usize {
         self.raw.len()
     }
@@ -592,6 +597,12 @@ mod tests {
         };
         assert_eq!(h.status, 200);
         assert_eq!(h.reason(), "");
+        assert_eq!(h.reason_bytes(), b"");
+        let mut b2 = BytesMut::from(&b"HTTP/1.1 404 Not Found\r\n\r\n"[..]);
+        let ParseStatus::Complete(h2) = Head::parse_response(&mut b2).unwrap() else {
+            panic!()
+        };
+        assert_eq!(h2.reason_bytes(), b"Not Found");
         assert_eq!(h.header_str("content-length"), Some("0"));
     }
 

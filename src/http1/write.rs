@@ -3,19 +3,23 @@
 
 use crate::encode::{decimal, hex};
 
-pub fn status_line(out: &mut Vec<u8>, status: u16, reason: &str) {
+/// The reason phrase is bytes: a relayed one is written as it came (httparse checked it),
+/// without a UTF-8 check per response.
+pub fn status_line(out: &mut Vec<u8>, status: u16, reason: impl AsRef<[u8]>) {
+    let reason = reason.as_ref();
     let reason = if reason.is_empty() {
         http::StatusCode::from_u16(status)
             .ok()
             .and_then(|s| s.canonical_reason())
             .unwrap_or("Unknown")
+            .as_bytes()
     } else {
         reason
     };
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(decimal(u64::from(status), &mut [0; 20]));
     out.push(b' ');
-    out.extend_from_slice(reason.as_bytes());
+    out.extend_from_slice(reason);
     out.extend_from_slice(b"\r\n");
 }
 

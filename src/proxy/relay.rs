@@ -147,7 +147,7 @@ pub(crate) fn plan_response_in(
         || (kind.holds_back() && matches!(framing, BodyFraming::Length(_)));
     let close = c.close || (chunked_out && !c.http11);
 
-    write::status_line(&mut head, status, resp.reason());
+    write::status_line(&mut head, status, resp.reason_bytes());
     for (name, value) in forwardable(resp, &[Name::XRequestId]) {
         write::header(&mut head, name, value);
     }

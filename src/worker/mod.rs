@@ -105,7 +105,8 @@ pub(crate) struct Worker {
     health_tx: Sender<HealthReport>,
     seq: Cell<u64>,
     /// The fixed start of this core's request ids: a random u64 and the core's index in hex.
-    id_prefix: [u8; 20],
+    /// `request_id_prefix`, as text once (hex digits), not checked as UTF-8 per request.
+    id_prefix: Box<str>,
     last_snapshot: Cell<Instant>,
     // `Rc<Arc<_>>` on purpose: requests clone the `Rc` (a core-local count); cloning the `Arc`
     // per request would bounce its shared count between all cores.
@@ -153,7 +154,7 @@ impl Worker {
             peers,
             health_tx,
             seq: Cell::new(0),
-            id_prefix: request_id_prefix(fastrand::u64(..), id),
+            id_prefix: String::from_utf8_lossy(&request_id_prefix(fastrand::u64(..), id)).into(),
             last_snapshot: Cell::new(Instant::now()),
             table: RefCell::new(Rc::new(table.clone())),
             config: RefCell::new(Rc::new(cfg)),
@@ -570,13 +571,15 @@ impl Worker {
     pub(crate) fn next_request_id(&self) -> String {
         let n = self.seq.get().wrapping_add(1);
         self.seq.set(n);
-        let mut id = [0u8; 36];
-        id[..20].copy_from_slice(&self.id_prefix);
         // Eight digits, more once a core has served 2^32 requests (never wraps around).
         let digits = (16 - n.leading_zeros() as usize / 4).max(8);
-        id[20..20 + digits].copy_from_slice(&crate::encode::hex16(n)[16 - digits..]);
-        let mut out = String::with_capacity(28);
-        out.push_str(std::str::from_utf8(&id[..20 + digits]).unwrap_or_default());
+        let mut out = String::with_capacity(self.id_prefix.len() + digits);
+        out.push_str(&self.id_prefix);
+        out.extend(
+            crate::encode::hex16(n)[16 - digits..]
+                .iter()
+                .map(|&d| char::from(d)),
+        );
         out
     }
 

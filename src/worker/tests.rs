@@ -18,7 +18,8 @@ fn request_ids_are_the_prefix_then_the_count_in_hex() {
     }
     let cfg = testing::config(&["http://127.0.0.1:1"]);
     let (w, _inbox, _plane) = testing::worker(testing::registry(&cfg, 2).publish(cfg.clone()));
-    let prefix = std::str::from_utf8(&w.id_prefix).unwrap().to_owned();
+    let prefix = w.id_prefix.to_string();
+    assert_eq!(prefix.len(), 20);
     assert_eq!(w.next_request_id(), format!("{prefix}00000001"));
     w.seq.set(0xffff_fffe);
     assert_eq!(w.next_request_id(), format!("{prefix}ffffffff"));
