@@ -100,20 +100,27 @@ impl Name {
         }
     }
 
-    /// Hop-by-hop (RFC 9110 §7.6.1): describes one connection, never forwarded.
+    /// How many names there are, `Other` included.
+    pub const COUNT: usize = Name::XRequestId as usize + 1;
+
+    /// This name's bit in a set of names (`u32`).
+    pub const fn bit(self) -> u32 {
+        1 << self as u32
+    }
+
+    /// The hop-by-hop names (RFC 9110 §7.6.1): they describe one connection, never forwarded.
+    pub const HOP_BY_HOP: u32 = Name::Connection.bit()
+        | Name::KeepAlive.bit()
+        | Name::ProxyConnection.bit()
+        | Name::Te.bit()
+        | Name::Trailer.bit()
+        | Name::TransferEncoding.bit()
+        | Name::Upgrade.bit()
+        | Name::ProxyAuthorization.bit()
+        | Name::ProxyAuthenticate.bit();
+
     pub fn is_hop_by_hop(self) -> bool {
-        matches!(
-            self,
-            Name::Connection
-                | Name::KeepAlive
-                | Name::ProxyConnection
-                | Name::Te
-                | Name::Trailer
-                | Name::TransferEncoding
-                | Name::Upgrade
-                | Name::ProxyAuthorization
-                | Name::ProxyAuthenticate
-        )
+        Name::HOP_BY_HOP & self.bit() != 0
     }
 }
 
@@ -153,6 +160,26 @@ struct Field {
     known: Name,
 }
 
+impl Field {
+    /// The header's line as the peer wrote it, without its line end: the name, the colon
+    /// (httparse allows nothing between the two) and from there through the value. An empty
+    /// value may lie outside the head (httparse's static ""): then the line ends at the colon.
+    fn line(&self) -> Range<usize> {
+        self.name.start..self.value.end.max(self.name.end + 1)
+    }
+}
+
+/// The headers of a head, and where the first of each known name is: lookups of known names
+/// cost one index, not a pass over the headers (a client such as OpenAI's SDK sends about 17).
+#[derive(Debug, Clone)]
+struct Fields {
+    all: Vec<Field>,
+    /// Index + 1 of the first header of each known name (0: none).
+    first: [u8; Name::COUNT],
+    /// The known names that occur more than once.
+    repeated: u32,
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum HeadError {
     #[error("malformed HTTP head: {0}")]
@@ -189,7 +216,7 @@ pub struct Head {
     pub status: u16,
     /// Minor version: 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub version: u8,
-    headers: Vec<Field>,
+    headers: Fields,
     /// Request: the method when it is a standard one (no UTF-8 check per call).
     known_method: Option<&'static str>,
     /// Request: the target, checked as UTF-8 once ("" if it is not), and where its path ends.
@@ -214,15 +241,31 @@ fn offset(base: &[u8], part: &[u8]) -> Range<usize> {
     }
 }
 
-fn fields(base: &[u8], headers: &[httparse::Header<'_>]) -> Vec<Field> {
-    headers
+fn fields(base: &[u8], headers: &[httparse::Header<'_>]) -> Fields {
+    let mut first = [0u8; Name::COUNT];
+    let mut repeated = 0;
+    let all = headers
         .iter()
-        .map(|h| Field {
-            name: offset(base, h.name.as_bytes()),
-            value: offset(base, h.value),
-            known: Name::of(h.name.as_bytes()),
+        .zip(1u8..)
+        .map(|(h, i)| {
+            let known = Name::of(h.name.as_bytes());
+            // `MAX_HEADERS` (100) keeps every index inside a u8.
+            match &mut first[known as usize] {
+                slot @ 0 => *slot = i,
+                _ => repeated |= known.bit(),
+            }
+            Field {
+                name: offset(base, h.name.as_bytes()),
+                value: offset(base, h.value),
+                known,
+            }
         })
-        .collect()
+        .collect();
+    Fields {
+        all,
+        first,
+        repeated,
+    }
 }
 
 impl Head {
@@ -327,7 +370,7 @@ impl Head {
 
     /// The headers with the known name each is (`Name::Other` for the rest).
     pub fn fields(&self) -> impl Iterator<Item = (Name, &[u8], &[u8])> {
-        self.headers.iter().map(move |f| {
+        self.headers.all.iter().map(move |f| {
             (
                 f.known,
                 &self.raw[f.name.clone()],
@@ -338,15 +381,27 @@ impl Head {
 
     /// The values of the headers called `name`, in order.
     fn values(&self, name: Name) -> impl Iterator<Item = &[u8]> {
-        self.headers
+        let fields = &self.headers.all;
+        // From the first of them, and only it when the name is not repeated.
+        let (from, most) = match usize::from(self.headers.first[name as usize]) {
+            0 => (fields.len(), 0),
+            i if self.headers.repeated & name.bit() == 0 => (i - 1, 1),
+            i => (i - 1, fields.len()),
+        };
+        fields
+            .get(from..)
+            .unwrap_or_default()
             .iter()
             .filter(move |f| f.known == name)
+            .take(most)
             .map(move |f| &self.raw[f.value.clone()])
     }
 
     /// First value of a known header.
     pub fn get(&self, name: Name) -> Option<&[u8]> {
-        self.values(name).next()
+        let i = usize::from(*self.headers.first.get(name as usize)?);
+        let f = self.headers.all.get(i.checked_sub(1)?)?;
+        self.raw.get(f.value.clone())
     }
 
     /// How many headers are called `name`.
@@ -354,8 +409,18 @@ impl Head {
         self.values(name).count()
     }
 
+    /// The lines ("Name: value", without the line end) of the headers whose names are not in
+    /// `names` (a set of `Name::bit`s), in order.
+    pub fn lines_except(&self, names: u32) -> impl Iterator<Item = &[u8]> {
+        self.headers
+            .all
+            .iter()
+            .filter(move |f| names & f.known.bit() == 0)
+            .filter_map(move |f| self.raw.get(f.line()))
+    }
+
     pub fn header_count(&self) -> usize {
-        self.headers.len()
+        self.headers.all.len()
     }
 
     /// First value of a header (case-insensitive name). Compares raw bytes: lookups happen
@@ -367,6 +432,7 @@ impl Head {
         match Name::of(name) {
             Name::Other => self
                 .headers
+                .all
                 .iter()
                 .filter(|f| f.known == Name::Other)
                 .find(|f| self.raw[f.name.clone()].eq_ignore_ascii_case(name))
@@ -430,7 +496,7 @@ impl Head {
         let mut saw_te = false;
         // Straight over the fields: only two names matter, and the other headers' bytes are
         // never looked at.
-        for f in &self.headers {
+        for f in &self.headers.all {
             match f.known {
                 Name::ContentLength => {
                     // A list ("5, 5") or repeated header must agree exactly; anything else is
@@ -769,6 +835,19 @@ mod tests {
         assert!(h.connection_has("x-custom"));
         assert!(h.connection_has("keep-alive"));
         assert!(!h.connection_has("close"));
+        // Repeated known names: every value is seen, the first is the one `get` gives.
+        let h2 = req(
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection: x-a\r\nHost: b\r\n\
+             Connection: close\r\nHost: c\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(h2.count(Name::Host), 3);
+        assert_eq!(h2.get(Name::Host), Some(&b"a"[..]));
+        assert_eq!(h2.count(Name::Connection), 2);
+        assert!(h2.connection_has("close") && h2.connection_has("x-a"));
+        assert!(!h2.keep_alive());
+        assert_eq!(h2.count(Name::Expect), 0);
+        assert_eq!(h.count(Name::ContentType), 1);
         let known: Vec<Name> = h.fields().map(|(k, _, _)| k).collect();
         assert_eq!(
             known,

@@ -30,6 +30,12 @@ pub fn header(out: &mut Vec<u8>, name: impl AsRef<[u8]>, value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// A header line kept whole from a parsed head (`Head::lines_except`): one copy.
+pub fn line(out: &mut Vec<u8>, line: &[u8]) {
+    out.extend_from_slice(line);
+    out.extend_from_slice(b"\r\n");
+}
+
 pub fn header_num(out: &mut Vec<u8>, name: &str, value: u64) {
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(b": ");

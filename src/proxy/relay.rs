@@ -148,8 +148,8 @@ pub(crate) fn plan_response_in(
     let close = c.close || (chunked_out && !c.http11);
 
     write::status_line(&mut head, status, resp.reason_bytes());
-    for (name, value) in forwardable(resp, &[Name::XRequestId]) {
-        write::header(&mut head, name, value);
+    for line in forwardable(resp, &[Name::XRequestId]) {
+        write::line(&mut head, line);
     }
     write::header(&mut head, "x-request-id", c.request_id.as_bytes());
     match framing {

@@ -315,8 +315,8 @@ pub(crate) fn upstream_request(x: &Exchange<'_>, backend: &Entry, body: &[u8]) -
         (false, Some(_)) => OWN_AUTHZ,
         (false, None) => OWN,
     };
-    for (name, value) in forwardable(head, skip) {
-        write::header(&mut out, name, value);
+    for line in forwardable(head, skip) {
+        write::line(&mut out, line);
     }
     if let Some(key) = &backend.api_key {
         out.extend_from_slice(b"authorization: Bearer ");
