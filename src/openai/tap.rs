@@ -204,6 +204,34 @@ impl Tap {
         }
     }
 
+    /// Starts over as `Tap::with_max_event(kind, max_event)` would, keeping the allocations of
+    /// its buffers (emptied): a core hands its taps from one exchange to the next
+    /// (`worker::spare::Taps`). Every other field is the fresh tap's, so nothing of the last
+    /// exchange's figures can leak into the next.
+    pub fn reset(&mut self, kind: Kind, max_event: usize) {
+        let kept = |b: &mut Vec<u8>| {
+            let mut b = std::mem::take(b);
+            b.clear();
+            b
+        };
+        let (pending, last_usage, last_timings) = (
+            kept(&mut self.pending),
+            kept(&mut self.last_usage),
+            kept(&mut self.last_timings),
+        );
+        *self = Tap {
+            pending,
+            last_usage,
+            last_timings,
+            ..Tap::with_max_event(kind, max_event)
+        };
+    }
+
+    /// Bytes the tap's kept buffers hold allocated (what keeping it for a later exchange costs).
+    pub fn kept_bytes(&self) -> usize {
+        self.pending.capacity() + self.last_usage.capacity() + self.last_timings.capacity()
+    }
+
     /// TGI reports token counts in response headers; they complete what the body says.
     pub(crate) fn set_header_counts(&mut self, prompt: Option<u64>, completion: Option<u64>) {
         self.header_prompt = prompt;
@@ -287,19 +315,24 @@ impl Tap {
                         ),
                     }
                 } else {
-                    let body = std::mem::take(&mut self.pending);
+                    let mut body = std::mem::take(&mut self.pending);
                     self.parse_json_body(&body);
+                    // Kept for the next exchange (`reset`), emptied.
+                    body.clear();
+                    self.pending = body;
                 }
             }
             Kind::OpenAiSse { .. } | Kind::TgiSse => {
                 // A final event without its blank line still counts (some servers end that way).
-                let rest = std::mem::take(&mut self.pending);
+                let mut rest = std::mem::take(&mut self.pending);
                 if !rest.is_empty() {
                     let verdict = self.on_event(&rest, None);
                     if self.holds_back() {
                         self.route(&rest, verdict, emit);
                     }
                 }
+                rest.clear();
+                self.pending = rest;
                 self.edit = None;
                 if let Some(held) = self.held.take() {
                     emit.put(&held);

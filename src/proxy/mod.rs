@@ -123,5 +123,6 @@ pub(crate) async fn handle(
         served_model: x.served_model.get(),
     };
     account(w, d, done);
+    w.taps.give(x.tap.into_inner());
     keep
 }

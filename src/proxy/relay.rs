@@ -472,7 +472,7 @@ struct Ctx<'a, 'x> {
 /// Sets up the usage tap for this response (TGI's `/generate` also reports counts in headers).
 fn start_tap(x: &Exchange<'_>, kind: UsageKind, resp: &Head, max_event: usize) {
     let mut tap = x.tap.borrow_mut();
-    **tap = Tap::with_max_event(kind, max_event);
+    tap.reset(kind, max_event);
     if kind == UsageKind::TgiJson {
         let num = |h: &str| {
             resp.header_str(h)

@@ -15,7 +15,7 @@ use crate::error::ProxyError;
 use crate::http1::head::{Head, Name};
 use crate::http1::headers::forwardable;
 use crate::http1::write;
-use crate::openai::tap::{Kind as UsageKind, Tap};
+use crate::openai::tap::Tap;
 use crate::openai::{self, RequestInfo};
 use crate::proxy::affinity;
 use crate::proxy::pick::Target;
@@ -265,7 +265,7 @@ impl<'a> Exchange<'a> {
             first_byte: Cell::new(None),
             stream: info.stream,
             model_idx: w.metrics.model_index(info.model.as_deref()),
-            tap: RefCell::new(Box::new(Tap::new(UsageKind::None))),
+            tap: RefCell::new(w.taps.take()),
             strip_client_key: w.auth.store().strip_client_key(),
         }
     }

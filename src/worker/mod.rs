@@ -94,6 +94,8 @@ pub(crate) struct Worker {
     pub(crate) pool: Pool,
     /// Client write buffers kept from one response for the next.
     pub(crate) spare: spare::Spare,
+    /// Usage taps handed from one exchange to the next.
+    pub(crate) taps: spare::Taps,
     pub(crate) metrics: LocalMetrics,
     pub(crate) usage: CoreSender,
     /// This core's access-log batch (`None` when the process logger is not ours).
@@ -144,6 +146,7 @@ impl Worker {
             decisions: LocalDecisions::new(&shared.metrics.routing),
             pool: Pool::new(0, cfg.pool.max_idle_per_backend, cfg.pool.idle_timeout),
             spare: spare::Spare::default(),
+            taps: spare::Taps::default(),
             metrics: LocalMetrics::new(shared.metrics.clone(), &cfg),
             usage: CoreSender::new(usage_tx),
             access: crate::telemetry::logging::CoreAccess::new(),

@@ -7,6 +7,8 @@
 
 use std::cell::RefCell;
 
+use crate::openai::tap::{Kind, Tap, DEFAULT_MAX_EVENT};
+
 /// Most buffers a core keeps.
 const HELD: usize = 8;
 /// Larger buffers (a long body's) are freed, not kept.
@@ -29,6 +31,41 @@ impl Spare {
         if held.len() < HELD && (1..=MAX_BYTES).contains(&buf.capacity()) {
             buf.clear();
             held.push(buf);
+        }
+    }
+}
+
+/// Most usage taps a core keeps.
+const TAPS_HELD: usize = 16;
+
+/// Usage taps a core hands from one exchange to the next, with the buffers inside them (a
+/// JSON body kept until it is parsed, an SSE event's pending bytes, the last usage's text):
+/// a fresh box and a fresh body buffer cost every request two allocations, two frees and a
+/// copy of the tap into its box. Bounded like the write buffers (`TAPS_HELD`, each tap's
+/// buffers at most `MAX_BYTES`); a tap comes back reset, so one that is taken holds nothing of
+/// its last exchange.
+// Boxes, not taps: the box itself is what an exchange holds (`Exchange::tap`), so keeping it
+// is keeping that allocation.
+#[allow(clippy::vec_box)]
+#[derive(Default)]
+pub(crate) struct Taps(RefCell<Vec<Box<Tap>>>);
+
+impl Taps {
+    /// A tap that watches nothing yet (`Kind::None`), as `Tap::new` makes one.
+    pub(crate) fn take(&self) -> Box<Tap> {
+        self.0
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| Box::new(Tap::new(Kind::None)))
+    }
+
+    /// Keeps `tap` for a later `take`, reset, unless the core holds enough or its buffers are
+    /// too large.
+    pub(crate) fn give(&self, mut tap: Box<Tap>) {
+        let mut held = self.0.borrow_mut();
+        if held.len() < TAPS_HELD && tap.kept_bytes() <= MAX_BYTES {
+            tap.reset(Kind::None, DEFAULT_MAX_EVENT);
+            held.push(tap);
         }
     }
 }
@@ -59,5 +96,36 @@ mod tests {
         }
         assert_eq!(spare.0.borrow().len(), HELD);
         assert!(spare.0.borrow().iter().all(|b| b.capacity() <= MAX_BYTES));
+    }
+
+    #[test]
+    fn taps_come_back_reset_and_bounded() {
+        let taps = Taps::default();
+        let mut tap = taps.take();
+        tap.reset(Kind::OpenAiJson, 1024);
+        let body = br#"{"usage":{"prompt_tokens":4,"completion_tokens":6,"total_tokens":10}}"#;
+        tap.feed(body, &mut |_: &[u8]| {});
+        tap.finish(&mut |_: &[u8]| {});
+        assert_eq!(tap.usage().map(|u| u.total_tokens), Some(10));
+        let at: *const Tap = &*tap;
+        let kept = tap.kept_bytes();
+        assert!(kept >= body.len());
+        taps.give(tap);
+        let again = taps.take();
+        assert!(
+            std::ptr::eq(at, &*again),
+            "the same box is handed out again"
+        );
+        assert_eq!(again.usage(), None, "nothing of the last exchange");
+        assert_eq!(again.kept_bytes(), kept, "with its buffer");
+        // A tap whose buffers grew too large is freed; at most TAPS_HELD are kept.
+        let mut big = Box::new(Tap::new(Kind::OpenAiJson));
+        big.feed(&vec![b' '; MAX_BYTES + 1], &mut |_: &[u8]| {});
+        taps.give(big);
+        assert!(taps.0.borrow().is_empty());
+        for _ in 0..TAPS_HELD + 3 {
+            taps.give(Box::new(Tap::new(Kind::None)));
+        }
+        assert_eq!(taps.0.borrow().len(), TAPS_HELD);
     }
 }

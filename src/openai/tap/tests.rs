@@ -797,3 +797,65 @@ fn an_event_reads_the_same_however_its_bytes_arrive() {
 
 /// Whole-tap checks over many shapes of timings and running usage.
 mod shapes;
+
+/// A core hands its taps from one exchange to the next (`worker::spare::Taps`): a reset tap
+/// answers every exchange exactly as a fresh one does, whatever the last one left behind (an
+/// SSE stream cut mid-event with a finish chunk held, a JSON body, nothing at all).
+#[test]
+fn a_reset_tap_answers_as_a_fresh_one() {
+    let strip = Kind::OpenAiSse {
+        strip: true,
+        running: false,
+        timings: false,
+    };
+    let observe = Kind::OpenAiSse {
+        strip: false,
+        running: false,
+        timings: false,
+    };
+    let json = br#"{"id":"x","choices":[],"usage":{"prompt_tokens":4,"completion_tokens":6,"total_tokens":10}}"#;
+    let stream = STREAM.as_bytes();
+    // (kind, body, whether the exchange ends with `finish` or is cut off)
+    let exchanges: [(Kind, &[u8], bool); 6] = [
+        (strip, &stream[..150], false),
+        (Kind::OpenAiJson, json, true),
+        (observe, stream, true),
+        (strip, stream, true),
+        (Kind::OpenAiJson, &json[..30], false),
+        (Kind::None, b"plain", true),
+    ];
+    let mut reused = Tap::new(Kind::None);
+    for round in 0..2 {
+        for (i, &(kind, body, ends)) in exchanges.iter().enumerate() {
+            let fresh = Tap::with_max_event(kind, 4096);
+            reused.reset(kind, 4096);
+            let mut results = Vec::new();
+            for mut tap in [fresh, std::mem::replace(&mut reused, Tap::new(Kind::None))] {
+                let mut out = Vec::new();
+                tap.feed(&body[..body.len() / 2], &mut |d: &[u8]| {
+                    out.extend_from_slice(d)
+                });
+                tap.feed(&body[body.len() / 2..], &mut |d: &[u8]| {
+                    out.extend_from_slice(d)
+                });
+                if ends {
+                    tap.finish(&mut |d: &[u8]| out.extend_from_slice(d));
+                }
+                results.push((
+                    out,
+                    tap.usage(),
+                    tap.events(),
+                    tap.held_bytes(),
+                    tap.oversized_events(),
+                    tap.timings_at_end_only(),
+                ));
+                reused = tap;
+            }
+            assert_eq!(results[0], results[1], "round {round}, exchange {i}");
+        }
+    }
+    // The buffers stay allocated across exchanges (what keeping the tap is for).
+    reused.reset(Kind::OpenAiJson, 4096);
+    assert!(reused.kept_bytes() > 0);
+    assert_eq!(reused.held_bytes(), 0);
+}
