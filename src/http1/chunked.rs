@@ -6,6 +6,9 @@
 const MAX_LINE: usize = 1024;
 /// Trailer section bound; trailers are read and discarded.
 const MAX_TRAILERS: usize = 8 * 1024;
+/// A size line whose end lies within this many bytes of input is parsed where it lies: the
+/// usual one ("1a3\r\n") is a few bytes, and a stream carries one per event.
+const SHORT_LINE: usize = 32;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ChunkedError {
@@ -70,6 +73,22 @@ impl ChunkedDecoder {
             match self.state {
                 State::Size | State::Trailer => {
                     let rest = &input[i..];
+                    // The common case, a whole short size line and nothing held from the last
+                    // input: found by hand (`memchr`'s set-up costs more than the line) and
+                    // parsed in place, not copied into `line` first.
+                    if self.state == State::Size && self.line.is_empty() {
+                        let short = &rest[..rest.len().min(SHORT_LINE)];
+                        if let Some(p) = short.iter().position(|b| *b == b'\n') {
+                            let size = parse_size_line(&rest[..=p])?;
+                            i += p + 1;
+                            self.state = if size == 0 {
+                                State::Trailer
+                            } else {
+                                State::Data(size)
+                            };
+                            continue;
+                        }
+                    }
                     let nl = memchr::memchr(b'\n', rest);
                     let take = nl.map_or(rest.len(), |p| p + 1);
                     let limit = if self.state == State::Size {
@@ -119,10 +138,14 @@ impl ChunkedDecoder {
                     out(&input[i..i + n]);
                     i += n;
                     let left = left - n as u64;
-                    self.state = if left == 0 {
-                        State::DataCr
-                    } else {
+                    self.state = if left > 0 {
                         State::Data(left)
+                    } else if input.get(i..i + 2) == Some(b"\r\n") {
+                        // The chunk's CRLF came with it (as it usually does): past both at once.
+                        i += 2;
+                        State::Size
+                    } else {
+                        State::DataCr
                     };
                 }
                 State::DataCr => {
@@ -199,6 +222,40 @@ mod tests {
             let (out, done, _) = decode_all(&[&body[..cut], &body[cut..]]).unwrap();
             assert_eq!(out, b"hello world", "cut at {cut}");
             assert!(done);
+        }
+    }
+
+    /// Size lines short and long (past `SHORT_LINE`, with extensions), chunks of one byte and
+    /// many: the in-place path and the general one agree at every split point.
+    #[test]
+    fn short_and_long_size_lines_at_every_split_point() {
+        let long_ext = format!("3;{}=1\r\nabc\r\n", "x".repeat(40));
+        let body = [
+            "1\r\nd\r\n",
+            "1A\r\n",
+            "abcdefghijklmnopqrstuvwxyz\r\n",
+            &long_ext,
+            "2 ;e=\"v\"\r\nde\r\n",
+            "0\r\nX-Trailer: 1\r\n\r\n",
+        ]
+        .concat();
+        let body = body.as_bytes();
+        let want = b"dabcdefghijklmnopqrstuvwxyzabcde";
+        for cut in 0..body.len() {
+            for cut2 in [cut, (cut + 7).min(body.len())] {
+                let (out, done, n) =
+                    decode_all(&[&body[..cut], &body[cut..cut2], &body[cut2..]]).unwrap();
+                assert_eq!(out, want, "cuts at {cut}, {cut2}");
+                assert!(done);
+                assert_eq!(n, body.len());
+            }
+        }
+        // A bad terminator right after a chunk's data, whole or split.
+        for input in [&b"2\r\nabXY"[..], b"2\r\nab\rY"] {
+            assert_eq!(
+                decode_all(&[input]).unwrap_err(),
+                ChunkedError::BadTerminator
+            );
         }
     }
 
