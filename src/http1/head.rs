@@ -12,6 +12,9 @@ use crate::swar;
 
 /// Most heads seen in practice have < 30 headers; more than this is abuse.
 pub const MAX_HEADERS: usize = 100;
+// `Fields::first` holds header indexes + 1 in a u8, and `fields` numbers them with a u8 range
+// (which would stop short, silently, past 255).
+const _: () = assert!(MAX_HEADERS < u8::MAX as usize);
 
 /// The header names the proxy itself reads, drops or rewrites, recognised once per head
 /// (`Name::of`, one name comparison per header at most) so that body framing, lookups and the
@@ -249,7 +252,7 @@ fn fields(base: &[u8], headers: &[httparse::Header<'_>]) -> Fields {
         .zip(1u8..)
         .map(|(h, i)| {
             let known = Name::of(h.name.as_bytes());
-            // `MAX_HEADERS` (100) keeps every index inside a u8.
+            // Every index fits a u8 (`MAX_HEADERS`, checked below at compile time).
             match &mut first[known as usize] {
                 slot @ 0 => *slot = i,
                 _ => repeated |= known.bit(),
