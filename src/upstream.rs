@@ -14,7 +14,8 @@ use rustls::ClientConnection;
 
 use crate::alarm::Alarm;
 use crate::error::ProxyError;
-use crate::http1::head::{Head, Name, ParseStatus};
+use crate::http1::head::{Head, ParseStatus};
+use crate::http1::name::Name;
 use crate::tls::io::{BackendReader, BackendWriter, Reader, Writer};
 use crate::tls::stream::{handshake, HandshakeError};
 use crate::tls::ClientTls;

@@ -6,7 +6,8 @@ use std::cell::RefCell;
 use sha2::{Digest, Sha256};
 
 use crate::encode;
-use crate::http1::head::{Head, Name};
+use crate::http1::head::Head;
+use crate::http1::name::Name;
 
 /// A short, stable, non-reversible name for an API key: `key-` + 16 hex digits of SHA-256.
 pub fn key_id(raw_key: &str) -> String {

@@ -30,7 +30,8 @@ use crate::config::OnStoreError;
 use crate::config::{ApiKey, Auth, ConfigError, KeyDigest, Priority};
 use crate::error::Exceeded;
 use crate::error::{AuthFailure, ProxyError};
-use crate::http1::head::{Head, Name};
+use crate::http1::head::Head;
+use crate::http1::name::Name;
 use crate::scheduler::Flow;
 use ratelimit::{retry_after_secs, Clock, KeyLimits, StoreState};
 

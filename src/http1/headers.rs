@@ -2,7 +2,8 @@
 //! sender named in `Connection` describe one TCP connection and are never forwarded, in either
 //! direction. Framing headers are dropped too: the proxy always re-frames the bodies it sends.
 
-use super::head::{Head, Name};
+use super::head::Head;
+use super::name::Name;
 
 /// Never copied: hop-by-hop headers, and the framing ones the proxy sets itself.
 const DROPPED: u32 = Name::HOP_BY_HOP | Name::ContentLength.bit() | Name::Expect.bit();

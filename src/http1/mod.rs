@@ -11,6 +11,7 @@ pub mod chunked;
 pub mod head;
 pub mod headers;
 pub mod io;
+pub mod name;
 pub mod write;
 
 pub use chunked::{ChunkedDecoder, ChunkedError};

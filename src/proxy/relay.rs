@@ -15,9 +15,10 @@ use monoio::io::Canceller;
 
 use crate::alarm::{Alarm, Elapsed};
 use crate::error::{Outcome, ProxyError};
-use crate::http1::head::{BodyFraming, Head, Name};
+use crate::http1::head::{BodyFraming, Head};
 use crate::http1::headers::forwardable;
 use crate::http1::io::READ_ROOM;
+use crate::http1::name::Name;
 use crate::http1::{write, ChunkedDecoder};
 use crate::openai;
 use crate::openai::tap::{Kind as UsageKind, Sink, Tap};
