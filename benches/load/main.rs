@@ -73,6 +73,7 @@ fn main() {
         rounds::self_check();
         report::self_check();
         wire::self_check();
+        workload::self_check();
         return;
     }
     let opts = match Options::parse() {

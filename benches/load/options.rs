@@ -46,6 +46,9 @@ Environment only:
   LOAD_BASE_HOOK=1  llmproxy-base runs llmproxy-hook's configuration instead of llmproxy's
   LOAD_HAPROXY      haproxy binary (default: `haproxy` on PATH or /usr/sbin/haproxy; `off` skips it)
   LOAD_W1_CONNS=64 LOAD_W2_CONNS=64 LOAD_W3_STREAMS=256 LOAD_W4_STREAMS=10000 LOAD_W5_CONNS=64
+  LOAD_CLIENT_HEADERS  `six` (default: Host, User-Agent, Accept, Authorization, Content-Type,
+                    Content-Length) or `sdk` (the seventeen the OpenAI Python SDK sends: eleven
+                    more, Accept-Encoding, Connection and the X-Stainless-* set)
   LOAD_W3_SECS      W3's shortest window, used when longer than LOAD_SECS (default 30: its TTFT
                     p99 needs the samples; 0 = LOAD_SECS)
 ";
@@ -67,6 +70,8 @@ pub(crate) struct Options {
     pub(crate) out: Option<PathBuf>,
     pub(crate) keep_tmp: bool,
     pub(crate) perf: Option<PathBuf>,
+    /// `LOAD_CLIENT_HEADERS=sdk`: requests carry the OpenAI Python SDK's headers.
+    pub(crate) sdk_headers: bool,
 }
 
 impl Options {
@@ -135,6 +140,15 @@ impl Options {
             .trim()
             .parse()
             .map_err(|_| format!("LOAD_STARTUP_RUNS: {startup:?} is not a number"))?;
+        let sdk_headers = match env("LOAD_CLIENT_HEADERS").as_deref().map(str::trim) {
+            None | Some("six") => false,
+            Some("sdk") => true,
+            Some(other) => {
+                return Err(format!(
+                    "LOAD_CLIENT_HEADERS: {other:?} must be `six` or `sdk`"
+                ))
+            }
+        };
         let rounds = match rounds.trim().parse::<usize>() {
             Ok(n) if (1..=20).contains(&n) => n,
             _ => {
@@ -158,6 +172,7 @@ impl Options {
             out,
             keep_tmp,
             perf,
+            sdk_headers,
         })
     }
 }

@@ -104,7 +104,7 @@ pub(crate) fn run_target(
     let spec = Spec {
         addr: running.addr,
         conns: wl.conns,
-        request: chat_request(running.addr, wl.stream, wl.tokens),
+        request: chat_request(running.addr, wl.stream, wl.tokens, opts.sdk_headers),
         stream: wl.stream,
         tokens: wl.tokens,
         record_gaps: wl.token_delay_ms > 0,

@@ -603,7 +603,7 @@ pub(crate) fn wait_ready(
 ) -> Result<Duration, String> {
     // The same request as W1's, answered at once whatever the workload's token delay (the
     // mock's per-request knob; proxies forward the header).
-    let w1 = chat_request(addr, false, TOKENS);
+    let w1 = chat_request(addr, false, TOKENS, false);
     let split = memmem::find(&w1, b"\r\n").unwrap_or(0) + 2;
     let mut req = w1[..split].to_vec();
     req.extend_from_slice(b"x-mock-token-delay-ms: 0\r\n");

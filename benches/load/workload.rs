@@ -167,9 +167,16 @@ pub(crate) fn chat_body(stream: bool, tokens: u32) -> String {
     )
 }
 
+/// What the OpenAI Python SDK (1.x) sends besides the six headers every request has
+/// (`LOAD_CLIENT_HEADERS=sdk`): real clients carry about three times the benchmark's headers.
+const SDK_HEADERS: &str = "Accept-Encoding: gzip, deflate\r\nConnection: keep-alive\r\n\
+    X-Stainless-Lang: python\r\nX-Stainless-Package-Version: 1.54.4\r\nX-Stainless-OS: Linux\r\n\
+    X-Stainless-Arch: x64\r\nX-Stainless-Runtime: CPython\r\nX-Stainless-Runtime-Version: 3.11.2\r\n\
+    X-Stainless-Async: false\r\nx-stainless-retry-count: 0\r\nx-stainless-read-timeout: 600\r\n";
+
 /// The request every client sends (an OpenAI SDK-like set of headers, with an API key so the
-/// proxy's key hashing runs too).
-pub(crate) fn chat_request(addr: SocketAddr, stream: bool, tokens: u32) -> Bytes {
+/// proxy's key hashing runs too; with `sdk`, the SDK's whole set).
+pub(crate) fn chat_request(addr: SocketAddr, stream: bool, tokens: u32, sdk: bool) -> Bytes {
     let body = chat_body(stream, tokens);
     let accept = if stream {
         "text/event-stream"
@@ -179,7 +186,30 @@ pub(crate) fn chat_request(addr: SocketAddr, stream: bool, tokens: u32) -> Bytes
     Bytes::from(format!(
         "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: llmproxy-load/1\r\n\
          Accept: {accept}\r\nAuthorization: Bearer sk-bench-0123456789abcdef\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
+         Content-Type: application/json\r\nContent-Length: {}\r\n{}\r\n{body}",
+        body.len(),
+        if sdk { SDK_HEADERS } else { "" }
     ))
+}
+
+/// The request the clients send, with either header set: a whole head of six or seventeen
+/// `Name: value` lines, then exactly the body its Content-Length announces.
+pub(crate) fn self_check() {
+    let addr: SocketAddr = ([127, 0, 0, 1], 8080).into();
+    for (sdk, headers) in [(false, 6), (true, 17)] {
+        for stream in [false, true] {
+            let req = chat_request(addr, stream, 16, sdk);
+            let text = String::from_utf8_lossy(&req);
+            let (head, body) = text.split_once("\r\n\r\n").unwrap_or_default();
+            let lines: Vec<&str> = head.split("\r\n").skip(1).collect();
+            assert_eq!(lines.len(), headers, "{head}");
+            assert!(lines.iter().all(|l| l.split_once(": ").is_some()), "{head}");
+            let length = lines
+                .iter()
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .and_then(|n| n.parse::<usize>().ok());
+            assert_eq!(length, Some(body.len()), "{head}");
+        }
+    }
+    eprintln!("load benchmark: workload self-check passed");
 }
