@@ -313,7 +313,7 @@ impl CoreAuth {
 }
 
 /// Lowers a request's class (`Caller::flow`).
-pub(crate) const PRIORITY_HEADER: &str = "x-llmproxy-priority";
+pub(crate) const PRIORITY_HEADER: &str = Name::XLlmproxyPriority.as_str();
 
 /// The caller of one request, as far as it is known.
 pub(crate) enum Caller {

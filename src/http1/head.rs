@@ -113,10 +113,11 @@ fn fields(base: &[u8], headers: &[httparse::Header<'_>]) -> Fields {
         .zip(1u8..)
         .map(|(h, i)| {
             let known = Name::of(h.name.as_bytes());
-            // Every index fits a u8 (`MAX_HEADERS`, checked below at compile time).
-            match &mut first[known as usize] {
-                slot @ 0 => *slot = i,
-                _ => repeated |= known.bit(),
+            // Every index fits a u8 (`MAX_HEADERS`, checked at compile time beside it).
+            match first.get_mut(known as usize) {
+                Some(slot @ 0) => *slot = i,
+                Some(_) => repeated |= known.bit(),
+                None => {}
             }
             Field {
                 name: offset(base, h.name.as_bytes()),
@@ -244,7 +245,7 @@ impl Head {
     }
 
     /// The values of the headers called `name`, in order.
-    fn values(&self, name: Name) -> impl Iterator<Item = &[u8]> {
+    pub fn values(&self, name: Name) -> impl Iterator<Item = &[u8]> {
         let fields = &self.headers.all;
         // From the first of them, and only it when the name is not repeated.
         let (from, most) = match usize::from(self.headers.first[name as usize]) {

@@ -15,9 +15,8 @@ pub fn forwardable<'a>(head: &'a Head, skip: &[Name]) -> impl Iterator<Item = &'
     // Tokens naming a hop-by-hop header (`keep-alive`, the common one) are dropped anyway, and
     // leaving them out keeps this list empty, unallocated, for most requests.
     let named: Vec<&[u8]> = head
-        .fields()
-        .filter(|(n, _, _)| *n == Name::Connection)
-        .flat_map(|(_, _, v)| v.split(|b| *b == b','))
+        .values(Name::Connection)
+        .flat_map(|v| v.split(|b| *b == b','))
         .map(|t| t.trim_ascii())
         .filter(|t| !t.is_empty() && !Name::of(t).is_hop_by_hop())
         .collect();

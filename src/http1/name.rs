@@ -69,7 +69,7 @@ impl Name {
     }
 
     /// The name in lower case ("" for `Other`).
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             Name::Other => "",
             Name::Authorization => "authorization",
@@ -172,6 +172,11 @@ mod tests {
 
     #[test]
     fn every_known_name_is_recognised_in_any_case_and_nothing_else_is() {
+        // `Name::COUNT` sizes a head's index and `bit` a u32 set: both must cover every name.
+        assert_eq!(KNOWN.len() + 1, Name::COUNT);
+        assert!(KNOWN
+            .iter()
+            .all(|k| (*k as usize) < Name::COUNT && Name::COUNT <= 32));
         for k in KNOWN {
             let lower = k.as_str();
             assert_eq!(Name::of(lower.as_bytes()), k);
