@@ -13,17 +13,38 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 fn setup(hook_extra: &str) -> (Mock, Webhook, Proxy) {
+    setup_with_flush("50ms", hook_extra)
+}
+
+fn setup_with_flush(flush_interval: &str, hook_extra: &str) -> (Mock, Webhook, Proxy) {
     let mock = Mock::start();
     let hook = Webhook::start();
     let yaml = config(
         &[mock.url()],
         &format!(
-            "usage_hook:\n  enabled: true\n  url: \"{}\"\n  flush_interval: 50ms\n{hook_extra}",
+            "usage_hook:\n  enabled: true\n  url: \"{}\"\n  flush_interval: {flush_interval}\n{hook_extra}",
             hook.url()
         ),
     );
     let proxy = Proxy::start(&yaml, &[]);
     (mock, hook, proxy)
+}
+
+/// `n` non-streaming chats, one after another, with request ids `{prefix}-0`...; their ids.
+fn chats(addr: std::net::SocketAddr, prefix: &str, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let id = format!("{prefix}-{i}");
+            let r = post_json(
+                addr,
+                "/v1/chat/completions",
+                &chat_body(false, 1),
+                &[("x-request-id", &id)],
+            );
+            assert_eq!(r.status, 200, "{id}");
+            id
+        })
+        .collect()
 }
 
 fn data_events(body: &[u8]) -> Vec<serde_json::Value> {
@@ -477,17 +498,7 @@ fn sigkill_and_restart_replays_the_spool() {
     let mut ids = Vec::new();
     {
         let proxy = Proxy::start(&yaml, &[]);
-        for i in 0..60 {
-            let id = format!("k-{i}");
-            let r = post_json(
-                proxy.addr,
-                "/v1/chat/completions",
-                &chat_body(false, 1),
-                &[("x-request-id", &id)],
-            );
-            assert_eq!(r.status, 200);
-            ids.push(id);
-        }
+        ids.extend(chats(proxy.addr, "k", 60));
         // Past the fsync interval, then SIGKILL (no graceful flush).
         std::thread::sleep(Duration::from_millis(300));
         proxy.proc.signal(libc::SIGKILL);
@@ -506,6 +517,33 @@ fn sigkill_and_restart_replays_the_spool() {
     }
 }
 
+/// Under load a POST carries `batch_max` events; what is left over waits for more events or for
+/// its own `flush_interval`, rather than going out at once as a small POST after every full one.
+#[test]
+fn full_batches_and_a_remainder_that_waits_its_flush_interval() {
+    let (_mock, hook, proxy) = setup_with_flush("1s", "  batch_max: 4\n");
+    chats(proxy.addr, "rem", 6);
+    assert_eq!(hook.wait_events(4).len(), 4);
+    std::thread::sleep(Duration::from_millis(300));
+    let posts = hook.posts();
+    assert_eq!(posts.len(), 1, "the remainder of two waits: {posts:?}");
+    assert_eq!(events_in(&posts[0]), 4, "a full batch first");
+    let all = hook.wait_events_within(6, Duration::from_secs(5));
+    assert_eq!(
+        all.len(),
+        6,
+        "the remainder is sent when its interval is up"
+    );
+    let posts = hook.posts();
+    assert_eq!(posts.len(), 2);
+    assert_eq!(events_in(&posts[1]), 2);
+}
+
+fn events_in(post: &common::webhook::Post) -> usize {
+    let v: serde_json::Value = serde_json::from_slice(&post.body).expect("batch JSON");
+    v["events"].as_array().map_or(0, Vec::len)
+}
+
 #[test]
 fn sigterm_flushes_pending_events_before_exit() {
     let mock = Mock::start();
@@ -519,16 +557,7 @@ fn sigterm_flushes_pending_events_before_exit() {
         ),
     );
     let mut proxy = Proxy::start(&yaml, &[]);
-    for i in 0..25 {
-        let id = format!("flush-{i}");
-        let r = post_json(
-            proxy.addr,
-            "/v1/chat/completions",
-            &chat_body(false, 1),
-            &[("x-request-id", &id)],
-        );
-        assert_eq!(r.status, 200);
-    }
+    chats(proxy.addr, "flush", 25);
     assert!(hook.events().is_empty(), "nothing due before shutdown");
     proxy.proc.signal(libc::SIGTERM);
     assert_eq!(proxy.proc.wait_exit(Duration::from_secs(10)), Some(0));

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
+use super::due::Waiting;
 use super::spool::{Batch, Spool, SpoolError};
 use super::Consumer;
 use crate::config::{HookFormat, Usage as UsageConfig, UsageHook};
@@ -25,10 +26,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 struct State {
     spool: Spool,
-    /// Undelivered events (an upper bound after a restart, when the count is unknown).
-    pending: usize,
-    /// When the oldest undelivered event was appended (decides when a partial batch is due).
-    oldest: Option<Instant>,
+    /// Undelivered events and when they arrived (an upper bound after a restart, when the count
+    /// is unknown).
+    waiting: Waiting,
 }
 
 struct Shared {
@@ -87,8 +87,11 @@ impl Delivery {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 spool,
-                pending: if backlog > 0 { usize::MAX / 2 } else { 0 },
-                oldest: (backlog > 0).then(Instant::now),
+                waiting: if backlog > 0 {
+                    Waiting::backlog(Instant::now())
+                } else {
+                    Waiting::default()
+                },
             }),
             wake: Condvar::new(),
             stop_intake: AtomicBool::new(false),
@@ -206,11 +209,8 @@ fn append<'a>(shared: &Shared, blocks: impl Iterator<Item = (&'a str, usize)>) {
         }
     }
     if added > 0 {
-        let before = st.pending;
-        if before == 0 {
-            st.oldest = Some(Instant::now());
-        }
-        st.pending = st.pending.saturating_add(added);
+        let before = st.waiting.count();
+        st.waiting.added(added, Instant::now());
         m.usage_events
             .with_label_values(&["spooled"])
             .inc_by(added as u64);
@@ -218,7 +218,7 @@ fn append<'a>(shared: &Shared, blocks: impl Iterator<Item = (&'a str, usize)>) {
         // A sender that is waiting has either nothing (and must learn when the first event is
         // due) or less than a batch (and wakes by itself when its oldest is due): a wake at every
         // hand-over in between would be two context switches on a core's CPU for nothing.
-        if before == 0 || (before < shared.batch_max && st.pending >= shared.batch_max) {
+        if before == 0 || (before < shared.batch_max && st.waiting.count() >= shared.batch_max) {
             shared.wake.notify_one();
         }
     }
@@ -254,15 +254,12 @@ fn sender(shared: &Shared, hook: &UsageHook) {
             let mut st = shared.lock();
             loop {
                 let stopping = shared.stopping.load(Ordering::SeqCst);
-                if st.pending > 0 && st.spool.is_empty() {
-                    st.pending = 0;
-                    st.oldest = None;
+                if st.waiting.count() > 0 && st.spool.is_empty() {
+                    st.waiting.clear();
                 }
-                let due = st.pending >= batch_max
-                    || st
-                        .oldest
-                        .is_some_and(|t| t.elapsed() >= hook.flush_interval)
-                    || (stopping && st.pending > 0);
+                let now = Instant::now();
+                let due = st.waiting.due(batch_max, hook.flush_interval, now)
+                    || (stopping && st.waiting.count() > 0);
                 if due {
                     break;
                 }
@@ -270,10 +267,8 @@ fn sender(shared: &Shared, hook: &UsageHook) {
                     return;
                 }
                 let wait = st
-                    .oldest
-                    .map_or(Duration::from_millis(200), |t| {
-                        hook.flush_interval.saturating_sub(t.elapsed())
-                    })
+                    .waiting
+                    .wait(hook.flush_interval, Duration::from_millis(200), now)
                     .max(Duration::from_millis(1));
                 st = shared
                     .wake
@@ -290,9 +285,8 @@ fn sender(shared: &Shared, hook: &UsageHook) {
                     continue;
                 }
             };
-            if batch.lines.is_empty() {
-                st.pending = 0;
-                st.oldest = None;
+            if batch.is_empty() {
+                st.waiting.clear();
                 continue;
             }
             if let Err(e) = st.spool.begin(&batch) {
@@ -310,40 +304,40 @@ fn sender(shared: &Shared, hook: &UsageHook) {
                     .observe(started.elapsed().as_secs_f64());
                 m.usage_events
                     .with_label_values(&["delivered"])
-                    .inc_by(batch.lines.len() as u64);
+                    .inc_by(batch.len() as u64);
                 finish(shared, &batch);
             }
             Sent::Rejected(status) => {
                 failures = 0;
                 let mut st = shared.lock();
-                match st.spool.dead_letter(&batch.lines) {
+                match st.spool.dead_letter(&batch) {
                     Ok(Some(path)) => log::error!(
                         "usage webhook rejected {} events with {status}; written to {}",
-                        batch.lines.len(),
+                        batch.len(),
                         path.display()
                     ),
                     Ok(None) => log::error!(
                         "usage webhook rejected {} events with {status}; dead letters: {}",
-                        batch.lines.len(),
-                        batch.lines.join(" ")
+                        batch.len(),
+                        batch.lines().collect::<Vec<_>>().join(" ")
                     ),
                     Err(e) => log::error!("usage dead-letter write failed: {e}"),
                 }
                 drop(st);
                 m.usage_events
                     .with_label_values(&["dead_lettered"])
-                    .inc_by(batch.lines.len() as u64);
+                    .inc_by(batch.len() as u64);
                 finish(shared, &batch);
             }
             Sent::Failed(why) => {
                 failures = failures.saturating_add(1);
                 m.usage_events
                     .with_label_values(&["retried"])
-                    .inc_by(batch.lines.len() as u64);
+                    .inc_by(batch.len() as u64);
                 let pause = backoff(failures, MAX_BACKOFF);
                 log::warn!(
                     "usage webhook unavailable ({why}); {} events kept, next try in {pause:?}",
-                    batch.lines.len()
+                    batch.len()
                 );
                 if shared.stopping.load(Ordering::SeqCst) {
                     return;
@@ -360,12 +354,9 @@ fn finish(shared: &Shared, batch: &Batch) {
     if let Err(e) = st.spool.commit(batch) {
         log::error!("usage spool commit failed: {e}");
     }
-    st.pending = st.pending.saturating_sub(batch.lines.len());
-    st.oldest = if st.pending > 0 {
-        Some(Instant::now() - Duration::from_secs(3600))
-    } else {
-        None
-    };
+    // What is left waits for a full batch or its own flush time, not sent at once as a
+    // partial batch (see `due`).
+    st.waiting.delivered(batch.len());
     shared
         .metrics
         .usage_spool_bytes
@@ -391,10 +382,9 @@ fn backoff(attempt: u32, cap: Duration) -> Duration {
 fn send_batch(agent: &ureq::Agent, url: &str, hook: &UsageHook, batch: &Batch) -> Sent {
     let body = match hook.format {
         HookFormat::Batch => {
-            let mut b =
-                String::with_capacity(16 + batch.lines.iter().map(|l| l.len() + 1).sum::<usize>());
+            let mut b = String::with_capacity(16 + batch.text().len());
             b.push_str("{\"events\":[");
-            for (i, l) in batch.lines.iter().enumerate() {
+            for (i, l) in batch.lines().enumerate() {
                 if i > 0 {
                     b.push(',');
                 }
@@ -403,9 +393,9 @@ fn send_batch(agent: &ureq::Agent, url: &str, hook: &UsageHook, batch: &Batch) -
             b.push_str("]}");
             b
         }
-        HookFormat::Single => batch.lines.first().cloned().unwrap_or_default(),
+        HookFormat::Single => batch.lines().next().unwrap_or_default().to_string(),
     };
-    let key = batch_key(&batch.lines);
+    let key = batch_key(batch.lines());
     let signature = hook
         .secret
         .as_ref()
@@ -463,7 +453,7 @@ pub(crate) fn sign(secret: &[u8], body: &[u8]) -> String {
 /// SHA-256 over whole events was nine tenths of this thread's instructions (about half a
 /// microsecond per event natively), and an event's id already names it. A line that does not
 /// start with its id (none is written so; the fallback keeps the key defined) is hashed whole.
-fn batch_key(lines: &[String]) -> String {
+fn batch_key<'a>(lines: impl Iterator<Item = &'a str>) -> String {
     const ID: &str = "{\"event_id\":\"";
     let mut h = Sha256::new();
     for line in lines {
@@ -471,7 +461,7 @@ fn batch_key(lines: &[String]) -> String {
         let id = line
             .strip_prefix(ID)
             .and_then(|rest| Some(&rest[..memchr::memchr(b'"', rest.as_bytes())?]))
-            .unwrap_or(line.as_str());
+            .unwrap_or(line);
         h.update(id.as_bytes());
         h.update(b"\n");
     }
@@ -479,12 +469,32 @@ fn batch_key(lines: &[String]) -> String {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for pair in bytes.chunks(8) {
+        let mut word = [0u8; 8];
+        word[..pair.len()].copy_from_slice(pair);
+        let digits = crate::encode::hex16(u64::from_be_bytes(word));
+        s.push_str(std::str::from_utf8(&digits[..pair.len() * 2]).unwrap_or_default());
+    }
+    s
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn key(lines: &[String]) -> String {
+        batch_key(lines.iter().map(String::as_str))
+    }
+
+    #[test]
+    fn hex_writes_every_byte_as_two_lowercase_digits() {
+        let bytes: Vec<u8> = (0..=255).collect();
+        for n in [0, 1, 7, 8, 9, 16, 32, 256] {
+            let want: String = bytes[..n].iter().map(|b| format!("{b:02x}")).collect();
+            assert_eq!(hex(&bytes[..n]), want);
+        }
+    }
 
     #[test]
     fn hmac_matches_rfc4231_case_2() {
@@ -500,17 +510,14 @@ mod tests {
         let line = |id: &str, n: u32| format!("{{\"event_id\":\"{id}\",\"n\":{n}}}");
         let ab = [line("a1", 1), line("b2", 2)];
         // The ids decide, not the rest of the line...
-        assert_eq!(batch_key(&ab), batch_key(&[line("a1", 7), line("b2", 8)]));
+        assert_eq!(key(&ab), key(&[line("a1", 7), line("b2", 8)]));
         // ...in order, and one id more or less is another batch.
-        assert_ne!(batch_key(&ab), batch_key(&[line("b2", 2), line("a1", 1)]));
-        assert_ne!(batch_key(&ab), batch_key(&[line("a1", 1)]));
-        assert_ne!(batch_key(&ab), batch_key(&[line("a1b2", 1)]));
+        assert_ne!(key(&ab), key(&[line("b2", 2), line("a1", 1)]));
+        assert_ne!(key(&ab), key(&[line("a1", 1)]));
+        assert_ne!(key(&ab), key(&[line("a1b2", 1)]));
         // A line without its id first is hashed whole.
-        assert_ne!(
-            batch_key(&["{\"x\":1}".into()]),
-            batch_key(&["{\"x\":2}".into()])
-        );
-        assert_eq!(batch_key(&ab).len(), 32);
+        assert_ne!(key(&["{\"x\":1}".into()]), key(&["{\"x\":2}".into()]));
+        assert_eq!(key(&ab).len(), 32);
     }
 
     #[test]

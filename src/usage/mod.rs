@@ -18,6 +18,7 @@
 //! `Deserialize`.
 
 pub mod deliver;
+mod due;
 pub(crate) mod spool;
 
 use std::cell::Cell;

@@ -20,7 +20,7 @@
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -57,8 +57,52 @@ pub(crate) struct Pos {
 /// Events read for one delivery attempt, and where the spool stands after them.
 #[derive(Debug)]
 pub(crate) struct Batch {
-    pub(crate) lines: Vec<String>,
+    /// The events' lines, each ending in a newline: one buffer, not a string per event.
+    text: String,
+    /// Where each line ends in `text` (at its newline), found once while reading: the body, the
+    /// batch key and the logs each walk the lines again.
+    ends: Vec<usize>,
     end: End,
+}
+
+impl Batch {
+    fn new(end: End) -> Batch {
+        Batch {
+            text: String::new(),
+            ends: Vec::new(),
+            end,
+        }
+    }
+
+    fn push(&mut self, line: &str) {
+        self.text.push_str(line);
+        self.ends.push(self.text.len());
+        self.text.push('\n');
+    }
+
+    /// How many events.
+    pub(crate) fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// The events' lines, in order, without their newlines.
+    pub(crate) fn lines(&self) -> impl Iterator<Item = &str> {
+        let mut at = 0;
+        self.ends.iter().filter_map(move |&end| {
+            let line = self.text.get(at..end);
+            at = end + 1;
+            line
+        })
+    }
+
+    /// The events' lines, each ending in a newline.
+    pub(crate) fn text(&self) -> &str {
+        &self.text
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -201,18 +245,13 @@ impl Spool {
     }
 
     /// Where permanently rejected events are written (disk spools only).
-    pub(crate) fn dead_letter(&mut self, lines: &[String]) -> Result<Option<PathBuf>, SpoolError> {
+    pub(crate) fn dead_letter(&mut self, batch: &Batch) -> Result<Option<PathBuf>, SpoolError> {
         match self {
             Spool::Memory(_) => Ok(None),
             Spool::Disk(d) => {
                 let path = d.dir.join("dead-letter.jsonl");
                 let mut f = OpenOptions::new().create(true).append(true).open(&path)?;
-                let mut buf = String::new();
-                for l in lines {
-                    buf.push_str(l);
-                    buf.push('\n');
-                }
-                f.write_all(buf.as_bytes())?;
+                f.write_all(batch.text().as_bytes())?;
                 f.sync_data()?;
                 Ok(Some(path))
             }
@@ -238,12 +277,12 @@ impl MemorySpool {
     }
 
     fn peek(&self, max: usize) -> Batch {
-        let lines: Vec<String> = self.lines.iter().take(max).cloned().collect();
-        let n = lines.len();
-        Batch {
-            lines,
-            end: End::Memory(n),
+        let mut batch = Batch::new(End::Memory(0));
+        for line in self.lines.iter().take(max) {
+            batch.push(line);
         }
+        batch.end = End::Memory(batch.len());
+        batch
     }
 
     fn commit(&mut self, n: usize) {
@@ -277,6 +316,10 @@ pub(crate) struct DiskSpool {
     /// The first segment this process wrote: lines from earlier ones (a previous run's, maybe torn
     /// or damaged) are checked before they are sent; this run's are whole by construction.
     own_from: u64,
+    /// The segment being delivered from, kept open between batches.
+    reader: Option<(u64, File)>,
+    /// What `peek` reads into, kept between batches.
+    read_buf: Vec<u8>,
 }
 
 /// Whether `dir` can hold the spool, without creating anything that would stay: an existing
@@ -386,6 +429,8 @@ impl DiskSpool {
             cursor,
             cursor_dirty: false,
             own_from: next,
+            reader: None,
+            read_buf: Vec::new(),
         };
         Ok(spool)
     }
@@ -494,59 +539,100 @@ impl DiskSpool {
 
     fn peek(&mut self, max: usize) -> Result<Batch, SpoolError> {
         let limit = self.replay_end;
-        let mut lines = Vec::new();
+        let mut batch = Batch::new(End::Disk(self.read));
         let mut pos = self.read;
         let writer = self.writer_seq();
-        'segments: for (seq, size) in self.segments.clone() {
-            if seq < pos.seq {
-                continue;
-            }
+        let mut buf = std::mem::take(&mut self.read_buf);
+        let segments: Vec<(u64, u64)> = self
+            .segments
+            .iter()
+            .copied()
+            .filter(|s| s.0 >= pos.seq)
+            .collect();
+        'segments: for (seq, size) in segments {
             if seq > pos.seq {
                 pos = Pos { seq, offset: 0 };
             }
             if pos.offset >= size {
                 continue;
             }
-            let mut f = File::open(seg_path(&self.dir, seq))?;
-            f.seek(SeekFrom::Start(pos.offset))?;
-            let mut reader = BufReader::with_capacity(READ_BUF, f.take(size - pos.offset));
-            let mut line = Vec::new();
-            loop {
-                if limit.is_some_and(|l| pos >= l) || (limit.is_none() && lines.len() >= max) {
-                    break 'segments;
+            let file = match self.reader.take() {
+                Some((s, f)) if s == seq => f,
+                _ => File::open(seg_path(&self.dir, seq))?,
+            };
+            // `buf[lo..hi]` holds the segment's bytes from `pos.offset` on. The buffer keeps its
+            // length between batches, so it is zeroed once, not at every read.
+            if buf.len() < READ_BUF {
+                buf.resize(READ_BUF, 0);
+            }
+            let (mut lo, mut hi) = (0, 0);
+            let result = loop {
+                if limit.is_some_and(|l| pos >= l) || (limit.is_none() && batch.len() >= max) {
+                    break Ok(true);
                 }
-                line.clear();
-                let n = read_line(&mut reader, &mut line)?;
-                if n == 0 {
-                    break;
-                }
-                if line.last() != Some(&b'\n') {
-                    // A line torn by a crash (only possible in an old segment): skip the rest.
-                    if seq != writer {
-                        log::warn!("usage spool: skipping a torn line in segment {seq}");
-                        pos.offset = size;
+                let Some(nl) = memchr::memchr(b'\n', &buf[lo..hi]) else {
+                    let have = pos.offset + (hi - lo) as u64;
+                    if have >= size {
+                        // What is left has no newline: a line torn by a crash (only possible in
+                        // an old segment; skip the rest) or one being written (wait for it).
+                        if lo < hi && seq != writer {
+                            log::warn!("usage spool: skipping a torn line in segment {seq}");
+                            pos.offset = size;
+                        }
+                        break Ok(false);
                     }
-                    break;
-                }
-                pos.offset += n as u64;
+                    // The start of a line moves to the front; a line longer than the buffer
+                    // doubles it.
+                    buf.copy_within(lo..hi, 0);
+                    hi -= lo;
+                    lo = 0;
+                    if hi == buf.len() {
+                        buf.resize(buf.len() * 2, 0);
+                    }
+                    let room = &mut buf[hi..];
+                    let want =
+                        usize::try_from(size - have).map_or(room.len(), |n| n.min(room.len()));
+                    match read_at(&file, &mut room[..want], have) {
+                        Ok(0) => break Ok(false),
+                        Ok(n) => {
+                            hi += n;
+                            batch.text.reserve(n);
+                            continue;
+                        }
+                        Err(e) => break Err(e),
+                    }
+                };
+                let line = &buf[lo..lo + nl];
+                lo += nl + 1;
+                pos.offset += nl as u64 + 1;
                 // Bytes that are not UTF-8 can only be damage in an earlier run's segment (this
                 // run writes `str`s): skipped like any unreadable line, not an error that would
                 // stop delivery at that line for good.
-                match std::str::from_utf8(&line).map(str::trim_end) {
+                match std::str::from_utf8(line).map(str::trim_end) {
                     Ok(text)
                         if seq >= self.own_from
                             || serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() =>
                     {
-                        lines.push(text.to_owned());
+                        batch.push(text)
                     }
                     _ => log::warn!("usage spool: skipping an unreadable line in segment {seq}"),
                 }
+            };
+            self.reader = Some((seq, file));
+            match result {
+                Ok(true) => break 'segments,
+                Ok(false) => {}
+                Err(e) => {
+                    self.read_buf = buf;
+                    return Err(e.into());
+                }
             }
         }
-        Ok(Batch {
-            lines,
-            end: End::Disk(pos),
-        })
+        if buf.len() <= KEEP_BUF {
+            self.read_buf = buf;
+        }
+        batch.end = End::Disk(pos);
+        Ok(batch)
     }
 
     fn commit(&mut self, end: Pos) -> Result<(), SpoolError> {
@@ -566,6 +652,10 @@ impl DiskSpool {
             if self.cursor_dirty {
                 self.cursor.sync_data()?;
                 self.cursor_dirty = false;
+            }
+            if self.reader.as_ref().is_some_and(|r| r.0 == seq) {
+                // An open descriptor would keep the deleted file's blocks.
+                self.reader = None;
             }
             let _ = fs::remove_file(seg_path(&self.dir, seq));
             self.segments.pop_front();
@@ -616,32 +706,17 @@ fn read_cursor(dir: &Path) -> Result<(Option<Pos>, Option<Pos>), SpoolError> {
     Ok((pos(0), pos(2)))
 }
 
-/// A batch of 100 events is about 40 KB: read in one or two `read`s, not five of `BufReader`'s
-/// default 8 KiB.
+/// A batch of 100 events is about 40 KB: read in one `pread`, not five of `BufReader`'s default
+/// 8 KiB (nor an open, a seek and a close per batch: the segment being read stays open).
 const READ_BUF: usize = 64 << 10;
 
-/// Appends the next line of `r` to `line`, newline included (none at the end of the input), and
-/// returns its length. `BufRead::read_until` would do, but it searches with `core`'s generic
-/// `memchr`, the sender's largest cost after the batch key under callgrind; the `memchr` crate
-/// searches with SIMD.
-fn read_line(r: &mut impl BufRead, line: &mut Vec<u8>) -> std::io::Result<usize> {
-    let start = line.len();
+fn read_at(file: &File, buf: &mut [u8], at: u64) -> std::io::Result<usize> {
     loop {
-        let buf = r.fill_buf()?;
-        if buf.is_empty() {
-            break;
-        }
-        let (take, done) = match memchr::memchr(b'\n', buf) {
-            Some(i) => (i + 1, true),
-            None => (buf.len(), false),
-        };
-        line.extend_from_slice(&buf[..take]);
-        r.consume(take);
-        if done {
-            break;
+        match file.read_at(buf, at) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => return other,
         }
     }
-    Ok(line.len() - start)
 }
 
 fn sync_dir(dir: &Path) {
@@ -649,8 +724,6 @@ fn sync_dir(dir: &Path) {
         let _ = d.sync_all();
     }
 }
-
-use std::io::Read as _;
 
 #[cfg(test)]
 mod tests;

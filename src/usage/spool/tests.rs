@@ -6,6 +6,11 @@ fn dir(tag: &str) -> PathBuf {
     d
 }
 
+fn lines(b: &Batch) -> Vec<String> {
+    assert_eq!(b.lines().count(), b.len());
+    b.lines().map(str::to_string).collect()
+}
+
 fn line(n: usize) -> String {
     format!("{{\"event_id\":\"e{n}\"}}")
 }
@@ -21,9 +26,9 @@ fn memory_spool_bounds_and_commits() {
         Err(SpoolError::Full(_))
     ));
     let b = s.peek(2).unwrap();
-    assert_eq!(b.lines, vec![line(0), line(1)]);
+    assert_eq!(lines(&b), vec![line(0), line(1)]);
     s.commit(&b).unwrap();
-    assert_eq!(s.peek(10).unwrap().lines, vec![line(2)]);
+    assert_eq!(lines(&s.peek(10).unwrap()), vec![line(2)]);
 }
 
 #[test]
@@ -36,7 +41,7 @@ fn disk_spool_survives_reopen_and_resends_the_inflight_batch_whole() {
     let b = s.peek(2).unwrap();
     s.commit(&b).unwrap();
     let inflight = s.peek(2).unwrap();
-    assert_eq!(inflight.lines, vec![line(2), line(3)]);
+    assert_eq!(lines(&inflight), vec![line(2), line(3)]);
     s.begin(&inflight).unwrap();
     s.sync().unwrap();
     drop(s); // "crash" with a batch in flight
@@ -44,10 +49,10 @@ fn disk_spool_survives_reopen_and_resends_the_inflight_batch_whole() {
     s.append(&line(5)).unwrap();
     // The first batch after the restart is exactly the one that was in flight.
     let again = s.peek(10).unwrap();
-    assert_eq!(again.lines, vec![line(2), line(3)]);
+    assert_eq!(lines(&again), vec![line(2), line(3)]);
     s.commit(&again).unwrap();
     let rest = s.peek(10).unwrap();
-    assert_eq!(rest.lines, vec![line(4), line(5)]);
+    assert_eq!(lines(&rest), vec![line(4), line(5)]);
     s.commit(&rest).unwrap();
     assert!(s.is_empty());
     // Delivered segments are gone; only the one being written remains.
@@ -80,7 +85,7 @@ fn the_cursor_is_one_fixed_record_and_an_older_cursor_file_is_read_then_overwrit
     let mut s = Spool::open_disk(&d, 1 << 20, Duration::from_secs(1)).unwrap();
     assert!(!d.join("cursor.tmp").exists());
     let b = s.peek(10).unwrap();
-    assert_eq!(b.lines, vec![line(2)]);
+    assert_eq!(lines(&b), vec![line(2)]);
     s.begin(&b).unwrap();
     let record = fs::read(d.join("cursor")).unwrap();
     assert_eq!(record.len(), CURSOR_LEN);
@@ -103,7 +108,7 @@ fn the_cursor_is_one_fixed_record_and_an_older_cursor_file_is_read_then_overwrit
     drop(s);
     let mut s = Spool::open_disk(&d, 1 << 20, Duration::from_secs(1)).unwrap();
     assert!(s.is_empty());
-    assert!(s.peek(10).unwrap().lines.is_empty());
+    assert!(lines(&s.peek(10).unwrap()).is_empty());
     let _ = fs::remove_dir_all(&d);
 }
 
@@ -121,7 +126,7 @@ fn a_damaged_line_of_an_earlier_run_is_skipped_and_this_runs_lines_go_out_as_wri
     let (added, refused) = s.append_all(std::iter::once((block.as_str(), 2)));
     assert_eq!((added, refused.len()), (2, 0));
     let b = s.peek(10).unwrap();
-    assert_eq!(b.lines, vec![line(0), line(1), line(2), line(3)]);
+    assert_eq!(lines(&b), vec![line(0), line(1), line(2), line(3)]);
     let _ = fs::remove_dir_all(&d);
 }
 
@@ -138,9 +143,9 @@ fn a_line_that_is_not_utf8_is_skipped_and_delivery_goes_on() {
     let mut s = Spool::open_disk(&d, 1 << 20, Duration::from_secs(1)).unwrap();
     s.append(&line(2)).unwrap();
     let b = s.peek(10).unwrap();
-    assert_eq!(b.lines, vec![line(0), line(1), line(2)]);
+    assert_eq!(lines(&b), vec![line(0), line(1), line(2)]);
     s.commit(&b).unwrap();
-    assert!(s.peek(10).unwrap().lines.is_empty());
+    assert!(lines(&s.peek(10).unwrap()).is_empty());
     let _ = fs::remove_dir_all(&d);
 }
 
@@ -163,10 +168,10 @@ fn lines_longer_than_the_read_buffer_come_back_whole() {
     let mut got = Vec::new();
     loop {
         let b = s.peek(7).unwrap();
-        if b.lines.is_empty() {
+        if lines(&b).is_empty() {
             break;
         }
-        got.extend(b.lines.iter().cloned());
+        got.extend(lines(&b));
         s.commit(&b).unwrap();
     }
     assert_eq!(got, all);
@@ -186,7 +191,7 @@ fn append_all_keeps_what_fits_and_names_what_it_refused() {
     assert_eq!(refused[0].0, line(2));
     assert!(matches!(refused[0].1, SpoolError::Full(_)));
     assert_eq!(s.pending_bytes(), 2 * one);
-    assert_eq!(s.peek(10).unwrap().lines, vec![line(0), line(1)]);
+    assert_eq!(lines(&s.peek(10).unwrap()), vec![line(0), line(1)]);
     let _ = fs::remove_dir_all(&d);
 }
 
@@ -209,7 +214,7 @@ fn disk_spool_skips_torn_lines_and_respects_its_bound() {
     let mut s = Spool::open_disk(&d, 200, Duration::from_secs(1)).unwrap();
     s.append(&line(1)).unwrap();
     let b = s.peek(10).unwrap();
-    assert_eq!(b.lines, vec![line(0), line(1)]);
+    assert_eq!(lines(&b), vec![line(0), line(1)]);
     s.commit(&b).unwrap();
     for n in 0..20 {
         if s.append(&line(n)).is_err() {
@@ -243,6 +248,49 @@ fn a_failed_write_hands_every_buffered_line_back_as_lost_and_the_spool_stays_con
         .all(|(_, e)| matches!(e, SpoolError::Lost(_))));
     // Nothing half-counted: the bound and the next batch see only what was written.
     assert_eq!(s.pending_bytes(), before);
-    assert_eq!(s.peek(10).unwrap().lines, vec![line(0)]);
+    assert_eq!(lines(&s.peek(10).unwrap()), vec![line(0)]);
+    let _ = fs::remove_dir_all(&d);
+}
+
+/// The segment being read stays open between batches, sees what is appended to it later, and is
+/// closed before it is deleted (an open descriptor would keep its blocks).
+#[test]
+fn the_open_segment_follows_appends_and_rotation() {
+    let d = dir("reader");
+    let mut s = Spool::open_disk(&d, 1 << 20, Duration::from_secs(1)).unwrap();
+    for n in 0..3 {
+        s.append(&line(n)).unwrap();
+    }
+    let b = s.peek(2).unwrap();
+    assert_eq!(lines(&b), vec![line(0), line(1)]);
+    s.commit(&b).unwrap();
+    s.append(&line(3)).unwrap();
+    let b = s.peek(10).unwrap();
+    assert_eq!(
+        lines(&b),
+        vec![line(2), line(3)],
+        "read through the kept descriptor"
+    );
+    let Spool::Disk(disk) = &mut s else {
+        panic!("a disk spool")
+    };
+    let first = disk.writer_seq();
+    assert_eq!(disk.reader.as_ref().map(|r| r.0), Some(first));
+    disk.rotate().unwrap();
+    s.append(&line(4)).unwrap();
+    // The batch read before the rotation is committed; the next spans into the new segment.
+    s.commit(&b).unwrap();
+    let b = s.peek(10).unwrap();
+    assert_eq!(lines(&b), vec![line(4)]);
+    s.commit(&b).unwrap();
+    let Spool::Disk(disk) = &s else {
+        panic!("a disk spool")
+    };
+    assert!(
+        !seg_path(&d, first).exists(),
+        "the delivered segment is deleted"
+    );
+    assert_ne!(disk.reader.as_ref().map(|r| r.0), Some(first));
+    assert!(s.peek(10).unwrap().is_empty());
     let _ = fs::remove_dir_all(&d);
 }
