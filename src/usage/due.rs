@@ -5,7 +5,7 @@
 //! arrival times of what is left, so events are remembered in the groups the intake appended
 //! them in (one per hand-over, a few hundred a second under load). Before, what was left after a
 //! POST was sent at once as a partial batch, since its age was unknown: under steady load every
-//! full batch was followed by a small one (75 events a POST on average instead of 100, measured
+//! full batch was followed by a small one (69–75 events a POST on average instead of 100, measured
 //! with the load benchmark's webhook), and each POST costs the sender two sleeps and wakes on a
 //! core's CPU whatever its size.
 //!
