@@ -480,14 +480,15 @@ fn permanent_rejections_are_dead_lettered_and_delivery_continues() {
     assert_eq!(ev[0]["request_id"], "live-1");
 }
 
-#[test]
-fn sigkill_and_restart_replays_the_spool() {
+/// A proxy's configuration with a disk spool (synced every 10 ms) and a webhook on a port
+/// nothing listens on yet (`Webhook::start_on` it later), for tests that kill and restart.
+fn killable(tag: &str) -> (Mock, std::net::SocketAddr, TempDir, String) {
     let mock = Mock::start();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap();
-    let dir = temp_dir("kill");
+    let dir = temp_dir(tag);
     let yaml = config(
         &[mock.url()],
         &format!(
@@ -495,6 +496,12 @@ fn sigkill_and_restart_replays_the_spool() {
             dir.display()
         ),
     );
+    (mock, port, dir, yaml)
+}
+
+#[test]
+fn sigkill_and_restart_replays_the_spool() {
+    let (_mock, port, _dir, yaml) = killable("kill");
     let mut ids = Vec::new();
     {
         let proxy = Proxy::start(&yaml, &[]);
@@ -515,6 +522,57 @@ fn sigkill_and_restart_replays_the_spool() {
     for id in &ids {
         assert!(got.contains(id), "event for {id} lost");
     }
+}
+
+/// A batch in flight when the proxy was killed is re-sent whole after a restart, read up to its
+/// recorded end. When every line of it was damaged on disk meanwhile, delivery steps past them
+/// (each skipped with a warning) and goes on with the events after it; before, every later read
+/// stopped at the same damaged range and nothing was delivered again.
+#[test]
+fn a_replayed_batch_that_is_all_damage_is_stepped_over() {
+    let (_mock, port, dir, yaml) = killable("damaged");
+    {
+        // Nothing listens on `port`: the batch is begun (the cursor records its end) and fails.
+        let mut proxy = Proxy::start(&yaml, &[]);
+        chats(proxy.addr, "lost", 3);
+        std::thread::sleep(Duration::from_millis(400));
+        proxy.proc.signal(libc::SIGKILL);
+        proxy.proc.wait_exit(Duration::from_secs(5));
+    }
+    // Every byte of the first run's segment but its newlines made not UTF-8.
+    let segments: Vec<_> = std::fs::read_dir(&*dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("seg-"))
+        })
+        .collect();
+    assert_eq!(segments.len(), 1, "{segments:?}");
+    let bytes = std::fs::read(&segments[0]).unwrap();
+    assert_eq!(bytes.iter().filter(|b| **b == b'\n').count(), 3);
+    let damaged: Vec<u8> = bytes
+        .iter()
+        .map(|&b| if b == b'\n' { b } else { 0xff })
+        .collect();
+    std::fs::write(&segments[0], damaged).unwrap();
+    let hook = Webhook::start_on(port);
+    let proxy = Proxy::start(&yaml, &[]);
+    let ids = chats(proxy.addr, "after", 2);
+    let got = hook.wait_events_within(2, Duration::from_secs(5));
+    let got: HashSet<&str> = got
+        .iter()
+        .filter_map(|e| e["request_id"].as_str())
+        .collect();
+    for id in &ids {
+        assert!(
+            got.contains(id.as_str()),
+            "event for {id} not delivered: {got:?}"
+        );
+    }
+    proxy
+        .proc
+        .wait_for_line("skipping an unreadable line", Duration::from_secs(1));
 }
 
 /// Under load a POST carries `batch_max` events; what is left over waits for more events or for

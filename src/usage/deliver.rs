@@ -286,7 +286,16 @@ fn sender(shared: &Shared, hook: &UsageHook) {
                 }
             };
             if batch.is_empty() {
-                st.waiting.clear();
+                if st.spool.moves_on(&batch) {
+                    // Only unreadable lines (skipped with a warning): step past them. Left in
+                    // place, every later read would stop at them again when they are a
+                    // replayed batch's (read up to its recorded end, whatever it holds).
+                    if let Err(e) = st.spool.commit(&batch) {
+                        log::error!("usage spool commit failed: {e}");
+                    }
+                } else {
+                    st.waiting.clear();
+                }
                 continue;
             }
             if let Err(e) = st.spool.begin(&batch) {

@@ -193,6 +193,16 @@ impl Spool {
         }
     }
 
+    /// Whether committing `batch` moves delivery on. An empty batch can: past lines of an earlier
+    /// run's segment that were unreadable and skipped.
+    pub(crate) fn moves_on(&self, batch: &Batch) -> bool {
+        match (self, batch.end) {
+            (Spool::Disk(d), End::Disk(end)) => end > d.read,
+            (Spool::Memory(_), End::Memory(n)) => n > 0,
+            _ => false,
+        }
+    }
+
     /// Records that a batch is being sent (disk: persisted, so a restart re-sends it whole).
     pub(crate) fn begin(&mut self, batch: &Batch) -> Result<(), SpoolError> {
         match (self, batch.end) {
