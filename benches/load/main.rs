@@ -70,6 +70,7 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         hook::self_check();
         http::self_check();
+        measure::self_check();
         rounds::self_check();
         report::self_check();
         wire::self_check();

@@ -12,7 +12,7 @@ use memchr::memmem;
 use crate::client::{spawn_load, Spec, FAILURE_KINDS};
 use crate::hook;
 use crate::http::get;
-use crate::measure::{clk_tck, percentiles, start_perf, usage, Sample, Usage};
+use crate::measure::{clk_tck, percentiles, start_perf, usage, Sample, Usage, THREAD_GROUPS};
 use crate::options::Options;
 use crate::process::sleep_until;
 use crate::targets::{start_target, Ctx, Mock, TargetKind};
@@ -243,6 +243,18 @@ pub(crate) fn run_target(
     }
     if let Some(w) = &r.wire {
         notes.push(w.note());
+    }
+    // Where llmproxy's CPU went, by thread (C proxies' threads are not named so: skipped).
+    let threads: Vec<f64> = (0..THREAD_GROUPS.len())
+        .map(|g| s1.proxy_threads[g].saturating_sub(s0.proxy_threads[g]) as f64 / tick)
+        .collect();
+    if r.ok > 0 && threads[..3].iter().any(|&c| c > 0.0) {
+        let per: Vec<String> = THREAD_GROUPS
+            .iter()
+            .zip(&threads)
+            .map(|(name, secs)| format!("{name} {:.2}", secs * 1e6 / r.ok as f64))
+            .collect();
+        notes.push(format!("CPU µs/req by thread: {}", per.join(", ")));
     }
     if let Some((proxy, load)) = r.switches {
         if running.pids.is_empty() {
