@@ -11,7 +11,7 @@ use crate::openai::{self, RequestInfo};
 use crate::proxy::downstream::Downstream;
 use crate::proxy::request::Request;
 use crate::telemetry::logging::{access_key, AccessFields, ACCESS};
-use crate::usage::{Text, UsageRecord};
+use crate::usage::{self, Text, UsageRecord};
 use crate::worker::Worker;
 
 /// Everything known about a request once it is over.
@@ -116,7 +116,8 @@ pub(crate) fn account(w: &Worker, d: &Downstream, f: Done<'_>) {
             });
         }
     }
-    if !metered || !req.caller.billable() {
+    // No webhook and no usage log: an event would have no reader, and none is written.
+    if !metered || !req.caller.billable() || !usage::has_reader(&cfg.usage_hook, &cfg.usage) {
         return;
     }
     let identity = &cfg.usage.identity;

@@ -74,6 +74,13 @@ pub struct UsageEvent {
     pub priority: Option<&'static str>,
 }
 
+/// Whether usage events have a reader: the webhook, or the usage log. Without either a core
+/// writes none (the token counts still reach the metrics and the access line); both settings
+/// are read at startup only (a reload keeps them), so a core can ask its configuration.
+pub(crate) fn has_reader(hook: &crate::config::UsageHook, usage: &crate::config::Usage) -> bool {
+    hook.enabled || usage.log
+}
+
 /// A random 128-bit id, hex encoded: the idempotency key of one event.
 pub fn new_event_id() -> String {
     let mut s = String::with_capacity(32);
@@ -285,6 +292,19 @@ impl CoreSender {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_have_a_reader_with_the_webhook_or_the_usage_log() {
+        let (mut hook_cfg, mut usage_cfg) = (
+            crate::config::UsageHook::default(),
+            crate::config::Usage::default(),
+        );
+        for (hook, log) in [(false, false), (true, false), (false, true), (true, true)] {
+            hook_cfg.enabled = hook;
+            usage_cfg.log = log;
+            assert_eq!(has_reader(&hook_cfg, &usage_cfg), hook || log);
+        }
+    }
 
     fn ev(n: u64) -> UsageEvent {
         UsageEvent {
