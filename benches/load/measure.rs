@@ -23,12 +23,18 @@ pub(crate) fn clk_tck() -> f64 {
 /// [12] = stime (clock ticks, all threads of the process).
 pub(crate) fn proc_stat_fields(pid: i32) -> Option<Vec<u64>> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &text[text.rfind(')')? + 1..];
-    Some(
-        rest.split_whitespace()
-            .map(|f| f.parse::<u64>().unwrap_or(0))
-            .collect(),
-    )
+    stat_fields(&text).map(|(_, fields)| fields)
+}
+
+/// A `stat` file's command name (between the parentheses) and the numbers after it.
+fn stat_fields(text: &str) -> Option<(&str, Vec<u64>)> {
+    let (open, close) = (text.find('(')?, text.rfind(')')?);
+    let fields = text
+        .get(close + 1..)?
+        .split_whitespace()
+        .map(|f| f.parse::<u64>().unwrap_or(0))
+        .collect();
+    Some((text.get(open + 1..close)?, fields))
 }
 
 pub(crate) fn cpu_secs(pid: i32) -> f64 {
@@ -145,15 +151,10 @@ pub(crate) fn thread_ticks(pid: i32) -> [u64; 4] {
         let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
             continue;
         };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let fields: Vec<u64> = stat[close + 1..]
-            .split_whitespace()
-            .map(|f| f.parse().unwrap_or(0))
-            .collect();
-        if let (Some(u), Some(s)) = (fields.get(11), fields.get(12)) {
-            sum[thread_group(&stat[open + 1..close])] += u + s;
+        if let Some((comm, fields)) = stat_fields(&stat) {
+            if let (Some(u), Some(s)) = (fields.get(11), fields.get(12)) {
+                sum[thread_group(comm)] += u + s;
+            }
         }
     }
     sum

@@ -479,11 +479,12 @@ fn batch_key<'a>(lines: impl Iterator<Item = &'a str>) -> String {
 
 fn hex(bytes: &[u8]) -> String {
     let mut s = String::with_capacity(bytes.len() * 2);
-    for pair in bytes.chunks(8) {
-        let mut word = [0u8; 8];
-        word[..pair.len()].copy_from_slice(pair);
-        let digits = crate::encode::hex16(u64::from_be_bytes(word));
-        s.push_str(std::str::from_utf8(&digits[..pair.len() * 2]).unwrap_or_default());
+    for chunk in bytes.chunks(16) {
+        let mut word = [0u8; 16];
+        word[..chunk.len()].copy_from_slice(chunk);
+        // `push_hex` writes the last digits of a number: shift a short chunk down to them.
+        let v = u128::from_be_bytes(word) >> (8 * (16 - chunk.len()));
+        crate::encode::push_hex(&mut s, v, chunk.len() * 2);
     }
     s
 }
