@@ -165,6 +165,26 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
+/// The client closes its connection mid-stream: the backend sees its connection dropped within
+/// 100 ms, and the proxy releases the request's in-flight count.
+fn vanish(c: Client, mock: &Mock, proxy: &Proxy) {
+    let closed_at = now_ms();
+    drop(c);
+    assert!(
+        eventually(Duration::from_secs(2), || mock.stat("disconnects") == 1),
+        "backend never saw the disconnect"
+    );
+    let seen = mock.stat("last_disconnect_unix_ms");
+    assert!(
+        seen >= closed_at && seen - closed_at <= 100,
+        "took {} ms",
+        seen.saturating_sub(closed_at)
+    );
+    assert!(eventually(Duration::from_secs(2), || {
+        get(proxy.addr, "/health").json()["backends"][0]["inflight"] == 0
+    }));
+}
+
 #[test]
 fn client_disconnect_mid_stream_is_seen_by_the_backend_within_100ms() {
     for env in DRIVERS {
@@ -176,22 +196,31 @@ fn client_disconnect_mid_stream_is_seen_by_the_backend_within_100ms() {
         let n = c.stream.read(&mut buf).unwrap();
         assert!(n > 0);
         assert!(eventually(Duration::from_secs(2), || mock.stat("active") == 1));
-        let closed_at = now_ms();
-        drop(c);
-        assert!(
-            eventually(Duration::from_secs(2), || mock.stat("disconnects") == 1),
-            "backend never saw the disconnect"
-        );
-        let seen = mock.stat("last_disconnect_unix_ms");
-        assert!(
-            seen >= closed_at && seen - closed_at <= 100,
-            "took {} ms",
-            seen.saturating_sub(closed_at)
-        );
-        // And the proxy released its in-flight count.
-        assert!(eventually(Duration::from_secs(2), || {
-            get(proxy.addr, "/health").json()["backends"][0]["inflight"] == 0
-        }));
+        vanish(c, &mock, &proxy);
+    }
+}
+
+/// Tokens written less than the client watch's start apart (`relay::WATCH_AFTER`, 5 ms): the
+/// proxy does not watch the client socket while it writes to it, so the next write is what finds
+/// the client gone, and the backend hears of it as soon.
+#[test]
+fn client_disconnect_mid_fast_stream_is_seen_by_the_backend_within_100ms() {
+    for env in DRIVERS {
+        let (mock, proxy) = start(&["--token-delay-ms", "2"], "", env);
+        let mut c = Client::connect(proxy.addr);
+        c.send(post_raw("/v1/chat/completions", &chat_body(true, 5000), &[], false).as_bytes());
+        // Take events for a while (the stream is well past its first milliseconds), then vanish.
+        let mut buf = [0u8; 4096];
+        let mut events = 0;
+        let reading = Instant::now();
+        while reading.elapsed() < Duration::from_millis(100) {
+            let n = c.stream.read(&mut buf).unwrap();
+            assert!(n > 0, "the stream ended early");
+            events += buf[..n].windows(5).filter(|w| w == b"data:").count();
+        }
+        assert!(events >= 10, "only {events} events in 100 ms");
+        assert_eq!(mock.stat("active"), 1);
+        vanish(c, &mock, &proxy);
     }
 }
 

@@ -249,30 +249,39 @@ pub(crate) fn percentiles(samples: &mut [u32]) -> [Option<f64>; 3] {
 }
 
 /// `perf record` of the proxy's processes for the measurement window (perf itself on CPU 1).
-pub(crate) fn start_perf(dir: &Path, tag: &str, pids: &[i32], secs: f64) -> Option<Proc> {
+/// The kernel's count of what a proxy asks of it, for `--perf-stat`: ring operations submitted
+/// and completed, polls armed for operations that found their socket not ready, the deferred
+/// task work that completes them, and system calls (`io_uring_enter` among them).
+const STAT_EVENTS: &str = "io_uring:io_uring_submit_req,io_uring:io_uring_complete,\
+io_uring:io_uring_poll_arm,io_uring:io_uring_task_work_run,io_uring:io_uring_local_work_run,\
+raw_syscalls:sys_enter";
+
+pub(crate) fn start_perf(
+    dir: &Path,
+    tag: &str,
+    pids: &[i32],
+    secs: f64,
+    stat: bool,
+) -> Option<Proc> {
     if let Err(e) = std::fs::create_dir_all(dir) {
         eprintln!("perf: cannot create {}: {e}", dir.display());
         return None;
     }
     let pid_list: Vec<String> = pids.iter().map(i32::to_string).collect();
     let mut cmd = Command::new("taskset");
-    cmd.args([
-        "-c",
-        "1",
-        "perf",
-        "record",
-        "-q",
-        "-e",
-        "cpu-clock",
-        "-g",
-        "-o",
-    ])
-    .arg(dir.join(format!("perf-{tag}.data")))
-    .args(["-p", &pid_list.join(",")])
-    .args(["--", "sleep", &format!("{secs}")])
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
+    cmd.args(["-c", "1", "perf"]);
+    if stat {
+        cmd.args(["stat", "-x", ",", "-e", STAT_EVENTS, "-o"])
+            .arg(dir.join(format!("perf-stat-{tag}.txt")));
+    } else {
+        cmd.args(["record", "-q", "-e", "cpu-clock", "-g", "-o"])
+            .arg(dir.join(format!("perf-{tag}.data")));
+    }
+    cmd.args(["-p", &pid_list.join(",")])
+        .args(["--", "sleep", &format!("{secs}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     match Proc::spawn("perf", cmd) {
         Ok(p) => Some(p),
         Err(e) => {

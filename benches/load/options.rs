@@ -38,6 +38,10 @@ Options (each also settable by the environment variable in brackets):
   --perf DIR        record `perf record -e cpu-clock -g` of each proxy during its window into
                     DIR/perf-<workload>-<target>.data (figures of those runs include perf's cost)
                                                          [LOAD_PERF]
+  --perf-stat       with --perf: count instead of sample (`perf stat`: io_uring submissions,
+                    completions, polls armed, task work runs, system calls) into
+                    DIR/perf-stat-<workload>-<target>.txt, to divide by the window's requests
+                                                         [LOAD_PERF_STAT=1]
 Environment only:
   LLMPROXY_BIN      llmproxy binary (default $CARGO_TARGET_DIR/release/llmproxy, then
                     target/release/llmproxy in the crate)
@@ -70,6 +74,8 @@ pub(crate) struct Options {
     pub(crate) out: Option<PathBuf>,
     pub(crate) keep_tmp: bool,
     pub(crate) perf: Option<PathBuf>,
+    /// `perf stat` counts instead of `perf record` samples.
+    pub(crate) perf_stat: bool,
     /// `LOAD_CLIENT_HEADERS=sdk`: requests carry the OpenAI Python SDK's headers.
     pub(crate) sdk_headers: bool,
 }
@@ -89,6 +95,7 @@ impl Options {
         let mut out = env("LOAD_OUT").map(PathBuf::from);
         let mut keep_tmp = env("LOAD_KEEP_TMP").is_some_and(|v| v != "0");
         let mut perf = env("LOAD_PERF").map(PathBuf::from);
+        let mut perf_stat = env("LOAD_PERF_STAT").is_some_and(|v| v != "0");
 
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
@@ -112,6 +119,7 @@ impl Options {
                 "--out" => out = Some(PathBuf::from(value("--out")?)),
                 "--keep-tmp" => keep_tmp = true,
                 "--perf" => perf = Some(PathBuf::from(value("--perf")?)),
+                "--perf-stat" => perf_stat = true,
                 other => return Err(format!("unknown argument {other:?}\n\n{HELP}")),
             }
         }
@@ -172,6 +180,7 @@ impl Options {
             out,
             keep_tmp,
             perf,
+            perf_stat,
             sdk_headers,
         })
     }

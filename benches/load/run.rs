@@ -131,7 +131,7 @@ pub(crate) fn run_target(
     let window =
         sleep_until(t0, &ctx.stop).map(|()| (Sample::take(&running.pids, &load_pids), hops()));
     let mut perf = match (&opts.perf, window.is_ok() && !running.pids.is_empty()) {
-        (Some(dir), true) => start_perf(dir, &tag, &running.pids, window_secs),
+        (Some(dir), true) => start_perf(dir, &tag, &running.pids, window_secs, opts.perf_stat),
         _ => None,
     };
     let end = window.and_then(|start| {

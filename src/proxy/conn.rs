@@ -515,7 +515,14 @@ mod tests {
             ));
             let started = std::time::Instant::now();
             let deadline = started + Duration::from_secs(1);
-            let watch = proxy::relay::watch_client(rd, buf, started, deadline, Box::pin(fwd));
+            let watch = proxy::relay::watch_client(
+                rd,
+                buf,
+                started,
+                deadline,
+                &x.last_write,
+                Box::pin(fwd),
+            );
             sizes.push((
                 "relay::watch_client(Box<forward>)",
                 std::mem::size_of_val(&watch),

@@ -92,7 +92,7 @@ pub(crate) async fn handle(
     let forward = Box::pin(forward_with_fallbacks(w, &x, &plan, &body, wr, alarm));
     let started = Instant::now();
     let deadline = clock::after(started, w.config().timeouts.request);
-    let result = watch_client(rd, buf, started, deadline, forward).await;
+    let result = watch_client(rd, buf, started, deadline, &x.last_write, forward).await;
     let (status, outcome, keep) = match result {
         None => (x.status.get(), Outcome::ClientAborted, false),
         Some(Ok(Ok(Sent {

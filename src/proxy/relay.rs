@@ -3,10 +3,12 @@
 //! does, keep-alive on both sides), so its rules are tested as a table; the body loop then moves
 //! every upstream read to the client as one write (re-framed as one chunk when the client gets
 //! chunks), through the usage tap, under the idle timeout. A response that fails after its head
-//! went out can no longer get an error status: it is cut (`cut_stream`). The client socket is
-//! watched meanwhile (`watch_client`): a client that leaves drops the upstream connection at
-//! once, which is what stops the GPU.
+//! went out can no longer get an error status: it is cut (`cut_stream`). Whenever the exchange goes
+//! a few milliseconds without writing to the client, its socket is watched (`watch_client`): a
+//! client that leaves drops the upstream connection at once (or at the next write, which fails),
+//! which is what stops the GPU.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
@@ -28,8 +30,9 @@ use crate::upstream::UpConn;
 use crate::worker::traits::Trait;
 use crate::worker::Worker;
 
-/// How long an exchange runs before the client socket is watched for a disconnect. Bounds the
-/// extra delay before an abandoned request is cancelled upstream.
+/// How long an exchange goes without writing to the client before the client socket is watched
+/// for a disconnect. Bounds the extra delay before an abandoned request is cancelled upstream
+/// (a write, when one comes sooner, finds the client gone by itself).
 const WATCH_AFTER: Duration = Duration::from_millis(5);
 
 /// Room for what a client may send while its response is still running. The watch only has to
@@ -495,6 +498,7 @@ fn note_chunk(c: &Ctx<'_, '_>, last: Option<Instant>) -> Instant {
     if x.first_byte.get().is_none() {
         x.first_byte.set(Some(now));
     }
+    x.last_write.set(Some(now));
     now
 }
 
@@ -566,27 +570,42 @@ pub(crate) async fn write_client(
 /// the upstream exchange) and `None` returned. Bytes that arrive meanwhile (a pipelined request)
 /// are kept in `buf`, never lost: the read is cancelled and awaited rather than dropped.
 ///
-/// One timer at a time, both from `started`: until `WATCH_AFTER` (most exchanges end well
-/// before), then until `deadline` while the socket is watched. A timer for the deadline beside
-/// the watch's own was one clock read and one entry in and out of the timer wheel per request.
+/// The watch starts once the exchange has gone `WATCH_AFTER` without writing to the client:
+/// `WATCH_AFTER` from `started`, or from the last body write (`last_write`), whichever is later.
+/// Most exchanges end before it, and a response that is being written needs no watch: a client
+/// that left fails the next write (the relay then drops the upstream connection just the same).
+/// Watching costs two ring operations (the read and its cancellation) and a poll of the read on
+/// every wake of the exchange; a stream relaying its tokens less than `WATCH_AFTER` apart used
+/// to pay them all, for nothing. One timer at a time: until the watch starts (moved on while
+/// the response is written), then until `deadline` while the socket is watched. A timer for the
+/// deadline beside the watch's own was one clock read and one entry in and out of the timer wheel
+/// per request.
 pub(crate) async fn watch_client<F: Future>(
     rd: &mut ClientReader,
     buf: &mut BytesMut,
     started: Instant,
     deadline: Instant,
+    last_write: &Cell<Option<Instant>>,
     fut: F,
 ) -> Option<Result<F::Output, Elapsed>> {
     use monoio::time::Instant as At;
     let mut fut = std::pin::pin!(fut);
-    // Most exchanges finish within a few milliseconds; only the ones that don't pay for a socket
-    // watch (a read and its cancellation on every request would cost two ring operations).
-    let watch_at = crate::clock::after(started, WATCH_AFTER);
-    let first = At::from_std(watch_at.min(deadline));
-    if let Ok(out) = monoio::time::timeout_at(first, &mut fut).await {
-        return Some(Ok(out));
-    }
-    if deadline <= watch_at {
-        return Some(Err(Elapsed));
+    let mut watch_at = crate::clock::after(started, WATCH_AFTER);
+    loop {
+        let first = At::from_std(watch_at.min(deadline));
+        if let Ok(out) = monoio::time::timeout_at(first, &mut fut).await {
+            return Some(Ok(out));
+        }
+        if deadline <= watch_at {
+            return Some(Err(Elapsed));
+        }
+        match last_write
+            .get()
+            .map(|t| crate::clock::after(t, WATCH_AFTER))
+        {
+            Some(later) if later > watch_at => watch_at = later,
+            _ => break,
+        }
     }
     // Its own future, awaited after the first timer's is gone: the two then share their space
     // in this one (inline, the timer's 640 bytes stayed beside the watch's state for the whole
@@ -596,7 +615,7 @@ pub(crate) async fn watch_client<F: Future>(
     Some(out.map_err(|_| Elapsed))
 }
 
-/// `watch_client` once the exchange has run for `WATCH_AFTER`.
+/// `watch_client` once the exchange has gone `WATCH_AFTER` without writing to the client.
 async fn watching<F: Future>(
     rd: &mut ClientReader,
     buf: &mut BytesMut,

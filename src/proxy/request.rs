@@ -227,6 +227,9 @@ pub(crate) struct Exchange<'a> {
     pub(crate) in_flight: RefCell<Option<InflightGuard>>,
     /// When the first response body byte went to the client.
     pub(crate) first_byte: Cell<Option<Instant>>,
+    /// When the last response body bytes went to the client: a response that is being written
+    /// needs no client watch (`relay::watch_client`).
+    pub(crate) last_write: Cell<Option<Instant>>,
     /// Streams record the gap between consecutive chunks (inter-token latency).
     pub(crate) stream: bool,
     pub(crate) model_idx: ModelIdx,
@@ -264,6 +267,7 @@ impl<'a> Exchange<'a> {
             backend: Cell::new(None),
             in_flight: RefCell::new(None),
             first_byte: Cell::new(None),
+            last_write: Cell::new(None),
             stream: info.stream,
             model_idx: w.metrics.model_index(info.model.as_deref()),
             tap: RefCell::new(w.taps.take()),

@@ -316,3 +316,52 @@ fn a_slow_stream_waits_in_a_small_read_buffer() {
     small_read_buf(&mut buf);
     assert_eq!((buf.len(), buf.capacity()), (2000, 8192));
 }
+
+/// The client watch's rule, seen through what it reads: a pipelined request's bytes sit in the
+/// client socket from the start. An exchange that writes to its client every 2 ms for 30 ms is
+/// never watched (the bytes are still in the socket when it ends); one that writes nothing is
+/// watched after `WATCH_AFTER` (the watch read them into `buf`, kept for the next request).
+#[test]
+fn only_an_exchange_that_stops_writing_is_watched() {
+    use crate::tls::io::Reader;
+    use crate::worker::testing::block_on;
+    use monoio::io::Splitable;
+    use monoio::net::TcpListener;
+    use std::io::Write;
+
+    for writes in [true, false] {
+        block_on(async move {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let connect = std::thread::spawn(move || {
+                let mut c = std::net::TcpStream::connect(addr).unwrap();
+                c.write_all(b"GET /next HTTP/1.1\r\n\r\n").unwrap();
+                c
+            });
+            let (stream, _) = listener.accept().await.unwrap();
+            let _client = connect.join().unwrap();
+            let (rd, _wr) = stream.into_split();
+            let mut rd: ClientReader = Reader::Plain(rd);
+            let mut buf = BytesMut::new();
+            let last_write = Cell::new(None);
+            let started = Instant::now();
+            let exchange = async {
+                while started.elapsed() < Duration::from_millis(30) {
+                    monoio::time::sleep(Duration::from_millis(2)).await;
+                    if writes {
+                        last_write.set(Some(Instant::now()));
+                    }
+                }
+                7
+            };
+            let deadline = started + Duration::from_secs(5);
+            let out = watch_client(&mut rd, &mut buf, started, deadline, &last_write, exchange);
+            assert_eq!(out.await, Some(Ok(7)));
+            if writes {
+                assert!(buf.is_empty(), "watched while writing: read {buf:?}");
+            } else {
+                assert_eq!(&buf[..], b"GET /next HTTP/1.1\r\n\r\n");
+            }
+        });
+    }
+}
