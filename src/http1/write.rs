@@ -61,17 +61,22 @@ pub fn chunk(out: &mut Vec<u8>, data: &[u8]) {
 
 /// Frames `out[start..]` as one chunk (its header moved in front of it): for a body whose
 /// pieces are appended first and framed once their total is known. Nothing when it is empty.
+/// One growth for both framings and one move of the data (`Vec::splice`, which did the same
+/// through an iterator and its drop, cost about 200 instructions a chunk under callgrind).
 pub fn frame_chunk_from(out: &mut Vec<u8>, start: usize) {
-    let len = out.len().saturating_sub(start);
+    let end = out.len();
+    let len = end.saturating_sub(start);
     if len == 0 {
         return;
     }
     let mut digits = [0; 16];
     let size = hex(len as u64, &mut digits);
-    let mut head = [0u8; 18];
-    head[..size.len()].copy_from_slice(size);
-    head[size.len()..size.len() + 2].copy_from_slice(b"\r\n");
-    out.splice(start..start, head[..size.len() + 2].iter().copied());
+    let head = size.len() + 2;
+    out.reserve(head + 2);
+    out.resize(end + head, 0);
+    out.copy_within(start..end, start + head);
+    out[start..start + size.len()].copy_from_slice(size);
+    out[start + size.len()..start + head].copy_from_slice(b"\r\n");
     out.extend_from_slice(b"\r\n");
 }
 
@@ -115,5 +120,19 @@ mod tests {
         let mut v = b"head".to_vec();
         frame_chunk_from(&mut v, 4);
         assert_eq!(v, b"head");
+        // The same bytes as `chunk` writes, at every size around a digit more, after any prefix
+        // and whatever room the buffer had.
+        for len in (1..=300).chain([4095, 4096, 4097, 65535, 65536]) {
+            let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            for (prefix, room) in [(0, 0), (3, 0), (3, 2), (17, 64)] {
+                let mut v = Vec::with_capacity(prefix + len + room);
+                v.extend(std::iter::repeat_n(b'p', prefix));
+                let mut want = v.clone();
+                v.extend_from_slice(&data);
+                frame_chunk_from(&mut v, prefix);
+                chunk(&mut want, &data);
+                assert_eq!(v, want, "len {len}, prefix {prefix}, room {room}");
+            }
+        }
     }
 }
