@@ -318,7 +318,7 @@ fn a_slow_stream_waits_in_a_small_read_buffer() {
 }
 
 /// The client watch's rule, seen through what it reads: a pipelined request's bytes sit in the
-/// client socket from the start. An exchange that writes to its client every 2 ms for 30 ms is
+/// client socket from the start. An exchange that writes to its client every 1 ms for 30 ms is
 /// never watched (the bytes are still in the socket when it ends); one that writes nothing is
 /// watched after `WATCH_AFTER` (the watch read them into `buf`, kept for the next request).
 #[test]
@@ -347,7 +347,7 @@ fn only_an_exchange_that_stops_writing_is_watched() {
             let started = Instant::now();
             let exchange = async {
                 while started.elapsed() < Duration::from_millis(30) {
-                    monoio::time::sleep(Duration::from_millis(2)).await;
+                    monoio::time::sleep(Duration::from_millis(1)).await;
                     if writes {
                         last_write.set(Some(Instant::now()));
                     }
