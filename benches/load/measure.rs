@@ -248,7 +248,6 @@ pub(crate) fn percentiles(samples: &mut [u32]) -> [Option<f64>; 3] {
     [at(50.0), at(99.0), at(99.9)]
 }
 
-/// `perf record` of the proxy's processes for the measurement window (perf itself on CPU 1).
 /// The kernel's count of what a proxy asks of it, for `--perf-stat`: ring operations submitted
 /// and completed, polls armed for operations that found their socket not ready, the deferred
 /// task work that completes them, and system calls (`io_uring_enter` among them).
@@ -256,6 +255,8 @@ const STAT_EVENTS: &str = "io_uring:io_uring_submit_req,io_uring:io_uring_comple
 io_uring:io_uring_poll_arm,io_uring:io_uring_task_work_run,io_uring:io_uring_local_work_run,\
 raw_syscalls:sys_enter";
 
+/// `perf record` of the proxy's processes for the measurement window (perf itself on CPU 1), or
+/// with `stat` their `perf stat` counts of `STAT_EVENTS`.
 pub(crate) fn start_perf(
     dir: &Path,
     tag: &str,
