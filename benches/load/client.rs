@@ -1,5 +1,7 @@
 //! The load generator: one monoio thread on CPU 1 driving N keep-alive connections in a closed
-//! loop (a connection sends its next request once the previous response was read to the end),
+//! loop (a connection sends its next request once the previous response was read to the end) or,
+//! for W6, on a fixed schedule (each connection's requests due one period apart; a late one is
+//! counted, and the ones after it go out at once until the schedule is caught up),
 //! and what they saw (`Acc`): completions, latency/TTFT/token-gap samples inside the window,
 //! errors by kind, open streams and connections. Its own CPU is reported (load side CPU, sharing
 //! CPU 1 with the mock), so per request it only parses and counts: the request is one shared
@@ -71,6 +73,8 @@ pub(crate) struct Spec {
     pub(crate) stop: Arc<AtomicBool>,
     /// Some: speak TLS to the target (verifying `localhost` against the bench's CA).
     pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
+    /// Open loop (W6): each connection's requests are due this far apart.
+    pub(crate) period: Option<Duration>,
 }
 
 impl Spec {
@@ -99,6 +103,10 @@ pub(crate) struct Acc {
     pub(crate) uring: bool,
     /// Client tasks still running 3 s after the window (their sockets may leak; should be 0).
     pub(crate) clients_left: usize,
+    /// Open loop: requests due inside the window, and how many of them started more than
+    /// `LATE` after they were due (the target did not keep up with the offered rate).
+    pub(crate) due: u64,
+    pub(crate) late: u64,
 }
 
 impl Acc {
@@ -118,6 +126,9 @@ impl Acc {
         }
     }
 }
+
+/// An open-loop request that starts later than this after it was due is late.
+pub(crate) const LATE: Duration = Duration::from_millis(1);
 
 fn micros(d: Duration) -> u32 {
     u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
@@ -412,6 +423,47 @@ async fn exchange(
     Ok(head.reusable)
 }
 
+/// Open loop: when one connection's requests are due, one period apart. The connections'
+/// schedules are staggered evenly over one period, so that the requests arrive at an even rate,
+/// not in waves. A request that starts late does not move the schedule: the ones after it go
+/// out as soon as they can until it is caught up, so the offered rate stays what was asked.
+pub(crate) struct Pace {
+    due: Instant,
+    period: Duration,
+}
+
+impl Pace {
+    /// The schedule of connection `idx` of `conns`, starting at `start`.
+    pub(crate) fn new(start: Instant, period: Duration, idx: usize, conns: usize) -> Pace {
+        Pace {
+            due: start + period.mul_f64(idx as f64 / conns.max(1) as f64),
+            period,
+        }
+    }
+
+    /// When the next request is due; the schedule moves on by one period.
+    pub(crate) fn take(&mut self) -> Instant {
+        let due = self.due;
+        self.due += self.period;
+        due
+    }
+}
+
+/// `Pace`: staggered starts, one period apart, and a schedule that a late start does not move.
+pub(crate) fn self_check() {
+    let t = Instant::now();
+    let ms = Duration::from_millis;
+    let mut first = Pace::new(t, ms(20), 0, 4);
+    let mut third = Pace::new(t, ms(20), 2, 4);
+    assert_eq!(first.take(), t);
+    assert_eq!(third.take(), t + ms(10));
+    // However late the connection comes back, its next requests stay on the schedule.
+    assert_eq!(third.take(), t + ms(30));
+    assert_eq!(third.take(), t + ms(50));
+    assert_eq!(first.take(), t + ms(20));
+    eprintln!("load benchmark: client self-check passed");
+}
+
 /// Counts the client tasks still running (they end by themselves at the end of the window).
 struct Live(Rc<Cell<usize>>);
 
@@ -437,6 +489,9 @@ async fn client(idx: usize, spec: Rc<Spec>, acc: Rc<RefCell<Acc>>, live: Live) {
         monoio::time::sleep(spec.ramp.mul_f64(idx as f64 / spec.conns as f64)).await;
     }
     let mut conn: Option<Conn> = None;
+    let mut pace = spec
+        .period
+        .map(|p| Pace::new(Instant::now(), p, idx, spec.conns));
     loop {
         let now = Instant::now();
         if now >= spec.t1 {
@@ -455,6 +510,23 @@ async fn client(idx: usize, spec: Rc<Spec>, acc: Rc<RefCell<Acc>>, live: Live) {
                 }
             },
         };
+        if let Some(pace) = pace.as_mut() {
+            let at = pace.take();
+            let now = Instant::now();
+            if now < at {
+                monoio::time::sleep_until(monoio::time::Instant::from_std(at.min(spec.t1))).await;
+                if Instant::now() >= spec.t1 {
+                    break;
+                }
+            }
+            if spec.in_window(at) {
+                let mut a = acc.borrow_mut();
+                a.due += 1;
+                if now.saturating_duration_since(at) > LATE {
+                    a.late += 1;
+                }
+            }
+        }
         let start = Instant::now();
         let left = spec.t1.saturating_duration_since(start);
         let (limit, at_deadline) = match spec.timeout {

@@ -68,6 +68,7 @@ const NOFILE_MARGIN: u64 = 64;
 
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
+        client::self_check();
         hook::self_check();
         http::self_check();
         measure::self_check();

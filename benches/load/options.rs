@@ -16,8 +16,9 @@ load benchmark: llmproxy vs nginx vs HAProxy vs direct (see BENCHMARKS.md)
 Options (each also settable by the environment variable in brackets):
   --secs S          measured seconds per run             [LOAD_SECS, default 10]
   --warmup S        unmeasured seconds before each run   [LOAD_WARMUP_SECS, default 1]
-  --workloads LIST  w1,w2,w3 and the opt-ins w4 (10,000 streams at 1 token/s) and w5
-                    (w2 with each stream written by the mock at once)
+  --workloads LIST  w1,w2,w3 and the opt-ins w4 (10,000 streams at 1 token/s), w5
+                    (w2 with each stream written by the mock at once) and w6 (w2's streams
+                    at a fixed rate, LOAD_W6_RATE requests/s, default 3000: open loop)
                                                          [LOAD_WORKLOADS, default w1,w2,w3]
   --targets LIST    direct,llmproxy,llmproxy-log,llmproxy-hook,nginx,haproxy,llmproxy-2w,
                     llmproxy-epoll,llmproxy-tls
@@ -26,6 +27,8 @@ Options (each also settable by the environment variable in brackets):
                     and the opt-in llmproxy-keys, llmproxy-redis (the clients' key rate-limited,
                     ratelimit.store local / redis; the latter starts a redis-server) and
                     llmproxy-base (llmproxy's configuration on the binary LOAD_BASE_BIN),
+                    llmproxy-noinject (usage.inject_include_usage: false: the backend is not
+                    asked for usage, so what exact billing costs shows against llmproxy),
                     nginx-ids (nginx adding the X-Forwarded-For and X-Request-Id headers llmproxy adds)
                                                          [LOAD_TARGETS, default all but opt-ins]
   --startup-runs N  timed starts for the startup figure  [LOAD_STARTUP_RUNS, default 5; 0 = skip]
@@ -50,9 +53,13 @@ Environment only:
   LOAD_BASE_HOOK=1  llmproxy-base runs llmproxy-hook's configuration instead of llmproxy's
   LOAD_HAPROXY      haproxy binary (default: `haproxy` on PATH or /usr/sbin/haproxy; `off` skips it)
   LOAD_W1_CONNS=64 LOAD_W2_CONNS=64 LOAD_W3_STREAMS=256 LOAD_W4_STREAMS=10000 LOAD_W5_CONNS=64
+  LOAD_W6_CONNS=64 LOAD_W6_RATE=3000
   LOAD_CLIENT_HEADERS  `six` (default: Host, User-Agent, Accept, Authorization, Content-Type,
                     Content-Length) or `sdk` (the seventeen the OpenAI Python SDK sends: eleven
                     more, Accept-Encoding, Connection and the X-Stainless-* set)
+  LOAD_CLIENT_USAGE `none` (default) or `running`: streams ask for usage themselves
+                    (stream_options include_usage and continuous_usage_stats), so that every
+                    target's backend sends the same chunks llmproxy asks for on its own
   LOAD_W3_SECS      W3's shortest window, used when longer than LOAD_SECS (default 30: its TTFT
                     p99 needs the samples; 0 = LOAD_SECS)
 ";
@@ -78,6 +85,8 @@ pub(crate) struct Options {
     pub(crate) perf_stat: bool,
     /// `LOAD_CLIENT_HEADERS=sdk`: requests carry the OpenAI Python SDK's headers.
     pub(crate) sdk_headers: bool,
+    /// `LOAD_CLIENT_USAGE=running`: streams ask for usage themselves, running usage included.
+    pub(crate) client_usage: bool,
 }
 
 impl Options {
@@ -157,6 +166,15 @@ impl Options {
                 ))
             }
         };
+        let client_usage = match env("LOAD_CLIENT_USAGE").as_deref().map(str::trim) {
+            None | Some("none") => false,
+            Some("running") => true,
+            Some(other) => {
+                return Err(format!(
+                    "LOAD_CLIENT_USAGE: {other:?} must be `none` or `running`"
+                ))
+            }
+        };
         let rounds = match rounds.trim().parse::<usize>() {
             Ok(n) if (1..=20).contains(&n) => n,
             _ => {
@@ -182,6 +200,7 @@ impl Options {
             perf,
             perf_stat,
             sdk_headers,
+            client_usage,
         })
     }
 }

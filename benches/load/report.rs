@@ -613,12 +613,17 @@ pub(crate) fn machine_header(out: &mut String, opts: &Options, nofile: &Nofile, 
     outln!(out, "- haproxy: {haproxy}");
     outln!(
         out,
-        "- runs: {} s measured{} after {} s warm-up, closed loop, keep-alive{}; proxy on CPU 0, mock backend + load generator on CPU 1; open files limit {} ({})",
+        "- runs: {} s measured{} after {} s warm-up, closed loop (W6: open loop), keep-alive{}{}; proxy on CPU 0, mock backend + load generator on CPU 1; open files limit {} ({})",
         opts.secs,
         longer_windows(opts),
         opts.warmup,
         if opts.sdk_headers {
             ", requests with the OpenAI SDK's 17 headers"
+        } else {
+            ""
+        },
+        if opts.client_usage {
+            ", streams asking for running usage themselves (LOAD_CLIENT_USAGE=running)"
         } else {
             ""
         },

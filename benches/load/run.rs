@@ -104,7 +104,13 @@ pub(crate) fn run_target(
     let spec = Spec {
         addr: running.addr,
         conns: wl.conns,
-        request: chat_request(running.addr, wl.stream, wl.tokens, opts.sdk_headers),
+        request: chat_request(
+            running.addr,
+            wl.stream,
+            wl.tokens,
+            opts.sdk_headers,
+            opts.client_usage,
+        ),
         stream: wl.stream,
         tokens: wl.tokens,
         record_gaps: wl.token_delay_ms > 0,
@@ -115,6 +121,9 @@ pub(crate) fn run_target(
         finder: memmem::Finder::new(TOKEN_MARK),
         stop: ctx.stop.clone(),
         tls: running.tls.clone(),
+        period: wl
+            .rate
+            .map(|rate| Duration::from_secs_f64(wl.conns as f64 / rate)),
     };
     let load = spawn_load(spec);
     let load_pids = [mock.proc.pid(), self_pid];
@@ -274,6 +283,26 @@ pub(crate) fn run_target(
     if acc.reconnects > 0 {
         notes.push(format!("{} reconnects (Connection: close)", acc.reconnects));
     }
+    if let Some(rate) = wl.rate {
+        let late = if acc.due == 0 {
+            0.0
+        } else {
+            acc.late as f64 * 100.0 / acc.due as f64
+        };
+        notes.push(format!(
+            "offered {rate:.0} req/s ({} due in the window), {late:.1}% of them started over {} ms late",
+            acc.due,
+            crate::client::LATE.as_millis()
+        ));
+        if late > 1.0 {
+            eprintln!(
+                "[{}] warning: {} fell behind the offered rate ({late:.1}% late starts): its \
+                 figures are not at the offered rate",
+                wl.id,
+                kind.name()
+            );
+        }
+    }
     if let Some(settled) = &settled {
         notes.push(settled.note());
         if !settled.complete() {
@@ -288,6 +317,7 @@ pub(crate) fn run_target(
             | TargetKind::LlmproxyHook
             | TargetKind::Llmproxy2w
             | TargetKind::LlmproxyEpoll
+            | TargetKind::LlmproxyNoInject
             | TargetKind::LlmproxyKeys
             | TargetKind::LlmproxyRedis
             | TargetKind::LlmproxyBase

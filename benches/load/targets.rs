@@ -48,6 +48,10 @@ pub(crate) enum TargetKind {
     /// Opt-in: plain `llmproxy`'s configuration run by another binary (`LOAD_BASE_BIN`, an older
     /// build): before and after a change, in the same run.
     LlmproxyBase,
+    /// Opt-in: llmproxy with `usage.inject_include_usage: false`: the backend is not asked for
+    /// usage (neither the final usage chunk nor the running usage of every chunk), so streams are
+    /// billed what the proxy counts. What exact billing of every stream costs, proxy and backend.
+    LlmproxyNoInject,
     /// Opt-in: nginx adding what llmproxy adds to every exchange (`X-Forwarded-For` and
     /// `X-Request-Id` upstream, `X-Request-Id` to the client): what those headers cost the load
     /// side, apart from the proxy.
@@ -55,7 +59,7 @@ pub(crate) enum TargetKind {
 }
 
 impl TargetKind {
-    pub(crate) const ALL: [TargetKind; 13] = [
+    pub(crate) const ALL: [TargetKind; 14] = [
         TargetKind::Direct,
         TargetKind::Llmproxy,
         TargetKind::LlmproxyLog,
@@ -68,6 +72,7 @@ impl TargetKind {
         TargetKind::LlmproxyTls,
         TargetKind::LlmproxyHook,
         TargetKind::LlmproxyBase,
+        TargetKind::LlmproxyNoInject,
         TargetKind::NginxIds,
     ];
 
@@ -85,6 +90,7 @@ impl TargetKind {
             TargetKind::LlmproxyTls => "llmproxy-tls",
             TargetKind::LlmproxyHook => "llmproxy-hook",
             TargetKind::LlmproxyBase => "llmproxy-base",
+            TargetKind::LlmproxyNoInject => "llmproxy-noinject",
             TargetKind::NginxIds => "nginx-ids",
         }
     }
@@ -103,6 +109,7 @@ impl TargetKind {
             "llmproxy-tls" => Some(TargetKind::LlmproxyTls),
             "llmproxy-hook" => Some(TargetKind::LlmproxyHook),
             "llmproxy-base" => Some(TargetKind::LlmproxyBase),
+            "llmproxy-noinject" => Some(TargetKind::LlmproxyNoInject),
             "nginx-ids" => Some(TargetKind::NginxIds),
             _ => None,
         }
@@ -254,6 +261,7 @@ pub(crate) fn start_target(
         | TargetKind::LlmproxyLog
         | TargetKind::Llmproxy2w
         | TargetKind::LlmproxyEpoll
+        | TargetKind::LlmproxyNoInject
         | TargetKind::LlmproxyTls => start_llmproxy(ctx, mock, kind, tag, conns, ""),
         TargetKind::LlmproxyBase if !ctx.base_hook => {
             start_llmproxy(ctx, mock, kind, tag, conns, "")
@@ -347,13 +355,14 @@ pub(crate) fn start_llmproxy(
     // one connection per client connection (the default 64 is below w3/w4's concurrency; nginx
     // gets the same `keepalive`), and the access log per configuration.
     // Usage extraction, include_usage injection and metrics are on (their defaults).
+    let inject = kind != TargetKind::LlmproxyNoInject;
     let yaml = format!(
         "listen: \"127.0.0.1:{port}\"\n\
          shutdown_grace: 0s\n\
          io_driver: {io_driver}\n\
          backends:\n  - url: \"http://{mock}\"\n\
          pool:\n  max_idle_per_backend: {pool}\n\
-         usage:\n  inject_include_usage: true\n\
+         usage:\n  inject_include_usage: {inject}\n\
          logging:\n  level: info\n  format: json\n  access_log: {access_log}\n{extra}"
     );
     // The TLS target: the same, with client TLS on listen (keep-alive connections, so the
@@ -603,7 +612,7 @@ pub(crate) fn wait_ready(
 ) -> Result<Duration, String> {
     // The same request as W1's, answered at once whatever the workload's token delay (the
     // mock's per-request knob; proxies forward the header).
-    let w1 = chat_request(addr, false, TOKENS, false);
+    let w1 = chat_request(addr, false, TOKENS, false, false);
     let split = memmem::find(&w1, b"\r\n").unwrap_or(0) + 2;
     let mut req = w1[..split].to_vec();
     req.extend_from_slice(b"x-mock-token-delay-ms: 0\r\n");

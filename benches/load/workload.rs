@@ -32,6 +32,10 @@ pub(crate) struct Workload {
     /// The shortest measured window this workload's figures stand on, whatever `LOAD_SECS` says
     /// (W3's: see `w3_min_secs`).
     pub(crate) min_secs: f64,
+    /// Some: requests per second offered on a fixed schedule (open loop, W6), spread evenly over
+    /// the connections; None: each connection sends its next request as soon as the last one
+    /// ended (closed loop, at whatever rate the target sustains).
+    pub(crate) rate: Option<f64>,
 }
 
 impl Workload {
@@ -64,6 +68,26 @@ pub(crate) fn seconds(name: &str, v: &str, min: f64) -> Result<f64, String> {
     }
 }
 
+/// W6's offered rate, `LOAD_W6_RATE` requests per second (default 3,000: about half of what
+/// the proxies sustain on W2 on the 2-core machine, so that no target falls behind and every
+/// one is measured at the same work per second).
+fn w6_rate() -> Result<f64, String> {
+    match std::env::var("LOAD_W6_RATE") {
+        Ok(v) => rate("LOAD_W6_RATE", &v),
+        Err(_) => Ok(3000.0),
+    }
+}
+
+/// A rate in requests per second, in `1..=1000000`.
+fn rate(name: &str, v: &str) -> Result<f64, String> {
+    match v.trim().parse::<f64>() {
+        Ok(r) if (1.0..=1_000_000.0).contains(&r) => Ok(r),
+        _ => Err(format!(
+            "{name}: {v:?} must be requests per second in 1..=1000000"
+        )),
+    }
+}
+
 pub(crate) fn env_usize(name: &str, default: usize) -> Result<usize, String> {
     match std::env::var(name) {
         Ok(v) => v
@@ -89,6 +113,7 @@ pub(crate) fn workload(id: &str) -> Result<Workload, String> {
                 timeout: Some(Duration::from_secs(5)),
                 ramp: Duration::ZERO,
                 min_secs: 0.0,
+                rate: None,
             }
         }
         "w2" => {
@@ -106,6 +131,7 @@ pub(crate) fn workload(id: &str) -> Result<Workload, String> {
                 timeout: Some(Duration::from_secs(5)),
                 ramp: Duration::ZERO,
                 min_secs: 0.0,
+                rate: None,
             }
         }
         "w3" => {
@@ -121,6 +147,7 @@ pub(crate) fn workload(id: &str) -> Result<Workload, String> {
                 timeout: Some(Duration::from_secs(5)),
                 ramp: Duration::ZERO,
                 min_secs: w3_min_secs()?,
+                rate: None,
             }
         }
         "w4" => {
@@ -137,6 +164,7 @@ pub(crate) fn workload(id: &str) -> Result<Workload, String> {
                 timeout: None,
                 ramp: Duration::from_secs(3),
                 min_secs: 0.0,
+                rate: None,
             }
         }
         "w5" => {
@@ -154,16 +182,45 @@ pub(crate) fn workload(id: &str) -> Result<Workload, String> {
                 timeout: Some(Duration::from_secs(5)),
                 ramp: Duration::ZERO,
                 min_secs: 0.0,
+                rate: None,
             }
         }
-        other => return Err(format!("unknown workload {other:?} (w1, w2, w3, w4, w5)")),
+        "w6" => {
+            let conns = env_usize("LOAD_W6_CONNS", 64)?;
+            let rate = w6_rate()?;
+            Workload {
+                id: "w6",
+                title: format!(
+                    "W6 W2's streams at a fixed {rate:.0} requests/s (open loop), {TOKENS} tokens at \
+                     0 ms/token, {conns} connections"
+                ),
+                conns,
+                rate: Some(rate),
+                // W2's streams, timeout and all.
+                ..workload("w2")?
+            }
+        }
+        other => {
+            return Err(format!(
+                "unknown workload {other:?} (w1, w2, w3, w4, w5, w6)"
+            ))
+        }
     })
 }
 
-pub(crate) fn chat_body(stream: bool, tokens: u32) -> String {
+/// The request body. `usage`: a stream asks for usage itself, running usage in every chunk
+/// included (`LOAD_CLIENT_USAGE=running`), as llmproxy asks its backend when the client does not:
+/// then every target's backend does the same work and sends the same bytes, and llmproxy relays
+/// them as they are instead of removing what the client did not ask for.
+pub(crate) fn chat_body(stream: bool, tokens: u32, usage: bool) -> String {
     format!(
-        r#"{{"model":"mock-model","messages":[{{"role":"system","content":"You are a helpful assistant."}},{{"role":"user","content":"Write a short poem about load balancers."}}],"max_tokens":{tokens},"temperature":0.7{}}}"#,
-        if stream { r#","stream":true"# } else { "" }
+        r#"{{"model":"mock-model","messages":[{{"role":"system","content":"You are a helpful assistant."}},{{"role":"user","content":"Write a short poem about load balancers."}}],"max_tokens":{tokens},"temperature":0.7{}{}}}"#,
+        if stream { r#","stream":true"# } else { "" },
+        if stream && usage {
+            r#","stream_options":{"include_usage":true,"continuous_usage_stats":true}"#
+        } else {
+            ""
+        }
     )
 }
 
@@ -175,9 +232,15 @@ const SDK_HEADERS: &str = "Accept-Encoding: gzip, deflate\r\nConnection: keep-al
     X-Stainless-Async: false\r\nx-stainless-retry-count: 0\r\nx-stainless-read-timeout: 600\r\n";
 
 /// The request every client sends (an OpenAI SDK-like set of headers, with an API key so the
-/// proxy's key hashing runs too; with `sdk`, the SDK's whole set).
-pub(crate) fn chat_request(addr: SocketAddr, stream: bool, tokens: u32, sdk: bool) -> Bytes {
-    let body = chat_body(stream, tokens);
+/// proxy's key hashing runs too; with `sdk`, the SDK's whole set; `usage`: see `chat_body`).
+pub(crate) fn chat_request(
+    addr: SocketAddr,
+    stream: bool,
+    tokens: u32,
+    sdk: bool,
+    usage: bool,
+) -> Bytes {
+    let body = chat_body(stream, tokens, usage);
     let accept = if stream {
         "text/event-stream"
     } else {
@@ -196,9 +259,9 @@ pub(crate) fn chat_request(addr: SocketAddr, stream: bool, tokens: u32, sdk: boo
 /// `Name: value` lines, then exactly the body its Content-Length announces.
 pub(crate) fn self_check() {
     let addr: SocketAddr = ([127, 0, 0, 1], 8080).into();
-    for (sdk, headers) in [(false, 6), (true, 17)] {
+    for ((sdk, headers), usage) in [(false, 6), (true, 17)].into_iter().zip([false, true]) {
         for stream in [false, true] {
-            let req = chat_request(addr, stream, 16, sdk);
+            let req = chat_request(addr, stream, 16, sdk, usage);
             let text = String::from_utf8_lossy(&req);
             let (head, body) = text.split_once("\r\n\r\n").unwrap_or_default();
             let lines: Vec<&str> = head.split("\r\n").skip(1).collect();
@@ -209,7 +272,28 @@ pub(crate) fn self_check() {
                 .find_map(|l| l.strip_prefix("Content-Length: "))
                 .and_then(|n| n.parse::<usize>().ok());
             assert_eq!(length, Some(body.len()), "{head}");
+            // Only a stream asks for usage, and only when told to.
+            assert_eq!(
+                body.contains("continuous_usage_stats"),
+                stream && usage,
+                "{body}"
+            );
+            assert!(
+                serde_json::from_str::<serde_json::Value>(body).is_ok(),
+                "{body}"
+            );
         }
+    }
+    // W6 is W2's stream on a schedule; every other workload is a closed loop.
+    let ok = |id| workload(id).unwrap_or_else(|e| panic!("{e}"));
+    let (w2, w6) = (ok("w2"), ok("w6"));
+    assert!(w6.rate.is_some() && w6.stream && w6.tokens == w2.tokens && w6.timeout == w2.timeout);
+    assert!(["w1", "w2", "w3", "w4", "w5"]
+        .iter()
+        .all(|id| ok(id).rate.is_none()));
+    assert_eq!(rate("R", " 2500 "), Ok(2500.0));
+    for bad in ["0", "-5", "fast", "", "2e6"] {
+        assert!(rate("R", bad).is_err(), "{bad:?}");
     }
     eprintln!("load benchmark: workload self-check passed");
 }
