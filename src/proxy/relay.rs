@@ -12,7 +12,7 @@ use std::cell::Cell;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use monoio::io::Canceller;
 
 use crate::alarm::{Alarm, Elapsed};
@@ -207,7 +207,10 @@ impl Body {
     }
 
     /// Moves the body bytes buffered in `buf` through the tap into `out` (framed for the
-    /// client); the end of the body flushes the tap and closes the client's chunking.
+    /// client); the end of the body flushes the tap and closes the client's chunking. What was
+    /// moved is dropped from `buf` by advancing its start, not split off: a split makes the
+    /// read buffer a shared one (an allocation, then two reference-count updates on every read,
+    /// and a uniqueness check on every reserve).
     fn drain(
         &mut self,
         buf: &mut BytesMut,
@@ -222,7 +225,8 @@ impl Body {
         match self.framing {
             BodyFraming::Length(_) => {
                 let take = (buf.len() as u64).min(self.left) as usize;
-                tap.feed(&buf.split_to(take), &mut emit);
+                tap.feed(&buf[..take], &mut emit);
+                buf.advance(take);
                 self.left -= take as u64;
                 self.finished = self.left == 0;
             }
@@ -233,12 +237,12 @@ impl Body {
                 let consumed = dec
                     .decode(buf, |data| tap.feed(data, &mut emit))
                     .map_err(|e| ProxyError::UpstreamProtocol(e.to_string()))?;
-                let _ = buf.split_to(consumed);
+                buf.advance(consumed);
                 self.finished = dec.is_done();
             }
             BodyFraming::UntilClose => {
-                let data = buf.split();
-                tap.feed(&data, &mut emit);
+                tap.feed(buf, &mut emit);
+                buf.clear();
             }
             BodyFraming::Empty => {}
         }
@@ -366,8 +370,8 @@ pub(crate) async fn relay(
             out = buf;
             out.clear();
             if ok && carries_body {
-                let now = note_chunk(&c, last_chunk);
-                slow = last_chunk.is_some_and(|prev| now.duration_since(prev) >= SLOW_GAP);
+                let (now, gap) = note_chunk(&c, last_chunk);
+                slow = gap.is_some_and(|gap| gap >= SLOW_GAP);
                 last_chunk = Some(now);
                 wrote_at = Some(now);
             }
@@ -487,19 +491,20 @@ fn start_tap(x: &Exchange<'_>, kind: UsageKind, resp: &Head, max_event: usize) {
 }
 
 /// A body write reached the client: first-byte time, and for streams the gap since the last
-/// one (inter-token latency).
-fn note_chunk(c: &Ctx<'_, '_>, last: Option<Instant>) -> Instant {
+/// one (inter-token latency). Returns the time and that gap (also for non-streams: the relay
+/// tells slow streams by it).
+fn note_chunk(c: &Ctx<'_, '_>, last: Option<Instant>) -> (Instant, Option<Duration>) {
     let (w, x) = (c.w, c.x);
     let now = Instant::now();
-    if let Some(prev) = last.filter(|_| x.stream) {
-        w.metrics
-            .inter_token(c.backend, x.model_idx, now.duration_since(prev));
+    let gap = last.map(|prev| now.duration_since(prev));
+    if let Some(gap) = gap.filter(|_| x.stream) {
+        w.metrics.inter_token(c.backend, x.model_idx, gap);
     }
     if x.first_byte.get().is_none() {
         x.first_byte.set(Some(now));
     }
     x.last_write.set(Some(now));
-    now
+    (now, gap)
 }
 
 /// The upstream failed after the head went out: counted, fed to the breaker, logged; what was

@@ -1,5 +1,6 @@
 //! `plan_response` table: framing, reframing, what the tap removes, keep-alive, for each kind of
-//! client and upstream head.
+//! client and upstream head; `Body::drain` at every read size; the slow stream's buffer; the
+//! client watch.
 
 use bytes::BytesMut;
 
@@ -363,5 +364,72 @@ fn only_an_exchange_that_stops_writing_is_watched() {
                 assert_eq!(&buf[..], b"GET /next HTTP/1.1\r\n\r\n");
             }
         });
+    }
+}
+
+/// Drains `wire` through `Body::drain` in reads of `step` bytes (a plain tap, no usage to look
+/// at): what the client gets, whether the body finished, and what stayed in the read buffer.
+fn drain_in_reads(
+    framing: BodyFraming,
+    wire: &[u8],
+    step: usize,
+    reframe: bool,
+) -> (Vec<u8>, bool, Vec<u8>) {
+    let mut body = Body::new(framing);
+    let mut tap = Tap::new(UsageKind::None);
+    let mut buf = BytesMut::new();
+    let mut out = Vec::new();
+    for piece in wire.chunks(step) {
+        buf.extend_from_slice(piece);
+        if let Err(e) = body.drain(&mut buf, &mut tap, &mut out, reframe) {
+            panic!("{framing:?} in reads of {step}: {e}");
+        }
+        // What a drain took is gone from the buffer's front, and the buffer stays its own:
+        // the next read grows it in place.
+        buf.reserve(64);
+    }
+    (out, body.finished, buf.to_vec())
+}
+
+/// Every framing drains the same at every read size: the body's bytes out (re-chunked when
+/// asked), what follows a fixed-length body left in the buffer, and the end seen where it is.
+#[test]
+fn a_body_drains_the_same_whatever_its_reads() {
+    let text = b"data: {\"choices\":[{\"delta\":{\"content\":\"tok\"}}]}\n\n".repeat(3);
+    let mut chunked = Vec::new();
+    for part in text.chunks(40) {
+        write::chunk(&mut chunked, part);
+    }
+    chunked.extend_from_slice(write::LAST_CHUNK);
+    for step in [1, 2, 7, 40, 41, 1000] {
+        // A fixed length, with the start of a next response behind it.
+        let mut wire = text.clone();
+        wire.extend_from_slice(b"HTTP/1.1");
+        let (out, done, left) =
+            drain_in_reads(BodyFraming::Length(text.len() as u64), &wire, step, false);
+        assert_eq!((out, done), (text.clone(), true), "length, reads of {step}");
+        assert_eq!(left, b"HTTP/1.1".to_vec(), "length, reads of {step}");
+        // Chunked in, unframed by the decoder, the same bytes out.
+        let (out, done, left) = drain_in_reads(BodyFraming::Chunked, &chunked, step, false);
+        assert_eq!(
+            (out, done, left),
+            (text.clone(), true, Vec::new()),
+            "chunked, reads of {step}"
+        );
+        // Chunked in and out: each drain one chunk, then the last one.
+        let (out, done, _) = drain_in_reads(BodyFraming::Chunked, &chunked, step, true);
+        let mut dec = ChunkedDecoder::new();
+        let mut back = Vec::new();
+        let used = dec.decode(&out, |d| back.extend_from_slice(d));
+        assert_eq!(used.ok(), Some(out.len()), "reframed, reads of {step}");
+        assert!(done && dec.is_done(), "reframed, reads of {step}");
+        assert_eq!(back, text, "reframed, reads of {step}");
+        // Until the connection closes: everything read goes on, nothing stays.
+        let (out, done, left) = drain_in_reads(BodyFraming::UntilClose, &text, step, false);
+        assert_eq!(
+            (out, done, left),
+            (text.clone(), false, Vec::new()),
+            "until close, reads of {step}"
+        );
     }
 }
