@@ -157,24 +157,8 @@ impl Options {
             .trim()
             .parse()
             .map_err(|_| format!("LOAD_STARTUP_RUNS: {startup:?} is not a number"))?;
-        let sdk_headers = match env("LOAD_CLIENT_HEADERS").as_deref().map(str::trim) {
-            None | Some("six") => false,
-            Some("sdk") => true,
-            Some(other) => {
-                return Err(format!(
-                    "LOAD_CLIENT_HEADERS: {other:?} must be `six` or `sdk`"
-                ))
-            }
-        };
-        let client_usage = match env("LOAD_CLIENT_USAGE").as_deref().map(str::trim) {
-            None | Some("none") => false,
-            Some("running") => true,
-            Some(other) => {
-                return Err(format!(
-                    "LOAD_CLIENT_USAGE: {other:?} must be `none` or `running`"
-                ))
-            }
-        };
+        let sdk_headers = switch("LOAD_CLIENT_HEADERS", ("six", "sdk"))?;
+        let client_usage = switch("LOAD_CLIENT_USAGE", ("none", "running"))?;
         let rounds = match rounds.trim().parse::<usize>() {
             Ok(n) if (1..=20).contains(&n) => n,
             _ => {
@@ -269,4 +253,16 @@ pub(crate) fn newest_mtime(dir: &Path) -> Option<SystemTime> {
         newest = newest.max(t);
     }
     newest
+}
+
+/// An environment variable that takes one of two words: false for the first (or unset), true
+/// for the second.
+fn switch(name: &str, (off, on): (&str, &str)) -> Result<bool, String> {
+    let value = std::env::var(name).ok();
+    match value.as_deref().map(str::trim).filter(|v| !v.is_empty()) {
+        None => Ok(false),
+        Some(v) if v == off => Ok(false),
+        Some(v) if v == on => Ok(true),
+        Some(other) => Err(format!("{name}: {other:?} must be `{off}` or `{on}`")),
+    }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use memchr::memmem;
 
-use crate::client::{spawn_load, Spec, FAILURE_KINDS};
+use crate::client::{spawn_load, Spec, FAILURE_KINDS, LATE};
 use crate::hook;
 use crate::http::get;
 use crate::measure::{clk_tck, percentiles, start_perf, usage, Sample, Usage, THREAD_GROUPS};
@@ -292,7 +292,7 @@ pub(crate) fn run_target(
         notes.push(format!(
             "offered {rate:.0} req/s ({} due in the window), {late:.1}% of them started over {} ms late",
             acc.due,
-            crate::client::LATE.as_millis()
+            LATE.as_millis()
         ));
         if late > 1.0 {
             eprintln!(

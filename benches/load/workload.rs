@@ -60,10 +60,16 @@ fn w3_min_secs() -> Result<f64, String> {
 /// A number of seconds from the environment or the command line, in `min..=3600` (here, with
 /// `env_usize`, so that the options and the workloads parse alike without importing each other).
 pub(crate) fn seconds(name: &str, v: &str, min: f64) -> Result<f64, String> {
+    number(name, v, min, 3600.0, "seconds")
+}
+
+/// A number in `min..=max` from the environment or the command line; `what` names its unit in
+/// the error.
+fn number(name: &str, v: &str, min: f64, max: f64, what: &str) -> Result<f64, String> {
     match v.trim().parse::<f64>() {
-        Ok(s) if s >= min && s <= 3600.0 => Ok(s),
+        Ok(n) if n >= min && n <= max => Ok(n),
         _ => Err(format!(
-            "{name}: {v:?} must be a number of seconds in {min}..=3600"
+            "{name}: {v:?} must be a number of {what} in {min}..={max}"
         )),
     }
 }
@@ -80,12 +86,7 @@ fn w6_rate() -> Result<f64, String> {
 
 /// A rate in requests per second, in `1..=1000000`.
 fn rate(name: &str, v: &str) -> Result<f64, String> {
-    match v.trim().parse::<f64>() {
-        Ok(r) if (1.0..=1_000_000.0).contains(&r) => Ok(r),
-        _ => Err(format!(
-            "{name}: {v:?} must be requests per second in 1..=1000000"
-        )),
-    }
+    number(name, v, 1.0, 1_000_000.0, "requests per second")
 }
 
 pub(crate) fn env_usize(name: &str, default: usize) -> Result<usize, String> {

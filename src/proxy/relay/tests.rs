@@ -384,8 +384,8 @@ fn drain_in_reads(
         if let Err(e) = body.drain(&mut buf, &mut tap, &mut out, reframe) {
             panic!("{framing:?} in reads of {step}: {e}");
         }
-        // What a drain took is gone from the buffer's front, and the buffer stays its own:
-        // the next read grows it in place.
+        // As the relay makes room before its next read: what a drain took must already be
+        // gone from the buffer, or it would be relayed twice.
         buf.reserve(64);
     }
     (out, body.finished, buf.to_vec())
