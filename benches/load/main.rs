@@ -29,7 +29,8 @@
 //! - `targets`: what is measured (direct, llmproxy in its configurations, nginx, HAProxy) and how each is
 //!   configured, started and probed until ready; `process`: the PID guards those run under;
 //! - `client`: the load generator; `http`: its HTTP/1.1 response reading (llmproxy::http1);
-//! - `measure`: /proc sampling and perf; `run`: one target under one workload, turned into
+//! - `measure`: /proc sampling and perf; `profile`: what perf recorded, per request;
+//!   `run`: one target under one workload, turned into
 //!   figures; `report`: the Markdown tables and the issue 6 verdicts.
 
 use std::fmt::Write as _;
@@ -49,6 +50,7 @@ mod http;
 mod measure;
 mod options;
 mod process;
+mod profile;
 mod report;
 mod rounds;
 mod run;
@@ -72,6 +74,7 @@ fn main() {
         hook::self_check();
         http::self_check();
         measure::self_check();
+        profile::self_check();
         rounds::self_check();
         report::self_check();
         wire::self_check();

@@ -39,11 +39,13 @@ Options (each also settable by the environment variable in brackets):
   --out PATH        also write the report (Markdown)     [LOAD_OUT]
   --keep-tmp        keep configs and logs                [LOAD_KEEP_TMP=1]
   --perf DIR        record `perf record -e cpu-clock -g` of each proxy during its window into
-                    DIR/perf-<workload>-<target>.data (figures of those runs include perf's cost)
+                    DIR/perf-<workload>-<target>.data (figures of those runs include perf's cost);
+                    each round's table is followed by where the CPU went, in µs per request, by
+                    the operation the samples ran under (send, recv, io_uring, epoll, user space)
                                                          [LOAD_PERF]
   --perf-stat       with --perf: count instead of sample (`perf stat`: io_uring submissions,
                     completions, polls armed, task work runs, system calls) into
-                    DIR/perf-stat-<workload>-<target>.txt, to divide by the window's requests
+                    DIR/perf-stat-<workload>-<target>.txt; the notes give them per request
                                                          [LOAD_PERF_STAT=1]
 Environment only:
   LLMPROXY_BIN      llmproxy binary (default $CARGO_TARGET_DIR/release/llmproxy, then

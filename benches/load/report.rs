@@ -9,6 +9,7 @@ use std::process::{Command, Stdio};
 use crate::measure::loadavg;
 use crate::options::Options;
 use crate::process::Nofile;
+use crate::profile::{Profile, DOINGS};
 use crate::run::{RunResult, Startup};
 use crate::workload::Workload;
 
@@ -244,6 +245,43 @@ pub(crate) fn table(out: &mut String, wl: &Workload, results: &[RunResult]) {
         }
         outln!(out, "{line}");
     }
+    outln!(out);
+    profile_table(out, results);
+}
+
+/// `--perf`: where each proxy's CPU went, in µs per request (the shares of its samples times
+/// its CPU per request in the same window, perf's own cost included).
+fn profile_table(out: &mut String, results: &[RunResult]) {
+    // (target, its profile, its CPU per request)
+    let profiled: Vec<(&RunResult, &Profile, f64)> = results
+        .iter()
+        .filter_map(|r| Some((r, r.profile.as_ref()?, r.cpu_us_per_req()?)))
+        .collect();
+    if profiled.is_empty() {
+        return;
+    }
+    let names: Vec<&str> = profiled.iter().map(|p| p.0.target.as_str()).collect();
+    outln!(
+        out,
+        "Where the CPU went, µs per request (`perf record` samples by the operation they ran under; `benches/load/profile.rs`):"
+    );
+    outln!(out);
+    outln!(out, "| | {} |", names.join(" | "));
+    outln!(out, "|---|{}", "---:|".repeat(names.len()));
+    for d in DOINGS {
+        let cells: Vec<String> = profiled
+            .iter()
+            .map(|(_, (shares, _), cpu)| {
+                let share = shares.iter().find(|(x, _)| *x == d).map_or(0.0, |s| s.1);
+                format!("{:.1}", share * cpu)
+            })
+            .collect();
+        outln!(out, "| {} | {} |", d.label(), cells.join(" | "));
+    }
+    let totals: Vec<String> = profiled.iter().map(|p| format!("{:.1}", p.2)).collect();
+    outln!(out, "| **CPU µs/req** | {} |", totals.join(" | "));
+    let samples: Vec<String> = profiled.iter().map(|p| p.1 .1.to_string()).collect();
+    outln!(out, "| samples | {} |", samples.join(" | "));
     outln!(out);
 }
 

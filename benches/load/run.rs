@@ -15,6 +15,7 @@ use crate::http::get;
 use crate::measure::{clk_tck, percentiles, start_perf, usage, Sample, Usage, THREAD_GROUPS};
 use crate::options::Options;
 use crate::process::sleep_until;
+use crate::profile;
 use crate::targets::{start_target, Ctx, Mock, TargetKind};
 use crate::wire;
 use crate::workload::{chat_request, Workload, TOKEN_MARK};
@@ -48,6 +49,8 @@ pub(crate) struct RunResult {
     pub(crate) wire: Option<wire::PerRequest>,
     /// `llmproxy-hook`: what the webhook receiver held once the proxy's usage settled.
     pub(crate) hook: Option<hook::Settled>,
+    /// `--perf`: the share of the window's samples by what the proxy was doing, and their count.
+    pub(crate) profile: Option<profile::Profile>,
 }
 
 /// How long after the window the hook target's events may take to reach the receiver (the
@@ -161,13 +164,14 @@ pub(crate) fn run_target(
     let acc = load
         .join()
         .map_err(|_| "load generator panicked".to_string())??;
-    if let Some(p) = perf.as_mut() {
+    let recorded = perf.as_mut().map(|p| {
         // perf stops by itself after the window; give it time to write its file.
         let deadline = Instant::now() + Duration::from_secs(20);
         while !p.has_exited() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-    }
+        p.has_exited()
+    });
     drop(perf);
     let ((s0, wire0), (s1, wire1)) = end?;
     // Billing's side, after the window's figures were taken (waiting costs the proxy nothing
@@ -264,6 +268,17 @@ pub(crate) fn run_target(
             .map(|(name, secs)| format!("{name} {:.2}", secs * 1e6 / r.ok as f64))
             .collect();
         notes.push(format!("CPU µs/req by thread: {}", per.join(", ")));
+    }
+    if let (Some(dir), Some(true)) = (&opts.perf, recorded) {
+        if opts.perf_stat {
+            let file = dir.join(format!("perf-stat-{tag}.txt"));
+            let text = std::fs::read_to_string(&file).unwrap_or_default();
+            if let Some(note) = profile::stat_note(&text, r.ok) {
+                notes.push(note);
+            }
+        } else {
+            r.profile = profile::shares(&dir.join(format!("perf-{tag}.data")));
+        }
     }
     if let Some((proxy, load)) = r.switches {
         if running.pids.is_empty() {
