@@ -11,6 +11,10 @@
 #                                         `access_log: false`; `json`/`text` turn it on in that
 #                                         format (level info; lines go to a file)
 #   CALLGRIND_WORKLOADS="W1 W2"           which workloads
+#   CALLGRIND_CACHE=1                     also simulate the caches (`--cache-sim=yes`, the host's
+#                                         L1 sizes) and give the core's L1 instruction and data
+#                                         misses per request: how much code and state a request
+#                                         walks through, which instruction counts do not show
 #   CALLGRIND_CONNS=8                     keep-alive connections (1: one request at a time, so
 #                                         every request wakes the core alone and the figure
 #                                         does not depend on how requests happened to batch)
@@ -44,6 +48,9 @@ n2=${CALLGRIND_N2:-1800}
 workloads=${CALLGRIND_WORKLOADS:-W1 W2}
 stores=${CALLGRIND_STORES:-}
 conns=${CALLGRIND_CONNS:-8}
+cache=${CALLGRIND_CACHE:-0}
+sim=()
+[ "$cache" = 1 ] && sim=(--cache-sim=yes)
 repeat=${CALLGRIND_REPEAT:-1}
 bins=("$@")
 [ ${#bins[@]} -gt 0 ] || bins=(target/release/llmproxy)
@@ -154,7 +161,7 @@ ratelimit: { store: redis, redis_url: "redis://127.0.0.1:$redis_port/0", sync_in
 YAML
   fi
   out=$(mktemp -d "$work/cg.XXXXXX")
-  MONOIO_FORCE_LEGACY_DRIVER=1 valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file="$out/cg.%p" \
+  MONOIO_FORCE_LEGACY_DRIVER=1 valgrind --tool=callgrind "${sim[@]}" --separate-threads=yes --callgrind-out-file="$out/cg.%p" \
     "$bin" --config "$cfg" >"$out/log" 2>&1 &
   pid=$!
   wait_http "http://127.0.0.1:$port/health"
@@ -173,14 +180,16 @@ PY
   fi
   kill -TERM "$pid"
   wait "$pid" || true
-  local core total sync_thread
+  local core total sync_thread misses
   core=$(grep -h '^summary:' "$out"/cg.* | awk '{print $2}' | sort -n | tail -1)
+  # With the cache simulation: the core's I1 misses and D1 read+write misses (fields 5-7).
+  misses=$(grep -h '^summary:' "$out"/cg.* | sort -k2 -n | tail -1 | awk '{print ($5 == "" ? 0 : $5), $6 + $7}')
   total=$(grep -h '^summary:' "$out"/cg.* | awk '{s += $2} END {print s}')
   sync_thread=0
   local f
   f=$(grep -l 'ratelimit_sync::spawn::{{closure}}' "$out"/cg.* 2>/dev/null | head -1 || true)
   [ -z "$f" ] || sync_thread=$(grep -h '^summary:' "$f" | awk '{print $2}')
-  echo "$core $total $sync_thread $syncs"
+  echo "$core $total $sync_thread $syncs $misses"
 }
 
 if [ -z "$stores" ]; then
@@ -189,11 +198,13 @@ if [ -z "$stores" ]; then
     for mode in "${modes[@]}"; do
       for w in $workloads; do
         stream=0; [ "$w" = W2 ] && stream=1
-        read -r a at _ _ < <(measure "$bin" "$n1" "$stream" "" "$mode")
-        read -r b bt _ _ < <(measure "$bin" "$n2" "$stream" "" "$mode")
+        read -r a at _ _ ai ad < <(measure "$bin" "$n1" "$stream" "" "$mode")
+        read -r b bt _ _ bi bd < <(measure "$bin" "$n2" "$stream" "" "$mode")
         label="$bin $w"
         [ "$mode" = off ] || label+=" access_log=$mode"
-        echo "$label: $(( (b - a) / (n2 - n1) )) instructions/request (core thread; $a @ $n1, $b @ $n2), $(( (bt - at) / (n2 - n1) )) all threads"
+        extra=""
+        [ "$cache" = 1 ] && extra="; core L1 misses/request: instructions $(( (bi - ai) / (n2 - n1) )), data $(( (bd - ad) / (n2 - n1) ))"
+        echo "$label: $(( (b - a) / (n2 - n1) )) instructions/request (core thread; $a @ $n1, $b @ $n2), $(( (bt - at) / (n2 - n1) )) all threads$extra"
       done
     done
   done
@@ -208,8 +219,8 @@ for w in $workloads; do
   for round in $(seq 1 "$repeat"); do
     for bin in "${bins[@]}"; do
       for store in "${store_list[@]}"; do
-        read -r ca ta sa ya < <(measure "$bin" "$n1" "$stream" "$store")
-        read -r cb tb sb yb < <(measure "$bin" "$n2" "$stream" "$store")
+        read -r ca ta sa ya _ < <(measure "$bin" "$n1" "$stream" "$store")
+        read -r cb tb sb yb _ < <(measure "$bin" "$n2" "$stream" "$store")
         core=$(( (cb - ca) / (n2 - n1) ))
         whole=$(( (tb - ta) / (n2 - n1) ))
         line="$bin $w store=$store round $round: $core instructions/request (core thread; $ca @ $n1, $cb @ $n2)"
