@@ -4,7 +4,7 @@
 //! `Proc` guard). Everything comes from /proc, and a file that cannot be read counts as 0, because
 //! a process may exit between two samples and a run must not fail for it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::process::Proc;
@@ -255,6 +255,16 @@ const STAT_EVENTS: &str = "io_uring:io_uring_submit_req,io_uring:io_uring_comple
 io_uring:io_uring_poll_arm,io_uring:io_uring_task_work_run,io_uring:io_uring_local_work_run,\
 raw_syscalls:sys_enter";
 
+/// Where `start_perf` writes for a run tagged `tag`: `perf stat`'s counts or `perf record`'s
+/// samples (read back by `profile`).
+pub(crate) fn perf_file(dir: &Path, tag: &str, stat: bool) -> PathBuf {
+    if stat {
+        dir.join(format!("perf-stat-{tag}.txt"))
+    } else {
+        dir.join(format!("perf-{tag}.data"))
+    }
+}
+
 /// `perf record` of the proxy's processes for the measurement window (perf itself on CPU 1), or
 /// with `stat` their `perf stat` counts of `STAT_EVENTS`.
 pub(crate) fn start_perf(
@@ -272,12 +282,11 @@ pub(crate) fn start_perf(
     let mut cmd = Command::new("taskset");
     cmd.args(["-c", "1", "perf"]);
     if stat {
-        cmd.args(["stat", "-x", ",", "-e", STAT_EVENTS, "-o"])
-            .arg(dir.join(format!("perf-stat-{tag}.txt")));
+        cmd.args(["stat", "-x", ",", "-e", STAT_EVENTS, "-o"]);
     } else {
-        cmd.args(["record", "-q", "-e", "cpu-clock", "-g", "-o"])
-            .arg(dir.join(format!("perf-{tag}.data")));
+        cmd.args(["record", "-q", "-e", "cpu-clock", "-g", "-o"]);
     }
+    cmd.arg(perf_file(dir, tag, stat));
     cmd.args(["-p", &pid_list.join(",")])
         .args(["--", "sleep", &format!("{secs}")])
         .stdin(Stdio::null())

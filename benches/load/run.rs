@@ -12,7 +12,9 @@ use memchr::memmem;
 use crate::client::{spawn_load, Spec, FAILURE_KINDS, LATE};
 use crate::hook;
 use crate::http::get;
-use crate::measure::{clk_tck, percentiles, start_perf, usage, Sample, Usage, THREAD_GROUPS};
+use crate::measure::{
+    clk_tck, percentiles, perf_file, start_perf, usage, Sample, Usage, THREAD_GROUPS,
+};
 use crate::options::Options;
 use crate::process::sleep_until;
 use crate::profile;
@@ -270,14 +272,14 @@ pub(crate) fn run_target(
         notes.push(format!("CPU µs/req by thread: {}", per.join(", ")));
     }
     if let (Some(dir), Some(true)) = (&opts.perf, recorded) {
+        let file = perf_file(dir, &tag, opts.perf_stat);
         if opts.perf_stat {
-            let file = dir.join(format!("perf-stat-{tag}.txt"));
             let text = std::fs::read_to_string(&file).unwrap_or_default();
             if let Some(note) = profile::stat_note(&text, r.ok) {
                 notes.push(note);
             }
         } else {
-            r.profile = profile::shares(&dir.join(format!("perf-{tag}.data")));
+            r.profile = profile::shares(&file);
         }
     }
     if let Some((proxy, load)) = r.switches {
