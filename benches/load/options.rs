@@ -62,6 +62,9 @@ Environment only:
   LOAD_CLIENT_USAGE `none` (default) or `running`: streams ask for usage themselves
                     (stream_options include_usage and continuous_usage_stats), so that every
                     target's backend sends the same chunks llmproxy asks for on its own
+  LOAD_TOKENS       tokens a generation for every workload but w4 (default 16, up to 4096):
+                    a longer one shows the cost per token apart from the cost per request;
+                    the targets are only judged at 16
   LOAD_W3_SECS      W3's shortest window, used when longer than LOAD_SECS (default 30: its TTFT
                     p99 needs the samples; 0 = LOAD_SECS)
 ";

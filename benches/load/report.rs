@@ -11,7 +11,7 @@ use crate::options::Options;
 use crate::process::Nofile;
 use crate::profile::{Profile, DOINGS};
 use crate::run::{RunResult, Startup};
-use crate::workload::Workload;
+use crate::workload::{Workload, TOKENS};
 
 pub(crate) fn f1(v: Option<f64>) -> String {
     v.map_or("–".into(), |v| format!("{v:.1}"))
@@ -306,6 +306,16 @@ pub(crate) fn targets_section(
 ) {
     outln!(out, "### Issue 6 and 17 targets, as measured in this run");
     outln!(out);
+    if let Some((w, _)) = all.iter().find(|(w, _)| w.id != "w4" && w.tokens != TOKENS) {
+        outln!(
+            out,
+            "Not judged: the targets are set for {TOKENS} tokens a generation, and this run's \
+             were {} (LOAD_TOKENS).",
+            w.tokens
+        );
+        outln!(out);
+        return;
+    }
     let mut line = |what: String, v: Verdict| {
         let tag = match v {
             Verdict::Holds => "holds",

@@ -10,8 +10,25 @@ use bytes::Bytes;
 /// The SSE bytes that mark one content token in an OpenAI chat stream (the mock's tokens are
 /// `tok0 `, `tok1 `, ...; the role chunk carries `"content":""` and does not match).
 pub(crate) const TOKEN_MARK: &[u8] = br#""content":"tok"#;
-/// Tokens per generation (the mock's completion length for every workload but w4).
+/// Tokens per generation (the mock's completion length for every workload but w4), as the
+/// issues' targets are set; `LOAD_TOKENS` changes it for a run (see `tokens`).
 pub(crate) const TOKENS: u32 = 16;
+
+/// `LOAD_TOKENS`: tokens per generation for every workload but w4 (default `TOKENS`). Real
+/// completions run to hundreds of tokens: a longer one shows a proxy's cost per token apart
+/// from its cost per request, which 16 tokens mostly measure. The targets are judged at 16 only.
+fn tokens() -> Result<u32, String> {
+    tokens_from(std::env::var("LOAD_TOKENS").ok().as_deref())
+}
+
+fn tokens_from(v: Option<&str>) -> Result<u32, String> {
+    let Some(v) = v else { return Ok(TOKENS) };
+    let n = number("LOAD_TOKENS", v, 1.0, 4096.0, "tokens")?;
+    if n.fract() != 0.0 {
+        return Err(format!("LOAD_TOKENS: {v:?} is not a whole number"));
+    }
+    Ok(n as u32)
+}
 
 #[derive(Clone, Debug)]
 pub(crate) struct Workload {
@@ -100,6 +117,7 @@ pub(crate) fn env_usize(name: &str, default: usize) -> Result<usize, String> {
 }
 
 pub(crate) fn workload(id: &str) -> Result<Workload, String> {
+    let tokens = tokens()?;
     Ok(match id.trim().to_ascii_lowercase().as_str() {
         "w1" => {
             let conns = env_usize("LOAD_W1_CONNS", 64)?;
@@ -108,7 +126,7 @@ pub(crate) fn workload(id: &str) -> Result<Workload, String> {
                 title: format!("W1 non-streaming chat, {conns} connections"),
                 conns,
                 stream: false,
-                tokens: TOKENS,
+                tokens,
                 token_delay_ms: 0,
                 burst: false,
                 timeout: Some(Duration::from_secs(5)),
@@ -122,11 +140,11 @@ pub(crate) fn workload(id: &str) -> Result<Workload, String> {
             Workload {
                 id: "w2",
                 title: format!(
-                    "W2 streaming chat, {TOKENS} tokens at 0 ms/token, {conns} connections"
+                    "W2 streaming chat, {tokens} tokens at 0 ms/token, {conns} connections"
                 ),
                 conns,
                 stream: true,
-                tokens: TOKENS,
+                tokens,
                 token_delay_ms: 0,
                 burst: false,
                 timeout: Some(Duration::from_secs(5)),
@@ -139,13 +157,16 @@ pub(crate) fn workload(id: &str) -> Result<Workload, String> {
             let conns = env_usize("LOAD_W3_STREAMS", 256)?;
             Workload {
                 id: "w3",
-                title: format!("W3 {conns} concurrent streams, {TOKENS} tokens at 20 ms/token"),
+                title: format!("W3 {conns} concurrent streams, {tokens} tokens at 20 ms/token"),
                 conns,
                 stream: true,
-                tokens: TOKENS,
+                tokens,
                 token_delay_ms: 20,
                 burst: false,
-                timeout: Some(Duration::from_secs(5)),
+                // Twice the stream's own length when that is longer (LOAD_TOKENS).
+                timeout: Some(
+                    Duration::from_secs(5).max(Duration::from_millis(40 * u64::from(tokens))),
+                ),
                 ramp: Duration::ZERO,
                 min_secs: w3_min_secs()?,
                 rate: None,
@@ -173,11 +194,11 @@ pub(crate) fn workload(id: &str) -> Result<Workload, String> {
             Workload {
                 id: "w5",
                 title: format!(
-                    "W5 streaming chat, {TOKENS} tokens written at once, {conns} connections"
+                    "W5 streaming chat, {tokens} tokens written at once, {conns} connections"
                 ),
                 conns,
                 stream: true,
-                tokens: TOKENS,
+                tokens,
                 token_delay_ms: 0,
                 burst: true,
                 timeout: Some(Duration::from_secs(5)),
@@ -192,7 +213,7 @@ pub(crate) fn workload(id: &str) -> Result<Workload, String> {
             Workload {
                 id: "w6",
                 title: format!(
-                    "W6 W2's streams at a fixed {rate:.0} requests/s (open loop), {TOKENS} tokens at \
+                    "W6 W2's streams at a fixed {rate:.0} requests/s (open loop), {tokens} tokens at \
                      0 ms/token, {conns} connections"
                 ),
                 conns,
@@ -292,6 +313,13 @@ pub(crate) fn self_check() {
     assert!(["w1", "w2", "w3", "w4", "w5"]
         .iter()
         .all(|id| ok(id).rate.is_none()));
+    assert_eq!(tokens_from(None), Ok(TOKENS));
+    assert_eq!(tokens_from(Some(" 256 ")), Ok(256));
+    for bad in ["0", "4097", "1.5", "many", ""] {
+        assert!(tokens_from(Some(bad)).is_err(), "{bad:?}");
+    }
+    // W3 at 16 tokens keeps its 5 s request timeout.
+    assert_eq!(ok("w3").timeout, Some(Duration::from_secs(5)));
     assert_eq!(rate("R", " 2500 "), Ok(2500.0));
     for bad in ["0", "-5", "fast", "", "2e6"] {
         assert!(rate("R", bad).is_err(), "{bad:?}");
