@@ -11,6 +11,11 @@
 #                                         `access_log: false`; `json`/`text` turn it on in that
 #                                         format (level info; lines go to a file)
 #   CALLGRIND_WORKLOADS="W1 W2"           which workloads
+#   CALLGRIND_TOKENS=16                   W2's tokens a stream; two counts (`16,256`) also split
+#                                         W2 into a cost per token (the slope) and a cost per
+#                                         request apart from its tokens (the rest)
+#   CALLGRIND_TOKEN_DELAY_MS=0            the mock's pause between tokens (1: streams that
+#                                         interleave event by event, as a real engine's do)
 #   CALLGRIND_CACHE=1                     also simulate the caches (`--cache-sim=yes`, the host's
 #                                         L1 sizes) and give the core's L1 instruction and data
 #                                         misses per request: how much code and state a request
@@ -27,6 +32,10 @@
 #                                         `ratelimit.store: local`, or `redis` (sync_interval
 #                                         100ms) against a redis-server this script starts on a
 #                                         free loopback port and stops by PID
+#
+# A binary named haproxy* is run as HAProxy instead (`mode http`, one thread, keep-alive both
+# ways, `http-reuse always`, no logging: the load benchmark's configuration), for the same
+# figures beside llmproxy's; it takes no CALLGRIND_STORES or CALLGRIND_ACCESS_LOG.
 #
 # With CALLGRIND_STORES the line also gives the whole process (every thread) per request and,
 # for redis, the sync thread apart, with its instructions per sync. That thread works per
@@ -48,6 +57,9 @@ n2=${CALLGRIND_N2:-1800}
 workloads=${CALLGRIND_WORKLOADS:-W1 W2}
 stores=${CALLGRIND_STORES:-}
 conns=${CALLGRIND_CONNS:-8}
+IFS=, read -r -a token_counts <<<"${CALLGRIND_TOKENS:-16}"
+[ ${#token_counts[@]} -le 2 ] || { echo "CALLGRIND_TOKENS: one or two token counts" >&2; exit 1; }
+delay=${CALLGRIND_TOKEN_DELAY_MS:-0}
 cache=${CALLGRIND_CACHE:-0}
 sim=()
 [ "$cache" = 1 ] && sim=(--cache-sim=yes)
@@ -73,8 +85,19 @@ wait_http() {
   return 1
 }
 
+# The mock backend is llmproxy's own: the first llmproxy binary given, else the default one.
+mock_bin=""
+for bin in "${bins[@]}"; do
+  if [[ $(basename "$bin") == haproxy* ]]; then
+    [ -z "$stores" ] || { echo "CALLGRIND_STORES does not apply to HAProxy ($bin)" >&2; exit 1; }
+  elif [ -z "$mock_bin" ]; then
+    mock_bin=$bin
+  fi
+done
+[ -n "$mock_bin" ] || mock_bin=target/release/llmproxy
+[ -x "$mock_bin" ] || { echo "the mock backend needs an llmproxy binary: build target/release/llmproxy or name one" >&2; exit 1; }
 mock_port=$(free_port)
-"${bins[0]}" mock-backend --port "$mock_port" >"$work/mock.log" 2>&1 &
+"$mock_bin" mock-backend --port "$mock_port" >"$work/mock.log" 2>&1 &
 pids+=($!)
 sink_port=$(free_port)
 python3 - "$sink_port" >"$work/sink.log" 2>&1 <<'PY' &
@@ -100,16 +123,18 @@ if [[ ",$stores," == *,redis,* ]]; then
   done
 fi
 
-# Drives N requests over $conns keep-alive connections; fails on any non-200.
-# With a fourth argument, sends it as the bearer key.
+# Drives N requests of TOKENS tokens over $conns keep-alive connections; fails on any non-200.
+# With a fifth argument, sends it as the bearer key.
 drive() {
-  python3 - "$1" "$2" "$3" "${4:-}" "$conns" <<'PY'
+  python3 - "$1" "$2" "$3" "$4" "${5:-}" "$conns" "$delay" <<'PY'
 import http.client, json, sys, threading
-port, n, stream, key = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
-conns = int(sys.argv[5])
-body = json.dumps({"model": "mock-model", "max_tokens": 16, "stream": stream,
+port, n, stream, tokens, key = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4]), sys.argv[5]
+conns, delay = int(sys.argv[6]), int(sys.argv[7])
+body = json.dumps({"model": "mock-model", "max_tokens": tokens, "stream": stream,
                    "messages": [{"role": "user", "content": "hello there"}]})
 headers = {"content-type": "application/json"}
+if delay:
+    headers["x-mock-token-delay-ms"] = str(delay)
 if key:
     headers["authorization"] = "Bearer " + key
 errors = []
@@ -132,8 +157,33 @@ KEY=sk-bench-0123456789abcdef
 # without one) and the syncs it made (from /metrics, read after the last request; the read costs
 # the same in every run, so it cancels in the difference).
 measure() {
-  local bin=$1 n=$2 stream=$3 store=$4 access=${5:-off} port cfg out pid syncs=0 logging
+  local bin=$1 n=$2 stream=$3 store=$4 access=${5:-off} tokens=${6:-16} port cfg out pid syncs=0 logging
   port=$(free_port)
+  out=$(mktemp -d "$work/cg.XXXXXX")
+  if [[ $(basename "$bin") == haproxy* ]]; then
+    cfg="$work/haproxy.cfg"
+    cat >"$cfg" <<CFG
+global
+    nbthread 1
+    maxconn 2000
+defaults
+    mode http
+    option http-keep-alive
+    option http-no-delay
+    http-reuse always
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+frontend bench
+    bind 127.0.0.1:$port
+    default_backend mock
+backend mock
+    server mock 127.0.0.1:$mock_port
+CFG
+    valgrind --tool=callgrind "${sim[@]}" --separate-threads=yes --callgrind-out-file="$out/cg.%p" \
+      "$bin" -db -f "$cfg" >"$out/log" 2>&1 &
+    pid=$!
+  else
   cfg="$work/proxy.yaml"
   case $access in
     off) logging="{ level: warn, access_log: false }" ;;
@@ -160,12 +210,13 @@ YAML
 ratelimit: { store: redis, redis_url: "redis://127.0.0.1:$redis_port/0", sync_interval: 100ms }
 YAML
   fi
-  out=$(mktemp -d "$work/cg.XXXXXX")
   MONOIO_FORCE_LEGACY_DRIVER=1 valgrind --tool=callgrind "${sim[@]}" --separate-threads=yes --callgrind-out-file="$out/cg.%p" \
     "$bin" --config "$cfg" >"$out/log" 2>&1 &
   pid=$!
+  fi
+  # Through the proxy to the mock's /health (HAProxy has no endpoint of its own).
   wait_http "http://127.0.0.1:$port/health"
-  drive "$port" "$n" "$stream" "${store:+$KEY}"
+  drive "$port" "$n" "$stream" "$tokens" "${store:+$KEY}"
   if [ "$store" = redis ]; then
     syncs=$(python3 - "$port" <<'PY'
 import re, sys, urllib.request
@@ -197,14 +248,41 @@ if [ -z "$stores" ]; then
   for bin in "${bins[@]}"; do
     for mode in "${modes[@]}"; do
       for w in $workloads; do
-        stream=0; [ "$w" = W2 ] && stream=1
-        read -r a at _ _ ai ad < <(measure "$bin" "$n1" "$stream" "" "$mode")
-        read -r b bt _ _ bi bd < <(measure "$bin" "$n2" "$stream" "" "$mode")
-        label="$bin $w"
-        [ "$mode" = off ] || label+=" access_log=$mode"
-        extra=""
-        [ "$cache" = 1 ] && extra="; core L1 misses/request: instructions $(( (bi - ai) / (n2 - n1) )), data $(( (bd - ad) / (n2 - n1) ))"
-        echo "$label: $(( (b - a) / (n2 - n1) )) instructions/request (core thread; $a @ $n1, $b @ $n2), $(( (bt - at) / (n2 - n1) )) all threads$extra"
+        stream=0; counts=(16)
+        [ "$w" = W2 ] && stream=1 && counts=("${token_counts[@]}")
+        split=()
+        base="$bin $w"
+        [ "$delay" = 0 ] || base+=" at ${delay} ms/token"
+        [ "$mode" = off ] || base+=" access_log=$mode"
+        for tokens in "${counts[@]}"; do
+          read -r a at _ _ ai ad < <(measure "$bin" "$n1" "$stream" "" "$mode" "$tokens")
+          read -r b bt _ _ bi bd < <(measure "$bin" "$n2" "$stream" "" "$mode" "$tokens")
+          label="$base"
+          [ "$stream" = 1 ] && label+=", $tokens tokens"
+          extra=""
+          [ "$cache" = 1 ] && extra="; core L1 misses/request: instructions $(( (bi - ai) / (n2 - n1) )), data $(( (bd - ad) / (n2 - n1) ))"
+          echo "$label: $(( (b - a) / (n2 - n1) )) instructions/request (core thread; $a @ $n1, $b @ $n2), $(( (bt - at) / (n2 - n1) )) all threads$extra"
+          split+=("$tokens $(( b - a )) $(( (bi - ai) ))")
+        done
+        if [ ${#split[@]} = 2 ]; then
+          # Per token: the slope between the two counts; per request: what is left at the first.
+          python3 - "$base" "$(( n2 - n1 ))" "$cache" "${split[@]}" <<'PY'
+import sys
+label, n, cache = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+(t1, i1, m1), (t2, i2, m2) = (map(int, a.split()) for a in sys.argv[4:6])
+if t1 == t2:
+    sys.exit("CALLGRIND_TOKENS: two different token counts")
+def split(x1, x2):
+    per_token = (x2 - x1) / n / (t2 - t1)
+    return per_token, x1 / n - t1 * per_token
+it, ir = split(i1, i2)
+line = f"{label}, split: {it:.0f} instructions per token, {ir:.0f} per request apart from its tokens"
+if cache:
+    mt, mr = split(m1, m2)
+    line += f"; L1 instruction misses {mt:.1f} per token, {mr:.0f} per request apart from its tokens"
+print(line)
+PY
+        fi
       done
     done
   done
