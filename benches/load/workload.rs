@@ -123,7 +123,11 @@ pub(crate) fn workload(id: &str) -> Result<Workload, String> {
             let conns = env_usize("LOAD_W1_CONNS", 64)?;
             Workload {
                 id: "w1",
-                title: format!("W1 non-streaming chat, {conns} connections"),
+                title: if tokens == TOKENS {
+                    format!("W1 non-streaming chat, {conns} connections")
+                } else {
+                    format!("W1 non-streaming chat, {tokens} tokens, {conns} connections")
+                },
                 conns,
                 stream: false,
                 tokens,
