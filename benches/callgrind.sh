@@ -33,9 +33,11 @@
 #                                         100ms) against a redis-server this script starts on a
 #                                         free loopback port and stops by PID
 #
-# A binary named haproxy* is run as HAProxy instead (`mode http`, one thread, keep-alive both
-# ways, `http-reuse always`, no logging: the load benchmark's configuration), for the same
-# figures beside llmproxy's; it takes no CALLGRIND_STORES or CALLGRIND_ACCESS_LOG.
+# A binary named haproxy* is run as HAProxy instead, for the same figures beside llmproxy's; it
+# takes no CALLGRIND_STORES or CALLGRIND_ACCESS_LOG. Its configuration is the part of the load
+# benchmark's (`start_haproxy` in benches/load/targets.rs) that shapes the work per
+# request — `mode http`, one thread, keep-alive both ways, `http-reuse always`, `http-no-delay`,
+# no logging — written again here because a shell script cannot call it: keep the two in step.
 #
 # With CALLGRIND_STORES the line also gives the whole process (every thread) per request and,
 # for redis, the sync thread apart, with its instructions per sync. That thread works per
@@ -58,7 +60,15 @@ workloads=${CALLGRIND_WORKLOADS:-W1 W2}
 stores=${CALLGRIND_STORES:-}
 conns=${CALLGRIND_CONNS:-8}
 IFS=, read -r -a token_counts <<<"${CALLGRIND_TOKENS:-16}"
-[ ${#token_counts[@]} -le 2 ] || { echo "CALLGRIND_TOKENS: one or two token counts" >&2; exit 1; }
+# Checked before any run: a split needs two different counts, and each run takes minutes.
+for t in "${token_counts[@]}"; do
+  [[ $t =~ ^[1-9][0-9]*$ ]] || { echo "CALLGRIND_TOKENS: $t is not a token count" >&2; exit 1; }
+done
+case ${#token_counts[@]} in
+  1) ;;
+  2) [ "${token_counts[0]}" != "${token_counts[1]}" ] || { echo "CALLGRIND_TOKENS: two different token counts" >&2; exit 1; } ;;
+  *) echo "CALLGRIND_TOKENS: one or two token counts" >&2; exit 1 ;;
+esac
 delay=${CALLGRIND_TOKEN_DELAY_MS:-0}
 cache=${CALLGRIND_CACHE:-0}
 sim=()
@@ -270,8 +280,6 @@ if [ -z "$stores" ]; then
 import sys
 label, n, cache = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
 (t1, i1, m1), (t2, i2, m2) = (map(int, a.split()) for a in sys.argv[4:6])
-if t1 == t2:
-    sys.exit("CALLGRIND_TOKENS: two different token counts")
 def split(x1, x2):
     per_token = (x2 - x1) / n / (t2 - t1)
     return per_token, x1 / n - t1 * per_token

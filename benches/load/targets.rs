@@ -534,6 +534,7 @@ pub(crate) fn start_nginx(
 /// of small writes: every SSE event goes out when it arrives, as with llmproxy and nginx's
 /// `proxy_buffering off`), no logging, and timeouts longer than any stream of the run. Buffers are
 /// HAProxy's defaults (`tune.bufsize` 16 KiB, allocated only while data is in flight).
+/// `benches/callgrind.sh` writes the same settings for its HAProxy runs: keep the two in step.
 pub(crate) fn start_haproxy(
     ctx: &Ctx,
     mock: SocketAddr,
