@@ -20,6 +20,13 @@
 #                                         L1 sizes) and give the core's L1 instruction and data
 #                                         misses per request: how much code and state a request
 #                                         walks through, which instruction counts do not show
+#   CALLGRIND_CODE=1                      also give the code a request runs (`--dump-instr=yes`):
+#                                         the bytes of the binary's instructions whose count grows
+#                                         by at least one for every second added request, and the
+#                                         64-byte lines they lie on (libraries' lines included). The
+#                                         bytes do not depend on where the linker put the code; the
+#                                         lines do, and bytes / 64 is what the best layout would
+#                                         touch. Needs objdump (binutils)
 #   CALLGRIND_CONNS=8                     keep-alive connections (1: one request at a time, so
 #                                         every request wakes the core alone and the figure
 #                                         does not depend on how requests happened to batch)
@@ -73,6 +80,11 @@ delay=${CALLGRIND_TOKEN_DELAY_MS:-0}
 cache=${CALLGRIND_CACHE:-0}
 sim=()
 [ "$cache" = 1 ] && sim=(--cache-sim=yes)
+code=${CALLGRIND_CODE:-0}
+if [ "$code" = 1 ]; then
+  command -v objdump >/dev/null || { echo "CALLGRIND_CODE=1 needs objdump (apt-get install binutils)" >&2; exit 1; }
+  sim+=(--dump-instr=yes)
+fi
 repeat=${CALLGRIND_REPEAT:-1}
 bins=("$@")
 [ ${#bins[@]} -gt 0 ] || bins=(target/release/llmproxy)
@@ -250,7 +262,47 @@ PY
   local f
   f=$(grep -l 'ratelimit_sync::spawn::{{closure}}' "$out"/cg.* 2>/dev/null | head -1 || true)
   [ -z "$f" ] || sync_thread=$(grep -h '^summary:' "$f" | awk '{print $2}')
-  echo "$core $total $sync_thread $syncs $misses"
+  echo "$core $total $sync_thread $syncs $misses $(grep -H '^summary:' "$out"/cg.* | sort -t' ' -k2 -n | tail -1 | cut -d: -f1)"
+}
+
+# The code a request runs (CALLGRIND_CODE=1), from the core thread's files of the two runs:
+# every instruction whose count grew by at least half the added requests.
+code_per_request() {
+  python3 - "$@" <<'PY'
+import bisect, collections, re, subprocess, sys
+f1, f2, n, binary = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+def self_cost(path):
+    # Self cost by instruction address; the cost line after `calls=` is the call's, skipped.
+    cost, addr, skip = collections.Counter(), 0, False
+    for line in open(path):
+        if line.startswith("calls="):
+            skip = True
+            continue
+        if not line[:1].isdigit() and line[:1] not in "+-*":
+            continue
+        p = line.split()
+        if p[0] != "*":
+            addr = int(p[0], 16) if p[0].startswith("0x") else addr + int(p[0], 0)
+        if skip:
+            skip = False
+        elif len(p) >= 3:
+            cost[addr] += int(p[2])
+    return cost
+c1, c2 = self_cost(f1), self_cost(f2)
+hot = [a for a, c in c2.items() if c - c1.get(a, 0) >= n / 2]
+dump = subprocess.run(["objdump", "-d", "--no-show-raw-insn", binary], capture_output=True, text=True, check=True).stdout
+starts = sorted(int(m.group(1), 16) for m in re.finditer(r"^\s+([0-9a-f]+):\t", dump, re.M))
+def length(a):
+    i = bisect.bisect_left(starts, a)
+    return starts[i + 1] - a if i + 1 < len(starts) and starts[i] == a else 0
+# Where valgrind put the binary: 0 unless it is position-independent (then 0x108000 on amd64).
+base = max((0, 0x108000), key=lambda b: sum(1 for a in hot if length(a - b)))
+size = sum(length(a - base) for a in hot)
+inside = [a for a in hot if length(a - base)]
+lines = {a // 64 for a in hot} | {(a + length(a - base) - 1) // 64 for a in inside}
+print(f"{size / 1024:.1f} KB of the binary's code in {len(inside)} instructions (at best {size / 64:.0f} lines), "
+      f"{len(lines)} cache lines touched with the libraries'")
+PY
 }
 
 if [ -z "$stores" ]; then
@@ -265,12 +317,13 @@ if [ -z "$stores" ]; then
         [ "$delay" = 0 ] || base+=" at ${delay} ms/token"
         [ "$mode" = off ] || base+=" access_log=$mode"
         for tokens in "${counts[@]}"; do
-          read -r a at _ _ ai ad < <(measure "$bin" "$n1" "$stream" "" "$mode" "$tokens")
-          read -r b bt _ _ bi bd < <(measure "$bin" "$n2" "$stream" "" "$mode" "$tokens")
+          read -r a at _ _ ai ad af < <(measure "$bin" "$n1" "$stream" "" "$mode" "$tokens")
+          read -r b bt _ _ bi bd bf < <(measure "$bin" "$n2" "$stream" "" "$mode" "$tokens")
           label="$base"
           [ "$stream" = 1 ] && label+=", $tokens tokens"
           extra=""
           [ "$cache" = 1 ] && extra="; core L1 misses/request: instructions $(( (bi - ai) / (n2 - n1) )), data $(( (bd - ad) / (n2 - n1) ))"
+          [ "$code" = 1 ] && extra+="; code a request runs: $(code_per_request "$af" "$bf" "$(( n2 - n1 ))" "$bin")"
           echo "$label: $(( (b - a) / (n2 - n1) )) instructions/request (core thread; $a @ $n1, $b @ $n2), $(( (bt - at) / (n2 - n1) )) all threads$extra"
           split+=("$tokens $(( b - a )) $(( (bi - ai) ))")
         done
