@@ -78,12 +78,13 @@ case ${#token_counts[@]} in
 esac
 delay=${CALLGRIND_TOKEN_DELAY_MS:-0}
 cache=${CALLGRIND_CACHE:-0}
-sim=()
-[ "$cache" = 1 ] && sim=(--cache-sim=yes)
+cg_opts=()
+[ "$cache" = 1 ] && cg_opts=(--cache-sim=yes)
 code=${CALLGRIND_CODE:-0}
 if [ "$code" = 1 ]; then
   command -v objdump >/dev/null || { echo "CALLGRIND_CODE=1 needs objdump (apt-get install binutils)" >&2; exit 1; }
-  sim+=(--dump-instr=yes)
+  [ -z "$stores" ] || { echo "CALLGRIND_CODE does not apply with CALLGRIND_STORES" >&2; exit 1; }
+  cg_opts+=(--dump-instr=yes)
 fi
 repeat=${CALLGRIND_REPEAT:-1}
 bins=("$@")
@@ -202,7 +203,7 @@ frontend bench
 backend mock
     server mock 127.0.0.1:$mock_port
 CFG
-    valgrind --tool=callgrind "${sim[@]}" --separate-threads=yes --callgrind-out-file="$out/cg.%p" \
+    valgrind --tool=callgrind "${cg_opts[@]}" --separate-threads=yes --callgrind-out-file="$out/cg.%p" \
       "$bin" -db -f "$cfg" >"$out/log" 2>&1 &
     pid=$!
   else
@@ -232,7 +233,7 @@ YAML
 ratelimit: { store: redis, redis_url: "redis://127.0.0.1:$redis_port/0", sync_interval: 100ms }
 YAML
   fi
-  MONOIO_FORCE_LEGACY_DRIVER=1 valgrind --tool=callgrind "${sim[@]}" --separate-threads=yes --callgrind-out-file="$out/cg.%p" \
+  MONOIO_FORCE_LEGACY_DRIVER=1 valgrind --tool=callgrind "${cg_opts[@]}" --separate-threads=yes --callgrind-out-file="$out/cg.%p" \
     "$bin" --config "$cfg" >"$out/log" 2>&1 &
   pid=$!
   fi
@@ -253,16 +254,17 @@ PY
   fi
   kill -TERM "$pid"
   wait "$pid" || true
-  local core total sync_thread misses
-  core=$(grep -h '^summary:' "$out"/cg.* | awk '{print $2}' | sort -n | tail -1)
-  # With the cache simulation: the core's I1 misses and D1 read+write misses (fields 5-7).
-  misses=$(grep -h '^summary:' "$out"/cg.* | sort -k2 -n | tail -1 | awk '{print ($5 == "" ? 0 : $5), $6 + $7}')
+  local core total sync_thread misses core_file
+  # The core thread is the busiest one: its file, its instructions and, with the cache
+  # simulation, its I1 misses and D1 read+write misses (fields 5-7).
+  core_file=$(grep -H '^summary:' "$out"/cg.* | sort -t' ' -k2 -n | tail -1 | cut -d: -f1)
+  read -r core misses < <(grep -h '^summary:' "$core_file" | awk '{print $2, ($5 == "" ? 0 : $5), $6 + $7}')
   total=$(grep -h '^summary:' "$out"/cg.* | awk '{s += $2} END {print s}')
   sync_thread=0
   local f
   f=$(grep -l 'ratelimit_sync::spawn::{{closure}}' "$out"/cg.* 2>/dev/null | head -1 || true)
   [ -z "$f" ] || sync_thread=$(grep -h '^summary:' "$f" | awk '{print $2}')
-  echo "$core $total $sync_thread $syncs $misses $(grep -H '^summary:' "$out"/cg.* | sort -t' ' -k2 -n | tail -1 | cut -d: -f1)"
+  echo "$core $total $sync_thread $syncs $misses $core_file"
 }
 
 # The code a request runs (CALLGRIND_CODE=1), from the core thread's files of the two runs:
